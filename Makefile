@@ -1,0 +1,50 @@
+# vmspawnd — make setup | test | demo | lint | install
+# `make demo` and `make test` set everything up first (as root on Debian: apt packages too).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static cpio \
+	libsystemd-dev pkg-config gcc python3-dev python3-venv tmux
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-fast demo lint install guest clean
+
+setup: $(STAMP)
+	@$(MAKE) --no-print-directory deb-packages
+
+deb-packages:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		missing=""; for p in $(DEB_PACKAGES); do \
+			dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; done; \
+		if [ -n "$$missing" ] || [ -z "$$(apt-cache policy linux-image-cloud-amd64 2>/dev/null | awk '/Candidate:/ && $$2 != "(none)" {print $$2}')" ]; then \
+			echo "apt-get update"; apt-get -q -o DPkg::Lock::Timeout=600 update -qq; fi; \
+		if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+			DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $$missing >/dev/null; fi; \
+	else echo "not root: skipping Debian packages ($(DEB_PACKAGES))"; fi
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory deb-packages
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -m pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+	@$(BIN)/python -c 'import vmspawnd, asyncvarlink, structlog, sdnotify, systemd, dbus_fast, qemu.qmp, pytest'
+	@touch $@
+
+guest: setup
+	$(BIN)/python -m vmspawnd.testing.guest
+
+test: setup
+	$(BIN)/pytest
+
+test-fast: setup
+	$(BIN)/pytest -m "not vm and not systemd"
+
+demo: setup
+	$(BIN)/python -m vmspawnd.testing.demo
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

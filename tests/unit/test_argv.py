@@ -1,0 +1,97 @@
+"""QEMU argv building (spec §2)."""
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from vmspawnd.config import ConfigError, ConsoleMode, ConsoleTransport, MachineConfig, Ram
+from vmspawnd.qemu.argv import Resources, build_qemu_argv, check_cmdline_length, kernel_cmdline
+
+
+def config(**kw) -> MachineConfig:
+    return MachineConfig(name="vm1", linux=Path("/k/vmlinuz"), **kw)
+
+
+def res(**kw) -> Resources:
+    base = dict(qemu=Path("/usr/bin/qemu-system-x86_64"), kvm=False, qmp_fd=5, console_pty="/dev/pts/7",
+                notify_args=("-chardev", "socket,id=notify,path=/run/x/notify.sock"),
+                vmgenid=uuid.UUID(int=1))
+    base.update(kw)
+    return Resources(**base)
+
+
+def option(argv: list[str], name: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == name]
+
+
+def test_defaults_q35_one_cpu_2048m_tcg():
+    argv = build_qemu_argv(config(), res())
+    assert argv[0] == "/usr/bin/qemu-system-x86_64"
+    assert option(argv, "-machine") == ["type=q35,hpet=off"]
+    assert option(argv, "-smp") == ["1"]
+    assert option(argv, "-m") == ["2048M"]
+    assert option(argv, "-accel") == ["tcg"]
+    assert option(argv, "-nic") == ["none"]
+    assert option(argv, "-kernel") == ["/k/vmlinuz"]
+    assert option(argv, "-append") == ["console=hvc0"]
+
+
+def test_kvm_and_sizes():
+    argv = build_qemu_argv(config(ram=Ram(1 << 30), cpus="4"), res(kvm=True))
+    assert option(argv, "-accel") == ["kvm"]
+    assert option(argv, "-m") == ["1024M"]
+    assert option(argv, "-smp") == ["4"]
+
+
+def test_memory_hotplug():
+    argv = build_qemu_argv(config(ram=Ram(1 << 30, 4 << 30, 2)), res())
+    assert option(argv, "-m") == ["size=1024M,maxmem=4096M,slots=2"]
+
+
+def test_user_words_follow_console_word_and_initrd_is_passed():
+    argv = build_qemu_argv(config(kernel_cmdline=("quiet", "test.exit=7")), res(initrd=Path("/k/initrd")))
+    assert option(argv, "-append") == ["console=hvc0 quiet test.exit=7"]
+    assert option(argv, "-initrd") == ["/k/initrd"]
+
+
+def test_term_is_propagated_in_interactive_mode_only():
+    c = config(kernel_cmdline=("quiet",))
+    assert kernel_cmdline(c, "xterm-256color")[:3] == [
+        "TERM=xterm-256color", "systemd.tty.term.hvc0=xterm-256color", "console=hvc0"]
+    assert kernel_cmdline(c.replace(console=ConsoleMode.READ_ONLY), "xterm") == ["console=hvc0", "quiet"]
+    assert kernel_cmdline(c, "bad term") == ["console=hvc0", "quiet"]
+
+
+def test_console_modes():
+    ro = build_qemu_argv(config(console=ConsoleMode.READ_ONLY), res())
+    assert "serial,id=console,path=/dev/pts/7" in option(ro, "-chardev")
+    assert "virtconsole,chardev=console" in option(ro, "-device")
+    serial = build_qemu_argv(config(console=ConsoleMode.READ_ONLY, console_transport=ConsoleTransport.SERIAL), res())
+    assert option(serial, "-serial") == ["chardev:console"]
+    assert option(serial, "-append") == ["console=ttyS0"]
+    headless = build_qemu_argv(config(console=ConsoleMode.HEADLESS), res(console_pty=None))
+    assert "virtconsole,chardev=console" not in option(headless, "-device")
+    assert "-append" not in headless
+    gui = build_qemu_argv(config(console=ConsoleMode.GUI), res(console_pty=None))
+    assert option(gui, "-vga") == ["virtio"] and "-nographic" not in gui
+
+
+def test_qmp_and_notify_channel_are_wired():
+    argv = build_qemu_argv(config(), res())
+    assert "socket,id=qmp,fd=5,server=on,wait=off" in option(argv, "-chardev")
+    assert option(argv, "-mon") == ["chardev=qmp,mode=control"]
+    assert "socket,id=notify,path=/run/x/notify.sock" in option(argv, "-chardev")
+
+
+def test_vsock_and_uuid_and_smbios():
+    u = uuid.uuid4()
+    argv = build_qemu_argv(config(uuid=u), res(vsock_cid=1234, vsock_fd=9, smbios_files=(Path("/r/a,b"),)))
+    assert "vhost-vsock-pci,guest-cid=1234,vhostfd=9" in option(argv, "-device")
+    assert option(argv, "-uuid") == [str(u)]
+    assert option(argv, "-smbios") == ["type=11,path=/r/a,,b"]
+
+
+def test_overlong_kernel_cmdline_is_refused():
+    with pytest.raises(ConfigError, match="limit"):
+        check_cmdline_length(config(kernel_cmdline=("x" * 3000,)))

@@ -1,0 +1,105 @@
+"""The vmspawn option parser: defaults, aliases, sizes, and clear errors."""
+
+from pathlib import Path
+
+import pytest
+
+from vmspawnd.config import ConfigError, ConsoleMode, Ram, Tristate, parse_size
+from vmspawnd.options import parse_vmspawn_args, vmspawn_parser
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Path:
+    k = tmp_path / "vmlinuz"
+    k.write_bytes(b"kernel")
+    return k
+
+
+def parse(kernel: Path, *args: str):
+    return parse_vmspawn_args([f"--linux={kernel}", *args])
+
+
+def test_defaults_are_one_cpu_and_2g(kernel):
+    c = parse(kernel)
+    assert c.cpus == "1"
+    assert c.ram.size_mib == 2048
+    assert c.kvm is Tristate.AUTO
+    assert c.notify_ready is True
+    assert c.console is ConsoleMode.INTERACTIVE
+    assert c.name == "vmlinuz"
+
+
+@pytest.mark.parametrize("value,mib", [("1G", 1024), ("512M", 512), ("1000000", 1), ("1.5G", 1536), ("1025K", 2)])
+def test_ram_is_rounded_up_to_mib(kernel, value, mib):
+    assert parse(kernel, f"--ram={value}").ram.size_mib == mib
+
+
+def test_hidden_aliases_work_and_are_not_in_help(kernel):
+    c = parse(kernel, "--qemu-mem=1G", "--qemu-smp=3", "--qemu-kvm=no", "--qemu-vsock=no")
+    assert (c.ram.size_mib, c.cpus, c.kvm, c.vsock) == (1024, "3", Tristate.NO, Tristate.NO)
+    assert parse(kernel, "--qemu-gui").console is ConsoleMode.GUI
+    text = vmspawn_parser().format_help()
+    for alias in ("--qemu-mem", "--qemu-smp", "--qemu-kvm", "--qemu-vsock", "--qemu-gui"):
+        assert alias not in text
+    for option in ("--ram", "--cpus", "--kvm", "--linux", "--initrd", "--notify-ready", "--console"):
+        assert option in text
+
+
+def test_options_may_follow_kernel_cmdline_words(kernel):
+    c = parse_vmspawn_args(["quiet", f"--linux={kernel}", "test.exit=7", "--ram=256M"])
+    assert c.kernel_cmdline == ("quiet", "test.exit=7")
+    assert c.ram.size_mib == 256
+
+
+def test_ram_with_max_and_slots(kernel):
+    assert parse(kernel, "--ram=1G:4G:2").ram == Ram(1 << 30, 4 << 30, 2)
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--ram=2G:1G"], "ram"),
+    (["--ram=2G::4"], "ram"),
+    (["--ram=lots"], "ram"),
+    (["--ram=0"], "ram"),
+    (["--ram=-1G"], "ram"),
+    (["--cpus=0"], "cpus"),
+    (["--cpus=two"], "cpus"),
+    (["--cpus=cpus=2,bogus=1"], "cpus"),
+    (["--kvm=maybe"], "kvm"),
+    (["--notify-ready=perhaps"], "notify-ready"),
+    (["--console=fancy"], "console"),
+    (["-M", "../etc"], "machine"),
+    (["-M", ""], "machine"),
+    (["-M", "a" * 65], "machine"),
+    (["--uuid=00000000-0000-0000-0000-000000000000"], "uuid"),
+    (["--uuid=nope"], "uuid"),
+    (["--bogus"], "arguments"),
+])
+def test_bad_values_name_the_field(kernel, args, field):
+    with pytest.raises(ConfigError) as e:
+        parse(kernel, *args)
+    assert e.value.field == field
+    assert field in str(e.value) or field == "arguments"
+
+
+def test_initrd_requires_linux(tmp_path):
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="--initrd requires --linux"):
+        parse_vmspawn_args(["-M", "x", f"--initrd={initrd}"])
+
+
+def test_missing_kernel_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        parse_vmspawn_args([f"--linux={tmp_path}/nope"])
+
+
+def test_relative_paths_are_made_absolute(kernel, monkeypatch):
+    monkeypatch.chdir(kernel.parent)
+    assert parse_vmspawn_args(["--linux=vmlinuz"]).linux == kernel
+
+
+def test_parse_size_suffixes():
+    assert parse_size("x", "1K") == 1024
+    assert parse_size("x", "2T") == 2 << 40
+    with pytest.raises(ConfigError):
+        parse_size("x", "1Q")

@@ -1,0 +1,3 @@
+"""vmspawnd: run virtual machines the systemd way, from the command line or as a service."""
+
+__version__ = "0.1.0"

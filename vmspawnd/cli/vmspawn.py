@@ -1,0 +1,93 @@
+"""``vmspawn``: run one VM in the foreground, with systemd-vmspawn's options."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import structlog
+
+from vmspawnd.config import ConfigError, ConsoleMode, MachineConfig
+from vmspawnd.log import setup_logging
+from vmspawnd.machine import Machine, StartError, State
+from vmspawnd.options import parse_vmspawn_args
+from vmspawnd.ptyfwd import PtyForwarder
+from vmspawnd.runtime import runtime_base
+from vmspawnd.systemd.notify import ManagerNotifier
+
+log = structlog.get_logger()
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    try:
+        config = parse_vmspawn_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"vmspawn: {e}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(run(config))
+    except KeyboardInterrupt:
+        return 1
+
+
+def _events_to_manager(config: MachineConfig, notifier: ManagerNotifier):
+    """Map machine events to sd_notify messages for whoever started us."""
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "running":
+            notifier.send(STATUS="VM started.", X_VMSPAWN_LEADER_PID=data["pid"])
+            if not config.notify_ready:
+                notifier.send(READY=1)
+        elif kind == "ready" and config.notify_ready:
+            notifier.send(READY=1, STATUS="VM running.")
+        elif kind == "status":
+            notifier.send(STATUS=f"VM running: {data['status']}")
+        elif kind == "stopping":
+            notifier.send(STOPPING=1)
+    return on_event
+
+
+async def run(config: MachineConfig) -> int:
+    """Boot the VM, forward its console, and return the exit status."""
+    loop = asyncio.get_running_loop()
+    machine = Machine(config, runtime_base=runtime_base(), die_with_parent=True,
+                      on_event=_events_to_manager(config, ManagerNotifier()))
+    signals_seen = 0
+
+    def on_signal(signame: str) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if machine.state is State.RUNNING and signals_seen == 1:
+            log.info("stopping the VM (ACPI power-off); send the signal again to kill it", signal=signame)
+            loop.create_task(machine.stop())
+        elif machine.state in (State.RUNNING, State.STOPPING):
+            loop.create_task(machine.kill())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+    if not config.quiet and config.console is not ConsoleMode.GUI:
+        print(f"░ Spawning VM {config.name} on {config.linux}.", file=sys.stderr)
+        if config.console is ConsoleMode.INTERACTIVE:
+            print("░ Press Ctrl-] three times within 1s to kill VM.", file=sys.stderr)
+    try:
+        await machine.start()
+    except (ConfigError, StartError) as e:
+        print(f"vmspawn: {e}", file=sys.stderr)
+        return 1
+    if signals_seen:  # a signal arrived while we were still setting up
+        await machine.kill()
+    if machine.pty is not None:
+        forwarder = PtyForwarder(machine.pty.master, read_only=config.console is ConsoleMode.READ_ONLY,
+                                 on_escape=lambda: loop.create_task(machine.kill(forced=False)))
+        forwarder.start()
+        machine.on_cleanup(forwarder.stop)
+    status = await machine.wait()
+    if machine.failure:
+        log.error("VM failed", reason=machine.failure)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""MachineConfig: one VM's definition, validated once.
+
+Both front ends (the ``vmspawn`` option parser and the daemon's varlink API) build a
+:class:`MachineConfig`; everything below them trusts it.  Invalid input raises
+:class:`ConfigError`, which names the field, the value and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+DEFAULT_RAM = 2 * 1024 * MIB
+MAX_NAME_LENGTH = 64
+
+
+class ConfigError(ValueError):
+    """The user asked for something invalid: carries the field, value and reason."""
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid {field}={value!s}: {reason}" if value != "" else f"invalid {field}: {reason}")
+
+
+class Tristate(enum.Enum):
+    """A boolean option that may also be left to auto-detection."""
+
+    AUTO = "auto"
+    YES = "yes"
+    NO = "no"
+
+
+class ConsoleMode(enum.Enum):
+    INTERACTIVE = "interactive"
+    READ_ONLY = "read-only"
+    NATIVE = "native"
+    GUI = "gui"
+    HEADLESS = "headless"
+
+
+class ConsoleTransport(enum.Enum):
+    VIRTIO = "virtio"
+    SERIAL = "serial"
+
+
+TRUE_WORDS = {"1", "yes", "y", "true", "t", "on"}
+FALSE_WORDS = {"0", "no", "n", "false", "f", "off"}
+SIZE_SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTPEB]?)\s*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?$")
+_SMP_KEYS = {"cpus", "maxcpus", "sockets", "dies", "clusters", "cores", "threads", "books", "drawers"}
+
+
+def parse_bool(field: str, value: str | bool) -> bool:
+    """Parse a systemd-style boolean (yes/no/1/0/true/false/on/off…)."""
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ConfigError(field, value, "expected a boolean (yes/no)")
+
+
+def parse_tristate(field: str, value: str | Tristate) -> Tristate:
+    """Parse ``auto`` or a boolean into a :class:`Tristate`."""
+    if isinstance(value, Tristate):
+        return value
+    if value.strip().lower() == "auto":
+        return Tristate.AUTO
+    return Tristate.YES if parse_bool(field, value) else Tristate.NO
+
+
+def parse_enum(field: str, value: str | enum.Enum, kind: type[enum.Enum]) -> Any:
+    """Parse one of an enum's values, with an error listing the valid ones."""
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(str(m.value) for m in kind)
+        raise ConfigError(field, value, f"expected one of: {choices}") from None
+
+
+def parse_size(field: str, value: str | int) -> int:
+    """Parse a size with base-1024 suffixes (K, M, G, T, P, E; bare number = bytes)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ConfigError(field, value, "must be positive")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ConfigError(field, value, "expected a size such as 512M or 2G (suffixes K, M, G, T)")
+    number, suffix = m.groups()
+    size = math.ceil(float(number) * SIZE_SUFFIXES[suffix])
+    if size <= 0:
+        raise ConfigError(field, value, "must be positive")
+    if size >= 1 << 63:
+        raise ConfigError(field, value, "too large")
+    return size
+
+
+@dataclass(frozen=True)
+class Ram:
+    """Guest memory: initial size, optional hot-plug maximum and slot count."""
+
+    size: int = DEFAULT_RAM
+    max: int | None = None
+    slots: int | None = None
+
+    @property
+    def size_mib(self) -> int:
+        return -(-self.size // MIB)
+
+    @property
+    def max_mib(self) -> int | None:
+        return None if self.max is None else -(-self.max // MIB)
+
+    @classmethod
+    def parse(cls, value: str, field: str = "ram") -> Ram:
+        """Parse ``SIZE[:MAX[:SLOTS]]``."""
+        parts = value.split(":")
+        if len(parts) > 3:
+            raise ConfigError(field, value, "expected SIZE[:MAX[:SLOTS]]")
+        size = parse_size(field, parts[0])
+        maximum = parse_size(field, parts[1]) if len(parts) > 1 and parts[1] else None
+        slots: int | None = None
+        if len(parts) > 2 and parts[2]:
+            if not parts[2].isdigit() or int(parts[2]) < 1 or int(parts[2]) > 256:
+                raise ConfigError(field, value, "slot count must be a number from 1 to 256")
+            slots = int(parts[2])
+        ram = cls(size, maximum, slots)
+        ram.validate(field, value)
+        return ram
+
+    def validate(self, field: str = "ram", shown: object = None) -> None:
+        shown = self.size if shown is None else shown
+        if self.size <= 0:
+            raise ConfigError(field, shown, "must be positive")
+        if self.max is not None and self.max < self.size:
+            raise ConfigError(field, shown, "maximum memory is smaller than the initial size")
+        if self.slots is not None and self.max is None:
+            raise ConfigError(field, shown, "memory slots need a maximum size (SIZE:MAX:SLOTS)")
+
+
+def validate_cpus(value: str, field: str = "cpus") -> str:
+    """Check a QEMU ``-smp`` value: a count, or ``[cpus=]N,key=value…`` with known keys."""
+    text = str(value).strip()
+    if not text:
+        raise ConfigError(field, value, "must not be empty")
+    items = text.split(",")
+    for i, item in enumerate(items):
+        key, sep, number = item.partition("=")
+        if not sep:
+            key, number = ("cpus", key) if i == 0 else ("", key)
+        if key not in _SMP_KEYS or not number.isdigit() or int(number) < 1 or int(number) > 4096:
+            raise ConfigError(field, value, "expected a CPU count (e.g. 2) or QEMU -smp syntax (e.g. cpus=2,sockets=1)")
+    return text
+
+
+def validate_machine_name(value: str, field: str = "machine") -> str:
+    """Machine names are hostnames: letters, digits and '-', 1–64 chars, no path tricks."""
+    if not isinstance(value, str) or not _NAME_RE.match(value) or len(value) > MAX_NAME_LENGTH:
+        raise ConfigError(
+            field, value, "a machine name is 1-64 letters, digits and '-', not starting or ending with '-'"
+        )
+    return value
+
+
+def derive_machine_name(path: Path) -> str:
+    """Derive a machine name from an image, directory or kernel file name."""
+    name = path.name
+    if name.endswith(".raw"):
+        name = name[: -len(".raw")]
+    name = re.sub(r"[^A-Za-z0-9-]+", "-", name).strip("-")[:MAX_NAME_LENGTH].strip("-")
+    if not name:
+        raise ConfigError("machine", "", f"cannot derive a machine name from {path}; pass -M/--machine=NAME")
+    return name
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """Everything that defines one VM.  Construct it through :meth:`validated`."""
+
+    name: str
+    linux: Path | None = None
+    initrds: tuple[Path, ...] = ()
+    kernel_cmdline: tuple[str, ...] = ()
+    ram: Ram = field(default_factory=Ram)
+    cpus: str = "1"
+    kvm: Tristate = Tristate.AUTO
+    vsock: Tristate = Tristate.AUTO
+    notify_ready: bool = True
+    console: ConsoleMode = ConsoleMode.INTERACTIVE
+    console_transport: ConsoleTransport = ConsoleTransport.VIRTIO
+    uuid: uuid.UUID | None = None
+    quiet: bool = False
+
+    def validated(self) -> MachineConfig:
+        """Check every field and cross-option rule; return self or raise ConfigError."""
+        validate_machine_name(self.name)
+        validate_cpus(self.cpus)
+        self.ram.validate()
+        if self.initrds and self.linux is None:
+            raise ConfigError("initrd", str(self.initrds[0]), "--initrd requires --linux")
+        if self.linux is None:
+            raise ConfigError("linux", "", "no kernel given: pass --linux=KERNEL (disk images are not supported yet)")
+        for what, path in [("linux", self.linux), *(("initrd", p) for p in self.initrds)]:
+            if not path.is_absolute():
+                raise ConfigError(what, str(path), "path must be absolute")
+            if not path.is_file():
+                raise ConfigError(what, str(path), "no such file")
+        if self.uuid is not None and self.uuid.int == 0:
+            raise ConfigError("uuid", str(self.uuid), "the all-zero UUID is not allowed")
+        return self
+
+    def replace(self, **changes: Any) -> MachineConfig:
+        return dataclasses.replace(self, **changes)

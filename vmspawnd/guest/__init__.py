@@ -1,0 +1,1 @@
+"""The guest side: notify channel and credentials."""

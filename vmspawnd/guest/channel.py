@@ -1,0 +1,182 @@
+"""The guest → host notify channel (sd_notify-style ``KEY=VALUE`` lines).
+
+Two transports, same messages:
+
+* vsock: the guest gets ``vmm.notify_socket=vsock-stream:2:PORT``; each notification is one
+  stream connection, read to EOF (at most 4096 bytes, as upstream).
+* virtio-serial: a port named ``io.systemd.notify`` whose QEMU chardev connects to a unix
+  socket we listen on *before* QEMU starts (a guest writing to an unconnected port blocks).
+
+The host side never trusts the guest: lines longer than :data:`MAX_LINE` are dropped, invalid
+UTF-8 is dropped, and after :data:`MAX_GARBAGE` bytes of rejected input the channel stops
+parsing (it keeps draining, so the guest never blocks on us).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+MAX_LINE = 4096
+MAX_GARBAGE = 1 << 20
+NOTIFY_PORT_NAME = "io.systemd.notify"
+
+log = structlog.get_logger()
+
+
+class NotifyParser:
+    """Incremental, bounded parser of ``KEY=VALUE`` lines."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._skipping = False  # inside an over-long line: drop bytes up to the next newline
+        self.garbage = 0
+
+    @property
+    def exhausted(self) -> bool:
+        """True once the guest sent more rejected input than we are willing to look at."""
+        return self.garbage > MAX_GARBAGE
+
+    def feed(self, data: bytes) -> list[tuple[str, str]]:
+        """Feed bytes; return the complete, valid messages they finish."""
+        messages: list[tuple[str, str]] = []
+        if self.exhausted:
+            return messages
+        start = 0
+        while start < len(data):
+            nl = _find_newline(data, start)
+            chunk = data[start: len(data) if nl < 0 else nl]
+            if self._skipping:
+                self.garbage += len(chunk)
+            elif len(self._buffer) + len(chunk) > MAX_LINE:
+                self.garbage += len(self._buffer) + len(chunk)
+                self._buffer.clear()
+                self._skipping = True
+            else:
+                self._buffer += chunk
+            if nl < 0:
+                break
+            if not self._skipping:
+                line = bytes(self._buffer)
+                message = self._parse_line(line)
+                if message:
+                    messages.append(message)
+                elif line:
+                    self.garbage += len(line)
+            self._buffer.clear()
+            self._skipping = False
+            start = nl + 1
+        return messages
+
+    def feed_message(self, data: bytes) -> list[tuple[str, str]]:
+        """Parse one complete datagram-like message (vsock: one connection = one message)."""
+        if len(data) > MAX_LINE:
+            return []
+        return [m for m in (self._parse_line(line) for line in data.replace(b"\r", b"\n").split(b"\n")) if m]
+
+    @staticmethod
+    def _parse_line(line: bytes) -> tuple[str, str] | None:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        key, sep, value = text.partition("=")
+        if not sep or not key or not key.replace("_", "").isalnum() or not key.isupper() or "\0" in value:
+            return None
+        return key, value
+
+
+def _find_newline(data: bytes, start: int) -> int:
+    positions = [p for p in (data.find(b"\n", start), data.find(b"\r", start)) if p >= 0]
+    return min(positions) if positions else -1
+
+
+MessageHandler = Callable[[str, str], None]
+
+
+class NotifyChannel:
+    """Listens for the guest's notifications and hands each ``(key, value)`` to a handler."""
+
+    def __init__(self, handler: MessageHandler) -> None:
+        self._handler = handler
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.qemu_args: list[str] = []
+        self.credential: tuple[str, str] | None = None  # (id, value) for vsock
+        self.port: int | None = None
+
+    async def listen_virtio_serial(self, path: Path) -> None:
+        """Listen on a unix socket that QEMU's chardev will connect to (and reconnect to)."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.bind(str(path))
+        path.chmod(0o600)
+        sock.listen(4)
+        self._server = await asyncio.start_unix_server(self._serve_stream, sock=sock, limit=MAX_LINE * 4)
+        self.qemu_args = [
+            "-chardev", f"socket,id=notify,path={qemu_escape(str(path))},reconnect=1",
+            "-device", f"virtserialport,chardev=notify,name={NOTIFY_PORT_NAME}",
+        ]
+
+    async def listen_vsock(self) -> None:
+        """Listen on AF_VSOCK (any CID, kernel-chosen port) for per-message connections."""
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
+        sock.listen(16)
+        self.port = sock.getsockname()[1]
+        self._server = await asyncio.start_server(self._serve_vsock, sock=sock)
+        self.credential = ("vmm.notify_socket", f"vsock-stream:2:{self.port}")
+
+    async def _serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = NotifyParser()
+        warned = False
+        try:
+            while data := await reader.read(65536):
+                for key, value in parser.feed(data):
+                    self._dispatch(key, value)
+                if parser.exhausted and not warned:
+                    log.warning("guest notify channel sends garbage; ignoring it from now on")
+                    warned = True
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _serve_vsock(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            data = await asyncio.wait_for(reader.read(MAX_LINE + 1), timeout=10)
+            rest = data
+            while rest and len(data) <= MAX_LINE:
+                rest = await asyncio.wait_for(reader.read(MAX_LINE + 1 - len(data)), timeout=10)
+                data += rest
+            if len(data) > MAX_LINE:
+                log.warning("guest notification too long, dropped", size=len(data))
+                return
+            for key, value in NotifyParser().feed_message(data):
+                self._dispatch(key, value)
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def _dispatch(self, key: str, value: str) -> None:
+        try:
+            self._handler(key, value)
+        except Exception:  # a handler bug must not kill the channel
+            log.exception("notify handler failed", key=key)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+
+def qemu_escape(value: str) -> str:
+    """QEMU option values double every comma."""
+    return value.replace(",", ",,")

@@ -1,0 +1,80 @@
+"""Start QEMU and watch it: a child we reap, or (after a daemon restart) a process we adopt."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+from typing import IO
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class QemuProcess:
+    """A running QEMU: its pid, a pidfd to wait on, and (for our own child) its exit status."""
+
+    def __init__(self, pid: int, popen: subprocess.Popen[bytes] | None) -> None:
+        self.pid = pid
+        self._popen = popen
+        self._pidfd = os.pidfd_open(pid)
+        self.returncode: int | None = None
+
+    @classmethod
+    def spawn(cls, argv: Sequence[str], *, pass_fds: Sequence[int] = (), die_with_parent: bool,
+              stdout: int | IO[bytes] | None = None, stderr: int | IO[bytes] | None = None) -> QemuProcess:
+        """Fork and exec QEMU in its own session (terminal signals are ours to handle)."""
+        env = dict(os.environ)
+        env.setdefault("LANG", "C.UTF-8")
+        popen = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, pass_fds=tuple(pass_fds),
+            start_new_session=True, env=env, preexec_fn=_die_with_parent if die_with_parent else None,
+        )
+        return cls(popen.pid, popen)
+
+    @classmethod
+    def adopt(cls, pid: int) -> QemuProcess:
+        """Watch a QEMU we did not start (raises ProcessLookupError if it is gone)."""
+        return cls(pid, None)
+
+    async def wait(self) -> int | None:
+        """Wait for the exit; return the status (negative = signal), None when not ours to reap."""
+        if self.returncode is not None or self._pidfd < 0:
+            return self.returncode
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        loop.add_reader(self._pidfd, lambda: done.done() or done.set_result(None))
+        try:
+            await done
+        finally:
+            loop.remove_reader(self._pidfd)
+        if self._popen is not None:
+            self.returncode = self._popen.wait()
+        os.close(self._pidfd)
+        self._pidfd = -1
+        return self.returncode
+
+    @property
+    def alive(self) -> bool:
+        if self._pidfd < 0:
+            return False
+        if self._popen is not None:
+            self.returncode = self._popen.poll()
+            return self.returncode is None
+        try:
+            signal.pidfd_send_signal(self._pidfd, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def send_signal(self, sig: int) -> None:
+        if self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)

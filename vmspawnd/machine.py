@@ -1,0 +1,291 @@
+"""Machine: one VM's life, define → start → running (→ ready) → stopping → stopped|failed.
+
+An AsyncExitStack owns every resource a run acquires (runtime dir, sockets, PTY, QEMU), so
+every exit path — clean power-off, QEMU crash, signal, setup error — cleans up.  Both
+``vmspawn`` (one Machine in the foreground) and ``vmspawnd`` (many) drive this class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import shutil
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+from vmspawnd.config import ConfigError, ConsoleMode, MachineConfig
+from vmspawnd.guest.channel import NotifyChannel
+from vmspawnd.guest.credentials import write_smbios_credentials
+from vmspawnd.launcher import QemuProcess
+from vmspawnd.qemu.accel import choose_accelerator, find_qemu, vsock_usable
+from vmspawnd.qemu.argv import Resources, build_qemu_argv, check_cmdline_length
+from vmspawnd.qemu.qmp import Qmp
+from vmspawnd.qemu.vsock import claim_vsock
+from vmspawnd.ptyfwd import Pty
+from vmspawnd.runtime import RuntimeDir
+
+log = structlog.get_logger()
+
+DEFAULT_STOP_TIMEOUT = 10.0
+
+
+class State(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+class StartError(Exception):
+    """The VM could not be started (the reason is the message)."""
+
+
+EventHandler = Callable[[str, dict[str, Any]], None]
+
+
+class Machine:
+    """One VM and everything its run owns."""
+
+    def __init__(self, config: MachineConfig, *, runtime_base: Path, die_with_parent: bool = True,
+                 on_event: EventHandler | None = None, qemu_output: int | IO[bytes] | None = None) -> None:
+        self.config = config
+        self.runtime = RuntimeDir(runtime_base, config.name)
+        self.state = State.STOPPED
+        self.since = time.time()
+        self.ready = False
+        self.guest_status: str | None = None
+        self.exit_status: int | None = None
+        self.failure: str | None = None
+        self.qemu: QemuProcess | None = None
+        self.pty: Pty | None = None
+        self._guest_exit_status: int | None = None
+        self._forced = False
+        self._die_with_parent = die_with_parent
+        self._on_event = on_event or (lambda kind, data: None)
+        self._qemu_output = qemu_output
+        self._stack = contextlib.AsyncExitStack()
+        self._qmp: Qmp | None = None
+        self._exited = asyncio.Event()
+        self._stopping: asyncio.Task[None] | None = None
+        self.log = log.bind(machine=config.name)
+
+    # ---------------------------------------------------------------- life cycle
+    def _set_state(self, state: State, **data: Any) -> None:
+        self.state = state
+        self.since = time.time()
+        self._emit(state.value, **data)
+
+    def _emit(self, kind: str, **data: Any) -> None:
+        try:
+            self._on_event(kind, data)
+        except Exception:
+            self.log.exception("event handler failed", event=kind)
+
+    async def start(self) -> None:
+        """Set everything up and spawn QEMU.  On failure everything acquired is released."""
+        if self.state in (State.STARTING, State.RUNNING, State.STOPPING):
+            raise StartError(f"machine is {self.state.value}")
+        self.ready, self.guest_status, self.exit_status, self.failure = False, None, None, None
+        self._guest_exit_status, self._forced = None, False
+        self._exited.clear()
+        self._set_state(State.STARTING)
+        try:
+            await self._start()
+        except BaseException as e:
+            reason = e.reason if isinstance(e, ConfigError) else str(e) or type(e).__name__
+            await self._stack.aclose()
+            self.failure = reason
+            self.exit_status = 1
+            self._set_state(State.FAILED, reason=reason)
+            if isinstance(e, (ConfigError, StartError)):
+                raise
+            if isinstance(e, OSError):
+                raise StartError(reason) from e
+            raise
+
+    async def _start(self) -> None:
+        config = self.config
+        check_cmdline_length(config)
+        qemu_binary = find_qemu()
+        accel = choose_accelerator(config.kvm)
+        self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)
+        rundir = self.runtime.create()
+        self._stack.callback(self.runtime.remove)
+
+        pass_fds: list[int] = []
+        channel = NotifyChannel(self._guest_message)
+        self._stack.push_async_callback(channel.close)
+        vsock_fd = vsock_cid = None
+        if vsock_usable(config.vsock):
+            vsock_fd, vsock_cid = claim_vsock(config.name)
+            self._stack.callback(os.close, vsock_fd)
+            os.set_inheritable(vsock_fd, True)
+            pass_fds.append(vsock_fd)
+            await channel.listen_vsock()
+        else:
+            await channel.listen_virtio_serial(rundir / "notify.sock")
+
+        credentials: list[tuple[str, bytes]] = []
+        if channel.credential:
+            credentials.append((channel.credential[0], channel.credential[1].encode()))
+        smbios = write_smbios_credentials(rundir / "smbios", credentials) if credentials else []
+
+        qmp_path = rundir / "qmp.sock"
+        qmp_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._stack.callback(qmp_sock.close)
+        qmp_sock.bind(str(qmp_path))
+        qmp_sock.listen(4)
+        os.set_inheritable(qmp_sock.fileno(), True)
+        pass_fds.append(qmp_sock.fileno())
+
+        if config.console in (ConsoleMode.INTERACTIVE, ConsoleMode.READ_ONLY):
+            self.pty = Pty()
+            self._stack.callback(self._close_pty)
+
+        initrd = self._merge_initrds(rundir) if config.initrds else None
+        resources = Resources(
+            qemu=qemu_binary, kvm=accel.kvm, qmp_fd=qmp_sock.fileno(),
+            console_pty=self.pty.slave_path if self.pty else None,
+            notify_args=tuple(channel.qemu_args), vsock_cid=vsock_cid, vsock_fd=vsock_fd,
+            smbios_files=tuple(smbios), initrd=initrd, vmgenid=uuid.uuid4(),
+            term=os.environ.get("TERM"),
+        )
+        argv = build_qemu_argv(config, resources)
+        self.log.debug("spawning qemu", argv=" ".join(argv))
+        self.qemu = QemuProcess.spawn(argv, pass_fds=pass_fds, die_with_parent=self._die_with_parent,
+                                      stdout=self._qemu_output, stderr=self._qemu_output)
+        self._stack.push_async_callback(self._reap_qemu)
+        qmp_sock.close()  # QEMU has its copy
+
+        self._qmp = Qmp(config.name)
+        self._stack.push_async_callback(self._qmp.close)
+        try:
+            await self._qmp.connect(str(qmp_path))
+        except Exception as e:
+            rc = None if self.qemu.alive else self.qemu.returncode
+            raise StartError(f"QEMU did not come up (exit status {rc})" if rc is not None
+                             else f"cannot connect to QEMU's monitor: {e}") from e
+        self._set_state(State.RUNNING, pid=self.qemu.pid)
+        asyncio.get_running_loop().create_task(self._watch_exit())
+
+    def on_cleanup(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when this run's resources are released (before those acquired earlier)."""
+        self._stack.callback(callback)
+
+    def _merge_initrds(self, rundir: Path) -> Path:
+        if len(self.config.initrds) == 1:
+            return self.config.initrds[0]
+        merged = rundir / "initrd.merged"
+        with open(merged, "wb") as out:
+            for piece in self.config.initrds:
+                with open(piece, "rb") as f:
+                    shutil.copyfileobj(f, out)
+                out.write(b"\0" * (-out.tell() % 4))
+        return merged
+
+    def _guest_message(self, key: str, value: str) -> None:
+        if key == "READY" and value == "1":
+            if not self.ready:
+                self.ready = True
+                self.log.info("guest is ready")
+                self._emit("ready")
+        elif key == "STATUS":
+            self.guest_status = value[:512]
+            self._emit("status", status=self.guest_status)
+        elif key == "EXIT_STATUS":
+            if value.isdigit() and 0 <= int(value) <= 255:
+                self._guest_exit_status = int(value)
+            else:
+                self.log.warning("guest sent an invalid EXIT_STATUS", value=value[:32])
+
+    async def _watch_exit(self) -> None:
+        assert self.qemu is not None
+        rc = await self.qemu.wait()
+        # give the notify channel a moment to deliver what the guest wrote just before power-off
+        await asyncio.sleep(0.05)
+        self.exit_status = self._exit_status(rc)
+        if rc is not None and rc != 0:
+            self.log.warning("QEMU exited abnormally", status=rc)
+        await self._stack.aclose()
+        failed = rc is not None and (rc > 0 or (rc < 0 and not self._forced and self._stopping is None))
+        if failed:
+            self.failure = f"QEMU exited with status {rc}" if rc > 0 else f"QEMU killed by signal {-rc}"
+            self._set_state(State.FAILED, reason=self.failure, exit_status=self.exit_status)
+        else:
+            self._set_state(State.STOPPED, exit_status=self.exit_status)
+        self._exited.set()
+
+    def _exit_status(self, rc: int | None) -> int:
+        """Guest's EXIT_STATUS, else 0 after a clean end, 1 if QEMU failed or had to be forced."""
+        if self._guest_exit_status is not None:
+            return self._guest_exit_status
+        if rc is None:
+            return 1 if self._forced else 0
+        if rc != 0 or self._forced:
+            return 1
+        return 0
+
+    async def wait(self) -> int:
+        """Wait until the VM ended; return the exit status vmspawn should exit with."""
+        await self._exited.wait()
+        assert self.exit_status is not None
+        return self.exit_status
+
+    async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        """Ask the guest to power off (ACPI over QMP); force it after ``timeout`` seconds."""
+        if self.state is not State.RUNNING and self._stopping is None:
+            return
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop(timeout))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, timeout: float) -> None:
+        self._set_state(State.STOPPING)
+        try:
+            if self._qmp is not None:
+                await self._qmp.powerdown()
+            await asyncio.wait_for(self._exited.wait(), timeout)
+        except (TimeoutError, Exception) as e:
+            if not self._exited.is_set():
+                self.log.info("guest did not power off in time, forcing it", timeout=timeout,
+                              error=str(e) if not isinstance(e, TimeoutError) else None)
+                await self.kill(forced=True)
+        finally:
+            self._stopping = None
+
+    async def kill(self, forced: bool = True, sig: int | None = None) -> None:
+        """End QEMU now: QMP ``quit``, SIGKILL if that does not work (or ``sig`` if given)."""
+        if self.qemu is None or self._exited.is_set():
+            return
+        self._forced = self._forced or forced
+        if sig is not None:
+            self.qemu.send_signal(sig)
+        else:
+            if self._qmp is not None and self._qmp.connected:
+                await self._qmp.quit()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._exited.wait()), 5)
+            if not self._exited.is_set():
+                self.qemu.send_signal(signal.SIGKILL)
+        await self._exited.wait()
+
+    async def _reap_qemu(self) -> None:
+        """Exit-stack callback: never leave QEMU running behind a failed or aborted start."""
+        if self.qemu is not None and self.qemu.alive:
+            self.qemu.send_signal(signal.SIGKILL)
+            await self.qemu.wait()
+
+    def _close_pty(self) -> None:
+        if self.pty is not None:
+            self.pty.close()
+            self.pty = None

@@ -1,0 +1,126 @@
+"""The vmspawn option parser: argv → MachineConfig.
+
+It lives once: ``vmspawn`` uses it directly and ``vmspawnctl create`` reuses it, so every
+option means the same in both.  Errors raise :class:`ConfigError` (front ends exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import uuid
+from pathlib import Path
+from typing import NoReturn
+
+from vmspawnd import __version__
+from vmspawnd.config import (
+    ConfigError,
+    ConsoleMode,
+    ConsoleTransport,
+    MachineConfig,
+    Ram,
+    Tristate,
+    derive_machine_name,
+    parse_bool,
+    parse_enum,
+    parse_tristate,
+    validate_cpus,
+)
+
+
+class OptionParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise ConfigError instead of exiting 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError("arguments", "", message)
+
+
+def _abspath(value: str) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(value)))
+
+
+def add_machine_options(parser: argparse.ArgumentParser) -> None:
+    """Add every option that defines a machine (shared by vmspawn and vmspawnctl create)."""
+    hidden = argparse.SUPPRESS
+    img = parser.add_argument_group("Image and boot")
+    img.add_argument("--linux", metavar="PATH", help="boot this kernel directly (-kernel)")
+    img.add_argument("--initrd", metavar="PATH", action="append", default=[],
+                     help="initrd for --linux; repeat to concatenate several")
+    host = parser.add_argument_group("Host configuration")
+    host.add_argument("--cpus", metavar="CPUS", help="number of virtual CPUs, or QEMU -smp syntax (default: 1)")
+    host.add_argument("--qemu-smp", dest="cpus", help=hidden)
+    host.add_argument("--ram", metavar="BYTES[:MAX[:SLOTS]]",
+                      help="guest memory, K/M/G/T suffixes, rounded up to MiB (default: 2G)")
+    host.add_argument("--qemu-mem", dest="ram", help=hidden)
+    host.add_argument("--kvm", metavar="BOOL|auto",
+                      help="use KVM (auto: only if /dev/kvm can run ordinary guests, else TCG)")
+    host.add_argument("--qemu-kvm", dest="kvm", help=hidden)
+    host.add_argument("--vsock", metavar="BOOL|auto",
+                      help="give the guest a vsock device (auto: if /dev/vhost-vsock can be opened)")
+    host.add_argument("--qemu-vsock", dest="vsock", help=hidden)
+    ident = parser.add_argument_group("System identity")
+    ident.add_argument("-M", "--machine", metavar="NAME", help="machine name (default: from the kernel file name)")
+    ident.add_argument("--uuid", metavar="UUID", help="the machine's UUID (SMBIOS system UUID)")
+    exe = parser.add_argument_group("Execution")
+    exe.add_argument("--notify-ready", metavar="BOOL",
+                     help="report READY=1 only once the guest did (default: yes)")
+    io = parser.add_argument_group("Input/output")
+    io.add_argument("--console", metavar="MODE",
+                    help="interactive, read-only, native, gui or headless (default: interactive)")
+    io.add_argument("--console-transport", metavar="TRANSPORT",
+                    help="virtio (hvc0, default) or serial (ttyS0) console device in the guest")
+    io.add_argument("--qemu-gui", dest="console", action="store_const", const="gui", help=hidden)
+    parser.add_argument("cmdline", nargs="*", metavar="KERNEL-CMDLINE",
+                        help="extra words for the guest's kernel command line")
+
+
+def config_from_args(ns: argparse.Namespace) -> MachineConfig:
+    """Turn parsed options into a validated MachineConfig."""
+    linux = _abspath(ns.linux) if ns.linux else None
+    if ns.machine is not None:
+        name = ns.machine
+    elif linux is not None:
+        name = derive_machine_name(linux)
+    else:
+        raise ConfigError("machine", "", "pass -M/--machine=NAME or --linux=KERNEL")
+    try:
+        machine_uuid = uuid.UUID(ns.uuid) if ns.uuid else None
+    except ValueError:
+        raise ConfigError("uuid", ns.uuid, "not a valid UUID") from None
+    config = MachineConfig(
+        name=name,
+        linux=linux,
+        initrds=tuple(_abspath(p) for p in ns.initrd),
+        kernel_cmdline=tuple(ns.cmdline),
+        ram=Ram.parse(ns.ram) if ns.ram is not None else Ram(),
+        cpus=validate_cpus(ns.cpus) if ns.cpus is not None else "1",
+        kvm=parse_tristate("kvm", ns.kvm) if ns.kvm is not None else Tristate.AUTO,
+        vsock=parse_tristate("vsock", ns.vsock) if ns.vsock is not None else Tristate.AUTO,
+        notify_ready=parse_bool("notify-ready", ns.notify_ready) if ns.notify_ready is not None else True,
+        console=parse_enum("console", ns.console, ConsoleMode) if ns.console else ConsoleMode.INTERACTIVE,
+        console_transport=(parse_enum("console-transport", ns.console_transport, ConsoleTransport)
+                           if ns.console_transport else ConsoleTransport.VIRTIO),
+        uuid=machine_uuid,
+        quiet=getattr(ns, "quiet", False),
+    )
+    return config.validated()
+
+
+def vmspawn_parser() -> OptionParser:
+    """The full ``vmspawn`` command line."""
+    parser = OptionParser(
+        prog="vmspawn",
+        description="Spawn a virtual machine with QEMU, the systemd-vmspawn way.",
+        epilog="Exit status: the guest's EXIT_STATUS= if it sent one, 0 after a clean power-off, "
+               "1 on setup errors or when QEMU was killed.",
+    )
+    parser.add_argument("--version", action="version", version=f"vmspawn {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="do not show status messages")
+    add_machine_options(parser)
+    return parser
+
+
+def parse_vmspawn_args(argv: list[str]) -> MachineConfig:
+    """Parse a full vmspawn command line (options may follow kernel command-line words)."""
+    parser = vmspawn_parser()
+    return config_from_args(parser.parse_intermixed_args(argv))

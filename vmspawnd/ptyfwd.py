@@ -1,0 +1,173 @@
+"""The console: a PTY pair for QEMU and an asyncio forwarder between it and our terminal.
+
+Interactive mode puts the terminal into raw mode (restored on every exit path), propagates
+the window size (SIGWINCH) and watches for Ctrl-] pressed three times within one second,
+which asks to kill the VM.  Read-only mode only copies the guest's output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import struct
+import termios
+import time
+import tty
+from collections.abc import Callable
+
+ESCAPE_BYTE = 0x1D  # Ctrl-]
+ESCAPE_COUNT = 3
+ESCAPE_WINDOW = 1.0
+
+
+class Pty:
+    """A PTY pair: we keep the master (and hold the slave open so reads never see a hang-up
+    before QEMU opened it); QEMU opens :attr:`slave_path`."""
+
+    def __init__(self) -> None:
+        self.master, self._slave = os.openpty()
+        os.set_blocking(self.master, False)
+        os.set_inheritable(self.master, False)
+        self.slave_path = os.ttyname(self._slave)
+        tty.setraw(self._slave)
+
+    def close(self) -> None:
+        for fd in (self.master, self._slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class EscapeDetector:
+    """Counts Ctrl-] presses; fires once three land within one second of the first."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._count = 0
+        self._first = 0.0
+
+    def feed(self, data: bytes) -> bool:
+        """Return True when the kill sequence completed within this input."""
+        for byte in data:
+            if byte != ESCAPE_BYTE:
+                self._count = 0
+                continue
+            now = self._clock()
+            if self._count == 0 or now - self._first > ESCAPE_WINDOW:
+                self._count, self._first = 1, now
+            else:
+                self._count += 1
+            if self._count >= ESCAPE_COUNT:
+                self._count = 0
+                return True
+        return False
+
+
+class PtyForwarder:
+    """Copies bytes between the PTY master and our stdin/stdout."""
+
+    def __init__(self, master: int, *, read_only: bool, on_escape: Callable[[], None],
+                 stdin: int = 0, stdout: int = 1) -> None:
+        self._master = master
+        self._stdin = stdin
+        self._stdout = stdout
+        self._on_escape = on_escape
+        self._escape = EscapeDetector()
+        self._saved_termios: list | None = None
+        self._loop = asyncio.get_running_loop()
+        self._reading_stdin = False
+        self.read_only = read_only or not _readable(stdin)
+        self._last_byte = b"\n"
+
+    def start(self) -> None:
+        """Start forwarding; puts an interactive terminal into raw mode."""
+        self._loop.add_reader(self._master, self._pump_output)
+        if self.read_only:
+            return
+        if os.isatty(self._stdin):
+            self._saved_termios = termios.tcgetattr(self._stdin)
+            tty.setraw(self._stdin, termios.TCSANOW)
+            self._copy_window_size()
+            self._loop.add_signal_handler(signal.SIGWINCH, self._copy_window_size)
+        self._loop.add_reader(self._stdin, self._pump_input)
+        self._reading_stdin = True
+
+    def stop(self) -> None:
+        """Drain what the guest wrote, stop forwarding and restore the terminal."""
+        self._pump_output()
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(self._master)
+        if self._reading_stdin:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._stdin)
+            self._reading_stdin = False
+        if self._saved_termios is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_signal_handler(signal.SIGWINCH)
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(self._stdin, termios.TCSADRAIN, self._saved_termios)
+            self._saved_termios = None
+            if self._last_byte not in (b"\n", b"\r"):
+                self._write(b"\r\n")
+
+    def _pump_output(self) -> None:
+        while True:
+            try:
+                data = os.read(self._master, 65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # EIO: slave closed
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(self._master)
+                return
+            if not data:
+                return
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self._stdout, view)
+            except BlockingIOError:
+                time.sleep(0.01)
+                continue
+            except OSError:  # stdout gone (EPIPE): drop the output, keep the VM
+                return
+            view = view[n:]
+        self._last_byte = data[-1:]
+
+    def _pump_input(self) -> None:
+        try:
+            data = os.read(self._stdin, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # EOF on stdin: carry on read-only
+            self._loop.remove_reader(self._stdin)
+            self._reading_stdin = False
+            return
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._master, data)
+        if self._escape.feed(data):
+            self._on_escape()
+
+    def _copy_window_size(self) -> None:
+        for fd in (self._stdin, self._stdout):
+            try:
+                size = fcntl.ioctl(fd, termios.TIOCGWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+            except OSError:
+                continue
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self._master, termios.TIOCSWINSZ, size)
+            return
+
+
+def _readable(fd: int) -> bool:
+    try:
+        return (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE) in (os.O_RDONLY, os.O_RDWR)
+    except OSError:
+        return False

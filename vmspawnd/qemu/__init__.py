@@ -1,0 +1,1 @@
+"""Everything about talking to QEMU: binary and accelerator, argv, QMP."""

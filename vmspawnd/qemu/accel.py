@@ -1,0 +1,81 @@
+"""Find the QEMU binary and decide between KVM and TCG (and whether vsock is usable)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmspawnd.config import ConfigError, Tristate
+
+QEMU_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64", "i686": "i386"}
+HARDWARE_KVM_MODULES = ("kvm_intel", "kvm_amd", "kvm_arm")  # kvm_arm: no module dir on arm, see below
+
+
+def find_qemu() -> Path:
+    """Look up QEMU: qemu, qemu-kvm, /usr/libexec/qemu-kvm, then qemu-system-<host arch>."""
+    arch = QEMU_ARCH.get(platform.machine())
+    candidates = ["qemu", "qemu-kvm", "/usr/libexec/qemu-kvm"]
+    if arch:
+        candidates.append(f"qemu-system-{arch}")
+    for name in candidates:
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    raise ConfigError("qemu", "", f"no QEMU binary found (tried {', '.join(candidates)}); "
+                      "install qemu-system-x86 (Debian) or put qemu on $PATH")
+
+
+def kvm_problem(sys_module: Path = Path("/sys/module"), device: str = "/dev/kvm") -> str | None:
+    """Why KVM cannot run an ordinary guest here, or None if it can.
+
+    "/dev/kvm exists" is not enough: a PVM-backed /dev/kvm (module kvm_pvm, common in nested
+    cloud VMs) opens fine but only runs PVM-enabled guest kernels.
+    """
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return f"{device}: {e.strerror}"
+    os.close(fd)
+    if sys_module.is_dir() and platform.machine() in ("x86_64", "i686"):
+        loaded = {m for m in ("kvm_intel", "kvm_amd", "kvm_pvm") if (sys_module / m).exists()}
+        if "kvm_pvm" in loaded and not loaded & {"kvm_intel", "kvm_amd"}:
+            return f"{device} is backed by kvm_pvm, which cannot run ordinary guest kernels"
+        if not loaded:
+            return f"{device} has no hardware backend (neither kvm_intel nor kvm_amd is loaded)"
+    return None
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """The accelerator QEMU will use, and why."""
+
+    kvm: bool
+    reason: str
+
+
+def choose_accelerator(setting: Tristate) -> Accelerator:
+    """--kvm=yes forces KVM, no forces TCG, auto uses KVM only where it really works."""
+    if setting is Tristate.YES:
+        return Accelerator(True, "--kvm=yes")
+    if setting is Tristate.NO:
+        return Accelerator(False, "--kvm=no")
+    problem = kvm_problem()
+    if problem:
+        return Accelerator(False, f"{problem}; using TCG (software emulation)")
+    return Accelerator(True, "/dev/kvm works")
+
+
+def vsock_usable(setting: Tristate, device: str = "/dev/vhost-vsock") -> bool:
+    """--vsock=auto: usable iff /dev/vhost-vsock opens read-write."""
+    if setting is Tristate.NO:
+        return False
+    try:
+        os.close(os.open(device, os.O_RDWR | os.O_CLOEXEC))
+        return True
+    except OSError as e:
+        if setting is Tristate.YES:
+            raise ConfigError("vsock", "yes", f"{device}: {e.strerror}") from None
+        return False

@@ -1,0 +1,119 @@
+"""QEMU's argv: a pure function of the MachineConfig and the resources resolved for it."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmspawnd.config import ConsoleMode, ConsoleTransport, MachineConfig
+from vmspawnd.guest.channel import qemu_escape
+
+COMMAND_LINE_SIZE = 2048  # x86 kernel limit
+_TERM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What was set up for one run, and that the argv refers to."""
+
+    qemu: Path
+    kvm: bool
+    qmp_fd: int
+    console_pty: str | None = None
+    notify_args: tuple[str, ...] = ()
+    vsock_cid: int | None = None
+    vsock_fd: int | None = None
+    smbios_files: tuple[Path, ...] = ()
+    initrd: Path | None = None
+    vmgenid: uuid.UUID = field(default_factory=uuid.uuid4)
+    term: str | None = None
+
+
+def console_word(config: MachineConfig) -> str | None:
+    """The ``console=`` kernel word for the console mode and transport, if any."""
+    if config.console in (ConsoleMode.GUI, ConsoleMode.HEADLESS):
+        return None
+    return "console=ttyS0" if config.console_transport is ConsoleTransport.SERIAL else "console=hvc0"
+
+
+def kernel_cmdline(config: MachineConfig, term: str | None) -> list[str]:
+    """Kernel command line words, in upstream's order: TERM, console, the user's words."""
+    words: list[str] = []
+    cons = console_word(config)
+    if cons and term and _TERM_RE.match(term) and config.console is ConsoleMode.INTERACTIVE:
+        tty = "ttyS0" if config.console_transport is ConsoleTransport.SERIAL else "hvc0"
+        words += [f"TERM={term}", f"systemd.tty.term.{tty}={term}"]
+    if cons:
+        words.append(cons)
+    words += config.kernel_cmdline
+    return words
+
+
+def build_qemu_argv(config: MachineConfig, res: Resources) -> list[str]:
+    """Build QEMU's complete argv (classic command-line form, see the spec §2)."""
+    argv = [str(res.qemu), "-machine", "type=q35,hpet=off", "-smp", config.cpus]
+    ram = config.ram
+    if ram.max is not None:
+        argv += ["-m", f"size={ram.size_mib}M,maxmem={ram.max_mib}M,slots={ram.slots or 1}"]
+    else:
+        argv += ["-m", f"{ram.size_mib}M"]
+    argv += [
+        "-object", "rng-random,filename=/dev/urandom,id=rng0",
+        "-device", "virtio-rng-pci,rng=rng0,id=rng-device0",
+        "-device", "virtio-balloon,free-page-reporting=on",
+        "-device", f"vmgenid,guid={res.vmgenid}",
+        "-nic", "none",
+        "-accel", "kvm" if res.kvm else "tcg",
+        "-cpu", "max,hv_relaxed,hv-vapic,hv-time",
+        "-no-user-config",
+    ]
+    if config.uuid is not None:
+        argv += ["-uuid", str(config.uuid)]
+    if res.vsock_cid is not None:
+        argv += ["-device", f"vhost-vsock-pci,guest-cid={res.vsock_cid},vhostfd={res.vsock_fd}"]
+    argv += _console_args(config, res)
+    argv += ["-chardev", f"socket,id=qmp,fd={res.qmp_fd},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
+    argv += res.notify_args
+    for path in res.smbios_files:
+        argv += ["-smbios", f"type=11,path={qemu_escape(str(path))}"]
+    if config.linux is not None:
+        argv += ["-kernel", str(config.linux)]
+        if res.initrd is not None:
+            argv += ["-initrd", str(res.initrd)]
+        cmdline = " ".join(kernel_cmdline(config, res.term))
+        if cmdline:
+            argv += ["-append", cmdline]
+    return argv
+
+
+def _console_args(config: MachineConfig, res: Resources) -> list[str]:
+    serial_bus = ["-device", "virtio-serial-pci,id=vmspawn-virtio-serial-pci"]
+    mode = config.console
+    if mode is ConsoleMode.GUI:
+        return ["-vga", "virtio", *serial_bus]
+    args = ["-nographic", "-nodefaults", *serial_bus]
+    if mode is ConsoleMode.HEADLESS:
+        return args
+    if mode is ConsoleMode.NATIVE:
+        args += ["-chardev", "stdio,mux=on,id=console,signal=off", "-mon", "console"]
+    else:
+        assert res.console_pty is not None, "interactive/read-only consoles need a PTY"
+        args += ["-chardev", f"serial,id=console,path={qemu_escape(res.console_pty)}"]
+    if config.console_transport is ConsoleTransport.SERIAL:
+        args += ["-serial", "chardev:console"]
+    else:
+        args += ["-device", "virtconsole,chardev=console"]
+    return args
+
+
+def check_cmdline_length(config: MachineConfig, term: str | None = None) -> None:
+    """Refuse a kernel command line longer than the kernel accepts."""
+    from vmspawnd.config import ConfigError
+
+    cmdline = " ".join(kernel_cmdline(config, term or os.environ.get("TERM")))
+    if len(cmdline) >= COMMAND_LINE_SIZE:
+        raise ConfigError("cmdline", f"{cmdline[:40]}…", f"kernel command line is {len(cmdline)} bytes, "
+                          f"the limit is {COMMAND_LINE_SIZE - 1}")

@@ -1,0 +1,43 @@
+"""A thin QMP layer over qemu.qmp: connect, power down, quit, status."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from qemu.qmp import QMPClient, QMPError
+
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+class Qmp:
+    """One QMP session with a QEMU process, over its monitor's unix socket."""
+
+    def __init__(self, name: str) -> None:
+        self._client = QMPClient(name)
+        self.connected = False
+
+    async def connect(self, path: str, timeout: float = 10.0) -> None:
+        """Connect and negotiate capabilities (QEMU listens before it starts the guest)."""
+        await asyncio.wait_for(self._client.connect(path), timeout)
+        self.connected = True
+
+    async def powerdown(self) -> None:
+        """Press the ACPI power button; the guest decides whether to power off."""
+        await self._client.execute("system_powerdown")
+
+    async def quit(self) -> None:
+        """End QEMU now; a disconnect while it quits counts as success."""
+        with contextlib.suppress(QMPError, ConnectionError, EOFError, asyncio.IncompleteReadError):
+            await asyncio.wait_for(self._client.execute("quit"), 5)
+
+    async def status(self) -> str:
+        reply = await self._client.execute("query-status")
+        return str(reply["status"]) if isinstance(reply, dict) else "unknown"
+
+    async def close(self) -> None:
+        if self.connected:
+            with contextlib.suppress(Exception):
+                await self._client.disconnect()
+            self.connected = False

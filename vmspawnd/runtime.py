@@ -1,0 +1,61 @@
+"""Per-machine runtime directories (0700), locked while the machine runs, removed after."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from vmspawnd.config import ConfigError
+
+SUN_PATH_MAX = 107
+
+
+def runtime_base() -> Path:
+    """$RUNTIME_DIRECTORY, else /run/vmspawnd as root, else $XDG_RUNTIME_DIR/vmspawnd."""
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/run/vmspawnd")
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "vmspawnd"
+    raise ConfigError("runtime-directory", "", "neither $RUNTIME_DIRECTORY nor $XDG_RUNTIME_DIR is set")
+
+
+class RuntimeDir:
+    """``<base>/<machine>/``: created 0700 and locked by :meth:`create`, removed by :meth:`remove`."""
+
+    def __init__(self, base: Path, name: str) -> None:
+        self.path = base / name
+        self._lock_fd = -1
+        if len(str(self.path / "notify.sock")) > SUN_PATH_MAX:
+            raise ConfigError("runtime-directory", str(self.path), "path too long for unix sockets")
+
+    def create(self) -> Path:
+        """Create (or take over a stale) runtime dir; fail if a live machine holds it."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.path, 0o700)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError("machine", self.path.name, "a machine of that name is already running") from None
+        self._lock_fd = fd
+        for entry in self.path.iterdir():  # leftovers of a killed run
+            if entry.name != ".lock":
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        return self.path
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = -1

@@ -1,0 +1,1 @@
+"""Talking to systemd: sd_notify to our manager (later machined, units, scopes)."""

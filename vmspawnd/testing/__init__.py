@@ -1,0 +1,1 @@
+"""Test helpers for vmspawnd: the busybox test guest fixture (see :mod:`vmspawnd.testing.guest`)."""
