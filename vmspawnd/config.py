@@ -226,3 +226,85 @@ class MachineConfig:
 
     def replace(self, **changes: Any) -> MachineConfig:
         return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------------- JSON form
+# The daemon persists definitions and takes them over varlink in this one shape:
+# camelCase keys, plain JSON values, every key optional except where noted.
+JSON_FIELDS = ("linux", "initrds", "kernelCommandLine", "ram", "cpus", "kvm", "vsock", "notifyReady",
+               "console", "consoleTransport", "uuid")
+
+
+def config_to_json(config: MachineConfig) -> dict[str, Any]:
+    """The JSON form of a config (the machine's name is kept outside it)."""
+    ram = config.ram
+    ram_text = str(ram.size) if ram.max is None else f"{ram.size}:{ram.max}:{ram.slots or ''}".rstrip(":")
+    return {
+        "linux": str(config.linux) if config.linux else None,
+        "initrds": [str(p) for p in config.initrds],
+        "kernelCommandLine": list(config.kernel_cmdline),
+        "ram": ram_text,
+        "cpus": config.cpus,
+        "kvm": config.kvm.value,
+        "vsock": config.vsock.value,
+        "notifyReady": config.notify_ready,
+        "console": config.console.value,
+        "consoleTransport": config.console_transport.value,
+        "uuid": str(config.uuid) if config.uuid else None,
+    }
+
+
+def _string_list(field: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(field, value, "expected a list of strings")
+    if len(value) > 256 or sum(len(v) for v in value) > 65536:
+        raise ConfigError(field, f"{len(value)} items", "too long")
+    return value
+
+
+def _path(field: str, value: Any) -> Path:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value or len(value) > 4096:
+        raise ConfigError(field, value, "expected an absolute path")
+    return Path(value)
+
+
+def _string(field: str, value: Any, limit: int = 256) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise ConfigError(field, value, f"expected a string of at most {limit} characters")
+    return value
+
+
+def config_from_json(name: str, data: dict[str, Any]) -> MachineConfig:
+    """Build and validate a config from its JSON form; errors name the JSON field."""
+    if not isinstance(data, dict):
+        raise ConfigError("config", type(data).__name__, "expected an object")
+    unknown = sorted(set(data) - set(JSON_FIELDS))
+    if unknown:
+        raise ConfigError(unknown[0], "", "unknown field")
+    get = data.get
+    try:
+        machine_uuid = uuid.UUID(_string("uuid", get("uuid"))) if get("uuid") is not None else None
+    except ValueError:
+        raise ConfigError("uuid", get("uuid"), "not a valid UUID") from None
+    notify_ready = get("notifyReady", True)
+    if not isinstance(notify_ready, bool):
+        raise ConfigError("notifyReady", notify_ready, "expected true or false")
+    config = MachineConfig(
+        name=validate_machine_name(name, "name"),
+        linux=_path("linux", get("linux")) if get("linux") is not None else None,
+        initrds=tuple(_path("initrds", p) for p in _string_list("initrds", get("initrds"))),
+        kernel_cmdline=tuple(_string_list("kernelCommandLine", get("kernelCommandLine"))),
+        ram=Ram.parse(_string("ram", get("ram")), "ram") if get("ram") is not None else Ram(),
+        cpus=validate_cpus(_string("cpus", get("cpus")), "cpus") if get("cpus") is not None else "1",
+        kvm=parse_tristate("kvm", _string("kvm", get("kvm", "auto"))),
+        vsock=parse_tristate("vsock", _string("vsock", get("vsock", "auto"))),
+        notify_ready=notify_ready,
+        console=parse_enum("console", _string("console", get("console", "headless")), ConsoleMode),
+        console_transport=parse_enum("consoleTransport", _string("consoleTransport", get("consoleTransport",
+                                                                                           "virtio")),
+                                     ConsoleTransport),
+        uuid=machine_uuid,
+    )
+    return config.validated()

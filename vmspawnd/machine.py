@@ -26,12 +26,13 @@ from vmspawnd.config import ConfigError, ConsoleMode, MachineConfig
 from vmspawnd.guest.channel import NotifyChannel
 from vmspawnd.guest.credentials import write_smbios_credentials
 from vmspawnd.launcher import QemuProcess
+from vmspawnd.ptyfwd import Pty
 from vmspawnd.qemu.accel import choose_accelerator, find_qemu, vsock_usable
 from vmspawnd.qemu.argv import Resources, build_qemu_argv, check_cmdline_length
 from vmspawnd.qemu.qmp import Qmp
 from vmspawnd.qemu.vsock import claim_vsock
-from vmspawnd.ptyfwd import Pty
 from vmspawnd.runtime import RuntimeDir
+from vmspawnd.storage import read_json, write_json_atomic
 
 log = structlog.get_logger()
 
@@ -57,7 +58,8 @@ class Machine:
     """One VM and everything its run owns."""
 
     def __init__(self, config: MachineConfig, *, runtime_base: Path, die_with_parent: bool = True,
-                 on_event: EventHandler | None = None, qemu_output: int | IO[bytes] | None = None) -> None:
+                 on_event: EventHandler | None = None, qemu_output: int | IO[bytes] | None = None,
+                 console_socket: bool = False) -> None:
         self.config = config
         self.runtime = RuntimeDir(runtime_base, config.name)
         self.state = State.STOPPED
@@ -73,10 +75,14 @@ class Machine:
         self._die_with_parent = die_with_parent
         self._on_event = on_event or (lambda kind, data: None)
         self._qemu_output = qemu_output
+        self._console_socket = console_socket
+        self._detaching = False
+        self._watch: asyncio.Task[None] | None = None
         self._stack = contextlib.AsyncExitStack()
         self._qmp: Qmp | None = None
         self._exited = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
+        self._vsock_port: int | None = None
         self.log = log.bind(machine=config.name)
 
     # ---------------------------------------------------------------- life cycle
@@ -98,6 +104,8 @@ class Machine:
         self.ready, self.guest_status, self.exit_status, self.failure = False, None, None, None
         self._guest_exit_status, self._forced = None, False
         self._exited.clear()
+        self._detaching = False
+        self._stack = contextlib.AsyncExitStack()
         self._set_state(State.STARTING)
         try:
             await self._start()
@@ -120,7 +128,7 @@ class Machine:
         accel = choose_accelerator(config.kvm)
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)
         rundir = self.runtime.create()
-        self._stack.callback(self.runtime.remove)
+        self._stack.callback(self._release_runtime_dir)
 
         pass_fds: list[int] = []
         channel = NotifyChannel(self._guest_message)
@@ -132,6 +140,7 @@ class Machine:
             os.set_inheritable(vsock_fd, True)
             pass_fds.append(vsock_fd)
             await channel.listen_vsock()
+            self._vsock_port = channel.port
         else:
             await channel.listen_virtio_serial(rundir / "notify.sock")
 
@@ -148,14 +157,18 @@ class Machine:
         os.set_inheritable(qmp_sock.fileno(), True)
         pass_fds.append(qmp_sock.fileno())
 
+        console_socket = None
         if config.console in (ConsoleMode.INTERACTIVE, ConsoleMode.READ_ONLY):
-            self.pty = Pty()
-            self._stack.callback(self._close_pty)
+            if self._console_socket:
+                console_socket = rundir / "console.sock"
+            else:
+                self.pty = Pty()
+                self._stack.callback(self._close_pty)
 
         initrd = self._merge_initrds(rundir) if config.initrds else None
         resources = Resources(
             qemu=qemu_binary, kvm=accel.kvm, qmp_fd=qmp_sock.fileno(),
-            console_pty=self.pty.slave_path if self.pty else None,
+            console_pty=self.pty.slave_path if self.pty else None, console_socket=console_socket,
             notify_args=tuple(channel.qemu_args), vsock_cid=vsock_cid, vsock_fd=vsock_fd,
             smbios_files=tuple(smbios), initrd=initrd, vmgenid=uuid.uuid4(),
             term=os.environ.get("TERM"),
@@ -166,6 +179,7 @@ class Machine:
                                       stdout=self._qemu_output, stderr=self._qemu_output)
         self._stack.push_async_callback(self._reap_qemu)
         qmp_sock.close()  # QEMU has its copy
+        self._save_run_info()
 
         self._qmp = Qmp(config.name)
         self._stack.push_async_callback(self._qmp.close)
@@ -176,7 +190,69 @@ class Machine:
             raise StartError(f"QEMU did not come up (exit status {rc})" if rc is not None
                              else f"cannot connect to QEMU's monitor: {e}") from e
         self._set_state(State.RUNNING, pid=self.qemu.pid)
-        asyncio.get_running_loop().create_task(self._watch_exit())
+        self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
+
+    # ---------------------------------------------------------------- restart safety
+    def _save_run_info(self) -> None:
+        """Record what a restarted daemon needs to re-adopt this run (``run.json`` in the runtime dir)."""
+        if self.qemu is None:
+            return
+        write_json_atomic(self.runtime.path / "run.json", {
+            "pid": self.qemu.pid, "starttime": process_start_time(self.qemu.pid),
+            "ready": self.ready, "status": self.guest_status, "guestExitStatus": self._guest_exit_status,
+            "vsockPort": self._vsock_port,
+        })
+
+    async def adopt(self) -> bool:
+        """Re-attach to a QEMU that outlived a previous daemon.  False if there is none."""
+        info_path = self.runtime.path / "run.json"
+        try:
+            info = read_json(info_path)
+            pid, starttime = int(info["pid"]), int(info["starttime"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if process_start_time(pid) != starttime or str(self.runtime.path) not in process_cmdline(pid):
+            self.log.info("stale runtime directory, the QEMU it names is gone", pid=pid)
+            self.runtime.remove()
+            return False
+        self._stack = contextlib.AsyncExitStack()
+        self._detaching = False
+        self._exited.clear()
+        self.runtime.lock()
+        self._stack.callback(self._release_runtime_dir)
+        self.ready, self.guest_status = bool(info.get("ready")), info.get("status")
+        self._guest_exit_status = info.get("guestExitStatus")
+        channel = NotifyChannel(self._guest_message)
+        self._stack.push_async_callback(channel.close)
+        if info.get("vsockPort"):
+            await channel.listen_vsock(int(info["vsockPort"]))
+        else:
+            await channel.listen_virtio_serial(self.runtime.path / "notify.sock")
+        self._vsock_port = channel.port
+        self.qemu = QemuProcess.adopt(pid)
+        self._stack.push_async_callback(self._reap_qemu)
+        self._qmp = Qmp(self.config.name)
+        self._stack.push_async_callback(self._qmp.close)
+        await self._qmp.connect(str(self.runtime.path / "qmp.sock"))
+        self._set_state(State.RUNNING, pid=pid, adopted=True)
+        self.log.info("re-adopted running VM", pid=pid)
+        self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
+        return True
+
+    async def detach(self) -> None:
+        """Let go of a running VM without stopping it (daemon shutdown): it stays adoptable."""
+        self._detaching = True
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self._stack.aclose()
+
+    def _release_runtime_dir(self) -> None:
+        if self._detaching:
+            self.runtime.unlock()
+        else:
+            self.runtime.remove()
 
     def on_cleanup(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when this run's resources are released (before those acquired earlier)."""
@@ -198,6 +274,7 @@ class Machine:
             if not self.ready:
                 self.ready = True
                 self.log.info("guest is ready")
+                self._save_run_info()
                 self._emit("ready")
         elif key == "STATUS":
             self.guest_status = value[:512]
@@ -205,6 +282,7 @@ class Machine:
         elif key == "EXIT_STATUS":
             if value.isdigit() and 0 <= int(value) <= 255:
                 self._guest_exit_status = int(value)
+                self._save_run_info()
             else:
                 self.log.warning("guest sent an invalid EXIT_STATUS", value=value[:32])
 
@@ -281,6 +359,8 @@ class Machine:
 
     async def _reap_qemu(self) -> None:
         """Exit-stack callback: never leave QEMU running behind a failed or aborted start."""
+        if self._detaching:
+            return
         if self.qemu is not None and self.qemu.alive:
             self.qemu.send_signal(signal.SIGKILL)
             await self.qemu.wait()
@@ -289,3 +369,19 @@ class Machine:
         if self.pty is not None:
             self.pty.close()
             self.pty = None
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (identifies it across pid reuse)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def process_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

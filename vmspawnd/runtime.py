@@ -33,8 +33,8 @@ class RuntimeDir:
         if len(str(self.path / "notify.sock")) > SUN_PATH_MAX:
             raise ConfigError("runtime-directory", str(self.path), "path too long for unix sockets")
 
-    def create(self) -> Path:
-        """Create (or take over a stale) runtime dir; fail if a live machine holds it."""
+    def lock(self) -> Path:
+        """Create the dir if needed and lock it; fail if a live machine holds it."""
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.path, 0o700)
@@ -45,6 +45,11 @@ class RuntimeDir:
             os.close(fd)
             raise ConfigError("machine", self.path.name, "a machine of that name is already running") from None
         self._lock_fd = fd
+        return self.path
+
+    def create(self) -> Path:
+        """Lock the runtime dir and clear what a killed earlier run left in it."""
+        self.lock()
         for entry in self.path.iterdir():  # leftovers of a killed run
             if entry.name != ".lock":
                 if entry.is_dir() and not entry.is_symlink():
@@ -55,6 +60,10 @@ class RuntimeDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        self.unlock()
+
+    def unlock(self) -> None:
+        """Release the lock but keep the directory (the daemon detaching from a running VM)."""
         if self._lock_fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)

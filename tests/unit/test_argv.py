@@ -95,3 +95,10 @@ def test_vsock_and_uuid_and_smbios():
 def test_overlong_kernel_cmdline_is_refused():
     with pytest.raises(ConfigError, match="limit"):
         check_cmdline_length(config(kernel_cmdline=("x" * 3000,)))
+
+
+def test_daemon_console_is_a_socket_qemu_listens_on():
+    argv = build_qemu_argv(config(console=ConsoleMode.READ_ONLY),
+                           res(console_pty=None, console_socket=Path("/run/vmspawnd/vm1/console.sock")))
+    assert "socket,id=console,path=/run/vmspawnd/vm1/console.sock,server=on,wait=off" in option(argv, "-chardev")
+    assert "virtconsole,chardev=console" in option(argv, "-device")

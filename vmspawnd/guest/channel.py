@@ -105,7 +105,6 @@ class NotifyChannel:
     def __init__(self, handler: MessageHandler) -> None:
         self._handler = handler
         self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self.qemu_args: list[str] = []
         self.credential: tuple[str, str] | None = None  # (id, value) for vsock
         self.port: int | None = None
@@ -124,10 +123,10 @@ class NotifyChannel:
             "-device", f"virtserialport,chardev=notify,name={NOTIFY_PORT_NAME}",
         ]
 
-    async def listen_vsock(self) -> None:
-        """Listen on AF_VSOCK (any CID, kernel-chosen port) for per-message connections."""
+    async def listen_vsock(self, port: int | None = None) -> None:
+        """Listen on AF_VSOCK (any CID; the given port, or one the kernel picks) for per-message connections."""
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
+        sock.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY if port is None else port))
         sock.listen(16)
         self.port = sock.getsockname()[1]
         self._server = await asyncio.start_server(self._serve_vsock, sock=sock)

@@ -23,6 +23,7 @@ class Resources:
     kvm: bool
     qmp_fd: int
     console_pty: str | None = None
+    console_socket: Path | None = None  # the daemon's restart-safe console: QEMU listens here
     notify_args: tuple[str, ...] = ()
     vsock_cid: int | None = None
     vsock_fd: int | None = None
@@ -99,6 +100,8 @@ def _console_args(config: MachineConfig, res: Resources) -> list[str]:
         return args
     if mode is ConsoleMode.NATIVE:
         args += ["-chardev", "stdio,mux=on,id=console,signal=off", "-mon", "console"]
+    elif res.console_socket is not None:
+        args += ["-chardev", f"socket,id=console,path={qemu_escape(str(res.console_socket))},server=on,wait=off"]
     else:
         assert res.console_pty is not None, "interactive/read-only consoles need a PTY"
         args += ["-chardev", f"serial,id=console,path={qemu_escape(res.console_pty)}"]

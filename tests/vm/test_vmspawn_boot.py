@@ -1,0 +1,137 @@
+"""Real boots of the test guest through ``vmspawn`` under TCG (or KVM where it works)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import VMSPAWN, processes_mentioning
+
+pytestmark = pytest.mark.vm
+
+
+def assert_clean(run) -> None:
+    """No QEMU left, and the machine's runtime dir removed."""
+    assert processes_mentioning(str(run.runtime_dir)) == []
+    assert list(run.runtime_dir.iterdir()) == []
+
+
+def test_guest_ready_is_forwarded_to_our_manager(vmspawn):
+    run = vmspawn("test.notify=1", "test.status=hello_from_guest", name="ready")
+    assert run.wait() == 0, run.text
+    lines = run.notify.lines()
+    assert "STATUS=VM started." in lines
+    assert run.leader_pid() is not None
+    assert lines.index("READY=1") > lines.index("STATUS=VM started.")
+    assert "STATUS=VM running: hello from guest" in lines
+    assert "TESTGUEST" in run.text  # the guest's console reached our stdout
+    assert_clean(run)
+
+
+def test_guest_exit_status_becomes_ours(vmspawn):
+    run = vmspawn("test.notify=1", "test.exit=7", name="exit7")
+    assert run.wait() == 7, run.text
+    assert_clean(run)
+
+
+def test_notify_ready_no_reports_ready_before_the_guest_is(vmspawn):
+    run = vmspawn("test.notify=1", "test.delay=2", "test.status=late", "--notify-ready=no", name="early")
+    assert run.wait() == 0, run.text
+    times = {line: t for t, line in reversed(run.notify.messages)}
+    assert times["READY=1"] < times["STATUS=VM running: late"] - 1.0
+    assert run.notify.lines().count("READY=1") == 1
+
+
+def test_a_guest_flooding_garbage_is_survived(vmspawn):
+    run = vmspawn("test.notify=1", "test.garbage=1", "test.exit=3", name="garbage")
+    assert run.wait(timeout=90) == 3, run.text
+    assert "READY=1" in run.notify.lines()
+    assert_clean(run)
+
+
+def test_a_guest_that_never_gets_ready_is_not_reported_ready_and_sigterm_ends_it(vmspawn):
+    run = vmspawn("test.notify=1", "test.ready=0", "test.action=hang", name="never")
+    assert run.notify.wait_for("STATUS=VM started.", 30), run.notify.lines()
+    time.sleep(4)  # the guest is up and hanging by now
+    assert "READY=1" not in run.notify.lines()
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=40) == 1, run.text  # it ignored the power button: forced off
+    assert "READY=1" not in run.notify.lines()
+    assert_clean(run)
+
+
+def test_sigterm_mid_boot_leaves_nothing_behind(vmspawn):
+    run = vmspawn("test.notify=1", name="midboot")
+    assert run.notify.wait_for("STATUS=VM started.", 30)
+    pid = run.leader_pid()
+    run.proc.send_signal(signal.SIGTERM)
+    run.wait(timeout=40)
+    assert run.proc.returncode in (0, 1)
+    assert not os.path.exists(f"/proc/{pid}")
+    assert_clean(run)
+
+
+def test_sigterm_powers_off_a_guest_that_listens_to_the_power_button(vmspawn):
+    run = vmspawn("test.notify=1", "test.action=acpi", "test.exit=5", name="acpi")
+    assert run.notify.wait_for("READY=1", 60), run.notify.lines()
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=30) == 5, run.text  # the guest powered off by itself and said so
+    assert "power button pressed" in run.text or "exit status 5" in run.text
+    assert_clean(run)
+
+
+def test_second_sigint_forces_the_vm_off(vmspawn):
+    run = vmspawn("test.notify=1", "test.action=hang", name="twice")
+    assert run.notify.wait_for("READY=1", 60)
+    run.proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    started = time.monotonic()
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait(timeout=30) == 1
+    assert time.monotonic() - started < 8
+    assert_clean(run)
+
+
+def test_qemu_killed_by_a_signal_means_exit_1(vmspawn):
+    run = vmspawn("test.notify=1", "test.action=hang", name="killed")
+    assert run.notify.wait_for("READY=1", 60)
+    os.kill(run.leader_pid(), signal.SIGKILL)
+    assert run.wait(timeout=30) == 1
+    assert "killed by signal" in run.text
+    assert_clean(run)
+
+
+def test_bad_options_fail_before_anything_is_spawned(guest, tmp_path):
+    for bad in (["--ram=2G:1G"], ["--ram=2G::4"], ["--cpus=zero"], ["-M", "../x"], ["--console=tv"]):
+        env = {**os.environ, "RUNTIME_DIRECTORY": str(tmp_path)}
+        p = subprocess.run([*VMSPAWN, f"--linux={guest.kernel}", *bad], capture_output=True, env=env, timeout=30)
+        assert p.returncode == 1, bad
+        err = p.stderr.decode()
+        assert "Traceback" not in err and "invalid" in err, err
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_two_vms_with_the_same_name_cannot_run_at_once(vmspawn):
+    first = vmspawn("test.notify=1", "test.action=hang", name="twin")
+    assert first.notify.wait_for("READY=1", 60)
+    env = {**os.environ, "RUNTIME_DIRECTORY": str(first.runtime_dir)}
+    second = subprocess.run([*VMSPAWN, *first.proc.args[len(VMSPAWN):]], capture_output=True, env=env, timeout=30,
+                            stdin=subprocess.DEVNULL)
+    assert second.returncode == 1
+    assert "already running" in second.stderr.decode()
+    assert first.proc.poll() is None  # the first VM was not disturbed
+    first.proc.send_signal(signal.SIGTERM)
+    first.proc.send_signal(signal.SIGTERM)
+    first.wait()
+
+
+def test_version_and_help():
+    p = subprocess.run([*VMSPAWN, "--version"], capture_output=True, text=True, check=True)
+    assert p.stdout.startswith("vmspawn ")
+    h = subprocess.run([sys.executable, "-m", "vmspawnd.cli.vmspawn", "--help"], capture_output=True, text=True)
+    assert h.returncode == 0 and "--notify-ready" in h.stdout
