@@ -278,6 +278,7 @@ class Machine:
                 self._emit("ready")
         elif key == "STATUS":
             self.guest_status = value[:512]
+            self._save_run_info()
             self._emit("status", status=self.guest_status)
         elif key == "EXIT_STATUS":
             if value.isdigit() and 0 <= int(value) <= 255:

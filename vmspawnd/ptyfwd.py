@@ -69,8 +69,9 @@ class PtyForwarder:
     """Copies bytes between the PTY master and our stdin/stdout."""
 
     def __init__(self, master: int, *, read_only: bool, on_escape: Callable[[], None],
-                 stdin: int = 0, stdout: int = 1) -> None:
+                 stdin: int = 0, stdout: int = 1, on_hangup: Callable[[], None] | None = None) -> None:
         self._master = master
+        self._on_hangup = on_hangup
         self._stdin = stdin
         self._stdout = stdout
         self._on_escape = on_escape
@@ -119,10 +120,13 @@ class PtyForwarder:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # EIO: slave closed
+                data = b""
+            if not data:  # hang-up (a console socket reports EOF)
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(self._master)
-                return
-            if not data:
+                if self._on_hangup is not None:
+                    self._on_hangup()
+                    self._on_hangup = None
                 return
             self._write(data)
 

@@ -1,8 +1,252 @@
-"""``vmspawnctl``: the daemon's client (not implemented yet)."""
+"""``vmspawnctl``: drive vmspawnd over varlink.  Human tables by default, ``--json`` for scripts."""
 
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import enum
+import json
+import os
+import signal
 import sys
+from typing import Any
+
+from asyncvarlink import VarlinkClientProtocol, VarlinkErrorReply, VarlinkInterfaceProxy, connect_unix_varlink
+
+from vmspawnd import __version__
+from vmspawnd.api import Config, ManagerInterface
+from vmspawnd.cli.vmspawnd import DEFAULT_SOCKET
+from vmspawnd.config import ConfigError, config_to_json
+from vmspawnd.options import OptionParser, add_machine_options, config_from_args
+from vmspawnd.ptyfwd import PtyForwarder
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
-def main() -> int:
-    print("vmspawnctl: not implemented yet", file=sys.stderr)
-    return 1
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vmspawnctl", description="Control virtual machines run by vmspawnd.",
+        epilog="Exit status: 0 on success, 1 if the daemon refused or failed the request (or cannot be "
+               "reached), 2 for usage errors.")
+    p.add_argument("--version", action="version", version=f"vmspawnctl {__version__}")
+    p.add_argument("--address", metavar="SOCKET", default=os.environ.get("VMSPAWND_ADDRESS", DEFAULT_SOCKET),
+                   help=f"the daemon's varlink socket (default: $VMSPAWND_ADDRESS or {DEFAULT_SOCKET})")
+    p.add_argument("--json", action="store_true", help="print JSON (one object per line for streams)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    create = sub.add_parser("create", help="define a machine, with vmspawn's options (see: create --help)",
+                            add_help=False)
+    create.add_argument("rest", nargs=argparse.REMAINDER)
+    for cmd, text in [("start", "start a machine"), ("remove", "forget a stopped machine"),
+                      ("status", "show one machine"), ("console", "attach to a machine's console")]:
+        sub.add_parser(cmd, help=text).add_argument("name", metavar="NAME")
+    stop = sub.add_parser("stop", help="power a machine off (ACPI), forced after --timeout")
+    stop.add_argument("name", metavar="NAME")
+    stop.add_argument("--timeout", type=float, metavar="SECONDS", help="force it off after this long (default 10)")
+    kill = sub.add_parser("kill", help="end a machine's QEMU now (or send it --signal)")
+    kill.add_argument("name", metavar="NAME")
+    kill.add_argument("--signal", metavar="SIGNAL", help="signal name or number to send QEMU")
+    sub.add_parser("list", help="list machines")
+    events = sub.add_parser("events", help="follow lifecycle events (of NAME, or of all machines)")
+    events.add_argument("name", metavar="NAME", nargs="?")
+    sub.add_parser("firmware", help="list QEMU firmware descriptors the daemon sees")
+    return p
+
+
+def create_parser() -> OptionParser:
+    p = OptionParser(prog="vmspawnctl create", description="Define a machine. Takes the same options as vmspawn.")
+    p.add_argument("name", metavar="NAME")
+    add_machine_options(p)
+    return p
+
+
+def parse_create(argv: list[str]) -> tuple[str, Any]:
+    """``create NAME [vmspawn options…] [KERNEL-CMDLINE…]`` → (name, MachineConfig), via vmspawn's parser."""
+    parser = create_parser()
+    if any(a in ("-h", "--help") for a in argv):
+        parser.print_help()
+        raise SystemExit(0)
+    ns = parser.parse_intermixed_args(argv)
+    ns.machine = ns.name
+    return ns.name, config_from_args(ns)
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {k: _plain(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    return obj
+
+
+def _when(us: int | None) -> str:
+    if not us:
+        return "-"
+    return datetime.datetime.fromtimestamp(us / 1e6).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _print_machine(info: Any, as_json: bool) -> None:
+    d = _plain(info)
+    if as_json:
+        print(json.dumps(d, sort_keys=True))
+        return
+    state = d["state"] + (" (ready)" if d["ready"] else "")
+    print(f"● {d['name']}")
+    print(f"      State: {state} since {_when(d['since'])}")
+    if d["pid"]:
+        print(f"        PID: {d['pid']} (qemu)")
+    if d["status"]:
+        print(f"     Status: {d['status']}")
+    if d["runtimeDirectory"]:
+        print(f"    Runtime: {d['runtimeDirectory']}")
+    if d["exitStatus"] is not None:
+        print(f"Exit status: {d['exitStatus']}")
+    if d["failure"]:
+        print(f"    Failure: {d['failure']}")
+    c = d["config"]
+    print(f"     Kernel: {c.get('linux') or '-'}")
+    print(f"  Resources: {c.get('cpus')} CPU(s), {int(c.get('ram', '0').split(':')[0]) // (1024 * 1024)} MiB RAM, "
+          f"console {c.get('console')}")
+
+
+def _print_event(ev: Any, as_json: bool) -> None:
+    d = _plain(ev)
+    if as_json:
+        print(json.dumps(d, sort_keys=True), flush=True)
+        return
+    extra = " ".join(f"{k}={d[k]}" for k in ("pid", "status", "exitStatus", "reason") if d.get(k) is not None)
+    print(f"{_when(d['timestamp'])} {d['machine'] or '*'} {d['event']} {extra}".rstrip(), flush=True)
+
+
+def _parse_signal(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    name = value.upper() if value.upper().startswith("SIG") else f"SIG{value.upper()}"
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise ConfigError("signal", value, "unknown signal") from None
+
+
+async def _console(proxy: Any, name: str) -> int:
+    with await proxy.OpenConsole(name=name) as reply:
+        fd = os.dup(reply["fileDescriptor"].fileno())
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    fwd = PtyForwarder(fd, read_only=False, on_escape=lambda: done.done() or done.set_result(0),
+                       on_hangup=lambda: done.done() or done.set_result(0))
+    print(f"░ Attached to {name}. Press Ctrl-] three times within 1s to detach.", file=sys.stderr)
+    fwd.start()
+    try:
+        return await done
+    finally:
+        fwd.stop()
+        os.close(fd)
+
+
+async def run(args: argparse.Namespace) -> int:
+    try:
+        transport, protocol = await connect_unix_varlink(VarlinkClientProtocol, args.address)
+    except OSError as e:
+        print(f"vmspawnctl: cannot reach vmspawnd at {args.address}: {e.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    proxy = VarlinkInterfaceProxy(protocol, ManagerInterface)
+    try:
+        cmd = args.command
+        if cmd == "create":
+            args.name, config = parse_create(args.rest)
+            info = (await proxy.Create(name=args.name, config=Config(**config_to_json(config))))["machine"]
+            _print_machine(info, args.json) if args.json else print(f"Created {args.name}.")
+        elif cmd in ("start", "status", "remove"):
+            method = {"start": proxy.Start, "status": proxy.Describe, "remove": proxy.Remove}[cmd]
+            reply = await method(name=args.name)
+            if cmd == "status" or args.json:
+                if reply and "machine" in reply:
+                    _print_machine(reply["machine"], args.json)
+            elif cmd == "start":
+                print(f"Started {args.name} (QEMU pid {reply['machine'].pid}).")
+        elif cmd == "stop":
+            info = (await proxy.Stop(name=args.name, timeout=args.timeout))["machine"]
+            _print_machine(info, True) if args.json else print(f"Stopped {args.name} (exit status "
+                                                               f"{info.exitStatus}).")
+        elif cmd == "kill":
+            info = (await proxy.Kill(name=args.name, signal=_parse_signal(args.signal)))["machine"]
+            _print_machine(info, True) if args.json else print(f"Killed {args.name}.")
+        elif cmd == "list":
+            machines = [r["machine"] async for r in proxy.List() if r.get("machine") is not None]
+            if args.json:
+                print(json.dumps([_plain(m) for m in machines], sort_keys=True))
+            else:
+                _print_table([[m.name, m.state.value, "yes" if m.ready else "no", str(m.pid or "-"),
+                               _when(m.since)] for m in machines], ["NAME", "STATE", "READY", "PID", "SINCE"])
+                print(f"\n{len(machines)} machine(s) listed.")
+        elif cmd == "events":
+            async for r in proxy.Subscribe(name=args.name):
+                if r["event"].event != "subscribed":
+                    _print_event(r["event"], args.json)
+        elif cmd == "firmware":
+            fw = (await proxy.ListFirmware())["firmware"]
+            if args.json:
+                print(json.dumps([_plain(f) for f in fw], sort_keys=True))
+            else:
+                for f in fw:
+                    print(f"{f.path}  {','.join(f.features) or '-'}" + ("" if f.valid else "  (malformed)"))
+        elif cmd == "console":
+            return await _console(proxy, args.name)
+        return EXIT_OK
+    except ConfigError as e:
+        print(f"vmspawnctl: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except VarlinkErrorReply as e:
+        print(f"vmspawnctl: {_describe_error(e)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (ConnectionError, BrokenPipeError) as e:
+        print(f"vmspawnctl: lost the connection to vmspawnd: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        transport.close()
+
+
+def _describe_error(e: VarlinkErrorReply) -> str:
+    params = e.paramstojson() if hasattr(e, "paramstojson") else {}
+    short = e.name.rsplit(".", 1)[-1]
+    if short == "NoSuchMachine":
+        return f"no machine named {params.get('name')}"
+    if short == "MachineExists":
+        return f"a machine named {params.get('name')} exists already"
+    if "reason" in params:
+        return str(params["reason"])
+    return f"{e.name} {json.dumps(params)}" if params else e.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:
+        return EXIT_USAGE if e.code not in (0, None) else EXIT_OK
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except SystemExit as e:
+        return EXIT_OK if e.code in (0, None) else EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["main", "OptionParser"]

@@ -1,0 +1,289 @@
+"""The varlink interface ``io.vmspawnd.Manager``, served with asyncvarlink on top of Manager.
+
+The same class is the client's proxy definition (vmspawnctl), so both ends share one set of
+types.  ``varlink/io.vmspawnd.Manager.varlink`` must equal :func:`interface_description`;
+a test enforces that.
+"""
+
+
+import asyncio
+import collections.abc
+import dataclasses
+import enum
+import signal as signal_module
+import typing
+from dataclasses import dataclass
+
+from asyncvarlink import FileDescriptor, TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod
+
+from vmspawnd.config import ConfigError, config_from_json, config_to_json, validate_machine_name
+from vmspawnd.machine import StartError, State
+from vmspawnd.manager import Entry, Event, MachineExists, Manager, NoSuchMachine, WrongState
+from vmspawnd.qemu.firmware import enumerate_descriptors
+
+INTERFACE = "io.vmspawnd.Manager"
+MAX_STOP_TIMEOUT = 3600.0
+
+
+class MachineState(enum.Enum):
+    stopped = "stopped"
+    starting = "starting"
+    running = "running"
+    stopping = "stopping"
+    failed = "failed"
+
+
+@dataclass
+class Config:
+    """A machine's configuration; every field optional, with vmspawn's defaults."""
+
+    linux: str | None = None
+    initrds: list[str] | None = None
+    kernelCommandLine: list[str] | None = None
+    ram: str | None = None
+    cpus: str | None = None
+    kvm: str | None = None
+    vsock: str | None = None
+    notifyReady: bool | None = None
+    console: str | None = None
+    consoleTransport: str | None = None
+    uuid: str | None = None
+
+
+@dataclass
+class MachineInfo:
+    name: str
+    state: MachineState
+    ready: bool
+    since: int
+    pid: int | None
+    runtimeDirectory: str | None
+    tpmStatePath: str | None
+    units: list[str]
+    status: str | None
+    exitStatus: int | None
+    failure: str | None
+    config: Config
+
+
+@dataclass
+class MachineEvent:
+    machine: str
+    event: str
+    timestamp: int
+    pid: int | None = None
+    status: str | None = None
+    exitStatus: int | None = None
+    reason: str | None = None
+
+
+@dataclass
+class Firmware:
+    path: str
+    description: str | None
+    interfaceTypes: list[str]
+    features: list[str]
+    valid: bool
+
+
+class NoSuchMachineError(TypedVarlinkErrorReply, name=f"{INTERFACE}.NoSuchMachine"):
+    class Parameters:
+        name: str
+
+
+class MachineExistsError(TypedVarlinkErrorReply, name=f"{INTERFACE}.MachineExists"):
+    class Parameters:
+        name: str
+
+
+class InvalidConfigError(TypedVarlinkErrorReply, name=f"{INTERFACE}.InvalidConfig"):
+    class Parameters:
+        field: str
+        reason: str
+
+
+class WrongStateError(TypedVarlinkErrorReply, name=f"{INTERFACE}.WrongState"):
+    class Parameters:
+        name: str
+        state: str
+        reason: str
+
+
+class StartFailedError(TypedVarlinkErrorReply, name=f"{INTERFACE}.StartFailed"):
+    class Parameters:
+        name: str
+        reason: str
+
+
+def _config_object(config_json: dict[str, typing.Any]) -> Config:
+    return Config(**config_json)
+
+
+def machine_info(name: str, entry: Entry) -> MachineInfo:
+    m = entry.machine
+    running = m.state in (State.RUNNING, State.STOPPING, State.STARTING)
+    return MachineInfo(
+        name=name, state=MachineState(m.state.value), ready=m.ready and running, since=int(m.since * 1_000_000),
+        pid=m.qemu.pid if m.qemu is not None and running else None,
+        runtimeDirectory=str(m.runtime.path) if running else None, tpmStatePath=None, units=[],
+        status=m.guest_status, exitStatus=m.exit_status, failure=m.failure,
+        config=_config_object(config_to_json(entry.config)),
+    )
+
+
+def _event_object(event: Event) -> MachineEvent:
+    d = event.data
+    return MachineEvent(machine=event.machine, event=event.kind, timestamp=int(event.timestamp * 1_000_000),
+                        pid=d.get("pid"), status=d.get("status"), exitStatus=d.get("exit_status"),
+                        reason=d.get("reason"))
+
+
+class ManagerInterface(VarlinkInterface, name=INTERFACE):
+    """Create, run and watch virtual machines."""
+
+    errors = (NoSuchMachineError, MachineExistsError, InvalidConfigError, WrongStateError, StartFailedError)
+
+    def __init__(self, manager: Manager | None = None) -> None:
+        self._manager = manager
+
+    @property
+    def manager(self) -> Manager:
+        assert self._manager is not None
+        return self._manager
+
+    def _entry(self, name: str) -> Entry:
+        _check_name(name)
+        try:
+            return self.manager.get(name)
+        except NoSuchMachine:
+            raise NoSuchMachineError(name=name) from None
+
+    @varlinkmethod(return_parameter="machine")
+    def Create(self, *, name: str, config: Config) -> MachineInfo:
+        """Define a new machine (it is not started)."""
+        _check_name(name)
+        raw = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
+        try:
+            entry = self.manager.create(config_from_json(name, raw))
+        except ConfigError as e:
+            raise InvalidConfigError(field=e.field, reason=str(e)) from None
+        except MachineExists:
+            raise MachineExistsError(name=name) from None
+        return machine_info(name, entry)
+
+    @varlinkmethod(return_parameter="machine")
+    async def Start(self, *, name: str) -> MachineInfo:
+        """Start a stopped machine; returns once QEMU runs (not when the guest is ready)."""
+        self._entry(name)
+        try:
+            entry = await self.manager.start(name)
+        except WrongState as e:
+            raise WrongStateError(name=name, state=e.state, reason=str(e)) from None
+        except ConfigError as e:
+            raise StartFailedError(name=name, reason=str(e)) from None
+        except StartError as e:
+            raise StartFailedError(name=name, reason=str(e)) from None
+        return machine_info(name, entry)
+
+    @varlinkmethod(return_parameter="machine")
+    async def Stop(self, *, name: str, timeout: float | None = None) -> MachineInfo:
+        """Power the guest off via ACPI; force it after ``timeout`` seconds (default 10)."""
+        self._entry(name)
+        if timeout is not None and not 0 <= timeout <= MAX_STOP_TIMEOUT:
+            raise InvalidConfigError(field="timeout", reason=f"must be between 0 and {MAX_STOP_TIMEOUT:.0f}")
+        try:
+            entry = await self.manager.stop(name, 10.0 if timeout is None else timeout)
+        except WrongState as e:
+            raise WrongStateError(name=name, state=e.state, reason=str(e)) from None
+        return machine_info(name, entry)
+
+    @varlinkmethod(return_parameter="machine")
+    async def Kill(self, *, name: str, signal: int | None = None) -> MachineInfo:
+        """End QEMU now (QMP quit, then SIGKILL), or send it ``signal``."""
+        self._entry(name)
+        if signal is not None and signal not in {s.value for s in signal_module.Signals}:
+            raise InvalidConfigError(field="signal", reason=f"{signal} is not a signal number")
+        try:
+            entry = await self.manager.kill(name, signal)
+        except WrongState as e:
+            raise WrongStateError(name=name, state=e.state, reason=str(e)) from None
+        return machine_info(name, entry)
+
+    @varlinkmethod
+    async def Remove(self, *, name: str) -> None:
+        """Forget a stopped machine's definition."""
+        self._entry(name)
+        try:
+            await self.manager.remove(name)
+        except WrongState as e:
+            raise WrongStateError(name=name, state=e.state, reason=str(e)) from None
+
+    @varlinkmethod(return_parameter="machine")
+    def Describe(self, *, name: str) -> MachineInfo:
+        """One machine's state, readiness, process and configuration."""
+        return machine_info(name, self._entry(name))
+
+    @varlinkmethod(return_parameter="machine")
+    def List(self) -> collections.abc.Iterator[MachineInfo | None]:
+        """Every machine, one reply each (call with ``more``); a single reply without one if there are none."""
+        entries = sorted(self.manager.machines.items())
+        if not entries:
+            yield None
+        for name, entry in entries:
+            yield machine_info(name, entry)
+
+    @varlinkmethod(return_parameter="event", delay_generator=False)
+    async def Subscribe(self, *, name: str | None = None) -> collections.abc.AsyncIterator[MachineEvent]:
+        """Lifecycle events as they happen (call with ``more``); the first reply is a ``subscribed`` event."""
+        if name is not None:
+            _check_name(name)
+        queue = self.manager.subscribe()
+        try:
+            yield MachineEvent(machine=name or "", event="subscribed", timestamp=_now_us())
+            while (event := await queue.get()) is not None:
+                if name is None or event.machine == name:
+                    yield _event_object(event)
+        finally:
+            self.manager.unsubscribe(queue)
+
+    @varlinkmethod(return_parameter="firmware")
+    def ListFirmware(self) -> list[Firmware]:
+        """QEMU firmware descriptors found in the standard search path."""
+        return [Firmware(path=str(d.path), description=d.description, interfaceTypes=list(d.interface_types),
+                         features=list(d.features), valid=d.valid) for d in enumerate_descriptors()]
+
+    @varlinkmethod(return_parameter="fileDescriptor")
+    async def OpenConsole(self, *, name: str) -> FileDescriptor:
+        """A stream socket connected to the machine's console (passed as a file descriptor)."""
+        entry = self._entry(name)
+        if entry.console is None or entry.machine.state is not State.RUNNING:
+            raise WrongStateError(name=name, state=entry.machine.state.value,
+                                  reason="the machine is not running with an interactive or read-only console")
+        sock = await entry.console.open_client()
+        fd = FileDescriptor(sock.detach(), should_close=True)
+        asyncio.get_running_loop().call_later(30, _close_quietly, fd)
+        return fd
+
+
+def _close_quietly(fd: FileDescriptor) -> None:
+    try:
+        fd.close()
+    except Exception:
+        pass
+
+
+def _now_us() -> int:
+    import time
+
+    return int(time.time() * 1_000_000)
+
+
+def _check_name(name: str) -> None:
+    try:
+        validate_machine_name(name, "name")
+    except ConfigError as e:
+        raise InvalidConfigError(field="name", reason=str(e)) from None
+
+
+def interface_description() -> str:
+    return ManagerInterface.render_interface_description()

@@ -1,0 +1,205 @@
+"""Manager: the daemon's set of machines — definitions on disk, runs, adoption, events.
+
+Definitions live in ``<state_dir>/machines/<name>.json`` (written atomically).  Runs live in
+``<runtime_base>/<name>/``; a restarted daemon re-adopts every QEMU that still runs there.
+Stopping the daemon never stops a VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from vmspawnd.config import ConfigError, ConsoleMode, MachineConfig, config_from_json, config_to_json
+from vmspawnd.console import ConsoleRelay
+from vmspawnd.machine import DEFAULT_STOP_TIMEOUT, Machine, StartError, State
+from vmspawnd.storage import read_json, write_json_atomic
+
+log = structlog.get_logger()
+
+EVENT_QUEUE_LIMIT = 1024
+
+
+class NoSuchMachine(LookupError):
+    pass
+
+
+class MachineExists(ValueError):
+    pass
+
+
+class WrongState(RuntimeError):
+    def __init__(self, name: str, state: str, wanted: str) -> None:
+        super().__init__(f"machine {name} is {state}; {wanted}")
+        self.name, self.state = name, state
+
+
+@dataclass(frozen=True)
+class Event:
+    """One lifecycle event: created, starting, running, ready, status, stopping, stopped, failed, removed."""
+
+    machine: str
+    kind: str
+    timestamp: float
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Entry:
+    """A defined machine and (if it ever ran under this daemon) its Machine."""
+
+    config: MachineConfig
+    machine: Machine
+    console: ConsoleRelay | None = None
+
+
+class Manager:
+    """Owns every machine the daemon knows about."""
+
+    def __init__(self, state_dir: Path, runtime_base: Path) -> None:
+        self.state_dir = state_dir
+        self.runtime_base = runtime_base
+        self.machines: dict[str, Entry] = {}
+        self._subscribers: set[asyncio.Queue[Event | None]] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.on_change: Callable[[], None] = lambda: None
+
+    @property
+    def definitions(self) -> Path:
+        return self.state_dir / "machines"
+
+    # ---------------------------------------------------------------- load / shutdown
+    async def load(self) -> None:
+        """Read every definition and re-adopt the VMs that survived a previous daemon."""
+        self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.runtime_base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in sorted(self.definitions.glob("*.json")):
+            name = path.stem
+            try:
+                config = config_from_json(name, read_json(path)["config"])
+            except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
+                log.error("skipping unreadable machine definition", path=str(path), error=str(e))
+                continue
+            entry = self._new_entry(config)
+            self.machines[name] = entry
+            try:
+                if await entry.machine.adopt():
+                    await self._attach_console(entry)
+            except Exception as e:  # a half-dead VM must not keep the daemon from starting
+                log.error("could not re-adopt VM", machine=name, error=str(e))
+                await entry.machine.detach()
+        self.on_change()
+
+    async def shutdown(self) -> None:
+        """Detach from every running VM (they keep running) and end all event streams."""
+        for entry in self.machines.values():
+            if entry.console is not None:
+                await entry.console.close()
+            if entry.machine.state in (State.RUNNING, State.STOPPING, State.STARTING):
+                await entry.machine.detach()
+        for queue in list(self._subscribers):
+            queue.put_nowait(None)
+
+    # ---------------------------------------------------------------- events
+    def subscribe(self) -> asyncio.Queue[Event | None]:
+        queue: asyncio.Queue[Event | None] = asyncio.Queue(EVENT_QUEUE_LIMIT)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Event | None]) -> None:
+        self._subscribers.discard(queue)
+
+    def _publish(self, name: str, kind: str, data: dict[str, Any]) -> None:
+        event = Event(name, kind, time.time(), dict(data))
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:  # a subscriber that does not read loses its stream, not our memory
+                self._subscribers.discard(queue)
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.get_nowait()
+                    queue.put_nowait(None)
+        if kind in ("running", "stopped", "failed", "ready", "removed"):
+            self.on_change()
+
+    # ---------------------------------------------------------------- operations
+    def _new_entry(self, config: MachineConfig) -> Entry:
+        machine = Machine(config, runtime_base=self.runtime_base, die_with_parent=False, console_socket=True,
+                          on_event=lambda kind, data, n=config.name: self._publish(n, kind, data))
+        return Entry(config, machine)
+
+    def get(self, name: str) -> Entry:
+        try:
+            return self.machines[name]
+        except KeyError:
+            raise NoSuchMachine(name) from None
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def create(self, config: MachineConfig) -> Entry:
+        """Define a machine and persist its definition."""
+        if config.name in self.machines:
+            raise MachineExists(config.name)
+        if config.console in (ConsoleMode.NATIVE, ConsoleMode.GUI):
+            raise ConfigError("console", config.console.value,
+                              "the daemon offers interactive, read-only or headless consoles")
+        self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_json_atomic(self.definitions / f"{config.name}.json", {"name": config.name,
+                                                                    "config": config_to_json(config)})
+        entry = self._new_entry(config)
+        self.machines[config.name] = entry
+        self._publish(config.name, "created", {})
+        return entry
+
+    async def start(self, name: str) -> Entry:
+        entry = self.get(name)
+        async with self._lock(name):
+            if entry.machine.state not in (State.STOPPED, State.FAILED):
+                raise WrongState(name, entry.machine.state.value, "it must be stopped to start")
+            await entry.machine.start()  # raises ConfigError / StartError with the reason
+            await self._attach_console(entry)
+        return entry
+
+    async def _attach_console(self, entry: Entry) -> None:
+        sock = entry.machine.runtime.path / "console.sock"
+        if entry.config.console in (ConsoleMode.INTERACTIVE, ConsoleMode.READ_ONLY):
+            entry.console = ConsoleRelay(sock, read_only=entry.config.console is ConsoleMode.READ_ONLY)
+            await entry.console.connect()
+            entry.machine.on_cleanup(lambda: asyncio.get_running_loop().create_task(entry.console.close()))
+
+    async def stop(self, name: str, timeout: float = DEFAULT_STOP_TIMEOUT) -> Entry:
+        entry = self.get(name)
+        if entry.machine.state not in (State.RUNNING, State.STOPPING):
+            raise WrongState(name, entry.machine.state.value, "only a running machine can be stopped")
+        await entry.machine.stop(timeout)
+        return entry
+
+    async def kill(self, name: str, sig: int | None = None) -> Entry:
+        entry = self.get(name)
+        if entry.machine.state not in (State.RUNNING, State.STOPPING):
+            raise WrongState(name, entry.machine.state.value, "only a running machine can be killed")
+        await entry.machine.kill(sig=sig)
+        return entry
+
+    async def remove(self, name: str) -> None:
+        entry = self.get(name)
+        async with self._lock(name):
+            if entry.machine.state not in (State.STOPPED, State.FAILED):
+                raise WrongState(name, entry.machine.state.value, "stop it before removing it")
+            (self.definitions / f"{name}.json").unlink(missing_ok=True)
+            del self.machines[name]
+        self._publish(name, "removed", {})
+
+    def running_count(self) -> int:
+        return sum(1 for e in self.machines.values() if e.machine.state is State.RUNNING)
+
+
+__all__ = ["Event", "Manager", "MachineExists", "NoSuchMachine", "StartError", "WrongState"]
