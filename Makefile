@@ -48,3 +48,15 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+PREFIX ?= /usr/local
+UNITDIR ?= /etc/systemd/system
+VARLINKDIR ?= $(PREFIX)/share/varlink
+
+install: setup
+	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(VARLINKDIR)
+	sed 's|@BINDIR@|$(abspath $(BIN))|' units/vmspawnd.service > $(DESTDIR)$(UNITDIR)/vmspawnd.service
+	install -m 0644 units/vmspawnd.socket $(DESTDIR)$(UNITDIR)/vmspawnd.socket
+	install -m 0644 varlink/io.vmspawnd.Manager.varlink $(DESTDIR)$(VARLINKDIR)/
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; \
+		echo "installed; enable with: systemctl enable --now vmspawnd.socket"; fi

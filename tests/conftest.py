@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -126,6 +128,15 @@ def vmspawn(guest: TestGuest, tmp_path: Path) -> Iterator:
         run.notify.close()
 
 
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie whose parent is not ours to reap counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
 def processes_mentioning(text: str) -> list[int]:
     """PIDs whose command line contains ``text`` (e.g. a runtime dir): nothing may be left behind."""
     found = []
@@ -136,6 +147,79 @@ def processes_mentioning(text: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if text in cmdline:
+        if text in cmdline and not process_gone(int(entry.name)):
             found.append(int(entry.name))
     return found
+
+
+CTL = [sys.executable, "-m", "vmspawnd.cli.vmspawnctl"]
+
+
+class Daemon:
+    """A vmspawnd started on private paths, restartable, with a vmspawnctl helper."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.socket = base / "vmspawnd.sock"
+        self.state = base / "state"
+        self.runtime = base / "run"
+        self.log = base / "vmspawnd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.socket.unlink(missing_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vmspawnd.cli.vmspawnd", f"--socket={self.socket}",
+                 f"--state-dir={self.state}", f"--runtime-dir={self.runtime}"],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.socket.exists() and self.ctl("list").returncode == 0:
+                return
+            assert self.proc.poll() is None, self.log.read_text()
+            time.sleep(0.1)
+        raise AssertionError("vmspawnd did not come up: " + self.log.read_text())
+
+    def ctl_argv(self) -> list[str]:
+        return [*CTL, f"--address={self.socket}"]
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.ctl_argv(), *args], capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def status(self, name: str) -> dict:
+        p = self.ctl("--json", "status", name)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    def wait_for(self, name: str, predicate, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status(name)
+            if predicate(st):
+                return st
+            time.sleep(0.2)
+        raise AssertionError(f"timed out; last status {st}")
+
+    def stop_daemon(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path)
+    d.start()
+    yield d
+    # leave nothing behind: stop every VM, then the daemon
+    if d.proc is not None and d.proc.poll() is None:
+        for line in d.ctl("--json", "list").stdout and json.loads(d.ctl("--json", "list").stdout) or []:
+            if line["state"] == "running":
+                d.ctl("kill", line["name"])
+        d.stop_daemon()
+    for pid in processes_mentioning(str(tmp_path)):
+        os.kill(pid, signal.SIGKILL)
+
+

@@ -14,7 +14,16 @@ import signal as signal_module
 import typing
 from dataclasses import dataclass
 
-from asyncvarlink import FileDescriptor, TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod
+import structlog
+from asyncvarlink import (
+    FileDescriptor,
+    GenericVarlinkErrorReply,
+    TypedVarlinkErrorReply,
+    VarlinkInterface,
+    VarlinkInterfaceRegistry,
+    VarlinkInterfaceServerProtocol,
+    varlinkmethod,
+)
 
 from vmspawnd.config import ConfigError, config_from_json, config_to_json, validate_machine_name
 from vmspawnd.machine import StartError, State
@@ -23,6 +32,32 @@ from vmspawnd.qemu.firmware import enumerate_descriptors
 
 INTERFACE = "io.vmspawnd.Manager"
 MAX_STOP_TIMEOUT = 3600.0
+MAX_MESSAGE = 1 << 20
+
+log = structlog.get_logger()
+
+
+class ServerProtocol(VarlinkInterfaceServerProtocol):
+    """asyncvarlink's server protocol, hardened: a protocol violation (invalid JSON, a message
+    over 1 MiB) closes that connection; a method's unexpected exception is logged in one line."""
+
+    def message_received(self, data, fds) -> None:
+        super().message_received(data, fds)
+        if len(getattr(self, "_recv_buffer", b"")) > MAX_MESSAGE:
+            self.error_received(ValueError("message larger than 1 MiB"), b"", None)
+
+    def error_received(self, err, data, fds) -> None:
+        log.warning("varlink protocol violation; closing the connection", error=str(err)[:200])
+        self.close()
+
+    def handle_call_exception(self, exc: BaseException, oneway: bool) -> None:
+        log.error("varlink call failed", error=repr(exc)[:500])
+        if not oneway:
+            self.send_error(GenericVarlinkErrorReply("io.vmspawnd.Manager.InternalError", {"reason": str(exc)[:500]}))
+
+
+def protocol_factory(registry: VarlinkInterfaceRegistry):
+    return lambda: ServerProtocol(registry)
 
 
 class MachineState(enum.Enum):

@@ -54,8 +54,8 @@ def test_init_script_handles_documented_words() -> None:
 
 def test_init_script_essentials() -> None:
     script = g.INIT_SCRIPT
-    first_modprobe = script.index("modprobe")
-    assert "virtio_console" in script[first_modprobe : script.index("\n", first_modprobe)]
+    first_modprobe = next(line for line in script.splitlines() if "modprobe" in line)
+    assert "virtio_console" in first_modprobe
     assert "exec </dev/console >/dev/console 2>&1" in script
     assert 'echo "TESTGUEST: $*"' in script
     for needle in (

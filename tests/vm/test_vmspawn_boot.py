@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import VMSPAWN, processes_mentioning
+from tests.conftest import VMSPAWN, process_gone, processes_mentioning
 
 pytestmark = pytest.mark.vm
 
@@ -72,7 +72,7 @@ def test_sigterm_mid_boot_leaves_nothing_behind(vmspawn):
     run.proc.send_signal(signal.SIGTERM)
     run.wait(timeout=40)
     assert run.proc.returncode in (0, 1)
-    assert not os.path.exists(f"/proc/{pid}")
+    assert process_gone(pid)
     assert_clean(run)
 
 

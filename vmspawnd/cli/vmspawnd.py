@@ -18,7 +18,7 @@ from asyncvarlink import VarlinkInterfaceRegistry, create_unix_server
 from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
 from vmspawnd import __version__
-from vmspawnd.api import ManagerInterface
+from vmspawnd.api import ManagerInterface, protocol_factory
 from vmspawnd.log import setup_logging
 from vmspawnd.manager import Manager
 from vmspawnd.systemd.notify import ManagerNotifier
@@ -91,7 +91,7 @@ async def serve(args: argparse.Namespace) -> int:
     sock = activated_socket()
     if sock is None:
         sock = bind_socket(Path(args.socket or DEFAULT_SOCKET), args.socket_group)
-    server = await create_unix_server(registry.protocol_factory, sock=sock)
+    server = await create_unix_server(protocol_factory(registry), sock=sock)
     sock.listen(socket.SOMAXCONN)  # asyncvarlink listens with a backlog of 1
     log.info("serving", socket=sock.getsockname(), state_dir=str(state_dir), machines=len(manager.machines))
     notifier.send(READY=1, STATUS=f"{manager.running_count()} VM(s) running")

@@ -1,0 +1,168 @@
+"""The varlink API against a live daemon process: description, hostile input, many clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmspawnd.api import interface_description
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def call(path: Path, method: str, parameters: dict | None = None, more: bool = False, timeout: float = 10) -> dict:
+    """One raw varlink call (NUL-terminated JSON), the way varlinkctl does it."""
+    msg: dict = {"method": method, "parameters": parameters or {}}
+    if more:
+        msg["more"] = True
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(json.dumps(msg).encode() + b"\0")
+        data = b""
+        while not data.endswith(b"\0"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data.split(b"\0")[0])
+
+
+def test_varlink_file_equals_the_served_interface(daemon):
+    on_disk = (REPO / "varlink" / "io.vmspawnd.Manager.varlink").read_text()
+    assert on_disk == interface_description()
+    served = call(daemon.socket, "org.varlink.service.GetInterfaceDescription", {"interface": "io.vmspawnd.Manager"})
+    assert served["parameters"]["description"] == on_disk
+
+
+def test_get_info_lists_our_interface(daemon):
+    info = call(daemon.socket, "org.varlink.service.GetInfo")["parameters"]
+    assert "io.vmspawnd.Manager" in info["interfaces"]
+
+
+@pytest.mark.parametrize("method,params,error", [
+    ("io.vmspawnd.Manager.Describe", {"name": "../etc"}, "io.vmspawnd.Manager.InvalidConfig"),
+    ("io.vmspawnd.Manager.Describe", {"name": ""}, "io.vmspawnd.Manager.InvalidConfig"),
+    ("io.vmspawnd.Manager.Describe", {"name": "x" * 100}, "io.vmspawnd.Manager.InvalidConfig"),
+    ("io.vmspawnd.Manager.Describe", {"name": 42}, "org.varlink.service.InvalidParameter"),
+    ("io.vmspawnd.Manager.Describe", {}, "org.varlink.service.InvalidParameter"),
+    ("io.vmspawnd.Manager.Describe", {"name": "ghost"}, "io.vmspawnd.Manager.NoSuchMachine"),
+    ("io.vmspawnd.Manager.Create", {"name": "a", "config": {"bogus": 1}}, "org.varlink.service.InvalidParameter"),
+    ("io.vmspawnd.Manager.Create", {"name": "a", "config": {"ram": "9" * 5000}}, "io.vmspawnd.Manager.InvalidConfig"),
+    ("io.vmspawnd.Manager.Create", {"name": "a", "config": {"linux": "relative/path"}},
+     "io.vmspawnd.Manager.InvalidConfig"),
+    ("io.vmspawnd.Manager.Create", {"name": "a", "config": {"cpus": "0"}}, "io.vmspawnd.Manager.InvalidConfig"),
+    ("io.vmspawnd.Manager.Stop", {"name": "ghost", "timeout": -5}, "io.vmspawnd.Manager.NoSuchMachine"),
+    ("io.vmspawnd.Manager.Nope", {}, "org.varlink.service.MethodNotFound"),
+])
+def test_bad_requests_get_error_replies(daemon, method, params, error):
+    reply = call(daemon.socket, method, params)
+    assert reply.get("error") == error, reply
+
+
+def test_invalid_config_names_the_field(daemon):
+    reply = call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": "a", "config": {"ram": "2G:1G"}})
+    assert reply["error"] == "io.vmspawnd.Manager.InvalidConfig"
+    assert reply["parameters"]["field"] == "ram"
+
+
+def test_garbage_closes_only_that_connection(daemon):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(daemon.socket))
+        s.sendall(b"{this is not json\0")
+        assert s.recv(100) == b""  # we hang up on a protocol violation
+    assert "io.vmspawnd.Manager" in call(daemon.socket, "org.varlink.service.GetInfo")["parameters"]["interfaces"]
+
+
+def test_a_huge_message_does_not_eat_the_daemons_memory(daemon):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(daemon.socket))
+        try:
+            for _ in range(64):
+                s.sendall(b"x" * 65536)  # 4 MiB without a terminating NUL
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    assert daemon.proc.poll() is None
+    assert call(daemon.socket, "io.vmspawnd.Manager.ListFirmware")["parameters"]["firmware"] is not None
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(["Create", "Describe", "Start", "Stop", "Kill", "Remove", "List", "Subscribe",
+                               "OpenConsole", "ListFirmware"]),
+       params=st.dictionaries(st.sampled_from(["name", "config", "timeout", "signal", "extra"]), json_values,
+                              max_size=4),
+       raw=st.one_of(st.none(), st.binary(max_size=200)))
+def test_fuzzed_requests_never_hurt_the_daemon(daemon, method, params, raw):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(0.5)
+        s.connect(str(daemon.socket))
+        payload = raw if raw is not None else json.dumps(
+            {"method": f"io.vmspawnd.Manager.{method}", "parameters": params}).encode()
+        try:
+            s.sendall(payload + b"\0")
+            s.recv(65536)
+        except (TimeoutError, ConnectionError):
+            pass
+    assert daemon.proc.poll() is None
+    reply = call(daemon.socket, "io.vmspawnd.Manager.List", more=True)
+    assert "error" not in reply, reply
+    # whatever was thrown at it, nothing with a hostile name got defined
+    for entry in (daemon.state / "machines").glob("*.json"):
+        assert "/" not in entry.stem and entry.stem
+
+
+def test_a_client_hanging_up_mid_stream_does_not_disturb_others(daemon):
+    for _ in range(20):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(daemon.socket))
+            s.sendall(json.dumps({"method": "io.vmspawnd.Manager.Subscribe", "parameters": {},
+                                  "more": True}).encode() + b"\0")
+            s.recv(4096)  # the "subscribed" reply, then we vanish
+    watcher = subprocess.Popen([*daemon.ctl_argv(), "--json", "events"], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    reply = call(daemon.socket, "io.vmspawnd.Manager.Create",
+                 {"name": "evt", "config": {"linux": "/nonexistent"}})
+    assert reply["error"] == "io.vmspawnd.Manager.InvalidConfig"
+    watcher.terminate()
+    watcher.communicate(timeout=10)
+    assert daemon.proc.poll() is None
+
+
+def test_a_hundred_concurrent_clients(daemon):
+    async def one(i: int) -> dict:
+        reader, writer = await asyncio.open_unix_connection(str(daemon.socket))
+        method = "io.vmspawnd.Manager.Describe" if i % 2 else "org.varlink.service.GetInfo"
+        writer.write(json.dumps({"method": method, "parameters": {"name": f"m{i}"} if i % 2 else {}}).encode()
+                     + b"\0")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.readuntil(b"\0"), 30)
+        writer.close()
+        return json.loads(data[:-1])
+
+    async def all_clients() -> list[dict]:
+        return await asyncio.gather(*(one(i) for i in range(100)))
+
+    replies = asyncio.run(all_clients())
+    assert len(replies) == 100
+    for i, r in enumerate(replies):
+        if i % 2:
+            assert r["error"] == "io.vmspawnd.Manager.NoSuchMachine"
+        else:
+            assert "interfaces" in r["parameters"]

@@ -1,0 +1,158 @@
+"""The daemon for real: a vmspawnd process, varlink clients, real QEMU guests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+
+import pytest
+from asyncvarlink import VarlinkClientProtocol, VarlinkInterfaceProxy, connect_unix_varlink
+
+from tests.conftest import CTL, Daemon, process_gone, processes_mentioning
+from vmspawnd.api import ManagerInterface
+
+pytestmark = pytest.mark.vm
+
+def create(daemon: Daemon, guest, name: str, *words: str, console: str = "read-only") -> None:
+    p = daemon.ctl("create", name, f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
+                   f"--console={console}", "panic=-1", "test.notify=1", *words)
+    assert p.returncode == 0, p.stderr
+
+
+def test_socket_is_not_world_accessible(daemon):
+    mode = stat.S_IMODE(daemon.socket.stat().st_mode)
+    assert mode & 0o077 == 0, oct(mode)
+
+
+def test_two_vms_in_parallel_and_events_up_to_ready_and_stopped(daemon, guest):
+    events = subprocess.Popen([*CTL, f"--address={daemon.socket}", "--json", "events"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        time.sleep(0.5)
+        create(daemon, guest, "par1", "test.action=acpi", "test.exit=4")
+        create(daemon, guest, "par2", "test.action=acpi")
+        for name in ("par1", "par2"):
+            assert daemon.ctl("start", name).returncode == 0
+        for name in ("par1", "par2"):
+            st = daemon.wait_for(name, lambda s: s["ready"])
+            assert st["state"] == "running" and st["pid"] > 0
+        listed = json.loads(daemon.ctl("--json", "list").stdout)
+        assert {m["name"]: m["state"] for m in listed} == {"par1": "running", "par2": "running"}
+        assert daemon.ctl("stop", "par1").returncode == 0
+        assert daemon.ctl("stop", "par2").returncode == 0
+        assert daemon.status("par1")["exitStatus"] == 4  # the guest's EXIT_STATUS, after a graceful power-off
+        assert daemon.status("par2")["state"] == "stopped"
+    finally:
+        time.sleep(0.3)
+        events.terminate()
+        out, _ = events.communicate(timeout=10)
+    seen = [(e["machine"], e["event"]) for e in map(json.loads, out.splitlines())]
+    for name in ("par1", "par2"):
+        for kind in ("created", "starting", "running", "ready", "stopping", "stopped"):
+            assert (name, kind) in seen, (name, kind, seen)
+        assert seen.index((name, "ready")) < seen.index((name, "stopped"))
+
+
+def test_forced_stop_of_a_guest_that_ignores_the_power_button(daemon, guest):
+    create(daemon, guest, "deaf", "test.action=hang")
+    assert daemon.ctl("start", "deaf").returncode == 0
+    daemon.wait_for("deaf", lambda s: s["ready"])
+    started = time.monotonic()
+    p = daemon.ctl("--json", "stop", "deaf", "--timeout=1")
+    assert p.returncode == 0, p.stderr
+    assert time.monotonic() - started < 15
+    st = daemon.status("deaf")
+    assert st["state"] == "stopped" and st["exitStatus"] == 1  # forced off
+    assert processes_mentioning(str(daemon.runtime / "machines" / "deaf")) == []
+
+
+def test_daemon_sigkill_and_restart_readopts_a_running_vm(daemon, guest):
+    create(daemon, guest, "survivor", "test.action=acpi", "test.exit=6")
+    assert daemon.ctl("start", "survivor").returncode == 0
+    pid = daemon.wait_for("survivor", lambda s: s["ready"])["pid"]
+    daemon.stop_daemon(signal.SIGKILL)
+    assert not process_gone(pid)  # the VM outlived the daemon
+    daemon.start()
+    st = daemon.status("survivor")
+    assert st["state"] == "running" and st["pid"] == pid and st["ready"]
+    assert daemon.ctl("stop", "survivor").returncode == 0  # still controllable: QMP reconnected
+    assert daemon.status("survivor")["exitStatus"] == 6  # and the notify channel too
+    assert process_gone(pid)
+
+
+def test_daemon_sigterm_leaves_vms_running(daemon, guest):
+    create(daemon, guest, "keeper", "test.action=hang")
+    assert daemon.ctl("start", "keeper").returncode == 0
+    pid = daemon.wait_for("keeper", lambda s: s["ready"])["pid"]
+    daemon.stop_daemon(signal.SIGTERM)
+    time.sleep(0.5)
+    assert not process_gone(pid)
+    daemon.start()
+    assert daemon.status("keeper")["pid"] == pid
+    assert daemon.ctl("kill", "keeper").returncode == 0
+    assert daemon.status("keeper")["state"] == "stopped"
+
+
+def test_console_is_handed_over_by_fd_passing(daemon, guest):
+    create(daemon, guest, "talk", "test.action=hang", console="interactive")
+    assert daemon.ctl("start", "talk").returncode == 0
+    daemon.wait_for("talk", lambda s: s["ready"])
+
+    async def read_console() -> bytes:
+        _, protocol = await connect_unix_varlink(VarlinkClientProtocol, daemon.socket)
+        proxy = VarlinkInterfaceProxy(protocol, ManagerInterface)
+        with await proxy.OpenConsole(name="talk") as reply:
+            sock = socket.socket(fileno=os.dup(reply["fileDescriptor"].fileno()))
+        sock.settimeout(5)
+        data = b""
+        with sock:
+            while b"ready" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return data
+
+    assert b"TESTGUEST" in asyncio.run(read_console())  # scrollback: what the guest printed before we came
+    daemon.ctl("kill", "talk")
+
+
+def test_errors_are_typed_and_clear(daemon, guest):
+    p = daemon.ctl("status", "nosuch")
+    assert p.returncode == 1 and "no machine named nosuch" in p.stderr
+    create(daemon, guest, "dup")
+    p = daemon.ctl("create", "dup", f"--linux={guest.kernel}")
+    assert p.returncode == 1 and "exists already" in p.stderr
+    p = daemon.ctl("stop", "dup")
+    assert p.returncode == 1 and "stopped" in p.stderr
+    p = daemon.ctl("create", "bad", f"--linux={guest.kernel}", "--ram=2G:1G")
+    assert p.returncode == 1 and "ram" in p.stderr
+    assert daemon.ctl("remove", "dup").returncode == 0
+    assert daemon.ctl("status", "dup").returncode == 1
+
+
+def test_definitions_persist_across_restarts(daemon, guest):
+    create(daemon, guest, "kept")
+    daemon.stop_daemon()
+    daemon.start()
+    st = daemon.status("kept")
+    assert st["state"] == "stopped" and st["config"]["linux"] == str(guest.kernel)
+    assert json.loads((daemon.state / "machines" / "kept.json").read_text())["name"] == "kept"
+
+
+def test_start_failure_is_reported_and_nothing_is_left(daemon, guest, tmp_path):
+    kernel = tmp_path / "not-a-kernel"
+    kernel.write_bytes(b"garbage")
+    p = daemon.ctl("create", "broken", f"--linux={kernel}", "--ram=256M", "--console=headless")
+    assert p.returncode == 0, p.stderr
+    p = daemon.ctl("start", "broken")
+    assert p.returncode == 1
+    st = daemon.status("broken")
+    assert st["state"] == "failed" and st["failure"]
+    assert not (daemon.runtime / "machines" / "broken").exists()
