@@ -83,6 +83,8 @@ class Config:
     console: str | None = None
     consoleTransport: str | None = None
     uuid: str | None = None
+    credentials: list[str] | None = None
+    smbios11: list[str] | None = None
 
 
 @dataclass
@@ -151,7 +153,10 @@ class StartFailedError(TypedVarlinkErrorReply, name=f"{INTERFACE}.StartFailed"):
 
 
 def _config_object(config_json: dict[str, typing.Any]) -> Config:
-    return Config(**config_json)
+    """The config as Describe shows it: credential values are never sent back, only their IDs."""
+    shown = dict(config_json)
+    shown["credentials"] = [c.split(":", 1)[0] for c in shown.get("credentials") or []]
+    return Config(**shown)
 
 
 def machine_info(name: str, entry: Entry) -> MachineInfo:

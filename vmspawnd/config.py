@@ -7,6 +7,7 @@ Both front ends (the ``vmspawn`` option parser and the daemon's varlink API) bui
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 import math
@@ -204,6 +205,8 @@ class MachineConfig:
     console: ConsoleMode = ConsoleMode.INTERACTIVE
     console_transport: ConsoleTransport = ConsoleTransport.VIRTIO
     uuid: uuid.UUID | None = None
+    credentials: tuple[tuple[str, bytes], ...] = ()
+    smbios11: tuple[str, ...] = ()
     quiet: bool = False
 
     def validated(self) -> MachineConfig:
@@ -222,6 +225,12 @@ class MachineConfig:
                 raise ConfigError(what, str(path), "no such file")
         if self.uuid is not None and self.uuid.int == 0:
             raise ConfigError("uuid", str(self.uuid), "the all-zero UUID is not allowed")
+        from vmspawnd.guest.credentials import check_unique, valid_credential_id
+
+        for cred_id, _ in self.credentials:
+            if not valid_credential_id(cred_id):
+                raise ConfigError("credential", cred_id, "not a valid credential name")
+        check_unique(list(self.credentials))
         return self
 
     def replace(self, **changes: Any) -> MachineConfig:
@@ -232,7 +241,7 @@ class MachineConfig:
 # The daemon persists definitions and takes them over varlink in this one shape:
 # camelCase keys, plain JSON values, every key optional except where noted.
 JSON_FIELDS = ("linux", "initrds", "kernelCommandLine", "ram", "cpus", "kvm", "vsock", "notifyReady",
-               "console", "consoleTransport", "uuid")
+               "console", "consoleTransport", "uuid", "credentials", "smbios11")
 
 
 def config_to_json(config: MachineConfig) -> dict[str, Any]:
@@ -251,6 +260,8 @@ def config_to_json(config: MachineConfig) -> dict[str, Any]:
         "console": config.console.value,
         "consoleTransport": config.console_transport.value,
         "uuid": str(config.uuid) if config.uuid else None,
+        "credentials": [f"{cred_id}:{base64.b64encode(data).decode()}" for cred_id, data in config.credentials],
+        "smbios11": list(config.smbios11),
     }
 
 
@@ -306,5 +317,17 @@ def config_from_json(name: str, data: dict[str, Any]) -> MachineConfig:
                                                                                            "virtio")),
                                      ConsoleTransport),
         uuid=machine_uuid,
+        credentials=tuple(_credential(c) for c in _string_list("credentials", get("credentials"))),
+        smbios11=tuple(_string_list("smbios11", get("smbios11"))),
     )
     return config.validated()
+
+
+def _credential(value: str) -> tuple[str, bytes]:
+    cred_id, sep, data = value.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return cred_id, base64.b64decode(data, validate=True)
+    except ValueError:
+        raise ConfigError("credentials", value[:64], "expected ID:BASE64") from None

@@ -144,10 +144,10 @@ class Machine:
         else:
             await channel.listen_virtio_serial(rundir / "notify.sock")
 
-        credentials: list[tuple[str, bytes]] = []
+        credentials = list(config.credentials)
         if channel.credential:
             credentials.append((channel.credential[0], channel.credential[1].encode()))
-        smbios = write_smbios_credentials(rundir / "smbios", credentials) if credentials else []
+        smbios = write_smbios_credentials(rundir / "smbios", credentials, config.smbios11)
 
         qmp_path = rundir / "qmp.sock"
         qmp_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

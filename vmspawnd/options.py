@@ -26,6 +26,7 @@ from vmspawnd.config import (
     parse_tristate,
     validate_cpus,
 )
+from vmspawnd.guest.credentials import check_unique, parse_load_credential, parse_set_credential
 
 
 class OptionParser(argparse.ArgumentParser):
@@ -64,6 +65,13 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
     exe = parser.add_argument_group("Execution")
     exe.add_argument("--notify-ready", metavar="BOOL",
                      help="report READY=1 only once the guest did (default: yes)")
+    creds = parser.add_argument_group("Credentials")
+    creds.add_argument("--set-credential", metavar="ID:VALUE", action="append", default=[],
+                       help="pass a credential to the guest (C escapes allowed)")
+    creds.add_argument("--load-credential", metavar="ID:PATH", action="append", default=[],
+                       help="pass a credential read from a file or AF_UNIX socket")
+    creds.add_argument("-s", "--smbios11", metavar="STRING", action="append", default=[],
+                       help="pass a raw SMBIOS type 11 string (empty clears the list)")
     io = parser.add_argument_group("Input/output")
     io.add_argument("--console", metavar="MODE",
                     help="interactive, read-only, native, gui or headless (default: interactive)")
@@ -101,9 +109,28 @@ def config_from_args(ns: argparse.Namespace) -> MachineConfig:
         console_transport=(parse_enum("console-transport", ns.console_transport, ConsoleTransport)
                            if ns.console_transport else ConsoleTransport.VIRTIO),
         uuid=machine_uuid,
+        credentials=_credentials(ns),
+        smbios11=_smbios11(ns.smbios11),
         quiet=getattr(ns, "quiet", False),
     )
     return config.validated()
+
+
+def _credentials(ns: argparse.Namespace) -> tuple[tuple[str, bytes], ...]:
+    creds = [parse_set_credential(v) for v in ns.set_credential]
+    creds += [parse_load_credential(v) for v in ns.load_credential]
+    check_unique(creds)
+    return tuple(creds)
+
+
+def _smbios11(values: list[str]) -> tuple[str, ...]:
+    result: list[str] = []
+    for value in values:
+        if value == "":
+            result.clear()
+        else:
+            result.append(value)
+    return tuple(result)
 
 
 def vmspawn_parser() -> OptionParser:

@@ -103,3 +103,20 @@ def test_parse_size_suffixes():
     assert parse_size("x", "2T") == 2 << 40
     with pytest.raises(ConfigError):
         parse_size("x", "1Q")
+
+
+def test_credentials_are_parsed_with_c_escapes(kernel, tmp_path):
+    f = tmp_path / "c"
+    f.write_bytes(b"file\0data")
+    c = parse(kernel, "--set-credential=foo:a\\x00b\\n", f"--load-credential=bar:{f}", "-s", "x", "--smbios11=",
+              "--smbios11=y")
+    assert dict(c.credentials) == {"foo": b"a\0b\n", "bar": b"file\0data"}
+    assert c.smbios11 == ("y",)
+
+
+@pytest.mark.parametrize("args", [["--set-credential=noval"], ["--set-credential=a/b:x"],
+                                  ["--set-credential=a:\\q"], ["--load-credential=a:/nonexistent"],
+                                  ["--set-credential=a:1", "--set-credential=a:2"]])
+def test_bad_credentials_are_errors(kernel, args):
+    with pytest.raises(ConfigError):
+        parse(kernel, *args)

@@ -135,3 +135,22 @@ def test_version_and_help():
     assert p.stdout.startswith("vmspawn ")
     h = subprocess.run([sys.executable, "-m", "vmspawnd.cli.vmspawn", "--help"], capture_output=True, text=True)
     assert h.returncode == 0 and "--notify-ready" in h.stdout
+
+
+def test_credentials_reach_the_guest(vmspawn, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"from-a-file")
+    run = vmspawn("test.notify=1", "test.cred=greeting", "test.cred=filecred", "test.cred=rawish",
+                  "--set-credential=greeting:hello\\x20world", f"--load-credential=filecred:{secret}",
+                  "--smbios11=io.systemd.credential:rawish=plain", name="creds")
+    assert run.wait() == 0, run.text
+    assert "cred greeting=hello world" in run.text
+    assert "cred filecred=from-a-file" in run.text
+    assert "cred rawish=plain" in run.text
+    assert_clean(run)  # the credential files went with the runtime dir
+
+
+def test_duplicate_credentials_are_refused(guest, tmp_path):
+    p = subprocess.run([*VMSPAWN, f"--linux={guest.kernel}", "--set-credential=a:1", "--set-credential=a:2"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1 and "twice" in p.stderr

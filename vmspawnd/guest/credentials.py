@@ -1,27 +1,141 @@
-"""System credentials for the guest, delivered as SMBIOS type-11 strings in 0600 files."""
+"""System credentials for the guest (--set-credential, --load-credential, --smbios11).
+
+Delivered as SMBIOS type-11 strings, each in its own 0600 file in the runtime dir
+(``-smbios type=11,path=…``), so secrets stay out of ``ps`` and argv limits do not apply.
+"""
 
 from __future__ import annotations
 
 import base64
 import os
-import re
+import socket
+import stat
 from pathlib import Path
 
-_CRED_ID_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,255}$")
+from vmspawnd.config import ConfigError
+
+MAX_CREDENTIAL_SIZE = 1024 * 1024
 
 
 def valid_credential_id(cred_id: str) -> bool:
-    return bool(_CRED_ID_RE.match(cred_id)) and cred_id not in (".", "..")
+    """A credential ID is a file name: 1–255 printable characters, no '/', '=' or whitespace."""
+    return (0 < len(cred_id) <= 255 and cred_id not in (".", "..") and cred_id.isprintable()
+            and not any(c in cred_id for c in "/= \t"))
 
 
-def write_smbios_credentials(directory: Path, credentials: list[tuple[str, bytes]]) -> list[Path]:
-    """Write one file per credential (``io.systemd.credential.binary:ID=BASE64``) for ``-smbios type=11,path=``."""
+_ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92, '"': 34, "'": 39, "s": 32}
+
+
+def c_unescape(text: str, field: str = "set-credential") -> bytes:
+    """Undo C escapes (\\n, \\t, \\xNN, \\NNN octal, \\uXXXX, \\UXXXXXXXX…); NUL bytes are allowed."""
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c != "\\":
+            out += c.encode()
+            i += 1
+            continue
+        if i + 1 >= len(text):
+            raise ConfigError(field, text, "trailing backslash")
+        e = text[i + 1]
+        if e in _ESCAPES:
+            out.append(_ESCAPES[e])
+            i += 2
+        elif e == "x" and _is_hex(text[i + 2:i + 4], 2):
+            out.append(int(text[i + 2:i + 4], 16))
+            i += 4
+        elif e in "uU" and _is_hex(text[i + 2:i + 2 + (4 if e == "u" else 8)], 4 if e == "u" else 8):
+            n = 4 if e == "u" else 8
+            out += chr(int(text[i + 2:i + 2 + n], 16)).encode()
+            i += 2 + n
+        elif e in "01234567" and len(text[i + 1:i + 4]) == 3 and all(ch in "01234567" for ch in text[i + 1:i + 4]):
+            value = int(text[i + 1:i + 4], 8)
+            if value > 255:
+                raise ConfigError(field, text, f"invalid octal escape \\{text[i + 1:i + 4]}")
+            out.append(value)
+            i += 4
+        else:
+            raise ConfigError(field, text, f"invalid escape sequence \\{e}")
+    return bytes(out)
+
+
+def _is_hex(s: str, n: int) -> bool:
+    return len(s) == n and all(c in "0123456789abcdefABCDEF" for c in s)
+
+
+def _split(value: str, field: str) -> tuple[str, str]:
+    cred_id, sep, rest = value.partition(":")
+    if not sep or not valid_credential_id(cred_id):
+        raise ConfigError(field, value, "expected ID:VALUE with a valid credential name")
+    return cred_id, rest
+
+
+def parse_set_credential(value: str) -> tuple[str, bytes]:
+    """``--set-credential=ID:VALUE`` (VALUE is C-unescaped)."""
+    cred_id, data = _split(value, "set-credential")
+    return cred_id, c_unescape(data)
+
+
+def parse_load_credential(value: str) -> tuple[str, bytes]:
+    """``--load-credential=ID:PATH``: a file, an AF_UNIX stream socket (connected and read), or a
+    bare name looked up in our own $CREDENTIALS_DIRECTORY."""
+    cred_id, source = _split(value, "load-credential")
+    if not source:
+        raise ConfigError("load-credential", value, "no path given")
+    if "/" not in source:
+        creds_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not creds_dir:
+            raise ConfigError("load-credential", value, "a bare name needs $CREDENTIALS_DIRECTORY")
+        path = Path(creds_dir) / source
+    else:
+        path = Path(os.path.abspath(source))
+    try:
+        if stat.S_ISSOCK(path.stat().st_mode):
+            return cred_id, _read_socket(path)
+        with open(path, "rb") as f:
+            data = f.read(MAX_CREDENTIAL_SIZE + 1)
+    except OSError as e:
+        raise ConfigError("load-credential", value, f"{path}: {e.strerror}") from None
+    if len(data) > MAX_CREDENTIAL_SIZE:
+        raise ConfigError("load-credential", value, "larger than 1 MiB")
+    return cred_id, data
+
+
+def _read_socket(path: Path) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+            if len(data) > MAX_CREDENTIAL_SIZE:
+                raise ConfigError("load-credential", str(path), "larger than 1 MiB")
+    return data
+
+
+def check_unique(credentials: list[tuple[str, bytes]]) -> None:
+    seen: set[str] = set()
+    for cred_id, _ in credentials:
+        if cred_id in seen:
+            raise ConfigError("credential", cred_id, "the same credential ID is given twice")
+        seen.add(cred_id)
+
+
+def _write_private(path: Path, data: bytes) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+def write_smbios_credentials(directory: Path, credentials: list[tuple[str, bytes]],
+                             raw_strings: tuple[str, ...] = ()) -> list[Path]:
+    """Write one file per credential (``io.systemd.credential.binary:ID=BASE64``) and per raw
+    ``--smbios11=`` string, for ``-smbios type=11,path=``."""
     directory.mkdir(mode=0o700, exist_ok=True)
-    paths = []
-    for cred_id, data in credentials:
-        path = directory / cred_id
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(f"io.systemd.credential.binary:{cred_id}=".encode() + base64.b64encode(data))
-        paths.append(path)
+    paths = [_write_private(directory / cred_id, f"io.systemd.credential.binary:{cred_id}=".encode()
+                            + base64.b64encode(data)) for cred_id, data in credentials]
+    paths += [_write_private(directory / f"smbios11-{i}", s.encode()) for i, s in enumerate(raw_strings)]
     return paths
