@@ -85,6 +85,14 @@ class Config:
     uuid: str | None = None
     credentials: list[str] | None = None
     smbios11: list[str] | None = None
+    image: str | None = None
+    imageFormat: str | None = None
+    imageDiskType: str | None = None
+    extraDrives: list[str] | None = None
+    discardDisk: bool | None = None
+    growImage: str | None = None
+    ephemeral: bool | None = None
+    network: str | None = None
 
 
 @dataclass

@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import math
 import re
+import stat
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,37 @@ class ConsoleMode(enum.Enum):
 class ConsoleTransport(enum.Enum):
     VIRTIO = "virtio"
     SERIAL = "serial"
+
+
+class Network(enum.Enum):
+    NONE = "none"
+    USER = "user"
+    TAP = "tap"
+
+
+class ImageFormat(enum.Enum):
+    RAW = "raw"
+    QCOW2 = "qcow2"
+
+
+class DiskType(enum.Enum):
+    VIRTIO_BLK = "virtio-blk"
+    VIRTIO_SCSI = "virtio-scsi"
+    NVME = "nvme"
+    SCSI_CD = "scsi-cd"
+
+
+@dataclass(frozen=True)
+class Drive:
+    """An image attached to the VM."""
+
+    path: Path
+    format: ImageFormat = ImageFormat.RAW
+    disk_type: DiskType = DiskType.VIRTIO_BLK
+
+    @property
+    def is_block_device(self) -> bool:
+        return stat.S_ISBLK(self.path.stat().st_mode)
 
 
 TRUE_WORDS = {"1", "yes", "y", "true", "t", "on"}
@@ -207,6 +239,12 @@ class MachineConfig:
     uuid: uuid.UUID | None = None
     credentials: tuple[tuple[str, bytes], ...] = ()
     smbios11: tuple[str, ...] = ()
+    image: Drive | None = None
+    extra_drives: tuple[Drive, ...] = ()
+    discard_disk: bool = True
+    grow_image: int = 0
+    ephemeral: bool = False
+    network: Network = Network.NONE
     quiet: bool = False
 
     def validated(self) -> MachineConfig:
@@ -216,9 +254,22 @@ class MachineConfig:
         self.ram.validate()
         if self.initrds and self.linux is None:
             raise ConfigError("initrd", str(self.initrds[0]), "--initrd requires --linux")
-        if self.linux is None:
-            raise ConfigError("linux", "", "no kernel given: pass --linux=KERNEL (disk images are not supported yet)")
+        if self.linux is None and self.image is None:
+            raise ConfigError("linux", "", "nothing to boot: pass --linux=KERNEL and/or --image=IMAGE")
+        if self.ephemeral and self.extra_drives:
+            raise ConfigError("extra-drive", str(self.extra_drives[0].path), "cannot be combined with --ephemeral")
+        if self.grow_image and self.image is not None and self.image.format is ImageFormat.QCOW2:
+            raise ConfigError("grow-image", self.grow_image, "qcow2 images cannot be grown")
+        from vmspawnd.qemu.disks import check_image
+
+        for what, drive in [("image", self.image), *(("extra-drive", d) for d in self.extra_drives)]:
+            if drive is not None:
+                if not drive.path.is_absolute():
+                    raise ConfigError(what, str(drive.path), "path must be absolute")
+                check_image(drive.path, drive.format, what)
         for what, path in [("linux", self.linux), *(("initrd", p) for p in self.initrds)]:
+            if path is None:
+                continue
             if not path.is_absolute():
                 raise ConfigError(what, str(path), "path must be absolute")
             if not path.is_file():
@@ -241,7 +292,8 @@ class MachineConfig:
 # The daemon persists definitions and takes them over varlink in this one shape:
 # camelCase keys, plain JSON values, every key optional except where noted.
 JSON_FIELDS = ("linux", "initrds", "kernelCommandLine", "ram", "cpus", "kvm", "vsock", "notifyReady",
-               "console", "consoleTransport", "uuid", "credentials", "smbios11")
+               "console", "consoleTransport", "uuid", "credentials", "smbios11", "image", "imageFormat",
+               "imageDiskType", "extraDrives", "discardDisk", "growImage", "ephemeral", "network")
 
 
 def config_to_json(config: MachineConfig) -> dict[str, Any]:
@@ -262,6 +314,14 @@ def config_to_json(config: MachineConfig) -> dict[str, Any]:
         "uuid": str(config.uuid) if config.uuid else None,
         "credentials": [f"{cred_id}:{base64.b64encode(data).decode()}" for cred_id, data in config.credentials],
         "smbios11": list(config.smbios11),
+        "image": str(config.image.path) if config.image else None,
+        "imageFormat": config.image.format.value if config.image else None,
+        "imageDiskType": config.image.disk_type.value if config.image else None,
+        "extraDrives": [f"{d.format.value}:{d.disk_type.value}:{d.path}" for d in config.extra_drives],
+        "discardDisk": config.discard_disk,
+        "growImage": str(config.grow_image) if config.grow_image else None,
+        "ephemeral": config.ephemeral,
+        "network": config.network.value,
     }
 
 
@@ -299,9 +359,7 @@ def config_from_json(name: str, data: dict[str, Any]) -> MachineConfig:
         machine_uuid = uuid.UUID(_string("uuid", get("uuid"))) if get("uuid") is not None else None
     except ValueError:
         raise ConfigError("uuid", get("uuid"), "not a valid UUID") from None
-    notify_ready = get("notifyReady", True)
-    if not isinstance(notify_ready, bool):
-        raise ConfigError("notifyReady", notify_ready, "expected true or false")
+    notify_ready = _bool("notifyReady", get("notifyReady", True))
     config = MachineConfig(
         name=validate_machine_name(name, "name"),
         linux=_path("linux", get("linux")) if get("linux") is not None else None,
@@ -319,8 +377,33 @@ def config_from_json(name: str, data: dict[str, Any]) -> MachineConfig:
         uuid=machine_uuid,
         credentials=tuple(_credential(c) for c in _string_list("credentials", get("credentials"))),
         smbios11=tuple(_string_list("smbios11", get("smbios11"))),
+        image=_image(get("image"), get("imageFormat"), get("imageDiskType")),
+        extra_drives=tuple(_extra_drive(v) for v in _string_list("extraDrives", get("extraDrives"))),
+        discard_disk=_bool("discardDisk", get("discardDisk", True)),
+        grow_image=parse_size("growImage", _string("growImage", get("growImage"))) if get("growImage") else 0,
+        ephemeral=_bool("ephemeral", get("ephemeral", False)),
+        network=parse_enum("network", _string("network", get("network", "none")), Network),
     )
     return config.validated()
+
+
+def _bool(field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(field, value, "expected true or false")
+    return value
+
+
+def _image(path: Any, fmt: Any, disk_type: Any) -> Drive | None:
+    if path is None:
+        return None
+    return Drive(_path("image", path), parse_enum("imageFormat", _string("imageFormat", fmt or "raw"), ImageFormat),
+                 parse_enum("imageDiskType", _string("imageDiskType", disk_type or "virtio-blk"), DiskType))
+
+
+def _extra_drive(value: str) -> Drive:
+    fmt, disk_type, path = (value.split(":", 2) + ["", "", ""])[:3]
+    return Drive(_path("extraDrives", path), parse_enum("extraDrives", fmt, ImageFormat),
+                 parse_enum("extraDrives", disk_type, DiskType))
 
 
 def _credential(value: str) -> tuple[str, bytes]:

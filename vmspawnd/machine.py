@@ -22,13 +22,14 @@ from typing import IO, Any
 
 import structlog
 
-from vmspawnd.config import ConfigError, ConsoleMode, MachineConfig
+from vmspawnd.config import ConfigError, ConsoleMode, MachineConfig, Network
 from vmspawnd.guest.channel import NotifyChannel
 from vmspawnd.guest.credentials import write_smbios_credentials
 from vmspawnd.launcher import QemuProcess
 from vmspawnd.ptyfwd import Pty
 from vmspawnd.qemu.accel import choose_accelerator, find_qemu, vsock_usable
-from vmspawnd.qemu.argv import Resources, build_qemu_argv, check_cmdline_length
+from vmspawnd.qemu.argv import Resources, build_qemu_argv, check_cmdline_length, cmdline_smbios_strings
+from vmspawnd.qemu.disks import grow_image, root_cmdline_word
 from vmspawnd.qemu.qmp import Qmp
 from vmspawnd.qemu.vsock import claim_vsock
 from vmspawnd.runtime import RuntimeDir
@@ -124,7 +125,11 @@ class Machine:
     async def _start(self) -> None:
         config = self.config
         check_cmdline_length(config)
+        if config.network is Network.TAP and not has_cap_net_admin():
+            raise ConfigError("network-tap", "", "TAP networking needs CAP_NET_ADMIN (run as root)")
         qemu_binary = find_qemu()
+        if config.grow_image and config.image is not None and grow_image(config.image.path, config.grow_image):
+            self.log.info("image grown", image=str(config.image.path), size=config.grow_image)
         accel = choose_accelerator(config.kvm)
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)
         rundir = self.runtime.create()
@@ -147,7 +152,10 @@ class Machine:
         credentials = list(config.credentials)
         if channel.credential:
             credentials.append((channel.credential[0], channel.credential[1].encode()))
-        smbios = write_smbios_credentials(rundir / "smbios", credentials, config.smbios11)
+        term = os.environ.get("TERM")
+        extra_cmdline = self._synthesized_cmdline()
+        smbios = write_smbios_credentials(rundir / "smbios", credentials,
+                                          config.smbios11 + tuple(cmdline_smbios_strings(config, term, extra_cmdline)))
 
         qmp_path = rundir / "qmp.sock"
         qmp_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -170,8 +178,8 @@ class Machine:
             qemu=qemu_binary, kvm=accel.kvm, qmp_fd=qmp_sock.fileno(),
             console_pty=self.pty.slave_path if self.pty else None, console_socket=console_socket,
             notify_args=tuple(channel.qemu_args), vsock_cid=vsock_cid, vsock_fd=vsock_fd,
-            smbios_files=tuple(smbios), initrd=initrd, vmgenid=uuid.uuid4(),
-            term=os.environ.get("TERM"),
+            smbios_files=tuple(smbios), initrd=initrd, vmgenid=uuid.uuid4(), term=term,
+            extra_cmdline=extra_cmdline,
         )
         argv = build_qemu_argv(config, resources)
         self.log.debug("spawning qemu", argv=" ".join(argv))
@@ -257,6 +265,15 @@ class Machine:
     def on_cleanup(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when this run's resources are released (before those acquired earlier)."""
         self._stack.callback(callback)
+
+    def _synthesized_cmdline(self) -> tuple[str, ...]:
+        """``root=PARTUUID=…`` when a plain kernel boots with an image and the user named no root."""
+        config = self.config
+        if config.image is None or config.linux is None:
+            return ()
+        if any(w.startswith(("root=", "mount.usr=")) for w in config.kernel_cmdline):
+            return ()
+        return (root_cmdline_word(config.image.path),)
 
     def _merge_initrds(self, rundir: Path) -> Path:
         if len(self.config.initrds) == 1:
@@ -386,3 +403,11 @@ def process_cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def has_cap_net_admin() -> bool:
+    """Whether we hold CAP_NET_ADMIN (bit 12 of CapEff)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) & (1 << 12))
+    return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import uuid
 from pathlib import Path
 from typing import NoReturn
@@ -17,16 +18,22 @@ from vmspawnd.config import (
     ConfigError,
     ConsoleMode,
     ConsoleTransport,
+    DiskType,
+    Drive,
+    ImageFormat,
     MachineConfig,
+    Network,
     Ram,
     Tristate,
     derive_machine_name,
     parse_bool,
     parse_enum,
+    parse_size,
     parse_tristate,
     validate_cpus,
 )
 from vmspawnd.guest.credentials import check_unique, parse_load_credential, parse_set_credential
+from vmspawnd.qemu.disks import parse_extra_drive
 
 
 class OptionParser(argparse.ArgumentParser):
@@ -47,6 +54,16 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
     img.add_argument("--linux", metavar="PATH", help="boot this kernel directly (-kernel)")
     img.add_argument("--initrd", metavar="PATH", action="append", default=[],
                      help="initrd for --linux; repeat to concatenate several")
+    img.add_argument("-i", "--image", metavar="PATH", help="root disk image (regular file or block device)")
+    img.add_argument("--image-format", metavar="FORMAT", help="raw (default) or qcow2")
+    img.add_argument("--image-disk-type", metavar="TYPE",
+                     help="virtio-blk (default), virtio-scsi, nvme or scsi-cd; extra drives inherit it")
+    img.add_argument("--extra-drive", metavar="[FORMAT:][TYPE:]PATH", action="append", default=[],
+                     help="attach another disk image")
+    img.add_argument("--discard-disk", metavar="BOOL", help="let the guest's discard/TRIM reach the image (yes)")
+    img.add_argument("-G", "--grow-image", metavar="BYTES", help="grow the image file to at least this size")
+    img.add_argument("-x", "--ephemeral", action="store_true",
+                     help="run on a throw-away snapshot; the image is never written")
     host = parser.add_argument_group("Host configuration")
     host.add_argument("--cpus", metavar="CPUS", help="number of virtual CPUs, or QEMU -smp syntax (default: 1)")
     host.add_argument("--qemu-smp", dest="cpus", help=hidden)
@@ -59,6 +76,11 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
     host.add_argument("--vsock", metavar="BOOL|auto",
                       help="give the guest a vsock device (auto: if /dev/vhost-vsock can be opened)")
     host.add_argument("--qemu-vsock", dest="vsock", help=hidden)
+    net = parser.add_argument_group("Networking")
+    net.add_argument("-n", "--network-tap", dest="network", action="store_const", const="tap",
+                     help="TAP networking (interface vt-NAME; needs CAP_NET_ADMIN)")
+    net.add_argument("--network-user-mode", dest="network", action="store_const", const="user",
+                     help="QEMU's user-mode networking")
     ident = parser.add_argument_group("System identity")
     ident.add_argument("-M", "--machine", metavar="NAME", help="machine name (default: from the kernel file name)")
     ident.add_argument("--uuid", metavar="UUID", help="the machine's UUID (SMBIOS system UUID)")
@@ -85,12 +107,15 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
 def config_from_args(ns: argparse.Namespace) -> MachineConfig:
     """Turn parsed options into a validated MachineConfig."""
     linux = _abspath(ns.linux) if ns.linux else None
+    image = _image(ns)
     if ns.machine is not None:
         name = ns.machine
-    elif linux is not None:
-        name = derive_machine_name(linux)
+    elif image is not None or linux is not None:
+        name = derive_machine_name(image.path if image is not None else linux)
+        if ns.ephemeral:
+            name = f"{name[:47]}-{secrets.token_hex(8)}"
     else:
-        raise ConfigError("machine", "", "pass -M/--machine=NAME or --linux=KERNEL")
+        raise ConfigError("machine", "", "pass -M/--machine=NAME, --image=IMAGE or --linux=KERNEL")
     try:
         machine_uuid = uuid.UUID(ns.uuid) if ns.uuid else None
     except ValueError:
@@ -111,9 +136,28 @@ def config_from_args(ns: argparse.Namespace) -> MachineConfig:
         uuid=machine_uuid,
         credentials=_credentials(ns),
         smbios11=_smbios11(ns.smbios11),
+        image=image,
+        extra_drives=tuple(parse_extra_drive(v, image.disk_type if image else DiskType.VIRTIO_BLK)
+                           for v in ns.extra_drive),
+        discard_disk=parse_bool("discard-disk", ns.discard_disk) if ns.discard_disk is not None else True,
+        grow_image=parse_size("grow-image", ns.grow_image) if ns.grow_image else 0,
+        ephemeral=ns.ephemeral,
+        network=Network(ns.network) if ns.network else Network.NONE,
         quiet=getattr(ns, "quiet", False),
     )
     return config.validated()
+
+
+def _image(ns: argparse.Namespace) -> Drive | None:
+    if not ns.image:
+        for opt, value in (("image-format", ns.image_format), ("image-disk-type", ns.image_disk_type)):
+            if value:
+                raise ConfigError(opt, value, "needs --image")
+        return None
+    fmt = parse_enum("image-format", ns.image_format, ImageFormat) if ns.image_format else ImageFormat.RAW
+    disk_type = (parse_enum("image-disk-type", ns.image_disk_type, DiskType) if ns.image_disk_type
+                 else DiskType.VIRTIO_BLK)
+    return Drive(_abspath(ns.image), fmt, disk_type)
 
 
 def _credentials(ns: argparse.Namespace) -> tuple[tuple[str, bytes], ...]:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -154,3 +155,20 @@ def test_duplicate_credentials_are_refused(guest, tmp_path):
     p = subprocess.run([*VMSPAWN, f"--linux={guest.kernel}", "--set-credential=a:1", "--set-credential=a:2"],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 1 and "twice" in p.stderr
+
+
+def test_raw_image_with_extra_drive_and_root_partuuid(vmspawn, tmp_path):
+    from tests.unit.test_disks import make_gpt
+    from vmspawnd.qemu.disks import ROOT_X86_64
+
+    root_uuid = uuid.uuid4()
+    image, extra = tmp_path / "rootdisk.raw", tmp_path / "extra.raw"
+    make_gpt(image, [(ROOT_X86_64, root_uuid)], size=8 << 20)
+    extra.write_bytes(b"\0" * (4 << 20))
+    run = vmspawn("test.notify=1", "test.disks=1", "test.cmdline=1", f"--image={image}",
+                  f"--extra-drive={extra}", name="disks")
+    assert run.wait() == 0, run.text
+    assert f"root=PARTUUID={root_uuid}" in run.text
+    assert "disk vda size=16384 serial=rootdisk.raw" in run.text
+    assert "disk vdb size=8192 serial=extra.raw" in run.text
+    assert_clean(run)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmspawnd.config import ConsoleMode, ConsoleTransport, MachineConfig
+from vmspawnd.config import ConsoleMode, ConsoleTransport, MachineConfig, Network
 from vmspawnd.guest.channel import qemu_escape
+from vmspawnd.qemu.disks import drive_args
 
 COMMAND_LINE_SIZE = 2048  # x86 kernel limit
 _TERM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -31,6 +34,7 @@ class Resources:
     initrd: Path | None = None
     vmgenid: uuid.UUID = field(default_factory=uuid.uuid4)
     term: str | None = None
+    extra_cmdline: tuple[str, ...] = ()  # synthesized words (root=PARTUUID=…), after the user's
 
 
 def console_word(config: MachineConfig) -> str | None:
@@ -40,8 +44,8 @@ def console_word(config: MachineConfig) -> str | None:
     return "console=ttyS0" if config.console_transport is ConsoleTransport.SERIAL else "console=hvc0"
 
 
-def kernel_cmdline(config: MachineConfig, term: str | None) -> list[str]:
-    """Kernel command line words, in upstream's order: TERM, console, the user's words."""
+def kernel_cmdline(config: MachineConfig, term: str | None, extra: tuple[str, ...] = ()) -> list[str]:
+    """Kernel command line words, in upstream's order: TERM, console, the user's words, synthesized ones."""
     words: list[str] = []
     cons = console_word(config)
     if cons and term and _TERM_RE.match(term) and config.console is ConsoleMode.INTERACTIVE:
@@ -50,7 +54,25 @@ def kernel_cmdline(config: MachineConfig, term: str | None) -> list[str]:
     if cons:
         words.append(cons)
     words += config.kernel_cmdline
+    words += extra
     return words
+
+
+def tap_name(machine: str) -> str:
+    """``vt-<machine>``, shortened with a hash suffix to fit the 15-character interface name limit."""
+    name = f"vt-{machine}"
+    if len(name) <= 15:
+        return name
+    digest = base64.urlsafe_b64encode(hashlib.sha256(name.encode()).digest()).decode()[:4]
+    return name[:11] + digest
+
+
+def network_args(config: MachineConfig) -> list[str]:
+    if config.network is Network.USER:
+        return ["-nic", "user,model=virtio-net-pci"]
+    if config.network is Network.TAP:
+        return ["-nic", f"tap,ifname={tap_name(config.name)},script=no,downscript=no,model=virtio-net-pci"]
+    return ["-nic", "none"]
 
 
 def build_qemu_argv(config: MachineConfig, res: Resources) -> list[str]:
@@ -66,7 +88,7 @@ def build_qemu_argv(config: MachineConfig, res: Resources) -> list[str]:
         "-device", "virtio-rng-pci,rng=rng0,id=rng-device0",
         "-device", "virtio-balloon,free-page-reporting=on",
         "-device", f"vmgenid,guid={res.vmgenid}",
-        "-nic", "none",
+        *network_args(config),
         "-accel", "kvm" if res.kvm else "tcg",
         "-cpu", "max,hv_relaxed,hv-vapic,hv-time",
         "-no-user-config",
@@ -80,14 +102,23 @@ def build_qemu_argv(config: MachineConfig, res: Resources) -> list[str]:
     argv += res.notify_args
     for path in res.smbios_files:
         argv += ["-smbios", f"type=11,path={qemu_escape(str(path))}"]
+    argv += drive_args(config.image, config.extra_drives, discard=config.discard_disk, ephemeral=config.ephemeral)
     if config.linux is not None:
         argv += ["-kernel", str(config.linux)]
         if res.initrd is not None:
             argv += ["-initrd", str(res.initrd)]
-        cmdline = " ".join(kernel_cmdline(config, res.term))
+        cmdline = " ".join(kernel_cmdline(config, res.term, res.extra_cmdline))
         if cmdline:
             argv += ["-append", cmdline]
     return argv
+
+
+def cmdline_smbios_strings(config: MachineConfig, term: str | None, extra: tuple[str, ...] = ()) -> list[str]:
+    """Without --linux the command line reaches the guest's boot loader / UKI stub via SMBIOS type 11."""
+    cmdline = " ".join(kernel_cmdline(config, term, extra))
+    if config.linux is not None or not cmdline:
+        return []
+    return [f"io.systemd.stub.kernel-cmdline-extra={cmdline}", f"io.systemd.boot.kernel-cmdline-extra={cmdline}"]
 
 
 def _console_args(config: MachineConfig, res: Resources) -> list[str]:

@@ -91,6 +91,7 @@ INIT_WORDS: tuple[str, ...] = (
     "test.cred",
     "test.smbios",
     "test.cmdline",
+    "test.disks",
 )
 
 INIT_SCRIPT = r"""#!/bin/sh
@@ -117,6 +118,7 @@ INIT_SCRIPT = r"""#!/bin/sh
 #   test.cred=ID             print systemd credential ID from SMBIOS type 11 or fw_cfg (repeatable)
 #   test.smbios=1            print every SMBIOS type 11 string
 #   test.cmdline=1           print /proc/cmdline
+#   test.disks=1             print each virtio/scsi/nvme disk: name, size in 512-byte sectors, serial
 # At the end: notify STOPPING=1 and EXIT_STATUS=N, print "exit status N; powering off", poweroff -f.
 export PATH=/bin
 busybox mount -t proc proc /proc
@@ -142,7 +144,7 @@ say "init started (uptime $(up)s)"
 modprobe -q qemu_fw_cfg 2>/dev/null
 
 NOTIFY=0; NPORTNAME=io.systemd.notify; NTIMEOUT=10; READY=1; STATUS="test guest ready"; GARBAGE=0
-EXIT=0; DELAY=0; ACTION=poweroff; TPM=0; RUN=; SMBIOS=0; SHOWCMD=0
+EXIT=0; DELAY=0; ACTION=poweroff; TPM=0; RUN=; SMBIOS=0; SHOWCMD=0; DISKS=0
 VFS=; CATS=; WRITES=; FWRITES=; CREDS=
 for w in $CMDLINE; do
   v=${w#*=}
@@ -165,11 +167,20 @@ for w in $CMDLINE; do
     test.cred=*) CREDS="$CREDS $v" ;;
     test.smbios=*) SMBIOS=$v ;;
     test.cmdline=*) SHOWCMD=$v ;;
+    test.disks=*) DISKS=$v ;;
   esac
 done
 set +f
 
 [ "$SHOWCMD" != 0 ] && say "cmdline: $CMDLINE"
+if [ "$DISKS" != 0 ]; then
+  modprobe -q virtio_blk 2>/dev/null
+  sleep 0.3
+  for b in /sys/block/vd* /sys/block/sd* /sys/block/nvme*; do
+    [ -e "$b/size" ] || continue
+    say "disk ${b##*/} size=$(cat "$b/size") serial=$(cat "$b/serial" 2>/dev/null || cat "$b/device/serial" 2>/dev/null)"
+  done
+fi
 
 # ---- notify channel: a virtio-serial port found by name
 NPORT=
