@@ -178,7 +178,8 @@ if [ "$DISKS" != 0 ]; then
   sleep 0.3
   for b in /sys/block/vd* /sys/block/sd* /sys/block/nvme*; do
     [ -e "$b/size" ] || continue
-    say "disk ${b##*/} size=$(cat "$b/size") serial=$(cat "$b/serial" 2>/dev/null || cat "$b/device/serial" 2>/dev/null)"
+    ser=$(cat "$b/serial" 2>/dev/null || cat "$b/device/serial" 2>/dev/null)
+    say "disk ${b##*/} size=$(cat "$b/size") serial=$ser"
   done
 fi
 
