@@ -29,13 +29,17 @@ class QemuProcess:
 
     @classmethod
     def spawn(cls, argv: Sequence[str], *, pass_fds: Sequence[int] = (), die_with_parent: bool,
-              stdout: int | IO[bytes] | None = None, stderr: int | IO[bytes] | None = None) -> QemuProcess:
-        """Fork and exec QEMU in its own session (terminal signals are ours to handle)."""
+              stdout: int | IO[bytes] | None = None, stderr: int | IO[bytes] | None = None,
+              inherit_stdin: bool = False) -> QemuProcess:
+        """Fork and exec QEMU in its own session (terminal signals are ours to handle).
+
+        stdin is /dev/null unless ``inherit_stdin`` (the native console, where QEMU owns the terminal)."""
         env = dict(os.environ)
         env.setdefault("LANG", "C.UTF-8")
         popen = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, pass_fds=tuple(pass_fds),
-            start_new_session=True, env=env, preexec_fn=_die_with_parent if die_with_parent else None,
+            list(argv), stdin=None if inherit_stdin else subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+            pass_fds=tuple(pass_fds), start_new_session=True, env=env,
+            preexec_fn=_die_with_parent if die_with_parent else None,
         )
         return cls(popen.pid, popen)
 

@@ -184,7 +184,8 @@ class Machine:
         argv = build_qemu_argv(config, resources)
         self.log.debug("spawning qemu", argv=" ".join(argv))
         self.qemu = QemuProcess.spawn(argv, pass_fds=pass_fds, die_with_parent=self._die_with_parent,
-                                      stdout=self._qemu_output, stderr=self._qemu_output)
+                                      stdout=self._qemu_output, stderr=self._qemu_output,
+                                      inherit_stdin=config.console is ConsoleMode.NATIVE)
         self._stack.push_async_callback(self._reap_qemu)
         qmp_sock.close()  # QEMU has its copy
         self._save_run_info()

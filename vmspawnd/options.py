@@ -34,6 +34,7 @@ from vmspawnd.config import (
 )
 from vmspawnd.guest.credentials import check_unique, parse_load_credential, parse_set_credential
 from vmspawnd.qemu.disks import parse_extra_drive
+from vmspawnd.tint import validate_background
 
 
 class OptionParser(argparse.ArgumentParser):
@@ -188,10 +189,19 @@ def vmspawn_parser() -> OptionParser:
     parser.add_argument("--version", action="version", version=f"vmspawn {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not show status messages")
     add_machine_options(parser)
+    parser.add_argument("--background", metavar="COLOR",
+                        help="console background tint as ANSI SGR parameters (e.g. 48;2;0;64;0); "
+                             "empty disables; default: a green tint matched to the terminal")
     return parser
 
 
-def parse_vmspawn_args(argv: list[str]) -> MachineConfig:
-    """Parse a full vmspawn command line (options may follow kernel command-line words)."""
+def parse_vmspawn_args(argv: list[str], with_background: bool = False):
+    """Parse a full vmspawn command line (options may follow kernel command-line words).
+
+    Returns the MachineConfig, or (config, background) with ``with_background``."""
     parser = vmspawn_parser()
-    return config_from_args(parser.parse_intermixed_args(argv))
+    ns = parser.parse_intermixed_args(argv)
+    config = config_from_args(ns)
+    if not with_background:
+        return config
+    return config, validate_background(ns.background) if ns.background is not None else None

@@ -18,6 +18,8 @@ import time
 import tty
 from collections.abc import Callable
 
+from vmspawnd.tint import RESET, TITLE_END, Tinter, title_start
+
 ESCAPE_BYTE = 0x1D  # Ctrl-]
 ESCAPE_COUNT = 3
 ESCAPE_WINDOW = 1.0
@@ -69,8 +71,11 @@ class PtyForwarder:
     """Copies bytes between the PTY master and our stdin/stdout."""
 
     def __init__(self, master: int, *, read_only: bool, on_escape: Callable[[], None],
-                 stdin: int = 0, stdout: int = 1, on_hangup: Callable[[], None] | None = None) -> None:
+                 stdin: int = 0, stdout: int = 1, on_hangup: Callable[[], None] | None = None,
+                 tint: str | None = None, title: str | None = None) -> None:
         self._master = master
+        self._tinter = Tinter(tint) if tint else None
+        self._title = title
         self._on_hangup = on_hangup
         self._stdin = stdin
         self._stdout = stdout
@@ -84,6 +89,8 @@ class PtyForwarder:
 
     def start(self) -> None:
         """Start forwarding; puts an interactive terminal into raw mode."""
+        if self._title:
+            self._write(title_start(self._title))
         self._loop.add_reader(self._master, self._pump_output)
         if self.read_only:
             return
@@ -110,8 +117,14 @@ class PtyForwarder:
             with contextlib.suppress(termios.error):
                 termios.tcsetattr(self._stdin, termios.TCSADRAIN, self._saved_termios)
             self._saved_termios = None
-            if self._last_byte not in (b"\n", b"\r"):
-                self._write(b"\r\n")
+        if self._last_byte not in (b"\n", b"\r"):
+            self._write(b"\r\n" if os.isatty(self._stdout) else b"\n")
+        if self._tinter is not None:
+            self._write(RESET)
+            self._tinter = None
+        if self._title:
+            self._write(TITLE_END)
+            self._title = None
 
     def _pump_output(self) -> None:
         while True:
@@ -128,7 +141,8 @@ class PtyForwarder:
                     self._on_hangup()
                     self._on_hangup = None
                 return
-            self._write(data)
+            self._last_byte = data[-1:]
+            self._write(self._tinter.feed(data) if self._tinter else data)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -141,7 +155,6 @@ class PtyForwarder:
             except OSError:  # stdout gone (EPIPE): drop the output, keep the VM
                 return
             view = view[n:]
-        self._last_byte = data[-1:]
 
     def _pump_input(self) -> None:
         try:

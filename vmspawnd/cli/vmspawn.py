@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 import sys
 
 import structlog
 
-from vmspawnd.config import ConfigError, ConsoleMode, MachineConfig
+from vmspawnd.config import FALSE_WORDS, ConfigError, ConsoleMode, MachineConfig
 from vmspawnd.log import setup_logging
 from vmspawnd.machine import Machine, StartError, State
 from vmspawnd.options import parse_vmspawn_args
 from vmspawnd.ptyfwd import PtyForwarder
 from vmspawnd.runtime import runtime_base
 from vmspawnd.systemd.notify import ManagerNotifier
+from vmspawnd.tint import query_terminal_background, tint_from_background
 
 log = structlog.get_logger()
 
@@ -22,12 +25,12 @@ log = structlog.get_logger()
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
-        config = parse_vmspawn_args(sys.argv[1:] if argv is None else argv)
+        config, background = parse_vmspawn_args(sys.argv[1:] if argv is None else argv, with_background=True)
     except ConfigError as e:
         print(f"vmspawn: {e}", file=sys.stderr)
         return 1
     try:
-        return asyncio.run(run(config))
+        return asyncio.run(run(config, background))
     except KeyboardInterrupt:
         return 1
 
@@ -48,7 +51,22 @@ def _events_to_manager(config: MachineConfig, notifier: ManagerNotifier):
     return on_event
 
 
-async def run(config: MachineConfig) -> int:
+def console_decoration(config: MachineConfig, background: str | None) -> tuple[str | None, str | None]:
+    """The tint colour and window title, when our output is a terminal (and they are not disabled)."""
+    if not os.isatty(1):
+        return None, None
+    title = None
+    if os.environ.get("SYSTEMD_ADJUST_TERMINAL_TITLE", "1") not in FALSE_WORDS:
+        title = f"Virtual Machine {config.name} on {socket.gethostname()}"
+    if os.environ.get("SYSTEMD_TINT_BACKGROUND", "1") in FALSE_WORDS or background == "":
+        return None, title
+    if background is not None:
+        return background, title
+    rgb = query_terminal_background(0) if os.isatty(0) else None
+    return (tint_from_background(rgb) if rgb else None), title
+
+
+async def run(config: MachineConfig, background: str | None = None) -> int:
     """Boot the VM, forward its console, and return the exit status."""
     loop = asyncio.get_running_loop()
     machine = Machine(config, runtime_base=runtime_base(), die_with_parent=True,
@@ -71,6 +89,8 @@ async def run(config: MachineConfig) -> int:
         print(f"░ Spawning VM {config.name} on {config.linux}.", file=sys.stderr)
         if config.console is ConsoleMode.INTERACTIVE:
             print("░ Press Ctrl-] three times within 1s to kill VM.", file=sys.stderr)
+        elif config.console is ConsoleMode.NATIVE:
+            print("░ Press Ctrl-a x to kill VM.", file=sys.stderr)
     try:
         await machine.start()
     except (ConfigError, StartError) as e:
@@ -79,8 +99,10 @@ async def run(config: MachineConfig) -> int:
     if signals_seen:  # a signal arrived while we were still setting up
         await machine.kill()
     if machine.pty is not None:
+        tint, title = console_decoration(config, background)
         forwarder = PtyForwarder(machine.pty.master, read_only=config.console is ConsoleMode.READ_ONLY,
-                                 on_escape=lambda: loop.create_task(machine.kill(forced=False)))
+                                 on_escape=lambda: loop.create_task(machine.kill(forced=False)),
+                                 tint=tint, title=title)
         forwarder.start()
         machine.on_cleanup(forwarder.stop)
     status = await machine.wait()

@@ -1,0 +1,84 @@
+"""The interactive console as a person uses it: in a real terminal (tmux)."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")]
+
+
+class Tmux:
+    def __init__(self, session: str) -> None:
+        self.session = session
+
+    def start(self, command: str) -> None:
+        subprocess.run(["tmux", "new-session", "-d", "-s", self.session, "-x", "120", "-y", "40", command],
+                       check=True)
+
+    def keys(self, *keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.session, *keys], check=True)
+
+    def screen(self) -> str:
+        p = subprocess.run(["tmux", "capture-pane", "-p", "-t", self.session, "-S", "-200"], capture_output=True,
+                           text=True)
+        return p.stdout
+
+    def wait_for(self, text: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if text in screen:
+                return screen
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} not on screen:\n{self.screen()}")
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.session], capture_output=True)
+
+
+@pytest.fixture
+def tmux():
+    t = Tmux(f"vmspawnd-test-{time.monotonic_ns()}")
+    yield t
+    t.kill()
+
+
+def vmspawn_command(guest, tmp_path, *extra: str) -> str:
+    argv = [sys.executable, "-m", "vmspawnd.cli.vmspawn", f"--linux={guest.kernel}", f"--initrd={guest.initrd}",
+            "--ram=256M", "-M", "interactive", "--background=44", *extra, "panic=-1", "test.action=shell"]
+    # after vmspawn: report its exit status and whether the terminal is back in cooked mode
+    return (f"cd {shlex.quote(str(tmp_path))}; RUNTIME_DIRECTORY={shlex.quote(str(tmp_path))} {shlex.join(argv)};"
+            " echo EXIT=$?; stty -a | tr ' ' '\\n' | grep -x -e icanon -e -icanon | sed 's/^/MODE=/'; sleep 600")
+
+
+def test_type_into_the_guest_shell_then_ctrl_bracket_three_times(tmux, guest, tmp_path):
+    tmux.start(vmspawn_command(guest, tmp_path))
+    tmux.wait_for("Press Ctrl-] three times")
+    tmux.wait_for("starting a shell on the console", timeout=60)
+    time.sleep(0.5)
+    tmux.keys("echo answer-$((6*7))", "Enter")
+    tmux.wait_for("answer-42")
+    tmux.keys("C-]", "C-]")  # two presses and a pause do nothing
+    time.sleep(1.5)
+    tmux.keys("echo still-$((1+1))", "Enter")
+    tmux.wait_for("still-2")
+    tmux.keys("C-]", "C-]", "C-]")
+    screen = tmux.wait_for("MODE=", timeout=20)
+    assert "EXIT=0" in screen
+    assert "MODE=icanon" in screen  # the terminal was restored
+
+
+def test_guest_shell_exit_ends_vmspawn_with_its_status(tmux, guest, tmp_path):
+    tmux.start(vmspawn_command(guest, tmp_path, "test.notify=1", "test.exit=3"))
+    tmux.wait_for("starting a shell on the console", timeout=60)
+    time.sleep(0.5)
+    tmux.keys("exit", "Enter")
+    screen = tmux.wait_for("MODE=", timeout=30)
+    assert "EXIT=3" in screen  # the guest powered off and reported EXIT_STATUS=3
+    assert "MODE=icanon" in screen
