@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import IO
 
 PR_SET_PDEATHSIG = 1
@@ -26,6 +30,7 @@ class QemuProcess:
         self._popen = popen
         self._pidfd = os.pidfd_open(pid)
         self.returncode: int | None = None
+        self._channel: socket.socket | None = None
 
     @classmethod
     def spawn(cls, argv: Sequence[str], *, pass_fds: Sequence[int] = (), die_with_parent: bool,
@@ -42,6 +47,45 @@ class QemuProcess:
             preexec_fn=_die_with_parent if die_with_parent else None,
         )
         return cls(popen.pid, popen)
+
+    @classmethod
+    def fork_early(cls, *, die_with_parent: bool, stdout: int | IO[bytes] | None = None,
+                   stderr: int | IO[bytes] | None = None, inherit_stdin: bool = False) -> QemuProcess:
+        """Start the exec-late launcher: a process that waits for QEMU's argv and fds (see execlate.py)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            env = dict(os.environ)
+            env.setdefault("LANG", "C.UTF-8")
+            popen = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(Path(__file__).with_name("execlate.py")), str(theirs.fileno())],
+                stdin=None if inherit_stdin else subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                pass_fds=(theirs.fileno(),), start_new_session=True, env=env,
+                preexec_fn=_die_with_parent if die_with_parent else None,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        process = cls(popen.pid, popen)
+        process._channel = ours
+        return process
+
+    def exec(self, argv: Sequence[str], fds: Sequence[int] = ()) -> None:
+        """Make the early-forked launcher exec QEMU with ``fds`` at the same numbers as ours."""
+        assert self._channel is not None, "exec() is for processes started with fork_early()"
+        message = json.dumps({"argv": list(argv), "targets": list(fds)}).encode()
+        try:
+            socket.send_fds(self._channel, [message], list(fds))
+        finally:
+            self._channel.close()
+            self._channel = None
+
+    def cancel(self) -> None:
+        """Abandon an early-forked launcher before exec: it exits on its own."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
     @classmethod
     def adopt(cls, pid: int) -> QemuProcess:

@@ -134,6 +134,12 @@ class Machine:
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)
         rundir = self.runtime.create()
         self._stack.callback(self._release_runtime_dir)
+        # fork early, exec late: the launcher that becomes QEMU starts now, while we set up
+        self.qemu = QemuProcess.fork_early(die_with_parent=self._die_with_parent, stdout=self._qemu_output,
+                                           stderr=self._qemu_output,
+                                           inherit_stdin=config.console is ConsoleMode.NATIVE)
+        self._stack.push_async_callback(self._reap_qemu)
+        self._stack.callback(self.qemu.cancel)
 
         pass_fds: list[int] = []
         channel = NotifyChannel(self._guest_message)
@@ -183,10 +189,7 @@ class Machine:
         )
         argv = build_qemu_argv(config, resources)
         self.log.debug("spawning qemu", argv=" ".join(argv))
-        self.qemu = QemuProcess.spawn(argv, pass_fds=pass_fds, die_with_parent=self._die_with_parent,
-                                      stdout=self._qemu_output, stderr=self._qemu_output,
-                                      inherit_stdin=config.console is ConsoleMode.NATIVE)
-        self._stack.push_async_callback(self._reap_qemu)
+        self.qemu.exec(argv, pass_fds)
         qmp_sock.close()  # QEMU has its copy
         self._save_run_info()
 

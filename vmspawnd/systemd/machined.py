@@ -1,0 +1,95 @@
+"""Registration with systemd-machined over varlink (``io.systemd.Machine``), never D-Bus.
+
+machined's Register has a parameter named ``class`` (a Python keyword), so calls are sent
+as raw varlink parameters rather than through a typed proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from asyncvarlink import VarlinkClientProtocol, VarlinkMethodCall, connect_unix_varlink
+
+MACHINED_SOCKET = Path("/run/systemd/machine/io.systemd.Machine")
+SERVICE_NAME = "vmspawnd"
+
+
+class RegistrationError(Exception):
+    """machined refused or could not be reached (the message says which)."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What we tell machined about one VM."""
+
+    name: str
+    leader_pid: int
+    machine_id: uuid.UUID | None = None
+    root_directory: Path | None = None
+    vsock_cid: int | None = None
+    allocate_unit: bool = False
+
+    def parameters(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"name": self.name, "service": SERVICE_NAME, "class": "vm",
+                                  "leaderProcessId": leader_process_id(self.leader_pid)}
+        if self.machine_id is not None:
+            params["id"] = self.machine_id.hex
+        if self.root_directory is not None:
+            params["rootDirectory"] = str(self.root_directory)
+        if self.vsock_cid is not None:
+            params["vSockCid"] = self.vsock_cid
+            params["sshAddress"] = f"vsock/{self.vsock_cid}"
+        if self.allocate_unit:
+            params["allocateUnit"] = True
+        return params
+
+
+def leader_process_id(pid: int) -> dict[str, Any]:
+    """``ProcessId``: the pid, plus the pidfd inode (which pins the exact process) where available."""
+    result: dict[str, Any] = {"pid": pid}
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return result
+    try:
+        result["pidfdId"] = os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+    try:
+        result["bootId"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")
+    except OSError:
+        pass
+    return result
+
+
+async def call(method: str, parameters: dict[str, Any], socket_path: Path = MACHINED_SOCKET,
+               timeout: float = 10.0) -> dict[str, Any]:
+    """One varlink call to machined; raise RegistrationError with machined's error name."""
+    try:
+        transport, protocol = await asyncio.wait_for(connect_unix_varlink(VarlinkClientProtocol, socket_path), timeout)
+    except (OSError, TimeoutError) as e:
+        raise RegistrationError(f"cannot reach systemd-machined at {socket_path}: {e}") from e
+    try:
+        result = await asyncio.wait_for(protocol.call(VarlinkMethodCall(method, parameters)), timeout)
+        assert result is not None
+        reply, _ = result
+    except (OSError, TimeoutError, ConnectionError) as e:
+        raise RegistrationError(f"{method} failed: {e}") from e
+    finally:
+        transport.close()
+    if reply.error:
+        raise RegistrationError(f"{method}: {reply.error} {reply.parameters or ''}".strip())
+    return dict(reply.parameters or {})
+
+
+async def register(reg: Registration, socket_path: Path = MACHINED_SOCKET) -> None:
+    await call("io.systemd.Machine.Register", reg.parameters(), socket_path)
+
+
+async def unregister(name: str, socket_path: Path = MACHINED_SOCKET) -> None:
+    await call("io.systemd.Machine.Unregister", {"name": name}, socket_path)

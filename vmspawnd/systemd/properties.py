@@ -1,0 +1,186 @@
+"""``--property=NAME=VALUE`` in ``systemctl set-property`` syntax → typed D-Bus unit properties.
+
+Supported families: memory, CPU, tasks, IO and device access (plus Delegate).  An unknown or
+malformed assignment is a ConfigError naming the property, raised before any VM starts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from dbus_fast import Variant
+
+from vmspawnd.config import ConfigError, parse_bool, parse_size
+
+UINT64_MAX = (1 << 64) - 1
+UINT32_MAX = (1 << 32) - 1
+_TIME_UNITS = {"us": 1, "usec": 1, "ms": 1000, "msec": 1000, "s": 1_000_000, "sec": 1_000_000, "": 1_000_000,
+               "m": 60_000_000, "min": 60_000_000}
+
+Property = tuple[str, Variant]
+
+
+def _fail(name: str, value: str, reason: str) -> ConfigError:
+    return ConfigError("property", f"{name}={value}", reason)
+
+
+def _percent(name: str, value: str) -> float | None:
+    if not value.endswith("%"):
+        return None
+    try:
+        pct = float(value[:-1])
+    except ValueError:
+        raise _fail(name, value, "expected a percentage such as 50%") from None
+    if not 0 <= pct <= 100:
+        raise _fail(name, value, "percentage must be between 0% and 100%")
+    return pct
+
+
+def _limit(name: str, value: str, scale_name: str | None) -> list[Property]:
+    """Bytes/count limits: a number (with K/M/G… for memory), ``infinity``, or a percentage."""
+    if value == "infinity":
+        return [(name, Variant("t", UINT64_MAX))]
+    pct = _percent(name, value)
+    if pct is not None:
+        if scale_name is None:
+            raise _fail(name, value, "percentages are not supported here")
+        return [(scale_name, Variant("u", round(pct / 100 * UINT32_MAX)))]
+    try:
+        number = parse_size(name, value) if name.startswith("Memory") else int(value)
+    except (ConfigError, ValueError):
+        raise _fail(name, value, "expected a number, 'infinity' or a percentage") from None
+    if number < 0:
+        raise _fail(name, value, "must not be negative")
+    return [(name, Variant("t", number))]
+
+
+def _weight(name: str, value: str) -> list[Property]:
+    if not value.isdigit() or not 1 <= int(value) <= 10000:
+        raise _fail(name, value, "expected a weight from 1 to 10000")
+    return [(name, Variant("t", int(value)))]
+
+
+def _boolean(name: str, value: str) -> list[Property]:
+    try:
+        return [(name, Variant("b", parse_bool("property", value)))]
+    except ConfigError:
+        raise _fail(name, value, "expected a boolean") from None
+
+
+def _cpu_quota_any(name: str, value: str) -> list[Property]:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)%", value)
+    if not m or float(m.group(1)) <= 0:
+        raise _fail(name, value, "expected a positive percentage such as 50% (200% = two CPUs)")
+    return [("CPUQuotaPerSecUSec", Variant("t", round(float(m.group(1)) * 10_000)))]
+
+
+def _timespan(name: str, value: str) -> list[Property]:
+    m = re.fullmatch(r"(\d+)\s*([a-z]*)", value)
+    if not m or m.group(2) not in _TIME_UNITS:
+        raise _fail(name, value, "expected a time span such as 100ms or 1s")
+    usec_name = name[:-3] + "USec" if name.endswith("Sec") else name
+    return [(usec_name, Variant("t", int(m.group(1)) * _TIME_UNITS[m.group(2)]))]
+
+
+def _cpu_set(name: str, value: str) -> list[Property]:
+    cpus: set[int] = set()
+    for part in filter(None, re.split(r"[\s,]+", value)):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise _fail(name, value, "expected CPU indices or ranges such as 0-3,6")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo or hi > 8191:
+            raise _fail(name, value, "invalid CPU range")
+        cpus.update(range(lo, hi + 1))
+    mask = bytearray((max(cpus) // 8 + 1) if cpus else 0)
+    for cpu in cpus:
+        mask[cpu // 8] |= 1 << (cpu % 8)
+    return [(name, Variant("ay", bytes(mask)))]
+
+
+def _device_limit(name: str, value: str, sizes: bool) -> list[Property]:
+    path, _, amount = value.rpartition(" ")
+    if not path.startswith("/"):
+        raise _fail(name, value, "expected 'DEVICE-PATH VALUE'")
+    try:
+        number = parse_size(name, amount) if sizes else int(amount)
+    except (ConfigError, ValueError):
+        raise _fail(name, value, "expected 'DEVICE-PATH VALUE' with a number") from None
+    return [(name, Variant("a(st)", [[path, number]]))]
+
+
+def _device_weight(name: str, value: str) -> list[Property]:
+    path, _, weight = value.rpartition(" ")
+    if not path.startswith("/") or not weight.isdigit() or not 1 <= int(weight) <= 10000:
+        raise _fail(name, value, "expected 'DEVICE-PATH WEIGHT' with a weight from 1 to 10000")
+    return [(name, Variant("a(st)", [[path, int(weight)]]))]
+
+
+def _device_allow(name: str, value: str) -> list[Property]:
+    parts = value.split()
+    if not 1 <= len(parts) <= 2 or not (parts[0].startswith(("/", "char-", "block-"))):
+        raise _fail(name, value, "expected 'DEVICE [r][w][m]'")
+    access = parts[1] if len(parts) > 1 else "rwm"
+    if not access or set(access) - set("rwm"):
+        raise _fail(name, value, "access must be a combination of r, w and m")
+    return [(name, Variant("a(ss)", [[parts[0], access]]))]
+
+
+def _device_policy(name: str, value: str) -> list[Property]:
+    if value not in ("auto", "closed", "strict"):
+        raise _fail(name, value, "expected auto, closed or strict")
+    return [(name, Variant("s", value))]
+
+
+PARSERS: dict[str, Callable[[str, str], list[Property]]] = {
+    "MemoryAccounting": _boolean,
+    "MemoryMin": lambda n, v: _limit(n, v, "MemoryMinScale"),
+    "MemoryLow": lambda n, v: _limit(n, v, "MemoryLowScale"),
+    "MemoryHigh": lambda n, v: _limit(n, v, "MemoryHighScale"),
+    "MemoryMax": lambda n, v: _limit(n, v, "MemoryMaxScale"),
+    "MemorySwapMax": lambda n, v: _limit(n, v, "MemorySwapMaxScale"),
+    "CPUAccounting": _boolean,
+    "CPUWeight": _weight,
+    "StartupCPUWeight": _weight,
+    "CPUQuota": _cpu_quota_any,
+    "CPUQuotaPeriodSec": _timespan,
+    "AllowedCPUs": _cpu_set,
+    "StartupAllowedCPUs": _cpu_set,
+    "TasksAccounting": _boolean,
+    "TasksMax": lambda n, v: _limit(n, v, "TasksMaxScale"),
+    "IOAccounting": _boolean,
+    "IOWeight": _weight,
+    "StartupIOWeight": _weight,
+    "IODeviceWeight": _device_weight,
+    "IOReadBandwidthMax": lambda n, v: _device_limit(n, v, True),
+    "IOWriteBandwidthMax": lambda n, v: _device_limit(n, v, True),
+    "IOReadIOPSMax": lambda n, v: _device_limit(n, v, False),
+    "IOWriteIOPSMax": lambda n, v: _device_limit(n, v, False),
+    "DeviceAllow": _device_allow,
+    "DevicePolicy": _device_policy,
+    "Delegate": _boolean,
+}
+
+
+def parse_property(assignment: str) -> list[Property]:
+    """Parse one ``NAME=VALUE``; raise ConfigError for unknown names and malformed values."""
+    name, sep, value = assignment.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep or not name:
+        raise ConfigError("property", assignment, "expected NAME=VALUE")
+    parser = PARSERS.get(name)
+    if parser is None:
+        raise ConfigError("property", assignment, f"unknown or unsupported property {name} "
+                          f"(supported: {', '.join(sorted(PARSERS))})")
+    return parser(name, value)
+
+
+def parse_properties(assignments: tuple[str, ...] | list[str]) -> list[Property]:
+    return [p for a in assignments for p in parse_property(a)]
+
+
+def describe(props: list[Property]) -> list[tuple[str, str, Any]]:
+    """(name, signature, value) triples, for logs and tests."""
+    return [(n, v.signature, v.value) for n, v in props]
