@@ -30,7 +30,8 @@ WORDS = ("panic=-1", "test.notify=1")
 
 def bare_qemu(guest, tmp: Path) -> float:
     config = MachineConfig(name="bench", linux=guest.kernel, initrds=(guest.initrd,), kernel_cmdline=WORDS,
-                           ram=Ram(256 << 20), console=ConsoleMode.HEADLESS, kvm=Tristate.NO).validated()
+                           ram=Ram(256 << 20), console=ConsoleMode.HEADLESS, kvm=Tristate.NO,
+                           firmware="bios").validated()
     notify_path, qmp_path = tmp / "notify.sock", tmp / "qmp.sock"
     for p in (notify_path, qmp_path):
         p.unlink(missing_ok=True)
@@ -72,9 +73,9 @@ def vmspawn(guest, tmp: Path) -> float:
     env = {**os.environ, "NOTIFY_SOCKET": str(notify), "RUNTIME_DIRECTORY": str(tmp)}
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "vmspawnd.cli.vmspawn", f"--linux={guest.kernel}",
-                             f"--initrd={guest.initrd}", "--ram=256M", "--console=headless", "--kvm=no", "-q",
-                             "-M", "bench", *WORDS], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                             f"--initrd={guest.initrd}", "--ram=256M", "--console=headless", "--kvm=no",
+                             "--firmware=bios", "-q", "-M", "bench", *WORDS],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ready = None
     sock.settimeout(60)
     while ready is None:

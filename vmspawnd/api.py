@@ -93,6 +93,11 @@ class Config:
     growImage: str | None = None
     ephemeral: bool | None = None
     network: str | None = None
+    firmware: str | None = None
+    firmwareFeatures: list[str] | None = None
+    secureBoot: str | None = None
+    efiNvramTemplate: str | None = None
+    efiNvramState: str | None = None
 
 
 @dataclass

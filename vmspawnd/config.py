@@ -245,6 +245,11 @@ class MachineConfig:
     grow_image: int = 0
     ephemeral: bool = False
     network: Network = Network.NONE
+    firmware: str = "auto"
+    firmware_features: tuple[str, ...] = ()
+    secure_boot: Tristate = Tristate.AUTO
+    efi_nvram_template: Path | None = None
+    efi_nvram_state: str = "auto"
     quiet: bool = False
 
     def validated(self) -> MachineConfig:
@@ -267,6 +272,9 @@ class MachineConfig:
                 if not drive.path.is_absolute():
                     raise ConfigError(what, str(drive.path), "path must be absolute")
                 check_image(drive.path, drive.format, what)
+        self.firmware_choice()  # resolves --firmware/--firmware-features/--secure-boot or raises
+        if self.efi_nvram_template is not None and not self.efi_nvram_template.is_file():
+            raise ConfigError("efi-nvram-template", str(self.efi_nvram_template), "no such file")
         for what, path in [("linux", self.linux), *(("initrd", p) for p in self.initrds)]:
             if path is None:
                 continue
@@ -284,6 +292,17 @@ class MachineConfig:
         check_unique(list(self.credentials))
         return self
 
+    def firmware_choice(self):
+        """Resolve the firmware (descriptor search included) for this configuration."""
+        from vmspawnd.qemu.firmware import apply_secure_boot, parse_firmware_features, resolve_firmware
+
+        include, exclude = parse_firmware_features(self.firmware_features)
+        include, exclude = apply_secure_boot(include, exclude, self.secure_boot)
+        if self.linux is None and self.firmware == "none":
+            raise ConfigError("firmware", "none", "booting without firmware requires --linux=")
+        return resolve_firmware(self.firmware, linux=self.linux if self.linux and self.linux.is_file() else None,
+                                include=include, exclude=exclude)
+
     def replace(self, **changes: Any) -> MachineConfig:
         return dataclasses.replace(self, **changes)
 
@@ -293,7 +312,8 @@ class MachineConfig:
 # camelCase keys, plain JSON values, every key optional except where noted.
 JSON_FIELDS = ("linux", "initrds", "kernelCommandLine", "ram", "cpus", "kvm", "vsock", "notifyReady",
                "console", "consoleTransport", "uuid", "credentials", "smbios11", "image", "imageFormat",
-               "imageDiskType", "extraDrives", "discardDisk", "growImage", "ephemeral", "network")
+               "imageDiskType", "extraDrives", "discardDisk", "growImage", "ephemeral", "network", "firmware",
+               "firmwareFeatures", "secureBoot", "efiNvramTemplate", "efiNvramState")
 
 
 def config_to_json(config: MachineConfig) -> dict[str, Any]:
@@ -322,6 +342,11 @@ def config_to_json(config: MachineConfig) -> dict[str, Any]:
         "growImage": str(config.grow_image) if config.grow_image else None,
         "ephemeral": config.ephemeral,
         "network": config.network.value,
+        "firmware": config.firmware,
+        "firmwareFeatures": list(config.firmware_features),
+        "secureBoot": config.secure_boot.value,
+        "efiNvramTemplate": str(config.efi_nvram_template) if config.efi_nvram_template else None,
+        "efiNvramState": config.efi_nvram_state,
     }
 
 
@@ -383,7 +408,15 @@ def config_from_json(name: str, data: dict[str, Any]) -> MachineConfig:
         grow_image=parse_size("growImage", _string("growImage", get("growImage"))) if get("growImage") else 0,
         ephemeral=_bool("ephemeral", get("ephemeral", False)),
         network=parse_enum("network", _string("network", get("network", "none")), Network),
+        firmware=_string("firmware", get("firmware", "auto"), 4096),
+        firmware_features=tuple(_string_list("firmwareFeatures", get("firmwareFeatures"))),
+        secure_boot=parse_tristate("secureBoot", _string("secureBoot", get("secureBoot", "auto"))),
+        efi_nvram_template=(_path("efiNvramTemplate", get("efiNvramTemplate"))
+                            if get("efiNvramTemplate") is not None else None),
+        efi_nvram_state=_string("efiNvramState", get("efiNvramState", "auto"), 4096),
     )
+    if config.firmware in ("list", "describe"):
+        raise ConfigError("firmware", config.firmware, "is an action, not a machine setting")
     return config.validated()
 
 

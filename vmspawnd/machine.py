@@ -30,6 +30,7 @@ from vmspawnd.ptyfwd import Pty
 from vmspawnd.qemu.accel import choose_accelerator, find_qemu, vsock_usable
 from vmspawnd.qemu.argv import Resources, build_qemu_argv, check_cmdline_length, cmdline_smbios_strings
 from vmspawnd.qemu.disks import grow_image, root_cmdline_word
+from vmspawnd.qemu.firmware import nvram_state_path, prepare_nvram
 from vmspawnd.qemu.qmp import Qmp
 from vmspawnd.qemu.vsock import claim_vsock
 from vmspawnd.runtime import RuntimeDir
@@ -180,12 +181,22 @@ class Machine:
                 self._stack.callback(self._close_pty)
 
         initrd = self._merge_initrds(rundir) if config.initrds else None
+        firmware = config.firmware_choice()
+        nvram = None
+        template = firmware.nvram_template(config.efi_nvram_template)
+        if template is not None:
+            base = config.image.path if config.image is not None else None
+            nvram = prepare_nvram(template, nvram_state_path(config.efi_nvram_state, base, config.ephemeral), rundir)
+        self.log.info("firmware", kind=firmware.kind.value, reason=firmware.reason,
+                      descriptor=str(firmware.descriptor.path) if firmware.descriptor else None,
+                      nvram=str(nvram) if nvram else None)
         resources = Resources(
             qemu=qemu_binary, kvm=accel.kvm, qmp_fd=qmp_sock.fileno(),
             console_pty=self.pty.slave_path if self.pty else None, console_socket=console_socket,
             notify_args=tuple(channel.qemu_args), vsock_cid=vsock_cid, vsock_fd=vsock_fd,
             smbios_files=tuple(smbios), initrd=initrd, vmgenid=uuid.uuid4(), term=term,
-            extra_cmdline=extra_cmdline,
+            extra_cmdline=extra_cmdline, firmware_args=tuple(firmware.qemu_args(nvram)),
+            smm=firmware.smm if firmware.descriptor is not None else None,
         )
         argv = build_qemu_argv(config, resources)
         self.log.debug("spawning qemu", argv=" ".join(argv))

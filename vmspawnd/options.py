@@ -7,6 +7,7 @@ option means the same in both.  Errors raise :class:`ConfigError` (front ends ex
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import uuid
@@ -15,6 +16,8 @@ from typing import NoReturn
 
 from vmspawnd import __version__
 from vmspawnd.config import (
+    FALSE_WORDS,
+    TRUE_WORDS,
     ConfigError,
     ConsoleMode,
     ConsoleTransport,
@@ -77,6 +80,16 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
     host.add_argument("--vsock", metavar="BOOL|auto",
                       help="give the guest a vsock device (auto: if /dev/vhost-vsock can be opened)")
     host.add_argument("--qemu-vsock", dest="vsock", help=hidden)
+    host.add_argument("--firmware", metavar="auto|uefi|bios|none|PATH|list|describe",
+                      help="firmware: auto (UEFI unless --linux is not a PE kernel), uefi, bios (QEMU's built-in), "
+                           "none (direct kernel boot), a descriptor JSON; list/describe print and exit")
+    host.add_argument("--firmware-features", metavar="FEATURE[,~FEATURE…]|list", action="append", default=[],
+                      help="require (or with ~ exclude) descriptor features; default excludes enrolled-keys; "
+                           "'list' prints all features")
+    host.add_argument("--secure-boot", metavar="BOOL|auto", help="require (yes) or exclude (no) Secure Boot firmware")
+    host.add_argument("--efi-nvram-template", metavar="PATH", help="UEFI variable store template to start from")
+    host.add_argument("--efi-nvram-state", metavar="PATH|auto|off",
+                      help="where UEFI variables persist (auto: <image>.efinvramstate; off: discarded)")
     net = parser.add_argument_group("Networking")
     net.add_argument("-n", "--network-tap", dest="network", action="store_const", const="tap",
                      help="TAP networking (interface vt-NAME; needs CAP_NET_ADMIN)")
@@ -144,9 +157,64 @@ def config_from_args(ns: argparse.Namespace) -> MachineConfig:
         grow_image=parse_size("grow-image", ns.grow_image) if ns.grow_image else 0,
         ephemeral=ns.ephemeral,
         network=Network(ns.network) if ns.network else Network.NONE,
+        firmware=_firmware_value(ns.firmware),
+        firmware_features=tuple(ns.firmware_features),
+        secure_boot=parse_tristate("secure-boot", ns.secure_boot) if ns.secure_boot is not None else Tristate.AUTO,
+        efi_nvram_template=_abspath(ns.efi_nvram_template) if ns.efi_nvram_template else None,
+        efi_nvram_state=_state_value(ns.efi_nvram_state, "efi-nvram-state"),
         quiet=getattr(ns, "quiet", False),
     )
     return config.validated()
+
+
+def _firmware_value(value: str | None) -> str:
+    if not value:
+        return "auto"
+    if value.startswith("./") or value.startswith("/"):
+        return os.path.abspath(value)
+    return value
+
+
+def _state_value(value: str | None, field: str) -> str:
+    """PATH|auto|off for --efi-nvram-state/--tpm-state: booleans map to auto/off, paths become absolute."""
+    if value is None:
+        return "auto"
+    if value in ("", "off") or value.lower() in FALSE_WORDS:
+        return "off"
+    if value == "auto" or value.lower() in TRUE_WORDS:
+        return "auto"
+    if not (value.startswith("/") or value.startswith("./")):
+        raise ConfigError(field, value, "a path must be absolute or start with ./")
+    return os.path.abspath(value)
+
+
+class InfoRequest(Exception):
+    """An option that prints something and exits 0 (--firmware=list, …); carries the text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+def info_request(ns: argparse.Namespace, as_json: bool = False) -> str | None:
+    """Handle --firmware=list|describe and --firmware-features=list before any validation."""
+    from vmspawnd.qemu import firmware as fw
+
+    if ns.firmware == "list":
+        found = fw.enumerate_descriptors()
+        if as_json:
+            return json.dumps([{"path": str(d.path), "description": d.description, "features": list(d.features),
+                                "valid": d.valid} for d in found], indent=2)
+        return fw.format_list(found)
+    if "list" in ns.firmware_features:
+        return "\n".join(fw.list_features(fw.enumerate_descriptors()))
+    if ns.firmware == "describe":
+        include, exclude = fw.parse_firmware_features(ns.firmware_features)
+        secure = parse_tristate("secure-boot", ns.secure_boot) if ns.secure_boot else Tristate.AUTO
+        include, exclude = fw.apply_secure_boot(include, exclude, secure)
+        chosen = fw.select_firmware(fw.enumerate_descriptors(), include=include, exclude=exclude)
+        return fw.describe(chosen)
+    return None
 
 
 def _image(ns: argparse.Namespace) -> Drive | None:
@@ -188,6 +256,7 @@ def vmspawn_parser() -> OptionParser:
     )
     parser.add_argument("--version", action="version", version=f"vmspawn {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not show status messages")
+    parser.add_argument("--json", action="store_true", help="with --firmware=list: print JSON")
     add_machine_options(parser)
     parser.add_argument("--background", metavar="COLOR",
                         help="console background tint as ANSI SGR parameters (e.g. 48;2;0;64;0); "
@@ -201,6 +270,9 @@ def parse_vmspawn_args(argv: list[str], with_background: bool = False):
     Returns the MachineConfig, or (config, background) with ``with_background``."""
     parser = vmspawn_parser()
     ns = parser.parse_intermixed_args(argv)
+    text = info_request(ns, as_json=getattr(ns, "json", False))
+    if text is not None:
+        raise InfoRequest(text)
     config = config_from_args(ns)
     if not with_background:
         return config

@@ -51,7 +51,8 @@ def tmux():
 
 def vmspawn_command(guest, tmp_path, *extra: str) -> str:
     argv = [sys.executable, "-m", "vmspawnd.cli.vmspawn", f"--linux={guest.kernel}", f"--initrd={guest.initrd}",
-            "--ram=256M", "-M", "interactive", "--background=44", *extra, "panic=-1", "test.action=shell"]
+            "--ram=256M", "-M", "interactive", "--background=44", "--firmware=bios", *extra, "panic=-1",
+            "test.action=shell"]
     # after vmspawn: report its exit status and whether the terminal is back in cooked mode
     return (f"cd {shlex.quote(str(tmp_path))}; RUNTIME_DIRECTORY={shlex.quote(str(tmp_path))} {shlex.join(argv)};"
             " echo EXIT=$?; stty -a | tr ' ' '\\n' | grep -x -e icanon -e -icanon | sed 's/^/MODE=/'; sleep 600")

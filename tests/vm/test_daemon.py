@@ -21,7 +21,7 @@ pytestmark = pytest.mark.vm
 
 def create(daemon: Daemon, guest, name: str, *words: str, console: str = "read-only") -> None:
     p = daemon.ctl("create", name, f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
-                   f"--console={console}", "panic=-1", "test.notify=1", *words)
+                   f"--console={console}", "--firmware=bios", "panic=-1", "test.notify=1", *words)
     assert p.returncode == 0, p.stderr
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -172,3 +173,35 @@ def test_raw_image_with_extra_drive_and_root_partuuid(vmspawn, tmp_path):
     assert "disk vda size=16384 serial=rootdisk.raw" in run.text
     assert "disk vdb size=8192 serial=extra.raw" in run.text
     assert_clean(run)
+
+
+def test_uefi_boot_with_persistent_nvram(vmspawn, tmp_path):
+    from tests.unit.test_disks import make_gpt
+    from vmspawnd.qemu.disks import ROOT_X86_64
+
+    image = tmp_path / "efi.raw"
+    make_gpt(image, [(ROOT_X86_64, uuid.uuid4())], size=4 << 20)
+    store = tmp_path / "efi.raw.efinvramstate"
+    first = vmspawn("test.notify=1", f"--image={image}", "--efi-nvram-state=auto", name="uefi1", firmware="uefi")
+    assert first.wait(timeout=120) == 0, first.text
+    assert "READY=1" in first.notify.lines()
+    assert store.is_file() and store.stat().st_mode & 0o777 == 0o600
+    inode = store.stat().st_ino
+    second = vmspawn("test.notify=1", f"--image={image}", "--efi-nvram-state=auto", "--secure-boot=no",
+                     name="uefi2", firmware="uefi")
+    assert second.wait(timeout=120) == 0, second.text
+    assert store.stat().st_ino == inode  # reused, never replaced by a fresh copy of the template
+    assert_clean(second)
+
+
+def test_firmware_list_and_describe_agree_with_the_descriptors_on_disk():
+    from vmspawnd.qemu.firmware import enumerate_descriptors
+
+    listed = subprocess.run([*VMSPAWN, "--firmware=list"], capture_output=True, text=True, check=True).stdout.split()
+    assert listed == [str(d.path) for d in enumerate_descriptors()]
+    described = subprocess.run([*VMSPAWN, "--firmware=describe"], capture_output=True, text=True, check=True).stdout
+    chosen = next(d for d in enumerate_descriptors() if "enrolled-keys" not in d.features)
+    assert json.loads(described) == json.loads(chosen.path.read_text())
+    no_sb = subprocess.run([*VMSPAWN, "--firmware=describe", "--secure-boot=no"], capture_output=True, text=True,
+                           check=True).stdout
+    assert "secure-boot" not in json.loads(no_sb)["features"]

@@ -13,7 +13,7 @@ import structlog
 from vmspawnd.config import FALSE_WORDS, ConfigError, ConsoleMode, MachineConfig
 from vmspawnd.log import setup_logging
 from vmspawnd.machine import Machine, StartError, State
-from vmspawnd.options import parse_vmspawn_args
+from vmspawnd.options import InfoRequest, parse_vmspawn_args
 from vmspawnd.ptyfwd import PtyForwarder
 from vmspawnd.runtime import runtime_base
 from vmspawnd.systemd.notify import ManagerNotifier
@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         config, background = parse_vmspawn_args(sys.argv[1:] if argv is None else argv, with_background=True)
+    except InfoRequest as info:
+        try:
+            print(info.text, flush=True)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ConfigError as e:
         print(f"vmspawn: {e}", file=sys.stderr)
         return 1

@@ -35,6 +35,8 @@ class Resources:
     vmgenid: uuid.UUID = field(default_factory=uuid.uuid4)
     term: str | None = None
     extra_cmdline: tuple[str, ...] = ()  # synthesized words (root=PARTUUID=…), after the user's
+    firmware_args: tuple[str, ...] = ()
+    smm: bool | None = None  # None: no UEFI firmware, leave smm alone
 
 
 def console_word(config: MachineConfig) -> str | None:
@@ -77,7 +79,8 @@ def network_args(config: MachineConfig) -> list[str]:
 
 def build_qemu_argv(config: MachineConfig, res: Resources) -> list[str]:
     """Build QEMU's complete argv (classic command-line form, see the spec §2)."""
-    argv = [str(res.qemu), "-machine", "type=q35,hpet=off", "-smp", config.cpus]
+    machine = "type=q35" + ("" if res.smm is None else f",smm={'on' if res.smm else 'off'}") + ",hpet=off"
+    argv = [str(res.qemu), "-machine", machine, "-smp", config.cpus]
     ram = config.ram
     if ram.max is not None:
         argv += ["-m", f"size={ram.size_mib}M,maxmem={ram.max_mib}M,slots={ram.slots or 1}"]
@@ -98,6 +101,7 @@ def build_qemu_argv(config: MachineConfig, res: Resources) -> list[str]:
     if res.vsock_cid is not None:
         argv += ["-device", f"vhost-vsock-pci,guest-cid={res.vsock_cid},vhostfd={res.vsock_fd}"]
     argv += _console_args(config, res)
+    argv += res.firmware_args
     argv += ["-chardev", f"socket,id=qmp,fd={res.qmp_fd},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
     argv += res.notify_args
     for path in res.smbios_files:
