@@ -98,6 +98,10 @@ class Config:
     secureBoot: str | None = None
     efiNvramTemplate: str | None = None
     efiNvramState: str | None = None
+    tpm: str | None = None
+    tpmState: str | None = None
+    directory: str | None = None
+    binds: list[str] | None = None
 
 
 @dataclass
@@ -178,7 +182,8 @@ def machine_info(name: str, entry: Entry) -> MachineInfo:
     return MachineInfo(
         name=name, state=MachineState(m.state.value), ready=m.ready and running, since=int(m.since * 1_000_000),
         pid=m.qemu.pid if m.qemu is not None and running else None,
-        runtimeDirectory=str(m.runtime.path) if running else None, tpmStatePath=None, units=[],
+        runtimeDirectory=str(m.runtime.path) if running else None,
+        tpmStatePath=str(m.tpm_state_path) if m.tpm_state_path else None, units=list(m.units) if running else [],
         status=m.guest_status, exitStatus=m.exit_status, failure=m.failure,
         config=_config_object(config_to_json(entry.config)),
     )

@@ -60,6 +60,15 @@ class Network(enum.Enum):
     TAP = "tap"
 
 
+@dataclass(frozen=True)
+class Bind:
+    """``--bind=SRC[:DST]`` / ``--bind-ro=SRC[:DST]``: a host directory shared at DST in the guest."""
+
+    source: Path
+    destination: Path
+    read_only: bool = False
+
+
 class ImageFormat(enum.Enum):
     RAW = "raw"
     QCOW2 = "qcow2"
@@ -250,6 +259,10 @@ class MachineConfig:
     secure_boot: Tristate = Tristate.AUTO
     efi_nvram_template: Path | None = None
     efi_nvram_state: str = "auto"
+    tpm: Tristate = Tristate.AUTO
+    tpm_state: str = "auto"
+    directory: Path | None = None
+    binds: tuple[Bind, ...] = ()
     quiet: bool = False
 
     def validated(self) -> MachineConfig:
@@ -261,6 +274,15 @@ class MachineConfig:
             raise ConfigError("initrd", str(self.initrds[0]), "--initrd requires --linux")
         if self.linux is None and self.image is None:
             raise ConfigError("linux", "", "nothing to boot: pass --linux=KERNEL and/or --image=IMAGE")
+        if self.image is not None and self.directory is not None:
+            raise ConfigError("directory", str(self.directory), "--directory and --image cannot be combined")
+        if self.directory is not None and not self.directory.is_dir():
+            raise ConfigError("directory", str(self.directory), "not a directory")
+        if self.directory is not None and self.linux is None:
+            raise ConfigError("directory", str(self.directory), "booting a directory needs --linux=KERNEL")
+        for bind in self.binds:
+            if not bind.source.is_dir():
+                raise ConfigError("bind-ro" if bind.read_only else "bind", str(bind.source), "not a directory")
         if self.ephemeral and self.extra_drives:
             raise ConfigError("extra-drive", str(self.extra_drives[0].path), "cannot be combined with --ephemeral")
         if self.grow_image and self.image is not None and self.image.format is ImageFormat.QCOW2:
@@ -313,7 +335,8 @@ class MachineConfig:
 JSON_FIELDS = ("linux", "initrds", "kernelCommandLine", "ram", "cpus", "kvm", "vsock", "notifyReady",
                "console", "consoleTransport", "uuid", "credentials", "smbios11", "image", "imageFormat",
                "imageDiskType", "extraDrives", "discardDisk", "growImage", "ephemeral", "network", "firmware",
-               "firmwareFeatures", "secureBoot", "efiNvramTemplate", "efiNvramState")
+               "firmwareFeatures", "secureBoot", "efiNvramTemplate", "efiNvramState", "tpm", "tpmState",
+               "directory", "binds")
 
 
 def config_to_json(config: MachineConfig) -> dict[str, Any]:
@@ -347,6 +370,10 @@ def config_to_json(config: MachineConfig) -> dict[str, Any]:
         "secureBoot": config.secure_boot.value,
         "efiNvramTemplate": str(config.efi_nvram_template) if config.efi_nvram_template else None,
         "efiNvramState": config.efi_nvram_state,
+        "tpm": config.tpm.value,
+        "tpmState": config.tpm_state,
+        "directory": str(config.directory) if config.directory else None,
+        "binds": [f"{'ro' if b.read_only else 'rw'}:{b.source}:{b.destination}" for b in config.binds],
     }
 
 
@@ -414,10 +441,22 @@ def config_from_json(name: str, data: dict[str, Any]) -> MachineConfig:
         efi_nvram_template=(_path("efiNvramTemplate", get("efiNvramTemplate"))
                             if get("efiNvramTemplate") is not None else None),
         efi_nvram_state=_string("efiNvramState", get("efiNvramState", "auto"), 4096),
+        tpm=parse_tristate("tpm", _string("tpm", get("tpm", "auto"))),
+        tpm_state=_string("tpmState", get("tpmState", "auto"), 4096),
+        directory=_path("directory", get("directory")) if get("directory") is not None else None,
+        binds=tuple(_bind(v) for v in _string_list("binds", get("binds"))),
     )
     if config.firmware in ("list", "describe"):
         raise ConfigError("firmware", config.firmware, "is an action, not a machine setting")
     return config.validated()
+
+
+def _bind(value: str) -> Bind:
+    mode, _, rest = value.partition(":")
+    source, _, destination = rest.partition(":")
+    if mode not in ("ro", "rw"):
+        raise ConfigError("binds", value, "expected ro|rw:SOURCE:DESTINATION")
+    return Bind(_path("binds", source), _path("binds", destination), mode == "ro")
 
 
 def _bool(field: str, value: Any) -> bool:

@@ -34,6 +34,8 @@ from vmspawnd.qemu.firmware import nvram_state_path, prepare_nvram
 from vmspawnd.qemu.qmp import Qmp
 from vmspawnd.qemu.vsock import claim_vsock
 from vmspawnd.runtime import RuntimeDir
+from vmspawnd.services.runner import choose_runner, describe_status
+from vmspawnd.services.setup import AuxServiceError, start_aux_services
 from vmspawnd.storage import read_json, write_json_atomic
 
 log = structlog.get_logger()
@@ -85,6 +87,10 @@ class Machine:
         self._exited = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
         self._vsock_port: int | None = None
+        self._aux_failure: str | None = None
+        self._watches: set[asyncio.Task[None]] = set()
+        self.tpm_state_path: Path | None = None
+        self.units: list[str] = []
         self.log = log.bind(machine=config.name)
 
     # ---------------------------------------------------------------- life cycle
@@ -107,7 +113,9 @@ class Machine:
         self._guest_exit_status, self._forced = None, False
         self._exited.clear()
         self._detaching = False
+        self._aux_failure = None
         self._stack = contextlib.AsyncExitStack()
+        self._stack.callback(self._cancel_watches)
         self._set_state(State.STARTING)
         try:
             await self._start()
@@ -156,11 +164,22 @@ class Machine:
         else:
             await channel.listen_virtio_serial(rundir / "notify.sock")
 
-        credentials = list(config.credentials)
+        runner = await choose_runner(die_with_parent=self._die_with_parent)
+        self._stack.push_async_callback(runner.aclose)
+        try:
+            aux = await start_aux_services(config, runner, rundir, self._stack)
+        except AuxServiceError as e:
+            raise StartError(str(e)) from e
+        self.tpm_state_path, self.units = aux.tpm_state, aux.units
+        for what, service in aux.services:
+            self._spawn_watch(self._watch_service(what, service))
+
+        ours = {cred_id for cred_id, _ in aux.credentials}
+        credentials = [c for c in config.credentials if c[0] not in ours] + aux.credentials
         if channel.credential:
             credentials.append((channel.credential[0], channel.credential[1].encode()))
         term = os.environ.get("TERM")
-        extra_cmdline = self._synthesized_cmdline()
+        extra_cmdline = self._synthesized_cmdline() + tuple(aux.cmdline)
         smbios = write_smbios_credentials(rundir / "smbios", credentials,
                                           config.smbios11 + tuple(cmdline_smbios_strings(config, term, extra_cmdline)))
 
@@ -196,7 +215,7 @@ class Machine:
             notify_args=tuple(channel.qemu_args), vsock_cid=vsock_cid, vsock_fd=vsock_fd,
             smbios_files=tuple(smbios), initrd=initrd, vmgenid=uuid.uuid4(), term=term,
             extra_cmdline=extra_cmdline, firmware_args=tuple(firmware.qemu_args(nvram)),
-            smm=firmware.smm if firmware.descriptor is not None else None,
+            smm=firmware.smm if firmware.descriptor is not None else None, aux_args=tuple(aux.qemu_args),
         )
         argv = build_qemu_argv(config, resources)
         self.log.debug("spawning qemu", argv=" ".join(argv))
@@ -277,6 +296,29 @@ class Machine:
         else:
             self.runtime.remove()
 
+    def _spawn_watch(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._watches.add(task)
+        task.add_done_callback(self._watches.discard)
+
+    def _cancel_watches(self) -> None:
+        for task in list(self._watches):
+            task.cancel()
+
+    async def _watch_service(self, what: str, service) -> None:
+        """A helper that dies while the VM runs takes the VM down, with a clear reason."""
+        rc = await service.wait()
+        if self.qemu is None or self._exited.is_set() or self._stopping is not None:
+            return
+        with contextlib.suppress(TimeoutError):  # helpers also end when QEMU does: give QEMU a moment
+            await asyncio.wait_for(asyncio.shield(self._exited.wait()), 1.0)
+            return
+        if self.state is not State.RUNNING:
+            return
+        self._aux_failure = f"{what} exited unexpectedly ({describe_status(rc)}); stopping the VM"
+        self.log.error("auxiliary service died", service=what, status=rc)
+        await self.kill(forced=True)
+
     def on_cleanup(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when this run's resources are released (before those acquired earlier)."""
         self._stack.callback(callback)
@@ -329,7 +371,11 @@ class Machine:
             self.log.warning("QEMU exited abnormally", status=rc)
         await self._stack.aclose()
         failed = rc is not None and (rc > 0 or (rc < 0 and not self._forced and self._stopping is None))
-        if failed:
+        if self._aux_failure is not None:
+            self.failure = self._aux_failure
+            self.exit_status = 1
+            self._set_state(State.FAILED, reason=self.failure, exit_status=self.exit_status)
+        elif failed:
             self.failure = f"QEMU exited with status {rc}" if rc > 0 else f"QEMU killed by signal {-rc}"
             self._set_state(State.FAILED, reason=self.failure, exit_status=self.exit_status)
         else:

@@ -37,6 +37,7 @@ from vmspawnd.config import (
 )
 from vmspawnd.guest.credentials import check_unique, parse_load_credential, parse_set_credential
 from vmspawnd.qemu.disks import parse_extra_drive
+from vmspawnd.services.virtiofsd import parse_bind
 from vmspawnd.tint import validate_background
 
 
@@ -90,6 +91,15 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
     host.add_argument("--efi-nvram-template", metavar="PATH", help="UEFI variable store template to start from")
     host.add_argument("--efi-nvram-state", metavar="PATH|auto|off",
                       help="where UEFI variables persist (auto: <image>.efinvramstate; off: discarded)")
+    host.add_argument("--tpm", metavar="BOOL|auto", help="give the VM a TPM via swtpm (auto: if swtpm is installed)")
+    host.add_argument("--tpm-state", metavar="PATH|auto|off",
+                      help="where TPM state persists (auto: <image-or-directory>.tpmstate; off: discarded)")
+    mounts = parser.add_argument_group("Mounts")
+    mounts.add_argument("-D", "--directory", metavar="PATH", help="boot this directory tree as root fs (virtiofs)")
+    mounts.add_argument("--bind", metavar="SRC[:DST]", action="append", default=[],
+                        help="share a host directory with the guest (virtiofs, tag mnt0, mnt1, …)")
+    mounts.add_argument("--bind-ro", metavar="SRC[:DST]", action="append", default=[],
+                        help="share a host directory read-only (enforced on the host)")
     net = parser.add_argument_group("Networking")
     net.add_argument("-n", "--network-tap", dest="network", action="store_const", const="tap",
                      help="TAP networking (interface vt-NAME; needs CAP_NET_ADMIN)")
@@ -124,8 +134,9 @@ def config_from_args(ns: argparse.Namespace) -> MachineConfig:
     image = _image(ns)
     if ns.machine is not None:
         name = ns.machine
-    elif image is not None or linux is not None:
-        name = derive_machine_name(image.path if image is not None else linux)
+    elif image is not None or ns.directory or linux is not None:
+        name = derive_machine_name(image.path if image is not None else _abspath(ns.directory) if ns.directory
+                                   else linux)
         if ns.ephemeral:
             name = f"{name[:47]}-{secrets.token_hex(8)}"
     else:
@@ -162,6 +173,10 @@ def config_from_args(ns: argparse.Namespace) -> MachineConfig:
         secure_boot=parse_tristate("secure-boot", ns.secure_boot) if ns.secure_boot is not None else Tristate.AUTO,
         efi_nvram_template=_abspath(ns.efi_nvram_template) if ns.efi_nvram_template else None,
         efi_nvram_state=_state_value(ns.efi_nvram_state, "efi-nvram-state"),
+        tpm=parse_tristate("tpm", ns.tpm) if ns.tpm is not None else Tristate.AUTO,
+        tpm_state=_state_value(ns.tpm_state, "tpm-state"),
+        directory=_abspath(ns.directory) if ns.directory else None,
+        binds=tuple([parse_bind(v, False) for v in ns.bind] + [parse_bind(v, True) for v in ns.bind_ro]),
         quiet=getattr(ns, "quiet", False),
     )
     return config.validated()

@@ -37,6 +37,7 @@ class Resources:
     extra_cmdline: tuple[str, ...] = ()  # synthesized words (root=PARTUUID=…), after the user's
     firmware_args: tuple[str, ...] = ()
     smm: bool | None = None  # None: no UEFI firmware, leave smm alone
+    aux_args: tuple[str, ...] = ()  # swtpm and virtiofs devices, shared memory
 
 
 def console_word(config: MachineConfig) -> str | None:
@@ -102,6 +103,7 @@ def build_qemu_argv(config: MachineConfig, res: Resources) -> list[str]:
         argv += ["-device", f"vhost-vsock-pci,guest-cid={res.vsock_cid},vhostfd={res.vsock_fd}"]
     argv += _console_args(config, res)
     argv += res.firmware_args
+    argv += res.aux_args
     argv += ["-chardev", f"socket,id=qmp,fd={res.qmp_fd},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
     argv += res.notify_args
     for path in res.smbios_files:

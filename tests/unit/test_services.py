@@ -1,0 +1,660 @@
+"""Auxiliary services (spec §1.3 --tpm-state, §1.9 --bind, §2.10, §2.11, §4): pure builders, and real
+swtpm / virtiofsd processes run by ChildRunner (no VM).  UnitRunner is driven against a fake
+systemd manager on a private dbus-daemon."""
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from dbus_fast import DBusError, Message
+from dbus_fast.aio import MessageBus
+from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method
+from dbus_fast.service import signal as dbus_signal
+
+from tests.conftest import processes_mentioning
+from vmspawnd.config import ConfigError, Tristate
+from vmspawnd.services import swtpm, virtiofsd
+from vmspawnd.services.runner import (
+    ChildRunner,
+    RunningService,
+    ServiceError,
+    ServiceSpec,
+    UnitRunner,
+    choose_runner,
+    transient_unit_properties,
+)
+from vmspawnd.services.virtiofsd import Bind, Flavour, UidMap, Virtiofsd
+
+C_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount namespaces, virtiofsd)")
+needs_swtpm = pytest.mark.skipif(shutil.which("swtpm") is None or shutil.which("swtpm_setup") is None,
+                                 reason="swtpm/swtpm_setup not installed")
+needs_c_virtiofsd = pytest.mark.skipif(not C_VIRTIOFSD.exists(), reason="QEMU's C virtiofsd not installed")
+
+
+def gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+@pytest.fixture
+async def runner(tmp):
+    """A ChildRunner whose services are all stopped after the test (before ``tmp`` checks for leftovers)."""
+    started: list[RunningService] = []
+    child_runner = ChildRunner()
+    real_start = child_runner.start
+
+    async def start(spec):
+        service = await real_start(spec)
+        started.append(service)
+        return service
+
+    child_runner.start = start  # type: ignore[method-assign]
+    yield child_runner
+    for service in started:
+        await service.stop(timeout=1)
+
+
+@pytest.fixture
+def tmp(tmp_path: Path):
+    """tmp_path, with a check that no process mentioning it survives the test."""
+    yield tmp_path
+    left = processes_mentioning(str(tmp_path))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left behind: {left}"
+
+
+# ============================================================================ --tpm-state
+def test_tpm_state_auto_is_image_sibling_with_full_name(tmp_path):
+    image = tmp_path / "foo.raw"
+    image.touch()
+    path, persistent = swtpm.tpm_state_dir("auto", image, False, tmp_path / "run")
+    assert (path, persistent) == (tmp_path / "foo.raw.tpmstate", True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    assert swtpm.tpm_state_dir("yes", Path(f"{tree}/"), False, tmp_path)[0] == tmp_path / "tree.tpmstate"
+
+
+@pytest.mark.parametrize("setting", ["auto", "off", "", "no", "false", "0"])
+def test_tpm_state_transient_for_off_ephemeral_or_no_image(tmp_path, setting):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tpm").mkdir()
+    (run / "tpm" / "stale").touch()  # a killed earlier run's state is not reused
+    image = tmp_path / "foo.raw"
+    image.touch()
+    path, persistent = swtpm.tpm_state_dir(setting, image, True, run)
+    assert (path, persistent) == (run / "tpm", False)
+    assert list(path.iterdir()) == []
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    assert not (tmp_path / "foo.raw.tpmstate").exists()
+    assert swtpm.tpm_state_dir(setting, None, False, run) == (run / "tpm", False)
+
+
+def test_tpm_state_explicit_paths(tmp_path, monkeypatch):
+    path, persistent = swtpm.tpm_state_dir(str(tmp_path / "a" / "b"), None, True, tmp_path)
+    assert (path, persistent) == (tmp_path / "a" / "b", True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    monkeypatch.chdir(tmp_path)
+    assert swtpm.tpm_state_dir("./rel", None, False, tmp_path) == (tmp_path / "rel", True)
+
+
+def test_tpm_state_persistent_dir_is_never_emptied(tmp_path):
+    state = tmp_path / "keep"
+    state.mkdir(mode=0o750)
+    (state / "tpm2-00.permall").write_bytes(b"state")
+    assert swtpm.tpm_state_dir(str(state), None, False, tmp_path) == (state, True)
+    assert (state / "tpm2-00.permall").read_bytes() == b"state"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o750  # an existing dir is the user's
+
+
+@pytest.mark.parametrize("setting", ["rel/path", "rel", "../up", "~/x"])
+def test_tpm_state_relative_path_without_dot_slash_rejected(tmp_path, setting):
+    with pytest.raises(ConfigError) as e:
+        swtpm.tpm_state_dir(setting, None, False, tmp_path)
+    assert e.value.field == "tpm-state"
+
+
+def test_tpm_state_path_that_is_a_file_rejected(tmp_path):
+    (tmp_path / "f").touch()
+    with pytest.raises(ConfigError, match="not a directory"):
+        swtpm.tpm_state_dir(str(tmp_path / "f"), None, False, tmp_path)
+
+
+def test_tpm_enabled(monkeypatch):
+    assert swtpm.tpm_enabled(Tristate.NO) is False
+    assert swtpm.tpm_enabled(Tristate.AUTO, arch="riscv64") is False
+    with pytest.raises(ConfigError, match="architecture"):
+        swtpm.tpm_enabled(Tristate.YES, arch="riscv64")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert swtpm.tpm_enabled(Tristate.AUTO, arch="x86_64") is False
+    with pytest.raises(ConfigError) as e:
+        swtpm.tpm_enabled(Tristate.YES, arch="x86_64")
+    assert e.value.field == "tpm" and "swtpm is not installed" in str(e.value)
+
+
+@needs_swtpm
+def test_tpm_enabled_when_installed():
+    assert swtpm.tpm_enabled(Tristate.AUTO, arch="x86_64") is True
+    assert swtpm.tpm_enabled(Tristate.YES, arch="x86_64") is True
+
+
+def test_swtpm_and_qemu_tpm_args():
+    argv = swtpm.swtpm_argv(Path("/usr/bin/swtpm"), Path("/s/tpm"), Path("/run/vm/tpm.sock"))
+    assert argv == ["/usr/bin/swtpm", "socket", "--tpm2", "--tpmstate", "dir=/s/tpm",
+                    "--ctrl", "type=unixio,path=/run/vm/tpm.sock", "--terminate"]
+    with pytest.raises(ConfigError) as e:  # swtpm's option parser has no escape for ','
+        swtpm.swtpm_argv(Path("/usr/bin/swtpm"), Path("/s/a,b.raw.tpmstate"), Path("/run/tpm.sock"))
+    assert e.value.field == "tpm-state"
+    assert swtpm.qemu_tpm_args(Path("/run/a,b/tpm.sock"), arch="x86_64") == [
+        "-chardev", "socket,id=chrtpm,path=/run/a,,b/tpm.sock",
+        "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0"]
+    assert swtpm.qemu_tpm_args(Path("/t.sock"), arch="aarch64")[-1] == "tpm-tis-device,tpmdev=tpm0"
+
+
+# ============================================================================ --bind
+def test_parse_bind_defaults_and_escapes(tmp_path):
+    (tmp_path / "a:b").mkdir()
+    assert virtiofsd.parse_bind(str(tmp_path), False) == Bind(tmp_path, tmp_path, False)
+    assert virtiofsd.parse_bind(f"{tmp_path}:/mnt/x", True) == Bind(tmp_path, Path("/mnt/x"), True)
+    assert virtiofsd.parse_bind(f"{tmp_path}:", False).destination == tmp_path
+    escaped = str(tmp_path).replace(":", "\\:") + "/a\\:b:/in\\:guest"
+    assert virtiofsd.parse_bind(escaped, False) == Bind(tmp_path / "a:b", Path("/in:guest"), False)
+
+
+def test_parse_bind_relative_source_made_absolute(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert virtiofsd.parse_bind("d:/x", False).source == tmp_path / "d"
+
+
+@pytest.mark.parametrize("read_only,field", [(False, "bind"), (True, "bind-ro")])
+def test_parse_bind_rejects(tmp_path, read_only, field):
+    (tmp_path / "file").touch()
+    cases = {
+        str(tmp_path / "file"): "not a directory",
+        str(tmp_path / "missing"): "does not exist",
+        f"{tmp_path}:relative/dst": "absolute",
+        f"{tmp_path}:/a:/b": "SRC",
+        ":/dst": "SRC",
+    }
+    for value, reason in cases.items():
+        with pytest.raises(ConfigError, match=reason) as e:
+            virtiofsd.parse_bind(value, read_only)
+        assert (e.value.field, e.value.value) == (field, value)
+
+
+def test_fstab_extra_tags_modes_and_octal_escapes():
+    binds = [Bind(Path("/a"), Path("/b"), False), Bind(Path("/c"), Path("/with space\\and\ttab"), True)]
+    assert virtiofsd.fstab_extra(binds) == (
+        "mnt0 /b virtiofs rw,x-initrd.mount\n"
+        "mnt1 /with\\040space\\134and\\011tab virtiofs ro,x-initrd.mount\n")
+    assert virtiofsd.fstab_extra([]) == ""
+    assert [virtiofsd.bind_tag(i) for i in range(2)] == ["mnt0", "mnt1"]
+
+
+# ============================================================================ virtiofsd argv
+C = Virtiofsd(Path("/usr/lib/qemu/virtiofsd"), Flavour.C)
+RUST_OLD = Virtiofsd(Path("/usr/libexec/virtiofsd"), Flavour.RUST)
+RUST = Virtiofsd(Path("/usr/libexec/virtiofsd"), Flavour.RUST, readonly=True, translate_ids=True)
+SOCK = Path("/run/vm/vfs.sock")
+
+
+def test_c_virtiofsd_argv():
+    assert virtiofsd.virtiofsd_argv(C, Path("/srv/a,b"), SOCK, read_only=False, sandbox="namespace") == [
+        "/usr/lib/qemu/virtiofsd", "--socket-path=/run/vm/vfs.sock", "-o", "source=/srv/a\\,b",
+        "-o", "cache=auto", "-o", "sandbox=namespace"]
+    ro = virtiofsd.virtiofsd_argv(C, Path("/srv/x"), SOCK, read_only=True, sandbox="chroot",
+                                  uid_map=UidMap(0, 0, 65536))  # an identity map needs no translation
+    assert ro[:6] == [sys.executable, "-I", "-S", str(virtiofsd.ROWRAP), "/srv/x", "--"]
+    assert ro[6:] == ["/usr/lib/qemu/virtiofsd", "--socket-path=/run/vm/vfs.sock", "-o", "source=/srv/x",
+                      "-o", "cache=auto", "-o", "sandbox=chroot"]
+    with pytest.raises(ConfigError) as e:
+        virtiofsd.virtiofsd_argv(C, Path("/srv/x"), SOCK, read_only=False, sandbox="namespace",
+                                 uid_map=UidMap(0, 1000, 65536))
+    assert e.value.field == "private-users"
+    with pytest.raises(ValueError):
+        virtiofsd.virtiofsd_argv(C, Path("/srv/x"), SOCK, read_only=False, sandbox="none")
+
+
+def test_rust_virtiofsd_argv():
+    base = ["/usr/libexec/virtiofsd", "--socket-path=/run/vm/vfs.sock", "--shared-dir=/srv/x"]
+    assert virtiofsd.virtiofsd_argv(RUST, Path("/srv/x"), SOCK, read_only=True, sandbox="namespace",
+                                    uid_map=UidMap(0, 1000, 65536)) == [
+        *base, "--sandbox=namespace", "--readonly",
+        "--translate-uid", "map:0:1000:65536", "--translate-gid", "map:0:1000:65536"]
+    assert virtiofsd.virtiofsd_argv(RUST, Path("/srv/x"), SOCK, read_only=False, sandbox="none") == [
+        *base, "--sandbox=none"]
+    old = virtiofsd.virtiofsd_argv(RUST_OLD, Path("/srv/x"), SOCK, read_only=True, sandbox="chroot")
+    assert old[4:6] == ["/srv/x", "--"] and old[6:] == [*base, "--sandbox=chroot"]  # no --readonly: rowrap
+    with pytest.raises(ConfigError):
+        virtiofsd.virtiofsd_argv(RUST_OLD, Path("/srv/x"), SOCK, read_only=False, sandbox="chroot",
+                                 uid_map=UidMap(0, 1000, 65536))
+
+
+RUST_HELP = """\
+Usage: virtiofsd [OPTIONS]
+Options:
+      --shared-dir <shared-dir>  Shared directory path
+      --readonly                 Share the directory read-only
+      --sandbox <sandbox>        Sandbox mechanism [default: namespace] [possible values: namespace, chroot, none]
+      --translate-uid <translate-uid>  Map a range of UIDs
+"""
+
+
+def fake_binary(path: Path, output: str) -> Path:
+    path.write_text(f"#!{sys.executable}\nimport sys\nsys.stdout.write({output!r})\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_virtiofsd_flavour_detection(tmp_path):
+    rust = virtiofsd.probe_virtiofsd(fake_binary(tmp_path / "virtiofsd", RUST_HELP))
+    assert rust == Virtiofsd(tmp_path / "virtiofsd", Flavour.RUST, readonly=True, translate_ids=True)
+    old = virtiofsd.probe_virtiofsd(fake_binary(tmp_path / "old", "      --shared-dir <dir>\n"))
+    assert old is not None and (old.flavour, old.readonly, old.translate_ids) == (Flavour.RUST, False, False)
+    assert virtiofsd.probe_virtiofsd(fake_binary(tmp_path / "other", "usage: something else\n")) is None
+    assert virtiofsd.probe_virtiofsd(tmp_path / "missing") is None
+    # $PATH first, then the fixed places
+    assert virtiofsd.find_virtiofsd(str(tmp_path), candidates=[C_VIRTIOFSD]).flavour is Flavour.RUST
+    with pytest.raises(ConfigError, match="no virtiofsd found") as e:
+        virtiofsd.find_virtiofsd("/nonexistent", candidates=[tmp_path / "missing"])
+    assert e.value.field == "virtiofsd"
+
+
+@needs_c_virtiofsd
+def test_installed_c_virtiofsd_is_recognised():
+    assert virtiofsd.probe_virtiofsd(C_VIRTIOFSD) == Virtiofsd(C_VIRTIOFSD, Flavour.C)
+    assert virtiofsd.find_virtiofsd("/nonexistent").path.exists()
+
+
+def test_sandbox_choice_from_mountinfo(tmp_path):
+    host = tmp_path / "host"
+    host.write_text("22 27 0:21 / /proc rw - proc proc rw\n27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n")
+    chroot = tmp_path / "chroot"
+    chroot.write_text("22 27 0:21 / /proc rw - proc proc rw\n")
+    caps = tmp_path / "status"
+    caps.write_text("Name:\tx\nCapEff:\t000001ffffffffff\n")
+    assert virtiofsd.choose_sandbox(host, caps) == "namespace"
+    assert virtiofsd.choose_sandbox(chroot, caps) == "chroot"
+    caps.write_text("CapEff:\t0000000000000000\n")
+    assert virtiofsd.choose_sandbox(host, caps) == "chroot"
+
+
+def test_qemu_virtiofs_and_shared_memory_args():
+    assert virtiofsd.qemu_virtiofs_args("mnt0", Path("/run/a,b/s"), "mnt0") == [
+        "-chardev", "socket,id=mnt0,path=/run/a,,b/s",
+        "-device", "vhost-user-fs-pci,queue-size=1024,chardev=mnt0,tag=mnt0"]
+    assert virtiofsd.qemu_shared_memory_args(256) == [
+        "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "memory-backend=mem"]
+
+
+# ============================================================================ transient units
+def test_service_spec_validation():
+    with pytest.raises(ValueError, match="absolute"):
+        ServiceSpec(name="x", argv=("swtpm", "socket"))
+    with pytest.raises(ValueError):
+        ServiceSpec(name="x.service", argv=("/bin/true",))
+    assert ServiceSpec(name="x", argv=["/bin/true"]).argv == ("/bin/true",)
+
+
+def test_transient_unit_properties_signatures():
+    spec = ServiceSpec(name="vmspawnd-vm1-tpm", argv=("/usr/bin/swtpm", "socket", "--tpm2"),
+                       description="TPM for VM vm1", bound_to="vmspawnd-vm1.scope")
+    props = dict(transient_unit_properties(spec))
+    assert {k: v.signature for k, v in props.items()} == {
+        "Description": "s", "Type": "s", "ExecStart": "a(sasb)", "CollectMode": "s", "AddRef": "b",
+        "TimeoutStopUSec": "t", "BindsTo": "as", "After": "as"}
+    assert props["ExecStart"].value == [("/usr/bin/swtpm", ["/usr/bin/swtpm", "socket", "--tpm2"], False)]
+    assert props["CollectMode"].value == "inactive-or-failed" and props["AddRef"].value is True
+    assert props["BindsTo"].value == props["After"].value == ["vmspawnd-vm1.scope"]
+    assert "BindsTo" not in dict(transient_unit_properties(ServiceSpec(name="x", argv=("/bin/true",))))
+    # the whole StartTransientUnit call marshals with systemd's signature
+    msg = Message(destination="org.freedesktop.systemd1", path="/org/freedesktop/systemd1",
+                  interface="org.freedesktop.systemd1.Manager", member="StartTransientUnit",
+                  signature="ssa(sv)a(sa(sv))", body=["vmspawnd-vm1-tpm.service", "fail",
+                                                      transient_unit_properties(spec), []])
+    assert len(msg._marshall(False)) > 100
+
+
+async def test_choose_runner_without_systemd_is_child_runner(tmp_path, monkeypatch):
+    monkeypatch.delenv("VMSPAWND_SERVICE_RUNNER", raising=False)
+    assert isinstance(await choose_runner(systemd_dir=tmp_path / "no-systemd"), ChildRunner)
+    monkeypatch.setenv("VMSPAWND_SERVICE_RUNNER", "child")
+    assert isinstance(await choose_runner(systemd_dir=tmp_path), ChildRunner)
+
+
+# ============================================================================ ChildRunner, real processes
+@needs_swtpm
+async def test_swtpm_starts_populates_state_and_stops_cleanly(runner, tmp):
+    state = tmp / "state"
+    state.mkdir(mode=0o700)
+    sock = tmp / "tpm.sock"
+    service = await swtpm.start_swtpm(runner, "vm1", state, sock)
+    assert service.name == "vmspawnd-vm1-tpm" and service.unit is None and service.alive
+    assert stat.S_ISSOCK(sock.lstat().st_mode)
+    assert (state / "tpm2-00.permall").stat().st_size > 0
+    await service.stop()
+    # 0 from swtpm's SIGTERM handler, or -SIGTERM when the signal beats the handler's installation
+    assert not service.alive and await service.wait() in (0, -signal.SIGTERM)
+    assert gone(service.pid)
+    # second use: no manufacturing again, the state is reused
+    assert await swtpm.manufacture(state) is False
+    again = await swtpm.start_swtpm(runner, "vm1", state, sock)  # the stale socket is replaced
+    assert again.alive
+    await again.stop()
+
+
+@needs_swtpm
+async def test_killed_helper_resolves_wait_with_its_status(runner, tmp):
+    state = tmp / "state"
+    state.mkdir()
+    service = await swtpm.start_swtpm(runner, "vm1", state, tmp / "tpm.sock")
+    os.kill(service.pid, signal.SIGKILL)
+    assert await asyncio.wait_for(service.wait(), 5) == -signal.SIGKILL
+    assert not service.alive and gone(service.pid)
+
+
+@needs_root
+@needs_c_virtiofsd
+async def test_virtiofsd_starts_and_stops(runner, tmp):
+    share = tmp / "share"
+    share.mkdir()
+    service = await virtiofsd.start_virtiofsd(runner, "vm1", 0, share, tmp / "vfs.sock", False,
+                                              virtiofsd=Virtiofsd(C_VIRTIOFSD, Flavour.C))
+    assert service.name == "vmspawnd-vm1-virtiofsd-0"
+    assert stat.S_ISSOCK((tmp / "vfs.sock").lstat().st_mode)
+    await service.stop()
+    assert gone(service.pid)
+
+
+@needs_root
+@needs_c_virtiofsd
+@pytest.mark.parametrize("legacy", [False, True], ids=["mount_setattr", "remount"])
+async def test_read_only_share_is_enforced_in_virtiofsd_mount_namespace(runner, tmp, legacy, monkeypatch):
+    share = tmp / "share"
+    share.mkdir()
+    (share / "file").write_text("data")
+    monkeypatch.setenv("VMSPAWND_ROWRAP_LEGACY", "1" if legacy else "0")
+    service = await virtiofsd.start_virtiofsd(runner, "vm1", "root", share, tmp / "vfs.sock", True,
+                                              virtiofsd=Virtiofsd(C_VIRTIOFSD, Flavour.C), sandbox="namespace")
+
+    def inside(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["nsenter", f"--target={service.pid}", "--mount", *argv], capture_output=True,
+                              text=True, timeout=5)
+
+    assert inside("cat", str(share / "file")).stdout == "data"
+    denied = inside("touch", str(share / "new"))
+    assert denied.returncode != 0 and "Read-only file system" in denied.stderr
+    (share / "host-can-write").write_text("yes")  # the host's view is untouched
+    assert not (share / "new").exists()
+    await service.stop()
+
+
+async def test_helper_exiting_before_ready_fails_fast_with_status_and_output(runner, tmp):
+    script = "import sys; print('starting'); print('cannot open the thing', file=sys.stderr); sys.exit(3)"
+    spec = ServiceSpec(name="vmspawnd-vm1-broken", argv=(sys.executable, "-u", "-c", script),
+                       ready_path=tmp / "s.sock")
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(ServiceError) as e:
+        await runner.start(spec)
+    assert loop.time() - t0 < 2
+    assert e.value.status == 3 and "exit status 3" in str(e.value)
+    assert e.value.output == ("starting", "cannot open the thing")
+
+
+@needs_c_virtiofsd
+async def test_virtiofsd_with_missing_source_reports_its_error(runner, tmp):
+    with pytest.raises(ServiceError, match="failed to stat source") as e:
+        await virtiofsd.start_virtiofsd(runner, "vm1", 0, tmp / "missing", tmp / "vfs.sock", False,
+                                        virtiofsd=Virtiofsd(C_VIRTIOFSD, Flavour.C))
+    assert e.value.status == 1
+
+
+async def test_ready_timeout_kills_the_helper(runner, tmp):
+    spec = ServiceSpec(name="slow", argv=(sys.executable, "-c", f"import time; time.sleep(30) # {tmp}"),
+                       ready_path=tmp / "never.sock", ready_timeout=0.3)
+    with pytest.raises(ServiceError, match="did not create"):
+        await runner.start(spec)
+
+
+async def test_missing_binary_and_non_socket_ready_path(runner, tmp):
+    with pytest.raises(ServiceError, match="cannot execute"):
+        await runner.start(ServiceSpec(name="x", argv=(str(tmp / "nope"),)))
+    (tmp / "file").touch()
+    with pytest.raises(ServiceError, match="not a socket"):
+        await runner.start(ServiceSpec(name="x", argv=("/bin/true",), ready_path=tmp / "file"))
+
+
+SERVER = textwrap.dedent("""
+    import os, signal, socket, subprocess, sys, time
+    if sys.argv[2] == "ignore-term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen(["sleep", "60"])  # a process it leaves behind
+    open(sys.argv[3], "w").write(str(child.pid))
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(sys.argv[1])
+    s.listen()
+    time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("mode", ["normal", "ignore-term"])
+async def test_stop_escalates_and_kills_what_the_helper_left(runner, tmp, mode):
+    spec = ServiceSpec(name="srv", argv=(sys.executable, "-c", SERVER, str(tmp / "s.sock"), mode, str(tmp / "pid")),
+                       ready_path=tmp / "s.sock")
+    service = await runner.start(spec)
+    grandchild = int((tmp / "pid").read_text())
+    assert not gone(grandchild)
+    await service.stop(timeout=0.3)
+    assert await service.wait() == (-signal.SIGTERM if mode == "normal" else -signal.SIGKILL)
+    for _ in range(100):  # the grandchild is our reaped child's orphan: init reaps it
+        if gone(grandchild) or Path(f"/proc/{grandchild}/stat").read_text().split()[2] == "Z":
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the helper's child survived")
+
+
+async def test_detach_leaves_the_helper_running(runner, tmp):
+    spec = ServiceSpec(name="srv", argv=(sys.executable, "-c", SERVER, str(tmp / "s.sock"), "normal", str(tmp / "pid")),
+                       ready_path=tmp / "s.sock")
+    service = await runner.start(spec)
+    service.detach()
+    await asyncio.sleep(0.05)
+    assert not gone(service.pid) and not service.alive
+    assert await service.wait() is None
+    await service.stop()  # not ours any more: a no-op
+    assert not gone(service.pid)
+    os.killpg(service.pid, signal.SIGKILL)
+    os.waitpid(service.pid, 0)
+
+
+# ============================================================================ UnitRunner vs a fake systemd
+class FakeUnit:
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def state(self) -> str:
+        rc = self.proc.poll()
+        return "active" if rc is None else ("inactive" if rc == 0 else "failed")
+
+
+class FakeUnitInterface(ServiceInterface):
+    def __init__(self, unit: FakeUnit) -> None:
+        super().__init__("org.freedesktop.systemd1.Unit")
+        self.unit = unit
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ActiveState(self) -> "s":  # noqa: F821, N802
+        return self.unit.state()
+
+
+class FakeServiceInterface(ServiceInterface):
+    def __init__(self, unit: FakeUnit) -> None:
+        super().__init__("org.freedesktop.systemd1.Service")
+        self.unit = unit
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MainPID(self) -> "u":  # noqa: F821, N802
+        return self.unit.proc.pid if self.unit.proc.poll() is None else 0
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ExecMainCode(self) -> "i":  # noqa: F821, N802
+        rc = self.unit.proc.poll()
+        return 0 if rc is None else (1 if rc >= 0 else 2)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ExecMainStatus(self) -> "i":  # noqa: F821, N802
+        rc = self.unit.proc.poll()
+        return 0 if rc is None else abs(rc)
+
+
+#: What systemd's bus_service_set_property/bus_unit_set_property accept, by signature.
+SYSTEMD_PROPERTY_SIGNATURES = {"Description": "s", "Type": "s", "ExecStart": "a(sasb)", "CollectMode": "s",
+                               "AddRef": "b", "TimeoutStopUSec": "t", "BindsTo": "as", "After": "as"}
+
+
+class FakeManager(ServiceInterface):
+    """Just enough of org.freedesktop.systemd1.Manager for UnitRunner."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        super().__init__("org.freedesktop.systemd1.Manager")
+        self.bus = bus
+        self.units: dict[str, FakeUnit] = {}
+        self.jobs = 0
+        self.received: list = []
+
+    def _path(self, unit: str) -> str:
+        return "/org/freedesktop/systemd1/unit/" + "".join(c if c.isalnum() else f"_{ord(c):02x}" for c in unit)
+
+    def _job(self, unit: str, result: str, delay: float = 0.0) -> str:
+        self.jobs += 1
+        job_id, path = self.jobs, f"/org/freedesktop/systemd1/job/{self.jobs}"
+        asyncio.get_running_loop().call_later(delay, self.JobRemoved, job_id, path, unit, result)
+        return path
+
+    @dbus_signal()
+    def JobRemoved(self, job_id, path, unit, result) -> "uoss":  # noqa: F821, N802
+        return [job_id, path, unit, result]
+
+    @method()
+    def Subscribe(self):  # noqa: N802
+        pass
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> "s":  # noqa: F821, N802
+        return "257-fake"
+
+    @method()
+    def StartTransientUnit(self, name: "s", mode: "s", properties: "a(sv)", aux: "a(sa(sv))") -> "o":  # noqa: F821, F722, N802, E501
+        self.received.append((name, mode, properties, aux))
+        props = {}
+        for key, value in properties:
+            assert SYSTEMD_PROPERTY_SIGNATURES[key] == value.signature, key
+            props[key] = value.value
+        assert mode == "fail" and name.endswith(".service")
+        (path, argv, _ignore), = props["ExecStart"]
+        unit = FakeUnit(name, argv)
+        self.units[name] = unit
+        self.bus.export(self._path(name), FakeUnitInterface(unit))
+        self.bus.export(self._path(name), FakeServiceInterface(unit))
+        return self._job(name, "done")
+
+    @method()
+    def GetUnit(self, name: "s") -> "o":  # noqa: F821, N802
+        if name not in self.units:
+            raise DBusError("org.freedesktop.systemd1.NoSuchUnit", f"Unit {name} not loaded.")
+        return self._path(name)
+
+    @method()
+    def StopUnit(self, name: "s", mode: "s") -> "o":  # noqa: F821, N802
+        self.units[name].proc.terminate()
+        return self._job(name, "done", 0.05)
+
+    @method()
+    def KillUnit(self, name: "s", whom: "s", sig: "i"):  # noqa: F821, N802
+        self.units[name].proc.send_signal(sig)
+
+
+@pytest.fixture
+async def fake_systemd(tmp_path):
+    """A private dbus-daemon with a fake org.freedesktop.systemd1 on it."""
+    if shutil.which("dbus-daemon") is None:
+        pytest.skip("dbus-daemon not installed")
+    address = f"unix:path={tmp_path}/bus"
+    daemon = subprocess.Popen(["dbus-daemon", "--session", "--nofork", "--nopidfile", f"--address={address}",
+                               "--print-address=1"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert daemon.stdout is not None
+        await asyncio.get_running_loop().run_in_executor(None, daemon.stdout.readline)
+        bus = await MessageBus(bus_address=address).connect()
+        manager = FakeManager(bus)
+        bus.export("/org/freedesktop/systemd1", manager)
+        await bus.request_name("org.freedesktop.systemd1")
+        yield address, manager
+        for unit in manager.units.values():
+            with contextlib.suppress(ProcessLookupError):
+                unit.proc.kill()
+            unit.proc.wait()
+        bus.disconnect()
+    finally:
+        daemon.terminate()
+        daemon.wait()
+
+
+async def test_unit_runner_against_fake_systemd(fake_systemd, tmp_path):
+    address, manager = fake_systemd
+    unit_runner = await UnitRunner.connect(address=address)
+    try:
+        assert await unit_runner.version() == "257-fake"
+        sock = tmp_path / "u.sock"
+        script = f"import socket,time; s=socket.socket(socket.AF_UNIX); s.bind({str(sock)!r}); time.sleep(60)"
+        spec = ServiceSpec(name="vmspawnd-vm1-tpm", argv=(sys.executable, "-c", script), description="d",
+                           bound_to="vmspawnd-vm1.scope", ready_path=sock)
+        service = await unit_runner.start(spec)
+        assert service.unit == "vmspawnd-vm1-tpm.service" and sock.exists()
+        assert service.pid == manager.units[service.unit].proc.pid and service.alive
+        name, mode, _props, aux = manager.received[0]
+        assert (name, mode, aux) == ("vmspawnd-vm1-tpm.service", "fail", [])
+        await service.stop(timeout=2)
+        assert not service.alive and await service.wait() == -signal.SIGTERM
+
+        # a helper that dies before it is ready: the poll notices, the error names the unit
+        failing = ServiceSpec(name="vmspawnd-vm1-bad", argv=(sys.executable, "-c", "raise SystemExit(4)"),
+                              ready_path=tmp_path / "never.sock")
+        with pytest.raises(ServiceError, match="exit status 4") as e:
+            await unit_runner.start(failing)
+        assert "journalctl -u vmspawnd-vm1-bad.service" in str(e.value)
+
+        with pytest.raises(ServiceError, match="file descriptors"):
+            await unit_runner.start(ServiceSpec(name="x", argv=("/bin/true",), pass_fds=(0,)))
+    finally:
+        await unit_runner.aclose()
+
+
+async def test_choose_runner_picks_units_when_the_manager_answers(fake_systemd, tmp_path, monkeypatch):
+    address, _manager = fake_systemd
+    systemd_dir = tmp_path / "systemd"
+    systemd_dir.mkdir()
+    monkeypatch.delenv("VMSPAWND_SERVICE_RUNNER", raising=False)
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", address)
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", address)
+    chosen = await choose_runner(systemd_dir=systemd_dir)
+    assert isinstance(chosen, UnitRunner)
+    await chosen.aclose()
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/nobus")
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", f"unix:path={tmp_path}/nobus")
+    assert isinstance(await choose_runner(systemd_dir=systemd_dir), ChildRunner)
+

@@ -1,0 +1,111 @@
+"""swtpm and virtiofsd with real boots: TPM state across runs, shares, read-only enforcement, helper death."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import VMSPAWN, process_gone, processes_mentioning
+
+pytestmark = pytest.mark.vm
+
+
+def assert_clean(run) -> None:
+    assert processes_mentioning(str(run.runtime_dir)) == []
+    assert list(run.runtime_dir.iterdir()) == []
+
+
+def test_tpm_state_persists_across_boots_with_a_state_dir(vmspawn, tmp_path):
+    state = tmp_path / "tpm-state"
+    first = vmspawn("test.notify=1", "test.tpm=nv", f"--tpm-state={state}", name="tpm1")
+    assert first.wait() == 0, first.text
+    assert "TPM present" in first.text
+    assert "NV_DefineSpace rc=00000000" in first.text
+    assert state.is_dir() and (state.stat().st_mode & 0o777) == 0o700
+    assert_clean(first)  # no TPM state (and no swtpm) left in the runtime dir
+    second = vmspawn("test.notify=1", "test.tpm=nv", f"--tpm-state={state}", name="tpm2")
+    assert second.wait() == 0, second.text
+    assert "TPM NV index 0x01500001 EXISTS" in second.text
+
+
+def test_tpm_state_off_forgets_everything(vmspawn):
+    for name in ("off1", "off2"):
+        run = vmspawn("test.notify=1", "test.tpm=nv", "--tpm-state=off", name=name)
+        assert run.wait() == 0, run.text
+        assert "absent" in run.text and "EXISTS" not in run.text
+        assert_clean(run)
+
+
+def test_no_tpm_when_disabled(vmspawn):
+    run = vmspawn("test.notify=1", "test.tpm=1", "--tpm=no", name="notpm")
+    assert run.wait() == 0, run.text
+    assert "TPM ABSENT" in run.text
+
+
+def test_shares_read_write_and_read_only_enforced_on_the_host(vmspawn, tmp_path):
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    (rw / "hello.txt").write_text("hello-from-host\n")
+    (ro / "data.txt").write_text("read-only-data\n")
+    run = vmspawn("test.notify=1", f"--bind={rw}:/srv/rw", f"--bind-ro={ro}", "test.virtiofs=mnt0",
+                  "test.virtiofs=mnt1", "test.cat=mnt0/hello.txt", "test.cat=mnt1/data.txt",
+                  "test.write=mnt0/from-guest.txt", "test.forcewrite=mnt1/evil.txt", name="shares")
+    assert run.wait() == 0, run.text
+    assert "cat mnt0/hello.txt: hello-from-host" in run.text
+    assert "cat mnt1/data.txt: read-only-data" in run.text
+    assert (rw / "from-guest.txt").read_text().startswith("written-by-guest")
+    assert "forcewrite mnt1/evil.txt FAILED" in run.text  # remounted rw in the guest, still refused
+    assert sorted(p.name for p in ro.iterdir()) == ["data.txt"]
+    assert_clean(run)
+
+
+def test_directory_root_is_shared_with_tag_root(vmspawn, tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "os-release").write_text("ID=vmspawnd-test\n")
+    run = vmspawn("test.notify=1", f"--directory={tree}", "test.virtiofs=root", "test.cat=root/etc/os-release",
+                  "test.cmdline=1", "--tpm=no", name="dirroot")
+    assert run.wait() == 0, run.text
+    assert "cat root/etc/os-release: ID=vmspawnd-test" in run.text
+    assert "root=root rootfstype=virtiofs rw" in run.text
+
+
+@pytest.mark.parametrize("helper", ["swtpm", "virtiofsd"])
+def test_a_dying_helper_stops_the_vm(vmspawn, tmp_path, helper):
+    share = tmp_path / "share"
+    share.mkdir()
+    run = vmspawn("test.notify=1", "test.action=hang", f"--bind={share}", "test.virtiofs=mnt0", "--tpm=yes",
+                  "--tpm-state=off", name=f"die-{helper}")
+    assert run.notify.wait_for("READY=1", 60), run.notify.lines()
+    def program_names(pid: int) -> set[str]:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        return {os.path.basename(a.decode(errors="replace")) for a in argv[:4]}
+
+    victims = [p for p in processes_mentioning(str(run.runtime_dir)) if helper in program_names(p)]
+    assert victims, f"no {helper} process found"
+    qemu = run.leader_pid()
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    assert run.wait(timeout=30) == 1
+    assert "exited unexpectedly" in run.text
+    assert process_gone(qemu)
+    time.sleep(0.2)
+    assert_clean(run)
+
+
+@pytest.mark.parametrize("bad", ["--bind={file}", "--bind=/nonexistent", "--bind={dir}:relative",
+                                 "--bind-ro={file}:/x", "--tpm-state=relative/path"])
+def test_bad_shares_fail_before_anything_starts(guest, tmp_path, bad):
+    f = tmp_path / "file"
+    f.write_text("x")
+    env = {**os.environ, "RUNTIME_DIRECTORY": str(tmp_path / "run")}
+    (tmp_path / "run").mkdir()
+    p = subprocess.run([*VMSPAWN, f"--linux={guest.kernel}", bad.format(file=f, dir=tmp_path)], capture_output=True,
+                       text=True, env=env, timeout=30)
+    assert p.returncode == 1 and "invalid" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert list((tmp_path / "run").iterdir()) == []

@@ -1,0 +1,540 @@
+"""Run auxiliary daemons (swtpm, virtiofsd): as transient systemd units, or as our own children.
+
+One small interface, :class:`ServiceRunner`, with two implementations picked at run time by
+:func:`choose_runner`:
+
+* :class:`UnitRunner` asks systemd (``StartTransientUnit`` over D-Bus, dbus-fast) to run the
+  helper as ``<name>.service``, bound to the VM's unit.  A transient unit runs in PID 1's mount
+  namespace and environment, so argv[0] must be absolute and every path must be visible to
+  PID 1.  File descriptors cannot be handed to it this simple way: helpers must create their
+  own sockets (swtpm ``--ctrl type=unixio,path=``, virtiofsd ``--socket-path=``), which both do.
+* :class:`ChildRunner` forks the helper as our own child (own session, stdin /dev/null,
+  optional parent-death signal) and watches it through a pidfd.
+
+Both wait until the helper is ready — its ``ready_path`` socket exists — and fail fast, with
+the exit status (and for children the last lines of output), if it dies first.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import contextlib
+import ctypes
+import os
+import signal
+import stat
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import structlog
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+log = structlog.get_logger()
+
+PR_SET_PDEATHSIG = 1
+DEFAULT_READY_TIMEOUT = 10.0
+DEFAULT_STOP_TIMEOUT = 5.0
+OUTPUT_TAIL_BYTES = 4096
+OUTPUT_TAIL_LINES = 10
+UNIT_POLL_INTERVAL = 0.5
+RUNNER_ENV = "VMSPAWND_SERVICE_RUNNER"  # "child" or "unit": skip the detection
+
+SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+CLD_EXITED = 1
+
+
+class ServiceError(RuntimeError):
+    """An auxiliary service could not be started (or failed): the message says why."""
+
+    def __init__(self, name: str, message: str, *, status: int | None = None, output: Sequence[str] = ()) -> None:
+        self.name = name
+        self.status = status
+        self.output = tuple(output)
+        text = f"{name}: {message}"
+        if self.output:
+            text += "\n  " + "\n  ".join(self.output)
+        super().__init__(text)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What to run: a name (``vmspawnd-<machine>-tpm``), an argv and how to tell it is ready."""
+
+    name: str
+    argv: tuple[str, ...]
+    pass_fds: tuple[int, ...] = ()
+    description: str = ""
+    bound_to: str | None = None  # the VM's unit (BindsTo=/After=), transient units only
+    ready_path: Path | None = None  # a socket the helper creates once it is ready
+    ready_timeout: float = DEFAULT_READY_TIMEOUT
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (children only)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "argv", tuple(str(a) for a in self.argv))
+        object.__setattr__(self, "pass_fds", tuple(self.pass_fds))
+        if not self.argv or not self.argv[0].startswith("/"):
+            raise ValueError(f"{self.name}: argv[0] must be an absolute path, got {self.argv[:1]}")
+        if not self.name or "/" in self.name or self.name.endswith(".service"):
+            raise ValueError(f"invalid service name {self.name!r}")
+
+
+def describe_status(status: int | None) -> str:
+    """``exit status 1`` / ``killed by SIGKILL`` / ``unknown status`` (negative = signal)."""
+    if status is None:
+        return "unknown status"
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit status {status}"
+
+
+class RunningService(abc.ABC):
+    """A started helper.  ``wait()`` resolves when it exits; ``stop()`` ends it."""
+
+    name: str
+    pid: int
+    unit: str | None
+    spec: ServiceSpec
+
+    def __init__(self, spec: ServiceSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.pid = 0
+        self.unit = None
+        self.returncode: int | None = None
+        self._exited: asyncio.Task[int | None] | None = None
+        self._stopping = False
+        self.log = log.bind(service=spec.name)
+
+    async def wait(self) -> int | None:
+        """Wait for the helper to end; its status (negative = killed by that signal) or None if unknown."""
+        assert self._exited is not None
+        if self._exited.cancelled():  # detached
+            return None
+        return await asyncio.shield(self._exited)
+
+    @property
+    def alive(self) -> bool:
+        return self._exited is not None and not self._exited.done()
+
+    @abc.abstractmethod
+    async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        """End the helper (SIGTERM, SIGKILL after ``timeout``); returns once it is gone."""
+
+    def detach(self) -> None:
+        """Stop watching the helper but leave it running (a daemon letting go of a live VM)."""
+        if self._exited is not None and not self._exited.done():
+            self._exited.cancel()
+
+    def _failure_output(self) -> list[str]:
+        return []
+
+    async def _wait_ready(self) -> None:
+        """Wait for ``spec.ready_path`` to appear; fail fast if the helper exits first."""
+        path, spec = self.spec.ready_path, self.spec
+        assert self._exited is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + spec.ready_timeout
+        delay = 0.002
+        while path is not None:
+            if os.path.lexists(path):
+                self.log.debug("service ready", pid=self.pid, socket=str(path))
+                return
+            if self._exited.done():
+                status = self._exited.result()
+                raise ServiceError(self.name, f"exited before it was ready ({describe_status(status)})",
+                                   status=status, output=self._failure_output())
+            if loop.time() >= deadline:
+                raise ServiceError(self.name, f"did not create {path} within {spec.ready_timeout:g} s",
+                                   output=self._failure_output())
+            await asyncio.wait([self._exited], timeout=min(delay, max(0.0, deadline - loop.time())))
+            delay = min(delay * 2, 0.05)
+
+
+class ServiceRunner(Protocol):
+    """Starts auxiliary services; close it (``aclose``) after the services it started are stopped."""
+
+    async def start(self, spec: ServiceSpec) -> RunningService: ...
+
+    async def aclose(self) -> None: ...
+
+
+def clear_stale_socket(name: str, path: Path | None) -> None:
+    """Remove a socket a killed earlier run left at ``path`` (anything else there is an error)."""
+    if path is None:
+        return
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ServiceError(name, f"{path} exists and is not a socket")
+    os.unlink(path)
+
+
+# ----------------------------------------------------------------------------- children
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class ChildService(RunningService):
+    """A helper that is our own child: watched through a pidfd, reaped by us."""
+
+    def __init__(self, spec: ServiceSpec, popen: subprocess.Popen[bytes], output: IO[bytes]) -> None:
+        super().__init__(spec)
+        self.pid = popen.pid
+        self._popen = popen
+        self._output = output
+        self._tail: list[str] | None = None
+        self._pidfd = os.pidfd_open(popen.pid)
+        self._loop = asyncio.get_running_loop()
+        self._exited = self._loop.create_task(self._watch(), name=f"watch {spec.name}")
+
+    async def _watch(self) -> int | None:
+        loop = asyncio.get_running_loop()
+        gone = loop.create_future()
+        pidfd = self._pidfd
+        loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+        try:
+            await gone
+        finally:
+            if self._pidfd == pidfd:
+                loop.remove_reader(pidfd)
+        # The exited leader (a zombie until reaped) still holds its process-group id, so this
+        # cannot hit an unrelated group: kill what it left behind in its session.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.returncode = self._popen.wait()
+        os.close(self._pidfd)
+        self._pidfd = -1
+        self._tail = self._read_tail()
+        self._output.close()
+        if self._stopping:
+            self.log.debug("service stopped", pid=self.pid, status=self.returncode)
+        elif self.returncode == 0:  # e.g. swtpm/virtiofsd after QEMU went away
+            self.log.info("service exited", pid=self.pid)
+        else:
+            self.log.warning("service exited", pid=self.pid, status=describe_status(self.returncode),
+                             output=" | ".join(self._failure_output()) or None)
+        return self.returncode
+
+    def _failure_output(self) -> list[str]:
+        return self._tail if self._tail is not None else self._read_tail()
+
+    def _read_tail(self) -> list[str]:
+        try:
+            size = os.fstat(self._output.fileno()).st_size
+            data = os.pread(self._output.fileno(), OUTPUT_TAIL_BYTES, max(0, size - OUTPUT_TAIL_BYTES))
+        except (OSError, ValueError):
+            return []
+        lines = [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
+        return lines[-OUTPUT_TAIL_LINES:]
+
+    def detach(self) -> None:
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        super().detach()
+        self._output.close()
+
+    def send_signal(self, sig: int) -> None:
+        if self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)
+
+    async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        assert self._exited is not None
+        if self._exited.cancelled():  # detached: no longer ours to stop
+            return
+        if not self._exited.done():
+            self._stopping = True
+            self.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exited), timeout)
+            except TimeoutError:
+                self.log.info("service ignored SIGTERM, killing it", timeout=timeout)
+                self.send_signal(signal.SIGKILL)
+        await asyncio.shield(self._exited)
+
+
+class ChildRunner:
+    """Runs helpers as our own children, each in its own session.
+
+    ``die_with_parent``: the helper gets SIGTERM when we die (PR_SET_PDEATHSIG; note it follows
+    the *thread* that forked, so start services from the event-loop thread).  A daemon whose
+    VMs outlive it passes False.  Output (stdout+stderr) goes to an unlinked temporary file,
+    not a pipe, so a helper that outlives us never dies of SIGPIPE; its tail is reported when
+    the helper fails.
+    """
+
+    def __init__(self, die_with_parent: bool = True) -> None:
+        self.die_with_parent = die_with_parent
+
+    async def start(self, spec: ServiceSpec) -> ChildService:
+        clear_stale_socket(spec.name, spec.ready_path)
+        output = tempfile.TemporaryFile(prefix=f"{spec.name}-")
+        try:
+            popen = subprocess.Popen(
+                list(spec.argv), stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                pass_fds=spec.pass_fds, start_new_session=True, env={**os.environ, **spec.env},
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
+            )
+        except OSError as e:
+            output.close()
+            raise ServiceError(spec.name, f"cannot execute {spec.argv[0]}: {e.strerror}") from e
+        service = ChildService(spec, popen, output)
+        service.log.debug("service started", pid=service.pid, argv=" ".join(spec.argv))
+        try:
+            await service._wait_ready()
+        except BaseException:
+            service._stopping = True
+            await service.stop(timeout=1.0)
+            raise
+        return service
+
+    async def aclose(self) -> None:
+        """Nothing to release: each service is owned by whoever started it."""
+
+
+# ----------------------------------------------------------------------------- transient units
+def transient_unit_properties(spec: ServiceSpec) -> list[tuple[str, Variant]]:
+    """The ``a(sv)`` properties of the transient service for ``spec`` (StartTransientUnit)."""
+    props: list[tuple[str, Variant]] = [
+        ("Description", Variant("s", spec.description or spec.name)),
+        ("Type", Variant("s", "exec")),  # the start job fails if the binary cannot be executed
+        ("ExecStart", Variant("a(sasb)", [(spec.argv[0], list(spec.argv), False)])),
+        ("CollectMode", Variant("s", "inactive-or-failed")),
+        ("AddRef", Variant("b", True)),
+        ("TimeoutStopUSec", Variant("t", int(DEFAULT_STOP_TIMEOUT * 1_000_000))),
+    ]
+    if spec.bound_to:
+        props += [("BindsTo", Variant("as", [spec.bound_to])), ("After", Variant("as", [spec.bound_to]))]
+    return props
+
+
+class DBusCallError(Exception):
+    """A D-Bus method call returned an error."""
+
+    def __init__(self, name: str, text: str) -> None:
+        self.name = name
+        super().__init__(f"{name}: {text}" if text else name)
+
+
+class UnitService(RunningService):
+    """A helper running as a transient ``<name>.service``."""
+
+    def __init__(self, runner: UnitRunner, spec: ServiceSpec, unit: str, path: str) -> None:
+        super().__init__(spec)
+        self.unit = unit
+        self._runner = runner
+        self._path = path
+
+    async def _load(self) -> None:
+        try:
+            self.pid = int(await self._runner.get_property(self._path, SERVICE_IFACE, "MainPID"))
+        except DBusCallError:
+            self.pid = 0
+        self._exited = asyncio.get_running_loop().create_task(self._watch(), name=f"watch {self.unit}")
+
+    async def _watch(self) -> int | None:
+        """Poll ActiveState until inactive/failed (or the unit is collected)."""
+        runner = self._runner
+        while True:
+            try:
+                state = await runner.get_property(self._path, UNIT_IFACE, "ActiveState")
+                if state in ("inactive", "failed"):
+                    code = await runner.get_property(self._path, SERVICE_IFACE, "ExecMainCode")
+                    status = await runner.get_property(self._path, SERVICE_IFACE, "ExecMainStatus")
+                    self.returncode = int(status) if code == CLD_EXITED else -int(status)
+                    break
+            except DBusCallError:  # collected (CollectMode=inactive-or-failed): status unknown
+                break
+            except (EOFError, ConnectionError, OSError) as e:
+                self.log.warning("lost the bus while watching the unit", error=str(e))
+                break
+            await asyncio.sleep(UNIT_POLL_INTERVAL)
+        if not self._stopping:
+            level = self.log.info if self.returncode == 0 else self.log.warning
+            level("service exited", unit=self.unit, status=describe_status(self.returncode))
+        return self.returncode
+
+    def _failure_output(self) -> list[str]:
+        return [f"see: journalctl -u {self.unit}"]
+
+    async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        assert self._exited is not None
+        if self._exited.done():
+            return
+        self._stopping = True
+        try:
+            job = await self._runner.call(MANAGER_IFACE, "StopUnit", "ss", [self.unit, "replace"])
+            await self._runner.job_result(job[0], timeout)
+            await asyncio.wait_for(asyncio.shield(self._exited), timeout)
+        except DBusCallError as e:
+            if "NoSuchUnit" not in e.name:
+                raise ServiceError(self.name, f"StopUnit failed: {e}") from e
+        except TimeoutError:
+            self.log.info("unit did not stop in time, killing it", timeout=timeout)
+            with contextlib.suppress(DBusCallError):
+                await self._runner.call(MANAGER_IFACE, "KillUnit", "ssi", [self.unit, "all", int(signal.SIGKILL)])
+        await asyncio.shield(self._exited)
+
+
+class UnitRunner:
+    """Runs helpers as transient services of the systemd manager on ``bus`` (dbus-fast).
+
+    Limits: no fd passing (helpers create their own sockets); argv and paths must make sense in
+    PID 1's mount namespace and environment; ``env`` of a spec is ignored.
+    """
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+        self._jobs: collections.OrderedDict[str, str] = collections.OrderedDict()  # job path → result
+        self._job_waiters: dict[str, asyncio.Future[str]] = {}
+        bus.add_message_handler(self._on_message)
+
+    @classmethod
+    async def connect(cls, bus_type: BusType = BusType.SYSTEM, address: str | None = None) -> UnitRunner:
+        """Connect to the manager's bus and subscribe to JobRemoved."""
+        bus = await MessageBus(bus_address=address, bus_type=bus_type).connect()
+        runner = cls(bus)
+        try:
+            rule = (f"type='signal',sender='{SYSTEMD_BUS_NAME}',path='{SYSTEMD_PATH}',"
+                    f"interface='{MANAGER_IFACE}',member='JobRemoved'")
+            await runner._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                               "AddMatch", "s", [rule])
+            with contextlib.suppress(DBusCallError):  # AlreadySubscribed, or systemd sends them anyway
+                await runner.call(MANAGER_IFACE, "Subscribe", "", [])
+        except BaseException:
+            bus.disconnect()
+            raise
+        return runner
+
+    async def version(self) -> str:
+        return str(await self.get_property(SYSTEMD_PATH, MANAGER_IFACE, "Version"))
+
+    # -- D-Bus plumbing
+    def _on_message(self, msg: Message) -> bool:
+        if (msg.message_type == MessageType.SIGNAL and msg.member == "JobRemoved"
+                and msg.interface == MANAGER_IFACE and len(msg.body) == 4):
+            _id, job, _unit, result = msg.body
+            waiter = self._job_waiters.pop(job, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(result)
+            else:  # it may arrive before StartTransientUnit's reply: keep it a while
+                self._jobs[job] = result
+                while len(self._jobs) > 256:
+                    self._jobs.popitem(last=False)
+        return False
+
+    async def _call(self, destination: str, path: str, interface: str, member: str, signature: str,
+                    body: list[Any]) -> list[Any]:
+        reply = await self.bus.call(Message(destination=destination, path=path, interface=interface,
+                                            member=member, signature=signature, body=body))
+        if reply is None:
+            raise DBusCallError("org.freedesktop.DBus.Error.NoReply", member)
+        if reply.message_type == MessageType.ERROR:
+            raise DBusCallError(reply.error_name or "error", str(reply.body[0]) if reply.body else "")
+        return list(reply.body)
+
+    async def call(self, interface: str, member: str, signature: str, body: list[Any],
+                   path: str = SYSTEMD_PATH) -> list[Any]:
+        return await self._call(SYSTEMD_BUS_NAME, path, interface, member, signature, body)
+
+    async def get_property(self, path: str, interface: str, name: str) -> Any:
+        (value,) = await self.call(PROPERTIES_IFACE, "Get", "ss", [interface, name], path=path)
+        return value.value if isinstance(value, Variant) else value
+
+    async def job_result(self, job: str, timeout: float) -> str:
+        """Wait for the JobRemoved signal of ``job``; its result ("done", "failed", …)."""
+        if job in self._jobs:
+            return self._jobs.pop(job)
+        waiter = self._job_waiters.setdefault(job, asyncio.get_running_loop().create_future())
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        finally:
+            self._job_waiters.pop(job, None)
+
+    # -- the runner interface
+    async def start(self, spec: ServiceSpec) -> UnitService:
+        if spec.pass_fds:
+            raise ServiceError(spec.name, "file descriptors cannot be passed to a transient unit; "
+                                          "the helper must create its own socket")
+        unit = f"{spec.name}.service"
+        clear_stale_socket(spec.name, spec.ready_path)
+        try:
+            (job,) = await self.call(MANAGER_IFACE, "StartTransientUnit", "ssa(sv)a(sa(sv))",
+                                     [unit, "fail", transient_unit_properties(spec), []])
+            result = await self.job_result(job, spec.ready_timeout)
+            if result != "done":
+                raise ServiceError(spec.name, f"starting {unit} failed (job result: {result}); "
+                                              f"see journalctl -u {unit}")
+            (path,) = await self.call(MANAGER_IFACE, "GetUnit", "s", [unit])
+        except DBusCallError as e:
+            raise ServiceError(spec.name, f"cannot start {unit}: {e}") from e
+        except TimeoutError:
+            raise ServiceError(spec.name, f"systemd did not start {unit} within {spec.ready_timeout:g} s") from None
+        service = UnitService(self, spec, unit, path)
+        await service._load()
+        service.log.debug("unit started", unit=unit, pid=service.pid, argv=" ".join(spec.argv))
+        try:
+            await service._wait_ready()
+        except BaseException:
+            await service.stop(timeout=1.0)
+            raise
+        return service
+
+    async def aclose(self) -> None:
+        self.bus.disconnect()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.bus.wait_for_disconnect(), 1.0)
+
+
+# ----------------------------------------------------------------------------- choice
+async def choose_runner(*, die_with_parent: bool = True, timeout: float = 1.0,
+                        systemd_dir: Path = Path("/run/systemd/system")) -> ServiceRunner:
+    """UnitRunner when systemd runs the system and its bus answers quickly, else ChildRunner.
+
+    Root uses the system manager, others their user manager (session bus).  Set
+    ``$VMSPAWND_SERVICE_RUNNER`` to ``child`` or ``unit`` to skip the detection.
+    """
+    forced = os.environ.get(RUNNER_ENV, "").strip().lower()
+    bus_type = BusType.SYSTEM if os.geteuid() == 0 else BusType.SESSION
+    reason = None
+    if forced == "child":
+        reason = f"${RUNNER_ENV}=child"
+    elif forced != "unit" and not systemd_dir.is_dir():
+        reason = f"systemd is not the service manager here (no {systemd_dir})"
+    if reason is None:
+        runner: UnitRunner | None = None
+        try:
+            runner = await asyncio.wait_for(UnitRunner.connect(bus_type), timeout)
+            version = await asyncio.wait_for(runner.version(), timeout)
+        except Exception as e:
+            if runner is not None:
+                await runner.aclose()
+            if forced == "unit":
+                raise ServiceError("service-runner", f"${RUNNER_ENV}=unit but the systemd manager does not "
+                                                     f"answer on the {bus_type.name.lower()} bus: {e!r}") from e
+            reason = f"the systemd manager did not answer on the {bus_type.name.lower()} bus: {e!r}"
+        else:
+            log.info("auxiliary services run as transient systemd units", systemd=version,
+                     bus=bus_type.name.lower())
+            return runner
+    log.info("auxiliary services run as child processes", reason=reason)
+    return ChildRunner(die_with_parent=die_with_parent)

@@ -1,0 +1,96 @@
+"""Start a VM's auxiliary services (swtpm, virtiofsd) and collect what QEMU and the guest need."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from vmspawnd.config import ConfigError, MachineConfig, Tristate
+from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner
+from vmspawnd.services.swtpm import qemu_tpm_args, start_swtpm, tpm_enabled, tpm_state_dir
+from vmspawnd.services.virtiofsd import (
+    ROOT_CHARDEV,
+    ROOT_TAG,
+    bind_tag,
+    fstab_extra,
+    qemu_shared_memory_args,
+    qemu_virtiofs_args,
+    start_virtiofsd,
+)
+
+log = structlog.get_logger()
+
+
+class AuxServiceError(Exception):
+    """A helper the VM needs could not start (the message says which and why)."""
+
+
+@dataclass
+class AuxServices:
+    """The running helpers of one VM and what they contribute to its QEMU and guest."""
+
+    services: list[tuple[str, RunningService]] = field(default_factory=list)
+    qemu_args: list[str] = field(default_factory=list)
+    credentials: list[tuple[str, bytes]] = field(default_factory=list)
+    cmdline: list[str] = field(default_factory=list)
+    tpm_state: Path | None = None  # persistent TPM state dir, if any
+
+    @property
+    def units(self) -> list[str]:
+        return [svc.unit or f"{what} (pid {svc.pid})" for what, svc in self.services]
+
+
+async def start_aux_services(config: MachineConfig, runner: ServiceRunner, rundir: Path,
+                             stack: contextlib.AsyncExitStack, bound_to: str | None = None) -> AuxServices:
+    """Start swtpm and one virtiofsd per share; every started service is stopped by ``stack``."""
+    aux = AuxServices()
+    base = config.image.path if config.image is not None else config.directory
+    if tpm_enabled(config.tpm):
+        state_dir, persistent = tpm_state_dir(config.tpm_state, base, config.ephemeral, rundir)
+        socket_path = rundir / "tpm.sock"
+        try:
+            svc = await start_swtpm(runner, config.name, state_dir, socket_path, bound_to=bound_to)
+        except (ServiceError, OSError) as e:
+            if config.tpm is Tristate.YES:
+                raise AuxServiceError(f"swtpm failed to start: {e}") from e
+            log.warning("continuing without a TPM: swtpm failed to start", machine=config.name, error=str(e))
+        else:
+            stack.push_async_callback(svc.stop)
+            aux.services.append(("swtpm", svc))
+            aux.qemu_args += qemu_tpm_args(socket_path)
+            aux.tpm_state = state_dir if persistent else None
+
+    shares: list[tuple[int | str, str, str, Path, bool]] = []
+    if config.directory is not None:
+        shares.append(("root", ROOT_TAG, ROOT_CHARDEV, config.directory, False))
+        aux.cmdline += ["root=root", "rootfstype=virtiofs", "rw"]
+    shares += [(i, bind_tag(i), bind_tag(i), b.source, b.read_only) for i, b in enumerate(config.binds)]
+    for index, tag, chardev, source, read_only in shares:
+        socket_path = rundir / f"fs-{tag}.sock"
+        try:
+            svc = await start_virtiofsd(runner, config.name, index, source, socket_path, read_only,
+                                        bound_to=bound_to)
+        except (ServiceError, OSError) as e:
+            raise AuxServiceError(f"virtiofsd for {source} failed to start: {e}") from e
+        stack.push_async_callback(svc.stop)
+        aux.services.append((f"virtiofsd {tag}", svc))
+        aux.qemu_args += qemu_virtiofs_args(tag, socket_path, chardev)
+    if shares:
+        aux.qemu_args = qemu_shared_memory_args(config.ram.size_mib) + aux.qemu_args
+    if config.binds:
+        aux.credentials.append(("fstab.extra", _merged_fstab(config, fstab_extra(config.binds))))
+    return aux
+
+
+def _merged_fstab(config: MachineConfig, ours: str) -> bytes:
+    """Our mount lines go after a user-supplied fstab.extra credential (which we then replace)."""
+    user = dict(config.credentials).get("fstab.extra", b"")
+    if user and not user.endswith(b"\n"):
+        user += b"\n"
+    return user + ours.encode()
+
+
+__all__ = ["AuxServiceError", "AuxServices", "ConfigError", "start_aux_services"]

@@ -1,0 +1,183 @@
+"""A software TPM (swtpm) for the guest: where its state lives, manufacturing, the daemon, QEMU args.
+
+State (``--tpm-state=``): a persistent directory (an explicit PATH, or ``<image>.tpmstate``
+beside the image/directory) that is created 0700 and never emptied, or a transient one in the
+runtime directory.  First use manufactures it with ``swtpm_setup`` (never ``--create-ek-cert``:
+that writes a machine-global CA to /var/lib/swtpm-localca); then
+``swtpm socket --tpm2 --tpmstate dir=DIR --ctrl type=unixio,path=SOCK --terminate`` runs through
+a :class:`~vmspawnd.services.runner.ServiceRunner` and is ready once SOCK exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import structlog
+
+from vmspawnd.config import FALSE_WORDS, TRUE_WORDS, ConfigError, Tristate
+from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner, ServiceSpec
+
+log = structlog.get_logger()
+
+SUN_PATH_MAX = 107
+SWTPM_SETUP_TIMEOUT = 30.0
+#: A manufactured TPM 2 state directory holds this file (swtpm's "dir" backend).
+STATE_FILE = "tpm2-00.permall"
+#: QEMU's TPM front end per host architecture (others have no TPM support here).
+TPM_DEVICES = {"x86_64": "tpm-tis", "amd64": "tpm-tis", "aarch64": "tpm-tis-device", "arm64": "tpm-tis-device",
+               "armv7l": "tpm-tis-device"}
+
+
+def tpm_state_dir(setting: str, image_or_directory: Path | None, ephemeral: bool,
+                  runtime_dir: Path) -> tuple[Path, bool]:
+    """Resolve ``--tpm-state=PATH|auto|off`` (or a boolean) to ``(directory, persistent)``.
+
+    ``auto`` → ``<image-or-dir>.tpmstate`` (full file name + ``.tpmstate``), unless there is no
+    image/directory or the run is ephemeral; ``off``/false/empty and those cases → a fresh
+    transient ``<runtime_dir>/tpm``.  PATH must be absolute or start with ``./``.  The directory
+    is created (0700); a persistent one is never emptied.
+    """
+    word = setting.strip()
+    lowered = word.lower()
+    path: Path | None
+    if lowered == "auto" or lowered in TRUE_WORDS:
+        path = None if ephemeral or image_or_directory is None else \
+            Path(os.path.abspath(image_or_directory) + ".tpmstate")
+    elif lowered == "" or lowered in FALSE_WORDS:
+        path = None
+    elif word.startswith("/") or word.startswith("./"):
+        path = Path(os.path.abspath(word))
+    else:
+        raise ConfigError("tpm-state", setting, "expected auto, off, a boolean, or a path that is absolute "
+                                                "or starts with ./")
+    if path is None:
+        transient = runtime_dir / "tpm"
+        if transient.exists() or transient.is_symlink():
+            shutil.rmtree(transient) if transient.is_dir() and not transient.is_symlink() else transient.unlink()
+        transient.mkdir(mode=0o700)
+        return transient, False
+    if path.exists() and not path.is_dir():
+        raise ConfigError("tpm-state", str(path), "exists and is not a directory")
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise ConfigError("tpm-state", str(path), f"cannot create the directory: {e.strerror}") from e
+        os.chmod(path, 0o700)
+        log.info("created persistent TPM state directory", path=str(path))
+    return path, True
+
+
+def find_swtpm() -> Path | None:
+    """The ``swtpm`` binary from $PATH, or None."""
+    found = shutil.which("swtpm")
+    return Path(found) if found else None
+
+
+def find_swtpm_setup() -> Path | None:
+    found = shutil.which("swtpm_setup")
+    return Path(found) if found else None
+
+
+def tpm_enabled(setting: Tristate, arch: str | None = None) -> bool:
+    """``--tpm=``: auto = swtpm installed (on an architecture with a TPM device); yes = insist."""
+    if setting is Tristate.NO:
+        return False
+    arch = arch or platform.machine()
+    if arch not in TPM_DEVICES:
+        if setting is Tristate.YES:
+            raise ConfigError("tpm", "yes", f"no TPM support for architecture {arch}")
+        return False
+    if find_swtpm() is None:
+        if setting is Tristate.YES:
+            raise ConfigError("tpm", "yes", "swtpm is not installed (no swtpm in $PATH; Debian: apt install swtpm "
+                                            "swtpm-tools)")
+        log.info("no TPM: swtpm is not installed")
+        return False
+    return True
+
+
+def check_swtpm_path(field: str, path: Path) -> None:
+    """swtpm's option parser splits on ',' with no escape: such paths cannot be passed to it."""
+    if "," in str(path):
+        raise ConfigError(field, str(path), "swtpm cannot use a path containing ','")
+
+
+async def manufacture(state_dir: Path, swtpm_setup: Path | None = None) -> bool:
+    """Run ``swtpm_setup`` once for a fresh state dir; False if it was already manufactured."""
+    if (state_dir / STATE_FILE).exists():
+        return False
+    setup = swtpm_setup or find_swtpm_setup()
+    if setup is None:
+        log.info("swtpm_setup not installed: the TPM starts unmanufactured (no EK)", state=str(state_dir))
+        return False
+    argv = [str(setup), "--tpm2", "--tpmstate", str(state_dir), "--pcr-banks", "sha256", "--not-overwrite"]
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        output, _ = await asyncio.wait_for(proc.communicate(), SWTPM_SETUP_TIMEOUT)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    if proc.returncode != 0:
+        lines = [line for line in output.decode(errors="replace").splitlines() if line.strip()][-10:]
+        raise ServiceError("swtpm_setup", f"manufacturing the TPM in {state_dir} failed (exit status "
+                                          f"{proc.returncode})", status=proc.returncode, output=lines)
+    log.info("manufactured TPM state", state=str(state_dir))
+    return True
+
+
+def swtpm_argv(swtpm: Path, state_dir: Path, socket_path: Path) -> list[str]:
+    """``swtpm socket --tpm2 --tpmstate dir=DIR --ctrl type=unixio,path=SOCK --terminate``."""
+    check_swtpm_path("tpm-state", state_dir)
+    check_swtpm_path("runtime-directory", socket_path)
+    return [str(swtpm), "socket", "--tpm2", "--tpmstate", f"dir={state_dir}",
+            "--ctrl", f"type=unixio,path={socket_path}", "--terminate"]
+
+
+async def start_swtpm(runner: ServiceRunner, machine: str, state_dir: Path, socket_path: Path, *,
+                      bound_to: str | None = None, swtpm: Path | None = None) -> RunningService:
+    """Manufacture the state on first use, then run swtpm; returns once its socket exists.
+
+    swtpm_setup (one-shot, ≈0.6 s) always runs as our own short-lived child, whichever runner
+    runs the daemon.  swtpm exits by itself (status 0) when QEMU closes the control socket.
+    """
+    swtpm = swtpm or find_swtpm()
+    if swtpm is None:
+        raise ServiceError(f"vmspawnd-{machine}-tpm", "swtpm is not installed")
+    if len(str(socket_path)) > SUN_PATH_MAX:
+        raise ConfigError("runtime-directory", str(socket_path), "path too long for a unix socket")
+    argv = swtpm_argv(swtpm, state_dir, socket_path)
+    await manufacture(state_dir)
+    spec = ServiceSpec(name=f"vmspawnd-{machine}-tpm", argv=tuple(argv), description=f"TPM for VM {machine}",
+                       bound_to=bound_to, ready_path=socket_path)
+    return await runner.start(spec)
+
+
+def _qemu_escape(value: object) -> str:
+    return str(value).replace(",", ",,")
+
+
+def qemu_tpm_args(socket_path: Path, arch: str | None = None) -> list[str]:
+    """QEMU arguments for the swtpm at ``socket_path``.
+
+    The front end is ``tpm-tis`` on x86_64 (``tpm-tis-device`` on arm), as upstream vmspawn
+    does: it works with every firmware choice (SeaBIOS, OVMF, direct kernel boot) and TPM 1.2
+    or 2.0 drivers.  ``tpm-crb`` (TPM 2.0 only, what environment.md first measured) works too;
+    both were booted here with the test guest and give it /dev/tpm0.
+    """
+    device = TPM_DEVICES.get(arch or platform.machine())
+    if device is None:
+        raise ConfigError("tpm", "yes", f"no TPM support for architecture {arch or platform.machine()}")
+    return ["-chardev", f"socket,id=chrtpm,path={_qemu_escape(socket_path)}",
+            "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+            "-device", f"{device},tpmdev=tpm0"]

@@ -1,0 +1,258 @@
+"""virtiofs shares: find virtiofsd (Rust or QEMU's C one), build its argv, run it, QEMU args.
+
+One virtiofsd per share: the ``--directory`` root gets tag ``root``, each ``--bind``/``--bind-ro``
+tag ``mnt<N>``.  Read-only shares are enforced on the host side: with ``--readonly`` where the
+Rust virtiofsd has it, otherwise by running virtiofsd under :mod:`vmspawnd.services.rowrap`, in
+a mount namespace of its own where the source is a read-only bind mount — so a guest that
+remounts the share read-write still gets EROFS.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from vmspawnd.config import Bind, ConfigError
+from vmspawnd.services import rowrap
+from vmspawnd.services.runner import RunningService, ServiceRunner, ServiceSpec
+
+log = structlog.get_logger()
+
+SUN_PATH_MAX = 107
+ROOT_TAG = "root"
+ROOT_CHARDEV = "rootdir"
+#: Where upstream looks (after $PATH), then QEMU's C virtiofsd (Debian 12's qemu-system-common).
+VIRTIOFSD_PATHS = (Path("/usr/libexec/virtiofsd"), Path("/usr/lib/virtiofsd"), Path("/usr/lib/qemu/virtiofsd"))
+ROWRAP = Path(rowrap.__file__)
+CAP_SYS_ADMIN = 21
+
+
+class Flavour(enum.Enum):
+    RUST = "rust"  # gitlab.com/virtio-fs/virtiofsd: --shared-dir, --sandbox=, maybe --readonly
+    C = "c"  # QEMU ≤ 8.0's tools/virtiofsd: -o source=, -o sandbox=
+
+
+@dataclass(frozen=True)
+class Virtiofsd:
+    """An installed virtiofsd and what its ``--help`` says it supports."""
+
+    path: Path
+    flavour: Flavour
+    readonly: bool = False  # Rust: --readonly
+    translate_ids: bool = False  # Rust: --translate-uid/--translate-gid
+
+
+@dataclass(frozen=True)
+class UidMap:
+    """Guest IDs ``guest_first…+count`` are host IDs ``host_first…`` (same for GIDs)."""
+
+    guest_first: int
+    host_first: int
+    count: int
+
+    @property
+    def identity(self) -> bool:
+        return self.guest_first == self.host_first
+
+    def word(self) -> str:
+        return f"map:{self.guest_first}:{self.host_first}:{self.count}"
+
+
+# ----------------------------------------------------------------------------- discovery
+@functools.cache
+def _probe(path: str, _mtime_ns: int) -> Virtiofsd | None:
+    try:
+        proc = subprocess.run([path, "--help"], stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (proc.stdout + proc.stderr).decode(errors="replace")
+    if "--shared-dir" in text:
+        return Virtiofsd(Path(path), Flavour.RUST, readonly="--readonly" in text,
+                         translate_ids="--translate-uid" in text)
+    if "source=" in text and "-o " in text:
+        return Virtiofsd(Path(path), Flavour.C)
+    return None
+
+
+def probe_virtiofsd(path: Path) -> Virtiofsd | None:
+    """Tell the flavour (and options) of the virtiofsd at ``path`` from its ``--help``; None if it is not one."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if not os.access(path, os.X_OK) or not path.is_file():
+        return None
+    return _probe(str(path), st.st_mtime_ns)
+
+
+def find_virtiofsd(search_path: str | None = None, candidates: Iterable[Path] = VIRTIOFSD_PATHS) -> Virtiofsd:
+    """``virtiofsd`` in $PATH, /usr/libexec/virtiofsd, /usr/lib/virtiofsd, /usr/lib/qemu/virtiofsd."""
+    found = shutil.which("virtiofsd", path=search_path)
+    tried = [*([Path(found)] if found else []), *candidates]
+    for path in tried:
+        virtiofsd = probe_virtiofsd(path)
+        if virtiofsd is not None:
+            return virtiofsd
+    raise ConfigError("virtiofsd", "", "no virtiofsd found (looked in $PATH, "
+                      + ", ".join(str(p) for p in candidates) + "); install virtiofsd or qemu-system-common")
+
+
+def in_chroot(mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
+    """True when our root directory is not a mount point (a chroot, some containers)."""
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return False
+    return not any(len(fields) > 4 and fields[4] == "/" for fields in (line.split() for line in lines))
+
+
+def _has_cap_sys_admin(status: Path = Path("/proc/self/status")) -> bool:
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
+def choose_sandbox(mountinfo: Path = Path("/proc/self/mountinfo"), status: Path = Path("/proc/self/status")) -> str:
+    """``namespace``, or ``chroot`` where namespace mode fails (pivot_root needs / to be a mount point)."""
+    if in_chroot(mountinfo):
+        return "chroot"
+    if not _has_cap_sys_admin(status):
+        return "chroot"
+    return "namespace"
+
+
+# ----------------------------------------------------------------------------- --bind
+def _split_unescaped_colons(value: str) -> list[str]:
+    parts, current, i = [], [], 0
+    while i < len(value):
+        c = value[i]
+        if c == "\\" and i + 1 < len(value) and value[i + 1] == ":":
+            current.append(":")
+            i += 2
+            continue
+        if c == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def parse_bind(value: str, read_only: bool) -> Bind:
+    """Parse ``SRC[:DST]`` (``\\:`` is a literal colon).  SRC must be an existing directory."""
+    field = "bind-ro" if read_only else "bind"
+    parts = _split_unescaped_colons(value)
+    if len(parts) > 2 or not parts[0]:
+        raise ConfigError(field, value, "expected SRC[:DST] (write \\: for a ':' in a path)")
+    source = Path(os.path.abspath(parts[0]))
+    destination_text = parts[1] if len(parts) == 2 and parts[1] else str(source)
+    if not destination_text.startswith("/"):
+        raise ConfigError(field, value, "the destination in the guest must be an absolute path")
+    if "\0" in value:
+        raise ConfigError(field, value, "paths cannot contain NUL")
+    if not source.exists():
+        raise ConfigError(field, value, f"{source} does not exist")
+    if not source.is_dir():
+        raise ConfigError(field, value, f"{source} is not a directory (only directories can be shared)")
+    return Bind(source, Path(os.path.normpath(destination_text)), read_only)
+
+
+def bind_tag(index: int) -> str:
+    """The virtiofs tag (and QEMU chardev id) of the ``index``-th bind: ``mnt<index>``."""
+    return f"mnt{index}"
+
+
+def _fstab_escape(text: str) -> str:
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" or ord(c) < 0x20 else c for c in text)
+
+
+def fstab_extra(binds: Iterable[Bind]) -> str:
+    """The ``fstab.extra`` credential: ``mnt<N> <dst> virtiofs rw|ro,x-initrd.mount`` per bind."""
+    return "".join(f"{bind_tag(i)} {_fstab_escape(str(b.destination))} virtiofs "
+                   f"{'ro' if b.read_only else 'rw'},x-initrd.mount\n" for i, b in enumerate(binds))
+
+
+# ----------------------------------------------------------------------------- argv
+def _fuse_opt_escape(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace(",", "\\,")
+
+
+def rowrap_argv(source: Path, argv: list[str]) -> list[str]:
+    """``argv`` run with ``source`` read-only in a private mount namespace (no shell involved)."""
+    return [sys.executable, "-I", "-S", str(ROWRAP), str(source), "--", *argv]
+
+
+def virtiofsd_argv(virtiofsd: Virtiofsd, share_dir: Path, socket_path: Path, *, read_only: bool, sandbox: str,
+                   uid_map: UidMap | None = None) -> list[str]:
+    """The argv sharing ``share_dir`` on ``socket_path`` (wrapped by rowrap when read-only needs it)."""
+    if uid_map is not None and not uid_map.identity and not (virtiofsd.flavour is Flavour.RUST
+                                                             and virtiofsd.translate_ids):
+        raise ConfigError("private-users", f"{uid_map.host_first}:{uid_map.count}",
+                          f"{virtiofsd.path} cannot translate UIDs (needs the Rust virtiofsd with --translate-uid)")
+    if virtiofsd.flavour is Flavour.C:
+        if sandbox not in ("namespace", "chroot"):
+            raise ValueError(f"QEMU's virtiofsd has no sandbox mode {sandbox!r}")
+        argv = [str(virtiofsd.path), f"--socket-path={socket_path}", "-o", f"source={_fuse_opt_escape(share_dir)}",
+                "-o", "cache=auto", "-o", f"sandbox={sandbox}"]
+        wrap = read_only
+    else:
+        if sandbox not in ("namespace", "chroot", "none"):
+            raise ValueError(f"unknown virtiofsd sandbox mode {sandbox!r}")
+        argv = [str(virtiofsd.path), f"--socket-path={socket_path}", f"--shared-dir={share_dir}",
+                f"--sandbox={sandbox}"]
+        if read_only and virtiofsd.readonly:
+            argv.append("--readonly")
+        if uid_map is not None and virtiofsd.translate_ids:
+            argv += ["--translate-uid", uid_map.word(), "--translate-gid", uid_map.word()]
+        wrap = read_only and not virtiofsd.readonly
+    return rowrap_argv(share_dir, argv) if wrap else argv
+
+
+async def start_virtiofsd(runner: ServiceRunner, machine: str, index_or_root: int | str, share_dir: Path,
+                          socket_path: Path, read_only: bool, *, virtiofsd: Virtiofsd | None = None,
+                          sandbox: str | None = None, uid_map: UidMap | None = None,
+                          bound_to: str | None = None) -> RunningService:
+    """Run a virtiofsd for ``share_dir`` (``index_or_root``: bind index or ``"root"``); ready once its socket exists."""
+    virtiofsd = virtiofsd or find_virtiofsd()
+    if len(str(socket_path)) > SUN_PATH_MAX:
+        raise ConfigError("runtime-directory", str(socket_path), "path too long for a unix socket")
+    argv = virtiofsd_argv(virtiofsd, share_dir, socket_path, read_only=read_only,
+                          sandbox=sandbox or choose_sandbox(), uid_map=uid_map)
+    spec = ServiceSpec(name=f"vmspawnd-{machine}-virtiofsd-{index_or_root}", argv=tuple(argv),
+                       description=f"virtiofs share {share_dir} for VM {machine}{' (read-only)' if read_only else ''}",
+                       bound_to=bound_to, ready_path=socket_path)
+    return await runner.start(spec)
+
+
+def _qemu_escape(value: object) -> str:
+    return str(value).replace(",", ",,")
+
+
+def qemu_virtiofs_args(tag: str, socket_path: Path, chardev_id: str) -> list[str]:
+    """``-chardev socket,…`` + ``-device vhost-user-fs-pci,queue-size=1024,chardev=ID,tag=TAG``."""
+    return ["-chardev", f"socket,id={chardev_id},path={_qemu_escape(socket_path)}",
+            "-device", f"vhost-user-fs-pci,queue-size=1024,chardev={chardev_id},tag={tag}"]
+
+
+def qemu_shared_memory_args(ram_mib: int) -> list[str]:
+    """Guest RAM as a shared memfd (vhost-user needs it); ``ram_mib`` must equal ``-m``.
+
+    ``-machine memory-backend=mem`` (QEMU ≥ 5.0; checked with 7.2) merges with the other
+    ``-machine`` options, so no NUMA node is needed.
+    """
+    return ["-object", f"memory-backend-memfd,id=mem,size={ram_mib}M,share=on", "-machine", "memory-backend=mem"]
