@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from vmspawnd.config import ConsoleMode, MachineConfig, Ram, Tristate
-from vmspawnd.guest.channel import NotifyParser, qemu_escape
+from vmspawnd.guest.channel import NotifyParser
+from vmspawnd.qemu import qemu_escape
 from vmspawnd.qemu.accel import choose_accelerator, find_qemu
 from vmspawnd.qemu.argv import Resources, build_qemu_argv
 from vmspawnd.testing.guest import build_guest

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import structlog
 
+from vmspawnd.qemu import qemu_escape
+
 MAX_LINE = 4096
 MAX_GARBAGE = 1 << 20
 NOTIFY_PORT_NAME = "io.systemd.notify"
@@ -174,8 +176,3 @@ class NotifyChannel:
         if self._server is not None:
             self._server.close()
             self._server = None
-
-
-def qemu_escape(value: str) -> str:
-    """QEMU option values double every comma."""
-    return value.replace(",", ",,")

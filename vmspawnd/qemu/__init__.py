@@ -1,1 +1,6 @@
-"""Everything about talking to QEMU: binary and accelerator, argv, QMP."""
+"""Everything about talking to QEMU: binary and accelerator, argv, firmware, disks, QMP."""
+
+
+def qemu_escape(value: object) -> str:
+    """QEMU option values double every comma."""
+    return str(value).replace(",", ",,")

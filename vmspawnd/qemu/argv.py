@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmspawnd.config import ConsoleMode, ConsoleTransport, MachineConfig, Network
-from vmspawnd.guest.channel import qemu_escape
+from vmspawnd.qemu import qemu_escape
 from vmspawnd.qemu.disks import drive_args
 
 COMMAND_LINE_SIZE = 2048  # x86 kernel limit

@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from vmspawnd.config import FALSE_WORDS, TRUE_WORDS, ConfigError, Tristate, parse_tristate
+from vmspawnd.qemu import qemu_escape
 
 log = structlog.get_logger()
 
@@ -529,11 +530,6 @@ def machine_smm(descriptor: Descriptor | None) -> bool:
     return descriptor is not None and descriptor.secure_boot
 
 
-def _escape(path: Path) -> str:
-    """A path as a QEMU option value: commas are doubled."""
-    return str(path).replace(",", ",,")
-
-
 def qemu_firmware_args(descriptor: Descriptor | None, nvram: Path | None) -> list[str]:
     """QEMU arguments for the firmware (spec §2.5); none for ``bios``/``none`` (descriptor None).
 
@@ -550,9 +546,9 @@ def qemu_firmware_args(descriptor: Descriptor | None, nvram: Path | None) -> lis
     mapping, exe = descriptor.mapping, descriptor.mapping.executable
     if mapping.device == "memory":
         return ["-bios", str(exe.filename)]
-    args = ["-drive", f"if=pflash,format={exe.format},readonly=on,file={_escape(exe.filename)}"]
+    args = ["-drive", f"if=pflash,format={exe.format},readonly=on,file={qemu_escape(exe.filename)}"]
     if nvram is not None and not mapping.stateless:
         if machine_smm(descriptor):
             args += ["-global", SECURE_PFLASH]
-        args += ["-drive", f"file={_escape(nvram)},if=pflash,format={exe.format}"]
+        args += ["-drive", f"file={qemu_escape(nvram)},if=pflash,format={exe.format}"]
     return args

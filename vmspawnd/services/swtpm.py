@@ -19,6 +19,7 @@ from pathlib import Path
 import structlog
 
 from vmspawnd.config import FALSE_WORDS, TRUE_WORDS, ConfigError, Tristate
+from vmspawnd.qemu import qemu_escape
 from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner, ServiceSpec
 
 log = structlog.get_logger()
@@ -163,10 +164,6 @@ async def start_swtpm(runner: ServiceRunner, machine: str, state_dir: Path, sock
     return await runner.start(spec)
 
 
-def _qemu_escape(value: object) -> str:
-    return str(value).replace(",", ",,")
-
-
 def qemu_tpm_args(socket_path: Path, arch: str | None = None) -> list[str]:
     """QEMU arguments for the swtpm at ``socket_path``.
 
@@ -178,6 +175,6 @@ def qemu_tpm_args(socket_path: Path, arch: str | None = None) -> list[str]:
     device = TPM_DEVICES.get(arch or platform.machine())
     if device is None:
         raise ConfigError("tpm", "yes", f"no TPM support for architecture {arch or platform.machine()}")
-    return ["-chardev", f"socket,id=chrtpm,path={_qemu_escape(socket_path)}",
+    return ["-chardev", f"socket,id=chrtpm,path={qemu_escape(socket_path)}",
             "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
             "-device", f"{device},tpmdev=tpm0"]

@@ -22,6 +22,7 @@ from pathlib import Path
 import structlog
 
 from vmspawnd.config import Bind, ConfigError
+from vmspawnd.qemu import qemu_escape
 from vmspawnd.services import rowrap
 from vmspawnd.services.runner import RunningService, ServiceRunner, ServiceSpec
 
@@ -239,13 +240,9 @@ async def start_virtiofsd(runner: ServiceRunner, machine: str, index_or_root: in
     return await runner.start(spec)
 
 
-def _qemu_escape(value: object) -> str:
-    return str(value).replace(",", ",,")
-
-
 def qemu_virtiofs_args(tag: str, socket_path: Path, chardev_id: str) -> list[str]:
     """``-chardev socket,…`` + ``-device vhost-user-fs-pci,queue-size=1024,chardev=ID,tag=TAG``."""
-    return ["-chardev", f"socket,id={chardev_id},path={_qemu_escape(socket_path)}",
+    return ["-chardev", f"socket,id={chardev_id},path={qemu_escape(socket_path)}",
             "-device", f"vhost-user-fs-pci,queue-size=1024,chardev={chardev_id},tag={tag}"]
 
 
