@@ -128,6 +128,7 @@ def test_two_vms_with_the_same_name_cannot_run_at_once(vmspawn):
     assert "already running" in second.stderr.decode()
     assert first.proc.poll() is None  # the first VM was not disturbed
     first.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # two signals sent at once would merge into one
     first.proc.send_signal(signal.SIGTERM)
     first.wait()
 
