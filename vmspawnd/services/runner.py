@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import collections
 import contextlib
 import ctypes
 import os
@@ -30,11 +29,20 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Protocol
 
 import structlog
-from dbus_fast import BusType, Message, MessageType, Variant
-from dbus_fast.aio import MessageBus
+from dbus_fast import BusType, Variant
+
+from vmspawnd.systemd.units import (
+    SERVICE_IFACE,
+    SYSTEMD_RUNTIME_DIR,
+    UNIT_IFACE,
+    DBusCallError,
+    SystemdManager,
+    UnitStartError,
+    connect_systemd,
+)
 
 log = structlog.get_logger()
 
@@ -46,12 +54,6 @@ OUTPUT_TAIL_LINES = 10
 UNIT_POLL_INTERVAL = 0.5
 RUNNER_ENV = "VMSPAWND_SERVICE_RUNNER"  # "child" or "unit": skip the detection
 
-SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
-SYSTEMD_PATH = "/org/freedesktop/systemd1"
-MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
-UNIT_IFACE = "org.freedesktop.systemd1.Unit"
-SERVICE_IFACE = "org.freedesktop.systemd1.Service"
-PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 CLD_EXITED = 1
 
 
@@ -327,14 +329,6 @@ def transient_unit_properties(spec: ServiceSpec) -> list[tuple[str, Variant]]:
     return props
 
 
-class DBusCallError(Exception):
-    """A D-Bus method call returned an error."""
-
-    def __init__(self, name: str, text: str) -> None:
-        self.name = name
-        super().__init__(f"{name}: {text}" if text else name)
-
-
 class UnitService(RunningService):
     """A helper running as a transient ``<name>.service``."""
 
@@ -346,20 +340,20 @@ class UnitService(RunningService):
 
     async def _load(self) -> None:
         try:
-            self.pid = int(await self._runner.get_property(self._path, SERVICE_IFACE, "MainPID"))
+            self.pid = int(await self._runner.manager.get_property(self._path, SERVICE_IFACE, "MainPID"))
         except DBusCallError:
             self.pid = 0
         self._exited = asyncio.get_running_loop().create_task(self._watch(), name=f"watch {self.unit}")
 
     async def _watch(self) -> int | None:
         """Poll ActiveState until inactive/failed (or the unit is collected)."""
-        runner = self._runner
+        manager = self._runner.manager
         while True:
             try:
-                state = await runner.get_property(self._path, UNIT_IFACE, "ActiveState")
+                state = await manager.get_property(self._path, UNIT_IFACE, "ActiveState")
                 if state in ("inactive", "failed"):
-                    code = await runner.get_property(self._path, SERVICE_IFACE, "ExecMainCode")
-                    status = await runner.get_property(self._path, SERVICE_IFACE, "ExecMainStatus")
+                    code = await manager.get_property(self._path, SERVICE_IFACE, "ExecMainCode")
+                    status = await manager.get_property(self._path, SERVICE_IFACE, "ExecMainStatus")
                     self.returncode = int(status) if code == CLD_EXITED else -int(status)
                     break
             except DBusCallError:  # collected (CollectMode=inactive-or-failed): status unknown
@@ -382,8 +376,7 @@ class UnitService(RunningService):
             return
         self._stopping = True
         try:
-            job = await self._runner.call(MANAGER_IFACE, "StopUnit", "ss", [self.unit, "replace"])
-            await self._runner.job_result(job[0], timeout)
+            await self._runner.manager.stop_unit(self.unit, timeout)
             await asyncio.wait_for(asyncio.shield(self._exited), timeout)
         except DBusCallError as e:
             if "NoSuchUnit" not in e.name:
@@ -391,86 +384,28 @@ class UnitService(RunningService):
         except TimeoutError:
             self.log.info("unit did not stop in time, killing it", timeout=timeout)
             with contextlib.suppress(DBusCallError):
-                await self._runner.call(MANAGER_IFACE, "KillUnit", "ssi", [self.unit, "all", int(signal.SIGKILL)])
+                await self._runner.manager.kill_unit(self.unit)
         await asyncio.shield(self._exited)
 
 
 class UnitRunner:
-    """Runs helpers as transient services of the systemd manager on ``bus`` (dbus-fast).
+    """Runs helpers as transient services of the systemd manager (see systemd/units.py).
 
     Limits: no fd passing (helpers create their own sockets); argv and paths must make sense in
     PID 1's mount namespace and environment; ``env`` of a spec is ignored.
     """
 
-    def __init__(self, bus: MessageBus) -> None:
-        self.bus = bus
-        self._jobs: collections.OrderedDict[str, str] = collections.OrderedDict()  # job path → result
-        self._job_waiters: dict[str, asyncio.Future[str]] = {}
-        bus.add_message_handler(self._on_message)
+    def __init__(self, manager: SystemdManager, *, owns_manager: bool = False) -> None:
+        self.manager = manager
+        self._owns_manager = owns_manager
 
     @classmethod
     async def connect(cls, bus_type: BusType = BusType.SYSTEM, address: str | None = None) -> UnitRunner:
-        """Connect to the manager's bus and subscribe to JobRemoved."""
-        bus = await MessageBus(bus_address=address, bus_type=bus_type).connect()
-        runner = cls(bus)
-        try:
-            rule = (f"type='signal',sender='{SYSTEMD_BUS_NAME}',path='{SYSTEMD_PATH}',"
-                    f"interface='{MANAGER_IFACE}',member='JobRemoved'")
-            await runner._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                               "AddMatch", "s", [rule])
-            with contextlib.suppress(DBusCallError):  # AlreadySubscribed, or systemd sends them anyway
-                await runner.call(MANAGER_IFACE, "Subscribe", "", [])
-        except BaseException:
-            bus.disconnect()
-            raise
-        return runner
+        return cls(await SystemdManager.connect(bus_type, address), owns_manager=True)
 
     async def version(self) -> str:
-        return str(await self.get_property(SYSTEMD_PATH, MANAGER_IFACE, "Version"))
+        return await self.manager.version()
 
-    # -- D-Bus plumbing
-    def _on_message(self, msg: Message) -> bool:
-        if (msg.message_type == MessageType.SIGNAL and msg.member == "JobRemoved"
-                and msg.interface == MANAGER_IFACE and len(msg.body) == 4):
-            _id, job, _unit, result = msg.body
-            waiter = self._job_waiters.pop(job, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(result)
-            else:  # it may arrive before StartTransientUnit's reply: keep it a while
-                self._jobs[job] = result
-                while len(self._jobs) > 256:
-                    self._jobs.popitem(last=False)
-        return False
-
-    async def _call(self, destination: str, path: str, interface: str, member: str, signature: str,
-                    body: list[Any]) -> list[Any]:
-        reply = await self.bus.call(Message(destination=destination, path=path, interface=interface,
-                                            member=member, signature=signature, body=body))
-        if reply is None:
-            raise DBusCallError("org.freedesktop.DBus.Error.NoReply", member)
-        if reply.message_type == MessageType.ERROR:
-            raise DBusCallError(reply.error_name or "error", str(reply.body[0]) if reply.body else "")
-        return list(reply.body)
-
-    async def call(self, interface: str, member: str, signature: str, body: list[Any],
-                   path: str = SYSTEMD_PATH) -> list[Any]:
-        return await self._call(SYSTEMD_BUS_NAME, path, interface, member, signature, body)
-
-    async def get_property(self, path: str, interface: str, name: str) -> Any:
-        (value,) = await self.call(PROPERTIES_IFACE, "Get", "ss", [interface, name], path=path)
-        return value.value if isinstance(value, Variant) else value
-
-    async def job_result(self, job: str, timeout: float) -> str:
-        """Wait for the JobRemoved signal of ``job``; its result ("done", "failed", …)."""
-        if job in self._jobs:
-            return self._jobs.pop(job)
-        waiter = self._job_waiters.setdefault(job, asyncio.get_running_loop().create_future())
-        try:
-            return await asyncio.wait_for(waiter, timeout)
-        finally:
-            self._job_waiters.pop(job, None)
-
-    # -- the runner interface
     async def start(self, spec: ServiceSpec) -> UnitService:
         if spec.pass_fds:
             raise ServiceError(spec.name, "file descriptors cannot be passed to a transient unit; "
@@ -478,17 +413,9 @@ class UnitRunner:
         unit = f"{spec.name}.service"
         clear_stale_socket(spec.name, spec.ready_path)
         try:
-            (job,) = await self.call(MANAGER_IFACE, "StartTransientUnit", "ssa(sv)a(sa(sv))",
-                                     [unit, "fail", transient_unit_properties(spec), []])
-            result = await self.job_result(job, spec.ready_timeout)
-            if result != "done":
-                raise ServiceError(spec.name, f"starting {unit} failed (job result: {result}); "
-                                              f"see journalctl -u {unit}")
-            (path,) = await self.call(MANAGER_IFACE, "GetUnit", "s", [unit])
-        except DBusCallError as e:
-            raise ServiceError(spec.name, f"cannot start {unit}: {e}") from e
-        except TimeoutError:
-            raise ServiceError(spec.name, f"systemd did not start {unit} within {spec.ready_timeout:g} s") from None
+            path = await self.manager.start_transient_unit(unit, transient_unit_properties(spec), spec.ready_timeout)
+        except (UnitStartError, DBusCallError) as e:
+            raise ServiceError(spec.name, str(e)) from e
         service = UnitService(self, spec, unit, path)
         await service._load()
         service.log.debug("unit started", unit=unit, pid=service.pid, argv=" ".join(spec.argv))
@@ -500,41 +427,31 @@ class UnitRunner:
         return service
 
     async def aclose(self) -> None:
-        self.bus.disconnect()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.bus.wait_for_disconnect(), 1.0)
+        if self._owns_manager:
+            await self.manager.aclose()
 
 
 # ----------------------------------------------------------------------------- choice
 async def choose_runner(*, die_with_parent: bool = True, timeout: float = 1.0,
-                        systemd_dir: Path = Path("/run/systemd/system")) -> ServiceRunner:
-    """UnitRunner when systemd runs the system and its bus answers quickly, else ChildRunner.
+                        systemd_dir: Path = SYSTEMD_RUNTIME_DIR,
+                        manager: SystemdManager | None = None) -> ServiceRunner:
+    """UnitRunner when systemd runs the system and its manager answers quickly, else ChildRunner.
 
-    Root uses the system manager, others their user manager (session bus).  Set
-    ``$VMSPAWND_SERVICE_RUNNER`` to ``child`` or ``unit`` to skip the detection.
+    Pass ``manager`` to share an existing connection.  Root uses the system manager, others their
+    user manager.  Set ``$VMSPAWND_SERVICE_RUNNER`` to ``child`` or ``unit`` to skip the detection.
     """
     forced = os.environ.get(RUNNER_ENV, "").strip().lower()
-    bus_type = BusType.SYSTEM if os.geteuid() == 0 else BusType.SESSION
-    reason = None
     if forced == "child":
         reason = f"${RUNNER_ENV}=child"
-    elif forced != "unit" and not systemd_dir.is_dir():
-        reason = f"systemd is not the service manager here (no {systemd_dir})"
-    if reason is None:
-        runner: UnitRunner | None = None
-        try:
-            runner = await asyncio.wait_for(UnitRunner.connect(bus_type), timeout)
-            version = await asyncio.wait_for(runner.version(), timeout)
-        except Exception as e:
-            if runner is not None:
-                await runner.aclose()
-            if forced == "unit":
-                raise ServiceError("service-runner", f"${RUNNER_ENV}=unit but the systemd manager does not "
-                                                     f"answer on the {bus_type.name.lower()} bus: {e!r}") from e
-            reason = f"the systemd manager did not answer on the {bus_type.name.lower()} bus: {e!r}"
-        else:
-            log.info("auxiliary services run as transient systemd units", systemd=version,
-                     bus=bus_type.name.lower())
-            return runner
+    elif manager is not None:
+        log.info("auxiliary services run as transient systemd units")
+        return UnitRunner(manager)
+    else:
+        found, reason = await connect_systemd(timeout, systemd_dir if forced != "unit" else Path("/"))
+        if found is not None:
+            log.info("auxiliary services run as transient systemd units", systemd=reason)
+            return UnitRunner(found, owns_manager=True)
+        if forced == "unit":
+            raise ServiceError("service-runner", f"${RUNNER_ENV}=unit but {reason}")
     log.info("auxiliary services run as child processes", reason=reason)
     return ChildRunner(die_with_parent=die_with_parent)

@@ -1,0 +1,158 @@
+"""The systemd manager over D-Bus (dbus-fast): transient units, jobs, properties.
+
+One connection serves a VM's scope and its auxiliary units.  Calls raise DBusCallError with
+the D-Bus error name; start/stop wait for the job's JobRemoved signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import structlog
+from dbus_fast import BusType, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+log = structlog.get_logger()
+
+SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
+UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+SERVICE_IFACE = "org.freedesktop.systemd1.Service"
+SCOPE_IFACE = "org.freedesktop.systemd1.Scope"
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+SYSTEMD_RUNTIME_DIR = Path("/run/systemd/system")
+
+
+class DBusCallError(Exception):
+    """A D-Bus method call returned an error."""
+
+    def __init__(self, name: str, text: str) -> None:
+        self.name = name
+        super().__init__(f"{name}: {text}" if text else name)
+
+
+class UnitStartError(Exception):
+    """A transient unit's start job did not succeed."""
+
+
+class SystemdManager:
+    """A connection to systemd's manager, with JobRemoved tracking."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+        self._jobs: collections.OrderedDict[str, str] = collections.OrderedDict()  # job path → result
+        self._job_waiters: dict[str, asyncio.Future[str]] = {}
+        bus.add_message_handler(self._on_message)
+
+    @classmethod
+    async def connect(cls, bus_type: BusType = BusType.SYSTEM, address: str | None = None) -> SystemdManager:
+        """Connect to the manager's bus and subscribe to JobRemoved."""
+        bus = await MessageBus(bus_address=address, bus_type=bus_type).connect()
+        manager = cls(bus)
+        try:
+            rule = (f"type='signal',sender='{SYSTEMD_BUS_NAME}',path='{SYSTEMD_PATH}',"
+                    f"interface='{MANAGER_IFACE}',member='JobRemoved'")
+            await manager._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                                "AddMatch", "s", [rule])
+            with contextlib.suppress(DBusCallError):  # AlreadySubscribed, or systemd sends them anyway
+                await manager.call(MANAGER_IFACE, "Subscribe", "", [])
+        except BaseException:
+            bus.disconnect()
+            raise
+        return manager
+
+    async def version(self) -> str:
+        return str(await self.get_property(SYSTEMD_PATH, MANAGER_IFACE, "Version"))
+
+    def _on_message(self, msg: Message) -> bool:
+        if (msg.message_type == MessageType.SIGNAL and msg.member == "JobRemoved"
+                and msg.interface == MANAGER_IFACE and len(msg.body) == 4):
+            _id, job, _unit, result = msg.body
+            waiter = self._job_waiters.pop(job, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(result)
+            else:  # it may arrive before the reply that names the job: keep it a while
+                self._jobs[job] = result
+                while len(self._jobs) > 256:
+                    self._jobs.popitem(last=False)
+        return False
+
+    async def _call(self, destination: str, path: str, interface: str, member: str, signature: str,
+                    body: list[Any]) -> list[Any]:
+        reply = await self.bus.call(Message(destination=destination, path=path, interface=interface,
+                                            member=member, signature=signature, body=body))
+        if reply is None:
+            raise DBusCallError("org.freedesktop.DBus.Error.NoReply", member)
+        if reply.message_type == MessageType.ERROR:
+            raise DBusCallError(reply.error_name or "error", str(reply.body[0]) if reply.body else "")
+        return list(reply.body)
+
+    async def call(self, interface: str, member: str, signature: str, body: list[Any],
+                   path: str = SYSTEMD_PATH) -> list[Any]:
+        return await self._call(SYSTEMD_BUS_NAME, path, interface, member, signature, body)
+
+    async def get_property(self, path: str, interface: str, name: str) -> Any:
+        (value,) = await self.call(PROPERTIES_IFACE, "Get", "ss", [interface, name], path=path)
+        return value.value if isinstance(value, Variant) else value
+
+    async def job_result(self, job: str, timeout: float) -> str:
+        """Wait for the JobRemoved signal of ``job``; its result ("done", "failed", …)."""
+        if job in self._jobs:
+            return self._jobs.pop(job)
+        waiter = self._job_waiters.setdefault(job, asyncio.get_running_loop().create_future())
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        finally:
+            self._job_waiters.pop(job, None)
+
+    async def start_transient_unit(self, unit: str, properties: list[tuple[str, Variant]],
+                                   timeout: float = 10.0) -> str:
+        """StartTransientUnit(unit, "fail", …) and wait for its job; return the unit's object path."""
+        try:
+            (job,) = await self.call(MANAGER_IFACE, "StartTransientUnit", "ssa(sv)a(sa(sv))",
+                                     [unit, "fail", properties, []])
+            result = await self.job_result(job, timeout)
+        except DBusCallError as e:
+            raise UnitStartError(f"cannot start {unit}: {e}") from e
+        except TimeoutError:
+            raise UnitStartError(f"systemd did not start {unit} within {timeout:g} s") from None
+        if result != "done":
+            raise UnitStartError(f"starting {unit} failed (job result: {result}); see journalctl -u {unit}")
+        (path,) = await self.call(MANAGER_IFACE, "GetUnit", "s", [unit])
+        return str(path)
+
+    async def stop_unit(self, unit: str, timeout: float) -> None:
+        (job,) = await self.call(MANAGER_IFACE, "StopUnit", "ss", [unit, "replace"])
+        await self.job_result(job, timeout)
+
+    async def kill_unit(self, unit: str, whom: str = "all", sig: int = signal.SIGKILL) -> None:
+        await self.call(MANAGER_IFACE, "KillUnit", "ssi", [unit, whom, int(sig)])
+
+    async def aclose(self) -> None:
+        self.bus.disconnect()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.bus.wait_for_disconnect(), 1.0)
+
+
+async def connect_systemd(timeout: float = 1.0, systemd_dir: Path = SYSTEMD_RUNTIME_DIR,
+                          address: str | None = None) -> tuple[SystemdManager | None, str]:
+    """The system (root) or user manager if it runs and answers quickly; else (None, why not)."""
+    bus_type = BusType.SYSTEM if os.geteuid() == 0 else BusType.SESSION
+    if address is None and not systemd_dir.is_dir():
+        return None, f"systemd is not the service manager here (no {systemd_dir})"
+    manager: SystemdManager | None = None
+    try:
+        manager = await asyncio.wait_for(SystemdManager.connect(bus_type, address), timeout)
+        version = await asyncio.wait_for(manager.version(), timeout)
+    except Exception as e:
+        if manager is not None:
+            await manager.aclose()
+        return None, f"the systemd manager did not answer on the {bus_type.name.lower()} bus: {e!r}"
+    return manager, f"systemd {version} on the {bus_type.name.lower()} bus"
