@@ -102,6 +102,10 @@ class Config:
     tpmState: str | None = None
     directory: str | None = None
     binds: list[str] | None = None
+    register: str | None = None
+    slice: str | None = None
+    properties: list[str] | None = None
+    keepUnit: bool | None = None
 
 
 @dataclass

@@ -263,6 +263,10 @@ class MachineConfig:
     tpm_state: str = "auto"
     directory: Path | None = None
     binds: tuple[Bind, ...] = ()
+    register: Tristate = Tristate.AUTO
+    slice: str = "machine.slice"
+    properties: tuple[str, ...] = ()
+    keep_unit: bool = False
     quiet: bool = False
 
     def validated(self) -> MachineConfig:
@@ -295,6 +299,11 @@ class MachineConfig:
                     raise ConfigError(what, str(drive.path), "path must be absolute")
                 check_image(drive.path, drive.format, what)
         self.firmware_choice()  # resolves --firmware/--firmware-features/--secure-boot or raises
+        from vmspawnd.systemd.properties import parse_properties
+
+        parse_properties(self.properties)  # unknown or malformed → ConfigError now, not at start
+        if not re.match(r"^[A-Za-z0-9:_.\\-]+\.slice$", self.slice) or len(self.slice) > 255:
+            raise ConfigError("slice", self.slice, "not a valid slice unit name")
         if self.efi_nvram_template is not None and not self.efi_nvram_template.is_file():
             raise ConfigError("efi-nvram-template", str(self.efi_nvram_template), "no such file")
         for what, path in [("linux", self.linux), *(("initrd", p) for p in self.initrds)]:
@@ -336,7 +345,7 @@ JSON_FIELDS = ("linux", "initrds", "kernelCommandLine", "ram", "cpus", "kvm", "v
                "console", "consoleTransport", "uuid", "credentials", "smbios11", "image", "imageFormat",
                "imageDiskType", "extraDrives", "discardDisk", "growImage", "ephemeral", "network", "firmware",
                "firmwareFeatures", "secureBoot", "efiNvramTemplate", "efiNvramState", "tpm", "tpmState",
-               "directory", "binds")
+               "directory", "binds", "register", "slice", "properties", "keepUnit")
 
 
 def config_to_json(config: MachineConfig) -> dict[str, Any]:
@@ -374,6 +383,10 @@ def config_to_json(config: MachineConfig) -> dict[str, Any]:
         "tpmState": config.tpm_state,
         "directory": str(config.directory) if config.directory else None,
         "binds": [f"{'ro' if b.read_only else 'rw'}:{b.source}:{b.destination}" for b in config.binds],
+        "register": config.register.value,
+        "slice": config.slice,
+        "properties": list(config.properties),
+        "keepUnit": config.keep_unit,
     }
 
 
@@ -445,6 +458,10 @@ def config_from_json(name: str, data: dict[str, Any]) -> MachineConfig:
         tpm_state=_string("tpmState", get("tpmState", "auto"), 4096),
         directory=_path("directory", get("directory")) if get("directory") is not None else None,
         binds=tuple(_bind(v) for v in _string_list("binds", get("binds"))),
+        register=parse_tristate("register", _string("register", get("register", "auto"))),
+        slice=_string("slice", get("slice", "machine.slice")),
+        properties=tuple(_string_list("properties", get("properties"))),
+        keep_unit=_bool("keepUnit", get("keepUnit", False)),
     )
     if config.firmware in ("list", "describe"):
         raise ConfigError("firmware", config.firmware, "is an action, not a machine setting")

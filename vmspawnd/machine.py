@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import structlog
 
-from vmspawnd.config import ConfigError, ConsoleMode, MachineConfig, Network
+from vmspawnd.config import ConfigError, ConsoleMode, MachineConfig, Network, Tristate
 from vmspawnd.guest.channel import NotifyChannel
 from vmspawnd.guest.credentials import write_smbios_credentials
 from vmspawnd.launcher import QemuProcess
@@ -37,6 +37,9 @@ from vmspawnd.runtime import RuntimeDir
 from vmspawnd.services.runner import choose_runner, describe_status
 from vmspawnd.services.setup import AuxServiceError, start_aux_services
 from vmspawnd.storage import read_json, write_json_atomic
+from vmspawnd.systemd.machined import Registration, RegistrationError, register, unregister
+from vmspawnd.systemd.scope import DEFAULT_SLICE, allocate_scope
+from vmspawnd.systemd.units import SystemdManager, UnitStartError, connect_systemd
 
 log = structlog.get_logger()
 
@@ -88,6 +91,7 @@ class Machine:
         self._stopping: asyncio.Task[None] | None = None
         self._vsock_port: int | None = None
         self._aux_failure: str | None = None
+        self._registered = False
         self._watches: set[asyncio.Task[None]] = set()
         self.tpm_state_path: Path | None = None
         self.units: list[str] = []
@@ -114,6 +118,8 @@ class Machine:
         self._exited.clear()
         self._detaching = False
         self._aux_failure = None
+        self._registered = False
+        self.units, self.tpm_state_path = [], None
         self._stack = contextlib.AsyncExitStack()
         self._stack.callback(self._cancel_watches)
         self._set_state(State.STARTING)
@@ -164,13 +170,18 @@ class Machine:
         else:
             await channel.listen_virtio_serial(rundir / "notify.sock")
 
-        runner = await choose_runner(die_with_parent=self._die_with_parent)
+        systemd, why = await connect_systemd()
+        if systemd is not None:
+            self._stack.push_async_callback(systemd.aclose)
+        scope = await self._allocate_scope(systemd, why)
+        runner = await choose_runner(die_with_parent=self._die_with_parent, manager=systemd)
         self._stack.push_async_callback(runner.aclose)
         try:
-            aux = await start_aux_services(config, runner, rundir, self._stack)
+            aux = await start_aux_services(config, runner, rundir, self._stack, bound_to=scope)
         except AuxServiceError as e:
             raise StartError(str(e)) from e
-        self.tpm_state_path, self.units = aux.tpm_state, aux.units
+        self.tpm_state_path = aux.tpm_state
+        self.units = ([scope] if scope else []) + aux.units
         for what, service in aux.services:
             self._spawn_watch(self._watch_service(what, service))
 
@@ -231,8 +242,59 @@ class Machine:
             rc = None if self.qemu.alive else self.qemu.returncode
             raise StartError(f"QEMU did not come up (exit status {rc})" if rc is not None
                              else f"cannot connect to QEMU's monitor: {e}") from e
+        await self._register(vsock_cid)
+        self._save_run_info()
         self._set_state(State.RUNNING, pid=self.qemu.pid)
         self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
+
+    # ---------------------------------------------------------------- systemd
+    async def _allocate_scope(self, systemd: SystemdManager | None, why: str) -> str | None:
+        """Put the (not yet exec'd) QEMU launcher into its own scope; None where there is none."""
+        config = self.config
+        if config.keep_unit:
+            if config.slice != DEFAULT_SLICE or config.properties:
+                self.log.warning("--slice= and --property= have no effect with --keep-unit")
+            return None
+        if systemd is None:
+            if config.slice != DEFAULT_SLICE or config.properties:
+                self.log.warning("no systemd manager: --slice= and --property= are not applied", reason=why)
+            else:
+                self.log.debug("QEMU runs without a scope", reason=why)
+            return None
+        assert self.qemu is not None
+        try:
+            scope = await allocate_scope(systemd, config.name, self.qemu.pid, config.slice, config.properties)
+        except UnitStartError as e:
+            raise StartError(str(e)) from e
+        self.log.info("QEMU's scope", unit=scope, slice=config.slice)
+        return scope
+
+    async def _register(self, vsock_cid: int | None) -> None:
+        """Register with systemd-machined over varlink (--register=auto tolerates its absence)."""
+        config = self.config
+        if config.register is Tristate.NO:
+            return
+        assert self.qemu is not None
+        reg = Registration(config.name, self.qemu.pid, machine_id=config.uuid, root_directory=config.directory,
+                           vsock_cid=vsock_cid)
+        try:
+            await register(reg)
+        except RegistrationError as e:
+            if config.register is Tristate.YES:
+                raise StartError(f"cannot register with systemd-machined: {e}") from e
+            self.log.info("not registered with systemd-machined", reason=str(e))
+            return
+        self._registered = True
+        self._stack.push_async_callback(self._unregister)
+
+    async def _unregister(self) -> None:
+        if self._detaching or not self._registered:
+            return
+        self._registered = False
+        try:
+            await unregister(self.config.name)
+        except RegistrationError as e:  # machinectl terminate already removed it, or machined is gone
+            self.log.debug("unregister", result=str(e))
 
     # ---------------------------------------------------------------- restart safety
     def _save_run_info(self) -> None:
@@ -242,7 +304,8 @@ class Machine:
         write_json_atomic(self.runtime.path / "run.json", {
             "pid": self.qemu.pid, "starttime": process_start_time(self.qemu.pid),
             "ready": self.ready, "status": self.guest_status, "guestExitStatus": self._guest_exit_status,
-            "vsockPort": self._vsock_port,
+            "vsockPort": self._vsock_port, "units": self.units, "registered": self._registered,
+            "tpmState": str(self.tpm_state_path) if self.tpm_state_path else None,
         })
 
     async def adopt(self) -> bool:
@@ -264,6 +327,11 @@ class Machine:
         self._stack.callback(self._release_runtime_dir)
         self.ready, self.guest_status = bool(info.get("ready")), info.get("status")
         self._guest_exit_status = info.get("guestExitStatus")
+        self.units = [str(u) for u in info.get("units") or []]
+        self.tpm_state_path = Path(info["tpmState"]) if info.get("tpmState") else None
+        self._registered = bool(info.get("registered"))
+        if self._registered:
+            self._stack.push_async_callback(self._unregister)
         channel = NotifyChannel(self._guest_message)
         self._stack.push_async_callback(channel.close)
         if info.get("vsockPort"):

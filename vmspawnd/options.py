@@ -38,6 +38,7 @@ from vmspawnd.config import (
 from vmspawnd.guest.credentials import check_unique, parse_load_credential, parse_set_credential
 from vmspawnd.qemu.disks import parse_extra_drive
 from vmspawnd.services.virtiofsd import parse_bind
+from vmspawnd.systemd.scope import DEFAULT_SLICE, mangle_slice
 from vmspawnd.tint import validate_background
 
 
@@ -100,6 +101,15 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
                         help="share a host directory with the guest (virtiofs, tag mnt0, mnt1, …)")
     mounts.add_argument("--bind-ro", metavar="SRC[:DST]", action="append", default=[],
                         help="share a host directory read-only (enforced on the host)")
+    props = parser.add_argument_group("Properties")
+    props.add_argument("-S", "--slice", metavar="SLICE", help="slice for the VM's scope (default: machine.slice)")
+    props.add_argument("--property", metavar="NAME=VALUE", action="append", default=[],
+                       help="set a property on the VM's scope (systemctl set-property syntax: MemoryMax=, "
+                            "CPUQuota=, TasksMax=, IOWeight=, DeviceAllow=, …)")
+    props.add_argument("--register", metavar="BOOL|auto",
+                       help="register the VM with systemd-machined (auto: if machined is running)")
+    props.add_argument("--keep-unit", action="store_true",
+                       help="do not create a scope: QEMU stays in the caller's unit")
     net = parser.add_argument_group("Networking")
     net.add_argument("-n", "--network-tap", dest="network", action="store_const", const="tap",
                      help="TAP networking (interface vt-NAME; needs CAP_NET_ADMIN)")
@@ -177,6 +187,10 @@ def config_from_args(ns: argparse.Namespace) -> MachineConfig:
         tpm_state=_state_value(ns.tpm_state, "tpm-state"),
         directory=_abspath(ns.directory) if ns.directory else None,
         binds=tuple([parse_bind(v, False) for v in ns.bind] + [parse_bind(v, True) for v in ns.bind_ro]),
+        register=parse_tristate("register", ns.register) if ns.register is not None else Tristate.AUTO,
+        slice=mangle_slice(ns.slice) if ns.slice else DEFAULT_SLICE,
+        properties=tuple(ns.property),
+        keep_unit=ns.keep_unit,
         quiet=getattr(ns, "quiet", False),
     )
     return config.validated()

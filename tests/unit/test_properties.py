@@ -40,3 +40,40 @@ def test_unknown_or_malformed_properties_are_clear_errors(assignment):
 
 def test_several_properties():
     assert [n for n, _ in parse_properties(["MemoryMax=1G", "TasksMax=infinity"])] == ["MemoryMax", "TasksMax"]
+
+
+def test_scope_names_and_properties():
+    from vmspawnd.systemd.scope import mangle_slice, scope_properties, scope_unit_name
+
+    assert scope_unit_name("web-1") == "machine-web\\x2d1.scope"  # as machined names it
+    assert mangle_slice("vms") == "vms.slice" and mangle_slice("a.slice") == "a.slice"
+    props = dict((n, (v.signature, v.value)) for n, v in scope_properties("web", 42, "vms.slice",
+                                                                          parse_property("TasksMax=10")))
+    assert props["PIDs"] == ("au", [42])
+    assert props["Slice"] == ("s", "vms.slice")
+    assert props["TasksMax"] == ("t", 10)
+
+
+def test_machined_registration_parameters():
+    import os
+    import uuid
+
+    from vmspawnd.systemd.machined import Registration
+
+    u = uuid.uuid4()
+    params = Registration("web", os.getpid(), machine_id=u, vsock_cid=1234).parameters()
+    assert params["class"] == "vm" and params["service"] == "vmspawnd" and params["name"] == "web"
+    assert params["id"] == u.hex
+    assert params["leaderProcessId"]["pid"] == os.getpid() and params["leaderProcessId"]["pidfdId"] > 0
+    assert params["vSockCid"] == 1234 and params["sshAddress"] == "vsock/1234"
+    assert "allocateUnit" not in params  # we made the scope ourselves; machined adopts it
+
+
+def test_bad_slice_and_property_fail_at_parse_time(tmp_path):
+    from vmspawnd.options import parse_vmspawn_args
+
+    k = tmp_path / "k"
+    k.write_bytes(b"x")
+    for args in (["--slice=../x"], ["--property=MemoryMax=lots"], ["--register=maybe"]):
+        with pytest.raises(ConfigError):
+            parse_vmspawn_args([f"--linux={k}", "--firmware=none", *args])
