@@ -36,6 +36,7 @@ guest: setup
 
 test: setup
 	$(BIN)/pytest
+	$(MAKE) --no-print-directory test-systemd
 
 test-fast: setup
 	$(BIN)/pytest -m "not vm and not systemd"
@@ -60,3 +61,11 @@ install: setup
 	install -m 0644 varlink/io.vmspawnd.Manager.varlink $(DESTDIR)$(VARLINKDIR)/
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; \
 		echo "installed; enable with: systemctl enable --now vmspawnd.socket"; fi
+
+# The systemd tier: a real systemd 257 + machined in a Debian trixie container booted with the
+# host's systemd-nspawn (root; cached under ${VMSPAWND_CACHE:-~/.cache/vmspawnd}/systemd-tree).
+# Runs `pytest -m systemd tests/systemd` inside, then the harness's own boot/teardown/leak tests.
+.PHONY: test-systemd
+test-systemd: setup
+	$(BIN)/python -m tests.systemd.container --if-root test
+	@if [ "$$(id -u)" = 0 ]; then VMSPAWND_SYSTEMD_HARNESS=1 $(BIN)/pytest -q tests/systemd/test_harness.py; fi

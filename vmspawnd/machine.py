@@ -177,9 +177,11 @@ class Machine:
         runner = await choose_runner(die_with_parent=self._die_with_parent, manager=systemd)
         self._stack.push_async_callback(runner.aclose)
         try:
-            aux = await start_aux_services(config, runner, rundir, self._stack, bound_to=scope)
+            aux = await start_aux_services(config, runner, rundir, bound_to=scope)
         except AuxServiceError as e:
             raise StartError(str(e)) from e
+        for _, service in aux.services:
+            self._stack.push_async_callback(self._stop_service, service)
         self.tpm_state_path = aux.tpm_state
         self.units = ([scope] if scope else []) + aux.units
         for what, service in aux.services:
@@ -386,6 +388,13 @@ class Machine:
         self._aux_failure = f"{what} exited unexpectedly ({describe_status(rc)}); stopping the VM"
         self.log.error("auxiliary service died", service=what, status=rc)
         await self.kill(forced=True)
+
+    async def _stop_service(self, service) -> None:
+        """Stop a helper with its VM — but not when the daemon merely detaches from a running VM."""
+        if self._detaching:
+            service.detach()
+        else:
+            await service.stop()
 
     def on_cleanup(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when this run's resources are released (before those acquired earlier)."""

@@ -44,9 +44,22 @@ class AuxServices:
 
 
 async def start_aux_services(config: MachineConfig, runner: ServiceRunner, rundir: Path,
-                             stack: contextlib.AsyncExitStack, bound_to: str | None = None) -> AuxServices:
-    """Start swtpm and one virtiofsd per share; every started service is stopped by ``stack``."""
+                             bound_to: str | None = None) -> AuxServices:
+    """Start swtpm and one virtiofsd per share.  The caller owns (and stops) what is returned; if
+    one fails to start, those already started are stopped before the error is raised."""
     aux = AuxServices()
+    try:
+        await _start(aux, config, runner, rundir, bound_to)
+    except BaseException:
+        for _, svc in reversed(aux.services):
+            with contextlib.suppress(Exception):
+                await svc.stop()
+        raise
+    return aux
+
+
+async def _start(aux: AuxServices, config: MachineConfig, runner: ServiceRunner, rundir: Path,
+                 bound_to: str | None) -> None:
     base = config.image.path if config.image is not None else config.directory
     if tpm_enabled(config.tpm):
         state_dir, persistent = tpm_state_dir(config.tpm_state, base, config.ephemeral, rundir)
@@ -58,7 +71,6 @@ async def start_aux_services(config: MachineConfig, runner: ServiceRunner, rundi
                 raise AuxServiceError(f"swtpm failed to start: {e}") from e
             log.warning("continuing without a TPM: swtpm failed to start", machine=config.name, error=str(e))
         else:
-            stack.push_async_callback(svc.stop)
             aux.services.append(("swtpm", svc))
             aux.qemu_args += qemu_tpm_args(socket_path)
             aux.tpm_state = state_dir if persistent else None
@@ -75,14 +87,12 @@ async def start_aux_services(config: MachineConfig, runner: ServiceRunner, rundi
                                         bound_to=bound_to)
         except (ServiceError, OSError) as e:
             raise AuxServiceError(f"virtiofsd for {source} failed to start: {e}") from e
-        stack.push_async_callback(svc.stop)
         aux.services.append((f"virtiofsd {tag}", svc))
         aux.qemu_args += qemu_virtiofs_args(tag, socket_path, chardev)
     if shares:
         aux.qemu_args = qemu_shared_memory_args(config.ram.size_mib) + aux.qemu_args
     if config.binds:
         aux.credentials.append(("fstab.extra", _merged_fstab(config, fstab_extra(config.binds))))
-    return aux
 
 
 def _merged_fstab(config: MachineConfig, ours: str) -> bytes:

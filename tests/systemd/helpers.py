@@ -1,0 +1,147 @@
+"""Helpers for tests of the systemd tier (inside the container) and for deciding whether it is one."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from functools import cache
+from pathlib import Path
+
+MACHINED_VARLINK = "/run/systemd/machine/io.systemd.Machine"
+
+
+def pid1_name() -> str:
+    try:
+        return Path("/proc/1/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def varlink_reachable(path: str, timeout: float = 2.0) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+        return True
+    except OSError:
+        return False
+
+
+@cache
+def why_no_systemd() -> str | None:
+    """None when this is a real systemd system with machined reachable, else the reason."""
+    if pid1_name() != "systemd" or not Path("/run/systemd/system").is_dir():
+        return (f"needs a real systemd as PID 1 (PID 1 here is {pid1_name()!r}); "
+                "run `make test-systemd` to run these in a systemd 257 container")
+    if not varlink_reachable(MACHINED_VARLINK):
+        return f"systemd-machined is not reachable at {MACHINED_VARLINK} (systemctl start systemd-machined)"
+    return None
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess[str]:
+    """Run a command, capture text output; on failure the assertion shows both streams."""
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+    if check:
+        assert p.returncode == 0, f"{argv} -> {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}"
+    return p
+
+
+def unit_properties(unit: str, *props: str) -> dict[str, str]:
+    out = sh("systemctl", "show", f"--property={','.join(props)}", unit).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def varlink_call(path: str, method: str, parameters: dict | None = None, more: bool = False,
+                 timeout: float = 10) -> list[dict]:
+    """A raw varlink call (NUL-terminated JSON over a unix socket): every reply, in order."""
+    request: dict = {"method": method, "parameters": parameters or {}}
+    if more:
+        request["more"] = True
+    replies: list[dict] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps(request).encode() + b"\0")
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            assert chunk, f"{path} closed the connection after {replies}"
+            buf += chunk
+            while b"\0" in buf:
+                msg, buf = buf.split(b"\0", 1)
+                reply = json.loads(msg)
+                replies.append(reply)
+                if "error" in reply or not reply.get("continues"):
+                    return replies
+
+
+def json_stream(text: str) -> list[dict]:
+    """Parse concatenated JSON values (varlinkctl --more prints one object after another)."""
+    dec, out, i = json.JSONDecoder(), [], 0
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        obj, i = dec.raw_decode(text, i)
+        out.append(obj)
+    return out
+
+
+# ----------------------------------------------------------------------------- VMs through the daemon
+GUEST_DIR = Path(os.environ.get("VMSPAWND_TEST_GUEST_DIR", "/nonexistent"))
+
+
+NAME = "sysd1"
+TPM_UNIT = f"vmspawnd-{NAME}-tpm.service"
+
+
+class Ctl:
+    def __init__(self, bindir: Path) -> None:
+        self.argv = [str(bindir / "vmspawnctl")]
+
+    def __call__(self, *args: str, check: bool = True):
+        return sh(*self.argv, *args, check=check, timeout=90)
+
+    def status(self, name: str = NAME) -> dict:
+        return json.loads(self("--json", "status", name).stdout)
+
+    def wait(self, predicate, name: str = NAME, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status(name)
+            if predicate(st):
+                return st
+            time.sleep(0.2)
+        raise AssertionError(f"timed out; last status {st}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def qemu_cgroup(pid: int) -> str:
+    """The process's cgroup2 path (the container's hierarchy is unified)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    raise AssertionError(Path(f"/proc/{pid}/cgroup").read_text())
+
+
+def pids_of(comm: str) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "comm").read_text().strip() == comm and alive(int(p.name)):
+                    out.append(int(p.name))
+            except OSError:
+                pass
+    return out
+
+
