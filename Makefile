@@ -34,8 +34,9 @@ $(STAMP): pyproject.toml
 guest: setup
 	$(BIN)/python -m vmspawnd.testing.guest
 
+# the host tier (unit + real VMs), then the systemd tier inside its container
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not systemd and not peer" --ignore=tests/systemd/test_harness.py
 	$(MAKE) --no-print-directory test-systemd
 
 test-fast: setup

@@ -102,6 +102,7 @@ class Config:
     tpmState: str | None = None
     directory: str | None = None
     binds: list[str] | None = None
+    privateUsers: str | None = None
     register: str | None = None
     slice: str | None = None
     properties: list[str] | None = None

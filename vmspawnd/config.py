@@ -210,6 +210,17 @@ def validate_cpus(value: str, field: str = "cpus") -> str:
     return text
 
 
+def parse_private_users(value: str, field: str = "private-users") -> tuple[int, int]:
+    """``UIDBASE[:NUIDS]`` (NUIDS defaults to 65536)."""
+    base, _, count = value.partition(":")
+    if not base.isdigit() or (count and not count.isdigit()):
+        raise ConfigError(field, value, "expected UIDBASE[:NUIDS]")
+    result = (int(base), int(count) if count else 65536)
+    if result[1] < 1 or result[0] + result[1] > 1 << 32:
+        raise ConfigError(field, value, "UID range out of bounds")
+    return result
+
+
 def validate_machine_name(value: str, field: str = "machine") -> str:
     """Machine names are hostnames: letters, digits and '-', 1–64 chars, no path tricks."""
     if not isinstance(value, str) or not _NAME_RE.match(value) or len(value) > MAX_NAME_LENGTH:
@@ -263,6 +274,7 @@ class MachineConfig:
     tpm_state: str = "auto"
     directory: Path | None = None
     binds: tuple[Bind, ...] = ()
+    private_users: tuple[int, int] | None = None  # (host UID base, count) for --directory
     register: Tristate = Tristate.AUTO
     slice: str = "machine.slice"
     properties: tuple[str, ...] = ()
@@ -282,6 +294,9 @@ class MachineConfig:
             raise ConfigError("directory", str(self.directory), "--directory and --image cannot be combined")
         if self.directory is not None and not self.directory.is_dir():
             raise ConfigError("directory", str(self.directory), "not a directory")
+        if self.private_users is not None and self.directory is None:
+            raise ConfigError("private-users", f"{self.private_users[0]}:{self.private_users[1]}",
+                              "only valid with --directory")
         if self.directory is not None and self.linux is None:
             raise ConfigError("directory", str(self.directory), "booting a directory needs --linux=KERNEL")
         for bind in self.binds:
@@ -298,7 +313,10 @@ class MachineConfig:
                 if not drive.path.is_absolute():
                     raise ConfigError(what, str(drive.path), "path must be absolute")
                 check_image(drive.path, drive.format, what)
-        self.firmware_choice()  # resolves --firmware/--firmware-features/--secure-boot or raises
+        choice = self.firmware_choice()  # resolves --firmware/--firmware-features/--secure-boot or raises
+        if self.linux is not None and self.linux.is_file() and self.linux_is_uki and choice.kind.value != "uefi":
+            raise ConfigError("firmware", self.firmware, f"{self.linux} is a unified kernel image (UKI), which "
+                              "needs UEFI firmware")
         from vmspawnd.systemd.properties import parse_properties
 
         parse_properties(self.properties)  # unknown or malformed → ConfigError now, not at start
@@ -334,6 +352,12 @@ class MachineConfig:
         return resolve_firmware(self.firmware, linux=self.linux if self.linux and self.linux.is_file() else None,
                                 include=include, exclude=exclude)
 
+    @property
+    def linux_is_uki(self) -> bool:
+        from vmspawnd.qemu.firmware import is_uki
+
+        return self.linux is not None and is_uki(self.linux)
+
     def replace(self, **changes: Any) -> MachineConfig:
         return dataclasses.replace(self, **changes)
 
@@ -345,7 +369,7 @@ JSON_FIELDS = ("linux", "initrds", "kernelCommandLine", "ram", "cpus", "kvm", "v
                "console", "consoleTransport", "uuid", "credentials", "smbios11", "image", "imageFormat",
                "imageDiskType", "extraDrives", "discardDisk", "growImage", "ephemeral", "network", "firmware",
                "firmwareFeatures", "secureBoot", "efiNvramTemplate", "efiNvramState", "tpm", "tpmState",
-               "directory", "binds", "register", "slice", "properties", "keepUnit")
+               "directory", "binds", "privateUsers", "register", "slice", "properties", "keepUnit")
 
 
 def config_to_json(config: MachineConfig) -> dict[str, Any]:
@@ -383,6 +407,7 @@ def config_to_json(config: MachineConfig) -> dict[str, Any]:
         "tpmState": config.tpm_state,
         "directory": str(config.directory) if config.directory else None,
         "binds": [f"{'ro' if b.read_only else 'rw'}:{b.source}:{b.destination}" for b in config.binds],
+        "privateUsers": f"{config.private_users[0]}:{config.private_users[1]}" if config.private_users else None,
         "register": config.register.value,
         "slice": config.slice,
         "properties": list(config.properties),
@@ -458,6 +483,8 @@ def config_from_json(name: str, data: dict[str, Any]) -> MachineConfig:
         tpm_state=_string("tpmState", get("tpmState", "auto"), 4096),
         directory=_path("directory", get("directory")) if get("directory") is not None else None,
         binds=tuple(_bind(v) for v in _string_list("binds", get("binds"))),
+        private_users=(parse_private_users(_string("privateUsers", get("privateUsers")), "privateUsers")
+                       if get("privateUsers") is not None else None),
         register=parse_tristate("register", _string("register", get("register", "auto"))),
         slice=_string("slice", get("slice", "machine.slice")),
         properties=tuple(_string_list("properties", get("properties"))),

@@ -193,8 +193,9 @@ class Machine:
             credentials.append((channel.credential[0], channel.credential[1].encode()))
         term = os.environ.get("TERM")
         extra_cmdline = self._synthesized_cmdline() + tuple(aux.cmdline)
-        smbios = write_smbios_credentials(rundir / "smbios", credentials,
-                                          config.smbios11 + tuple(cmdline_smbios_strings(config, term, extra_cmdline)))
+        uki = config.linux_is_uki
+        smbios = write_smbios_credentials(rundir / "smbios", credentials, config.smbios11
+                                          + tuple(cmdline_smbios_strings(config, term, extra_cmdline, uki)))
 
         qmp_path = rundir / "qmp.sock"
         qmp_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -228,7 +229,7 @@ class Machine:
             notify_args=tuple(channel.qemu_args), vsock_cid=vsock_cid, vsock_fd=vsock_fd,
             smbios_files=tuple(smbios), initrd=initrd, vmgenid=uuid.uuid4(), term=term,
             extra_cmdline=extra_cmdline, firmware_args=tuple(firmware.qemu_args(nvram)),
-            smm=firmware.smm if firmware.descriptor is not None else None, aux_args=tuple(aux.qemu_args),
+            smm=firmware.smm if firmware.descriptor is not None else None, aux_args=tuple(aux.qemu_args), uki=uki,
         )
         argv = build_qemu_argv(config, resources)
         self.log.debug("spawning qemu", argv=" ".join(argv))

@@ -31,6 +31,7 @@ from vmspawnd.config import (
     derive_machine_name,
     parse_bool,
     parse_enum,
+    parse_private_users,
     parse_size,
     parse_tristate,
     validate_cpus,
@@ -97,6 +98,8 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
                       help="where TPM state persists (auto: <image-or-directory>.tpmstate; off: discarded)")
     mounts = parser.add_argument_group("Mounts")
     mounts.add_argument("-D", "--directory", metavar="PATH", help="boot this directory tree as root fs (virtiofs)")
+    mounts.add_argument("--private-users", metavar="UIDBASE[:NUIDS]",
+                        help="with --directory: guest UIDs 0… map to host UIDBASE… (needs the Rust virtiofsd)")
     mounts.add_argument("--bind", metavar="SRC[:DST]", action="append", default=[],
                         help="share a host directory with the guest (virtiofs, tag mnt0, mnt1, …)")
     mounts.add_argument("--bind-ro", metavar="SRC[:DST]", action="append", default=[],
@@ -187,6 +190,7 @@ def config_from_args(ns: argparse.Namespace) -> MachineConfig:
         tpm_state=_state_value(ns.tpm_state, "tpm-state"),
         directory=_abspath(ns.directory) if ns.directory else None,
         binds=tuple([parse_bind(v, False) for v in ns.bind] + [parse_bind(v, True) for v in ns.bind_ro]),
+        private_users=parse_private_users(ns.private_users) if ns.private_users else None,
         register=parse_tristate("register", ns.register) if ns.register is not None else Tristate.AUTO,
         slice=mangle_slice(ns.slice) if ns.slice else DEFAULT_SLICE,
         properties=tuple(ns.property),

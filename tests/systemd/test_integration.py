@@ -3,6 +3,7 @@ machined registration over varlink, QEMU alone in its scope, slice/properties, m
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -141,3 +142,46 @@ def test_bad_property_is_refused_before_anything_starts() -> None:
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 1 and "NoSuchThing" in out
     assert unit_properties("machine-badprop.scope", "LoadState").get("LoadState") in ("not-found", "")
+
+
+def test_directory_vm_shares_through_virtiofsd_units_and_registers_its_root(tmp_path: Path) -> None:
+    tree, ro = tmp_path / "tree", tmp_path / "ro"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hostname").write_text("from-the-tree\n")
+    ro.mkdir()
+    (ro / "keep.txt").write_text("keep\n")
+    proc = vmspawn("-M", "dirvm", f"--directory={tree}", f"--bind-ro={ro}:/srv/ro", "test.virtiofs=root",
+                   "test.virtiofs=mnt0", "test.cat=root/etc/hostname", "test.write=root/etc/written",
+                   "test.forcewrite=mnt0/evil", "test.action=hang")
+    try:
+        entry = machined_entry("dirvm", timeout=60)
+        assert entry["rootDirectory"] == str(tree)
+        units = sh("systemctl", "list-units", "--plain", "--no-legend", "vmspawnd-dirvm-*").stdout
+        assert "vmspawnd-dirvm-virtiofsd-root.service" in units and "vmspawnd-dirvm-virtiofsd-0.service" in units
+        deadline = time.monotonic() + 60
+        while not (tree / "etc" / "written").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (tree / "etc" / "written").read_text().startswith("written-by-guest")
+    finally:
+        proc.terminate()
+        time.sleep(0.3)
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    assert "cat root/etc/hostname: from-the-tree" in out, out
+    assert "forcewrite mnt0/evil FAILED" in out, out  # read-only enforced by (the Rust) virtiofsd
+    assert sorted(p.name for p in ro.iterdir()) == ["keep.txt"]
+    assert "vmspawnd-dirvm" not in sh("systemctl", "list-units", "--plain", "--no-legend", "vmspawnd-dirvm-*").stdout
+
+
+def test_keep_unit_keeps_qemu_in_the_callers_unit() -> None:
+    own = qemu_cgroup(os.getpid())
+    proc = vmspawn("-M", "kept", "--keep-unit", "test.action=hang")
+    try:
+        pid = machined_entry("kept", timeout=60)["leader"]["pid"]
+        assert qemu_cgroup(pid) == own
+        assert unit_properties("machine-kept.scope", "LoadState").get("LoadState") in ("not-found", "")
+    finally:
+        proc.terminate()
+        time.sleep(0.3)
+        proc.terminate()
+        proc.communicate(timeout=60)

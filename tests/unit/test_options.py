@@ -120,3 +120,14 @@ def test_credentials_are_parsed_with_c_escapes(kernel, tmp_path):
 def test_bad_credentials_are_errors(kernel, args):
     with pytest.raises(ConfigError):
         parse(kernel, *args)
+
+
+def test_private_users_needs_a_directory_and_a_valid_range(kernel, tmp_path):
+    c = parse(kernel, f"--directory={tmp_path}", "--private-users=100000:65536", "--firmware=none")
+    assert c.private_users == (100000, 65536)
+    assert parse(kernel, f"--directory={tmp_path}", "--private-users=5", "--firmware=none").private_users == (5, 65536)
+    for bad in (["--private-users=1000"], [f"--directory={tmp_path}", "--private-users=x:1"],
+                [f"--directory={tmp_path}", "--private-users=4294967295:2"]):
+        with pytest.raises(ConfigError) as e:
+            parse(kernel, "--firmware=none", *bad)
+        assert e.value.field == "private-users"

@@ -38,6 +38,7 @@ class Resources:
     firmware_args: tuple[str, ...] = ()
     smm: bool | None = None  # None: no UEFI firmware, leave smm alone
     aux_args: tuple[str, ...] = ()  # swtpm and virtiofs devices, shared memory
+    uki: bool = False  # --linux is a UKI: its command line goes via SMBIOS, not -append
 
 
 def console_word(config: MachineConfig) -> str | None:
@@ -114,15 +115,16 @@ def build_qemu_argv(config: MachineConfig, res: Resources) -> list[str]:
         if res.initrd is not None:
             argv += ["-initrd", str(res.initrd)]
         cmdline = " ".join(kernel_cmdline(config, res.term, res.extra_cmdline))
-        if cmdline:
+        if cmdline and not res.uki:
             argv += ["-append", cmdline]
     return argv
 
 
-def cmdline_smbios_strings(config: MachineConfig, term: str | None, extra: tuple[str, ...] = ()) -> list[str]:
-    """Without --linux the command line reaches the guest's boot loader / UKI stub via SMBIOS type 11."""
+def cmdline_smbios_strings(config: MachineConfig, term: str | None, extra: tuple[str, ...] = (),
+                           uki: bool = False) -> list[str]:
+    """Without --linux (or with a UKI) the command line reaches the boot loader / UKI stub via SMBIOS type 11."""
     cmdline = " ".join(kernel_cmdline(config, term, extra))
-    if config.linux is not None or not cmdline:
+    if (config.linux is not None and not uki) or not cmdline:
         return []
     return [f"io.systemd.stub.kernel-cmdline-extra={cmdline}", f"io.systemd.boot.kernel-cmdline-extra={cmdline}"]
 

@@ -367,6 +367,28 @@ def is_pe_kernel(path: Path) -> bool:
         return f.read(4) == b"PE\0\0"
 
 
+def pe_section_names(path: Path) -> list[str]:
+    """The section names of a PE image (empty if it is not one)."""
+    with open(path, "rb") as f:
+        header = f.read(0x40)
+        if len(header) < 0x40 or header[:2] != b"MZ":
+            return []
+        (offset,) = struct.unpack_from("<I", header, 0x3C)
+        f.seek(offset)
+        coff = f.read(24)
+        if len(coff) < 24 or coff[:4] != b"PE\0\0":
+            return []
+        count, optional_size = struct.unpack_from("<H", coff, 6)[0], struct.unpack_from("<H", coff, 20)[0]
+        f.seek(offset + 24 + optional_size)
+        table = f.read(40 * min(count, 96))
+    return [table[i:i + 8].rstrip(b"\0").decode("ascii", "replace") for i in range(0, len(table) - 39, 40)]
+
+
+def is_uki(path: Path) -> bool:
+    """A unified kernel image: a PE with a ``.linux`` section (the kernel inside)."""
+    return ".linux" in pe_section_names(path)
+
+
 def _is_path_value(value: str) -> bool:
     return value.startswith("/") or value.startswith("./")
 

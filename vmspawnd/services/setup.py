@@ -14,7 +14,9 @@ from vmspawnd.services.swtpm import qemu_tpm_args, start_swtpm, tpm_enabled, tpm
 from vmspawnd.services.virtiofsd import (
     ROOT_CHARDEV,
     ROOT_TAG,
+    UidMap,
     bind_tag,
+    find_virtiofsd,
     fstab_extra,
     qemu_shared_memory_args,
     qemu_virtiofs_args,
@@ -75,16 +77,16 @@ async def _start(aux: AuxServices, config: MachineConfig, runner: ServiceRunner,
             aux.qemu_args += qemu_tpm_args(socket_path)
             aux.tpm_state = state_dir if persistent else None
 
-    shares: list[tuple[int | str, str, str, Path, bool]] = []
+    shares: list[tuple[int | str, str, str, Path, bool, UidMap | None]] = []
     if config.directory is not None:
-        shares.append(("root", ROOT_TAG, ROOT_CHARDEV, config.directory, False))
+        shares.append(("root", ROOT_TAG, ROOT_CHARDEV, config.directory, False, root_uid_map(config)))
         aux.cmdline += ["root=root", "rootfstype=virtiofs", "rw"]
-    shares += [(i, bind_tag(i), bind_tag(i), b.source, b.read_only) for i, b in enumerate(config.binds)]
-    for index, tag, chardev, source, read_only in shares:
+    shares += [(i, bind_tag(i), bind_tag(i), b.source, b.read_only, None) for i, b in enumerate(config.binds)]
+    for index, tag, chardev, source, read_only, uid_map in shares:
         socket_path = rundir / f"fs-{tag}.sock"
         try:
             svc = await start_virtiofsd(runner, config.name, index, source, socket_path, read_only,
-                                        bound_to=bound_to)
+                                        bound_to=bound_to, uid_map=uid_map)
         except (ServiceError, OSError) as e:
             raise AuxServiceError(f"virtiofsd for {source} failed to start: {e}") from e
         aux.services.append((f"virtiofsd {tag}", svc))
@@ -93,6 +95,17 @@ async def _start(aux: AuxServices, config: MachineConfig, runner: ServiceRunner,
         aux.qemu_args = qemu_shared_memory_args(config.ram.size_mib) + aux.qemu_args
     if config.binds:
         aux.credentials.append(("fstab.extra", _merged_fstab(config, fstab_extra(config.binds))))
+
+
+def root_uid_map(config: MachineConfig) -> UidMap | None:
+    """--private-users, else (where virtiofsd can translate) the directory owner's UID with 65536 IDs."""
+    if config.private_users is not None:
+        return UidMap(0, config.private_users[0], config.private_users[1])
+    assert config.directory is not None
+    owner = config.directory.stat().st_uid
+    if owner == 0 or not find_virtiofsd().translate_ids:
+        return None
+    return UidMap(0, owner, 65536)
 
 
 def _merged_fstab(config: MachineConfig, ours: str) -> bytes:
