@@ -83,3 +83,19 @@ def test_guest_shell_exit_ends_vmspawn_with_its_status(tmux, guest, tmp_path):
     screen = tmux.wait_for("MODE=", timeout=30)
     assert "EXIT=3" in screen  # the guest powered off and reported EXIT_STATUS=3
     assert "MODE=icanon" in screen
+
+
+def test_native_console_is_qemus_own_with_ctrl_a_x(tmux, guest, tmp_path):
+    argv = [sys.executable, "-m", "vmspawnd.cli.vmspawn", f"--linux={guest.kernel}", f"--initrd={guest.initrd}",
+            "--ram=256M", "-M", "native", "--firmware=bios", "--console=native", "panic=-1", "test.action=shell"]
+    tmux.start(f"cd {shlex.quote(str(tmp_path))}; RUNTIME_DIRECTORY={shlex.quote(str(tmp_path))} "
+               f"{shlex.join(argv)}; echo EXIT=$?; sleep 600")
+    tmux.wait_for("Press Ctrl-a x to kill VM")
+    tmux.wait_for("starting a shell on the console", timeout=60)
+    time.sleep(0.5)
+    tmux.keys("echo native-$((3*3))", "Enter")
+    tmux.wait_for("native-9")
+    tmux.keys("C-a", "x")
+    screen = tmux.wait_for("EXIT=", timeout=30)
+    assert "QEMU: Terminated" in screen  # QEMU's own mux handled Ctrl-a x
+    assert "EXIT=0" in screen

@@ -206,3 +206,17 @@ def test_firmware_list_and_describe_agree_with_the_descriptors_on_disk():
     no_sb = subprocess.run([*VMSPAWN, "--firmware=describe", "--secure-boot=no"], capture_output=True, text=True,
                            check=True).stdout
     assert "secure-boot" not in json.loads(no_sb)["features"]
+
+
+def test_headless_console_shows_nothing_but_keeps_the_exit_status(vmspawn):
+    run = vmspawn("test.notify=1", "test.exit=4", name="headless", console="headless")
+    assert run.wait() == 4, run.text
+    assert "TESTGUEST" not in run.output.decode(errors="replace")
+    assert_clean(run)
+
+
+def test_gui_console_boots_with_two_initrds(vmspawn, guest):
+    run = vmspawn("test.notify=1", "test.exit=3", f"--initrd={guest.initrd}", name="gui", console="gui")
+    assert run.wait() == 3, run.text  # the concatenated initrd (same archive twice) still boots
+    assert "READY=1" in run.notify.lines()
+    assert_clean(run)

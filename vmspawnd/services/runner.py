@@ -363,7 +363,7 @@ class UnitService(RunningService):
                 break
             await asyncio.sleep(UNIT_POLL_INTERVAL)
         if not self._stopping:
-            level = self.log.info if self.returncode == 0 else self.log.warning
+            level = self.log.debug if self.returncode == 0 else self.log.warning
             level("service exited", unit=self.unit, status=describe_status(self.returncode))
         return self.returncode
 
