@@ -35,7 +35,7 @@ from vmspawnd.qemu.qmp import Qmp
 from vmspawnd.qemu.vsock import claim_vsock
 from vmspawnd.runtime import RuntimeDir
 from vmspawnd.services.runner import choose_runner, describe_status
-from vmspawnd.services.setup import AuxServiceError, start_aux_services
+from vmspawnd.services.setup import AuxServiceError, AuxServices, start_aux_services
 from vmspawnd.storage import read_json, write_json_atomic
 from vmspawnd.systemd.machined import Registration, RegistrationError, register, unregister
 from vmspawnd.systemd.scope import DEFAULT_SLICE, allocate_scope
@@ -139,14 +139,7 @@ class Machine:
 
     async def _start(self) -> None:
         config = self.config
-        check_cmdline_length(config)
-        if config.network is Network.TAP and not has_cap_net_admin():
-            raise ConfigError("network-tap", "", "TAP networking needs CAP_NET_ADMIN (run as root)")
-        qemu_binary = find_qemu()
-        if config.grow_image and config.image is not None and grow_image(config.image.path, config.grow_image):
-            self.log.info("image grown", image=str(config.image.path), size=config.grow_image)
-        accel = choose_accelerator(config.kvm)
-        self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)
+        qemu_binary, accel = self._preflight()
         rundir = self.runtime.create()
         self._stack.callback(self._release_runtime_dir)
         # fork early, exec late: the launcher that becomes QEMU starts now, while we set up
@@ -155,37 +148,9 @@ class Machine:
                                            inherit_stdin=config.console is ConsoleMode.NATIVE)
         self._stack.push_async_callback(self._reap_qemu)
         self._stack.callback(self.qemu.cancel)
-
         pass_fds: list[int] = []
-        channel = NotifyChannel(self._guest_message)
-        self._stack.push_async_callback(channel.close)
-        vsock_fd = vsock_cid = None
-        if vsock_usable(config.vsock):
-            vsock_fd, vsock_cid = claim_vsock(config.name)
-            self._stack.callback(os.close, vsock_fd)
-            os.set_inheritable(vsock_fd, True)
-            pass_fds.append(vsock_fd)
-            await channel.listen_vsock()
-            self._vsock_port = channel.port
-        else:
-            await channel.listen_virtio_serial(rundir / "notify.sock")
-
-        systemd, why = await connect_systemd()
-        if systemd is not None:
-            self._stack.push_async_callback(systemd.aclose)
-        scope = await self._allocate_scope(systemd, why)
-        runner = await choose_runner(die_with_parent=self._die_with_parent, manager=systemd)
-        self._stack.push_async_callback(runner.aclose)
-        try:
-            aux = await start_aux_services(config, runner, rundir, bound_to=scope)
-        except AuxServiceError as e:
-            raise StartError(str(e)) from e
-        for _, service in aux.services:
-            self._stack.push_async_callback(self._stop_service, service)
-        self.tpm_state_path = aux.tpm_state
-        self.units = ([scope] if scope else []) + aux.units
-        for what, service in aux.services:
-            self._spawn_watch(self._watch_service(what, service))
+        channel, vsock_cid, vsock_fd = await self._open_notify_channel(rundir, pass_fds)
+        aux = await self._start_scope_and_helpers(rundir)
 
         ours = {cred_id for cred_id, _ in aux.credentials}
         credentials = [c for c in config.credentials if c[0] not in ours] + aux.credentials
@@ -196,24 +161,98 @@ class Machine:
         uki = config.linux_is_uki
         smbios = write_smbios_credentials(rundir / "smbios", credentials, config.smbios11
                                           + tuple(cmdline_smbios_strings(config, term, extra_cmdline, uki)))
+        qmp_sock = self._listen_qmp(rundir, pass_fds)
+        console_socket = self._open_console(rundir)
+        firmware, nvram = self._prepare_firmware(rundir)
+        resources = Resources(
+            qemu=qemu_binary, kvm=accel.kvm, qmp_fd=qmp_sock.fileno(),
+            console_pty=self.pty.slave_path if self.pty else None, console_socket=console_socket,
+            notify_args=tuple(channel.qemu_args), vsock_cid=vsock_cid, vsock_fd=vsock_fd,
+            smbios_files=tuple(smbios), initrd=self._merge_initrds(rundir) if config.initrds else None,
+            vmgenid=uuid.uuid4(), term=term, extra_cmdline=extra_cmdline,
+            firmware_args=tuple(firmware.qemu_args(nvram)),
+            smm=firmware.smm if firmware.descriptor is not None else None, aux_args=tuple(aux.qemu_args), uki=uki,
+        )
+        argv = build_qemu_argv(config, resources)
+        self.log.debug("spawning qemu", argv=" ".join(argv))
+        self.qemu.exec(argv, pass_fds)
+        qmp_sock.close()  # QEMU has its copy
+        self._save_run_info()
+        await self._connect_qmp(rundir / "qmp.sock")
+        await self._register(vsock_cid)
+        self._save_run_info()
+        self._set_state(State.RUNNING, pid=self.qemu.pid)
+        self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
 
-        qmp_path = rundir / "qmp.sock"
-        qmp_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._stack.callback(qmp_sock.close)
-        qmp_sock.bind(str(qmp_path))
-        qmp_sock.listen(4)
-        os.set_inheritable(qmp_sock.fileno(), True)
-        pass_fds.append(qmp_sock.fileno())
+    # ---------------------------------------------------------------- start steps
+    def _preflight(self):
+        """Checks and look-ups that need no resources: QEMU binary, accelerator, TAP rights, image size."""
+        config = self.config
+        check_cmdline_length(config)
+        if config.network is Network.TAP and not has_cap_net_admin():
+            raise ConfigError("network-tap", "", "TAP networking needs CAP_NET_ADMIN (run as root)")
+        qemu_binary = find_qemu()
+        if config.grow_image and config.image is not None and grow_image(config.image.path, config.grow_image):
+            self.log.info("image grown", image=str(config.image.path), size=config.grow_image)
+        accel = choose_accelerator(config.kvm)
+        self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)
+        return qemu_binary, accel
 
-        console_socket = None
-        if config.console in (ConsoleMode.INTERACTIVE, ConsoleMode.READ_ONLY):
-            if self._console_socket:
-                console_socket = rundir / "console.sock"
-            else:
-                self.pty = Pty()
-                self._stack.callback(self._close_pty)
+    async def _open_notify_channel(self, rundir: Path, pass_fds: list[int]):
+        """Listen for the guest's notifications (vsock if usable, else virtio-serial) before QEMU starts."""
+        channel = NotifyChannel(self._guest_message)
+        self._stack.push_async_callback(channel.close)
+        vsock_fd = vsock_cid = None
+        if vsock_usable(self.config.vsock):
+            vsock_fd, vsock_cid = claim_vsock(self.config.name)
+            self._stack.callback(os.close, vsock_fd)
+            pass_fds.append(vsock_fd)
+            await channel.listen_vsock()
+            self._vsock_port = channel.port
+        else:
+            await channel.listen_virtio_serial(rundir / "notify.sock")
+        return channel, vsock_cid, vsock_fd
 
-        initrd = self._merge_initrds(rundir) if config.initrds else None
+    async def _start_scope_and_helpers(self, rundir: Path) -> AuxServices:
+        """The scope (around the launcher) and the helpers, as units where systemd runs, else children."""
+        systemd, why = await connect_systemd()
+        if systemd is not None:
+            self._stack.push_async_callback(systemd.aclose)
+        scope = await self._allocate_scope(systemd, why)
+        runner = await choose_runner(die_with_parent=self._die_with_parent, manager=systemd)
+        self._stack.push_async_callback(runner.aclose)
+        try:
+            aux = await start_aux_services(self.config, runner, rundir, bound_to=scope)
+        except AuxServiceError as e:
+            raise StartError(str(e)) from e
+        for what, service in aux.services:
+            self._stack.push_async_callback(self._stop_service, service)
+            self._spawn_watch(self._watch_service(what, service))
+        self.tpm_state_path = aux.tpm_state
+        self.units = ([scope] if scope else []) + aux.units
+        return aux
+
+    def _listen_qmp(self, rundir: Path, pass_fds: list[int]) -> socket.socket:
+        """QMP's listening socket, created by us (no race) and inherited by QEMU."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._stack.callback(sock.close)
+        sock.bind(str(rundir / "qmp.sock"))
+        sock.listen(4)
+        pass_fds.append(sock.fileno())
+        return sock
+
+    def _open_console(self, rundir: Path) -> Path | None:
+        """A PTY for vmspawn's console, or (daemon) a socket QEMU serves in the runtime dir."""
+        if self.config.console not in (ConsoleMode.INTERACTIVE, ConsoleMode.READ_ONLY):
+            return None
+        if self._console_socket:
+            return rundir / "console.sock"
+        self.pty = Pty()
+        self._stack.callback(self._close_pty)
+        return None
+
+    def _prepare_firmware(self, rundir: Path):
+        config = self.config
         firmware = config.firmware_choice()
         nvram = None
         template = firmware.nvram_template(config.efi_nvram_template)
@@ -223,32 +262,18 @@ class Machine:
         self.log.info("firmware", kind=firmware.kind.value, reason=firmware.reason,
                       descriptor=str(firmware.descriptor.path) if firmware.descriptor else None,
                       nvram=str(nvram) if nvram else None)
-        resources = Resources(
-            qemu=qemu_binary, kvm=accel.kvm, qmp_fd=qmp_sock.fileno(),
-            console_pty=self.pty.slave_path if self.pty else None, console_socket=console_socket,
-            notify_args=tuple(channel.qemu_args), vsock_cid=vsock_cid, vsock_fd=vsock_fd,
-            smbios_files=tuple(smbios), initrd=initrd, vmgenid=uuid.uuid4(), term=term,
-            extra_cmdline=extra_cmdline, firmware_args=tuple(firmware.qemu_args(nvram)),
-            smm=firmware.smm if firmware.descriptor is not None else None, aux_args=tuple(aux.qemu_args), uki=uki,
-        )
-        argv = build_qemu_argv(config, resources)
-        self.log.debug("spawning qemu", argv=" ".join(argv))
-        self.qemu.exec(argv, pass_fds)
-        qmp_sock.close()  # QEMU has its copy
-        self._save_run_info()
+        return firmware, nvram
 
-        self._qmp = Qmp(config.name)
+    async def _connect_qmp(self, path: Path) -> None:
+        assert self.qemu is not None
+        self._qmp = Qmp(self.config.name)
         self._stack.push_async_callback(self._qmp.close)
         try:
-            await self._qmp.connect(str(qmp_path))
+            await self._qmp.connect(str(path))
         except Exception as e:
             rc = None if self.qemu.alive else self.qemu.returncode
             raise StartError(f"QEMU did not come up (exit status {rc})" if rc is not None
                              else f"cannot connect to QEMU's monitor: {e}") from e
-        await self._register(vsock_cid)
-        self._save_run_info()
-        self._set_state(State.RUNNING, pid=self.qemu.pid)
-        self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
 
     # ---------------------------------------------------------------- systemd
     async def _allocate_scope(self, systemd: SystemdManager | None, why: str) -> str | None:

@@ -14,13 +14,15 @@ SUN_PATH_MAX = 107
 
 
 def runtime_base() -> Path:
-    """$RUNTIME_DIRECTORY, else /run/vmspawnd as root, else $XDG_RUNTIME_DIR/vmspawnd."""
+    """Where vmspawn's per-machine runtime dirs go: $RUNTIME_DIRECTORY (under a service), else
+    /run/vmspawnd/machines as root (shared with the daemon, so one name runs once), else
+    $XDG_RUNTIME_DIR/vmspawnd/machines."""
     if os.environ.get("RUNTIME_DIRECTORY"):
         return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
     if os.geteuid() == 0:
-        return Path("/run/vmspawnd")
+        return Path("/run/vmspawnd/machines")
     if os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(os.environ["XDG_RUNTIME_DIR"]) / "vmspawnd"
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "vmspawnd" / "machines"
     raise ConfigError("runtime-directory", "", "neither $RUNTIME_DIRECTORY nor $XDG_RUNTIME_DIR is set")
 
 
