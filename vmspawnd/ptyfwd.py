@@ -74,6 +74,7 @@ class PtyForwarder:
                  stdin: int = 0, stdout: int = 1, on_hangup: Callable[[], None] | None = None,
                  tint: str | None = None, title: str | None = None) -> None:
         self._master = master
+        os.set_blocking(master, False)  # drained in a loop until EAGAIN
         self._tinter = Tinter(tint) if tint else None
         self._title = title
         self._on_hangup = on_hangup

@@ -99,3 +99,22 @@ def test_native_console_is_qemus_own_with_ctrl_a_x(tmux, guest, tmp_path):
     screen = tmux.wait_for("EXIT=", timeout=30)
     assert "QEMU: Terminated" in screen  # QEMU's own mux handled Ctrl-a x
     assert "EXIT=0" in screen
+
+
+def test_vmspawnctl_console_attaches_types_and_detaches(tmux, guest, daemon):
+    p = daemon.ctl("create", "shellvm", f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
+                   "--firmware=bios", "panic=-1", "test.notify=1", "test.action=shell")
+    assert p.returncode == 0, p.stderr
+    assert daemon.ctl("start", "shellvm").returncode == 0
+    daemon.wait_for("shellvm", lambda s: s["ready"])
+    tmux.start(f"{shlex.join([*daemon.ctl_argv(), 'console', 'shellvm'])}; echo EXIT=$?; sleep 600")
+    tmux.wait_for("Attached to shellvm")
+    tmux.wait_for("starting a shell on the console")  # scrollback: what the guest printed before we came
+    time.sleep(0.3)
+    tmux.keys("echo via-daemon-$((20+22))", "Enter")
+    tmux.wait_for("via-daemon-42")
+    tmux.keys("C-]", "C-]", "C-]")
+    screen = tmux.wait_for("EXIT=", timeout=20)
+    assert "EXIT=0" in screen
+    assert daemon.status("shellvm")["state"] == "running"  # detaching does not stop the VM
+    daemon.ctl("kill", "shellvm")
