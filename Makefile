@@ -70,3 +70,11 @@ install: setup
 test-systemd: setup
 	$(BIN)/python -m tests.systemd.container --if-root test
 	@if [ "$$(id -u)" = 0 ]; then VMSPAWND_SYSTEMD_HARNESS=1 $(BIN)/pytest -q tests/systemd/test_harness.py; fi
+
+# The peer tier: `vmspawn --firmware=list|describe` side by side with systemd-vmspawn 262 from a
+# minimal Debian forky tree (root; built once with mmdebstrap, cached under
+# ${VMSPAWND_CACHE:-~/.cache/vmspawnd}/peer-tree). See tests/peer/peer.py.
+.PHONY: test-peer
+test-peer: setup
+	@if [ "$$(id -u)" = 0 ]; then $(BIN)/pytest -q -m peer tests/peer; \
+	else echo "SKIPPED test-peer: needs root (mmdebstrap, mount namespace, chroot)"; fi

@@ -14,8 +14,11 @@ so the peer needs no VM plumbing at all:
 2. :func:`run_peer` runs ``systemd-vmspawn ARGS`` in a plain ``chroot`` of that tree, inside a
    private mount namespace (``unshare --mount --propagation private``) where a tmpfs covers the
    tree's ``/run`` and ``/tmp`` and a test's descriptor layers are bound read-only (see
-   :class:`Layers`). Nothing else is needed: no ``/proc``, no D-Bus, no cgroup. The cached tree is
-   never written to at run time; every mount dies with the namespace.
+   :class:`Layers`). Found by experiment, 262 needs nothing else for these options: no ``/proc``,
+   no D-Bus, no cgroup, not even ``$HOME`` (root's comes from the tree's passwd); and it never
+   looks at the firmware files a descriptor names (descriptors pointing at ``/nonexistent/...``
+   are listed and selected), so no placeholder files are needed. The cached tree is never
+   written to at run time; every mount dies with the namespace.
 3. :func:`run_ours` runs the project's ``vmspawn`` on the host with the same layers as the only
    descriptors it sees (its ``$XDG_*`` dirs point at them; whatever the host has in
    ``/etc/qemu/firmware`` and ``/usr/share/qemu/firmware`` is masked by empty files of the same
@@ -351,11 +354,12 @@ class Layers:
 
     def visible(self) -> list[tuple[int, str]]:
         """The expected merged list (spec §3.1): first layer having a name wins; empty files and
-        links to /dev/null mask; only regular *.json files (links followed) count; by file name."""
+        links to /dev/null mask; only regular *.json files (links followed) count, hidden ones
+        (".name.json") not (systemd's conf-files rules; the spec does not say); by file name."""
         chosen: dict[str, tuple[int, str] | None] = {}
         for i in range(self.count):
             for entry in self.dir(i).iterdir():
-                if not entry.name.endswith(".json") or entry.name in chosen:
+                if not entry.name.endswith(".json") or entry.name.startswith(".") or entry.name in chosen:
                     continue
                 if entry.is_symlink() and os.readlink(entry) == "/dev/null":
                     chosen[entry.name] = None

@@ -7,6 +7,8 @@ container by the harness ($VMSPAWND_TEST_GUEST_DIR); without it these tests are 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +55,23 @@ def test_vm_keeps_its_tpm_across_a_daemon_restart(vm: Ctl) -> None:
     sh("systemctl", "stop", "vmspawnd.service")
     assert unit_properties(TPM_UNIT, "ActiveState")["ActiveState"] == "active", f"{TPM_UNIT} stopped with the daemon"
     assert TPM_UNIT in vm.status()["units"]
+
+
+def test_varlinkctl_speaks_to_the_daemon_and_logs_carry_the_machine_field(vm: Ctl) -> None:
+    socket_path = "/run/vmspawnd/io.vmspawnd.Manager"
+    described = sh("varlinkctl", "introspect", socket_path, "io.vmspawnd.Manager").stdout
+    on_disk = (Path(__file__).resolve().parents[2] / "varlink" / "io.vmspawnd.Manager.varlink").read_text()
+    # varlinkctl re-formats and re-orders the description: compare what it declares
+    declared = sorted(re.findall(r"^(?:method|error|type) \w+", on_disk, re.M))
+    assert sorted(re.findall(r"^(?:method|error|type) \w+", described, re.M)) == declared
+    out = sh("varlinkctl", "call", "--more", "--json=short", socket_path, "io.vmspawnd.Manager.List", "{}").stdout
+    machines = [json.loads(line)["machine"] for line in out.splitlines() if line.strip()]
+    assert [m["name"] for m in machines] == [NAME] and machines[0]["ready"] is True
+    one = json.loads(sh("varlinkctl", "call", socket_path, "io.vmspawnd.Manager.Describe",
+                        json.dumps({"name": NAME})).stdout)
+    assert one["machine"]["state"] == "running"
+    bad = sh("varlinkctl", "call", socket_path, "io.vmspawnd.Manager.Describe", '{"name": "../x"}', check=False)
+    assert bad.returncode != 0 and "InvalidConfig" in bad.stderr + bad.stdout
+    entries = sh("journalctl", "--no-pager", "-o", "json", "-u", "vmspawnd.service", f"MACHINE={NAME}").stdout
+    messages = [json.loads(line)["MESSAGE"] for line in entries.splitlines() if line.strip()]
+    assert any(m.startswith("guest is ready") for m in messages), messages
