@@ -38,6 +38,7 @@ guest: setup
 test: setup
 	$(BIN)/pytest -m "not systemd and not peer" --ignore=tests/systemd/test_harness.py
 	$(MAKE) --no-print-directory test-systemd
+	$(MAKE) --no-print-directory test-peer
 
 test-fast: setup
 	$(BIN)/pytest -m "not vm and not systemd"

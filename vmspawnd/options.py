@@ -89,7 +89,8 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
     host.add_argument("--firmware-features", metavar="FEATURE[,~FEATURE…]|list", action="append", default=[],
                       help="require (or with ~ exclude) descriptor features; default excludes enrolled-keys; "
                            "'list' prints all features")
-    host.add_argument("--secure-boot", metavar="BOOL|auto", help="require (yes) or exclude (no) Secure Boot firmware")
+    host.add_argument("--secure-boot", metavar="BOOL|auto", dest="firmware_features", action=SecureBootAction,
+                      help="require (yes) or exclude (no) Secure Boot firmware")
     host.add_argument("--efi-nvram-template", metavar="PATH", help="UEFI variable store template to start from")
     host.add_argument("--efi-nvram-state", metavar="PATH|auto|off",
                       help="where UEFI variables persist (auto: <image>.efinvramstate; off: discarded)")
@@ -183,7 +184,6 @@ def config_from_args(ns: argparse.Namespace) -> MachineConfig:
         network=Network(ns.network) if ns.network else Network.NONE,
         firmware=_firmware_value(ns.firmware),
         firmware_features=tuple(ns.firmware_features),
-        secure_boot=parse_tristate("secure-boot", ns.secure_boot) if ns.secure_boot is not None else Tristate.AUTO,
         efi_nvram_template=_abspath(ns.efi_nvram_template) if ns.efi_nvram_template else None,
         efi_nvram_state=_state_value(ns.efi_nvram_state, "efi-nvram-state"),
         tpm=parse_tristate("tpm", ns.tpm) if ns.tpm is not None else Tristate.AUTO,
@@ -221,6 +221,17 @@ def _state_value(value: str | None, field: str) -> str:
     return os.path.abspath(value)
 
 
+class SecureBootAction(argparse.Action):
+    """--secure-boot=X joins the ordered --firmware-features list, so the two combine in order."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from vmspawnd.qemu.firmware import secure_boot_token
+
+        items = list(getattr(namespace, self.dest, None) or [])
+        items.append(secure_boot_token(str(values)))
+        setattr(namespace, self.dest, items)
+
+
 class InfoRequest(Exception):
     """An option that prints something and exits 0 (--firmware=list, …); carries the text."""
 
@@ -243,8 +254,6 @@ def info_request(ns: argparse.Namespace, as_json: bool = False) -> str | None:
         return "\n".join(fw.list_features(fw.enumerate_descriptors()))
     if ns.firmware == "describe":
         include, exclude = fw.parse_firmware_features(ns.firmware_features)
-        secure = parse_tristate("secure-boot", ns.secure_boot) if ns.secure_boot else Tristate.AUTO
-        include, exclude = fw.apply_secure_boot(include, exclude, secure)
         chosen = fw.select_firmware(fw.enumerate_descriptors(), include=include, exclude=exclude)
         return fw.describe(chosen)
     return None

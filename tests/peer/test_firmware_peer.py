@@ -226,30 +226,8 @@ _OPTION_SETS = ("bookworm-host", "forky-tree", "enrolled-first", "secure-boot-on
 
 #: (set, variant) -> why ours differs from 262 (xfail, strict: an XPASS means it was fixed).
 KNOWN_DIFFERENCES: dict[tuple[str, str], str] = {
-    **{(name, "feat-sb-and-sb-no"): (
-        "262 applies --secure-boot= where it stands on the command line: =no removes secure-boot from "
-        "the include set and adds it to the exclude set (=yes the reverse, =auto removes it from both), "
-        "so a later --secure-boot=no overrides an earlier --firmware-features=secure-boot; ours folds "
-        "--secure-boot in after all --firmware-features (options.info_request/config.firmware_choice -> "
-        "firmware.apply_secure_boot), secure-boot stays included and wins over the exclusion")
-       for name in (*_OPTION_SETS, "masked")},
-    **{(name, "sb-no-then-reset"): (
-        "in 262 an empty --firmware-features= clears both sets, including what an earlier "
-        "--secure-boot=no put there (so the enrolled-keys descriptor can be picked); ours keeps "
-        "--secure-boot=no apart from the feature list and applies it after the reset")
-       for name in _OPTION_SETS},
-    ("edge-hidden", "list"): "262 ignores hidden files (conf-files rules); ours lists .10-edge.json "
-                             "(firmware.enumerate_descriptors does not skip names starting with '.')",
-    ("edge-hidden", "describe"): "262 ignores hidden files; ours selects .10-edge.json (sorts first)",
-    ("edge-relative-path", "describe"): "262 accepts any string as mapping.*.filename; ours rejects a "
-                                        "relative one as malformed (firmware._image: 'must be an absolute path') "
-                                        "and picks the next descriptor",
-    ("edge-duplicate-key", "describe"): "262's JSON parser rejects duplicate object keys ('Duplicate object "
-                                        "field') and skips the file; Python's json.loads keeps the last value "
-                                        "and ours selects it",
-    ("edge-dangling-symlink", "list"): "262 lists only entries that resolve to regular files (a dangling "
-                                       "link is dropped: 'Failed to chase'); ours lists it "
-                                       "(firmware.enumerate_descriptors) and only fails on loading it",
+    # none at the moment: the order of --secure-boot/--firmware-features, hidden files, dangling
+    # links, relative firmware paths and duplicate JSON keys now all match 262
 }
 
 

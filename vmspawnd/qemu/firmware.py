@@ -32,6 +32,7 @@ from vmspawnd.qemu import qemu_escape
 log = structlog.get_logger()
 
 DEFAULT_EXCLUDE: frozenset[str] = frozenset({"enrolled-keys"})
+SECURE_BOOT_TOKEN = "secure-boot="
 SECURE_BOOT = "secure-boot"
 NVRAM_STATE_SUFFIX = ".efinvramstate"
 TRANSIENT_NVRAM_NAME = "efinvram"
@@ -146,8 +147,6 @@ def _image(data: dict[str, Any], key: str) -> FirmwareImage:
     entry = _require(data, key, dict, "mapping.")
     filename = _require(entry, "filename", str, f"mapping.{key}.")
     fmt = _require(entry, "format", str, f"mapping.{key}.")
-    if not filename.startswith("/"):
-        raise DescriptorError(f"mapping.{key}.filename must be an absolute path")
     if not _FORMAT_RE.match(fmt):
         raise DescriptorError(f"mapping.{key}.format {fmt!r} is not a block format name")
     return FirmwareImage(Path(filename), fmt)
@@ -158,8 +157,6 @@ def parse_mapping(data: dict[str, Any]) -> Mapping:
     device = _require(data, "device", str, "mapping.")
     if device == "memory":
         filename = _require(data, "filename", str, "mapping.")
-        if not filename.startswith("/"):
-            raise DescriptorError("mapping.filename must be an absolute path")
         return Mapping("memory", FirmwareImage(Path(filename), "raw"), mode="stateless")
     if device != "flash":
         raise DescriptorError(f"unsupported mapping device {device!r} (expected flash or memory)")
@@ -195,11 +192,21 @@ def parse_descriptor(path: Path, data: Any) -> Descriptor:
 def load_descriptor(path: Path) -> Descriptor:
     """Parse one descriptor; a malformed one is returned with ``valid=False`` and a warning."""
     try:
-        return parse_descriptor(path, json.loads(path.read_bytes()))
+        return parse_descriptor(path, json.loads(path.read_bytes(), object_pairs_hook=_no_duplicate_keys))
     except (OSError, ValueError) as e:
         problem = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         log.warning("skipping malformed firmware descriptor", path=str(path), error=problem)
         return Descriptor(path=path, valid=False, problem=problem)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON objects with a key twice are malformed (systemd refuses them too)."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate object field {key!r}")
+        result[key] = value
+    return result
 
 
 def _masked(entry: Path) -> bool:
@@ -218,9 +225,12 @@ def enumerate_descriptors(dirs: list[Path] | None = None) -> list[Descriptor]:
         except OSError:
             continue
         for entry in entries:
-            if not entry.name.endswith(".json") or entry.name in chosen or entry.is_dir():
+            if not entry.name.endswith(".json") or entry.name.startswith(".") or entry.name in chosen:
                 continue
-            chosen[entry.name] = None if _masked(entry) else entry
+            if _masked(entry):
+                chosen[entry.name] = None
+            elif entry.is_file():  # regular files (or links to one); not dirs, not dangling links
+                chosen[entry.name] = entry
     return [load_descriptor(p) for _, p in sorted(chosen.items()) if p is not None]
 
 
@@ -233,6 +243,8 @@ def parse_firmware_features(values: Iterable[str]) -> tuple[frozenset[str], froz
 
     Each value is a comma list; ``~feat`` excludes.  The exclude set starts as {enrolled-keys};
     an empty value clears both sets, default included.  ``list`` is the front end's business.
+    ``secure-boot=yes|no|auto`` items are ``--secure-boot=`` in its command-line position: yes
+    requires the feature, no excludes it, auto forgets both (as systemd-vmspawn does).
     """
     include: set[str] = set()
     exclude: set[str] = set(DEFAULT_EXCLUDE)
@@ -240,6 +252,15 @@ def parse_firmware_features(values: Iterable[str]) -> tuple[frozenset[str], froz
         if value == "":
             include.clear()
             exclude.clear()
+            continue
+        if value.startswith(SECURE_BOOT_TOKEN):  # --secure-boot=, applied where it stood on the command line
+            setting = parse_tristate("secure-boot", value[len(SECURE_BOOT_TOKEN):])
+            include.discard(SECURE_BOOT)
+            exclude.discard(SECURE_BOOT)
+            if setting is Tristate.YES:
+                include.add(SECURE_BOOT)
+            elif setting is Tristate.NO:
+                exclude.add(SECURE_BOOT)
             continue
         for item in (i.strip() for i in value.split(",")):
             if item == "":
@@ -251,6 +272,12 @@ def parse_firmware_features(values: Iterable[str]) -> tuple[frozenset[str], froz
                 raise ConfigError("firmware-features", value, "expected feature names, '~' to exclude one")
             (exclude if item.startswith("~") else include).add(name)
     return frozenset(include), frozenset(exclude)
+
+
+def secure_boot_token(value: str) -> str:
+    """``--secure-boot=VALUE`` as an item of the ordered firmware-features list."""
+    parse_tristate("secure-boot", value)
+    return SECURE_BOOT_TOKEN + value
 
 
 def apply_secure_boot(include: Set[str], exclude: Set[str],
