@@ -511,3 +511,35 @@ def test_qemu_accepts_the_firmware_args(tmp_path, secure_boot):
     result = subprocess.run(argv, input=qmp, capture_output=True, timeout=10)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.count(b'"return"') == 2
+
+
+# ---- behaviours matched to systemd-vmspawn 262 by the peer check (tests/peer)
+def test_secure_boot_applies_in_command_line_order():
+    from vmspawnd.qemu.firmware import parse_firmware_features, secure_boot_token
+
+    inc, exc = parse_firmware_features(["secure-boot", secure_boot_token("no")])
+    assert "secure-boot" in exc and "secure-boot" not in inc
+    inc, exc = parse_firmware_features([secure_boot_token("no"), "secure-boot"])
+    assert "secure-boot" in inc
+    inc, exc = parse_firmware_features([secure_boot_token("no"), ""])
+    assert inc == exc == frozenset()
+    inc, exc = parse_firmware_features([secure_boot_token("yes"), secure_boot_token("auto")])
+    assert "secure-boot" not in inc | exc
+
+
+def test_hidden_dangling_and_duplicate_key_descriptors(tmp_path):
+    import json as _json
+
+    from vmspawnd.qemu.firmware import enumerate_descriptors, load_descriptor
+
+    good = {"description": "x", "interface-types": ["uefi"], "targets": [],
+            "mapping": {"device": "flash", "executable": {"filename": "relative/code.fd", "format": "raw"}},
+            "features": [], "tags": []}
+    (tmp_path / ".hidden.json").write_text(_json.dumps(good))
+    (tmp_path / "20-good.json").write_text(_json.dumps(good))
+    (tmp_path / "30-dangling.json").symlink_to(tmp_path / "nowhere.json")
+    (tmp_path / "40-dup.json").write_text('{"description": "a", "description": "b"}')
+    found = enumerate_descriptors([tmp_path])
+    assert [d.path.name for d in found] == ["20-good.json", "40-dup.json"]
+    assert found[0].valid  # a relative firmware path is accepted, as upstream does
+    assert not load_descriptor(tmp_path / "40-dup.json").valid
