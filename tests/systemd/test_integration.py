@@ -185,3 +185,24 @@ def test_keep_unit_keeps_qemu_in_the_callers_unit() -> None:
         time.sleep(0.3)
         proc.terminate()
         proc.communicate(timeout=60)
+
+
+def test_a_dying_helper_unit_stops_the_vm() -> None:
+    argv = [str(Path(sys.executable).parent / "vmspawn"), f"--linux={GUEST_DIR / 'vmlinuz'}",
+            f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M", "--console=read-only", "--firmware=bios",
+            "-M", "tpmdies", "--tpm=yes", "--tpm-state=off", "panic=-1", "test.notify=1", "test.action=hang"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        pid = machined_entry("tpmdies", timeout=60)["leader"]["pid"]
+        unit = "vmspawnd-tpmdies-tpm.service"
+        assert unit_properties(unit, "ActiveState")["ActiveState"] == "active"
+        sh("systemctl", "kill", "--signal=SIGKILL", unit)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, out
+    assert "exited unexpectedly" in out
+    assert not alive(pid)
+    assert unit_properties("machine-tpmdies.scope", "ActiveState").get("ActiveState") in ("inactive", "")

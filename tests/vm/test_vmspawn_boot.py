@@ -220,3 +220,30 @@ def test_gui_console_boots_with_two_initrds(vmspawn, guest):
     assert run.wait() == 3, run.text  # the concatenated initrd (same archive twice) still boots
     assert "READY=1" in run.notify.lines()
     assert_clean(run)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_ephemeral_never_writes_the_image_and_plain_runs_do(vmspawn, tmp_path, fmt):
+    image = tmp_path / f"disk.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(image), "8M"], check=True)
+    before = image.read_bytes()
+    eph = vmspawn("test.notify=1", "test.diskwrite=vda", f"--image={image}", f"--image-format={fmt}", "-x",
+                  "root=/dev/vda", name=f"eph-{fmt}")
+    assert eph.wait() == 0, eph.text
+    assert "diskwrite vda ok" in eph.text  # the guest did write…
+    assert image.read_bytes() == before  # …to a throw-away snapshot
+    plain = vmspawn("test.notify=1", "test.diskwrite=vda", f"--image={image}", f"--image-format={fmt}",
+                    "root=/dev/vda", name=f"plain-{fmt}")
+    assert plain.wait() == 0, plain.text
+    data = image.read_bytes() if fmt == "raw" else subprocess.run(
+        ["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"if={image}", f"of={tmp_path / 'out.raw'}", "bs=512",
+         "count=1"], check=True) and (tmp_path / "out.raw").read_bytes()
+    assert b"vmspawnd-guest-was-here" in data
+
+
+def test_uuid_and_serial_console_transport(vmspawn):
+    u = uuid.uuid4()
+    run = vmspawn("test.notify=1", "test.uuid=1", f"--uuid={u}", "--console-transport=serial", name="serialcon")
+    assert run.wait() == 0, run.text
+    assert f"uuid: {u}" in run.text  # printed on ttyS0, forwarded by us
+    assert_clean(run)

@@ -92,6 +92,8 @@ INIT_WORDS: tuple[str, ...] = (
     "test.smbios",
     "test.cmdline",
     "test.disks",
+    "test.diskwrite",
+    "test.uuid",
 )
 
 INIT_SCRIPT = r"""#!/bin/sh
@@ -119,6 +121,8 @@ INIT_SCRIPT = r"""#!/bin/sh
 #   test.smbios=1            print every SMBIOS type 11 string
 #   test.cmdline=1           print /proc/cmdline
 #   test.disks=1             print each virtio/scsi/nvme disk: name, size in 512-byte sectors, serial
+#   test.diskwrite=DEV       write "vmspawnd-guest-was-here" over the first bytes of /dev/DEV (e.g. vda)
+#   test.uuid=1              print the SMBIOS system UUID (/sys/class/dmi/id/product_uuid)
 # At the end: notify STOPPING=1 and EXIT_STATUS=N, print "exit status N; powering off", poweroff -f.
 export PATH=/bin
 busybox mount -t proc proc /proc
@@ -144,7 +148,7 @@ say "init started (uptime $(up)s)"
 modprobe -q qemu_fw_cfg 2>/dev/null
 
 NOTIFY=0; NPORTNAME=io.systemd.notify; NTIMEOUT=10; READY=1; STATUS="test guest ready"; GARBAGE=0
-EXIT=0; DELAY=0; ACTION=poweroff; TPM=0; RUN=; SMBIOS=0; SHOWCMD=0; DISKS=0
+EXIT=0; DELAY=0; ACTION=poweroff; TPM=0; RUN=; SMBIOS=0; SHOWCMD=0; DISKS=0; DISKWRITE=; SHOWUUID=0
 VFS=; CATS=; WRITES=; FWRITES=; CREDS=
 for w in $CMDLINE; do
   v=${w#*=}
@@ -168,6 +172,8 @@ for w in $CMDLINE; do
     test.smbios=*) SMBIOS=$v ;;
     test.cmdline=*) SHOWCMD=$v ;;
     test.disks=*) DISKS=$v ;;
+    test.diskwrite=*) DISKWRITE=$v ;;
+    test.uuid=*) SHOWUUID=$v ;;
   esac
 done
 set +f
@@ -182,6 +188,16 @@ if [ "$DISKS" != 0 ]; then
     say "disk ${b##*/} size=$(cat "$b/size") serial=$ser"
   done
 fi
+if [ -n "$DISKWRITE" ]; then
+  modprobe -q virtio_blk 2>/dev/null
+  i=0; while [ ! -b "/dev/$DISKWRITE" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+  if printf 'vmspawnd-guest-was-here' | dd of="/dev/$DISKWRITE" bs=512 conv=sync,fsync 2>/dev/null; then
+    say "diskwrite $DISKWRITE ok"
+  else
+    say "diskwrite $DISKWRITE FAILED"
+  fi
+fi
+[ "$SHOWUUID" != 0 ] && say "uuid: $(cat /sys/class/dmi/id/product_uuid 2>/dev/null)"
 
 # ---- notify channel: a virtio-serial port found by name
 NPORT=
