@@ -178,6 +178,8 @@ def _config_object(config_json: dict[str, typing.Any]) -> Config:
     """The config as Describe shows it: credential values are never sent back, only their IDs."""
     shown = dict(config_json)
     shown["credentials"] = [c.split(":", 1)[0] for c in shown.get("credentials") or []]
+    shown["smbios11"] = [s.split("=", 1)[0] + "=…" if s.startswith("io.systemd.credential") else s
+                         for s in shown.get("smbios11") or []]
     return Config(**shown)
 
 

@@ -529,4 +529,4 @@ def _credential(value: str) -> tuple[str, bytes]:
             raise ValueError
         return cred_id, base64.b64decode(data, validate=True)
     except ValueError:
-        raise ConfigError("credentials", value[:64], "expected ID:BASE64") from None
+        raise ConfigError("credentials", f"{cred_id}:…", "expected ID:BASE64") from None

@@ -44,6 +44,7 @@ from vmspawnd.systemd.units import SystemdManager, UnitStartError, connect_syste
 log = structlog.get_logger()
 
 DEFAULT_STOP_TIMEOUT = 10.0
+STATUS_EVENTS_PER_SECOND = 10
 
 
 class State(enum.Enum):
@@ -90,8 +91,10 @@ class Machine:
         self._exited = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
         self._vsock_port: int | None = None
+        self._vsock_cid: int | None = None
         self._aux_failure: str | None = None
         self._registered = False
+        self._status_window, self._status_events = 0.0, 0
         self._watches: set[asyncio.Task[None]] = set()
         self.tpm_state_path: Path | None = None
         self.units: list[str] = []
@@ -127,7 +130,10 @@ class Machine:
             await self._start()
         except BaseException as e:
             reason = e.reason if isinstance(e, ConfigError) else str(e) or type(e).__name__
-            await self._stack.aclose()
+            try:
+                await self._stack.aclose()
+            except Exception:
+                self.log.exception("cleaning up a failed start failed")
             self.failure = reason
             self.exit_status = 1
             self._set_state(State.FAILED, reason=reason)
@@ -142,6 +148,7 @@ class Machine:
         qemu_binary, accel = self._preflight()
         rundir = self.runtime.create()
         self._stack.callback(self._release_runtime_dir)
+        self._grow_image()
         # fork early, exec late: the launcher that becomes QEMU starts now, while we set up
         self.qemu = QemuProcess.fork_early(die_with_parent=self._die_with_parent, stdout=self._qemu_output,
                                            stderr=self._qemu_output,
@@ -192,11 +199,19 @@ class Machine:
         if config.network is Network.TAP and not has_cap_net_admin():
             raise ConfigError("network-tap", "", "TAP networking needs CAP_NET_ADMIN (run as root)")
         qemu_binary = find_qemu()
-        if config.grow_image and config.image is not None and grow_image(config.image.path, config.grow_image):
-            self.log.info("image grown", image=str(config.image.path), size=config.grow_image)
         accel = choose_accelerator(config.kvm)
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)
         return qemu_binary, accel
+
+    def _grow_image(self) -> None:
+        """--grow-image: only once we own the machine, and never on an --ephemeral run's image."""
+        config = self.config
+        if not config.grow_image or config.image is None:
+            return
+        if config.ephemeral:
+            self.log.warning("--grow-image is ignored with --ephemeral: the image is never written")
+        elif grow_image(config.image.path, config.grow_image):
+            self.log.info("image grown", image=str(config.image.path), size=config.grow_image)
 
     async def _open_notify_channel(self, rundir: Path, pass_fds: list[int]):
         """Listen for the guest's notifications (vsock if usable, else virtio-serial) before QEMU starts."""
@@ -205,9 +220,10 @@ class Machine:
         vsock_fd = vsock_cid = None
         if vsock_usable(self.config.vsock):
             vsock_fd, vsock_cid = claim_vsock(self.config.name)
+            self._vsock_cid = vsock_cid
             self._stack.callback(os.close, vsock_fd)
             pass_fds.append(vsock_fd)
-            await channel.listen_vsock()
+            await channel.listen_vsock(peer_cid=vsock_cid)
             self._vsock_port = channel.port
         else:
             await channel.listen_virtio_serial(rundir / "notify.sock")
@@ -257,7 +273,7 @@ class Machine:
         nvram = None
         template = firmware.nvram_template(config.efi_nvram_template)
         if template is not None:
-            base = config.image.path if config.image is not None else None
+            base = config.image.path if config.image is not None else config.directory
             nvram = prepare_nvram(template, nvram_state_path(config.efi_nvram_state, base, config.ephemeral), rundir)
         self.log.info("firmware", kind=firmware.kind.value, reason=firmware.reason,
                       descriptor=str(firmware.descriptor.path) if firmware.descriptor else None,
@@ -332,7 +348,8 @@ class Machine:
         write_json_atomic(self.runtime.path / "run.json", {
             "pid": self.qemu.pid, "starttime": process_start_time(self.qemu.pid),
             "ready": self.ready, "status": self.guest_status, "guestExitStatus": self._guest_exit_status,
-            "vsockPort": self._vsock_port, "units": self.units, "registered": self._registered,
+            "vsockPort": self._vsock_port, "vsockCid": self._vsock_cid, "units": self.units,
+            "registered": self._registered,
             "tpmState": str(self.tpm_state_path) if self.tpm_state_path else None,
         })
 
@@ -363,7 +380,7 @@ class Machine:
         channel = NotifyChannel(self._guest_message)
         self._stack.push_async_callback(channel.close)
         if info.get("vsockPort"):
-            await channel.listen_vsock(int(info["vsockPort"]))
+            await channel.listen_vsock(int(info["vsockPort"]), peer_cid=info.get("vsockCid"))
         else:
             await channel.listen_virtio_serial(self.runtime.path / "notify.sock")
         self._vsock_port = channel.port
@@ -454,9 +471,16 @@ class Machine:
                 self._save_run_info()
                 self._emit("ready")
         elif key == "STATUS":
-            self.guest_status = value[:512]
-            self._save_run_info()
-            self._emit("status", status=self.guest_status)
+            status = value[:512]
+            if status == self.guest_status:
+                return
+            self.guest_status = status  # kept in memory: a chatty guest must not make us fsync per line
+            now = time.monotonic()
+            if now - self._status_window >= 1.0:
+                self._status_window, self._status_events = now, 0
+            self._status_events += 1
+            if self._status_events <= STATUS_EVENTS_PER_SECOND:
+                self._emit("status", status=status)
         elif key == "EXIT_STATUS":
             if value.isdigit() and 0 <= int(value) <= 255:
                 self._guest_exit_status = int(value)
@@ -472,7 +496,14 @@ class Machine:
         self.exit_status = self._exit_status(rc)
         if rc is not None and rc != 0:
             self.log.warning("QEMU exited abnormally", status=rc)
-        await self._stack.aclose()
+        try:
+            await self._stack.aclose()
+        except Exception:  # cleanup trouble must never leave the machine stuck "running"
+            self.log.exception("cleaning up after the VM failed")
+        finally:
+            self._finish(rc)
+
+    def _finish(self, rc: int | None) -> None:
         failed = rc is not None and (rc > 0 or (rc < 0 and not self._forced and self._stopping is None))
         if self._aux_failure is not None:
             self.failure = self._aux_failure
@@ -524,12 +555,17 @@ class Machine:
             self._stopping = None
 
     async def kill(self, forced: bool = True, sig: int | None = None) -> None:
-        """End QEMU now: QMP ``quit``, SIGKILL if that does not work (or ``sig`` if given)."""
+        """End QEMU now: QMP ``quit``, SIGKILL if that does not work.
+
+        With ``sig``, only send that signal and wait a little: not every signal ends QEMU."""
         if self.qemu is None or self._exited.is_set():
             return
         self._forced = self._forced or forced
         if sig is not None:
             self.qemu.send_signal(sig)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._exited.wait()), 5)
+            return
         else:
             if self._qmp is not None and self._qmp.connected:
                 await self._qmp.quit()

@@ -52,13 +52,20 @@ class RuntimeDir:
     def create(self) -> Path:
         """Lock the runtime dir and clear what a killed earlier run left in it."""
         self.lock()
+        try:
+            self._clear_leftovers()
+        except BaseException:
+            self.unlock()
+            raise
+        return self.path
+
+    def _clear_leftovers(self) -> None:
         for entry in self.path.iterdir():  # leftovers of a killed run
             if entry.name != ".lock":
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
-        return self.path
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -110,6 +110,7 @@ class NotifyChannel:
         self.qemu_args: list[str] = []
         self.credential: tuple[str, str] | None = None  # (id, value) for vsock
         self.port: int | None = None
+        self._peer_cid: int | None = None
 
     async def listen_virtio_serial(self, path: Path) -> None:
         """Listen on a unix socket that QEMU's chardev will connect to (and reconnect to)."""
@@ -125,8 +126,10 @@ class NotifyChannel:
             "-device", f"virtserialport,chardev=notify,name={NOTIFY_PORT_NAME}",
         ]
 
-    async def listen_vsock(self, port: int | None = None) -> None:
-        """Listen on AF_VSOCK (any CID; the given port, or one the kernel picks) for per-message connections."""
+    async def listen_vsock(self, port: int | None = None, peer_cid: int | None = None) -> None:
+        """Listen on AF_VSOCK (the given port, or one the kernel picks) for per-message connections;
+        only connections from ``peer_cid`` (our guest) are read, other guests cannot speak for it."""
+        self._peer_cid = peer_cid
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY if port is None else port))
         sock.listen(16)
@@ -150,6 +153,11 @@ class NotifyChannel:
             writer.close()
 
     async def _serve_vsock(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if self._peer_cid is not None and (not peer or peer[0] != self._peer_cid):
+            log.warning("ignoring a notify connection from another vsock peer", peer=str(peer))
+            writer.close()
+            return
         try:
             data = await asyncio.wait_for(reader.read(MAX_LINE + 1), timeout=10)
             rest = data

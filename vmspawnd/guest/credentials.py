@@ -66,15 +66,18 @@ def _is_hex(s: str, n: int) -> bool:
 
 def _split(value: str, field: str) -> tuple[str, str]:
     cred_id, sep, rest = value.partition(":")
-    if not sep or not valid_credential_id(cred_id):
-        raise ConfigError(field, value, "expected ID:VALUE with a valid credential name")
+    if not sep or not valid_credential_id(cred_id):  # never echo the value: it may be a secret
+        raise ConfigError(field, cred_id if sep else "…", "expected ID:VALUE with a valid credential name")
     return cred_id, rest
 
 
 def parse_set_credential(value: str) -> tuple[str, bytes]:
     """``--set-credential=ID:VALUE`` (VALUE is C-unescaped)."""
     cred_id, data = _split(value, "set-credential")
-    return cred_id, c_unescape(data)
+    try:
+        return cred_id, c_unescape(data)
+    except ConfigError as e:  # name the credential, not its (secret) value
+        raise ConfigError("set-credential", f"{cred_id}:…", e.reason) from None
 
 
 def parse_load_credential(value: str) -> tuple[str, bytes]:
@@ -137,5 +140,7 @@ def write_smbios_credentials(directory: Path, credentials: list[tuple[str, bytes
     directory.mkdir(mode=0o700, exist_ok=True)
     paths = [_write_private(directory / cred_id, f"io.systemd.credential.binary:{cred_id}=".encode()
                             + base64.b64encode(data)) for cred_id, data in credentials]
-    paths += [_write_private(directory / f"smbios11-{i}", s.encode()) for i, s in enumerate(raw_strings)]
+    if raw_strings:  # a separate dir: a credential's ID can never collide with these names
+        (directory / "raw").mkdir(mode=0o700, exist_ok=True)
+    paths += [_write_private(directory / "raw" / str(i), s.encode()) for i, s in enumerate(raw_strings)]
     return paths

@@ -23,13 +23,13 @@ class Qmp:
         await asyncio.wait_for(self._client.connect(path), timeout)
         self.connected = True
 
-    async def powerdown(self) -> None:
+    async def powerdown(self, timeout: float = 5.0) -> None:
         """Press the ACPI power button; the guest decides whether to power off."""
-        await self._client.execute("system_powerdown")
+        await asyncio.wait_for(self._client.execute("system_powerdown"), timeout)
 
     async def quit(self) -> None:
         """End QEMU now; a disconnect while it quits counts as success."""
-        with contextlib.suppress(QMPError, ConnectionError, EOFError, asyncio.IncompleteReadError):
+        with contextlib.suppress(QMPError, ConnectionError, EOFError, asyncio.IncompleteReadError, TimeoutError):
             await asyncio.wait_for(self._client.execute("quit"), 5)
 
     async def status(self) -> str:
