@@ -70,7 +70,8 @@ class MachineState(enum.Enum):
 
 @dataclass
 class Config:
-    """A machine's configuration; every field optional, with vmspawn's defaults."""
+    """A machine's configuration; every field optional, with vmspawn's defaults (except console:
+    headless unless given). vmspawnctl create fills it from vmspawn's options."""
 
     linux: str | None = None
     initrds: list[str] | None = None

@@ -281,8 +281,12 @@ class MachineConfig:
     keep_unit: bool = False
     quiet: bool = False
 
-    def validated(self) -> MachineConfig:
-        """Check every field and cross-option rule; return self or raise ConfigError."""
+    def validated(self, check_environment: bool = True) -> MachineConfig:
+        """Check every field and cross-option rule; return self or raise ConfigError.
+
+        ``check_environment=False`` checks only what the definition itself says (the daemon loading
+        stored definitions must not lose one because a disk is not mounted yet); the files it names
+        are checked again when the machine starts."""
         validate_machine_name(self.name)
         validate_cpus(self.cpus)
         self.ram.validate()
@@ -292,45 +296,25 @@ class MachineConfig:
             raise ConfigError("linux", "", "nothing to boot: pass --linux=KERNEL and/or --image=IMAGE")
         if self.image is not None and self.directory is not None:
             raise ConfigError("directory", str(self.directory), "--directory and --image cannot be combined")
-        if self.directory is not None and not self.directory.is_dir():
-            raise ConfigError("directory", str(self.directory), "not a directory")
         if self.private_users is not None and self.directory is None:
             raise ConfigError("private-users", f"{self.private_users[0]}:{self.private_users[1]}",
                               "only valid with --directory")
         if self.directory is not None and self.linux is None:
             raise ConfigError("directory", str(self.directory), "booting a directory needs --linux=KERNEL")
-        for bind in self.binds:
-            if not bind.source.is_dir():
-                raise ConfigError("bind-ro" if bind.read_only else "bind", str(bind.source), "not a directory")
         if self.ephemeral and self.extra_drives:
             raise ConfigError("extra-drive", str(self.extra_drives[0].path), "cannot be combined with --ephemeral")
         if self.grow_image and self.image is not None and self.image.format is ImageFormat.QCOW2:
-            raise ConfigError("grow-image", self.grow_image, "qcow2 images cannot be grown")
-        from vmspawnd.qemu.disks import check_image
-
-        for what, drive in [("image", self.image), *(("extra-drive", d) for d in self.extra_drives)]:
-            if drive is not None:
-                if not drive.path.is_absolute():
-                    raise ConfigError(what, str(drive.path), "path must be absolute")
-                check_image(drive.path, drive.format, what)
-        choice = self.firmware_choice()  # resolves --firmware/--firmware-features/--secure-boot or raises
-        if self.linux is not None and self.linux.is_file() and self.linux_is_uki and choice.kind.value != "uefi":
-            raise ConfigError("firmware", self.firmware, f"{self.linux} is a unified kernel image (UKI), which "
-                              "needs UEFI firmware")
+            raise ConfigError("grow-image", self.grow_image, "qcow2 images cannot be grown (not even with -x)")
+        for what, path in [("linux", self.linux), *(("initrd", p) for p in self.initrds),
+                           ("image", self.image.path if self.image else None),
+                           *(("extra-drive", d.path) for d in self.extra_drives)]:
+            if path is not None and not path.is_absolute():
+                raise ConfigError(what, str(path), "path must be absolute")
         from vmspawnd.systemd.properties import parse_properties
 
         parse_properties(self.properties)  # unknown or malformed → ConfigError now, not at start
         if not re.match(r"^[A-Za-z0-9:_.\\-]+\.slice$", self.slice) or len(self.slice) > 255:
             raise ConfigError("slice", self.slice, "not a valid slice unit name")
-        if self.efi_nvram_template is not None and not self.efi_nvram_template.is_file():
-            raise ConfigError("efi-nvram-template", str(self.efi_nvram_template), "no such file")
-        for what, path in [("linux", self.linux), *(("initrd", p) for p in self.initrds)]:
-            if path is None:
-                continue
-            if not path.is_absolute():
-                raise ConfigError(what, str(path), "path must be absolute")
-            if not path.is_file():
-                raise ConfigError(what, str(path), "no such file")
         if self.uuid is not None and self.uuid.int == 0:
             raise ConfigError("uuid", str(self.uuid), "the all-zero UUID is not allowed")
         from vmspawnd.guest.credentials import check_unique, valid_credential_id
@@ -339,7 +323,31 @@ class MachineConfig:
             if not valid_credential_id(cred_id):
                 raise ConfigError("credential", cred_id, "not a valid credential name")
         check_unique(list(self.credentials))
+        if check_environment:
+            self.check_environment()
         return self
+
+    def check_environment(self) -> None:
+        """The files, directories and firmware the configuration names exist and fit (at start too)."""
+        if self.directory is not None and not self.directory.is_dir():
+            raise ConfigError("directory", str(self.directory), "not a directory")
+        for bind in self.binds:
+            if not bind.source.is_dir():
+                raise ConfigError("bind-ro" if bind.read_only else "bind", str(bind.source), "not a directory")
+        from vmspawnd.qemu.disks import check_image
+
+        for what, drive in [("image", self.image), *(("extra-drive", d) for d in self.extra_drives)]:
+            if drive is not None:
+                check_image(drive.path, drive.format, what)
+        for what, path in [("linux", self.linux), *(("initrd", p) for p in self.initrds)]:
+            if path is not None and not path.is_file():
+                raise ConfigError(what, str(path), "no such file")
+        choice = self.firmware_choice()  # resolves --firmware/--firmware-features/--secure-boot or raises
+        if self.linux is not None and self.linux_is_uki and choice.kind.value != "uefi":
+            raise ConfigError("firmware", self.firmware, f"{self.linux} is a unified kernel image (UKI), which "
+                              "needs UEFI firmware")
+        if self.efi_nvram_template is not None and not self.efi_nvram_template.is_file():
+            raise ConfigError("efi-nvram-template", str(self.efi_nvram_template), "no such file")
 
     def firmware_choice(self):
         """Resolve the firmware (descriptor search included) for this configuration."""
@@ -406,7 +414,8 @@ def config_to_json(config: MachineConfig) -> dict[str, Any]:
         "tpm": config.tpm.value,
         "tpmState": config.tpm_state,
         "directory": str(config.directory) if config.directory else None,
-        "binds": [f"{'ro' if b.read_only else 'rw'}:{b.source}:{b.destination}" for b in config.binds],
+        "binds": [f"{'ro' if b.read_only else 'rw'}:{_escape_colons(b.source)}:{_escape_colons(b.destination)}"
+                  for b in config.binds],
         "privateUsers": f"{config.private_users[0]}:{config.private_users[1]}" if config.private_users else None,
         "register": config.register.value,
         "slice": config.slice,
@@ -437,7 +446,7 @@ def _string(field: str, value: Any, limit: int = 256) -> str:
     return value
 
 
-def config_from_json(name: str, data: dict[str, Any]) -> MachineConfig:
+def config_from_json(name: str, data: dict[str, Any], check_environment: bool = True) -> MachineConfig:
     """Build and validate a config from its JSON form; errors name the JSON field."""
     if not isinstance(data, dict):
         raise ConfigError("config", type(data).__name__, "expected an object")
@@ -492,15 +501,38 @@ def config_from_json(name: str, data: dict[str, Any]) -> MachineConfig:
     )
     if config.firmware in ("list", "describe"):
         raise ConfigError("firmware", config.firmware, "is an action, not a machine setting")
-    return config.validated()
+    return config.validated(check_environment)
+
+
+def _escape_colons(path: Path) -> str:
+    return str(path).replace("\\", "\\\\").replace(":", "\\:")
+
+
+def _split_escaped(value: str) -> list[str]:
+    """Split on ':' not preceded by a backslash; ``\\:`` is ':' and ``\\\\`` is a backslash."""
+    parts, current, i = [], [], 0
+    while i < len(value):
+        c = value[i]
+        if c == "\\" and i + 1 < len(value) and value[i + 1] in ":\\":
+            current.append(value[i + 1])
+            i += 2
+            continue
+        if c == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+        i += 1
+    parts.append("".join(current))
+    return parts
 
 
 def _bind(value: str) -> Bind:
-    mode, _, rest = value.partition(":")
-    source, _, destination = rest.partition(":")
-    if mode not in ("ro", "rw"):
-        raise ConfigError("binds", value, "expected ro|rw:SOURCE:DESTINATION")
-    return Bind(_path("binds", source), _path("binds", destination), mode == "ro")
+    """``ro|rw:SOURCE:DESTINATION`` with ':' and '\\' in the paths escaped by a backslash."""
+    parts = _split_escaped(value)
+    if len(parts) != 3 or parts[0] not in ("ro", "rw"):
+        raise ConfigError("binds", value, "expected ro|rw:SOURCE:DESTINATION (escape ':' as \\:)")
+    return Bind(_path("binds", parts[1]), _path("binds", parts[2]), parts[0] == "ro")
 
 
 def _bool(field: str, value: Any) -> bool:

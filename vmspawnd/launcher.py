@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -15,11 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+from vmspawnd.proc import set_parent_death_signal
 
 
 class QemuProcess:
@@ -33,22 +28,6 @@ class QemuProcess:
         self._channel: socket.socket | None = None
 
     @classmethod
-    def spawn(cls, argv: Sequence[str], *, pass_fds: Sequence[int] = (), die_with_parent: bool,
-              stdout: int | IO[bytes] | None = None, stderr: int | IO[bytes] | None = None,
-              inherit_stdin: bool = False) -> QemuProcess:
-        """Fork and exec QEMU in its own session (terminal signals are ours to handle).
-
-        stdin is /dev/null unless ``inherit_stdin`` (the native console, where QEMU owns the terminal)."""
-        env = dict(os.environ)
-        env.setdefault("LANG", "C.UTF-8")
-        popen = subprocess.Popen(
-            list(argv), stdin=None if inherit_stdin else subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-            pass_fds=tuple(pass_fds), start_new_session=True, env=env,
-            preexec_fn=_die_with_parent if die_with_parent else None,
-        )
-        return cls(popen.pid, popen)
-
-    @classmethod
     def fork_early(cls, *, die_with_parent: bool, stdout: int | IO[bytes] | None = None,
                    stderr: int | IO[bytes] | None = None, inherit_stdin: bool = False) -> QemuProcess:
         """Start the exec-late launcher: a process that waits for QEMU's argv and fds (see execlate.py)."""
@@ -60,7 +39,7 @@ class QemuProcess:
                 [sys.executable, "-I", "-S", str(Path(__file__).with_name("execlate.py")), str(theirs.fileno())],
                 stdin=None if inherit_stdin else subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                 pass_fds=(theirs.fileno(),), start_new_session=True, env=env,
-                preexec_fn=_die_with_parent if die_with_parent else None,
+                preexec_fn=set_parent_death_signal if die_with_parent else None,
             )
         except BaseException:
             ours.close()

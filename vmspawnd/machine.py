@@ -26,6 +26,7 @@ from vmspawnd.config import ConfigError, ConsoleMode, MachineConfig, Network, Tr
 from vmspawnd.guest.channel import NotifyChannel
 from vmspawnd.guest.credentials import write_smbios_credentials
 from vmspawnd.launcher import QemuProcess
+from vmspawnd.proc import CAP_NET_ADMIN, has_capability, process_cmdline, process_start_time
 from vmspawnd.ptyfwd import Pty
 from vmspawnd.qemu.accel import choose_accelerator, find_qemu, vsock_usable
 from vmspawnd.qemu.argv import Resources, build_qemu_argv, check_cmdline_length, cmdline_smbios_strings
@@ -94,6 +95,7 @@ class Machine:
         self._vsock_cid: int | None = None
         self._aux_failure: str | None = None
         self._registered = False
+        self._keep_runtime_dir = False
         self._status_window, self._status_events = 0.0, 0
         self._watches: set[asyncio.Task[None]] = set()
         self.tpm_state_path: Path | None = None
@@ -146,8 +148,13 @@ class Machine:
     async def _start(self) -> None:
         config = self.config
         qemu_binary, accel = self._preflight()
-        rundir = self.runtime.create()
+        rundir = self.runtime.lock()
         self._stack.callback(self._release_runtime_dir)
+        previous = self._previous_qemu()
+        if previous is not None:
+            self._keep_runtime_dir = True
+            raise StartError(f"the QEMU of an earlier run still runs (pid {previous}); stop or kill it first")
+        self.runtime.clear_leftovers()
         self._grow_image()
         # fork early, exec late: the launcher that becomes QEMU starts now, while we set up
         self.qemu = QemuProcess.fork_early(die_with_parent=self._die_with_parent, stdout=self._qemu_output,
@@ -195,8 +202,9 @@ class Machine:
     def _preflight(self):
         """Checks and look-ups that need no resources: QEMU binary, accelerator, TAP rights, image size."""
         config = self.config
+        config.check_environment()  # the files it names may have changed since it was defined
         check_cmdline_length(config)
-        if config.network is Network.TAP and not has_cap_net_admin():
+        if config.network is Network.TAP and not has_capability(CAP_NET_ADMIN):
             raise ConfigError("network-tap", "", "TAP networking needs CAP_NET_ADMIN (run as root)")
         qemu_binary = find_qemu()
         accel = choose_accelerator(config.kvm)
@@ -337,7 +345,7 @@ class Machine:
         self._registered = False
         try:
             await unregister(self.config.name)
-        except RegistrationError as e:  # machinectl terminate already removed it, or machined is gone
+        except Exception as e:  # machinectl terminate already removed it, or machined is gone
             self.log.debug("unregister", result=str(e))
 
     # ---------------------------------------------------------------- restart safety
@@ -361,6 +369,7 @@ class Machine:
             pid, starttime = int(info["pid"]), int(info["starttime"])
         except (OSError, ValueError, KeyError, TypeError):
             return False
+        self.runtime.lock()  # raises if someone else holds the machine
         if process_start_time(pid) != starttime or str(self.runtime.path) not in process_cmdline(pid):
             self.log.info("stale runtime directory, the QEMU it names is gone", pid=pid)
             self.runtime.remove()
@@ -368,7 +377,6 @@ class Machine:
         self._stack = contextlib.AsyncExitStack()
         self._detaching = False
         self._exited.clear()
-        self.runtime.lock()
         self._stack.callback(self._release_runtime_dir)
         self.ready, self.guest_status = bool(info.get("ready")), info.get("status")
         self._guest_exit_status = info.get("guestExitStatus")
@@ -394,6 +402,11 @@ class Machine:
         self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
         return True
 
+    def mark_failed(self, reason: str) -> None:
+        """Record that this machine is in no state we can drive (e.g. a failed re-adoption)."""
+        self.failure = reason
+        self._set_state(State.FAILED, reason=reason)
+
     async def detach(self) -> None:
         """Let go of a running VM without stopping it (daemon shutdown): it stays adoptable."""
         self._detaching = True
@@ -403,8 +416,21 @@ class Machine:
                 await self._watch
         await self._stack.aclose()
 
+    def _previous_qemu(self) -> int | None:
+        """The pid of a QEMU that an earlier run of this machine left running, if there is one."""
+        try:
+            info = read_json(self.runtime.path / "run.json")
+            pid, starttime = int(info["pid"]), int(info["starttime"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if process_start_time(pid) == starttime and str(self.runtime.path) in process_cmdline(pid):
+            return pid
+        return None
+
     def _release_runtime_dir(self) -> None:
-        if self._detaching:
+        """Remove the runtime dir — unless a live QEMU still needs it (detaching, or an earlier run's)."""
+        if self._detaching or self._keep_runtime_dir:
+            self._keep_runtime_dir = False
             self.runtime.unlock()
         else:
             self.runtime.remove()
@@ -423,6 +449,9 @@ class Machine:
         rc = await service.wait()
         if self.qemu is None or self._exited.is_set() or self._stopping is not None:
             return
+        if service.lost:
+            self.log.warning("no longer watching an auxiliary service; the VM keeps running", service=what)
+            return
         with contextlib.suppress(TimeoutError):  # helpers also end when QEMU does: give QEMU a moment
             await asyncio.wait_for(asyncio.shield(self._exited.wait()), 1.0)
             return
@@ -436,8 +465,11 @@ class Machine:
         """Stop a helper with its VM — but not when the daemon merely detaches from a running VM."""
         if self._detaching:
             service.detach()
-        else:
+            return
+        try:
             await service.stop()
+        except Exception as e:  # e.g. the bus went away: log, and let the rest of the cleanup run
+            self.log.warning("could not stop an auxiliary service", service=service.name, error=str(e))
 
     def on_cleanup(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when this run's resources are released (before those acquired earlier)."""
@@ -588,26 +620,3 @@ class Machine:
             self.pty.close()
             self.pty = None
 
-
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (identifies it across pid reuse)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def process_cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def has_cap_net_admin() -> bool:
-    """Whether we hold CAP_NET_ADMIN (bit 12 of CapEff)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return bool(int(line.split()[1], 16) & (1 << 12))
-    return False

@@ -82,28 +82,32 @@ class Manager:
         self.runtime_base.mkdir(mode=0o700, parents=True, exist_ok=True)
         for path in sorted(self.definitions.glob("*.json")):
             name = path.stem
-            try:
-                config = config_from_json(name, read_json(path)["config"])
+            try:  # only the definition itself: a missing disk must not make us forget a machine
+                config = config_from_json(name, read_json(path)["config"], check_environment=False)
+                entry = self._new_entry(config)
             except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
                 log.error("skipping unreadable machine definition", path=str(path), error=str(e))
                 continue
-            entry = self._new_entry(config)
             self.machines[name] = entry
             try:
-                if await entry.machine.adopt():
-                    await self._attach_console(entry)
+                adopted = await entry.machine.adopt()
             except Exception as e:  # a half-dead VM must not keep the daemon from starting
                 log.error("could not re-adopt VM", machine=name, error=str(e))
                 await entry.machine.detach()
+                entry.machine.mark_failed(f"could not re-adopt its running QEMU: {e}")
+                continue
+            if adopted:
+                await self._attach_console(entry)
         self.on_change()
 
     async def shutdown(self) -> None:
         """Detach from every running VM (they keep running) and end all event streams."""
-        for entry in self.machines.values():
-            if entry.console is not None:
-                await entry.console.close()
-            if entry.machine.state in (State.RUNNING, State.STOPPING, State.STARTING):
-                await entry.machine.detach()
+        for name, entry in list(self.machines.items()):
+            async with self._lock(name):  # let a start in progress finish first
+                if entry.console is not None:
+                    await entry.console.close()
+                if entry.machine.state in (State.RUNNING, State.STOPPING):
+                    await entry.machine.detach()
         for queue in list(self._subscribers):
             queue.put_nowait(None)
 
@@ -146,15 +150,15 @@ class Manager:
 
     def create(self, config: MachineConfig) -> Entry:
         """Define a machine and persist its definition."""
-        if config.name in self.machines:
-            raise MachineExists(config.name)
+        if config.name in self.machines or (self.definitions / f"{config.name}.json").exists():
+            raise MachineExists(config.name)  # never overwrite a definition, even one we could not load
         if config.console in (ConsoleMode.NATIVE, ConsoleMode.GUI):
             raise ConfigError("console", config.console.value,
                               "the daemon offers interactive, read-only or headless consoles")
+        entry = self._new_entry(config)
         self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_json_atomic(self.definitions / f"{config.name}.json", {"name": config.name,
                                                                     "config": config_to_json(config)})
-        entry = self._new_entry(config)
         self.machines[config.name] = entry
         self._publish(config.name, "created", {})
         return entry
@@ -162,6 +166,8 @@ class Manager:
     async def start(self, name: str) -> Entry:
         entry = self.get(name)
         async with self._lock(name):
+            if self.machines.get(name) is not entry:  # removed while we waited
+                raise NoSuchMachine(name)
             if entry.machine.state not in (State.STOPPED, State.FAILED):
                 raise WrongState(name, entry.machine.state.value, "it must be stopped to start")
             await entry.machine.start()  # raises ConfigError / StartError with the reason
@@ -169,11 +175,18 @@ class Manager:
         return entry
 
     async def _attach_console(self, entry: Entry) -> None:
-        sock = entry.machine.runtime.path / "console.sock"
-        if entry.config.console in (ConsoleMode.INTERACTIVE, ConsoleMode.READ_ONLY):
-            entry.console = ConsoleRelay(sock, read_only=entry.config.console is ConsoleMode.READ_ONLY)
-            await entry.console.connect()
-            entry.machine.on_cleanup(lambda: asyncio.get_running_loop().create_task(entry.console.close()))
+        """Connect the console relay; a VM without a working console still runs (and says why)."""
+        if entry.config.console not in (ConsoleMode.INTERACTIVE, ConsoleMode.READ_ONLY):
+            return
+        relay = ConsoleRelay(entry.machine.runtime.path / "console.sock",
+                             read_only=entry.config.console is ConsoleMode.READ_ONLY)
+        try:
+            await relay.connect()
+        except OSError as e:
+            log.warning("the VM's console is not available", machine=entry.config.name, error=str(e))
+            return
+        entry.console = relay
+        entry.machine.on_cleanup(lambda: asyncio.get_running_loop().create_task(relay.close()))
 
     async def stop(self, name: str, timeout: float = DEFAULT_STOP_TIMEOUT) -> Entry:
         entry = self.get(name)
@@ -196,6 +209,7 @@ class Manager:
                 raise WrongState(name, entry.machine.state.value, "stop it before removing it")
             (self.definitions / f"{name}.json").unlink(missing_ok=True)
             del self.machines[name]
+            self._locks.pop(name, None)
         self._publish(name, "removed", {})
 
     def running_count(self) -> int:

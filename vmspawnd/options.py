@@ -120,7 +120,9 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--network-user-mode", dest="network", action="store_const", const="user",
                      help="QEMU's user-mode networking")
     ident = parser.add_argument_group("System identity")
-    ident.add_argument("-M", "--machine", metavar="NAME", help="machine name (default: from the kernel file name)")
+    ident.add_argument("-M", "--machine", metavar="NAME",
+                       help="machine name (default: from the image, directory or kernel file name; "
+                            "with -x plus a random suffix)")
     ident.add_argument("--uuid", metavar="UUID", help="the machine's UUID (SMBIOS system UUID)")
     exe = parser.add_argument_group("Execution")
     exe.add_argument("--notify-ready", metavar="BOOL",

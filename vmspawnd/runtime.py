@@ -9,8 +9,7 @@ import shutil
 from pathlib import Path
 
 from vmspawnd.config import ConfigError
-
-SUN_PATH_MAX = 107
+from vmspawnd.proc import check_socket_path
 
 
 def runtime_base() -> Path:
@@ -32,8 +31,7 @@ class RuntimeDir:
     def __init__(self, base: Path, name: str) -> None:
         self.path = base / name
         self._lock_fd = -1
-        if len(str(self.path / "notify.sock")) > SUN_PATH_MAX:
-            raise ConfigError("runtime-directory", str(self.path), "path too long for unix sockets")
+        check_socket_path(self.path / "fs-mnt99.sock")  # as long as the socket names we put there get
 
     def lock(self) -> Path:
         """Create the dir if needed and lock it; fail if a live machine holds it."""
@@ -53,13 +51,13 @@ class RuntimeDir:
         """Lock the runtime dir and clear what a killed earlier run left in it."""
         self.lock()
         try:
-            self._clear_leftovers()
+            self.clear_leftovers()
         except BaseException:
             self.unlock()
             raise
         return self.path
 
-    def _clear_leftovers(self) -> None:
+    def clear_leftovers(self) -> None:
         for entry in self.path.iterdir():  # leftovers of a killed run
             if entry.name != ".lock":
                 if entry.is_dir() and not entry.is_symlink():

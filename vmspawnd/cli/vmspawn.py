@@ -75,8 +75,12 @@ def console_decoration(config: MachineConfig, background: str | None) -> tuple[s
 async def run(config: MachineConfig, background: str | None = None) -> int:
     """Boot the VM, forward its console, and return the exit status."""
     loop = asyncio.get_running_loop()
-    machine = Machine(config, runtime_base=runtime_base(), die_with_parent=True,
-                      on_event=_events_to_manager(config, ManagerNotifier()))
+    try:
+        machine = Machine(config, runtime_base=runtime_base(), die_with_parent=True,
+                          on_event=_events_to_manager(config, ManagerNotifier()))
+    except ConfigError as e:
+        print(f"vmspawn: {e}", file=sys.stderr)
+        return 1
     signals_seen = 0
 
     def on_signal(signame: str) -> None:
@@ -92,7 +96,8 @@ async def run(config: MachineConfig, background: str | None = None) -> int:
         loop.add_signal_handler(sig, on_signal, sig.name)
 
     if not config.quiet and config.console is not ConsoleMode.GUI:
-        print(f"░ Spawning VM {config.name} on {config.linux}.", file=sys.stderr)
+        what = config.image.path if config.image else config.directory or config.linux
+        print(f"░ Spawning VM {config.name} on {what}.", file=sys.stderr)
         if config.console is ConsoleMode.INTERACTIVE:
             print("░ Press Ctrl-] three times within 1s to kill VM.", file=sys.stderr)
         elif config.console is ConsoleMode.NATIVE:

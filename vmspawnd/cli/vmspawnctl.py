@@ -209,7 +209,7 @@ async def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     except ConfigError as e:
         print(f"vmspawnctl: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_USAGE if e.field == "arguments" else EXIT_FAILURE
     except VarlinkErrorReply as e:
         print(f"vmspawnctl: {_describe_error(e)}", file=sys.stderr)
         return EXIT_FAILURE

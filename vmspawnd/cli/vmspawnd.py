@@ -33,7 +33,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--version", action="version", version=f"vmspawnd {__version__}")
     p.add_argument("--socket", metavar="PATH",
                    help=f"listen here when not socket-activated (default: {DEFAULT_SOCKET})")
-    p.add_argument("--socket-group", metavar="GROUP", help="let this group use the socket (mode 0660, not 0600)")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="let this group use the socket (mode 0660, not 0600). Members can make the daemon "
+                        "open any file or device as root (images, binds, TPM state): trust them like root")
     p.add_argument("--state-dir", metavar="DIR",
                    help="machine definitions (default: $STATE_DIRECTORY or /var/lib/vmspawnd)")
     p.add_argument("--runtime-dir", metavar="DIR",

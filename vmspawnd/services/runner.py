@@ -20,7 +20,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import stat
@@ -34,6 +33,7 @@ from typing import IO, Protocol
 import structlog
 from dbus_fast import BusType, Variant
 
+from vmspawnd.proc import set_parent_death_signal
 from vmspawnd.systemd.units import (
     SERVICE_IFACE,
     SYSTEMD_RUNTIME_DIR,
@@ -46,12 +46,13 @@ from vmspawnd.systemd.units import (
 
 log = structlog.get_logger()
 
-PR_SET_PDEATHSIG = 1
 DEFAULT_READY_TIMEOUT = 10.0
 DEFAULT_STOP_TIMEOUT = 5.0
 OUTPUT_TAIL_BYTES = 4096
 OUTPUT_TAIL_LINES = 10
 UNIT_POLL_INTERVAL = 0.5
+UNIT_GONE_ERRORS = ("org.freedesktop.DBus.Error.UnknownObject", "org.freedesktop.systemd1.NoSuchUnit")
+UNIT_TROUBLE_GRACE = 120.0  # seconds of D-Bus errors before we give up watching a unit
 RUNNER_ENV = "VMSPAWND_SERVICE_RUNNER"  # "child" or "unit": skip the detection
 
 CLD_EXITED = 1
@@ -120,6 +121,7 @@ class RunningService(abc.ABC):
         self.returncode: int | None = None
         self._exited: asyncio.Task[int | None] | None = None
         self._stopping = False
+        self.lost = False  # we can no longer observe it (bus gone): its end is unknown, not a failure
         self.log = log.bind(service=spec.name)
 
     async def wait(self) -> int | None:
@@ -189,10 +191,6 @@ def clear_stale_socket(name: str, path: Path | None) -> None:
 
 
 # ----------------------------------------------------------------------------- children
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class ChildService(RunningService):
     """A helper that is our own child: watched through a pidfd, reaped by us."""
 
@@ -294,7 +292,7 @@ class ChildRunner:
             popen = subprocess.Popen(
                 list(spec.argv), stdin=subprocess.DEVNULL, stdout=output, stderr=output,
                 pass_fds=spec.pass_fds, start_new_session=True, env={**os.environ, **spec.env},
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                preexec_fn=set_parent_death_signal if self.die_with_parent else None,
             )
         except OSError as e:
             output.close()
@@ -348,18 +346,29 @@ class UnitService(RunningService):
     async def _watch(self) -> int | None:
         """Poll ActiveState until inactive/failed (or the unit is collected)."""
         manager = self._runner.manager
+        trouble_since: float | None = None
         while True:
             try:
                 state = await manager.get_property(self._path, UNIT_IFACE, "ActiveState")
+                trouble_since = None
                 if state in ("inactive", "failed"):
                     code = await manager.get_property(self._path, SERVICE_IFACE, "ExecMainCode")
                     status = await manager.get_property(self._path, SERVICE_IFACE, "ExecMainStatus")
                     self.returncode = int(status) if code == CLD_EXITED else -int(status)
                     break
-            except DBusCallError:  # collected (CollectMode=inactive-or-failed): status unknown
-                break
+            except DBusCallError as e:
+                if e.name in UNIT_GONE_ERRORS:  # collected (CollectMode=inactive-or-failed): status unknown
+                    break
+                # systemd re-executing, or busy: not a reason to think the helper died
+                now = asyncio.get_running_loop().time()
+                trouble_since = trouble_since or now
+                if now - trouble_since > UNIT_TROUBLE_GRACE:
+                    self.lost = True
+                    self.log.warning("cannot watch the unit any more", unit=self.unit, error=str(e))
+                    break
             except (EOFError, ConnectionError, OSError) as e:
-                self.log.warning("lost the bus while watching the unit", error=str(e))
+                self.lost = True
+                self.log.warning("lost the bus while watching the unit", unit=self.unit, error=str(e))
                 break
             await asyncio.sleep(UNIT_POLL_INTERVAL)
         if not self._stopping:

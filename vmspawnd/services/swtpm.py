@@ -19,12 +19,12 @@ from pathlib import Path
 import structlog
 
 from vmspawnd.config import FALSE_WORDS, TRUE_WORDS, ConfigError, Tristate
+from vmspawnd.proc import check_socket_path
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner, ServiceSpec
 
 log = structlog.get_logger()
 
-SUN_PATH_MAX = 107
 SWTPM_SETUP_TIMEOUT = 30.0
 #: A manufactured TPM 2 state directory holds this file (swtpm's "dir" backend).
 STATE_FILE = "tpm2-00.permall"
@@ -155,8 +155,7 @@ async def start_swtpm(runner: ServiceRunner, machine: str, state_dir: Path, sock
     swtpm = swtpm or find_swtpm()
     if swtpm is None:
         raise ServiceError(f"vmspawnd-{machine}-tpm", "swtpm is not installed")
-    if len(str(socket_path)) > SUN_PATH_MAX:
-        raise ConfigError("runtime-directory", str(socket_path), "path too long for a unix socket")
+    check_socket_path(socket_path)
     argv = swtpm_argv(swtpm, state_dir, socket_path)
     await manufacture(state_dir)
     spec = ServiceSpec(name=f"vmspawnd-{machine}-tpm", argv=tuple(argv), description=f"TPM for VM {machine}",

@@ -22,19 +22,18 @@ from pathlib import Path
 import structlog
 
 from vmspawnd.config import Bind, ConfigError
+from vmspawnd.proc import CAP_SYS_ADMIN, check_socket_path, has_capability
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.services import rowrap
 from vmspawnd.services.runner import RunningService, ServiceRunner, ServiceSpec
 
 log = structlog.get_logger()
 
-SUN_PATH_MAX = 107
 ROOT_TAG = "root"
 ROOT_CHARDEV = "rootdir"
 #: Where upstream looks (after $PATH), then QEMU's C virtiofsd (Debian 12's qemu-system-common).
 VIRTIOFSD_PATHS = (Path("/usr/libexec/virtiofsd"), Path("/usr/lib/virtiofsd"), Path("/usr/lib/qemu/virtiofsd"))
 ROWRAP = Path(rowrap.__file__)
-CAP_SYS_ADMIN = 21
 
 
 class Flavour(enum.Enum):
@@ -117,13 +116,7 @@ def in_chroot(mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
 
 
 def _has_cap_sys_admin(status: Path = Path("/proc/self/status")) -> bool:
-    try:
-        for line in status.read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return True
+    return has_capability(CAP_SYS_ADMIN, status)
 
 
 def choose_sandbox(mountinfo: Path = Path("/proc/self/mountinfo"), status: Path = Path("/proc/self/status")) -> str:
@@ -230,8 +223,7 @@ async def start_virtiofsd(runner: ServiceRunner, machine: str, index_or_root: in
                           bound_to: str | None = None) -> RunningService:
     """Run a virtiofsd for ``share_dir`` (``index_or_root``: bind index or ``"root"``); ready once its socket exists."""
     virtiofsd = virtiofsd or find_virtiofsd()
-    if len(str(socket_path)) > SUN_PATH_MAX:
-        raise ConfigError("runtime-directory", str(socket_path), "path too long for a unix socket")
+    check_socket_path(socket_path)
     argv = virtiofsd_argv(virtiofsd, share_dir, socket_path, read_only=read_only,
                           sandbox=sandbox or choose_sandbox(), uid_map=uid_map)
     spec = ServiceSpec(name=f"vmspawnd-{machine}-virtiofsd-{index_or_root}", argv=tuple(argv),

@@ -1,0 +1,52 @@
+"""Small process and path facts shared by the launcher, the helpers and the machine."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+from pathlib import Path
+
+from vmspawnd.config import ConfigError
+
+PR_SET_PDEATHSIG = 1
+SUN_PATH_MAX = 107  # bytes of a unix socket path, without the NUL
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+
+
+def set_parent_death_signal() -> None:
+    """preexec_fn: the child gets SIGTERM when we die (runs between fork and exec)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def has_capability(bit: int, status: Path = Path("/proc/self/status")) -> bool:
+    """Whether we hold a capability (CapEff); False when it cannot be read."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def check_socket_path(path: Path, field: str = "runtime-directory") -> None:
+    """A unix socket path must fit sun_path."""
+    if len(str(path).encode()) > SUN_PATH_MAX:
+        raise ConfigError(field, str(path), f"path too long for a unix socket (over {SUN_PATH_MAX} bytes)")
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (identifies it across pid reuse)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def process_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
