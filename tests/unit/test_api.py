@@ -166,3 +166,14 @@ def test_a_hundred_concurrent_clients(daemon):
             assert r["error"] == "io.vmspawnd.Manager.NoSuchMachine"
         else:
             assert "interfaces" in r["parameters"]
+
+
+def test_an_unreadable_definition_is_never_overwritten(daemon):
+    broken = daemon.state / "machines" / "keepme.json"
+    broken.parent.mkdir(parents=True, exist_ok=True)
+    broken.write_text("{ not json")
+    daemon.stop_daemon()
+    daemon.start()
+    reply = call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": "keepme", "config": {"linux": "/bin/sh"}})
+    assert reply["error"] == "io.vmspawnd.Manager.MachineExists"
+    assert broken.read_text() == "{ not json"

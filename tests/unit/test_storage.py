@@ -7,7 +7,7 @@ import os
 import pytest
 
 from vmspawnd.api import Config
-from vmspawnd.config import JSON_FIELDS, config_from_json, config_to_json
+from vmspawnd.config import JSON_FIELDS, ConfigError, config_from_json, config_to_json
 from vmspawnd.options import parse_vmspawn_args
 from vmspawnd.storage import write_json_atomic
 
@@ -42,3 +42,25 @@ def test_the_varlink_config_type_covers_every_config_field(tmp_path):
     config = parse_vmspawn_args([f"--linux={kernel}", "--ram=1G:2G:2", "--cpus=2", "--notify-ready=no", "x=y"])
     assert config_from_json(config.name, config_to_json(config)) == config
     assert set(config_to_json(config)) == set(JSON_FIELDS)
+
+
+def test_binds_with_colons_and_backslashes_round_trip(tmp_path):
+    odd = tmp_path / "a:b\\c"
+    odd.mkdir()
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    escaped = str(odd).replace(":", "\\:")
+    config = parse_vmspawn_args([f"--linux={kernel}", "--firmware=none", f"--bind={escaped}:/x\\:y"])
+    assert config.binds[0].source == odd and str(config.binds[0].destination) == "/x:y"
+    assert config_from_json(config.name, config_to_json(config)) == config
+
+
+def test_stored_definitions_load_even_when_their_files_are_gone(tmp_path):
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"k")
+    config = parse_vmspawn_args([f"--linux={kernel}", "--firmware=none"])
+    data = config_to_json(config)
+    kernel.unlink()
+    assert config_from_json(config.name, data, check_environment=False).linux == kernel
+    with pytest.raises(ConfigError):
+        config_from_json(config.name, data)
