@@ -110,6 +110,10 @@ def _print_machine(info: Any, as_json: bool) -> None:
         print(f"     Status: {d['status']}")
     if d["runtimeDirectory"]:
         print(f"    Runtime: {d['runtimeDirectory']}")
+    for i, unit in enumerate(d["units"]):
+        print(f"{'      Units:' if i == 0 else ' ' * 12} {unit}")
+    if d["tpmStatePath"]:
+        print(f"  TPM state: {d['tpmStatePath']}")
     if d["exitStatus"] is not None:
         print(f"Exit status: {d['exitStatus']}")
     if d["failure"]:
