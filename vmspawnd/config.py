@@ -508,7 +508,7 @@ def _escape_colons(path: Path) -> str:
     return str(path).replace("\\", "\\\\").replace(":", "\\:")
 
 
-def _split_escaped(value: str) -> list[str]:
+def split_escaped(value: str) -> list[str]:
     """Split on ':' not preceded by a backslash; ``\\:`` is ':' and ``\\\\`` is a backslash."""
     parts, current, i = [], [], 0
     while i < len(value):
@@ -529,7 +529,7 @@ def _split_escaped(value: str) -> list[str]:
 
 def _bind(value: str) -> Bind:
     """``ro|rw:SOURCE:DESTINATION`` with ':' and '\\' in the paths escaped by a backslash."""
-    parts = _split_escaped(value)
+    parts = split_escaped(value)
     if len(parts) != 3 or parts[0] not in ("ro", "rw"):
         raise ConfigError("binds", value, "expected ro|rw:SOURCE:DESTINATION (escape ':' as \\:)")
     return Bind(_path("binds", parts[1]), _path("binds", parts[2]), parts[0] == "ro")

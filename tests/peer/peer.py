@@ -64,6 +64,7 @@ from tests.systemd.container import (
     APT_OPTIONS,
     DPKG_OPTIONS,
     HarnessError,
+    _pid_alive,
     cache_root,
     file_lock,
     remove_tree,
@@ -142,16 +143,6 @@ def dpkg_versions(root: Path, packages: Iterable[str]) -> dict[str, str | None]:
         if fields.get("Package") in wanted and fields.get("Status", "").endswith(" installed"):
             found[fields["Package"]] = fields.get("Version")
     return found
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _finish_tree(root: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import structlog
 
-from vmspawnd.config import Bind, ConfigError
+from vmspawnd.config import Bind, ConfigError, split_escaped
 from vmspawnd.proc import CAP_SYS_ADMIN, check_socket_path, has_capability
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.services import rowrap
@@ -129,28 +129,10 @@ def choose_sandbox(mountinfo: Path = Path("/proc/self/mountinfo"), status: Path 
 
 
 # ----------------------------------------------------------------------------- --bind
-def _split_unescaped_colons(value: str) -> list[str]:
-    parts, current, i = [], [], 0
-    while i < len(value):
-        c = value[i]
-        if c == "\\" and i + 1 < len(value) and value[i + 1] == ":":
-            current.append(":")
-            i += 2
-            continue
-        if c == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(c)
-        i += 1
-    parts.append("".join(current))
-    return parts
-
-
 def parse_bind(value: str, read_only: bool) -> Bind:
     """Parse ``SRC[:DST]`` (``\\:`` is a literal colon).  SRC must be an existing directory."""
     field = "bind-ro" if read_only else "bind"
-    parts = _split_unescaped_colons(value)
+    parts = split_escaped(value)
     if len(parts) > 2 or not parts[0]:
         raise ConfigError(field, value, "expected SRC[:DST] (write \\: for a ':' in a path)")
     source = Path(os.path.abspath(parts[0]))
