@@ -63,6 +63,9 @@ def test_type_into_the_guest_shell_then_ctrl_bracket_three_times(tmux, guest, tm
     tmux.wait_for("Press Ctrl-] three times")
     tmux.wait_for("starting a shell on the console", timeout=60)
     time.sleep(0.5)
+    title = subprocess.run(["tmux", "display", "-p", "-t", tmux.session, "#{pane_title}"], capture_output=True,
+                           text=True).stdout
+    assert title.startswith("Virtual Machine interactive on ")  # our window title
     tmux.keys("echo answer-$((6*7))", "Enter")
     tmux.wait_for("answer-42")
     tmux.keys("C-]", "C-]")  # two presses and a pause do nothing

@@ -247,3 +247,13 @@ def test_uuid_and_serial_console_transport(vmspawn):
     assert run.wait() == 0, run.text
     assert f"uuid: {u}" in run.text  # printed on ttyS0, forwarded by us
     assert_clean(run)
+
+
+def test_network_tap_without_cap_net_admin_is_a_clear_error(guest, tmp_path):
+    env = {**os.environ, "RUNTIME_DIRECTORY": str(tmp_path)}
+    p = subprocess.run(["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin", "--", *VMSPAWN,
+                        f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--firmware=bios", "-n",
+                        "--console=headless", "-M", "tapless"], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 1, p.stderr
+    assert "CAP_NET_ADMIN" in p.stderr and "Traceback" not in p.stderr
+    assert list(tmp_path.iterdir()) == []
