@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import enum
 import math
+import os
 import re
 import stat
 import uuid
@@ -219,6 +220,20 @@ def parse_private_users(value: str, field: str = "private-users") -> tuple[int, 
     if result[1] < 1 or result[0] + result[1] > 1 << 32:
         raise ConfigError(field, value, "UID range out of bounds")
     return result
+
+
+def parse_state_setting(value: str | None, field: str, relative_ok: bool = True) -> str:
+    """PATH|auto|off (--tpm-state, --efi-nvram-state): booleans map to auto/off; a path must be
+    absolute or start with ./ (made absolute here; over varlink only absolute paths make sense)."""
+    if value is None:
+        return "auto"
+    if value in ("", "off") or value.lower() in FALSE_WORDS:
+        return "off"
+    if value == "auto" or value.lower() in TRUE_WORDS:
+        return "auto"
+    if "\0" in value or not (value.startswith("/") or (relative_ok and value.startswith("./"))):
+        raise ConfigError(field, value, "a path must be absolute" + (" or start with ./" if relative_ok else ""))
+    return os.path.abspath(value)
 
 
 def validate_machine_name(value: str, field: str = "machine") -> str:
@@ -487,9 +502,11 @@ def config_from_json(name: str, data: dict[str, Any], check_environment: bool = 
         secure_boot=parse_tristate("secureBoot", _string("secureBoot", get("secureBoot", "auto"))),
         efi_nvram_template=(_path("efiNvramTemplate", get("efiNvramTemplate"))
                             if get("efiNvramTemplate") is not None else None),
-        efi_nvram_state=_string("efiNvramState", get("efiNvramState", "auto"), 4096),
+        efi_nvram_state=parse_state_setting(_string("efiNvramState", get("efiNvramState", "auto"), 4096),
+                                            "efiNvramState", relative_ok=False),
         tpm=parse_tristate("tpm", _string("tpm", get("tpm", "auto"))),
-        tpm_state=_string("tpmState", get("tpmState", "auto"), 4096),
+        tpm_state=parse_state_setting(_string("tpmState", get("tpmState", "auto"), 4096), "tpmState",
+                                      relative_ok=False),
         directory=_path("directory", get("directory")) if get("directory") is not None else None,
         binds=tuple(_bind(v) for v in _string_list("binds", get("binds"))),
         private_users=(parse_private_users(_string("privateUsers", get("privateUsers")), "privateUsers")

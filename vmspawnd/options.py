@@ -16,8 +16,6 @@ from typing import NoReturn
 
 from vmspawnd import __version__
 from vmspawnd.config import (
-    FALSE_WORDS,
-    TRUE_WORDS,
     ConfigError,
     ConsoleMode,
     ConsoleTransport,
@@ -33,6 +31,7 @@ from vmspawnd.config import (
     parse_enum,
     parse_private_users,
     parse_size,
+    parse_state_setting,
     parse_tristate,
     validate_cpus,
 )
@@ -187,9 +186,9 @@ def config_from_args(ns: argparse.Namespace) -> MachineConfig:
         firmware=_firmware_value(ns.firmware),
         firmware_features=tuple(ns.firmware_features),
         efi_nvram_template=_abspath(ns.efi_nvram_template) if ns.efi_nvram_template else None,
-        efi_nvram_state=_state_value(ns.efi_nvram_state, "efi-nvram-state"),
+        efi_nvram_state=parse_state_setting(ns.efi_nvram_state, "efi-nvram-state"),
         tpm=parse_tristate("tpm", ns.tpm) if ns.tpm is not None else Tristate.AUTO,
-        tpm_state=_state_value(ns.tpm_state, "tpm-state"),
+        tpm_state=parse_state_setting(ns.tpm_state, "tpm-state"),
         directory=_abspath(ns.directory) if ns.directory else None,
         binds=tuple([parse_bind(v, False) for v in ns.bind] + [parse_bind(v, True) for v in ns.bind_ro]),
         private_users=parse_private_users(ns.private_users) if ns.private_users else None,
@@ -208,19 +207,6 @@ def _firmware_value(value: str | None) -> str:
     if value.startswith("./") or value.startswith("/"):
         return os.path.abspath(value)
     return value
-
-
-def _state_value(value: str | None, field: str) -> str:
-    """PATH|auto|off for --efi-nvram-state/--tpm-state: booleans map to auto/off, paths become absolute."""
-    if value is None:
-        return "auto"
-    if value in ("", "off") or value.lower() in FALSE_WORDS:
-        return "off"
-    if value == "auto" or value.lower() in TRUE_WORDS:
-        return "auto"
-    if not (value.startswith("/") or value.startswith("./")):
-        raise ConfigError(field, value, "a path must be absolute or start with ./")
-    return os.path.abspath(value)
 
 
 class SecureBootAction(argparse.Action):

@@ -177,3 +177,10 @@ def test_an_unreadable_definition_is_never_overwritten(daemon):
     reply = call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": "keepme", "config": {"linux": "/bin/sh"}})
     assert reply["error"] == "io.vmspawnd.Manager.MachineExists"
     assert broken.read_text() == "{ not json"
+
+
+def test_state_paths_over_varlink_must_be_absolute(daemon):
+    for field in ("tpmState", "efiNvramState"):
+        reply = call(daemon.socket, "io.vmspawnd.Manager.Create",
+                     {"name": "st", "config": {"linux": "/bin/sh", field: "./relative"}})
+        assert reply["error"] == "io.vmspawnd.Manager.InvalidConfig" and reply["parameters"]["field"] == field
