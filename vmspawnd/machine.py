@@ -147,6 +147,12 @@ class Machine:
 
     async def _start(self) -> None:
         config = self.config
+        # fork early, exec late: the launcher that becomes QEMU starts first, while we set up
+        self.qemu = QemuProcess.fork_early(die_with_parent=self._die_with_parent, stdout=self._qemu_output,
+                                           stderr=self._qemu_output,
+                                           inherit_stdin=config.console is ConsoleMode.NATIVE)
+        self._stack.push_async_callback(self._reap_qemu)
+        self._stack.callback(self.qemu.cancel)
         qemu_binary, accel = self._preflight()
         rundir = self.runtime.lock()
         self._stack.callback(self._release_runtime_dir)
@@ -156,12 +162,6 @@ class Machine:
             raise StartError(f"the QEMU of an earlier run still runs (pid {previous}); stop or kill it first")
         self.runtime.clear_leftovers()
         self._grow_image()
-        # fork early, exec late: the launcher that becomes QEMU starts now, while we set up
-        self.qemu = QemuProcess.fork_early(die_with_parent=self._die_with_parent, stdout=self._qemu_output,
-                                           stderr=self._qemu_output,
-                                           inherit_stdin=config.console is ConsoleMode.NATIVE)
-        self._stack.push_async_callback(self._reap_qemu)
-        self._stack.callback(self.qemu.cancel)
         pass_fds: list[int] = []
         channel, vsock_cid, vsock_fd = await self._open_notify_channel(rundir, pass_fds)
         aux = await self._start_scope_and_helpers(rundir)

@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import logging
 
-from qemu.qmp import QMPClient, QMPError
-
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
@@ -15,6 +13,8 @@ class Qmp:
     """One QMP session with a QEMU process, over its monitor's unix socket."""
 
     def __init__(self, name: str) -> None:
+        from qemu.qmp import QMPClient  # imported once QEMU is already booting
+
         self._client = QMPClient(name)
         self.connected = False
 
@@ -29,6 +29,8 @@ class Qmp:
 
     async def quit(self) -> None:
         """End QEMU now; a disconnect while it quits counts as success."""
+        from qemu.qmp import QMPError
+
         with contextlib.suppress(QMPError, ConnectionError, EOFError, asyncio.IncompleteReadError, TimeoutError):
             await asyncio.wait_for(self._client.execute("quit"), 5)
 

@@ -28,10 +28,9 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import structlog
-from dbus_fast import BusType, Variant
 
 from vmspawnd.proc import set_parent_death_signal
 from vmspawnd.systemd.units import (
@@ -41,6 +40,7 @@ from vmspawnd.systemd.units import (
     DBusCallError,
     SystemdManager,
     UnitStartError,
+    Variant,
     connect_systemd,
 )
 
@@ -409,7 +409,7 @@ class UnitRunner:
         self._owns_manager = owns_manager
 
     @classmethod
-    async def connect(cls, bus_type: BusType = BusType.SYSTEM, address: str | None = None) -> UnitRunner:
+    async def connect(cls, bus_type: Any = None, address: str | None = None) -> UnitRunner:
         return cls(await SystemdManager.connect(bus_type, address), owns_manager=True)
 
     async def version(self) -> str:

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asyncvarlink import VarlinkClientProtocol, VarlinkMethodCall, connect_unix_varlink
-
 MACHINED_SOCKET = Path("/run/systemd/machine/io.systemd.Machine")
 SERVICE_NAME = "vmspawnd"
 
@@ -70,6 +68,10 @@ def leader_process_id(pid: int) -> dict[str, Any]:
 async def call(method: str, parameters: dict[str, Any], socket_path: Path = MACHINED_SOCKET,
                timeout: float = 10.0) -> dict[str, Any]:
     """One varlink call to machined; raise RegistrationError with machined's error name."""
+    from asyncvarlink import VarlinkClientProtocol, VarlinkMethodCall, connect_unix_varlink  # on first use
+
+    if not socket_path.exists():
+        raise RegistrationError(f"cannot reach systemd-machined at {socket_path}: it is not running")
     try:
         transport, protocol = await asyncio.wait_for(connect_unix_varlink(VarlinkClientProtocol, socket_path), timeout)
     except (OSError, TimeoutError) as e:

@@ -10,16 +10,15 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from dbus_fast import Variant
-
 from vmspawnd.config import ConfigError, parse_bool, parse_size
+from vmspawnd.systemd.units import Variant
 
 UINT64_MAX = (1 << 64) - 1
 UINT32_MAX = (1 << 32) - 1
 _TIME_UNITS = {"us": 1, "usec": 1, "ms": 1000, "msec": 1000, "s": 1_000_000, "sec": 1_000_000, "": 1_000_000,
                "m": 60_000_000, "min": 60_000_000}
 
-Property = tuple[str, Variant]
+Property = tuple[str, Any]  # (name, dbus_fast.Variant)
 
 
 def _fail(name: str, value: str, reason: str) -> ConfigError:

@@ -6,10 +6,8 @@ launcher.py), so QEMU never runs outside it and the daemon never enters it.
 
 from __future__ import annotations
 
-from dbus_fast import Variant
-
 from vmspawnd.systemd.properties import Property, parse_properties
-from vmspawnd.systemd.units import SystemdManager
+from vmspawnd.systemd.units import SystemdManager, Variant
 
 DEFAULT_SLICE = "machine.slice"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from dbus_fast import BusType, Message, MessageType, Variant
-from dbus_fast.aio import MessageBus
+
+# dbus-fast is imported on first use: on a host without systemd, vmspawn never pays for it.
 
 log = structlog.get_logger()
 
@@ -28,6 +28,13 @@ SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 SCOPE_IFACE = "org.freedesktop.systemd1.Scope"
 PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
 SYSTEMD_RUNTIME_DIR = Path("/run/systemd/system")
+
+
+def Variant(signature: str, value: Any) -> Any:  # noqa: N802 - stands in for dbus_fast.Variant
+    """A D-Bus variant (dbus_fast.Variant, imported on first use)."""
+    from dbus_fast import Variant as DBusVariant
+
+    return DBusVariant(signature, value)
 
 
 class DBusCallError(Exception):
@@ -45,16 +52,19 @@ class UnitStartError(Exception):
 class SystemdManager:
     """A connection to systemd's manager, with JobRemoved tracking."""
 
-    def __init__(self, bus: MessageBus) -> None:
+    def __init__(self, bus: Any) -> None:
         self.bus = bus
         self._jobs: collections.OrderedDict[str, str] = collections.OrderedDict()  # job path → result
         self._job_waiters: dict[str, asyncio.Future[str]] = {}
         bus.add_message_handler(self._on_message)
 
     @classmethod
-    async def connect(cls, bus_type: BusType = BusType.SYSTEM, address: str | None = None) -> SystemdManager:
-        """Connect to the manager's bus and subscribe to JobRemoved."""
-        bus = await MessageBus(bus_address=address, bus_type=bus_type).connect()
+    async def connect(cls, bus_type: Any = None, address: str | None = None) -> SystemdManager:
+        """Connect to the manager's bus (default: the system bus) and subscribe to JobRemoved."""
+        from dbus_fast import BusType
+        from dbus_fast.aio import MessageBus
+
+        bus = await MessageBus(bus_address=address, bus_type=bus_type or BusType.SYSTEM).connect()
         manager = cls(bus)
         try:
             rule = (f"type='signal',sender='{SYSTEMD_BUS_NAME}',path='{SYSTEMD_PATH}',"
@@ -71,7 +81,9 @@ class SystemdManager:
     async def version(self) -> str:
         return str(await self.get_property(SYSTEMD_PATH, MANAGER_IFACE, "Version"))
 
-    def _on_message(self, msg: Message) -> bool:
+    def _on_message(self, msg: Any) -> bool:
+        from dbus_fast import MessageType
+
         if (msg.message_type == MessageType.SIGNAL and msg.member == "JobRemoved"
                 and msg.interface == MANAGER_IFACE and len(msg.body) == 4):
             _id, job, _unit, result = msg.body
@@ -86,6 +98,8 @@ class SystemdManager:
 
     async def _call(self, destination: str, path: str, interface: str, member: str, signature: str,
                     body: list[Any]) -> list[Any]:
+        from dbus_fast import Message, MessageType
+
         reply = await self.bus.call(Message(destination=destination, path=path, interface=interface,
                                             member=member, signature=signature, body=body))
         if reply is None:
@@ -99,8 +113,10 @@ class SystemdManager:
         return await self._call(SYSTEMD_BUS_NAME, path, interface, member, signature, body)
 
     async def get_property(self, path: str, interface: str, name: str) -> Any:
+        from dbus_fast import Variant as DBusVariant
+
         (value,) = await self.call(PROPERTIES_IFACE, "Get", "ss", [interface, name], path=path)
-        return value.value if isinstance(value, Variant) else value
+        return value.value if isinstance(value, DBusVariant) else value
 
     async def job_result(self, job: str, timeout: float) -> str:
         """Wait for the JobRemoved signal of ``job``; its result ("done", "failed", …)."""
@@ -144,9 +160,11 @@ class SystemdManager:
 async def connect_systemd(timeout: float = 1.0, systemd_dir: Path = SYSTEMD_RUNTIME_DIR,
                           address: str | None = None) -> tuple[SystemdManager | None, str]:
     """The system (root) or user manager if it runs and answers quickly; else (None, why not)."""
-    bus_type = BusType.SYSTEM if os.geteuid() == 0 else BusType.SESSION
     if address is None and not systemd_dir.is_dir():
         return None, f"systemd is not the service manager here (no {systemd_dir})"
+    from dbus_fast import BusType
+
+    bus_type = BusType.SYSTEM if os.geteuid() == 0 else BusType.SESSION
     manager: SystemdManager | None = None
     try:
         manager = await asyncio.wait_for(SystemdManager.connect(bus_type, address), timeout)
