@@ -64,8 +64,8 @@ from tests.systemd.container import (
     APT_OPTIONS,
     DPKG_OPTIONS,
     HarnessError,
-    _pid_alive,
     cache_root,
+    clear_interrupted_builds,
     file_lock,
     remove_tree,
     repo_root,
@@ -169,13 +169,7 @@ def build_tree(cache: Path | None = None, log=_log) -> Path:
     with file_lock(base / f"{final.name}.lock"):
         if tree_ready(final):
             return final
-        for old in base.glob(f".tmp-{final.name}-*"):
-            pid = old.name.rsplit("-", 1)[1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                log(f"removing the remains of an interrupted build: {old}")
-                remove_tree(old)
-        if os.path.lexists(final):  # no marker: a half-made tree someone moved here; not trusted
-            remove_tree(final)
+        clear_interrupted_builds(final, log)
         tmp = base / f".tmp-{final.name}-{os.getpid()}"
         remove_tree(tmp)
         build_log = base / f"{final.name}.build.log"

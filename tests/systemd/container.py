@@ -195,6 +195,18 @@ def file_lock(path: Path, exclusive: bool = True) -> Iterator[None]:
         os.close(fd)
 
 
+def clear_interrupted_builds(final: Path, log: Log = _stderr_log) -> None:
+    """Remove temp trees of killed builds of ``final`` and a ``final`` without its ready marker
+    (call with the build lock held)."""
+    for old in final.parent.glob(f".tmp-{final.name}-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            log(f"removing the remains of an interrupted build: {old}")
+            remove_tree(old)
+    if os.path.lexists(final):  # a directory without marker: not ours to trust
+        remove_tree(final)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -321,14 +333,7 @@ def build_tree(cache: Path | None = None, packages: Sequence[str] = PACKAGES, su
     with file_lock(base / f"{final.name}.lock"):
         if tree_ready(final):
             return final
-        # leftovers of builds that were killed
-        for old in base.glob(f".tmp-{final.name}-*"):
-            pid = old.name.rsplit("-", 1)[1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                log(f"removing the remains of an interrupted build: {old}")
-                remove_tree(old)
-        if os.path.lexists(final):  # a directory without marker: not ours to trust
-            remove_tree(final)
+        clear_interrupted_builds(final, log)
         tmp = base / f".tmp-{final.name}-{os.getpid()}"
         remove_tree(tmp)
         log(f"building the {suite} tree with mmdebstrap ({len(packages)} packages) -> {final}")
