@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.polling import poll
 from vmspawnd.testing.guest import TestGuest, build_guest
 
 VMSPAWN = [sys.executable, "-m", "vmspawnd.cli.vmspawn"]
@@ -194,13 +195,7 @@ class Daemon:
         return json.loads(p.stdout)
 
     def wait_for(self, name: str, predicate, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            st = self.status(name)
-            if predicate(st):
-                return st
-            time.sleep(0.2)
-        raise AssertionError(f"timed out; last status {st}")
+        return poll(lambda: self.status(name), predicate, timeout)
 
     def stop_daemon(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None

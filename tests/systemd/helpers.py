@@ -6,9 +6,10 @@ import json
 import os
 import socket
 import subprocess
-import time
 from functools import cache
 from pathlib import Path
+
+from tests.polling import poll
 
 MACHINED_VARLINK = "/run/systemd/machine/io.systemd.Machine"
 
@@ -109,13 +110,7 @@ class Ctl:
         return json.loads(self("--json", "status", name).stdout)
 
     def wait(self, predicate, name: str = NAME, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            st = self.status(name)
-            if predicate(st):
-                return st
-            time.sleep(0.2)
-        raise AssertionError(f"timed out; last status {st}")
+        return poll(lambda: self.status(name), predicate, timeout)
 
 
 def alive(pid: int) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.polling import poll
 from tests.systemd.helpers import (
     GUEST_DIR,
     MACHINED_VARLINK,
@@ -33,13 +34,8 @@ SCOPE = f"machine-{NAME}.scope"
 
 def machined_entry(name: str, timeout: float = 10) -> dict:
     """machined's record of ``name`` (registration follows the scope by a moment: wait for it)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        replies = varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": name})
-        if "error" not in replies[0] or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert "error" not in replies[0], replies
+    replies = poll(lambda: varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": name}),
+                   lambda r: "error" not in r[0], timeout, interval=0.1)
     return replies[0]["parameters"]
 
 
@@ -99,12 +95,8 @@ def test_cli_puts_qemu_in_a_scope_with_slice_and_properties() -> None:
                    "--property=CPUWeight=50", "test.action=hang")
     scope = "machine-cliscope.scope"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            props = unit_properties(scope, "ActiveState", "Slice", "MemoryMax", "TasksMax", "CPUWeight")
-            if props.get("ActiveState") == "active":
-                break
-            time.sleep(0.2)
+        props = poll(lambda: unit_properties(scope, "ActiveState", "Slice", "MemoryMax", "TasksMax", "CPUWeight"),
+                     lambda p: p.get("ActiveState") == "active")
         assert props == {"ActiveState": "active", "Slice": "vmtest.slice", "MemoryMax": str(300 << 20),
                          "TasksMax": "77", "CPUWeight": "50"}, props
         # the scope exists before QEMU does (its launcher is moved in first, then execs QEMU);
@@ -158,9 +150,7 @@ def test_directory_vm_shares_through_virtiofsd_units_and_registers_its_root(tmp_
         assert entry["rootDirectory"] == str(tree)
         units = sh("systemctl", "list-units", "--plain", "--no-legend", "vmspawnd-dirvm-*").stdout
         assert "vmspawnd-dirvm-virtiofsd-root.service" in units and "vmspawnd-dirvm-virtiofsd-0.service" in units
-        deadline = time.monotonic() + 60
-        while not (tree / "etc" / "written").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        poll(lambda: (tree / "etc" / "written").exists(), bool)
         assert (tree / "etc" / "written").read_text().startswith("written-by-guest")
     finally:
         proc.terminate()

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.polling import poll
+
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")]
 
 
@@ -30,13 +32,7 @@ class Tmux:
         return p.stdout
 
     def wait_for(self, text: str, timeout: float = 60) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            screen = self.screen()
-            if text in screen:
-                return screen
-            time.sleep(0.2)
-        raise AssertionError(f"{text!r} not on screen:\n{self.screen()}")
+        return poll(self.screen, lambda screen: text in screen, timeout)
 
     def kill(self) -> None:
         subprocess.run(["tmux", "kill-session", "-t", self.session], capture_output=True)
