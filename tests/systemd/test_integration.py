@@ -150,8 +150,9 @@ def test_directory_vm_shares_through_virtiofsd_units_and_registers_its_root(tmp_
         assert entry["rootDirectory"] == str(tree)
         units = sh("systemctl", "list-units", "--plain", "--no-legend", "vmspawnd-dirvm-*").stdout
         assert "vmspawnd-dirvm-virtiofsd-root.service" in units and "vmspawnd-dirvm-virtiofsd-0.service" in units
-        poll(lambda: (tree / "etc" / "written").exists(), bool)
-        assert (tree / "etc" / "written").read_text().startswith("written-by-guest")
+        written = tree / "etc" / "written"
+        # The guest creates the file before it writes the line: wait for the whole line, not the name.
+        poll(lambda: written.read_text() if written.exists() else "", lambda text: text == "written-by-guest\n")
     finally:
         proc.terminate()
         time.sleep(0.3)
