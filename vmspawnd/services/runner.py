@@ -34,6 +34,7 @@ import structlog
 
 from vmspawnd.proc import set_parent_death_signal
 from vmspawnd.systemd.units import (
+    CONNECT_TIMEOUT,
     SERVICE_IFACE,
     SYSTEMD_RUNTIME_DIR,
     UNIT_IFACE,
@@ -441,10 +442,10 @@ class UnitRunner:
 
 
 # ----------------------------------------------------------------------------- choice
-async def choose_runner(*, die_with_parent: bool = True, timeout: float = 1.0,
+async def choose_runner(*, die_with_parent: bool = True, timeout: float = CONNECT_TIMEOUT,
                         systemd_dir: Path = SYSTEMD_RUNTIME_DIR,
                         manager: SystemdManager | None = None) -> ServiceRunner:
-    """UnitRunner when systemd runs the system and its manager answers quickly, else ChildRunner.
+    """UnitRunner when systemd runs the system and its manager answers in time, else ChildRunner.
 
     Pass ``manager`` to share an existing connection.  Root uses the system manager, others their
     user manager.  Set ``$VMSPAWND_SERVICE_RUNNER`` to ``child`` or ``unit`` to skip the detection.

@@ -157,12 +157,18 @@ class SystemdManager:
             await asyncio.wait_for(self.bus.wait_for_disconnect(), 1.0)
 
 
-async def connect_systemd(timeout: float = 1.0, systemd_dir: Path = SYSTEMD_RUNTIME_DIR,
+#: How long a manager that demonstrably runs (``/run/systemd/system`` exists) may take to answer
+#: before we give up on scopes and units: generous, as a busy host must not silently lose them.
+CONNECT_TIMEOUT = 10.0
+
+
+async def connect_systemd(timeout: float = CONNECT_TIMEOUT, systemd_dir: Path = SYSTEMD_RUNTIME_DIR,
                           address: str | None = None) -> tuple[SystemdManager | None, str]:
-    """The system (root) or user manager if it runs and answers quickly; else (None, why not)."""
+    """The system (root) or user manager if systemd runs and it answers in time; else (None, why not)."""
     if address is None and not systemd_dir.is_dir():
         return None, f"systemd is not the service manager here (no {systemd_dir})"
     from dbus_fast import BusType
+    from dbus_fast.aio import MessageBus  # noqa: F401  (imported before the clock starts)
 
     bus_type = BusType.SYSTEM if os.geteuid() == 0 else BusType.SESSION
     manager: SystemdManager | None = None
