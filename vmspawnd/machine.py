@@ -196,6 +196,8 @@ class Machine:
         await self._register(vsock_cid)
         self._save_run_info()
         self._set_state(State.RUNNING, pid=self.qemu.pid)
+        if self.ready:  # the guest was faster than QMP and registration: "ready" follows "running"
+            self._emit("ready")
         self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
 
     # ---------------------------------------------------------------- start steps
@@ -393,6 +395,7 @@ class Machine:
             await channel.listen_virtio_serial(self.runtime.path / "notify.sock")
         self._vsock_port = channel.port
         self.qemu = QemuProcess.adopt(pid)
+        self._stack.push_async_callback(self._stop_recorded_units)  # runs after _reap_qemu
         self._stack.push_async_callback(self._reap_qemu)
         self._qmp = Qmp(self.config.name)
         self._stack.push_async_callback(self._qmp.close)
@@ -471,6 +474,24 @@ class Machine:
         except Exception as e:  # e.g. the bus went away: log, and let the rest of the cleanup run
             self.log.warning("could not stop an auxiliary service", service=service.name, error=str(e))
 
+    async def _stop_recorded_units(self) -> None:
+        """Stop an adopted run's units once its QEMU is gone (the helpers are bound to the scope,
+        but systemd stops them only when it notices the scope emptied), unless we merely detach."""
+        if self._detaching or not self.units:
+            return
+        systemd, why = await connect_systemd()
+        if systemd is None:
+            self.log.debug("not stopping recorded units", reason=why)
+            return
+        try:
+            for unit in reversed(self.units):
+                try:
+                    await systemd.stop_unit(unit, timeout=30)
+                except Exception as e:  # already gone (collected) is the common case
+                    self.log.debug("stop unit", unit=unit, result=str(e))
+        finally:
+            await systemd.aclose()
+
     def on_cleanup(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when this run's resources are released (before those acquired earlier)."""
         self._stack.callback(callback)
@@ -501,7 +522,8 @@ class Machine:
                 self.ready = True
                 self.log.info("guest is ready")
                 self._save_run_info()
-                self._emit("ready")
+                if self.state is not State.STARTING:  # else emitted once the machine runs
+                    self._emit("ready")
         elif key == "STATUS":
             status = value[:512]
             if status == self.guest_status:
