@@ -199,7 +199,10 @@ async def run(args: argparse.Namespace) -> int:
                 print(f"\n{len(machines)} machine(s) listed.")
         elif cmd == "events":
             async for r in proxy.Subscribe(name=args.name):
-                if r["event"].event != "subscribed":
+                if r["event"].event == "subscribed":  # from here on nothing is missed
+                    print(f"Watching {'machine ' + args.name if args.name else 'all machines'} "
+                          "(Ctrl-C to stop).", file=sys.stderr, flush=True)
+                else:
                     _print_event(r["event"], args.json)
         elif cmd == "firmware":
             fw = (await proxy.ListFirmware())["firmware"]
