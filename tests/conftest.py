@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -35,25 +36,38 @@ class NotifyListener:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
+        self.sock.setblocking(False)
         self.messages: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _receive_pending(self) -> None:
+        """Record every datagram waiting in the socket (under the lock: no message is half-recorded)."""
+        with self._lock:
+            while True:
+                try:
+                    data = self.sock.recv(65536)
+                except BlockingIOError:
+                    return
+                for line in data.decode(errors="replace").splitlines():
+                    self.messages.append((time.monotonic(), line))
+
     def _run(self) -> None:
         while not self._stop:
             try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
+                select.select([self.sock], [], [], 0.2)
+                self._receive_pending()
+            except (OSError, ValueError):  # closed
                 return
-            for line in data.decode(errors="replace").splitlines():
-                self.messages.append((time.monotonic(), line))
 
     def lines(self) -> list[str]:
         return [m for _, m in self.messages]
+
+    def settle(self) -> None:
+        """Once the sender has exited: record what it sent that is still waiting in the socket."""
+        self._receive_pending()
 
     def wait_for(self, line: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -69,6 +83,16 @@ class NotifyListener:
         self.sock.close()
 
 
+def _drain(stream, into: bytearray) -> threading.Thread:
+    """Read ``stream`` into ``into`` as it comes, so a chatty guest never blocks on a full pipe."""
+    def run() -> None:
+        while chunk := stream.read1(65536):
+            into.extend(chunk)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 @dataclass
 class VmRun:
     """A vmspawn process started by a test, with its notify socket and runtime dir."""
@@ -76,17 +100,25 @@ class VmRun:
     proc: subprocess.Popen[bytes]
     notify: NotifyListener
     runtime_dir: Path
-    output: bytes = b""
-    errors: bytes = b""
+    output: bytearray = field(default_factory=bytearray)
+    errors: bytearray = field(default_factory=bytearray)
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self._readers = [_drain(self.proc.stdout, self.output), _drain(self.proc.stderr, self.errors)]
+
     def wait(self, timeout: float = 60) -> int:
+        """Wait for the exit and for the last output and notify messages."""
         try:
-            self.output, self.errors = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.output, self.errors = self.proc.communicate()
+            self.proc.wait()
             raise
+        finally:
+            for reader in self._readers:
+                reader.join(10)
+        self.notify.settle()
         return self.proc.returncode
 
     @property
@@ -125,7 +157,7 @@ def vmspawn(guest: TestGuest, tmp_path: Path) -> Iterator:
     for run in runs:
         if run.proc.poll() is None:
             run.proc.kill()
-            run.proc.communicate()
+            run.proc.wait()
         run.notify.close()
 
 
@@ -151,6 +183,12 @@ def processes_mentioning(text: str) -> list[int]:
         if text in cmdline and not process_gone(int(entry.name)):
             found.append(int(entry.name))
     return found
+
+
+def assert_clean(run: VmRun) -> None:
+    """No QEMU or helper left (killed ones may take a moment to go), and the machine's runtime dir removed."""
+    poll(lambda: processes_mentioning(str(run.runtime_dir)), lambda pids: pids == [], 10)
+    assert list(run.runtime_dir.iterdir()) == []
 
 
 CTL = [sys.executable, "-m", "vmspawnd.cli.vmspawnctl"]

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -53,6 +54,72 @@ def sh(*argv: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.
 def unit_properties(unit: str, *props: str) -> dict[str, str]:
     out = sh("systemctl", "show", f"--property={','.join(props)}", unit).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def wait_inactive(unit: str, timeout: float = 30) -> None:
+    """PID 1 deactivates a unit (an emptied scope, a helper bound to it) a moment after the fact."""
+    poll(lambda: unit_properties(unit, "ActiveState").get("ActiveState", ""), lambda s: s in ("inactive", ""),
+         timeout)
+
+
+def journal(*args: str) -> str:
+    return sh("journalctl", "--no-pager", *args).stdout
+
+
+def wait_journal(text: str, *args: str, timeout: float = 15) -> str:
+    """journald stores messages asynchronously: wait until one containing ``text`` is there."""
+    return poll(lambda: journal(*args), lambda j: text in j, timeout)
+
+
+class Spawned:
+    """A foreground ``vmspawn`` whose output is collected as it comes (a full pipe never blocks it)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._chunks: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._chunks.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self._chunks)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def wait_for(self, text: str, timeout: float = 60) -> str:
+        """The output so far, once it contains ``text`` (fails at once if vmspawn exits without it)."""
+        out = poll(lambda: self.output, lambda out: text in out or self.proc.poll() is not None, timeout)
+        if text not in out:
+            out = self.wait(10)
+        assert text in out, f"vmspawn exited ({self.proc.returncode}) without printing {text!r}:\n{out}"
+        return out
+
+    def wait(self, timeout: float = 90) -> str:
+        """Wait for the exit; the whole output."""
+        self.proc.wait(timeout)
+        self._reader.join(10)
+        return self.output
+
+    def stop(self, timeout: float = 60) -> str:
+        """SIGTERM (ACPI power-off), a second one if the guest ignores it for 2 s (forced); the output."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.wait(10)
 
 
 def varlink_call(path: str, method: str, parameters: dict | None = None, more: bool = False,

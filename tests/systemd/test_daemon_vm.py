@@ -12,7 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.systemd.helpers import GUEST_DIR, NAME, TPM_UNIT, Ctl, alive, qemu_cgroup, sh, unit_properties
+from tests.systemd.helpers import (
+    GUEST_DIR,
+    NAME,
+    TPM_UNIT,
+    Ctl,
+    alive,
+    qemu_cgroup,
+    sh,
+    unit_properties,
+    wait_inactive,
+    wait_journal,
+)
 
 pytestmark = [
     pytest.mark.systemd,
@@ -40,14 +51,13 @@ def test_vm_under_the_activated_daemon_outlives_a_daemon_restart(vm: Ctl) -> Non
     assert alive(pid), "QEMU died with the daemon"
     st = vm.status()  # re-activates the daemon through the socket
     assert st["state"] == "running" and st["pid"] == pid, st
-    journal = sh("journalctl", "--no-pager", "-o", "cat", "-u", "vmspawnd.service").stdout
-    assert "re-adopted running VM" in journal, journal
+    wait_journal("re-adopted running VM", "-o", "cat", "-u", "vmspawnd.service")
 
     stopped = json.loads(vm("--json", "stop", NAME, "--timeout=1").stdout)
     assert stopped["state"] == "stopped"
     assert not alive(pid)
     for unit in units:
-        assert unit_properties(unit, "ActiveState")["ActiveState"] in ("inactive", ""), unit
+        wait_inactive(unit)
 
 
 def test_vm_keeps_its_tpm_across_a_daemon_restart(vm: Ctl) -> None:
@@ -72,6 +82,6 @@ def test_varlinkctl_speaks_to_the_daemon_and_logs_carry_the_machine_field(vm: Ct
     assert one["machine"]["state"] == "running"
     bad = sh("varlinkctl", "call", socket_path, "io.vmspawnd.Manager.Describe", '{"name": "../x"}', check=False)
     assert bad.returncode != 0 and "InvalidConfig" in bad.stderr + bad.stdout
-    entries = sh("journalctl", "--no-pager", "-o", "json", "-u", "vmspawnd.service", f"MACHINE={NAME}").stdout
+    entries = wait_journal("guest is ready", "-o", "json", "-u", "vmspawnd.service", f"MACHINE={NAME}")
     messages = [json.loads(line)["MESSAGE"] for line in entries.splitlines() if line.strip()]
     assert any(m.startswith("guest is ready") for m in messages), messages

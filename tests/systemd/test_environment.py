@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.systemd.helpers import MACHINED_VARLINK, json_stream, sh, unit_properties, varlink_call
+from tests.polling import poll
+from tests.systemd.helpers import MACHINED_VARLINK, json_stream, sh, unit_properties, varlink_call, wait_journal
 
 pytestmark = pytest.mark.systemd
 
@@ -129,8 +130,9 @@ def test_socket_activation_starts_the_daemon(installed_units: Path) -> None:
     assert props["StatusText"] == "0 VM(s) running", props
     assert Path(f"/proc/{props['MainPID']}/cmdline").read_bytes().split(b"\0")[1] == str(
         installed_units / "vmspawnd").encode()
-    journal = sh("journalctl", "--no-pager", "-o", "cat", "-u", "vmspawnd.service").stdout
-    assert re.search(r"^serving\b.*socket=/run/vmspawnd/io\.vmspawnd\.Manager", journal, re.M), journal
+    journal = poll(lambda: sh("journalctl", "--no-pager", "-o", "cat", "-u", "vmspawnd.service").stdout,
+                   lambda j: re.search(r"^serving\b.*socket=/run/vmspawnd/io\.vmspawnd\.Manager", j, re.M), 15)
+    assert "serving" in journal
 
 
 def test_units_pass_systemd_analyze_verify_and_enable(installed_units: Path) -> None:
@@ -179,9 +181,7 @@ def test_daemon_stops_cleanly_on_sigterm(installed_units: Path) -> None:
     sh("systemctl", "stop", "vmspawnd.service")
     props = unit_properties("vmspawnd.service", "ActiveState", "Result", "ExecMainStatus")
     assert props["ActiveState"] == "inactive" and props["Result"] == "success", props
-    journal = sh("journalctl", "--no-pager", "-o", "cat", "-u", "vmspawnd.service",
-                 f"--since=@{int(since)}").stdout
-    assert "shutting down" in journal, journal
+    wait_journal("shutting down", "-o", "cat", "-u", "vmspawnd.service", f"--since=@{int(since)}")
 
 
 def test_machinectl_lists_over_dbus() -> None:

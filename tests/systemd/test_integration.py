@@ -4,9 +4,7 @@ machined registration over varlink, QEMU alone in its scope, slice/properties, m
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,11 +15,13 @@ from tests.systemd.helpers import (
     MACHINED_VARLINK,
     NAME,
     Ctl,
+    Spawned,
     alive,
     qemu_cgroup,
     sh,
     unit_properties,
     varlink_call,
+    wait_inactive,
 )
 
 pytestmark = [
@@ -72,7 +72,8 @@ def test_machinectl_terminate_is_reported_as_stopped(vm: Ctl) -> None:
     st = vm.wait(lambda s: s["state"] != "running", timeout=30)
     assert st["state"] == "stopped", st
     assert not alive(pid)
-    assert "error" in varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": NAME})[0]
+    poll(lambda: varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": NAME})[0],
+         lambda reply: "error" in reply, 15)
 
 
 def test_machinectl_kill_is_reported_as_stopped(vm: Ctl) -> None:
@@ -83,11 +84,10 @@ def test_machinectl_kill_is_reported_as_stopped(vm: Ctl) -> None:
     assert not alive(pid)
 
 
-def vmspawn(*args: str, timeout: float = 90) -> subprocess.Popen[str]:
-    argv = [str(Path(sys.executable).parent / "vmspawn"), f"--linux={GUEST_DIR / 'vmlinuz'}",
-            f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M", "--console=read-only", "--firmware=bios",
-            "--tpm=no", *args, "panic=-1", "test.notify=1"]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def vmspawn(*args: str, tpm: str = "--tpm=no") -> Spawned:
+    return Spawned([str(Path(sys.executable).parent / "vmspawn"), f"--linux={GUEST_DIR / 'vmlinuz'}",
+                    f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M", "--console=read-only", "--firmware=bios",
+                    tpm, *args, "panic=-1", "test.notify=1"])
 
 
 def test_cli_puts_qemu_in_a_scope_with_slice_and_properties() -> None:
@@ -101,29 +101,26 @@ def test_cli_puts_qemu_in_a_scope_with_slice_and_properties() -> None:
                          "TasksMax": "77", "CPUWeight": "50"}, props
         # the scope exists before QEMU does (its launcher is moved in first, then execs QEMU);
         # registration with machined follows QEMU's start, so once it is there QEMU runs
-        entry = machined_entry("cliscope")
+        entry = machined_entry("cliscope", timeout=60)
         assert entry["unit"] == scope
         procs = cgroup_procs(f"/vmtest.slice/{scope}")
-        assert procs == [entry["leader"]["pid"]] and proc.pid not in procs  # QEMU alone; vmspawn outside
+        assert procs == [entry["leader"]["pid"]] and proc.proc.pid not in procs  # QEMU alone; vmspawn outside
         assert Path(f"/proc/{procs[0]}/comm").read_text().startswith("qemu")
     finally:
-        proc.terminate()
-        time.sleep(0.3)
-        proc.terminate()
-        out, _ = proc.communicate(timeout=60)
-    assert unit_properties(scope, "ActiveState").get("ActiveState") in ("inactive", ""), out
+        proc.stop()
+    wait_inactive(scope)
 
 
 def test_register_yes_without_machined_fails_clearly() -> None:
     sh("systemctl", "stop", "systemd-machined")
     try:
         proc = vmspawn("-M", "noreg", "--register=yes")
-        out, _ = proc.communicate(timeout=90)
+        out = proc.wait()
         assert proc.returncode == 1, out
         assert "cannot register with systemd-machined" in out
-        assert unit_properties("machine-noreg.scope", "ActiveState").get("ActiveState") in ("inactive", "")
+        wait_inactive("machine-noreg.scope")
         auto = vmspawn("-M", "autoreg", "--register=auto")
-        out, _ = auto.communicate(timeout=90)
+        out = auto.wait()
         assert auto.returncode == 0, out  # auto tolerates a missing machined
     finally:
         sh("systemctl", "start", "systemd-machined")
@@ -131,7 +128,7 @@ def test_register_yes_without_machined_fails_clearly() -> None:
 
 def test_bad_property_is_refused_before_anything_starts() -> None:
     proc = vmspawn("-M", "badprop", "--property=NoSuchThing=1")
-    out, _ = proc.communicate(timeout=30)
+    out = proc.wait(30)
     assert proc.returncode == 1 and "NoSuchThing" in out
     assert unit_properties("machine-badprop.scope", "LoadState").get("LoadState") in ("not-found", "")
 
@@ -150,18 +147,17 @@ def test_directory_vm_shares_through_virtiofsd_units_and_registers_its_root(tmp_
         assert entry["rootDirectory"] == str(tree)
         units = sh("systemctl", "list-units", "--plain", "--no-legend", "vmspawnd-dirvm-*").stdout
         assert "vmspawnd-dirvm-virtiofsd-root.service" in units and "vmspawnd-dirvm-virtiofsd-0.service" in units
-        written = tree / "etc" / "written"
+        proc.wait_for("forcewrite mnt0/evil")  # the guest's last share step: the write came before it
         # The guest creates the file before it writes the line: wait for the whole line, not the name.
+        written = tree / "etc" / "written"
         poll(lambda: written.read_text() if written.exists() else "", lambda text: text == "written-by-guest\n")
     finally:
-        proc.terminate()
-        time.sleep(0.3)
-        proc.terminate()
-        out, _ = proc.communicate(timeout=60)
+        out = proc.stop()
     assert "cat root/etc/hostname: from-the-tree" in out, out
     assert "forcewrite mnt0/evil FAILED" in out, out  # read-only enforced by (the Rust) virtiofsd
     assert sorted(p.name for p in ro.iterdir()) == ["keep.txt"]
-    assert "vmspawnd-dirvm" not in sh("systemctl", "list-units", "--plain", "--no-legend", "vmspawnd-dirvm-*").stdout
+    poll(lambda: sh("systemctl", "list-units", "--plain", "--no-legend", "vmspawnd-dirvm-*").stdout,
+         lambda units: "vmspawnd-dirvm" not in units, 30)
 
 
 def test_keep_unit_keeps_qemu_in_the_callers_unit() -> None:
@@ -172,28 +168,20 @@ def test_keep_unit_keeps_qemu_in_the_callers_unit() -> None:
         assert qemu_cgroup(pid) == own
         assert unit_properties("machine-kept.scope", "LoadState").get("LoadState") in ("not-found", "")
     finally:
-        proc.terminate()
-        time.sleep(0.3)
-        proc.terminate()
-        proc.communicate(timeout=60)
+        proc.stop()
 
 
 def test_a_dying_helper_unit_stops_the_vm() -> None:
-    argv = [str(Path(sys.executable).parent / "vmspawn"), f"--linux={GUEST_DIR / 'vmlinuz'}",
-            f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M", "--console=read-only", "--firmware=bios",
-            "-M", "tpmdies", "--tpm=yes", "--tpm-state=off", "panic=-1", "test.notify=1", "test.action=hang"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = vmspawn("-M", "tpmdies", "--tpm-state=off", "test.action=hang", tpm="--tpm=yes")
     try:
         pid = machined_entry("tpmdies", timeout=60)["leader"]["pid"]
         unit = "vmspawnd-tpmdies-tpm.service"
         assert unit_properties(unit, "ActiveState")["ActiveState"] == "active"
         sh("systemctl", "kill", "--signal=SIGKILL", unit)
-        out, _ = proc.communicate(timeout=60)
+        out = proc.wait(60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        proc.stop()
     assert proc.returncode == 1, out
     assert "exited unexpectedly" in out
     assert not alive(pid)
-    assert unit_properties("machine-tpmdies.scope", "ActiveState").get("ActiveState") in ("inactive", "")
+    wait_inactive("machine-tpmdies.scope")

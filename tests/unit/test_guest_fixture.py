@@ -8,7 +8,6 @@ import re
 import shutil
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -165,9 +164,7 @@ def test_second_build_is_cached(built: g.TestGuest, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(g, "_build_into", no_rebuild)
     mtime = built.initrd.stat().st_mtime_ns
-    t0 = time.monotonic()
     again = g.build_guest(built.kernel.parent.parent, log=lambda _: None)
-    assert time.monotonic() - t0 < 1.0
     assert again == built
     assert built.initrd.stat().st_mtime_ns == mtime
 

@@ -408,7 +408,7 @@ async def test_helper_exiting_before_ready_fails_fast_with_status_and_output(run
     t0 = loop.time()
     with pytest.raises(ServiceError) as e:
         await runner.start(spec)
-    assert loop.time() - t0 < 2
+    assert loop.time() - t0 < 10  # not the readiness timeout (60 s)
     assert e.value.status == 3 and "exit status 3" in str(e.value)
     assert e.value.output == ("starting", "cannot open the thing")
 
@@ -458,7 +458,7 @@ async def test_stop_escalates_and_kills_what_the_helper_left(runner, tmp, mode):
     assert not gone(grandchild)
     await service.stop(timeout=0.3)
     assert await service.wait() == (-signal.SIGTERM if mode == "normal" else -signal.SIGKILL)
-    for _ in range(100):  # the grandchild is our reaped child's orphan: init reaps it
+    for _ in range(1000):  # the grandchild is our reaped child's orphan: init reaps it
         if gone(grandchild) or Path(f"/proc/{grandchild}/stat").read_text().split()[2] == "Z":
             break
         await asyncio.sleep(0.01)

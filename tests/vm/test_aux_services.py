@@ -5,18 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
-from tests.conftest import VMSPAWN, process_gone, processes_mentioning
+from tests.conftest import VMSPAWN, assert_clean, process_gone, processes_mentioning
 
 pytestmark = pytest.mark.vm
-
-
-def assert_clean(run) -> None:
-    assert processes_mentioning(str(run.runtime_dir)) == []
-    assert list(run.runtime_dir.iterdir()) == []
 
 
 def test_tpm_state_persists_across_boots_with_a_state_dir(vmspawn, tmp_path):
@@ -94,7 +88,6 @@ def test_a_dying_helper_stops_the_vm(vmspawn, tmp_path, helper):
     assert run.wait(timeout=30) == 1
     assert "exited unexpectedly" in run.text
     assert process_gone(qemu)
-    time.sleep(0.2)
     assert_clean(run)
 
 

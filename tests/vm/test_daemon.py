@@ -9,12 +9,14 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 
 import pytest
 from asyncvarlink import VarlinkClientProtocol, VarlinkInterfaceProxy, connect_unix_varlink
 
 from tests.conftest import CTL, Daemon, process_gone, processes_mentioning
+from tests.polling import poll
 from vmspawnd.api import ManagerInterface
 
 pytestmark = pytest.mark.vm
@@ -32,9 +34,12 @@ def test_socket_is_not_world_accessible(daemon):
 
 def test_two_vms_in_parallel_and_events_up_to_ready_and_stopped(daemon, guest):
     events = subprocess.Popen([*CTL, f"--address={daemon.socket}", "--json", "events"], stdout=subprocess.PIPE,
-                              text=True)
+                              stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(events.stdout), daemon=True)
     try:
-        time.sleep(0.5)
+        assert "Watching all machines" in events.stderr.readline()  # subscribed: nothing is missed from here
+        reader.start()
         create(daemon, guest, "par1", "test.action=acpi", "test.exit=4")
         create(daemon, guest, "par2", "test.action=acpi")
         for name in ("par1", "par2"):
@@ -44,15 +49,16 @@ def test_two_vms_in_parallel_and_events_up_to_ready_and_stopped(daemon, guest):
             assert st["state"] == "running" and st["pid"] > 0
         listed = json.loads(daemon.ctl("--json", "list").stdout)
         assert {m["name"]: m["state"] for m in listed} == {"par1": "running", "par2": "running"}
-        assert daemon.ctl("stop", "par1").returncode == 0
-        assert daemon.ctl("stop", "par2").returncode == 0
+        assert daemon.ctl("stop", "par1", "--timeout=60").returncode == 0
+        assert daemon.ctl("stop", "par2", "--timeout=60").returncode == 0
         assert daemon.status("par1")["exitStatus"] == 4  # the guest's EXIT_STATUS, after a graceful power-off
         assert daemon.status("par2")["state"] == "stopped"
+        poll(lambda: list(lines), lambda seen: any('"par2"' in line and '"stopped"' in line for line in seen), 10)
     finally:
-        time.sleep(0.3)
         events.terminate()
-        out, _ = events.communicate(timeout=10)
-    seen = [(e["machine"], e["event"]) for e in map(json.loads, out.splitlines())]
+        events.wait(timeout=10)
+        reader.join(10)
+    seen = [(e["machine"], e["event"]) for e in map(json.loads, lines)]
     for name in ("par1", "par2"):
         for kind in ("created", "starting", "running", "ready", "stopping", "stopped"):
             assert (name, kind) in seen, (name, kind, seen)

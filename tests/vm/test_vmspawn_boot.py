@@ -12,15 +12,10 @@ import uuid
 
 import pytest
 
-from tests.conftest import VMSPAWN, process_gone, processes_mentioning
+from tests.conftest import VMSPAWN, assert_clean, process_gone
+from tests.polling import poll
 
 pytestmark = pytest.mark.vm
-
-
-def assert_clean(run) -> None:
-    """No QEMU left, and the machine's runtime dir removed."""
-    assert processes_mentioning(str(run.runtime_dir)) == []
-    assert list(run.runtime_dir.iterdir()) == []
 
 
 def test_guest_ready_is_forwarded_to_our_manager(vmspawn):
@@ -59,7 +54,8 @@ def test_a_guest_flooding_garbage_is_survived(vmspawn):
 def test_a_guest_that_never_gets_ready_is_not_reported_ready_and_sigterm_ends_it(vmspawn):
     run = vmspawn("test.notify=1", "test.ready=0", "test.action=hang", name="never")
     assert run.notify.wait_for("STATUS=VM started.", 30), run.notify.lines()
-    time.sleep(4)  # the guest is up and hanging by now
+    poll(lambda: run.text, lambda text: "not sending READY=1" in text, 60)  # the guest is up, and hangs
+    time.sleep(0.5)
     assert "READY=1" not in run.notify.lines()
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait(timeout=40) == 1, run.text  # it ignored the power button: forced off
@@ -91,7 +87,7 @@ def test_second_sigint_forces_the_vm_off(vmspawn):
     run = vmspawn("test.notify=1", "test.action=hang", name="twice")
     assert run.notify.wait_for("READY=1", 60)
     run.proc.send_signal(signal.SIGINT)
-    time.sleep(0.5)
+    assert run.notify.wait_for("STOPPING=1", 30)  # the first one was handled: the second is not merged into it
     started = time.monotonic()
     run.proc.send_signal(signal.SIGINT)
     assert run.wait(timeout=30) == 1
@@ -128,7 +124,7 @@ def test_two_vms_with_the_same_name_cannot_run_at_once(vmspawn):
     assert "already running" in second.stderr.decode()
     assert first.proc.poll() is None  # the first VM was not disturbed
     first.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)  # two signals sent at once would merge into one
+    assert first.notify.wait_for("STOPPING=1", 30)  # handled: a second signal is not merged into the first
     first.proc.send_signal(signal.SIGTERM)
     first.wait()
 
@@ -167,7 +163,7 @@ def test_raw_image_with_extra_drive_and_root_partuuid(vmspawn, tmp_path):
     image, extra = tmp_path / "rootdisk.raw", tmp_path / "extra.raw"
     make_gpt(image, [(ROOT_X86_64, root_uuid)], size=8 << 20)
     extra.write_bytes(b"\0" * (4 << 20))
-    run = vmspawn("test.notify=1", "test.disks=1", "test.cmdline=1", f"--image={image}",
+    run = vmspawn("test.notify=1", "test.disks=2", "test.cmdline=1", f"--image={image}",
                   f"--extra-drive={extra}", name="disks")
     assert run.wait() == 0, run.text
     assert f"root=PARTUUID={root_uuid}" in run.text

@@ -120,7 +120,8 @@ INIT_SCRIPT = r"""#!/bin/sh
 #   test.cred=ID             print systemd credential ID from SMBIOS type 11 or fw_cfg (repeatable)
 #   test.smbios=1            print every SMBIOS type 11 string
 #   test.cmdline=1           print /proc/cmdline
-#   test.disks=1             print each virtio/scsi/nvme disk: name, size in 512-byte sectors, serial
+#   test.disks=N             wait (up to 30 s) for N virtio/scsi/nvme disks, then print each: name, size in
+#                            512-byte sectors, serial
 #   test.diskwrite=DEV       write "vmspawnd-guest-was-here" over the first bytes of /dev/DEV (e.g. vda)
 #   test.uuid=1              print the SMBIOS system UUID (/sys/class/dmi/id/product_uuid)
 # At the end: notify STOPPING=1 and EXIT_STATUS=N, print "exit status N; powering off", poweroff -f.
@@ -136,8 +137,8 @@ CMDLINE=$(cat /proc/cmdline)
 HVC=   # /dev/console is the last console= of the command line; an hvc one appears only now
 for w in $CMDLINE; do case "$w" in console=hvc*) HVC=${w#console=}; HVC=${HVC%%,*} ;; console=*) HVC= ;; esac; done
 i=0
-while [ $i -lt 50 ]; do
-  if (: >/dev/console) 2>/dev/null && { [ -z "$HVC" ] || [ -e "/dev/$HVC" ]; }; then break; fi
+while [ -n "$HVC" ] && [ $i -lt 300 ]; do
+  if (: >/dev/console) 2>/dev/null && [ -e "/dev/$HVC" ]; then break; fi
   sleep 0.1; i=$((i + 1))
 done
 (: >/dev/console) 2>/dev/null && exec </dev/console >/dev/console 2>&1
@@ -181,7 +182,9 @@ set +f
 [ "$SHOWCMD" != 0 ] && say "cmdline: $CMDLINE"
 if [ "$DISKS" != 0 ]; then
   modprobe -q virtio_blk 2>/dev/null
-  sleep 0.3
+  i=0
+  while [ "$(ls -d /sys/block/vd* /sys/block/sd* /sys/block/nvme* 2>/dev/null | wc -l)" -lt "$DISKS" ] \
+        && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
   for b in /sys/block/vd* /sys/block/sd* /sys/block/nvme*; do
     [ -e "$b/size" ] || continue
     ser=$(cat "$b/serial" 2>/dev/null || cat "$b/device/serial" 2>/dev/null)
@@ -190,7 +193,7 @@ if [ "$DISKS" != 0 ]; then
 fi
 if [ -n "$DISKWRITE" ]; then
   modprobe -q virtio_blk 2>/dev/null
-  i=0; while [ ! -b "/dev/$DISKWRITE" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+  i=0; while [ ! -b "/dev/$DISKWRITE" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
   if printf 'vmspawnd-guest-was-here' | dd of="/dev/$DISKWRITE" bs=512 conv=sync,fsync 2>/dev/null; then
     say "diskwrite $DISKWRITE ok"
   else
@@ -210,7 +213,7 @@ find_port() {
 }
 if [ "$NOTIFY" != 0 ]; then
   i=0
-  until find_port || [ $i -ge 50 ]; do sleep 0.1; i=$((i + 1)); done
+  until find_port || [ $i -ge 300 ]; do sleep 0.1; i=$((i + 1)); done
   if [ -n "$NPORT" ]; then say "notify port $NPORTNAME is $NPORT"; else say "notify port $NPORTNAME NOT FOUND"; fi
 fi
 # notify LINE...: one KEY=VALUE per argument; writes block while no host peer is connected
@@ -310,7 +313,7 @@ PWRPID=
 if [ "$ACTION" = acpi ]; then
   modprobe -q button; modprobe -q evdev
   PWR=; i=0
-  while [ -z "$PWR" ] && [ $i -lt 50 ]; do
+  while [ -z "$PWR" ] && [ $i -lt 300 ]; do
     for e in /sys/class/input/event*; do
       case "$(cat "$e/device/name" 2>/dev/null)" in *"Power Button"*) PWR=/dev/input/${e##*/} ;; esac
     done
