@@ -104,6 +104,9 @@ class Config:
     directory: str | None = None
     binds: list[str] | None = None
     privateUsers: str | None = None
+    bindUsers: list[str] | None = None
+    bindUserShell: str | None = None
+    bindUserGroups: list[str] | None = None
     register: str | None = None
     slice: str | None = None
     properties: list[str] | None = None

@@ -290,6 +290,9 @@ class MachineConfig:
     directory: Path | None = None
     binds: tuple[Bind, ...] = ()
     private_users: tuple[int, int] | None = None  # (host UID base, count) for --directory
+    bind_users: tuple[str, ...] = ()  # --bind-user: host users whose homes the VM gets
+    bind_user_shell: str = "no"  # yes (the host's shell) | no | an absolute path
+    bind_user_groups: tuple[str, ...] = ()  # extra groups of bound users in the VM
     register: Tristate = Tristate.AUTO
     slice: str = "machine.slice"
     properties: tuple[str, ...] = ()
@@ -314,6 +317,16 @@ class MachineConfig:
         if self.private_users is not None and self.directory is None:
             raise ConfigError("private-users", f"{self.private_users[0]}:{self.private_users[1]}",
                               "only valid with --directory")
+        from vmspawnd.services.binduser import validate_user_name
+
+        for user in self.bind_users:
+            validate_user_name(user, "bind-user")
+        for group in self.bind_user_groups:
+            validate_user_name(group, "bind-user-group")
+        if not self.bind_users and self.bind_user_groups:
+            raise ConfigError("bind-user-group", self.bind_user_groups[0], "only valid with --bind-user")
+        if not self.bind_users and self.bind_user_shell != "no":
+            raise ConfigError("bind-user-shell", self.bind_user_shell, "only valid with --bind-user")
         if self.directory is not None and self.linux is None:
             raise ConfigError("directory", str(self.directory), "booting a directory needs --linux=KERNEL")
         if self.ephemeral and self.extra_drives:
@@ -363,6 +376,15 @@ class MachineConfig:
                               "needs UEFI firmware")
         if self.efi_nvram_template is not None and not self.efi_nvram_template.is_file():
             raise ConfigError("efi-nvram-template", str(self.efi_nvram_template), "no such file")
+        if self.bind_users:
+            from vmspawnd.services.binduser import resolve_bound_users
+            from vmspawnd.services.virtiofsd import find_virtiofsd
+
+            resolve_bound_users(self.bind_users, self.bind_user_shell, self.bind_user_groups)
+            virtiofsd = find_virtiofsd()
+            if not virtiofsd.translate_ids:
+                raise ConfigError("bind-user", self.bind_users[0], f"{virtiofsd.path} cannot translate UIDs, which "
+                                  "binding a user needs (install the Rust virtiofsd with --translate-uid)")
 
     def firmware_choice(self):
         """Resolve the firmware (descriptor search included) for this configuration."""
@@ -392,7 +414,8 @@ JSON_FIELDS = ("linux", "initrds", "kernelCommandLine", "ram", "cpus", "kvm", "v
                "console", "consoleTransport", "uuid", "credentials", "smbios11", "image", "imageFormat",
                "imageDiskType", "extraDrives", "discardDisk", "growImage", "ephemeral", "network", "firmware",
                "firmwareFeatures", "secureBoot", "efiNvramTemplate", "efiNvramState", "tpm", "tpmState",
-               "directory", "binds", "privateUsers", "register", "slice", "properties", "keepUnit")
+               "directory", "binds", "privateUsers", "bindUsers", "bindUserShell", "bindUserGroups", "register",
+               "slice", "properties", "keepUnit")
 
 
 def config_to_json(config: MachineConfig) -> dict[str, Any]:
@@ -432,6 +455,9 @@ def config_to_json(config: MachineConfig) -> dict[str, Any]:
         "binds": [f"{'ro' if b.read_only else 'rw'}:{_escape_colons(b.source)}:{_escape_colons(b.destination)}"
                   for b in config.binds],
         "privateUsers": f"{config.private_users[0]}:{config.private_users[1]}" if config.private_users else None,
+        "bindUsers": list(config.bind_users),
+        "bindUserShell": config.bind_user_shell,
+        "bindUserGroups": list(config.bind_user_groups),
         "register": config.register.value,
         "slice": config.slice,
         "properties": list(config.properties),
@@ -511,6 +537,9 @@ def config_from_json(name: str, data: dict[str, Any], check_environment: bool = 
         binds=tuple(_bind(v) for v in _string_list("binds", get("binds"))),
         private_users=(parse_private_users(_string("privateUsers", get("privateUsers")), "privateUsers")
                        if get("privateUsers") is not None else None),
+        bind_users=tuple(_string_list("bindUsers", get("bindUsers"))),
+        bind_user_shell=_bind_user_shell(get("bindUserShell")),
+        bind_user_groups=tuple(_string_list("bindUserGroups", get("bindUserGroups"))),
         register=parse_tristate("register", _string("register", get("register", "auto"))),
         slice=_string("slice", get("slice", "machine.slice")),
         properties=tuple(_string_list("properties", get("properties"))),
@@ -550,6 +579,12 @@ def _bind(value: str) -> Bind:
     if len(parts) != 3 or parts[0] not in ("ro", "rw"):
         raise ConfigError("binds", value, "expected ro|rw:SOURCE:DESTINATION (escape ':' as \\:)")
     return Bind(_path("binds", parts[1]), _path("binds", parts[2]), parts[0] == "ro")
+
+
+def _bind_user_shell(value: Any) -> str:
+    from vmspawnd.services.binduser import parse_bind_user_shell
+
+    return "no" if value is None else parse_bind_user_shell(_string("bindUserShell", value, 4096))
 
 
 def _bool(field: str, value: Any) -> bool:

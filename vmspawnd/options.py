@@ -37,6 +37,7 @@ from vmspawnd.config import (
 )
 from vmspawnd.guest.credentials import check_unique, parse_load_credential, parse_set_credential
 from vmspawnd.qemu.disks import parse_extra_drive
+from vmspawnd.services.binduser import parse_bind_user_shell
 from vmspawnd.services.virtiofsd import parse_bind
 from vmspawnd.systemd.scope import DEFAULT_SLICE, mangle_slice
 from vmspawnd.tint import validate_background
@@ -104,6 +105,13 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
                         help="share a host directory with the guest (virtiofs, tag mnt0, mnt1, …)")
     mounts.add_argument("--bind-ro", metavar="SRC[:DST]", action="append", default=[],
                         help="share a host directory read-only (enforced on the host)")
+    mounts.add_argument("--bind-user", metavar="NAME", action="append", default=[],
+                        help="make a host user and their home (at /run/vmhost/home/NAME) available in the VM "
+                             "(needs the Rust virtiofsd and a guest with systemd's userdb)")
+    mounts.add_argument("--bind-user-shell", metavar="BOOL|PATH",
+                        help="give --bind-user users a login shell: the host's (yes), none (no, default) or PATH")
+    mounts.add_argument("--bind-user-group", metavar="GROUP", action="append", default=[],
+                        help="add --bind-user users to this extra group in the VM")
     props = parser.add_argument_group("Properties")
     props.add_argument("-S", "--slice", metavar="SLICE", help="slice for the VM's scope (default: machine.slice)")
     props.add_argument("--property", metavar="NAME=VALUE", action="append", default=[],
@@ -192,6 +200,9 @@ def config_from_args(ns: argparse.Namespace) -> MachineConfig:
         directory=_abspath(ns.directory) if ns.directory else None,
         binds=tuple([parse_bind(v, False) for v in ns.bind] + [parse_bind(v, True) for v in ns.bind_ro]),
         private_users=parse_private_users(ns.private_users) if ns.private_users else None,
+        bind_users=tuple(ns.bind_user),
+        bind_user_shell=parse_bind_user_shell(ns.bind_user_shell) if ns.bind_user_shell is not None else "no",
+        bind_user_groups=tuple(ns.bind_user_group),
         register=parse_tristate("register", ns.register) if ns.register is not None else Tristate.AUTO,
         slice=mangle_slice(ns.slice) if ns.slice else DEFAULT_SLICE,
         properties=tuple(ns.property),

@@ -3,7 +3,10 @@ machined registration over varlink, QEMU alone in its scope, slice/properties, m
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
+import re
 import sys
 from pathlib import Path
 
@@ -185,3 +188,37 @@ def test_a_dying_helper_unit_stops_the_vm() -> None:
     assert "exited unexpectedly" in out
     assert not alive(pid)
     wait_inactive("machine-tpmdies.scope")
+
+
+def test_bind_user_brings_a_host_user_and_their_home_into_the_vm() -> None:
+    sh("useradd", "--create-home", "--user-group", "--shell=/bin/bash", "vmuser")
+    try:
+        pw = pwd.getpwnam("vmuser")
+        home = Path(pw.pw_dir)
+        (home / "hello.txt").write_text("hello-from-vmuser\n")
+        os.chown(home / "hello.txt", pw.pw_uid, pw.pw_gid)
+        proc = vmspawn("-M", "bindusr", "--bind-user=vmuser", "--bind-user-shell=yes", "--bind-user-group=wheel",
+                       "test.virtiofs=mnt0", "test.cat=mnt0/hello.txt", "test.stat=mnt0/hello.txt",
+                       "test.write=mnt0/from-vm.txt", "test.chown=60514:60514:mnt0/from-vm.txt",
+                       "test.cred=userdb.transient.user.vmuser", "test.cred=userdb.transient.group.vmuser",
+                       "test.cred=fstab.extra")
+        out = proc.wait()
+        assert proc.returncode == 0, out
+        assert "cat mnt0/hello.txt: hello-from-vmuser" in out, out
+        assert "stat mnt0/hello.txt: 60514:60514" in out, out  # the host owner, as the VM knows them
+        written = home / "from-vm.txt"
+        assert written.read_text() == "written-by-guest\n"
+        assert (written.stat().st_uid, written.stat().st_gid) == (pw.pw_uid, pw.pw_gid)  # and back
+        records = {key: json.loads(value) for key, value in
+                   re.findall(r"cred userdb\.transient\.(user|group)\.vmuser=(\{.*\})", out)}
+        user = records["user"]
+        shadow = next(line.split(":")[1] for line in Path("/etc/shadow").read_text().splitlines()
+                      if line.startswith("vmuser:"))
+        assert user.pop("privileged", None) == ({"hashedPassword": [shadow]} if shadow not in ("", "x") else None)
+        assert user == {"userName": "vmuser", "uid": 60514, "gid": 60514, "shell": "/bin/bash",
+                        "homeDirectory": "/run/vmhost/home/vmuser", "memberOf": ["wheel"],
+                        "service": "io.systemd.NSpawn"}
+        assert records["group"] == {"groupName": "vmuser", "gid": 60514, "service": "io.systemd.NSpawn"}
+        assert "cred fstab.extra=mnt0 /run/vmhost/home/vmuser virtiofs rw,x-initrd.mount" in out, out
+    finally:
+        sh("userdel", "--remove", "vmuser", check=False)

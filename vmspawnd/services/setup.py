@@ -8,7 +8,8 @@ from pathlib import Path
 
 import structlog
 
-from vmspawnd.config import ConfigError, MachineConfig, Tristate
+from vmspawnd.config import Bind, ConfigError, MachineConfig, Tristate
+from vmspawnd.services.binduser import resolve_bound_users
 from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner
 from vmspawnd.services.swtpm import qemu_tpm_args, start_swtpm, tpm_enabled, tpm_state_dir
 from vmspawnd.services.virtiofsd import (
@@ -82,6 +83,11 @@ async def _start(aux: AuxServices, config: MachineConfig, runner: ServiceRunner,
         shares.append(("root", ROOT_TAG, ROOT_CHARDEV, config.directory, False, root_uid_map(config)))
         aux.cmdline += ["root=root", "rootfstype=virtiofs", "rw"]
     shares += [(i, bind_tag(i), bind_tag(i), b.source, b.read_only, None) for i, b in enumerate(config.binds)]
+    users = resolve_bound_users(config.bind_users, config.bind_user_shell, config.bind_user_groups)
+    binds = [*config.binds, *(Bind(user.host_home, user.vm_home) for user in users)]
+    shares += [(i, bind_tag(i), bind_tag(i), user.host_home, False,
+                UidMap(user.vm_uid, user.host_uid, 1, user.host_gid))
+               for i, user in enumerate(users, len(config.binds))]
     for index, tag, chardev, source, read_only, uid_map in shares:
         socket_path = rundir / f"fs-{tag}.sock"
         try:
@@ -93,8 +99,10 @@ async def _start(aux: AuxServices, config: MachineConfig, runner: ServiceRunner,
         aux.qemu_args += qemu_virtiofs_args(tag, socket_path, chardev)
     if shares:
         aux.qemu_args = qemu_shared_memory_args(config.ram.size_mib) + aux.qemu_args
-    if config.binds:
-        aux.credentials.append(("fstab.extra", _merged_fstab(config, fstab_extra(config.binds))))
+    if binds:
+        aux.credentials.append(("fstab.extra", _merged_fstab(config, fstab_extra(binds))))
+    for user in users:
+        aux.credentials += user.credentials()
 
 
 def root_uid_map(config: MachineConfig) -> UidMap | None:

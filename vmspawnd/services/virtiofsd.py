@@ -53,18 +53,24 @@ class Virtiofsd:
 
 @dataclass(frozen=True)
 class UidMap:
-    """Guest IDs ``guest_first…+count`` are host IDs ``host_first…`` (same for GIDs)."""
+    """Guest IDs ``guest_first…+count`` are host IDs ``host_first…`` (GIDs: ``host_gid_first…`` if
+    given, else the same numbers)."""
 
     guest_first: int
     host_first: int
     count: int
+    host_gid_first: int | None = None
 
     @property
     def identity(self) -> bool:
-        return self.guest_first == self.host_first
+        return self.guest_first == self.host_first and self.host_gid_first in (None, self.guest_first)
 
     def word(self) -> str:
         return f"map:{self.guest_first}:{self.host_first}:{self.count}"
+
+    def gid_word(self) -> str:
+        host = self.host_first if self.host_gid_first is None else self.host_gid_first
+        return f"map:{self.guest_first}:{host}:{self.count}"
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -194,7 +200,7 @@ def virtiofsd_argv(virtiofsd: Virtiofsd, share_dir: Path, socket_path: Path, *, 
         if read_only and virtiofsd.readonly:
             argv.append("--readonly")
         if uid_map is not None and virtiofsd.translate_ids:
-            argv += ["--translate-uid", uid_map.word(), "--translate-gid", uid_map.word()]
+            argv += ["--translate-uid", uid_map.word(), "--translate-gid", uid_map.gid_word()]
         wrap = read_only and not virtiofsd.readonly
     return rowrap_argv(share_dir, argv) if wrap else argv
 

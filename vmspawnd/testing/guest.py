@@ -87,6 +87,8 @@ INIT_WORDS: tuple[str, ...] = (
     "test.cat",
     "test.write",
     "test.forcewrite",
+    "test.stat",
+    "test.chown",
     "test.run",
     "test.cred",
     "test.smbios",
@@ -116,6 +118,8 @@ INIT_SCRIPT = r"""#!/bin/sh
 #   test.cat=TAG/FILE        print /mnt/TAG/FILE (repeatable)
 #   test.write=TAG/FILE      write "written-by-guest" to /mnt/TAG/FILE (repeatable)
 #   test.forcewrite=TAG/FILE remount /mnt/TAG read-write, then write (repeatable)
+#   test.stat=TAG/FILE       print the owner UID:GID of /mnt/TAG/FILE (repeatable; before the writes)
+#   test.chown=UID:GID:TAG/FILE  chown /mnt/TAG/FILE (repeatable; after the writes)
 #   test.run=TAG/FILE        after READY=1 run "sh /mnt/TAG/FILE"; its exit code becomes EXIT_STATUS
 #   test.cred=ID             print systemd credential ID from SMBIOS type 11 or fw_cfg (repeatable)
 #   test.smbios=1            print every SMBIOS type 11 string
@@ -150,7 +154,7 @@ modprobe -q qemu_fw_cfg 2>/dev/null
 
 NOTIFY=0; NPORTNAME=io.systemd.notify; NTIMEOUT=10; READY=1; STATUS="test guest ready"; GARBAGE=0
 EXIT=0; DELAY=0; ACTION=poweroff; TPM=0; RUN=; SMBIOS=0; SHOWCMD=0; DISKS=0; DISKWRITE=; SHOWUUID=0
-VFS=; CATS=; WRITES=; FWRITES=; CREDS=
+VFS=; CATS=; WRITES=; FWRITES=; CREDS=; STATS=; CHOWNS=
 for w in $CMDLINE; do
   v=${w#*=}
   case "$w" in
@@ -168,6 +172,8 @@ for w in $CMDLINE; do
     test.cat=*) CATS="$CATS $v" ;;
     test.write=*) WRITES="$WRITES $v" ;;
     test.forcewrite=*) FWRITES="$FWRITES $v" ;;
+    test.stat=*) STATS="$STATS $v" ;;
+    test.chown=*) CHOWNS="$CHOWNS $v" ;;
     test.run=*) RUN=$v ;;
     test.cred=*) CREDS="$CREDS $v" ;;
     test.smbios=*) SMBIOS=$v ;;
@@ -272,8 +278,15 @@ put() { mounted "${1%%/*}" && (echo written-by-guest >"/mnt/$1") 2>/dev/null && 
 for f in $CATS; do
   if mounted "${f%%/*}" && c=$(cat "/mnt/$f"); then say "cat $f: $c"; else say "cat $f FAILED"; fi
 done
+for f in $STATS; do
+  if mounted "${f%%/*}" && o=$(stat -c %u:%g "/mnt/$f"); then say "stat $f: $o"; else say "stat $f FAILED"; fi
+done
 for f in $WRITES; do
   if put "$f"; then say "wrote $f"; else say "write $f FAILED"; fi
+done
+for c in $CHOWNS; do
+  o=${c%:*}; f=${c##*:}
+  if mounted "${f%%/*}" && chown "$o" "/mnt/$f" && sync; then say "chown $f ok"; else say "chown $f FAILED"; fi
 done
 for f in $FWRITES; do
   mount -o remount,rw "/mnt/${f%%/*}" 2>/dev/null
