@@ -80,6 +80,7 @@ class Config:
     cpus: str | None = None
     kvm: str | None = None
     vsock: str | None = None
+    vsockCid: int | None = None
     notifyReady: bool | None = None
     console: str | None = None
     consoleTransport: str | None = None

@@ -268,6 +268,7 @@ class MachineConfig:
     cpus: str = "1"
     kvm: Tristate = Tristate.AUTO
     vsock: Tristate = Tristate.AUTO
+    vsock_cid: int | None = None  # None: derived from the name
     notify_ready: bool = True
     console: ConsoleMode = ConsoleMode.INTERACTIVE
     console_transport: ConsoleTransport = ConsoleTransport.VIRTIO
@@ -308,6 +309,12 @@ class MachineConfig:
         validate_machine_name(self.name)
         validate_cpus(self.cpus)
         self.ram.validate()
+        if self.vsock_cid is not None:
+            from vmspawnd.qemu.vsock import parse_vsock_cid
+
+            parse_vsock_cid(self.vsock_cid)
+            if self.vsock is Tristate.NO:
+                raise ConfigError("vsock-cid", self.vsock_cid, "a CID for a guest without vsock (--vsock=no)")
         if self.initrds and self.linux is None:
             raise ConfigError("initrd", str(self.initrds[0]), "--initrd requires --linux")
         if self.linux is None and self.image is None:
@@ -410,7 +417,7 @@ class MachineConfig:
 # ------------------------------------------------------------------------- JSON form
 # The daemon persists definitions and takes them over varlink in this one shape:
 # camelCase keys, plain JSON values, every key optional except where noted.
-JSON_FIELDS = ("linux", "initrds", "kernelCommandLine", "ram", "cpus", "kvm", "vsock", "notifyReady",
+JSON_FIELDS = ("linux", "initrds", "kernelCommandLine", "ram", "cpus", "kvm", "vsock", "vsockCid", "notifyReady",
                "console", "consoleTransport", "uuid", "credentials", "smbios11", "image", "imageFormat",
                "imageDiskType", "extraDrives", "discardDisk", "growImage", "ephemeral", "network", "firmware",
                "firmwareFeatures", "secureBoot", "efiNvramTemplate", "efiNvramState", "tpm", "tpmState",
@@ -430,6 +437,7 @@ def config_to_json(config: MachineConfig) -> dict[str, Any]:
         "cpus": config.cpus,
         "kvm": config.kvm.value,
         "vsock": config.vsock.value,
+        "vsockCid": config.vsock_cid,
         "notifyReady": config.notify_ready,
         "console": config.console.value,
         "consoleTransport": config.console_transport.value,
@@ -509,6 +517,7 @@ def config_from_json(name: str, data: dict[str, Any], check_environment: bool = 
         cpus=validate_cpus(_string("cpus", get("cpus")), "cpus") if get("cpus") is not None else "1",
         kvm=parse_tristate("kvm", _string("kvm", get("kvm", "auto"))),
         vsock=parse_tristate("vsock", _string("vsock", get("vsock", "auto"))),
+        vsock_cid=_vsock_cid(get("vsockCid")),
         notify_ready=notify_ready,
         console=parse_enum("console", _string("console", get("console", "headless")), ConsoleMode),
         console_transport=parse_enum("consoleTransport", _string("consoleTransport", get("consoleTransport",
@@ -579,6 +588,14 @@ def _bind(value: str) -> Bind:
     if len(parts) != 3 or parts[0] not in ("ro", "rw"):
         raise ConfigError("binds", value, "expected ro|rw:SOURCE:DESTINATION (escape ':' as \\:)")
     return Bind(_path("binds", parts[1]), _path("binds", parts[2]), parts[0] == "ro")
+
+
+def _vsock_cid(value: Any) -> int | None:
+    from vmspawnd.qemu.vsock import parse_vsock_cid
+
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError("vsockCid", value, "expected an integer")
+    return parse_vsock_cid(value, "vsockCid")
 
 
 def _bind_user_shell(value: Any) -> str:

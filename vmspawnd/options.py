@@ -37,6 +37,7 @@ from vmspawnd.config import (
 )
 from vmspawnd.guest.credentials import check_unique, parse_load_credential, parse_set_credential
 from vmspawnd.qemu.disks import parse_extra_drive
+from vmspawnd.qemu.vsock import parse_vsock_cid
 from vmspawnd.services.binduser import parse_bind_user_shell
 from vmspawnd.services.virtiofsd import parse_bind
 from vmspawnd.systemd.scope import DEFAULT_SLICE, mangle_slice
@@ -83,6 +84,8 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
     host.add_argument("--vsock", metavar="BOOL|auto",
                       help="give the guest a vsock device (auto: if /dev/vhost-vsock can be opened)")
     host.add_argument("--qemu-vsock", dest="vsock", help=hidden)
+    host.add_argument("--vsock-cid", metavar="CID", help="the guest's vsock CID, 3…4294967294 (default: derived "
+                      "from the machine name; taken = error)")
     host.add_argument("--firmware", metavar="auto|uefi|bios|none|PATH|list|describe",
                       help="firmware: auto (UEFI unless --linux is not a PE kernel), uefi, bios (QEMU's built-in), "
                            "none (direct kernel boot), a descriptor JSON; list/describe print and exit")
@@ -177,6 +180,7 @@ def config_from_args(ns: argparse.Namespace) -> MachineConfig:
         cpus=validate_cpus(ns.cpus) if ns.cpus is not None else "1",
         kvm=parse_tristate("kvm", ns.kvm) if ns.kvm is not None else Tristate.AUTO,
         vsock=parse_tristate("vsock", ns.vsock) if ns.vsock is not None else Tristate.AUTO,
+        vsock_cid=parse_vsock_cid(ns.vsock_cid),
         notify_ready=parse_bool("notify-ready", ns.notify_ready) if ns.notify_ready is not None else True,
         console=parse_enum("console", ns.console, ConsoleMode) if ns.console else ConsoleMode.INTERACTIVE,
         console_transport=(parse_enum("console-transport", ns.console_transport, ConsoleTransport)

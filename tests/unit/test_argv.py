@@ -102,3 +102,27 @@ def test_daemon_console_is_a_socket_qemu_listens_on():
                            res(console_pty=None, console_socket=Path("/run/vmspawnd/vm1/console.sock")))
     assert "socket,id=console,path=/run/vmspawnd/vm1/console.sock,server=on,wait=off" in option(argv, "-chardev")
     assert "virtconsole,chardev=console" in option(argv, "-device")
+
+
+def test_fixed_vsock_cid_is_the_only_candidate_and_a_taken_one_is_an_error(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from vmspawnd.qemu import vsock
+
+    tried = []
+
+    def busy_ioctl(fd, request, arg):  # a vhost-vsock device on which every CID is taken
+        tried.append(int.from_bytes(arg, "little"))
+        raise OSError(errno.EADDRINUSE, "in use")
+
+    monkeypatch.setattr(fcntl, "ioctl", busy_ioctl)
+    device = tmp_path / "vhost-vsock"
+    device.write_bytes(b"")
+    with pytest.raises(OSError, match="vsock CID 4711 is already taken"):
+        vsock.claim_vsock("vm", str(device), fixed_cid=4711)
+    assert tried == [4711]
+    tried.clear()
+    with pytest.raises(OSError, match="no free vsock CID"):
+        vsock.claim_vsock("vm", str(device))
+    assert len(tried) == 128 and tried[:64] == vsock.candidate_cids("vm")[:64]

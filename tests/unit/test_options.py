@@ -131,3 +131,31 @@ def test_private_users_needs_a_directory_and_a_valid_range(kernel, tmp_path):
         with pytest.raises(ConfigError) as e:
             parse(kernel, "--firmware=none", *bad)
         assert e.value.field == "private-users"
+
+
+@pytest.mark.parametrize(("value", "cid"), [("3", 3), ("4294967294", 4294967294), ("", None), ("any", None),
+                                            ("-1", None)])
+def test_vsock_cid_values(kernel, value, cid):
+    assert parse(kernel, f"--vsock-cid={value}").vsock_cid == cid
+
+
+@pytest.mark.parametrize("value", ["2", "host", "local", "hypervisor", "4294967295", "0x10", "seven"])
+def test_vsock_cid_outside_the_regular_range_is_refused_by_name(kernel, value):
+    with pytest.raises(ConfigError) as e:
+        parse(kernel, f"--vsock-cid={value}")
+    assert e.value.field == "vsock-cid" and value in str(e.value)
+
+
+def test_vsock_cid_without_vsock_is_refused(kernel):
+    with pytest.raises(ConfigError, match="vsock-cid=7.*--vsock=no"):
+        parse(kernel, "--vsock=no", "--vsock-cid=7")
+
+
+def test_vsock_cid_json_round_trip_and_type_check(kernel):
+    from vmspawnd.config import config_from_json, config_to_json
+
+    data = config_to_json(parse(kernel, "-M", "cid", "--vsock-cid=1234"))
+    assert data["vsockCid"] == 1234
+    assert config_from_json("cid", data).vsock_cid == 1234
+    with pytest.raises(ConfigError, match="vsockCid"):
+        config_from_json("cid", {**data, "vsockCid": "1234"})

@@ -13,6 +13,20 @@ VHOST_VSOCK_SET_GUEST_CID = 0x4008AF60
 CID_MIN, CID_MAX = 3, 0xFFFFFFFE
 
 
+def parse_vsock_cid(value: str | int | None, field: str = "vsock-cid") -> int | None:
+    """``--vsock-cid=``: a guest CID from 3 to 4294967294; empty, ``any`` or -1 mean automatic (None)."""
+    from vmspawnd.config import ConfigError
+
+    text = str(value).strip().lower() if value is not None else ""
+    if text in ("", "any", "-1"):
+        return None
+    if text in ("hypervisor", "local", "host"):
+        raise ConfigError(field, value, "a reserved CID; the guest needs a regular one (3…4294967294)")
+    if not text.isdigit() or not CID_MIN <= int(text) <= CID_MAX:
+        raise ConfigError(field, value, "expected a CID from 3 to 4294967294 (or any)")
+    return int(text)
+
+
 def candidate_cids(name: str, attempts: int = 64) -> list[int]:
     """Stable CIDs derived from the machine name, then random ones."""
     derived = [
@@ -22,17 +36,19 @@ def candidate_cids(name: str, attempts: int = 64) -> list[int]:
     return derived + [random.randint(CID_MIN, CID_MAX) for _ in range(attempts)]
 
 
-def claim_vsock(name: str, device: str = "/dev/vhost-vsock") -> tuple[int, int]:
-    """Open the vhost-vsock device and set a free guest CID; return (fd, cid)."""
+def claim_vsock(name: str, device: str = "/dev/vhost-vsock", fixed_cid: int | None = None) -> tuple[int, int]:
+    """Open the vhost-vsock device and set a free guest CID (exactly ``fixed_cid`` if given); return (fd, cid)."""
     fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
     try:
-        for cid in candidate_cids(name):
+        for cid in candidate_cids(name) if fixed_cid is None else [fixed_cid]:
             try:
                 fcntl.ioctl(fd, VHOST_VSOCK_SET_GUEST_CID, struct.pack("<Q", cid))
                 return fd, cid
             except OSError as e:
                 if e.errno != errno.EADDRINUSE:
                     raise
+                if fixed_cid is not None:
+                    raise OSError(e.errno, f"vsock CID {fixed_cid} is already taken by another VM") from None
         raise OSError(errno.EADDRNOTAVAIL, "no free vsock CID")
     except BaseException:
         os.close(fd)
