@@ -24,7 +24,7 @@ import structlog
 
 from vmspawnd.config import ConfigError, ConsoleMode, MachineConfig, Network, Tristate
 from vmspawnd.guest.channel import NotifyChannel
-from vmspawnd.guest.credentials import write_smbios_credentials
+from vmspawnd.guest.credentials import write_credentials
 from vmspawnd.launcher import QemuProcess
 from vmspawnd.proc import CAP_NET_ADMIN, has_capability, process_cmdline, process_start_time
 from vmspawnd.ptyfwd import Pty
@@ -173,8 +173,8 @@ class Machine:
         term = os.environ.get("TERM")
         extra_cmdline = self._synthesized_cmdline() + tuple(aux.cmdline)
         uki = config.linux_is_uki
-        smbios = write_smbios_credentials(rundir / "smbios", credentials, config.smbios11
-                                          + tuple(cmdline_smbios_strings(config, term, extra_cmdline, uki)))
+        credential_files = write_credentials(rundir / "smbios", credentials, config.smbios11
+                                             + tuple(cmdline_smbios_strings(config, term, extra_cmdline, uki)))
         qmp_sock = self._listen_qmp(rundir, pass_fds)
         console_socket = self._open_console(rundir)
         firmware, nvram = self._prepare_firmware(rundir)
@@ -182,7 +182,8 @@ class Machine:
             qemu=qemu_binary, kvm=accel.kvm, qmp_fd=qmp_sock.fileno(),
             console_pty=self.pty.slave_path if self.pty else None, console_socket=console_socket,
             notify_args=tuple(channel.qemu_args), vsock_cid=vsock_cid, vsock_fd=vsock_fd,
-            smbios_files=tuple(smbios), initrd=self._merge_initrds(rundir) if config.initrds else None,
+            smbios_files=tuple(credential_files.smbios), fw_cfg_files=tuple(credential_files.fw_cfg),
+            initrd=self._merge_initrds(rundir) if config.initrds else None,
             vmgenid=uuid.uuid4(), term=term, extra_cmdline=extra_cmdline,
             firmware_args=tuple(firmware.qemu_args(nvram)),
             smm=firmware.smm if firmware.descriptor is not None else None, aux_args=tuple(aux.qemu_args), uki=uki,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -139,13 +140,20 @@ def test_version_and_help():
 def test_credentials_reach_the_guest(vmspawn, tmp_path):
     secret = tmp_path / "secret"
     secret.write_bytes(b"from-a-file")
+    big1, big2 = tmp_path / "big1", tmp_path / "big2"  # together too big for SMBIOS's 64 KiB
+    big1.write_bytes(os.urandom(40_000))
+    big2.write_bytes(os.urandom(40_000) + b"\0\n\0")
     run = vmspawn("test.notify=1", "test.cred=greeting", "test.cred=filecred", "test.cred=rawish",
+                  "test.credsum=big1", "test.credsum=big2",
                   "--set-credential=greeting:hello\\x20world", f"--load-credential=filecred:{secret}",
+                  f"--load-credential=big1:{big1}", f"--load-credential=big2:{big2}",
                   "--smbios11=io.systemd.credential:rawish=plain", name="creds")
     assert run.wait() == 0, run.text
     assert "cred greeting=hello world" in run.text
     assert "cred filecred=from-a-file" in run.text
     assert "cred rawish=plain" in run.text
+    assert f"credsum big1: {hashlib.md5(big1.read_bytes()).hexdigest()} (smbios)" in run.text, run.text
+    assert f"credsum big2: {hashlib.md5(big2.read_bytes()).hexdigest()} (fw_cfg)" in run.text, run.text
     assert_clean(run)  # the credential files went with the runtime dir
 
 

@@ -2,6 +2,8 @@
 
 Delivered as SMBIOS type-11 strings, each in its own 0600 file in the runtime dir
 (``-smbios type=11,path=…``), so secrets stay out of ``ps`` and argv limits do not apply.
+QEMU's SMBIOS 2.1 tables cannot exceed 64 KiB in all, so credentials that do not fit go through
+QEMU's fw_cfg instead (``opt/io.systemd.credentials/<id>``, which systemd also imports).
 """
 
 from __future__ import annotations
@@ -10,11 +12,17 @@ import base64
 import os
 import socket
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmspawnd.config import ConfigError
 
 MAX_CREDENTIAL_SIZE = 1024 * 1024
+#: What SMBIOS type-11 strings may take: QEMU refuses SMBIOS 2.1 tables over 65535 bytes, and the
+#: other structures (BIOS, system, memory, CPUs…) need a few KiB of that.
+SMBIOS_BUDGET = 56 * 1024
+FW_CFG_PREFIX = "opt/io.systemd.credentials/"
+FW_CFG_NAME_MAX = 55
 
 
 def valid_credential_id(cred_id: str) -> bool:
@@ -133,14 +141,46 @@ def _write_private(path: Path, data: bytes) -> Path:
     return path
 
 
-def write_smbios_credentials(directory: Path, credentials: list[tuple[str, bytes]],
-                             raw_strings: tuple[str, ...] = ()) -> list[Path]:
-    """Write one file per credential (``io.systemd.credential.binary:ID=BASE64``) and per raw
-    ``--smbios11=`` string, for ``-smbios type=11,path=``."""
+@dataclass
+class CredentialFiles:
+    """Where the guest's credentials were written: SMBIOS type-11 strings and fw_cfg entries."""
+
+    smbios: list[Path] = field(default_factory=list)
+    fw_cfg: list[tuple[str, Path]] = field(default_factory=list)  # (fw_cfg name, file)
+
+
+def _smbios_string(cred_id: str, data: bytes) -> bytes:
+    return f"io.systemd.credential.binary:{cred_id}=".encode() + base64.b64encode(data)
+
+
+def write_credentials(directory: Path, credentials: list[tuple[str, bytes]],
+                      raw_strings: tuple[str, ...] = ()) -> CredentialFiles:
+    """Write each credential (and each raw ``--smbios11=`` string) to its own private file: as an
+    SMBIOS type-11 string while they fit in the SMBIOS budget, the rest as fw_cfg payloads.
+
+    Raises ConfigError when a credential fits neither way (or the raw strings alone are too big)."""
     directory.mkdir(mode=0o700, exist_ok=True)
-    paths = [_write_private(directory / cred_id, f"io.systemd.credential.binary:{cred_id}=".encode()
-                            + base64.b64encode(data)) for cred_id, data in credentials]
+    files = CredentialFiles()
+    used = sum(len(s.encode()) + 1 for s in raw_strings)
+    if used > SMBIOS_BUDGET:
+        raise ConfigError("smbios11", f"{len(raw_strings)} strings", f"{used} bytes in all; SMBIOS takes at most "
+                          f"{SMBIOS_BUDGET}")
+    for cred_id, data in credentials:
+        text = _smbios_string(cred_id, data)
+        if used + len(text) + 1 <= SMBIOS_BUDGET:
+            used += len(text) + 1
+            files.smbios.append(_write_private(directory / cred_id, text))
+            continue
+        name = FW_CFG_PREFIX + cred_id
+        if len(name) > FW_CFG_NAME_MAX:
+            raise ConfigError("credential", cred_id, f"too large for SMBIOS ({len(data)} bytes; all credentials "
+                              f"share {SMBIOS_BUDGET} bytes there, base64-encoded), and its name is too long for "
+                              f"fw_cfg (at most {FW_CFG_NAME_MAX - len(FW_CFG_PREFIX)} characters)")
+        (directory / "fw_cfg").mkdir(mode=0o700, exist_ok=True)
+        path = _write_private(directory / "fw_cfg" / cred_id, data)
+        path.chmod(0o400)
+        files.fw_cfg.append((name, path))
     if raw_strings:  # a separate dir: a credential's ID can never collide with these names
         (directory / "raw").mkdir(mode=0o700, exist_ok=True)
-    paths += [_write_private(directory / "raw" / str(i), s.encode()) for i, s in enumerate(raw_strings)]
-    return paths
+    files.smbios += [_write_private(directory / "raw" / str(i), s.encode()) for i, s in enumerate(raw_strings)]
+    return files

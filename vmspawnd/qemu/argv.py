@@ -31,6 +31,7 @@ class Resources:
     vsock_cid: int | None = None
     vsock_fd: int | None = None
     smbios_files: tuple[Path, ...] = ()
+    fw_cfg_files: tuple[tuple[str, Path], ...] = ()  # (name, file): credentials too big for SMBIOS
     initrd: Path | None = None
     vmgenid: uuid.UUID = field(default_factory=uuid.uuid4)
     term: str | None = None
@@ -109,6 +110,8 @@ def build_qemu_argv(config: MachineConfig, res: Resources) -> list[str]:
     argv += res.notify_args
     for path in res.smbios_files:
         argv += ["-smbios", f"type=11,path={qemu_escape(str(path))}"]
+    for name, path in res.fw_cfg_files:
+        argv += ["-fw_cfg", f"name={qemu_escape(name)},file={qemu_escape(str(path))}"]
     argv += drive_args(config.image, config.extra_drives, discard=config.discard_disk, ephemeral=config.ephemeral)
     if config.linux is not None:
         argv += ["-kernel", str(config.linux)]

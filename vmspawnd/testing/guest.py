@@ -91,6 +91,7 @@ INIT_WORDS: tuple[str, ...] = (
     "test.chown",
     "test.run",
     "test.cred",
+    "test.credsum",
     "test.smbios",
     "test.cmdline",
     "test.disks",
@@ -122,6 +123,7 @@ INIT_SCRIPT = r"""#!/bin/sh
 #   test.chown=UID:GID:TAG/FILE  chown /mnt/TAG/FILE (repeatable; after the writes)
 #   test.run=TAG/FILE        after READY=1 run "sh /mnt/TAG/FILE"; its exit code becomes EXIT_STATUS
 #   test.cred=ID             print systemd credential ID from SMBIOS type 11 or fw_cfg (repeatable)
+#   test.credsum=ID          print the MD5 sum of credential ID and where it came from (repeatable)
 #   test.smbios=1            print every SMBIOS type 11 string
 #   test.cmdline=1           print /proc/cmdline
 #   test.disks=N             wait (up to 30 s) for N virtio/scsi/nvme disks, then print each: name, size in
@@ -154,7 +156,7 @@ modprobe -q qemu_fw_cfg 2>/dev/null
 
 NOTIFY=0; NPORTNAME=io.systemd.notify; NTIMEOUT=10; READY=1; STATUS="test guest ready"; GARBAGE=0
 EXIT=0; DELAY=0; ACTION=poweroff; TPM=0; RUN=; SMBIOS=0; SHOWCMD=0; DISKS=0; DISKWRITE=; SHOWUUID=0
-VFS=; CATS=; WRITES=; FWRITES=; CREDS=; STATS=; CHOWNS=
+VFS=; CATS=; WRITES=; FWRITES=; CREDS=; STATS=; CHOWNS=; CREDSUMS=
 for w in $CMDLINE; do
   v=${w#*=}
   case "$w" in
@@ -176,6 +178,7 @@ for w in $CMDLINE; do
     test.chown=*) CHOWNS="$CHOWNS $v" ;;
     test.run=*) RUN=$v ;;
     test.cred=*) CREDS="$CREDS $v" ;;
+    test.credsum=*) CREDSUMS="$CREDSUMS $v" ;;
     test.smbios=*) SMBIOS=$v ;;
     test.cmdline=*) SHOWCMD=$v ;;
     test.disks=*) DISKS=$v ;;
@@ -298,7 +301,7 @@ smbios11() {  # every string of every type 11 structure, one per line
   for e in /sys/firmware/dmi/entries/11-*; do
     [ -r "$e/raw" ] || continue
     len=$(od -An -tu1 -j1 -N1 "$e/raw" | tr -d ' ')
-    dd if="$e/raw" bs=1 skip="$len" 2>/dev/null | tr '\000' '\n' | grep -v '^$'
+    tail -c +$((len + 1)) "$e/raw" | tr '\000' '\n' | grep -v '^$'
   done
 }
 cred() {  # cred ID: print its value, fail when it is nowhere
@@ -319,6 +322,11 @@ if [ "$SMBIOS" != 0 ]; then
 fi
 for c in $CREDS; do
   if v=$(cred "$c"); then say "cred $c=$v"; else say "cred $c MISSING"; fi
+done
+for c in $CREDSUMS; do
+  src=smbios; [ -r "/sys/firmware/qemu_fw_cfg/by_name/opt/io.systemd.credentials/$c/raw" ] && src=fw_cfg
+  if cred "$c" >/tmp/cred; then say "credsum $c: $(md5sum </tmp/cred | cut -d' ' -f1) ($src)"
+  else say "credsum $c MISSING"; fi
 done
 
 # ---- ACPI power button: listen before READY=1 so that no press is lost

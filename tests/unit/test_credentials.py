@@ -1,0 +1,59 @@
+"""Credential files: SMBIOS type-11 strings while they fit in 64 KiB, fw_cfg for the rest."""
+
+from __future__ import annotations
+
+import base64
+import stat
+from pathlib import Path
+
+import pytest
+
+from vmspawnd.config import ConfigError, MachineConfig
+from vmspawnd.guest.credentials import SMBIOS_BUDGET, write_credentials
+from vmspawnd.qemu.argv import Resources, build_qemu_argv
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_small_credentials_and_raw_strings_are_private_smbios_files(tmp_path):
+    files = write_credentials(tmp_path / "c", [("a", b"1\0"), ("b", b"two")], ("io.systemd.credential:x=y",))
+    assert [p.read_bytes() for p in files.smbios] == [
+        b"io.systemd.credential.binary:a=" + base64.b64encode(b"1\0"),
+        b"io.systemd.credential.binary:b=" + base64.b64encode(b"two"),
+        b"io.systemd.credential:x=y"]
+    assert files.fw_cfg == []
+    assert {mode(p) for p in files.smbios} == {0o600} and mode(tmp_path / "c") == 0o700
+
+
+def test_what_does_not_fit_in_smbios_goes_to_fw_cfg_raw_and_read_only(tmp_path):
+    big = bytes(range(256)) * 160  # 40 KiB: base64 makes it 54 KiB, one fits in SMBIOS, two do not
+    files = write_credentials(tmp_path / "c", [("first", big), ("second", big), ("small", b"s")])
+    assert [p.name for p in files.smbios] == ["first", "small"]  # later small ones still use SMBIOS
+    assert sum(p.stat().st_size + 1 for p in files.smbios) <= SMBIOS_BUDGET
+    ((name, path),) = files.fw_cfg
+    assert name == "opt/io.systemd.credentials/second"
+    assert path.read_bytes() == big and mode(path) == 0o400
+
+
+def test_a_credential_that_fits_nowhere_is_refused_by_name(tmp_path):
+    big = b"x" * 60_000
+    long_id = "a-credential-name-over-28-chars"
+    with pytest.raises(ConfigError) as e:
+        write_credentials(tmp_path / "c", [(long_id, big)])
+    assert e.value.field == "credential" and e.value.value == long_id and "fw_cfg" in e.value.reason
+
+
+def test_raw_smbios_strings_beyond_the_budget_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="smbios11"):
+        write_credentials(tmp_path / "c", [], ("io.systemd.credential:x=" + "y" * SMBIOS_BUDGET,))
+
+
+def test_fw_cfg_files_reach_qemu_with_commas_escaped(tmp_path):
+    config = MachineConfig(name="vm", linux=Path("/vmlinuz"))
+    res = Resources(qemu=Path("/usr/bin/qemu-system-x86_64"), kvm=False, qmp_fd=3, console_pty="/dev/pts/9",
+                    fw_cfg_files=(("opt/io.systemd.credentials/a,b", Path("/run/x,y/a,b")),))
+    argv = build_qemu_argv(config, res)
+    i = argv.index("-fw_cfg")
+    assert argv[i + 1] == "name=opt/io.systemd.credentials/a,,b,file=/run/x,,y/a,,b"
