@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static cpio \
-	libsystemd-dev pkg-config gcc python3-dev python3-venv tmux
+	libsystemd-dev pkg-config gcc python3-dev python3-venv tmux openssh-client
 STAMP := $(VENV)/.installed
 
 .PHONY: setup test test-fast demo lint install guest clean

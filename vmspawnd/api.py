@@ -108,6 +108,8 @@ class Config:
     bindUsers: list[str] | None = None
     bindUserShell: str | None = None
     bindUserGroups: list[str] | None = None
+    passSshKey: str | None = None
+    sshKeyType: str | None = None
     register: str | None = None
     slice: str | None = None
     properties: list[str] | None = None

@@ -294,6 +294,8 @@ class MachineConfig:
     bind_users: tuple[str, ...] = ()  # --bind-user: host users whose homes the VM gets
     bind_user_shell: str = "no"  # yes (the host's shell) | no | an absolute path
     bind_user_groups: tuple[str, ...] = ()  # extra groups of bound users in the VM
+    pass_ssh_key: Tristate = Tristate.AUTO  # auto: when the guest has vsock
+    ssh_key_type: str = "ed25519"
     register: Tristate = Tristate.AUTO
     slice: str = "machine.slice"
     properties: tuple[str, ...] = ()
@@ -324,8 +326,10 @@ class MachineConfig:
         if self.private_users is not None and self.directory is None:
             raise ConfigError("private-users", f"{self.private_users[0]}:{self.private_users[1]}",
                               "only valid with --directory")
+        from vmspawnd.guest.ssh import validate_key_type
         from vmspawnd.services.binduser import validate_user_name
 
+        validate_key_type(self.ssh_key_type)
         for user in self.bind_users:
             validate_user_name(user, "bind-user")
         for group in self.bind_user_groups:
@@ -421,7 +425,8 @@ JSON_FIELDS = ("linux", "initrds", "kernelCommandLine", "ram", "cpus", "kvm", "v
                "console", "consoleTransport", "uuid", "credentials", "smbios11", "image", "imageFormat",
                "imageDiskType", "extraDrives", "discardDisk", "growImage", "ephemeral", "network", "firmware",
                "firmwareFeatures", "secureBoot", "efiNvramTemplate", "efiNvramState", "tpm", "tpmState",
-               "directory", "binds", "privateUsers", "bindUsers", "bindUserShell", "bindUserGroups", "register",
+               "directory", "binds", "privateUsers", "bindUsers", "bindUserShell", "bindUserGroups", "passSshKey",
+               "sshKeyType", "register",
                "slice", "properties", "keepUnit")
 
 
@@ -466,6 +471,8 @@ def config_to_json(config: MachineConfig) -> dict[str, Any]:
         "bindUsers": list(config.bind_users),
         "bindUserShell": config.bind_user_shell,
         "bindUserGroups": list(config.bind_user_groups),
+        "passSshKey": config.pass_ssh_key.value,
+        "sshKeyType": config.ssh_key_type,
         "register": config.register.value,
         "slice": config.slice,
         "properties": list(config.properties),
@@ -549,6 +556,8 @@ def config_from_json(name: str, data: dict[str, Any], check_environment: bool = 
         bind_users=tuple(_string_list("bindUsers", get("bindUsers"))),
         bind_user_shell=_bind_user_shell(get("bindUserShell")),
         bind_user_groups=tuple(_string_list("bindUserGroups", get("bindUserGroups"))),
+        pass_ssh_key=parse_tristate("passSshKey", _string("passSshKey", get("passSshKey", "auto"))),
+        ssh_key_type=_string("sshKeyType", get("sshKeyType", "ed25519")),
         register=parse_tristate("register", _string("register", get("register", "auto"))),
         slice=_string("slice", get("slice", "machine.slice")),
         properties=tuple(_string_list("properties", get("properties"))),

@@ -25,6 +25,7 @@ import structlog
 from vmspawnd.config import ConfigError, ConsoleMode, MachineConfig, Network, Tristate
 from vmspawnd.guest.channel import NotifyChannel
 from vmspawnd.guest.credentials import write_credentials
+from vmspawnd.guest.ssh import SshKeyError, SshKeyPair, generate_key_pair
 from vmspawnd.launcher import QemuProcess
 from vmspawnd.proc import CAP_NET_ADMIN, has_capability, process_cmdline, process_start_time
 from vmspawnd.ptyfwd import Pty
@@ -100,6 +101,7 @@ class Machine:
         self._watches: set[asyncio.Task[None]] = set()
         self.tpm_state_path: Path | None = None
         self.units: list[str] = []
+        self._ssh_key: SshKeyPair | None = None
         self.log = log.bind(machine=config.name)
 
     # ---------------------------------------------------------------- life cycle
@@ -165,9 +167,10 @@ class Machine:
         pass_fds: list[int] = []
         channel, vsock_cid, vsock_fd = await self._open_notify_channel(rundir, pass_fds)
         aux = await self._start_scope_and_helpers(rundir)
+        generated = aux.credentials + await self._ssh_key_credentials(rundir, vsock_cid)
 
-        ours = {cred_id for cred_id, _ in aux.credentials}
-        credentials = [c for c in config.credentials if c[0] not in ours] + aux.credentials
+        ours = {cred_id for cred_id, _ in generated}
+        credentials = [c for c in config.credentials if c[0] not in ours] + generated
         if channel.credential:
             credentials.append((channel.credential[0], channel.credential[1].encode()))
         term = os.environ.get("TERM")
@@ -213,6 +216,21 @@ class Machine:
         accel = choose_accelerator(config.kvm)
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)
         return qemu_binary, accel
+
+    async def _ssh_key_credentials(self, rundir: Path, vsock_cid: int | None) -> list[tuple[str, bytes]]:
+        """--pass-ssh-key: a fresh key pair (auto: when the guest has vsock, the way to reach its sshd)."""
+        self._ssh_key = None
+        setting = self.config.pass_ssh_key
+        if setting is Tristate.NO or (setting is Tristate.AUTO and vsock_cid is None):
+            return []
+        try:
+            self._ssh_key = await generate_key_pair(rundir, self.config.ssh_key_type, f"vmspawnd@{self.config.name}")
+        except SshKeyError as e:
+            if setting is Tristate.YES:
+                raise StartError(str(e)) from e
+            self.log.warning("continuing without an SSH key for the guest", error=str(e))
+            return []
+        return self._ssh_key.credentials()
 
     def _grow_image(self) -> None:
         """--grow-image: only once we own the machine, and never on an --ephemeral run's image."""
@@ -333,7 +351,7 @@ class Machine:
             return
         assert self.qemu is not None
         reg = Registration(config.name, self.qemu.pid, machine_id=config.uuid, root_directory=config.directory,
-                           vsock_cid=vsock_cid)
+                           vsock_cid=vsock_cid, ssh_private_key=self._ssh_key.private_key if self._ssh_key else None)
         try:
             await register(reg)
         except RegistrationError as e:

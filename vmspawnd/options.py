@@ -115,6 +115,11 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
                         help="give --bind-user users a login shell: the host's (yes), none (no, default) or PATH")
     mounts.add_argument("--bind-user-group", metavar="GROUP", action="append", default=[],
                         help="add --bind-user users to this extra group in the VM")
+    integ = parser.add_argument_group("Integration")
+    integ.add_argument("--pass-ssh-key", metavar="BOOL|auto",
+                       help="make an ephemeral SSH key pair and let it into the guest's sshd-vsock@.service "
+                            "(auto, the default: when the guest has vsock)")
+    integ.add_argument("--ssh-key-type", metavar="TYPE", help="ed25519 (default), ecdsa or rsa")
     props = parser.add_argument_group("Properties")
     props.add_argument("-S", "--slice", metavar="SLICE", help="slice for the VM's scope (default: machine.slice)")
     props.add_argument("--property", metavar="NAME=VALUE", action="append", default=[],
@@ -207,6 +212,8 @@ def config_from_args(ns: argparse.Namespace) -> MachineConfig:
         bind_users=tuple(ns.bind_user),
         bind_user_shell=parse_bind_user_shell(ns.bind_user_shell) if ns.bind_user_shell is not None else "no",
         bind_user_groups=tuple(ns.bind_user_group),
+        pass_ssh_key=parse_tristate("pass-ssh-key", ns.pass_ssh_key) if ns.pass_ssh_key is not None else Tristate.AUTO,
+        ssh_key_type=ns.ssh_key_type if ns.ssh_key_type is not None else "ed25519",
         register=parse_tristate("register", ns.register) if ns.register is not None else Tristate.AUTO,
         slice=mangle_slice(ns.slice) if ns.slice else DEFAULT_SLICE,
         properties=tuple(ns.property),

@@ -70,6 +70,8 @@ PACKAGES: tuple[str, ...] = (
     "qemu-system-x86", "qemu-utils", "seabios", "ipxe-qemu", "ovmf", "swtpm", "swtpm-tools", "virtiofsd",
     # test guest and tooling
     "busybox-static", "cpio", "procps",
+    # --pass-ssh-key
+    "openssh-client",
 )
 
 #: apt/dpkg options for mmdebstrap: no docs, man pages or translations in the tree.

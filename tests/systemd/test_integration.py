@@ -95,7 +95,7 @@ def vmspawn(*args: str, tpm: str = "--tpm=no") -> Spawned:
 
 def test_cli_puts_qemu_in_a_scope_with_slice_and_properties() -> None:
     proc = vmspawn("-M", "cliscope", "--slice=vmtest", "--property=MemoryMax=300M", "--property=TasksMax=77",
-                   "--property=CPUWeight=50", "test.action=hang")
+                   "--property=CPUWeight=50", "--pass-ssh-key=yes", "test.action=hang")
     scope = "machine-cliscope.scope"
     try:
         props = poll(lambda: unit_properties(scope, "ActiveState", "Slice", "MemoryMax", "TasksMax", "CPUWeight"),
@@ -106,6 +106,8 @@ def test_cli_puts_qemu_in_a_scope_with_slice_and_properties() -> None:
         # registration with machined follows QEMU's start, so once it is there QEMU runs
         entry = machined_entry("cliscope", timeout=60)
         assert entry["unit"] == scope
+        key = Path(entry["sshPrivateKeyPath"])  # --pass-ssh-key: machined knows the key to the guest
+        assert key.name == "ssh-ed25519" and key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
         procs = cgroup_procs(f"/vmtest.slice/{scope}")
         assert procs == [entry["leader"]["pid"]] and proc.proc.pid not in procs  # QEMU alone; vmspawn outside
         assert Path(f"/proc/{procs[0]}/comm").read_text().startswith("qemu")

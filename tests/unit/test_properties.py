@@ -67,6 +67,11 @@ def test_machined_registration_parameters():
     assert params["leaderProcessId"]["pid"] == os.getpid() and params["leaderProcessId"]["pidfdId"] > 0
     assert params["vSockCid"] == 1234 and params["sshAddress"] == "vsock/1234"
     assert "allocateUnit" not in params  # we made the scope ourselves; machined adopts it
+    assert "sshPrivateKeyPath" not in params
+    from pathlib import Path
+
+    keyed = Registration("web", os.getpid(), vsock_cid=1234, ssh_private_key=Path("/run/x/ssh-ed25519")).parameters()
+    assert keyed["sshPrivateKeyPath"] == "/run/x/ssh-ed25519"
 
 
 def test_bad_slice_and_property_fail_at_parse_time(tmp_path):

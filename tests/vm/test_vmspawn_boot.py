@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -144,7 +145,7 @@ def test_credentials_reach_the_guest(vmspawn, tmp_path):
     big1.write_bytes(os.urandom(40_000))
     big2.write_bytes(os.urandom(40_000) + b"\0\n\0")
     run = vmspawn("test.notify=1", "test.cred=greeting", "test.cred=filecred", "test.cred=rawish",
-                  "test.credsum=big1", "test.credsum=big2",
+                  "test.credsum=big1", "test.credsum=big2", "test.cred=ssh.ephemeral-authorized_keys-all",
                   "--set-credential=greeting:hello\\x20world", f"--load-credential=filecred:{secret}",
                   f"--load-credential=big1:{big1}", f"--load-credential=big2:{big2}",
                   "--smbios11=io.systemd.credential:rawish=plain", name="creds")
@@ -152,6 +153,7 @@ def test_credentials_reach_the_guest(vmspawn, tmp_path):
     assert "cred greeting=hello world" in run.text
     assert "cred filecred=from-a-file" in run.text
     assert "cred rawish=plain" in run.text
+    assert "cred ssh.ephemeral-authorized_keys-all MISSING" in run.text  # no vsock here: no SSH key by default
     assert f"credsum big1: {hashlib.md5(big1.read_bytes()).hexdigest()} (smbios)" in run.text, run.text
     assert f"credsum big2: {hashlib.md5(big2.read_bytes()).hexdigest()} (fw_cfg)" in run.text, run.text
     assert_clean(run)  # the credential files went with the runtime dir
@@ -261,3 +263,22 @@ def test_network_tap_without_cap_net_admin_is_a_clear_error(guest, tmp_path):
     assert p.returncode == 1, p.stderr
     assert "CAP_NET_ADMIN" in p.stderr and "Traceback" not in p.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pass_ssh_key_lets_the_key_into_the_guest_and_takes_it_away(vmspawn):
+    run = vmspawn("test.notify=1", "--pass-ssh-key=yes", "--ssh-key-type=ecdsa", "test.action=hang",
+                  "test.cred=ssh.ephemeral-authorized_keys-all", "test.cred=systemd.unit-dropin.sshd-vsock@.service",
+                  name="sshkey")
+    assert run.notify.wait_for("READY=1", 60), run.text
+    private = run.runtime_dir / "sshkey" / "ssh-ecdsa"
+    assert private.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    public = private.with_name("ssh-ecdsa.pub").read_text().strip()
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.notify.wait_for("STOPPING=1", 30)
+    run.proc.send_signal(signal.SIGTERM)
+    run.wait()
+    assert public.startswith("ecdsa-sha2-nistp256 ") and public.endswith(" vmspawnd@sshkey")
+    assert f"cred ssh.ephemeral-authorized_keys-all={public}" in run.text
+    assert "ImportCredential=ssh.ephemeral-authorized_keys-all" in run.text  # the sshd-vsock@ drop-in
+    assert_clean(run)  # the key pair went with the runtime dir

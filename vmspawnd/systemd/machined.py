@@ -30,6 +30,7 @@ class Registration:
     machine_id: uuid.UUID | None = None
     root_directory: Path | None = None
     vsock_cid: int | None = None
+    ssh_private_key: Path | None = None
     allocate_unit: bool = False
 
     def parameters(self) -> dict[str, Any]:
@@ -42,6 +43,8 @@ class Registration:
         if self.vsock_cid is not None:
             params["vSockCid"] = self.vsock_cid
             params["sshAddress"] = f"vsock/{self.vsock_cid}"
+        if self.ssh_private_key is not None:
+            params["sshPrivateKeyPath"] = str(self.ssh_private_key)
         if self.allocate_unit:
             params["allocateUnit"] = True
         return params
