@@ -326,13 +326,12 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
 
     @varlinkmethod(return_parameter="fileDescriptor")
     async def OpenConsole(self, *, name: str) -> FileDescriptor:
-        """A stream socket connected to the machine's console (passed as a file descriptor)."""
+        """The master side of a new PTY attached to the machine's console (passed as a file descriptor)."""
         entry = self._entry(name)
         if entry.console is None or entry.machine.state is not State.RUNNING:
             raise WrongStateError(name=name, state=entry.machine.state.value,
                                   reason="the machine is not running with an interactive or read-only console")
-        sock = await entry.console.open_client()
-        fd = FileDescriptor(sock.detach(), should_close=True)
+        fd = FileDescriptor(await entry.console.open_client(), should_close=True)
         asyncio.get_running_loop().call_later(30, _close_quietly, fd)
         return fd
 

@@ -3,14 +3,16 @@
 Under the daemon QEMU serves the guest console on a unix socket in the runtime dir, so a
 restarted daemon can reconnect.  The relay keeps that one connection, always drains it (a
 guest never blocks on a console nobody watches), remembers recent output, and fans it out to
-any number of attached clients, each of which gets one end of a socketpair by fd passing.
+any number of attached clients.  Each client gets its own PTY by fd passing: it holds the
+master (like ``machinectl``'s OpenMachinePTY), the relay serves the slave in raw mode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
+import os
+import tty
 from pathlib import Path
 
 import structlog
@@ -29,7 +31,7 @@ class ConsoleRelay:
         self.read_only = read_only
         self.scrollback = bytearray()
         self._qemu: asyncio.StreamWriter | None = None
-        self._clients: set[asyncio.StreamWriter] = set()
+        self._clients: dict[asyncio.StreamWriter, asyncio.ReadTransport] = {}  # viewer: output, input
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def connect(self, timeout: float = 5.0) -> None:
@@ -58,40 +60,59 @@ class ConsoleRelay:
                 del self.scrollback[:-SCROLLBACK]
                 for client in list(self._clients):
                     self._send(client, data)
+        self._drop_all()
+
+    def _drop(self, client: asyncio.StreamWriter) -> None:
+        """Stop serving a viewer: close both directions of its PTY slave."""
+        read_side = self._clients.pop(client, None)
+        client.close()
+        if read_side is not None:
+            read_side.close()
+
+    def _drop_all(self) -> None:
         for client in list(self._clients):
-            client.close()
-        self._clients.clear()
+            self._drop(client)
 
     def _send(self, client: asyncio.StreamWriter, data: bytes) -> None:
         if client.is_closing() or client.transport.get_write_buffer_size() > CLIENT_BACKLOG_LIMIT:
-            client.close()  # a viewer that does not read is dropped, the guest is not slowed down
-            self._clients.discard(client)
+            self._drop(client)  # a viewer that does not read is dropped, the guest is not slowed down
             return
         client.write(data)
 
-    async def open_client(self) -> socket.socket:
-        """A new viewer: return the socket to hand to the client (the caller closes it after passing it)."""
+    async def open_client(self) -> int:
+        """A new viewer: a fresh PTY; return its master fd to hand to the client (the caller closes
+        it once passed).  The client hanging up (closing the master) ends the viewer."""
         if self._qemu is None or self._qemu.is_closing():
             raise ConnectionError("the console is not connected")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        master, slave = os.openpty()
+        try:
+            tty.setraw(slave)  # bytes pass unchanged both ways: no echo, line editing or CR/LF mangling
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader()
+            read_side, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                        os.fdopen(os.dup(slave), "rb", buffering=0))
+            write_side, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
+                                                                 os.fdopen(os.dup(slave), "wb", buffering=0))
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        writer = asyncio.StreamWriter(write_side, protocol, None, loop)
+        self._clients[writer] = read_side
         self._send(writer, bytes(self.scrollback))
-        self._clients.add(writer)
         self._spawn(self._pump_from_client(reader, writer))
-        return theirs
+        return master
 
     async def _pump_from_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
+        with contextlib.suppress(ConnectionError, OSError):  # EIO: the client closed the master
             while data := await reader.read(4096):
                 if not self.read_only and self._qemu is not None and not self._qemu.is_closing():
                     self._qemu.write(data)
-        self._clients.discard(writer)
-        writer.close()
+        self._drop(writer)
 
     async def close(self) -> None:
-        for client in list(self._clients):
-            client.close()
-        self._clients.clear()
+        self._drop_all()
         if self._qemu is not None:
             self._qemu.close()
             self._qemu = None

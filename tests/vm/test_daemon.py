@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import signal
-import socket
 import stat
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from asyncvarlink import VarlinkClientProtocol, VarlinkInterfaceProxy, connect_unix_varlink
@@ -105,27 +106,33 @@ def test_daemon_sigterm_leaves_vms_running(daemon, guest):
     assert daemon.status("keeper")["state"] == "stopped"
 
 
-def test_console_is_handed_over_by_fd_passing(daemon, guest):
+def test_console_is_handed_over_as_a_pty_by_fd_passing(daemon, guest):
     create(daemon, guest, "talk", "test.action=hang", console="interactive")
     assert daemon.ctl("start", "talk").returncode == 0
     daemon.wait_for("talk", lambda s: s["ready"])
+    daemon_fds = Path(f"/proc/{daemon.proc.pid}/fd")
+    baseline = len(list(daemon_fds.iterdir()))
 
-    async def read_console() -> bytes:
-        _, protocol = await connect_unix_varlink(VarlinkClientProtocol, daemon.socket)
+    async def read_console() -> tuple[str, bytes]:
+        transport, protocol = await connect_unix_varlink(VarlinkClientProtocol, daemon.socket)
         proxy = VarlinkInterfaceProxy(protocol, ManagerInterface)
         with await proxy.OpenConsole(name="talk") as reply:
-            sock = socket.socket(fileno=os.dup(reply["fileDescriptor"].fileno()))
-        sock.settimeout(5)
+            fd = os.dup(reply["fileDescriptor"].fileno())
+        transport.close()
+        target = os.readlink(f"/proc/self/fd/{fd}")
         data = b""
-        with sock:
-            while b"ready" not in data:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        return data
+        try:
+            while b"ready" not in data and select.select([fd], [], [], 5)[0]:
+                data += os.read(fd, 65536)
+        finally:
+            os.close(fd)  # hanging up: the daemon lets go of this viewer
+        return target, data
 
-    assert b"TESTGUEST" in asyncio.run(read_console())  # scrollback: what the guest printed before we came
+    target, data = asyncio.run(read_console())
+    assert target == "/dev/ptmx"  # the master of a PTY of its own
+    assert b"TESTGUEST" in data  # scrollback: what the guest printed before we came
+    poll(lambda: len(list(daemon_fds.iterdir())), lambda n: n <= baseline, 40)  # nothing held for the viewer
+    assert daemon.status("talk")["state"] == "running"
     daemon.ctl("kill", "talk")
 
 
