@@ -249,14 +249,14 @@ class Machine:
         vsock_fd = vsock_cid = None
         if vsock_usable(self.config.vsock):
             vsock_fd, vsock_cid = claim_vsock(self.config.name, fixed_cid=self.config.vsock_cid)
-        elif self.config.vsock_cid is not None:
-            self.log.warning("--vsock-cid is ignored: no usable /dev/vhost-vsock", cid=self.config.vsock_cid)
             self._vsock_cid = vsock_cid
             self._stack.callback(os.close, vsock_fd)
             pass_fds.append(vsock_fd)
             await channel.listen_vsock(peer_cid=vsock_cid)
             self._vsock_port = channel.port
         else:
+            if self.config.vsock_cid is not None:
+                self.log.warning("--vsock-cid is ignored: no usable /dev/vhost-vsock", cid=self.config.vsock_cid)
             await channel.listen_virtio_serial(rundir / "notify.sock")
         return channel, vsock_cid, vsock_fd
 
