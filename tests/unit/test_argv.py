@@ -119,7 +119,9 @@ def test_fixed_vsock_cid_is_the_only_candidate_and_a_taken_one_is_an_error(tmp_p
     monkeypatch.setattr(fcntl, "ioctl", busy_ioctl)
     device = tmp_path / "vhost-vsock"
     device.write_bytes(b"")
-    with pytest.raises(OSError, match="vsock CID 4711 is already taken"):
+    from vmspawnd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="vsock-cid=4711: already taken"):
         vsock.claim_vsock("vm", str(device), fixed_cid=4711)
     assert tried == [4711]
     tried.clear()

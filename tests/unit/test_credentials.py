@@ -30,7 +30,7 @@ def test_small_credentials_and_raw_strings_are_private_smbios_files(tmp_path):
 def test_what_does_not_fit_in_smbios_goes_to_fw_cfg_raw_and_read_only(tmp_path):
     big = bytes(range(256)) * 160  # 40 KiB: base64 makes it 54 KiB, one fits in SMBIOS, two do not
     files = write_credentials(tmp_path / "c", [("first", big), ("second", big), ("small", b"s")])
-    assert [p.name for p in files.smbios] == ["first", "small"]  # later small ones still use SMBIOS
+    assert sorted(p.name for p in files.smbios) == ["first", "small"]  # later small ones still use SMBIOS
     assert sum(p.stat().st_size + 1 for p in files.smbios) <= SMBIOS_BUDGET
     ((name, path),) = files.fw_cfg
     assert name == "opt/io.systemd.credentials/second"
@@ -57,3 +57,19 @@ def test_fw_cfg_files_reach_qemu_with_commas_escaped(tmp_path):
     argv = build_qemu_argv(config, res)
     i = argv.index("-fw_cfg")
     assert argv[i + 1] == "name=opt/io.systemd.credentials/a,,b,file=/run/x,,y/a,,b"
+
+
+def test_small_credentials_with_long_names_stay_in_smbios_when_a_big_one_comes_first(tmp_path):
+    big = b"b" * 42_900  # nearly the whole SMBIOS budget, base64-encoded
+    files = write_credentials(tmp_path / "c", [("big", big), ("systemd.unit-dropin.sshd-vsock@.service", b"[x]"),
+                                               ("ssh.ephemeral-authorized_keys-all", b"ssh-ed25519 AAAA")])
+    assert sorted(p.name for p in files.smbios) == ["ssh.ephemeral-authorized_keys-all",
+                                                    "systemd.unit-dropin.sshd-vsock@.service"]
+    assert [name for name, _ in files.fw_cfg] == ["opt/io.systemd.credentials/big"]
+
+
+def test_fw_cfg_takes_a_few_big_credentials_not_unlimited(tmp_path):
+    creds = [(f"c{i}", b"x" * 30_000) for i in range(10)]  # 40 KB in base64: one fits in SMBIOS
+    with pytest.raises(ConfigError, match="fw_cfg"):
+        write_credentials(tmp_path / "c", creds)
+    assert len(write_credentials(tmp_path / "d", creds[:9]).fw_cfg) == 8  # one in SMBIOS, eight in fw_cfg

@@ -139,7 +139,7 @@ def test_vsock_cid_values(kernel, value, cid):
     assert parse(kernel, f"--vsock-cid={value}").vsock_cid == cid
 
 
-@pytest.mark.parametrize("value", ["2", "host", "local", "hypervisor", "4294967295", "0x10", "seven"])
+@pytest.mark.parametrize("value", ["2", "host", "local", "hypervisor", "4294967295", "0x10", "seven", "²", "٣"])
 def test_vsock_cid_outside_the_regular_range_is_refused_by_name(kernel, value):
     with pytest.raises(ConfigError) as e:
         parse(kernel, f"--vsock-cid={value}")

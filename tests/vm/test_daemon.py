@@ -63,7 +63,7 @@ def test_two_vms_in_parallel_and_events_up_to_ready_and_stopped(daemon, guest):
     for name in ("par1", "par2"):
         for kind in ("created", "starting", "running", "ready", "stopping", "stopped"):
             assert (name, kind) in seen, (name, kind, seen)
-        assert seen.index((name, "ready")) < seen.index((name, "stopped"))
+        assert seen.index((name, "running")) < seen.index((name, "ready")) < seen.index((name, "stopped"))
 
 
 def test_forced_stop_of_a_guest_that_ignores_the_power_button(daemon, guest):
@@ -129,7 +129,7 @@ def test_console_is_handed_over_as_a_pty_by_fd_passing(daemon, guest):
         return target, data
 
     target, data = asyncio.run(read_console())
-    assert target == "/dev/ptmx"  # the master of a PTY of its own
+    assert target.endswith("ptmx")  # the master of a PTY of its own
     assert b"TESTGUEST" in data  # scrollback: what the guest printed before we came
     poll(lambda: len(list(daemon_fds.iterdir())), lambda n: n <= baseline, 40)  # nothing held for the viewer
     assert daemon.status("talk")["state"] == "running"

@@ -23,6 +23,8 @@ MAX_CREDENTIAL_SIZE = 1024 * 1024
 SMBIOS_BUDGET = 56 * 1024
 FW_CFG_PREFIX = "opt/io.systemd.credentials/"
 FW_CFG_NAME_MAX = 55
+#: QEMU's q35 has 32 fw_cfg file slots, most taken by its own files: leave it room.
+FW_CFG_CREDENTIALS_MAX = 8
 
 
 def valid_credential_id(cred_id: str) -> bool:
@@ -156,7 +158,8 @@ def _smbios_string(cred_id: str, data: bytes) -> bytes:
 def write_credentials(directory: Path, credentials: list[tuple[str, bytes]],
                       raw_strings: tuple[str, ...] = ()) -> CredentialFiles:
     """Write each credential (and each raw ``--smbios11=`` string) to its own private file: as an
-    SMBIOS type-11 string while they fit in the SMBIOS budget, the rest as fw_cfg payloads.
+    SMBIOS type-11 string while they fit in the SMBIOS budget (smallest first, so only big ones
+    move), the rest as fw_cfg payloads.
 
     Raises ConfigError when a credential fits neither way (or the raw strings alone are too big)."""
     directory.mkdir(mode=0o700, exist_ok=True)
@@ -165,7 +168,7 @@ def write_credentials(directory: Path, credentials: list[tuple[str, bytes]],
     if used > SMBIOS_BUDGET:
         raise ConfigError("smbios11", f"{len(raw_strings)} strings", f"{used} bytes in all; SMBIOS takes at most "
                           f"{SMBIOS_BUDGET}")
-    for cred_id, data in credentials:
+    for cred_id, data in sorted(credentials, key=lambda c: len(c[0]) + len(c[1])):
         text = _smbios_string(cred_id, data)
         if used + len(text) + 1 <= SMBIOS_BUDGET:
             used += len(text) + 1
@@ -176,6 +179,9 @@ def write_credentials(directory: Path, credentials: list[tuple[str, bytes]],
             raise ConfigError("credential", cred_id, f"too large for SMBIOS ({len(data)} bytes; all credentials "
                               f"share {SMBIOS_BUDGET} bytes there, base64-encoded), and its name is too long for "
                               f"fw_cfg (at most {FW_CFG_NAME_MAX - len(FW_CFG_PREFIX)} characters)")
+        if len(files.fw_cfg) >= FW_CFG_CREDENTIALS_MAX:
+            raise ConfigError("credential", cred_id, f"too large for SMBIOS, and {FW_CFG_CREDENTIALS_MAX} "
+                              "credentials already go through fw_cfg (QEMU has few slots)")
         (directory / "fw_cfg").mkdir(mode=0o700, exist_ok=True)
         path = _write_private(directory / "fw_cfg" / cred_id, data)
         path.chmod(0o400)

@@ -22,7 +22,7 @@ def parse_vsock_cid(value: str | int | None, field: str = "vsock-cid") -> int | 
         return None
     if text in ("hypervisor", "local", "host"):
         raise ConfigError(field, value, "a reserved CID; the guest needs a regular one (3…4294967294)")
-    if not text.isdigit() or not CID_MIN <= int(text) <= CID_MAX:
+    if not (text.isascii() and text.isdigit()) or not CID_MIN <= int(text) <= CID_MAX:
         raise ConfigError(field, value, "expected a CID from 3 to 4294967294 (or any)")
     return int(text)
 
@@ -48,7 +48,9 @@ def claim_vsock(name: str, device: str = "/dev/vhost-vsock", fixed_cid: int | No
                 if e.errno != errno.EADDRINUSE:
                     raise
                 if fixed_cid is not None:
-                    raise OSError(e.errno, f"vsock CID {fixed_cid} is already taken by another VM") from None
+                    from vmspawnd.config import ConfigError
+
+                    raise ConfigError("vsock-cid", fixed_cid, "already taken by another VM") from None
         raise OSError(errno.EADDRNOTAVAIL, "no free vsock CID")
     except BaseException:
         os.close(fd)

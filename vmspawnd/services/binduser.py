@@ -22,11 +22,11 @@ MAP_UID_MIN, MAP_UID_MAX = 60514, 60577
 HOME_MOUNT_DIR = Path("/run/vmhost/home")
 NOBODY_UID = 65534
 RECORD_SERVICE = "io.systemd.NSpawn"  # what systemd's own --bind-user writes into the records
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,30}$")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 
 
 def validate_user_name(value: str, field: str) -> str:
-    """A portable user or group name (letters, digits, '_', '.', '-'; at most 31 characters)."""
+    """A portable user or group name (letters, digits, '_', '.', '-'; at most 32 characters)."""
     if not isinstance(value, str) or not _NAME_RE.match(value):
         raise ConfigError(field, value, "not a valid user or group name")
     return value
@@ -40,7 +40,7 @@ def parse_bind_user_shell(value: str) -> str:
         return "yes"
     if value.lower() in FALSE_WORDS:
         return "no"
-    if not value.startswith("/") or "\0" in value or len(value) > 4096:
+    if not value.startswith("/") or not value.isprintable() or len(value) > 4096:
         raise ConfigError("bind-user-shell", value, "expected a boolean or an absolute path")
     return value
 
