@@ -201,7 +201,8 @@ def test_bind_user_brings_a_host_user_and_their_home_into_the_vm() -> None:
         os.chown(home / "hello.txt", pw.pw_uid, pw.pw_gid)
         proc = vmspawn("-M", "bindusr", "--bind-user=vmuser", "--bind-user-shell=yes", "--bind-user-group=wheel",
                        "test.virtiofs=mnt0", "test.cat=mnt0/hello.txt", "test.stat=mnt0/hello.txt",
-                       "test.write=mnt0/from-vm.txt", "test.chown=60514:60514:mnt0/from-vm.txt",
+                       "test.write=mnt0/from-vm.txt", "test.write=mnt0/by-root.txt",
+                       "test.chown=60514:60514:mnt0/from-vm.txt", "test.chown=0:0:mnt0/by-root.txt",
                        "test.cred=userdb.transient.user.vmuser", "test.cred=userdb.transient.group.vmuser",
                        "test.cred=fstab.extra")
         out = proc.wait()
@@ -211,6 +212,9 @@ def test_bind_user_brings_a_host_user_and_their_home_into_the_vm() -> None:
         written = home / "from-vm.txt"
         assert written.read_text() == "written-by-guest\n"
         assert (written.stat().st_uid, written.stat().st_gid) == (pw.pw_uid, pw.pw_gid)  # and back
+        # guest root (or anyone else in the guest) cannot make files of any other host owner
+        by_root = (home / "by-root.txt").stat()
+        assert (by_root.st_uid, by_root.st_gid) == (pw.pw_uid, pw.pw_gid)
         records = {key: json.loads(value) for key, value in
                    re.findall(r"cred userdb\.transient\.(user|group)\.vmuser=(\{.*\})", out)}
         user = records["user"]

@@ -86,7 +86,7 @@ async def _start(aux: AuxServices, config: MachineConfig, runner: ServiceRunner,
     users = resolve_bound_users(config.bind_users, config.bind_user_shell, config.bind_user_groups)
     binds = [*config.binds, *(Bind(user.host_home, user.vm_home) for user in users)]
     shares += [(i, bind_tag(i), bind_tag(i), user.host_home, False,
-                UidMap(user.vm_uid, user.host_uid, 1, user.host_gid))
+                UidMap(user.vm_uid, user.host_uid, 1, user.host_gid, squash_others=True))
                for i, user in enumerate(users, len(config.binds))]
     for index, tag, chardev, source, read_only, uid_map in shares:
         socket_path = rundir / f"fs-{tag}.sock"

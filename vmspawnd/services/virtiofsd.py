@@ -30,6 +30,7 @@ from vmspawnd.services.runner import RunningService, ServiceRunner, ServiceSpec
 log = structlog.get_logger()
 
 ROOT_TAG = "root"
+MAX_ID = 0xFFFFFFFF  # (uid_t)-1 is no ID: valid ones end just below
 ROOT_CHARDEV = "rootdir"
 #: Where upstream looks (after $PATH), then QEMU's C virtiofsd (Debian 12's qemu-system-common).
 VIRTIOFSD_PATHS = (Path("/usr/libexec/virtiofsd"), Path("/usr/lib/virtiofsd"), Path("/usr/lib/qemu/virtiofsd"))
@@ -60,17 +61,34 @@ class UidMap:
     host_first: int
     count: int
     host_gid_first: int | None = None
+    squash_others: bool = False  # every other guest ID creates files as host_first (no guest root on the host)
 
     @property
     def identity(self) -> bool:
-        return self.guest_first == self.host_first and self.host_gid_first in (None, self.guest_first)
+        return (self.guest_first == self.host_first and self.host_gid_first in (None, self.guest_first)
+                and not self.squash_others)
 
     def word(self) -> str:
         return f"map:{self.guest_first}:{self.host_first}:{self.count}"
 
     def gid_word(self) -> str:
-        host = self.host_first if self.host_gid_first is None else self.host_gid_first
-        return f"map:{self.guest_first}:{host}:{self.count}"
+        return f"map:{self.guest_first}:{self._host_gid}:{self.count}"
+
+    @property
+    def _host_gid(self) -> int:
+        return self.host_first if self.host_gid_first is None else self.host_gid_first
+
+    def translate_args(self) -> list[str]:
+        """virtiofsd's --translate-uid/--translate-gid rules (the ranges must not overlap)."""
+        args = ["--translate-uid", self.word(), "--translate-gid", self.gid_word()]
+        if self.squash_others:
+            end = self.guest_first + self.count
+            for option, host in (("--translate-uid", self.host_first), ("--translate-gid", self._host_gid)):
+                if self.guest_first > 0:
+                    args += [option, f"squash-guest:0:{host}:{self.guest_first}"]
+                if end < MAX_ID:
+                    args += [option, f"squash-guest:{end}:{host}:{MAX_ID - end}"]
+        return args
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -200,7 +218,7 @@ def virtiofsd_argv(virtiofsd: Virtiofsd, share_dir: Path, socket_path: Path, *, 
         if read_only and virtiofsd.readonly:
             argv.append("--readonly")
         if uid_map is not None and virtiofsd.translate_ids:
-            argv += ["--translate-uid", uid_map.word(), "--translate-gid", uid_map.gid_word()]
+            argv += uid_map.translate_args()
         wrap = read_only and not virtiofsd.readonly
     return rowrap_argv(share_dir, argv) if wrap else argv
 
