@@ -565,7 +565,21 @@ def config_from_json(name: str, data: dict[str, Any], check_environment: bool = 
     )
     if config.firmware in ("list", "describe"):
         raise ConfigError("firmware", config.firmware, "is an action, not a machine setting")
-    return config.validated(check_environment)
+    try:
+        return config.validated(check_environment)
+    except ConfigError as e:  # the checks speak of command-line options: name the JSON field instead
+        raise ConfigError(json_field_name(e.field), e.value, e.reason) from None
+
+
+def json_field_name(option: str) -> str:
+    """The JSON field for a command-line option name (``vsock-cid`` → ``vsockCid``, ``bind-user`` →
+    ``bindUsers``); names that are no option of a field come back unchanged."""
+    head, *rest = option.split("-")
+    camel = head + "".join(word.capitalize() for word in rest)
+    for candidate in (camel, camel + "s", {"bindRo": "binds", "property": "properties"}.get(camel, "")):
+        if candidate in JSON_FIELDS:
+            return candidate
+    return option
 
 
 def _escape_colons(path: Path) -> str:

@@ -159,3 +159,18 @@ def test_vsock_cid_json_round_trip_and_type_check(kernel):
     assert config_from_json("cid", data).vsock_cid == 1234
     with pytest.raises(ConfigError, match="vsockCid"):
         config_from_json("cid", {**data, "vsockCid": "1234"})
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({"vsock": "no", "vsockCid": 7}, "vsockCid"),
+    ({"sshKeyType": "dsa"}, "sshKeyType"),
+    ({"bindUserGroups": ["wheel"]}, "bindUserGroups"),
+    ({"initrds": ["/initrd"], "linux": None}, "initrds"),
+    ({"properties": ["NoSuchThing=1"]}, "properties"),
+])
+def test_json_config_errors_name_the_json_field(data, field):
+    from vmspawnd.config import config_from_json
+
+    with pytest.raises(ConfigError) as e:
+        config_from_json("vm", {"linux": "/vmlinuz", **data}, check_environment=False)
+    assert e.value.field == field, e.value
