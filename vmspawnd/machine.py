@@ -422,6 +422,8 @@ class Machine:
         self._stack.push_async_callback(self._qmp.close)
         await self._qmp.connect(str(self.runtime.path / "qmp.sock"))
         self._set_state(State.RUNNING, pid=pid, adopted=True)
+        if self.ready and not info.get("ready"):  # it became ready while no daemon was listening
+            self._emit("ready")
         self.log.info("re-adopted running VM", pid=pid)
         self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
         return True
@@ -543,7 +545,7 @@ class Machine:
                 self.ready = True
                 self.log.info("guest is ready")
                 self._save_run_info()
-                if self.state is not State.STARTING:  # else emitted once the machine runs
+                if self.state in (State.RUNNING, State.STOPPING):  # else emitted once the machine runs
                     self._emit("ready")
         elif key == "STATUS":
             status = value[:512]
