@@ -110,6 +110,11 @@ class Config:
     bindUserGroups: list[str] | None = None
     passSshKey: str | None = None
     sshKeyType: str | None = None
+    forwardJournal: str | None = None
+    forwardJournalMaxUse: int | None = None
+    forwardJournalKeepFree: int | None = None
+    forwardJournalMaxFileSize: int | None = None
+    forwardJournalMaxFiles: int | None = None
     register: str | None = None
     slice: str | None = None
     properties: list[str] | None = None

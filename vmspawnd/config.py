@@ -295,6 +295,11 @@ class MachineConfig:
     bind_user_shell: str = "no"  # yes (the host's shell) | no | an absolute path
     bind_user_groups: tuple[str, ...] = ()  # extra groups of bound users in the VM
     pass_ssh_key: Tristate = Tristate.AUTO  # auto: when the guest has vsock
+    forward_journal: Path | None = None  # a *.journal file or a directory (needs vsock)
+    forward_journal_max_use: int | None = None
+    forward_journal_keep_free: int | None = None
+    forward_journal_max_file_size: int | None = None
+    forward_journal_max_files: int | None = None
     ssh_key_type: str = "ed25519"
     register: Tristate = Tristate.AUTO
     slice: str = "machine.slice"
@@ -317,6 +322,15 @@ class MachineConfig:
             parse_vsock_cid(self.vsock_cid)
             if self.vsock is Tristate.NO:
                 raise ConfigError("vsock-cid", self.vsock_cid, "a CID for a guest without vsock (--vsock=no)")
+        if self.forward_journal is None:
+            for option, value in (("forward-journal-max-use", self.forward_journal_max_use),
+                                  ("forward-journal-keep-free", self.forward_journal_keep_free),
+                                  ("forward-journal-max-file-size", self.forward_journal_max_file_size),
+                                  ("forward-journal-max-files", self.forward_journal_max_files)):
+                if value is not None:
+                    raise ConfigError(option, value, "only valid with --forward-journal")
+        elif not self.forward_journal.is_absolute():
+            raise ConfigError("forward-journal", str(self.forward_journal), "path must be absolute")
         if self.initrds and self.linux is None:
             raise ConfigError("initrd", str(self.initrds[0]), "--initrd requires --linux")
         if self.linux is None and self.image is None:
@@ -387,6 +401,11 @@ class MachineConfig:
                               "needs UEFI firmware")
         if self.efi_nvram_template is not None and not self.efi_nvram_template.is_file():
             raise ConfigError("efi-nvram-template", str(self.efi_nvram_template), "no such file")
+        if self.forward_journal is not None:
+            from vmspawnd.services.journal import JOURNAL_REMOTE_PATHS, find_tool
+
+            find_tool("systemd-socket-activate")
+            find_tool("systemd-journal-remote", JOURNAL_REMOTE_PATHS)
         if self.bind_users:
             from vmspawnd.services.binduser import resolve_bound_users
             from vmspawnd.services.virtiofsd import find_virtiofsd
@@ -426,7 +445,8 @@ JSON_FIELDS = ("linux", "initrds", "kernelCommandLine", "ram", "cpus", "kvm", "v
                "imageDiskType", "extraDrives", "discardDisk", "growImage", "ephemeral", "network", "firmware",
                "firmwareFeatures", "secureBoot", "efiNvramTemplate", "efiNvramState", "tpm", "tpmState",
                "directory", "binds", "privateUsers", "bindUsers", "bindUserShell", "bindUserGroups", "passSshKey",
-               "sshKeyType", "register",
+               "sshKeyType", "forwardJournal", "forwardJournalMaxUse", "forwardJournalKeepFree",
+               "forwardJournalMaxFileSize", "forwardJournalMaxFiles", "register",
                "slice", "properties", "keepUnit")
 
 
@@ -473,6 +493,11 @@ def config_to_json(config: MachineConfig) -> dict[str, Any]:
         "bindUserGroups": list(config.bind_user_groups),
         "passSshKey": config.pass_ssh_key.value,
         "sshKeyType": config.ssh_key_type,
+        "forwardJournal": str(config.forward_journal) if config.forward_journal else None,
+        "forwardJournalMaxUse": config.forward_journal_max_use,
+        "forwardJournalKeepFree": config.forward_journal_keep_free,
+        "forwardJournalMaxFileSize": config.forward_journal_max_file_size,
+        "forwardJournalMaxFiles": config.forward_journal_max_files,
         "register": config.register.value,
         "slice": config.slice,
         "properties": list(config.properties),
@@ -558,6 +583,11 @@ def config_from_json(name: str, data: dict[str, Any], check_environment: bool = 
         bind_user_groups=tuple(_string_list("bindUserGroups", get("bindUserGroups"))),
         pass_ssh_key=parse_tristate("passSshKey", _string("passSshKey", get("passSshKey", "auto"))),
         ssh_key_type=_string("sshKeyType", get("sshKeyType", "ed25519")),
+        forward_journal=_path("forwardJournal", get("forwardJournal")) if get("forwardJournal") is not None else None,
+        forward_journal_max_use=_count("forwardJournalMaxUse", get("forwardJournalMaxUse")),
+        forward_journal_keep_free=_count("forwardJournalKeepFree", get("forwardJournalKeepFree")),
+        forward_journal_max_file_size=_count("forwardJournalMaxFileSize", get("forwardJournalMaxFileSize")),
+        forward_journal_max_files=_count("forwardJournalMaxFiles", get("forwardJournalMaxFiles")),
         register=parse_tristate("register", _string("register", get("register", "auto"))),
         slice=_string("slice", get("slice", "machine.slice")),
         properties=tuple(_string_list("properties", get("properties"))),
@@ -611,6 +641,15 @@ def _bind(value: str) -> Bind:
     if len(parts) != 3 or parts[0] not in ("ro", "rw"):
         raise ConfigError("binds", value, "expected ro|rw:SOURCE:DESTINATION (escape ':' as \\:)")
     return Bind(_path("binds", parts[1]), _path("binds", parts[2]), parts[0] == "ro")
+
+
+def _count(field: str, value: Any) -> int | None:
+    """A positive integer (bytes or a count), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 63:
+        raise ConfigError(field, value, "expected a positive integer")
+    return value
 
 
 def _vsock_cid(value: Any) -> int | None:

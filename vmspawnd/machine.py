@@ -166,7 +166,7 @@ class Machine:
         self._grow_image()
         pass_fds: list[int] = []
         channel, vsock_cid, vsock_fd = await self._open_notify_channel(rundir, pass_fds)
-        aux = await self._start_scope_and_helpers(rundir)
+        aux = await self._start_scope_and_helpers(rundir, vsock_cid)
         generated = aux.credentials + await self._ssh_key_credentials(rundir, vsock_cid)
 
         ours = {cred_id for cred_id, _ in generated}
@@ -212,6 +212,9 @@ class Machine:
         check_cmdline_length(config)
         if config.network is Network.TAP and not has_capability(CAP_NET_ADMIN):
             raise ConfigError("network-tap", "", "TAP networking needs CAP_NET_ADMIN (run as root)")
+        if config.forward_journal is not None and not vsock_usable(config.vsock):
+            raise ConfigError("forward-journal", str(config.forward_journal), "needs vsock (the guest sends its "
+                              "journal over AF_VSOCK), and /dev/vhost-vsock is not usable here")
         qemu_binary = find_qemu()
         accel = choose_accelerator(config.kvm)
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)
@@ -260,7 +263,7 @@ class Machine:
             await channel.listen_virtio_serial(rundir / "notify.sock")
         return channel, vsock_cid, vsock_fd
 
-    async def _start_scope_and_helpers(self, rundir: Path) -> AuxServices:
+    async def _start_scope_and_helpers(self, rundir: Path, vsock_cid: int | None) -> AuxServices:
         """The scope (around the launcher) and the helpers, as units where systemd runs, else children."""
         systemd, why = await connect_systemd()
         if systemd is not None:
@@ -269,7 +272,7 @@ class Machine:
         runner = await choose_runner(die_with_parent=self._die_with_parent, manager=systemd)
         self._stack.push_async_callback(runner.aclose)
         try:
-            aux = await start_aux_services(self.config, runner, rundir, bound_to=scope)
+            aux = await start_aux_services(self.config, runner, rundir, bound_to=scope, guest_cid=vsock_cid)
         except AuxServiceError as e:
             raise StartError(str(e)) from e
         for what, service in aux.services:

@@ -120,6 +120,14 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
                        help="make an ephemeral SSH key pair and let it into the guest's sshd-vsock@.service "
                             "(auto, the default: when the guest has vsock)")
     integ.add_argument("--ssh-key-type", metavar="TYPE", help="ed25519 (default), ecdsa or rsa")
+    integ.add_argument("--forward-journal", metavar="FILE|DIR",
+                       help="receive the guest's journal (over vsock, with systemd-journal-remote) into a "
+                            "*.journal file or a directory")
+    integ.add_argument("--forward-journal-max-use", metavar="BYTES", help="journal-remote's --max-use=")
+    integ.add_argument("--forward-journal-keep-free", metavar="BYTES", help="journal-remote's --keep-free=")
+    integ.add_argument("--forward-journal-max-file-size", metavar="BYTES",
+                       help="journal-remote's --max-file-size=")
+    integ.add_argument("--forward-journal-max-files", metavar="N", help="journal-remote's --max-files=")
     props = parser.add_argument_group("Properties")
     props.add_argument("-S", "--slice", metavar="SLICE", help="slice for the VM's scope (default: machine.slice)")
     props.add_argument("--property", metavar="NAME=VALUE", action="append", default=[],
@@ -214,6 +222,12 @@ def config_from_args(ns: argparse.Namespace) -> MachineConfig:
         bind_user_groups=tuple(ns.bind_user_group),
         pass_ssh_key=parse_tristate("pass-ssh-key", ns.pass_ssh_key) if ns.pass_ssh_key is not None else Tristate.AUTO,
         ssh_key_type=ns.ssh_key_type if ns.ssh_key_type is not None else "ed25519",
+        forward_journal=_abspath(ns.forward_journal) if ns.forward_journal else None,
+        forward_journal_max_use=_optional_size("forward-journal-max-use", ns.forward_journal_max_use),
+        forward_journal_keep_free=_optional_size("forward-journal-keep-free", ns.forward_journal_keep_free),
+        forward_journal_max_file_size=_optional_size("forward-journal-max-file-size",
+                                                     ns.forward_journal_max_file_size),
+        forward_journal_max_files=_file_count(ns.forward_journal_max_files),
         register=parse_tristate("register", ns.register) if ns.register is not None else Tristate.AUTO,
         slice=mangle_slice(ns.slice) if ns.slice else DEFAULT_SLICE,
         properties=tuple(ns.property),
@@ -221,6 +235,18 @@ def config_from_args(ns: argparse.Namespace) -> MachineConfig:
         quiet=getattr(ns, "quiet", False),
     )
     return config.validated()
+
+
+def _optional_size(field: str, value: str | None) -> int | None:
+    return parse_size(field, value) if value is not None else None
+
+
+def _file_count(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise ConfigError("forward-journal-max-files", value, "expected a positive number")
+    return int(value)
 
 
 def _firmware_value(value: str | None) -> str:

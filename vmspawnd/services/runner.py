@@ -83,7 +83,7 @@ class ServiceSpec:
     bound_to: str | None = None  # the VM's unit (BindsTo=/After=), transient units only
     ready_path: Path | None = None  # a socket the helper creates once it is ready
     ready_timeout: float = DEFAULT_READY_TIMEOUT
-    env: dict[str, str] = field(default_factory=dict)  # extra environment (children only)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "argv", tuple(str(a) for a in self.argv))
@@ -325,6 +325,8 @@ def transient_unit_properties(spec: ServiceSpec) -> list[tuple[str, Variant]]:
     ]
     if spec.bound_to:
         props += [("BindsTo", Variant("as", [spec.bound_to])), ("After", Variant("as", [spec.bound_to]))]
+    if spec.env:
+        props.append(("Environment", Variant("as", [f"{key}={value}" for key, value in spec.env.items()])))
     return props
 
 
@@ -402,7 +404,7 @@ class UnitRunner:
     """Runs helpers as transient services of the systemd manager (see systemd/units.py).
 
     Limits: no fd passing (helpers create their own sockets); argv and paths must make sense in
-    PID 1's mount namespace and environment; ``env`` of a spec is ignored.
+    PID 1's mount namespace; a spec's ``env`` becomes the unit's ``Environment=``.
     """
 
     def __init__(self, manager: SystemdManager, *, owns_manager: bool = False) -> None:

@@ -10,6 +10,8 @@ import structlog
 
 from vmspawnd.config import Bind, ConfigError, MachineConfig, Tristate
 from vmspawnd.services.binduser import resolve_bound_users
+from vmspawnd.services.journal import JournalLimits, start_journal_remote
+from vmspawnd.services.journal import guest_credential as journal_credential
 from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner
 from vmspawnd.services.swtpm import qemu_tpm_args, start_swtpm, tpm_enabled, tpm_state_dir
 from vmspawnd.services.virtiofsd import (
@@ -47,12 +49,19 @@ class AuxServices:
 
 
 async def start_aux_services(config: MachineConfig, runner: ServiceRunner, rundir: Path,
-                             bound_to: str | None = None) -> AuxServices:
-    """Start swtpm and one virtiofsd per share.  The caller owns (and stops) what is returned; if
-    one fails to start, those already started are stopped before the error is raised."""
+                             bound_to: str | None = None, guest_cid: int | None = None) -> AuxServices:
+    """Start swtpm, one virtiofsd per share and journal-remote (which needs the guest's vsock
+    ``guest_cid``).  The caller owns (and stops) what is returned; if one fails to start, those
+    already started are stopped before the error is raised."""
+    if config.forward_journal is not None and guest_cid is None:
+        raise AuxServiceError("--forward-journal needs vsock (the guest sends its journal over AF_VSOCK), "
+                              "and /dev/vhost-vsock is not usable here")
     aux = AuxServices()
     try:
         await _start(aux, config, runner, rundir, bound_to)
+        if config.forward_journal is not None:
+            assert guest_cid is not None
+            await _start_journal_remote(aux, config, runner, guest_cid, bound_to)
     except BaseException:
         for _, svc in reversed(aux.services):
             with contextlib.suppress(Exception):
@@ -103,6 +112,19 @@ async def _start(aux: AuxServices, config: MachineConfig, runner: ServiceRunner,
         aux.credentials.append(("fstab.extra", _merged_fstab(config, fstab_extra(binds))))
     for user in users:
         aux.credentials += user.credentials()
+
+
+async def _start_journal_remote(aux: AuxServices, config: MachineConfig, runner: ServiceRunner, guest_cid: int,
+                                bound_to: str | None) -> None:
+    assert config.forward_journal is not None
+    limits = JournalLimits(config.forward_journal_max_use, config.forward_journal_keep_free,
+                           config.forward_journal_max_file_size, config.forward_journal_max_files)
+    try:
+        svc = await start_journal_remote(runner, config.name, guest_cid, config.forward_journal, limits, bound_to)
+    except (ServiceError, OSError) as e:
+        raise AuxServiceError(f"systemd-journal-remote failed to start: {e}") from e
+    aux.services.append(("journal-remote", svc))
+    aux.credentials.append(journal_credential(guest_cid))
 
 
 def root_uid_map(config: MachineConfig) -> UidMap | None:

@@ -1,0 +1,85 @@
+"""--forward-journal: systemd-journal-remote receives the guest's journal over vsock.
+
+``systemd-socket-activate`` listens on ``vsock:2:<guest CID>`` (the port is the guest's CID, as
+upstream does it) and hands connections to ``systemd-journal-remote``, which writes one file
+(``*.journal``, ``--split-mode=none``) or a directory of them (``--split-mode=host``).  The guest
+learns where to send through the credential ``journal.forward_to_socket``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmspawnd.config import ConfigError
+from vmspawnd.services.runner import RunningService, ServiceRunner, ServiceSpec
+
+#: Where Debian and others install it when it is not on $PATH (package systemd-journal-remote).
+JOURNAL_REMOTE_PATHS = (Path("/usr/lib/systemd/systemd-journal-remote"),
+                        Path("/lib/systemd/systemd-journal-remote"))
+CREDENTIAL = "journal.forward_to_socket"
+
+
+@dataclass(frozen=True)
+class JournalLimits:
+    """journal-remote's disk limits (bytes; ``max_files`` a count); None leaves its default."""
+
+    max_use: int | None = None
+    keep_free: int | None = None
+    max_file_size: int | None = None
+    max_files: int | None = None
+
+    def args(self) -> list[str]:
+        named = (("--max-use", self.max_use), ("--keep-free", self.keep_free),
+                 ("--max-file-size", self.max_file_size), ("--max-files", self.max_files))
+        return [f"{option}={value}" for option, value in named if value is not None]
+
+    @property
+    def any(self) -> bool:
+        return bool(self.args())
+
+
+def find_tool(name: str, candidates: tuple[Path, ...] = ()) -> Path:
+    """``name`` on $PATH, else the first executable candidate; ConfigError naming the package."""
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    for path in candidates:
+        if os.access(path, os.X_OK):
+            return path
+    package = "systemd-journal-remote" if name == "systemd-journal-remote" else "systemd"
+    raise ConfigError("forward-journal", name, f"not installed (apt install {package})")
+
+
+def prepare_output(output: Path) -> str:
+    """Create the output directory (or a ``*.journal`` file's parent), 0755; the split mode to use."""
+    single_file = output.name.endswith(".journal")
+    directory = output.parent if single_file else output
+    try:
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("forward-journal", str(output), f"cannot create {directory}: {e.strerror}") from None
+    return "none" if single_file else "host"
+
+
+def journal_remote_spec(machine: str, guest_cid: int, output: Path, limits: JournalLimits,
+                        bound_to: str | None = None) -> ServiceSpec:
+    """The helper that listens on vsock for ``guest_cid``'s journal and writes it to ``output``."""
+    split_mode = prepare_output(output)
+    argv = [str(find_tool("systemd-socket-activate")), f"--listen=vsock:2:{guest_cid}",
+            str(find_tool("systemd-journal-remote", JOURNAL_REMOTE_PATHS)), f"--output={output}",
+            f"--split-mode={split_mode}", *limits.args()]
+    return ServiceSpec(name=f"vmspawnd-{machine}-journal", argv=tuple(argv), bound_to=bound_to,
+                       description=f"journal of VM {machine} into {output}",
+                       env={"SYSTEMD_JOURNAL_REMOTE_CONFIG_FILE": "/dev/null"})
+
+
+def guest_credential(guest_cid: int) -> tuple[str, bytes]:
+    return CREDENTIAL, f"vsock:2:{guest_cid}".encode()
+
+
+async def start_journal_remote(runner: ServiceRunner, machine: str, guest_cid: int, output: Path,
+                               limits: JournalLimits, bound_to: str | None = None) -> RunningService:
+    return await runner.start(journal_remote_spec(machine, guest_cid, output, limits, bound_to))
