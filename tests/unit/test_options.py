@@ -174,3 +174,17 @@ def test_json_config_errors_name_the_json_field(data, field):
     with pytest.raises(ConfigError) as e:
         config_from_json("vm", {"linux": "/vmlinuz", **data}, check_environment=False)
     assert e.value.field == field, e.value
+
+
+def test_vmspawnctl_create_help_and_bad_options_need_no_daemon(tmp_path):
+    import subprocess
+    import sys
+
+    ctl = [sys.executable, "-m", "vmspawnd.cli.vmspawnctl", f"--address={tmp_path}/nobody-listens"]
+    helped = subprocess.run([*ctl, "create", "--help"], capture_output=True, text=True, timeout=30)
+    assert helped.returncode == 0 and "--bind-user" in helped.stdout and "--forward-journal" in helped.stdout
+    bad = subprocess.run([*ctl, "create", "vm", "--linux=/etc/hostname", "--ram=2G:1G"], capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode == 1 and "invalid ram=2G:1G" in bad.stderr and "cannot reach" not in bad.stderr
+    stray = subprocess.run([*ctl, "list", "--bogus"], capture_output=True, text=True, timeout=30)
+    assert stray.returncode == 2 and "--bogus" in stray.stderr

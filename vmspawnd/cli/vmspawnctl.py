@@ -171,8 +171,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         cmd = args.command
         if cmd == "create":
-            args.name, config = parse_create(args.rest)
-            info = (await proxy.Create(name=args.name, config=Config(**config_to_json(config))))["machine"]
+            info = (await proxy.Create(name=args.name, config=Config(**config_to_json(args.config))))["machine"]
             _print_machine(info, args.json) if args.json else print(f"Created {args.name}.")
         elif cmd in ("start", "status", "remove"):
             method = {"start": proxy.Start, "status": proxy.Describe, "remove": proxy.Remove}[cmd]
@@ -242,9 +241,18 @@ def _describe_error(e: VarlinkErrorReply) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+        args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+        if args.command == "create":  # vmspawn's options before NAME (e.g. "create --help") are create's
+            args.rest = unknown + args.rest
+        elif unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if args.command == "create":  # checked (and --help answered) before the daemon is asked
+            args.name, args.config = parse_create(args.rest)
     except SystemExit as e:
         return EXIT_USAGE if e.code not in (0, None) else EXIT_OK
+    except ConfigError as e:
+        print(f"vmspawnctl: {e}", file=sys.stderr)
+        return EXIT_USAGE if e.field == "arguments" else EXIT_FAILURE
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:
