@@ -145,7 +145,7 @@ def test_credentials_reach_the_guest(vmspawn, tmp_path):
     big1.write_bytes(os.urandom(40_000))
     big2.write_bytes(os.urandom(40_000) + b"\0\n\0")
     run = vmspawn("test.notify=1", "test.cred=greeting", "test.cred=filecred", "test.cred=rawish",
-                  "test.credsum=big1", "test.credsum=big2", "test.cred=ssh.ephemeral-authorized_keys-all",
+                  "test.credsum=big1", "test.credsum=big2", "test.cred=ssh.ephemeral-authorized_keys-all", "test.net=1",
                   "--set-credential=greeting:hello\\x20world", f"--load-credential=filecred:{secret}",
                   f"--load-credential=big1:{big1}", f"--load-credential=big2:{big2}",
                   "--smbios11=io.systemd.credential:rawish=plain", "--vsock=no", name="creds")
@@ -154,6 +154,7 @@ def test_credentials_reach_the_guest(vmspawn, tmp_path):
     assert "cred filecred=from-a-file" in run.text
     assert "cred rawish=plain" in run.text
     assert "cred ssh.ephemeral-authorized_keys-all MISSING" in run.text  # no vsock: no SSH key by default
+    assert "net: no network interface" in run.text  # no networking unless asked for
     assert f"credsum big1: {hashlib.md5(big1.read_bytes()).hexdigest()} (smbios)" in run.text, run.text
     assert f"credsum big2: {hashlib.md5(big2.read_bytes()).hexdigest()} (fw_cfg)" in run.text, run.text
     assert_clean(run)  # the credential files went with the runtime dir
@@ -282,3 +283,9 @@ def test_pass_ssh_key_lets_the_key_into_the_guest_and_takes_it_away(vmspawn):
     assert f"cred ssh.ephemeral-authorized_keys-all={public}" in run.text
     assert "ImportCredential=ssh.ephemeral-authorized_keys-all" in run.text  # the sshd-vsock@ drop-in
     assert_clean(run)  # the key pair went with the runtime dir
+
+
+def test_user_mode_networking_gives_the_guest_a_dhcp_lease(vmspawn):
+    run = vmspawn("test.notify=1", "--network-user-mode", "test.net=1", name="usernet")
+    assert run.wait() == 0, run.text
+    assert "net: lease 10.0.2.15 router 10.0.2.2" in run.text, run.text  # QEMU's user-mode network answered

@@ -97,6 +97,7 @@ INIT_WORDS: tuple[str, ...] = (
     "test.disks",
     "test.diskwrite",
     "test.uuid",
+    "test.net",
 )
 
 INIT_SCRIPT = r"""#!/bin/sh
@@ -130,6 +131,7 @@ INIT_SCRIPT = r"""#!/bin/sh
 #                            512-byte sectors, serial
 #   test.diskwrite=DEV       write "vmspawnd-guest-was-here" over the first bytes of /dev/DEV (e.g. vda)
 #   test.uuid=1              print the SMBIOS system UUID (/sys/class/dmi/id/product_uuid)
+#   test.net=1               bring up eth0 and ask for a DHCP lease; print it (or that there is no NIC)
 # At the end: notify STOPPING=1 and EXIT_STATUS=N, print "exit status N; powering off", poweroff -f.
 export PATH=/bin
 busybox mount -t proc proc /proc
@@ -155,7 +157,7 @@ say "init started (uptime $(up)s)"
 modprobe -q qemu_fw_cfg 2>/dev/null
 
 NOTIFY=0; NPORTNAME=io.systemd.notify; NTIMEOUT=10; READY=1; STATUS="test guest ready"; GARBAGE=0
-EXIT=0; DELAY=0; ACTION=poweroff; TPM=0; RUN=; SMBIOS=0; SHOWCMD=0; DISKS=0; DISKWRITE=; SHOWUUID=0
+EXIT=0; DELAY=0; ACTION=poweroff; TPM=0; RUN=; SMBIOS=0; SHOWCMD=0; DISKS=0; DISKWRITE=; SHOWUUID=0; NET=0
 VFS=; CATS=; WRITES=; FWRITES=; CREDS=; STATS=; CHOWNS=; CREDSUMS=
 for w in $CMDLINE; do
   v=${w#*=}
@@ -184,6 +186,7 @@ for w in $CMDLINE; do
     test.disks=*) DISKS=$v ;;
     test.diskwrite=*) DISKWRITE=$v ;;
     test.uuid=*) SHOWUUID=$v ;;
+    test.net=*) NET=$v ;;
   esac
 done
 set +f
@@ -210,6 +213,19 @@ if [ -n "$DISKWRITE" ]; then
   fi
 fi
 [ "$SHOWUUID" != 0 ] && say "uuid: $(cat /sys/class/dmi/id/product_uuid 2>/dev/null)"
+if [ "$NET" != 0 ]; then
+  modprobe -q virtio_net 2>/dev/null
+  i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 30 ]; do sleep 0.1; i=$((i + 1)); done
+  if [ -e /sys/class/net/eth0 ]; then
+    printf '#!/bin/sh\n[ "$1" = bound ] && echo "$ip router $router" >/tmp/lease\n' >/tmp/lease.sh
+    chmod +x /tmp/lease.sh
+    ip link set eth0 up
+    udhcpc -i eth0 -n -q -t 10 -T 1 -s /tmp/lease.sh >/dev/null 2>&1
+    if [ -s /tmp/lease ]; then say "net: lease $(cat /tmp/lease)"; else say "net: no DHCP lease"; fi
+  else
+    say "net: no network interface"
+  fi
+fi
 
 # ---- notify channel: a virtio-serial port found by name
 NPORT=
