@@ -289,3 +289,16 @@ def test_user_mode_networking_gives_the_guest_a_dhcp_lease(vmspawn):
     run = vmspawn("test.notify=1", "--network-user-mode", "test.net=1", name="usernet")
     assert run.wait() == 0, run.text
     assert "net: lease 10.0.2.15 router 10.0.2.2" in run.text, run.text  # QEMU's user-mode network answered
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="no /dev/net/tun on this host: no TAP devices")
+def test_network_tap_connects_the_guest_to_a_host_interface(vmspawn):
+    tap = "vt-tapvm"  # the name upstream gives it: vt-<machine>
+    run = vmspawn("test.notify=1", "-n", "test.ping=192.168.251.2/30,192.168.251.1", name="tapvm")
+    poll(lambda: subprocess.run(["ip", "link", "show", tap], capture_output=True).returncode, lambda rc: rc == 0, 60)
+    subprocess.run(["ip", "addr", "add", "192.168.251.1/30", "dev", tap], check=True)
+    subprocess.run(["ip", "link", "set", tap, "up"], check=True)
+    assert run.wait() == 0, run.text
+    assert "ping 192.168.251.1 answered" in run.text, run.text  # frames flow between the guest and the host
+    assert subprocess.run(["ip", "link", "show", tap], capture_output=True).returncode != 0  # gone with the VM
+    assert_clean(run)

@@ -98,6 +98,7 @@ INIT_WORDS: tuple[str, ...] = (
     "test.diskwrite",
     "test.uuid",
     "test.net",
+    "test.ping",
 )
 
 INIT_SCRIPT = r"""#!/bin/sh
@@ -132,6 +133,7 @@ INIT_SCRIPT = r"""#!/bin/sh
 #   test.diskwrite=DEV       write "vmspawnd-guest-was-here" over the first bytes of /dev/DEV (e.g. vda)
 #   test.uuid=1              print the SMBIOS system UUID (/sys/class/dmi/id/product_uuid)
 #   test.net=1               bring up eth0 and ask for a DHCP lease; print it (or that there is no NIC)
+#   test.ping=ADDR/LEN,PEER  give eth0 ADDR/LEN and ping PEER (for up to 30 s); print whether it answered
 # At the end: notify STOPPING=1 and EXIT_STATUS=N, print "exit status N; powering off", poweroff -f.
 export PATH=/bin
 busybox mount -t proc proc /proc
@@ -157,7 +159,7 @@ say "init started (uptime $(up)s)"
 modprobe -q qemu_fw_cfg 2>/dev/null
 
 NOTIFY=0; NPORTNAME=io.systemd.notify; NTIMEOUT=10; READY=1; STATUS="test guest ready"; GARBAGE=0
-EXIT=0; DELAY=0; ACTION=poweroff; TPM=0; RUN=; SMBIOS=0; SHOWCMD=0; DISKS=0; DISKWRITE=; SHOWUUID=0; NET=0
+EXIT=0; DELAY=0; ACTION=poweroff; TPM=0; RUN=; SMBIOS=0; SHOWCMD=0; DISKS=0; DISKWRITE=; SHOWUUID=0; NET=0; PING=
 VFS=; CATS=; WRITES=; FWRITES=; CREDS=; STATS=; CHOWNS=; CREDSUMS=
 for w in $CMDLINE; do
   v=${w#*=}
@@ -187,6 +189,7 @@ for w in $CMDLINE; do
     test.diskwrite=*) DISKWRITE=$v ;;
     test.uuid=*) SHOWUUID=$v ;;
     test.net=*) NET=$v ;;
+    test.ping=*) PING=$v ;;
   esac
 done
 set +f
@@ -225,6 +228,14 @@ if [ "$NET" != 0 ]; then
   else
     say "net: no network interface"
   fi
+fi
+if [ -n "$PING" ]; then
+  modprobe -q virtio_net 2>/dev/null
+  i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+  peer=${PING#*,}
+  ip addr add "${PING%%,*}" dev eth0 && ip link set eth0 up
+  i=0; until ping -c 1 -W 1 "$peer" >/dev/null 2>&1 || [ $i -ge 30 ]; do i=$((i + 1)); done
+  if [ $i -lt 30 ]; then say "ping $peer answered"; else say "ping $peer FAILED"; fi
 fi
 
 # ---- notify channel: a virtio-serial port found by name
