@@ -36,6 +36,7 @@ from vmspawnd.config import (
     validate_cpus,
 )
 from vmspawnd.guest.credentials import check_unique, parse_load_credential, parse_set_credential
+from vmspawnd.images import find_machine_image
 from vmspawnd.qemu.disks import parse_extra_drive
 from vmspawnd.qemu.vsock import parse_vsock_cid
 from vmspawnd.services.binduser import parse_bind_user_shell
@@ -169,6 +170,8 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(ns: argparse.Namespace) -> MachineConfig:
     """Turn parsed options into a validated MachineConfig."""
+    if ns.machine and not ns.image and not ns.directory:
+        _from_machine_pool(ns)
     linux = _abspath(ns.linux) if ns.linux else None
     image = _image(ns)
     if ns.machine is not None:
@@ -235,6 +238,18 @@ def config_from_args(ns: argparse.Namespace) -> MachineConfig:
         quiet=getattr(ns, "quiet", False),
     )
     return config.validated()
+
+
+def _from_machine_pool(ns: argparse.Namespace) -> None:
+    """-M NAME alone: boot NAME's image or directory from the machine pool (/var/lib/machines, …)."""
+    found = find_machine_image(ns.machine)
+    if found is None:
+        return  # --linux alone may still boot; if not, validation says what is missing
+    kind, path = found
+    if kind == "image":
+        ns.image = str(path)
+    else:
+        ns.directory = str(path)
 
 
 def _optional_size(field: str, value: str | None) -> int | None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -302,3 +303,25 @@ def test_network_tap_connects_the_guest_to_a_host_interface(vmspawn):
     assert "ping 192.168.251.1 answered" in run.text, run.text  # frames flow between the guest and the host
     assert subprocess.run(["ip", "link", "show", tap], capture_output=True).returncode != 0  # gone with the VM
     assert_clean(run)
+
+
+def test_machine_name_alone_boots_its_image_from_the_machine_pool(vmspawn, tmp_path):
+    from tests.unit.test_disks import make_gpt
+    from vmspawnd.qemu.disks import ROOT_X86_64
+
+    pool = Path("/run/machines")  # in the pool's search path, and gone with the next boot
+    made_pool = not pool.exists()
+    pool.mkdir(exist_ok=True)
+    name = f"pool{uuid.uuid4().hex[:8]}"
+    root_uuid = uuid.uuid4()
+    make_gpt(pool / f"{name}.raw", [(ROOT_X86_64, root_uuid)], size=4 << 20)
+    try:
+        run = vmspawn("test.notify=1", "test.disks=1", "test.cmdline=1", "--tpm-state=off", name=name)
+        assert run.wait() == 0, run.text
+        assert f"disk vda size=8192 serial={name}.raw" in run.text, run.text
+        assert f"root=PARTUUID={root_uuid}" in run.text
+    finally:
+        (pool / f"{name}.raw").unlink()
+        assert not (pool / f"{name}.raw.tpmstate").exists()  # --tpm-state=off: nothing kept beside it
+        if made_pool:
+            pool.rmdir()
