@@ -164,7 +164,7 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--console-transport", metavar="TRANSPORT",
                     help="virtio (hvc0, default) or serial (ttyS0) console device in the guest")
     io.add_argument("--qemu-gui", dest="console", action="store_const", const="gui", help=hidden)
-    parser.add_argument("cmdline", nargs="*", metavar="KERNEL-CMDLINE",
+    parser.add_argument("cmdline", nargs="*", default=[], metavar="KERNEL-CMDLINE",
                         help="extra words for the guest's kernel command line")
 
 
