@@ -38,6 +38,7 @@ from vmspawnd.qemu.vsock import claim_vsock
 from vmspawnd.runtime import RuntimeDir
 from vmspawnd.services.runner import choose_runner, describe_status
 from vmspawnd.services.setup import AuxServiceError, AuxServices, start_aux_services
+from vmspawnd.snapshot import SnapshotError, remove_snapshot, snapshot_directory
 from vmspawnd.storage import read_json, write_json_atomic
 from vmspawnd.systemd.machined import Registration, RegistrationError, register, unregister
 from vmspawnd.systemd.scope import DEFAULT_SLICE, allocate_scope
@@ -102,6 +103,7 @@ class Machine:
         self.tpm_state_path: Path | None = None
         self.units: list[str] = []
         self._ssh_key: SshKeyPair | None = None
+        self._snapshot: Path | None = None  # --ephemeral --directory: the copy the VM runs on
         self.log = log.bind(machine=config.name)
 
     # ---------------------------------------------------------------- life cycle
@@ -164,6 +166,7 @@ class Machine:
             raise StartError(f"the QEMU of an earlier run still runs (pid {previous}); stop or kill it first")
         self.runtime.clear_leftovers()
         self._grow_image()
+        await self._snapshot_directory()
         pass_fds: list[int] = []
         channel, vsock_cid, vsock_fd = await self._open_notify_channel(rundir, pass_fds)
         aux = await self._start_scope_and_helpers(rundir, vsock_cid)
@@ -220,6 +223,29 @@ class Machine:
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)
         return qemu_binary, accel
 
+    async def _snapshot_directory(self) -> None:
+        """--ephemeral --directory: run on a copy of the tree, removed when the run ends."""
+        self._snapshot = None
+        if not (self.config.ephemeral and self.config.directory is not None):
+            return
+        try:
+            self._snapshot = await asyncio.to_thread(snapshot_directory, self.config.directory)
+        except SnapshotError as e:
+            raise StartError(str(e)) from e
+        self._stack.callback(self._remove_snapshot)
+        self.log.info("running on an ephemeral copy", directory=str(self.config.directory),
+                      copy=str(self._snapshot))
+
+    def _remove_snapshot(self) -> None:
+        if self._snapshot is not None and not self._detaching:  # a re-adopting daemon removes it later
+            remove_snapshot(self._snapshot)
+            self._snapshot = None
+
+    @property
+    def _run_config(self) -> MachineConfig:
+        """The configuration this run uses: with --ephemeral --directory, the copy is the root."""
+        return self.config if self._snapshot is None else self.config.replace(directory=self._snapshot)
+
     async def _ssh_key_credentials(self, rundir: Path, vsock_cid: int | None) -> list[tuple[str, bytes]]:
         """--pass-ssh-key: a fresh key pair (auto: when the guest has vsock, the way to reach its sshd)."""
         self._ssh_key = None
@@ -272,7 +298,7 @@ class Machine:
         runner = await choose_runner(die_with_parent=self._die_with_parent, manager=systemd)
         self._stack.push_async_callback(runner.aclose)
         try:
-            aux = await start_aux_services(self.config, runner, rundir, bound_to=scope, guest_cid=vsock_cid)
+            aux = await start_aux_services(self._run_config, runner, rundir, bound_to=scope, guest_cid=vsock_cid)
         except AuxServiceError as e:
             raise StartError(str(e)) from e
         for what, service in aux.services:
@@ -353,7 +379,8 @@ class Machine:
         if config.register is Tristate.NO:
             return
         assert self.qemu is not None
-        reg = Registration(config.name, self.qemu.pid, machine_id=config.uuid, root_directory=config.directory,
+        reg = Registration(config.name, self.qemu.pid, machine_id=config.uuid,
+                           root_directory=self._run_config.directory,
                            vsock_cid=vsock_cid, ssh_private_key=self._ssh_key.private_key if self._ssh_key else None)
         try:
             await register(reg)
@@ -384,6 +411,7 @@ class Machine:
             "ready": self.ready, "status": self.guest_status, "guestExitStatus": self._guest_exit_status,
             "vsockPort": self._vsock_port, "vsockCid": self._vsock_cid, "units": self.units,
             "registered": self._registered,
+            "snapshot": str(self._snapshot) if self._snapshot else None,
             "tpmState": str(self.tpm_state_path) if self.tpm_state_path else None,
         })
 
@@ -409,6 +437,9 @@ class Machine:
         self.units = [str(u) for u in info.get("units") or []]
         self.tpm_state_path = Path(info["tpmState"]) if info.get("tpmState") else None
         self._registered = bool(info.get("registered"))
+        self._snapshot = Path(info["snapshot"]) if info.get("snapshot") else None
+        if self._snapshot is not None:
+            self._stack.callback(self._remove_snapshot)
         if self._registered:
             self._stack.push_async_callback(self._unregister)
         channel = NotifyChannel(self._guest_message)

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from tests.conftest import VMSPAWN, assert_clean, process_gone, processes_mentioning
+from tests.polling import poll
 
 pytestmark = pytest.mark.vm
 
@@ -67,6 +68,28 @@ def test_directory_root_is_shared_with_tag_root(vmspawn, tmp_path):
     assert run.wait() == 0, run.text
     assert "cat root/etc/os-release: ID=vmspawnd-test" in run.text
     assert "root=root rootfstype=virtiofs rw" in run.text
+
+
+def test_ephemeral_directory_runs_on_a_copy_and_never_touches_the_tree(vmspawn, tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hostname").write_text("original\n")
+    before = sorted((p.relative_to(tree), p.read_bytes() if p.is_file() else None) for p in tree.rglob("*"))
+    run = vmspawn("test.notify=1", f"--directory={tree}", "--ephemeral", "test.virtiofs=root",
+                  "test.cat=root/etc/hostname", "test.write=root/etc/hostname", "test.write=root/etc/new-file",
+                  "test.action=hang", "--tpm=no", name="ephdir")
+    assert run.notify.wait_for("READY=1", 60), run.text
+    (copy,) = [p for p in tmp_path.iterdir() if p.name.startswith(".#tree.")]  # the copy the VM runs on
+    poll(lambda: (copy / "etc" / "new-file").read_text() if (copy / "etc" / "new-file").exists() else "",
+         lambda text: text == "written-by-guest\n")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.notify.wait_for("STOPPING=1", 30)
+    run.proc.send_signal(signal.SIGTERM)
+    run.wait()
+    assert "cat root/etc/hostname: original" in run.text and "wrote root/etc/hostname" in run.text
+    assert sorted((p.relative_to(tree), p.read_bytes() if p.is_file() else None) for p in tree.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".#")) == []  # the copy went with it
+    assert_clean(run)
 
 
 @pytest.mark.parametrize("helper", ["swtpm", "virtiofsd"])

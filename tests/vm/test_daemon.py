@@ -93,17 +93,22 @@ def test_daemon_sigkill_and_restart_readopts_a_running_vm(daemon, guest):
     assert process_gone(pid)
 
 
-def test_daemon_sigterm_leaves_vms_running(daemon, guest):
-    create(daemon, guest, "keeper", "test.action=hang")
+def test_daemon_sigterm_leaves_vms_running(daemon, guest, tmp_path):
+    tree = tmp_path / "tree"  # an --ephemeral directory VM: its copy must outlive the daemon too
+    (tree / "etc").mkdir(parents=True)
+    create(daemon, guest, "keeper", "test.action=hang", f"--directory={tree}", "--ephemeral", "--tpm=no")
     assert daemon.ctl("start", "keeper").returncode == 0
     pid = daemon.wait_for("keeper", lambda s: s["ready"])["pid"]
+    copies = [p for p in tmp_path.iterdir() if p.name.startswith(".#tree.")]
+    assert len(copies) == 1
     daemon.stop_daemon(signal.SIGTERM)
     time.sleep(0.5)
-    assert not process_gone(pid)
+    assert not process_gone(pid) and copies[0].is_dir()
     daemon.start()
     assert daemon.status("keeper")["pid"] == pid
     assert daemon.ctl("kill", "keeper").returncode == 0
     assert daemon.status("keeper")["state"] == "stopped"
+    assert not copies[0].exists() and tree.is_dir()  # the re-adopting daemon removed the copy, not the tree
 
 
 def test_console_is_handed_over_as_a_pty_by_fd_passing(daemon, guest):
