@@ -350,11 +350,27 @@ def vmspawn_parser() -> OptionParser:
     parser.add_argument("--version", action="version", version=f"vmspawn {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not show status messages")
     parser.add_argument("--json", action="store_true", help="with --firmware=list: print JSON")
+    parser.add_argument("--no-pager", action="store_true", help="accepted for compatibility (nothing is paged)")
+    parser.add_argument("--no-ask-password", action="store_true",
+                        help="accepted for compatibility (vmspawn never asks for a password)")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--system", dest="manager", action="store_const", const="system",
+                       help="use the system service manager and machined (the default, and only choice, as root)")
+    scope.add_argument("--user", dest="manager", action="store_const", const="user",
+                       help="use your user service manager (the default, and only choice, when not root)")
     add_machine_options(parser)
     parser.add_argument("--background", metavar="COLOR",
                         help="console background tint as ANSI SGR parameters (e.g. 48;2;0;64;0); "
                              "empty disables; default: a green tint matched to the terminal")
     return parser
+
+
+def _check_manager(manager: str | None) -> None:
+    """--system/--user: vmspawn talks to the system manager as root and to the user's own otherwise."""
+    ours = "system" if os.geteuid() == 0 else "user"
+    if manager is not None and manager != ours:
+        raise ConfigError(manager, "", "not supported: vmspawn uses the system service manager as root and "
+                          "your user service manager otherwise")
 
 
 def parse_vmspawn_args(argv: list[str], with_background: bool = False):
@@ -363,6 +379,7 @@ def parse_vmspawn_args(argv: list[str], with_background: bool = False):
     Returns the MachineConfig, or (config, background) with ``with_background``."""
     parser = vmspawn_parser()
     ns = parser.parse_intermixed_args(argv)
+    _check_manager(ns.manager)
     text = info_request(ns, as_json=getattr(ns, "json", False))
     if text is not None:
         raise InfoRequest(text)

@@ -188,3 +188,14 @@ def test_vmspawnctl_create_help_and_bad_options_need_no_daemon(tmp_path):
     assert bad.returncode == 1 and "invalid ram=2G:1G" in bad.stderr and "cannot reach" not in bad.stderr
     stray = subprocess.run([*ctl, "list", "--bogus"], capture_output=True, text=True, timeout=30)
     assert stray.returncode == 2 and "--bogus" in stray.stderr
+
+
+def test_compatibility_flags_are_accepted_and_the_other_manager_refused(kernel):
+    import os
+
+    assert parse(kernel, "--no-pager", "--no-ask-password").linux == kernel
+    ours, other = ("--system", "--user") if os.geteuid() == 0 else ("--user", "--system")
+    assert parse(kernel, ours).linux == kernel
+    with pytest.raises(ConfigError) as e:
+        parse(kernel, other)
+    assert e.value.field == other[2:] and "not supported" in e.value.reason
