@@ -30,7 +30,14 @@ from vmspawnd.launcher import QemuProcess
 from vmspawnd.proc import CAP_NET_ADMIN, has_capability, process_cmdline, process_start_time
 from vmspawnd.ptyfwd import Pty
 from vmspawnd.qemu.accel import choose_accelerator, find_qemu, vsock_usable
-from vmspawnd.qemu.argv import Resources, build_qemu_argv, check_cmdline_length, cmdline_smbios_strings
+from vmspawnd.qemu.argv import (
+    Resources,
+    build_qemu_argv,
+    check_cmdline_length,
+    cmdline_smbios_strings,
+    qemu_extra_args,
+    tap_mac,
+)
 from vmspawnd.qemu.disks import grow_image, root_cmdline_word
 from vmspawnd.qemu.firmware import nvram_state_path, prepare_nvram
 from vmspawnd.qemu.qmp import Qmp
@@ -104,6 +111,8 @@ class Machine:
         self.units: list[str] = []
         self._ssh_key: SshKeyPair | None = None
         self._snapshot: Path | None = None  # --ephemeral --directory: the copy the VM runs on
+        self._mac: str | None = None  # the TAP link's guest MAC
+        self._qemu_extra: tuple[str, ...] = ()  # $SYSTEMD_VMSPAWN_QEMU_EXTRA
         self.log = log.bind(machine=config.name)
 
     # ---------------------------------------------------------------- life cycle
@@ -193,6 +202,7 @@ class Machine:
             vmgenid=uuid.uuid4(), term=term, extra_cmdline=extra_cmdline,
             firmware_args=tuple(firmware.qemu_args(nvram)),
             smm=firmware.smm if firmware.descriptor is not None else None, aux_args=tuple(aux.qemu_args), uki=uki,
+            mac=self._mac, extra_args=self._qemu_extra,
         )
         argv = build_qemu_argv(config, resources)
         self.log.debug("spawning qemu", argv=" ".join(argv))
@@ -218,6 +228,8 @@ class Machine:
         if config.forward_journal is not None and not vsock_usable(config.vsock):
             raise ConfigError("forward-journal", str(config.forward_journal), "needs vsock (the guest sends its "
                               "journal over AF_VSOCK), and /dev/vhost-vsock is not usable here")
+        self._mac = tap_mac(config.name) if config.network is Network.TAP else None
+        self._qemu_extra = tuple(qemu_extra_args())
         qemu_binary = find_qemu()
         accel = choose_accelerator(config.kvm)
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)

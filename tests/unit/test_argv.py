@@ -5,8 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from vmspawnd.config import ConfigError, ConsoleMode, ConsoleTransport, MachineConfig, Ram
-from vmspawnd.qemu.argv import Resources, build_qemu_argv, check_cmdline_length, kernel_cmdline
+from vmspawnd.config import ConfigError, ConsoleMode, ConsoleTransport, MachineConfig, Network, Ram
+from vmspawnd.qemu.argv import (
+    Resources,
+    build_qemu_argv,
+    check_cmdline_length,
+    kernel_cmdline,
+    qemu_extra_args,
+    tap_mac,
+)
 
 
 def config(**kw) -> MachineConfig:
@@ -128,3 +135,25 @@ def test_fixed_vsock_cid_is_the_only_candidate_and_a_taken_one_is_an_error(tmp_p
     with pytest.raises(OSError, match="no free vsock CID"):
         vsock.claim_vsock("vm", str(device))
     assert len(tried) == 128 and tried[:64] == vsock.candidate_cids("vm")[:64]
+
+
+def test_tap_mac_is_stable_unicast_local_and_overridable():
+    mac = tap_mac("web", {})
+    assert mac == tap_mac("web", {}) != tap_mac("db", {})
+    first = int(mac.split(":")[0], 16)
+    assert first & 0x02 and not first & 0x01  # locally administered, unicast
+    assert tap_mac("web", {"SYSTEMD_VMSPAWN_NETWORK_MAC": "52:54:00:AB:CD:EF"}) == "52:54:00:ab:cd:ef"
+    with pytest.raises(ConfigError, match="SYSTEMD_VMSPAWN_NETWORK_MAC=52:54"):
+        tap_mac("web", {"SYSTEMD_VMSPAWN_NETWORK_MAC": "52:54"})
+    argv = build_qemu_argv(MachineConfig(name="web", linux=Path("/k/vmlinuz"), network=Network.TAP), res(mac=mac))
+    assert option(argv, "-nic") == [f"tap,ifname=vt-web,script=no,downscript=no,model=virtio-net-pci,mac={mac}"]
+
+
+def test_qemu_extra_words_are_split_like_a_shell_unescaped_and_appended_last():
+    env = {"SYSTEMD_VMSPAWN_QEMU_EXTRA": "-device 'virtio-mouse-pci,id=m 1' -name a\\\\x2cb"}
+    assert qemu_extra_args(env) == ["-device", "virtio-mouse-pci,id=m 1", "-name", "a,b"]
+    assert qemu_extra_args({}) == []
+    argv = build_qemu_argv(config(), res(extra_args=("-S",)))
+    assert argv[-1] == "-S"
+    with pytest.raises(ConfigError, match="SYSTEMD_VMSPAWN_QEMU_EXTRA"):
+        qemu_extra_args({"SYSTEMD_VMSPAWN_QEMU_EXTRA": "-name 'unbalanced"})

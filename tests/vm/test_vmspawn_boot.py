@@ -149,11 +149,13 @@ def test_credentials_reach_the_guest(vmspawn, tmp_path):
                   "test.credsum=big1", "test.credsum=big2", "test.cred=ssh.ephemeral-authorized_keys-all", "test.net=1",
                   "--set-credential=greeting:hello\\x20world", f"--load-credential=filecred:{secret}",
                   f"--load-credential=big1:{big1}", f"--load-credential=big2:{big2}",
-                  "--smbios11=io.systemd.credential:rawish=plain", "--vsock=no", name="creds")
+                  "--smbios11=io.systemd.credential:rawish=plain", "--vsock=no", "test.cred=fromenv", name="creds",
+                  env={"SYSTEMD_VMSPAWN_QEMU_EXTRA": "-smbios 'type=11,value=io.systemd.credential:fromenv=a\\x20b'"})
     assert run.wait() == 0, run.text
     assert "cred greeting=hello world" in run.text
     assert "cred filecred=from-a-file" in run.text
     assert "cred rawish=plain" in run.text
+    assert "cred fromenv=a b" in run.text  # $SYSTEMD_VMSPAWN_QEMU_EXTRA reached QEMU, quoted and C-unescaped
     assert "cred ssh.ephemeral-authorized_keys-all MISSING" in run.text  # no vsock: no SSH key by default
     assert "net: no network interface" in run.text  # no networking unless asked for
     assert f"credsum big1: {hashlib.md5(big1.read_bytes()).hexdigest()} (smbios)" in run.text, run.text
@@ -295,12 +297,14 @@ def test_user_mode_networking_gives_the_guest_a_dhcp_lease(vmspawn):
 @pytest.mark.skipif(not os.path.exists("/dev/net/tun"), reason="no /dev/net/tun on this host: no TAP devices")
 def test_network_tap_connects_the_guest_to_a_host_interface(vmspawn):
     tap = "vt-tapvm"  # the name upstream gives it: vt-<machine>
-    run = vmspawn("test.notify=1", "-n", "test.ping=192.168.251.2/30,192.168.251.1", name="tapvm")
+    run = vmspawn("test.notify=1", "-n", "test.ping=192.168.251.2/30,192.168.251.1", name="tapvm",
+                  env={"SYSTEMD_VMSPAWN_NETWORK_MAC": "52:54:00:AB:CD:EF"})
     poll(lambda: subprocess.run(["ip", "link", "show", tap], capture_output=True).returncode, lambda rc: rc == 0, 60)
     subprocess.run(["ip", "addr", "add", "192.168.251.1/30", "dev", tap], check=True)
     subprocess.run(["ip", "link", "set", tap, "up"], check=True)
     assert run.wait() == 0, run.text
     assert "ping 192.168.251.1 answered" in run.text, run.text  # frames flow between the guest and the host
+    assert "eth0 mac 52:54:00:ab:cd:ef" in run.text  # $SYSTEMD_VMSPAWN_NETWORK_MAC
     assert subprocess.run(["ip", "link", "show", tap], capture_output=True).returncode != 0  # gone with the VM
     assert_clean(run)
 

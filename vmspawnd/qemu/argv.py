@@ -6,11 +6,14 @@ import base64
 import hashlib
 import os
 import re
+import shlex
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmspawnd.config import ConsoleMode, ConsoleTransport, MachineConfig, Network
+from vmspawnd.config import ConfigError, ConsoleMode, ConsoleTransport, MachineConfig, Network
+from vmspawnd.guest.credentials import c_unescape
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.qemu.disks import drive_args
 
@@ -40,6 +43,8 @@ class Resources:
     smm: bool | None = None  # None: no UEFI firmware, leave smm alone
     aux_args: tuple[str, ...] = ()  # swtpm and virtiofs devices, shared memory
     uki: bool = False  # --linux is a UKI: its command line goes via SMBIOS, not -append
+    mac: str | None = None  # the TAP link's guest MAC (default: derived from the name)
+    extra_args: tuple[str, ...] = ()  # $SYSTEMD_VMSPAWN_QEMU_EXTRA, last
 
 
 def console_word(config: MachineConfig) -> str | None:
@@ -72,11 +77,41 @@ def tap_name(machine: str) -> str:
     return name[:11] + digest
 
 
-def network_args(config: MachineConfig) -> list[str]:
+MAC_ENV = "SYSTEMD_VMSPAWN_NETWORK_MAC"
+QEMU_EXTRA_ENV = "SYSTEMD_VMSPAWN_QEMU_EXTRA"
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def tap_mac(machine: str, environ: Mapping[str, str] = os.environ) -> str:
+    """The guest's MAC on its TAP link: $SYSTEMD_VMSPAWN_NETWORK_MAC, else derived from the machine
+    name (stable across runs, so the guest keeps its DHCP lease; locally administered, unicast)."""
+    given = environ.get(MAC_ENV)
+    if given:
+        if not _MAC_RE.match(given):
+            raise ConfigError(MAC_ENV, given, "expected a MAC address such as 52:54:00:12:34:56")
+        return given.lower()
+    octets = bytearray(hashlib.sha256(f"vmspawnd-tap/{machine}".encode()).digest()[:6])
+    octets[0] = (octets[0] & 0xFE) | 0x02
+    return ":".join(f"{o:02x}" for o in octets)
+
+
+def qemu_extra_args(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """$SYSTEMD_VMSPAWN_QEMU_EXTRA: shell-like words, C escapes undone, appended to QEMU's argv."""
+    text = environ.get(QEMU_EXTRA_ENV, "")
+    try:
+        return [c_unescape(word, QEMU_EXTRA_ENV).decode(errors="surrogateescape") for word in shlex.split(text)]
+    except ValueError as e:  # unbalanced quotes (ConfigError, a ValueError too, passes through as is)
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(QEMU_EXTRA_ENV, text, str(e)) from None
+
+
+def network_args(config: MachineConfig, mac: str | None = None) -> list[str]:
     if config.network is Network.USER:
         return ["-nic", "user,model=virtio-net-pci"]
     if config.network is Network.TAP:
-        return ["-nic", f"tap,ifname={tap_name(config.name)},script=no,downscript=no,model=virtio-net-pci"]
+        return ["-nic", f"tap,ifname={tap_name(config.name)},script=no,downscript=no,model=virtio-net-pci,"
+                        f"mac={mac or tap_mac(config.name, {})}"]
     return ["-nic", "none"]
 
 
@@ -94,7 +129,7 @@ def build_qemu_argv(config: MachineConfig, res: Resources) -> list[str]:
         "-device", "virtio-rng-pci,rng=rng0,id=rng-device0",
         "-device", "virtio-balloon,free-page-reporting=on",
         "-device", f"vmgenid,guid={res.vmgenid}",
-        *network_args(config),
+        *network_args(config, res.mac),
         "-accel", "kvm" if res.kvm else "tcg",
         "-cpu", "max,hv_relaxed,hv-vapic,hv-time",
         "-no-user-config",
@@ -120,7 +155,7 @@ def build_qemu_argv(config: MachineConfig, res: Resources) -> list[str]:
         cmdline = " ".join(kernel_cmdline(config, res.term, res.extra_cmdline))
         if cmdline and not res.uki:
             argv += ["-append", cmdline]
-    return argv
+    return argv + list(res.extra_args)
 
 
 def cmdline_smbios_strings(config: MachineConfig, term: str | None, extra: tuple[str, ...] = (),
@@ -156,8 +191,6 @@ def _console_args(config: MachineConfig, res: Resources) -> list[str]:
 
 def check_cmdline_length(config: MachineConfig, term: str | None = None) -> None:
     """Refuse a kernel command line longer than the kernel accepts."""
-    from vmspawnd.config import ConfigError
-
     cmdline = " ".join(kernel_cmdline(config, term or os.environ.get("TERM")))
     if len(cmdline) >= COMMAND_LINE_SIZE:
         raise ConfigError("cmdline", f"{cmdline[:40]}…", f"kernel command line is {len(cmdline)} bytes, "

@@ -133,7 +133,8 @@ INIT_SCRIPT = r"""#!/bin/sh
 #   test.diskwrite=DEV       write "vmspawnd-guest-was-here" over the first bytes of /dev/DEV (e.g. vda)
 #   test.uuid=1              print the SMBIOS system UUID (/sys/class/dmi/id/product_uuid)
 #   test.net=1               bring up eth0 and ask for a DHCP lease; print it (or that there is no NIC)
-#   test.ping=ADDR/LEN,PEER  give eth0 ADDR/LEN and ping PEER (for up to 30 s); print whether it answered
+#   test.ping=ADDR/LEN,PEER  print eth0's MAC, give it ADDR/LEN and ping PEER (for up to 30 s); print whether
+#                            it answered
 # At the end: notify STOPPING=1 and EXIT_STATUS=N, print "exit status N; powering off", poweroff -f.
 export PATH=/bin
 busybox mount -t proc proc /proc
@@ -233,6 +234,7 @@ if [ -n "$PING" ]; then
   modprobe -q virtio_net 2>/dev/null
   i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
   peer=${PING#*,}
+  say "eth0 mac $(cat /sys/class/net/eth0/address 2>/dev/null)"
   ip addr add "${PING%%,*}" dev eth0 && ip link set eth0 up
   i=0; until ping -c 1 -W 1 "$peer" >/dev/null 2>&1 || [ $i -ge 30 ]; do i=$((i + 1)); done
   if [ $i -lt 30 ]; then say "ping $peer answered"; else say "ping $peer FAILED"; fi
