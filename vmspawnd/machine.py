@@ -45,7 +45,7 @@ from vmspawnd.qemu.vsock import claim_vsock
 from vmspawnd.runtime import RuntimeDir
 from vmspawnd.services.runner import choose_runner, describe_status
 from vmspawnd.services.setup import AuxServiceError, AuxServices, start_aux_services
-from vmspawnd.snapshot import SnapshotError, remove_snapshot, snapshot_directory
+from vmspawnd.snapshot import SnapshotError, copy_path, remove_copy, snapshot_directory
 from vmspawnd.storage import read_json, write_json_atomic
 from vmspawnd.systemd.machined import Registration, RegistrationError, register, unregister
 from vmspawnd.systemd.scope import DEFAULT_SLICE, allocate_scope
@@ -63,6 +63,9 @@ class State(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     FAILED = "failed"
+
+
+COPY_RECORD = "ephemeral-copy"  # in the runtime dir: the path of the --ephemeral copy of --directory
 
 
 class StartError(Exception):
@@ -173,9 +176,10 @@ class Machine:
         if previous is not None:
             self._keep_runtime_dir = True
             raise StartError(f"the QEMU of an earlier run still runs (pid {previous}); stop or kill it first")
+        await self._remove_leftover_copy()
         self.runtime.clear_leftovers()
         self._grow_image()
-        await self._snapshot_directory()
+        await self._snapshot_directory(rundir)
         pass_fds: list[int] = []
         channel, vsock_cid, vsock_fd = await self._open_notify_channel(rundir, pass_fds)
         aux = await self._start_scope_and_helpers(rundir, vsock_cid)
@@ -228,30 +232,48 @@ class Machine:
         if config.forward_journal is not None and not vsock_usable(config.vsock):
             raise ConfigError("forward-journal", str(config.forward_journal), "needs vsock (the guest sends its "
                               "journal over AF_VSOCK), and /dev/vhost-vsock is not usable here")
-        self._mac = tap_mac(config.name) if config.network is Network.TAP else None
+        # $SYSTEMD_VMSPAWN_NETWORK_MAC is one VM's (vmspawn's); a daemon's would give all VMs one MAC
+        environ = {} if self._console_socket else os.environ
+        self._mac = tap_mac(config.name, environ) if config.network is Network.TAP else None
         self._qemu_extra = tuple(qemu_extra_args())
         qemu_binary = find_qemu()
         accel = choose_accelerator(config.kvm)
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)
         return qemu_binary, accel
 
-    async def _snapshot_directory(self) -> None:
-        """--ephemeral --directory: run on a copy of the tree, removed when the run ends."""
+    async def _snapshot_directory(self, rundir: Path) -> None:
+        """--ephemeral --directory: run on a copy of the tree, removed when the run ends.  Its path
+        is recorded first, so even a copy of a killed run is found and removed later."""
         self._snapshot = None
         if not (self.config.ephemeral and self.config.directory is not None):
             return
         try:
-            self._snapshot = await asyncio.to_thread(snapshot_directory, self.config.directory)
+            target = copy_path(self.config.directory)
+        except OSError as e:
+            raise ConfigError("directory", str(self.config.directory), e.strerror or str(e)) from None
+        (rundir / COPY_RECORD).write_text(str(target))
+        self._snapshot = target
+        self._stack.push_async_callback(self._remove_snapshot)
+        try:
+            await asyncio.to_thread(snapshot_directory, self.config.directory, target)
         except SnapshotError as e:
             raise StartError(str(e)) from e
-        self._stack.callback(self._remove_snapshot)
-        self.log.info("running on an ephemeral copy", directory=str(self.config.directory),
-                      copy=str(self._snapshot))
+        self.log.info("running on an ephemeral copy", directory=str(self.config.directory), copy=str(target))
 
-    def _remove_snapshot(self) -> None:
-        if self._snapshot is not None and not self._detaching:  # a re-adopting daemon removes it later
-            remove_snapshot(self._snapshot)
-            self._snapshot = None
+    async def _remove_snapshot(self) -> None:
+        if self._snapshot is None or self._detaching:  # a re-adopting daemon removes it later
+            return
+        assert self.config.directory is not None
+        await asyncio.to_thread(remove_copy, self._snapshot, self.config.directory)
+        (self.runtime.path / COPY_RECORD).unlink(missing_ok=True)
+        self._snapshot = None
+
+    async def _remove_leftover_copy(self) -> None:
+        """The --ephemeral copy a killed earlier run left behind (its QEMU is gone), if any."""
+        record = self.runtime.path / COPY_RECORD
+        if self.config.directory is not None and record.is_file():
+            await asyncio.to_thread(remove_copy, Path(record.read_text().strip()), self.config.directory)
+        record.unlink(missing_ok=True)
 
     @property
     def _run_config(self) -> MachineConfig:
@@ -423,7 +445,6 @@ class Machine:
             "ready": self.ready, "status": self.guest_status, "guestExitStatus": self._guest_exit_status,
             "vsockPort": self._vsock_port, "vsockCid": self._vsock_cid, "units": self.units,
             "registered": self._registered,
-            "snapshot": str(self._snapshot) if self._snapshot else None,
             "tpmState": str(self.tpm_state_path) if self.tpm_state_path else None,
         })
 
@@ -438,6 +459,7 @@ class Machine:
         self.runtime.lock()  # raises if someone else holds the machine
         if process_start_time(pid) != starttime or str(self.runtime.path) not in process_cmdline(pid):
             self.log.info("stale runtime directory, the QEMU it names is gone", pid=pid)
+            await self._remove_leftover_copy()
             self.runtime.remove()
             return False
         self._stack = contextlib.AsyncExitStack()
@@ -449,9 +471,11 @@ class Machine:
         self.units = [str(u) for u in info.get("units") or []]
         self.tpm_state_path = Path(info["tpmState"]) if info.get("tpmState") else None
         self._registered = bool(info.get("registered"))
-        self._snapshot = Path(info["snapshot"]) if info.get("snapshot") else None
+        self._vsock_cid = info.get("vsockCid")
+        record = self.runtime.path / COPY_RECORD
+        self._snapshot = Path(record.read_text().strip()) if record.is_file() else None
         if self._snapshot is not None:
-            self._stack.callback(self._remove_snapshot)
+            self._stack.push_async_callback(self._remove_snapshot)
         if self._registered:
             self._stack.push_async_callback(self._unregister)
         channel = NotifyChannel(self._guest_message)

@@ -1,35 +1,87 @@
-"""--ephemeral with --directory: the VM runs on a throw-away copy of the tree, never the original."""
+"""--ephemeral with --directory: the VM runs on a throw-away copy of the tree, never the original.
+
+The copy is a hidden sibling ``.#<name>.<16 hex digits>`` of the (symlink-resolved) tree, made by
+``cp -a --reflink=auto`` (cheap on btrfs/XFS).  Its path is recorded in the machine's runtime dir
+*before* it is made, so a copy is removed even when the run that made it was killed.  Removal only
+ever touches a real directory with exactly that kind of name, right next to the tree.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import secrets
 import shutil
+import stat
 import subprocess
+import sys
 from pathlib import Path
 
-SNAPSHOT_PREFIX = ".#"
+import structlog
+
+log = structlog.get_logger()
+
+_COPY_RE = re.compile(r"^\.#(?P<name>.+)\.[0-9a-f]{16}$")
 
 
 class SnapshotError(Exception):
     """The copy could not be made (the message says why)."""
 
 
-def snapshot_directory(source: Path) -> Path:
-    """Copy ``source`` to a hidden sibling ``.#<name>.<random>`` (reflinked where the file system
-    can, so cheap on btrfs/XFS; owners, modes and xattrs kept; other file systems below it left out)."""
-    target = source.parent / f"{SNAPSHOT_PREFIX}{source.name}.{secrets.token_hex(8)}"
+def copy_path(source: Path) -> Path:
+    """Where a new copy of ``source`` goes (a fresh random name next to the resolved tree)."""
+    real = source.resolve(strict=True)
+    return real.parent / f".#{real.name}.{secrets.token_hex(8)}"
+
+
+def is_copy_of(path: Path, source: Path) -> bool:
+    """True if ``path`` names a copy of ``source`` (by its name and place, and a real directory)."""
+    try:
+        real = source.resolve()
+        match = _COPY_RE.match(path.name)
+        return (match is not None and match["name"] == real.name and path.parent == real.parent
+                and stat.S_ISDIR(os.lstat(path).st_mode))
+    except OSError:
+        return False
+
+
+def snapshot_directory(source: Path, target: Path) -> None:
+    """Copy the tree ``source`` into the new directory ``target`` (from :func:`copy_path`)
+    with owners, modes and xattrs; other file systems mounted below it are left out."""
+    real = source.resolve(strict=True)
+    if not real.is_dir():
+        raise SnapshotError(f"cannot make the --ephemeral copy of {source}: not a directory")
+    try:
+        os.mkdir(target, 0o700)  # fails if the name exists: nothing of anyone else's is ever used
+    except OSError as e:
+        raise SnapshotError(f"cannot make the --ephemeral copy of {source}: {target}: {e.strerror}") from None
     cp = shutil.which("cp") or "/bin/cp"
     try:
-        subprocess.run([cp, "-a", "--reflink=auto", "--one-file-system", "--", str(source), str(target)],
+        subprocess.run([cp, "-a", "--reflink=auto", "--one-file-system", "--", f"{real}/.", f"{target}/"],
                        check=True, capture_output=True, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.CalledProcessError) as e:
-        remove_snapshot(target)
+        remove_copy(target, source)
         why = e.stderr.decode(errors="replace").strip() if isinstance(e, subprocess.CalledProcessError) else str(e)
         raise SnapshotError(f"cannot make the --ephemeral copy of {source}: {why}") from None
-    return target
 
 
-def remove_snapshot(path: Path) -> None:
-    """Remove a copy made by :func:`snapshot_directory` (and nothing that is not one)."""
-    if path.name.startswith(SNAPSHOT_PREFIX):
-        shutil.rmtree(path, ignore_errors=True)
+def remove_copy(path: Path, source: Path) -> None:
+    """Remove a copy of ``source`` (directories a guest locked away are opened up first); anything
+    that is not one is left alone."""
+    if not os.path.lexists(path):
+        return
+    if not is_copy_of(path, source):
+        log.warning("not removing what is not an --ephemeral copy", path=str(path))
+        return
+    for root, dirs, _ in os.walk(path):  # top-down: each directory is opened up before it is entered
+        for name in dirs:
+            child = os.path.join(root, name)
+            if not os.path.islink(child):  # never chmod through a symlink
+                with contextlib.suppress(OSError):
+                    os.chmod(child, 0o700)
+
+    def report(_function, failed: str, _exc) -> None:
+        log.warning("could not remove part of an --ephemeral copy", path=failed)
+
+    shutil.rmtree(path, **({"onexc": report} if sys.version_info >= (3, 12) else {"onerror": report}))

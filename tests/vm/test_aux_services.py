@@ -92,6 +92,24 @@ def test_ephemeral_directory_runs_on_a_copy_and_never_touches_the_tree(vmspawn, 
     assert_clean(run)
 
 
+def test_the_copy_a_killed_run_left_is_removed_by_the_next_run(vmspawn, tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    first = vmspawn("test.notify=1", f"--directory={tree}", "--ephemeral", "test.action=hang", "--tpm=no",
+                    name="ephkill")
+    assert first.notify.wait_for("READY=1", 60), first.text
+    qemu = first.leader_pid()
+    first.proc.kill()  # no clean-up of ours runs
+    first.wait()
+    poll(lambda: process_gone(qemu), bool, 30)  # QEMU follows its parent
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".#tree.")]) == 1  # left behind
+    again = vmspawn("test.notify=1", f"--directory={tree}", "--ephemeral", "--tpm=no", name="ephkill",
+                    env={"RUNTIME_DIRECTORY": str(first.runtime_dir)})
+    assert again.wait() == 0, again.text
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".#")] == []  # the old copy and its own
+    assert tree.is_dir()
+
+
 @pytest.mark.parametrize("helper", ["swtpm", "virtiofsd"])
 def test_a_dying_helper_stops_the_vm(vmspawn, tmp_path, helper):
     share = tmp_path / "share"
