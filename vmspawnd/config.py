@@ -331,8 +331,18 @@ class MachineConfig:
                     raise ConfigError(option, value, "only valid with --forward-journal")
         elif not self.forward_journal.is_absolute():
             raise ConfigError("forward-journal", str(self.forward_journal), "path must be absolute")
+        elif self.vsock is Tristate.NO:
+            raise ConfigError("forward-journal", str(self.forward_journal), "needs vsock, but --vsock=no")
+        for option, value in (("forward-journal-max-use", self.forward_journal_max_use),
+                              ("forward-journal-keep-free", self.forward_journal_keep_free),
+                              ("forward-journal-max-file-size", self.forward_journal_max_file_size),
+                              ("forward-journal-max-files", self.forward_journal_max_files)):
+            if value is not None and not 0 < value < 1 << 63:
+                raise ConfigError(option, value, "out of range")
         if self.initrds and self.linux is None:
             raise ConfigError("initrd", str(self.initrds[0]), "--initrd requires --linux")
+        if self.directory is not None and self.linux is None:
+            raise ConfigError("directory", str(self.directory), "booting a directory needs --linux=KERNEL")
         if self.linux is None and self.image is None:
             raise ConfigError("linux", "", "nothing to boot: pass --linux=KERNEL and/or --image=IMAGE, or -M NAME "
                               "with NAME.raw or NAME/ in a machine pool directory such as /var/lib/machines")
@@ -353,8 +363,6 @@ class MachineConfig:
             raise ConfigError("bind-user-group", self.bind_user_groups[0], "only valid with --bind-user")
         if not self.bind_users and self.bind_user_shell != "no":
             raise ConfigError("bind-user-shell", self.bind_user_shell, "only valid with --bind-user")
-        if self.directory is not None and self.linux is None:
-            raise ConfigError("directory", str(self.directory), "booting a directory needs --linux=KERNEL")
         if self.ephemeral and self.extra_drives:
             raise ConfigError("extra-drive", str(self.extra_drives[0].path), "cannot be combined with --ephemeral")
         if self.grow_image and self.image is not None and self.image.format is ImageFormat.QCOW2:
@@ -530,6 +538,13 @@ def _string(field: str, value: Any, limit: int = 256) -> str:
 
 def config_from_json(name: str, data: dict[str, Any], check_environment: bool = True) -> MachineConfig:
     """Build and validate a config from its JSON form; errors name the JSON field."""
+    try:
+        return _config_from_json(name, data, check_environment)
+    except ConfigError as e:  # the shared checks speak of command-line options: name the JSON field
+        raise ConfigError(json_field_name(e.field), e.value, e.reason) from None
+
+
+def _config_from_json(name: str, data: dict[str, Any], check_environment: bool) -> MachineConfig:
     if not isinstance(data, dict):
         raise ConfigError("config", type(data).__name__, "expected an object")
     unknown = sorted(set(data) - set(JSON_FIELDS))
@@ -596,10 +611,7 @@ def config_from_json(name: str, data: dict[str, Any], check_environment: bool = 
     )
     if config.firmware in ("list", "describe"):
         raise ConfigError("firmware", config.firmware, "is an action, not a machine setting")
-    try:
-        return config.validated(check_environment)
-    except ConfigError as e:  # the checks speak of command-line options: name the JSON field instead
-        raise ConfigError(json_field_name(e.field), e.value, e.reason) from None
+    return config.validated(check_environment)
 
 
 def json_field_name(option: str) -> str:

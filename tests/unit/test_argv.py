@@ -150,8 +150,8 @@ def test_tap_mac_is_stable_unicast_local_and_overridable():
 
 
 def test_qemu_extra_words_are_split_like_a_shell_unescaped_and_appended_last():
-    env = {"SYSTEMD_VMSPAWN_QEMU_EXTRA": "-device 'virtio-mouse-pci,id=m 1' -name a\\\\x2cb"}
-    assert qemu_extra_args(env) == ["-device", "virtio-mouse-pci,id=m 1", "-name", "a,b"]
+    env = {"SYSTEMD_VMSPAWN_QEMU_EXTRA": "-device 'virtio-mouse-pci,id=m 1' -name a\\x2cb 'c\\x20d'"}
+    assert qemu_extra_args(env) == ["-device", "virtio-mouse-pci,id=m 1", "-name", "a,b", "c d"]
     assert qemu_extra_args({}) == []
     argv = build_qemu_argv(config(), res(extra_args=("-S",)))
     assert argv[-1] == "-S"

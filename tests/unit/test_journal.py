@@ -49,6 +49,7 @@ def test_argv_listens_on_the_guest_cid_and_picks_the_split_mode(tmp_path, stand_
                                                                                              max_files=3))
     bindir = stand_ins.parent / "bin"
     assert spec.argv == (str(bindir / "systemd-socket-activate"), "--listen=vsock:2:4711",
+                         "--setenv=SYSTEMD_JOURNAL_REMOTE_CONFIG_FILE=/dev/null",
                          str(bindir / "systemd-journal-remote"), f"--output={tmp_path / 'logs' / 'vm.journal'}",
                          "--split-mode=none", "--max-use=1073741824", "--max-files=3")
     assert stat.S_IMODE((tmp_path / "logs").stat().st_mode) == 0o755  # a file's parent is made
@@ -76,7 +77,8 @@ async def test_aux_services_start_journal_remote_and_hand_the_guest_its_address(
                 break
             await asyncio.sleep(0.02)
         seen = json.loads(stand_ins.read_text())
-        assert seen["argv"][1:] == ["--listen=vsock:2:1234", str(stand_ins.parent / "bin" / "systemd-journal-remote"),
+        assert seen["argv"][1:] == ["--listen=vsock:2:1234", "--setenv=SYSTEMD_JOURNAL_REMOTE_CONFIG_FILE=/dev/null",
+                                    str(stand_ins.parent / "bin" / "systemd-journal-remote"),
                                     f"--output={tmp_path / 'out'}", "--split-mode=host", "--keep-free=1048576"]
         assert seen["config"] == "/dev/null"
     finally:

@@ -98,8 +98,12 @@ def tap_mac(machine: str, environ: Mapping[str, str] = os.environ) -> str:
 def qemu_extra_args(environ: Mapping[str, str] = os.environ) -> list[str]:
     """$SYSTEMD_VMSPAWN_QEMU_EXTRA: shell-like words, C escapes undone, appended to QEMU's argv."""
     text = environ.get(QEMU_EXTRA_ENV, "")
+    lexer = shlex.shlex(text, posix=True)
+    lexer.whitespace_split = True
+    lexer.escape = ""  # backslashes are left for the C unescaping, quoted or not
+    lexer.commenters = ""
     try:
-        return [c_unescape(word, QEMU_EXTRA_ENV).decode(errors="surrogateescape") for word in shlex.split(text)]
+        return [c_unescape(word, QEMU_EXTRA_ENV).decode(errors="surrogateescape") for word in lexer]
     except ValueError as e:  # unbalanced quotes (ConfigError, a ValueError too, passes through as is)
         if isinstance(e, ConfigError):
             raise

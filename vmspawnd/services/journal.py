@@ -68,7 +68,9 @@ def journal_remote_spec(machine: str, guest_cid: int, output: Path, limits: Jour
                         bound_to: str | None = None) -> ServiceSpec:
     """The helper that listens on vsock for ``guest_cid``'s journal and writes it to ``output``."""
     split_mode = prepare_output(output)
+    # socket-activate gives its child a clean environment: --setenv carries the setting across
     argv = [str(find_tool("systemd-socket-activate")), f"--listen=vsock:2:{guest_cid}",
+            "--setenv=SYSTEMD_JOURNAL_REMOTE_CONFIG_FILE=/dev/null",
             str(find_tool("systemd-journal-remote", JOURNAL_REMOTE_PATHS)), f"--output={output}",
             f"--split-mode={split_mode}", *limits.args()]
     return ServiceSpec(name=f"vmspawnd-{machine}-journal", argv=tuple(argv), bound_to=bound_to,
