@@ -64,8 +64,8 @@ from tests.systemd.container import (
     APT_OPTIONS,
     DPKG_OPTIONS,
     HarnessError,
+    build_atomically,
     cache_root,
-    clear_interrupted_builds,
     file_lock,
     remove_tree,
     repo_root,
@@ -165,32 +165,23 @@ def build_tree(cache: Path | None = None, log=_log) -> Path:
         raise PeerUnavailable("building the forky peer tree needs root (mmdebstrap --mode=root)")
     if shutil.which("mmdebstrap") is None or shutil.which("unshare") is None:
         raise PeerUnavailable("mmdebstrap/unshare missing on the host (apt-get install mmdebstrap util-linux)")
-    base = final.parent
-    with file_lock(base / f"{final.name}.lock"):
-        if tree_ready(final):
-            return final
-        clear_interrupted_builds(final, log)
-        tmp = base / f".tmp-{final.name}-{os.getpid()}"
-        remove_tree(tmp)
-        build_log = base / f"{final.name}.build.log"
+    build_log = final.parent / f"{final.name}.build.log"
+
+    def make(tmp: Path) -> None:
         log(f"building the {SUITE} peer tree ({', '.join(PACKAGES)}) -> {final}")
-        t0 = time.monotonic()
-        try:
-            with open(build_log, "wb") as out:
-                # private mount namespace: whatever mmdebstrap mounts dies with it, even on SIGKILL
-                rc = run_child(["unshare", "--mount", "--propagation", "private", "--", *mmdebstrap_argv(tmp)],
-                               stdout=out)
-            if rc != 0:
-                tail = "\n".join(build_log.read_text(errors="replace").splitlines()[-15:])
-                raise PeerUnavailable(f"mmdebstrap {SUITE} failed (exit {rc}; network?); {build_log}:\n{tail}")
-            _finish_tree(tmp)
-            os.rename(tmp, final)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                remove_tree(tmp)
-            raise
+        with open(build_log, "wb") as out:
+            # private mount namespace: whatever mmdebstrap mounts dies with it, even on SIGKILL
+            rc = run_child(["unshare", "--mount", "--propagation", "private", "--", *mmdebstrap_argv(tmp)],
+                           stdout=out)
+        if rc != 0:
+            tail = "\n".join(build_log.read_text(errors="replace").splitlines()[-15:])
+            raise PeerUnavailable(f"mmdebstrap {SUITE} failed (exit {rc}; network?); {build_log}:\n{tail}")
+        _finish_tree(tmp)
+
+    t0 = time.monotonic()
+    if build_atomically(final, tree_ready, make, log):
         log(f"peer tree built in {time.monotonic() - t0:.1f}s: {tree_info(final)['versions']}")
-    prune_trees(keep=final, log=log)
+    prune_trees(keep=final, cache=cache, log=log)
     return final
 
 

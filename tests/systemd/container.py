@@ -209,6 +209,27 @@ def clear_interrupted_builds(final: Path, log: Log = _stderr_log) -> None:
         remove_tree(final)
 
 
+def build_atomically(final: Path, ready: Callable[[Path], bool], make: Callable[[Path], None],
+                     log: Log = _stderr_log) -> bool:
+    """Build ``final`` once, under its lock: ``make(tmp)`` fills a temp dir that is then renamed into
+    place (removed on any failure).  False if another process built it while we waited."""
+    base = final.parent
+    with file_lock(base / f"{final.name}.lock"):
+        if ready(final):
+            return False
+        clear_interrupted_builds(final, log)
+        tmp = base / f".tmp-{final.name}-{os.getpid()}"
+        remove_tree(tmp)
+        try:
+            make(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                remove_tree(tmp)
+            raise
+    return True
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -328,30 +349,21 @@ def build_tree(cache: Path | None = None, packages: Sequence[str] = PACKAGES, su
                log: Log = _stderr_log) -> Path:
     """The cached tree for these inputs, built first (atomically: temp dir, then rename) if needed."""
     final = tree_path(cache, packages, suite)
-    base = final.parent
     if tree_ready(final):
         return final
     require_root()
-    with file_lock(base / f"{final.name}.lock"):
-        if tree_ready(final):
-            return final
-        clear_interrupted_builds(final, log)
-        tmp = base / f".tmp-{final.name}-{os.getpid()}"
-        remove_tree(tmp)
+
+    def make(tmp: Path) -> None:
         log(f"building the {suite} tree with mmdebstrap ({len(packages)} packages) -> {final}")
-        t0 = time.monotonic()
-        try:
-            # in a private mount namespace: whatever mmdebstrap mounts dies with it, even on SIGKILL
-            rc = run_child(["unshare", "--mount", "--propagation", "private", "--",
-                            *mmdebstrap_argv(tmp, packages, suite)])
-            if rc != 0:
-                raise HarnessError(f"mmdebstrap failed (exit {rc})")
-            _finish_tree(tmp, tree_inputs(packages, suite))
-            os.rename(tmp, final)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                remove_tree(tmp)
-            raise
+        # in a private mount namespace: whatever mmdebstrap mounts dies with it, even on SIGKILL
+        rc = run_child(["unshare", "--mount", "--propagation", "private", "--",
+                        *mmdebstrap_argv(tmp, packages, suite)])
+        if rc != 0:
+            raise HarnessError(f"mmdebstrap failed (exit {rc})")
+        _finish_tree(tmp, tree_inputs(packages, suite))
+
+    t0 = time.monotonic()
+    if build_atomically(final, tree_ready, make, log):
         log(f"tree built in {time.monotonic() - t0:.1f}s")
     return final
 
