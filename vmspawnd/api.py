@@ -8,9 +8,11 @@ a test enforces that.
 
 import asyncio
 import collections.abc
+import contextlib
 import dataclasses
 import enum
 import signal as signal_module
+import time
 import typing
 from dataclasses import dataclass
 
@@ -25,9 +27,18 @@ from asyncvarlink import (
     varlinkmethod,
 )
 
-from vmspawnd.config import ConfigError, config_from_json, config_to_json, validate_machine_name
-from vmspawnd.machine import StartError, State
-from vmspawnd.manager import Entry, Event, MachineExists, Manager, NoSuchMachine, WrongState
+from vmspawnd.config import config_from_json, config_to_json, validate_machine_name
+from vmspawnd.errors import (
+    ConfigError,
+    HostError,
+    MachineExists,
+    NoSuchMachine,
+    StartError,
+    VmspawndError,
+    WrongState,
+)
+from vmspawnd.machine import State
+from vmspawnd.manager import Entry, Event, Manager
 from vmspawnd.qemu.firmware import enumerate_descriptors
 
 INTERFACE = "io.vmspawnd.Manager"
@@ -186,6 +197,42 @@ class StartFailedError(TypedVarlinkErrorReply, name=f"{INTERFACE}.StartFailed"):
         reason: str
 
 
+class HostFailedError(TypedVarlinkErrorReply, name=f"{INTERFACE}.HostFailed"):
+    class Parameters:
+        reason: str
+
+
+def varlink_error(error: VmspawndError | OSError, name: str) -> TypedVarlinkErrorReply:
+    """The interface's typed error for one of ours: the one place where they are mapped."""
+    if isinstance(error, NoSuchMachine):
+        return NoSuchMachineError(name=error.name)
+    if isinstance(error, MachineExists):
+        return MachineExistsError(name=error.name)
+    if isinstance(error, ConfigError):
+        return InvalidConfigError(field=error.field, reason=str(error))
+    if isinstance(error, WrongState):
+        return WrongStateError(name=error.name, state=error.state, reason=str(error))
+    if isinstance(error, StartError):
+        return StartFailedError(name=name, reason=str(error))
+    if isinstance(error, HostError):
+        return HostFailedError(reason=str(error))
+    if isinstance(error, OSError):
+        return HostFailedError(reason=str(HostError("the operation failed", error)))
+    return HostFailedError(reason=str(error))
+
+
+@contextlib.contextmanager
+def typed_errors(name: str = "", *, start: bool = False) -> collections.abc.Iterator[None]:
+    """Raise our errors (and the host's) as the interface's typed errors.  With ``start``, an
+    invalid setting found only when starting is a failed start, not an invalid definition."""
+    try:
+        yield
+    except ConfigError as e:
+        raise (StartFailedError(name=name, reason=str(e)) if start else varlink_error(e, name)) from None
+    except (VmspawndError, OSError) as e:
+        raise varlink_error(e, name) from None
+
+
 def _config_object(config_json: dict[str, typing.Any]) -> Config:
     """The config as Describe shows it: credential values are never sent back, only their IDs."""
     shown = dict(config_json)
@@ -197,12 +244,12 @@ def _config_object(config_json: dict[str, typing.Any]) -> Config:
 
 def machine_info(name: str, entry: Entry) -> MachineInfo:
     m = entry.machine
-    running = m.state in (State.RUNNING, State.STOPPING, State.STARTING)
+    running = m.active_run is not None
     return MachineInfo(
-        name=name, state=MachineState(m.state.value), ready=m.ready and running, since=int(m.since * 1_000_000),
-        pid=m.qemu.pid if m.qemu is not None and running else None,
+        name=name, state=MachineState(m.state.value), ready=m.ready, since=int(m.since * 1_000_000),
+        pid=m.qemu.pid if m.qemu is not None else None,
         runtimeDirectory=str(m.runtime.path) if running else None,
-        tpmStatePath=str(m.tpm_state_path) if m.tpm_state_path else None, units=list(m.units) if running else [],
+        tpmStatePath=str(m.tpm_state_path) if m.tpm_state_path else None, units=m.units,
         status=m.guest_status, exitStatus=m.exit_status, failure=m.failure,
         config=_config_object(config_to_json(entry.config)),
     )
@@ -218,7 +265,8 @@ def _event_object(event: Event) -> MachineEvent:
 class ManagerInterface(VarlinkInterface, name=INTERFACE):
     """Create, run and watch virtual machines."""
 
-    errors = (NoSuchMachineError, MachineExistsError, InvalidConfigError, WrongStateError, StartFailedError)
+    errors = (NoSuchMachineError, MachineExistsError, InvalidConfigError, WrongStateError, StartFailedError,
+              HostFailedError)
 
     def __init__(self, manager: Manager | None = None) -> None:
         self._manager = manager
@@ -230,36 +278,24 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
 
     def _entry(self, name: str) -> Entry:
         _check_name(name)
-        try:
+        with typed_errors(name):
             return self.manager.get(name)
-        except NoSuchMachine:
-            raise NoSuchMachineError(name=name) from None
 
     @varlinkmethod(return_parameter="machine")
     def Create(self, *, name: str, config: Config) -> MachineInfo:
         """Define a new machine (it is not started)."""
         _check_name(name)
         raw = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
-        try:
+        with typed_errors(name):
             entry = self.manager.create(config_from_json(name, raw))
-        except ConfigError as e:
-            raise InvalidConfigError(field=e.field, reason=str(e)) from None
-        except MachineExists:
-            raise MachineExistsError(name=name) from None
         return machine_info(name, entry)
 
     @varlinkmethod(return_parameter="machine")
     async def Start(self, *, name: str) -> MachineInfo:
         """Start a stopped machine; returns once QEMU runs (not when the guest is ready)."""
         self._entry(name)
-        try:
+        with typed_errors(name, start=True):
             entry = await self.manager.start(name)
-        except WrongState as e:
-            raise WrongStateError(name=name, state=e.state, reason=str(e)) from None
-        except ConfigError as e:
-            raise StartFailedError(name=name, reason=str(e)) from None
-        except StartError as e:
-            raise StartFailedError(name=name, reason=str(e)) from None
         return machine_info(name, entry)
 
     @varlinkmethod(return_parameter="machine")
@@ -268,10 +304,8 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         self._entry(name)
         if timeout is not None and not 0 <= timeout <= MAX_STOP_TIMEOUT:
             raise InvalidConfigError(field="timeout", reason=f"must be between 0 and {MAX_STOP_TIMEOUT:.0f}")
-        try:
+        with typed_errors(name):
             entry = await self.manager.stop(name, 10.0 if timeout is None else timeout)
-        except WrongState as e:
-            raise WrongStateError(name=name, state=e.state, reason=str(e)) from None
         return machine_info(name, entry)
 
     @varlinkmethod(return_parameter="machine")
@@ -280,20 +314,16 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         self._entry(name)
         if signal is not None and signal not in {s.value for s in signal_module.Signals}:
             raise InvalidConfigError(field="signal", reason=f"{signal} is not a signal number")
-        try:
+        with typed_errors(name):
             entry = await self.manager.kill(name, signal)
-        except WrongState as e:
-            raise WrongStateError(name=name, state=e.state, reason=str(e)) from None
         return machine_info(name, entry)
 
     @varlinkmethod
     async def Remove(self, *, name: str) -> None:
         """Forget a stopped machine's definition."""
         self._entry(name)
-        try:
+        with typed_errors(name):
             await self.manager.remove(name)
-        except WrongState as e:
-            raise WrongStateError(name=name, state=e.state, reason=str(e)) from None
 
     @varlinkmethod(return_parameter="machine")
     def Describe(self, *, name: str) -> MachineInfo:
@@ -333,10 +363,12 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     async def OpenConsole(self, *, name: str) -> FileDescriptor:
         """The master side of a new PTY attached to the machine's console (passed as a file descriptor)."""
         entry = self._entry(name)
-        if entry.console is None or entry.machine.state is not State.RUNNING:
+        console = entry.console
+        if console is None or entry.machine.state is not State.RUNNING:
             raise WrongStateError(name=name, state=entry.machine.state.value,
                                   reason="the machine is not running with an interactive or read-only console")
-        fd = FileDescriptor(await entry.console.open_client(), should_close=True)
+        with typed_errors(name):
+            fd = FileDescriptor(await console.open_client(), should_close=True)
         asyncio.get_running_loop().call_later(30, _close_quietly, fd)
         return fd
 
@@ -349,8 +381,6 @@ def _close_quietly(fd: FileDescriptor) -> None:
 
 
 def _now_us() -> int:
-    import time
-
     return int(time.time() * 1_000_000)
 
 

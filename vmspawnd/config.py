@@ -19,19 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmspawnd.errors import ConfigError
+
 MIB = 1024 * 1024
 DEFAULT_RAM = 2 * 1024 * MIB
 MAX_NAME_LENGTH = 64
-
-
-class ConfigError(ValueError):
-    """The user asked for something invalid: carries the field, value and reason."""
-
-    def __init__(self, field: str, value: object, reason: str) -> None:
-        self.field = field
-        self.value = value
-        self.reason = reason
-        super().__init__(f"invalid {field}={value!s}: {reason}" if value != "" else f"invalid {field}: {reason}")
 
 
 class Tristate(enum.Enum):

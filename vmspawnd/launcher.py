@@ -26,6 +26,7 @@ class QemuProcess:
         self._pidfd = os.pidfd_open(pid)
         self.returncode: int | None = None
         self._channel: socket.socket | None = None
+        self._waiter: asyncio.Task[int | None] | None = None
 
     @classmethod
     def fork_early(cls, *, die_with_parent: bool, stdout: int | IO[bytes] | None = None,
@@ -72,21 +73,49 @@ class QemuProcess:
         return cls(pid, None)
 
     async def wait(self) -> int | None:
-        """Wait for the exit; return the status (negative = signal), None when not ours to reap."""
+        """Wait for the exit; return the status (negative = signal), None when not ours to reap.
+        Any number of callers may wait at once."""
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_task(self._wait_once())
+        return await asyncio.shield(self._waiter)
+
+    async def _wait_once(self) -> int | None:
         if self.returncode is not None or self._pidfd < 0:
             return self.returncode
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        loop.add_reader(self._pidfd, lambda: done.done() or done.set_result(None))
+        pidfd = self._pidfd
+        loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
         try:
             await done
         finally:
-            loop.remove_reader(self._pidfd)
+            if self._pidfd == pidfd:  # else close() already removed it (the number may be reused)
+                loop.remove_reader(pidfd)
         if self._popen is not None:
             self.returncode = self._popen.wait()
-        os.close(self._pidfd)
-        self._pidfd = -1
+        self._close_pidfd()
         return self.returncode
+
+    async def end(self) -> int | None:
+        """Kill the process if it still runs (the launcher or QEMU), reap it, return its status."""
+        self.cancel()
+        if self.alive:
+            self.send_signal(signal.SIGKILL)
+        return await self.wait()
+
+    def close(self) -> None:
+        """Let go of the process without touching it: release the pidfd and the launcher channel."""
+        self.cancel()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.cancel()
+        self._close_pidfd()
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd >= 0:
+            with contextlib.suppress(OSError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
 
     @property
     def alive(self) -> bool:

@@ -1,8 +1,12 @@
 """Manager: the daemon's set of machines — definitions on disk, runs, adoption, events.
 
 Definitions live in ``<state_dir>/machines/<name>.json`` (written atomically).  Runs live in
-``<runtime_base>/<name>/``; a restarted daemon re-adopts every QEMU that still runs there.
-Stopping the daemon never stops a VM.
+``<runtime_base>/<name>/``; a restarted daemon re-adopts every QEMU that still runs there and
+ends whatever an interrupted start left behind.  Stopping the daemon never stops a VM.
+
+Every command on a machine goes through that Machine's lock (see machine.py); Remove also
+checks, under the lock, that the machine it removes is the one it looked up, so a stale Remove
+can never delete a newer machine of the same name.
 """
 
 from __future__ import annotations
@@ -17,28 +21,16 @@ from typing import Any
 
 import structlog
 
-from vmspawnd.config import ConfigError, ConsoleMode, MachineConfig, config_from_json, config_to_json
+from vmspawnd.config import ConsoleMode, MachineConfig, config_from_json, config_to_json
 from vmspawnd.console import ConsoleRelay
-from vmspawnd.machine import DEFAULT_STOP_TIMEOUT, Machine, StartError, State
+from vmspawnd.errors import ConfigError, HostError, MachineExists, NoSuchMachine, StartError, WrongState
+from vmspawnd.machine import DEFAULT_STOP_TIMEOUT, Machine, State
+from vmspawnd.run import Run
 from vmspawnd.storage import read_json, write_json_atomic
 
 log = structlog.get_logger()
 
 EVENT_QUEUE_LIMIT = 1024
-
-
-class NoSuchMachine(LookupError):
-    pass
-
-
-class MachineExists(ValueError):
-    pass
-
-
-class WrongState(RuntimeError):
-    def __init__(self, name: str, state: str, wanted: str) -> None:
-        super().__init__(f"machine {name} is {state}; {wanted}")
-        self.name, self.state = name, state
 
 
 @dataclass(frozen=True)
@@ -53,11 +45,15 @@ class Event:
 
 @dataclass
 class Entry:
-    """A defined machine and (if it ever ran under this daemon) its Machine."""
+    """A defined machine and its Machine."""
 
     config: MachineConfig
     machine: Machine
-    console: ConsoleRelay | None = None
+
+    @property
+    def console(self) -> ConsoleRelay | None:
+        run = self.machine.active_run
+        return run.console if run is not None else None
 
 
 class Manager:
@@ -68,7 +64,6 @@ class Manager:
         self.runtime_base = runtime_base
         self.machines: dict[str, Entry] = {}
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
         self.on_change: Callable[[], None] = lambda: None
 
     @property
@@ -90,24 +85,16 @@ class Manager:
                 continue
             self.machines[name] = entry
             try:
-                adopted = await entry.machine.adopt()
-            except Exception as e:  # a half-dead VM must not keep the daemon from starting
+                await entry.machine.adopt(after=self._attach_console)
+            except Exception as e:  # e.g. another process holds its runtime dir
                 log.error("could not re-adopt VM", machine=name, error=str(e))
-                await entry.machine.detach()
                 entry.machine.mark_failed(f"could not re-adopt its running QEMU: {e}")
-                continue
-            if adopted:
-                await self._attach_console(entry)
         self.on_change()
 
     async def shutdown(self) -> None:
         """Detach from every running VM (they keep running) and end all event streams."""
-        for name, entry in list(self.machines.items()):
-            async with self._lock(name):  # let a start in progress finish first
-                if entry.console is not None:
-                    await entry.console.close()
-                if entry.machine.state in (State.RUNNING, State.STOPPING):
-                    await entry.machine.detach()
+        for entry in list(self.machines.values()):
+            await entry.machine.detach()  # waits for a command in progress (e.g. a start) first
         for queue in list(self._subscribers):
             queue.put_nowait(None)
 
@@ -145,71 +132,72 @@ class Manager:
         except KeyError:
             raise NoSuchMachine(name) from None
 
-    def _lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
-
     def create(self, config: MachineConfig) -> Entry:
-        """Define a machine and persist its definition."""
+        """Define a machine and persist its definition (nothing is kept if that fails)."""
         if config.name in self.machines or (self.definitions / f"{config.name}.json").exists():
             raise MachineExists(config.name)  # never overwrite a definition, even one we could not load
         if config.console in (ConsoleMode.NATIVE, ConsoleMode.GUI):
             raise ConfigError("console", config.console.value,
                               "the daemon offers interactive, read-only or headless consoles")
         entry = self._new_entry(config)
-        self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_json_atomic(self.definitions / f"{config.name}.json", {"name": config.name,
-                                                                    "config": config_to_json(config)})
+        try:
+            self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_json_atomic(self.definitions / f"{config.name}.json", {"name": config.name,
+                                                                        "config": config_to_json(config)})
+        except OSError as e:
+            raise HostError(f"cannot save the definition of {config.name}", e) from e
         self.machines[config.name] = entry
         self._publish(config.name, "created", {})
         return entry
 
     async def start(self, name: str) -> Entry:
+        """Start a machine; raises StartError / ConfigError with the reason if it fails."""
         entry = self.get(name)
-        async with self._lock(name):
-            if self.machines.get(name) is not entry:  # removed while we waited
-                raise NoSuchMachine(name)
-            if entry.machine.state not in (State.STOPPED, State.FAILED):
-                raise WrongState(name, entry.machine.state.value, "it must be stopped to start")
-            await entry.machine.start()  # raises ConfigError / StartError with the reason
-            await self._attach_console(entry)
+        try:
+            await entry.machine.start(after=self._attach_console)
+        except OSError as e:
+            raise StartError(str(e)) from e
         return entry
 
-    async def _attach_console(self, entry: Entry) -> None:
+    async def _attach_console(self, run: Run) -> None:
         """Connect the console relay; a VM without a working console still runs (and says why)."""
-        if entry.config.console not in (ConsoleMode.INTERACTIVE, ConsoleMode.READ_ONLY):
+        config = run.config
+        if config.console not in (ConsoleMode.INTERACTIVE, ConsoleMode.READ_ONLY):
             return
-        relay = ConsoleRelay(entry.machine.runtime.path / "console.sock",
-                             read_only=entry.config.console is ConsoleMode.READ_ONLY)
+        relay = ConsoleRelay(run.runtime.path / "console.sock", read_only=config.console is ConsoleMode.READ_ONLY)
         try:
             await relay.connect()
         except OSError as e:
-            log.warning("the VM's console is not available", machine=entry.config.name, error=str(e))
+            log.warning("the VM's console is not available", machine=config.name, error=str(e))
             return
-        entry.console = relay
-        entry.machine.on_cleanup(lambda: asyncio.get_running_loop().create_task(relay.close()))
+        run.console = relay
+        run.on_cleanup_async(relay.close)
 
     async def stop(self, name: str, timeout: float = DEFAULT_STOP_TIMEOUT) -> Entry:
         entry = self.get(name)
-        if entry.machine.state not in (State.RUNNING, State.STOPPING):
-            raise WrongState(name, entry.machine.state.value, "only a running machine can be stopped")
         await entry.machine.stop(timeout)
         return entry
 
     async def kill(self, name: str, sig: int | None = None) -> Entry:
         entry = self.get(name)
-        if entry.machine.state not in (State.RUNNING, State.STOPPING):
-            raise WrongState(name, entry.machine.state.value, "only a running machine can be killed")
         await entry.machine.kill(sig=sig)
         return entry
 
     async def remove(self, name: str) -> None:
+        """Forget a stopped machine: exactly the one looked up, never a newer one of that name."""
         entry = self.get(name)
-        async with self._lock(name):
-            if entry.machine.state not in (State.STOPPED, State.FAILED):
-                raise WrongState(name, entry.machine.state.value, "stop it before removing it")
-            (self.definitions / f"{name}.json").unlink(missing_ok=True)
+        machine = entry.machine
+        async with machine.lock:
+            if machine.removed or self.machines.get(name) is not entry:
+                raise NoSuchMachine(name)
+            if machine.state not in (State.STOPPED, State.FAILED):
+                raise WrongState(name, machine.state.value, "stop it before removing it")
+            try:
+                (self.definitions / f"{name}.json").unlink(missing_ok=True)
+            except OSError as e:
+                raise HostError(f"cannot remove the definition of {name}", e) from e
+            machine.removed = True
             del self.machines[name]
-            self._locks.pop(name, None)
         self._publish(name, "removed", {})
 
     def running_count(self) -> int:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 from pathlib import Path
 
-from vmspawnd.config import ConfigError
+from vmspawnd.errors import ConfigError
 
 PR_SET_PDEATHSIG = 1
 SUN_PATH_MAX = 107  # bytes of a unix socket path, without the NUL
@@ -50,3 +51,30 @@ def process_cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes (not us) whose command line contains ``text``, e.g. a runtime dir."""
+    found = []
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if text.encode() in cmdline.replace(b"\0", b" "):
+            state = process_state(int(entry.name))
+            if state not in (None, "Z", "X"):
+                found.append(int(entry.name))
+    return found
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state of ``pid`` (``R``, ``S``, ``Z``…), None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None

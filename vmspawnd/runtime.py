@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from vmspawnd.config import ConfigError
+from vmspawnd.errors import ConfigError
 from vmspawnd.proc import check_socket_path
 
 
@@ -66,8 +66,12 @@ class RuntimeDir:
                     entry.unlink(missing_ok=True)
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        self.remove_files()
         self.unlock()
+
+    def remove_files(self) -> None:
+        """Remove the directory (the lock, if held, stays held until :meth:`unlock`)."""
+        shutil.rmtree(self.path, ignore_errors=True)
 
     def unlock(self) -> None:
         """Release the lock but keep the directory (the daemon detaching from a running VM)."""

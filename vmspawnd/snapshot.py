@@ -8,6 +8,7 @@ ever touches a real directory with exactly that kind of name, right next to the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -85,3 +86,45 @@ def remove_copy(path: Path, source: Path) -> None:
         log.warning("could not remove part of an --ephemeral copy", path=failed)
 
     shutil.rmtree(path, **({"onexc": report} if sys.version_info >= (3, 12) else {"onerror": report}))
+
+
+class EphemeralCopy:
+    """The copy one run of ``--ephemeral --directory`` runs on: ``async with`` makes it (recording
+    its path in ``record`` first, so even a killed run's copy is found) and removes it after."""
+
+    def __init__(self, source: Path, record: Path) -> None:
+        self.source = source
+        self.record = record
+        self.path: Path | None = None
+
+    @classmethod
+    def recorded(cls, source: Path, record: Path) -> EphemeralCopy | None:
+        """The copy an earlier run recorded in ``record`` (to remove or keep), if there is one."""
+        try:
+            path = Path(record.read_text().strip())
+        except OSError:
+            return None
+        copy = cls(source, record)
+        copy.path = path
+        return copy
+
+    async def __aenter__(self) -> Path:
+        self.path = copy_path(self.source)
+        self.record.write_text(str(self.path))
+        try:
+            await asyncio.to_thread(snapshot_directory, self.source, self.path)
+        except BaseException:
+            await self.remove()
+            raise
+        log.info("running on an ephemeral copy", directory=str(self.source), copy=str(self.path))
+        return self.path
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.remove()
+
+    async def remove(self) -> None:
+        """Remove the copy (only a real copy of the source, see :func:`remove_copy`) and its record."""
+        if self.path is not None:
+            await asyncio.to_thread(remove_copy, self.path, self.source)
+            self.path = None
+        self.record.unlink(missing_ok=True)

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from vmspawnd import machine as machine_module
+from vmspawnd import run as run_module
 from vmspawnd.config import MachineConfig, Tristate
-from vmspawnd.machine import Machine
+from vmspawnd.run import Run
+from vmspawnd.runtime import RuntimeDir
 
 
 @pytest.fixture
@@ -28,9 +29,13 @@ def vsock_device(monkeypatch):
         claimed.append((fd, fixed_cid))
         return fd, fixed_cid or 4711
 
-    monkeypatch.setattr(machine_module, "vsock_usable", lambda setting: setting is not Tristate.NO)
-    monkeypatch.setattr(machine_module, "claim_vsock", claim)
+    monkeypatch.setattr(run_module, "vsock_usable", lambda setting: setting is not Tristate.NO)
+    monkeypatch.setattr(run_module, "claim_vsock", claim)
     return claimed
+
+
+def new_run(config: MachineConfig, base: Path) -> Run:
+    return Run(config, RuntimeDir(base, config.name), on_event=lambda run, kind, data: None)
 
 
 def fd_open(fd: int) -> bool:
@@ -44,7 +49,7 @@ def fd_open(fd: int) -> bool:
 @pytest.mark.parametrize("fixed", [None, 1234])
 async def test_claimed_vsock_fd_goes_to_qemu_and_the_guest_learns_where_to_notify(tmp_path, vsock_device, fixed):
     config = MachineConfig(name="vs", linux=Path("/vmlinuz"), vsock_cid=fixed)
-    m = Machine(config, runtime_base=tmp_path)
+    m = new_run(config, tmp_path)
     pass_fds: list[int] = []
     async with m._stack:
         channel, cid, fd = await m._open_notify_channel(tmp_path, pass_fds)
@@ -58,8 +63,8 @@ async def test_claimed_vsock_fd_goes_to_qemu_and_the_guest_learns_where_to_notif
 
 
 async def test_without_vsock_a_fixed_cid_is_ignored_and_virtio_serial_is_used(tmp_path, monkeypatch):
-    monkeypatch.setattr(machine_module, "vsock_usable", lambda setting: False)
-    m = Machine(MachineConfig(name="vs", linux=Path("/vmlinuz"), vsock_cid=1234), runtime_base=tmp_path)
+    monkeypatch.setattr(run_module, "vsock_usable", lambda setting: False)
+    m = new_run(MachineConfig(name="vs", linux=Path("/vmlinuz"), vsock_cid=1234), tmp_path)
     pass_fds: list[int] = []
     async with m._stack:
         channel, cid, fd = await m._open_notify_channel(tmp_path, pass_fds)

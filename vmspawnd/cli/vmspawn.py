@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -11,8 +12,9 @@ import sys
 import structlog
 
 from vmspawnd.config import FALSE_WORDS, ConfigError, ConsoleMode, MachineConfig
+from vmspawnd.errors import StartError, WrongState
 from vmspawnd.log import setup_logging
-from vmspawnd.machine import Machine, StartError, State
+from vmspawnd.machine import Machine, State
 from vmspawnd.options import InfoRequest, parse_vmspawn_args
 from vmspawnd.ptyfwd import PtyForwarder
 from vmspawnd.runtime import runtime_base
@@ -82,15 +84,25 @@ async def run(config: MachineConfig, background: str | None = None) -> int:
         print(f"vmspawn: {e}", file=sys.stderr)
         return 1
     signals_seen = 0
+    tasks: set[asyncio.Task[None]] = set()
+
+    def command(coro) -> None:
+        """Run a stop or kill in the background; one that finds the VM already gone is fine."""
+        async def quietly() -> None:
+            with contextlib.suppress(WrongState):
+                await coro
+        task = loop.create_task(quietly())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     def on_signal(signame: str) -> None:
         nonlocal signals_seen
         signals_seen += 1
         if machine.state is State.RUNNING and signals_seen == 1:
             log.info("stopping the VM (ACPI power-off); send the signal again to kill it", signal=signame)
-            loop.create_task(machine.stop())
+            command(machine.stop())
         elif machine.state in (State.RUNNING, State.STOPPING):
-            loop.create_task(machine.kill())
+            command(machine.kill())
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
@@ -108,11 +120,12 @@ async def run(config: MachineConfig, background: str | None = None) -> int:
         print(f"vmspawn: {e}", file=sys.stderr)
         return 1
     if signals_seen:  # a signal arrived while we were still setting up
-        await machine.kill()
+        with contextlib.suppress(WrongState):
+            await machine.kill()
     if machine.pty is not None:
         tint, title = console_decoration(config, background)
         forwarder = PtyForwarder(machine.pty.master, read_only=config.console is ConsoleMode.READ_ONLY,
-                                 on_escape=lambda: loop.create_task(machine.kill(forced=False)),
+                                 on_escape=lambda: command(machine.kill(forced=False)),
                                  tint=tint, title=title)
         forwarder.start()
         machine.on_cleanup(forwarder.stop)

@@ -180,6 +180,12 @@ class NotifyChannel:
         except Exception:  # a handler bug must not kill the channel
             log.exception("notify handler failed", key=key)
 
+    async def __aenter__(self) -> NotifyChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()

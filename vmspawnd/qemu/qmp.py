@@ -38,6 +38,12 @@ class Qmp:
         reply = await self._client.execute("query-status")
         return str(reply["status"]) if isinstance(reply, dict) else "unknown"
 
+    async def __aenter__(self) -> Qmp:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
         if self.connected:
             with contextlib.suppress(Exception):

@@ -35,6 +35,7 @@ import structlog
 from vmspawnd.proc import set_parent_death_signal
 from vmspawnd.systemd.units import (
     CONNECT_TIMEOUT,
+    MANAGER_IFACE,
     SERVICE_IFACE,
     SYSTEMD_RUNTIME_DIR,
     UNIT_IFACE,
@@ -112,18 +113,18 @@ class RunningService(abc.ABC):
     name: str
     pid: int
     unit: str | None
-    spec: ServiceSpec
+    spec: ServiceSpec | None  # None for a helper adopted from an earlier daemon
 
-    def __init__(self, spec: ServiceSpec) -> None:
+    def __init__(self, spec: ServiceSpec | None, name: str = "") -> None:
         self.spec = spec
-        self.name = spec.name
+        self.name = spec.name if spec is not None else name
         self.pid = 0
         self.unit = None
         self.returncode: int | None = None
         self._exited: asyncio.Task[int | None] | None = None
         self._stopping = False
         self.lost = False  # we can no longer observe it (bus gone): its end is unknown, not a failure
-        self.log = log.bind(service=spec.name)
+        self.log = log.bind(service=self.name)
 
     async def wait(self) -> int | None:
         """Wait for the helper to end; its status (negative = killed by that signal) or None if unknown."""
@@ -150,8 +151,9 @@ class RunningService(abc.ABC):
 
     async def _wait_ready(self) -> None:
         """Wait for ``spec.ready_path`` to appear; fail fast if the helper exits first."""
-        path, spec = self.spec.ready_path, self.spec
-        assert self._exited is not None
+        spec = self.spec
+        assert self._exited is not None and spec is not None
+        path = spec.ready_path
         loop = asyncio.get_running_loop()
         deadline = loop.time() + spec.ready_timeout
         delay = 0.002
@@ -312,6 +314,55 @@ class ChildRunner:
         """Nothing to release: each service is owned by whoever started it."""
 
 
+class AdoptedChildService(RunningService):
+    """A helper an earlier daemon started as its child: watched through a pidfd (its exit status
+    is not ours to know).  Raises ProcessLookupError if it is already gone."""
+
+    def __init__(self, name: str, pid: int) -> None:
+        super().__init__(None, name)
+        self.pid = pid
+        self._pidfd = os.pidfd_open(pid)
+        self._loop = asyncio.get_running_loop()
+        self._exited = self._loop.create_task(self._watch(), name=f"watch {name}")
+
+    async def _watch(self) -> int | None:
+        gone = self._loop.create_future()
+        pidfd = self._pidfd
+        self._loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+        try:
+            await gone
+        finally:
+            if self._pidfd == pidfd:
+                self._loop.remove_reader(pidfd)
+        self._close()
+        if not self._stopping:
+            self.log.warning("service exited", pid=self.pid)
+        return None
+
+    def _close(self) -> None:
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def detach(self) -> None:
+        self._close()
+        super().detach()
+
+    async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        assert self._exited is not None
+        if self._exited.done():
+            return
+        self._stopping = True
+        signal.pidfd_send_signal(self._pidfd, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._exited), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            await asyncio.shield(self._exited)
+
+
 # ----------------------------------------------------------------------------- transient units
 def transient_unit_properties(spec: ServiceSpec) -> list[tuple[str, Variant]]:
     """The ``a(sv)`` properties of the transient service for ``spec`` (StartTransientUnit)."""
@@ -333,8 +384,8 @@ def transient_unit_properties(spec: ServiceSpec) -> list[tuple[str, Variant]]:
 class UnitService(RunningService):
     """A helper running as a transient ``<name>.service``."""
 
-    def __init__(self, runner: UnitRunner, spec: ServiceSpec, unit: str, path: str) -> None:
-        super().__init__(spec)
+    def __init__(self, runner: UnitRunner, spec: ServiceSpec | None, unit: str, path: str, name: str = "") -> None:
+        super().__init__(spec, name)
         self.unit = unit
         self._runner = runner
         self._path = path
@@ -436,6 +487,19 @@ class UnitRunner:
         except BaseException:
             await service.stop(timeout=1.0)
             raise
+        return service
+
+    async def adopt(self, name: str, unit: str) -> UnitService:
+        """Watch the unit of a helper an earlier daemon started (ServiceError if it is gone)."""
+        try:
+            (path,) = await self.manager.call(MANAGER_IFACE, "GetUnit", "s", [unit])
+            state = await self.manager.get_property(str(path), UNIT_IFACE, "ActiveState")
+        except DBusCallError as e:
+            raise ServiceError(name, f"{unit} is gone ({e.name})") from e
+        if state not in ("active", "activating", "reloading"):
+            raise ServiceError(name, f"{unit} is {state}")
+        service = UnitService(self, None, unit, str(path), name=name)
+        await service._load()
         return service
 
     async def aclose(self) -> None:

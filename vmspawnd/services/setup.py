@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,13 @@ class AuxServices:
     credentials: list[tuple[str, bytes]] = field(default_factory=list)
     cmdline: list[str] = field(default_factory=list)
     tpm_state: Path | None = None  # persistent TPM state dir, if any
+    on_started: Callable[[str, RunningService], None] = lambda what, service: None
+
+    def add(self, what: str, service: RunningService) -> None:
+        """A helper is up: keep it, and tell the owner at once (so even a killed daemon's run
+        record names it)."""
+        self.services.append((what, service))
+        self.on_started(what, service)
 
     @property
     def units(self) -> list[str]:
@@ -49,7 +57,8 @@ class AuxServices:
 
 
 async def start_aux_services(config: MachineConfig, runner: ServiceRunner, rundir: Path,
-                             bound_to: str | None = None, guest_cid: int | None = None) -> AuxServices:
+                             bound_to: str | None = None, guest_cid: int | None = None,
+                             on_started: Callable[[str, RunningService], None] | None = None) -> AuxServices:
     """Start swtpm, one virtiofsd per share and journal-remote (which needs the guest's vsock
     ``guest_cid``).  The caller owns (and stops) what is returned; if one fails to start, those
     already started are stopped before the error is raised."""
@@ -57,6 +66,8 @@ async def start_aux_services(config: MachineConfig, runner: ServiceRunner, rundi
         raise AuxServiceError("--forward-journal needs vsock (the guest sends its journal over AF_VSOCK), "
                               "and /dev/vhost-vsock is not usable here")
     aux = AuxServices()
+    if on_started is not None:
+        aux.on_started = on_started
     try:
         await _start(aux, config, runner, rundir, bound_to)
         if config.forward_journal is not None:
@@ -83,7 +94,7 @@ async def _start(aux: AuxServices, config: MachineConfig, runner: ServiceRunner,
                 raise AuxServiceError(f"swtpm failed to start: {e}") from e
             log.warning("continuing without a TPM: swtpm failed to start", machine=config.name, error=str(e))
         else:
-            aux.services.append(("swtpm", svc))
+            aux.add("swtpm", svc)
             aux.qemu_args += qemu_tpm_args(socket_path)
             aux.tpm_state = state_dir if persistent else None
 
@@ -104,7 +115,7 @@ async def _start(aux: AuxServices, config: MachineConfig, runner: ServiceRunner,
                                         bound_to=bound_to, uid_map=uid_map)
         except (ServiceError, OSError) as e:
             raise AuxServiceError(f"virtiofsd for {source} failed to start: {e}") from e
-        aux.services.append((f"virtiofsd {tag}", svc))
+        aux.add(f"virtiofsd {tag}", svc)
         aux.qemu_args += qemu_virtiofs_args(tag, socket_path, chardev)
     if shares:
         aux.qemu_args = qemu_shared_memory_args(config.ram.size_mib) + aux.qemu_args
@@ -123,7 +134,7 @@ async def _start_journal_remote(aux: AuxServices, config: MachineConfig, runner:
         svc = await start_journal_remote(runner, config.name, guest_cid, config.forward_journal, limits, bound_to)
     except (ServiceError, OSError) as e:
         raise AuxServiceError(f"systemd-journal-remote failed to start: {e}") from e
-    aux.services.append(("journal-remote", svc))
+    aux.add("journal-remote", svc)
     aux.credentials.append(journal_credential(guest_cid))
 
 

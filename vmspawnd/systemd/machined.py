@@ -98,3 +98,26 @@ async def register(reg: Registration, socket_path: Path = MACHINED_SOCKET) -> No
 
 async def unregister(name: str, socket_path: Path = MACHINED_SOCKET) -> None:
     await call("io.systemd.Machine.Unregister", {"name": name}, socket_path)
+
+
+class MachineRegistration:
+    """``async with``: the VM is registered with machined for the block (unregistered after)."""
+
+    def __init__(self, registration: Registration, socket_path: Path = MACHINED_SOCKET) -> None:
+        self.registration = registration
+        self.socket_path = socket_path
+
+    async def __aenter__(self) -> MachineRegistration:
+        await register(self.registration, self.socket_path)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await unregister_quietly(self.registration.name, self.socket_path)
+
+
+async def unregister_quietly(name: str, socket_path: Path = MACHINED_SOCKET) -> None:
+    """Unregister; machinectl terminate may have removed it already, or machined may be gone."""
+    try:
+        await unregister(name, socket_path)
+    except Exception:  # noqa: BLE001 - nothing to do about it but go on
+        pass

@@ -1,0 +1,80 @@
+"""What the guest tells us (READY, STATUS, EXIT_STATUS) and what exit status a run ends with.
+
+Pure logic, no I/O: :class:`Readiness` takes each notify message and says what changed, so the
+run can emit events and persist what must survive a daemon restart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MAX_STATUS = 512
+STATUS_EVENTS_PER_SECOND = 10
+
+
+@dataclass(frozen=True)
+class Change:
+    """The effect of one message: an event to emit (or None), and whether to persist the state."""
+
+    event: str | None = None
+    persist: bool = False
+    warning: str | None = None
+
+
+NOTHING = Change()
+
+
+class Readiness:
+    """The guest's READY/STATUS/EXIT_STATUS, with STATUS events limited to a few per second."""
+
+    def __init__(self, ready: bool = False, status: str | None = None, exit_status: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ready = ready
+        self.status = status
+        self.exit_status = exit_status
+        self._clock = clock
+        self._window, self._events = 0.0, 0
+
+    def feed(self, key: str, value: str) -> Change:
+        """Take one ``KEY=VALUE`` message from the guest."""
+        if key == "READY" and value == "1":
+            if self.ready:
+                return NOTHING
+            self.ready = True
+            return Change("ready", persist=True)
+        if key == "STATUS":
+            status = value[:MAX_STATUS]
+            if status == self.status:
+                return NOTHING
+            self.status = status  # kept in memory: a chatty guest must not make us fsync per line
+            now = self._clock()
+            if now - self._window >= 1.0:
+                self._window, self._events = now, 0
+            self._events += 1
+            return Change("status") if self._events <= STATUS_EVENTS_PER_SECOND else NOTHING
+        if key == "EXIT_STATUS":
+            if value.isdigit() and 0 <= int(value) <= 255:
+                self.exit_status = int(value)
+                return Change(persist=True)
+            return Change(warning=f"guest sent an invalid EXIT_STATUS {value[:32]!r}")
+        return NOTHING
+
+
+def exit_status(guest_exit_status: int | None, returncode: int | None, forced: bool) -> int:
+    """Guest's EXIT_STATUS, else 0 after a clean end, 1 if QEMU failed or had to be forced."""
+    if guest_exit_status is not None:
+        return guest_exit_status
+    if returncode is None:
+        return 1 if forced else 0
+    return 1 if returncode != 0 or forced else 0
+
+
+def failure(returncode: int | None, *, expected_end: bool) -> str | None:
+    """Why QEMU's end is a failure (None if it is not): an error exit, or a signal nobody asked for."""
+    if returncode is None or returncode == 0:
+        return None
+    if returncode > 0:
+        return f"QEMU exited with status {returncode}"
+    return None if expected_end else f"QEMU killed by signal {-returncode}"

@@ -1,0 +1,641 @@
+"""Run: one start (or one adoption) of a machine, and everything that run holds.
+
+A Run is made fresh for each start or adoption and never reused, so nothing is ever reset by
+hand and nothing leaks from one run into the next.  It owns three exit stacks, closed top to
+bottom when the run ends:
+
+- *session* (``_stack`` itself): what lives only as long as this process — QMP, the notify
+  channel, watcher tasks, the console PTY;
+- *durable* (``_durable``): what outlives a daemon that merely detaches — QEMU, its helpers,
+  the machined registration, the ``--ephemeral`` copy, the runtime dir.  Detaching is one
+  ``pop_all()`` of this stack;
+- *handles* (``_handles``): our file descriptors on durable things (pidfds, the runtime dir's
+  lock, D-Bus connections), always released.
+
+``run.json`` (see runrecord.py) is written before QEMU is exec'd and whenever a helper starts,
+so every process a run starts is found again, whatever point the daemon is killed at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+from vmspawnd.config import ConsoleMode, MachineConfig, Network, Tristate
+from vmspawnd.console import ConsoleRelay
+from vmspawnd.errors import ConfigError, StartError
+from vmspawnd.guest.channel import NotifyChannel
+from vmspawnd.guest.credentials import write_credentials
+from vmspawnd.guest.readiness import Readiness, exit_status, failure
+from vmspawnd.guest.ssh import SshKeyError, SshKeyPair, generate_key_pair
+from vmspawnd.launcher import QemuProcess
+from vmspawnd.proc import CAP_NET_ADMIN, has_capability, process_cmdline, process_start_time
+from vmspawnd.ptyfwd import Pty
+from vmspawnd.qemu.accel import Accelerator, choose_accelerator, find_qemu, vsock_usable
+from vmspawnd.qemu.argv import (
+    Resources,
+    build_qemu_argv,
+    check_cmdline_length,
+    cmdline_smbios_strings,
+    qemu_extra_args,
+    tap_mac,
+)
+from vmspawnd.qemu.disks import grow_image, root_cmdline_word
+from vmspawnd.qemu.firmware import nvram_state_path, prepare_nvram
+from vmspawnd.qemu.qmp import Qmp
+from vmspawnd.qemu.vsock import claim_vsock
+from vmspawnd.runrecord import COPY_RECORD, RUNNING, HelperRecord, RunRecord, end_leftovers, stop_units
+from vmspawnd.runtime import RuntimeDir
+from vmspawnd.services.runner import (
+    AdoptedChildService,
+    RunningService,
+    ServiceError,
+    UnitRunner,
+    choose_runner,
+    describe_status,
+)
+from vmspawnd.services.setup import AuxServiceError, AuxServices, start_aux_services
+from vmspawnd.snapshot import EphemeralCopy, SnapshotError
+from vmspawnd.systemd.machined import MachineRegistration, Registration, RegistrationError, unregister_quietly
+from vmspawnd.systemd.scope import DEFAULT_SLICE, allocate_scope
+from vmspawnd.systemd.units import SystemdManager, UnitStartError, connect_systemd
+
+log = structlog.get_logger()
+
+NOTIFY_GRACE = 0.05  # after QEMU exits: what the guest wrote just before power-off still arrives
+HELPER_GRACE = 1.0  # a helper ending within this long after QEMU is QEMU's doing, not a failure
+KILL_GRACE = 5.0  # QMP quit, then SIGKILL
+
+#: ``on_event(run, kind, data)``: "ready", "status" (data: status) or "ended".
+RunEventHandler = Callable[["Run", str, dict[str, Any]], None]
+
+
+def qemu_of_record(record: RunRecord, runtime: Path) -> bool:
+    """True if the QEMU ``record`` names still runs (same process, serving this runtime dir)."""
+    return (record.starttime is not None and process_start_time(record.pid) == record.starttime
+            and str(runtime) in process_cmdline(record.pid))
+
+
+class Run:
+    """One run of one VM; ``ended`` is set once everything it held is released (or handed on)."""
+
+    def __init__(self, config: MachineConfig, runtime: RuntimeDir, *, on_event: RunEventHandler,
+                 die_with_parent: bool = True, qemu_output: int | IO[bytes] | None = None,
+                 console_socket: bool = False) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.log = log.bind(machine=config.name)
+        self.readiness = Readiness()
+        self.qemu: QemuProcess | None = None
+        self.pty: Pty | None = None
+        self.units: list[str] = []
+        self.tpm_state_path: Path | None = None
+        self.vsock_cid: int | None = None
+        self.vsock_port: int | None = None
+        self.registered = False
+        self.console: ConsoleRelay | None = None  # the daemon's relay of the console socket, if any
+        self.forced = False  # we had to end it (kill): the exit status says so
+        self.stop_requested = False  # a stop or kill was asked for: a signal death is expected
+        self.returncode: int | None = None
+        self.exit_status: int | None = None
+        self.failure: str | None = None
+        self.ended = asyncio.Event()
+        self._qemu_exited = asyncio.Event()
+        self._on_event = on_event
+        self._die_with_parent = die_with_parent
+        self._qemu_output = qemu_output
+        self._console_socket = console_socket
+        self._running = False
+        self._detached = False
+        self._aux_failure: str | None = None
+        self._qmp: Qmp | None = None
+        self._ssh_key: SshKeyPair | None = None
+        self._record: RunRecord | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._watches: set[asyncio.Task[None]] = set()
+        self._stack = contextlib.AsyncExitStack()
+        self._handles = contextlib.AsyncExitStack()
+        self._durable = contextlib.AsyncExitStack()
+
+    @property
+    def pid(self) -> int | None:
+        return self.qemu.pid if self.qemu is not None else None
+
+    # ---------------------------------------------------------------- start
+    async def start(self) -> None:
+        """Set everything up and exec QEMU.  On failure everything acquired is released (and
+        ``ended`` is set) before the error is raised."""
+        try:
+            await self._open_stacks()
+            await self._start()
+        except BaseException:
+            await self._close_failed()
+            raise
+        self._running = True
+        self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
+
+    async def _open_stacks(self) -> None:
+        await self._stack.enter_async_context(self._handles)
+        await self._stack.enter_async_context(self._durable)
+        self._stack.callback(self._cancel_watches)  # before helpers stop: their end is then ours
+
+    async def _start(self) -> None:
+        config = self.config
+        # fork early, exec late: the launcher that becomes QEMU starts first, while we set up
+        self.qemu = QemuProcess.fork_early(die_with_parent=self._die_with_parent, stdout=self._qemu_output,
+                                           stderr=self._qemu_output,
+                                           inherit_stdin=config.console is ConsoleMode.NATIVE)
+        self._handles.callback(self.qemu.close)
+        self._durable.push_async_callback(self.qemu.end)
+        qemu_binary, accel, mac, extra_args = self._preflight()
+        rundir = self.runtime.lock()
+        self._handles.callback(self.runtime.unlock)
+        earlier = RunRecord.load(rundir)
+        if earlier is not None and earlier.phase == RUNNING and qemu_of_record(earlier, rundir):
+            raise StartError(f"the QEMU of an earlier run still runs (pid {earlier.pid}); stop or kill it first")
+        await end_leftovers(rundir, config.directory)
+        self.runtime.clear_leftovers()
+        self._durable.callback(self.runtime.remove_files)
+        self._record = RunRecord(pid=self.qemu.pid, starttime=process_start_time(self.qemu.pid))
+        self._save()
+        self._grow_image()
+        run_config = await self._ephemeral_copy(rundir)
+        pass_fds: list[int] = []
+        channel, vsock_cid, vsock_fd = await self._open_notify_channel(rundir, pass_fds)
+        aux = await self._start_scope_and_helpers(run_config, rundir, vsock_cid)
+        self._durable.push_async_callback(self.qemu.end)  # on a failure from here: QEMU ends before its helpers
+        generated = aux.credentials + await self._ssh_key_credentials(rundir, vsock_cid)
+
+        ours = {cred_id for cred_id, _ in generated}
+        credentials = [c for c in config.credentials if c[0] not in ours] + generated
+        if channel.credential:
+            credentials.append((channel.credential[0], channel.credential[1].encode()))
+        term = os.environ.get("TERM")
+        extra_cmdline = self._synthesized_cmdline() + tuple(aux.cmdline)
+        uki = config.linux_is_uki
+        credential_files = write_credentials(rundir / "smbios", credentials, config.smbios11
+                                             + tuple(cmdline_smbios_strings(config, term, extra_cmdline, uki)))
+        qmp_sock = self._listen_qmp(rundir, pass_fds)
+        console_socket = self._open_console(rundir)
+        firmware, nvram = self._prepare_firmware(rundir)
+        resources = Resources(
+            qemu=qemu_binary, kvm=accel.kvm, qmp_fd=qmp_sock.fileno(),
+            console_pty=self.pty.slave_path if self.pty else None, console_socket=console_socket,
+            notify_args=tuple(channel.qemu_args), vsock_cid=vsock_cid, vsock_fd=vsock_fd,
+            smbios_files=tuple(credential_files.smbios), fw_cfg_files=tuple(credential_files.fw_cfg),
+            initrd=self._merge_initrds(rundir) if config.initrds else None,
+            vmgenid=uuid.uuid4(), term=term, extra_cmdline=extra_cmdline,
+            firmware_args=tuple(firmware.qemu_args(nvram)),
+            smm=firmware.smm if firmware.descriptor is not None else None, aux_args=tuple(aux.qemu_args), uki=uki,
+            mac=mac, extra_args=extra_args,
+        )
+        argv = build_qemu_argv(run_config, resources)
+        self.log.debug("spawning qemu", argv=" ".join(argv))
+        self.qemu.exec(argv, pass_fds)
+        qmp_sock.close()  # QEMU has its copy
+        await self._connect_qmp(rundir / "qmp.sock")
+        await self._register(run_config, vsock_cid)
+        assert self._record is not None
+        self._record.phase = RUNNING
+        self._save()
+
+    def _preflight(self) -> tuple[Path, Accelerator, str | None, tuple[str, ...]]:
+        """Checks and look-ups that need no resources: QEMU binary, accelerator, TAP rights, MAC."""
+        config = self.config
+        config.check_environment()  # the files it names may have changed since it was defined
+        check_cmdline_length(config)
+        if config.network is Network.TAP and not has_capability(CAP_NET_ADMIN):
+            raise ConfigError("network-tap", "", "TAP networking needs CAP_NET_ADMIN (run as root)")
+        if config.forward_journal is not None and not vsock_usable(config.vsock):
+            raise ConfigError("forward-journal", str(config.forward_journal), "needs vsock (the guest sends its "
+                              "journal over AF_VSOCK), and /dev/vhost-vsock is not usable here")
+        # $SYSTEMD_VMSPAWN_NETWORK_MAC is one VM's (vmspawn's); a daemon's would give all VMs one MAC
+        environ = {} if self._console_socket else os.environ
+        mac = tap_mac(config.name, environ) if config.network is Network.TAP else None
+        extra_args = tuple(qemu_extra_args())
+        qemu_binary = find_qemu()
+        accel = choose_accelerator(config.kvm)
+        self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)
+        return qemu_binary, accel, mac, extra_args
+
+    async def _ephemeral_copy(self, rundir: Path) -> MachineConfig:
+        """--ephemeral --directory: the configuration of a run on a copy of the tree (removed after)."""
+        config = self.config
+        if not (config.ephemeral and config.directory is not None):
+            return config
+        try:
+            root = await self._durable.enter_async_context(EphemeralCopy(config.directory, rundir / COPY_RECORD))
+        except SnapshotError as e:
+            raise StartError(str(e)) from e
+        except OSError as e:
+            raise ConfigError("directory", str(config.directory), e.strerror or str(e)) from None
+        return config.replace(directory=root)
+
+    def _grow_image(self) -> None:
+        """--grow-image: only once we own the machine, and never on an --ephemeral run's image."""
+        config = self.config
+        if not config.grow_image or config.image is None:
+            return
+        if config.ephemeral:
+            self.log.warning("--grow-image is ignored with --ephemeral: the image is never written")
+        elif grow_image(config.image.path, config.grow_image):
+            self.log.info("image grown", image=str(config.image.path), size=config.grow_image)
+
+    async def _open_notify_channel(self, rundir: Path,
+                                   pass_fds: list[int]) -> tuple[NotifyChannel, int | None, int | None]:
+        """Listen for the guest's notifications (vsock if usable, else virtio-serial) before QEMU starts."""
+        channel = await self._stack.enter_async_context(NotifyChannel(self._guest_message))
+        vsock_fd = vsock_cid = None
+        if vsock_usable(self.config.vsock):
+            vsock_fd, vsock_cid = claim_vsock(self.config.name, fixed_cid=self.config.vsock_cid)
+            self._stack.callback(os.close, vsock_fd)
+            pass_fds.append(vsock_fd)
+            await channel.listen_vsock(peer_cid=vsock_cid)
+            self.vsock_cid, self.vsock_port = vsock_cid, channel.port
+        else:
+            if self.config.vsock_cid is not None:
+                self.log.warning("--vsock-cid is ignored: no usable /dev/vhost-vsock", cid=self.config.vsock_cid)
+            await channel.listen_virtio_serial(rundir / "notify.sock")
+        return channel, vsock_cid, vsock_fd
+
+    async def _start_scope_and_helpers(self, run_config: MachineConfig, rundir: Path,
+                                       vsock_cid: int | None) -> AuxServices:
+        """The scope (around the launcher) and the helpers, as units where systemd runs, else children."""
+        systemd, why = await connect_systemd()
+        if systemd is not None:
+            self._handles.push_async_callback(systemd.aclose)
+        scope = await self._allocate_scope(systemd, why)
+        self.units = [scope] if scope else []
+        runner = await choose_runner(die_with_parent=self._die_with_parent, manager=systemd)
+        self._handles.push_async_callback(runner.aclose)
+        try:
+            aux = await start_aux_services(run_config, runner, rundir, bound_to=scope, guest_cid=vsock_cid,
+                                           on_started=self._helper_started)
+        except AuxServiceError as e:
+            raise StartError(str(e)) from e
+        for what, service in aux.services:
+            self._hold_service(what, service)
+        self.tpm_state_path = aux.tpm_state
+        self.units += aux.units
+        self._save()
+        return aux
+
+    def _helper_started(self, what: str, service: RunningService) -> None:
+        """Record a helper the moment it is up, so a daemon killed from now on leaves no orphan."""
+        assert self._record is not None
+        self._record.helpers.append(HelperRecord(what, service.name, service.pid,
+                                                 process_start_time(service.pid) if service.pid else None,
+                                                 service.unit))
+        self._save()
+
+    def _hold_service(self, what: str, service: RunningService) -> None:
+        """The run owns a running helper: stopped with the run, watched while the VM runs."""
+        self._handles.callback(service.detach)
+        self._durable.push_async_callback(self._stop_service, service)
+        task = asyncio.get_running_loop().create_task(self._watch_service(what, service))
+        self._watches.add(task)
+        task.add_done_callback(self._watches.discard)
+
+    async def _ssh_key_credentials(self, rundir: Path, vsock_cid: int | None) -> list[tuple[str, bytes]]:
+        """--pass-ssh-key: a fresh key pair (auto: when the guest has vsock, the way to reach its sshd)."""
+        setting = self.config.pass_ssh_key
+        if setting is Tristate.NO or (setting is Tristate.AUTO and vsock_cid is None):
+            return []
+        try:
+            self._ssh_key = await generate_key_pair(rundir, self.config.ssh_key_type, f"vmspawnd@{self.config.name}")
+        except SshKeyError as e:
+            if setting is Tristate.YES:
+                raise StartError(str(e)) from e
+            self.log.warning("continuing without an SSH key for the guest", error=str(e))
+            return []
+        return self._ssh_key.credentials()
+
+    def _listen_qmp(self, rundir: Path, pass_fds: list[int]) -> socket.socket:
+        """QMP's listening socket, created by us (no race) and inherited by QEMU."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._stack.callback(sock.close)
+        sock.bind(str(rundir / "qmp.sock"))
+        sock.listen(4)
+        pass_fds.append(sock.fileno())
+        return sock
+
+    def _open_console(self, rundir: Path) -> Path | None:
+        """A PTY for vmspawn's console, or (daemon) a socket QEMU serves in the runtime dir."""
+        if self.config.console not in (ConsoleMode.INTERACTIVE, ConsoleMode.READ_ONLY):
+            return None
+        if self._console_socket:
+            return rundir / "console.sock"
+        self.pty = Pty()
+        self._stack.callback(self.pty.close)
+        return None
+
+    def _prepare_firmware(self, rundir: Path) -> tuple[Any, Path | None]:
+        config = self.config
+        firmware = config.firmware_choice()
+        nvram = None
+        template = firmware.nvram_template(config.efi_nvram_template)
+        if template is not None:
+            base = config.image.path if config.image is not None else config.directory
+            nvram = prepare_nvram(template, nvram_state_path(config.efi_nvram_state, base, config.ephemeral), rundir)
+        self.log.info("firmware", kind=firmware.kind.value, reason=firmware.reason,
+                      descriptor=str(firmware.descriptor.path) if firmware.descriptor else None,
+                      nvram=str(nvram) if nvram else None)
+        return firmware, nvram
+
+    async def _connect_qmp(self, path: Path) -> None:
+        assert self.qemu is not None
+        self._qmp = await self._stack.enter_async_context(Qmp(self.config.name))
+        try:
+            await self._qmp.connect(str(path))
+        except Exception as e:
+            rc = None if self.qemu.alive else self.qemu.returncode
+            raise StartError(f"QEMU did not come up (exit status {rc})" if rc is not None
+                             else f"cannot connect to QEMU's monitor: {e}") from e
+
+    async def _allocate_scope(self, systemd: SystemdManager | None, why: str) -> str | None:
+        """Put the (not yet exec'd) QEMU launcher into its own scope; None where there is none."""
+        config = self.config
+        if config.keep_unit:
+            if config.slice != DEFAULT_SLICE or config.properties:
+                self.log.warning("--slice= and --property= have no effect with --keep-unit")
+            return None
+        if systemd is None:
+            if config.slice != DEFAULT_SLICE or config.properties:
+                self.log.warning("no systemd manager: --slice= and --property= are not applied", reason=why)
+            else:
+                self.log.debug("QEMU runs without a scope", reason=why)
+            return None
+        assert self.qemu is not None
+        try:
+            scope = await allocate_scope(systemd, config.name, self.qemu.pid, config.slice, config.properties)
+        except UnitStartError as e:
+            raise StartError(str(e)) from e
+        self.log.info("QEMU's scope", unit=scope, slice=config.slice)
+        return scope
+
+    async def _register(self, run_config: MachineConfig, vsock_cid: int | None) -> None:
+        """Register with systemd-machined over varlink (--register=auto tolerates its absence)."""
+        config = self.config
+        if config.register is Tristate.NO:
+            return
+        assert self.qemu is not None and self._record is not None
+        reg = Registration(config.name, self.qemu.pid, machine_id=config.uuid,
+                           root_directory=run_config.directory, vsock_cid=vsock_cid,
+                           ssh_private_key=self._ssh_key.private_key if self._ssh_key else None)
+        self._record.registered = True  # recorded first: a daemon killed meanwhile still unregisters it
+        self._save()
+        try:
+            await self._durable.enter_async_context(MachineRegistration(reg))
+        except RegistrationError as e:
+            self._record.registered = False
+            if config.register is Tristate.YES:
+                raise StartError(f"cannot register with systemd-machined: {e}") from e
+            self.log.info("not registered with systemd-machined", reason=str(e))
+            return
+        self.registered = True
+
+    def _synthesized_cmdline(self) -> tuple[str, ...]:
+        """``root=PARTUUID=…`` when a plain kernel boots with an image and the user named no root."""
+        config = self.config
+        if config.image is None or config.linux is None:
+            return ()
+        if any(w.startswith(("root=", "mount.usr=")) for w in config.kernel_cmdline):
+            return ()
+        return (root_cmdline_word(config.image.path),)
+
+    def _merge_initrds(self, rundir: Path) -> Path:
+        if len(self.config.initrds) == 1:
+            return self.config.initrds[0]
+        merged = rundir / "initrd.merged"
+        with open(merged, "wb") as out:
+            for piece in self.config.initrds:
+                with open(piece, "rb") as f:
+                    shutil.copyfileobj(f, out)
+                out.write(b"\0" * (-out.tell() % 4))
+        return merged
+
+    # ---------------------------------------------------------------- adoption
+    async def adopt(self, record: RunRecord) -> None:
+        """Take over the running QEMU ``record`` names (checked by the caller with :func:`qemu_of_record`):
+        its helpers, notify channel and QMP.  On failure the run is ended, QEMU included."""
+        try:
+            await self._open_stacks()
+            await self._adopt(record)
+        except BaseException:
+            await self._close_failed()
+            raise
+        self._running = True
+        self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
+
+    async def _adopt(self, record: RunRecord) -> None:
+        rundir = self.runtime.lock()  # raises if someone else holds the machine
+        self._handles.callback(self.runtime.unlock)
+        self._durable.callback(self.runtime.remove_files)
+        self._record = record
+        self.readiness = Readiness(record.ready, record.status, record.guest_exit_status)
+        self.units = list(record.units)
+        self.tpm_state_path = Path(record.tpm_state) if record.tpm_state else None
+        self.vsock_cid, self.registered = record.vsock_cid, record.registered
+        self.qemu = QemuProcess.adopt(record.pid)
+        self._handles.callback(self.qemu.close)
+        self._durable.push_async_callback(self.qemu.end)
+        if self.config.directory is not None:
+            copy = EphemeralCopy.recorded(self.config.directory, rundir / COPY_RECORD)
+            if copy is not None:
+                self._durable.push_async_callback(copy.remove)
+        if record.registered:
+            self._durable.push_async_callback(unregister_quietly, self.config.name)
+        await self._adopt_helpers(record)
+        self._durable.push_async_callback(self.qemu.end)  # QEMU ends before its helpers
+        channel = await self._stack.enter_async_context(NotifyChannel(self._guest_message))
+        if record.vsock_port:
+            await channel.listen_vsock(record.vsock_port, peer_cid=record.vsock_cid)
+        else:
+            await channel.listen_virtio_serial(rundir / "notify.sock")
+        self.vsock_port = channel.port
+        self._qmp = await self._stack.enter_async_context(Qmp(self.config.name))
+        await self._qmp.connect(str(rundir / "qmp.sock"))
+
+    async def _adopt_helpers(self, record: RunRecord) -> None:
+        """Watch the recorded helpers again, exactly like a fresh run's; a helper that is gone fails
+        the adoption (the VM lost its TPM or a shared folder while no daemon watched)."""
+        runner: UnitRunner | None = None
+        if any(h.unit for h in record.helpers):
+            systemd, why = await connect_systemd()
+            if systemd is None:
+                raise StartError(f"cannot watch the helper units: {why}")
+            self._handles.push_async_callback(systemd.aclose)
+            runner = UnitRunner(systemd)
+        for helper in record.helpers:
+            service: RunningService
+            try:
+                if helper.unit is not None:
+                    assert runner is not None
+                    service = await runner.adopt(helper.name, helper.unit)
+                elif process_start_time(helper.pid) == helper.starttime:
+                    service = AdoptedChildService(helper.name, helper.pid)
+                else:
+                    raise ProcessLookupError(helper.pid)
+            except (ServiceError, ProcessLookupError) as e:
+                raise StartError(f"{helper.what} ended while no daemon watched it ({e})") from e
+            self._hold_service(helper.what, service)
+        if not record.helpers and record.units:  # a record of an older version: units, no helpers
+            self._durable.push_async_callback(stop_units, record.units)
+
+    # ---------------------------------------------------------------- while it runs
+    def _guest_message(self, key: str, value: str) -> None:
+        change = self.readiness.feed(key, value)
+        if change.warning:
+            self.log.warning(change.warning)
+        if change.event == "ready":
+            self.log.info("guest is ready")
+        if change.persist:
+            self._save()
+        if change.event is not None:
+            data = {"status": self.readiness.status} if change.event == "status" else {}
+            self._on_event(self, change.event, data)
+
+    async def _watch_service(self, what: str, service: RunningService) -> None:
+        """A helper that dies while the VM runs takes the VM down, with a clear reason."""
+        rc = await service.wait()
+        if not self._running or self._qemu_exited.is_set() or self.stop_requested:
+            return
+        if service.lost:
+            self.log.warning("no longer watching an auxiliary service; the VM keeps running", service=what)
+            return
+        with contextlib.suppress(TimeoutError):  # helpers also end when QEMU does: give QEMU a moment
+            await asyncio.wait_for(asyncio.shield(self._qemu_exited.wait()), HELPER_GRACE)
+            return
+        self._aux_failure = f"{what} exited unexpectedly ({describe_status(rc)}); stopping the VM"
+        self.log.error("auxiliary service died", service=what, status=rc)
+        await self.kill(forced=True)
+
+    async def _stop_service(self, service: RunningService) -> None:
+        try:
+            await service.stop()
+        except Exception as e:  # e.g. the bus went away: log, and let the rest of the cleanup run
+            self.log.warning("could not stop an auxiliary service", service=service.name, error=str(e))
+
+    def _cancel_watches(self) -> None:
+        for task in list(self._watches):
+            task.cancel()
+
+    def _save(self) -> None:
+        """Persist what a restarted daemon needs (``run.json``); a full disk costs only that."""
+        record = self._record
+        if record is None or self._detached:
+            return
+        record.units, record.tpm_state = list(self.units), str(self.tpm_state_path) if self.tpm_state_path else None
+        record.ready, record.status = self.readiness.ready, self.readiness.status
+        record.guest_exit_status = self.readiness.exit_status
+        record.vsock_port, record.vsock_cid = self.vsock_port, self.vsock_cid
+        try:
+            record.save(self.runtime.path)
+        except OSError as e:
+            self.log.warning("cannot record the run (a restarted daemon may not find it)", error=str(e))
+
+    def on_cleanup(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when this run's resources are released (before those acquired earlier)."""
+        self._stack.callback(callback)
+
+    def on_cleanup_async(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Await ``callback()`` when this run's resources are released."""
+        self._stack.push_async_callback(callback)
+
+    # ---------------------------------------------------------------- ending
+    async def _watch_exit(self) -> None:
+        assert self.qemu is not None
+        rc = await self.qemu.wait()
+        self._qemu_exited.set()
+        await asyncio.sleep(NOTIFY_GRACE)
+        self.returncode = rc
+        self.exit_status = exit_status(self.readiness.exit_status, rc, self.forced)
+        if rc is not None and rc != 0:
+            self.log.warning("QEMU exited abnormally", status=rc)
+        try:
+            await self._stack.aclose()
+        except Exception:  # cleanup trouble must never leave the machine stuck "running"
+            self.log.exception("cleaning up after the VM failed")
+        self.failure = self._aux_failure or failure(rc, expected_end=self.forced or self.stop_requested)
+        if self._aux_failure is not None:
+            self.exit_status = 1
+        self._end()
+
+    def _end(self) -> None:
+        self._running = False
+        self._on_event(self, "ended", {})  # before waiters wake: they see the machine's final state
+        self._qemu_exited.set()
+        self.ended.set()
+
+    async def _close_failed(self) -> None:
+        """A start or adoption failed: release everything, then mark the run ended."""
+        try:
+            await self._stack.aclose()
+        except Exception:
+            self.log.exception("cleaning up a failed start failed")
+        self._qemu_exited.set()
+        self.ended.set()
+
+    async def stop(self, timeout: float) -> None:
+        """Ask the guest to power off (ACPI over QMP); force it after ``timeout`` seconds."""
+        if self.ended.is_set():
+            return
+        self.stop_requested = True
+        try:
+            if self._qmp is not None:
+                await self._qmp.powerdown()
+            await asyncio.wait_for(asyncio.shield(self.ended.wait()), timeout)
+        except Exception as e:  # TimeoutError, or QMP trouble
+            if not self.ended.is_set():
+                self.log.info("guest did not power off in time, forcing it", timeout=timeout,
+                              error=str(e) if not isinstance(e, TimeoutError) else None)
+                await self.kill(forced=True)
+
+    async def kill(self, forced: bool = True, sig: int | None = None) -> None:
+        """End QEMU now: QMP ``quit``, SIGKILL if that does not work; returns once the run ended.
+
+        With ``sig``, only send that signal and wait a little: not every signal ends QEMU."""
+        if self.qemu is None or self.ended.is_set():
+            return
+        self.forced = self.forced or forced
+        self.stop_requested = True
+        if sig is not None:
+            self.qemu.send_signal(sig)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.ended.wait()), KILL_GRACE)
+            return
+        if self._qmp is not None and self._qmp.connected:
+            await self._qmp.quit()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._qemu_exited.wait()), KILL_GRACE)
+        if not self._qemu_exited.is_set():
+            self.qemu.send_signal(signal.SIGKILL)
+        await self.ended.wait()
+
+    async def detach(self) -> None:
+        """Let go of the running VM without stopping it (daemon shutdown): it stays adoptable."""
+        if self.ended.is_set():
+            return
+        self._save()
+        self._detached = True
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        self._durable.pop_all()  # QEMU, helpers, registration, copy and runtime dir stay
+        try:
+            await self._stack.aclose()
+        except Exception:
+            self.log.exception("detaching from the VM failed")
+        self._running = False
+        self.ended.set()
