@@ -204,6 +204,7 @@ class Daemon:
         self.runtime = base / "run"
         self.log = base / "vmspawnd.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}  # extra environment for the next start()
 
     def start(self) -> None:
         self.socket.unlink(missing_ok=True)
@@ -211,7 +212,8 @@ class Daemon:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "vmspawnd.cli.vmspawnd", f"--socket={self.socket}",
                  f"--state-dir={self.state}", f"--runtime-dir={self.runtime}"],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, **self.env})
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.socket.exists() and self.ctl("list").returncode == 0:

@@ -34,6 +34,7 @@ import structlog
 from vmspawnd.config import ConsoleMode, MachineConfig, Network, Tristate
 from vmspawnd.console import ConsoleRelay
 from vmspawnd.errors import ConfigError, StartError
+from vmspawnd.faults import crash_point
 from vmspawnd.guest.channel import NotifyChannel
 from vmspawnd.guest.credentials import write_credentials
 from vmspawnd.guest.readiness import Readiness, exit_status, failure
@@ -173,6 +174,7 @@ class Run:
         pass_fds: list[int] = []
         channel, vsock_cid, vsock_fd = await self._open_notify_channel(rundir, pass_fds)
         aux = await self._start_scope_and_helpers(run_config, rundir, vsock_cid)
+        crash_point("helpers-started")
         self._durable.push_async_callback(self.qemu.end)  # on a failure from here: QEMU ends before its helpers
         generated = aux.credentials + await self._ssh_key_credentials(rundir, vsock_cid)
 
@@ -203,11 +205,13 @@ class Run:
         self.log.debug("spawning qemu", argv=" ".join(argv))
         self.qemu.exec(argv, pass_fds)
         qmp_sock.close()  # QEMU has its copy
+        crash_point("exec")
         await self._connect_qmp(rundir / "qmp.sock")
         await self._register(run_config, vsock_cid)
         assert self._record is not None
         self._record.phase = RUNNING
         self._save()
+        crash_point("recorded")
 
     def _preflight(self) -> tuple[Path, Accelerator, str | None, tuple[str, ...]]:
         """Checks and look-ups that need no resources: QEMU binary, accelerator, TAP rights, MAC."""

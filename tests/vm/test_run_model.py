@@ -1,0 +1,285 @@
+"""The run model under concurrent clients and faults: a real daemon, real QEMU guests, real helpers.
+
+Each command on a machine is serialized and acts only on the run it was issued against; a
+daemon killed at any point of a start leaves nothing the next daemon does not end; an adopted
+VM's helpers are watched like a fresh one's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from asyncvarlink import VarlinkClientProtocol, VarlinkErrorReply, VarlinkInterfaceProxy, connect_unix_varlink
+
+from tests.conftest import Daemon, processes_mentioning
+from tests.polling import poll
+from vmspawnd.api import Config, ManagerInterface
+from vmspawnd.faults import CRASH_ENV
+
+pytestmark = pytest.mark.vm
+
+CALL_TIMEOUT = 120.0
+TYPED = {"NoSuchMachine", "MachineExists", "InvalidConfig", "WrongState", "StartFailed", "HostFailed"}
+
+
+def guest_config(guest, *words: str, tpm: str = "auto", linux: Path | None = None, **fields) -> Config:
+    return Config(linux=str(linux or guest.kernel), initrds=[str(guest.initrd)], ram="256M", console="headless",
+                  firmware="bios", tpm=tpm, kernelCommandLine=["panic=-1", "test.notify=1", *words], **fields)
+
+
+class Client:
+    """One varlink connection to the daemon."""
+
+    def __init__(self, transport, proxy) -> None:
+        self.transport, self.proxy = transport, proxy
+
+    @classmethod
+    async def connect(cls, daemon: Daemon) -> Client:
+        transport, protocol = await connect_unix_varlink(VarlinkClientProtocol, daemon.socket)
+        return cls(transport, VarlinkInterfaceProxy(protocol, ManagerInterface))
+
+    async def call(self, method: str, **params) -> str:
+        """``ok`` or the short name of the typed error; raises on anything else (a hang included)."""
+        try:
+            await asyncio.wait_for(getattr(self.proxy, method)(**params), CALL_TIMEOUT)
+        except VarlinkErrorReply as e:
+            return e.name.rsplit(".", 1)[-1]
+        return "ok"
+
+    async def state(self, name: str) -> str:
+        reply = await asyncio.wait_for(self.proxy.Describe(name=name), CALL_TIMEOUT)
+        return reply["machine"].state.value
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def daemon_fds(daemon: Daemon) -> int:
+    assert daemon.proc is not None
+    return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+
+
+def machine_dir(daemon: Daemon, name: str) -> str:
+    return str(daemon.runtime / "machines" / name) + "/"
+
+
+def settle(daemon: Daemon, names) -> dict[str, dict]:
+    """Kill what runs, then wait until no machine is starting, running or stopping."""
+    def states() -> dict[str, dict]:
+        found = {}
+        for name in names:
+            p = daemon.ctl("--json", "status", name)
+            if p.returncode == 0:
+                found[name] = json.loads(p.stdout)
+        return found
+    for name, st in states().items():
+        if st["state"] == "running":
+            daemon.ctl("kill", name)
+    return poll(states, lambda s: all(m["state"] in ("stopped", "failed") for m in s.values()), 60)
+
+
+def test_concurrent_clients_hammering_three_machines(daemon, guest):
+    """20 clients × Start/Stop/Kill/Remove/Create/Describe on 3 names for 30 s: every call answered
+    with success or a typed error, nothing stuck, nothing orphaned, no fd kept."""
+    names = ["c0", "c1", "c2"]
+    warm = daemon.ctl("create", "warm", f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
+                      "--console=headless", "--firmware=bios", "panic=-1", "test.notify=1")
+    assert warm.returncode == 0, warm.stderr
+    assert daemon.ctl("start", "warm").returncode == 0  # warm up: lazily imported modules, caches
+    daemon.wait_for("warm", lambda s: s["state"] == "stopped")
+    assert daemon.ctl("remove", "warm").returncode == 0
+    baseline = daemon_fds(daemon)
+    outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+    deadline = time.monotonic() + 30
+
+    async def client(seed: int) -> None:
+        rnd = random.Random(seed)
+        c = await Client.connect(daemon)
+        try:
+            while time.monotonic() < deadline:
+                name = rnd.choice(names)
+                op = rnd.choices(["Create", "Start", "Stop", "Kill", "Remove", "Describe"], [3, 4, 2, 2, 2, 1])[0]
+                params: dict = {"name": name}
+                if op == "Create":
+                    params["config"] = guest_config(guest, "test.action=poweroff" if seed % 2 else "test.action=acpi")
+                elif op == "Stop":
+                    params["timeout"] = rnd.choice([0.0, 1.0, 5.0])
+                outcomes[(op, await c.call(op, **params))] += 1
+        finally:
+            c.close()
+
+    async def main() -> None:
+        await asyncio.gather(*(client(i) for i in range(20)))
+
+    asyncio.run(main())
+    results = {result for _, result in outcomes}
+    assert results <= TYPED | {"ok"}, outcomes
+    assert outcomes[("Start", "ok")] >= 3 and outcomes[("Create", "ok")] >= 3, outcomes  # it really ran VMs
+    settle(daemon, names)
+    for name in names:
+        poll(lambda n=name: processes_mentioning(machine_dir(daemon, n)), lambda pids: pids == [], 20)
+    poll(lambda: daemon_fds(daemon), lambda n: n <= baseline + 2, 20)
+    log = daemon.log.read_text()
+    assert "Task was destroyed" not in log and "InternalError" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_a_stop_never_touches_the_run_that_a_later_start_began(daemon, guest):
+    """Stop(timeout=0) of run N while a burst of Starts is in flight: a run that starts afterwards
+    keeps running, and the Stop returns."""
+    async def hammer_start(b: Client) -> list[str]:
+        """Start again and again across the old run's end (where a stale Stop used to strike)."""
+        results: list[str] = []
+        until = time.monotonic() + 3
+        while time.monotonic() < until and "ok" not in results:
+            results.append(await b.call("Start", name="sb"))
+        return results
+
+    async def round_(c: Client, burst: list[Client]) -> None:
+        first = daemon.status("sb")["pid"]
+        stop = asyncio.ensure_future(c.call("Stop", name="sb", timeout=0.0))
+        starts = [asyncio.ensure_future(hammer_start(b)) for b in burst]
+        assert await stop == "ok"
+        results = [r for rs in await asyncio.gather(*starts) for r in rs]
+        assert set(results) <= {"ok", "WrongState"} and results.count("ok") == 1, results
+        st = daemon.wait_for("sb", lambda s: s["ready"])
+        assert st["pid"] != first
+        await asyncio.sleep(2)
+        again = daemon.status("sb")
+        assert again["state"] == "running" and again["pid"] == st["pid"], again  # not killed by the old Stop
+
+    async def main() -> None:
+        c = await Client.connect(daemon)
+        burst = [await Client.connect(daemon) for _ in range(8)]
+        try:
+            assert await c.call("Create", name="sb", config=guest_config(guest, "test.action=hang", tpm="no")) == "ok"
+            assert await c.call("Start", name="sb") == "ok"
+            daemon.wait_for("sb", lambda s: s["ready"])
+            for _ in range(5):
+                await round_(c, burst)
+        finally:
+            for client in (c, *burst):
+                client.close()
+
+    asyncio.run(main())
+    daemon.ctl("kill", "sb")
+
+
+def test_stale_removes_never_delete_a_newer_machine(daemon, guest):
+    """Removes queued behind a failing Start, and another client's Create + Start of the same name:
+    exactly one Remove removes the old machine, the others find no machine, the new one survives."""
+    async def main() -> None:
+        c = await Client.connect(daemon)
+        removers = [await Client.connect(daemon) for _ in range(5)]
+        creator = await Client.connect(daemon)
+        try:
+            for round_ in range(3):
+                # registration is required and there is no machined here: QEMU comes up, then the start fails
+                bad = guest_config(guest, "test.action=hang", tpm="no", register="yes")
+                assert await c.call("Create", name="sr", config=bad) == "ok"
+                start = asyncio.ensure_future(c.call("Start", name="sr"))
+                seen = time.monotonic()
+                while await creator.state("sr") != "starting":  # the Removes queue behind this Start
+                    assert time.monotonic() - seen < 10
+                    await asyncio.sleep(0.002)
+                removes = [asyncio.ensure_future(r.call("Remove", name="sr")) for r in removers]
+
+                async def create_new() -> None:
+                    good = guest_config(guest, "test.action=hang", tpm="no")
+                    while (result := await creator.call("Create", name="sr", config=good)) == "MachineExists":
+                        await asyncio.sleep(0.005)
+                    assert result == "ok"
+                    assert await creator.call("Start", name="sr") == "ok"
+
+                new = asyncio.ensure_future(create_new())
+                assert await start == "StartFailed"
+                results = await asyncio.gather(*removes)
+                await new
+                assert sorted(results) == ["NoSuchMachine"] * 4 + ["ok"], results
+                st = daemon.wait_for("sr", lambda s: s["ready"])
+                assert st["state"] == "running" and st["config"].get("register") != "yes", st  # the new one
+                assert (daemon.state / "machines" / "sr.json").exists()
+                assert await c.call("Kill", name="sr") == "ok"
+                assert await c.call("Remove", name="sr") == "ok", round_
+        finally:
+            for client in (c, creator, *removers):
+                client.close()
+
+    asyncio.run(main())
+
+
+def test_failed_starts_leak_no_file_descriptors(daemon, guest, tmp_path):
+    kernel = tmp_path / "not-a-kernel"
+    kernel.write_bytes(b"garbage")
+    assert daemon.ctl("create", "leaky", f"--linux={kernel}", "--ram=256M", "--console=read-only",
+                      "--tpm=no").returncode == 0
+    assert daemon.ctl("start", "leaky").returncode == 1  # warm up
+    baseline = daemon_fds(daemon)
+
+    async def main() -> list[str]:
+        c = await Client.connect(daemon)
+        try:
+            return [await c.call("Start", name="leaky") for _ in range(50)]
+        finally:
+            c.close()
+
+    assert set(asyncio.run(main())) == {"StartFailed"}
+    assert daemon_fds(daemon) <= baseline + 2
+    assert processes_mentioning(machine_dir(daemon, "leaky")) == []
+
+
+@pytest.mark.parametrize("point", ["helpers-started", "exec", "recorded"])
+def test_daemon_killed_during_a_start_leaves_nothing_behind(daemon, guest, tmp_path, point):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    p = daemon.ctl("create", "crashy", f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
+                   "--console=read-only", "--firmware=bios", "--tpm=yes", f"--bind={shared}:/mnt/shared",
+                   "panic=-1", "test.notify=1", "test.action=hang")
+    assert p.returncode == 0, p.stderr
+    daemon.stop_daemon()
+    daemon.env = {CRASH_ENV: point}
+    daemon.start()
+    assert daemon.ctl("start", "crashy").returncode == 1  # the daemon died under the client
+    assert daemon.proc is not None and daemon.proc.wait(10) == -signal.SIGKILL
+    left = processes_mentioning(machine_dir(daemon, "crashy"))
+    if point != "exec":
+        assert left, "the crash point came after the helpers started: they must be running now"
+    daemon.env = {}
+    daemon.start()
+    st = daemon.status("crashy")
+    if point == "recorded":  # the start was complete: the VM is adopted, helpers and all
+        assert st["state"] == "running" and st["pid"] in left, st
+        assert daemon.ctl("kill", "crashy").returncode == 0
+    else:
+        assert st["state"] == "failed" and "while starting" in st["failure"], st
+    poll(lambda: processes_mentioning(machine_dir(daemon, "crashy")), lambda pids: pids == [], 10)
+    assert not (daemon.runtime / "machines" / "crashy").exists()
+    assert daemon.ctl("start", "crashy").returncode == 0  # and it starts again, cleanly
+    assert daemon.wait_for("crashy", lambda s: s["ready"])["state"] == "running"
+    assert daemon.ctl("kill", "crashy").returncode == 0
+
+
+def test_a_helper_of_an_adopted_vm_that_dies_fails_the_vm(daemon, guest):
+    p = daemon.ctl("create", "adoptee", f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
+                   "--console=read-only", "--firmware=bios", "--tpm=yes", "panic=-1", "test.notify=1",
+                   "test.action=hang")
+    assert p.returncode == 0, p.stderr
+    assert daemon.ctl("start", "adoptee").returncode == 0
+    daemon.wait_for("adoptee", lambda s: s["ready"])
+    daemon.stop_daemon(signal.SIGKILL)
+    daemon.start()
+    assert daemon.status("adoptee")["state"] == "running"
+    swtpm = [pid for pid in processes_mentioning(machine_dir(daemon, "adoptee"))
+             if b"swtpm" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(swtpm) == 1, swtpm
+    os.kill(swtpm[0], signal.SIGKILL)
+    st = daemon.wait_for("adoptee", lambda s: s["state"] != "running", 30)
+    assert st["state"] == "failed" and "swtpm" in st["failure"], st
+    poll(lambda: processes_mentioning(machine_dir(daemon, "adoptee")), lambda pids: pids == [], 10)
