@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
+import errno
 import math
 import os
 import re
@@ -24,6 +25,17 @@ from vmspawnd.errors import ConfigError
 MIB = 1024 * 1024
 DEFAULT_RAM = 2 * 1024 * MIB
 MAX_NAME_LENGTH = 64
+
+
+def path_problem(path: Path, directory: bool = False) -> str | None:
+    """What is wrong with a file (or directory) the configuration names, or None if it is one."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        return "no such file or directory" if e.errno == errno.ENOENT else (e.strerror or str(e)).lower()
+    if directory:
+        return None if stat.S_ISDIR(mode) else "not a directory"
+    return None if stat.S_ISREG(mode) else "no such file"
 
 
 class Tristate(enum.Enum):
@@ -383,25 +395,25 @@ class MachineConfig:
 
     def check_environment(self) -> None:
         """The files, directories and firmware the configuration names exist and fit (at start too)."""
-        if self.directory is not None and not self.directory.is_dir():
-            raise ConfigError("directory", str(self.directory), "not a directory")
+        if self.directory is not None and (problem := path_problem(self.directory, directory=True)):
+            raise ConfigError("directory", str(self.directory), problem)
         for bind in self.binds:
-            if not bind.source.is_dir():
-                raise ConfigError("bind-ro" if bind.read_only else "bind", str(bind.source), "not a directory")
+            if problem := path_problem(bind.source, directory=True):
+                raise ConfigError("bind-ro" if bind.read_only else "bind", str(bind.source), problem)
         from vmspawnd.qemu.disks import check_image
 
         for what, drive in [("image", self.image), *(("extra-drive", d) for d in self.extra_drives)]:
             if drive is not None:
                 check_image(drive.path, drive.format, what)
         for what, path in [("linux", self.linux), *(("initrd", p) for p in self.initrds)]:
-            if path is not None and not path.is_file():
-                raise ConfigError(what, str(path), "no such file")
+            if path is not None and (problem := path_problem(path)):
+                raise ConfigError(what, str(path), problem)
         choice = self.firmware_choice()  # resolves --firmware/--firmware-features/--secure-boot or raises
         if self.linux is not None and self.linux_is_uki and choice.kind.value != "uefi":
             raise ConfigError("firmware", self.firmware, f"{self.linux} is a unified kernel image (UKI), which "
                               "needs UEFI firmware")
-        if self.efi_nvram_template is not None and not self.efi_nvram_template.is_file():
-            raise ConfigError("efi-nvram-template", str(self.efi_nvram_template), "no such file")
+        if self.efi_nvram_template is not None and (problem := path_problem(self.efi_nvram_template)):
+            raise ConfigError("efi-nvram-template", str(self.efi_nvram_template), problem)
         if self.forward_journal is not None:
             from vmspawnd.services.journal import JOURNAL_REMOTE_PATHS, find_tool
 

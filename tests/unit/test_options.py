@@ -93,6 +93,13 @@ def test_missing_kernel_is_an_error(tmp_path):
         parse_vmspawn_args([f"--linux={tmp_path}/nope"])
 
 
+@pytest.mark.parametrize("option", ["--linux", "--directory", "--bind"])
+def test_a_path_the_kernel_refuses_is_a_config_error_naming_the_option(option, kernel):
+    words = [f"{option}=/{'a' * 4100}"] if option == "--linux" else [f"--linux={kernel}", f"{option}=/{'a' * 4100}"]
+    with pytest.raises(ConfigError, match=f"invalid {option[2:]}=/a+: file name too long"):
+        parse_vmspawn_args(["-M", "x", *words])
+
+
 def test_relative_paths_are_made_absolute(kernel, monkeypatch):
     monkeypatch.chdir(kernel.parent)
     assert parse_vmspawn_args(["--linux=vmlinuz"]).linux == kernel

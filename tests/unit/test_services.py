@@ -182,10 +182,11 @@ def test_parse_bind_rejects(tmp_path, read_only, field):
     (tmp_path / "file").touch()
     cases = {
         str(tmp_path / "file"): "not a directory",
-        str(tmp_path / "missing"): "does not exist",
+        str(tmp_path / "missing"): "no such file or directory",
         f"{tmp_path}:relative/dst": "absolute",
         f"{tmp_path}:/a:/b": "SRC",
         ":/dst": "SRC",
+        "/" + "a" * 4100: "file name too long",
     }
     for value, reason in cases.items():
         with pytest.raises(ConfigError, match=reason) as e:

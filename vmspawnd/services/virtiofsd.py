@@ -21,7 +21,7 @@ from pathlib import Path
 
 import structlog
 
-from vmspawnd.config import Bind, ConfigError, split_escaped
+from vmspawnd.config import Bind, ConfigError, path_problem, split_escaped
 from vmspawnd.proc import CAP_SYS_ADMIN, check_socket_path, has_capability
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.services import rowrap
@@ -165,10 +165,8 @@ def parse_bind(value: str, read_only: bool) -> Bind:
         raise ConfigError(field, value, "the destination in the guest must be an absolute path")
     if "\0" in value:
         raise ConfigError(field, value, "paths cannot contain NUL")
-    if not source.exists():
-        raise ConfigError(field, value, f"{source} does not exist")
-    if not source.is_dir():
-        raise ConfigError(field, value, f"{source} is not a directory (only directories can be shared)")
+    if problem := path_problem(source, directory=True):
+        raise ConfigError(field, value, f"{problem} (only directories can be shared)")
     return Bind(source, Path(os.path.normpath(destination_text)), read_only)
 
 
