@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import random
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -283,3 +285,31 @@ def test_a_helper_of_an_adopted_vm_that_dies_fails_the_vm(daemon, guest):
     st = daemon.wait_for("adoptee", lambda s: s["state"] != "running", 30)
     assert st["state"] == "failed" and "swtpm" in st["failure"], st
     poll(lambda: processes_mentioning(machine_dir(daemon, "adoptee")), lambda pids: pids == [], 10)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_state_disk_is_a_typed_error_and_loses_no_definition(tmp_path, guest):
+    d = Daemon(tmp_path)
+    d.state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(d.state)], check=True)
+    try:
+        d.start()
+        words = [f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--console=headless"]
+        assert d.ctl("create", "first", *words).returncode == 0
+        filler = d.state / "filler"
+        with contextlib.suppress(OSError), open(filler, "wb") as f:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        p = d.ctl("create", "second", *words)
+        assert p.returncode == 1 and "no space left" in p.stderr, p.stderr
+        listed = [m["name"] for m in json.loads(d.ctl("--json", "list").stdout)]
+        assert listed == ["first"]  # nothing half-made, nothing lost
+        assert json.loads((d.state / "machines" / "first.json").read_text())["name"] == "first"
+        filler.unlink()
+        assert d.ctl("create", "second", *words).returncode == 0
+        assert "Traceback" not in d.log.read_text()
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop_daemon()
+        subprocess.run(["umount", "-l", str(d.state)], check=False)

@@ -1,0 +1,78 @@
+"""The guest's READY/STATUS/EXIT_STATUS and a run's exit status, without any I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from vmspawnd.guest.readiness import STATUS_EVENTS_PER_SECOND, Readiness, exit_status, failure
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_ready_is_announced_once_and_persisted():
+    r = Readiness()
+    first = r.feed("READY", "1")
+    assert (first.event, first.persist, r.ready) == ("ready", True, True)
+    again = r.feed("READY", "1")
+    assert (again.event, again.persist) == (None, False)
+    assert r.feed("READY", "0").event is None
+
+
+def test_status_events_are_limited_per_second_but_the_latest_status_is_kept():
+    clock = Clock()
+    r = Readiness(clock=clock)
+    events = [r.feed("STATUS", f"step {i}").event for i in range(50)]
+    assert events.count("status") == STATUS_EVENTS_PER_SECOND
+    assert r.status == "step 49"  # never lost, only not announced
+    assert r.feed("STATUS", "step 49").event is None  # unchanged: nothing to say
+    clock.now += 1.0
+    assert r.feed("STATUS", "next second").event == "status"
+
+
+def test_status_is_cut_to_a_sane_length_and_not_persisted():
+    r = Readiness()
+    change = r.feed("STATUS", "x" * 10_000)
+    assert change.event == "status" and not change.persist and len(r.status or "") == 512
+
+
+@pytest.mark.parametrize("value,kept", [("0", 0), ("7", 7), ("255", 255), ("256", None), ("-1", None),
+                                        ("x", None), ("", None)])
+def test_exit_status_is_kept_only_when_valid(value, kept):
+    r = Readiness()
+    change = r.feed("EXIT_STATUS", value)
+    assert r.exit_status == kept
+    assert change.persist == (kept is not None)
+    assert (change.warning is None) == (kept is not None)
+
+
+def test_unknown_keys_change_nothing():
+    r = Readiness()
+    assert r.feed("MAINPID", "1") == r.feed("X_OTHER", "y")
+    assert (r.ready, r.status, r.exit_status) == (False, None, None)
+
+
+@pytest.mark.parametrize("guest,rc,forced,expected", [
+    (None, 0, False, 0),  # a clean power-off
+    (None, None, False, 0),  # an adopted QEMU ended (its status is not ours to know)
+    (None, None, True, 1),  # ... because we killed it
+    (None, 0, True, 1),  # QMP quit of a guest that would not power off
+    (None, 1, False, 1),  # QEMU failed
+    (None, -9, False, 1),  # QEMU killed
+    (5, -9, True, 5),  # the guest's EXIT_STATUS wins
+])
+def test_exit_status_of_a_run(guest, rc, forced, expected):
+    assert exit_status(guest, rc, forced) == expected
+
+
+def test_failure_of_a_run():
+    assert failure(0, expected_end=False) is None
+    assert failure(None, expected_end=False) is None
+    assert failure(3, expected_end=True) == "QEMU exited with status 3"
+    assert failure(-9, expected_end=False) == "QEMU killed by signal 9"
+    assert failure(-9, expected_end=True) is None  # we killed it: a stop, not a failure
