@@ -12,18 +12,21 @@ from pathlib import Path
 
 import pytest
 
+from tests.polling import poll
 from tests.systemd.helpers import (
     GUEST_DIR,
     NAME,
     TPM_UNIT,
     Ctl,
     alive,
+    pids_of,
     qemu_cgroup,
     sh,
     unit_properties,
     wait_inactive,
     wait_journal,
 )
+from vmspawnd.faults import CRASH_ENV
 
 pytestmark = [
     pytest.mark.systemd,
@@ -85,3 +88,40 @@ def test_varlinkctl_speaks_to_the_daemon_and_logs_carry_the_machine_field(vm: Ct
     entries = wait_journal("guest is ready", "-o", "json", "-u", "vmspawnd.service", f"MACHINE={NAME}")
     messages = [json.loads(line)["MESSAGE"] for line in entries.splitlines() if line.strip()]
     assert any(m.startswith("guest is ready") for m in messages), messages
+
+
+def test_an_adopted_vm_whose_tpm_unit_dies_fails_with_the_reason(vm: Ctl) -> None:
+    pid = vm.status()["pid"]
+    sh("systemctl", "stop", "vmspawnd.service")
+    assert vm.status()["state"] == "running"  # re-activated, and the VM re-adopted with its helper units
+    wait_journal("re-adopted running VM", "-o", "cat", "-u", "vmspawnd.service")
+    sh("systemctl", "kill", "--signal=SIGKILL", TPM_UNIT)
+    st = vm.wait(lambda s: s["state"] != "running", timeout=30)
+    assert st["state"] == "failed" and "swtpm" in st["failure"], st
+    poll(lambda: alive(pid), lambda running: not running, 30)
+
+
+def test_a_daemon_killed_while_starting_leaves_no_process_or_unit_behind(installed_units: Path) -> None:
+    sh("systemctl", "start", "vmspawnd.socket")
+    ctl, name = Ctl(installed_units), "crashy"
+    tpm_unit = f"vmspawnd-{name}-tpm.service"
+    ctl("create", name, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M",
+        "--console=read-only", "--firmware=bios", "--tpm=yes", "panic=-1", "test.notify=1", "test.action=hang")
+    sh("systemctl", "stop", "vmspawnd.service")
+    sh("systemctl", "set-environment", f"{CRASH_ENV}=exec")  # the daemon SIGKILLs itself once QEMU is exec'd
+    try:
+        assert ctl("start", name, check=False).returncode == 1
+    finally:
+        sh("systemctl", "unset-environment", CRASH_ENV)
+    try:
+        st = ctl.status(name)  # a new daemon, which ends what the killed start left
+        assert st["state"] == "failed" and "while starting" in st["failure"], st
+        wait_inactive(tpm_unit)
+        poll(lambda: pids_of("qemu-system-x86") + pids_of("swtpm"), lambda pids: pids == [], 30)
+        ctl("start", name)  # and it starts again
+        assert ctl.wait(lambda s: s["ready"], name=name)["state"] == "running"
+    finally:
+        ctl("kill", name, check=False)
+        ctl("remove", name, check=False)
+        for comm in ("qemu-system-x86", "swtpm"):
+            poll(lambda comm=comm: pids_of(comm), lambda pids: pids == [], 30)
