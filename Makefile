@@ -8,7 +8,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static
 	libsystemd-dev pkg-config gcc python3-dev python3-venv tmux openssh-client
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo lint install guest clean
+.PHONY: setup test test-fast test-fuzz demo lint install guest clean
 
 setup: $(STAMP)
 	@$(MAKE) --no-print-directory deb-packages
@@ -41,7 +41,11 @@ test: setup
 	$(MAKE) --no-print-directory test-peer
 
 test-fast: setup
-	$(BIN)/pytest -m "not vm and not systemd"
+	$(BIN)/pytest -m "not vm and not systemd and not peer and not fuzz" --ignore=tests/systemd/test_harness.py
+
+# the fuzz tier alone: hostile and heavy load against a real daemon (also part of `make test`)
+test-fuzz: setup
+	$(BIN)/pytest -m fuzz tests/fuzz
 
 demo: setup
 	$(BIN)/python -m vmspawnd.testing.demo

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -205,15 +206,17 @@ class Daemon:
         self.log = base / "vmspawnd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] = {}  # extra environment for the next start()
+        self.args: list[str] = []  # extra options for the next start()
+        self.nofile: int | None = None  # RLIMIT_NOFILE (soft and hard) for the next start()
 
     def start(self) -> None:
         self.socket.unlink(missing_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "vmspawnd.cli.vmspawnd", f"--socket={self.socket}",
-                 f"--state-dir={self.state}", f"--runtime-dir={self.runtime}"],
+                 f"--state-dir={self.state}", f"--runtime-dir={self.runtime}", *self.args],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, **self.env})
+                env={**os.environ, **self.env}, preexec_fn=self._limit_fds if self.nofile else None)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.socket.exists() and self.ctl("list").returncode == 0:
@@ -221,6 +224,22 @@ class Daemon:
             assert self.proc.poll() is None, self.log.read_text()
             time.sleep(0.1)
         raise AssertionError("vmspawnd did not come up: " + self.log.read_text())
+
+    def _limit_fds(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+
+    def fds(self) -> int:
+        """How many file descriptors the daemon holds."""
+        assert self.proc is not None
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def rss(self) -> int:
+        """The daemon's resident memory, in bytes."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
 
     def ctl_argv(self) -> list[str]:
         return [*CTL, f"--address={self.socket}"]

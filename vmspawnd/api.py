@@ -20,10 +20,9 @@ import structlog
 from asyncvarlink import (
     FileDescriptor,
     GenericVarlinkErrorReply,
+    LastResult,
     TypedVarlinkErrorReply,
     VarlinkInterface,
-    VarlinkInterfaceRegistry,
-    VarlinkInterfaceServerProtocol,
     varlinkmethod,
 )
 
@@ -40,35 +39,12 @@ from vmspawnd.errors import (
 from vmspawnd.machine import State
 from vmspawnd.manager import Entry, Event, Manager
 from vmspawnd.qemu.firmware import enumerate_descriptors
+from vmspawnd.server import current_connection
 
 INTERFACE = "io.vmspawnd.Manager"
 MAX_STOP_TIMEOUT = 3600.0
-MAX_MESSAGE = 1 << 20
 
 log = structlog.get_logger()
-
-
-class ServerProtocol(VarlinkInterfaceServerProtocol):
-    """asyncvarlink's server protocol, hardened: a protocol violation (invalid JSON, a message
-    over 1 MiB) closes that connection; a method's unexpected exception is logged in one line."""
-
-    def message_received(self, data, fds) -> None:
-        super().message_received(data, fds)
-        if len(getattr(self, "_recv_buffer", b"")) > MAX_MESSAGE:
-            self.error_received(ValueError("message larger than 1 MiB"), b"", None)
-
-    def error_received(self, err, data, fds) -> None:
-        log.warning("varlink protocol violation; closing the connection", error=str(err)[:200])
-        self.close()
-
-    def handle_call_exception(self, exc: BaseException, oneway: bool) -> None:
-        log.error("varlink call failed", error=repr(exc)[:500])
-        if not oneway:
-            self.send_error(GenericVarlinkErrorReply("io.vmspawnd.Manager.InternalError", {"reason": str(exc)[:500]}))
-
-
-def protocol_factory(registry: VarlinkInterfaceRegistry):
-    return lambda: ServerProtocol(registry)
 
 
 class MachineState(enum.Enum):
@@ -146,6 +122,7 @@ class MachineInfo:
     exitStatus: int | None
     failure: str | None
     config: Config
+    definitionError: str | None = None
 
 
 @dataclass
@@ -221,6 +198,11 @@ def varlink_error(error: VmspawndError | OSError, name: str) -> TypedVarlinkErro
     return HostFailedError(reason=str(error))
 
 
+def call_error(error: BaseException) -> TypedVarlinkErrorReply | None:
+    """For the server: the typed error of an exception that escaped a method, if it is one of ours."""
+    return varlink_error(error, "") if isinstance(error, (VmspawndError, OSError)) else None
+
+
 @contextlib.contextmanager
 def typed_errors(name: str = "", *, start: bool = False) -> collections.abc.Iterator[None]:
     """Raise our errors (and the host's) as the interface's typed errors.  With ``start``, an
@@ -251,8 +233,15 @@ def machine_info(name: str, entry: Entry) -> MachineInfo:
         runtimeDirectory=str(m.runtime.path) if running else None,
         tpmStatePath=str(m.tpm_state_path) if m.tpm_state_path else None, units=m.units,
         status=m.guest_status, exitStatus=m.exit_status, failure=m.failure,
-        config=_config_object(config_to_json(entry.config)),
+        config=_shown_config(entry), definitionError=entry.definition_error,
     )
+
+
+def _shown_config(entry: Entry) -> Config:
+    """The config as Describe shows it, made once per machine (its config never changes)."""
+    if entry.shown is None:
+        entry.shown = _config_object(config_to_json(entry.config))
+    return entry.shown
 
 
 def _event_object(event: Event) -> MachineEvent:
@@ -341,16 +330,30 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
 
     @varlinkmethod(return_parameter="event", delay_generator=False)
     async def Subscribe(self, *, name: str | None = None) -> collections.abc.AsyncIterator[MachineEvent]:
-        """Lifecycle events as they happen (call with ``more``); the first reply is a ``subscribed`` event."""
+        """Lifecycle events as they happen (call with ``more``); the first reply is a ``subscribed`` event,
+        the last (when the daemon stops, or the subscriber fell too far behind) an ``unsubscribed`` one."""
         if name is not None:
-            _check_name(name)
+            self._entry(name)
+        connection = current_connection.get(None)
+        hangup = asyncio.ensure_future(connection.wait_hangup() if connection else asyncio.Event().wait())
         queue = self.manager.subscribe()
         try:
             yield MachineEvent(machine=name or "", event="subscribed", timestamp=_now_us())
-            while (event := await queue.get()) is not None:
+            while True:
+                get = asyncio.ensure_future(queue.get())
+                await asyncio.wait((get, hangup), return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():  # the client hung up: end the call, answering nobody
+                    get.cancel()
+                    raise GenericVarlinkErrorReply(f"{INTERFACE}.Disconnected")
+                event = get.result()
+                if event is None:
+                    reason = "vmspawnd is stopping" if self.manager.stopping else "the subscriber fell behind"
+                    raise LastResult(MachineEvent(machine=name or "", event="unsubscribed", timestamp=_now_us(),
+                                                  reason=reason))
                 if name is None or event.machine == name:
                     yield _event_object(event)
         finally:
+            hangup.cancel()
             self.manager.unsubscribe(queue)
 
     @varlinkmethod(return_parameter="firmware")

@@ -540,9 +540,13 @@ def _string(field: str, value: Any, limit: int = 256) -> str:
     return value
 
 
-def config_from_json(name: str, data: dict[str, Any], check_environment: bool = True) -> MachineConfig:
-    """Build and validate a config from its JSON form; errors name the JSON field."""
+def config_from_json(name: str, data: dict[str, Any], check_environment: bool = True,
+                     strict: bool = True) -> MachineConfig:
+    """Build and validate a config from its JSON form; errors name the JSON field.  Not ``strict``
+    (a stored definition, perhaps from a newer version): unknown fields are ignored, not refused."""
     try:
+        if not strict and isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k in JSON_FIELDS}
         return _config_from_json(name, data, check_environment)
     except ConfigError as e:  # the shared checks speak of command-line options: name the JSON field
         raise ConfigError(json_field_name(e.field), e.value, e.reason) from None

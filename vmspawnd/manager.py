@@ -21,11 +21,19 @@ from typing import Any
 
 import structlog
 
-from vmspawnd.config import ConsoleMode, MachineConfig, config_from_json, config_to_json
+from vmspawnd.config import (
+    JSON_FIELDS,
+    ConsoleMode,
+    MachineConfig,
+    config_from_json,
+    config_to_json,
+    validate_machine_name,
+)
 from vmspawnd.console import ConsoleRelay
 from vmspawnd.errors import ConfigError, HostError, MachineExists, NoSuchMachine, StartError, WrongState
 from vmspawnd.machine import DEFAULT_STOP_TIMEOUT, Machine, State
 from vmspawnd.run import Run
+from vmspawnd.runrecord import RunRecord
 from vmspawnd.storage import read_json, write_json_atomic
 
 log = structlog.get_logger()
@@ -49,6 +57,8 @@ class Entry:
 
     config: MachineConfig
     machine: Machine
+    definition_error: str | None = None  # why its definition on disk cannot be used (it stays listed)
+    shown: Any = None  # the front end's cached rendering of ``config`` (which never changes)
 
     @property
     def console(self) -> ConsoleRelay | None:
@@ -65,6 +75,7 @@ class Manager:
         self.machines: dict[str, Entry] = {}
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
         self.on_change: Callable[[], None] = lambda: None
+        self.stopping = False
 
     @property
     def definitions(self) -> Path:
@@ -72,27 +83,55 @@ class Manager:
 
     # ---------------------------------------------------------------- load / shutdown
     async def load(self) -> None:
-        """Read every definition and re-adopt the VMs that survived a previous daemon."""
+        """Read every definition and re-adopt the VMs that survived a previous daemon.  A definition
+        that cannot be used stays listed (failed, with the reason) and its running VM is still
+        re-adopted (with the configuration its run recorded); fields of a newer version are ignored."""
         self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.runtime_base.mkdir(mode=0o700, parents=True, exist_ok=True)
         for path in sorted(self.definitions.glob("*.json")):
             name = path.stem
-            try:  # only the definition itself: a missing disk must not make us forget a machine
-                config = config_from_json(name, read_json(path)["config"], check_environment=False)
-                entry = self._new_entry(config)
-            except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
-                log.error("skipping unreadable machine definition", path=str(path), error=str(e))
+            try:
+                validate_machine_name(name, "name")
+            except ConfigError as e:
+                log.error("ignoring a definition whose file name is no machine name", path=str(path), error=str(e))
                 continue
+            entry = self._load_definition(name, path)
             self.machines[name] = entry
             try:
-                await entry.machine.adopt(after=self._attach_console)
+                adopted = await entry.machine.adopt(after=self._attach_console)
             except Exception as e:  # e.g. another process holds its runtime dir
                 log.error("could not re-adopt VM", machine=name, error=str(e))
                 entry.machine.mark_failed(f"could not re-adopt its running QEMU: {e}")
+                continue
+            if not adopted and entry.definition_error is not None:
+                entry.machine.mark_failed(entry.definition_error)
         self.on_change()
+
+    def _load_definition(self, name: str, path: Path) -> Entry:
+        """The machine a definition file describes; one that cannot be used is kept, marked broken."""
+        try:  # only the definition itself: a missing disk must not make us forget a machine
+            data = read_json(path)
+            stored = data["config"]
+            unknown = sorted(set(stored) - set(JSON_FIELDS)) if isinstance(stored, dict) else []
+            if unknown:
+                log.warning("ignoring fields of a newer version in a definition (kept on disk)", machine=name,
+                            fields=",".join(unknown))
+            return self._new_entry(config_from_json(name, stored, check_environment=False, strict=False))
+        except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
+            reason = f"its definition {path} cannot be used: {e}"
+            log.error("a machine definition cannot be used; the machine stays listed", machine=name, error=str(e))
+        recorded = RunRecord.load(self.runtime_base / name)  # a running VM: its run knows its configuration
+        config = MachineConfig(name=name)
+        if recorded is not None and recorded.config is not None:
+            with contextlib.suppress(ConfigError, ValueError, TypeError):
+                config = config_from_json(name, recorded.config, check_environment=False, strict=False)
+        entry = self._new_entry(config)
+        entry.definition_error = reason
+        return entry
 
     async def shutdown(self) -> None:
         """Detach from every running VM (they keep running) and end all event streams."""
+        self.stopping = True
         for entry in list(self.machines.values()):
             await entry.machine.detach()  # waits for a command in progress (e.g. a start) first
         for queue in list(self._subscribers):
@@ -153,6 +192,8 @@ class Manager:
     async def start(self, name: str) -> Entry:
         """Start a machine; raises StartError / ConfigError with the reason if it fails."""
         entry = self.get(name)
+        if entry.definition_error is not None:
+            raise StartError(entry.definition_error + " (fix or remove it)")
         try:
             await entry.machine.start(after=self._attach_console)
         except OSError as e:

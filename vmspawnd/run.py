@@ -31,7 +31,7 @@ from typing import IO, Any
 
 import structlog
 
-from vmspawnd.config import ConsoleMode, MachineConfig, Network, Tristate
+from vmspawnd.config import ConsoleMode, MachineConfig, Network, Tristate, config_to_json
 from vmspawnd.console import ConsoleRelay
 from vmspawnd.errors import ConfigError, StartError
 from vmspawnd.faults import crash_point
@@ -167,7 +167,8 @@ class Run:
         await end_leftovers(rundir, config.directory)
         self.runtime.clear_leftovers()
         self._durable.callback(self.runtime.remove_files)
-        self._record = RunRecord(pid=self.qemu.pid, starttime=process_start_time(self.qemu.pid))
+        self._record = RunRecord(pid=self.qemu.pid, starttime=process_start_time(self.qemu.pid),
+                                 config=config_to_json(config))
         self._save()
         self._grow_image()
         run_config = await self._ephemeral_copy(rundir)

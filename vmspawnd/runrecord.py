@@ -60,6 +60,7 @@ class RunRecord:
     vsock_port: int | None = None
     vsock_cid: int | None = None
     tpm_state: str | None = None
+    config: dict[str, Any] | None = None  # the machine's configuration (JSON) this run started with
 
     def save(self, directory: Path) -> None:
         write_json_atomic(directory / RECORD, asdict(self))
@@ -78,7 +79,8 @@ class RunRecord:
                 guest_exit_status=data.get("guest_exit_status", data.get("guestExitStatus")),
                 vsock_port=data.get("vsock_port", data.get("vsockPort")),
                 vsock_cid=data.get("vsock_cid", data.get("vsockCid")),
-                tpm_state=data.get("tpm_state", data.get("tpmState")))
+                tpm_state=data.get("tpm_state", data.get("tpmState")),
+                config=data.get("config") if isinstance(data.get("config"), dict) else None)
         except (OSError, ValueError, KeyError, TypeError):
             return None
 

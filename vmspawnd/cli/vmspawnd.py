@@ -5,27 +5,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import grp
 import os
+import resource
 import signal
 import socket
 import stat
+import struct
 import sys
 from pathlib import Path
 
 import structlog
-from asyncvarlink import VarlinkInterfaceRegistry, create_unix_server
+from asyncvarlink import VarlinkInterfaceRegistry
 from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
 from vmspawnd import __version__
-from vmspawnd.api import ManagerInterface, protocol_factory
+from vmspawnd.api import ManagerInterface, call_error
 from vmspawnd.log import setup_logging
 from vmspawnd.manager import Manager
+from vmspawnd.server import DEFAULT_MAX_CONNECTIONS, ServerLimits
+from vmspawnd.server import serve as serve_varlink
 from vmspawnd.systemd.notify import ManagerNotifier
 
 log = structlog.get_logger()
 
 DEFAULT_SOCKET = "/run/vmspawnd/io.vmspawnd.Manager"
+FDS_FOR_VMS = 512  # file descriptors the connection cap leaves for VMs and their helpers
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -40,6 +46,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="machine definitions (default: $STATE_DIRECTORY or /var/lib/vmspawnd)")
     p.add_argument("--runtime-dir", metavar="DIR",
                    help="per-VM runtime dirs (default: $RUNTIME_DIRECTORY or /run/vmspawnd)")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help=f"at most N clients at once; more are closed as they come (default: "
+                        f"{DEFAULT_MAX_CONNECTIONS}, or fewer if the file-descriptor limit is low)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -56,11 +65,47 @@ def activated_socket() -> socket.socket | None:
     return socket.socket(fileno=fds[0])
 
 
+class AlreadyRunning(Exception):
+    """Another vmspawnd serves these paths (the message says which pid)."""
+
+
+def claim_runtime_dir(runtime_dir: Path) -> int:
+    """Lock ``<runtime_dir>/vmspawnd.lock`` for this daemon's life (the fd is returned and kept);
+    raise AlreadyRunning, naming the holder's pid, if another daemon holds it."""
+    runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd = os.open(runtime_dir / "vmspawnd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise AlreadyRunning(f"another vmspawnd (pid {holder}) uses {runtime_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def socket_holder(path: Path) -> int | None:
+    """The pid of whoever answers on the unix socket ``path`` (None if nobody does)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return None
+        creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[0]
+
+
 def bind_socket(path: Path, group: str | None) -> socket.socket:
-    """Bind our own socket: 0600 (or 0660 for --socket-group), never world-accessible."""
+    """Bind our own socket: 0600 (or 0660 for --socket-group), never world-accessible.  A live
+    socket (one that answers) is never taken over; a stale one is replaced."""
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.lstat().st_mode):
+            holder = socket_holder(path)
+            if holder is not None:
+                raise AlreadyRunning(f"{path} is served already (by pid {holder})")
             path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o177 if group is None else 0o117)
@@ -76,26 +121,46 @@ def bind_socket(path: Path, group: str | None) -> socket.socket:
     return sock
 
 
+def raise_fd_limit() -> int:
+    """Raise our soft RLIMIT_NOFILE to the hard limit (clients and VMs all need fds); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
+
+
+def connection_cap(requested: int | None, fd_limit: int) -> int:
+    """The connection cap: as asked, else the default, lowered so clients leave fds for the VMs."""
+    if requested is not None:
+        return max(1, requested)
+    return max(16, min(DEFAULT_MAX_CONNECTIONS, (fd_limit - FDS_FOR_VMS) // 2))
+
+
 async def serve(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "/var/lib/vmspawnd")
     runtime_dir = Path(args.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
                        or "/run/vmspawnd")
+    lock_fd = claim_runtime_dir(runtime_dir)  # noqa: F841 - held (open) for the daemon's life
+    fd_limit = raise_fd_limit()
     notifier = ManagerNotifier()
     manager = Manager(state_dir, runtime_dir / "machines")
     manager.on_change = lambda: notifier.send(STATUS=f"{manager.running_count()} VM(s) running")
+    sock = activated_socket()
+    if sock is None:
+        sock = bind_socket(Path(args.socket or DEFAULT_SOCKET), args.socket_group)
     await manager.load()
 
     registry = VarlinkInterfaceRegistry()
     registry.register_interface(VarlinkServiceInterface("vmspawnd", "vmspawnd", __version__,
                                                         "https://example.invalid/vmspawnd", registry))
     registry.register_interface(ManagerInterface(manager))
-
-    sock = activated_socket()
-    if sock is None:
-        sock = bind_socket(Path(args.socket or DEFAULT_SOCKET), args.socket_group)
-    server = await create_unix_server(protocol_factory(registry), sock=sock)
-    sock.listen(socket.SOMAXCONN)  # asyncvarlink listens with a backlog of 1
-    log.info("serving", socket=sock.getsockname(), state_dir=str(state_dir), machines=len(manager.machines))
+    limits = ServerLimits(max_connections=connection_cap(args.max_connections, fd_limit))
+    server = await serve_varlink(sock, registry, limits, call_error)
+    log.info("serving", socket=sock.getsockname(), state_dir=str(state_dir), machines=len(manager.machines),
+             max_connections=limits.max_connections, fd_limit=fd_limit)
     notifier.send(READY=1, STATUS=f"{manager.running_count()} VM(s) running")
 
     stop = asyncio.Event()
@@ -107,6 +172,7 @@ async def serve(args: argparse.Namespace) -> int:
     log.info("shutting down; VMs keep running", running=manager.running_count())
     server.close()
     await manager.shutdown()
+    await limits.drain(timeout=2.0)  # e.g. subscriptions' last replies
     server.close_clients()
     return 0
 
@@ -116,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, journal=bool(os.environ.get("JOURNAL_STREAM")))
     try:
         return asyncio.run(serve(args))
-    except (OSError, KeyError) as e:
+    except (OSError, KeyError, AlreadyRunning) as e:
         print(f"vmspawnd: {e}", file=sys.stderr)
         return 1
 

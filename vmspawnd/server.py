@@ -1,0 +1,281 @@
+"""The varlink server, hardened: it never stops accepting, never blocks, never hoards.
+
+asyncvarlink does the protocol work; this module subclasses it where a daemon facing hostile
+or heavy load needs more (what upstream could change is noted on each class):
+
+- :class:`GuardedServer` keeps accepting whatever ``accept()`` says: out of file descriptors
+  (EMFILE, ENFILE, ENOBUFS, ENOMEM) it pauses accepting briefly, a connection aborted before
+  we took it is skipped, and connections over the cap are accepted and closed at once.
+  (asyncvarlink 0.3.3 closes the listener on any accept error but EAGAIN.)
+- :class:`GuardedTransport` reads at most :data:`READ_BUDGET` bytes per event-loop turn, so one
+  client streaming data never blocks the others, and stops reading once closing.
+  (asyncvarlink drains the socket in one callback.)
+- :class:`GuardedProtocol` enforces the message limit *while* a message arrives (one growing
+  buffer, no re-copying), caps the bytes buffered across all connections, answers a message
+  that is not a JSON object with a protocol error and closes that connection; it records the
+  calls in flight, so a stopping daemon lets their last replies go out first.
+  (asyncvarlink checks the limit only after a message is complete, re-copies its buffer for
+  every chunk, and lets decoding errors other than JSONDecodeError escape.)
+
+asyncvarlink also does not await ``aclose()`` of a streaming method's generator when sending
+fails (the client hung up); the generator is still finalized by asyncio's async-generator
+hooks, so the "never awaited" warning that this causes is silenced here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import errno
+import json
+import socket
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from asyncvarlink import (
+    GenericVarlinkErrorReply,
+    VarlinkInterfaceRegistry,
+    VarlinkInterfaceServerProtocol,
+    VarlinkTransport,
+)
+from asyncvarlink.util import VarlinkUnixServer
+
+log = structlog.get_logger()
+
+MAX_MESSAGE = 1 << 20  # one varlink message, without its NUL
+MAX_BUFFERED = 64 << 20  # partial messages across all connections
+READ_BUDGET = 64 << 10  # bytes read from one connection per event-loop turn
+DEFAULT_MAX_CONNECTIONS = 4096
+ACCEPT_PAUSE = 0.1  # seconds without accepting when we are out of file descriptors
+ACCEPT_BATCH = 64  # connections accepted per event-loop turn
+HANGUP_POLL = 0.5  # seconds between checks that a streaming call's client is still there
+RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+PROTOCOL_VIOLATION = "invalid.asyncvarlink.ProtocolViolation"
+
+warnings.filterwarnings("ignore", message="coroutine method 'aclose' of", category=RuntimeWarning)
+
+
+@dataclass
+class ServerLimits:
+    """The limits of one server, and what is in use of them."""
+
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_message: int = MAX_MESSAGE
+    max_buffered: int = MAX_BUFFERED
+    buffered: int = 0  # bytes of partial messages held now, all connections together
+    calls: set[asyncio.Future[None]] = field(default_factory=set)  # calls in flight
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) for the calls in flight, e.g. subscriptions' last replies."""
+        if self.calls:
+            await asyncio.wait(set(self.calls), timeout=timeout)
+
+
+#: The connection whose call is being served (set for each call's task).
+current_connection: contextvars.ContextVar[GuardedProtocol] = contextvars.ContextVar("current_connection")
+
+
+class GuardedProtocol(VarlinkInterfaceServerProtocol):
+    """One client connection (see the module docstring)."""
+
+    def __init__(self, registry: VarlinkInterfaceRegistry, limits: ServerLimits,
+                 on_call_error: Callable[[BaseException], GenericVarlinkErrorReply | None]) -> None:
+        super().__init__(registry)
+        self._limits = limits
+        self._on_call_error = on_call_error
+        self._pending = bytearray()  # the start of a message whose NUL has not arrived yet
+        self._dropped = False
+        self._sock: socket.socket | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._sock = transport.get_extra_info("socket")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release_pending()
+        super().connection_lost(exc)
+
+    # ------------------------------------------------------------ reading
+    def message_received(self, data: bytes, fds: Any) -> None:
+        if self._dropped:
+            return
+        end = data.rfind(b"\0")
+        if end < 0:
+            self._hold(data)
+            return
+        complete = bytes(self._pending) + data[:end + 1] if self._pending else data[:end + 1]
+        self._release_pending()
+        parts = complete.split(b"\0")[:-1]
+        for part in parts:
+            problem = self._problem(part)
+            if problem is not None:
+                self._reject(problem, reply=len(part) <= self._limits.max_message)
+                return
+        super().message_received(complete, fds)
+        if not self._dropped:
+            self._hold(data[end + 1:])
+
+    def _hold(self, data: bytes) -> None:
+        """Keep the start of a message: within the per-message and the total limit, or drop the client."""
+        if not data:
+            return
+        if len(self._pending) + len(data) > self._limits.max_message:
+            self._reject(f"message larger than {self._limits.max_message} bytes", reply=False)
+        elif self._limits.buffered + len(data) > self._limits.max_buffered:
+            self._reject("too much data buffered for incomplete messages", reply=False)
+        else:
+            self._pending += data
+            self._limits.buffered += len(data)
+
+    def _release_pending(self) -> None:
+        self._limits.buffered -= len(self._pending)
+        self._pending = bytearray()
+
+    def _problem(self, message: bytes) -> str | None:
+        """Why ``message`` is not a varlink message (a JSON object), or None."""
+        if len(message) > self._limits.max_message:
+            return f"message larger than {self._limits.max_message} bytes"
+        try:
+            obj = json.loads(message)
+        except (ValueError, RecursionError, UnicodeDecodeError) as e:  # incl. over-long integers
+            return f"not valid JSON: {str(e)[:100]}"
+        if not isinstance(obj, dict):
+            return "not a JSON object"
+        return None
+
+    def _reject(self, why: str, *, reply: bool) -> None:
+        """A protocol violation: answer it if the client can read an answer, then hang up."""
+        log.warning("varlink protocol violation; closing the connection", error=why)
+        self._dropped = True
+        self._release_pending()
+        if reply:
+            self.send_error(GenericVarlinkErrorReply(PROTOCOL_VIOLATION, {"reason": why}))
+        self.close()
+
+    def error_received(self, err: Exception, data: bytes, fds: Any) -> None:
+        self._reject(str(err)[:200], reply=True)
+
+    # ------------------------------------------------------------ calls
+    def call_received(self, call: Any, fds: Any) -> asyncio.Future[None] | None:
+        token = current_connection.set(self)  # copied into the call's task
+        try:
+            fut = super().call_received(call, fds)
+        finally:
+            current_connection.reset(token)
+        if fut is not None:
+            self._limits.calls.add(fut)
+            fut.add_done_callback(self._limits.calls.discard)
+        return fut
+
+    def handle_call_exception(self, exc: BaseException, oneway: bool) -> None:
+        reply = self._on_call_error(exc)
+        if reply is not None:
+            raise reply
+        log.error("varlink call failed", error=repr(exc)[:500])
+        if not oneway:
+            self.send_error(GenericVarlinkErrorReply("io.vmspawnd.Manager.InternalError", {"reason": str(exc)[:500]}))
+
+    def hung_up(self) -> bool:
+        """True once the client closed its end (checked without reading what it may have sent)."""
+        if self._transport is None or self._transport.is_closing() or self._sock is None:
+            return True
+        try:
+            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    async def wait_hangup(self) -> None:
+        """Return once the client hung up (a streaming call's reading is paused, so poll)."""
+        while not self.hung_up():
+            await asyncio.sleep(HANGUP_POLL)
+
+
+class GuardedTransport(VarlinkTransport):
+    """Reads at most :data:`READ_BUDGET` bytes per event-loop turn and nothing once closing."""
+
+    _budget = READ_BUDGET
+
+    def _handle_read_socket_peek(self) -> None:
+        self._budget = READ_BUDGET
+        super()._handle_read_socket_peek()
+
+    def _sock_receive_fds(self, size: int) -> int:
+        if self._budget <= 0 or self.is_closing():
+            return 0  # the reader stays registered: the rest comes on the next turn
+        received = super()._sock_receive_fds(size)
+        self._budget -= received
+        return received
+
+
+class GuardedServer(VarlinkUnixServer):
+    """A listener that never closes on an accept error and keeps at most ``max_connections``."""
+
+    def __init__(self, sock: socket.socket, protocol_factory: Callable[[], GuardedProtocol],
+                 limits: ServerLimits) -> None:
+        super().__init__(sock, protocol_factory)
+        self.limits = limits
+        self._paused = False
+        self._warned: set[str] = set()
+
+    async def start_serving(self) -> None:
+        await super().start_serving()
+        assert self._sock is not None
+        self._sock.listen(socket.SOMAXCONN)  # asyncvarlink listens with a backlog of 1
+
+    def _handle_accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self._sock is None or self._paused:
+                return
+            try:
+                conn, addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in RESOURCE_ERRNOS:
+                    self._warn_once("resources", "cannot accept a connection now; pausing briefly", error=str(e))
+                    self._pause()
+                    return
+                continue  # ECONNABORTED, EPROTO…: that client is gone, the next one is not
+            if self.connection_count() >= self.limits.max_connections:
+                self._warn_once("cap", "connection limit reached; closing new connections",
+                                limit=self.limits.max_connections)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self._transports.add(GuardedTransport(self._loop, conn, conn, self._protocol_factory(),
+                                                  {"peername": addr, "socket": conn}))
+
+    def connection_count(self) -> int:
+        return sum(1 for t in self._transports if not t.is_closing())
+
+    def _pause(self) -> None:
+        assert self._sock is not None
+        self._paused = True
+        self._loop.remove_reader(self._sock)
+        self._loop.call_later(ACCEPT_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = False
+        if self._sock is not None:
+            self._loop.add_reader(self._sock, self._handle_accept)
+
+    def _warn_once(self, key: str, message: str, **data: Any) -> None:
+        """Log a load condition once per episode (not once per refused client)."""
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, **data)
+            self._loop.call_later(10, self._warned.discard, key)
+
+
+async def serve(sock: socket.socket, registry: VarlinkInterfaceRegistry, limits: ServerLimits,
+                on_call_error: Callable[[BaseException], GenericVarlinkErrorReply | None]) -> GuardedServer:
+    """Serve ``registry`` on the listening socket ``sock``."""
+    sock.setblocking(False)
+    server = GuardedServer(sock, lambda: GuardedProtocol(registry, limits, on_call_error), limits)
+    await server.start_serving()
+    return server
