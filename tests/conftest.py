@@ -138,7 +138,7 @@ def vmspawn(guest: TestGuest, tmp_path: Path) -> Iterator:
     """Start ``vmspawn --linux=<guest> …`` in the background; everything is cleaned up after."""
     runs: list[VmRun] = []
 
-    def start(*args: str, name: str = "testvm", ram: str = "256M", console: str = "read-only",
+    def start(*args: str, name: str = "testvm", ram: str = "256M", console: str | None = "read-only",
               env: dict[str, str] | None = None, firmware: str = "bios") -> VmRun:
         rundir = tmp_path / f"run-{len(runs)}"
         rundir.mkdir(mode=0o700)
@@ -147,7 +147,8 @@ def vmspawn(guest: TestGuest, tmp_path: Path) -> Iterator:
                    **(env or {})}
         environ.pop("TERM", None)
         argv = [*VMSPAWN, f"--linux={guest.kernel}", f"--initrd={guest.initrd}", f"--ram={ram}",
-                f"--console={console}", f"--firmware={firmware}", "-M", name, "panic=-1", *args]
+                *([f"--console={console}"] if console else []), f"--firmware={firmware}", "-M", name, "panic=-1",
+                *args]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=environ)
         run = VmRun(proc, notify, rundir)

@@ -160,7 +160,8 @@ def add_machine_options(parser: argparse.ArgumentParser) -> None:
                        help="pass a raw SMBIOS type 11 string (empty clears the list)")
     io = parser.add_argument_group("Input/output")
     io.add_argument("--console", metavar="MODE",
-                    help="interactive, read-only, native, gui or headless (default: interactive)")
+                    help="interactive, read-only, native, gui or headless (default: interactive on a "
+                         "terminal, else read-only)")
     io.add_argument("--console-transport", metavar="TRANSPORT",
                     help="virtio (hvc0, default) or serial (ttyS0) console device in the guest")
     io.add_argument("--qemu-gui", dest="console", action="store_const", const="gui", help=hidden)
@@ -373,12 +374,15 @@ def _check_manager(manager: str | None) -> None:
                           "your user service manager otherwise")
 
 
-def parse_vmspawn_args(argv: list[str], with_background: bool = False):
+def parse_vmspawn_args(argv: list[str], with_background: bool = False, terminal: bool = True):
     """Parse a full vmspawn command line (options may follow kernel command-line words).
 
+    Without a ``terminal`` (stdin and stdout), the default console is read-only, not interactive.
     Returns the MachineConfig, or (config, background) with ``with_background``."""
     parser = vmspawn_parser()
     ns = parser.parse_intermixed_args(argv)
+    if ns.console is None and not terminal:
+        ns.console = ConsoleMode.READ_ONLY.value
     _check_manager(ns.manager)
     text = info_request(ns, as_json=getattr(ns, "json", False))
     if text is not None:

@@ -174,3 +174,20 @@ def test_start_failure_is_reported_and_nothing_is_left(daemon, guest, tmp_path):
     st = daemon.status("broken")
     assert st["state"] == "failed" and st["failure"]
     assert not (daemon.runtime / "machines" / "broken").exists()
+
+
+def test_a_running_vm_whose_definition_broke_is_still_readopted(daemon, guest):
+    create(daemon, guest, "fragile", "test.action=hang")
+    assert daemon.ctl("start", "fragile").returncode == 0
+    pid = daemon.wait_for("fragile", lambda s: s["ready"])["pid"]
+    daemon.stop_daemon(signal.SIGKILL)
+    (daemon.state / "machines" / "fragile.json").write_text("{ truncated by a full disk")
+    daemon.start()
+    st = daemon.status("fragile")
+    assert st["state"] == "running" and st["pid"] == pid and st["ready"], st  # its run recorded its config
+    assert "cannot be used" in st["definitionError"]
+    assert daemon.ctl("kill", "fragile").returncode == 0
+    assert process_gone(pid)
+    p = daemon.ctl("start", "fragile")
+    assert p.returncode == 1 and "cannot be used" in p.stderr
+    assert daemon.ctl("remove", "fragile").returncode == 0

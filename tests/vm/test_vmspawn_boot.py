@@ -39,6 +39,22 @@ def test_guest_exit_status_becomes_ours(vmspawn):
     assert_clean(run)
 
 
+def test_without_a_terminal_the_console_is_read_only_by_default(vmspawn):
+    """As from a script, cron or CI: stdin is /dev/null and stdout a pipe."""
+    run = vmspawn("test.notify=1", "test.exit=3", name="noterm", console=None)
+    assert run.wait() == 3, run.text
+    assert "TESTGUEST" in run.output.decode(errors="replace")  # the guest's console, read-only
+    assert "Traceback" not in run.text
+    assert_clean(run)
+
+
+def test_an_interactive_console_without_a_terminal_is_a_clear_error(vmspawn):
+    run = vmspawn("test.notify=1", name="noterm2", console="interactive")
+    assert run.wait() == 1
+    assert "invalid console=interactive: needs a terminal" in run.text and "Traceback" not in run.text
+    assert_clean(run)
+
+
 def test_notify_ready_no_reports_ready_before_the_guest_is(vmspawn):
     run = vmspawn("test.notify=1", "test.delay=2", "test.status=late", "--notify-ready=no", name="early")
     assert run.wait() == 0, run.text

@@ -27,7 +27,12 @@ log = structlog.get_logger()
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
-        config, background = parse_vmspawn_args(sys.argv[1:] if argv is None else argv, with_background=True)
+        terminal = os.isatty(0) and os.isatty(1)
+        config, background = parse_vmspawn_args(sys.argv[1:] if argv is None else argv, with_background=True,
+                                                terminal=terminal)
+        if config.console is ConsoleMode.INTERACTIVE and not terminal:
+            raise ConfigError("console", "interactive", "needs a terminal on standard input and output "
+                              "(use --console=read-only or headless)")
     except InfoRequest as info:
         try:
             print(info.text, flush=True)
@@ -127,7 +132,13 @@ async def run(config: MachineConfig, background: str | None = None) -> int:
         forwarder = PtyForwarder(machine.pty.master, read_only=config.console is ConsoleMode.READ_ONLY,
                                  on_escape=lambda: command(machine.kill(forced=False)),
                                  tint=tint, title=title)
-        forwarder.start()
+        try:
+            forwarder.start()
+        except OSError as e:  # e.g. a standard input the event loop cannot watch
+            print(f"vmspawn: cannot forward the console: {e}", file=sys.stderr)
+            with contextlib.suppress(WrongState):
+                await machine.kill()
+            return 1
         machine.on_cleanup(forwarder.stop)
     status = await machine.wait()
     if machine.failure:
