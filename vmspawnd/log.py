@@ -3,7 +3,9 @@ and native journal entries (with MACHINE= etc. as fields) when running under sys
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 from typing import Any
 
@@ -27,9 +29,61 @@ class JournalLogger:
     log = debug = info = warning = error = critical = exception = msg
 
 
-def setup_logging(verbose: bool = False, stream=None, journal: bool = False) -> None:
-    """Configure structlog for a front end (vmspawn, vmspawnd, vmspawnctl)."""
+#: systemd's level names (``$SYSTEMD_LOG_LEVEL``, ``--log-level=``) and numbers, as logging levels
+LEVELS = {"emerg": logging.CRITICAL, "alert": logging.CRITICAL, "crit": logging.CRITICAL, "err": logging.ERROR,
+          "error": logging.ERROR, "warning": logging.WARNING, "notice": logging.INFO, "info": logging.INFO,
+          "debug": logging.DEBUG}
+LEVELS.update({str(n): level for n, level in enumerate(
+    [logging.CRITICAL] * 3 + [logging.ERROR, logging.WARNING, logging.INFO, logging.INFO, logging.DEBUG])})
+
+
+def parse_level(value: str) -> int:
+    """A systemd log level (name or 0…7) as a logging level; ValueError if it is none."""
+    try:
+        return LEVELS[value.strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown log level {value!r} (debug, info, notice, warning, err, crit, alert, emerg, "
+                         "or 0…7)") from None
+
+
+def command_level(quiet: bool = False, verbose: bool = False, option: str | None = None,
+                  default: int = logging.WARNING) -> int:
+    """The level of a command-line tool: ``--log-level=``, else ``-v``/``-q``, else $SYSTEMD_LOG_LEVEL."""
+    if option:
+        return parse_level(option)
+    if verbose:
+        return logging.INFO
+    if quiet:
+        return logging.ERROR
+    env = os.environ.get("SYSTEMD_LOG_LEVEL")
+    if env:
+        with contextlib.suppress(ValueError):
+            return parse_level(env)
+    return default
+
+
+class PlainRenderer:
+    """``program: message (key=value …)``: one plain line per event, for a command's stderr."""
+
+    def __init__(self, program: str) -> None:
+        self.program = program
+
+    def __call__(self, _logger: Any, _name: str, event: dict[str, Any]) -> str:
+        message = str(event.pop("event", ""))
+        event.pop("level", None)
+        exc = event.pop("exception", None)
+        details = " ".join(f"{k}={v}" for k, v in event.items() if v is not None)
+        line = f"{self.program}: {message}" + (f" ({details})" if details else "")
+        return line + (f"\n{exc}" if exc else "")
+
+
+def setup_logging(verbose: bool = False, stream=None, journal: bool = False, *, program: str | None = None,
+                  level: int | None = None) -> None:
+    """Configure structlog: the daemon logs at info (debug with ``verbose``) to the journal or stderr;
+    a command (``program``) prints only what reaches ``level`` (default: warnings), one plain line each."""
     stream = stream or sys.stderr
+    if level is None:
+        level = logging.DEBUG if verbose else logging.INFO
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -38,6 +92,9 @@ def setup_logging(verbose: bool = False, stream=None, journal: bool = False) -> 
     if journal:
         factory: Any = lambda *args: JournalLogger()  # noqa: E731
         processors.append(lambda _logger, _name, event: event)
+    elif program is not None:
+        factory = structlog.PrintLoggerFactory(stream)
+        processors.append(PlainRenderer(program))
     else:
         factory = structlog.PrintLoggerFactory(stream)
         if stream.isatty():
@@ -46,7 +103,7 @@ def setup_logging(verbose: bool = False, stream=None, journal: bool = False) -> 
             processors.append(structlog.processors.LogfmtRenderer(key_order=["level", "event"], drop_missing=True))
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -37,6 +39,7 @@ from vmspawnd.config import (
 )
 from vmspawnd.guest.credentials import check_unique, parse_load_credential, parse_set_credential
 from vmspawnd.images import find_machine_image
+from vmspawnd.log import command_level
 from vmspawnd.qemu.disks import parse_extra_drive
 from vmspawnd.qemu.vsock import parse_vsock_cid
 from vmspawnd.services.binduser import parse_bind_user_shell
@@ -349,7 +352,11 @@ def vmspawn_parser() -> OptionParser:
                "1 on setup errors or when QEMU was killed.",
     )
     parser.add_argument("--version", action="version", version=f"vmspawn {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="do not show status messages")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="do not show status messages, and log only errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what vmspawn does (info level)")
+    parser.add_argument("--log-level", metavar="LEVEL",
+                        help="debug, info, notice, warning (the default), err…; also $SYSTEMD_LOG_LEVEL")
     parser.add_argument("--json", action="store_true", help="with --firmware=list: print JSON")
     parser.add_argument("--no-pager", action="store_true", help="accepted for compatibility (nothing is paged)")
     parser.add_argument("--no-ask-password", action="store_true",
@@ -374,11 +381,19 @@ def _check_manager(manager: str | None) -> None:
                           "your user service manager otherwise")
 
 
-def parse_vmspawn_args(argv: list[str], with_background: bool = False, terminal: bool = True):
+@dataclass(frozen=True)
+class FrontEnd:
+    """What only the foreground ``vmspawn`` takes from its command line, besides the machine."""
+
+    background: str | None = None  # --background (validated), None: the default tint
+    log_level: int = logging.WARNING
+
+
+def parse_vmspawn_args(argv: list[str], with_front_end: bool = False, terminal: bool = True):
     """Parse a full vmspawn command line (options may follow kernel command-line words).
 
     Without a ``terminal`` (stdin and stdout), the default console is read-only, not interactive.
-    Returns the MachineConfig, or (config, background) with ``with_background``."""
+    Returns the MachineConfig, or (config, FrontEnd) with ``with_front_end``."""
     parser = vmspawn_parser()
     ns = parser.parse_intermixed_args(argv)
     if ns.console is None and not terminal:
@@ -388,6 +403,11 @@ def parse_vmspawn_args(argv: list[str], with_background: bool = False, terminal:
     if text is not None:
         raise InfoRequest(text)
     config = config_from_args(ns)
-    if not with_background:
+    if not with_front_end:
         return config
-    return config, validate_background(ns.background) if ns.background is not None else None
+    try:
+        level = command_level(ns.quiet, ns.verbose, ns.log_level)
+    except ValueError as e:
+        raise ConfigError("log-level", ns.log_level, str(e)) from None
+    background = validate_background(ns.background) if ns.background is not None else None
+    return config, FrontEnd(background, level)

@@ -48,6 +48,16 @@ def test_without_a_terminal_the_console_is_read_only_by_default(vmspawn):
     assert_clean(run)
 
 
+def test_vmspawn_prints_only_its_banner_unless_asked_to_say_more(vmspawn):
+    quiet = vmspawn("test.notify=1", name="hush")
+    assert quiet.wait() == 0, quiet.text
+    lines = [line for line in quiet.errors.decode(errors="replace").splitlines() if line.strip()]
+    assert lines and all(line.startswith("░") for line in lines), lines  # no log lines at the default level
+    loud = vmspawn("test.notify=1", "-v", name="loud")
+    assert loud.wait() == 0, loud.text
+    assert "vmspawn: firmware (machine=loud kind=bios" in loud.errors.decode(errors="replace")
+
+
 def test_an_interactive_console_without_a_terminal_is_a_clear_error(vmspawn):
     run = vmspawn("test.notify=1", name="noterm2", console="interactive")
     assert run.wait() == 1

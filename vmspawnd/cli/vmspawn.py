@@ -13,7 +13,7 @@ import structlog
 
 from vmspawnd.config import FALSE_WORDS, ConfigError, ConsoleMode, MachineConfig
 from vmspawnd.errors import StartError, WrongState
-from vmspawnd.log import setup_logging
+from vmspawnd.log import command_level, setup_logging
 from vmspawnd.machine import Machine, State
 from vmspawnd.options import InfoRequest, parse_vmspawn_args
 from vmspawnd.ptyfwd import PtyForwarder
@@ -25,11 +25,11 @@ log = structlog.get_logger()
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    setup_logging(program="vmspawn", level=command_level())
     try:
         terminal = os.isatty(0) and os.isatty(1)
-        config, background = parse_vmspawn_args(sys.argv[1:] if argv is None else argv, with_background=True,
-                                                terminal=terminal)
+        config, front_end = parse_vmspawn_args(sys.argv[1:] if argv is None else argv, with_front_end=True,
+                                               terminal=terminal)
         if config.console is ConsoleMode.INTERACTIVE and not terminal:
             raise ConfigError("console", "interactive", "needs a terminal on standard input and output "
                               "(use --console=read-only or headless)")
@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vmspawn: {e}", file=sys.stderr)
         return 1
+    setup_logging(program="vmspawn", level=front_end.log_level)
     try:
-        return asyncio.run(run(config, background))
+        return asyncio.run(run(config, front_end.background))
     except KeyboardInterrupt:
         return 1
 

@@ -19,38 +19,62 @@ from vmspawnd import __version__
 from vmspawnd.api import Config, ManagerInterface
 from vmspawnd.cli.vmspawnd import DEFAULT_SOCKET
 from vmspawnd.config import ConfigError, config_to_json
+from vmspawnd.log import command_level, setup_logging
 from vmspawnd.options import OptionParser, add_machine_options, config_from_args
 from vmspawnd.ptyfwd import PtyForwarder
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
+JSON_MODES = ("short", "pretty", "off")
+
+
+def _output_options(suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted before and after the command (after it, they override nothing unless given)."""
+    default = argparse.SUPPRESS if suppress else None
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--json", default=default, metavar="MODE",
+                   help="print JSON: --json=short (one object per line; also bare --json), pretty, or off")
+    p.add_argument("--no-legend", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                   help="no column headers and footer in tables")
+    p.add_argument("--no-pager", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                   help="accepted for compatibility (nothing is paged)")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                   help="log only errors")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                   help="log what vmspawnctl does")
+    p.add_argument("--log-level", metavar="LEVEL", default=default,
+                   help="debug, info, notice, warning (the default), err…; also $SYSTEMD_LOG_LEVEL")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="vmspawnctl", description="Control virtual machines run by vmspawnd.",
+        prog="vmspawnctl", description="Control virtual machines run by vmspawnd (no command: list them).",
+        parents=[_output_options(suppress=False)],
         epilog="Exit status: 0 on success, 1 if the daemon refused or failed the request (or cannot be "
                "reached), 2 for usage errors.")
     p.add_argument("--version", action="version", version=f"vmspawnctl {__version__}")
     p.add_argument("--address", metavar="SOCKET", default=os.environ.get("VMSPAWND_ADDRESS", DEFAULT_SOCKET),
                    help=f"the daemon's varlink socket (default: $VMSPAWND_ADDRESS or {DEFAULT_SOCKET})")
-    p.add_argument("--json", action="store_true", help="print JSON (one object per line for streams)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = [_output_options(suppress=True)]
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
     create = sub.add_parser("create", help="define a machine, with vmspawn's options (see: create --help)",
                             add_help=False)
     create.add_argument("rest", nargs=argparse.REMAINDER)
     for cmd, text in [("start", "start a machine"), ("remove", "forget a stopped machine"),
                       ("status", "show one machine"), ("console", "attach to a machine's console")]:
-        sub.add_parser(cmd, help=text).add_argument("name", metavar="NAME")
-    stop = sub.add_parser("stop", help="power a machine off (ACPI), forced after --timeout")
+        sub.add_parser(cmd, help=text, parents=common).add_argument("name", metavar="NAME")
+    stop = sub.add_parser("stop", help="power a machine off (ACPI), forced after --timeout", parents=common)
     stop.add_argument("name", metavar="NAME")
     stop.add_argument("--timeout", type=float, metavar="SECONDS", help="force it off after this long (default 10)")
-    kill = sub.add_parser("kill", help="end a machine's QEMU now (or send it --signal)")
+    kill = sub.add_parser("kill", help="end a machine's QEMU now (or send it --signal)", parents=common)
     kill.add_argument("name", metavar="NAME")
     kill.add_argument("--signal", metavar="SIGNAL", help="signal name or number to send QEMU")
-    sub.add_parser("list", help="list machines")
-    events = sub.add_parser("events", help="follow lifecycle events (of NAME, or of all machines)")
+    sub.add_parser("list", help="list machines (the default command)", parents=common)
+    events = sub.add_parser("events", help="follow lifecycle events (of NAME, or of all machines)", parents=common)
     events.add_argument("name", metavar="NAME", nargs="?")
-    sub.add_parser("firmware", help="list QEMU firmware descriptors the daemon sees")
+    sub.add_parser("firmware", help="list QEMU firmware descriptors the daemon sees", parents=common)
     return p
 
 
@@ -84,22 +108,30 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def _dump(obj: Any, mode: str | None) -> None:
+    """Print ``obj`` as JSON: one line (short) or indented (pretty)."""
+    if mode == "pretty":
+        print(json.dumps(obj, indent=2, sort_keys=True), flush=True)
+    else:
+        print(json.dumps(obj, sort_keys=True), flush=True)
+
+
 def _when(us: int | None) -> str:
     if not us:
         return "-"
     return datetime.datetime.fromtimestamp(us / 1e6).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _print_table(rows: list[list[str]], header: list[str]) -> None:
+def _print_table(rows: list[list[str]], header: list[str], legend: bool = True) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
+    for row in [header, *rows] if legend else rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
-def _print_machine(info: Any, as_json: bool) -> None:
+def _print_machine(info: Any, as_json: str | None) -> None:
     d = _plain(info)
     if as_json:
-        print(json.dumps(d, sort_keys=True))
+        _dump(d, as_json)
         return
     state = d["state"] + (" (ready)" if d["ready"] else "")
     print(f"● {d['name']}")
@@ -118,16 +150,18 @@ def _print_machine(info: Any, as_json: bool) -> None:
         print(f"Exit status: {d['exitStatus']}")
     if d["failure"]:
         print(f"    Failure: {d['failure']}")
+    if d.get("definitionError") and d["definitionError"] != d["failure"]:
+        print(f" Definition: {d['definitionError']}")
     c = d["config"]
     print(f"     Kernel: {c.get('linux') or '-'}")
     print(f"  Resources: {c.get('cpus')} CPU(s), {int(c.get('ram', '0').split(':')[0]) // (1024 * 1024)} MiB RAM, "
           f"console {c.get('console')}")
 
 
-def _print_event(ev: Any, as_json: bool) -> None:
+def _print_event(ev: Any, as_json: str | None) -> None:
     d = _plain(ev)
     if as_json:
-        print(json.dumps(d, sort_keys=True), flush=True)
+        _dump(d, as_json)
         return
     extra = " ".join(f"{k}={d[k]}" for k in ("pid", "status", "exitStatus", "reason") if d.get(k) is not None)
     print(f"{_when(d['timestamp'])} {d['machine'] or '*'} {d['event']} {extra}".rstrip(), flush=True)
@@ -183,19 +217,21 @@ async def run(args: argparse.Namespace) -> int:
                 print(f"Started {args.name} (QEMU pid {reply['machine'].pid}).")
         elif cmd == "stop":
             info = (await proxy.Stop(name=args.name, timeout=args.timeout))["machine"]
-            _print_machine(info, True) if args.json else print(f"Stopped {args.name} (exit status "
+            _print_machine(info, args.json) if args.json else print(f"Stopped {args.name} (exit status "
                                                                f"{info.exitStatus}).")
         elif cmd == "kill":
             info = (await proxy.Kill(name=args.name, signal=_parse_signal(args.signal)))["machine"]
-            _print_machine(info, True) if args.json else print(f"Killed {args.name}.")
+            _print_machine(info, args.json) if args.json else print(f"Killed {args.name}.")
         elif cmd == "list":
             machines = [r["machine"] async for r in proxy.List() if r.get("machine") is not None]
             if args.json:
-                print(json.dumps([_plain(m) for m in machines], sort_keys=True))
+                _dump([_plain(m) for m in machines], args.json)
             else:
                 _print_table([[m.name, m.state.value, "yes" if m.ready else "no", str(m.pid or "-"),
-                               _when(m.since)] for m in machines], ["NAME", "STATE", "READY", "PID", "SINCE"])
-                print(f"\n{len(machines)} machine(s) listed.")
+                               _when(m.since)] for m in machines], ["NAME", "STATE", "READY", "PID", "SINCE"],
+                             legend=not args.no_legend)
+                if not args.no_legend:
+                    print(f"\n{len(machines)} machine(s) listed.")
         elif cmd == "events":
             async for r in proxy.Subscribe(name=args.name):
                 if r["event"].event == "subscribed":  # from here on nothing is missed
@@ -206,7 +242,7 @@ async def run(args: argparse.Namespace) -> int:
         elif cmd == "firmware":
             fw = (await proxy.ListFirmware())["firmware"]
             if args.json:
-                print(json.dumps([_plain(f) for f in fw], sort_keys=True))
+                _dump([_plain(f) for f in fw], args.json)
             else:
                 for f in fw:
                     print(f"{f.path}  {','.join(f.features) or '-'}" + ("" if f.valid else "  (malformed)"))
@@ -238,10 +274,21 @@ def _describe_error(e: VarlinkErrorReply) -> str:
     return f"{e.name} {json.dumps(params)}" if params else e.name
 
 
+def _bare_json(argv: list[str]) -> list[str]:
+    """Bare ``--json`` means ``--json=short`` (up to ``create``, whose options are vmspawn's)."""
+    end = argv.index("create") if "create" in argv else len(argv)
+    return [("--json=short" if a == "--json" else a) for a in argv[:end]] + argv[end:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+        args, unknown = parser.parse_known_args(_bare_json(sys.argv[1:] if argv is None else argv))
+        args.command = args.command or "list"
+        if args.json is not None and args.json not in JSON_MODES:
+            parser.error(f"--json: expected one of {', '.join(JSON_MODES)}, got {args.json!r}")
+        args.json = None if args.json == "off" else args.json
+        setup_logging(program="vmspawnctl", level=command_level(args.quiet, args.verbose, args.log_level))
         if args.command == "create":  # vmspawn's options before NAME (e.g. "create --help") are create's
             args.rest = unknown + args.rest
         elif unknown:
@@ -253,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vmspawnctl: {e}", file=sys.stderr)
         return EXIT_USAGE if e.field == "arguments" else EXIT_FAILURE
+    except ValueError as e:  # --log-level
+        print(f"vmspawnctl: {e}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return asyncio.run(run(args))
     except KeyboardInterrupt:

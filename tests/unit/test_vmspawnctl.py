@@ -1,0 +1,88 @@
+"""vmspawnctl's conventions (machinectl/systemctl-like) against a live daemon, without VMs."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from vmspawnd.log import command_level, parse_level
+
+
+@pytest.fixture
+def defined(daemon, tmp_path):
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"not really a kernel")
+    p = daemon.ctl("create", "web", f"--linux={kernel}", "--firmware=bios")
+    assert p.returncode == 0, p.stderr
+    return daemon
+
+
+def test_create_prints_what_it_did_and_no_log_lines(daemon, tmp_path):
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"x")
+    p = daemon.ctl("create", "quiet", f"--linux={kernel}")  # default firmware: descriptors are looked at
+    assert p.returncode == 0 and p.stdout == "Created quiet.\n" and p.stderr == "", (p.stdout, p.stderr)
+
+
+def test_no_command_lists(defined):
+    p = defined.ctl()
+    assert p.returncode == 0 and p.stdout.splitlines()[0].split() == ["NAME", "STATE", "READY", "PID", "SINCE"]
+    assert "web" in p.stdout and "1 machine(s) listed." in p.stdout
+
+
+def test_no_legend_drops_header_and_footer(defined):
+    p = defined.ctl("list", "--no-legend")
+    assert p.returncode == 0 and p.stdout.split()[:2] == ["web", "stopped"] and "listed" not in p.stdout
+
+
+@pytest.mark.parametrize("words", [["--json", "list"], ["list", "--json"], ["--json=short", "list"],
+                                   ["list", "--json=short"]])
+def test_json_before_or_after_the_command(defined, words):
+    p = defined.ctl(*words)
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 1
+    assert [m["name"] for m in json.loads(p.stdout)] == ["web"]
+
+
+def test_json_pretty_and_off(defined):
+    pretty = defined.ctl("status", "web", "--json=pretty")
+    assert pretty.returncode == 0 and pretty.stdout.startswith("{\n  ")
+    assert json.loads(pretty.stdout)["name"] == "web"
+    off = defined.ctl("--json=off", "status", "web")
+    assert off.returncode == 0 and off.stdout.startswith("● web")
+
+
+@pytest.mark.parametrize("words", [["--json=bogus", "list"], ["--log-level=loud", "list"]])
+def test_bad_output_options_are_usage_errors(daemon, words):
+    p = daemon.ctl(*words)
+    assert p.returncode == 2 and "vmspawnctl" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_no_pager_is_accepted(defined):
+    assert defined.ctl("--no-pager", "list").returncode == 0
+    assert defined.ctl("list", "--no-pager").returncode == 0
+
+
+def test_events_of_an_unknown_machine_fail_at_once(daemon):
+    p = daemon.ctl("events", "nope", timeout=10)
+    assert p.returncode == 1 and "no machine named nope" in p.stderr
+
+
+@pytest.mark.parametrize("text,level", [("debug", logging.DEBUG), ("7", logging.DEBUG), ("info", logging.INFO),
+                                        ("notice", logging.INFO), ("WARNING", logging.WARNING),
+                                        ("err", logging.ERROR), ("3", logging.ERROR), ("emerg", logging.CRITICAL)])
+def test_systemd_log_levels(text, level):
+    assert parse_level(text) == level
+
+
+def test_the_level_of_a_command(monkeypatch):
+    monkeypatch.delenv("SYSTEMD_LOG_LEVEL", raising=False)
+    assert command_level() == logging.WARNING  # quiet by default
+    assert command_level(verbose=True) == logging.INFO
+    assert command_level(quiet=True) == logging.ERROR
+    monkeypatch.setenv("SYSTEMD_LOG_LEVEL", "debug")
+    assert command_level() == logging.DEBUG
+    assert command_level(option="err") == logging.ERROR  # the option wins
+    with pytest.raises(ValueError, match="unknown log level"):
+        parse_level("loud")
