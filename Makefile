@@ -41,7 +41,7 @@ test: setup
 	$(MAKE) --no-print-directory test-peer
 
 test-fast: setup
-	$(BIN)/pytest -m "not vm and not systemd and not peer and not fuzz" --ignore=tests/systemd/test_harness.py
+	$(BIN)/pytest -m "not vm and not systemd and not peer and not fuzz and not install" --ignore=tests/systemd/test_harness.py
 
 # the fuzz tier alone: hostile and heavy load against a real daemon (also part of `make test`)
 test-fuzz: setup
@@ -58,15 +58,40 @@ clean:
 
 PREFIX ?= /usr/local
 UNITDIR ?= /etc/systemd/system
+LIBDIR ?= $(PREFIX)/lib/vmspawnd
+DOCDIR ?= $(PREFIX)/share/doc/vmspawnd
 VARLINKDIR ?= $(PREFIX)/share/varlink
+COMMANDS := vmspawn vmspawnctl vmspawnd
 
-install: setup
-	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(VARLINKDIR)
-	sed 's|@BINDIR@|$(abspath $(BIN))|' units/vmspawnd.service > $(DESTDIR)$(UNITDIR)/vmspawnd.service
+# A self-contained copy: its own venv under $(LIBDIR) with the project (not editable) and its
+# dependencies, the three commands linked into $(PREFIX)/bin, the units pointing there.  Running
+# it again upgrades in place.  (The QEMU, swtpm, virtiofsd… packages are `make setup`'s job.)
+.PHONY: uninstall
+install:
+	test -x $(DESTDIR)$(LIBDIR)/bin/python || $(PYTHON) -m venv $(DESTDIR)$(LIBDIR)
+	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING' || true
+	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --upgrade --force-reinstall --no-deps . 2>&1 | grep -v '^WARNING' || true
+	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q . 2>&1 | grep -v '^WARNING' || true
+	$(DESTDIR)$(LIBDIR)/bin/python -c 'import vmspawnd.cli.vmspawnd, vmspawnd.cli.vmspawnctl, vmspawnd.cli.vmspawn'
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(VARLINKDIR) $(DESTDIR)$(DOCDIR)
+	for c in $(COMMANDS); do ln -sfn $(LIBDIR)/bin/$$c $(DESTDIR)$(PREFIX)/bin/$$c; done
+	sed -e 's|@BINDIR@|$(PREFIX)/bin|' -e 's|@DOCDIR@|$(DOCDIR)|' units/vmspawnd.service \
+		> $(DESTDIR)$(UNITDIR)/vmspawnd.service
 	install -m 0644 units/vmspawnd.socket $(DESTDIR)$(UNITDIR)/vmspawnd.socket
 	install -m 0644 varlink/io.vmspawnd.Manager.varlink $(DESTDIR)$(VARLINKDIR)/
+	install -m 0644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; \
 		echo "installed; enable with: systemctl enable --now vmspawnd.socket"; fi
+
+# Removes what `make install` put there; machine definitions (/var/lib/vmspawnd) are kept.
+uninstall:
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+		systemctl disable --now vmspawnd.socket vmspawnd.service 2>/dev/null || true; fi
+	rm -f $(DESTDIR)$(UNITDIR)/vmspawnd.service $(DESTDIR)$(UNITDIR)/vmspawnd.socket
+	for c in $(COMMANDS); do rm -f $(DESTDIR)$(PREFIX)/bin/$$c; done
+	rm -f $(DESTDIR)$(VARLINKDIR)/io.vmspawnd.Manager.varlink
+	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(DOCDIR)
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 # The systemd tier: a real systemd 257 + machined in a Debian trixie container booted with the
 # host's systemd-nspawn (root; cached under ${VMSPAWND_CACHE:-~/.cache/vmspawnd}/systemd-tree).

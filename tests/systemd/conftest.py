@@ -37,7 +37,8 @@ def installed_units() -> Iterator[Path]:
     repo = Path(__file__).resolve().parents[2]
     bindir = Path(sys.executable).parent  # the venv running the tests (not resolved: a venv symlink)
     unit_dir = Path("/etc/systemd/system")
-    service = (repo / "units/vmspawnd.service").read_text().replace("@BINDIR@", str(bindir))
+    service = (repo / "units/vmspawnd.service").read_text().replace("@BINDIR@", str(bindir)).replace(
+        "@DOCDIR@", str(repo))
     (unit_dir / "vmspawnd.service").write_text(service)
     (unit_dir / "vmspawnd.socket").write_text((repo / "units/vmspawnd.socket").read_text())
     sh("systemctl", "daemon-reload")

@@ -125,3 +125,12 @@ def test_a_daemon_killed_while_starting_leaves_no_process_or_unit_behind(install
         ctl("remove", name, check=False)
         for comm in ("qemu-system-x86", "swtpm"):
             poll(lambda comm=comm: pids_of(comm), lambda pids: pids == [], 30)
+
+
+def test_status_shows_the_processes_of_its_units_and_its_journal(vm: Ctl) -> None:
+    st = vm.status()
+    wait_journal("guest is ready", "-o", "cat", f"MACHINE={NAME}")
+    out = vm("status", NAME).stdout
+    assert f"CGroup: {TPM_UNIT}" in out and "swtpm" in out, out
+    assert f"{st['pid']} " in out and "qemu-system" in out, out  # QEMU, in its scope
+    assert "guest is ready" in out, out  # the machine's last journal lines

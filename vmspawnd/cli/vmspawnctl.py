@@ -10,7 +10,9 @@ import enum
 import json
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from asyncvarlink import VarlinkClientProtocol, VarlinkErrorReply, VarlinkInterfaceProxy, connect_unix_varlink
@@ -158,6 +160,42 @@ def _print_machine(info: Any, as_json: str | None) -> None:
           f"console {c.get('console')}")
 
 
+JOURNAL_LINES = 10
+
+
+def _print_host_details(name: str, units: list[str]) -> None:
+    """Where systemd runs this host: each unit's processes and the machine's last journal lines
+    (the daemon logs with MACHINE=NAME), as ``systemctl status`` and ``machinectl status`` do."""
+    if not Path("/run/systemd/system").is_dir():
+        return
+    for unit in (u for u in units if u.endswith((".scope", ".service"))):
+        cgroup = _run(["systemctl", "show", "--property=ControlGroup", "--value", unit]).strip()
+        try:
+            pids = Path(f"/sys/fs/cgroup{cgroup}/cgroup.procs").read_text().split() if cgroup else []
+        except OSError:
+            pids = []
+        print(f"{'     CGroup:'} {unit}")
+        for i, pid in enumerate(pids):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            print(f"{' ' * 13}{'└─' if i == len(pids) - 1 else '├─'}{pid} {cmdline.strip()[:100]}")
+    journal = _run(["journalctl", "--no-pager", "--quiet", f"--lines={JOURNAL_LINES}", "--output=short",
+                    f"MACHINE={name}"])
+    if journal.strip():
+        print()
+        print(journal.rstrip())
+
+
+def _run(argv: list[str]) -> str:
+    """A host tool's output ('' if it is missing or fails: the details are a bonus)."""
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def _print_event(ev: Any, as_json: str | None) -> None:
     d = _plain(ev)
     if as_json:
@@ -213,6 +251,8 @@ async def run(args: argparse.Namespace) -> int:
             if cmd == "status" or args.json:
                 if reply and "machine" in reply:
                     _print_machine(reply["machine"], args.json)
+                    if cmd == "status" and not args.json:
+                        _print_host_details(args.name, list(reply["machine"].units))
             elif cmd == "start":
                 print(f"Started {args.name} (QEMU pid {reply['machine'].pid}).")
         elif cmd == "stop":
