@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 # vmspawnd — make setup | test | demo | lint | install
 # `make demo` and `make test` set everything up first (as root on Debian: apt packages too).
 

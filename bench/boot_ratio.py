@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Benchmark: median spawn → guest READY=1 of the test guest, vmspawn vs bare QEMU.
 
 Both runs use the same QEMU argv (the bare run builds it with vmspawnd's own argv builder and

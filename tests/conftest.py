@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Shared fixtures: the test guest (built once per session) and a vmspawn runner."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Waiting for a condition a test can only observe by asking again."""
 
 from __future__ import annotations

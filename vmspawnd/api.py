@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The varlink interface ``io.vmspawnd.Manager``, served with asyncvarlink on top of Manager.
 
 The same class is the client's proxy definition (vmspawnctl), so both ends share one set of

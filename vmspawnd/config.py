@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """MachineConfig: one VM's definition, validated once.
 
 Both front ends (the ``vmspawn`` option parser and the daemon's varlink API) build a

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The daemon's console relay.
 
 Under the daemon QEMU serves the guest console on a unix socket in the runtime dir, so a

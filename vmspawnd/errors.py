@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Every error vmspawnd raises on purpose, in one tree (nothing here imports the rest of the package).
 
 - :class:`VmspawndError`: the root; front ends catch it and show its message, never a traceback.

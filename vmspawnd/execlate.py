@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Fork early, exec late: the launcher that becomes QEMU.
 
 vmspawnd starts this tiny program first (``python -I -S execlate.py FD``: stdlib only, no site

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Crash points: ``$VMSPAWND_CRASH_AT=NAME`` makes the process SIGKILL itself at the point NAME.
 
 Only tests set it, to prove that a daemon killed at any point of a start leaves no process,

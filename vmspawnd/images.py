@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The machine image pool: ``vmspawn -M NAME`` without ``--image``/``--directory`` boots NAME from it."""
 
 from __future__ import annotations

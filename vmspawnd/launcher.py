@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Start QEMU and watch it: a child we reap, or (after a daemon restart) a process we adopt."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """structlog set-up: human-readable on a terminal, one key=value line per event otherwise,
 and native journal entries (with MACHINE= etc. as fields) when running under systemd."""
 

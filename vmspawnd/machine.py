@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Machine: one VM's state and commands — define → start → running (→ ready) → stopping → stopped|failed.
 
 A Machine holds the state clients see, emits lifecycle events, and has at most one current

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Manager: the daemon's set of machines — definitions on disk, runs, adoption, events.
 
 Definitions live in ``<state_dir>/machines/<name>.json`` (written atomically).  Runs live in

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The vmspawn option parser: argv → MachineConfig.
 
 It lives once: ``vmspawn`` uses it directly and ``vmspawnctl create`` reuses it, so every

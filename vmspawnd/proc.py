@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Small process and path facts shared by the launcher, the helpers and the machine."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The console: a PTY pair for QEMU and an asyncio forwarder between it and our terminal.
 
 Interactive mode puts the terminal into raw mode (restored on every exit path), propagates

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Run: one start (or one adoption) of a machine, and everything that run holds.
 
 A Run is made fresh for each start or adoption and never reused, so nothing is ever reset by

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """``run.json``: what a run records in its runtime dir so that a later daemon finds it again.
 
 The record is written before QEMU is exec'd (phase ``starting``: it names the launcher, which

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Per-machine runtime directories (0700), locked while the machine runs, removed after."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The varlink server, hardened: it never stops accepting, never blocks, never hoards.
 
 asyncvarlink does the protocol work; this module subclasses it where a daemon facing hostile

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """--ephemeral with --directory: the VM runs on a throw-away copy of the tree, never the original.
 
 The copy is a hidden sibling ``.#<name>.<16 hex digits>`` of the (symlink-resolved) tree, made by

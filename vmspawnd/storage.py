@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Crash-safe files: write to a temp file, fsync, rename, fsync the directory."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Console cosmetics: the background tint while a VM runs, and the terminal window title.
 
 The tint keeps the guest's output visibly "inside" the VM: the background colour is set at

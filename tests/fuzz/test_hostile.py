@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The daemon under hostile and heavy load: it never stops accepting, never blocks, never hoards.
 
 Every test runs a real vmspawnd and ends by checking that it is alive, that a fresh client is

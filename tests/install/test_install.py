@@ -1,9 +1,11 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """``make install`` / ``make uninstall`` into a DESTDIR: a self-contained copy, commands in bin/."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,26 @@ def test_install_twice_then_uninstall(tmp_path):
     make("uninstall", f"DESTDIR={dest}", "PREFIX=/usr/local")
     left = [p for p in dest.rglob("*") if not p.is_dir()]
     assert left == [], left
+
+
+def test_the_wheel_carries_units_interface_docs_and_license(tmp_path):
+    wheels = tmp_path / "wheels"
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
+                        str(REPO)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    (wheel,) = wheels.glob("vmspawnd-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    p = subprocess.run([str(venv / "bin/pip"), "install", "-q", str(wheel)], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr
+    share = venv / "share"
+    for path in ("vmspawnd/units/vmspawnd.service", "vmspawnd/units/vmspawnd.socket",
+                 "varlink/io.vmspawnd.Manager.varlink", "doc/vmspawnd/README.md", "doc/vmspawnd/LICENSE"):
+        assert (share / path).is_file(), path
+    unit = subprocess.run([str(venv / "bin/vmspawnd"), "--print-unit=service"], capture_output=True, text=True,
+                          timeout=60, cwd="/")
+    assert unit.returncode == 0, unit.stderr
+    assert f"ExecStart={venv}/bin/vmspawnd\n" in unit.stdout and "@" not in unit.stdout
+    licenses = list((venv / "lib").glob("python3*/site-packages/vmspawnd-*.dist-info/licenses/LICENSE"))
+    assert licenses and "LESSER GENERAL PUBLIC LICENSE" in licenses[0].read_text()

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The peer tier: ``@pytest.mark.peer`` tests compare our vmspawn with upstream systemd-vmspawn 262.
 
 They are opt-in (``make test-peer``, i.e. ``pytest -m peer tests/peer``): a plain ``pytest`` run

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The upstream peer: systemd-vmspawn 262 from Debian forky, run side by side with our vmspawn.
 
 Only ``--firmware=list``, ``--firmware=describe`` and ``--firmware-features=list`` are compared,

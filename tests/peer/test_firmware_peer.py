@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """``vmspawn --firmware=list|describe`` side by side with systemd-vmspawn 262 (Debian forky).
 
 For every descriptor set (one or more layers, highest priority first; see tests/peer/peer.py)

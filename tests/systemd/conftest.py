@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The systemd tier: tests marked ``@pytest.mark.systemd`` need a real service manager.
 
 They run inside the container that ``make test-systemd`` (``python -m tests.systemd.container

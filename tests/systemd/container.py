@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The systemd tier's test harness: a real systemd 257 + machined in a throw-away container.
 
 The host (Debian 12, PID 1 not systemd) cannot run the project's units or talk to a varlink

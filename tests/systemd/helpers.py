@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Helpers for tests of the systemd tier (inside the container) and for deciding whether it is one."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """A VM through the socket-activated daemon under the real systemd 257 (one small TCG guest at a time).
 
 The busybox test guest is built on the host (vmspawnd.testing.guest) and bound read-only into the

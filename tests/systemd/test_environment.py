@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The systemd tier's environment is real: systemd 257+ as PID 1, machined over varlink, transient
 units, the project's venv, QEMU, and the project's socket-activated daemon under real systemd.
 

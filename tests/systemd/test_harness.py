@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Tests of the systemd tier's harness itself (tests/systemd/container.py), on the host.
 
 The first group is pure logic and always runs. The second boots the container and checks that

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """vmspawnd as a systemd citizen, against the real systemd 257 + machined of the container:
 machined registration over varlink, QEMU alone in its scope, slice/properties, machinectl."""
 

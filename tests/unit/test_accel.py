@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """KVM detection must not trust "/dev/kvm exists"."""
 
 import platform

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The varlink API against a live daemon process: description, hostile input, many clients."""
 
 from __future__ import annotations

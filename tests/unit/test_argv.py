@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """QEMU argv building (spec §2)."""
 
 import uuid

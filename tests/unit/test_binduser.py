@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """--bind-user: host users looked up for real (Debian's own system users), records and checks."""
 
 from __future__ import annotations

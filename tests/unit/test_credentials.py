@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Credential files: SMBIOS type-11 strings while they fit in 64 KiB, fw_cfg for the rest."""
 
 from __future__ import annotations

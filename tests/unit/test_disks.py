@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Disk images: GPT root lookup, drive arguments, growing, image option validation."""
 
 from __future__ import annotations

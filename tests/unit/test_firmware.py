@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Firmware descriptors: discovery, selection, --firmware resolution, NVRAM and QEMU arguments."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Tests for the busybox test-guest fixture (vmspawnd.testing.guest)."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The machine image pool lookup behind ``vmspawn -M NAME``."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """--forward-journal: settings, the journal-remote helper's argv and environment, and its wiring.
 
 Neither a guest with vsock nor systemd-journal-remote can run here (no /dev/vhost-vsock; the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Fork early, exec late: the launcher keeps its PID and gets exactly the fds we send."""
 
 import asyncio

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """How a machine wires up vsock: claimed device fd passed to QEMU, notify listener, credential.
 
 This machine has no /dev/vhost-vsock, so the device is the one thing stood in for: a stand-in

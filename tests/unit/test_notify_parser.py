@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The guest notify parser: valid messages pass, garbage is bounded and dropped."""
 
 import os

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The vmspawn option parser: defaults, aliases, sizes, and clear errors."""
 
 from pathlib import Path

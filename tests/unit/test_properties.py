@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """--property= in systemctl set-property syntax becomes typed D-Bus properties, or a clear error."""
 
 import pytest

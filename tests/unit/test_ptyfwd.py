@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Console escape: Ctrl-] three times within one second kills the VM; two do nothing."""
 
 from vmspawnd.ptyfwd import EscapeDetector

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The guest's READY/STATUS/EXIT_STATUS and a run's exit status, without any I/O."""
 
 from __future__ import annotations

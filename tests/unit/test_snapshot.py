@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """--ephemeral copies of --directory trees: made with real cp, removed only when they are copies."""
 
 from __future__ import annotations

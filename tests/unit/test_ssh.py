@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """--pass-ssh-key: real ssh-keygen runs, the credentials the guest gets, and the settings."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Definitions are written atomically: the old or the new file, never a torn one."""
 
 import dataclasses

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Console tint (spec §8.3) and --background validation."""
 
 import pytest

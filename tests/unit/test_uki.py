@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Unified kernel images: detected by their .linux section; command line via SMBIOS; UEFI only."""
 
 import struct

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """vmspawnctl's conventions (machinectl/systemctl-like) against a live daemon, without VMs."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """swtpm and virtiofsd with real boots: TPM state across runs, shares, read-only enforcement, helper death."""
 
 from __future__ import annotations

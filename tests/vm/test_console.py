@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The interactive console as a person uses it: in a real terminal (tmux)."""
 
 from __future__ import annotations

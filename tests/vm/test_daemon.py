@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The daemon for real: a vmspawnd process, varlink clients, real QEMU guests."""
 
 from __future__ import annotations

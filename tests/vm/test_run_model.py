@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The run model under concurrent clients and faults: a real daemon, real QEMU guests, real helpers.
 
 Each command on a machine is serialized and acts only on the run it was issued against; a

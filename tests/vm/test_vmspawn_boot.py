@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Real boots of the test guest through ``vmspawn`` under TCG (or KVM where it works)."""
 
 from __future__ import annotations

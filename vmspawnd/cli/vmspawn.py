@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """``vmspawn``: run one VM in the foreground, with systemd-vmspawn's options."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """``vmspawnctl``: drive vmspawnd over varlink.  Human tables by default, ``--json`` for scripts."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """``vmspawnd``: the daemon.  Serves io.vmspawnd.Manager on a socket-activated or given socket."""
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"at most N clients at once; more are closed as they come (default: "
                         f"{DEFAULT_MAX_CONNECTIONS}, or fewer if the file-descriptor limit is low)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--print-unit", choices=("service", "socket"),
+                   help="print vmspawnd's systemd unit (set up for this installation) and exit")
     return p.parse_args(argv)
 
 
@@ -177,8 +180,31 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def unit_text(kind: str) -> str:
+    """Our ``vmspawnd.service``/``.socket`` as installed with this copy (the wheel puts the units
+    under ``<prefix>/share/vmspawnd/units``; a checkout has them in ``units/``), set up to run it."""
+    name = f"vmspawnd.{kind}"
+    for candidate in (Path(sys.prefix) / "share/vmspawnd/units" / name,
+                      Path(__file__).resolve().parents[2] / "units" / name):
+        if candidate.is_file():
+            text = candidate.read_text()
+            break
+    else:
+        raise FileNotFoundError(f"{name} is not installed with this copy of vmspawnd")
+    bindir = Path(sys.argv[0]).absolute().parent if Path(sys.argv[0]).name == "vmspawnd" \
+        else Path(sys.executable).parent
+    return text.replace("@BINDIR@", str(bindir)).replace("@DOCDIR@", str(Path(sys.prefix) / "share/doc/vmspawnd"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.print_unit:
+        try:
+            print(unit_text(args.print_unit), end="")
+        except OSError as e:
+            print(f"vmspawnd: {e}", file=sys.stderr)
+            return 1
+        return 0
     setup_logging(args.verbose, journal=bool(os.environ.get("JOURNAL_STREAM")))
     try:
         return asyncio.run(serve(args))

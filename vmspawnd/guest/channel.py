@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The guest → host notify channel (sd_notify-style ``KEY=VALUE`` lines).
 
 Two transports, same messages:

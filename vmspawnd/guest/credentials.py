@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """System credentials for the guest (--set-credential, --load-credential, --smbios11).
 
 Delivered as SMBIOS type-11 strings, each in its own 0600 file in the runtime dir

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """What the guest tells us (READY, STATUS, EXIT_STATUS) and what exit status a run ends with.
 
 Pure logic, no I/O: :class:`Readiness` takes each notify message and says what changed, so the

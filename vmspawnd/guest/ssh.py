@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """--pass-ssh-key: an ephemeral SSH key pair whose public half the guest's sshd accepts.
 
 The pair is made with ``ssh-keygen`` in the VM's runtime directory (0700, removed with the run).

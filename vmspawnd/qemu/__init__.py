@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Everything about talking to QEMU: binary and accelerator, argv, firmware, disks, QMP."""
 
 

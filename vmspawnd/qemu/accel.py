@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Find the QEMU binary and decide between KVM and TCG (and whether vsock is usable)."""
 
 from __future__ import annotations

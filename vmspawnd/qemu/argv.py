@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """QEMU's argv: a pure function of the MachineConfig and the resources resolved for it."""
 
 from __future__ import annotations

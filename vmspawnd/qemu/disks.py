@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Disk images: the root image, extra drives, GPT root partition lookup, growing images."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """QEMU firmware descriptors ("interop" JSON): discovery, selection, NVRAM and QEMU arguments.
 
 Search path, highest priority first: $XDG_CONFIG_HOME/qemu/firmware, /etc/qemu/firmware,

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """A thin QMP layer over qemu.qmp: connect, power down, quit, status."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The guest's vsock device: open /dev/vhost-vsock and claim a CID for it."""
 
 from __future__ import annotations

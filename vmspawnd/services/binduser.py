@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """--bind-user: a host user, with their home directory, made available inside the VM.
 
 Each user gets a VM UID from 60514–60577 (the same number as their private group's GID), a

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """--forward-journal: systemd-journal-remote receives the guest's journal over vsock.
 
 ``systemd-socket-activate`` listens on ``vsock:2:<guest CID>`` (the port is the guest's CID, as

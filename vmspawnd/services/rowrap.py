@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Run a command with one directory made read-only in a private mount namespace.
 
 ``python -I -S rowrap.py SRC -- COMMAND ARGS…`` (or ``python -m vmspawnd.services.rowrap``):

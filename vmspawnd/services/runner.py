@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Run auxiliary daemons (swtpm, virtiofsd): as transient systemd units, or as our own children.
 
 One small interface, :class:`ServiceRunner`, with two implementations picked at run time by

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Start a VM's auxiliary services (swtpm, virtiofsd) and collect what QEMU and the guest need."""
 
 from __future__ import annotations

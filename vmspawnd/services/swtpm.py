@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """A software TPM (swtpm) for the guest: where its state lives, manufacturing, the daemon, QEMU args.
 
 State (``--tpm-state=``): a persistent directory (an explicit PATH, or ``<image>.tpmstate``

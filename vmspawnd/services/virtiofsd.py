@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """virtiofs shares: find virtiofsd (Rust or QEMU's C one), build its argv, run it, QEMU args.
 
 One virtiofsd per share: the ``--directory`` root gets tag ``root``, each ``--bind``/``--bind-ro``

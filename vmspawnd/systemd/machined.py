@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """Registration with systemd-machined over varlink (``io.systemd.Machine``), never D-Bus.
 
 machined's Register has a parameter named ``class`` (a Python keyword), so calls are sent

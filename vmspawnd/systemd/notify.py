@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """sd_notify to our own service manager ($NOTIFY_SOCKET), via the sdnotify package."""
 
 from __future__ import annotations

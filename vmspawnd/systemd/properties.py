@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """``--property=NAME=VALUE`` in ``systemctl set-property`` syntax → typed D-Bus unit properties.
 
 Supported families: memory, CPU, tasks, IO and device access (plus Delegate).  An unknown or

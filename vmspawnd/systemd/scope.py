@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The VM's scope: QEMU (only QEMU) in ``machine-<name>.scope`` in ``--slice=`` with ``--property=``.
 
 The scope is created around the exec-late launcher's PID before it execs QEMU (see

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The systemd manager over D-Bus (dbus-fast): transient units, jobs, properties.
 
 One connection serves a VM's scope and its auxiliary units.  Calls raise DBusCallError with

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """``make demo``: the whole product in one command.
 
 Builds the test guest, starts vmspawnd on a private socket, creates and starts a VM through

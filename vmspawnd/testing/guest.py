@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
 """The busybox test guest: a Debian cloud kernel plus a tiny initramfs whose /init does what the
 kernel command line asks (notify the host, check the TPM, mount virtiofs shares, wait for the
 ACPI power button, ...).
