@@ -62,6 +62,7 @@ UNITDIR ?= /etc/systemd/system
 LIBDIR ?= $(PREFIX)/lib/vmspawnd
 DOCDIR ?= $(PREFIX)/share/doc/vmspawnd
 VARLINKDIR ?= $(PREFIX)/share/varlink
+MANDIR ?= $(PREFIX)/share/man
 COMMANDS := vmspawn vmspawnctl vmspawnd
 
 # A self-contained copy: its own venv under $(LIBDIR) with the project (not editable) and its
@@ -80,7 +81,10 @@ install:
 		> $(DESTDIR)$(UNITDIR)/vmspawnd.service
 	install -m 0644 units/vmspawnd.socket $(DESTDIR)$(UNITDIR)/vmspawnd.socket
 	install -m 0644 varlink/io.vmspawnd.Manager.varlink $(DESTDIR)$(VARLINKDIR)/
-	install -m 0644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
+	install -m 0644 README.md LICENSE docs/*.md $(DESTDIR)$(DOCDIR)/
+	install -d $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man8
+	$(DESTDIR)$(LIBDIR)/bin/python -m vmspawnd.manpage $(DESTDIR)$(MANDIR)/man1
+	mv $(DESTDIR)$(MANDIR)/man1/vmspawnd.8 $(DESTDIR)$(MANDIR)/man8/
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; \
 		echo "installed; enable with: systemctl enable --now vmspawnd.socket"; fi
 
@@ -92,6 +96,7 @@ uninstall:
 	for c in $(COMMANDS); do rm -f $(DESTDIR)$(PREFIX)/bin/$$c; done
 	rm -f $(DESTDIR)$(VARLINKDIR)/io.vmspawnd.Manager.varlink
 	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(DOCDIR)
+	rm -f $(DESTDIR)$(MANDIR)/man1/vmspawn.1 $(DESTDIR)$(MANDIR)/man1/vmspawnctl.1 $(DESTDIR)$(MANDIR)/man8/vmspawnd.8
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 # The systemd tier: a real systemd 257 + machined in a Debian trixie container booted with the

@@ -36,6 +36,10 @@ FDS_FOR_VMS = 512  # file descriptors the connection cap leaves for VMs and thei
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmspawnd", description="The vmspawnd daemon: runs VMs, served over varlink.")
     p.add_argument("--version", action="version", version=f"vmspawnd {__version__}")
     p.add_argument("--socket", metavar="PATH",
@@ -53,7 +57,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--print-unit", choices=("service", "socket"),
                    help="print vmspawnd's systemd unit (set up for this installation) and exit")
-    return p.parse_args(argv)
+    return p
 
 
 def activated_socket() -> socket.socket | None:
