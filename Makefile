@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static cpio \
-	libsystemd-dev pkg-config gcc python3-dev python3-venv tmux openssh-client
+	libsystemd-dev pkg-config gcc python3-dev python3-venv tmux openssh-client libwrap0 groff-base
 STAMP := $(VENV)/.installed
 
 .PHONY: setup test test-fast test-fuzz demo lint install guest clean

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 
 import pytest
 
@@ -87,3 +89,35 @@ def test_the_level_of_a_command(monkeypatch):
     assert command_level(option="err") == logging.ERROR  # the option wins
     with pytest.raises(ValueError, match="unknown log level"):
         parse_level("loud")
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("sshd needs root (privilege separation, port forwarding to root's socket)")
+    from tests.sshd import Sshd
+
+    server = Sshd(tmp_path / "sshd")
+    yield server
+    server.stop()
+
+
+def test_host_drives_the_daemon_of_another_host_over_ssh(defined, sshd):
+    env = {**os.environ, "SYSTEMD_SSH": str(sshd.ssh_command)}
+    remote = [*defined.ctl_argv(), f"--host=root@127.0.0.1:{sshd.port}"]
+    listed = subprocess.run([*remote, "--json", "list"], capture_output=True, text=True, env=env, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    assert listed.returncode == 0, listed.stderr + sshd.log.read_text()
+    assert [m["name"] for m in json.loads(listed.stdout)] == ["web"]
+    status = subprocess.run([*remote[:-1], "-H", f"root@127.0.0.1:{sshd.port}", "status", "web"],
+                            capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+    assert status.returncode == 0 and status.stdout.startswith("● web"), status.stderr
+    gone = subprocess.run([*remote, "status", "nope"], capture_output=True, text=True, env=env, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert gone.returncode == 1 and "no machine named nope" in gone.stderr
+
+
+def test_host_that_cannot_be_reached_is_a_clear_error(daemon):
+    p = subprocess.run([*daemon.ctl_argv(), "-H", "root@127.0.0.1:1", "list"], capture_output=True, text=True,
+                       timeout=60, stdin=subprocess.DEVNULL, env={**os.environ, "SYSTEMD_SSH": "ssh"})
+    assert p.returncode == 1 and "vmspawnctl:" in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -10,13 +10,21 @@ import datetime
 import enum
 import json
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from asyncvarlink import VarlinkClientProtocol, VarlinkErrorReply, VarlinkInterfaceProxy, connect_unix_varlink
+from asyncvarlink import (
+    VarlinkClientProtocol,
+    VarlinkErrorReply,
+    VarlinkInterfaceProxy,
+    VarlinkTransport,
+    connect_unix_varlink,
+)
 
 from vmspawnd import __version__
 from vmspawnd.api import Config, ManagerInterface
@@ -60,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vmspawnctl {__version__}")
     p.add_argument("--address", metavar="SOCKET", default=os.environ.get("VMSPAWND_ADDRESS", DEFAULT_SOCKET),
                    help=f"the daemon's varlink socket (default: $VMSPAWND_ADDRESS or {DEFAULT_SOCKET})")
+    p.add_argument("-H", "--host", metavar="[USER@]HOST[:PORT]",
+                   help="drive the vmspawnd of another host, over ssh (its --address socket there; "
+                        "$SYSTEMD_SSH names the ssh command)")
     common = [_output_options(suppress=True)]
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     create = sub.add_parser("create", help="define a machine, with vmspawn's options (see: create --help)",
@@ -234,11 +245,74 @@ async def _console(proxy: Any, name: str) -> int:
         os.close(fd)
 
 
-async def run(args: argparse.Namespace) -> int:
+#: Run on the remote host (by its python3, which vmspawnd needs anyway): relay stdin/stdout to and
+#: from the daemon's socket there.  (OpenSSH's ``-W`` forwards to host:port only.)
+REMOTE_BRIDGE = """\
+import os, select, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+route = {0: s.fileno(), s.fileno(): 1}
+while route:
+    for fd in select.select(list(route), [], [])[0]:
+        data = os.read(fd, 65536)
+        if not data:
+            if fd == 0:
+                s.shutdown(socket.SHUT_WR)
+                del route[fd]
+                continue
+            sys.exit(0)
+        while data:
+            data = data[os.write(route[fd], data):]
+"""
+
+
+def ssh_argv(host: str, socket_path: str) -> list[str]:
+    """``ssh`` to ``[USER@]HOST[:PORT]`` relaying our stdio to the daemon's socket there;
+    ``$SYSTEMD_SSH`` names another ssh command."""
+    port = None
+    if ":" in host.rsplit("@", 1)[-1]:
+        host, _, port = host.rpartition(":")
+        if not port.isdigit():
+            raise ConfigError("host", f"{host}:{port}", "the port must be a number")
+    if not host or host.startswith("-"):
+        raise ConfigError("host", host, "expected [USER@]HOST[:PORT]")
+    ssh = os.environ.get("SYSTEMD_SSH") or "ssh"
+    remote = " ".join(shlex.quote(word) for word in ("python3", "-c", REMOTE_BRIDGE, socket_path))
+    return [ssh, "-x", "-T", "-e", "none", *(["-p", port] if port else []), "--", host, remote]
+
+
+async def connect(args: argparse.Namespace) -> tuple[Any, Any]:
+    """A varlink connection to the daemon: its local socket, or over SSH to another host's."""
+    if not args.host:
+        return await connect_unix_varlink(VarlinkClientProtocol, args.address)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        transport, protocol = await connect_unix_varlink(VarlinkClientProtocol, args.address)
+        ssh = subprocess.Popen(ssh_argv(args.host, args.address), stdin=theirs, stdout=theirs,
+                               start_new_session=True)
+    finally:
+        theirs.close()
+    ours.setblocking(False)
+    protocol = VarlinkClientProtocol()
+    transport = VarlinkTransport(asyncio.get_running_loop(), ours, ours, protocol)
+    await asyncio.sleep(0)
+    transport.closed_future.add_done_callback(lambda _: ssh.poll() is None and ssh.terminate())
+    return transport, protocol
+
+
+async def run(args: argparse.Namespace) -> int:
+    where = f"{args.address} on {args.host}" if args.host else args.address
+    try:
+        transport, protocol = await connect(args)
+    except ConfigError as e:
+        print(f"vmspawnctl: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as e:
-        print(f"vmspawnctl: cannot reach vmspawnd at {args.address}: {e.strerror}", file=sys.stderr)
+        print(f"vmspawnctl: cannot reach vmspawnd at {where}: {e.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.host and args.command == "console":
+        transport.close()
+        print("vmspawnctl: console needs a local daemon (its terminal is passed as a file descriptor)",
+              file=sys.stderr)
         return EXIT_FAILURE
     proxy = VarlinkInterfaceProxy(protocol, ManagerInterface)
     try:
