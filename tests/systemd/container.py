@@ -61,6 +61,9 @@ HARNESS_VERSION = "1"
 
 SUITE = "trixie"
 
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")  # bound in for pip (the `make install` test)
+CA_INSIDE = "/run/host-ca.crt"
+
 #: What the tree holds (mmdebstrap --variant=minbase --include=...; Recommends are not installed).
 PACKAGES: tuple[str, ...] = (
     # the service manager, the bus, machined and nspawn
@@ -70,7 +73,7 @@ PACKAGES: tuple[str, ...] = (
     # what vmspawn drives
     "qemu-system-x86", "qemu-utils", "seabios", "ipxe-qemu", "ovmf", "swtpm", "swtpm-tools", "virtiofsd",
     # test guest and tooling
-    "busybox-static", "cpio", "procps",
+    "busybox-static", "cpio", "procps", "make",
     # --pass-ssh-key
     "openssh-client",
 )
@@ -1022,6 +1025,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.no_guest and (guest := host_test_guest(log)) is not None:
                 binds.append(f"--bind-ro={guest}:{GUEST_INSIDE}")
                 env["VMSPAWND_TEST_GUEST_DIR"] = GUEST_INSIDE
+            if HOST_CA.is_file():  # pip inside (the `make install` test) trusts what the host trusts
+                binds.append(f"--bind-ro={HOST_CA}:{CA_INSIDE}")
+                env["PIP_CERT"] = CA_INSIDE
             action: Callable[[Container], int] = lambda c: c.pytest(extra, env)  # noqa: E731
         elif args.cmd == "run":
             command = [a for a in args.command if a != "--"] or ["true"]

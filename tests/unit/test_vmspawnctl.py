@@ -62,9 +62,11 @@ def test_bad_output_options_are_usage_errors(daemon, words):
     assert p.returncode == 2 and "vmspawnctl" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_no_pager_is_accepted(defined):
-    assert defined.ctl("--no-pager", "list").returncode == 0
-    assert defined.ctl("list", "--no-pager").returncode == 0
+def test_no_pager_quiet_and_verbose_are_accepted_before_or_after_the_command(defined):
+    for words in (["--no-pager", "list"], ["list", "--no-pager"], ["-q", "list"], ["list", "-v"],
+                  ["--log-level=debug", "list"], ["list", "--log-level=err"]):
+        p = defined.ctl(*words)
+        assert p.returncode == 0 and "web" in p.stdout, (words, p.stderr)
 
 
 def test_events_of_an_unknown_machine_fail_at_once(daemon):

@@ -73,6 +73,9 @@ def test_type_into_the_guest_shell_then_ctrl_bracket_three_times(tmux, guest, tm
     screen = tmux.wait_for("MODE=", timeout=20)
     assert "EXIT=0" in screen
     assert "MODE=icanon" in screen  # the terminal was restored
+    lines = screen.splitlines()
+    assert "EXIT=0" in lines  # what follows vmspawn starts at column 0
+    assert not [line for line in lines if line.startswith("vmspawn:") or "[info" in line], screen  # no log noise
 
 
 def test_guest_shell_exit_ends_vmspawn_with_its_status(tmux, guest, tmp_path):

@@ -1,0 +1,42 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""``make install`` on a real systemd host: the commands land on PATH and the installed unit runs them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.systemd.helpers import sh, unit_properties
+
+pytestmark = pytest.mark.systemd
+
+REPO = Path(__file__).resolve().parents[2]
+COMMANDS = ("vmspawn", "vmspawnctl", "vmspawnd")
+
+
+def test_make_install_puts_the_commands_on_path_and_the_unit_runs_them(tmp_path: Path) -> None:
+    src = tmp_path / "src"  # the checkout is read-only here: build from a copy
+    src.mkdir()
+    subprocess.run(f"tar -C {REPO} --exclude=./.venv --exclude=./.git --exclude=./build -cf - . | tar -C {src} -xf -",
+                   shell=True, check=True)
+    env = {**os.environ, "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    try:
+        sh("make", "--no-print-directory", "-C", str(src), "install", "PYTHON=python3", timeout=900, env=env)
+        for command in COMMANDS:
+            assert shutil.which(command, path=env["PATH"]) == f"/usr/local/bin/{command}"
+        sh("systemctl", "start", "vmspawnd.socket")
+        out = sh("vmspawnctl", "list", env=env).stdout  # activates vmspawnd.service through its socket
+        assert "0 machine(s) listed." in out
+        main_pid = unit_properties("vmspawnd.service", "MainPID")["MainPID"]
+        cmdline = Path(f"/proc/{main_pid}/cmdline").read_bytes().split(b"\0")
+        assert b"/usr/local/bin/vmspawnd" in cmdline, cmdline  # the installed copy, not the checkout
+    finally:
+        sh("systemctl", "stop", "vmspawnd.socket", "vmspawnd.service", check=False)
+        sh("make", "--no-print-directory", "-C", str(src), "uninstall", timeout=300, env=env, check=False)
+    for command in COMMANDS:
+        assert not Path(f"/usr/local/bin/{command}").exists()
+    assert not Path("/usr/local/lib/vmspawnd").exists()
