@@ -54,6 +54,14 @@ def raw_call(path: Path, payload: bytes, timeout: float = 5) -> tuple[str, dict 
     return "reply", json.loads(data.split(b"\0")[0])
 
 
+def connected(daemon: Daemon, timeout: float = 5) -> socket.socket:
+    """A new client connection to the daemon."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(str(daemon.socket))
+    return s
+
+
 def call(path: Path, method: str, parameters: dict | None = None, **kw) -> dict:
     outcome, reply = raw_call(path, json.dumps({"method": method, "parameters": parameters or {}, **kw}).encode())
     assert outcome == "reply" and reply is not None
@@ -277,9 +285,7 @@ def test_partial_messages_are_capped_and_their_memory_returned(daemon: Daemon, f
     baseline = daemon.rss()
     clients = []
     for _ in range(300):
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(5)
-        s.connect(str(daemon.socket))
+        s = connected(daemon)
         try:
             s.sendall(b'{"method": "' + b"x" * 1_000_000)
         except (BrokenPipeError, ConnectionResetError):
@@ -299,9 +305,7 @@ def test_subscribers_that_hang_up_are_let_go(daemon: Daemon, fds_unlimited: None
     baseline = daemon.fds()
     subscribers = []
     for _ in range(200):
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(5)
-        s.connect(str(daemon.socket))
+        s = connected(daemon)
         s.sendall(json.dumps({"method": f"{IFACE}.Subscribe", "parameters": {"name": None}, "more": True}).encode()
                   + b"\0")
         subscribers.append(s)
@@ -323,9 +327,7 @@ def test_subscribing_to_an_unknown_machine_is_refused(daemon: Daemon) -> None:
 def test_stopping_the_daemon_ends_subscriptions_cleanly(daemon: Daemon) -> None:
     subscribers = []
     for _ in range(20):
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(10)
-        s.connect(str(daemon.socket))
+        s = connected(daemon, timeout=10)
         s.sendall(json.dumps({"method": f"{IFACE}.Subscribe", "parameters": {}, "more": True}).encode() + b"\0")
         assert b'"subscribed"' in s.recv(4096)
         subscribers.append(s)
