@@ -38,7 +38,7 @@ from vmspawnd.errors import ConfigError, StartError
 from vmspawnd.faults import crash_point
 from vmspawnd.guest.channel import NotifyChannel
 from vmspawnd.guest.credentials import write_credentials
-from vmspawnd.guest.readiness import Readiness, exit_status, failure
+from vmspawnd.guest.readiness import OUTSIDE_SIGNAL, Readiness, exit_status, failure
 from vmspawnd.guest.ssh import SshKeyError, SshKeyPair, generate_key_pair
 from vmspawnd.launcher import QemuProcess
 from vmspawnd.proc import CAP_NET_ADMIN, has_capability, process_cmdline, process_start_time
@@ -565,14 +565,16 @@ class Run:
         self._qemu_exited.set()
         await asyncio.sleep(NOTIFY_GRACE)
         self.returncode = rc
-        self.exit_status = exit_status(self.readiness.exit_status, rc, self.forced)
+        terminated = self._qmp is not None and self._qmp.shutdown_reason == OUTSIDE_SIGNAL
+        expected = self.forced or self.stop_requested
+        self.exit_status = exit_status(self.readiness.exit_status, rc, self.forced, terminated and not expected)
         if rc is not None and rc != 0:
             self.log.warning("QEMU exited abnormally", status=rc)
         try:
             await self._stack.aclose()
         except Exception:  # cleanup trouble must never leave the machine stuck "running"
             self.log.exception("cleaning up after the VM failed")
-        self.failure = self._aux_failure or failure(rc, expected_end=self.forced or self.stop_requested)
+        self.failure = self._aux_failure or failure(rc, expected_end=expected, terminated=terminated)
         if self._aux_failure is not None:
             self.exit_status = 1
         self._end()

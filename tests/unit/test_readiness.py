@@ -71,6 +71,13 @@ def test_exit_status_of_a_run(guest, rc, forced, expected):
     assert exit_status(guest, rc, forced) == expected
 
 
+def test_a_signal_from_outside_is_no_power_off():
+    assert exit_status(None, 0, forced=False, terminated=True) == 1
+    assert exit_status(5, 0, forced=False, terminated=True) == 5  # what the guest said still wins
+    assert "signal from outside" in (failure(0, expected_end=False, terminated=True) or "")
+    assert failure(0, expected_end=True, terminated=True) is None  # our own stop or kill
+
+
 def test_failure_of_a_run():
     assert failure(0, expected_end=False) is None
     assert failure(None, expected_end=False) is None

@@ -80,6 +80,21 @@ def test_forced_stop_of_a_guest_that_ignores_the_power_button(daemon, guest):
     assert processes_mentioning(str(daemon.runtime / "machines" / "deaf")) == []
 
 
+def test_a_qemu_terminated_from_outside_is_reported_as_killed(daemon, guest):
+    create(daemon, guest, "victim", "test.action=hang")
+    assert daemon.ctl("start", "victim").returncode == 0
+    pid = daemon.wait_for("victim", lambda s: s["ready"])["pid"]
+    os.kill(pid, signal.SIGTERM)  # as machinectl terminate does: QEMU then shuts down and exits 0
+    st = daemon.wait_for("victim", lambda s: s["state"] != "running", 30)
+    assert st["state"] == "failed" and st["exitStatus"] == 1 and "signal from outside" in st["failure"], st
+    create(daemon, guest, "ours", "test.action=hang")  # while our own Kill is no failure
+    assert daemon.ctl("start", "ours").returncode == 0
+    daemon.wait_for("ours", lambda s: s["ready"])
+    assert daemon.ctl("kill", "ours").returncode == 0
+    st = daemon.status("ours")
+    assert st["state"] == "stopped" and st["exitStatus"] == 1 and st["failure"] is None, st
+
+
 def test_daemon_sigkill_and_restart_readopts_a_running_vm(daemon, guest):
     create(daemon, guest, "survivor", "test.action=acpi", "test.exit=6")
     assert daemon.ctl("start", "survivor").returncode == 0

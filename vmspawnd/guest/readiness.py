@@ -63,17 +63,26 @@ class Readiness:
         return NOTHING
 
 
-def exit_status(guest_exit_status: int | None, returncode: int | None, forced: bool) -> int:
-    """Guest's EXIT_STATUS, else 0 after a clean end, 1 if QEMU failed or had to be forced."""
+#: QEMU's SHUTDOWN reason when a signal from outside (machinectl terminate/kill, systemctl stop of
+#: its scope, kill) made it shut down: it then exits 0, as after a power-off
+OUTSIDE_SIGNAL = "host-signal"
+
+
+def exit_status(guest_exit_status: int | None, returncode: int | None, forced: bool,
+                terminated: bool = False) -> int:
+    """Guest's EXIT_STATUS, else 0 after a clean end, 1 if QEMU failed, had to be forced or was
+    ``terminated`` by a signal from outside."""
     if guest_exit_status is not None:
         return guest_exit_status
     if returncode is None:
-        return 1 if forced else 0
-    return 1 if returncode != 0 or forced else 0
+        return 1 if forced or terminated else 0
+    return 1 if returncode != 0 or forced or terminated else 0
 
 
-def failure(returncode: int | None, *, expected_end: bool) -> str | None:
-    """Why QEMU's end is a failure (None if it is not): an error exit, or a signal nobody asked for."""
+def failure(returncode: int | None, *, expected_end: bool, terminated: bool = False) -> str | None:
+    """Why QEMU's end is a failure (None if it is not): an error exit, or a signal nobody here asked for."""
+    if terminated and not expected_end:
+        return "QEMU was terminated by a signal from outside vmspawnd (e.g. machinectl terminate or kill)"
     if returncode is None or returncode == 0:
         return None
     if returncode > 0:
