@@ -234,6 +234,12 @@ class Machine:
             if self.run is not None:
                 await self.run.detach()
 
+    def restore(self, state: State, since: float, failure: str | None, exit_status: int | None,
+                status: str | None) -> None:
+        """Show what an earlier daemon showed for this (not running) machine; no event is emitted."""
+        self.state, self.since, self.failure, self.exit_status, self.guest_status = (
+            state, since, failure, exit_status, status)
+
     def mark_failed(self, reason: str) -> None:
         """Record that this machine is in no state we can drive."""
         self.failure = reason

@@ -40,6 +40,8 @@ from vmspawnd.storage import read_json, write_json_atomic
 log = structlog.get_logger()
 
 EVENT_QUEUE_LIMIT = 1024
+STATE_SUFFIX = ".state"  # <name>.state beside <name>.json: what the machine showed, for the next daemon
+PERSISTED_EVENTS = ("starting", "running", "stopping", "stopped", "failed")
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class Manager:
                 log.error("ignoring a definition whose file name is no machine name", path=str(path), error=str(e))
                 continue
             entry = self._load_definition(name, path)
+            saved = self._read_state(name)  # before adoption, which records a state of its own
             self.machines[name] = entry
             try:
                 adopted = await entry.machine.adopt(after=self._attach_console)
@@ -106,6 +109,8 @@ class Manager:
                 continue
             if not adopted and entry.definition_error is not None:
                 entry.machine.mark_failed(entry.definition_error)
+            if saved is not None:
+                self._restore_state(entry, adopted, *saved)
         self.on_change()
 
     def _load_definition(self, name: str, path: Path) -> Entry:
@@ -159,6 +164,49 @@ class Manager:
                     queue.put_nowait(None)
         if kind in ("running", "stopped", "failed", "ready", "removed"):
             self.on_change()
+        if kind in PERSISTED_EVENTS and name in self.machines:
+            self._save_state(self.machines[name])
+
+    # ---------------------------------------------------------------- state across restarts
+    def _state_path(self, name: str) -> Path:
+        return self.definitions / f"{name}{STATE_SUFFIX}"
+
+    def _save_state(self, entry: Entry) -> None:
+        """Keep what clients see (state, since, outcome, the guest's last status) for the next daemon."""
+        m = entry.machine
+        try:
+            write_json_atomic(self._state_path(entry.config.name), {
+                "state": m.state.value, "since": m.since, "failure": m.failure, "exitStatus": m.exit_status,
+                "status": m.guest_status})
+        except OSError as e:
+            log.warning("cannot save the machine's state", machine=entry.config.name, error=str(e))
+
+    def _read_state(self, name: str) -> tuple[State, float, dict[str, Any]] | None:
+        try:
+            saved = read_json(self._state_path(name))
+            return State(saved["state"]), float(saved["since"]), saved
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _restore_state(self, entry: Entry, adopted: bool, state: State, since: float, saved: dict[str, Any]) -> None:
+        """Bring back what the previous daemon showed: a stopped or failed machine's outcome as it
+        was, a running one's ``since``; a VM that ended while no daemon watched says so."""
+        m = entry.machine
+        if adopted:
+            if state in (State.RUNNING, State.STOPPING):
+                m.since = since
+                self._save_state(entry)
+            return
+        if m.state is not State.STOPPED or entry.definition_error is not None:
+            return  # what happened at load (an interrupted start undone, a broken definition) is newer
+        status = saved.get("status") if isinstance(saved.get("status"), str) else None
+        if state in (State.STOPPED, State.FAILED):
+            exit_status = saved.get("exitStatus") if isinstance(saved.get("exitStatus"), int) else None
+            failure = saved.get("failure") if isinstance(saved.get("failure"), str) else None
+            m.restore(state, since, failure, exit_status, status)
+        else:
+            m.restore(State.FAILED, since, "it ended while vmspawnd was not running; how is not known", None,
+                      status)
 
     # ---------------------------------------------------------------- operations
     def _new_entry(self, config: MachineConfig) -> Entry:
@@ -236,6 +284,7 @@ class Manager:
                 raise WrongState(name, machine.state.value, "stop it before removing it")
             try:
                 (self.definitions / f"{name}.json").unlink(missing_ok=True)
+                self._state_path(name).unlink(missing_ok=True)
             except OSError as e:
                 raise HostError(f"cannot remove the definition of {name}", e) from e
             machine.removed = True

@@ -180,6 +180,34 @@ def test_definitions_persist_across_restarts(daemon, guest):
     assert json.loads((daemon.state / "machines" / "kept.json").read_text())["name"] == "kept"
 
 
+def test_what_clients_see_survives_a_daemon_restart(daemon, guest, tmp_path):
+    create(daemon, guest, "done", "test.action=acpi", "test.exit=4", "test.status=almost-done")
+    assert daemon.ctl("start", "done").returncode == 0
+    daemon.wait_for("done", lambda s: s["ready"])
+    assert daemon.ctl("stop", "done", "--timeout=60").returncode == 0
+    create(daemon, guest, "up", "test.action=hang")
+    assert daemon.ctl("start", "up").returncode == 0
+    daemon.wait_for("up", lambda s: s["ready"])
+    kernel = tmp_path / "not-a-kernel"
+    kernel.write_bytes(b"garbage")
+    assert daemon.ctl("create", "bad", f"--linux={kernel}", "--console=headless").returncode == 0
+    assert daemon.ctl("start", "bad").returncode == 1
+    before = {name: daemon.status(name) for name in ("done", "up", "bad")}
+    assert before["done"]["exitStatus"] == 4 and before["bad"]["state"] == "failed", before
+    daemon.stop_daemon(signal.SIGTERM)
+    daemon.start()
+    after = {name: daemon.status(name) for name in ("done", "up", "bad")}
+    for name in ("done", "up", "bad"):
+        for field in ("state", "since", "exitStatus", "failure", "status"):
+            assert after[name][field] == before[name][field], (name, field, before[name], after[name])
+    daemon.stop_daemon(signal.SIGKILL)  # a VM that ends while no daemon runs
+    os.kill(after["up"]["pid"], signal.SIGKILL)
+    poll(lambda: process_gone(after["up"]["pid"]), bool, 10)
+    daemon.start()
+    st = daemon.status("up")
+    assert st["state"] == "failed" and "while vmspawnd was not running" in st["failure"], st
+
+
 def test_start_failure_is_reported_and_nothing_is_left(daemon, guest, tmp_path):
     kernel = tmp_path / "not-a-kernel"
     kernel.write_bytes(b"garbage")
