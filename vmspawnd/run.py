@@ -68,7 +68,14 @@ from vmspawnd.services.runner import (
 )
 from vmspawnd.services.setup import AuxServiceError, AuxServices, start_aux_services
 from vmspawnd.snapshot import EphemeralCopy, SnapshotError
-from vmspawnd.systemd.machined import MachineRegistration, Registration, RegistrationError, unregister_quietly
+from vmspawnd.systemd.machined import (
+    MACHINED_SOCKET,
+    MachineRegistration,
+    Registration,
+    RegistrationError,
+    start_machined,
+    unregister_quietly,
+)
 from vmspawnd.systemd.scope import DEFAULT_SLICE, allocate_scope
 from vmspawnd.systemd.units import SystemdManager, UnitStartError, connect_systemd
 
@@ -77,6 +84,7 @@ log = structlog.get_logger()
 NOTIFY_GRACE = 0.05  # after QEMU exits: what the guest wrote just before power-off still arrives
 HELPER_GRACE = 1.0  # a helper ending within this long after QEMU is QEMU's doing, not a failure
 KILL_GRACE = 5.0  # QMP quit, then SIGKILL
+REGISTER_RETRY = 2.0  # seconds between attempts to register with a machined that was not reachable
 
 #: ``on_event(run, kind, data)``: "ready", "status" (data: status) or "ended".
 RunEventHandler = Callable[["Run", str, dict[str, Any]], None]
@@ -122,6 +130,7 @@ class Run:
         self._aux_failure: str | None = None
         self._qmp: Qmp | None = None
         self._ssh_key: SshKeyPair | None = None
+        self._systemd: SystemdManager | None = None  # this run's connection to the service manager
         self._record: RunRecord | None = None
         self._watch: asyncio.Task[None] | None = None
         self._watches: set[asyncio.Task[None]] = set()
@@ -280,6 +289,7 @@ class Run:
         systemd, why = await connect_systemd()
         if systemd is not None:
             self._handles.push_async_callback(systemd.aclose)
+        self._systemd = systemd
         scope = await self._allocate_scope(systemd, why)
         self.units = [scope] if scope else []
         runner = await choose_runner(die_with_parent=self._die_with_parent, manager=systemd)
@@ -308,7 +318,11 @@ class Run:
         """The run owns a running helper: stopped with the run, watched while the VM runs."""
         self._handles.callback(service.detach)
         self._durable.push_async_callback(self._stop_service, service)
-        task = asyncio.get_running_loop().create_task(self._watch_service(what, service))
+        self._spawn(self._watch_service(what, service))
+
+    def _spawn(self, coro: Any) -> None:
+        """A task of this run's, cancelled when the run ends."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._watches.add(task)
         task.add_done_callback(self._watches.discard)
 
@@ -390,7 +404,8 @@ class Run:
         return scope
 
     async def _register(self, run_config: MachineConfig, vsock_cid: int | None) -> None:
-        """Register with systemd-machined over varlink (--register=auto tolerates its absence)."""
+        """Register with systemd-machined over varlink, starting machined first if it is not running;
+        with --register=auto a machined that cannot be reached is retried in the background."""
         config = self.config
         if config.register is Tristate.NO:
             return
@@ -398,17 +413,47 @@ class Run:
         reg = Registration(config.name, self.qemu.pid, machine_id=config.uuid,
                            root_directory=run_config.directory, vsock_cid=vsock_cid,
                            ssh_private_key=self._ssh_key.private_key if self._ssh_key else None)
+        if self._systemd is not None:
+            why = await start_machined(self._systemd)
+            if why is not None:
+                self.log.warning("systemd-machined is not running", reason=why)
+        try:
+            await self._enter_registration(reg)
+        except RegistrationError as e:
+            if config.register is Tristate.YES:
+                raise StartError(f"cannot register with systemd-machined: {e}") from e
+            if self._systemd is None:  # no systemd here: no machined to wait for
+                self.log.info("not registered with systemd-machined", reason=str(e))
+                return
+            self.log.warning("not registered with systemd-machined yet; retrying while the VM runs",
+                             reason=str(e))
+            self._spawn(self._register_later(reg))
+
+    async def _enter_registration(self, reg: Registration) -> None:
+        assert self._record is not None
         self._record.registered = True  # recorded first: a daemon killed meanwhile still unregisters it
         self._save()
         try:
             await self._durable.enter_async_context(MachineRegistration(reg))
-        except RegistrationError as e:
+        except RegistrationError:
             self._record.registered = False
-            if config.register is Tristate.YES:
-                raise StartError(f"cannot register with systemd-machined: {e}") from e
-            self.log.info("not registered with systemd-machined", reason=str(e))
-            return
+            self._save()
+            raise
         self.registered = True
+
+    async def _register_later(self, reg: Registration) -> None:
+        """Register as soon as machined answers (it may be started later, or restarted)."""
+        while True:
+            await asyncio.sleep(REGISTER_RETRY)
+            if not MACHINED_SOCKET.exists():
+                continue
+            try:
+                await self._enter_registration(reg)
+            except RegistrationError as e:
+                self.log.debug("still not registered with systemd-machined", reason=str(e))
+                continue
+            self.log.info("registered with systemd-machined")
+            return
 
     def _synthesized_cmdline(self) -> tuple[str, ...]:
         """``root=PARTUUID=…`` when a plain kernel boots with an image and the user named no root."""

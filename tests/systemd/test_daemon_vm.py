@@ -16,6 +16,7 @@ import pytest
 from tests.polling import poll
 from tests.systemd.helpers import (
     GUEST_DIR,
+    MACHINED_VARLINK,
     NAME,
     TPM_UNIT,
     Ctl,
@@ -24,6 +25,7 @@ from tests.systemd.helpers import (
     qemu_cgroup,
     sh,
     unit_properties,
+    varlink_call,
     wait_inactive,
     wait_journal,
 )
@@ -135,3 +137,26 @@ def test_status_shows_the_processes_of_its_units_and_its_journal(vm: Ctl) -> Non
     assert f"CGroup: {TPM_UNIT}" in out and "swtpm" in out, out
     assert f"{st['pid']} " in out and "qemu-system" in out, out  # QEMU, in its scope
     assert "guest is ready" in out, out  # the machine's last journal lines
+
+
+def test_the_daemon_starts_machined_when_nothing_else_has(installed_units: Path) -> None:
+    """On systemd 257 machined is only D-Bus activated: after a boot nothing may have started it."""
+    sh("systemctl", "stop", "systemd-machined.service")
+    assert unit_properties("systemd-machined.service", "ActiveState")["ActiveState"] == "inactive"
+    sh("systemctl", "start", "vmspawnd.socket")
+    ctl, name = Ctl(installed_units), "mreg"
+    ctl("create", name, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M",
+        "--console=read-only", "--firmware=bios", "--tpm=no", "panic=-1", "test.notify=1", "test.action=hang")
+    try:
+        ctl("start", name)
+        pid = ctl.wait(lambda s: s["ready"], name=name)["pid"]
+        assert unit_properties("systemd-machined.service", "ActiveState")["ActiveState"] == "active"
+        (reply,) = varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": name})
+        assert "error" not in reply and reply["parameters"]["leader"]["pid"] == pid, reply
+        sh("systemctl", "restart", "systemd-machined.service")  # machined keeps what it knew
+        poll(lambda: varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": name})[0],
+             lambda r: "error" not in r, 15)
+    finally:
+        ctl("kill", name, check=False)
+        ctl("remove", name, check=False)
+        poll(lambda: pids_of("qemu-system-x86"), lambda pids: pids == [], 30)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmspawnd.systemd.units import MANAGER_IFACE, DBusCallError, SystemdManager
+
 MACHINED_SOCKET = Path("/run/systemd/machine/io.systemd.Machine")
 SERVICE_NAME = "vmspawnd"
 
@@ -91,6 +93,31 @@ async def call(method: str, parameters: dict[str, Any], socket_path: Path = MACH
     if reply.error:
         raise RegistrationError(f"{method}: {reply.error} {reply.parameters or ''}".strip())
     return dict(reply.parameters or {})
+
+
+MACHINED_UNIT = "systemd-machined.service"
+
+
+async def start_machined(manager: SystemdManager, socket_path: Path = MACHINED_SOCKET,
+                         timeout: float = 10.0) -> str | None:
+    """Have systemd start machined when its varlink socket is missing (systemd 257 starts it only on
+    D-Bus activation, which nothing may have done yet); None once it answers, else why not."""
+    if socket_path.exists():
+        return None
+    try:
+        (job,) = await manager.call(MANAGER_IFACE, "StartUnit", "ss", [MACHINED_UNIT, "replace"])
+        result = await manager.job_result(job, timeout)
+    except (DBusCallError, TimeoutError) as e:
+        return f"cannot start {MACHINED_UNIT}: {e}"
+    if result != "done":
+        return f"starting {MACHINED_UNIT} failed (job result: {result})"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not socket_path.exists():
+        if loop.time() > deadline:
+            return f"{MACHINED_UNIT} runs but {socket_path} did not appear"
+        await asyncio.sleep(0.05)
+    return None
 
 
 async def register(reg: Registration, socket_path: Path = MACHINED_SOCKET) -> None:
