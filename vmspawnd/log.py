@@ -15,17 +15,33 @@ import structlog
 _PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
 
 
+_NOT_THE_CALLER = (os.path.dirname(structlog.__file__), __file__)
+_NOT_IN_THE_MESSAGE = ("event", "level", "message_id")
+
+
+def _caller() -> dict[str, str]:
+    """CODE_FILE/CODE_LINE/CODE_FUNC of the code that logged (not of structlog or of this module)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_NOT_THE_CALLER):
+        frame = frame.f_back
+    if frame is None:
+        return {}
+    return {"CODE_FILE": frame.f_code.co_filename, "CODE_LINE": str(frame.f_lineno),
+            "CODE_FUNC": frame.f_code.co_name}
+
+
 class JournalLogger:
-    """A structlog logger that sends each event to the journal with its context as fields."""
+    """A structlog logger that sends each event to the journal with its context as fields
+    (``machine=`` becomes MACHINE=, ``message_id=`` MESSAGE_ID=), and where it was logged from."""
 
     def msg(self, **event: Any) -> None:
         from systemd import journal
 
         fields = {k.upper(): str(v) for k, v in event.items() if k not in ("event", "level") and v is not None}
         message = " ".join([str(event.get("event", ""))] + [f"{k}={v}" for k, v in event.items()
-                                                            if k not in ("event", "level") and v is not None])
+                                                            if k not in _NOT_IN_THE_MESSAGE and v is not None])
         journal.send(message, PRIORITY=str(_PRIORITY.get(event.get("level", "info"), 6)),
-                     SYSLOG_IDENTIFIER="vmspawnd", **fields)
+                     SYSLOG_IDENTIFIER="vmspawnd", **{**fields, **_caller()})
 
     log = debug = info = warning = error = critical = exception = msg
 
@@ -72,6 +88,7 @@ class PlainRenderer:
     def __call__(self, _logger: Any, _name: str, event: dict[str, Any]) -> str:
         message = str(event.pop("event", ""))
         event.pop("level", None)
+        event.pop("message_id", None)
         exc = event.pop("exception", None)
         details = " ".join(f"{k}={v}" for k, v in event.items() if v is not None)
         line = f"{self.program}: {message}" + (f" ({details})" if details else "")

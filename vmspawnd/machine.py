@@ -20,6 +20,7 @@ from typing import IO, Any
 
 import structlog
 
+from vmspawnd import messages
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError, NoSuchMachine, StartError, WrongState
 from vmspawnd.launcher import QemuProcess
@@ -97,9 +98,19 @@ class Machine:
     def tpm_state_path(self) -> Path | None:
         return self.run.tpm_state_path if self.run is not None else None
 
-    def _set_state(self, state: State, **data: Any) -> None:
+    def _set_state(self, state: State, *, reported: bool = False, **data: Any) -> None:
+        """Enter ``state``, log it (a failure the caller is told of anyway at info, else as a warning)
+        and emit its event with ``data``."""
         self.state = state
         self.since = time.time()
+        if state is State.RUNNING:
+            self.log.info("VM started", message_id=messages.STARTED, pid=data.get("pid"),
+                          adopted=data.get("adopted"))
+        elif state is State.STOPPED:
+            self.log.info("VM stopped", message_id=messages.STOPPED, exit_status=data.get("exit_status"))
+        elif state is State.FAILED:
+            (self.log.info if reported else self.log.warning)(
+                "VM failed", message_id=messages.FAILED, reason=data.get("reason"), exit_status=data.get("exit_status"))
         self._emit(state.value, **data)
 
     def _emit(self, kind: str, **data: Any) -> None:
@@ -154,7 +165,7 @@ class Machine:
             except BaseException as e:
                 reason = e.reason if isinstance(e, ConfigError) else str(e) or type(e).__name__
                 self.failure, self.exit_status = reason, 1
-                self._set_state(State.FAILED, reason=reason)
+                self._set_state(State.FAILED, reported=True, reason=reason)  # the caller gets the error
                 if isinstance(e, OSError):
                     raise StartError(reason) from e
                 raise

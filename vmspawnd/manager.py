@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from vmspawnd import messages
 from vmspawnd.config import (
     JSON_FIELDS,
     ConsoleMode,
@@ -235,6 +236,7 @@ class Manager:
         except OSError as e:
             raise HostError(f"cannot save the definition of {config.name}", e) from e
         self.machines[config.name] = entry
+        log.info("machine created", machine=config.name, message_id=messages.CREATED)
         self._publish(config.name, "created", {})
         return entry
 
@@ -289,6 +291,7 @@ class Manager:
                 raise HostError(f"cannot remove the definition of {name}", e) from e
             machine.removed = True
             del self.machines[name]
+        log.info("machine removed", machine=name, message_id=messages.REMOVED)
         self._publish(name, "removed", {})
 
     def running_count(self) -> int:

@@ -32,6 +32,7 @@ from typing import IO, Any
 
 import structlog
 
+from vmspawnd import messages
 from vmspawnd.config import ConsoleMode, MachineConfig, Network, Tristate, config_to_json
 from vmspawnd.console import ConsoleRelay
 from vmspawnd.errors import ConfigError, StartError
@@ -426,7 +427,7 @@ class Run:
                 self.log.info("not registered with systemd-machined", reason=str(e))
                 return
             self.log.warning("not registered with systemd-machined yet; retrying while the VM runs",
-                             reason=str(e))
+                             reason=str(e), message_id=messages.REGISTRATION_FAILED)
             self._spawn(self._register_later(reg))
 
     async def _enter_registration(self, reg: Registration) -> None:
@@ -549,7 +550,7 @@ class Run:
         if change.warning:
             self.log.warning(change.warning)
         if change.event == "ready":
-            self.log.info("guest is ready")
+            self.log.info("guest is ready", message_id=messages.READY)
         if change.persist:
             self._save()
         if change.event is not None:

@@ -29,6 +29,7 @@ from tests.systemd.helpers import (
     wait_inactive,
     wait_journal,
 )
+from vmspawnd import messages
 from vmspawnd.faults import CRASH_ENV
 
 pytestmark = [
@@ -160,3 +161,15 @@ def test_the_daemon_starts_machined_when_nothing_else_has(installed_units: Path)
         ctl("kill", name, check=False)
         ctl("remove", name, check=False)
         poll(lambda: pids_of("qemu-system-x86"), lambda pids: pids == [], 30)
+
+
+def test_the_journal_tells_a_vms_story_with_message_ids_and_the_real_code_location(vm: Ctl) -> None:
+    ready = wait_journal("guest is ready", "-o", "json", "-u", "vmspawnd.service", f"MACHINE={NAME}",
+                         f"MESSAGE_ID={messages.READY}")
+    entry = json.loads(ready.splitlines()[0])
+    assert entry["CODE_FILE"].endswith("vmspawnd/run.py") and entry["CODE_FUNC"] == "_guest_message", entry
+    started = json.loads(wait_journal("VM started", "-o", "json", "-u", "vmspawnd.service",
+                                      f"MESSAGE_ID={messages.STARTED}").splitlines()[0])
+    assert started["MACHINE"] == NAME and started["CODE_FILE"].endswith("vmspawnd/machine.py"), started
+    created = wait_journal("machine created", "-o", "json", f"MESSAGE_ID={messages.CREATED}", f"MACHINE={NAME}")
+    assert json.loads(created.splitlines()[0])["PRIORITY"] == "6"

@@ -188,3 +188,14 @@ def test_state_paths_over_varlink_must_be_absolute(daemon):
         reply = call(daemon.socket, "io.vmspawnd.Manager.Create",
                      {"name": "st", "config": {"linux": "/bin/sh", field: "./relative"}})
         assert reply["error"] == "io.vmspawnd.Manager.InvalidConfig" and reply["parameters"]["field"] == field
+
+
+def test_io_systemd_service_answers_like_systemds_daemons(daemon):
+    assert "error" not in call(daemon.socket, "io.systemd.service.Ping")
+    env = call(daemon.socket, "io.systemd.service.GetEnvironment")["parameters"]["environment"]
+    assert any(line.startswith("PATH=") for line in env)
+    assert "error" not in call(daemon.socket, "io.systemd.service.SetLogLevel", {"level": 7})
+    assert call(daemon.socket, "io.systemd.service.SetLogLevel", {"level": 9})["error"].endswith("InvalidParameter")
+    info = call(daemon.socket, "org.varlink.service.GetInfo")["parameters"]
+    assert info["url"].startswith("file://") and info["url"].endswith("README.md")
+    assert "io.systemd.service" in info["interfaces"]

@@ -142,10 +142,7 @@ async def run(config: MachineConfig, background: str | None = None) -> int:
                 await machine.kill()
             return 1
         machine.on_cleanup(forwarder.stop)
-    status = await machine.wait()
-    if machine.failure:
-        log.error("VM failed", reason=machine.failure)
-    return status
+    return await machine.wait()  # (a failure was logged by the machine)
 
 
 if __name__ == "__main__":

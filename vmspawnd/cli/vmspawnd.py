@@ -28,6 +28,7 @@ from vmspawnd.manager import Manager
 from vmspawnd.server import DEFAULT_MAX_CONNECTIONS, ServerLimits
 from vmspawnd.server import serve as serve_varlink
 from vmspawnd.systemd.notify import ManagerNotifier
+from vmspawnd.systemd.service import SystemdServiceInterface
 
 log = structlog.get_logger()
 
@@ -128,6 +129,15 @@ def bind_socket(path: Path, group: str | None) -> socket.socket:
     return sock
 
 
+def docs_url() -> str:
+    """Where this copy's README is (varlinkctl info shows it as the URL)."""
+    for readme in (Path(sys.prefix) / "share/doc/vmspawnd/README.md",
+                   Path(__file__).resolve().parents[2] / "README.md"):
+        if readme.is_file():
+            return readme.as_uri()
+    return "file:///usr/local/share/doc/vmspawnd/README.md"
+
+
 def raise_fd_limit() -> int:
     """Raise our soft RLIMIT_NOFILE to the hard limit (clients and VMs all need fds); return it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -161,9 +171,10 @@ async def serve(args: argparse.Namespace) -> int:
     await manager.load()
 
     registry = VarlinkInterfaceRegistry()
-    registry.register_interface(VarlinkServiceInterface("vmspawnd", "vmspawnd", __version__,
-                                                        "https://example.invalid/vmspawnd", registry))
+    registry.register_interface(VarlinkServiceInterface("vmspawnd", "vmspawnd", __version__, docs_url(), registry))
     registry.register_interface(ManagerInterface(manager))
+    registry.register_interface(SystemdServiceInterface(
+        lambda level: setup_logging(level=level, journal=bool(os.environ.get("JOURNAL_STREAM")))))
     limits = ServerLimits(max_connections=connection_cap(args.max_connections, fd_limit))
     server = await serve_varlink(sock, registry, limits, call_error)
     log.info("serving", socket=sock.getsockname(), state_dir=str(state_dir), machines=len(manager.machines),
