@@ -19,15 +19,15 @@ _NOT_THE_CALLER = (os.path.dirname(structlog.__file__), __file__)
 _NOT_IN_THE_MESSAGE = ("event", "level", "message_id")
 
 
-def _caller() -> dict[str, str]:
-    """CODE_FILE/CODE_LINE/CODE_FUNC of the code that logged (not of structlog or of this module)."""
+def _caller() -> dict[str, Any]:
+    """CODE_FILE/CODE_LINE/CODE_FUNC of the code that logged (not of structlog or of this module),
+    as ``journal.send`` takes them (the line an int)."""
     frame = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(_NOT_THE_CALLER):
         frame = frame.f_back
     if frame is None:
         return {}
-    return {"CODE_FILE": frame.f_code.co_filename, "CODE_LINE": str(frame.f_lineno),
-            "CODE_FUNC": frame.f_code.co_name}
+    return {"CODE_FILE": frame.f_code.co_filename, "CODE_LINE": frame.f_lineno, "CODE_FUNC": frame.f_code.co_name}
 
 
 class JournalLogger:
@@ -40,8 +40,11 @@ class JournalLogger:
         fields = {k.upper(): str(v) for k, v in event.items() if k not in ("event", "level") and v is not None}
         message = " ".join([str(event.get("event", ""))] + [f"{k}={v}" for k, v in event.items()
                                                             if k not in _NOT_IN_THE_MESSAGE and v is not None])
-        journal.send(message, PRIORITY=str(_PRIORITY.get(event.get("level", "info"), 6)),
-                     SYSLOG_IDENTIFIER="vmspawnd", **{**fields, **_caller()})
+        try:
+            journal.send(message, PRIORITY=str(_PRIORITY.get(event.get("level", "info"), 6)),
+                         SYSLOG_IDENTIFIER="vmspawnd", **{**fields, **_caller()})
+        except Exception as e:  # logging must never take the daemon down: say it on stderr instead
+            print(f"vmspawnd: {message} (journal: {e})", file=sys.stderr, flush=True)
 
     log = debug = info = warning = error = critical = exception = msg
 

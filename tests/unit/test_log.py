@@ -11,16 +11,17 @@ from vmspawnd.log import setup_logging
 
 
 def test_journal_entries_carry_machine_message_id_and_the_callers_code_location(monkeypatch):
-    sent: list[tuple[str, dict]] = []
-    monkeypatch.setattr(journal, "send", lambda message, **fields: sent.append((message, fields)))
+    sent: list[list[str]] = []  # what journal.send hands the journal, field by field (no journald here)
+    monkeypatch.setattr(journal, "sendv", lambda *fields: sent.append(list(fields)))
     setup_logging(journal=True)
     try:
         structlog.get_logger().bind(machine="web").warning("VM failed", message_id=messages.FAILED, reason="x")
         line = test_journal_entries_carry_machine_message_id_and_the_callers_code_location.__code__.co_firstlineno + 5
     finally:
         setup_logging()
-    ((message, fields),) = sent
-    assert message == "VM failed machine=web reason=x"  # the id is a field, not text
+    (entry,) = sent
+    fields = dict(field.split("=", 1) for field in entry)
+    assert fields["MESSAGE"] == "VM failed machine=web reason=x"  # the id is a field, not text
     assert fields["MACHINE"] == "web" and fields["MESSAGE_ID"] == messages.FAILED and fields["PRIORITY"] == "4"
     assert fields["CODE_FILE"] == __file__ and fields["CODE_LINE"] == str(line)
     assert fields["CODE_FUNC"] == "test_journal_entries_carry_machine_message_id_and_the_callers_code_location"
