@@ -173,3 +173,32 @@ def test_the_journal_tells_a_vms_story_with_message_ids_and_the_real_code_locati
     assert started["MACHINE"] == NAME and started["CODE_FILE"].endswith("vmspawnd/machine.py"), started
     created = wait_journal("machine created", "-o", "json", f"MESSAGE_ID={messages.CREATED}", f"MACHINE={NAME}")
     assert json.loads(created.splitlines()[0])["PRIORITY"] == "6"
+
+
+def test_a_vm_with_every_helper_runs_under_the_hardened_unit(installed_units: Path, tmp_path: Path) -> None:
+    report = sh("systemd-analyze", "security", "--no-pager", "vmspawnd.service").stdout
+    match = re.search(r"Overall exposure level for vmspawnd\.service: ([0-9.]+)", report)
+    assert match and float(match.group(1)) <= 7.6, report[-3000:]
+    tree, shared = tmp_path / "tree", tmp_path / "shared"
+    (tree / "etc").mkdir(parents=True)
+    shared.mkdir()
+    (shared / "hello.txt").write_text("hello\n")
+    sh("systemctl", "start", "vmspawnd.socket")
+    ctl, name = Ctl(installed_units), "hardened"
+    ctl("create", name, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M",
+        "--console=read-only", "--firmware=bios", "--tpm=yes", f"--directory={tree}", f"--bind={shared}:/srv/shared",
+        "--network-user-mode", "panic=-1", "test.notify=1", "test.virtiofs=root", "test.virtiofs=mnt0",
+        "test.write=root/etc/written", "test.action=hang")
+    try:
+        ctl("start", name)
+        st = ctl.wait(lambda s: s["ready"], name=name)
+        assert f"vmspawnd-{name}-tpm.service" in st["units"], st["units"]
+        assert any("virtiofsd-root" in u for u in st["units"]) and any("virtiofsd-0" in u for u in st["units"])
+        written = tree / "etc" / "written"  # the guest wrote through its virtiofs root
+        poll(lambda: written.read_text() if written.exists() else "", lambda text: text == "written-by-guest\n")
+        cmdline = Path(f"/proc/{st['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert "user,id=" in cmdline or "-nic user" in cmdline or "netdev user" in cmdline, cmdline
+    finally:
+        ctl("kill", name, check=False)
+        ctl("remove", name, check=False)
+        poll(lambda: pids_of("qemu-system-x86"), lambda pids: pids == [], 30)
