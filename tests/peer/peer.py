@@ -86,7 +86,7 @@ VMSPAWN_INSIDE = "/usr/bin/systemd-vmspawn"
 FIRMWARE_DIR = "usr/share/qemu/firmware"
 #: Where a test's layers appear inside the chroot (below the tmpfs put over /run).
 LAYERS_INSIDE = "/run/vmspawnd-peer"
-#: Host dirs our vmspawn always searches (spec §3.1) and that the tests cannot change: masked.
+#: Host dirs our vmspawn always searches (qemu/firmware.py) and that the tests cannot change: masked.
 HOST_FIRMWARE_DIRS: tuple[Path, ...] = (Path("/etc/qemu/firmware"), Path("/usr/share/qemu/firmware"))
 #: Dirs inside the tree the peer would search besides the layers; covered by empty tmpfs if present.
 TREE_EXTRA_DIRS: tuple[str, ...] = ("etc/qemu/firmware", "usr/local/share/qemu/firmware",
@@ -330,7 +330,7 @@ class Layers:
         return (dirs[p.parent], p.name) if p.parent in dirs else printed
 
     def visible(self) -> list[tuple[int, str]]:
-        """The expected merged list (spec §3.1): first layer having a name wins; empty files and
+        """The expected merged list (the search path of qemu/firmware.py): first layer having a name wins; empty files and
         links to /dev/null mask; only regular *.json files (links followed) count, hidden ones
         (".name.json") not (systemd's conf-files rules; the spec does not say); by file name."""
         chosen: dict[str, tuple[int, str] | None] = {}

@@ -348,7 +348,7 @@ def test_firmware_peer(dset: DescriptorSet, variant: str, runs) -> None:
     if variant in dset.expect:
         want = dset.expect[variant]
         got = peer_where[1] if peer_where else None
-        assert got == want, f"262 picked {got}, the rule (issue/spec §3.3) says {want}\n{detail}"
+        assert got == want, f"262 picked {got}, our selection rule (qemu/firmware.py: rejection) says {want}\n{detail}"
 
     ours_kind, ours_data, ours_where = _described(run.layers, o)
     if peer_kind == "error":

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""QEMU argv building (spec §2)."""
+"""QEMU argv building."""
 
 import uuid
 from pathlib import Path

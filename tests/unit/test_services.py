@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Auxiliary services (spec §1.3 --tpm-state, §1.9 --bind, §2.10, §2.11, §4): pure builders, and real
+"""Auxiliary services (--tpm-state, --bind, swtpm, virtiofsd): pure builders, and real
 swtpm / virtiofsd processes run by ChildRunner (no VM).  UnitRunner is driven against a fake
 systemd manager on a private dbus-daemon."""
 

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Console tint (spec §8.3) and --background validation."""
+"""Console tint and --background validation."""
 
 import pytest
 

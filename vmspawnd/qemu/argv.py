@@ -121,7 +121,7 @@ def network_args(config: MachineConfig, mac: str | None = None) -> list[str]:
 
 
 def build_qemu_argv(config: MachineConfig, res: Resources) -> list[str]:
-    """Build QEMU's complete argv (classic command-line form, see the spec §2)."""
+    """Build QEMU's complete argv (classic command-line form)."""
     machine = "type=q35" + ("" if res.smm is None else f",smm={'on' if res.smm else 'off'}") + ",hpet=off"
     argv = [str(res.qemu), "-machine", machine, "-smp", config.cpus]
     ram = config.ram

@@ -294,7 +294,7 @@ def apply_secure_boot(include: Set[str], exclude: Set[str],
 
 def rejection(descriptor: Descriptor, *, include: Set[str], exclude: Set[str],
               arch: str = "x86_64", machine: str = "q35") -> str | None:
-    """Why ``descriptor`` cannot be auto-selected (spec §3.3 steps 1–6), or None if it can."""
+    """Why ``descriptor`` cannot be auto-selected (the checks below, in order), or None if it can."""
     if not descriptor.valid or descriptor.mapping is None:
         return f"unusable: {descriptor.problem}"
     if "uefi" not in descriptor.interface_types:
@@ -323,7 +323,7 @@ def _requirements(include: Set[str], exclude: Set[str], arch: str, machine: str)
 
 def select_firmware(descriptors: Iterable[Descriptor], *, include: Set[str], exclude: Set[str],
                     arch: str = "x86_64", machine: str = "q35") -> Descriptor:
-    """The first descriptor (file-name order) passing every test of spec §3.3."""
+    """The first descriptor (file-name order) passing every check of :func:`rejection`."""
     rejected: list[str] = []
     for d in descriptors:
         why = rejection(d, include=include, exclude=exclude, arch=arch, machine=machine)
@@ -581,7 +581,7 @@ def machine_smm(descriptor: Descriptor | None) -> bool:
 
 
 def qemu_firmware_args(descriptor: Descriptor | None, nvram: Path | None) -> list[str]:
-    """QEMU arguments for the firmware (spec §2.5); none for ``bios``/``none`` (descriptor None).
+    """QEMU arguments for the firmware (its pflash drives); none for ``bios``/``none`` (descriptor None).
 
     flash: read-only code pflash, then (if ``nvram`` is given and the mapping has state) the
     variable-store pflash in the executable's format.  memory: ``-bios PATH``.

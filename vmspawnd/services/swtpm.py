@@ -169,7 +169,7 @@ def qemu_tpm_args(socket_path: Path, arch: str | None = None) -> list[str]:
 
     The front end is ``tpm-tis`` on x86_64 (``tpm-tis-device`` on arm), as upstream vmspawn
     does: it works with every firmware choice (SeaBIOS, OVMF, direct kernel boot) and TPM 1.2
-    or 2.0 drivers.  ``tpm-crb`` (TPM 2.0 only, what environment.md first measured) works too;
+    or 2.0 drivers.  ``tpm-crb`` (TPM 2.0 only) works too;
     both were booted here with the test guest and give it /dev/tpm0.
     """
     device = TPM_DEVICES.get(arch or platform.machine())
