@@ -330,9 +330,9 @@ class Layers:
         return (dirs[p.parent], p.name) if p.parent in dirs else printed
 
     def visible(self) -> list[tuple[int, str]]:
-        """The expected merged list (the search path of qemu/firmware.py): first layer having a name wins; empty files and
-        links to /dev/null mask; only regular *.json files (links followed) count, hidden ones
-        (".name.json") not (systemd's conf-files rules; the spec does not say); by file name."""
+        """The expected merged list of the search path: first layer having a name wins; empty files
+        and links to /dev/null mask; only regular *.json files (links followed) count, hidden ones
+        (".name.json") not (systemd's conf-files rules); by file name."""
         chosen: dict[str, tuple[int, str] | None] = {}
         for i in range(self.count):
             for entry in self.dir(i).iterdir():
