@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.polling import poll
+from vmspawnd.proc import process_state, processes_mentioning
 from vmspawnd.testing.guest import TestGuest, build_guest
 
 VMSPAWN = [sys.executable, "-m", "vmspawnd.cli.vmspawn"]
@@ -166,26 +167,7 @@ def vmspawn(guest: TestGuest, tmp_path: Path) -> Iterator:
 
 def process_gone(pid: int) -> bool:
     """True once ``pid`` has exited (a zombie whose parent is not ours to reap counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs whose command line contains ``text`` (e.g. a runtime dir): nothing may be left behind."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and not process_gone(int(entry.name)):
-            found.append(int(entry.name))
-    return found
+    return process_state(pid) in (None, "Z", "X")
 
 
 def assert_clean(run: VmRun) -> None:

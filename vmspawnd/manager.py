@@ -245,10 +245,7 @@ class Manager:
         entry = self.get(name)
         if entry.definition_error is not None:
             raise StartError(entry.definition_error + " (fix or remove it)")
-        try:
-            await entry.machine.start(after=self._attach_console)
-        except OSError as e:
-            raise StartError(str(e)) from e
+        await entry.machine.start(after=self._attach_console)
         return entry
 
     async def _attach_console(self, run: Run) -> None:

@@ -326,7 +326,7 @@ async def run(args: argparse.Namespace) -> int:
             if cmd == "status" or args.json:
                 if reply and "machine" in reply:
                     _print_machine(reply["machine"], args.json)
-                    if cmd == "status" and not args.json:
+                    if cmd == "status" and not args.json and not args.host:  # (this host's journal)
                         _print_host_details(args.name, list(reply["machine"].units))
             elif cmd == "start":
                 print(f"Started {args.name} (QEMU pid {reply['machine'].pid}).")
