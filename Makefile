@@ -99,12 +99,14 @@ uninstall:
 	rm -f $(DESTDIR)$(MANDIR)/man1/vmspawn.1 $(DESTDIR)$(MANDIR)/man1/vmspawnctl.1 $(DESTDIR)$(MANDIR)/man8/vmspawnd.8
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
-# The systemd tier: a real systemd 257 + machined in a Debian trixie container booted with the
-# host's systemd-nspawn (root; cached under ${VMSPAWND_CACHE:-~/.cache/vmspawnd}/systemd-tree).
-# Runs `pytest -m systemd tests/systemd` inside, then the harness's own boot/teardown/leak tests.
+# The systemd tier: a real systemd + machined in a container booted with the host's systemd-nspawn
+# (root; cached under ${VMSPAWND_CACHE:-~/.cache/vmspawnd}/systemd-tree): Debian trixie (systemd 257),
+# then Debian forky (systemd 262: machinectl through each VM's control socket).  Runs
+# `pytest -m systemd tests/systemd` inside each, then the harness's own boot/teardown/leak tests.
 .PHONY: test-systemd
 test-systemd: setup
 	$(BIN)/python -m tests.systemd.container --if-root test
+	$(BIN)/python -m tests.systemd.container --if-root --suite=forky test
 	@if [ "$$(id -u)" = 0 ]; then VMSPAWND_SYSTEMD_HARNESS=1 $(BIN)/pytest -q tests/systemd/test_harness.py; fi
 
 # The peer tier: `vmspawn --firmware=list|describe` side by side with systemd-vmspawn 262 from a

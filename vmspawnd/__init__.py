@@ -1,4 +1,16 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """vmspawnd: run virtual machines the systemd way, from the command line or as a service."""
 
+import sys
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+
+def docs_url() -> str:
+    """Where this copy's README is (``varlinkctl info`` shows it as the URL)."""
+    for readme in (Path(sys.prefix) / "share/doc/vmspawnd/README.md",
+                   Path(__file__).resolve().parents[1] / "README.md"):
+        if readme.is_file():
+            return readme.as_uri()
+    return "file:///usr/local/share/doc/vmspawnd/README.md"

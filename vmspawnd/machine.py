@@ -133,6 +133,9 @@ class Machine:
         elif kind == "ready":
             if self.state in (State.RUNNING, State.STOPPING):  # else emitted once the machine runs
                 self._emit("ready")
+        elif kind == "reset":
+            self.guest_status = None
+            self._emit("reset", reason=data["reason"])
         elif kind == "ended":
             self.exit_status, self.failure = run.exit_status, run.failure
             if run.failure is not None:

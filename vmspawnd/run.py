@@ -44,7 +44,7 @@ from vmspawnd.guest.ssh import SshKeyError, SshKeyPair, generate_key_pair
 from vmspawnd.launcher import QemuProcess
 from vmspawnd.proc import CAP_NET_ADMIN, has_capability, process_cmdline, process_start_time
 from vmspawnd.ptyfwd import Pty
-from vmspawnd.qemu.accel import Accelerator, choose_accelerator, find_qemu, vsock_usable
+from vmspawnd.qemu.accel import Accelerator, choose_accelerator, find_qemu, qemu_version, vsock_usable
 from vmspawnd.qemu.argv import (
     Resources,
     build_qemu_argv,
@@ -69,6 +69,7 @@ from vmspawnd.services.runner import (
 )
 from vmspawnd.services.setup import AuxServiceError, AuxServices, start_aux_services
 from vmspawnd.snapshot import EphemeralCopy, SnapshotError
+from vmspawnd.systemd.instance import ControlSocket, NotConnected, control_path
 from vmspawnd.systemd.machined import (
     MACHINED_SOCKET,
     MachineRegistration,
@@ -87,7 +88,7 @@ HELPER_GRACE = 1.0  # a helper ending within this long after QEMU is QEMU's doin
 KILL_GRACE = 5.0  # QMP quit, then SIGKILL
 REGISTER_RETRY = 2.0  # seconds between attempts to register with a machined that was not reachable
 
-#: ``on_event(run, kind, data)``: "ready", "status" (data: status) or "ended".
+#: ``on_event(run, kind, data)``: "ready", "status" (data: status), "reset" (data: reason) or "ended".
 RunEventHandler = Callable[["Run", str, dict[str, Any]], None]
 
 
@@ -114,6 +115,7 @@ class Run:
         self.vsock_cid: int | None = None
         self.vsock_port: int | None = None
         self.registered = False
+        self.control_socket: Path | None = None  # io.systemd.MachineInstance, while this process serves it
         self.console: ConsoleRelay | None = None  # the daemon's relay of the console socket, if any
         self.forced = False  # we had to end it (kill): the exit status says so
         self.stop_requested = False  # a stop or kill was asked for: a signal death is expected
@@ -128,7 +130,7 @@ class Run:
         self._console_socket = console_socket
         self._running = False
         self._detached = False
-        self._aux_failure: str | None = None
+        self._failure: str | None = None  # why the run fails, known before QEMU ends (a helper died, terminated)
         self._qmp: Qmp | None = None
         self._ssh_key: SshKeyPair | None = None
         self._systemd: SystemdManager | None = None  # this run's connection to the service manager
@@ -184,7 +186,8 @@ class Run:
         self._grow_image()
         run_config = await self._ephemeral_copy(rundir)
         pass_fds: list[int] = []
-        channel, vsock_cid, vsock_fd = await self._open_notify_channel(rundir, pass_fds)
+        version = qemu_version(qemu_binary)
+        channel, vsock_cid, vsock_fd = await self._open_notify_channel(rundir, pass_fds, version)
         aux = await self._start_scope_and_helpers(run_config, rundir, vsock_cid)
         crash_point("helpers-started")
         self._durable.push_async_callback(self.qemu.end)  # on a failure from here: QEMU ends before its helpers
@@ -203,7 +206,7 @@ class Run:
         console_socket = self._open_console(rundir)
         firmware, nvram = self._prepare_firmware(rundir)
         resources = Resources(
-            qemu=qemu_binary, kvm=accel.kvm, qmp_fd=qmp_sock.fileno(),
+            qemu=qemu_binary, kvm=accel.kvm, qmp_fd=qmp_sock.fileno(), qemu_version=version,
             console_pty=self.pty.slave_path if self.pty else None, console_socket=console_socket,
             notify_args=tuple(channel.qemu_args), vsock_cid=vsock_cid, vsock_fd=vsock_fd,
             smbios_files=tuple(credential_files.smbios), fw_cfg_files=tuple(credential_files.fw_cfg),
@@ -219,6 +222,7 @@ class Run:
         qmp_sock.close()  # QEMU has its copy
         crash_point("exec")
         await self._connect_qmp(rundir / "qmp.sock")
+        await self._serve_control(rundir)
         await self._register(run_config, vsock_cid)
         assert self._record is not None
         self._record.phase = RUNNING
@@ -267,8 +271,8 @@ class Run:
         elif grow_image(config.image.path, config.grow_image):
             self.log.info("image grown", image=str(config.image.path), size=config.grow_image)
 
-    async def _open_notify_channel(self, rundir: Path,
-                                   pass_fds: list[int]) -> tuple[NotifyChannel, int | None, int | None]:
+    async def _open_notify_channel(self, rundir: Path, pass_fds: list[int],
+                                   version: tuple[int, int] = (0, 0)) -> tuple[NotifyChannel, int | None, int | None]:
         """Listen for the guest's notifications (vsock if usable, else virtio-serial) before QEMU starts."""
         channel = await self._stack.enter_async_context(NotifyChannel(self._guest_message))
         vsock_fd = vsock_cid = None
@@ -281,7 +285,7 @@ class Run:
         else:
             if self.config.vsock_cid is not None:
                 self.log.warning("--vsock-cid is ignored: no usable /dev/vhost-vsock", cid=self.config.vsock_cid)
-            await channel.listen_virtio_serial(rundir / "notify.sock")
+            await channel.listen_virtio_serial(rundir / "notify.sock", version)
         return channel, vsock_cid, vsock_fd
 
     async def _start_scope_and_helpers(self, run_config: MachineConfig, rundir: Path,
@@ -376,12 +380,26 @@ class Run:
     async def _connect_qmp(self, path: Path) -> None:
         assert self.qemu is not None
         self._qmp = await self._stack.enter_async_context(Qmp(self.config.name))
+        self._qmp.add_listener(self._qemu_event)
         try:
             await self._qmp.connect(str(path))
         except Exception as e:
             rc = None if self.qemu.alive else self.qemu.returncode
             raise StartError(f"QEMU did not come up (exit status {rc})" if rc is not None
                              else f"cannot connect to QEMU's monitor: {e}") from e
+
+    async def _serve_control(self, rundir: Path) -> None:
+        """The VM's ``io.systemd.MachineInstance`` socket (machinectl poweroff/reboot… on systemd ≥ 261)."""
+        path = control_path(rundir)
+        if path is None:
+            self.log.warning("no control socket: the runtime directory's path is too long", path=str(rundir))
+            return
+        try:
+            await self._stack.enter_async_context(ControlSocket(path, self))
+        except OSError as e:
+            self.log.warning("no control socket", path=str(path), error=str(e))
+            return
+        self.control_socket = path
 
     async def _allocate_scope(self, systemd: SystemdManager | None, why: str) -> str | None:
         """Put the (not yet exec'd) QEMU launcher into its own scope; None where there is none."""
@@ -413,7 +431,8 @@ class Run:
         assert self.qemu is not None and self._record is not None
         reg = Registration(config.name, self.qemu.pid, machine_id=config.uuid,
                            root_directory=run_config.directory, vsock_cid=vsock_cid,
-                           ssh_private_key=self._ssh_key.private_key if self._ssh_key else None)
+                           ssh_private_key=self._ssh_key.private_key if self._ssh_key else None,
+                           control_address=self.control_socket)
         if self._systemd is not None:
             why = await start_machined(self._systemd)
             if why is not None:
@@ -516,7 +535,9 @@ class Run:
             await channel.listen_virtio_serial(rundir / "notify.sock")
         self.vsock_port = channel.port
         self._qmp = await self._stack.enter_async_context(Qmp(self.config.name))
+        self._qmp.add_listener(self._qemu_event)
         await self._qmp.connect(str(rundir / "qmp.sock"))
+        await self._serve_control(rundir)
 
     async def _adopt_helpers(self, record: RunRecord) -> None:
         """Watch the recorded helpers again, exactly like a fresh run's; a helper that is gone fails
@@ -557,6 +578,48 @@ class Run:
             data = {"status": self.readiness.status} if change.event == "status" else {}
             self._on_event(self, change.event, data)
 
+    def _qemu_event(self, name: str, data: dict[str, Any]) -> None:
+        """A reset (machinectl reboot, or the guest's own) starts a new boot: not ready until it says so."""
+        if name != "RESET":
+            return
+        reason = str(data.get("reason") or "reset")
+        self.log.info("VM reset; waiting for the guest to be ready again", reason=reason, message_id=messages.RESET)
+        self.readiness = Readiness()
+        self._save()
+        self._on_event(self, "reset", {"reason": reason})
+
+    # ---------------------------------------------------------------- io.systemd.MachineInstance
+    def _monitor(self) -> Qmp:
+        if self._qmp is None or not self._qmp.connected or self._qemu_exited.is_set():
+            raise NotConnected(f"{self.config.name} is not running")
+        return self._qmp
+
+    async def terminate(self) -> None:
+        """End QEMU at once on request from outside (machinectl terminate): the run fails, exit status 1."""
+        self._monitor()
+        self._failure = self._failure or "terminated through its control socket (e.g. machinectl terminate)"
+        self._spawn(self.kill(forced=True))
+
+    async def power_off(self) -> None:
+        """Press the ACPI power button; the guest decides (as ``machinectl poweroff`` expects)."""
+        await self._monitor().powerdown()
+
+    async def reboot(self) -> None:
+        """Press the reset button: the guest boots again in the same QEMU (still registered)."""
+        await self._monitor().reset()
+
+    async def pause(self) -> None:
+        await self._monitor().pause()
+
+    async def resume(self) -> None:
+        await self._monitor().resume()
+
+    async def describe(self) -> tuple[bool, str]:
+        return await self._monitor().query_status()
+
+    def add_event_listener(self, listener: Callable[[str, dict[str, Any]], None]) -> Callable[[], None]:
+        return self._monitor().add_listener(listener)
+
     async def _watch_service(self, what: str, service: RunningService) -> None:
         """A helper that dies while the VM runs takes the VM down, with a clear reason."""
         rc = await service.wait()
@@ -568,7 +631,7 @@ class Run:
         with contextlib.suppress(TimeoutError):  # helpers also end when QEMU does: give QEMU a moment
             await asyncio.wait_for(asyncio.shield(self._qemu_exited.wait()), HELPER_GRACE)
             return
-        self._aux_failure = f"{what} exited unexpectedly ({describe_status(rc)}); stopping the VM"
+        self._failure = f"{what} exited unexpectedly ({describe_status(rc)}); stopping the VM"
         self.log.error("auxiliary service died", service=what, status=rc)
         await self.kill(forced=True)
 
@@ -620,8 +683,8 @@ class Run:
             await self._stack.aclose()
         except Exception:  # cleanup trouble must never leave the machine stuck "running"
             self.log.exception("cleaning up after the VM failed")
-        self.failure = self._aux_failure or failure(rc, expected_end=expected, terminated=terminated)
-        if self._aux_failure is not None:
+        self.failure = self._failure or failure(rc, expected_end=expected, terminated=terminated)
+        if self._failure is not None:
             self.exit_status = 1
         self._end()
 

@@ -29,6 +29,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
+def machined() -> None:
+    """systemd-machined running (the harness does not start it: VM tests leave that to the daemon)."""
+    sh("systemctl", "start", "systemd-machined.service")
+
+
+@pytest.fixture
 def installed_units() -> Iterator[Path]:
     """The project's units installed into /etc/systemd/system with @BINDIR@ = this venv's bin dir.
 

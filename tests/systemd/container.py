@@ -1,12 +1,12 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""The systemd tier's test harness: a real systemd 257 + machined in a throw-away container.
+"""The systemd tier's test harness: a real systemd 257 (or 262) + machined in a throw-away container.
 
 The host (Debian 12, PID 1 not systemd) cannot run the project's units or talk to a varlink
 machined, so this module:
 
 1. installs what it needs on the host (``systemd-container`` for ``systemd-nspawn``,
    ``mmdebstrap``) when it runs as root;
-2. builds a Debian trixie tree with mmdebstrap, cached under
+2. builds a Debian trixie (``--suite=forky``: systemd 262) tree with mmdebstrap, cached under
    ``${VMSPAWND_CACHE:-~/.cache/vmspawnd}/systemd-tree/<key>`` where the key hashes the package
    list, the suite and :data:`HARNESS_VERSION` (built in a temporary directory, then renamed);
 3. adds a virtualenv with the project installed editable at :data:`VENV` inside that tree, keyed
@@ -17,7 +17,8 @@ machined, so this module:
    ``--register=no --keep-unit --volatile=overlay`` (every write of the container lands in a
    tmpfs, so the cached tree stays clean and several runs may share it), and the source
    ``--bind-ro``'d in; no host device node is ever bound in;
-5. waits for ``systemctl is-system-running`` to say running/degraded, starts machined;
+5. waits for ``systemctl is-system-running`` to say running/degraded; machined is left alone, as
+   after a real boot (on 257 nothing starts it until something asks for it over D-Bus);
 6. runs commands inside through ``nsenter`` + ``systemd-run --pipe --wait --collect``;
 7. tears everything down on every path (``SIGTERM`` to nspawn = orderly poweroff, then
    ``cgroup.kill``, then removal of the cgroups it made) and checks, with a :class:`HostSnapshot`
@@ -60,6 +61,9 @@ from pathlib import Path
 HARNESS_VERSION = "1"
 
 SUITE = "trixie"
+#: The suites a tree can be built from, with the systemd each brings (``--suite``; ``make test-systemd``
+#: runs both): trixie's 257 has no per-machine control sockets, forky's 262 has them.
+SUITES: dict[str, str] = {"trixie": "257", "forky": "262"}
 
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")  # bound in for pip (the `make install` test)
 CA_INSIDE = "/run/host-ca.crt"
@@ -455,11 +459,12 @@ def build_venv(tree: Path, repo: Path, log: Log = _stderr_log) -> None:
         log(f"venv ready in {time.monotonic() - t0:.1f}s")
 
 
-def prepare(cache: Path | None = None, repo: Path | None = None, log: Log = _stderr_log) -> Path:
+def prepare(cache: Path | None = None, repo: Path | None = None, log: Log = _stderr_log,
+            suite: str = SUITE) -> Path:
     """Host tools, tree and venv, all cached: what a run needs before it boots."""
     repo = repo or repo_root()
     ensure_host_tools(log)  # cheap when all is there; the run needs nspawn even with a cached tree
-    tree = build_tree(cache, log=log)
+    tree = build_tree(cache, suite=suite, log=log)
     build_venv(tree, repo, log=log)
     return tree
 
@@ -737,8 +742,6 @@ class Container:
         state = self._wait_running()
         self.timings["running"] = time.monotonic() - t0
         self.log(f"container {self.name} is {state} after {self.timings['running']:.1f}s")
-        self.run_checked(["systemctl", "start", "systemd-machined.service"])
-        self.timings["machined"] = time.monotonic() - t0
 
     def _alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -935,7 +938,7 @@ class RunResult:
 
 def run_in_container(action: Callable[[Container], int], *, cache: Path | None = None, repo: Path | None = None,
                      log: Log = _stderr_log, check_leaks: bool = True,
-                     extra_nspawn_args: Sequence[str] = ()) -> RunResult:
+                     extra_nspawn_args: Sequence[str] = (), suite: str = SUITE) -> RunResult:
     """prepare -> snapshot -> boot -> action -> teardown -> snapshot again; the whole cycle."""
     require_root()
     repo = repo or repo_root()
@@ -944,14 +947,14 @@ def run_in_container(action: Callable[[Container], int], *, cache: Path | None =
     status = 1
     with interruptible():
         cleanup_stale(log)
-        tree = prepare(cache, repo, log)
+        tree = prepare(cache, repo, log, suite)
         timings["prepare"] = time.monotonic() - t0
         before = HostSnapshot.take() if check_leaks else None
         container = Container(tree, repo, log=log, log_dir=(cache or cache_root()) / "systemd-logs",
                               extra_nspawn_args=extra_nspawn_args)
         try:
             with file_lock(tree.parent / f"{tree.name}.lock", exclusive=False), container:
-                timings["boot"] = container.timings["machined"]
+                timings["boot"] = container.timings["running"]
                 t1 = time.monotonic()
                 status = action(container)
                 timings["action"] = time.monotonic() - t1
@@ -986,6 +989,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-leak-check", action="store_true")
     parser.add_argument("--bind-ro", action="append", default=[], metavar="HOST[:INSIDE]",
                         help="also bind this host path read-only into the container (repeatable)")
+    parser.add_argument("--suite", choices=sorted(SUITES), default=SUITE,
+                        help="the Debian suite of the tree: "
+                             f"{', '.join(f'{k} (systemd {v})' for k, v in SUITES.items())} (default {SUITE})")
     parser.add_argument("--if-root", action="store_true",
                         help="when not root, say so and exit 0 instead of failing (for make test)")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -1006,7 +1012,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         if args.cmd == "key":
-            print(tree_path(args.cache_dir))
+            print(tree_path(args.cache_dir, suite=args.suite))
             return 0
         if args.cmd == "cleanup":
             require_root()
@@ -1015,7 +1021,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "build":
             t0 = time.monotonic()
             with interruptible():
-                tree = prepare(args.cache_dir, log=log)
+                tree = prepare(args.cache_dir, log=log, suite=args.suite)
             log(f"tree ready at {tree} ({time.monotonic() - t0:.1f}s)")
             return 0
         binds = [f"--bind-ro={b}" for b in args.bind_ro]
@@ -1035,7 +1041,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             action = lambda c: c.exec(["bash", "-l"], stdin=None).returncode  # noqa: E731
         result = run_in_container(action, cache=args.cache_dir, log=log, check_leaks=not args.no_leak_check,
-                                  extra_nspawn_args=binds)
+                                  extra_nspawn_args=binds, suite=args.suite)
         return _report(result, log)
     except Interrupted as e:
         log(f"interrupted by {signal.Signals(e.signum).name}")

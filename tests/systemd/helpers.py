@@ -23,25 +23,28 @@ def pid1_name() -> str:
         return "?"
 
 
-def varlink_reachable(path: str, timeout: float = 2.0) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-        return True
-    except OSError:
-        return False
+@cache
+def why_no_systemd() -> str | None:
+    """None when this is a real systemd system (machined installed, running or not), else the reason."""
+    if pid1_name() != "systemd" or not Path("/run/systemd/system").is_dir():
+        return (f"needs a real systemd as PID 1 (PID 1 here is {pid1_name()!r}); "
+                "run `make test-systemd` to run these in a systemd 257/262 container")
+    if not Path("/usr/lib/systemd/systemd-machined").exists():
+        return "systemd-machined is not installed (package systemd-container)"
+    return None
 
 
 @cache
-def why_no_systemd() -> str | None:
-    """None when this is a real systemd system with machined reachable, else the reason."""
-    if pid1_name() != "systemd" or not Path("/run/systemd/system").is_dir():
-        return (f"needs a real systemd as PID 1 (PID 1 here is {pid1_name()!r}); "
-                "run `make test-systemd` to run these in a systemd 257 container")
-    if not varlink_reachable(MACHINED_VARLINK):
-        return f"systemd-machined is not reachable at {MACHINED_VARLINK} (systemctl start systemd-machined)"
-    return None
+def systemd_version() -> int:
+    """The running systemd's version (257 on trixie, 262 on forky); 0 where there is none."""
+    try:
+        return int(sh("systemctl", "--version", check=False).stdout.split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+#: machinectl poweroff/reboot/terminate go through the VM's control socket (io.systemd.MachineInstance)
+CONTROL_SOCKETS = 261
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess[str]:

@@ -38,13 +38,13 @@ def test_pid1_is_systemd_257_or_newer() -> None:
     assert state in ("running", "degraded"), state
 
 
-def test_machined_list_over_varlink_with_varlinkctl() -> None:
+def test_machined_list_over_varlink_with_varlinkctl(machined: None) -> None:
     p = sh("varlinkctl", "call", "--more", MACHINED_VARLINK, "io.systemd.Machine.List", "{}")
     machines = json_stream(p.stdout)
     assert ".host" in [m.get("name") for m in machines], p.stdout
 
 
-def test_machined_list_over_raw_varlink() -> None:
+def test_machined_list_over_raw_varlink(machined: None) -> None:
     replies = varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", more=True)
     assert all("error" not in r for r in replies), replies
     names = [r["parameters"]["name"] for r in replies]
@@ -53,7 +53,7 @@ def test_machined_list_over_raw_varlink() -> None:
     assert host["class"] == "host"
 
 
-def test_machined_interface_is_introspectable() -> None:
+def test_machined_interface_is_introspectable(machined: None) -> None:
     p = sh("varlinkctl", "introspect", MACHINED_VARLINK, "io.systemd.Machine")
     for method in ("method Register(", "method List(", "method Kill(", "method Terminate("):
         assert method in p.stdout

@@ -218,10 +218,10 @@ def _wait_booted(proc: subprocess.Popen[str], timeout: float = 90) -> None:
     while time.monotonic() < deadline:
         cgs = own_cgroups(proc.pid)
         if cgs and any(h.cgroup_pids(d) for d in cgs):
-            # the container is up once machined's socket exists; poll through the leader
+            # the container is up once the command (sleep) runs in it; poll through the leader
             pids = h.cgroup_pids(cgs[0])
             if any(Path(f"/proc/{p}/comm").exists() and Path(f"/proc/{p}/comm").read_text().strip() ==
-                   "systemd-machine" for p in pids):
+                   "sleep" for p in pids):
                 return
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.1)

@@ -92,6 +92,12 @@ def test_qmp_and_notify_channel_are_wired():
     assert "socket,id=notify,path=/run/x/notify.sock" in option(argv, "-chardev")
 
 
+def test_qemu_11_gets_its_qmp_monitor_as_an_object_not_the_deprecated_mon():
+    argv = build_qemu_argv(config(), res(qemu_version=(11, 1)))
+    assert "-mon" not in argv and "monitor-qmp,id=qmp-monitor,chardev=qmp" in option(argv, "-object")
+    assert option(build_qemu_argv(config(), res(qemu_version=(7, 2))), "-mon") == ["chardev=qmp,mode=control"]
+
+
 def test_vsock_and_uuid_and_smbios():
     u = uuid.uuid4()
     argv = build_qemu_argv(config(uuid=u), res(vsock_cid=1234, vsock_fd=9, smbios_files=(Path("/r/a,b"),)))

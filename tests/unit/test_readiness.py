@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from vmspawnd.guest.readiness import STATUS_EVENTS_PER_SECOND, Readiness, exit_status, failure
@@ -82,5 +84,7 @@ def test_failure_of_a_run():
     assert failure(0, expected_end=False) is None
     assert failure(None, expected_end=False) is None
     assert failure(3, expected_end=True) == "QEMU exited with status 3"
-    assert failure(-9, expected_end=False) == "QEMU killed by signal 9"
+    assert failure(-9, expected_end=False) == "QEMU killed by signal SIGKILL"
+    poweroff_on_257 = failure(-(signal.SIGRTMIN + 4), expected_end=False)
+    assert poweroff_on_257 is not None and poweroff_on_257.startswith("QEMU killed by signal SIGRTMIN+4 (machinectl")
     assert failure(-9, expected_end=True) is None  # we killed it: a stop, not a failure

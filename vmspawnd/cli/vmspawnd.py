@@ -21,7 +21,7 @@ import structlog
 from asyncvarlink import VarlinkInterfaceRegistry
 from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
-from vmspawnd import __version__
+from vmspawnd import __version__, docs_url
 from vmspawnd.api import ManagerInterface, call_error
 from vmspawnd.log import setup_logging
 from vmspawnd.manager import Manager
@@ -127,15 +127,6 @@ def bind_socket(path: Path, group: str | None) -> socket.socket:
     else:
         os.chmod(path, 0o600)
     return sock
-
-
-def docs_url() -> str:
-    """Where this copy's README is (varlinkctl info shows it as the URL)."""
-    for readme in (Path(sys.prefix) / "share/doc/vmspawnd/README.md",
-                   Path(__file__).resolve().parents[2] / "README.md"):
-        if readme.is_file():
-            return readme.as_uri()
-    return "file:///usr/local/share/doc/vmspawnd/README.md"
 
 
 def raise_fd_limit() -> int:

@@ -113,8 +113,9 @@ class NotifyChannel:
         self.port: int | None = None
         self._peer_cid: int | None = None
 
-    async def listen_virtio_serial(self, path: Path) -> None:
-        """Listen on a unix socket that QEMU's chardev will connect to (and reconnect to)."""
+    async def listen_virtio_serial(self, path: Path, qemu_version: tuple[int, int] = (0, 0)) -> None:
+        """Listen on a unix socket that QEMU's chardev will connect to (and reconnect to: QEMU 9.2
+        renamed the option ``reconnect=`` seconds to ``reconnect-ms=``, and 10.x dropped the old one)."""
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -122,8 +123,9 @@ class NotifyChannel:
         path.chmod(0o600)
         sock.listen(4)
         self._server = await asyncio.start_unix_server(self._serve_stream, sock=sock, limit=MAX_LINE * 4)
+        reconnect = "reconnect-ms=1000" if qemu_version >= (9, 2) else "reconnect=1"
         self.qemu_args = [
-            "-chardev", f"socket,id=notify,path={qemu_escape(str(path))},reconnect=1",
+            "-chardev", f"socket,id=notify,path={qemu_escape(str(path))},{reconnect}",
             "-device", f"virtserialport,chardev=notify,name={NOTIFY_PORT_NAME}",
         ]
 

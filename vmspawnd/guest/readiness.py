@@ -7,6 +7,7 @@ run can emit events and persist what must survive a daemon restart.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,4 +88,19 @@ def failure(returncode: int | None, *, expected_end: bool, terminated: bool = Fa
         return None
     if returncode > 0:
         return f"QEMU exited with status {returncode}"
-    return None if expected_end else f"QEMU killed by signal {-returncode}"
+    if expected_end:
+        return None
+    why = f"QEMU killed by signal {signal_name(-returncode)}"
+    if -returncode == signal.SIGRTMIN + 4:
+        why += " (machinectl poweroff sends it where systemd-machined has no control socket: systemd < 261)"
+    return why
+
+
+def signal_name(number: int) -> str:
+    """``SIGKILL``, ``SIGRTMIN+4``…, or the number."""
+    if signal.SIGRTMIN <= number <= signal.SIGRTMAX:
+        return f"SIGRTMIN+{number - signal.SIGRTMIN}" if number != signal.SIGRTMIN else "SIGRTMIN"
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import re
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,25 @@ def find_qemu() -> Path:
             return Path(found)
     raise ConfigError("qemu", "", f"no QEMU binary found (tried {', '.join(candidates)}); "
                       "install qemu-system-x86 (Debian) or put qemu on $PATH")
+
+
+def qemu_version(binary: Path) -> tuple[int, int]:
+    """QEMU's (major, minor), from ``--version`` (asked once per binary); (0, 0) if it does not say."""
+    try:
+        return _version_of(str(binary), binary.stat().st_mtime_ns)
+    except OSError:
+        return (0, 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _version_of(binary: str, _mtime: int) -> tuple[int, int]:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
+                             stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return (0, 0)
+    match = re.search(r"version (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
 def kvm_problem(sys_module: Path = Path("/sys/module"), device: str = "/dev/kvm") -> str | None:

@@ -29,6 +29,7 @@ class Resources:
     qemu: Path
     kvm: bool
     qmp_fd: int
+    qemu_version: tuple[int, int] = (0, 0)  # (major, minor): newer QEMUs deprecate options older ones need
     console_pty: str | None = None
     console_socket: Path | None = None  # the daemon's restart-safe console: QEMU listens here
     notify_args: tuple[str, ...] = ()
@@ -146,7 +147,10 @@ def build_qemu_argv(config: MachineConfig, res: Resources) -> list[str]:
     argv += _console_args(config, res)
     argv += res.firmware_args
     argv += res.aux_args
-    argv += ["-chardev", f"socket,id=qmp,fd={res.qmp_fd},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
+    argv += ["-chardev", f"socket,id=qmp,fd={res.qmp_fd},server=on,wait=off"]
+    # QEMU 11 deprecates -mon for -object monitor-qmp, which older QEMUs (7.2) do not have
+    argv += ["-object", "monitor-qmp,id=qmp-monitor,chardev=qmp"] if res.qemu_version >= (11, 0) else \
+        ["-mon", "chardev=qmp,mode=control"]
     argv += res.notify_args
     for path in res.smbios_files:
         argv += ["-smbios", f"type=11,path={qemu_escape(str(path))}"]

@@ -1,13 +1,19 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""A thin QMP layer over qemu.qmp: connect, power down, quit, status, and why QEMU shut down."""
+"""A thin QMP layer over qemu.qmp: connect, power down, reset, pause, quit, status, QEMU's events
+(to any number of listeners) and why QEMU shut down."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
+from typing import Any
 
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+#: ``listener(name, data)`` for each QEMU event (SHUTDOWN, RESET, STOP, RESUME, POWERDOWN…).
+EventListener = Callable[[str, dict[str, Any]], None]
 
 
 class Qmp:
@@ -21,19 +27,27 @@ class Qmp:
         self.connected = False
         #: QEMU's SHUTDOWN reason (guest-shutdown, host-signal, host-qmp-quit…), once it shut down
         self.shutdown_reason: str | None = None
+        self._listeners: list[EventListener] = []
 
     async def connect(self, path: str, timeout: float = 10.0) -> None:
         """Connect and negotiate capabilities (QEMU listens before it starts the guest)."""
         await asyncio.wait_for(self._client.connect(path), timeout)
         self.connected = True
-        self._watcher = asyncio.get_running_loop().create_task(self._watch_shutdown())
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_events())
 
-    async def _watch_shutdown(self) -> None:
-        """Read QEMU's events (which also keeps their buffer from growing) and note a SHUTDOWN."""
+    def add_listener(self, listener: EventListener) -> Callable[[], None]:
+        """Call ``listener`` for every event from now on; returns what removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    async def _watch_events(self) -> None:
+        """Read QEMU's events (which also keeps their buffer from growing), note a SHUTDOWN, tell listeners."""
         async for event in self._client.events:
-            if event.get("event") == "SHUTDOWN":
-                data = event.get("data") or {}
+            name, data = str(event.get("event")), dict(event.get("data") or {})
+            if name == "SHUTDOWN":
                 self.shutdown_reason = str(data.get("reason") or "")
+            for listener in list(self._listeners):
+                listener(name, data)
 
     async def powerdown(self, timeout: float = 5.0) -> None:
         """Press the ACPI power button; the guest decides whether to power off."""
@@ -46,9 +60,24 @@ class Qmp:
         with contextlib.suppress(QMPError, ConnectionError, EOFError, asyncio.IncompleteReadError, TimeoutError):
             await asyncio.wait_for(self._client.execute("quit"), 5)
 
-    async def status(self) -> str:
-        reply = await self._client.execute("query-status")
-        return str(reply["status"]) if isinstance(reply, dict) else "unknown"
+    async def reset(self, timeout: float = 5.0) -> None:
+        """Reset the machine at once, as the reset button does (the guest boots again)."""
+        await asyncio.wait_for(self._client.execute("system_reset"), timeout)
+
+    async def pause(self, timeout: float = 5.0) -> None:
+        """Stop the vCPUs (``stop``)."""
+        await asyncio.wait_for(self._client.execute("stop"), timeout)
+
+    async def resume(self, timeout: float = 5.0) -> None:
+        """Let the vCPUs run again (``cont``)."""
+        await asyncio.wait_for(self._client.execute("cont"), timeout)
+
+    async def query_status(self, timeout: float = 5.0) -> tuple[bool, str]:
+        """(vCPUs running, QEMU's run state: running, paused, shutdown…)."""
+        reply = await asyncio.wait_for(self._client.execute("query-status"), timeout)
+        if not isinstance(reply, dict):
+            return False, "unknown"
+        return bool(reply.get("running")), str(reply.get("status") or "unknown")
 
     async def __aenter__(self) -> Qmp:
         return self

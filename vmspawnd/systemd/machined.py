@@ -8,6 +8,7 @@ as raw varlink parameters rather than through a typed proxy.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import uuid
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ class Registration:
     vsock_cid: int | None = None
     ssh_private_key: Path | None = None
     allocate_unit: bool = False
+    #: the VM's ``io.systemd.MachineInstance`` socket (systemd-machined ≥ 261 keeps it; older ones refuse it)
+    control_address: Path | None = None
 
     def parameters(self) -> dict[str, Any]:
         params: dict[str, Any] = {"name": self.name, "service": SERVICE_NAME, "class": "vm",
@@ -50,6 +53,8 @@ class Registration:
             params["sshPrivateKeyPath"] = str(self.ssh_private_key)
         if self.allocate_unit:
             params["allocateUnit"] = True
+        if self.control_address is not None:
+            params["controlAddress"] = str(self.control_address)
         return params
 
 
@@ -120,8 +125,17 @@ async def start_machined(manager: SystemdManager, socket_path: Path = MACHINED_S
     return None
 
 
-async def register(reg: Registration, socket_path: Path = MACHINED_SOCKET) -> None:
-    await call("io.systemd.Machine.Register", reg.parameters(), socket_path)
+async def register(reg: Registration, socket_path: Path = MACHINED_SOCKET) -> bool:
+    """Register; True if machined took the control address too (systemd ≥ 261), False if it was
+    registered without one (an older machined refuses the unknown parameter)."""
+    try:
+        await call("io.systemd.Machine.Register", reg.parameters(), socket_path)
+        return reg.control_address is not None
+    except RegistrationError as e:
+        if reg.control_address is None or "controlAddress" not in str(e):
+            raise
+    await call("io.systemd.Machine.Register", dataclasses.replace(reg, control_address=None).parameters(), socket_path)
+    return False
 
 
 async def unregister(name: str, socket_path: Path = MACHINED_SOCKET) -> None:
@@ -134,9 +148,10 @@ class MachineRegistration:
     def __init__(self, registration: Registration, socket_path: Path = MACHINED_SOCKET) -> None:
         self.registration = registration
         self.socket_path = socket_path
+        self.with_control = False  # machined knows the control socket
 
     async def __aenter__(self) -> MachineRegistration:
-        await register(self.registration, self.socket_path)
+        self.with_control = await register(self.registration, self.socket_path)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -97,6 +97,7 @@ INIT_WORDS: tuple[str, ...] = (
     "test.cmdline",
     "test.disks",
     "test.diskwrite",
+    "test.bootcount",
     "test.uuid",
     "test.net",
     "test.ping",
@@ -132,6 +133,8 @@ INIT_SCRIPT = r"""#!/bin/sh
 #   test.disks=N             wait (up to 30 s) for N virtio/scsi/nvme disks, then print each: name, size in
 #                            512-byte sectors, serial
 #   test.diskwrite=DEV       write "vmspawnd-guest-was-here" over the first bytes of /dev/DEV (e.g. vda)
+#   test.bootcount=DEV       count this boot on /dev/DEV (a number in its first bytes, 0 if none) and add
+#                            "(boot N)" to the STATUS= sent with READY=1
 #   test.uuid=1              print the SMBIOS system UUID (/sys/class/dmi/id/product_uuid)
 #   test.net=1               bring up eth0 and ask for a DHCP lease; print it (or that there is no NIC)
 #   test.ping=ADDR/LEN,PEER  print eth0's MAC, give it ADDR/LEN and ping PEER (for up to 30 s); print whether
@@ -162,6 +165,7 @@ modprobe -q qemu_fw_cfg 2>/dev/null
 
 NOTIFY=0; NPORTNAME=io.systemd.notify; NTIMEOUT=10; READY=1; STATUS="test guest ready"; GARBAGE=0
 EXIT=0; DELAY=0; ACTION=poweroff; TPM=0; RUN=; SMBIOS=0; SHOWCMD=0; DISKS=0; DISKWRITE=; SHOWUUID=0; NET=0; PING=
+BOOTCOUNT=
 VFS=; CATS=; WRITES=; FWRITES=; CREDS=; STATS=; CHOWNS=; CREDSUMS=
 for w in $CMDLINE; do
   v=${w#*=}
@@ -189,6 +193,7 @@ for w in $CMDLINE; do
     test.cmdline=*) SHOWCMD=$v ;;
     test.disks=*) DISKS=$v ;;
     test.diskwrite=*) DISKWRITE=$v ;;
+    test.bootcount=*) BOOTCOUNT=$v ;;
     test.uuid=*) SHOWUUID=$v ;;
     test.net=*) NET=$v ;;
     test.ping=*) PING=$v ;;
@@ -216,6 +221,15 @@ if [ -n "$DISKWRITE" ]; then
   else
     say "diskwrite $DISKWRITE FAILED"
   fi
+fi
+if [ -n "$BOOTCOUNT" ]; then
+  modprobe -q virtio_blk 2>/dev/null
+  i=0; while [ ! -b "/dev/$BOOTCOUNT" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+  n=$(dd if="/dev/$BOOTCOUNT" bs=16 count=1 2>/dev/null | tr -cd 0-9)
+  n=$(( ${n:-0} + 1 ))
+  printf '%s\n' "$n" | dd of="/dev/$BOOTCOUNT" bs=512 conv=sync,fsync 2>/dev/null
+  say "boot $n"
+  STATUS="$STATUS (boot $n)"
 fi
 [ "$SHOWUUID" != 0 ] && say "uuid: $(cat /sys/class/dmi/id/product_uuid 2>/dev/null)"
 if [ "$NET" != 0 ]; then

@@ -1,0 +1,123 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""machinectl on the daemon's VMs, as a user types it, under the container's real systemd.
+
+systemd ≥ 261 (the forky tree, 262): machined keeps each VM's ``controlAddress`` and machinectl
+drives the VM through it (``io.systemd.MachineInstance``): poweroff is the ACPI power button,
+reboot a reset the guest boots again from, pause/resume stop the vCPUs.  systemd 257 (trixie) has
+no control sockets: machinectl poweroff sends QEMU SIGRTMIN+4 and reboot SIGINT, and the daemon
+says so.  machined is not started by the harness: the daemon has to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.polling import poll
+from tests.systemd.helpers import (
+    CONTROL_SOCKETS,
+    GUEST_DIR,
+    MACHINED_VARLINK,
+    Ctl,
+    alive,
+    pids_of,
+    sh,
+    systemd_version,
+    varlink_call,
+)
+
+pytestmark = [
+    pytest.mark.systemd,
+    pytest.mark.skipif(not (GUEST_DIR / "vmlinuz").is_file(), reason="no test guest bound in"),
+]
+
+NAME = "mctl"
+with_control = pytest.mark.skipif(systemd_version() < CONTROL_SOCKETS,
+                                  reason="machinectl uses control sockets from systemd 261 on (run with --suite=forky)")
+without_control = pytest.mark.skipif(systemd_version() >= CONTROL_SOCKETS,
+                                     reason="systemd < 261 only (the trixie tree)")
+
+
+def machined_entry(name: str = NAME) -> dict:
+    (reply,) = varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": name})
+    assert "error" not in reply, reply
+    return reply["parameters"]
+
+
+@pytest.fixture
+def acpi_vm(installed_units: Path, tmp_path: Path) -> Iterator[tuple[Ctl, Path]]:
+    """A ready VM whose guest powers off on the ACPI button and counts its boots on a small disk."""
+    disk = tmp_path / "bootcount.raw"
+    disk.write_bytes(b"\0" * (1 << 20))
+    sh("systemctl", "start", "vmspawnd.socket")
+    ctl = Ctl(installed_units)
+    ctl("create", NAME, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M",
+        "--console=read-only", "--firmware=bios", "--tpm=no", f"--extra-drive=raw:{disk}", "panic=-1",
+        "test.notify=1", "test.bootcount=vda", "test.action=acpi")
+    ctl("start", NAME)
+    try:
+        assert "(boot 1)" in ctl.wait(lambda s: s["ready"], name=NAME)["status"]
+        yield ctl, disk
+    finally:
+        ctl("kill", NAME, check=False)
+        ctl("remove", NAME, check=False)
+        poll(lambda: pids_of("qemu-system-x86"), lambda pids: pids == [], 30)
+
+
+@with_control
+def test_machined_knows_the_vms_control_socket(acpi_vm: tuple[Ctl, Path]) -> None:
+    ctl, _ = acpi_vm
+    entry = machined_entry()
+    assert entry["controlAddress"] == f"/run/vmspawnd/machines/{NAME}/control", entry
+    assert entry["leader"]["pid"] == ctl.status(NAME)["pid"]
+    out = sh("varlinkctl", "introspect", entry["controlAddress"], "io.systemd.MachineInstance").stdout
+    for method in ("PowerOff", "Reboot", "Terminate", "Pause", "Resume", "Describe", "SubscribeEvents"):
+        assert f"method {method}(" in out, out
+
+
+@with_control
+def test_machinectl_poweroff_powers_the_guest_off_through_acpi(acpi_vm: tuple[Ctl, Path]) -> None:
+    ctl, _ = acpi_vm
+    pid = ctl.status(NAME)["pid"]
+    sh("machinectl", "poweroff", NAME)
+    st = ctl.wait(lambda s: s["state"] != "running", name=NAME, timeout=60)
+    assert st["state"] == "stopped" and st["exitStatus"] == 0 and st["failure"] is None, st
+    poll(lambda: alive(pid), lambda running: not running, 15)
+    poll(lambda: varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": NAME})[0],
+         lambda reply: "error" in reply, 15)  # unregistered
+
+
+@with_control
+def test_machinectl_reboot_boots_the_guest_again_and_it_stays_registered(acpi_vm: tuple[Ctl, Path]) -> None:
+    ctl, disk = acpi_vm
+    pid = ctl.status(NAME)["pid"]
+    sh("machinectl", "reboot", NAME)
+    st = ctl.wait(lambda s: s["ready"] and "(boot 2)" in (s["status"] or ""), name=NAME, timeout=90)
+    assert st["state"] == "running" and st["pid"] == pid, st  # the same QEMU, reset
+    assert disk.read_bytes()[:2] == b"2\n"  # the guest counted its second boot
+    assert machined_entry()["leader"]["pid"] == pid
+    assert "VM reset" in sh("journalctl", "--no-pager", "-o", "cat", f"MACHINE={NAME}").stdout
+
+
+@with_control
+def test_machinectl_pause_and_resume_stop_and_continue_the_vcpus(acpi_vm: tuple[Ctl, Path]) -> None:
+    address = machined_entry()["controlAddress"]
+    sh("machinectl", "pause", NAME)
+    (reply,) = varlink_call(address, "io.systemd.MachineInstance.Describe")
+    assert reply["parameters"] == {"running": False, "status": "paused"}, reply
+    sh("machinectl", "resume", NAME)
+    (reply,) = varlink_call(address, "io.systemd.MachineInstance.Describe")
+    assert reply["parameters"] == {"running": True, "status": "running"}, reply
+
+
+@without_control
+def test_machinectl_poweroff_without_control_sockets_is_reported_as_the_signal_it_is(
+        acpi_vm: tuple[Ctl, Path]) -> None:
+    ctl, _ = acpi_vm
+    assert "controlAddress" not in machined_entry()  # 257 does not know the field: registered without it
+    sh("machinectl", "poweroff", NAME)  # SIGRTMIN+4 to QEMU, which it does not handle
+    st = ctl.wait(lambda s: s["state"] != "running", name=NAME, timeout=30)
+    assert st["state"] == "failed" and st["exitStatus"] == 1, st
+    assert "SIGRTMIN+4" in st["failure"] and "systemd < 261" in st["failure"], st
