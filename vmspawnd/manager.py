@@ -33,7 +33,7 @@ from vmspawnd.config import (
 )
 from vmspawnd.console import ConsoleRelay
 from vmspawnd.errors import ConfigError, HostError, MachineExists, NoSuchMachine, StartError, WrongState
-from vmspawnd.machine import DEFAULT_STOP_TIMEOUT, Machine, State
+from vmspawnd.machine import ACTIVE, DEFAULT_STOP_TIMEOUT, Machine, State
 from vmspawnd.run import Run
 from vmspawnd.runrecord import RunRecord
 from vmspawnd.storage import read_json, write_json_atomic
@@ -62,7 +62,7 @@ class Entry:
     config: MachineConfig
     machine: Machine
     definition_error: str | None = None  # why its definition on disk cannot be used (it stays listed)
-    shown: Any = None  # the front end's cached rendering of ``config`` (which never changes)
+    shown: Any = None  # the front end's cached rendering of ``config`` (reset when a reload changes it)
 
     @property
     def console(self) -> ConsoleRelay | None:
@@ -92,13 +92,7 @@ class Manager:
         re-adopted (with the configuration its run recorded); fields of a newer version are ignored."""
         self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.runtime_base.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for path in sorted(self.definitions.glob("*.json")):
-            name = path.stem
-            try:
-                validate_machine_name(name, "name")
-            except ConfigError as e:
-                log.error("ignoring a definition whose file name is no machine name", path=str(path), error=str(e))
-                continue
+        for name, path in self._definition_files().items():
             entry = self._load_definition(name, path)
             saved = self._read_state(name)  # before adoption, which records a state of its own
             self.machines[name] = entry
@@ -113,6 +107,80 @@ class Manager:
             if saved is not None:
                 self._restore_state(entry, adopted, *saved)
         self.on_change()
+
+    def _definition_files(self) -> dict[str, Path]:
+        """name → definition file, for every file whose name is a machine name."""
+        found = {}
+        for path in sorted(self.definitions.glob("*.json")):
+            try:
+                validate_machine_name(path.stem, "name")
+            except ConfigError as e:
+                log.error("ignoring a definition whose file name is no machine name", path=str(path), error=str(e))
+                continue
+            found[path.stem] = path
+        return found
+
+    async def reload(self) -> list[str]:
+        """Read the definitions again (``systemctl reload vmspawnd``): a file added by hand defines a
+        machine, a changed one applies from that machine's next start, a broken one says so, and a
+        stopped machine whose file is gone is forgotten.  Running VMs are never touched.  Returns
+        what changed, one line per machine."""
+        on_disk = self._definition_files()
+        changes = []
+        for name, path in on_disk.items():
+            fresh = self._load_definition(name, path)
+            entry = self.machines.get(name)
+            if entry is None:
+                self.machines[name] = fresh
+                if fresh.definition_error is not None:
+                    fresh.machine.mark_failed(fresh.definition_error)
+                log.info("machine created", machine=name, message_id=messages.CREATED, by="reload")
+                self._publish(name, "created", {})
+                changes.append(f"{name}: defined")
+            elif await self._redefine(entry, fresh):
+                changes.append(f"{name}: definition changed" + (" (broken)" if entry.definition_error else ""))
+        for name, entry in list(self.machines.items()):
+            if name not in on_disk and await self._forget(name, entry):
+                changes.append(f"{name}: forgotten (its definition is gone)")
+        self.on_change()
+        return changes
+
+    async def _redefine(self, entry: Entry, fresh: Entry) -> bool:
+        """Take a re-read definition for ``entry``; False if nothing changed."""
+        machine = entry.machine
+        async with machine.lock:
+            if machine.removed or (fresh.config == entry.config and fresh.definition_error == entry.definition_error):
+                return False
+            was_broken = entry.definition_error
+            entry.definition_error = fresh.definition_error
+            if fresh.definition_error is None:
+                entry.config = machine.config = fresh.config
+                entry.shown = None
+            if machine.state in ACTIVE:
+                return True  # the run keeps what it started with
+            if fresh.definition_error is not None:
+                machine.mark_failed(fresh.definition_error)
+            elif was_broken is not None and machine.failure == was_broken:
+                machine.restore(State.STOPPED, time.time(), None, None, None)
+        log.info("machine definition re-read", machine=entry.config.name, broken=entry.definition_error)
+        return True
+
+    async def _forget(self, name: str, entry: Entry) -> bool:
+        """A machine whose definition file is gone: forgotten unless its VM runs."""
+        machine = entry.machine
+        async with machine.lock:
+            if machine.removed:
+                return False
+            if machine.state in ACTIVE:
+                log.warning("its definition file is gone; the VM keeps running (remove it once stopped)",
+                            machine=name)
+                return False
+            machine.removed = True
+            del self.machines[name]
+            self._state_path(name).unlink(missing_ok=True)
+        log.info("machine removed", machine=name, message_id=messages.REMOVED, by="reload")
+        self._publish(name, "removed", {})
+        return True
 
     def _load_definition(self, name: str, path: Path) -> Entry:
         """The machine a definition file describes; one that cannot be used is kept, marked broken."""

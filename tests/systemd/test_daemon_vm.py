@@ -202,3 +202,19 @@ def test_a_vm_with_every_helper_runs_under_the_hardened_unit(installed_units: Pa
         ctl("kill", name, check=False)
         ctl("remove", name, check=False)
         poll(lambda: pids_of("qemu-system-x86"), lambda pids: pids == [], 30)
+
+
+def test_systemctl_reload_reads_the_definitions_without_touching_the_running_vm(vm: Ctl) -> None:
+    pid = vm.status()["pid"]
+    machines = Path("/var/lib/vmspawnd/machines")
+    definition = json.loads((machines / f"{NAME}.json").read_text())
+    (machines / "byhand.json").write_text(json.dumps({"name": "byhand", "config": definition["config"]}))
+    try:
+        assert unit_properties("vmspawnd.service", "Type")["Type"] == "notify-reload"
+        sh("systemctl", "reload", "vmspawnd.service")  # SIGHUP; returns once the daemon said READY=1 again
+        assert vm.status("byhand")["state"] == "stopped"
+        st = vm.status()
+        assert st["state"] == "running" and st["pid"] == pid and st["ready"], st
+        wait_journal("machine definitions re-read", "-o", "cat", "-u", "vmspawnd.service")
+    finally:
+        vm("remove", "byhand", check=False)

@@ -127,7 +127,7 @@ def test_socket_activation_starts_the_daemon(installed_units: Path) -> None:
     props = unit_properties("vmspawnd.service", "ActiveState", "SubState", "Type", "ExecMainStatus", "StatusText",
                             "NRestarts", "MainPID")
     assert props["ActiveState"] == "active" and props["SubState"] == "running", props
-    assert props["Type"] == "notify", props
+    assert props["Type"] == "notify-reload", props
     assert props["StatusText"] == "0 VM(s) running", props
     assert Path(f"/proc/{props['MainPID']}/cmdline").read_bytes().split(b"\0")[1] == str(
         installed_units / "vmspawnd").encode()

@@ -15,6 +15,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 from pathlib import Path
 
 import structlog
@@ -160,12 +161,23 @@ async def serve(args: argparse.Namespace) -> int:
     if sock is None:
         sock = bind_socket(Path(args.socket or DEFAULT_SOCKET), args.socket_group)
     await manager.load()
+    reloading = asyncio.Lock()
+
+    async def reload() -> None:
+        """SIGHUP (``systemctl reload``, Type=notify-reload) or io.systemd.service.Reload."""
+        async with reloading:
+            notifier.send(RELOADING=1, MONOTONIC_USEC=time.monotonic_ns() // 1000)
+            try:
+                changes = await manager.reload()
+                log.info("machine definitions re-read", changes="; ".join(changes) or "none")
+            finally:
+                notifier.send(READY=1, STATUS=f"{manager.running_count()} VM(s) running")
 
     registry = VarlinkInterfaceRegistry()
     registry.register_interface(VarlinkServiceInterface("vmspawnd", "vmspawnd", __version__, docs_url(), registry))
     registry.register_interface(ManagerInterface(manager))
     registry.register_interface(SystemdServiceInterface(
-        lambda level: setup_logging(level=level, journal=bool(os.environ.get("JOURNAL_STREAM")))))
+        lambda level: setup_logging(level=level, journal=bool(os.environ.get("JOURNAL_STREAM"))), reload))
     limits = ServerLimits(max_connections=connection_cap(args.max_connections, fd_limit))
     server = await serve_varlink(sock, registry, limits, call_error)
     log.info("serving", socket=sock.getsockname(), state_dir=str(state_dir), machines=len(manager.machines),
@@ -176,6 +188,14 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
     notifier.send(STOPPING=1)
     log.info("shutting down; VMs keep running", running=manager.running_count())

@@ -1,15 +1,14 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """``io.systemd.service`` on the daemon's socket, as systemd's own daemons serve it: Ping,
-SetLogLevel and GetEnvironment (``varlinkctl call SOCKET io.systemd.service.Ping {}``).
+SetLogLevel, GetEnvironment and Reload (``varlinkctl call SOCKET io.systemd.service.Ping {}``).
 
-Reload is not offered: the daemon has no configuration to re-read (definitions change only
-through its own API).  (No ``from __future__ import annotations`` here: asyncvarlink reads the
-methods' real annotations.)
+Reload re-reads the machine definitions, as ``systemctl reload vmspawnd`` (SIGHUP) does.  (No
+``from __future__ import annotations`` here: asyncvarlink reads the methods' real annotations.)
 """
 
 
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from asyncvarlink import TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod
 
@@ -26,8 +25,10 @@ class SystemdServiceInterface(VarlinkInterface, name="io.systemd.service"):
 
     errors = (InvalidLogLevelError,)
 
-    def __init__(self, set_log_level: Callable[[int], None] | None = None) -> None:
+    def __init__(self, set_log_level: Callable[[int], None] | None = None,
+                 reload: Callable[[], Awaitable[None]] | None = None) -> None:
         self._set_log_level = set_log_level or (lambda level: None)
+        self._reload = reload
 
     @varlinkmethod
     def Ping(self) -> None:
@@ -39,6 +40,12 @@ class SystemdServiceInterface(VarlinkInterface, name="io.systemd.service"):
         if not 0 <= level <= 7:
             raise InvalidLogLevelError(parameter="level")
         self._set_log_level(LEVELS[str(level)])
+
+    @varlinkmethod
+    async def Reload(self) -> None:
+        """Re-read the machine definitions (running VMs are not touched); returns once done."""
+        if self._reload is not None:
+            await self._reload()
 
     @varlinkmethod(return_parameter="environment")
     def GetEnvironment(self) -> list[str]:
