@@ -218,3 +218,12 @@ def test_systemctl_reload_reads_the_definitions_without_touching_the_running_vm(
         wait_journal("machine definitions re-read", "-o", "cat", "-u", "vmspawnd.service")
     finally:
         vm("remove", "byhand", check=False)
+
+
+def test_systemctl_restart_keeps_since_and_the_guests_status(vm: Ctl) -> None:
+    before = vm.status()
+    assert before["status"] == "test guest ready", before
+    sh("systemctl", "restart", "vmspawnd.service")
+    after = vm.status()
+    for field in ("state", "since", "pid", "ready", "status"):
+        assert after[field] == before[field], (field, before, after)
