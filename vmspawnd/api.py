@@ -27,7 +27,6 @@ from asyncvarlink import (
     varlinkmethod,
 )
 
-from vmspawnd.config import config_from_json, config_to_json, validate_machine_name
 from vmspawnd.errors import (
     ConfigError,
     HostError,
@@ -41,6 +40,8 @@ from vmspawnd.machine import State
 from vmspawnd.manager import Entry, Event, Manager
 from vmspawnd.qemu.firmware import enumerate_descriptors
 from vmspawnd.server import current_connection
+from vmspawnd.settings import config_from_json, config_to_json, varlink_config_fields
+from vmspawnd.values import validate_machine_name
 
 INTERFACE = "io.vmspawnd.Manager"
 MAX_STOP_TIMEOUT = 3600.0
@@ -56,57 +57,13 @@ class MachineState(enum.Enum):
     failed = "failed"
 
 
-@dataclass
-class Config:
-    """A machine's configuration; every field optional, with vmspawn's defaults (except console:
-    headless unless given). vmspawnctl create fills it from vmspawn's options."""
-
-    linux: str | None = None
-    initrds: list[str] | None = None
-    kernelCommandLine: list[str] | None = None
-    ram: str | None = None
-    cpus: str | None = None
-    kvm: str | None = None
-    vsock: str | None = None
-    vsockCid: int | None = None
-    notifyReady: bool | None = None
-    console: str | None = None
-    consoleTransport: str | None = None
-    uuid: str | None = None
-    credentials: list[str] | None = None
-    smbios11: list[str] | None = None
-    image: str | None = None
-    imageFormat: str | None = None
-    imageDiskType: str | None = None
-    extraDrives: list[str] | None = None
-    discardDisk: bool | None = None
-    growImage: str | None = None
-    ephemeral: bool | None = None
-    network: str | None = None
-    firmware: str | None = None
-    firmwareFeatures: list[str] | None = None
-    secureBoot: str | None = None
-    efiNvramTemplate: str | None = None
-    efiNvramState: str | None = None
-    tpm: str | None = None
-    tpmState: str | None = None
-    directory: str | None = None
-    binds: list[str] | None = None
-    privateUsers: str | None = None
-    bindUsers: list[str] | None = None
-    bindUserShell: str | None = None
-    bindUserGroups: list[str] | None = None
-    passSshKey: str | None = None
-    sshKeyType: str | None = None
-    forwardJournal: str | None = None
-    forwardJournalMaxUse: int | None = None
-    forwardJournalKeepFree: int | None = None
-    forwardJournalMaxFileSize: int | None = None
-    forwardJournalMaxFiles: int | None = None
-    register: str | None = None
-    slice: str | None = None
-    properties: list[str] | None = None
-    keepUnit: bool | None = None
+#: A machine's configuration, one optional field per setting of the settings table (settings.py);
+#: unset fields take vmspawn's defaults (except console: headless).  vmspawnctl create fills it
+#: from vmspawn's options.
+Config = dataclasses.make_dataclass(
+    "Config", [(name, kind, dataclasses.field(default=None)) for name, kind in varlink_config_fields()],
+    namespace={"__doc__": "A machine's configuration; every field optional, with vmspawn's defaults (except "
+                          "console: headless unless given). vmspawnctl create fills it from vmspawn's options."})
 
 
 @dataclass

@@ -23,20 +23,16 @@ from typing import Any
 import structlog
 
 from vmspawnd import messages
-from vmspawnd.config import (
-    JSON_FIELDS,
-    ConsoleMode,
-    MachineConfig,
-    config_from_json,
-    config_to_json,
-    validate_machine_name,
-)
+from vmspawnd.config import MachineConfig
 from vmspawnd.console import ConsoleRelay
 from vmspawnd.errors import ConfigError, HostError, MachineExists, NoSuchMachine, StartError, WrongState
 from vmspawnd.machine import ACTIVE, DEFAULT_STOP_TIMEOUT, Machine, State
+from vmspawnd.plan import plan_launch
 from vmspawnd.run import Run
 from vmspawnd.runrecord import RunRecord
+from vmspawnd.settings import JSON_FIELDS, config_from_json, config_to_json, json_field_name
 from vmspawnd.storage import read_json, write_json_atomic
+from vmspawnd.values import ConsoleMode, validate_machine_name
 
 log = structlog.get_logger()
 
@@ -191,7 +187,7 @@ class Manager:
             if unknown:
                 log.warning("ignoring fields of a newer version in a definition (kept on disk)", machine=name,
                             fields=",".join(unknown))
-            return self._new_entry(config_from_json(name, stored, check_environment=False, strict=False))
+            return self._new_entry(config_from_json(name, stored, strict=False))
         except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
             reason = f"its definition {path} cannot be used: {e}"
             log.error("a machine definition cannot be used; the machine stays listed", machine=name, error=str(e))
@@ -199,7 +195,7 @@ class Manager:
         config = MachineConfig(name=name)
         if recorded is not None and recorded.config is not None:
             with contextlib.suppress(ConfigError, ValueError, TypeError):
-                config = config_from_json(name, recorded.config, check_environment=False, strict=False)
+                config = config_from_json(name, recorded.config, strict=False)
         entry = self._new_entry(config)
         entry.definition_error = reason
         return entry
@@ -296,6 +292,10 @@ class Manager:
         if config.console in (ConsoleMode.NATIVE, ConsoleMode.GUI):
             raise ConfigError("console", config.console.value,
                               "the daemon offers interactive, read-only or headless consoles")
+        try:
+            plan_launch(config)  # what it names exists on this host now (and is looked at again at each start)
+        except ConfigError as e:
+            raise ConfigError(json_field_name(e.field), e.value, e.reason) from None
         entry = self._new_entry(config)
         try:
             self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)

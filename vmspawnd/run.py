@@ -33,7 +33,7 @@ from typing import IO, Any
 import structlog
 
 from vmspawnd import messages
-from vmspawnd.config import ConsoleMode, MachineConfig, Network, Tristate, config_to_json
+from vmspawnd.config import MachineConfig
 from vmspawnd.console import ConsoleRelay
 from vmspawnd.errors import ConfigError, StartError
 from vmspawnd.faults import crash_point
@@ -42,6 +42,7 @@ from vmspawnd.guest.credentials import write_credentials
 from vmspawnd.guest.readiness import OUTSIDE_SIGNAL, Readiness, exit_status, failure
 from vmspawnd.guest.ssh import SshKeyError, SshKeyPair, generate_key_pair
 from vmspawnd.launcher import QemuProcess
+from vmspawnd.plan import LaunchPlan, plan_launch
 from vmspawnd.proc import CAP_NET_ADMIN, has_capability, process_cmdline, process_start_time
 from vmspawnd.ptyfwd import Pty
 from vmspawnd.qemu.accel import Accelerator, choose_accelerator, find_qemu, qemu_version, vsock_usable
@@ -68,6 +69,7 @@ from vmspawnd.services.runner import (
     describe_status,
 )
 from vmspawnd.services.setup import AuxServiceError, AuxServices, start_aux_services
+from vmspawnd.settings import config_to_json
 from vmspawnd.snapshot import EphemeralCopy, SnapshotError
 from vmspawnd.systemd.instance import ControlSocket, NotConnected, control_path
 from vmspawnd.systemd.machined import (
@@ -78,8 +80,9 @@ from vmspawnd.systemd.machined import (
     start_machined,
     unregister_quietly,
 )
-from vmspawnd.systemd.scope import DEFAULT_SLICE, allocate_scope
+from vmspawnd.systemd.scope import allocate_scope
 from vmspawnd.systemd.units import SystemdManager, UnitStartError, connect_systemd
+from vmspawnd.values import DEFAULT_SLICE, ConsoleMode, Network, Tristate
 
 log = structlog.get_logger()
 
@@ -115,6 +118,7 @@ class Run:
         self.vsock_cid: int | None = None
         self.vsock_port: int | None = None
         self.registered = False
+        self.plan: LaunchPlan | None = None  # what the host offers this start (set before anything starts)
         self.control_socket: Path | None = None  # io.systemd.MachineInstance, while this process serves it
         self.console: ConsoleRelay | None = None  # the daemon's relay of the console socket, if any
         self.forced = False  # we had to end it (kill): the exit status says so
@@ -199,7 +203,7 @@ class Run:
             credentials.append((channel.credential[0], channel.credential[1].encode()))
         term = os.environ.get("TERM")
         extra_cmdline = self._synthesized_cmdline() + tuple(aux.cmdline)
-        uki = config.linux_is_uki
+        uki = self.plan.uki
         credential_files = write_credentials(rundir / "smbios", credentials, config.smbios11
                                              + tuple(cmdline_smbios_strings(config, term, extra_cmdline, uki)))
         qmp_sock = self._listen_qmp(rundir, pass_fds)
@@ -232,7 +236,7 @@ class Run:
     def _preflight(self) -> tuple[Path, Accelerator, str | None, tuple[str, ...]]:
         """Checks and look-ups that need no resources: QEMU binary, accelerator, TAP rights, MAC."""
         config = self.config
-        config.check_environment()  # the files it names may have changed since it was defined
+        self.plan = plan_launch(config)  # the host, looked at once for this start
         check_cmdline_length(config)
         if config.network is Network.TAP and not has_capability(CAP_NET_ADMIN):
             raise ConfigError("network-tap", "", "TAP networking needs CAP_NET_ADMIN (run as root)")
@@ -300,7 +304,7 @@ class Run:
         runner = await choose_runner(die_with_parent=self._die_with_parent, manager=systemd)
         self._handles.push_async_callback(runner.aclose)
         try:
-            aux = await start_aux_services(run_config, runner, rundir, bound_to=scope, guest_cid=vsock_cid,
+            aux = await start_aux_services(run_config, self.plan, runner, rundir, bound_to=scope, guest_cid=vsock_cid,
                                            on_started=self._helper_started)
         except AuxServiceError as e:
             raise StartError(str(e)) from e
@@ -366,7 +370,7 @@ class Run:
 
     def _prepare_firmware(self, rundir: Path) -> tuple[Any, Path | None]:
         config = self.config
-        firmware = config.firmware_choice()
+        firmware = self.plan.firmware
         nvram = None
         template = firmware.nvram_template(config.efi_nvram_template)
         if template is not None:

@@ -16,7 +16,7 @@ import termios
 import time
 import tty
 
-from vmspawnd.config import ConfigError
+from vmspawnd.errors import ConfigError
 
 ESC = 0x1B
 MAX_SEQUENCE = 192

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vmspawnd.config import ConfigError, ConsoleMode, ConsoleTransport, MachineConfig, Network, Ram
+from vmspawnd.config import MachineConfig
+from vmspawnd.errors import ConfigError
 from vmspawnd.qemu.argv import (
     Resources,
     build_qemu_argv,
@@ -15,6 +16,7 @@ from vmspawnd.qemu.argv import (
     qemu_extra_args,
     tap_mac,
 )
+from vmspawnd.values import ConsoleMode, ConsoleTransport, Network, Ram
 
 
 def config(**kw) -> MachineConfig:

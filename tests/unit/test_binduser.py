@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import VMSPAWN
-from vmspawnd.config import ConfigError, MachineConfig, config_from_json, config_to_json
+from vmspawnd.config import MachineConfig
+from vmspawnd.errors import ConfigError
 from vmspawnd.options import vmspawn_parser
 from vmspawnd.services import virtiofsd
-from vmspawnd.services.binduser import MAP_UID_MIN, parse_bind_user_shell, resolve_bound_users
+from vmspawnd.services.binduser import MAP_UID_MIN, resolve_bound_users
 from vmspawnd.services.virtiofsd import Flavour, UidMap, Virtiofsd
+from vmspawnd.settings import config_from_json, config_to_json
+from vmspawnd.values import parse_bind_user_shell
 
 # Debian's base system has these: "daemon" (1:1, home /usr/sbin) and "games" (5, group games 60,
 # home /usr/games) own private groups of their names; "sync" lives in nogroup.
@@ -85,7 +88,7 @@ def test_shell_setting_parses_booleans_and_absolute_paths_only():
 def test_config_rules(change, field):
     config = MachineConfig(name="vm", linux=Path("/vmlinuz"), **change)
     with pytest.raises(ConfigError) as e:
-        config.validated(check_environment=False)
+        config.validated()
     assert e.value.field == field
 
 
@@ -95,13 +98,13 @@ def test_options_and_json_round_trip(tmp_path):
     ns = vmspawn_parser().parse_intermixed_args([f"--linux={kernel}", "-M", "vm", "--bind-user=daemon",
                                                  "--bind-user=games", "--bind-user-shell=/bin/sh",
                                                  "--bind-user-group=wheel"])
-    assert (ns.bind_user, ns.bind_user_shell, ns.bind_user_group) == (["daemon", "games"], "/bin/sh", ["wheel"])
+    assert (ns.bindUsers, ns.bindUserShell, ns.bindUserGroups) == (["daemon", "games"], "/bin/sh", ["wheel"])
     config = MachineConfig(name="vm", linux=kernel, bind_users=("daemon", "games"), bind_user_shell="/bin/sh",
                            bind_user_groups=("wheel",))
     data = config_to_json(config)
     assert (data["bindUsers"], data["bindUserShell"], data["bindUserGroups"]) == (["daemon", "games"], "/bin/sh",
                                                                                   ["wheel"])
-    again = config_from_json("vm", data, check_environment=False)
+    again = config_from_json("vm", data)
     assert (again.bind_users, again.bind_user_shell, again.bind_user_groups) == (("daemon", "games"), "/bin/sh",
                                                                                  ("wheel",))
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vmspawnd.config import ConfigError, MachineConfig
+from vmspawnd.config import MachineConfig
+from vmspawnd.errors import ConfigError
 from vmspawnd.guest.credentials import SMBIOS_BUDGET, write_credentials
 from vmspawnd.qemu.argv import Resources, build_qemu_argv
 

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from vmspawnd.config import ConfigError, DiskType, Drive, ImageFormat
+from vmspawnd.errors import ConfigError
 from vmspawnd.options import parse_vmspawn_args
+from vmspawnd.plan import plan_launch
 from vmspawnd.qemu.disks import ROOT_X86_64, USR_X86_64, drive_args, drive_serial, find_partition, grow_image
+from vmspawnd.values import DiskType, Drive, ImageFormat
 
 
 def make_gpt(path: Path, partitions: list[tuple[uuid.UUID, uuid.UUID]], size: int = 1 << 20) -> None:
@@ -90,5 +92,5 @@ def test_bad_image_options(tmp_path, args, field):
     img = tmp_path / "foo.raw"
     img.write_bytes(b"\0" * 4096)
     with pytest.raises(ConfigError) as e:
-        parse_vmspawn_args([a.format(tmp=tmp_path, img=img) for a in args])
+        plan_launch(parse_vmspawn_args([a.format(tmp=tmp_path, img=img) for a in args]))
     assert e.value.field == field

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from vmspawnd.config import ConfigError, Tristate
+from vmspawnd.errors import ConfigError
 from vmspawnd.qemu import firmware as fw
 from vmspawnd.qemu.firmware import (
     FirmwareKind,
@@ -31,6 +31,7 @@ from vmspawnd.qemu.firmware import (
     resolve_firmware,
     select_firmware,
 )
+from vmspawnd.values import StateLocation, Tristate
 
 SYSTEM_DIR = Path("/usr/share/qemu/firmware")
 OVMF = Path("/usr/share/OVMF")
@@ -332,18 +333,22 @@ def test_explicit_descriptor_path(debian_dir, monkeypatch, pe_kernel):
 # NVRAM
 
 
+def nvram_state(text: str) -> StateLocation:
+    return StateLocation.parse(text, "efi-nvram-state")
+
+
 def test_nvram_state_path(tmp_path):
     image = tmp_path / "foo.raw"
-    assert nvram_state_path("auto", image, False) == tmp_path / "foo.raw.efinvramstate"
-    assert nvram_state_path("yes", tmp_path / "tree/", False) == tmp_path / "tree.efinvramstate"
-    assert nvram_state_path("auto", image, True) is None
-    assert nvram_state_path("auto", None, False) is None
+    assert nvram_state_path(nvram_state("auto"), image, False) == tmp_path / "foo.raw.efinvramstate"
+    assert nvram_state_path(nvram_state("yes"), tmp_path / "tree/", False) == tmp_path / "tree.efinvramstate"
+    assert nvram_state_path(nvram_state("auto"), image, True) is None
+    assert nvram_state_path(nvram_state("auto"), None, False) is None
     for off in ("off", "no", ""):
-        assert nvram_state_path(off, image, False) is None
-    assert nvram_state_path("/x/vars.fd", image, True) == Path("/x/vars.fd")
-    assert nvram_state_path("./vars.fd", image, False) == Path.cwd() / "vars.fd"
+        assert nvram_state_path(nvram_state(off), image, False) is None
+    assert nvram_state_path(nvram_state("/x/vars.fd"), image, True) == Path("/x/vars.fd")
+    assert nvram_state_path(nvram_state("./vars.fd"), image, False) == Path.cwd() / "vars.fd"
     with pytest.raises(ConfigError) as e:
-        nvram_state_path("vars.fd", image, False)
+        nvram_state_path(nvram_state("vars.fd"), image, False)
     assert e.value.field == "efi-nvram-state"
 
 
@@ -358,7 +363,7 @@ def template(tmp_path: Path) -> Path:
 def test_nvram_is_created_once_then_reused_and_never_overwritten(tmp_path, template):
     runtime = tmp_path / "run"
     runtime.mkdir()
-    state = nvram_state_path("auto", tmp_path / "foo.raw", False)
+    state = nvram_state_path(nvram_state("auto"), tmp_path / "foo.raw", False)
     assert state is not None
     assert prepare_nvram(template, state, runtime) == state
     assert state.read_bytes() == template.read_bytes()

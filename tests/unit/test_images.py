@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vmspawnd.config import ConfigError
+from vmspawnd.errors import ConfigError
 from vmspawnd.images import find_machine_image
 from vmspawnd.options import parse_vmspawn_args
 

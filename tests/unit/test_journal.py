@@ -19,11 +19,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import VMSPAWN
-from vmspawnd.config import ConfigError, MachineConfig, Tristate, config_from_json, config_to_json
+from vmspawnd.config import MachineConfig
+from vmspawnd.errors import ConfigError
 from vmspawnd.options import parse_vmspawn_args
+from vmspawnd.plan import LaunchPlan
+from vmspawnd.qemu.firmware import FirmwareChoice, FirmwareKind
 from vmspawnd.services.journal import JournalLimits, journal_remote_spec
 from vmspawnd.services.runner import ChildRunner, ServiceSpec, transient_unit_properties
 from vmspawnd.services.setup import AuxServiceError, start_aux_services
+from vmspawnd.settings import config_from_json, config_to_json
+from vmspawnd.values import Tristate
 
 RECORDER = """#!{python}
 import json, os, sys, time
@@ -65,11 +70,15 @@ def test_transient_units_carry_the_environment():
     assert "Environment" not in dict(transient_unit_properties(ServiceSpec("x", ("/bin/true",))))
 
 
+#: what the host offers a direct kernel boot without shares (no host is looked at)
+NO_SHARES = LaunchPlan(FirmwareChoice(FirmwareKind.NONE, reason="test"), uki=False, virtiofsd=None)
+
+
 async def test_aux_services_start_journal_remote_and_hand_the_guest_its_address(tmp_path, stand_ins):
     config = MachineConfig(name="jr", linux=Path("/vmlinuz"), tpm=Tristate.NO,
                            forward_journal=tmp_path / "out", forward_journal_keep_free=1 << 20)
     runner = ChildRunner(die_with_parent=True)
-    aux = await start_aux_services(config, runner, tmp_path, guest_cid=1234)
+    aux = await start_aux_services(config, NO_SHARES, runner, tmp_path, guest_cid=1234)
     try:
         assert dict(aux.credentials)["journal.forward_to_socket"] == b"vsock:2:1234"
         assert [what for what, _ in aux.services] == ["journal-remote"]
@@ -90,7 +99,7 @@ async def test_aux_services_start_journal_remote_and_hand_the_guest_its_address(
 async def test_without_vsock_nothing_starts(tmp_path):
     config = MachineConfig(name="jr", linux=Path("/vmlinuz"), forward_journal=tmp_path / "out")
     with pytest.raises(AuxServiceError, match="needs vsock"):
-        await start_aux_services(config, ChildRunner(), tmp_path, guest_cid=None)
+        await start_aux_services(config, NO_SHARES, ChildRunner(), tmp_path, guest_cid=None)
 
 
 def test_limits_need_forward_journal_and_round_trip(tmp_path, stand_ins):

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from vmspawnd import run as run_module
-from vmspawnd.config import MachineConfig, Tristate
+from vmspawnd.config import MachineConfig
 from vmspawnd.run import Run
 from vmspawnd.runtime import RuntimeDir
+from vmspawnd.values import Tristate
 
 
 @pytest.fixture

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from vmspawnd.config import ConfigError, ConsoleMode, Ram, Tristate, parse_size
+from vmspawnd.errors import ConfigError
 from vmspawnd.options import parse_vmspawn_args, vmspawn_parser
+from vmspawnd.plan import plan_launch
+from vmspawnd.values import ConsoleMode, Ram, Tristate, parse_size
 
 
 @pytest.fixture
@@ -89,16 +91,17 @@ def test_initrd_requires_linux(tmp_path):
         parse_vmspawn_args(["-M", "x", f"--initrd={initrd}"])
 
 
-def test_missing_kernel_is_an_error(tmp_path):
+def test_missing_kernel_is_an_error_of_the_launch_plan(tmp_path):
+    config = parse_vmspawn_args([f"--linux={tmp_path}/nope"])  # a definition: the host is not looked at
     with pytest.raises(ConfigError, match="no such file"):
-        parse_vmspawn_args([f"--linux={tmp_path}/nope"])
+        plan_launch(config)
 
 
 @pytest.mark.parametrize("option", ["--linux", "--directory", "--bind"])
 def test_a_path_the_kernel_refuses_is_a_config_error_naming_the_option(option, kernel):
     words = [f"{option}=/{'a' * 4100}"] if option == "--linux" else [f"--linux={kernel}", f"{option}=/{'a' * 4100}"]
     with pytest.raises(ConfigError, match=f"invalid {option[2:]}=/a+: file name too long"):
-        parse_vmspawn_args(["-M", "x", *words])
+        plan_launch(parse_vmspawn_args(["-M", "x", *words]))
 
 
 def test_relative_paths_are_made_absolute(kernel, monkeypatch):
@@ -160,7 +163,7 @@ def test_vsock_cid_without_vsock_is_refused(kernel):
 
 
 def test_vsock_cid_json_round_trip_and_type_check(kernel):
-    from vmspawnd.config import config_from_json, config_to_json
+    from vmspawnd.settings import config_from_json, config_to_json
 
     data = config_to_json(parse(kernel, "-M", "cid", "--vsock-cid=1234"))
     assert data["vsockCid"] == 1234
@@ -177,10 +180,10 @@ def test_vsock_cid_json_round_trip_and_type_check(kernel):
     ({"properties": ["NoSuchThing=1"]}, "properties"),
 ])
 def test_json_config_errors_name_the_json_field(data, field):
-    from vmspawnd.config import config_from_json
+    from vmspawnd.settings import config_from_json
 
     with pytest.raises(ConfigError) as e:
-        config_from_json("vm", {"linux": "/vmlinuz", **data}, check_environment=False)
+        config_from_json("vm", {"linux": "/vmlinuz", **data})
     assert e.value.field == field, e.value
 
 

@@ -3,7 +3,7 @@
 
 import pytest
 
-from vmspawnd.config import ConfigError
+from vmspawnd.errors import ConfigError
 from vmspawnd.systemd.properties import UINT64_MAX, describe, parse_properties, parse_property
 
 
@@ -44,7 +44,8 @@ def test_several_properties():
 
 
 def test_scope_names_and_properties():
-    from vmspawnd.systemd.scope import mangle_slice, scope_properties, scope_unit_name
+    from vmspawnd.systemd.scope import scope_properties, scope_unit_name
+    from vmspawnd.values import mangle_slice
 
     assert scope_unit_name("web-1") == "machine-web\\x2d1.scope"  # as machined names it
     assert mangle_slice("vms") == "vms.slice" and mangle_slice("a.slice") == "a.slice"

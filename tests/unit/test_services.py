@@ -21,7 +21,7 @@ from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, m
 from dbus_fast.service import signal as dbus_signal
 
 from tests.conftest import processes_mentioning
-from vmspawnd.config import ConfigError, Tristate
+from vmspawnd.errors import ConfigError
 from vmspawnd.services import swtpm, virtiofsd
 from vmspawnd.services.runner import (
     ChildRunner,
@@ -33,6 +33,7 @@ from vmspawnd.services.runner import (
     transient_unit_properties,
 )
 from vmspawnd.services.virtiofsd import Bind, Flavour, UidMap, Virtiofsd
+from vmspawnd.values import StateLocation, Tristate
 
 C_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount namespaces, virtiofsd)")
@@ -74,15 +75,19 @@ def tmp(tmp_path: Path):
 
 
 # ============================================================================ --tpm-state
+def tpm_state(text: str) -> StateLocation:
+    return StateLocation.parse(text, "tpm-state")
+
+
 def test_tpm_state_auto_is_image_sibling_with_full_name(tmp_path):
     image = tmp_path / "foo.raw"
     image.touch()
-    path, persistent = swtpm.tpm_state_dir("auto", image, False, tmp_path / "run")
+    path, persistent = swtpm.tpm_state_dir(tpm_state("auto"), image, False, tmp_path / "run")
     assert (path, persistent) == (tmp_path / "foo.raw.tpmstate", True)
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
     tree = tmp_path / "tree"
     tree.mkdir()
-    assert swtpm.tpm_state_dir("yes", Path(f"{tree}/"), False, tmp_path)[0] == tmp_path / "tree.tpmstate"
+    assert swtpm.tpm_state_dir(tpm_state("yes"), Path(f"{tree}/"), False, tmp_path)[0] == tmp_path / "tree.tpmstate"
 
 
 @pytest.mark.parametrize("setting", ["auto", "off", "", "no", "false", "0"])
@@ -93,27 +98,27 @@ def test_tpm_state_transient_for_off_ephemeral_or_no_image(tmp_path, setting):
     (run / "tpm" / "stale").touch()  # a killed earlier run's state is not reused
     image = tmp_path / "foo.raw"
     image.touch()
-    path, persistent = swtpm.tpm_state_dir(setting, image, True, run)
+    path, persistent = swtpm.tpm_state_dir(tpm_state(setting), image, True, run)
     assert (path, persistent) == (run / "tpm", False)
     assert list(path.iterdir()) == []
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
     assert not (tmp_path / "foo.raw.tpmstate").exists()
-    assert swtpm.tpm_state_dir(setting, None, False, run) == (run / "tpm", False)
+    assert swtpm.tpm_state_dir(tpm_state(setting), None, False, run) == (run / "tpm", False)
 
 
 def test_tpm_state_explicit_paths(tmp_path, monkeypatch):
-    path, persistent = swtpm.tpm_state_dir(str(tmp_path / "a" / "b"), None, True, tmp_path)
+    path, persistent = swtpm.tpm_state_dir(tpm_state(str(tmp_path / "a" / "b")), None, True, tmp_path)
     assert (path, persistent) == (tmp_path / "a" / "b", True)
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
     monkeypatch.chdir(tmp_path)
-    assert swtpm.tpm_state_dir("./rel", None, False, tmp_path) == (tmp_path / "rel", True)
+    assert swtpm.tpm_state_dir(tpm_state("./rel"), None, False, tmp_path) == (tmp_path / "rel", True)
 
 
 def test_tpm_state_persistent_dir_is_never_emptied(tmp_path):
     state = tmp_path / "keep"
     state.mkdir(mode=0o750)
     (state / "tpm2-00.permall").write_bytes(b"state")
-    assert swtpm.tpm_state_dir(str(state), None, False, tmp_path) == (state, True)
+    assert swtpm.tpm_state_dir(tpm_state(str(state)), None, False, tmp_path) == (state, True)
     assert (state / "tpm2-00.permall").read_bytes() == b"state"
     assert stat.S_IMODE(state.stat().st_mode) == 0o750  # an existing dir is the user's
 
@@ -121,14 +126,14 @@ def test_tpm_state_persistent_dir_is_never_emptied(tmp_path):
 @pytest.mark.parametrize("setting", ["rel/path", "rel", "../up", "~/x"])
 def test_tpm_state_relative_path_without_dot_slash_rejected(tmp_path, setting):
     with pytest.raises(ConfigError) as e:
-        swtpm.tpm_state_dir(setting, None, False, tmp_path)
+        swtpm.tpm_state_dir(tpm_state(setting), None, False, tmp_path)
     assert e.value.field == "tpm-state"
 
 
 def test_tpm_state_path_that_is_a_file_rejected(tmp_path):
     (tmp_path / "f").touch()
     with pytest.raises(ConfigError, match="not a directory"):
-        swtpm.tpm_state_dir(str(tmp_path / "f"), None, False, tmp_path)
+        swtpm.tpm_state_dir(tpm_state(str(tmp_path / "f")), None, False, tmp_path)
 
 
 def test_tpm_enabled(monkeypatch):

@@ -7,8 +7,11 @@ import stat
 
 import pytest
 
-from vmspawnd.config import ConfigError, MachineConfig, Tristate, config_from_json, config_to_json
+from vmspawnd.config import MachineConfig
+from vmspawnd.errors import ConfigError
 from vmspawnd.guest.ssh import SSHD_DROPIN, SshKeyError, generate_key_pair
+from vmspawnd.settings import config_from_json, config_to_json
+from vmspawnd.values import Tristate
 
 
 @pytest.mark.parametrize(("key_type", "prefix"), [("ed25519", "ssh-ed25519 "), ("rsa", "ssh-rsa "),
@@ -37,8 +40,8 @@ def test_settings_validate_and_round_trip(tmp_path):
     config = MachineConfig(name="vm", linux=tmp_path / "k", pass_ssh_key=Tristate.YES, ssh_key_type="rsa")
     data = config_to_json(config)
     assert (data["passSshKey"], data["sshKeyType"]) == ("yes", "rsa")
-    again = config_from_json("vm", {**data, "linux": "/vmlinuz"}, check_environment=False)
+    again = config_from_json("vm", {**data, "linux": "/vmlinuz"})
     assert (again.pass_ssh_key, again.ssh_key_type) == (Tristate.YES, "rsa")
     with pytest.raises(ConfigError) as e:
-        MachineConfig(name="vm", linux=tmp_path / "k", ssh_key_type="dsa").validated(check_environment=False)
+        MachineConfig(name="vm", linux=tmp_path / "k", ssh_key_type="dsa").validated()
     assert e.value.field == "ssh-key-type" and "ed25519" in e.value.reason

@@ -8,8 +8,10 @@ import os
 import pytest
 
 from vmspawnd.api import Config
-from vmspawnd.config import JSON_FIELDS, ConfigError, config_from_json, config_to_json
+from vmspawnd.errors import ConfigError
 from vmspawnd.options import parse_vmspawn_args
+from vmspawnd.plan import plan_launch
+from vmspawnd.settings import JSON_FIELDS, config_from_json, config_to_json
 from vmspawnd.storage import write_json_atomic
 
 
@@ -62,6 +64,6 @@ def test_stored_definitions_load_even_when_their_files_are_gone(tmp_path):
     config = parse_vmspawn_args([f"--linux={kernel}", "--firmware=none"])
     data = config_to_json(config)
     kernel.unlink()
-    assert config_from_json(config.name, data, check_environment=False).linux == kernel
+    assert config_from_json(config.name, data).linux == kernel
     with pytest.raises(ConfigError):
-        config_from_json(config.name, data)
+        plan_launch(config_from_json(config.name, data))  # starting it is another matter

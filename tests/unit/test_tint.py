@@ -3,7 +3,7 @@
 
 import pytest
 
-from vmspawnd.config import ConfigError
+from vmspawnd.errors import ConfigError
 from vmspawnd.tint import Tinter, tint_from_background, validate_background
 
 

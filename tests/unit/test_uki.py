@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from vmspawnd.config import ConfigError, MachineConfig
+from vmspawnd.config import MachineConfig
+from vmspawnd.errors import ConfigError
+from vmspawnd.plan import plan_launch
 from vmspawnd.qemu.argv import Resources, build_qemu_argv, cmdline_smbios_strings
 from vmspawnd.qemu.firmware import is_uki, pe_section_names
 
@@ -40,7 +42,7 @@ def test_sections_and_uki_detection(tmp_path):
 def test_uki_needs_uefi(tmp_path):
     uki = make_pe(tmp_path / "uki.efi", [".linux"])
     with pytest.raises(ConfigError, match="UKI"):
-        MachineConfig(name="u", linux=uki, firmware="bios").validated()
+        plan_launch(MachineConfig(name="u", linux=uki, firmware="bios").validated())
 
 
 def test_uki_command_line_goes_via_smbios_not_append(tmp_path):

@@ -12,8 +12,8 @@ import sys
 
 import structlog
 
-from vmspawnd.config import FALSE_WORDS, ConfigError, ConsoleMode, MachineConfig
-from vmspawnd.errors import StartError, WrongState
+from vmspawnd.config import MachineConfig
+from vmspawnd.errors import ConfigError, StartError, WrongState
 from vmspawnd.log import command_level, setup_logging
 from vmspawnd.machine import Machine, State
 from vmspawnd.options import InfoRequest, parse_vmspawn_args
@@ -21,6 +21,7 @@ from vmspawnd.ptyfwd import PtyForwarder
 from vmspawnd.runtime import runtime_base
 from vmspawnd.systemd.notify import ManagerNotifier
 from vmspawnd.tint import query_terminal_background, tint_from_background
+from vmspawnd.values import FALSE_WORDS, ConsoleMode
 
 log = structlog.get_logger()
 

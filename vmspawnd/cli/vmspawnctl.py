@@ -29,10 +29,11 @@ from asyncvarlink import (
 from vmspawnd import __version__
 from vmspawnd.api import Config, ManagerInterface
 from vmspawnd.cli.vmspawnd import DEFAULT_SOCKET
-from vmspawnd.config import ConfigError, config_to_json
+from vmspawnd.errors import ConfigError
 from vmspawnd.log import command_level, setup_logging
 from vmspawnd.options import OptionParser, add_machine_options, config_from_args
 from vmspawnd.ptyfwd import PtyForwarder
+from vmspawnd.settings import config_to_json
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def create_parser() -> OptionParser:
     p = OptionParser(prog="vmspawnctl create", description="Define a machine. Takes the same options as vmspawn.")
     p.add_argument("name", metavar="NAME")
-    add_machine_options(p)
+    add_machine_options(p, create=True)
     return p
 
 

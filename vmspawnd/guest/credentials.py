@@ -16,7 +16,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmspawnd.config import ConfigError
+from vmspawnd.errors import ConfigError
+from vmspawnd.values import valid_credential_id
 
 MAX_CREDENTIAL_SIZE = 1024 * 1024
 #: What SMBIOS type-11 strings may take: QEMU refuses SMBIOS 2.1 tables over 65535 bytes, and the
@@ -26,12 +27,6 @@ FW_CFG_PREFIX = "opt/io.systemd.credentials/"
 FW_CFG_NAME_MAX = 55
 #: QEMU's q35 has 32 fw_cfg file slots, most taken by its own files: leave it room.
 FW_CFG_CREDENTIALS_MAX = 8
-
-
-def valid_credential_id(cred_id: str) -> bool:
-    """A credential ID is a file name: 1–255 printable characters, no '/', '=' or whitespace."""
-    return (0 < len(cred_id) <= 255 and cred_id not in (".", "..") and cred_id.isprintable()
-            and not any(c in cred_id for c in "/= \t"))
 
 
 _ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92, '"': 34, "'": 39, "s": 32}
@@ -127,14 +122,6 @@ def _read_socket(path: Path) -> bytes:
             if len(data) > MAX_CREDENTIAL_SIZE:
                 raise ConfigError("load-credential", str(path), "larger than 1 MiB")
     return data
-
-
-def check_unique(credentials: list[tuple[str, bytes]]) -> None:
-    seen: set[str] = set()
-    for cred_id, _ in credentials:
-        if cred_id in seen:
-            raise ConfigError("credential", cred_id, "the same credential ID is given twice")
-        seen.add(cred_id)
 
 
 def _write_private(path: Path, data: bytes) -> Path:

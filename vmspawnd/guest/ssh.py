@@ -14,9 +14,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmspawnd.config import ConfigError
-
-KEY_TYPES = ("ed25519", "ecdsa", "rsa")
 AUTHORIZED_KEYS_CREDENTIAL = "ssh.ephemeral-authorized_keys-all"
 SSHD_DROPIN_CREDENTIAL = "systemd.unit-dropin.sshd-vsock@.service"
 SSHD_DROPIN = (
@@ -25,12 +22,6 @@ SSHD_DROPIN = (
     f"ExecStart=sshd -i -o 'AuthorizedKeysFile=%d/{AUTHORIZED_KEYS_CREDENTIAL} .ssh/authorized_keys'\n"
     f"ImportCredential={AUTHORIZED_KEYS_CREDENTIAL}\n"
 )
-
-
-def validate_key_type(value: str, field: str = "ssh-key-type") -> str:
-    if value not in KEY_TYPES:
-        raise ConfigError(field, value, f"expected one of: {', '.join(KEY_TYPES)}")
-    return value
 
 
 class SshKeyError(Exception):

@@ -13,10 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmspawnd.config import ConfigError, ConsoleMode, ConsoleTransport, MachineConfig, Network
+from vmspawnd.config import MachineConfig
+from vmspawnd.errors import ConfigError
 from vmspawnd.guest.credentials import c_unescape
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.qemu.disks import drive_args
+from vmspawnd.values import ConsoleMode, ConsoleTransport, Network
 
 COMMAND_LINE_SIZE = 2048  # x86 kernel limit
 _TERM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")

@@ -10,8 +10,9 @@ import struct
 import uuid
 from pathlib import Path
 
-from vmspawnd.config import ConfigError, DiskType, Drive, ImageFormat
+from vmspawnd.errors import ConfigError
 from vmspawnd.qemu import qemu_escape
+from vmspawnd.values import DiskType, Drive, ImageFormat
 
 ROOT_X86_64 = uuid.UUID("4f68bce3-e8cd-4db1-96e7-fbcaf984b709")
 USR_X86_64 = uuid.UUID("8484680c-9521-48c6-9c11-b0720656f69e")

@@ -27,8 +27,9 @@ from typing import Any
 
 import structlog
 
-from vmspawnd.config import FALSE_WORDS, TRUE_WORDS, ConfigError, Tristate, parse_tristate
+from vmspawnd.errors import ConfigError
 from vmspawnd.qemu import qemu_escape
+from vmspawnd.values import StateLocation, Tristate, parse_tristate
 
 log = structlog.get_logger()
 
@@ -497,23 +498,11 @@ def nvram_template(descriptor: Descriptor | None, override: Path | None = None) 
     return mapping.nvram_template.filename if mapping.nvram_template else None
 
 
-def nvram_state_path(setting: str, image_or_directory: Path | None, ephemeral: bool) -> Path | None:
-    """``--efi-nvram-state=PATH|auto|off`` (booleans: yes=auto, no=off; empty=off).
-
-    None means "a transient copy in the runtime directory".  ``auto`` is
-    ``<image-or-dir>.efinvramstate`` next to it, unless ephemeral or there is no image/directory.
-    """
-    word = setting.strip().lower()
-    if word == "" or word == "off" or word in FALSE_WORDS:
-        return None
-    if word == "auto" or word in TRUE_WORDS:
-        if ephemeral or image_or_directory is None:
-            return None
-        base = Path(os.path.abspath(image_or_directory))
-        return base.with_name(base.name + NVRAM_STATE_SUFFIX)
-    if not _is_path_value(setting):
-        raise ConfigError("efi-nvram-state", setting, "expected auto, off, or a path (absolute or starting with ./)")
-    return Path(os.path.abspath(setting))
+def nvram_state_path(location: StateLocation, image_or_directory: Path | None, ephemeral: bool) -> Path | None:
+    """Where ``--efi-nvram-state=`` keeps the UEFI variables; None means "a transient copy in the
+    runtime directory".  ``auto`` is ``<image-or-dir>.efinvramstate`` next to it, unless ephemeral
+    or there is no image/directory."""
+    return location.resolve(image_or_directory, ephemeral, NVRAM_STATE_SUFFIX)
 
 
 def _copy_new(template: Path, target: Path, *, replace: bool) -> bool:

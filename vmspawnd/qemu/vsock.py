@@ -10,22 +10,10 @@ import os
 import random
 import struct
 
+from vmspawnd.errors import ConfigError
+from vmspawnd.values import CID_MAX, CID_MIN
+
 VHOST_VSOCK_SET_GUEST_CID = 0x4008AF60
-CID_MIN, CID_MAX = 3, 0xFFFFFFFE
-
-
-def parse_vsock_cid(value: str | int | None, field: str = "vsock-cid") -> int | None:
-    """``--vsock-cid=``: a guest CID from 3 to 4294967294; empty, ``any`` or -1 mean automatic (None)."""
-    from vmspawnd.config import ConfigError
-
-    text = str(value).strip().lower() if value is not None else ""
-    if text in ("", "any", "-1"):
-        return None
-    if text in ("hypervisor", "local", "host"):
-        raise ConfigError(field, value, "a reserved CID; the guest needs a regular one (3…4294967294)")
-    if not (text.isascii() and text.isdigit()) or not CID_MIN <= int(text) <= CID_MAX:
-        raise ConfigError(field, value, "expected a CID from 3 to 4294967294 (or any)")
-    return int(text)
 
 
 def candidate_cids(name: str, attempts: int = 64) -> list[int]:
@@ -49,8 +37,6 @@ def claim_vsock(name: str, device: str = "/dev/vhost-vsock", fixed_cid: int | No
                 if e.errno != errno.EADDRINUSE:
                     raise
                 if fixed_cid is not None:
-                    from vmspawnd.config import ConfigError
-
                     raise ConfigError("vsock-cid", fixed_cid, "already taken by another VM") from None
         raise OSError(errno.EADDRNOTAVAIL, "no free vsock CID")
     except BaseException:

@@ -17,33 +17,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmspawnd.config import ConfigError
+from vmspawnd.errors import ConfigError
 
 MAP_UID_MIN, MAP_UID_MAX = 60514, 60577
 HOME_MOUNT_DIR = Path("/run/vmhost/home")
 NOBODY_UID = 65534
 RECORD_SERVICE = "io.systemd.NSpawn"  # what systemd's own --bind-user writes into the records
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
-
-
-def validate_user_name(value: str, field: str) -> str:
-    """A portable user or group name (letters, digits, '_', '.', '-'; at most 32 characters)."""
-    if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise ConfigError(field, value, "not a valid user or group name")
-    return value
-
-
-def parse_bind_user_shell(value: str) -> str:
-    """``--bind-user-shell=BOOL|PATH``: ``yes`` (the host's shell), ``no`` (none) or an absolute path."""
-    from vmspawnd.config import FALSE_WORDS, TRUE_WORDS
-
-    if value.lower() in TRUE_WORDS:
-        return "yes"
-    if value.lower() in FALSE_WORDS:
-        return "no"
-    if not value.startswith("/") or not value.isprintable() or len(value) > 4096:
-        raise ConfigError("bind-user-shell", value, "expected a boolean or an absolute path")
-    return value
 
 
 @dataclass(frozen=True)

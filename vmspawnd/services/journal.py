@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmspawnd.config import ConfigError
+from vmspawnd.errors import ConfigError
 from vmspawnd.services.runner import RunningService, ServiceRunner, ServiceSpec
 
 #: Where Debian and others install it when it is not on $PATH (package systemd-journal-remote).

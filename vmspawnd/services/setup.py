@@ -10,8 +10,9 @@ from pathlib import Path
 
 import structlog
 
-from vmspawnd.config import Bind, ConfigError, MachineConfig, Tristate
-from vmspawnd.services.binduser import resolve_bound_users
+from vmspawnd.config import MachineConfig
+from vmspawnd.errors import ConfigError
+from vmspawnd.plan import LaunchPlan
 from vmspawnd.services.journal import JournalLimits, start_journal_remote
 from vmspawnd.services.journal import guest_credential as journal_credential
 from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner
@@ -20,13 +21,14 @@ from vmspawnd.services.virtiofsd import (
     ROOT_CHARDEV,
     ROOT_TAG,
     UidMap,
+    Virtiofsd,
     bind_tag,
-    find_virtiofsd,
     fstab_extra,
     qemu_shared_memory_args,
     qemu_virtiofs_args,
     start_virtiofsd,
 )
+from vmspawnd.values import Bind, Tristate
 
 log = structlog.get_logger()
 
@@ -57,7 +59,7 @@ class AuxServices:
         return [svc.unit or f"{what} (pid {svc.pid})" for what, svc in self.services]
 
 
-async def start_aux_services(config: MachineConfig, runner: ServiceRunner, rundir: Path,
+async def start_aux_services(config: MachineConfig, plan: LaunchPlan, runner: ServiceRunner, rundir: Path,
                              bound_to: str | None = None, guest_cid: int | None = None,
                              on_started: Callable[[str, RunningService], None] | None = None) -> AuxServices:
     """Start swtpm, one virtiofsd per share and journal-remote (which needs the guest's vsock
@@ -70,7 +72,7 @@ async def start_aux_services(config: MachineConfig, runner: ServiceRunner, rundi
     if on_started is not None:
         aux.on_started = on_started
     try:
-        await _start(aux, config, runner, rundir, bound_to)
+        await _start(aux, config, plan, runner, rundir, bound_to)
         if config.forward_journal is not None:
             assert guest_cid is not None
             await _start_journal_remote(aux, config, runner, guest_cid, bound_to)
@@ -82,7 +84,7 @@ async def start_aux_services(config: MachineConfig, runner: ServiceRunner, rundi
     return aux
 
 
-async def _start(aux: AuxServices, config: MachineConfig, runner: ServiceRunner, rundir: Path,
+async def _start(aux: AuxServices, config: MachineConfig, plan: LaunchPlan, runner: ServiceRunner, rundir: Path,
                  bound_to: str | None) -> None:
     base = config.image.path if config.image is not None else config.directory
     if tpm_enabled(config.tpm):
@@ -101,10 +103,10 @@ async def _start(aux: AuxServices, config: MachineConfig, runner: ServiceRunner,
 
     shares: list[tuple[int | str, str, str, Path, bool, UidMap | None]] = []
     if config.directory is not None:
-        shares.append(("root", ROOT_TAG, ROOT_CHARDEV, config.directory, False, root_uid_map(config)))
+        shares.append(("root", ROOT_TAG, ROOT_CHARDEV, config.directory, False, root_uid_map(config, plan.virtiofsd)))
         aux.cmdline += ["root=root", "rootfstype=virtiofs", "rw"]
     shares += [(i, bind_tag(i), bind_tag(i), b.source, b.read_only, None) for i, b in enumerate(config.binds)]
-    users = resolve_bound_users(config.bind_users, config.bind_user_shell, config.bind_user_groups)
+    users = plan.bound_users
     binds = [*config.binds, *(Bind(user.host_home, user.vm_home) for user in users)]
     shares += [(i, bind_tag(i), bind_tag(i), user.host_home, False,
                 UidMap(user.vm_uid, user.host_uid, 1, user.host_gid, squash_others=True))
@@ -113,7 +115,7 @@ async def _start(aux: AuxServices, config: MachineConfig, runner: ServiceRunner,
         socket_path = rundir / f"fs-{tag}.sock"
         try:
             svc = await start_virtiofsd(runner, config.name, index, source, socket_path, read_only,
-                                        bound_to=bound_to, uid_map=uid_map)
+                                        virtiofsd=plan.virtiofsd, bound_to=bound_to, uid_map=uid_map)
         except (ServiceError, OSError) as e:
             raise AuxServiceError(f"virtiofsd for {source} failed to start: {e}") from e
         aux.add(f"virtiofsd {tag}", svc)
@@ -139,13 +141,13 @@ async def _start_journal_remote(aux: AuxServices, config: MachineConfig, runner:
     aux.credentials.append(journal_credential(guest_cid))
 
 
-def root_uid_map(config: MachineConfig) -> UidMap | None:
+def root_uid_map(config: MachineConfig, virtiofsd: Virtiofsd | None) -> UidMap | None:
     """--private-users, else (where virtiofsd can translate) the directory owner's UID with 65536 IDs."""
     if config.private_users is not None:
         return UidMap(0, config.private_users[0], config.private_users[1])
     assert config.directory is not None
     owner = config.directory.stat().st_uid
-    if owner == 0 or not find_virtiofsd().translate_ids:
+    if owner == 0 or virtiofsd is None or not virtiofsd.translate_ids:
         return None
     return UidMap(0, owner, 65536)
 

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import structlog
 
-from vmspawnd.config import FALSE_WORDS, TRUE_WORDS, ConfigError, Tristate
+from vmspawnd.errors import ConfigError
 from vmspawnd.proc import check_socket_path
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner, ServiceSpec
+from vmspawnd.values import StateLocation, Tristate
 
 log = structlog.get_logger()
 
@@ -34,28 +35,15 @@ TPM_DEVICES = {"x86_64": "tpm-tis", "amd64": "tpm-tis", "aarch64": "tpm-tis-devi
                "armv7l": "tpm-tis-device"}
 
 
-def tpm_state_dir(setting: str, image_or_directory: Path | None, ephemeral: bool,
+def tpm_state_dir(location: StateLocation, image_or_directory: Path | None, ephemeral: bool,
                   runtime_dir: Path) -> tuple[Path, bool]:
-    """Resolve ``--tpm-state=PATH|auto|off`` (or a boolean) to ``(directory, persistent)``.
+    """Where ``--tpm-state=`` puts the TPM's state: ``(directory, persistent)``.
 
     ``auto`` → ``<image-or-dir>.tpmstate`` (full file name + ``.tpmstate``), unless there is no
-    image/directory or the run is ephemeral; ``off``/false/empty and those cases → a fresh
-    transient ``<runtime_dir>/tpm``.  PATH must be absolute or start with ``./``.  The directory
-    is created (0700); a persistent one is never emptied.
+    image/directory or the run is ephemeral; ``off`` and those cases → a fresh transient
+    ``<runtime_dir>/tpm``.  The directory is created (0700); a persistent one is never emptied.
     """
-    word = setting.strip()
-    lowered = word.lower()
-    path: Path | None
-    if lowered == "auto" or lowered in TRUE_WORDS:
-        path = None if ephemeral or image_or_directory is None else \
-            Path(os.path.abspath(image_or_directory) + ".tpmstate")
-    elif lowered == "" or lowered in FALSE_WORDS:
-        path = None
-    elif word.startswith("/") or word.startswith("./"):
-        path = Path(os.path.abspath(word))
-    else:
-        raise ConfigError("tpm-state", setting, "expected auto, off, a boolean, or a path that is absolute "
-                                                "or starts with ./")
+    path = location.resolve(image_or_directory, ephemeral, ".tpmstate")
     if path is None:
         transient = runtime_dir / "tpm"
         if transient.exists() or transient.is_symlink():

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import structlog
 
-from vmspawnd.config import Bind, ConfigError, path_problem, split_escaped
+from vmspawnd.errors import ConfigError
 from vmspawnd.proc import CAP_SYS_ADMIN, check_socket_path, has_capability
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.services import rowrap
 from vmspawnd.services.runner import RunningService, ServiceRunner, ServiceSpec
+from vmspawnd.values import Bind, path_problem, split_escaped
 
 log = structlog.get_logger()
 

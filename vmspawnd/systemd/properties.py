@@ -11,8 +11,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from vmspawnd.config import ConfigError, parse_bool, parse_size
+from vmspawnd.errors import ConfigError
 from vmspawnd.systemd.units import Variant
+from vmspawnd.values import parse_bool, parse_size
 
 UINT64_MAX = (1 << 64) - 1
 UINT32_MAX = (1 << 32) - 1

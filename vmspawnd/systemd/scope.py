@@ -10,8 +10,6 @@ from __future__ import annotations
 from vmspawnd.systemd.properties import Property, parse_properties
 from vmspawnd.systemd.units import SystemdManager, Variant
 
-DEFAULT_SLICE = "machine.slice"
-
 
 def unit_name_escape(text: str) -> str:
     """systemd's unit name escaping of one component: '-' and anything unusual become \\xNN."""
@@ -27,11 +25,6 @@ def unit_name_escape(text: str) -> str:
 def scope_unit_name(machine: str) -> str:
     """The name machined itself would give the VM's scope."""
     return f"machine-{unit_name_escape(machine)}.scope"
-
-
-def mangle_slice(value: str) -> str:
-    """``--slice=foo`` → ``foo.slice``."""
-    return value if value.endswith(".slice") else f"{value}.slice"
 
 
 def scope_properties(machine: str, pid: int, slice_name: str, properties: list[Property]) -> list[Property]:
