@@ -9,7 +9,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static
 	libsystemd-dev pkg-config gcc python3-dev python3-venv tmux openssh-client libwrap0 groff-base
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-fuzz demo lint install guest clean
+.PHONY: setup test test-fast test-fuzz demo lint varlink install guest clean
 
 setup: $(STAMP)
 	@$(MAKE) --no-print-directory deb-packages
@@ -53,6 +53,12 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+# the varlink interface file, written from what the daemon serves (a test keeps them equal)
+varlink: setup
+	$(BIN)/python -c 'import vmspawnd.api as a; print(a.interface_description(), end="")' \
+		> varlink/io.vmspawnd.Manager.varlink
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -57,13 +57,20 @@ class MachineState(enum.Enum):
     failed = "failed"
 
 
-#: A machine's configuration, one optional field per setting of the settings table (settings.py);
-#: unset fields take vmspawn's defaults (except console: headless).  vmspawnctl create fills it
-#: from vmspawn's options.
-Config = dataclasses.make_dataclass(
-    "Config", [(name, kind, dataclasses.field(default=None)) for name, kind in varlink_config_fields()],
-    namespace={"__doc__": "A machine's configuration; every field optional, with vmspawn's defaults (except "
-                          "console: headless unless given). vmspawnctl create fills it from vmspawn's options."})
+if typing.TYPE_CHECKING:
+    class Config:
+        """What the type checker knows of Config: keyword fields, made at import from the table."""
+
+        def __init__(self, **fields: typing.Any) -> None: ...
+        def __getattr__(self, name: str) -> typing.Any: ...
+else:
+    #: A machine's configuration, one optional field per setting of the settings table (settings.py);
+    #: unset fields take vmspawn's defaults (except console: headless).
+    Config = dataclasses.make_dataclass(
+        "Config", [(name, kind, dataclasses.field(default=None)) for name, kind in varlink_config_fields()],
+        namespace={"__doc__": "A machine's configuration; every field optional, with vmspawn's defaults "
+                              "(except console: headless unless given). vmspawnctl create fills it from vmspawn's "
+                              "options."})
 
 
 @dataclass
@@ -232,7 +239,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     def Create(self, *, name: str, config: Config) -> MachineInfo:
         """Define a new machine (it is not started)."""
         _check_name(name)
-        raw = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
+        raw = {k: v for k, v in vars(config).items() if v is not None}
         with typed_errors(name):
             entry = self.manager.create(config_from_json(name, raw))
         return machine_info(name, entry)

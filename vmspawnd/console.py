@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import os
 import tty
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -49,7 +51,7 @@ class ConsoleRelay:
                 await asyncio.sleep(0.05)
         self._spawn(self._pump_from_qemu(reader))
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -86,7 +86,7 @@ class QemuProcess:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         pidfd = self._pidfd
-        loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+        loop.add_reader(pidfd, lambda: _resolve(done))
         try:
             await done
         finally:
@@ -135,3 +135,9 @@ class QemuProcess:
         if self._pidfd >= 0:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, sig)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    """Set ``future``'s result unless it is done already (a reader callback may run twice)."""
+    if not future.done():
+        future.set_result(None)

@@ -8,7 +8,8 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Any
+from types import FrameType
+from typing import Any, TextIO
 
 import structlog
 
@@ -22,7 +23,7 @@ _NOT_IN_THE_MESSAGE = ("event", "level", "message_id")
 def _caller() -> dict[str, Any]:
     """CODE_FILE/CODE_LINE/CODE_FUNC of the code that logged (not of structlog or of this module),
     as ``journal.send`` takes them (the line an int)."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(_NOT_THE_CALLER):
         frame = frame.f_back
     if frame is None:
@@ -35,7 +36,7 @@ class JournalLogger:
     (``machine=`` becomes MACHINE=, ``message_id=`` MESSAGE_ID=), and where it was logged from."""
 
     def msg(self, **event: Any) -> None:
-        from systemd import journal
+        from systemd import journal  # on first use: a command that never logs to the journal never loads it
 
         fields = {k.upper(): str(v) for k, v in event.items() if k not in ("event", "level") and v is not None}
         message = " ".join([str(event.get("event", ""))] + [f"{k}={v}" for k, v in event.items()
@@ -98,8 +99,8 @@ class PlainRenderer:
         return line + (f"\n{exc}" if exc else "")
 
 
-def setup_logging(verbose: bool = False, stream=None, journal: bool = False, *, program: str | None = None,
-                  level: int | None = None) -> None:
+def setup_logging(verbose: bool = False, stream: TextIO | None = None, journal: bool = False, *,
+                  program: str | None = None, level: int | None = None) -> None:
     """Configure structlog: the daemon logs at info (debug with ``verbose``) to the journal or stderr;
     a command (``program``) prints only what reaches ``level`` (default: warnings), one plain line each."""
     stream = stream or sys.stderr

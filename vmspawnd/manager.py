@@ -275,8 +275,9 @@ class Manager:
 
     # ---------------------------------------------------------------- operations
     def _new_entry(self, config: MachineConfig) -> Entry:
+        name = config.name
         machine = Machine(config, runtime_base=self.runtime_base, die_with_parent=False, console_socket=True,
-                          on_event=lambda kind, data, n=config.name: self._publish(n, kind, data))
+                          on_event=lambda kind, data: self._publish(name, kind, data))
         return Entry(config, machine)
 
     def get(self, name: str) -> Entry:

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from vmspawnd import __version__
+from vmspawnd.cli import vmspawnctl, vmspawnd
+from vmspawnd.options import vmspawn_parser
 
 SEE_ALSO = "vmspawn(1), vmspawnctl(1), vmspawnd(8), systemd-vmspawn(1), machinectl(1), varlinkctl(1)"
 
@@ -59,9 +61,6 @@ def render(parser: argparse.ArgumentParser, name: str, section: int, summary: st
 
 def pages() -> dict[str, str]:
     """File name → man page, for the three commands."""
-    from vmspawnd.cli import vmspawnctl, vmspawnd
-    from vmspawnd.options import vmspawn_parser
-
     return {
         "vmspawn.1": render(vmspawn_parser(), "vmspawn", 1, "spawn a virtual machine the systemd-vmspawn way"),
         "vmspawnctl.1": render(vmspawnctl.build_parser(), "vmspawnctl", 1,

@@ -48,9 +48,11 @@ def add_machine_options(parser: argparse.ArgumentParser, create: bool = False) -
                             "with -x plus a random suffix)")
 
 
-def config_from_args(ns: argparse.Namespace) -> MachineConfig:
-    """Turn parsed options into a MachineConfig (checked as a definition; the host is the launch plan's)."""
-    if ns.machine and not ns.image and not ns.directory:
+def config_from_args(ns: argparse.Namespace, machine_pool: bool = True) -> MachineConfig:
+    """Turn parsed options into a MachineConfig (checked as a definition; the host is the launch plan's).
+    ``machine_pool``: -M NAME alone boots NAME from this host's machine pool (not for a client, whose
+    host is not the one the VM runs on)."""
+    if machine_pool and ns.machine and not ns.image and not ns.directory:
         _from_machine_pool(ns)
     if ns.machine is not None:
         name = ns.machine
@@ -148,11 +150,15 @@ class FrontEnd:
     log_level: int = logging.WARNING
 
 
-def parse_vmspawn_args(argv: list[str], with_front_end: bool = False, terminal: bool = True):
-    """Parse a full vmspawn command line (options may follow kernel command-line words).
+def parse_vmspawn_args(argv: list[str], terminal: bool = True) -> MachineConfig:
+    """The machine a full vmspawn command line describes (options may follow kernel command-line words)."""
+    return parse_vmspawn_command_line(argv, terminal)[0]
 
-    Without a ``terminal`` (stdin and stdout), the default console is read-only, not interactive.
-    Returns the MachineConfig, or (config, FrontEnd) with ``with_front_end``."""
+
+def parse_vmspawn_command_line(argv: list[str], terminal: bool = True) -> tuple[MachineConfig, FrontEnd]:
+    """Parse a full vmspawn command line: the machine, and what only the foreground vmspawn takes.
+
+    Without a ``terminal`` (stdin and stdout), the default console is read-only, not interactive."""
     parser = vmspawn_parser()
     ns = parser.parse_intermixed_args(argv)
     if ns.console is None and not terminal:
@@ -162,8 +168,6 @@ def parse_vmspawn_args(argv: list[str], with_front_end: bool = False, terminal: 
     if text is not None:
         raise InfoRequest(text)
     config = config_from_args(ns)
-    if not with_front_end:
-        return config
     try:
         level = command_level(ns.quiet, ns.verbose, ns.log_level)
     except ValueError as e:

@@ -203,6 +203,7 @@ class Run:
             credentials.append((channel.credential[0], channel.credential[1].encode()))
         term = os.environ.get("TERM")
         extra_cmdline = self._synthesized_cmdline() + tuple(aux.cmdline)
+        assert self.plan is not None
         uki = self.plan.uki
         credential_files = write_credentials(rundir / "smbios", credentials, config.smbios11
                                              + tuple(cmdline_smbios_strings(config, term, extra_cmdline, uki)))
@@ -304,6 +305,7 @@ class Run:
         runner = await choose_runner(die_with_parent=self._die_with_parent, manager=systemd)
         self._handles.push_async_callback(runner.aclose)
         try:
+            assert self.plan is not None
             aux = await start_aux_services(run_config, self.plan, runner, rundir, bound_to=scope, guest_cid=vsock_cid,
                                            on_started=self._helper_started)
         except AuxServiceError as e:
@@ -370,6 +372,7 @@ class Run:
 
     def _prepare_firmware(self, rundir: Path) -> tuple[Any, Path | None]:
         config = self.config
+        assert self.plan is not None
         firmware = self.plan.firmware
         nvram = None
         template = firmware.nvram_template(config.efi_nvram_template)

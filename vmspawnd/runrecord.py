@@ -103,7 +103,7 @@ async def kill_process(pid: int, starttime: int | None) -> bool:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         loop = asyncio.get_running_loop()
         gone = loop.create_future()
-        loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+        loop.add_reader(pidfd, lambda: _resolve(gone))
         try:
             await asyncio.wait_for(gone, KILL_WAIT)
         except TimeoutError:
@@ -159,3 +159,9 @@ async def stop_units(units: list[str]) -> None:
                 await systemd.stop_unit(unit, timeout=30)
     finally:
         await systemd.aclose()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    """Set ``future``'s result unless it is done already (a reader callback may run twice)."""
+    if not future.done():
+        future.set_result(None)

@@ -38,6 +38,7 @@ from typing import Any
 import structlog
 from asyncvarlink import (
     GenericVarlinkErrorReply,
+    VarlinkErrorReply,
     VarlinkInterfaceRegistry,
     VarlinkInterfaceServerProtocol,
     VarlinkTransport,
@@ -83,7 +84,7 @@ class GuardedProtocol(VarlinkInterfaceServerProtocol):
     """One client connection (see the module docstring)."""
 
     def __init__(self, registry: VarlinkInterfaceRegistry, limits: ServerLimits,
-                 on_call_error: Callable[[BaseException], GenericVarlinkErrorReply | None]) -> None:
+                 on_call_error: Callable[[BaseException], VarlinkErrorReply | None]) -> None:
         super().__init__(registry)
         self._limits = limits
         self._on_call_error = on_call_error
@@ -274,7 +275,7 @@ class GuardedServer(VarlinkUnixServer):
 
 
 async def serve(sock: socket.socket, registry: VarlinkInterfaceRegistry, limits: ServerLimits,
-                on_call_error: Callable[[BaseException], GenericVarlinkErrorReply | None]) -> GuardedServer:
+                on_call_error: Callable[[BaseException], VarlinkErrorReply | None]) -> GuardedServer:
     """Serve ``registry`` on the listening socket ``sock``."""
     sock.setblocking(False)
     server = GuardedServer(sock, lambda: GuardedProtocol(registry, limits, on_call_error), limits)

@@ -335,7 +335,7 @@ class _JoinList(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        setting = BY_KEY[self.metavar_setting]  # type: ignore[attr-defined]
+        setting = BY_KEY[getattr(self, "metavar_setting")]  # noqa: B009 - set by add_options
         items = list(getattr(namespace, self.dest, None) or [])
         items.append(setting.parse(values, setting.field()))
         setattr(namespace, self.dest, items)
@@ -485,7 +485,7 @@ def add_options(parser: argparse.ArgumentParser, *, create: bool = False) -> Non
         if s.into is not None:
             action = group.add_argument(s.option, dest=BY_KEY[s.into].dest, metavar=s.metavar, help=s.help,
                                         action=_JoinList)
-            action.metavar_setting = s.key  # type: ignore[attr-defined]
+            setattr(action, "metavar_setting", s.key)  # noqa: B010 - the action reads it back
         elif s.option is not None:
             names = [n for n in (s.short, s.option) if n]
             if s.flag:

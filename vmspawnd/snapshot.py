@@ -83,10 +83,13 @@ def remove_copy(path: Path, source: Path) -> None:
                 with contextlib.suppress(OSError):
                     os.chmod(child, 0o700)
 
-    def report(_function, failed: str, _exc) -> None:
+    def report(_function: object, failed: str, _exc: object) -> None:
         log.warning("could not remove part of an --ephemeral copy", path=failed)
 
-    shutil.rmtree(path, **({"onexc": report} if sys.version_info >= (3, 12) else {"onerror": report}))
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=report)
+    else:
+        shutil.rmtree(path, onerror=report)
 
 
 class EphemeralCopy:

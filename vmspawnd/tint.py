@@ -65,7 +65,8 @@ def query_terminal_background(fd: int, timeout: float = 0.1) -> tuple[float, flo
     m = re.search(rb"rgb:([0-9a-fA-F]+)/([0-9a-fA-F]+)/([0-9a-fA-F]+)", reply)
     if not m:
         return None
-    return tuple(int(c, 16) / (16 ** len(c) - 1) for c in m.groups())  # type: ignore[return-value]
+    red, green, blue = (int(c, 16) / (16 ** len(c) - 1) for c in m.groups())
+    return red, green, blue
 
 
 def _sgr_resets_background(params: bytes) -> bool:

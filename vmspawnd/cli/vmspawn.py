@@ -9,6 +9,8 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import structlog
 
@@ -16,7 +18,7 @@ from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError, StartError, WrongState
 from vmspawnd.log import command_level, setup_logging
 from vmspawnd.machine import Machine, State
-from vmspawnd.options import InfoRequest, parse_vmspawn_args
+from vmspawnd.options import InfoRequest, parse_vmspawn_command_line
 from vmspawnd.ptyfwd import PtyForwarder
 from vmspawnd.runtime import runtime_base
 from vmspawnd.systemd.notify import ManagerNotifier
@@ -30,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(program="vmspawn", level=command_level())
     try:
         terminal = os.isatty(0) and os.isatty(1)
-        config, front_end = parse_vmspawn_args(sys.argv[1:] if argv is None else argv, with_front_end=True,
-                                               terminal=terminal)
+        config, front_end = parse_vmspawn_command_line(sys.argv[1:] if argv is None else argv, terminal=terminal)
         if config.console is ConsoleMode.INTERACTIVE and not terminal:
             raise ConfigError("console", "interactive", "needs a terminal on standard input and output "
                               "(use --console=read-only or headless)")
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _events_to_manager(config: MachineConfig, notifier: ManagerNotifier):
+def _events_to_manager(config: MachineConfig, notifier: ManagerNotifier) -> Callable[[str, dict[str, Any]], None]:
     """Map machine events to sd_notify messages for whoever started us."""
     def on_event(kind: str, data: dict) -> None:
         if kind == "running":
@@ -94,7 +95,7 @@ async def run(config: MachineConfig, background: str | None = None) -> int:
     signals_seen = 0
     tasks: set[asyncio.Task[None]] = set()
 
-    def command(coro) -> None:
+    def command(coro: Coroutine[Any, Any, None]) -> None:
         """Run a stop or kill in the background; one that finds the VM already gone is fine."""
         async def quietly() -> None:
             with contextlib.suppress(WrongState):

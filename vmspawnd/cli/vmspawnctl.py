@@ -108,11 +108,11 @@ def parse_create(argv: list[str]) -> tuple[str, Any]:
         raise SystemExit(0)
     ns = parser.parse_intermixed_args(argv)
     ns.machine = ns.name
-    return ns.name, config_from_args(ns)
+    return ns.name, config_from_args(ns, machine_pool=False)  # the client never looks at the host
 
 
 def _plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {k: _plain(v) for k, v in dataclasses.asdict(obj).items()}
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
@@ -235,8 +235,12 @@ async def _console(proxy: Any, name: str) -> int:
         fd = os.dup(reply["fileDescriptor"].fileno())
     loop = asyncio.get_running_loop()
     done = loop.create_future()
-    fwd = PtyForwarder(fd, read_only=False, on_escape=lambda: done.done() or done.set_result(0),
-                       on_hangup=lambda: done.done() or done.set_result(0))
+
+    def detach() -> None:
+        if not done.done():
+            done.set_result(0)
+
+    fwd = PtyForwarder(fd, read_only=False, on_escape=detach, on_hangup=detach)
     print(f"░ Attached to {name}. Press Ctrl-] three times within 1s to detach.", file=sys.stderr)
     fwd.start()
     try:
@@ -288,7 +292,7 @@ async def connect(args: argparse.Namespace) -> tuple[Any, Any]:
         return await connect_unix_varlink(VarlinkClientProtocol, args.address)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        ssh = subprocess.Popen(ssh_argv(args.host, args.address), stdin=theirs, stdout=theirs,
+        ssh = subprocess.Popen(ssh_argv(args.host, args.address), stdin=theirs.fileno(), stdout=theirs.fileno(),
                                start_new_session=True)
     finally:
         theirs.close()
@@ -296,7 +300,12 @@ async def connect(args: argparse.Namespace) -> tuple[Any, Any]:
     protocol = VarlinkClientProtocol()
     transport = VarlinkTransport(asyncio.get_running_loop(), ours, ours, protocol)
     await asyncio.sleep(0)
-    transport.closed_future.add_done_callback(lambda _: ssh.poll() is None and ssh.terminate())
+
+    def end_ssh(_: object) -> None:
+        if ssh.poll() is None:
+            ssh.terminate()
+
+    transport.closed_future.add_done_callback(end_ssh)
     return transport, protocol
 
 

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def activated_socket() -> socket.socket | None:
     """The listening socket systemd passed us (LISTEN_FDS), if any."""
-    from systemd import daemon
+    from systemd import daemon  # on first use: start-up speed of the commands that share this module
 
     fds = daemon.listen_fds()
     if not fds:

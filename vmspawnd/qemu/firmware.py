@@ -135,7 +135,7 @@ def _require(data: dict[str, Any], key: str, kind: type, where: str = "") -> Any
     return value
 
 
-_KIND_NAMES = {str: "string", list: "list", dict: "JSON object"}
+_KIND_NAMES: dict[type, str] = {str: "string", list: "list", dict: "JSON object"}
 
 
 def _strings(data: dict[str, Any], key: str, where: str = "") -> tuple[str, ...]:

@@ -20,7 +20,7 @@ class Qmp:
     """One QMP session with a QEMU process, over its monitor's unix socket."""
 
     def __init__(self, name: str) -> None:
-        from qemu.qmp import QMPClient  # imported once QEMU is already booting
+        from qemu.qmp import QMPClient  # imported once QEMU is already booting (start-up speed)
 
         self._client = QMPClient(name)
         self._watcher: asyncio.Task[None] | None = None
@@ -43,7 +43,8 @@ class Qmp:
     async def _watch_events(self) -> None:
         """Read QEMU's events (which also keeps their buffer from growing), note a SHUTDOWN, tell listeners."""
         async for event in self._client.events:
-            name, data = str(event.get("event")), dict(event.get("data") or {})
+            raw = event.get("data")
+            name, data = str(event.get("event")), dict(raw) if isinstance(raw, dict) else {}
             if name == "SHUTDOWN":
                 self.shutdown_reason = str(data.get("reason") or "")
             for listener in list(self._listeners):
@@ -55,7 +56,7 @@ class Qmp:
 
     async def quit(self) -> None:
         """End QEMU now; a disconnect while it quits counts as success."""
-        from qemu.qmp import QMPError
+        from qemu.qmp import QMPError  # loaded by __init__ already: this only names it
 
         with contextlib.suppress(QMPError, ConnectionError, EOFError, asyncio.IncompleteReadError, TimeoutError):
             await asyncio.wait_for(self._client.execute("quit"), 5)

@@ -212,7 +212,7 @@ class ChildService(RunningService):
         loop = asyncio.get_running_loop()
         gone = loop.create_future()
         pidfd = self._pidfd
-        loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+        loop.add_reader(pidfd, lambda: _resolve(gone))
         try:
             await gone
         finally:
@@ -329,7 +329,7 @@ class AdoptedChildService(RunningService):
     async def _watch(self) -> int | None:
         gone = self._loop.create_future()
         pidfd = self._pidfd
-        self._loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+        self._loop.add_reader(pidfd, lambda: _resolve(gone))
         try:
             await gone
         finally:
@@ -365,9 +365,9 @@ class AdoptedChildService(RunningService):
 
 
 # ----------------------------------------------------------------------------- transient units
-def transient_unit_properties(spec: ServiceSpec) -> list[tuple[str, Variant]]:
+def transient_unit_properties(spec: ServiceSpec) -> list[tuple[str, Any]]:
     """The ``a(sv)`` properties of the transient service for ``spec`` (StartTransientUnit)."""
-    props: list[tuple[str, Variant]] = [
+    props: list[tuple[str, Any]] = [
         ("Description", Variant("s", spec.description or spec.name)),
         ("Type", Variant("s", "exec")),  # the start job fails if the binary cannot be executed
         ("ExecStart", Variant("a(sasb)", [(spec.argv[0], list(spec.argv), False)])),
@@ -440,6 +440,7 @@ class UnitService(RunningService):
             return
         self._stopping = True
         try:
+            assert self.unit is not None
             await self._runner.manager.stop_unit(self.unit, timeout)
             await asyncio.wait_for(asyncio.shield(self._exited), timeout)
         except DBusCallError as e:
@@ -448,6 +449,7 @@ class UnitService(RunningService):
         except TimeoutError:
             self.log.info("unit did not stop in time, killing it", timeout=timeout)
             with contextlib.suppress(DBusCallError):
+                assert self.unit is not None
                 await self._runner.manager.kill_unit(self.unit)
         await asyncio.shield(self._exited)
 
@@ -532,3 +534,9 @@ async def choose_runner(*, die_with_parent: bool = True, timeout: float = CONNEC
             raise ServiceError("service-runner", f"${RUNNER_ENV}=unit but {reason}")
     log.info("auxiliary services run as child processes", reason=reason)
     return ChildRunner(die_with_parent=die_with_parent)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    """Set ``future``'s result unless it is done already (a reader callback may run twice)."""
+    if not future.done():
+        future.set_result(None)

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import structlog
 from asyncvarlink import (
-    GenericVarlinkErrorReply,
     TypedVarlinkErrorReply,
     VarlinkInterface,
     VarlinkInterfaceRegistry,
@@ -191,7 +190,7 @@ def control_path(rundir: Path) -> Path | None:
     return path if len(os.fsencode(path)) <= SUN_PATH_MAX else None
 
 
-def _call_error(exc: BaseException) -> GenericVarlinkErrorReply | None:
+def _call_error(exc: BaseException) -> TypedVarlinkErrorReply | None:
     if isinstance(exc, (NotConnected, ConnectionError, EOFError, TimeoutError)):
         return NotConnectedError()
     return None

@@ -79,7 +79,11 @@ def leader_process_id(pid: int) -> dict[str, Any]:
 async def call(method: str, parameters: dict[str, Any], socket_path: Path = MACHINED_SOCKET,
                timeout: float = 10.0) -> dict[str, Any]:
     """One varlink call to machined; raise RegistrationError with machined's error name."""
-    from asyncvarlink import VarlinkClientProtocol, VarlinkMethodCall, connect_unix_varlink  # on first use
+    from asyncvarlink import (  # on first use: start-up speed
+        VarlinkClientProtocol,
+        VarlinkMethodCall,
+        connect_unix_varlink,
+    )
 
     if not socket_path.exists():
         raise RegistrationError(f"cannot reach systemd-machined at {socket_path}: it is not running")

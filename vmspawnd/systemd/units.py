@@ -129,7 +129,7 @@ class SystemdManager:
         finally:
             self._job_waiters.pop(job, None)
 
-    async def start_transient_unit(self, unit: str, properties: list[tuple[str, Variant]],
+    async def start_transient_unit(self, unit: str, properties: list[tuple[str, Any]],
                                    timeout: float = 10.0) -> str:
         """StartTransientUnit(unit, "fail", …) and wait for its job; return the unit's object path."""
         try:
