@@ -106,7 +106,7 @@ class Run:
 
     def __init__(self, config: MachineConfig, runtime: RuntimeDir, *, on_event: RunEventHandler,
                  die_with_parent: bool = True, qemu_output: int | IO[bytes] | None = None,
-                 console_socket: bool = False) -> None:
+                 console_socket: bool = False, plan: LaunchPlan | None = None) -> None:
         self.config = config
         self.runtime = runtime
         self.log = log.bind(machine=config.name)
@@ -118,7 +118,7 @@ class Run:
         self.vsock_cid: int | None = None
         self.vsock_port: int | None = None
         self.registered = False
-        self.plan: LaunchPlan | None = None  # what the host offers this start (set before anything starts)
+        self.plan = plan  # what the host offers this start (made before anything starts, if not given)
         self.control_socket: Path | None = None  # io.systemd.MachineInstance, while this process serves it
         self.console: ConsoleRelay | None = None  # the daemon's relay of the console socket, if any
         self.forced = False  # we had to end it (kill): the exit status says so
@@ -237,7 +237,8 @@ class Run:
     def _preflight(self) -> tuple[Path, Accelerator, str | None, tuple[str, ...]]:
         """Checks and look-ups that need no resources: QEMU binary, accelerator, TAP rights, MAC."""
         config = self.config
-        self.plan = plan_launch(config)  # the host, looked at once for this start
+        if self.plan is None:
+            self.plan = plan_launch(config)  # the host, looked at once for this start
         check_cmdline_length(config)
         if config.network is Network.TAP and not has_capability(CAP_NET_ADMIN):
             raise ConfigError("network-tap", "", "TAP networking needs CAP_NET_ADMIN (run as root)")

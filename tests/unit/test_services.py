@@ -21,7 +21,9 @@ from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, m
 from dbus_fast.service import signal as dbus_signal
 
 from tests.conftest import processes_mentioning
+from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError
+from vmspawnd.plan import plan_launch
 from vmspawnd.services import swtpm, virtiofsd
 from vmspawnd.services.runner import (
     ChildRunner,
@@ -33,6 +35,7 @@ from vmspawnd.services.runner import (
     transient_unit_properties,
 )
 from vmspawnd.services.virtiofsd import Bind, Flavour, UidMap, Virtiofsd
+from vmspawnd.settings import BY_KEY
 from vmspawnd.values import StateLocation, Tristate
 
 C_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
@@ -168,36 +171,47 @@ def test_swtpm_and_qemu_tpm_args():
 
 
 # ============================================================================ --bind
+def parse_bind(value: str, read_only: bool) -> Bind:
+    setting = BY_KEY["bindRo" if read_only else "bind"]
+    return setting.parse(value, setting.field())
+
+
 def test_parse_bind_defaults_and_escapes(tmp_path):
     (tmp_path / "a:b").mkdir()
-    assert virtiofsd.parse_bind(str(tmp_path), False) == Bind(tmp_path, tmp_path, False)
-    assert virtiofsd.parse_bind(f"{tmp_path}:/mnt/x", True) == Bind(tmp_path, Path("/mnt/x"), True)
-    assert virtiofsd.parse_bind(f"{tmp_path}:", False).destination == tmp_path
+    assert parse_bind(str(tmp_path), False) == Bind(tmp_path, tmp_path, False)
+    assert parse_bind(f"{tmp_path}:/mnt/x", True) == Bind(tmp_path, Path("/mnt/x"), True)
+    assert parse_bind(f"{tmp_path}:", False).destination == tmp_path
     escaped = str(tmp_path).replace(":", "\\:") + "/a\\:b:/in\\:guest"
-    assert virtiofsd.parse_bind(escaped, False) == Bind(tmp_path / "a:b", Path("/in:guest"), False)
+    assert parse_bind(escaped, False) == Bind(tmp_path / "a:b", Path("/in:guest"), False)
 
 
 def test_parse_bind_relative_source_made_absolute(tmp_path, monkeypatch):
     (tmp_path / "d").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert virtiofsd.parse_bind("d:/x", False).source == tmp_path / "d"
+    assert parse_bind("d:/x", False).source == tmp_path / "d"
 
 
 @pytest.mark.parametrize("read_only,field", [(False, "bind"), (True, "bind-ro")])
 def test_parse_bind_rejects(tmp_path, read_only, field):
+    for value, reason in {f"{tmp_path}:relative/dst": "absolute", f"{tmp_path}:/a:/b": "SRC", ":/dst": "SRC"}.items():
+        with pytest.raises(ConfigError, match=reason) as e:
+            parse_bind(value, read_only)
+        assert (e.value.field, e.value.value) == (field, value)
+
+
+@pytest.mark.parametrize("read_only,field", [(False, "bind"), (True, "bind-ro")])
+def test_the_launch_plan_refuses_a_share_that_is_no_directory(tmp_path, read_only, field):
     (tmp_path / "file").touch()
     cases = {
         str(tmp_path / "file"): "not a directory",
         str(tmp_path / "missing"): "no such file or directory",
-        f"{tmp_path}:relative/dst": "absolute",
-        f"{tmp_path}:/a:/b": "SRC",
-        ":/dst": "SRC",
         "/" + "a" * 4100: "file name too long",
     }
     for value, reason in cases.items():
+        config = MachineConfig(name="vm", linux=Path("/k"), binds=(parse_bind(value, read_only),))
         with pytest.raises(ConfigError, match=reason) as e:
-            virtiofsd.parse_bind(value, read_only)
-        assert (e.value.field, e.value.value) == (field, value)
+            plan_launch(config)
+        assert e.value.field == field
 
 
 def test_fstab_extra_tags_modes_and_octal_escapes():

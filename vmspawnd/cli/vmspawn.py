@@ -19,6 +19,7 @@ from vmspawnd.errors import ConfigError, StartError, WrongState
 from vmspawnd.log import command_level, setup_logging
 from vmspawnd.machine import Machine, State
 from vmspawnd.options import InfoRequest, parse_vmspawn_command_line
+from vmspawnd.plan import LaunchPlan, plan_launch
 from vmspawnd.ptyfwd import PtyForwarder
 from vmspawnd.runtime import runtime_base
 from vmspawnd.systemd.notify import ManagerNotifier
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.console is ConsoleMode.INTERACTIVE and not terminal:
             raise ConfigError("console", "interactive", "needs a terminal on standard input and output "
                               "(use --console=read-only or headless)")
+        plan = plan_launch(config)  # what this host offers, looked at once, before anything is shown
     except InfoRequest as info:
         try:
             print(info.text, flush=True)
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     setup_logging(program="vmspawn", level=front_end.log_level)
     try:
-        return asyncio.run(run(config, front_end.background))
+        return asyncio.run(run(config, front_end.background, plan))
     except KeyboardInterrupt:
         return 1
 
@@ -83,7 +85,7 @@ def console_decoration(config: MachineConfig, background: str | None) -> tuple[s
     return (tint_from_background(rgb) if rgb else None), title
 
 
-async def run(config: MachineConfig, background: str | None = None) -> int:
+async def run(config: MachineConfig, background: str | None = None, plan: LaunchPlan | None = None) -> int:
     """Boot the VM, forward its console, and return the exit status."""
     loop = asyncio.get_running_loop()
     try:
@@ -124,7 +126,7 @@ async def run(config: MachineConfig, background: str | None = None) -> int:
         elif config.console is ConsoleMode.NATIVE:
             print("░ Press Ctrl-a x to kill VM.", file=sys.stderr)
     try:
-        await machine.start()
+        await machine.start(plan=plan)
     except (ConfigError, StartError) as e:
         print(f"vmspawn: {e}", file=sys.stderr)
         return 1

@@ -30,25 +30,6 @@ def check_image(path: Path, fmt: ImageFormat, field: str) -> None:
         raise ConfigError(field, str(path), "qcow2 images must be regular files")
 
 
-def parse_extra_drive(value: str, default_type: DiskType) -> Drive:
-    """``--extra-drive=[FORMAT:][DISKTYPE:]PATH`` (prefixes in any order)."""
-    fmt, disk_type, rest = ImageFormat.RAW, default_type, value
-    while True:
-        head, sep, tail = rest.partition(":")
-        if not sep:
-            break
-        if head in {f.value for f in ImageFormat}:
-            fmt = ImageFormat(head)
-        elif head in {d.value for d in DiskType}:
-            disk_type = DiskType(head)
-        else:
-            break
-        rest = tail
-    path = Path(os.path.abspath(rest))
-    check_image(path, fmt, "extra-drive")
-    return Drive(path, fmt, disk_type)
-
-
 def drive_serial(path: Path, disk_type: DiskType) -> str:
     """The file name, or a SHA-256 prefix when it is too long for the device's serial field."""
     limit = 30 if disk_type in (DiskType.VIRTIO_SCSI, DiskType.SCSI_CD) else 20

@@ -27,7 +27,7 @@ from vmspawnd.proc import CAP_SYS_ADMIN, check_socket_path, has_capability
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.services import rowrap
 from vmspawnd.services.runner import RunningService, ServiceRunner, ServiceSpec
-from vmspawnd.values import Bind, path_problem, split_escaped
+from vmspawnd.values import Bind
 
 log = structlog.get_logger()
 
@@ -155,23 +155,6 @@ def choose_sandbox(mountinfo: Path = Path("/proc/self/mountinfo"), status: Path 
 
 
 # ----------------------------------------------------------------------------- --bind
-def parse_bind(value: str, read_only: bool) -> Bind:
-    """Parse ``SRC[:DST]`` (``\\:`` is a literal colon).  SRC must be an existing directory."""
-    field = "bind-ro" if read_only else "bind"
-    parts = split_escaped(value)
-    if len(parts) > 2 or not parts[0]:
-        raise ConfigError(field, value, "expected SRC[:DST] (write \\: for a ':' in a path)")
-    source = Path(os.path.abspath(parts[0]))
-    destination_text = parts[1] if len(parts) == 2 and parts[1] else str(source)
-    if not destination_text.startswith("/"):
-        raise ConfigError(field, value, "the destination in the guest must be an absolute path")
-    if "\0" in value:
-        raise ConfigError(field, value, "paths cannot contain NUL")
-    if problem := path_problem(source, directory=True):
-        raise ConfigError(field, value, f"{problem} (only directories can be shared)")
-    return Bind(source, Path(os.path.normpath(destination_text)), read_only)
-
-
 def bind_tag(index: int) -> str:
     """The virtiofs tag (and QEMU chardev id) of the ``index``-th bind: ``mnt<index>``."""
     return f"mnt{index}"
