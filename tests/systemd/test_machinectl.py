@@ -27,6 +27,7 @@ from tests.systemd.helpers import (
     systemd_version,
     varlink_call,
 )
+from tests.systemd.test_integration import vmspawn
 
 pytestmark = [
     pytest.mark.systemd,
@@ -121,3 +122,19 @@ def test_machinectl_poweroff_without_control_sockets_is_reported_as_the_signal_i
     st = ctl.wait(lambda s: s["state"] != "running", name=NAME, timeout=30)
     assert st["state"] == "failed" and st["exitStatus"] == 1, st
     assert "SIGRTMIN+4" in st["failure"] and "systemd < 261" in st["failure"], st
+
+
+@with_control
+def test_machinectl_poweroff_ends_a_foreground_vmspawn_cleanly() -> None:
+    proc = vmspawn("-M", "fg", "test.action=acpi")
+    try:
+        entry = poll(lambda: varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": "fg"})[0],
+                     lambda r: "error" not in r, 60)["parameters"]
+        assert entry["controlAddress"].endswith("/fg/control"), entry  # vmspawn serves it too
+        proc.wait_for("TESTGUEST: ready")
+        sh("machinectl", "poweroff", "fg")
+        out = proc.wait(60)
+    finally:
+        proc.stop()
+    assert proc.returncode == 0, out
+    assert "power button pressed" in out, out

@@ -182,8 +182,6 @@ async def serve(args: argparse.Namespace) -> int:
     server = await serve_varlink(sock, registry, limits, call_error)
     log.info("serving", socket=sock.getsockname(), state_dir=str(state_dir), machines=len(manager.machines),
              max_connections=limits.max_connections, fd_limit=fd_limit)
-    notifier.send(READY=1, STATUS=f"{manager.running_count()} VM(s) running")
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -195,7 +193,8 @@ async def serve(args: argparse.Namespace) -> int:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)  # before READY=1: systemd ≥ 262 checks for it
+    notifier.send(READY=1, STATUS=f"{manager.running_count()} VM(s) running")
     await stop.wait()
     notifier.send(STOPPING=1)
     log.info("shutting down; VMs keep running", running=manager.running_count())
