@@ -27,11 +27,13 @@ from asyncvarlink import (
     varlinkmethod,
 )
 
+from vmspawnd.auth import MANAGE, Caller, require
 from vmspawnd.errors import (
     ConfigError,
     HostError,
     MachineExists,
     NoSuchMachine,
+    PermissionDenied,
     StartError,
     VmspawndError,
     WrongState,
@@ -88,6 +90,7 @@ class MachineInfo:
     failure: str | None
     config: Config
     definitionError: str | None = None
+    owner: int = 0  # the uid that created it (root for definitions made before owners were recorded)
 
 
 @dataclass
@@ -144,6 +147,12 @@ class HostFailedError(TypedVarlinkErrorReply, name=f"{INTERFACE}.HostFailed"):
         reason: str
 
 
+class PermissionDeniedError(TypedVarlinkErrorReply, name=f"{INTERFACE}.PermissionDenied"):
+    class Parameters:
+        action: str
+        reason: str
+
+
 def varlink_error(error: VmspawndError | OSError, name: str) -> TypedVarlinkErrorReply:
     """The interface's typed error for one of ours: the one place where they are mapped."""
     if isinstance(error, NoSuchMachine):
@@ -158,6 +167,8 @@ def varlink_error(error: VmspawndError | OSError, name: str) -> TypedVarlinkErro
         return StartFailedError(name=name, reason=str(error))
     if isinstance(error, HostError):
         return HostFailedError(reason=str(error))
+    if isinstance(error, PermissionDenied):
+        return PermissionDeniedError(action=error.action, reason=error.reason)
     if isinstance(error, OSError):
         return HostFailedError(reason=str(HostError("the operation failed", error)))
     return HostFailedError(reason=str(error))
@@ -198,12 +209,12 @@ def machine_info(name: str, entry: Entry) -> MachineInfo:
         runtimeDirectory=str(m.runtime.path) if running else None,
         tpmStatePath=str(m.tpm_state_path) if m.tpm_state_path else None, units=m.units,
         status=m.guest_status, exitStatus=m.exit_status, failure=m.failure,
-        config=_shown_config(entry), definitionError=entry.definition_error,
+        config=_shown_config(entry), definitionError=entry.definition_error, owner=entry.owner,
     )
 
 
 def _shown_config(entry: Entry) -> Config:
-    """The config as Describe shows it, made once per machine (its config never changes)."""
+    """The config as Describe shows it, made once per config (a reload that changes it resets it)."""
     if entry.shown is None:
         entry.shown = _config_object(config_to_json(entry.config))
     return entry.shown
@@ -220,7 +231,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     """Create, run and watch virtual machines."""
 
     errors = (NoSuchMachineError, MachineExistsError, InvalidConfigError, WrongStateError, StartFailedError,
-              HostFailedError)
+              HostFailedError, PermissionDeniedError)
 
     def __init__(self, manager: Manager | None = None) -> None:
         self._manager = manager
@@ -238,15 +249,17 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod(return_parameter="machine")
     def Create(self, *, name: str, config: Config) -> MachineInfo:
         """Define a new machine (it is not started)."""
+        who = _require(MANAGE, "defining a machine", name)
         _check_name(name)
         raw = {k: v for k, v in vars(config).items() if v is not None}
         with typed_errors(name):
-            entry = self.manager.create(config_from_json(name, raw))
+            entry = self.manager.create(config_from_json(name, raw), owner=who.uid)
         return machine_info(name, entry)
 
     @varlinkmethod(return_parameter="machine")
     async def Start(self, *, name: str) -> MachineInfo:
         """Start a stopped machine; returns once QEMU runs (not when the guest is ready)."""
+        _require(MANAGE, "starting a machine", name)
         self._entry(name)
         with typed_errors(name, start=True):
             entry = await self.manager.start(name)
@@ -255,6 +268,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod(return_parameter="machine")
     async def Stop(self, *, name: str, timeout: float | None = None) -> MachineInfo:
         """Power the guest off via ACPI; force it after ``timeout`` seconds (default 10)."""
+        _require(MANAGE, "stopping a machine", name)
         self._entry(name)
         if timeout is not None and not 0 <= timeout <= MAX_STOP_TIMEOUT:
             raise InvalidConfigError(field="timeout", reason=f"must be between 0 and {MAX_STOP_TIMEOUT:.0f}")
@@ -265,6 +279,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod(return_parameter="machine")
     async def Kill(self, *, name: str, signal: int | None = None) -> MachineInfo:
         """End QEMU now (QMP quit, then SIGKILL), or send it ``signal``."""
+        _require(MANAGE, "killing a machine", name)
         self._entry(name)
         if signal is not None and signal not in {s.value for s in signal_module.Signals}:
             raise InvalidConfigError(field="signal", reason=f"{signal} is not a signal number")
@@ -275,6 +290,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod
     async def Remove(self, *, name: str) -> None:
         """Forget a stopped machine's definition."""
+        _require(MANAGE, "removing a machine", name)
         self._entry(name)
         with typed_errors(name):
             await self.manager.remove(name)
@@ -330,6 +346,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod(return_parameter="fileDescriptor")
     async def OpenConsole(self, *, name: str) -> FileDescriptor:
         """The master side of a new PTY attached to the machine's console (passed as a file descriptor)."""
+        _require(MANAGE, "opening a machine's console", name)
         entry = self._entry(name)
         console = entry.console
         if console is None or entry.machine.state is not State.RUNNING:
@@ -339,6 +356,12 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
             fd = FileDescriptor(await console.open_client(), should_close=True)
         asyncio.get_running_loop().call_later(30, _close_quietly, fd)
         return fd
+
+
+def _require(action: str, what: str, name: str) -> Caller:
+    """The caller, if it may do ``what``; else the typed PermissionDenied error."""
+    with typed_errors(name):
+        return require(action, what)
 
 
 def _close_quietly(fd: FileDescriptor) -> None:

@@ -71,3 +71,12 @@ class HostError(VmspawndError):
         if error.errno == errno.ENOSPC:
             reason = "no space left on the device"
         super().__init__(f"{what}: {reason}")
+
+
+class PermissionDenied(VmspawndError):
+    """The caller may not do this (``action`` names what it would need)."""
+
+    def __init__(self, action: str, reason: str) -> None:
+        super().__init__(reason)
+        self.action = action
+        self.reason = reason

@@ -58,6 +58,7 @@ class Entry:
     config: MachineConfig
     machine: Machine
     definition_error: str | None = None  # why its definition on disk cannot be used (it stays listed)
+    owner: int = 0  # the uid that created it
     shown: Any = None  # the front end's cached rendering of ``config`` (reset when a reload changes it)
 
     @property
@@ -187,7 +188,10 @@ class Manager:
             if unknown:
                 log.warning("ignoring fields of a newer version in a definition (kept on disk)", machine=name,
                             fields=",".join(unknown))
-            return self._new_entry(config_from_json(name, stored, strict=False))
+            entry = self._new_entry(config_from_json(name, stored, strict=False))
+            owner = data.get("owner", 0)
+            entry.owner = owner if isinstance(owner, int) and not isinstance(owner, bool) and owner >= 0 else 0
+            return entry
         except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
             reason = f"its definition {path} cannot be used: {e}"
             log.error("a machine definition cannot be used; the machine stays listed", machine=name, error=str(e))
@@ -286,7 +290,7 @@ class Manager:
         except KeyError:
             raise NoSuchMachine(name) from None
 
-    def create(self, config: MachineConfig) -> Entry:
+    def create(self, config: MachineConfig, owner: int = 0) -> Entry:
         """Define a machine and persist its definition (nothing is kept if that fails)."""
         if config.name in self.machines or (self.definitions / f"{config.name}.json").exists():
             raise MachineExists(config.name)  # never overwrite a definition, even one we could not load
@@ -298,9 +302,10 @@ class Manager:
         except ConfigError as e:
             raise ConfigError(json_field_name(e.field), e.value, e.reason) from None
         entry = self._new_entry(config)
+        entry.owner = owner
         try:
             self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_json_atomic(self.definitions / f"{config.name}.json", {"name": config.name,
+            write_json_atomic(self.definitions / f"{config.name}.json", {"name": config.name, "owner": owner,
                                                                         "config": config_to_json(config)})
         except OSError as e:
             raise HostError(f"cannot save the definition of {config.name}", e) from e

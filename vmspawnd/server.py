@@ -30,6 +30,7 @@ import contextvars
 import errno
 import json
 import socket
+import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -179,6 +180,17 @@ class GuardedProtocol(VarlinkInterfaceServerProtocol):
         log.error("varlink call failed", error=repr(exc)[:500])
         if not oneway:
             self.send_error(GenericVarlinkErrorReply("io.vmspawnd.Manager.InternalError", {"reason": str(exc)[:500]}))
+
+    def peer(self) -> tuple[int, int, int] | None:
+        """The client's (pid, uid, gid) as the kernel saw them when it connected (SO_PEERCRED)."""
+        if self._sock is None:
+            return None
+        try:
+            creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+        pid, uid, gid = struct.unpack("3i", creds)
+        return pid, uid, gid
 
     def hung_up(self) -> bool:
         """True once the client closed its end (checked without reading what it may have sent)."""

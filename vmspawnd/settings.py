@@ -67,7 +67,7 @@ class Setting:
     option may be given several times and the JSON value is a list of such items.
     """
 
-    key: str  # the JSON/varlink name (None-free): also names the setting in errors from JSON
+    key: str  # the JSON/varlink name; it names the setting in errors from JSON (and the argparse dest)
     attr: str | None  # the MachineConfig field (None: folded into another by _assemble)
     option: str | None  # the long option (None: JSON only)
     parse: Parse
@@ -88,10 +88,6 @@ class Setting:
     #: the ordered list setting this one's command-line occurrences join, in command-line order
     #: (its JSON value goes last); then ``parse`` makes that list's item
     into: str | None = None
-
-    @property
-    def dest(self) -> str:
-        return self.key
 
     def field(self) -> str:
         """How errors name it on the command line."""
@@ -483,20 +479,20 @@ def add_options(parser: argparse.ArgumentParser, *, create: bool = False) -> Non
             continue
         group = groups.setdefault(s.group, parser.add_argument_group(s.group))
         if s.into is not None:
-            action = group.add_argument(s.option, dest=BY_KEY[s.into].dest, metavar=s.metavar, help=s.help,
+            action = group.add_argument(s.option, dest=BY_KEY[s.into].key, metavar=s.metavar, help=s.help,
                                         action=_JoinList)
             setattr(action, "metavar_setting", s.key)  # noqa: B010 - the action reads it back
         elif s.option is not None:
             names = [n for n in (s.short, s.option) if n]
             if s.flag:
-                group.add_argument(*names, dest=s.dest, action="store_true", default=None, help=s.help)
+                group.add_argument(*names, dest=s.key, action="store_true", default=None, help=s.help)
             else:
-                group.add_argument(*names, dest=s.dest, metavar=s.metavar, help=s.help,
+                group.add_argument(*names, dest=s.key, metavar=s.metavar, help=s.help,
                                    action="append" if s.repeat else "store", default=None)
             for alias in s.aliases:
-                group.add_argument(alias, dest=s.dest, help=argparse.SUPPRESS)
+                group.add_argument(alias, dest=s.key, help=argparse.SUPPRESS)
         for option, short, value, text in s.consts:
-            group.add_argument(*[n for n in (short, option) if n], dest=s.dest, action="store_const", const=value,
+            group.add_argument(*[n for n in (short, option) if n], dest=s.key, action="store_const", const=value,
                                help=text)
     parser.add_argument("cmdline", nargs="*", default=[], metavar="KERNEL-CMDLINE",
                         help="extra words for the guest's kernel command line")
@@ -504,7 +500,7 @@ def add_options(parser: argparse.ArgumentParser, *, create: bool = False) -> Non
 
 def config_from_namespace(ns: argparse.Namespace, name: str) -> MachineConfig:
     """The configuration a parsed command line describes (checked as a definition, not against the host)."""
-    given = {s.key: getattr(ns, s.dest, None) for s in SETTINGS if (s.option is not None or s.consts) and not s.into}
+    given = {s.key: getattr(ns, s.key, None) for s in SETTINGS if (s.option is not None or s.consts) and not s.into}
     given["kernelCommandLine"] = list(ns.cmdline or [])
     values = {}
     for s in SETTINGS:

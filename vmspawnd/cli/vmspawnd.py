@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH",
                    help=f"listen here when not socket-activated (default: {DEFAULT_SOCKET})")
     p.add_argument("--socket-group", metavar="GROUP",
-                   help="let this group use the socket (mode 0660, not 0600). Members can make the daemon "
-                        "open any file or device as root (images, binds, TPM state): trust them like root")
+                   help="make the socket 0660 for this group: its members may list, describe and follow "
+                        "events; only root may define, start or control machines (they run as root)")
     p.add_argument("--state-dir", metavar="DIR",
                    help="machine definitions (default: $STATE_DIRECTORY or /var/lib/vmspawnd)")
     p.add_argument("--runtime-dir", metavar="DIR",

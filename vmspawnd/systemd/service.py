@@ -10,8 +10,9 @@ Reload re-reads the machine definitions, as ``systemctl reload vmspawnd`` (SIGHU
 import os
 from collections.abc import Awaitable, Callable
 
-from asyncvarlink import TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod
+from asyncvarlink import GenericVarlinkErrorReply, TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod
 
+from vmspawnd.auth import caller
 from vmspawnd.log import LEVELS
 
 
@@ -36,18 +37,27 @@ class SystemdServiceInterface(VarlinkInterface, name="io.systemd.service"):
 
     @varlinkmethod
     def SetLogLevel(self, *, level: int) -> None:
-        """Log from this syslog level (0 emerg … 7 debug) on."""
+        """Log from this syslog level (0 emerg … 7 debug) on (root only)."""
+        _root_only()
         if not 0 <= level <= 7:
             raise InvalidLogLevelError(parameter="level")
         self._set_log_level(LEVELS[str(level)])
 
     @varlinkmethod
     async def Reload(self) -> None:
-        """Re-read the machine definitions (running VMs are not touched); returns once done."""
+        """Re-read the machine definitions (running VMs are not touched); returns once done (root only)."""
+        _root_only()
         if self._reload is not None:
             await self._reload()
 
     @varlinkmethod(return_parameter="environment")
     def GetEnvironment(self) -> list[str]:
-        """The daemon's environment (what QEMU and its helpers inherit)."""
+        """The daemon's environment (what QEMU and its helpers inherit; root only)."""
+        _root_only()
         return [f"{key}={value}" for key, value in sorted(os.environ.items())]
+
+
+def _root_only() -> None:
+    """Managing the daemon itself is root's (as for systemd's own daemons)."""
+    if not caller().root:
+        raise GenericVarlinkErrorReply("org.varlink.service.PermissionDenied")

@@ -1,0 +1,57 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Who is calling, and what they may do.
+
+Every call is attributed to its connection's peer credentials (SO_PEERCRED, taken by the kernel
+when the client connected).  Root may do everything.  Anyone else who can reach the socket may
+only look (List, Describe, Subscribe, ListFirmware): a VM runs as root, so defining, starting or
+controlling one is root's power, and a socket opened to a group (``--socket-group=``) must not
+hand that power out.  A denial is a :class:`PermissionDenied` naming the action it would need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmspawnd.errors import PermissionDenied
+from vmspawnd.server import current_connection
+
+#: What a non-root caller would need: to run VMs (which run as root) and to manage the daemon.
+MANAGE = "io.vmspawnd.manage"
+SERVICE = "io.vmspawnd.service"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The process at the other end of a call."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    @property
+    def root(self) -> bool:
+        return self.uid == 0
+
+
+#: a call that did not come over a socket (the daemon itself, tests of the interface class)
+INTERNAL = Caller(0, 0, 0)
+
+
+def caller() -> Caller:
+    """The caller of the varlink call being served."""
+    connection = current_connection.get(None)
+    peer = connection.peer() if connection is not None else None
+    if connection is None:
+        return INTERNAL
+    if peer is None:  # a socket whose peer the kernel cannot name: nobody in particular
+        return Caller(0, -1, -1)
+    return Caller(*peer)
+
+
+def require(action: str, what: str) -> Caller:
+    """The caller, if it may do ``what`` (which needs ``action``); else PermissionDenied."""
+    who = caller()
+    if not who.root:
+        raise PermissionDenied(action, f"{what} needs {action}, which uid {who.uid} does not have "
+                                       "(only root may; other callers may list and describe)")
+    return who
