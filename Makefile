@@ -69,6 +69,7 @@ LIBDIR ?= $(PREFIX)/lib/vmspawnd
 DOCDIR ?= $(PREFIX)/share/doc/vmspawnd
 VARLINKDIR ?= $(PREFIX)/share/varlink
 MANDIR ?= $(PREFIX)/share/man
+POLKITDIR ?= /usr/share/polkit-1/actions
 COMMANDS := vmspawn vmspawnctl vmspawnd
 
 # A self-contained copy: its own venv under $(LIBDIR) with the project (not editable) and its
@@ -87,6 +88,7 @@ install:
 		> $(DESTDIR)$(UNITDIR)/vmspawnd.service
 	install -m 0644 units/vmspawnd.socket $(DESTDIR)$(UNITDIR)/vmspawnd.socket
 	install -m 0644 varlink/io.vmspawnd.Manager.varlink $(DESTDIR)$(VARLINKDIR)/
+	install -D -m 0644 polkit/io.vmspawnd.policy $(DESTDIR)$(POLKITDIR)/io.vmspawnd.policy
 	install -m 0644 README.md LICENSE docs/*.md $(DESTDIR)$(DOCDIR)/
 	install -d $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man8
 	$(DESTDIR)$(LIBDIR)/bin/python -m vmspawnd.manpage $(DESTDIR)$(MANDIR)/man1
@@ -100,7 +102,7 @@ uninstall:
 		systemctl disable --now vmspawnd.socket vmspawnd.service 2>/dev/null || true; fi
 	rm -f $(DESTDIR)$(UNITDIR)/vmspawnd.service $(DESTDIR)$(UNITDIR)/vmspawnd.socket
 	for c in $(COMMANDS); do rm -f $(DESTDIR)$(PREFIX)/bin/$$c; done
-	rm -f $(DESTDIR)$(VARLINKDIR)/io.vmspawnd.Manager.varlink
+	rm -f $(DESTDIR)$(VARLINKDIR)/io.vmspawnd.Manager.varlink $(DESTDIR)$(POLKITDIR)/io.vmspawnd.policy
 	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(DOCDIR)
 	rm -f $(DESTDIR)$(MANDIR)/man1/vmspawn.1 $(DESTDIR)$(MANDIR)/man1/vmspawnctl.1 $(DESTDIR)$(MANDIR)/man8/vmspawnd.8
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

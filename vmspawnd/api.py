@@ -247,9 +247,9 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
             return self.manager.get(name)
 
     @varlinkmethod(return_parameter="machine")
-    def Create(self, *, name: str, config: Config) -> MachineInfo:
+    async def Create(self, *, name: str, config: Config) -> MachineInfo:
         """Define a new machine (it is not started)."""
-        who = _require(MANAGE, "defining a machine", name)
+        who = await _require(MANAGE, "defining a machine", name)
         _check_name(name)
         raw = {k: v for k, v in vars(config).items() if v is not None}
         with typed_errors(name):
@@ -259,7 +259,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod(return_parameter="machine")
     async def Start(self, *, name: str) -> MachineInfo:
         """Start a stopped machine; returns once QEMU runs (not when the guest is ready)."""
-        _require(MANAGE, "starting a machine", name)
+        await _require(MANAGE, "starting a machine", name)
         self._entry(name)
         with typed_errors(name, start=True):
             entry = await self.manager.start(name)
@@ -268,7 +268,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod(return_parameter="machine")
     async def Stop(self, *, name: str, timeout: float | None = None) -> MachineInfo:
         """Power the guest off via ACPI; force it after ``timeout`` seconds (default 10)."""
-        _require(MANAGE, "stopping a machine", name)
+        await _require(MANAGE, "stopping a machine", name)
         self._entry(name)
         if timeout is not None and not 0 <= timeout <= MAX_STOP_TIMEOUT:
             raise InvalidConfigError(field="timeout", reason=f"must be between 0 and {MAX_STOP_TIMEOUT:.0f}")
@@ -279,7 +279,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod(return_parameter="machine")
     async def Kill(self, *, name: str, signal: int | None = None) -> MachineInfo:
         """End QEMU now (QMP quit, then SIGKILL), or send it ``signal``."""
-        _require(MANAGE, "killing a machine", name)
+        await _require(MANAGE, "killing a machine", name)
         self._entry(name)
         if signal is not None and signal not in {s.value for s in signal_module.Signals}:
             raise InvalidConfigError(field="signal", reason=f"{signal} is not a signal number")
@@ -290,7 +290,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod
     async def Remove(self, *, name: str) -> None:
         """Forget a stopped machine's definition."""
-        _require(MANAGE, "removing a machine", name)
+        await _require(MANAGE, "removing a machine", name)
         self._entry(name)
         with typed_errors(name):
             await self.manager.remove(name)
@@ -346,7 +346,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod(return_parameter="fileDescriptor")
     async def OpenConsole(self, *, name: str) -> FileDescriptor:
         """The master side of a new PTY attached to the machine's console (passed as a file descriptor)."""
-        _require(MANAGE, "opening a machine's console", name)
+        await _require(MANAGE, "opening a machine's console", name)
         entry = self._entry(name)
         console = entry.console
         if console is None or entry.machine.state is not State.RUNNING:
@@ -358,10 +358,10 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         return fd
 
 
-def _require(action: str, what: str, name: str) -> Caller:
+async def _require(action: str, what: str, name: str) -> Caller:
     """The caller, if it may do ``what``; else the typed PermissionDenied error."""
     with typed_errors(name):
-        return require(action, what)
+        return await require(action, what)
 
 
 def _close_quietly(fd: FileDescriptor) -> None:

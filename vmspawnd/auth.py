@@ -3,9 +3,9 @@
 
 Every call is attributed to its connection's peer credentials (SO_PEERCRED, taken by the kernel
 when the client connected).  Root may do everything.  Anyone else who can reach the socket may
-only look (List, Describe, Subscribe, ListFirmware): a VM runs as root, so defining, starting or
-controlling one is root's power, and a socket opened to a group (``--socket-group=``) must not
-hand that power out.  A denial is a :class:`PermissionDenied` naming the action it would need.
+look (List, Describe, Subscribe, ListFirmware); a VM runs as root, so defining, starting or
+controlling one needs polkit's yes for ``io.vmspawnd.manage`` (polkit/io.vmspawnd.policy; no
+polkit, no yes).  A denial is a :class:`PermissionDenied` naming the action it would need.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from vmspawnd.errors import PermissionDenied
 from vmspawnd.server import current_connection
+from vmspawnd.systemd.polkit import authorized
 
 #: What a non-root caller would need: to run VMs (which run as root) and to manage the daemon.
 MANAGE = "io.vmspawnd.manage"
@@ -48,10 +49,10 @@ def caller() -> Caller:
     return Caller(*peer)
 
 
-def require(action: str, what: str) -> Caller:
-    """The caller, if it may do ``what`` (which needs ``action``); else PermissionDenied."""
+async def require(action: str, what: str) -> Caller:
+    """The caller, if it may do ``what`` (root, or polkit says yes to ``action``); else PermissionDenied."""
     who = caller()
-    if not who.root:
-        raise PermissionDenied(action, f"{what} needs {action}, which uid {who.uid} does not have "
-                                       "(only root may; other callers may list and describe)")
-    return who
+    if who.root or (who.uid >= 0 and await authorized(action, who.pid, who.uid)):
+        return who
+    raise PermissionDenied(action, f"{what} needs {action}, which polkit did not grant uid {who.uid} "
+                                   "(machines run as root; anyone may list and describe them)")

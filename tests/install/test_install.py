@@ -43,6 +43,8 @@ def test_install_twice_then_uninstall(tmp_path):
     assert (dest / "usr/local/share/doc/vmspawnd/README.md").is_file()
     assert (dest / "usr/local/share/varlink/io.vmspawnd.Manager.varlink").is_file()
     assert (dest / "etc/systemd/system/vmspawnd.socket").is_file()
+    policy = (dest / "usr/share/polkit-1/actions/io.vmspawnd.policy").read_text()  # where polkit reads it
+    assert '<action id="io.vmspawnd.manage">' in policy
     for page in ("man1/vmspawn.1", "man1/vmspawnctl.1", "man8/vmspawnd.8"):  # made from the parsers
         assert (dest / "usr/local/share/man" / page).read_text().startswith(".TH ")
     make("uninstall", f"DESTDIR={dest}", "PREFIX=/usr/local")

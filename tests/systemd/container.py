@@ -70,8 +70,8 @@ CA_INSIDE = "/run/host-ca.crt"
 
 #: What the tree holds (mmdebstrap --variant=minbase --include=...; Recommends are not installed).
 PACKAGES: tuple[str, ...] = (
-    # the service manager, the bus, machined and nspawn
-    "systemd", "systemd-sysv", "dbus", "systemd-container",
+    # the service manager, the bus, machined and nspawn; polkit (who may manage VMs)
+    "systemd", "systemd-sysv", "dbus", "systemd-container", "polkitd",
     # a Python 3.13 able to build systemd-python from PyPI
     "python3", "python3-venv", "python3-dev", "gcc", "libc6-dev", "pkg-config", "libsystemd-dev",
     # what vmspawn drives

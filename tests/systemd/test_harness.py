@@ -182,7 +182,8 @@ def test_run_inside_state_and_exit_status(tree: Path, unchanged_host: None) -> N
         # leave things behind inside on purpose: a lingering service, files in /run
         c.exec(["systemd-run", "--quiet", "--unit=lingering", "sleep", "infinity"], check=True)
         c.exec(["sh", "-c", "echo x > /run/leftover"], check=True)
-        assert c.run(["sh", "-c", "test -d /run/systemd/system && test -S /run/systemd/machine/io.systemd.Machine"]
+        # a booted systemd, and machined left alone as after a real boot (on 257 nothing has started it)
+        assert c.run(["sh", "-c", "test -d /run/systemd/system && ! systemctl is-active --quiet systemd-machined"]
                      ).returncode == 0
         return c.run(["sh", "-c", "exit 7"]).returncode  # the exit status inside is the run's
 

@@ -1,0 +1,55 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Ask polkit whether a process may do an action (``CheckAuthorization`` over D-Bus, dbus-fast).
+
+The subject is the caller's process (pid, start time, uid), as machined does it, so polkit's
+rules and its "active local session" defaults apply to the real caller.  No interaction is
+asked for (a daemon has no agent to ask through).  Anything but a clear yes -- polkit not
+running, the bus not reachable, an error -- is a no: nothing is ever allowed by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from vmspawnd.proc import process_start_time
+
+log = structlog.get_logger()
+
+AUTHORITY = ("org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authority",
+             "org.freedesktop.PolicyKit1.Authority")
+
+
+async def authorized(action: str, pid: int, uid: int, timeout: float = 10.0) -> bool:
+    """True only if polkit says the process ``pid`` (of ``uid``) may do ``action`` now."""
+    # dbus-fast on first use: start-up speed (a root-only daemon never asks polkit)
+    from dbus_fast import BusType, Message, MessageType, Variant
+    from dbus_fast.aio import MessageBus
+
+    start = process_start_time(pid)
+    if start is None:
+        return False
+    try:
+        bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), timeout)
+    except Exception as e:  # noqa: BLE001 - no bus, no authorization
+        log.warning("cannot ask polkit: no system bus", action=action, error=str(e))
+        return False
+    try:
+        destination, path, interface = AUTHORITY
+        subject = ["unix-process", {"pid": Variant("u", pid), "start-time": Variant("t", start),
+                                    "uid": Variant("i", uid)}]
+        reply = await asyncio.wait_for(bus.call(Message(
+            destination=destination, path=path, interface=interface, member="CheckAuthorization",
+            signature="(sa{sv})sa{ss}us", body=[subject, action, {}, 0, ""])), timeout)
+    except Exception as e:  # noqa: BLE001 - polkit gone: a no
+        log.warning("cannot ask polkit", action=action, error=str(e))
+        return False
+    finally:
+        bus.disconnect()
+    if reply is None or reply.message_type == MessageType.ERROR:
+        log.info("polkit did not answer; denying", action=action,
+                 error=reply.error_name if reply is not None else None)
+        return False
+    is_authorized, _challenge, _details = reply.body[0]
+    return bool(is_authorized)
