@@ -138,3 +138,12 @@ def test_machinectl_poweroff_ends_a_foreground_vmspawn_cleanly() -> None:
         proc.stop()
     assert proc.returncode == 0, out
     assert "power button pressed" in out, out
+
+
+@without_control
+def test_machinectl_reboot_without_control_sockets_is_reported_as_a_signal_from_outside(
+        acpi_vm: tuple[Ctl, Path]) -> None:
+    ctl, _ = acpi_vm
+    sh("machinectl", "reboot", NAME)  # SIGINT to QEMU, which it takes as a request to quit
+    st = ctl.wait(lambda s: s["state"] != "running", name=NAME, timeout=30)
+    assert st["state"] == "failed" and st["exitStatus"] == 1 and "signal from outside" in st["failure"], st
