@@ -16,9 +16,8 @@ from vmspawnd.errors import PermissionDenied
 from vmspawnd.server import current_connection
 from vmspawnd.systemd.polkit import authorized
 
-#: What a non-root caller would need: to run VMs (which run as root) and to manage the daemon.
+#: The polkit action a non-root caller needs to define, start or control VMs (which run as root).
 MANAGE = "io.vmspawnd.manage"
-SERVICE = "io.vmspawnd.service"
 
 
 @dataclass(frozen=True)
@@ -41,9 +40,9 @@ INTERNAL = Caller(0, 0, 0)
 def caller() -> Caller:
     """The caller of the varlink call being served."""
     connection = current_connection.get(None)
-    peer = connection.peer() if connection is not None else None
     if connection is None:
         return INTERNAL
+    peer = connection.peer()
     if peer is None:  # a socket whose peer the kernel cannot name: nobody in particular
         return Caller(0, -1, -1)
     return Caller(*peer)

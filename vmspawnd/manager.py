@@ -146,12 +146,14 @@ class Manager:
         """Take a re-read definition for ``entry``; False if nothing changed."""
         machine = entry.machine
         async with machine.lock:
-            if machine.removed or (fresh.config == entry.config and fresh.definition_error == entry.definition_error):
+            if machine.removed or (fresh.config == entry.config and fresh.definition_error == entry.definition_error
+                                   and fresh.owner == entry.owner):
                 return False
             was_broken = entry.definition_error
             entry.definition_error = fresh.definition_error
             if fresh.definition_error is None:
                 entry.config = machine.config = fresh.config
+                entry.owner = fresh.owner
                 entry.shown = None
             if machine.state in ACTIVE:
                 return True  # the run keeps what it started with

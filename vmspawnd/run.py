@@ -55,7 +55,7 @@ from vmspawnd.qemu.argv import (
     tap_mac,
 )
 from vmspawnd.qemu.disks import grow_image, root_cmdline_word
-from vmspawnd.qemu.firmware import nvram_state_path, prepare_nvram
+from vmspawnd.qemu.firmware import FirmwareChoice, nvram_state_path, prepare_nvram
 from vmspawnd.qemu.qmp import Qmp
 from vmspawnd.qemu.vsock import claim_vsock
 from vmspawnd.runrecord import COPY_RECORD, RUNNING, HelperRecord, RunRecord, end_leftovers, stop_units
@@ -118,7 +118,7 @@ class Run:
         self.vsock_cid: int | None = None
         self.vsock_port: int | None = None
         self.registered = False
-        self.plan = plan  # what the host offers this start (made before anything starts, if not given)
+        self._plan = plan  # what the host offers this start, if the caller looked already
         self.control_socket: Path | None = None  # io.systemd.MachineInstance, while this process serves it
         self.console: ConsoleRelay | None = None  # the daemon's relay of the console socket, if any
         self.forced = False  # we had to end it (kill): the exit status says so
@@ -175,6 +175,7 @@ class Run:
                                            inherit_stdin=config.console is ConsoleMode.NATIVE)
         self._handles.callback(self.qemu.close)
         self._durable.push_async_callback(self.qemu.end)
+        plan = self._plan or plan_launch(config)  # the host, looked at once for this start
         qemu_binary, accel, mac, extra_args = self._preflight()
         rundir = self.runtime.lock()
         self._handles.callback(self.runtime.unlock)
@@ -192,7 +193,7 @@ class Run:
         pass_fds: list[int] = []
         version = qemu_version(qemu_binary)
         channel, vsock_cid, vsock_fd = await self._open_notify_channel(rundir, pass_fds, version)
-        aux = await self._start_scope_and_helpers(run_config, rundir, vsock_cid)
+        aux = await self._start_scope_and_helpers(run_config, plan, rundir, vsock_cid)
         crash_point("helpers-started")
         self._durable.push_async_callback(self.qemu.end)  # on a failure from here: QEMU ends before its helpers
         generated = aux.credentials + await self._ssh_key_credentials(rundir, vsock_cid)
@@ -203,13 +204,12 @@ class Run:
             credentials.append((channel.credential[0], channel.credential[1].encode()))
         term = os.environ.get("TERM")
         extra_cmdline = self._synthesized_cmdline() + tuple(aux.cmdline)
-        assert self.plan is not None
-        uki = self.plan.uki
+        uki = plan.uki
         credential_files = write_credentials(rundir / "smbios", credentials, config.smbios11
                                              + tuple(cmdline_smbios_strings(config, term, extra_cmdline, uki)))
         qmp_sock = self._listen_qmp(rundir, pass_fds)
         console_socket = self._open_console(rundir)
-        firmware, nvram = self._prepare_firmware(rundir)
+        firmware, nvram = self._prepare_firmware(rundir, plan.firmware)
         resources = Resources(
             qemu=qemu_binary, kvm=accel.kvm, qmp_fd=qmp_sock.fileno(), qemu_version=version,
             console_pty=self.pty.slave_path if self.pty else None, console_socket=console_socket,
@@ -237,8 +237,6 @@ class Run:
     def _preflight(self) -> tuple[Path, Accelerator, str | None, tuple[str, ...]]:
         """Checks and look-ups that need no resources: QEMU binary, accelerator, TAP rights, MAC."""
         config = self.config
-        if self.plan is None:
-            self.plan = plan_launch(config)  # the host, looked at once for this start
         check_cmdline_length(config)
         if config.network is Network.TAP and not has_capability(CAP_NET_ADMIN):
             raise ConfigError("network-tap", "", "TAP networking needs CAP_NET_ADMIN (run as root)")
@@ -294,7 +292,7 @@ class Run:
             await channel.listen_virtio_serial(rundir / "notify.sock", version)
         return channel, vsock_cid, vsock_fd
 
-    async def _start_scope_and_helpers(self, run_config: MachineConfig, rundir: Path,
+    async def _start_scope_and_helpers(self, run_config: MachineConfig, plan: LaunchPlan, rundir: Path,
                                        vsock_cid: int | None) -> AuxServices:
         """The scope (around the launcher) and the helpers, as units where systemd runs, else children."""
         systemd, why = await connect_systemd()
@@ -306,8 +304,7 @@ class Run:
         runner = await choose_runner(die_with_parent=self._die_with_parent, manager=systemd)
         self._handles.push_async_callback(runner.aclose)
         try:
-            assert self.plan is not None
-            aux = await start_aux_services(run_config, self.plan, runner, rundir, bound_to=scope, guest_cid=vsock_cid,
+            aux = await start_aux_services(run_config, plan, runner, rundir, bound_to=scope, guest_cid=vsock_cid,
                                            on_started=self._helper_started)
         except AuxServiceError as e:
             raise StartError(str(e)) from e
@@ -371,10 +368,8 @@ class Run:
         self._stack.callback(self.pty.close)
         return None
 
-    def _prepare_firmware(self, rundir: Path) -> tuple[Any, Path | None]:
+    def _prepare_firmware(self, rundir: Path, firmware: FirmwareChoice) -> tuple[FirmwareChoice, Path | None]:
         config = self.config
-        assert self.plan is not None
-        firmware = self.plan.firmware
         nvram = None
         template = firmware.nvram_template(config.efi_nvram_template)
         if template is not None:

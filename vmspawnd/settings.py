@@ -88,6 +88,9 @@ class Setting:
     #: the ordered list setting this one's command-line occurrences join, in command-line order
     #: (its JSON value goes last); then ``parse`` makes that list's item
     into: str | None = None
+    #: its value in a MachineConfig, for settings folded into another field (default: the ``attr``
+    #: field; a setting with neither shows no value of its own)
+    read: Callable[[MachineConfig], Any] | None = None
 
     def field(self) -> str:
         """How errors name it on the command line."""
@@ -316,6 +319,10 @@ def _value_of(value: Any) -> Any:
     return value.value
 
 
+def _value_or_none(value: Any) -> Any:
+    return None if value is None else value.value
+
+
 def _secure_boot(value: Any, field: str) -> str:
     """``--secure-boot=BOOL|auto`` as an item of the ordered --firmware-features list, so the two
     apply in the order given (``secureBoot`` in JSON applies after ``firmwareFeatures``)."""
@@ -326,15 +333,15 @@ def _secure_boot(value: Any, field: str) -> str:
     return secure_boot_token(text)
 
 
-class _JoinList(argparse.Action):
-    """Append this option's item, made by its setting's ``parse``, to another setting's list."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        setting = BY_KEY[getattr(self, "metavar_setting")]  # noqa: B009 - set by add_options
-        items = list(getattr(namespace, self.dest, None) or [])
-        items.append(setting.parse(values, setting.field()))
-        setattr(namespace, self.dest, items)
+def _join_list(setting: Setting) -> type[argparse.Action]:
+    """An action appending ``setting``'s item (made by its ``parse``) to the list of ``setting.into``."""
+    class JoinList(argparse.Action):
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                     option_string: str | None = None) -> None:
+            items = list(getattr(namespace, self.dest, None) or [])
+            items.append(setting.parse(values, setting.field()))
+            setattr(namespace, self.dest, items)
+    return JoinList
 
 
 # ----------------------------------------------------------------------------- the table
@@ -348,11 +355,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("initrds", "initrds", "--initrd", _cli_path, str, (), "initrd for --linux; repeat to concatenate "
             "several", IMAGE, "PATH", repeat=True, load=_json_path),
     Setting("image", None, "--image", _cli_path, _str_or_none, None,
-            "root disk image (regular file or block device)", IMAGE, "PATH", short="-i", load=_json_path),
-    Setting("imageFormat", None, "--image-format", _enum(ImageFormat), _same, ImageFormat.RAW,
-            "raw (default) or qcow2", IMAGE, "FORMAT"),
-    Setting("imageDiskType", None, "--image-disk-type", _enum(DiskType), _same, DiskType.VIRTIO_BLK,
-            "virtio-blk (default), virtio-scsi, nvme or scsi-cd; extra drives inherit it", IMAGE, "TYPE"),
+            "root disk image (regular file or block device)", IMAGE, "PATH", short="-i", load=_json_path,
+            read=lambda c: c.image.path if c.image else None),
+    Setting("imageFormat", None, "--image-format", _enum(ImageFormat), _value_or_none, ImageFormat.RAW,
+            "raw (default) or qcow2", IMAGE, "FORMAT", read=lambda c: c.image.format if c.image else None),
+    Setting("imageDiskType", None, "--image-disk-type", _enum(DiskType), _value_or_none, DiskType.VIRTIO_BLK,
+            "virtio-blk (default), virtio-scsi, nvme or scsi-cd; extra drives inherit it", IMAGE, "TYPE",
+            read=lambda c: c.image.disk_type if c.image else None),
     Setting("extraDrives", "extra_drives", "--extra-drive", _drive_spec(False), _dump_drive, (),
             "attach another disk image", IMAGE, "[FORMAT:][TYPE:]PATH", repeat=True, load=_drive_spec(True)),
     Setting("discardDisk", "discard_disk", "--discard-disk", _bool, _same, True,
@@ -479,9 +488,7 @@ def add_options(parser: argparse.ArgumentParser, *, create: bool = False) -> Non
             continue
         group = groups.setdefault(s.group, parser.add_argument_group(s.group))
         if s.into is not None:
-            action = group.add_argument(s.option, dest=BY_KEY[s.into].key, metavar=s.metavar, help=s.help,
-                                        action=_JoinList)
-            setattr(action, "metavar_setting", s.key)  # noqa: B010 - the action reads it back
+            group.add_argument(s.option, dest=s.into, metavar=s.metavar, help=s.help, action=_join_list(s))
         elif s.option is not None:
             names = [n for n in (s.short, s.option) if n]
             if s.flag:
@@ -515,21 +522,14 @@ def config_from_namespace(ns: argparse.Namespace, name: str) -> MachineConfig:
 def config_to_json(config: MachineConfig) -> dict[str, Any]:
     """The JSON form (camelCase keys, plain values; the machine's name is kept outside it)."""
     out: dict[str, Any] = {}
-    image = config.image
     for s in SETTINGS:
         if not s.json:
             continue
-        if s.key == "image":
-            out[s.key] = str(image.path) if image else None
-        elif s.key == "imageFormat":
-            out[s.key] = image.format.value if image else None
-        elif s.key == "imageDiskType":
-            out[s.key] = image.disk_type.value if image else None
-        elif s.attr is None:  # folded into another setting's value, which shows it
+        if s.read is None and s.attr is None:  # folded into another setting's value, which shows it
             out[s.key] = None
-        else:
-            value = getattr(config, s.attr or s.key)
-            out[s.key] = [s.dump(v) for v in value] if s.repeat else s.dump(value)
+            continue
+        value = s.read(config) if s.read is not None else getattr(config, s.attr or s.key)
+        out[s.key] = [s.dump(v) for v in value] if s.repeat else s.dump(value)
     return out
 
 
