@@ -7,10 +7,12 @@ import json
 import os
 import resource
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -261,3 +263,42 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         os.kill(pid, signal.SIGKILL)
 
 
+
+
+# ----------------------------------------------------------------------------- other callers
+#: a raw varlink call, run by the system python as another user (the venv's may sit in a 0700 home)
+CLIENT = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(json.dumps({"method": sys.argv[2], "parameters": json.loads(sys.argv[3])}).encode() + b"\0")
+data = b""
+while not data.endswith(b"\0"):
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.rstrip(b"\0").decode())
+"""
+
+
+
+
+def call_as(uid: int, socket_path: Path, method: str, parameters: dict | None = None,
+            gid: int | None = None) -> dict:
+    """One varlink call on ``socket_path`` by a process of ``uid`` (setpriv, no supplementary groups)."""
+    gid = uid if gid is None else gid
+    p = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "/usr/bin/python3", "-c",
+                        CLIENT, str(socket_path), method, json.dumps(parameters or {})],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every user may enter (pytest's tmp_path sits in a 0700 one)."""
+    path = Path(tempfile.mkdtemp(prefix="vmspawnd-public-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

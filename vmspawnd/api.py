@@ -27,7 +27,7 @@ from asyncvarlink import (
     varlinkmethod,
 )
 
-from vmspawnd.auth import MANAGE, Caller, require
+from vmspawnd.auth import PRIVILEGED, caller, require, require_owner
 from vmspawnd.errors import (
     ConfigError,
     HostError,
@@ -40,6 +40,7 @@ from vmspawnd.errors import (
 )
 from vmspawnd.machine import State
 from vmspawnd.manager import Entry, Event, Manager
+from vmspawnd.plan import needs_privileges
 from vmspawnd.qemu.firmware import enumerate_descriptors
 from vmspawnd.server import current_connection
 from vmspawnd.settings import config_from_json, config_to_json, varlink_config_fields
@@ -91,6 +92,7 @@ class MachineInfo:
     config: Config
     definitionError: str | None = None
     owner: int = 0  # the uid that created it (root for definitions made before owners were recorded)
+    runAs: int = 0  # the uid its QEMU and helpers run as
 
 
 @dataclass
@@ -210,6 +212,7 @@ def machine_info(name: str, entry: Entry) -> MachineInfo:
         tpmStatePath=str(m.tpm_state_path) if m.tpm_state_path else None, units=m.units,
         status=m.guest_status, exitStatus=m.exit_status, failure=m.failure,
         config=_shown_config(entry), definitionError=entry.definition_error, owner=entry.owner,
+        runAs=entry.run_as,
     )
 
 
@@ -241,6 +244,13 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         assert self._manager is not None
         return self._manager
 
+    async def _controlled(self, name: str, what: str) -> Entry:
+        """The machine ``name``, if the caller may control it (its owner, root, or polkit's yes)."""
+        entry = self._entry(name)
+        with typed_errors(name):
+            await require_owner(entry.owner, what)
+        return entry
+
     def _entry(self, name: str) -> Entry:
         _check_name(name)
         with typed_errors(name):
@@ -248,52 +258,60 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
 
     @varlinkmethod(return_parameter="machine")
     async def Create(self, *, name: str, config: Config) -> MachineInfo:
-        """Define a new machine (it is not started)."""
-        who = await _require(MANAGE, "defining a machine", name)
+        """Define a new machine (it is not started).  It belongs to the caller and runs as the caller,
+        unless it needs privileges (then it runs as root, which polkit must allow)."""
+        who = caller()
         _check_name(name)
         raw = {k: v for k, v in vars(config).items() if v is not None}
         with typed_errors(name):
-            entry = self.manager.create(config_from_json(name, raw), owner=who.uid)
+            machine_config = config_from_json(name, raw)
+            plan = self.manager.plan(machine_config, who.identity())  # what it names, looked at as the caller
+            needs = [] if who.root else needs_privileges(machine_config, plan)
+            run_as = who.uid
+            if needs:
+                setting, value, why = needs[0]
+                await require(PRIVILEGED, f"{setting}={value} ({why})", who)
+                run_as = 0
+            entry = self.manager.create(machine_config, owner=who.uid, run_as=run_as, plan=plan)
         return machine_info(name, entry)
 
     @varlinkmethod(return_parameter="machine")
     async def Start(self, *, name: str) -> MachineInfo:
         """Start a stopped machine; returns once QEMU runs (not when the guest is ready)."""
-        await _require(MANAGE, "starting a machine", name)
-        self._entry(name)
+        entry = await self._controlled(name, "starting")
+        with typed_errors(name):
+            if entry.owner == caller().uid != entry.run_as:  # its owner, starting it as root
+                await require(PRIVILEGED, "starting a machine that runs as root")
         with typed_errors(name, start=True):
-            entry = await self.manager.start(name)
+            entry = await self.manager.start(name, expected=entry)
         return machine_info(name, entry)
 
     @varlinkmethod(return_parameter="machine")
     async def Stop(self, *, name: str, timeout: float | None = None) -> MachineInfo:
         """Power the guest off via ACPI; force it after ``timeout`` seconds (default 10)."""
-        await _require(MANAGE, "stopping a machine", name)
-        self._entry(name)
+        expected = await self._controlled(name, "stopping")
         if timeout is not None and not 0 <= timeout <= MAX_STOP_TIMEOUT:
             raise InvalidConfigError(field="timeout", reason=f"must be between 0 and {MAX_STOP_TIMEOUT:.0f}")
         with typed_errors(name):
-            entry = await self.manager.stop(name, 10.0 if timeout is None else timeout)
+            entry = await self.manager.stop(name, 10.0 if timeout is None else timeout, expected)
         return machine_info(name, entry)
 
     @varlinkmethod(return_parameter="machine")
     async def Kill(self, *, name: str, signal: int | None = None) -> MachineInfo:
         """End QEMU now (QMP quit, then SIGKILL), or send it ``signal``."""
-        await _require(MANAGE, "killing a machine", name)
-        self._entry(name)
+        expected = await self._controlled(name, "killing")
         if signal is not None and signal not in {s.value for s in signal_module.Signals}:
             raise InvalidConfigError(field="signal", reason=f"{signal} is not a signal number")
         with typed_errors(name):
-            entry = await self.manager.kill(name, signal)
+            entry = await self.manager.kill(name, signal, expected)
         return machine_info(name, entry)
 
     @varlinkmethod
     async def Remove(self, *, name: str) -> None:
         """Forget a stopped machine's definition."""
-        await _require(MANAGE, "removing a machine", name)
-        self._entry(name)
+        expected = await self._controlled(name, "removing")
         with typed_errors(name):
-            await self.manager.remove(name)
+            await self.manager.remove(name, expected)
 
     @varlinkmethod(return_parameter="machine")
     def Describe(self, *, name: str) -> MachineInfo:
@@ -346,8 +364,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod(return_parameter="fileDescriptor")
     async def OpenConsole(self, *, name: str) -> FileDescriptor:
         """The master side of a new PTY attached to the machine's console (passed as a file descriptor)."""
-        await _require(MANAGE, "opening a machine's console", name)
-        entry = self._entry(name)
+        entry = await self._controlled(name, "opening the console")
         console = entry.console
         if console is None or entry.machine.state is not State.RUNNING:
             raise WrongStateError(name=name, state=entry.machine.state.value,
@@ -358,10 +375,6 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         return fd
 
 
-async def _require(action: str, what: str, name: str) -> Caller:
-    """The caller, if it may do ``what``; else the typed PermissionDenied error."""
-    with typed_errors(name):
-        return await require(action, what)
 
 
 def _close_quietly(fd: FileDescriptor) -> None:

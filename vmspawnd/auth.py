@@ -2,10 +2,20 @@
 """Who is calling, and what they may do.
 
 Every call is attributed to its connection's peer credentials (SO_PEERCRED, taken by the kernel
-when the client connected).  Root may do everything.  Anyone else who can reach the socket may
-look (List, Describe, Subscribe, ListFirmware); a VM runs as root, so defining, starting or
-controlling one needs polkit's yes for ``io.vmspawnd.manage`` (polkit/io.vmspawnd.policy; no
-polkit, no yes).  A denial is a :class:`PermissionDenied` naming the action it would need.
+when the client connected).  The rules:
+
+* root may do everything;
+* anyone who can reach the socket may look (List, Describe, Subscribe, ListFirmware);
+* anyone may define machines; a machine runs as the user who defined it (see identity.py), so it
+  can use exactly what that user can;
+* the owner of a machine may start, stop, kill, remove it and open its console;
+* controlling another user's machine needs polkit's yes for :data:`MANAGE_ALL`;
+* a machine that needs what a user's VM cannot have (plan.needs_privileges: TAP networking,
+  UID mapping, scope properties, …) runs as root, and defining or starting one needs polkit's yes
+  for :data:`PRIVILEGED`.
+
+The actions are in polkit/io.vmspawnd.policy.  No polkit, no yes.  A denial is a
+:class:`PermissionDenied` naming the action it would need.
 """
 
 from __future__ import annotations
@@ -13,11 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vmspawnd.errors import PermissionDenied
+from vmspawnd.identity import Identity
 from vmspawnd.server import current_connection
 from vmspawnd.systemd.polkit import authorized
 
-#: The polkit action a non-root caller needs to define, start or control VMs (which run as root).
-MANAGE = "io.vmspawnd.manage"
+#: controlling (starting, stopping, killing, removing, opening the console of) another user's machine
+MANAGE_ALL = "io.vmspawnd.manage-all"
+#: defining or starting a machine that runs as root (it uses what needs privileges)
+PRIVILEGED = "io.vmspawnd.privileged-features"
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,10 @@ class Caller:
     @property
     def root(self) -> bool:
         return self.uid == 0
+
+    def identity(self) -> Identity:
+        """The caller's user, with its groups (ConfigError if the uid has no account here)."""
+        return Identity.of_uid(self.uid)
 
 
 #: a call that did not come over a socket (the daemon itself, tests of the interface class)
@@ -48,10 +65,17 @@ def caller() -> Caller:
     return Caller(*peer)
 
 
-async def require(action: str, what: str) -> Caller:
+async def require(action: str, what: str, who: Caller | None = None) -> Caller:
     """The caller, if it may do ``what`` (root, or polkit says yes to ``action``); else PermissionDenied."""
-    who = caller()
+    who = who or caller()
     if who.root or (who.uid >= 0 and await authorized(action, who.pid, who.uid)):
         return who
-    raise PermissionDenied(action, f"{what} needs {action}, which polkit did not grant uid {who.uid} "
-                                   "(machines run as root; anyone may list and describe them)")
+    raise PermissionDenied(action, f"{what} needs {action}, which polkit did not grant uid {who.uid}")
+
+
+async def require_owner(owner: int, what: str) -> Caller:
+    """The caller, if it owns the machine (or is root, or polkit grants :data:`MANAGE_ALL`)."""
+    who = caller()
+    if who.root or who.uid == owner:
+        return who
+    return await require(MANAGE_ALL, f"{what} of uid {owner}'s machine", who)

@@ -3,9 +3,11 @@
 
 vmspawnd starts this tiny program first (``python -I -S execlate.py FD``: stdlib only, no site
 packages), moves its PID into the VM's scope, and only then sends it, over the SOCK_SEQPACKET
-socket FD, one message: JSON ``{"argv": [...], "targets": [n, ...]}`` plus the file descriptors
-QEMU must inherit (SCM_RIGHTS), in the order of ``targets``.  The launcher puts each fd at its
-target number, closes everything else and execs QEMU — same PID, already in the right cgroup.
+socket FD, one message: JSON ``{"argv": [...], "targets": [n, ...]}`` (and ``"user": [uid, gid,
+[groups]]`` for a VM that runs as a user) plus the file descriptors QEMU must inherit
+(SCM_RIGHTS), in the order of ``targets``.  The launcher puts each fd at its target number, closes
+everything else, becomes the user if one is named, and execs QEMU — same PID, already in the
+right cgroup.
 If the socket closes without a message (setup failed), it exits quietly.
 """
 
@@ -46,6 +48,12 @@ def main() -> int:
                 os.close(fd)
             except OSError:
                 pass
+    user = message.get("user")
+    if user:
+        uid, gid, groups = user
+        os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
     os.execv(argv[0], argv)
     return 127
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+from vmspawnd.identity import ROOT, Identity
 from vmspawnd.proc import set_parent_death_signal
 
 
@@ -28,11 +29,14 @@ class QemuProcess:
         self.returncode: int | None = None
         self._channel: socket.socket | None = None
         self._waiter: asyncio.Task[int | None] | None = None
+        self._identity = ROOT
 
     @classmethod
     def fork_early(cls, *, die_with_parent: bool, stdout: int | IO[bytes] | None = None,
-                   stderr: int | IO[bytes] | None = None, inherit_stdin: bool = False) -> QemuProcess:
-        """Start the exec-late launcher: a process that waits for QEMU's argv and fds (see execlate.py)."""
+                   stderr: int | IO[bytes] | None = None, inherit_stdin: bool = False,
+                   identity: Identity = ROOT) -> QemuProcess:
+        """Start the exec-late launcher: a process that waits for QEMU's argv and fds (see execlate.py);
+        QEMU runs as ``identity`` (the launcher switches to it just before exec)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             env = dict(os.environ)
@@ -50,12 +54,16 @@ class QemuProcess:
             theirs.close()
         process = cls(popen.pid, popen)
         process._channel = ours
+        process._identity = identity
         return process
 
     def exec(self, argv: Sequence[str], fds: Sequence[int] = ()) -> None:
         """Make the early-forked launcher exec QEMU with ``fds`` at the same numbers as ours."""
         assert self._channel is not None, "exec() is for processes started with fork_early()"
-        message = json.dumps({"argv": list(argv), "targets": list(fds)}).encode()
+        request: dict[str, object] = {"argv": list(argv), "targets": list(fds)}
+        if self._identity.switches:
+            request["user"] = [self._identity.uid, self._identity.gid, list(self._identity.groups)]
+        message = json.dumps(request).encode()
         try:
             socket.send_fds(self._channel, [message], list(fds))
         finally:

@@ -23,11 +23,12 @@ import structlog
 from vmspawnd import messages
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError, NoSuchMachine, StartError, WrongState
+from vmspawnd.identity import Identity
 from vmspawnd.launcher import QemuProcess
 from vmspawnd.plan import LaunchPlan
 from vmspawnd.ptyfwd import Pty
 from vmspawnd.run import Run, qemu_of_record
-from vmspawnd.runrecord import RUNNING, RunRecord, end_leftovers
+from vmspawnd.runrecord import COPY_RECORD, RECORD, RUNNING, RunRecord, end_leftovers
 from vmspawnd.runtime import RuntimeDir
 
 log = structlog.get_logger()
@@ -64,6 +65,7 @@ class Machine:
         self.exit_status: int | None = None
         self.failure: str | None = None
         self.removed = False  # set (under the lock) by the daemon's Remove: commands then find no machine
+        self.run_as = 0  # the uid QEMU and its helpers run as (the daemon's: the owner's, unless root's)
         self.lock = asyncio.Lock()
         self._die_with_parent = die_with_parent
         self._on_event = on_event or (lambda kind, data: None)
@@ -122,7 +124,8 @@ class Machine:
 
     def _new_run(self, plan: LaunchPlan | None = None) -> Run:
         return Run(self.config, self.runtime, on_event=self._run_event, die_with_parent=self._die_with_parent,
-                   qemu_output=self._qemu_output, console_socket=self._console_socket, plan=plan)
+                   qemu_output=self._qemu_output, console_socket=self._console_socket, plan=plan,
+                   identity=Identity.of_uid(self.run_as))
 
     def _run_event(self, run: Run, kind: str, data: dict[str, Any]) -> None:
         """What a run reports; a run that is no longer current has nothing more to say."""
@@ -214,11 +217,12 @@ class Machine:
             path = self.runtime.path
             if not path.is_dir():
                 return False
-            record = RunRecord.load(path)
+            self.runtime.migrate((RECORD, COPY_RECORD))
+            record = RunRecord.load(self.runtime.records)
             if record is None or record.phase != RUNNING or not qemu_of_record(record, path):
                 self.runtime.lock()  # raises if someone else holds the machine
                 try:
-                    await end_leftovers(path, self.config.directory)
+                    await end_leftovers(self.runtime, self.config.directory)
                 finally:
                     self.runtime.remove()
                 if record is not None and record.phase != RUNNING:

@@ -26,10 +26,12 @@ from vmspawnd import messages
 from vmspawnd.config import MachineConfig
 from vmspawnd.console import ConsoleRelay
 from vmspawnd.errors import ConfigError, HostError, MachineExists, NoSuchMachine, StartError, WrongState
+from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.machine import ACTIVE, DEFAULT_STOP_TIMEOUT, Machine, State
-from vmspawnd.plan import plan_launch
+from vmspawnd.plan import LaunchPlan, plan_launch
 from vmspawnd.run import Run
 from vmspawnd.runrecord import RunRecord
+from vmspawnd.runtime import RuntimeDir, make_base
 from vmspawnd.settings import JSON_FIELDS, config_from_json, config_to_json, json_field_name
 from vmspawnd.storage import read_json, write_json_atomic
 from vmspawnd.values import ConsoleMode, validate_machine_name
@@ -58,7 +60,12 @@ class Entry:
     config: MachineConfig
     machine: Machine
     definition_error: str | None = None  # why its definition on disk cannot be used (it stays listed)
-    owner: int = 0  # the uid that created it
+    owner: int = 0  # the uid that created it (it may control it)
+
+    @property
+    def run_as(self) -> int:
+        """The uid its QEMU and helpers run as (the owner's, or root's for one that needs privileges)."""
+        return self.machine.run_as
     shown: Any = None  # the front end's cached rendering of ``config`` (reset when a reload changes it)
 
     @property
@@ -88,7 +95,7 @@ class Manager:
         that cannot be used stays listed (failed, with the reason) and its running VM is still
         re-adopted (with the configuration its run recorded); fields of a newer version are ignored."""
         self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.runtime_base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_base(self.runtime_base)
         for name, path in self._definition_files().items():
             entry = self._load_definition(name, path)
             saved = self._read_state(name)  # before adoption, which records a state of its own
@@ -147,13 +154,13 @@ class Manager:
         machine = entry.machine
         async with machine.lock:
             if machine.removed or (fresh.config == entry.config and fresh.definition_error == entry.definition_error
-                                   and fresh.owner == entry.owner):
+                                   and fresh.owner == entry.owner and fresh.run_as == entry.run_as):
                 return False
             was_broken = entry.definition_error
             entry.definition_error = fresh.definition_error
             if fresh.definition_error is None:
                 entry.config = machine.config = fresh.config
-                entry.owner = fresh.owner
+                entry.owner, machine.run_as = fresh.owner, fresh.run_as
                 entry.shown = None
             if machine.state in ACTIVE:
                 return True  # the run keeps what it started with
@@ -191,13 +198,14 @@ class Manager:
                 log.warning("ignoring fields of a newer version in a definition (kept on disk)", machine=name,
                             fields=",".join(unknown))
             entry = self._new_entry(config_from_json(name, stored, strict=False))
-            owner = data.get("owner", 0)
-            entry.owner = owner if isinstance(owner, int) and not isinstance(owner, bool) and owner >= 0 else 0
+            entry.owner = _uid(data.get("owner"))
+            entry.machine.run_as = _uid(data.get("runAs"))  # definitions without it ran as root
             return entry
         except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
             reason = f"its definition {path} cannot be used: {e}"
             log.error("a machine definition cannot be used; the machine stays listed", machine=name, error=str(e))
-        recorded = RunRecord.load(self.runtime_base / name)  # a running VM: its run knows its configuration
+        # a running VM: its run knows its configuration
+        recorded = RunRecord.load(RuntimeDir(self.runtime_base, name).records)
         config = MachineConfig(name=name)
         if recorded is not None and recorded.config is not None:
             with contextlib.suppress(ConfigError, ValueError, TypeError):
@@ -292,22 +300,31 @@ class Manager:
         except KeyError:
             raise NoSuchMachine(name) from None
 
-    def create(self, config: MachineConfig, owner: int = 0) -> Entry:
-        """Define a machine and persist its definition (nothing is kept if that fails)."""
-        if config.name in self.machines or (self.definitions / f"{config.name}.json").exists():
-            raise MachineExists(config.name)  # never overwrite a definition, even one we could not load
+    def plan(self, config: MachineConfig, identity: Identity = ROOT) -> LaunchPlan:
+        """What this host offers ``config`` now, looked at as ``identity`` (the user it would run as);
+        ConfigError names the JSON field."""
+        self._check_free(config.name)
         if config.console in (ConsoleMode.NATIVE, ConsoleMode.GUI):
             raise ConfigError("console", config.console.value,
                               "the daemon offers interactive, read-only or headless consoles")
         try:
-            plan_launch(config)  # what it names exists on this host now (and is looked at again at each start)
+            with acting_as(identity):
+                return plan_launch(config)  # what it names exists now (and is looked at again at each start)
         except ConfigError as e:
             raise ConfigError(json_field_name(e.field), e.value, e.reason) from None
+
+    def create(self, config: MachineConfig, owner: int = 0, run_as: int = 0, plan: LaunchPlan | None = None) -> Entry:
+        """Define a machine of ``owner`` that runs as ``run_as`` and persist its definition (nothing is
+        kept if that fails); ``plan``: what :meth:`plan` said (else it is asked now)."""
+        self._check_free(config.name)
+        if plan is None:
+            self.plan(config, Identity.of_uid(run_as))
         entry = self._new_entry(config)
-        entry.owner = owner
+        entry.owner, entry.machine.run_as = owner, run_as
         try:
             self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_json_atomic(self.definitions / f"{config.name}.json", {"name": config.name, "owner": owner,
+                                                                        "runAs": run_as,
                                                                         "config": config_to_json(config)})
         except OSError as e:
             raise HostError(f"cannot save the definition of {config.name}", e) from e
@@ -316,9 +333,20 @@ class Manager:
         self._publish(config.name, "created", {})
         return entry
 
-    async def start(self, name: str) -> Entry:
-        """Start a machine; raises StartError / ConfigError with the reason if it fails."""
+    def _check_free(self, name: str) -> None:
+        if name in self.machines or (self.definitions / f"{name}.json").exists():
+            raise MachineExists(name)  # never overwrite a definition, even one we could not load
+
+    def get_exactly(self, name: str, expected: Entry | None) -> Entry:
+        """The machine ``name``; if ``expected`` is given, that very one (not a newer one of the name)."""
         entry = self.get(name)
+        if expected is not None and entry is not expected:
+            raise NoSuchMachine(name)
+        return entry
+
+    async def start(self, name: str, expected: Entry | None = None) -> Entry:
+        """Start a machine; raises StartError / ConfigError with the reason if it fails."""
+        entry = self.get_exactly(name, expected)
         if entry.definition_error is not None:
             raise StartError(entry.definition_error + " (fix or remove it)")
         await entry.machine.start(after=self._attach_console)
@@ -338,19 +366,19 @@ class Manager:
         run.console = relay
         run.on_cleanup_async(relay.close)
 
-    async def stop(self, name: str, timeout: float = DEFAULT_STOP_TIMEOUT) -> Entry:
-        entry = self.get(name)
+    async def stop(self, name: str, timeout: float = DEFAULT_STOP_TIMEOUT, expected: Entry | None = None) -> Entry:
+        entry = self.get_exactly(name, expected)
         await entry.machine.stop(timeout)
         return entry
 
-    async def kill(self, name: str, sig: int | None = None) -> Entry:
-        entry = self.get(name)
+    async def kill(self, name: str, sig: int | None = None, expected: Entry | None = None) -> Entry:
+        entry = self.get_exactly(name, expected)
         await entry.machine.kill(sig=sig)
         return entry
 
-    async def remove(self, name: str) -> None:
+    async def remove(self, name: str, expected: Entry | None = None) -> None:
         """Forget a stopped machine: exactly the one looked up, never a newer one of that name."""
-        entry = self.get(name)
+        entry = self.get_exactly(name, expected)
         machine = entry.machine
         async with machine.lock:
             if machine.removed or self.machines.get(name) is not entry:
@@ -369,6 +397,11 @@ class Manager:
 
     def running_count(self) -> int:
         return sum(1 for e in self.machines.values() if e.machine.state is State.RUNNING)
+
+
+def _uid(value: Any) -> int:
+    """A uid as stored in a definition (anything else: root)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 __all__ = ["Event", "Manager", "MachineExists", "NoSuchMachine", "StartError", "WrongState"]

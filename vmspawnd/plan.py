@@ -11,7 +11,9 @@ shares and what it can do, the host users ``--bind-user`` names, and the journal
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError
@@ -25,8 +27,8 @@ from vmspawnd.qemu.firmware import (
 )
 from vmspawnd.services.binduser import BoundUser, resolve_bound_users
 from vmspawnd.services.journal import JOURNAL_REMOTE_PATHS, find_tool
-from vmspawnd.services.virtiofsd import Virtiofsd, find_virtiofsd
-from vmspawnd.values import path_problem
+from vmspawnd.services.virtiofsd import Flavour, Virtiofsd, find_virtiofsd
+from vmspawnd.values import DEFAULT_SLICE, Network, path_problem
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,40 @@ def plan_launch(config: MachineConfig) -> LaunchPlan:
     return LaunchPlan(firmware, uki, virtiofsd, users)
 
 
+def needs_privileges(config: MachineConfig, plan: LaunchPlan) -> list[tuple[str, str, str]]:
+    """What in ``config`` a VM running as an unprivileged user cannot have: ``(setting, value, why)``
+    each (empty when it can run as its owner)."""
+    needs: list[tuple[str, str, str]] = []
+    if config.network is Network.TAP:
+        needs.append(("network-tap", "yes", "TAP networking needs CAP_NET_ADMIN"))
+    if config.private_users is not None:
+        needs.append(("private-users", f"{config.private_users[0]}:{config.private_users[1]}",
+                      "mapping guest UIDs to other host UIDs needs root"))
+    if config.bind_users:
+        needs.append(("bind-user", config.bind_users[0], "binding host users maps their UIDs and copies their "
+                                                         "password hashes, which needs root"))
+    if config.ephemeral and config.directory is not None:
+        needs.append(("ephemeral", "yes", "the --ephemeral copy of --directory keeps every file's owner, "
+                                          "which needs root"))
+    if config.keep_unit:
+        needs.append(("keep-unit", "yes", "QEMU would run in vmspawnd's own unit"))
+    if config.slice != DEFAULT_SLICE:
+        needs.append(("slice", config.slice, "only root picks the slice of a VM's scope"))
+    if config.properties:
+        needs.append(("property", config.properties[0], "only root sets properties of a VM's scope"))
+    virtiofsd = plan.virtiofsd
+    shares = [("directory", config.directory, False)] if config.directory is not None else []
+    shares += [("bind-ro" if b.read_only else "bind", b.source, b.read_only) for b in config.binds]
+    for setting, source, read_only in shares:
+        if virtiofsd is not None and virtiofsd.flavour is Flavour.C:
+            needs.append((setting, str(source), f"{virtiofsd.path} (QEMU's C virtiofsd) runs only as root; "
+                                                "install the Rust virtiofsd"))
+        elif virtiofsd is not None and read_only and not virtiofsd.readonly:
+            needs.append((setting, str(source), f"{virtiofsd.path} has no --readonly, and making a share "
+                                                "read-only otherwise needs root"))
+    return needs
+
+
 def choose_firmware(config: MachineConfig) -> FirmwareChoice:
     """Resolve --firmware, --firmware-features and --secure-boot (descriptor search included)."""
     include, exclude = parse_firmware_features(config.firmware_features)  # --secure-boot= included, in order
@@ -80,3 +116,32 @@ def _check_files(config: MachineConfig) -> None:
                        ("efi-nvram-template", config.efi_nvram_template)]:
         if path is not None and (problem := path_problem(path)):
             raise ConfigError(what, str(path), problem)
+    _check_access(config)
+
+
+def _check_access(config: MachineConfig) -> None:
+    """What the VM will open, it may open: checked with this thread's file-system credentials (the
+    VM's user's inside :func:`~vmspawnd.identity.acting_as`), so a user's VM is refused up front what
+    the kernel would refuse that user."""
+    rw = os.R_OK | os.W_OK
+    wanted: list[tuple[str, Path | None, int]] = [
+        ("image", config.image.path if config.image else None, os.R_OK if config.ephemeral else rw),
+        *(("extra-drive", d.path, os.R_OK if config.ephemeral else rw) for d in config.extra_drives),
+        ("linux", config.linux, os.R_OK), *(("initrd", p, os.R_OK) for p in config.initrds),
+        ("efi-nvram-template", config.efi_nvram_template, os.R_OK),
+        ("directory", config.directory, os.R_OK | os.X_OK),
+        *(("bind-ro" if b.read_only else "bind", b.source, os.R_OK | os.X_OK | (0 if b.read_only else os.W_OK))
+          for b in config.binds),
+    ]
+    for what, path, mode in wanted:
+        if path is not None and not os.access(path, mode, effective_ids=True):
+            raise ConfigError(what, str(path), "permission denied (" + ("read and write" if mode & os.W_OK
+                                                                        else "read") + " access is needed)")
+    for what, location in (("tpm-state", config.tpm_state), ("efi-nvram-state", config.efi_nvram_state)):
+        path = location.path  # an explicit one: it, or the directory it will be created in, must be writable
+        if path is None:
+            continue
+        existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+        mode = rw if existing == path and not existing.is_dir() else os.W_OK | os.X_OK
+        if not os.access(existing, mode, effective_ids=True):
+            raise ConfigError(what, str(path), f"permission denied ({existing} is not writable)")

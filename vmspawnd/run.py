@@ -41,8 +41,9 @@ from vmspawnd.guest.channel import NotifyChannel
 from vmspawnd.guest.credentials import write_credentials
 from vmspawnd.guest.readiness import OUTSIDE_SIGNAL, Readiness, exit_status, failure
 from vmspawnd.guest.ssh import SshKeyError, SshKeyPair, generate_key_pair
+from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.launcher import QemuProcess
-from vmspawnd.plan import LaunchPlan, plan_launch
+from vmspawnd.plan import LaunchPlan, needs_privileges, plan_launch
 from vmspawnd.proc import CAP_NET_ADMIN, has_capability, process_cmdline, process_start_time
 from vmspawnd.ptyfwd import Pty
 from vmspawnd.qemu.accel import Accelerator, choose_accelerator, find_qemu, qemu_version, vsock_usable
@@ -106,9 +107,11 @@ class Run:
 
     def __init__(self, config: MachineConfig, runtime: RuntimeDir, *, on_event: RunEventHandler,
                  die_with_parent: bool = True, qemu_output: int | IO[bytes] | None = None,
-                 console_socket: bool = False, plan: LaunchPlan | None = None) -> None:
+                 console_socket: bool = False, plan: LaunchPlan | None = None, identity: Identity = ROOT) -> None:
         self.config = config
         self.runtime = runtime
+        self.identity = identity  # whom QEMU and its helpers run as; the daemon acts as them on their files
+        runtime.identity = identity
         self.log = log.bind(machine=config.name)
         self.readiness = Readiness()
         self.qemu: QemuProcess | None = None
@@ -172,24 +175,28 @@ class Run:
         # fork early, exec late: the launcher that becomes QEMU starts first, while we set up
         self.qemu = QemuProcess.fork_early(die_with_parent=self._die_with_parent, stdout=self._qemu_output,
                                            stderr=self._qemu_output,
-                                           inherit_stdin=config.console is ConsoleMode.NATIVE)
+                                           inherit_stdin=config.console is ConsoleMode.NATIVE, identity=self.identity)
         self._handles.callback(self.qemu.close)
         self._durable.push_async_callback(self.qemu.end)
-        plan = self._plan or plan_launch(config)  # the host, looked at once for this start
+        with self._as_owner():
+            plan = self._plan or plan_launch(config)  # the host, looked at once for this start
+        if self.identity.switches and (needs := needs_privileges(config, plan)):
+            raise ConfigError(*needs[0])
         qemu_binary, accel, mac, extra_args = self._preflight()
         rundir = self.runtime.lock()
         self._handles.callback(self.runtime.unlock)
-        earlier = RunRecord.load(rundir)
+        earlier = RunRecord.load(self.runtime.records)
         if earlier is not None and earlier.phase == RUNNING and qemu_of_record(earlier, rundir):
             raise StartError(f"the QEMU of an earlier run still runs (pid {earlier.pid}); stop or kill it first")
-        await end_leftovers(rundir, config.directory)
+        await end_leftovers(self.runtime, config.directory)
         self.runtime.clear_leftovers()
         self._durable.callback(self.runtime.remove_files)
         self._record = RunRecord(pid=self.qemu.pid, starttime=process_start_time(self.qemu.pid),
-                                 config=config_to_json(config))
+                                 config=config_to_json(config), uid=self.identity.uid)
         self._save()
-        self._grow_image()
-        run_config = await self._ephemeral_copy(rundir)
+        with self._as_owner():
+            self._grow_image()
+        run_config = await self._ephemeral_copy()
         pass_fds: list[int] = []
         version = qemu_version(qemu_binary)
         channel, vsock_cid, vsock_fd = await self._open_notify_channel(rundir, pass_fds, version)
@@ -205,17 +212,19 @@ class Run:
         term = os.environ.get("TERM")
         extra_cmdline = self._synthesized_cmdline() + tuple(aux.cmdline)
         uki = plan.uki
-        credential_files = write_credentials(rundir / "smbios", credentials, config.smbios11
-                                             + tuple(cmdline_smbios_strings(config, term, extra_cmdline, uki)))
-        qmp_sock = self._listen_qmp(rundir, pass_fds)
-        console_socket = self._open_console(rundir)
-        firmware, nvram = self._prepare_firmware(rundir, plan.firmware)
+        with self._as_owner():
+            credential_files = write_credentials(rundir / "smbios", credentials, config.smbios11
+                                                 + tuple(cmdline_smbios_strings(config, term, extra_cmdline, uki)))
+            qmp_sock = self._listen_qmp(rundir, pass_fds)
+            console_socket = self._open_console(rundir)
+            firmware, nvram = self._prepare_firmware(rundir, plan.firmware)
+            initrd = self._merge_initrds(rundir) if config.initrds else None
         resources = Resources(
             qemu=qemu_binary, kvm=accel.kvm, qmp_fd=qmp_sock.fileno(), qemu_version=version,
             console_pty=self.pty.slave_path if self.pty else None, console_socket=console_socket,
             notify_args=tuple(channel.qemu_args), vsock_cid=vsock_cid, vsock_fd=vsock_fd,
             smbios_files=tuple(credential_files.smbios), fw_cfg_files=tuple(credential_files.fw_cfg),
-            initrd=self._merge_initrds(rundir) if config.initrds else None,
+            initrd=initrd,
             vmgenid=uuid.uuid4(), term=term, extra_cmdline=extra_cmdline,
             firmware_args=tuple(firmware.qemu_args(nvram)),
             smm=firmware.smm if firmware.descriptor is not None else None, aux_args=tuple(aux.qemu_args), uki=uki,
@@ -248,17 +257,19 @@ class Run:
         mac = tap_mac(config.name, environ) if config.network is Network.TAP else None
         extra_args = tuple(qemu_extra_args())
         qemu_binary = find_qemu()
-        accel = choose_accelerator(config.kvm)
+        with self._as_owner():  # /dev/kvm as QEMU will open it
+            accel = choose_accelerator(config.kvm)
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)
         return qemu_binary, accel, mac, extra_args
 
-    async def _ephemeral_copy(self, rundir: Path) -> MachineConfig:
+    async def _ephemeral_copy(self) -> MachineConfig:
         """--ephemeral --directory: the configuration of a run on a copy of the tree (removed after)."""
         config = self.config
         if not (config.ephemeral and config.directory is not None):
             return config
         try:
-            root = await self._durable.enter_async_context(EphemeralCopy(config.directory, rundir / COPY_RECORD))
+            copy = EphemeralCopy(config.directory, self.runtime.records / COPY_RECORD)
+            root = await self._durable.enter_async_context(copy)
         except SnapshotError as e:
             raise StartError(str(e)) from e
         except OSError as e:
@@ -289,7 +300,7 @@ class Run:
         else:
             if self.config.vsock_cid is not None:
                 self.log.warning("--vsock-cid is ignored: no usable /dev/vhost-vsock", cid=self.config.vsock_cid)
-            await channel.listen_virtio_serial(rundir / "notify.sock", version)
+            await channel.listen_virtio_serial(rundir / "notify.sock", version, identity=self.identity)
         return channel, vsock_cid, vsock_fd
 
     async def _start_scope_and_helpers(self, run_config: MachineConfig, plan: LaunchPlan, rundir: Path,
@@ -305,7 +316,7 @@ class Run:
         self._handles.push_async_callback(runner.aclose)
         try:
             aux = await start_aux_services(run_config, plan, runner, rundir, bound_to=scope, guest_cid=vsock_cid,
-                                           on_started=self._helper_started)
+                                           on_started=self._helper_started, identity=self.identity)
         except AuxServiceError as e:
             raise StartError(str(e)) from e
         for what, service in aux.services:
@@ -341,13 +352,15 @@ class Run:
         if setting is Tristate.NO or (setting is Tristate.AUTO and vsock_cid is None):
             return []
         try:
-            self._ssh_key = await generate_key_pair(rundir, self.config.ssh_key_type, f"vmspawnd@{self.config.name}")
+            self._ssh_key = await generate_key_pair(rundir, self.config.ssh_key_type, f"vmspawnd@{self.config.name}",
+                                                    self.identity)
         except SshKeyError as e:
             if setting is Tristate.YES:
                 raise StartError(str(e)) from e
             self.log.warning("continuing without an SSH key for the guest", error=str(e))
             return []
-        return self._ssh_key.credentials()
+        with self._as_owner():
+            return self._ssh_key.credentials()
 
     def _listen_qmp(self, rundir: Path, pass_fds: list[int]) -> socket.socket:
         """QMP's listening socket, created by us (no race) and inherited by QEMU."""
@@ -398,7 +411,7 @@ class Run:
             self.log.warning("no control socket: the runtime directory's path is too long", path=str(rundir))
             return
         try:
-            await self._stack.enter_async_context(ControlSocket(path, self))
+            await self._stack.enter_async_context(ControlSocket(path, self, self.identity))
         except OSError as e:
             self.log.warning("no control socket", path=str(path), error=str(e))
             return
@@ -485,7 +498,8 @@ class Run:
             return ()
         if any(w.startswith(("root=", "mount.usr=")) for w in config.kernel_cmdline):
             return ()
-        return (root_cmdline_word(config.image.path),)
+        with self._as_owner():
+            return (root_cmdline_word(config.image.path),)
 
     def _merge_initrds(self, rundir: Path) -> Path:
         if len(self.config.initrds) == 1:
@@ -512,6 +526,7 @@ class Run:
         self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
 
     async def _adopt(self, record: RunRecord) -> None:
+        self.identity = self.runtime.identity = Identity.of_uid(record.uid)  # as it was started
         rundir = self.runtime.lock()  # raises if someone else holds the machine
         self._handles.callback(self.runtime.unlock)
         self._durable.callback(self.runtime.remove_files)
@@ -524,7 +539,7 @@ class Run:
         self._handles.callback(self.qemu.close)
         self._durable.push_async_callback(self.qemu.end)
         if self.config.directory is not None:
-            copy = EphemeralCopy.recorded(self.config.directory, rundir / COPY_RECORD)
+            copy = EphemeralCopy.recorded(self.config.directory, self.runtime.records / COPY_RECORD)
             if copy is not None:
                 self._durable.push_async_callback(copy.remove)
         if record.registered:
@@ -535,7 +550,7 @@ class Run:
         if record.vsock_port:
             await channel.listen_vsock(record.vsock_port, peer_cid=record.vsock_cid)
         else:
-            await channel.listen_virtio_serial(rundir / "notify.sock")
+            await channel.listen_virtio_serial(rundir / "notify.sock", identity=self.identity)
         self.vsock_port = channel.port
         self._qmp = await self._stack.enter_async_context(Qmp(self.config.name))
         self._qmp.add_listener(self._qemu_event)
@@ -658,9 +673,13 @@ class Run:
         record.guest_exit_status = self.readiness.exit_status
         record.vsock_port, record.vsock_cid = self.vsock_port, self.vsock_cid
         try:
-            record.save(self.runtime.path)
+            record.save(self.runtime.records)
         except OSError as e:
             self.log.warning("cannot record the run (a restarted daemon may not find it)", error=str(e))
+
+    def _as_owner(self) -> contextlib.AbstractContextManager[None]:
+        """The daemon's file accesses in this (synchronous) block are the VM's user's."""
+        return acting_as(self.identity)
 
     def on_cleanup(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when this run's resources are released (before those acquired earlier)."""

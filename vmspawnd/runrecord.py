@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""``run.json``: what a run records in its runtime dir so that a later daemon finds it again.
+"""``run.json``: what a run records in its records dir (see runtime.py) so that a later daemon finds it again.
 
 The record is written before QEMU is exec'd (phase ``starting``: it names the launcher, which
 becomes QEMU under the same pid) and updated as each helper starts, so a daemon killed at any
@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from vmspawnd.proc import process_start_time, processes_mentioning
+from vmspawnd.runtime import RuntimeDir
 from vmspawnd.snapshot import EphemeralCopy
 from vmspawnd.storage import read_json, write_json_atomic
 from vmspawnd.systemd.machined import unregister_quietly
@@ -62,6 +63,7 @@ class RunRecord:
     vsock_cid: int | None = None
     tpm_state: str | None = None
     config: dict[str, Any] | None = None  # the machine's configuration (JSON) this run started with
+    uid: int = 0  # the user QEMU and its helpers run as
 
     def save(self, directory: Path) -> None:
         write_json_atomic(directory / RECORD, asdict(self))
@@ -81,7 +83,8 @@ class RunRecord:
                 vsock_port=data.get("vsock_port", data.get("vsockPort")),
                 vsock_cid=data.get("vsock_cid", data.get("vsockCid")),
                 tpm_state=data.get("tpm_state", data.get("tpmState")),
-                config=data.get("config") if isinstance(data.get("config"), dict) else None)
+                config=data.get("config") if isinstance(data.get("config"), dict) else None,
+                uid=int(data.get("uid", 0)))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -117,14 +120,15 @@ async def kill_process(pid: int, starttime: int | None) -> bool:
         os.close(pidfd)
 
 
-async def end_leftovers(runtime_path: Path, directory: Path | None) -> None:
-    """End whatever an interrupted earlier run left in ``runtime_path`` (which the caller holds
+async def end_leftovers(runtime: RuntimeDir, directory: Path | None) -> None:
+    """End whatever an interrupted earlier run left in ``runtime`` (which the caller holds
     locked): its QEMU or launcher, helpers, units, registration, ephemeral copy and files."""
-    entries = [e for e in runtime_path.iterdir() if e.name != ".lock"] if runtime_path.is_dir() else []
+    runtime_path = runtime.path
+    entries = [e for d in (runtime_path, runtime.records) if d.is_dir() for e in d.iterdir() if e.name != ".lock"]
     if not entries:
         return
     name = runtime_path.name
-    record = RunRecord.load(runtime_path)
+    record = RunRecord.load(runtime.records)
     if record is not None:
         await kill_process(record.pid, record.starttime)
         for helper in record.helpers:
@@ -140,7 +144,7 @@ async def end_leftovers(runtime_path: Path, directory: Path | None) -> None:
     for pid in processes_mentioning(f"{runtime_path}/"):
         await kill_process(pid, process_start_time(pid))
     if directory is not None:
-        copy = EphemeralCopy.recorded(directory, runtime_path / COPY_RECORD)
+        copy = EphemeralCopy.recorded(directory, runtime.records / COPY_RECORD)
         if copy is not None:
             await copy.remove()
     log.info("ended the leftovers of an interrupted run", machine=name,

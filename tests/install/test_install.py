@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
+
+from vmspawnd.auth import MANAGE_ALL, PRIVILEGED
 
 pytestmark = pytest.mark.install
 
@@ -44,7 +47,8 @@ def test_install_twice_then_uninstall(tmp_path):
     assert (dest / "usr/local/share/varlink/io.vmspawnd.Manager.varlink").is_file()
     assert (dest / "etc/systemd/system/vmspawnd.socket").is_file()
     policy = (dest / "usr/share/polkit-1/actions/io.vmspawnd.policy").read_text()  # where polkit reads it
-    assert '<action id="io.vmspawnd.manage">' in policy
+    actions = {a.get("id") for a in ElementTree.fromstring(policy).iter("action")}
+    assert actions == {MANAGE_ALL, PRIVILEGED}  # what the daemon asks polkit for, and nothing else
     for page in ("man1/vmspawn.1", "man1/vmspawnctl.1", "man8/vmspawnd.8"):  # made from the parsers
         assert (dest / "usr/local/share/man" / page).read_text().startswith(".TH ")
     make("uninstall", f"DESTDIR={dest}", "PREFIX=/usr/local")

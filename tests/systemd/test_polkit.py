@@ -1,18 +1,20 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Who may manage VMs, decided by the container's real polkitd for a caller who is not root (bob),
-through the socket-activated daemon with its socket opened to everyone."""
+"""Who may do what, on a real systemd host: two users who are not root (alice, bob), the
+socket-activated daemon with its default 0666 socket, real QEMU, swtpm and virtiofsd as transient
+units, machined, and the container's real polkitd deciding what goes beyond a user's own VM."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.polling import poll
-from tests.systemd.helpers import GUEST_DIR, Ctl, sh
+from tests.systemd.helpers import GUEST_DIR, Ctl, sh, unit_properties
 
 pytestmark = [
     pytest.mark.systemd,
@@ -24,50 +26,115 @@ SOCKET = "/run/vmspawnd/io.vmspawnd.Manager"
 REPO = Path(__file__).resolve().parents[2]
 POLICY = Path("/usr/share/polkit-1/actions/io.vmspawnd.policy")
 RULE = Path("/etc/polkit-1/rules.d/50-vmspawnd-test.rules")
-DROP_IN = Path("/etc/systemd/system/vmspawnd.socket.d/open.conf")
+HOME = Path("/home/alice")
+VM = "alices"
 
 
 @pytest.fixture
-def open_socket(installed_units: Path) -> Iterator[Ctl]:
-    """The policy installed, a user bob, and the daemon's socket open to all (0666)."""
+def users(installed_units: Path) -> Iterator[Ctl]:
+    """The policy installed, users alice (with the test guest and a share in her home) and bob."""
     shutil.copy(REPO / "polkit" / "io.vmspawnd.policy", POLICY)
-    if sh("id", "bob", check=False).returncode != 0:
-        sh("useradd", "--no-create-home", "bob")
-    DROP_IN.parent.mkdir(parents=True, exist_ok=True)
-    DROP_IN.write_text("[Socket]\nSocketMode=0666\n")
-    sh("systemctl", "daemon-reload")
+    for user in ("alice", "bob"):
+        if sh("id", user, check=False).returncode != 0:
+            sh("useradd", "--create-home", user)
+    HOME.chmod(0o700)
+    (HOME / "share").mkdir(exist_ok=True)
+    shutil.copy(GUEST_DIR / "vmlinuz", HOME / "vmlinuz")
+    shutil.copy(GUEST_DIR / "initrd.img", HOME / "initrd.img")
+    sh("chown", "-R", "alice:alice", str(HOME))
     sh("systemctl", "start", "vmspawnd.socket")
+    ctl = Ctl(installed_units)
     try:
-        yield Ctl(installed_units)
+        yield ctl
     finally:
         RULE.unlink(missing_ok=True)
-        DROP_IN.unlink(missing_ok=True)
         sh("systemctl", "unmask", "--runtime", "polkit.service", check=False)
+        ctl("kill", VM, check=False)
+        ctl("remove", VM, check=False)
 
 
-def as_bob(method: str, parameters: str) -> tuple[int, str]:
-    p = sh("setpriv", "--reuid=bob", "--regid=bob", "--init-groups", "varlinkctl", "call", SOCKET,
-           f"io.vmspawnd.Manager.{method}", parameters, check=False)
-    return p.returncode, p.stdout if p.returncode == 0 else p.stderr + p.stdout  # an error's parameters: stdout
+def call(user: str, method: str, parameters: dict) -> tuple[bool, dict | str]:
+    """``varlinkctl call`` as ``user``: (True, reply) or (False, error name + its parameters)."""
+    p = sh("setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "varlinkctl", "call", SOCKET,
+           f"io.vmspawnd.Manager.{method}", json.dumps(parameters), check=False, timeout=120)
+    return (True, json.loads(p.stdout)) if p.returncode == 0 else (False, p.stderr + p.stdout)
 
 
-def test_polkit_decides_what_a_caller_who_is_not_root_may_do(open_socket: Ctl) -> None:
-    ctl = open_socket
-    ctl("create", "pk", f"--linux={GUEST_DIR / 'vmlinuz'}")
-    rc, out = as_bob("Describe", '{"name": "pk"}')
-    assert rc == 0 and json.loads(out)["machine"]["owner"] == 0, out  # anyone may look
-    rc, out = as_bob("Remove", '{"name": "pk"}')
-    assert rc != 0 and "PermissionDenied" in out and "io.vmspawnd.manage" in out, out  # polkit said no
-    assert ctl.status("pk")["state"] == "stopped"
+def uid_of(pid: int) -> int:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("Uid:"))
+    assert len(set(line.split()[1:5])) == 1, line  # real, effective, saved and file-system uid alike
+    return int(line.split()[1])
 
-    RULE.write_text('polkit.addRule(function(action, subject) {\n'
-                    '  if (action.id == "io.vmspawnd.manage" && subject.user == "bob") return polkit.Result.YES;\n'
-                    '});\n')
-    sh("systemctl", "restart", "polkit.service")  # rules are read at start (and watched)
-    poll(lambda: as_bob("Remove", '{"name": "pk"}'), lambda r: r[0] == 0, 30)  # granted by the rule
-    assert "pk" not in ctl("list", "--no-legend").stdout
+
+def alice_config(**extra: object) -> dict:
+    return {"linux": str(HOME / "vmlinuz"), "initrds": [str(HOME / "initrd.img")], "ram": "256M",
+            "firmware": "bios", **extra}
+
+
+def test_alices_vm_runs_as_alice_and_bob_may_only_look(users: Ctl) -> None:
+    ctl = users
+    alice = int(sh("id", "-u", "alice").stdout)
+
+    # what alice may not use is refused up front, and nothing is made anywhere
+    for extra, words in [({"image": "/etc/shadow", "linux": None}, ("image", "permission denied")),
+                         ({"binds": ["rw:/root:/mnt"]}, ("binds", "permission denied")),
+                         ({"tpmState": "/etc/alice-tpm"}, ("tpmState", "not writable"))]:
+        config = {k: v for k, v in alice_config(**extra).items() if v is not None}
+        ok, out = call("alice", "Create", {"name": VM, "config": config})
+        assert not ok and "InvalidConfig" in out and all(w in out for w in words), (extra, out)
+    ok, out = call("alice", "Create", {"name": VM, "config": alice_config(network="tap")})
+    assert not ok and "PermissionDenied" in out and "io.vmspawnd.privileged-features" in out, out
+    assert not Path("/etc/alice-tpm").exists() and VM not in ctl("list", "--no-legend").stdout
+
+    # alice's own VM: hers from QEMU to the files the guest writes
+    config = alice_config(tpm="yes", tpmState=str(HOME / "tpm"), binds=[f"rw:{HOME / 'share'}:/mnt/share"],
+                          kernelCommandLine=["panic=-1", "test.notify=1", "test.tpm=1", "test.virtiofs=mnt0",
+                                             "test.write=mnt0/from-guest", "test.action=acpi"])
+    ok, out = call("alice", "Create", {"name": VM, "config": config})
+    assert ok and out["machine"]["owner"] == out["machine"]["runAs"] == alice, out
+    ok, out = call("alice", "Start", {"name": VM})
+    assert ok, out
+    info = ctl.wait(lambda s: s["ready"] or s["state"] != "running", name=VM)
+    assert info["ready"], info
+    assert uid_of(info["pid"]) == alice
+    tpm_unit = f"vmspawnd-{VM}-tpm.service"
+    swtpm = unit_properties(tpm_unit, "MainPID", "User")
+    assert swtpm["User"] == str(alice) and uid_of(int(swtpm["MainPID"])) == alice, swtpm
+    virtiofsd = unit_properties(f"vmspawnd-{VM}-virtiofsd-0.service", "MainPID")
+    assert uid_of(int(virtiofsd["MainPID"])) == alice
+    runtime = Path(info["runtimeDirectory"])
+    assert (runtime.stat().st_uid, stat.S_IMODE(runtime.stat().st_mode)) == (alice, 0o700)
+    assert (HOME / "tpm").stat().st_uid == alice
+    written = HOME / "share" / "from-guest"
+    poll(written.exists, bool, 30)
+    assert written.stat().st_uid == alice  # never root
+    assert VM in sh("machinectl", "list", "--no-legend").stdout
+
+    # bob may look, not touch; polkit is asked, and says no until a rule says yes
+    ok, out = call("bob", "Describe", {"name": VM})
+    assert ok and out["machine"]["owner"] == alice, out
+    ok, out = call("bob", "List", {})
+    assert ok and VM in json.dumps(out), out
+    for method in ("Stop", "Kill", "Remove", "OpenConsole"):
+        ok, out = call("bob", method, {"name": VM})
+        assert not ok and "PermissionDenied" in out and "io.vmspawnd.manage-all" in out, (method, out)
+    assert ctl.status(VM)["state"] == "running"
 
     sh("systemctl", "mask", "--runtime", "polkit.service")
     sh("systemctl", "stop", "polkit.service")
-    rc, out = as_bob("Create", '{"name": "pk2", "config": {"linux": "/var/cache/vmspawnd-test-guest/vmlinuz"}}')
-    assert rc != 0 and "PermissionDenied" in out, out  # no polkit: no, whatever the rules say
+    RULE.write_text('polkit.addRule(function(action, subject) {\n'
+                    '  if (action.id == "io.vmspawnd.manage-all" && subject.user == "bob") return polkit.Result.YES;\n'
+                    '});\n')
+    ok, out = call("bob", "Stop", {"name": VM})
+    assert not ok and "PermissionDenied" in out, out  # no polkit: no, whatever the rules say
+    sh("systemctl", "unmask", "--runtime", "polkit.service")
+    sh("systemctl", "start", "polkit.service")
+    ok, out = poll(lambda: call("bob", "Stop", {"name": VM}), lambda r: r[0] or "PermissionDenied" not in r[1], 60)
+    assert ok and out["machine"]["state"] == "stopped", out  # granted by the rule
+    assert ctl.status(VM)["exitStatus"] == 0 and not runtime.exists()
+
+    # root may do everything with alice's machine; alice removes it
+    ctl("start", VM)
+    ctl("kill", VM)
+    ok, out = call("alice", "Remove", {"name": VM})
+    assert ok, out

@@ -7,34 +7,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, call_as
 
 NOBODY = 65534
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                                 reason="needs root and setpriv (to call as another user)")
-
-#: a raw varlink call, run by the system python as ``nobody`` (the venv's may sit in a 0700 home)
-CLIENT = r"""
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-s.sendall(json.dumps({"method": sys.argv[2], "parameters": json.loads(sys.argv[3])}).encode() + b"\0")
-data = b""
-while not data.endswith(b"\0"):
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    data += chunk
-print(data.rstrip(b"\0").decode())
-"""
-
 
 @pytest.fixture
 def shared_daemon() -> Iterator[Daemon]:
@@ -53,29 +36,25 @@ def shared_daemon() -> Iterator[Daemon]:
 
 
 def as_nobody(daemon: Daemon, method: str, parameters: dict | None = None) -> dict:
-    p = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                        "/usr/bin/python3", "-c", CLIENT, str(daemon.socket), method, json.dumps(parameters or {})],
-                       capture_output=True, text=True, timeout=30)
-    assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout)
+    return call_as(NOBODY, daemon.socket, method, parameters)
 
 
-def test_a_caller_who_is_not_root_may_look_but_not_touch(shared_daemon: Daemon, tmp_path: Path) -> None:
+def test_a_caller_who_is_not_root_may_look_at_others_machines_but_not_touch_them(shared_daemon: Daemon,
+                                                                                 tmp_path: Path) -> None:
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"not a kernel")
     assert shared_daemon.ctl("create", "rootvm", f"--linux={kernel}").returncode == 0  # root may
     listed = as_nobody(shared_daemon, "io.vmspawnd.Manager.Describe", {"name": "rootvm"})
     assert listed["parameters"]["machine"]["owner"] == 0, listed  # and everyone may look
+    assert listed["parameters"]["machine"]["runAs"] == 0, listed
 
-    for method, params in [("Create", {"name": "mine", "config": {"linux": "/etc/shadow"}}),
-                           ("Start", {"name": "rootvm"}), ("Stop", {"name": "rootvm"}),
+    for method, params in [("Start", {"name": "rootvm"}), ("Stop", {"name": "rootvm"}),
                            ("Kill", {"name": "rootvm"}), ("Remove", {"name": "rootvm"}),
                            ("OpenConsole", {"name": "rootvm"})]:
         reply = as_nobody(shared_daemon, f"io.vmspawnd.Manager.{method}", params)
         assert reply.get("error") == "io.vmspawnd.Manager.PermissionDenied", (method, reply)
-        assert reply["parameters"]["action"] == "io.vmspawnd.manage"
+        assert reply["parameters"]["action"] == "io.vmspawnd.manage-all"  # no polkit here: no
         assert f"uid {NOBODY}" in reply["parameters"]["reason"]
-    assert not (shared_daemon.state / "machines" / "mine.json").exists()  # nothing was made
     assert shared_daemon.status("rootvm")["state"] == "stopped"
 
     for method, params in [("SetLogLevel", {"level": 7}), ("GetEnvironment", {}), ("Reload", {})]:
@@ -83,3 +62,38 @@ def test_a_caller_who_is_not_root_may_look_but_not_touch(shared_daemon: Daemon, 
         assert reply.get("error") == "org.varlink.service.PermissionDenied", (method, reply)
     assert "error" not in as_nobody(shared_daemon, "io.systemd.service.Ping")
 
+
+def test_a_callers_machine_is_checked_with_its_rights_and_is_its_own(shared_daemon: Daemon, public_dir: Path) -> None:
+    tmp_path = public_dir
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"not a kernel")
+    kernel.chmod(0o644)
+    secret = tmp_path / "secret"
+    secret.mkdir(mode=0o700)  # root's, like /root
+
+    refused = [({"linux": "/etc/shadow"}, "linux", "permission denied"),
+               ({"linux": str(kernel), "binds": [f"rw:{secret}:/mnt"]}, "binds", "permission denied"),
+               ({"linux": str(kernel), "tpmState": str(secret / "tpm")}, "tpmState", "not writable"),
+               ({"linux": str(kernel), "tpmState": "/etc/vmspawnd-tpm"}, "tpmState", "not writable")]
+    for config, field, reason in refused:
+        reply = as_nobody(shared_daemon, "io.vmspawnd.Manager.Create", {"name": "mine", "config": config})
+        assert reply.get("error") == "io.vmspawnd.Manager.InvalidConfig", (config, reply)
+        assert reply["parameters"]["field"] == field and reason in reply["parameters"]["reason"], reply
+    reply = as_nobody(shared_daemon, "io.vmspawnd.Manager.Create",
+                      {"name": "mine", "config": {"linux": str(kernel), "network": "tap"}})
+    assert reply.get("error") == "io.vmspawnd.Manager.PermissionDenied", reply  # runs as root: polkit says no
+    assert reply["parameters"]["action"] == "io.vmspawnd.privileged-features"
+    assert "network-tap" in reply["parameters"]["reason"]
+    assert not (shared_daemon.state / "machines" / "mine.json").exists()  # nothing was made
+    assert not Path("/etc/vmspawnd-tpm").exists() and list(secret.iterdir()) == []
+
+    reply = as_nobody(shared_daemon, "io.vmspawnd.Manager.Create", {"name": "mine", "config": {"linux": str(kernel)}})
+    assert "error" not in reply, reply
+    machine = reply["parameters"]["machine"]
+    assert (machine["owner"], machine["runAs"]) == (NOBODY, NOBODY)
+    definition = json.loads((shared_daemon.state / "machines" / "mine.json").read_text())
+    assert (definition["owner"], definition["runAs"]) == (NOBODY, NOBODY)
+    shown = shared_daemon.ctl("status", "mine")
+    assert "Owner: nobody (65534)" in shown.stdout and "runs as" not in shown.stdout, shown.stdout
+    assert "error" not in as_nobody(shared_daemon, "io.vmspawnd.Manager.Remove", {"name": "mine"})  # its own
+    assert not (shared_daemon.state / "machines" / "mine.json").exists()

@@ -29,9 +29,9 @@ def create(daemon: Daemon, guest, name: str, *words: str, console: str = "read-o
     assert p.returncode == 0, p.stderr
 
 
-def test_socket_is_not_world_accessible(daemon):
-    mode = stat.S_IMODE(daemon.socket.stat().st_mode)
-    assert mode & 0o077 == 0, oct(mode)
+def test_socket_is_open_to_local_users_but_not_executable(daemon):
+    mode = stat.S_IMODE(daemon.socket.stat().st_mode)  # every call is authorized by its caller
+    assert mode == 0o666, oct(mode)
 
 
 def test_two_vms_in_parallel_and_events_up_to_ready_and_stopped(daemon, guest):

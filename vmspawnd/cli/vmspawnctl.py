@@ -10,6 +10,7 @@ import datetime
 import enum
 import json
 import os
+import pwd
 import shlex
 import signal
 import socket
@@ -151,6 +152,8 @@ def _print_machine(info: Any, as_json: str | None) -> None:
     state = d["state"] + (" (ready)" if d["ready"] else "")
     print(f"● {d['name']}")
     print(f"      State: {state} since {_when(d['since'])}")
+    owner, run_as = d.get("owner", 0), d.get("runAs", 0)
+    print(f"      Owner: {_user_name(owner)}" + (f" (runs as {_user_name(run_as)})" if run_as != owner else ""))
     if d["pid"]:
         print(f"        PID: {d['pid']} (qemu)")
     if d["status"]:
@@ -387,11 +390,20 @@ async def run(args: argparse.Namespace) -> int:
         transport.close()
 
 
+def _user_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} ({uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 def _describe_error(e: VarlinkErrorReply) -> str:
     params = e.paramstojson() if hasattr(e, "paramstojson") else {}
     short = e.name.rsplit(".", 1)[-1]
     if short == "NoSuchMachine":
         return f"no machine named {params.get('name')}"
+    if short == "PermissionDenied":
+        return f"permission denied: {params.get('reason') or params.get('action')}"
     if short == "MachineExists":
         return f"a machine named {params.get('name')} exists already"
     if "reason" in params:

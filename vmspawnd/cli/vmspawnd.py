@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH",
                    help=f"listen here when not socket-activated (default: {DEFAULT_SOCKET})")
     p.add_argument("--socket-group", metavar="GROUP",
-                   help="make the socket 0660 for this group: its members may list, describe and follow "
-                        "events; only root may define, start or control machines (they run as root)")
+                   help="make the socket 0660 for this group only (default: 0666, every local user; each "
+                        "caller may look at all machines, and define and control its own, which run as it)")
     p.add_argument("--state-dir", metavar="DIR",
                    help="machine definitions (default: $STATE_DIRECTORY or /var/lib/vmspawnd)")
     p.add_argument("--runtime-dir", metavar="DIR",
@@ -107,8 +107,8 @@ def socket_holder(path: Path) -> int | None:
 
 
 def bind_socket(path: Path, group: str | None) -> socket.socket:
-    """Bind our own socket: 0600 (or 0660 for --socket-group), never world-accessible.  A live
-    socket (one that answers) is never taken over; a stale one is replaced."""
+    """Bind our own socket: 0666 (every call is authorized by its caller, see auth.py), or 0660 for
+    --socket-group.  A live socket (one that answers) is never taken over; a stale one is replaced."""
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.lstat().st_mode):
@@ -117,7 +117,7 @@ def bind_socket(path: Path, group: str | None) -> socket.socket:
                 raise AlreadyRunning(f"{path} is served already (by pid {holder})")
             path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177 if group is None else 0o117)
+    old = os.umask(0o111 if group is None else 0o117)
     try:
         sock.bind(str(path))
     finally:
@@ -126,7 +126,7 @@ def bind_socket(path: Path, group: str | None) -> socket.socket:
         os.chown(path, -1, grp.getgrnam(group).gr_gid)
         os.chmod(path, 0o660)
     else:
-        os.chmod(path, 0o600)
+        os.chmod(path, 0o666)
     return sock
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import structlog
 
+from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.qemu import qemu_escape
 
 MAX_LINE = 4096
@@ -113,14 +114,21 @@ class NotifyChannel:
         self.port: int | None = None
         self._peer_cid: int | None = None
 
-    async def listen_virtio_serial(self, path: Path, qemu_version: tuple[int, int] = (0, 0)) -> None:
-        """Listen on a unix socket that QEMU's chardev will connect to (and reconnect to: QEMU 9.2
-        renamed the option ``reconnect=`` seconds to ``reconnect-ms=``, and 10.x dropped the old one)."""
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+    async def listen_virtio_serial(self, path: Path, qemu_version: tuple[int, int] = (0, 0),
+                                   identity: Identity = ROOT) -> None:
+        """Listen on a unix socket that QEMU's chardev (running as ``identity``) will connect to (and
+        reconnect to: QEMU 9.2 renamed the option ``reconnect=`` seconds to ``reconnect-ms=``, and 10.x
+        dropped the old one)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.bind(str(path))
-        path.chmod(0o600)
+        try:
+            with acting_as(identity):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                sock.bind(str(path))
+                path.chmod(0o600)
+        except BaseException:
+            sock.close()
+            raise
         sock.listen(4)
         self._server = await asyncio.start_unix_server(self._serve_stream, sock=sock, limit=MAX_LINE * 4)
         reconnect = "reconnect-ms=1000" if qemu_version >= (9, 2) else "reconnect=1"

@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmspawnd.identity import ROOT, Identity, acting_as
+
 AUTHORIZED_KEYS_CREDENTIAL = "ssh.ephemeral-authorized_keys-all"
 SSHD_DROPIN_CREDENTIAL = "systemd.unit-dropin.sshd-vsock@.service"
 SSHD_DROPIN = (
@@ -42,17 +44,19 @@ class SshKeyPair:
                 (SSHD_DROPIN_CREDENTIAL, SSHD_DROPIN.encode())]
 
 
-async def generate_key_pair(directory: Path, key_type: str, comment: str) -> SshKeyPair:
-    """Run ``ssh-keygen`` for a new unencrypted pair ``<directory>/ssh-<type>[.pub]``."""
+async def generate_key_pair(directory: Path, key_type: str, comment: str, identity: Identity = ROOT) -> SshKeyPair:
+    """Run ``ssh-keygen`` (as ``identity``) for a new unencrypted pair ``<directory>/ssh-<type>[.pub]``."""
     keygen = shutil.which("ssh-keygen")
     if keygen is None:
         raise SshKeyError("ssh-keygen not found (install openssh-client, or pass --pass-ssh-key=no)")
     private_key = directory / f"ssh-{key_type}"
-    for stale in (private_key, private_key.with_name(private_key.name + ".pub")):
-        stale.unlink(missing_ok=True)  # a killed earlier run's pair: ssh-keygen would ask before overwriting
+    with acting_as(identity):
+        for stale in (private_key, private_key.with_name(private_key.name + ".pub")):
+            stale.unlink(missing_ok=True)  # a killed earlier run's pair: ssh-keygen would ask before overwriting
     proc = await asyncio.create_subprocess_exec(
         keygen, "-q", "-t", key_type, "-N", "", "-C", comment, "-f", str(private_key),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        **identity.popen_kwargs())
     _, err = await proc.communicate()
     if proc.returncode != 0:
         raise SshKeyError(f"ssh-keygen failed (exit status {proc.returncode}): {err.decode(errors='replace').strip()}")

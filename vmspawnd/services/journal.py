@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmspawnd.errors import ConfigError
+from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.services.runner import RunningService, ServiceRunner, ServiceSpec
 
 #: Where Debian and others install it when it is not on $PATH (package systemd-journal-remote).
@@ -66,9 +67,10 @@ def prepare_output(output: Path) -> str:
 
 
 def journal_remote_spec(machine: str, guest_cid: int, output: Path, limits: JournalLimits,
-                        bound_to: str | None = None) -> ServiceSpec:
-    """The helper that listens on vsock for ``guest_cid``'s journal and writes it to ``output``."""
-    split_mode = prepare_output(output)
+                        bound_to: str | None = None, identity: Identity = ROOT) -> ServiceSpec:
+    """The helper that listens on vsock for ``guest_cid``'s journal and writes it (as ``identity``) to ``output``."""
+    with acting_as(identity):
+        split_mode = prepare_output(output)
     # socket-activate gives its child a clean environment: --setenv carries the setting across
     argv = [str(find_tool("systemd-socket-activate")), f"--listen=vsock:2:{guest_cid}",
             "--setenv=SYSTEMD_JOURNAL_REMOTE_CONFIG_FILE=/dev/null",
@@ -76,7 +78,7 @@ def journal_remote_spec(machine: str, guest_cid: int, output: Path, limits: Jour
             f"--split-mode={split_mode}", *limits.args()]
     return ServiceSpec(name=f"vmspawnd-{machine}-journal", argv=tuple(argv), bound_to=bound_to,
                        description=f"journal of VM {machine} into {output}",
-                       env={"SYSTEMD_JOURNAL_REMOTE_CONFIG_FILE": "/dev/null"})
+                       env={"SYSTEMD_JOURNAL_REMOTE_CONFIG_FILE": "/dev/null"}, identity=identity)
 
 
 def guest_credential(guest_cid: int) -> tuple[str, bytes]:
@@ -84,5 +86,6 @@ def guest_credential(guest_cid: int) -> tuple[str, bytes]:
 
 
 async def start_journal_remote(runner: ServiceRunner, machine: str, guest_cid: int, output: Path,
-                               limits: JournalLimits, bound_to: str | None = None) -> RunningService:
-    return await runner.start(journal_remote_spec(machine, guest_cid, output, limits, bound_to))
+                               limits: JournalLimits, bound_to: str | None = None,
+                               identity: Identity = ROOT) -> RunningService:
+    return await runner.start(journal_remote_spec(machine, guest_cid, output, limits, bound_to, identity))

@@ -33,6 +33,7 @@ from typing import IO, Any, Protocol
 
 import structlog
 
+from vmspawnd.identity import ROOT, Identity
 from vmspawnd.proc import set_parent_death_signal
 from vmspawnd.systemd.units import (
     CONNECT_TIMEOUT,
@@ -86,6 +87,7 @@ class ServiceSpec:
     ready_path: Path | None = None  # a socket the helper creates once it is ready
     ready_timeout: float = DEFAULT_READY_TIMEOUT
     env: dict[str, str] = field(default_factory=dict)  # extra environment
+    identity: Identity = ROOT  # the user it runs as (the VM's)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "argv", tuple(str(a) for a in self.argv))
@@ -296,7 +298,7 @@ class ChildRunner:
             popen = subprocess.Popen(
                 list(spec.argv), stdin=subprocess.DEVNULL, stdout=output, stderr=output,
                 pass_fds=spec.pass_fds, start_new_session=True, env={**os.environ, **spec.env},
-                preexec_fn=set_parent_death_signal if self.die_with_parent else None,
+                preexec_fn=set_parent_death_signal if self.die_with_parent else None, **spec.identity.popen_kwargs(),
             )
         except OSError as e:
             output.close()
@@ -379,6 +381,8 @@ def transient_unit_properties(spec: ServiceSpec) -> list[tuple[str, Any]]:
         props += [("BindsTo", Variant("as", [spec.bound_to])), ("After", Variant("as", [spec.bound_to]))]
     if spec.env:
         props.append(("Environment", Variant("as", [f"{key}={value}" for key, value in spec.env.items()])))
+    for key, value in spec.identity.unit_properties().items():
+        props.append((key, Variant("as" if isinstance(value, list) else "s", value)))
     return props
 
 

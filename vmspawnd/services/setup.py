@@ -12,6 +12,7 @@ import structlog
 
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError
+from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.plan import LaunchPlan
 from vmspawnd.services.journal import JournalLimits, start_journal_remote
 from vmspawnd.services.journal import guest_credential as journal_credential
@@ -61,10 +62,11 @@ class AuxServices:
 
 async def start_aux_services(config: MachineConfig, plan: LaunchPlan, runner: ServiceRunner, rundir: Path,
                              bound_to: str | None = None, guest_cid: int | None = None,
-                             on_started: Callable[[str, RunningService], None] | None = None) -> AuxServices:
+                             on_started: Callable[[str, RunningService], None] | None = None,
+                             identity: Identity = ROOT) -> AuxServices:
     """Start swtpm, one virtiofsd per share and journal-remote (which needs the guest's vsock
-    ``guest_cid``).  The caller owns (and stops) what is returned; if one fails to start, those
-    already started are stopped before the error is raised."""
+    ``guest_cid``), all as ``identity`` (the VM's user).  The caller owns (and stops) what is
+    returned; if one fails to start, those already started are stopped before the error is raised."""
     if config.forward_journal is not None and guest_cid is None:
         raise AuxServiceError("--forward-journal needs vsock (the guest sends its journal over AF_VSOCK), "
                               "and /dev/vhost-vsock is not usable here")
@@ -72,10 +74,10 @@ async def start_aux_services(config: MachineConfig, plan: LaunchPlan, runner: Se
     if on_started is not None:
         aux.on_started = on_started
     try:
-        await _start(aux, config, plan, runner, rundir, bound_to)
+        await _start(aux, config, plan, runner, rundir, bound_to, identity)
         if config.forward_journal is not None:
             assert guest_cid is not None
-            await _start_journal_remote(aux, config, runner, guest_cid, bound_to)
+            await _start_journal_remote(aux, config, runner, guest_cid, bound_to, identity)
     except BaseException:
         for _, svc in reversed(aux.services):
             with contextlib.suppress(Exception):
@@ -85,13 +87,14 @@ async def start_aux_services(config: MachineConfig, plan: LaunchPlan, runner: Se
 
 
 async def _start(aux: AuxServices, config: MachineConfig, plan: LaunchPlan, runner: ServiceRunner, rundir: Path,
-                 bound_to: str | None) -> None:
+                 bound_to: str | None, identity: Identity) -> None:
     base = config.image.path if config.image is not None else config.directory
     if tpm_enabled(config.tpm):
-        state_dir, persistent = tpm_state_dir(config.tpm_state, base, config.ephemeral, rundir)
+        with acting_as(identity):
+            state_dir, persistent = tpm_state_dir(config.tpm_state, base, config.ephemeral, rundir)
         socket_path = rundir / "tpm.sock"
         try:
-            svc = await start_swtpm(runner, config.name, state_dir, socket_path, bound_to=bound_to)
+            svc = await start_swtpm(runner, config.name, state_dir, socket_path, bound_to=bound_to, identity=identity)
         except (ServiceError, OSError) as e:
             if config.tpm is Tristate.YES:
                 raise AuxServiceError(f"swtpm failed to start: {e}") from e
@@ -103,7 +106,8 @@ async def _start(aux: AuxServices, config: MachineConfig, plan: LaunchPlan, runn
 
     shares: list[tuple[int | str, str, str, Path, bool, UidMap | None]] = []
     if config.directory is not None:
-        shares.append(("root", ROOT_TAG, ROOT_CHARDEV, config.directory, False, root_uid_map(config, plan.virtiofsd)))
+        uid_map = None if identity.switches else root_uid_map(config, plan.virtiofsd)  # a user's files stay theirs
+        shares.append(("root", ROOT_TAG, ROOT_CHARDEV, config.directory, False, uid_map))
         aux.cmdline += ["root=root", "rootfstype=virtiofs", "rw"]
     shares += [(i, bind_tag(i), bind_tag(i), b.source, b.read_only, None) for i, b in enumerate(config.binds)]
     users = plan.bound_users
@@ -115,7 +119,8 @@ async def _start(aux: AuxServices, config: MachineConfig, plan: LaunchPlan, runn
         socket_path = rundir / f"fs-{tag}.sock"
         try:
             svc = await start_virtiofsd(runner, config.name, index, source, socket_path, read_only,
-                                        virtiofsd=plan.virtiofsd, bound_to=bound_to, uid_map=uid_map)
+                                        virtiofsd=plan.virtiofsd, bound_to=bound_to, uid_map=uid_map,
+                                        identity=identity)
         except (ServiceError, OSError) as e:
             raise AuxServiceError(f"virtiofsd for {source} failed to start: {e}") from e
         aux.add(f"virtiofsd {tag}", svc)
@@ -129,12 +134,13 @@ async def _start(aux: AuxServices, config: MachineConfig, plan: LaunchPlan, runn
 
 
 async def _start_journal_remote(aux: AuxServices, config: MachineConfig, runner: ServiceRunner, guest_cid: int,
-                                bound_to: str | None) -> None:
+                                bound_to: str | None, identity: Identity) -> None:
     assert config.forward_journal is not None
     limits = JournalLimits(config.forward_journal_max_use, config.forward_journal_keep_free,
                            config.forward_journal_max_file_size, config.forward_journal_max_files)
     try:
-        svc = await start_journal_remote(runner, config.name, guest_cid, config.forward_journal, limits, bound_to)
+        svc = await start_journal_remote(runner, config.name, guest_cid, config.forward_journal, limits, bound_to,
+                                         identity)
     except (ServiceError, OSError) as e:
         raise AuxServiceError(f"systemd-journal-remote failed to start: {e}") from e
     aux.add("journal-remote", svc)

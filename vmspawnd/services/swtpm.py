@@ -20,6 +20,7 @@ from pathlib import Path
 import structlog
 
 from vmspawnd.errors import ConfigError
+from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.proc import check_socket_path
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner, ServiceSpec
@@ -100,9 +101,11 @@ def check_swtpm_path(field: str, path: Path) -> None:
         raise ConfigError(field, str(path), "swtpm cannot use a path containing ','")
 
 
-async def manufacture(state_dir: Path, swtpm_setup: Path | None = None) -> bool:
-    """Run ``swtpm_setup`` once for a fresh state dir; False if it was already manufactured."""
-    if (state_dir / STATE_FILE).exists():
+async def manufacture(state_dir: Path, swtpm_setup: Path | None = None, identity: Identity = ROOT) -> bool:
+    """Run ``swtpm_setup`` (as ``identity``) once for a fresh state dir; False if it was already manufactured."""
+    with acting_as(identity):
+        manufactured = (state_dir / STATE_FILE).exists()
+    if manufactured:
         return False
     setup = swtpm_setup or find_swtpm_setup()
     if setup is None:
@@ -110,7 +113,8 @@ async def manufacture(state_dir: Path, swtpm_setup: Path | None = None) -> bool:
         return False
     argv = [str(setup), "--tpm2", "--tpmstate", str(state_dir), "--pcr-banks", "sha256", "--not-overwrite"]
     proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                                                **identity.popen_kwargs())
     try:
         output, _ = await asyncio.wait_for(proc.communicate(), SWTPM_SETUP_TIMEOUT)
     except BaseException:
@@ -135,7 +139,8 @@ def swtpm_argv(swtpm: Path, state_dir: Path, socket_path: Path) -> list[str]:
 
 
 async def start_swtpm(runner: ServiceRunner, machine: str, state_dir: Path, socket_path: Path, *,
-                      bound_to: str | None = None, swtpm: Path | None = None) -> RunningService:
+                      bound_to: str | None = None, swtpm: Path | None = None,
+                      identity: Identity = ROOT) -> RunningService:
     """Manufacture the state on first use, then run swtpm; returns once its socket exists.
 
     swtpm_setup (one-shot, ≈0.6 s) always runs as our own short-lived child, whichever runner
@@ -146,9 +151,9 @@ async def start_swtpm(runner: ServiceRunner, machine: str, state_dir: Path, sock
         raise ServiceError(f"vmspawnd-{machine}-tpm", "swtpm is not installed")
     check_socket_path(socket_path)
     argv = swtpm_argv(swtpm, state_dir, socket_path)
-    await manufacture(state_dir)
+    await manufacture(state_dir, identity=identity)
     spec = ServiceSpec(name=f"vmspawnd-{machine}-tpm", argv=tuple(argv), description=f"TPM for VM {machine}",
-                       bound_to=bound_to, ready_path=socket_path)
+                       bound_to=bound_to, ready_path=socket_path, identity=identity)
     return await runner.start(spec)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import structlog
 
 from vmspawnd.errors import ConfigError
+from vmspawnd.identity import ROOT, Identity
 from vmspawnd.proc import CAP_SYS_ADMIN, check_socket_path, has_capability
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.services import rowrap
@@ -209,15 +210,19 @@ def virtiofsd_argv(virtiofsd: Virtiofsd, share_dir: Path, socket_path: Path, *, 
 async def start_virtiofsd(runner: ServiceRunner, machine: str, index_or_root: int | str, share_dir: Path,
                           socket_path: Path, read_only: bool, *, virtiofsd: Virtiofsd | None = None,
                           sandbox: str | None = None, uid_map: UidMap | None = None,
-                          bound_to: str | None = None) -> RunningService:
-    """Run a virtiofsd for ``share_dir`` (``index_or_root``: bind index or ``"root"``); ready once its socket exists."""
+                          bound_to: str | None = None, identity: Identity = ROOT) -> RunningService:
+    """Run a virtiofsd for ``share_dir`` (``index_or_root``: bind index or ``"root"``) as ``identity``;
+    ready once its socket exists.  As a user it runs without a sandbox (which needs privileges):
+    the kernel's permissions for that user are the limit."""
     virtiofsd = virtiofsd or find_virtiofsd()
     check_socket_path(socket_path)
+    if identity.switches:
+        sandbox = "none"
     argv = virtiofsd_argv(virtiofsd, share_dir, socket_path, read_only=read_only,
                           sandbox=sandbox or choose_sandbox(), uid_map=uid_map)
     spec = ServiceSpec(name=f"vmspawnd-{machine}-virtiofsd-{index_or_root}", argv=tuple(argv),
                        description=f"virtiofs share {share_dir} for VM {machine}{' (read-only)' if read_only else ''}",
-                       bound_to=bound_to, ready_path=socket_path)
+                       bound_to=bound_to, ready_path=socket_path, identity=identity)
     return await runner.start(spec)
 
 

@@ -41,6 +41,7 @@ from asyncvarlink import (
 from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
 from vmspawnd import __version__, docs_url
+from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.server import GuardedServer, ServerLimits, current_connection, serve
 
 log = structlog.get_logger()
@@ -199,9 +200,10 @@ def _call_error(exc: BaseException) -> TypedVarlinkErrorReply | None:
 class ControlSocket:
     """``async with ControlSocket(path, run)``: the VM's control socket is served for the block."""
 
-    def __init__(self, path: Path, control: MachineControl) -> None:
+    def __init__(self, path: Path, control: MachineControl, identity: Identity = ROOT) -> None:
         self.path = path
         self._control = control
+        self._identity = identity  # whose runtime directory the socket goes into
         self._server: GuardedServer | None = None
 
     async def __aenter__(self) -> "ControlSocket":
@@ -212,9 +214,10 @@ class ControlSocket:
         registry.register_interface(VirtualMachineInstanceInterface())
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()  # a socket an earlier daemon left (re-adoption)
-            sock.bind(str(self.path))
+            with acting_as(self._identity):
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()  # a socket an earlier daemon left (re-adoption)
+                sock.bind(str(self.path))
             sock.listen(16)
             self._server = await serve(sock, registry, ServerLimits(max_connections=MAX_CONNECTIONS), _call_error)
         except BaseException:

@@ -1,0 +1,133 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""A VM defined by a user who is not root runs as that user (real daemon, real QEMU, swtpm and
+virtiofsd): ``nobody`` plays the owner, ``daemon`` (uid 1) another user.  The systemd tier does
+the same with real accounts, transient units and polkit (tests/systemd/test_owners.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Daemon, call_as
+from tests.polling import poll
+from vmspawnd.proc import processes_mentioning
+from vmspawnd.services.virtiofsd import Flavour, find_virtiofsd
+
+OWNER, OTHER = 65534, 1  # nobody, daemon
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                reason="needs root and setpriv (to call as other users)")
+
+
+def uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            real, effective, saved, fs = (int(x) for x in line.split()[1:5])
+            assert real == effective == saved == fs, line
+            return real
+    raise AssertionError(f"no Uid: line for {pid}")
+
+
+@pytest.fixture
+def public_daemon() -> Iterator[Daemon]:
+    """A daemon with its default 0666 socket, in a directory every user may enter."""
+    base = Path(tempfile.mkdtemp(prefix="vmspawnd-owner-"))
+    base.chmod(0o755)
+    d = Daemon(base)
+    d.start()
+    try:
+        yield d
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            for name in ("mine",):
+                d.ctl("kill", name)
+            d.stop_daemon()
+        for pid in processes_mentioning(str(base)):
+            os.kill(pid, 9)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def home(public_dir: Path, guest) -> Path:
+    """The owner's home: the guest's kernel and initrd, a shared folder, all the owner's, 0700."""
+    home = public_dir / "home"
+    (home / "share").mkdir(parents=True)
+    shutil.copy(guest.kernel, home / "vmlinuz")
+    shutil.copy(guest.initrd, home / "initrd")
+    for path in (home, home / "share", home / "vmlinuz", home / "initrd"):
+        os.chown(path, OWNER, OWNER)
+    home.chmod(0o700)
+    return home
+
+
+def call(uid: int, daemon: Daemon, method: str, **parameters: object) -> dict:
+    return call_as(uid, daemon.socket, f"io.vmspawnd.Manager.{method}", parameters)
+
+
+def test_a_users_vm_runs_as_that_user_and_only_they_control_it(public_daemon: Daemon, home: Path) -> None:
+    rust_virtiofsd = find_virtiofsd().flavour is Flavour.RUST
+    config = {"linux": str(home / "vmlinuz"), "initrds": [str(home / "initrd")], "ram": "256M",
+              "firmware": "bios", "tpm": "yes", "tpmState": str(home / "tpm"),
+              "binds": [f"rw:{home / 'share'}:/mnt/share"],
+              "kernelCommandLine": ["panic=-1", "test.notify=1", "test.tpm=1", "test.virtiofs=mnt0",
+                                    "test.write=mnt0/from-guest", "test.action=acpi"]}
+    reply = call(OWNER, public_daemon, "Create", name="mine", config=config)
+    if not rust_virtiofsd:  # QEMU's C virtiofsd runs only as root: a user's share needs the Rust one
+        assert reply.get("error") == "io.vmspawnd.Manager.PermissionDenied", reply
+        assert reply["parameters"]["action"] == "io.vmspawnd.privileged-features"
+        assert "C virtiofsd" in reply["parameters"]["reason"], reply
+        config["binds"] = []
+        reply = call(OWNER, public_daemon, "Create", name="mine", config=config)
+    assert "error" not in reply, reply
+    reply = call(OWNER, public_daemon, "Start", name="mine")
+    assert "error" not in reply, reply
+    info = public_daemon.wait_for("mine", lambda d: d["ready"] or d["state"] != "running", timeout=180)
+    assert info["ready"], info
+
+    # QEMU and every helper run as the owner, in directories that are the owner's
+    assert uid_of(info["pid"]) == OWNER
+    helpers = [pid for pid in processes_mentioning(info["runtimeDirectory"] + "/") if pid != info["pid"]]
+    assert len(helpers) == 1 + rust_virtiofsd and {uid_of(pid) for pid in helpers} == {OWNER}, helpers
+    runtime = Path(info["runtimeDirectory"])
+    assert (runtime.stat().st_uid, stat.S_IMODE(runtime.stat().st_mode)) == (OWNER, 0o700)
+    assert {p.stat().st_uid for p in runtime.iterdir()} == {OWNER}, [(p, p.stat().st_uid) for p in runtime.iterdir()]
+    records = runtime.with_name("mine.run")  # what the daemon trusts stays root's
+    assert (records.stat().st_uid, stat.S_IMODE(records.stat().st_mode)) == (0, 0o700)
+    assert (home / "tpm").stat().st_uid == OWNER and {p.stat().st_uid for p in (home / "tpm").iterdir()} == {OWNER}
+    if rust_virtiofsd:
+        written = home / "share" / "from-guest"
+        poll(written.exists, bool, timeout=30)
+        assert written.stat().st_uid == OWNER  # the guest's write through the share is the owner's file
+
+    # another user may look but not touch; the owner may
+    assert call(OTHER, public_daemon, "Describe", name="mine")["parameters"]["machine"]["owner"] == OWNER
+    for method in ("Stop", "Kill", "OpenConsole", "Remove"):
+        reply = call(OTHER, public_daemon, method, name="mine")
+        assert reply.get("error") == "io.vmspawnd.Manager.PermissionDenied", (method, reply)
+        assert reply["parameters"]["action"] == "io.vmspawnd.manage-all"
+    assert public_daemon.status("mine")["state"] == "running"
+    reply = call(OWNER, public_daemon, "Stop", name="mine")
+    assert "error" not in reply and reply["parameters"]["machine"]["state"] == "stopped", reply
+    assert public_daemon.status("mine")["exitStatus"] == 0
+    assert not runtime.exists() and not records.exists()
+    assert (home / "tpm").is_dir()  # the TPM's state stays for the next run
+    assert "error" not in call(OWNER, public_daemon, "Remove", name="mine")
+
+
+def test_a_users_start_is_refused_what_the_user_may_not_use(public_daemon: Daemon, home: Path) -> None:
+    config = {"linux": str(home / "vmlinuz"), "initrds": [str(home / "initrd")], "firmware": "bios"}
+    assert "error" not in call(OWNER, public_daemon, "Create", name="mine", config=config)
+    home.chmod(0o755)
+    (home / "vmlinuz").chmod(0o600)
+    os.chown(home / "vmlinuz", 0, 0)  # the kernel is root's now: the next start, as its owner, may not read it
+    reply = call(OWNER, public_daemon, "Start", name="mine")
+    assert reply.get("error") == "io.vmspawnd.Manager.StartFailed", reply
+    assert f"linux={home / 'vmlinuz'}: permission denied" in reply["parameters"]["reason"], reply
+    info = public_daemon.status("mine")
+    assert info["state"] == "failed" and info["pid"] is None
+    assert not any(public_daemon.runtime.rglob("mine"))  # nothing started, nothing left

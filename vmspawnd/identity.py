@@ -1,0 +1,124 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Who a VM runs as, and acting as that user while the daemon touches the VM's files.
+
+A machine owned by an unprivileged user runs as that user: QEMU, swtpm and virtiofsd get the
+user's uid, gid and supplementary groups (:meth:`Identity.popen_kwargs`, or ``User=``/``Group=``/
+``SupplementaryGroups=`` for a transient unit), so the kernel decides which images, kernels,
+directories and state files the VM may use.
+
+What the daemon itself opens or creates for such a VM (reading a GPT, copying NVRAM, creating
+the TPM state directory, binding sockets in the VM's runtime directory) happens inside
+:func:`acting_as`: the calling *thread* switches its file-system uid and gid and its
+supplementary groups to the user's (``setfsuid``/``setfsgid`` and the raw ``setgroups``
+system call, all per thread; glibc's ``setgroups()`` would change every thread), which also
+drops root's override of file permissions until the block ends.  The block must not ``await``:
+the event loop's other work would run with the user's rights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import platform
+import pwd
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from vmspawnd.errors import ConfigError
+
+#: the setgroups system call's number per architecture (the generic table: aarch64, riscv64, loongarch64)
+_SYS_SETGROUPS = {"x86_64": 116, "aarch64": 159, "riscv64": 159, "loongarch64": 159, "ppc64le": 81,
+                  "ppc64": 81, "s390x": 206}
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A user's credentials: uid, primary gid, supplementary groups (and the name, for messages)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+    name: str = ""
+
+    @property
+    def root(self) -> bool:
+        return self.uid == 0
+
+    @classmethod
+    def of_uid(cls, uid: int) -> Identity:
+        """The identity of the account with ``uid`` (its groups from the user database)."""
+        if uid == 0:
+            return ROOT
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            raise ConfigError("owner", str(uid), "no user with this uid exists on this host") from None
+        return cls(uid, entry.pw_gid, tuple(sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)))),
+                   entry.pw_name)
+
+    @property
+    def switches(self) -> bool:
+        """True when acting as this identity means switching (we are root, it is not)."""
+        return not self.root and os.geteuid() == 0
+
+    def popen_kwargs(self) -> dict[str, Any]:
+        """``subprocess.Popen`` arguments that run a child as this identity (none when no switch is needed)."""
+        if not self.switches:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
+
+    def unit_properties(self) -> dict[str, Any]:
+        """``User=``, ``Group=``, ``SupplementaryGroups=`` of a transient unit running as this identity."""
+        if not self.switches:
+            return {}
+        return {"User": str(self.uid), "Group": str(self.gid), "SupplementaryGroups": [str(g) for g in self.groups]}
+
+    def __str__(self) -> str:
+        return f"{self.name or 'uid'} ({self.uid})" if self.name else f"uid {self.uid}"
+
+
+ROOT = Identity(0, 0, (), "root")
+
+
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _set_thread_groups(libc: Any, groups: tuple[int, ...]) -> None:
+    number = _SYS_SETGROUPS.get(platform.machine())
+    if number is None:
+        raise OSError(f"cannot switch a thread's groups on {platform.machine()}")
+    array = (ctypes.c_uint * max(1, len(groups)))(*groups)
+    if libc.syscall(ctypes.c_long(number), ctypes.c_size_t(len(groups)), array) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"setgroups: {os.strerror(errno)}")
+
+
+def _set_fs_ids(libc: Any, uid: int, gid: int) -> None:
+    libc.setfsgid(ctypes.c_uint(gid))
+    libc.setfsuid(ctypes.c_uint(uid))
+    # both return the previous value and report no error: ask again (an invalid id changes nothing)
+    if libc.setfsuid(ctypes.c_uint(0xFFFFFFFF)) != uid or libc.setfsgid(ctypes.c_uint(0xFFFFFFFF)) != gid:
+        raise OSError(f"cannot switch the thread's file-system ids to {uid}:{gid}")
+
+
+@contextlib.contextmanager
+def acting_as(identity: Identity) -> Iterator[None]:
+    """File-system accesses of this thread are ``identity``'s for the block (a no-op unless we are
+    root and it is not).  Never ``await`` inside."""
+    if not identity.switches:
+        yield
+        return
+    libc = _libc()
+    saved_groups = tuple(os.getgroups())  # this thread's
+    _set_thread_groups(libc, identity.groups)
+    try:
+        _set_fs_ids(libc, identity.uid, identity.gid)
+        try:
+            yield
+        finally:
+            _set_fs_ids(libc, 0, 0)
+    finally:
+        _set_thread_groups(libc, saved_groups)
