@@ -20,6 +20,8 @@ from typing import Any
 
 import structlog
 
+from vmspawnd.identity import ROOT, Identity, connect_as
+
 SCROLLBACK = 64 * 1024
 CLIENT_BACKLOG_LIMIT = 1024 * 1024
 
@@ -29,8 +31,9 @@ log = structlog.get_logger()
 class ConsoleRelay:
     """One VM console, many viewers."""
 
-    def __init__(self, path: Path, *, read_only: bool) -> None:
+    def __init__(self, path: Path, *, read_only: bool, identity: Identity = ROOT) -> None:
         self.path = path
+        self.identity = identity  # whose runtime directory the socket is in
         self.read_only = read_only
         self.scrollback = bytearray()
         self._qemu: asyncio.StreamWriter | None = None
@@ -43,9 +46,10 @@ class ConsoleRelay:
         deadline = loop.time() + timeout
         while True:
             try:
-                reader, self._qemu = await asyncio.open_unix_connection(str(self.path))
+                sock = connect_as(self.identity, str(self.path))  # the VM's user's path: connect as them
+                reader, self._qemu = await asyncio.open_unix_connection(sock=sock)
                 break
-            except (FileNotFoundError, ConnectionRefusedError):
+            except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
                 if loop.time() > deadline:
                     raise
                 await asyncio.sleep(0.05)

@@ -22,6 +22,7 @@ import ctypes
 import os
 import platform
 import pwd
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,7 @@ class Identity:
             return ROOT
         try:
             entry = pwd.getpwuid(uid)
-        except KeyError:
+        except (KeyError, OverflowError):
             raise ConfigError("owner", str(uid), "no user with this uid exists on this host") from None
         return cls(uid, entry.pw_gid, tuple(sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid)))),
                    entry.pw_name)
@@ -122,3 +123,17 @@ def acting_as(identity: Identity) -> Iterator[None]:
             _set_fs_ids(libc, 0, 0)
     finally:
         _set_thread_groups(libc, saved_groups)
+
+
+def connect_as(identity: Identity, path: str) -> socket.socket:
+    """A non-blocking stream socket connected to the unix socket ``path`` as ``identity`` would be:
+    a path in a user's directory may lead anywhere that user put it, never where only root may go."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with acting_as(identity):
+            sock.connect(path)  # a listening unix socket with room in its backlog answers at once
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

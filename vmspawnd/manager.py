@@ -357,7 +357,8 @@ class Manager:
         config = run.config
         if config.console not in (ConsoleMode.INTERACTIVE, ConsoleMode.READ_ONLY):
             return
-        relay = ConsoleRelay(run.runtime.path / "console.sock", read_only=config.console is ConsoleMode.READ_ONLY)
+        relay = ConsoleRelay(run.runtime.path / "console.sock", read_only=config.console is ConsoleMode.READ_ONLY,
+                             identity=run.identity)
         try:
             await relay.connect()
         except OSError as e:

@@ -192,7 +192,8 @@ class Run:
         self.runtime.clear_leftovers()
         self._durable.callback(self.runtime.remove_files)
         self._record = RunRecord(pid=self.qemu.pid, starttime=process_start_time(self.qemu.pid),
-                                 config=config_to_json(config), uid=self.identity.uid)
+                                 config=config_to_json(config), uid=self.identity.uid, gid=self.identity.gid,
+                                 groups=list(self.identity.groups))
         self._save()
         with self._as_owner():
             self._grow_image()
@@ -398,7 +399,7 @@ class Run:
         self._qmp = await self._stack.enter_async_context(Qmp(self.config.name))
         self._qmp.add_listener(self._qemu_event)
         try:
-            await self._qmp.connect(str(path))
+            await self._qmp.connect(str(path), identity=self.identity)
         except Exception as e:
             rc = None if self.qemu.alive else self.qemu.returncode
             raise StartError(f"QEMU did not come up (exit status {rc})" if rc is not None
@@ -526,7 +527,7 @@ class Run:
         self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
 
     async def _adopt(self, record: RunRecord) -> None:
-        self.identity = self.runtime.identity = Identity.of_uid(record.uid)  # as it was started
+        self.identity = self.runtime.identity = record.identity()  # as it was started
         rundir = self.runtime.lock()  # raises if someone else holds the machine
         self._handles.callback(self.runtime.unlock)
         self._durable.callback(self.runtime.remove_files)
@@ -554,7 +555,7 @@ class Run:
         self.vsock_port = channel.port
         self._qmp = await self._stack.enter_async_context(Qmp(self.config.name))
         self._qmp.add_listener(self._qemu_event)
-        await self._qmp.connect(str(rundir / "qmp.sock"))
+        await self._qmp.connect(str(rundir / "qmp.sock"), identity=self.identity)
         await self._serve_control(rundir)
 
     async def _adopt_helpers(self, record: RunRecord) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from vmspawnd.identity import ROOT, Identity
 from vmspawnd.proc import process_start_time, processes_mentioning
 from vmspawnd.runtime import RuntimeDir
 from vmspawnd.snapshot import EphemeralCopy
@@ -63,7 +64,13 @@ class RunRecord:
     vsock_cid: int | None = None
     tpm_state: str | None = None
     config: dict[str, Any] | None = None  # the machine's configuration (JSON) this run started with
-    uid: int = 0  # the user QEMU and its helpers run as
+    uid: int = 0  # the user QEMU and its helpers run as: uid, gid, supplementary groups
+    gid: int = 0
+    groups: list[int] = field(default_factory=list)
+
+    def identity(self) -> Identity:
+        """Whom this run's QEMU runs as (as recorded: its account may be gone since)."""
+        return Identity(self.uid, self.gid, tuple(self.groups)) if self.uid else ROOT
 
     def save(self, directory: Path) -> None:
         write_json_atomic(directory / RECORD, asdict(self))
@@ -84,7 +91,8 @@ class RunRecord:
                 vsock_cid=data.get("vsock_cid", data.get("vsockCid")),
                 tpm_state=data.get("tpm_state", data.get("tpmState")),
                 config=data.get("config") if isinstance(data.get("config"), dict) else None,
-                uid=int(data.get("uid", 0)))
+                uid=int(data.get("uid", 0)), gid=int(data.get("gid", 0)),
+                groups=[int(g) for g in data.get("groups") or []])
         except (OSError, ValueError, KeyError, TypeError):
             return None
 

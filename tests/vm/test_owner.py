@@ -5,6 +5,7 @@ the same with real accounts, transient units and polkit (tests/systemd/test_owne
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import stat
@@ -72,7 +73,7 @@ def call(uid: int, daemon: Daemon, method: str, **parameters: object) -> dict:
 def test_a_users_vm_runs_as_that_user_and_only_they_control_it(public_daemon: Daemon, home: Path) -> None:
     rust_virtiofsd = find_virtiofsd().flavour is Flavour.RUST
     config = {"linux": str(home / "vmlinuz"), "initrds": [str(home / "initrd")], "ram": "256M",
-              "firmware": "bios", "tpm": "yes", "tpmState": str(home / "tpm"),
+              "firmware": "bios", "tpm": "yes", "tpmState": str(home / "tpm"), "console": "read-only",
               "binds": [f"rw:{home / 'share'}:/mnt/share"],
               "kernelCommandLine": ["panic=-1", "test.notify=1", "test.tpm=1", "test.virtiofs=mnt0",
                                     "test.write=mnt0/from-guest", "test.action=acpi"]}
@@ -84,8 +85,13 @@ def test_a_users_vm_runs_as_that_user_and_only_they_control_it(public_daemon: Da
         config["binds"] = []
         reply = call(OWNER, public_daemon, "Create", name="mine", config=config)
     assert "error" not in reply, reply
-    reply = call(OWNER, public_daemon, "Start", name="mine")
-    assert "error" not in reply, reply
+    with concurrent.futures.ThreadPoolExecutor() as pool:  # another user's commands while the start is in flight
+        start = pool.submit(call, OWNER, public_daemon, "Start", name="mine")
+        denied = [pool.submit(call, OTHER, public_daemon, method, name="mine") for method in ("Stop", "Kill")]
+        reply = start.result()
+        assert "error" not in reply, reply
+        for future in denied:
+            assert future.result().get("error") == "io.vmspawnd.Manager.PermissionDenied", future.result()
     info = public_daemon.wait_for("mine", lambda d: d["ready"] or d["state"] != "running", timeout=180)
     assert info["ready"], info
 
@@ -111,6 +117,14 @@ def test_a_users_vm_runs_as_that_user_and_only_they_control_it(public_daemon: Da
         assert reply.get("error") == "io.vmspawnd.Manager.PermissionDenied", (method, reply)
         assert reply["parameters"]["action"] == "io.vmspawnd.manage-all"
     assert public_daemon.status("mine")["state"] == "running"
+
+    # a restarted daemon adopts it as its user's again (QMP, notify channel and console as the owner)
+    public_daemon.stop_daemon()
+    public_daemon.start()
+    adopted = public_daemon.wait_for("mine", lambda d: d["state"] == "running")
+    assert (adopted["pid"], adopted["ready"]) == (info["pid"], True), adopted
+    assert {p.stat().st_uid for p in runtime.iterdir()} == {OWNER}
+    assert "error" not in call(OWNER, public_daemon, "OpenConsole", name="mine")  # relayed, as the owner
     reply = call(OWNER, public_daemon, "Stop", name="mine")
     assert "error" not in reply and reply["parameters"]["machine"]["state"] == "stopped", reply
     assert public_daemon.status("mine")["exitStatus"] == 0

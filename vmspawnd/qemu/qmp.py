@@ -10,6 +10,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from vmspawnd.identity import ROOT, Identity, connect_as
+
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 #: ``listener(name, data)`` for each QEMU event (SHUTDOWN, RESET, STOP, RESUME, POWERDOWN…).
@@ -29,9 +31,14 @@ class Qmp:
         self.shutdown_reason: str | None = None
         self._listeners: list[EventListener] = []
 
-    async def connect(self, path: str, timeout: float = 10.0) -> None:
+    async def connect(self, path: str, timeout: float = 10.0, identity: Identity = ROOT) -> None:
         """Connect and negotiate capabilities (QEMU listens before it starts the guest)."""
-        await asyncio.wait_for(self._client.connect(path), timeout)
+        sock = connect_as(identity, path)  # as the VM's user: the path is in its runtime directory
+        try:
+            await asyncio.wait_for(self._client.connect(sock), timeout)
+        except BaseException:
+            sock.close()
+            raise
         self.connected = True
         self._watcher = asyncio.get_running_loop().create_task(self._watch_events())
 
