@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import rawvarlink
 from tests.polling import poll
 from vmspawnd.proc import process_state, processes_mentioning
 from vmspawnd.testing.guest import TestGuest, build_guest
@@ -266,30 +267,13 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 
 # ----------------------------------------------------------------------------- other callers
-#: a raw varlink call, run by the system python as another user (the venv's may sit in a 0700 home)
-CLIENT = r"""
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-s.sendall(json.dumps({"method": sys.argv[2], "parameters": json.loads(sys.argv[3])}).encode() + b"\0")
-data = b""
-while not data.endswith(b"\0"):
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    data += chunk
-print(data.rstrip(b"\0").decode())
-"""
-
-
-
-
 def call_as(uid: int, socket_path: Path, method: str, parameters: dict | None = None,
             gid: int | None = None) -> dict:
     """One varlink call on ``socket_path`` by a process of ``uid`` (setpriv, no supplementary groups)."""
     gid = uid if gid is None else gid
     p = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "/usr/bin/python3", "-c",
-                        CLIENT, str(socket_path), method, json.dumps(parameters or {})],
+                        Path(rawvarlink.__file__).read_text(), str(socket_path), method,
+                        json.dumps(parameters or {})],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)

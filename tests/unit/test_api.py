@@ -14,27 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.rawvarlink import call
 from vmspawnd.api import interface_description
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def call(path: Path, method: str, parameters: dict | None = None, more: bool = False, timeout: float = 10) -> dict:
-    """One raw varlink call (NUL-terminated JSON), the way varlinkctl does it."""
-    msg: dict = {"method": method, "parameters": parameters or {}}
-    if more:
-        msg["more"] = True
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        s.sendall(json.dumps(msg).encode() + b"\0")
-        data = b""
-        while not data.endswith(b"\0"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data.split(b"\0")[0])
 
 
 def test_varlink_file_equals_the_served_interface(daemon):
