@@ -9,7 +9,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static
 	libsystemd-dev pkg-config gcc python3-dev python3-venv tmux openssh-client libwrap0 groff-base
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-fuzz demo lint varlink install guest clean
+.PHONY: bench setup test test-fast test-fuzz demo lint varlink install guest clean
 
 setup: $(STAMP)
 	@$(MAKE) --no-print-directory deb-packages
@@ -43,6 +43,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/pytest -m "not vm and not systemd and not peer and not fuzz and not install" --ignore=tests/systemd/test_harness.py
+
+# speed figures against their targets (never part of `make test`): bench/results.md, bench/latency.json
+bench: setup
+	$(BIN)/python -m bench.latency --json bench/latency.json --markdown bench/results.md
+	$(BIN)/python bench/boot_ratio.py || true
 
 # the fuzz tier alone: hostile and heavy load against a real daemon (also part of `make test`)
 test-fuzz: setup

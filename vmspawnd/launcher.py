@@ -145,6 +145,39 @@ class QemuProcess:
                 signal.pidfd_send_signal(self._pidfd, sig)
 
 
+class SpareLauncher:
+    """One exec-late launcher started ahead of need (the daemon's), so a Start never waits for the
+    launcher's interpreter to come up: :meth:`take` hands it out and starts the next one.
+
+    A spare is a plain launcher: no parent-death signal (VMs outlive the daemon), the daemon's
+    stdout and stderr, no stdin.  If the daemon dies, the launcher's socket closes and it exits.
+    """
+
+    def __init__(self) -> None:
+        self._spare: QemuProcess | None = None
+
+    def take(self, identity: Identity = ROOT) -> QemuProcess:
+        """The spare launcher (a fresh one if there is none), for a QEMU that runs as ``identity``."""
+        spare, self._spare = self._spare, None
+        if spare is None or not spare.alive:
+            if spare is not None:
+                spare.close()
+            spare = QemuProcess.fork_early(die_with_parent=False)
+        spare._identity = identity
+        return spare  # the taker calls refill() once its start no longer needs the CPU
+
+    def refill(self) -> None:
+        """Start the next spare (if there is none)."""
+        if self._spare is None:
+            self._spare = QemuProcess.fork_early(die_with_parent=False)
+
+    def close(self) -> None:
+        """Let the spare go: it exits as its socket closes."""
+        if self._spare is not None:
+            self._spare.close()
+            self._spare = None
+
+
 def _resolve(future: asyncio.Future[None]) -> None:
     """Set ``future``'s result unless it is done already (a reader callback may run twice)."""
     if not future.done():

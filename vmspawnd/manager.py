@@ -27,6 +27,7 @@ from vmspawnd.config import MachineConfig
 from vmspawnd.console import ConsoleRelay
 from vmspawnd.errors import ConfigError, HostError, MachineExists, NoSuchMachine, StartError, WrongState
 from vmspawnd.identity import ROOT, Identity, acting_as
+from vmspawnd.launcher import SpareLauncher
 from vmspawnd.machine import ACTIVE, DEFAULT_STOP_TIMEOUT, Machine, State
 from vmspawnd.plan import LaunchPlan, plan_launch
 from vmspawnd.run import Run
@@ -84,6 +85,7 @@ class Manager:
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
         self.on_change: Callable[[], None] = lambda: None
         self.stopping = False
+        self.launchers = SpareLauncher()  # a Start never waits for a launcher's interpreter
 
     @property
     def definitions(self) -> Path:
@@ -110,6 +112,7 @@ class Manager:
                 entry.machine.mark_failed(entry.definition_error)
             if saved is not None:
                 self._restore_state(entry, adopted, *saved)
+        self.launchers.refill()
         self.on_change()
 
     def _definition_files(self) -> dict[str, Path]:
@@ -221,6 +224,7 @@ class Manager:
             await entry.machine.detach()  # waits for a command in progress (e.g. a start) first
         for queue in list(self._subscribers):
             queue.put_nowait(None)
+        self.launchers.close()
 
     # ---------------------------------------------------------------- events
     def subscribe(self) -> asyncio.Queue[Event | None]:
@@ -253,10 +257,10 @@ class Manager:
     def _save_state(self, entry: Entry) -> None:
         """Keep what clients see (state, since, outcome, the guest's last status) for the next daemon."""
         m = entry.machine
-        try:
+        try:  # not durably: after a crash of the host the next daemon says how much it does not know
             write_json_atomic(self._state_path(entry.config.name), {
                 "state": m.state.value, "since": m.since, "failure": m.failure, "exitStatus": m.exit_status,
-                "status": m.guest_status})
+                "status": m.guest_status}, durable=False)
         except OSError as e:
             log.warning("cannot save the machine's state", machine=entry.config.name, error=str(e))
 
@@ -291,6 +295,7 @@ class Manager:
     def _new_entry(self, config: MachineConfig) -> Entry:
         name = config.name
         machine = Machine(config, runtime_base=self.runtime_base, die_with_parent=False, console_socket=True,
+                          launchers=self.launchers,
                           on_event=lambda kind, data: self._publish(name, kind, data))
         return Entry(config, machine)
 

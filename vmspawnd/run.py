@@ -42,7 +42,7 @@ from vmspawnd.guest.credentials import write_credentials
 from vmspawnd.guest.readiness import OUTSIDE_SIGNAL, Readiness, exit_status, failure
 from vmspawnd.guest.ssh import SshKeyError, SshKeyPair, generate_key_pair
 from vmspawnd.identity import ROOT, Identity, acting_as
-from vmspawnd.launcher import QemuProcess
+from vmspawnd.launcher import QemuProcess, SpareLauncher
 from vmspawnd.plan import LaunchPlan, needs_privileges, plan_launch
 from vmspawnd.proc import CAP_NET_ADMIN, has_capability, process_cmdline, process_start_time
 from vmspawnd.ptyfwd import Pty
@@ -87,7 +87,7 @@ from vmspawnd.values import DEFAULT_SLICE, ConsoleMode, Network, Tristate
 
 log = structlog.get_logger()
 
-NOTIFY_GRACE = 0.05  # after QEMU exits: what the guest wrote just before power-off still arrives
+NOTIFY_GRACE = 0.5  # at most this long after QEMU exits, for what the guest wrote just before power-off
 HELPER_GRACE = 1.0  # a helper ending within this long after QEMU is QEMU's doing, not a failure
 KILL_GRACE = 5.0  # QMP quit, then SIGKILL
 REGISTER_RETRY = 2.0  # seconds between attempts to register with a machined that was not reachable
@@ -107,10 +107,12 @@ class Run:
 
     def __init__(self, config: MachineConfig, runtime: RuntimeDir, *, on_event: RunEventHandler,
                  die_with_parent: bool = True, qemu_output: int | IO[bytes] | None = None,
-                 console_socket: bool = False, plan: LaunchPlan | None = None, identity: Identity = ROOT) -> None:
+                 console_socket: bool = False, plan: LaunchPlan | None = None, identity: Identity = ROOT,
+                 launchers: SpareLauncher | None = None) -> None:
         self.config = config
         self.runtime = runtime
         self.identity = identity  # whom QEMU and its helpers run as; the daemon acts as them on their files
+        self._launchers = launchers  # launchers started ahead (the daemon's), for a plain launcher
         runtime.identity = identity
         self.log = log.bind(machine=config.name)
         self.readiness = Readiness()
@@ -139,6 +141,7 @@ class Run:
         self._detached = False
         self._failure: str | None = None  # why the run fails, known before QEMU ends (a helper died, terminated)
         self._qmp: Qmp | None = None
+        self._channel: NotifyChannel | None = None  # the guest's notifications
         self._ssh_key: SshKeyPair | None = None
         self._systemd: SystemdManager | None = None  # this run's connection to the service manager
         self._record: RunRecord | None = None
@@ -173,9 +176,14 @@ class Run:
     async def _start(self) -> None:
         config = self.config
         # fork early, exec late: the launcher that becomes QEMU starts first, while we set up
-        self.qemu = QemuProcess.fork_early(die_with_parent=self._die_with_parent, stdout=self._qemu_output,
-                                           stderr=self._qemu_output,
-                                           inherit_stdin=config.console is ConsoleMode.NATIVE, identity=self.identity)
+        plain = not self._die_with_parent and self._qemu_output is None and config.console is not ConsoleMode.NATIVE
+        if self._launchers is not None and plain:
+            self.qemu = self._launchers.take(self.identity)
+        else:
+            self.qemu = QemuProcess.fork_early(die_with_parent=self._die_with_parent, stdout=self._qemu_output,
+                                               stderr=self._qemu_output,
+                                               inherit_stdin=config.console is ConsoleMode.NATIVE,
+                                               identity=self.identity)
         self._handles.callback(self.qemu.close)
         self._durable.push_async_callback(self.qemu.end)
         with self._as_owner():
@@ -234,6 +242,8 @@ class Run:
         argv = build_qemu_argv(run_config, resources)
         self.log.debug("spawning qemu", argv=" ".join(argv))
         self.qemu.exec(argv, pass_fds)
+        if self._launchers is not None:
+            self._launchers.refill()  # the next start's, while QEMU comes up
         qmp_sock.close()  # QEMU has its copy
         crash_point("exec")
         await self._connect_qmp(rundir / "qmp.sock")
@@ -290,7 +300,7 @@ class Run:
     async def _open_notify_channel(self, rundir: Path, pass_fds: list[int],
                                    version: tuple[int, int] = (0, 0)) -> tuple[NotifyChannel, int | None, int | None]:
         """Listen for the guest's notifications (vsock if usable, else virtio-serial) before QEMU starts."""
-        channel = await self._stack.enter_async_context(NotifyChannel(self._guest_message))
+        channel = self._channel = await self._stack.enter_async_context(NotifyChannel(self._guest_message))
         vsock_fd = vsock_cid = None
         if vsock_usable(self.config.vsock):
             vsock_fd, vsock_cid = claim_vsock(self.config.name, fixed_cid=self.config.vsock_cid)
@@ -547,7 +557,7 @@ class Run:
             self._durable.push_async_callback(unregister_quietly, self.config.name)
         await self._adopt_helpers(record)
         self._durable.push_async_callback(self.qemu.end)  # QEMU ends before its helpers
-        channel = await self._stack.enter_async_context(NotifyChannel(self._guest_message))
+        channel = self._channel = await self._stack.enter_async_context(NotifyChannel(self._guest_message))
         if record.vsock_port:
             await channel.listen_vsock(record.vsock_port, peer_cid=record.vsock_cid)
         else:
@@ -695,7 +705,8 @@ class Run:
         assert self.qemu is not None
         rc = await self.qemu.wait()
         self._qemu_exited.set()
-        await asyncio.sleep(NOTIFY_GRACE)
+        if self._channel is not None:
+            await self._channel.drained(NOTIFY_GRACE)
         self.returncode = rc
         terminated = self._qmp is not None and self._qmp.shutdown_reason == OUTSIDE_SIGNAL
         expected = self.forced or self.stop_requested

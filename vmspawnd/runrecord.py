@@ -73,7 +73,9 @@ class RunRecord:
         return Identity(self.uid, self.gid, tuple(self.groups)) if self.uid else ROOT
 
     def save(self, directory: Path) -> None:
-        write_json_atomic(directory / RECORD, asdict(self))
+        """Atomically, not durably: the processes it names die with the machine, the record only has
+        to outlive a killed daemon (which the page cache does)."""
+        write_json_atomic(directory / RECORD, asdict(self), durable=False)
 
     @classmethod
     def load(cls, directory: Path) -> RunRecord | None:

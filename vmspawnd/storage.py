@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Crash-safe files: write to a temp file, fsync, rename, fsync the directory."""
+"""Crash-safe files: write to a temp file, fsync, rename, fsync the directory (the fsyncs only for
+what must survive the machine, not just our process)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` as JSON: readers see the old file or the new one, never a torn one."""
+def write_json_atomic(path: Path, data: Any, mode: int = 0o600, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` as JSON: readers see the old file or the new one, never a torn one.
+    ``durable``: also once the machine crashed (fsync); without it, once our process was killed."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -20,12 +22,15 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:
             f.write("\n")
             f.flush()
             os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dirfd)

@@ -34,6 +34,25 @@ def test_socket_is_open_to_local_users_but_not_executable(daemon):
     assert mode == 0o666, oct(mode)
 
 
+def spare_launchers(daemon: Daemon) -> list[int]:
+    """The daemon's exec-late launchers waiting for a QEMU to become."""
+    assert daemon.proc is not None
+    children = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children").read_text().split()
+    return [int(pid) for pid in children if "execlate.py" in Path(f"/proc/{pid}/cmdline").read_text()]
+
+
+def test_a_start_takes_the_launcher_started_ahead_and_another_is_started(daemon, guest):
+    spare = poll(lambda: spare_launchers(daemon), lambda found: len(found) == 1, 10)
+    create(daemon, guest, "ahead", "test.action=hang")
+    assert daemon.ctl("start", "ahead").returncode == 0
+    assert daemon.status("ahead")["pid"] == spare[0]  # the launcher that was waiting became QEMU
+    fresh = poll(lambda: spare_launchers(daemon), lambda found: len(found) == 1, 10)
+    assert fresh != spare
+    assert daemon.ctl("kill", "ahead").returncode == 0
+    daemon.stop_daemon()
+    poll(lambda: process_gone(fresh[0]), bool, 10)  # the spare ends with the daemon
+
+
 def test_two_vms_in_parallel_and_events_up_to_ready_and_stopped(daemon, guest):
     events = subprocess.Popen([*CTL, f"--address={daemon.socket}", "--json", "events"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)

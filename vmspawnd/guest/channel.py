@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import structlog
@@ -113,6 +113,26 @@ class NotifyChannel:
         self.credential: tuple[str, str] | None = None  # (id, value) for vsock
         self.port: int | None = None
         self._peer_cid: int | None = None
+        self._open = 0  # connections being read
+        self._idle = asyncio.Event()  # set while none is
+        self._idle.set()
+
+    async def drained(self, timeout: float) -> None:
+        """Return once every open connection has been read to its end (QEMU gone: what the guest
+        wrote last is in the socket, then EOF), or after ``timeout`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        self._open += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._open -= 1
+            if not self._open:
+                self._idle.set()
 
     async def listen_virtio_serial(self, path: Path, qemu_version: tuple[int, int] = (0, 0),
                                    identity: Identity = ROOT) -> None:
@@ -149,6 +169,10 @@ class NotifyChannel:
         self.credential = ("vmm.notify_socket", f"vsock-stream:2:{self.port}")
 
     async def _serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self._reading():
+            await self._read_stream(reader, writer)
+
+    async def _read_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = NotifyParser()
         warned = False
         try:
@@ -164,6 +188,10 @@ class NotifyChannel:
             writer.close()
 
     async def _serve_vsock(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self._reading():
+            await self._read_vsock(reader, writer)
+
+    async def _read_vsock(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         if self._peer_cid is not None and (not peer or peer[0] != self._peer_cid):
             log.warning("ignoring a notify connection from another vsock peer", peer=str(peer))

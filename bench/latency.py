@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Benchmark: the moments vmspawnd adds around QEMU, measured without ptrace.
+
+An exec-stamping wrapper (bench/execstamp.c, built static here) stands first in $PATH under
+QEMU's name: it writes its pid and CLOCK_MONOTONIC, then execs the real QEMU.  Rows:
+
+* daemon: Start request → QEMU exec (target ≤ 3 ms);
+* ``vmspawn``: its own exec → QEMU exec (target ≤ 40 ms);
+* ``vmspawn``: QEMU exit → vmspawn gone (target ≤ 5 ms), QEMU's exit seen through a pidfd.
+
+    .venv/bin/python -m bench.latency [--runs N] [--json FILE] [--markdown FILE]
+
+The daemon's directories are in /run (a tmpfs, as for the installed daemon) when it is writable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.rawvarlink import call
+from vmspawnd.qemu.accel import find_qemu
+from vmspawnd.testing.guest import build_guest
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS_MS = {"daemon Start → QEMU exec": 3.0, "vmspawn exec → QEMU exec": 40.0,
+              "vmspawn: QEMU exit → vmspawn gone": 5.0}
+
+
+class Stamps:
+    """The exec-stamping wrapper and what it wrote."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "bin"
+        self.dir.mkdir()
+        self.file = tmp / "stamps"
+        real = find_qemu()
+        subprocess.run(["gcc", "-O2", "-static", "-o", str(self.dir / real.name), str(REPO / "bench/execstamp.c")],
+                       check=True)
+        self.env = {**os.environ, "PATH": f"{self.dir}:{os.environ['PATH']}", "EXECSTAMP_FILE": str(self.file),
+                    "EXECSTAMP_REAL": str(real)}
+
+    def clear(self) -> None:
+        self.file.unlink(missing_ok=True)
+
+    def qemu_exec(self, timeout: float = 30) -> tuple[int, int]:
+        """(pid, ns) of the QEMU exec (not a ``--version`` probe), waiting for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.file.exists():
+                for line in self.file.read_text().splitlines():
+                    pid, ns, arg = line.split(" ", 2)
+                    if arg != "--version":
+                        return int(pid), int(ns)
+            time.sleep(0.001)
+        raise TimeoutError("QEMU was not exec'd")
+
+
+def summary(samples: list[float]) -> dict:
+    return {"median_ms": round(statistics.median(samples), 2), "min_ms": round(min(samples), 2),
+            "max_ms": round(max(samples), 2), "runs": len(samples)}
+
+
+def daemon_start(stamps: Stamps, guest, runs: int) -> list[float]:
+    base = Path(tempfile.mkdtemp(prefix="vmspawnd-bench-", dir="/run" if os.access("/run", os.W_OK) else None))
+    sock = base / "vmspawnd.sock"
+    daemon = subprocess.Popen([sys.executable, "-m", "vmspawnd.cli.vmspawnd", f"--socket={sock}",
+                               f"--state-dir={base / 'state'}", f"--runtime-dir={base / 'run'}"],
+                              env=stamps.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not sock.exists():
+            time.sleep(0.01)
+        config = {"linux": str(guest.kernel), "initrds": [str(guest.initrd)], "ram": "256M", "firmware": "bios",
+                  "tpm": "no", "kernelCommandLine": ["panic=-1", "test.notify=1", "test.action=hang"]}
+        assert "error" not in call(sock, "io.vmspawnd.Manager.Create", {"name": "bench", "config": config})
+        samples = []
+        for _ in range(runs):
+            time.sleep(0.3)  # the daemon's next spare launcher is up (as between real requests)
+            stamps.clear()
+            start = time.monotonic_ns()
+            reply = call(sock, "io.vmspawnd.Manager.Start", {"name": "bench"}, timeout=60)
+            assert "error" not in reply, reply
+            samples.append((stamps.qemu_exec()[1] - start) / 1e6)
+            call(sock, "io.vmspawnd.Manager.Kill", {"name": "bench"}, timeout=60)
+        return samples
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def vmspawn_runs(stamps: Stamps, guest, runs: int) -> tuple[list[float], list[float]]:
+    vmspawn = Path(sys.executable).with_name("vmspawn")
+    argv = [str(vmspawn), f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M", "--firmware=bios",
+            "--console=headless", "--tpm=no", "--machine=benchfg", "panic=-1", "test.notify=1", "test.action=poweroff"]
+    to_exec, to_gone = [], []
+    for _ in range(runs):
+        stamps.clear()
+        start = time.monotonic_ns()
+        proc = subprocess.Popen(argv, env=stamps.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                stdin=subprocess.DEVNULL)
+        pid, exec_ns = stamps.qemu_exec()
+        to_exec.append((exec_ns - start) / 1e6)
+        qemu_fd = os.pidfd_open(pid)
+        tool_fd = os.pidfd_open(proc.pid)
+        try:
+            select.select([qemu_fd], [], [], 120)
+            qemu_gone = time.monotonic_ns()
+            select.select([tool_fd], [], [], 30)
+            to_gone.append((time.monotonic_ns() - qemu_gone) / 1e6)
+        finally:
+            os.close(qemu_fd)
+            os.close(tool_fd)
+        assert proc.wait(30) == 0, proc.returncode
+    return to_exec, to_gone
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--markdown", type=Path, help="write a report (machine, versions, date, rows) here")
+    args = parser.parse_args()
+    guest = build_guest(log=lambda *a: None)
+    tmp = Path(tempfile.mkdtemp(prefix="vmspawnd-bench-"))
+    try:
+        stamps = Stamps(tmp)
+        results = {"daemon Start → QEMU exec": summary(daemon_start(stamps, guest, args.runs))}
+        to_exec, to_gone = vmspawn_runs(stamps, guest, args.runs)
+        results["vmspawn exec → QEMU exec"] = summary(to_exec)
+        results["vmspawn: QEMU exit → vmspawn gone"] = summary(to_gone)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    missed = 0
+    for row, figures in results.items():
+        target = TARGETS_MS[row]
+        figures["target_ms"] = target
+        figures["met"] = figures["median_ms"] <= target
+        missed += not figures["met"]
+        print(f"{row:40} median {figures['median_ms']:7.2f} ms  (min {figures['min_ms']:.2f}, "
+              f"max {figures['max_ms']:.2f}, {figures['runs']} runs)  target ≤ {target:g} ms: "
+              f"{'met' if figures['met'] else 'MISSED'}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    if args.markdown:
+        args.markdown.write_text(report(results))
+    return 0
+
+
+def report(results: dict) -> str:
+    """The Markdown report: where it ran, then one row per figure with its target."""
+    qemu = subprocess.run([str(find_qemu()), "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    lines = [f"# vmspawnd latency ({time.strftime('%Y-%m-%d %H:%M %Z')})", "",
+             f"- machine: {' '.join(os.uname()[2:5])}, {os.cpu_count()} CPUs", f"- {qemu}",
+             f"- Python {sys.version.split()[0]}; TCG, the test guest; `make bench` to rerun", "",
+             "| path | median | min–max | runs | target | |", "|---|---|---|---|---|---|"]
+    for row, f in results.items():
+        lines.append(f"| {row} | {f['median_ms']:.2f} ms | {f['min_ms']:.2f}–{f['max_ms']:.2f} ms | {f['runs']} "
+                     f"| ≤ {f['target_ms']:g} ms | {'met' if f['met'] else '**missed**'} |")
+    notes = Path(__file__).with_name("notes.md")
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
