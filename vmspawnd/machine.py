@@ -24,12 +24,13 @@ from vmspawnd import messages
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError, NoSuchMachine, StartError, WrongState
 from vmspawnd.identity import Identity
-from vmspawnd.launcher import QemuProcess, SpareLauncher
+from vmspawnd.launcher import QemuProcess
 from vmspawnd.plan import LaunchPlan
 from vmspawnd.ptyfwd import Pty
 from vmspawnd.run import Run, qemu_of_record
 from vmspawnd.runrecord import COPY_RECORD, RECORD, RUNNING, RunRecord, end_leftovers
 from vmspawnd.runtime import RuntimeDir
+from vmspawnd.spares import Spares
 
 log = structlog.get_logger()
 
@@ -55,7 +56,7 @@ class Machine:
 
     def __init__(self, config: MachineConfig, *, runtime_base: Path, die_with_parent: bool = True,
                  on_event: EventHandler | None = None, qemu_output: int | IO[bytes] | None = None,
-                 console_socket: bool = False, launchers: SpareLauncher | None = None) -> None:
+                 console_socket: bool = False, spares: Spares | None = None) -> None:
         self.config = config
         self.runtime = RuntimeDir(runtime_base, config.name)
         self.state = State.STOPPED
@@ -71,7 +72,7 @@ class Machine:
         self._on_event = on_event or (lambda kind, data: None)
         self._qemu_output = qemu_output
         self._console_socket = console_socket
-        self._launchers = launchers
+        self._spares = spares
         self.log = log.bind(machine=config.name)
 
     # ---------------------------------------------------------------- what clients see
@@ -126,7 +127,7 @@ class Machine:
     def _new_run(self, plan: LaunchPlan | None = None) -> Run:
         return Run(self.config, self.runtime, on_event=self._run_event, die_with_parent=self._die_with_parent,
                    qemu_output=self._qemu_output, console_socket=self._console_socket, plan=plan,
-                   identity=Identity.of_uid(self.run_as), launchers=self._launchers)
+                   identity=Identity.of_uid(self.run_as), spares=self._spares)
 
     def _run_event(self, run: Run, kind: str, data: dict[str, Any]) -> None:
         """What a run reports; a run that is no longer current has nothing more to say."""

@@ -27,13 +27,13 @@ from vmspawnd.config import MachineConfig
 from vmspawnd.console import ConsoleRelay
 from vmspawnd.errors import ConfigError, HostError, MachineExists, NoSuchMachine, StartError, WrongState
 from vmspawnd.identity import ROOT, Identity, acting_as
-from vmspawnd.launcher import SpareLauncher
 from vmspawnd.machine import ACTIVE, DEFAULT_STOP_TIMEOUT, Machine, State
 from vmspawnd.plan import LaunchPlan, plan_launch
 from vmspawnd.run import Run
 from vmspawnd.runrecord import RunRecord
 from vmspawnd.runtime import RuntimeDir, make_base
 from vmspawnd.settings import JSON_FIELDS, config_from_json, config_to_json, json_field_name
+from vmspawnd.spares import Spares
 from vmspawnd.storage import read_json, write_json_atomic
 from vmspawnd.values import ConsoleMode, validate_machine_name
 
@@ -85,7 +85,7 @@ class Manager:
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
         self.on_change: Callable[[], None] = lambda: None
         self.stopping = False
-        self.launchers = SpareLauncher()  # a Start never waits for a launcher's interpreter
+        self.spares = Spares.beside(runtime_base)  # a Start waits neither for an interpreter nor swtpm_setup
 
     @property
     def definitions(self) -> Path:
@@ -112,7 +112,7 @@ class Manager:
                 entry.machine.mark_failed(entry.definition_error)
             if saved is not None:
                 self._restore_state(entry, adopted, *saved)
-        self.launchers.refill()
+        self.spares.refill()
         self.on_change()
 
     def _definition_files(self) -> dict[str, Path]:
@@ -224,7 +224,7 @@ class Manager:
             await entry.machine.detach()  # waits for a command in progress (e.g. a start) first
         for queue in list(self._subscribers):
             queue.put_nowait(None)
-        self.launchers.close()
+        self.spares.close()
 
     # ---------------------------------------------------------------- events
     def subscribe(self) -> asyncio.Queue[Event | None]:
@@ -295,7 +295,7 @@ class Manager:
     def _new_entry(self, config: MachineConfig) -> Entry:
         name = config.name
         machine = Machine(config, runtime_base=self.runtime_base, die_with_parent=False, console_socket=True,
-                          launchers=self.launchers,
+                          spares=self.spares,
                           on_event=lambda kind, data: self._publish(name, kind, data))
         return Entry(config, machine)
 

@@ -42,7 +42,7 @@ from vmspawnd.guest.credentials import write_credentials
 from vmspawnd.guest.readiness import OUTSIDE_SIGNAL, Readiness, exit_status, failure
 from vmspawnd.guest.ssh import SshKeyError, SshKeyPair, generate_key_pair
 from vmspawnd.identity import ROOT, Identity, acting_as
-from vmspawnd.launcher import QemuProcess, SpareLauncher
+from vmspawnd.launcher import QemuProcess
 from vmspawnd.plan import LaunchPlan, needs_privileges, plan_launch
 from vmspawnd.proc import CAP_NET_ADMIN, has_capability, process_cmdline, process_start_time
 from vmspawnd.ptyfwd import Pty
@@ -72,6 +72,7 @@ from vmspawnd.services.runner import (
 from vmspawnd.services.setup import AuxServiceError, AuxServices, start_aux_services
 from vmspawnd.settings import config_to_json
 from vmspawnd.snapshot import EphemeralCopy, SnapshotError
+from vmspawnd.spares import Spares
 from vmspawnd.systemd.instance import ControlSocket, NotConnected, control_path
 from vmspawnd.systemd.machined import (
     MACHINED_SOCKET,
@@ -108,11 +109,11 @@ class Run:
     def __init__(self, config: MachineConfig, runtime: RuntimeDir, *, on_event: RunEventHandler,
                  die_with_parent: bool = True, qemu_output: int | IO[bytes] | None = None,
                  console_socket: bool = False, plan: LaunchPlan | None = None, identity: Identity = ROOT,
-                 launchers: SpareLauncher | None = None) -> None:
+                 spares: Spares | None = None) -> None:
         self.config = config
         self.runtime = runtime
         self.identity = identity  # whom QEMU and its helpers run as; the daemon acts as them on their files
-        self._launchers = launchers  # launchers started ahead (the daemon's), for a plain launcher
+        self._spares = spares  # a launcher and a TPM state made ahead of need (the daemon's)
         runtime.identity = identity
         self.log = log.bind(machine=config.name)
         self.readiness = Readiness()
@@ -177,8 +178,8 @@ class Run:
         config = self.config
         # fork early, exec late: the launcher that becomes QEMU starts first, while we set up
         plain = not self._die_with_parent and self._qemu_output is None and config.console is not ConsoleMode.NATIVE
-        if self._launchers is not None and plain:
-            self.qemu = self._launchers.take(self.identity)
+        if self._spares is not None and plain:
+            self.qemu = self._spares.launcher.take(self.identity)
         else:
             self.qemu = QemuProcess.fork_early(die_with_parent=self._die_with_parent, stdout=self._qemu_output,
                                                stderr=self._qemu_output,
@@ -242,8 +243,8 @@ class Run:
         argv = build_qemu_argv(run_config, resources)
         self.log.debug("spawning qemu", argv=" ".join(argv))
         self.qemu.exec(argv, pass_fds)
-        if self._launchers is not None:
-            self._launchers.refill()  # the next start's, while QEMU comes up
+        if self._spares is not None:
+            self._spares.launcher.refill()  # the next start's, while QEMU comes up
         qmp_sock.close()  # QEMU has its copy
         crash_point("exec")
         await self._connect_qmp(rundir / "qmp.sock")
@@ -327,7 +328,8 @@ class Run:
         self._handles.push_async_callback(runner.aclose)
         try:
             aux = await start_aux_services(run_config, plan, runner, rundir, bound_to=scope, guest_cid=vsock_cid,
-                                           on_started=self._helper_started, identity=self.identity)
+                                           on_started=self._helper_started, identity=self.identity,
+                                           tpm_spares=self._spares.tpm if self._spares is not None else None)
         except AuxServiceError as e:
             raise StartError(str(e)) from e
         for what, service in aux.services:

@@ -146,6 +146,47 @@ def test_daemon_sigterm_leaves_vms_running(daemon, guest, tmp_path):
     assert not copies[0].exists() and tree.is_dir()  # the re-adopting daemon removed the copy, not the tree
 
 
+def read_console(daemon: Daemon, name: str, until: bytes = b"ready") -> tuple[str, bytes]:
+    """OpenConsole: where the fd it passed leads, and what it shows (scrollback first) up to ``until``."""
+
+    async def read() -> tuple[str, bytes]:
+        transport, protocol = await connect_unix_varlink(VarlinkClientProtocol, daemon.socket)
+        proxy = VarlinkInterfaceProxy(protocol, ManagerInterface)
+        with await proxy.OpenConsole(name=name) as reply:
+            fd = os.dup(reply["fileDescriptor"].fileno())
+        transport.close()
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        data = b""
+        try:
+            while until not in data and select.select([fd], [], [], 5)[0]:
+                data += os.read(fd, 65536)
+        finally:
+            os.close(fd)  # hanging up: the daemon lets go of this viewer
+        return target, data
+
+    return asyncio.run(read())
+
+
+def test_a_transient_tpm_comes_from_a_state_made_ahead_and_is_never_shared(daemon, guest):
+    create(daemon, guest, "tpmfast", "--tpm=yes", "--tpm-state=off", "test.tpm=1", "test.action=hang",
+           console="interactive")
+    spare = daemon.runtime / "tpm-spares" / "ready"
+    states = []
+    for run in range(2):
+        assert daemon.ctl("start", "tpmfast").returncode == 0
+        info = daemon.wait_for("tpmfast", lambda s: s["ready"] or s["state"] != "running", 120)
+        assert info["ready"], info
+        assert b"TPM GetRandom rc=00000000" in read_console(daemon, "tpmfast")[1]  # a working TPM either way
+        states.append((Path(info["runtimeDirectory"]) / "tpm" / "tpm2-00.permall").read_bytes())
+        if run == 0:  # the first start manufactured its own; the daemon keeps one ready from now on
+            poll(spare.is_dir, bool, 60)
+        else:
+            assert not spare.is_dir()  # taken (the next is made once this start has settled)
+        assert daemon.ctl("kill", "tpmfast").returncode == 0
+    assert states[0] != states[1]  # each VM's TPM has seeds of its own
+    poll(spare.is_dir, bool, 60)
+
+
 def test_console_is_handed_over_as_a_pty_by_fd_passing(daemon, guest):
     create(daemon, guest, "talk", "test.action=hang", console="interactive")
     assert daemon.ctl("start", "talk").returncode == 0
@@ -153,22 +194,7 @@ def test_console_is_handed_over_as_a_pty_by_fd_passing(daemon, guest):
     daemon_fds = Path(f"/proc/{daemon.proc.pid}/fd")
     baseline = len(list(daemon_fds.iterdir()))
 
-    async def read_console() -> tuple[str, bytes]:
-        transport, protocol = await connect_unix_varlink(VarlinkClientProtocol, daemon.socket)
-        proxy = VarlinkInterfaceProxy(protocol, ManagerInterface)
-        with await proxy.OpenConsole(name="talk") as reply:
-            fd = os.dup(reply["fileDescriptor"].fileno())
-        transport.close()
-        target = os.readlink(f"/proc/self/fd/{fd}")
-        data = b""
-        try:
-            while b"ready" not in data and select.select([fd], [], [], 5)[0]:
-                data += os.read(fd, 65536)
-        finally:
-            os.close(fd)  # hanging up: the daemon lets go of this viewer
-        return target, data
-
-    target, data = asyncio.run(read_console())
+    target, data = read_console(daemon, "talk")
     assert target.endswith("ptmx")  # the master of a PTY of its own
     assert b"TESTGUEST" in data  # scrollback: what the guest printed before we came
     poll(lambda: len(list(daemon_fds.iterdir())), lambda n: n <= baseline, 40)  # nothing held for the viewer

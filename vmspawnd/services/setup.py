@@ -18,6 +18,7 @@ from vmspawnd.services.journal import JournalLimits, start_journal_remote
 from vmspawnd.services.journal import guest_credential as journal_credential
 from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner
 from vmspawnd.services.swtpm import qemu_tpm_args, start_swtpm, tpm_enabled, tpm_state_dir
+from vmspawnd.services.tpmspares import SpareTpmStates
 from vmspawnd.services.virtiofsd import (
     ROOT_CHARDEV,
     ROOT_TAG,
@@ -63,7 +64,7 @@ class AuxServices:
 async def start_aux_services(config: MachineConfig, plan: LaunchPlan, runner: ServiceRunner, rundir: Path,
                              bound_to: str | None = None, guest_cid: int | None = None,
                              on_started: Callable[[str, RunningService], None] | None = None,
-                             identity: Identity = ROOT) -> AuxServices:
+                             identity: Identity = ROOT, tpm_spares: SpareTpmStates | None = None) -> AuxServices:
     """Start swtpm, one virtiofsd per share and journal-remote (which needs the guest's vsock
     ``guest_cid``), all as ``identity`` (the VM's user).  The caller owns (and stops) what is
     returned; if one fails to start, those already started are stopped before the error is raised."""
@@ -74,7 +75,7 @@ async def start_aux_services(config: MachineConfig, plan: LaunchPlan, runner: Se
     if on_started is not None:
         aux.on_started = on_started
     try:
-        await _start(aux, config, plan, runner, rundir, bound_to, identity)
+        await _start(aux, config, plan, runner, rundir, bound_to, identity, tpm_spares)
         if config.forward_journal is not None:
             assert guest_cid is not None
             await _start_journal_remote(aux, config, runner, guest_cid, bound_to, identity)
@@ -87,11 +88,13 @@ async def start_aux_services(config: MachineConfig, plan: LaunchPlan, runner: Se
 
 
 async def _start(aux: AuxServices, config: MachineConfig, plan: LaunchPlan, runner: ServiceRunner, rundir: Path,
-                 bound_to: str | None, identity: Identity) -> None:
+                 bound_to: str | None, identity: Identity, tpm_spares: SpareTpmStates | None) -> None:
     base = config.image.path if config.image is not None else config.directory
     if tpm_enabled(config.tpm):
         with acting_as(identity):
             state_dir, persistent = tpm_state_dir(config.tpm_state, base, config.ephemeral, rundir)
+        if not persistent and tpm_spares is not None:
+            tpm_spares.take_into(state_dir, identity)  # else start_swtpm manufactures it
         socket_path = rundir / "tpm.sock"
         try:
             svc = await start_swtpm(runner, config.name, state_dir, socket_path, bound_to=bound_to, identity=identity)

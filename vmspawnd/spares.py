@@ -1,0 +1,31 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""What the daemon prepares ahead of need, so that a Start does not wait for it: an exec-late
+launcher whose interpreter is already up (launcher.py) and a manufactured TPM state
+(services/tpmspares.py).  Each is used once and replaced in the background."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmspawnd.launcher import SpareLauncher
+from vmspawnd.services.tpmspares import SpareTpmStates
+
+
+@dataclass
+class Spares:
+    launcher: SpareLauncher
+    tpm: SpareTpmStates
+
+    @classmethod
+    def beside(cls, runtime_base: Path) -> Spares:
+        """Spares whose files live next to the machines' runtime dirs (``<base>/../tpm-spares``)."""
+        return cls(SpareLauncher(), SpareTpmStates(runtime_base.parent / "tpm-spares"))
+
+    def refill(self) -> None:
+        """Start the launcher (a TPM state is made once a start has needed one)."""
+        self.launcher.refill()
+
+    def close(self) -> None:
+        self.launcher.close()
+        self.tpm.close()
