@@ -47,7 +47,6 @@ test-fast: setup
 # speed figures against their targets (never part of `make test`): bench/results.md, bench/latency.json
 bench: setup
 	$(BIN)/python -m bench.latency --json bench/latency.json --markdown bench/results.md
-	$(BIN)/python bench/boot_ratio.py || true
 
 # the fuzz tier alone: hostile and heavy load against a real daemon (also part of `make test`)
 test-fuzz: setup
