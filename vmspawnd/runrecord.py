@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,9 @@ class RunRecord:
     def save(self, directory: Path) -> None:
         """Atomically, not durably: the processes it names die with the machine, the record only has
         to outlive a killed daemon (which the page cache does)."""
-        write_json_atomic(directory / RECORD, asdict(self), durable=False)
+        record = {f.name: getattr(self, f.name) for f in fields(self)}  # asdict would deep-copy the config
+        record["helpers"] = [asdict(helper) for helper in self.helpers]
+        write_json_atomic(directory / RECORD, record, durable=False)
 
     @classmethod
     def load(cls, directory: Path) -> RunRecord | None:
