@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -126,6 +127,23 @@ def test_daemon_sigkill_and_restart_readopts_a_running_vm(daemon, guest):
     assert daemon.ctl("stop", "survivor").returncode == 0  # still controllable: QMP reconnected
     assert daemon.status("survivor")["exitStatus"] == 6  # and the notify channel too
     assert process_gone(pid)
+
+
+def test_a_vm_started_by_the_previous_version_is_adopted_after_an_upgrade(daemon, guest):
+    """Before runs had a records dir, run.json sat in the VM's runtime dir (then always root's)."""
+    create(daemon, guest, "older", "test.action=acpi")
+    assert daemon.ctl("start", "older").returncode == 0
+    info = daemon.wait_for("older", lambda s: s["ready"])
+    daemon.stop_daemon(signal.SIGKILL)
+    runtime = Path(info["runtimeDirectory"])
+    records = runtime.with_name("older.run")
+    (records / "run.json").rename(runtime / "run.json")  # the layout the previous version left
+    shutil.rmtree(records)
+    daemon.start()
+    st = daemon.status("older")
+    assert (st["state"], st["pid"], st["ready"]) == ("running", info["pid"], True)  # adopted, not ended
+    assert (records / "run.json").is_file() and not (runtime / "run.json").exists()
+    assert daemon.ctl("stop", "older").returncode == 0 and daemon.status("older")["exitStatus"] == 0
 
 
 def test_daemon_sigterm_leaves_vms_running(daemon, guest, tmp_path):
