@@ -474,6 +474,11 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 BY_KEY = {s.key: s for s in SETTINGS}
+#: the settings that fill each MachineConfig field (several for folded ones: --bind, --bind-ro, binds)
+BY_ATTR: dict[str, list[Setting]] = {}
+for _setting in SETTINGS:
+    if _setting.attr is not None:
+        BY_ATTR.setdefault(_setting.attr, []).append(_setting)
 JSON_FIELDS: tuple[str, ...] = tuple(s.key for s in SETTINGS if s.json)
 #: JSON defaults a daemon applies where a command line's differ (no terminal to be interactive on)
 DAEMON_DEFAULTS: dict[str, Any] = {"console": ConsoleMode.HEADLESS}
@@ -596,14 +601,12 @@ def _assemble(name: str, values: dict[str, Any], *, cli: bool) -> MachineConfig:
                 raise ConfigError(BY_KEY[key].field() if cli else key, values[key].value, "needs --image")
     inherited = image.disk_type if image is not None else DiskType.VIRTIO_BLK
     fields: dict[str, Any] = {}
-    for s in SETTINGS:
-        if s.attr is None or s.attr in fields:
-            continue
-        parts = [t for t in SETTINGS if t.attr == s.attr]
+    for attr, parts in BY_ATTR.items():
+        s = parts[0]
         if s.repeat:
-            fields[s.attr] = tuple(v for t in parts for v in values.get(t.key, ()))
+            fields[attr] = tuple(v for t in parts for v in values.get(t.key, ()))
         else:
-            fields[s.attr] = get(s.key)
+            fields[attr] = get(s.key)
     fields["firmware_features"] += tuple(values[s.key] for s in SETTINGS if s.into and s.key in values)
     fields["extra_drives"] = tuple(Drive(d.path, d.format, d.disk_type or inherited) for d in fields["extra_drives"])
     fields["smbios11"] = _smbios11(fields["smbios11"])
