@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -243,6 +244,17 @@ class Daemon:
     def wait_for(self, name: str, predicate, timeout: float = 60) -> dict:
         return poll(lambda: self.status(name), predicate, timeout)
 
+    def clean_up(self) -> None:
+        """Leave nothing behind: kill every running VM, stop the daemon, end what is left of them."""
+        if self.proc is not None and self.proc.poll() is None:
+            listed = self.ctl("--json", "list").stdout
+            for machine in json.loads(listed) if listed else []:
+                if machine["state"] == "running":
+                    self.ctl("kill", machine["name"])
+            self.stop_daemon()
+        for pid in processes_mentioning(str(self.base)):
+            os.kill(pid, signal.SIGKILL)
+
     def stop_daemon(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
@@ -254,14 +266,23 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     d = Daemon(tmp_path)
     d.start()
     yield d
-    # leave nothing behind: stop every VM, then the daemon
-    if d.proc is not None and d.proc.poll() is None:
-        for line in d.ctl("--json", "list").stdout and json.loads(d.ctl("--json", "list").stdout) or []:
-            if line["state"] == "running":
-                d.ctl("kill", line["name"])
-        d.stop_daemon()
-    for pid in processes_mentioning(str(tmp_path)):
-        os.kill(pid, signal.SIGKILL)
+    d.clean_up()
+
+
+@contextlib.contextmanager
+def public_daemon(*args: str) -> Iterator[Daemon]:
+    """A daemon (started with ``args``) in a directory every user may enter: pytest's tmp_path sits in a
+    0700 one, where a VM running as another user could not reach its runtime directory."""
+    base = Path(tempfile.mkdtemp(prefix="vmspawnd-public-"))
+    base.chmod(0o755)
+    d = Daemon(base)
+    d.args = list(args)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.clean_up()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 

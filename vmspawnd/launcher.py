@@ -29,14 +29,11 @@ class QemuProcess:
         self.returncode: int | None = None
         self._channel: socket.socket | None = None
         self._waiter: asyncio.Task[int | None] | None = None
-        self._identity = ROOT
 
     @classmethod
     def fork_early(cls, *, die_with_parent: bool, stdout: int | IO[bytes] | None = None,
-                   stderr: int | IO[bytes] | None = None, inherit_stdin: bool = False,
-                   identity: Identity = ROOT) -> QemuProcess:
-        """Start the exec-late launcher: a process that waits for QEMU's argv and fds (see execlate.py);
-        QEMU runs as ``identity`` (the launcher switches to it just before exec)."""
+                   stderr: int | IO[bytes] | None = None, inherit_stdin: bool = False) -> QemuProcess:
+        """Start the exec-late launcher: a process that waits for QEMU's argv and fds (see execlate.py)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             env = dict(os.environ)
@@ -54,15 +51,14 @@ class QemuProcess:
             theirs.close()
         process = cls(popen.pid, popen)
         process._channel = ours
-        process._identity = identity
         return process
 
-    def exec(self, argv: Sequence[str], fds: Sequence[int] = ()) -> None:
+    def exec(self, argv: Sequence[str], fds: Sequence[int] = (), identity: Identity = ROOT) -> None:
         """Make the early-forked launcher exec QEMU with ``fds`` at the same numbers as ours."""
         assert self._channel is not None, "exec() is for processes started with fork_early()"
         request: dict[str, object] = {"argv": list(argv), "targets": list(fds)}
-        if self._identity.switches:
-            request["user"] = [self._identity.uid, self._identity.gid, list(self._identity.groups)]
+        if identity.switches:  # the launcher becomes this user just before it execs QEMU
+            request["user"] = [identity.uid, identity.gid, list(identity.groups)]
         message = json.dumps(request).encode()
         try:
             socket.send_fds(self._channel, [message], list(fds))
@@ -156,14 +152,13 @@ class SpareLauncher:
     def __init__(self) -> None:
         self._spare: QemuProcess | None = None
 
-    def take(self, identity: Identity = ROOT) -> QemuProcess:
-        """The spare launcher (a fresh one if there is none), for a QEMU that runs as ``identity``."""
+    def take(self) -> QemuProcess:
+        """The spare launcher (a fresh one if there is none)."""
         spare, self._spare = self._spare, None
         if spare is None or not spare.alive:
             if spare is not None:
                 spare.close()
             spare = QemuProcess.fork_early(die_with_parent=False)
-        spare._identity = identity
         return spare  # the taker calls refill() once its start no longer needs the CPU
 
     def refill(self) -> None:

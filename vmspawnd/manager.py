@@ -112,7 +112,7 @@ class Manager:
                 entry.machine.mark_failed(entry.definition_error)
             if saved is not None:
                 self._restore_state(entry, adopted, *saved)
-        self.spares.refill()
+        self.spares.prepare()
         self.on_change()
 
     def _definition_files(self) -> dict[str, Path]:

@@ -28,7 +28,7 @@ from vmspawnd.qemu.firmware import (
 from vmspawnd.services.binduser import BoundUser, resolve_bound_users
 from vmspawnd.services.journal import JOURNAL_REMOTE_PATHS, find_tool
 from vmspawnd.services.virtiofsd import Flavour, Virtiofsd, find_virtiofsd
-from vmspawnd.values import DEFAULT_SLICE, Network, path_problem
+from vmspawnd.values import DEFAULT_SLICE, ImageFormat, Network, path_problem
 
 
 @dataclass(frozen=True)
@@ -102,39 +102,30 @@ def choose_firmware(config: MachineConfig) -> FirmwareChoice:
 
 
 def _check_files(config: MachineConfig) -> None:
-    """The files and directories the definition names are there, and of the right kind."""
-    if config.directory is not None and (problem := path_problem(config.directory, directory=True)):
-        raise ConfigError("directory", str(config.directory), problem)
-    for bind in config.binds:
-        if problem := path_problem(bind.source, directory=True):
-            raise ConfigError("bind-ro" if bind.read_only else "bind", str(bind.source),
-                              f"{problem} (only directories can be shared)")
-    for what, drive in [("image", config.image), *(("extra-drive", d) for d in config.extra_drives)]:
-        if drive is not None:
-            check_image(drive.path, drive.format, what)
-    for what, path in [("linux", config.linux), *(("initrd", p) for p in config.initrds),
-                       ("efi-nvram-template", config.efi_nvram_template)]:
-        if path is not None and (problem := path_problem(path)):
-            raise ConfigError(what, str(path), problem)
-    _check_access(config)
-
-
-def _check_access(config: MachineConfig) -> None:
-    """What the VM will open, it may open: checked with this thread's file-system credentials (the
-    VM's user's inside :func:`~vmspawnd.identity.acting_as`), so a user's VM is refused up front what
-    the kernel would refuse that user."""
-    rw = os.R_OK | os.W_OK
-    wanted: list[tuple[str, Path | None, int]] = [
-        ("image", config.image.path if config.image else None, os.R_OK if config.ephemeral else rw),
-        *(("extra-drive", d.path, os.R_OK if config.ephemeral else rw) for d in config.extra_drives),
-        ("linux", config.linux, os.R_OK), *(("initrd", p, os.R_OK) for p in config.initrds),
-        ("efi-nvram-template", config.efi_nvram_template, os.R_OK),
-        ("directory", config.directory, os.R_OK | os.X_OK),
-        *(("bind-ro" if b.read_only else "bind", b.source, os.R_OK | os.X_OK | (0 if b.read_only else os.W_OK))
+    """The files and directories the definition names are there, of the right kind, and may be used
+    with this thread's file-system credentials (the VM's user's inside
+    :func:`~vmspawnd.identity.acting_as`): a user's VM is refused up front what the kernel would
+    refuse that user."""
+    rw, ro, search = os.R_OK | os.W_OK, os.R_OK, os.R_OK | os.X_OK
+    disk = ro if config.ephemeral else rw
+    named: list[tuple[str, Path | None, str | ImageFormat, int]] = [  # setting, path, kind, access needed
+        ("directory", config.directory, "directory", search),
+        *(("bind-ro" if b.read_only else "bind", b.source, "directory", search if b.read_only else search | rw)
           for b in config.binds),
+        *(("image", d.path, d.format, disk) for d in (config.image,) if d is not None),
+        *(("extra-drive", d.path, d.format, disk) for d in config.extra_drives),
+        ("linux", config.linux, "file", ro), *(("initrd", p, "file", ro) for p in config.initrds),
+        ("efi-nvram-template", config.efi_nvram_template, "file", ro),
     ]
-    for what, path, mode in wanted:
-        if path is not None and not os.access(path, mode, effective_ids=True):
+    for what, path, kind, mode in named:
+        if path is None:
+            continue
+        if isinstance(kind, ImageFormat):
+            check_image(path, kind, what)
+        elif problem := path_problem(path, directory=kind == "directory"):
+            raise ConfigError(what, str(path), problem + (" (only directories can be shared)"
+                                                          if what.startswith("bind") else ""))
+        if not os.access(path, mode, effective_ids=True):
             raise ConfigError(what, str(path), "permission denied (" + ("read and write" if mode & os.W_OK
                                                                         else "read") + " access is needed)")
     for what, location in (("tpm-state", config.tpm_state), ("efi-nvram-state", config.efi_nvram_state)):

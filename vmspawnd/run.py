@@ -114,7 +114,6 @@ class Run:
         self.runtime = runtime
         self.identity = identity  # whom QEMU and its helpers run as; the daemon acts as them on their files
         self._spares = spares  # a launcher and a TPM state made ahead of need (the daemon's)
-        runtime.identity = identity
         self.log = log.bind(machine=config.name)
         self.readiness = Readiness()
         self.qemu: QemuProcess | None = None
@@ -179,12 +178,11 @@ class Run:
         # fork early, exec late: the launcher that becomes QEMU starts first, while we set up
         plain = not self._die_with_parent and self._qemu_output is None and config.console is not ConsoleMode.NATIVE
         if self._spares is not None and plain:
-            self.qemu = self._spares.launcher.take(self.identity)
+            self.qemu = self._spares.launcher.take()
         else:
             self.qemu = QemuProcess.fork_early(die_with_parent=self._die_with_parent, stdout=self._qemu_output,
                                                stderr=self._qemu_output,
-                                               inherit_stdin=config.console is ConsoleMode.NATIVE,
-                                               identity=self.identity)
+                                               inherit_stdin=config.console is ConsoleMode.NATIVE)
         self._handles.callback(self.qemu.close)
         self._durable.push_async_callback(self.qemu.end)
         with self._as_owner():
@@ -192,7 +190,7 @@ class Run:
         if self.identity.switches and (needs := needs_privileges(config, plan)):
             raise ConfigError(*needs[0])
         qemu_binary, accel, mac, extra_args = self._preflight()
-        rundir = self.runtime.lock()
+        rundir = self.runtime.lock(self.identity)
         self._handles.callback(self.runtime.unlock)
         earlier = RunRecord.load(self.runtime.records)
         if earlier is not None and earlier.phase == RUNNING and qemu_of_record(earlier, rundir):
@@ -242,7 +240,7 @@ class Run:
         )
         argv = build_qemu_argv(run_config, resources)
         self.log.debug("spawning qemu", argv=" ".join(argv))
-        self.qemu.exec(argv, pass_fds)
+        self.qemu.exec(argv, pass_fds, self.identity)
         if self._spares is not None:
             self._spares.launcher.refill()  # the next start's, while QEMU comes up
         qmp_sock.close()  # QEMU has its copy
@@ -539,8 +537,8 @@ class Run:
         self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
 
     async def _adopt(self, record: RunRecord) -> None:
-        self.identity = self.runtime.identity = record.identity()  # as it was started
-        rundir = self.runtime.lock()  # raises if someone else holds the machine
+        self.identity = record.identity()  # as it was started
+        rundir = self.runtime.lock(self.identity)  # raises if someone else holds the machine
         self._handles.callback(self.runtime.unlock)
         self._durable.callback(self.runtime.remove_files)
         self._record = record

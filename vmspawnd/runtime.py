@@ -54,15 +54,15 @@ class RuntimeDir:
     """A machine's runtime dir (:attr:`path`) and records dir (:attr:`records`): created and
     locked by :meth:`lock`, emptied by :meth:`clear_leftovers`, removed by :meth:`remove`."""
 
-    def __init__(self, base: Path, name: str, identity: Identity = ROOT) -> None:
+    def __init__(self, base: Path, name: str) -> None:
         self.path = base / name
         self.records = base / f"{name}{RECORDS_SUFFIX}"
-        self.identity = identity  # whom the VM's directory belongs to (set for each run)
         self._lock_fd = -1
         check_socket_path(self.path / "fs-mnt99.sock")  # as long as the socket names we put there get
 
-    def lock(self) -> Path:
-        """Create both dirs if needed and lock the machine; fail if a live machine holds it."""
+    def lock(self, identity: Identity = ROOT) -> Path:
+        """Create both dirs if needed (the VM's as ``identity``'s) and lock the machine; fail if a live
+        machine holds it."""
         make_base(self.path.parent)
         _make_private_dir(self.records)
         fd = os.open(self.records / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -73,7 +73,7 @@ class RuntimeDir:
             raise ConfigError("machine", self.path.name, "a machine of that name is already running") from None
         self._lock_fd = fd
         try:
-            _make_private_dir(self.path, self.identity)
+            _make_private_dir(self.path, identity)
         except BaseException:
             self.unlock()
             raise

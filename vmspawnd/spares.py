@@ -22,8 +22,8 @@ class Spares:
         """Spares whose files live next to the machines' runtime dirs (``<base>/../tpm-spares``)."""
         return cls(SpareLauncher(), SpareTpmStates(runtime_base.parent / "tpm-spares"))
 
-    def refill(self) -> None:
-        """Start the launcher (a TPM state is made once a start has needed one)."""
+    def prepare(self) -> None:
+        """Start the first spare launcher (a TPM state is made once a start has needed one)."""
         self.launcher.refill()
 
     def close(self) -> None:

@@ -11,6 +11,8 @@ import threading
 from functools import cache
 from pathlib import Path
 
+import pytest
+
 from tests.polling import poll
 
 MACHINED_VARLINK = "/run/systemd/machine/io.systemd.Machine"
@@ -164,6 +166,13 @@ def json_stream(text: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------- VMs through the daemon
 GUEST_DIR = Path(os.environ.get("VMSPAWND_TEST_GUEST_DIR", "/nonexistent"))
+#: the marks of a systemd-tier test that boots the test guest
+WITH_GUEST = [
+    pytest.mark.systemd,
+    pytest.mark.skipif(not (GUEST_DIR / "vmlinuz").is_file(),
+                       reason="no test guest bound in ($VMSPAWND_TEST_GUEST_DIR; `make test-systemd` binds the "
+                              "host's vmspawnd.testing.guest build)"),
+]
 
 
 NAME = "sysd1"

@@ -11,14 +11,13 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
 from tests.polling import poll
 from tests.systemd.helpers import (
     GUEST_DIR,
     MACHINED_VARLINK,
     NAME,
     TPM_UNIT,
+    WITH_GUEST,
     Ctl,
     alive,
     pids_of,
@@ -32,12 +31,7 @@ from tests.systemd.helpers import (
 from vmspawnd import messages
 from vmspawnd.faults import CRASH_ENV
 
-pytestmark = [
-    pytest.mark.systemd,
-    pytest.mark.skipif(not (GUEST_DIR / "vmlinuz").is_file(),
-                       reason="no test guest bound in ($VMSPAWND_TEST_GUEST_DIR; `make test-systemd` binds the "
-                              "host's vmspawnd.testing.guest build)"),
-]
+pytestmark = WITH_GUEST
 
 
 def test_vm_under_the_activated_daemon_outlives_a_daemon_restart(vm: Ctl) -> None:

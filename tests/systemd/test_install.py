@@ -8,12 +8,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.polling import poll
-from tests.systemd.helpers import GUEST_DIR, sh, unit_properties
+from tests.systemd.helpers import GUEST_DIR, WITH_GUEST, sh, unit_properties
 
-pytestmark = pytest.mark.systemd
+pytestmark = WITH_GUEST  # a user boots the test guest with the installed commands
 
 REPO = Path(__file__).resolve().parents[2]
 COMMANDS = ("vmspawn", "vmspawnctl", "vmspawnd")

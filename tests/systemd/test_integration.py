@@ -19,6 +19,7 @@ from tests.systemd.helpers import (
     GUEST_DIR,
     MACHINED_VARLINK,
     NAME,
+    WITH_GUEST,
     Ctl,
     Spawned,
     alive,
@@ -30,10 +31,7 @@ from tests.systemd.helpers import (
     wait_inactive,
 )
 
-pytestmark = [
-    pytest.mark.systemd,
-    pytest.mark.skipif(not (GUEST_DIR / "vmlinuz").is_file(), reason="no test guest bound in"),
-]
+pytestmark = WITH_GUEST
 
 SCOPE = f"machine-{NAME}.scope"
 

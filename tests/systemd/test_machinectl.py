@@ -20,6 +20,7 @@ from tests.systemd.helpers import (
     CONTROL_SOCKETS,
     GUEST_DIR,
     MACHINED_VARLINK,
+    WITH_GUEST,
     Ctl,
     alive,
     pids_of,
@@ -29,10 +30,7 @@ from tests.systemd.helpers import (
 )
 from tests.systemd.test_integration import vmspawn
 
-pytestmark = [
-    pytest.mark.systemd,
-    pytest.mark.skipif(not (GUEST_DIR / "vmlinuz").is_file(), reason="no test guest bound in"),
-]
+pytestmark = WITH_GUEST
 
 NAME = "mctl"
 with_control = pytest.mark.skipif(systemd_version() < CONTROL_SOCKETS,

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from tests.polling import poll
-from tests.systemd.helpers import GUEST_DIR, Ctl, sh, unit_properties
+from tests.systemd.helpers import GUEST_DIR, WITH_GUEST, Ctl, sh, unit_properties
 
 pytestmark = [
-    pytest.mark.systemd,
+    *WITH_GUEST,
     pytest.mark.skipif(shutil.which("pkcheck") is None and not Path("/usr/lib/polkit-1/polkitd").exists(),
                        reason="no polkitd in this tree"),
 ]

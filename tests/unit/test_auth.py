@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, call_as
+from tests.conftest import Daemon, call_as, public_daemon
 
 NOBODY = 65534
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
@@ -21,18 +20,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is 
 
 @pytest.fixture
 def shared_daemon() -> Iterator[Daemon]:
-    """A daemon whose socket the group nogroup may use (0660), in a directory others may enter."""
-    base = Path(tempfile.mkdtemp(prefix="vmspawnd-auth-"))
-    base.chmod(0o755)
-    d = Daemon(base)
-    d.args = ["--socket-group=nogroup"]
-    d.start()
-    try:
+    """A daemon whose socket only the group nogroup may use (0660)."""
+    with public_daemon("--socket-group=nogroup") as d:
         yield d
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop_daemon()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def as_nobody(daemon: Daemon, method: str, parameters: dict | None = None) -> dict:

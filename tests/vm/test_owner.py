@@ -9,13 +9,12 @@ import concurrent.futures
 import os
 import shutil
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, call_as
+from tests.conftest import Daemon, call_as, public_daemon
 from tests.polling import poll
 from vmspawnd.proc import processes_mentioning
 from vmspawnd.services.virtiofsd import Flavour, find_virtiofsd
@@ -35,22 +34,10 @@ def uid_of(pid: int) -> int:
 
 
 @pytest.fixture
-def public_daemon() -> Iterator[Daemon]:
-    """A daemon with its default 0666 socket, in a directory every user may enter."""
-    base = Path(tempfile.mkdtemp(prefix="vmspawnd-owner-"))
-    base.chmod(0o755)
-    d = Daemon(base)
-    d.start()
-    try:
+def users_daemon() -> Iterator[Daemon]:
+    """A daemon with its default 0666 socket."""
+    with public_daemon() as d:
         yield d
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            for name in ("mine",):
-                d.ctl("kill", name)
-            d.stop_daemon()
-        for pid in processes_mentioning(str(base)):
-            os.kill(pid, 9)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
@@ -70,29 +57,29 @@ def call(uid: int, daemon: Daemon, method: str, **parameters: object) -> dict:
     return call_as(uid, daemon.socket, f"io.vmspawnd.Manager.{method}", parameters)
 
 
-def test_a_users_vm_runs_as_that_user_and_only_they_control_it(public_daemon: Daemon, home: Path) -> None:
+def test_a_users_vm_runs_as_that_user_and_only_they_control_it(users_daemon: Daemon, home: Path) -> None:
     rust_virtiofsd = find_virtiofsd().flavour is Flavour.RUST
     config = {"linux": str(home / "vmlinuz"), "initrds": [str(home / "initrd")], "ram": "256M",
               "firmware": "bios", "tpm": "yes", "tpmState": str(home / "tpm"), "console": "read-only",
               "binds": [f"rw:{home / 'share'}:/mnt/share"],
               "kernelCommandLine": ["panic=-1", "test.notify=1", "test.tpm=1", "test.virtiofs=mnt0",
                                     "test.write=mnt0/from-guest", "test.action=acpi"]}
-    reply = call(OWNER, public_daemon, "Create", name="mine", config=config)
+    reply = call(OWNER, users_daemon, "Create", name="mine", config=config)
     if not rust_virtiofsd:  # QEMU's C virtiofsd runs only as root: a user's share needs the Rust one
         assert reply.get("error") == "io.vmspawnd.Manager.PermissionDenied", reply
         assert reply["parameters"]["action"] == "io.vmspawnd.privileged-features"
         assert "C virtiofsd" in reply["parameters"]["reason"], reply
         config["binds"] = []
-        reply = call(OWNER, public_daemon, "Create", name="mine", config=config)
+        reply = call(OWNER, users_daemon, "Create", name="mine", config=config)
     assert "error" not in reply, reply
     with concurrent.futures.ThreadPoolExecutor() as pool:  # another user's commands while the start is in flight
-        start = pool.submit(call, OWNER, public_daemon, "Start", name="mine")
-        denied = [pool.submit(call, OTHER, public_daemon, method, name="mine") for method in ("Stop", "Kill")]
+        start = pool.submit(call, OWNER, users_daemon, "Start", name="mine")
+        denied = [pool.submit(call, OTHER, users_daemon, method, name="mine") for method in ("Stop", "Kill")]
         reply = start.result()
         assert "error" not in reply, reply
         for future in denied:
             assert future.result().get("error") == "io.vmspawnd.Manager.PermissionDenied", future.result()
-    info = public_daemon.wait_for("mine", lambda d: d["ready"] or d["state"] != "running", timeout=180)
+    info = users_daemon.wait_for("mine", lambda d: d["ready"] or d["state"] != "running", timeout=180)
     assert info["ready"], info
 
     # QEMU and every helper run as the owner, in directories that are the owner's
@@ -111,37 +98,37 @@ def test_a_users_vm_runs_as_that_user_and_only_they_control_it(public_daemon: Da
         assert written.stat().st_uid == OWNER  # the guest's write through the share is the owner's file
 
     # another user may look but not touch; the owner may
-    assert call(OTHER, public_daemon, "Describe", name="mine")["parameters"]["machine"]["owner"] == OWNER
+    assert call(OTHER, users_daemon, "Describe", name="mine")["parameters"]["machine"]["owner"] == OWNER
     for method in ("Stop", "Kill", "OpenConsole", "Remove"):
-        reply = call(OTHER, public_daemon, method, name="mine")
+        reply = call(OTHER, users_daemon, method, name="mine")
         assert reply.get("error") == "io.vmspawnd.Manager.PermissionDenied", (method, reply)
         assert reply["parameters"]["action"] == "io.vmspawnd.manage-all"
-    assert public_daemon.status("mine")["state"] == "running"
+    assert users_daemon.status("mine")["state"] == "running"
 
     # a restarted daemon adopts it as its user's again (QMP, notify channel and console as the owner)
-    public_daemon.stop_daemon()
-    public_daemon.start()
-    adopted = public_daemon.wait_for("mine", lambda d: d["state"] == "running")
+    users_daemon.stop_daemon()
+    users_daemon.start()
+    adopted = users_daemon.wait_for("mine", lambda d: d["state"] == "running")
     assert (adopted["pid"], adopted["ready"]) == (info["pid"], True), adopted
     assert {p.stat().st_uid for p in runtime.iterdir()} == {OWNER}
-    assert "error" not in call(OWNER, public_daemon, "OpenConsole", name="mine")  # relayed, as the owner
-    reply = call(OWNER, public_daemon, "Stop", name="mine")
+    assert "error" not in call(OWNER, users_daemon, "OpenConsole", name="mine")  # relayed, as the owner
+    reply = call(OWNER, users_daemon, "Stop", name="mine")
     assert "error" not in reply and reply["parameters"]["machine"]["state"] == "stopped", reply
-    assert public_daemon.status("mine")["exitStatus"] == 0
+    assert users_daemon.status("mine")["exitStatus"] == 0
     assert not runtime.exists() and not records.exists()
     assert (home / "tpm").is_dir()  # the TPM's state stays for the next run
-    assert "error" not in call(OWNER, public_daemon, "Remove", name="mine")
+    assert "error" not in call(OWNER, users_daemon, "Remove", name="mine")
 
 
-def test_a_users_start_is_refused_what_the_user_may_not_use(public_daemon: Daemon, home: Path) -> None:
+def test_a_users_start_is_refused_what_the_user_may_not_use(users_daemon: Daemon, home: Path) -> None:
     config = {"linux": str(home / "vmlinuz"), "initrds": [str(home / "initrd")], "firmware": "bios"}
-    assert "error" not in call(OWNER, public_daemon, "Create", name="mine", config=config)
+    assert "error" not in call(OWNER, users_daemon, "Create", name="mine", config=config)
     home.chmod(0o755)
     (home / "vmlinuz").chmod(0o600)
     os.chown(home / "vmlinuz", 0, 0)  # the kernel is root's now: the next start, as its owner, may not read it
-    reply = call(OWNER, public_daemon, "Start", name="mine")
+    reply = call(OWNER, users_daemon, "Start", name="mine")
     assert reply.get("error") == "io.vmspawnd.Manager.StartFailed", reply
     assert f"linux={home / 'vmlinuz'}: permission denied" in reply["parameters"]["reason"], reply
-    info = public_daemon.status("mine")
+    info = users_daemon.status("mine")
     assert info["state"] == "failed" and info["pid"] is None
-    assert not any(public_daemon.runtime.rglob("mine"))  # nothing started, nothing left
+    assert not any(users_daemon.runtime.rglob("mine"))  # nothing started, nothing left
