@@ -27,7 +27,7 @@ from asyncvarlink import (
     varlinkmethod,
 )
 
-from vmspawnd.auth import PRIVILEGED, caller, require, require_owner
+from vmspawnd.auth import caller, require_owner, require_start, run_as_for
 from vmspawnd.errors import (
     ConfigError,
     HostError,
@@ -266,22 +266,16 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         with typed_errors(name):
             machine_config = config_from_json(name, raw)
             plan = self.manager.plan(machine_config, who.identity())  # what it names, looked at as the caller
-            needs = [] if who.root else needs_privileges(machine_config, plan)
-            run_as = who.uid
-            if needs:
-                setting, value, why = needs[0]
-                await require(PRIVILEGED, f"{setting}={value} ({why})", who)
-                run_as = 0
+            run_as = await run_as_for(who, needs_privileges(machine_config, plan))
             entry = self.manager.create(machine_config, owner=who.uid, run_as=run_as, plan=plan)
         return machine_info(name, entry)
 
     @varlinkmethod(return_parameter="machine")
     async def Start(self, *, name: str) -> MachineInfo:
         """Start a stopped machine; returns once QEMU runs (not when the guest is ready)."""
-        entry = await self._controlled(name, "starting")
+        entry = self._entry(name)
         with typed_errors(name):
-            if entry.owner == caller().uid != entry.run_as:  # its owner, starting it as root
-                await require(PRIVILEGED, "starting a machine that runs as root")
+            await require_start(entry.owner, entry.run_as)
         with typed_errors(name, start=True):
             entry = await self.manager.start(name, expected=entry)
         return machine_info(name, entry)

@@ -73,6 +73,25 @@ async def require(action: str, what: str, who: Caller | None = None) -> Caller:
     raise PermissionDenied(action, f"{what} needs {action}, which polkit did not grant uid {who.uid}")
 
 
+async def run_as_for(who: Caller, needs: list[tuple[str, str, str]]) -> int:
+    """The uid a machine ``who`` defines runs as: the caller's own, or root's when it ``needs``
+    privileges (``(setting, value, why)`` each, see plan.needs_privileges), which polkit must allow."""
+    if who.root or not needs:
+        return who.uid
+    setting, value, why = needs[0]
+    await require(PRIVILEGED, f"{setting}={value} ({why})", who)
+    return 0
+
+
+async def require_start(owner: int, run_as: int) -> Caller:
+    """The caller, if it may start a machine of ``owner`` that runs as ``run_as``: as for any control,
+    and an owner starting its machine that runs as root needs :data:`PRIVILEGED` again."""
+    who = await require_owner(owner, "starting")
+    if who.uid == owner != run_as:
+        await require(PRIVILEGED, "starting a machine that runs as root", who)
+    return who
+
+
 async def require_owner(owner: int, what: str) -> Caller:
     """The caller, if it owns the machine (or is root, or polkit grants :data:`MANAGE_ALL`)."""
     who = caller()

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Daemon, call_as, public_daemon
+from tests.polling import poll
 
 NOBODY = 65534
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
@@ -87,3 +89,22 @@ def test_a_callers_machine_is_checked_with_its_rights_and_is_its_own(shared_daem
     assert "Owner: nobody (65534)" in shown.stdout and "runs as" not in shown.stdout, shown.stdout
     assert "error" not in as_nobody(shared_daemon, "io.vmspawnd.Manager.Remove", {"name": "mine"})  # its own
     assert not (shared_daemon.state / "machines" / "mine.json").exists()
+
+
+def test_an_owner_starting_its_machine_that_runs_as_root_asks_polkit_again(shared_daemon: Daemon,
+                                                                          public_dir: Path) -> None:
+    kernel = public_dir / "vmlinuz"
+    kernel.write_bytes(b"not a kernel")
+    kernel.chmod(0o644)
+    (shared_daemon.state / "machines" / "tapped.json").write_text(json.dumps(  # allowed once, by an earlier polkit
+        {"name": "tapped", "owner": NOBODY, "runAs": 0, "config": {"linux": str(kernel), "network": "tap"}}))
+    assert shared_daemon.proc is not None
+    shared_daemon.proc.send_signal(signal.SIGHUP)
+    info = poll(lambda: as_nobody(shared_daemon, "io.vmspawnd.Manager.Describe", {"name": "tapped"}),
+                lambda r: "error" not in r, 15)["parameters"]["machine"]
+    assert (info["owner"], info["runAs"]) == (NOBODY, 0)
+    reply = as_nobody(shared_daemon, "io.vmspawnd.Manager.Start", {"name": "tapped"})
+    assert reply.get("error") == "io.vmspawnd.Manager.PermissionDenied", reply  # no polkit here: no
+    assert reply["parameters"]["action"] == "io.vmspawnd.privileged-features"
+    assert shared_daemon.status("tapped")["state"] == "stopped"  # nothing started
+    assert "error" not in as_nobody(shared_daemon, "io.vmspawnd.Manager.Remove", {"name": "tapped"})  # still its own
