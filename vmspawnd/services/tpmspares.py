@@ -53,6 +53,8 @@ class SpareTpmStates:
                 os.rename(making, self.directory / READY)
         except (OSError, ServiceError) as e:  # the next start manufactures its own, as before
             log.warning("cannot make a spare TPM state", error=str(e))
+        finally:  # failed, not manufactured, or cancelled (the daemon stops): leave no half-made state
+            shutil.rmtree(making, ignore_errors=True)
 
     def take_into(self, state_dir: Path, identity: Identity) -> bool:
         """Fill the empty ``state_dir`` (a run's transient TPM state, ``identity``'s) with the ready
