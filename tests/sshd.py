@@ -88,3 +88,44 @@ class Sshd:
             subprocess.run(["userdel", "sshd"], check=False, capture_output=True)
         if self._made_dir:
             shutil.rmtree("/run/sshd", ignore_errors=True)
+
+
+#: sshd's configuration inside the test guest: root with a key only, no PAM (the guest has none).
+GUEST_SSHD_CONFIG = (
+    "HostKey /etc/ssh/ssh_host_ed25519_key\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
+    "PasswordAuthentication no\nKbdInteractiveAuthentication no\nAuthorizedKeysFile /root/.ssh/authorized_keys\n"
+    "PidFile none\nLogLevel VERBOSE\n")
+
+
+def _shared_libraries(binary: Path) -> list[Path]:
+    """The absolute paths ``ldd`` resolves ``binary``'s libraries (and its loader) to."""
+    out = subprocess.run(["ldd", str(binary)], check=True, capture_output=True, text=True).stdout
+    libs = []
+    for line in out.splitlines():
+        words = line.replace("=>", " ").split()
+        libs += [Path(w) for w in words if w.startswith("/")]
+    return libs
+
+
+def guest_sshd_initrd(workdir: Path) -> Path:
+    """An extra initrd for the busybox test guest (``--initrd=`` after its own): the host's sshd with its
+    libraries, a host key, ``/etc/passwd`` and a configuration for ``test.sshd=1``."""
+    from vmspawnd.testing.guest import tree_entries, write_newc
+
+    root = workdir / "sshd-root"
+    (root / "bin").mkdir(parents=True)  # the guest's /usr/sbin is a link to /bin
+    (root / "etc/ssh").mkdir(parents=True)
+    binary = sshd_binary()
+    shutil.copy(binary, root / "bin/sshd")
+    for lib in _shared_libraries(binary):
+        target = root / lib.relative_to("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(lib, target)  # follows links: the file under the name the loader asks for
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nsshd:x:100:65534::/run/sshd:/bin/false\n")
+    (root / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    (root / "etc/ssh/sshd_config").write_text(GUEST_SSHD_CONFIG)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / "etc/ssh/ssh_host_ed25519_key")],
+                   check=True)
+    initrd = workdir / "sshd.cpio"
+    initrd.write_bytes(write_newc(tree_entries(root)))
+    return initrd

@@ -42,6 +42,7 @@ from vmspawnd.machine import State
 from vmspawnd.manager import Entry, Event, Manager
 from vmspawnd.plan import needs_privileges
 from vmspawnd.qemu.firmware import enumerate_descriptors
+from vmspawnd.run import Run
 from vmspawnd.server import current_connection
 from vmspawnd.settings import config_from_json, config_to_json, varlink_config_fields
 from vmspawnd.values import validate_machine_name
@@ -93,6 +94,9 @@ class MachineInfo:
     definitionError: str | None = None
     owner: int = 0  # the uid that created it (root for definitions made before owners were recorded)
     runAs: int = 0  # the uid its QEMU and helpers run as
+    vsockBackend: str | None = None  # while it runs with vsock: vhost-vsock (the kernel's) or vhost-device-vsock
+    sshAddress: str | None = None  # vsock/CID or vsock-mux/SOCKET (``vmspawnctl ssh``, systemd-ssh-proxy)
+    sshKey: str | None = None  # --pass-ssh-key's private key
 
 
 @dataclass
@@ -212,8 +216,16 @@ def machine_info(name: str, entry: Entry) -> MachineInfo:
         tpmStatePath=str(m.tpm_state_path) if m.tpm_state_path else None, units=m.units,
         status=m.guest_status, exitStatus=m.exit_status, failure=m.failure,
         config=_shown_config(entry), definitionError=entry.definition_error, owner=entry.owner,
-        runAs=entry.run_as,
+        runAs=entry.run_as, **_vsock_fields(m.active_run),
     )
+
+
+def _vsock_fields(run: Run | None) -> dict[str, str | None]:
+    """How to reach a running guest's vsock (nothing without one)."""
+    if run is None or run.vsock is None:
+        return {}
+    vsock, key = run.vsock, run.ssh_key
+    return {"vsockBackend": str(vsock.backend), "sshAddress": vsock.ssh_address, "sshKey": str(key) if key else None}
 
 
 def _shown_config(entry: Entry) -> Config:

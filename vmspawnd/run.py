@@ -44,9 +44,9 @@ from vmspawnd.guest.ssh import SshKeyError, SshKeyPair, generate_key_pair
 from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.launcher import QemuProcess
 from vmspawnd.plan import LaunchPlan, needs_privileges, plan_launch
-from vmspawnd.proc import CAP_NET_ADMIN, has_capability, process_cmdline, process_start_time
+from vmspawnd.proc import CAP_NET_ADMIN, check_socket_path, has_capability, process_cmdline, process_start_time
 from vmspawnd.ptyfwd import Pty
-from vmspawnd.qemu.accel import Accelerator, choose_accelerator, find_qemu, qemu_version, vsock_usable
+from vmspawnd.qemu.accel import Accelerator, choose_accelerator, find_qemu, qemu_version
 from vmspawnd.qemu.argv import (
     Resources,
     build_qemu_argv,
@@ -58,7 +58,15 @@ from vmspawnd.qemu.argv import (
 from vmspawnd.qemu.disks import grow_image, root_cmdline_word
 from vmspawnd.qemu.firmware import FirmwareChoice, nvram_state_path, prepare_nvram
 from vmspawnd.qemu.qmp import Qmp
-from vmspawnd.qemu.vsock import claim_vsock
+from vmspawnd.qemu.vsock import (
+    HYBRID_NOTIFY_PORT,
+    HYBRID_SOCKET,
+    GuestVsock,
+    VsockBackend,
+    choose_vsock,
+    claim_vsock,
+    hybrid_cid,
+)
 from vmspawnd.runrecord import COPY_RECORD, RUNNING, HelperRecord, RunRecord, end_leftovers, stop_units
 from vmspawnd.runtime import RuntimeDir
 from vmspawnd.services.runner import (
@@ -120,8 +128,9 @@ class Run:
         self.pty: Pty | None = None
         self.units: list[str] = []
         self.tpm_state_path: Path | None = None
-        self.vsock_cid: int | None = None
-        self.vsock_port: int | None = None
+        self.vsock: GuestVsock | None = None  # the guest's vsock device, if it has one
+        self.vsock_port: int | None = None  # the host port its notifications go to
+        self._vsock_backend: VsockBackend | None = None  # chosen before anything starts
         self.registered = False
         self._plan = plan  # what the host offers this start, if the caller looked already
         self.control_socket: Path | None = None  # io.systemd.MachineInstance, while this process serves it
@@ -150,6 +159,11 @@ class Run:
         self._stack = contextlib.AsyncExitStack()
         self._handles = contextlib.AsyncExitStack()
         self._durable = contextlib.AsyncExitStack()
+
+    @property
+    def ssh_key(self) -> Path | None:
+        """--pass-ssh-key's private key for the guest, while the run has one."""
+        return self._ssh_key.private_key if self._ssh_key is not None else None
 
     @property
     def pid(self) -> int | None:
@@ -207,11 +221,11 @@ class Run:
         run_config = await self._ephemeral_copy()
         pass_fds: list[int] = []
         version = qemu_version(qemu_binary)
-        channel, vsock_cid, vsock_fd = await self._open_notify_channel(rundir, pass_fds, version)
-        aux = await self._start_scope_and_helpers(run_config, plan, rundir, vsock_cid)
+        channel = await self._open_notify_channel(rundir, pass_fds, version)
+        aux = await self._start_scope_and_helpers(run_config, plan, rundir)
         crash_point("helpers-started")
         self._durable.push_async_callback(self.qemu.end)  # on a failure from here: QEMU ends before its helpers
-        generated = aux.credentials + await self._ssh_key_credentials(rundir, vsock_cid)
+        generated = aux.credentials + await self._ssh_key_credentials(rundir)
 
         ours = {cred_id for cred_id, _ in generated}
         credentials = [c for c in config.credentials if c[0] not in ours] + generated
@@ -227,10 +241,12 @@ class Run:
             console_socket = self._open_console(rundir)
             firmware, nvram = self._prepare_firmware(rundir, plan.firmware)
             initrd = self._merge_initrds(rundir) if config.initrds else None
+        kernel_vsock = self.vsock if self.vsock is not None and self.vsock.fd is not None else None
         resources = Resources(
             qemu=qemu_binary, kvm=accel.kvm, qmp_fd=qmp_sock.fileno(), qemu_version=version,
             console_pty=self.pty.slave_path if self.pty else None, console_socket=console_socket,
-            notify_args=tuple(channel.qemu_args), vsock_cid=vsock_cid, vsock_fd=vsock_fd,
+            notify_args=tuple(channel.qemu_args), vsock_cid=kernel_vsock.cid if kernel_vsock else None,
+            vsock_fd=kernel_vsock.fd if kernel_vsock else None,
             smbios_files=tuple(credential_files.smbios), fw_cfg_files=tuple(credential_files.fw_cfg),
             initrd=initrd,
             vmgenid=uuid.uuid4(), term=term, extra_cmdline=extra_cmdline,
@@ -247,7 +263,7 @@ class Run:
         crash_point("exec")
         await self._connect_qmp(rundir / "qmp.sock")
         await self._serve_control(rundir)
-        await self._register(run_config, vsock_cid)
+        await self._register(run_config)
         assert self._record is not None
         self._record.phase = RUNNING
         self._save()
@@ -259,9 +275,11 @@ class Run:
         check_cmdline_length(config)
         if config.network is Network.TAP and not has_capability(CAP_NET_ADMIN):
             raise ConfigError("network-tap", "", "TAP networking needs CAP_NET_ADMIN (run as root)")
-        if config.forward_journal is not None and not vsock_usable(config.vsock):
+        self._vsock_backend = choose_vsock(config.vsock)
+        if config.forward_journal is not None and self._vsock_backend is None:
             raise ConfigError("forward-journal", str(config.forward_journal), "needs vsock (the guest sends its "
-                              "journal over AF_VSOCK), and /dev/vhost-vsock is not usable here")
+                              "journal over AF_VSOCK), and this host has neither a usable /dev/vhost-vsock nor "
+                              "vhost-device-vsock")
         # $SYSTEMD_VMSPAWN_NETWORK_MAC is one VM's (vmspawn's); a daemon's would give all VMs one MAC
         environ = {} if self._console_socket else os.environ
         mac = tap_mac(config.name, environ) if config.network is Network.TAP else None
@@ -297,24 +315,34 @@ class Run:
             self.log.info("image grown", image=str(config.image.path), size=config.grow_image)
 
     async def _open_notify_channel(self, rundir: Path, pass_fds: list[int],
-                                   version: tuple[int, int] = (0, 0)) -> tuple[NotifyChannel, int | None, int | None]:
-        """Listen for the guest's notifications (vsock if usable, else virtio-serial) before QEMU starts."""
+                                   version: tuple[int, int] = (0, 0)) -> NotifyChannel:
+        """Listen for the guest's notifications (over vsock if it gets one, else virtio-serial) before
+        QEMU starts."""
         channel = self._channel = await self._stack.enter_async_context(NotifyChannel(self._guest_message))
-        vsock_fd = vsock_cid = None
-        if vsock_usable(self.config.vsock):
-            vsock_fd, vsock_cid = claim_vsock(self.config.name, fixed_cid=self.config.vsock_cid)
-            self._stack.callback(os.close, vsock_fd)
-            pass_fds.append(vsock_fd)
-            await channel.listen_vsock(peer_cid=vsock_cid)
-            self.vsock_cid, self.vsock_port = vsock_cid, channel.port
+        name, fixed_cid = self.config.name, self.config.vsock_cid
+        if self._vsock_backend is VsockBackend.KERNEL:
+            fd, cid = claim_vsock(name, fixed_cid=fixed_cid)
+            self._stack.callback(os.close, fd)
+            pass_fds.append(fd)
+            self.vsock = GuestVsock(VsockBackend.KERNEL, cid, fd=fd)
+            await channel.listen_vsock(peer_cid=cid)
+        elif self._vsock_backend is VsockBackend.VHOST_USER:
+            self.vsock = GuestVsock(VsockBackend.VHOST_USER, hybrid_cid(name, fixed_cid),
+                                    socket=rundir / HYBRID_SOCKET)
+            with self._as_owner():
+                check_socket_path(self.vsock.host_port_path(HYBRID_NOTIFY_PORT))
+            await channel.listen_hybrid(self.vsock.host_port_path(HYBRID_NOTIFY_PORT), HYBRID_NOTIFY_PORT,
+                                        self.identity)
         else:
-            if self.config.vsock_cid is not None:
-                self.log.warning("--vsock-cid is ignored: no usable /dev/vhost-vsock", cid=self.config.vsock_cid)
+            if fixed_cid is not None:
+                self.log.warning("--vsock-cid is ignored: the guest has no vsock here", cid=fixed_cid)
             await channel.listen_virtio_serial(rundir / "notify.sock", version, identity=self.identity)
-        return channel, vsock_cid, vsock_fd
+        self.vsock_port = channel.port
+        if self.vsock is not None:
+            self.log.info("vsock", backend=str(self.vsock.backend), cid=self.vsock.cid)
+        return channel
 
-    async def _start_scope_and_helpers(self, run_config: MachineConfig, plan: LaunchPlan, rundir: Path,
-                                       vsock_cid: int | None) -> AuxServices:
+    async def _start_scope_and_helpers(self, run_config: MachineConfig, plan: LaunchPlan, rundir: Path) -> AuxServices:
         """The scope (around the launcher) and the helpers, as units where systemd runs, else children."""
         systemd, why = await connect_systemd()
         if systemd is not None:
@@ -325,7 +353,7 @@ class Run:
         runner = await choose_runner(die_with_parent=self._die_with_parent, manager=systemd)
         self._handles.push_async_callback(runner.aclose)
         try:
-            aux = await start_aux_services(run_config, plan, runner, rundir, bound_to=scope, guest_cid=vsock_cid,
+            aux = await start_aux_services(run_config, plan, runner, rundir, bound_to=scope, vsock=self.vsock,
                                            on_started=self._helper_started, identity=self.identity,
                                            tpm_spares=self._spares.tpm if self._spares is not None else None)
         except AuxServiceError as e:
@@ -357,10 +385,10 @@ class Run:
         self._watches.add(task)
         task.add_done_callback(self._watches.discard)
 
-    async def _ssh_key_credentials(self, rundir: Path, vsock_cid: int | None) -> list[tuple[str, bytes]]:
+    async def _ssh_key_credentials(self, rundir: Path) -> list[tuple[str, bytes]]:
         """--pass-ssh-key: a fresh key pair (auto: when the guest has vsock, the way to reach its sshd)."""
         setting = self.config.pass_ssh_key
-        if setting is Tristate.NO or (setting is Tristate.AUTO and vsock_cid is None):
+        if setting is Tristate.NO or (setting is Tristate.AUTO and self.vsock is None):
             return []
         try:
             self._ssh_key = await generate_key_pair(rundir, self.config.ssh_key_type, f"vmspawnd@{self.config.name}",
@@ -449,7 +477,7 @@ class Run:
         self.log.info("QEMU's scope", unit=scope, slice=config.slice)
         return scope
 
-    async def _register(self, run_config: MachineConfig, vsock_cid: int | None) -> None:
+    async def _register(self, run_config: MachineConfig) -> None:
         """Register with systemd-machined over varlink, starting machined first if it is not running;
         with --register=auto a machined that cannot be reached is retried in the background."""
         config = self.config
@@ -457,7 +485,7 @@ class Run:
             return
         assert self.qemu is not None and self._record is not None
         reg = Registration(config.name, self.qemu.pid, machine_id=config.uuid,
-                           root_directory=run_config.directory, vsock_cid=vsock_cid,
+                           root_directory=run_config.directory, vsock=self.vsock,
                            ssh_private_key=self._ssh_key.private_key if self._ssh_key else None,
                            control_address=self.control_socket)
         if self._systemd is not None:
@@ -545,7 +573,9 @@ class Run:
         self.readiness = Readiness(record.ready, record.status, record.guest_exit_status)
         self.units = list(record.units)
         self.tpm_state_path = Path(record.tpm_state) if record.tpm_state else None
-        self.vsock_cid, self.registered = record.vsock_cid, record.registered
+        self.registered = record.registered
+        self.vsock = record.vsock(rundir)
+        self._ssh_key = SshKeyPair(Path(record.ssh_key)) if record.ssh_key else None
         self.qemu = QemuProcess.adopt(record.pid)
         self._handles.callback(self.qemu.close)
         self._durable.push_async_callback(self.qemu.end)
@@ -558,7 +588,10 @@ class Run:
         await self._adopt_helpers(record)
         self._durable.push_async_callback(self.qemu.end)  # QEMU ends before its helpers
         channel = self._channel = await self._stack.enter_async_context(NotifyChannel(self._guest_message))
-        if record.vsock_port:
+        if self.vsock is not None and self.vsock.backend is VsockBackend.VHOST_USER and record.vsock_port:
+            await channel.listen_hybrid(self.vsock.host_port_path(record.vsock_port), record.vsock_port,
+                                        self.identity)
+        elif record.vsock_port:
             await channel.listen_vsock(record.vsock_port, peer_cid=record.vsock_cid)
         else:
             await channel.listen_virtio_serial(rundir / "notify.sock", identity=self.identity)
@@ -682,7 +715,10 @@ class Run:
         record.units, record.tpm_state = list(self.units), str(self.tpm_state_path) if self.tpm_state_path else None
         record.ready, record.status = self.readiness.ready, self.readiness.status
         record.guest_exit_status = self.readiness.exit_status
-        record.vsock_port, record.vsock_cid = self.vsock_port, self.vsock_cid
+        record.vsock_port = self.vsock_port
+        record.vsock_cid = self.vsock.cid if self.vsock is not None else None
+        record.vsock_backend = str(self.vsock.backend) if self.vsock is not None else None
+        record.ssh_key = str(self._ssh_key.private_key) if self._ssh_key is not None else None
         try:
             record.save(self.runtime.records)
         except OSError as e:

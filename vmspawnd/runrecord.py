@@ -22,6 +22,7 @@ import structlog
 
 from vmspawnd.identity import ROOT, Identity
 from vmspawnd.proc import process_start_time, processes_mentioning
+from vmspawnd.qemu.vsock import HYBRID_SOCKET, GuestVsock, VsockBackend
 from vmspawnd.runtime import RuntimeDir
 from vmspawnd.snapshot import EphemeralCopy
 from vmspawnd.storage import read_json, write_json_atomic
@@ -62,6 +63,8 @@ class RunRecord:
     guest_exit_status: int | None = None
     vsock_port: int | None = None
     vsock_cid: int | None = None
+    vsock_backend: str | None = None  # VsockBackend (records of older versions: the kernel's, if a port is set)
+    ssh_key: str | None = None  # --pass-ssh-key's private key
     tpm_state: str | None = None
     config: dict[str, Any] | None = None  # the machine's configuration (JSON) this run started with
     uid: int = 0  # the user QEMU and its helpers run as: uid, gid, supplementary groups
@@ -71,6 +74,14 @@ class RunRecord:
     def identity(self) -> Identity:
         """Whom this run's QEMU runs as (as recorded: its account may be gone since)."""
         return Identity(self.uid, self.gid, tuple(self.groups)) if self.uid else ROOT
+
+    def vsock(self, runtime: Path) -> GuestVsock | None:
+        """The run's vsock device as recorded (its fd, if any, now QEMU's alone)."""
+        if self.vsock_cid is None:
+            return None
+        if self.vsock_backend == VsockBackend.VHOST_USER:
+            return GuestVsock(VsockBackend.VHOST_USER, self.vsock_cid, socket=runtime / HYBRID_SOCKET)
+        return GuestVsock(VsockBackend.KERNEL, self.vsock_cid)
 
     def save(self, directory: Path) -> None:
         """Atomically, not durably: the processes it names die with the machine, the record only has
@@ -93,6 +104,7 @@ class RunRecord:
                 guest_exit_status=data.get("guest_exit_status", data.get("guestExitStatus")),
                 vsock_port=data.get("vsock_port", data.get("vsockPort")),
                 vsock_cid=data.get("vsock_cid", data.get("vsockCid")),
+                vsock_backend=data.get("vsock_backend"), ssh_key=data.get("ssh_key"),
                 tpm_state=data.get("tpm_state", data.get("tpmState")),
                 config=data.get("config") if isinstance(data.get("config"), dict) else None,
                 uid=int(data.get("uid", 0)), gid=int(data.get("gid", 0)),

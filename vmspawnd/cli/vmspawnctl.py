@@ -11,6 +11,7 @@ import enum
 import json
 import os
 import pwd
+import select
 import shlex
 import signal
 import socket
@@ -34,6 +35,7 @@ from vmspawnd.errors import ConfigError
 from vmspawnd.log import command_level, setup_logging
 from vmspawnd.options import OptionParser, add_machine_options, config_from_args
 from vmspawnd.ptyfwd import PtyForwarder
+from vmspawnd.qemu.vsock import connect_guest_port
 from vmspawnd.settings import config_to_json
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -91,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", help="follow lifecycle events (of NAME, or of all machines)", parents=common)
     events.add_argument("name", metavar="NAME", nargs="?")
     sub.add_parser("firmware", help="list QEMU firmware descriptors the daemon sees", parents=common)
+    ssh = sub.add_parser("ssh", help="ssh into a running machine over vsock, with the key --pass-ssh-key made",
+                         parents=common)
+    ssh.add_argument("name", metavar="NAME")
+    ssh.add_argument("ssh_args", nargs=argparse.REMAINDER, metavar="SSH-ARGS",
+                     help="more ssh arguments; after the options, a command to run (e.g. -- uname -a)")
+    proxy = sub.add_parser("vsock-proxy", help="relay stdin/stdout to a guest's vsock port: an ssh ProxyCommand "
+                           "(ssh -o ProxyCommand='vmspawnctl vsock-proxy %%h %%p' root@ADDRESS, ADDRESS as "
+                           "status shows it)", parents=common)
+    proxy.add_argument("vsock_address", metavar="ADDRESS", help="vsock/CID or vsock-mux/SOCKET")
+    proxy.add_argument("port", metavar="PORT", type=int, nargs="?", default=22)
     return p
 
 
@@ -164,6 +176,8 @@ def _print_machine(info: Any, as_json: str | None) -> None:
         print(f"{'      Units:' if i == 0 else ' ' * 12} {unit}")
     if d["tpmStatePath"]:
         print(f"  TPM state: {d['tpmStatePath']}")
+    if d.get("vsockBackend"):
+        print(f"      Vsock: {d['vsockBackend']}, ssh: {d['sshAddress']}")
     if d["exitStatus"] is not None:
         print(f"Exit status: {d['exitStatus']}")
     if d["failure"]:
@@ -312,7 +326,50 @@ async def connect(args: argparse.Namespace) -> tuple[Any, Any]:
     return transport, protocol
 
 
+def vsock_proxy(address: str, port: int) -> int:
+    """Connect to the guest's vsock ``port`` and relay our stdin and stdout to it."""
+    try:
+        sock = connect_guest_port(address, port)
+    except (OSError, ValueError) as e:
+        print(f"vmspawnctl: cannot reach port {port} of {address}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    route = {0: sock.fileno(), sock.fileno(): 1}
+    while route:
+        for fd in select.select(list(route), [], [])[0]:
+            data = os.read(fd, 65536)
+            if not data:
+                if fd != 0:
+                    return EXIT_OK
+                sock.shutdown(socket.SHUT_WR)
+                del route[fd]
+                continue
+            while data:
+                data = data[os.write(route[fd], data):]
+    return EXIT_OK
+
+
+def ssh_into(info: Any, ssh_args: list[str]) -> int:
+    """exec ``ssh`` to the machine ``info`` describes, through :func:`vsock_proxy`, as root with its key."""
+    if not info.sshAddress:
+        print(f"vmspawnctl: {info.name} has no vsock (it is not running, or the host has neither "
+              "/dev/vhost-vsock nor vhost-device-vsock)", file=sys.stderr)
+        return EXIT_FAILURE
+    proxy = shlex.join([sys.executable, "-m", "vmspawnd.cli.vmspawnctl", "vsock-proxy"]) + " %h %p"
+    argv = [os.environ.get("SYSTEMD_SSH") or "ssh", "-o", f"ProxyCommand={proxy}",
+            # the guest's host key is new with every boot, and the address is no network name
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "CheckHostIP=no",
+            *(["-i", info.sshKey] if info.sshKey else []), "-l", "root"]
+    sys.stdout.flush()
+    try:
+        os.execvp(argv[0], [*argv, info.sshAddress, *ssh_args])  # ssh reads options after the host too
+    except OSError as e:
+        print(f"vmspawnctl: cannot run {argv[0]}: {e.strerror}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
 async def run(args: argparse.Namespace) -> int:
+    if args.command == "vsock-proxy":
+        return vsock_proxy(args.vsock_address, args.port)
     where = f"{args.address} on {args.host}" if args.host else args.address
     try:
         transport, protocol = await connect(args)
@@ -376,6 +433,10 @@ async def run(args: argparse.Namespace) -> int:
                     print(f"{f.path}  {','.join(f.features) or '-'}" + ("" if f.valid else "  (malformed)"))
         elif cmd == "console":
             return await _console(proxy, args.name)
+        elif cmd == "ssh":
+            info = (await proxy.Describe(name=args.name))["machine"]
+            transport.close()
+            return ssh_into(info, args.ssh_args)
         return EXIT_OK
     except ConfigError as e:
         print(f"vmspawnctl: {e}", file=sys.stderr)

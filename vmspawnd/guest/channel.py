@@ -168,6 +168,25 @@ class NotifyChannel:
         self._server = await asyncio.start_server(self._serve_vsock, sock=sock)
         self.credential = ("vmm.notify_socket", f"vsock-stream:2:{self.port}")
 
+    async def listen_hybrid(self, path: Path, port: int, identity: Identity = ROOT) -> None:
+        """vhost-device-vsock: the guest's connections to host port ``port`` arrive on the Unix socket
+        ``path`` (made as ``identity`` in the VM's private runtime dir: only its device reaches it),
+        one connection per message as over AF_VSOCK."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            with acting_as(identity):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                sock.bind(str(path))
+                path.chmod(0o600)
+        except BaseException:
+            sock.close()
+            raise
+        sock.listen(16)
+        self._server = await asyncio.start_unix_server(self._serve_vsock, sock=sock)
+        self.port = port
+        self.credential = ("vmm.notify_socket", f"vsock-stream:2:{port}")
+
     async def _serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with self._reading():
             await self._read_stream(reader, writer)
@@ -193,7 +212,7 @@ class NotifyChannel:
 
     async def _read_vsock(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        if self._peer_cid is not None and (not peer or peer[0] != self._peer_cid):
+        if self._peer_cid is not None and (not isinstance(peer, tuple) or peer[0] != self._peer_cid):
             log.warning("ignoring a notify connection from another vsock peer", peer=str(peer))
             writer.close()
             return

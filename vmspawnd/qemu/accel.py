@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Find the QEMU binary and decide between KVM and TCG (and whether vsock is usable)."""
+"""Find the QEMU binary and decide between KVM and TCG."""
 
 from __future__ import annotations
 
@@ -90,16 +90,3 @@ def choose_accelerator(setting: Tristate) -> Accelerator:
     if problem:
         return Accelerator(False, f"{problem}; using TCG (software emulation)")
     return Accelerator(True, "/dev/kvm works")
-
-
-def vsock_usable(setting: Tristate, device: str = "/dev/vhost-vsock") -> bool:
-    """--vsock=auto: usable iff /dev/vhost-vsock opens read-write."""
-    if setting is Tristate.NO:
-        return False
-    try:
-        os.close(os.open(device, os.O_RDWR | os.O_CLOEXEC))
-        return True
-    except OSError as e:
-        if setting is Tristate.YES:
-            raise ConfigError("vsock", "yes", f"{device}: {e.strerror}") from None
-        return False

@@ -2,13 +2,15 @@
 """--forward-journal: systemd-journal-remote receives the guest's journal over vsock.
 
 ``systemd-socket-activate`` listens on ``vsock:2:<guest CID>`` (the port is the guest's CID, as
-upstream does it) and hands connections to ``systemd-journal-remote``, which writes one file
+upstream does it; over vhost-device-vsock on the Unix socket such a connection arrives on) and
+hands connections to ``systemd-journal-remote``, which writes one file
 (``*.journal``, ``--split-mode=none``) or a directory of them (``--split-mode=host``).  The guest
 learns where to send through the credential ``journal.forward_to_socket``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from vmspawnd.errors import ConfigError
 from vmspawnd.identity import ROOT, Identity, acting_as
+from vmspawnd.qemu.vsock import HOST_CID, GuestVsock
 from vmspawnd.services.runner import RunningService, ServiceRunner, ServiceSpec
 
 #: Where Debian and others install it when it is not on $PATH (package systemd-journal-remote).
@@ -66,13 +69,22 @@ def prepare_output(output: Path) -> str:
     return "none" if single_file else "host"
 
 
-def journal_remote_spec(machine: str, guest_cid: int, output: Path, limits: JournalLimits,
+def listen_address(vsock: GuestVsock) -> str:
+    """Where the guest's journal arrives: host port = the guest's CID."""
+    return f"vsock:{HOST_CID}:{vsock.cid}" if vsock.socket is None else str(vsock.host_port_path(vsock.cid))
+
+
+def journal_remote_spec(machine: str, vsock: GuestVsock, output: Path, limits: JournalLimits,
                         bound_to: str | None = None, identity: Identity = ROOT) -> ServiceSpec:
-    """The helper that listens on vsock for ``guest_cid``'s journal and writes it (as ``identity``) to ``output``."""
+    """The helper that listens for the journal of the guest with ``vsock`` and writes it (as ``identity``)
+    to ``output``."""
     with acting_as(identity):
         split_mode = prepare_output(output)
+        if vsock.socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                vsock.host_port_path(vsock.cid).unlink()  # an earlier run's
     # socket-activate gives its child a clean environment: --setenv carries the setting across
-    argv = [str(find_tool("systemd-socket-activate")), f"--listen=vsock:2:{guest_cid}",
+    argv = [str(find_tool("systemd-socket-activate")), f"--listen={listen_address(vsock)}",
             "--setenv=SYSTEMD_JOURNAL_REMOTE_CONFIG_FILE=/dev/null",
             str(find_tool("systemd-journal-remote", JOURNAL_REMOTE_PATHS)), f"--output={output}",
             f"--split-mode={split_mode}", *limits.args()]
@@ -82,10 +94,10 @@ def journal_remote_spec(machine: str, guest_cid: int, output: Path, limits: Jour
 
 
 def guest_credential(guest_cid: int) -> tuple[str, bytes]:
-    return CREDENTIAL, f"vsock:2:{guest_cid}".encode()
+    return CREDENTIAL, f"vsock:{HOST_CID}:{guest_cid}".encode()
 
 
-async def start_journal_remote(runner: ServiceRunner, machine: str, guest_cid: int, output: Path,
+async def start_journal_remote(runner: ServiceRunner, machine: str, vsock: GuestVsock, output: Path,
                                limits: JournalLimits, bound_to: str | None = None,
                                identity: Identity = ROOT) -> RunningService:
-    return await runner.start(journal_remote_spec(machine, guest_cid, output, limits, bound_to, identity))
+    return await runner.start(journal_remote_spec(machine, vsock, output, limits, bound_to, identity))

@@ -14,11 +14,13 @@ from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError
 from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.plan import LaunchPlan
+from vmspawnd.qemu.vsock import GuestVsock, VsockBackend
 from vmspawnd.services.journal import JournalLimits, start_journal_remote
 from vmspawnd.services.journal import guest_credential as journal_credential
 from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner
 from vmspawnd.services.swtpm import qemu_tpm_args, start_swtpm, tpm_enabled, tpm_state_dir
 from vmspawnd.services.tpmspares import SpareTpmStates
+from vmspawnd.services.vhostvsock import qemu_vsock_args, start_vsock_backend
 from vmspawnd.services.virtiofsd import (
     ROOT_CHARDEV,
     ROOT_TAG,
@@ -48,6 +50,7 @@ class AuxServices:
     credentials: list[tuple[str, bytes]] = field(default_factory=list)
     cmdline: list[str] = field(default_factory=list)
     tpm_state: Path | None = None  # persistent TPM state dir, if any
+    needs_shared_memory: bool = False  # a vhost-user backend maps the guest's RAM
     on_started: Callable[[str, RunningService], None] = lambda what, service: None
 
     def add(self, what: str, service: RunningService) -> None:
@@ -62,23 +65,28 @@ class AuxServices:
 
 
 async def start_aux_services(config: MachineConfig, plan: LaunchPlan, runner: ServiceRunner, rundir: Path,
-                             bound_to: str | None = None, guest_cid: int | None = None,
+                             bound_to: str | None = None, vsock: GuestVsock | None = None,
                              on_started: Callable[[str, RunningService], None] | None = None,
                              identity: Identity = ROOT, tpm_spares: SpareTpmStates | None = None) -> AuxServices:
-    """Start swtpm, one virtiofsd per share and journal-remote (which needs the guest's vsock
-    ``guest_cid``), all as ``identity`` (the VM's user).  The caller owns (and stops) what is
-    returned; if one fails to start, those already started are stopped before the error is raised."""
-    if config.forward_journal is not None and guest_cid is None:
+    """Start vhost-device-vsock (if that is the guest's ``vsock``), swtpm, one virtiofsd per share
+    and journal-remote (which needs ``vsock``), all as ``identity`` (the VM's user).  The caller owns
+    (and stops) what is returned; if one fails to start, those already started are stopped before
+    the error is raised."""
+    if config.forward_journal is not None and vsock is None:
         raise AuxServiceError("--forward-journal needs vsock (the guest sends its journal over AF_VSOCK), "
-                              "and /dev/vhost-vsock is not usable here")
+                              "and this host has neither /dev/vhost-vsock nor vhost-device-vsock")
     aux = AuxServices()
     if on_started is not None:
         aux.on_started = on_started
     try:
+        if vsock is not None and vsock.backend is VsockBackend.VHOST_USER:
+            await _start_vsock_backend(aux, config, runner, vsock, bound_to, identity)
         await _start(aux, config, plan, runner, rundir, bound_to, identity, tpm_spares)
+        if aux.needs_shared_memory:
+            aux.qemu_args = qemu_shared_memory_args(config.ram.size_mib) + aux.qemu_args
         if config.forward_journal is not None:
-            assert guest_cid is not None
-            await _start_journal_remote(aux, config, runner, guest_cid, bound_to, identity)
+            assert vsock is not None
+            await _start_journal_remote(aux, config, runner, vsock, bound_to, identity)
     except BaseException:
         for _, svc in reversed(aux.services):
             with contextlib.suppress(Exception):
@@ -128,26 +136,36 @@ async def _start(aux: AuxServices, config: MachineConfig, plan: LaunchPlan, runn
             raise AuxServiceError(f"virtiofsd for {source} failed to start: {e}") from e
         aux.add(f"virtiofsd {tag}", svc)
         aux.qemu_args += qemu_virtiofs_args(tag, socket_path, chardev)
-    if shares:
-        aux.qemu_args = qemu_shared_memory_args(config.ram.size_mib) + aux.qemu_args
+    aux.needs_shared_memory |= bool(shares)
     if binds:
         aux.credentials.append(("fstab.extra", _merged_fstab(config, fstab_extra(binds))))
     for user in users:
         aux.credentials += user.credentials()
 
 
-async def _start_journal_remote(aux: AuxServices, config: MachineConfig, runner: ServiceRunner, guest_cid: int,
+async def _start_vsock_backend(aux: AuxServices, config: MachineConfig, runner: ServiceRunner, vsock: GuestVsock,
+                               bound_to: str | None, identity: Identity) -> None:
+    try:
+        svc = await start_vsock_backend(runner, config.name, vsock, bound_to, identity)
+    except (ServiceError, OSError) as e:
+        raise AuxServiceError(f"vhost-device-vsock failed to start: {e}") from e
+    aux.add("vhost-device-vsock", svc)
+    aux.qemu_args += qemu_vsock_args(vsock)
+    aux.needs_shared_memory = True
+
+
+async def _start_journal_remote(aux: AuxServices, config: MachineConfig, runner: ServiceRunner, vsock: GuestVsock,
                                 bound_to: str | None, identity: Identity) -> None:
     assert config.forward_journal is not None
     limits = JournalLimits(config.forward_journal_max_use, config.forward_journal_keep_free,
                            config.forward_journal_max_file_size, config.forward_journal_max_files)
     try:
-        svc = await start_journal_remote(runner, config.name, guest_cid, config.forward_journal, limits, bound_to,
+        svc = await start_journal_remote(runner, config.name, vsock, config.forward_journal, limits, bound_to,
                                          identity)
     except (ServiceError, OSError) as e:
         raise AuxServiceError(f"systemd-journal-remote failed to start: {e}") from e
     aux.add("journal-remote", svc)
-    aux.credentials.append(journal_credential(guest_cid))
+    aux.credentials.append(journal_credential(vsock.cid))
 
 
 def root_uid_map(config: MachineConfig, virtiofsd: Virtiofsd | None) -> UidMap | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmspawnd.qemu.vsock import GuestVsock, VsockBackend
 from vmspawnd.systemd.units import MANAGER_IFACE, DBusCallError, SystemdManager
 
 MACHINED_SOCKET = Path("/run/systemd/machine/io.systemd.Machine")
@@ -33,7 +34,7 @@ class Registration:
     leader_pid: int
     machine_id: uuid.UUID | None = None
     root_directory: Path | None = None
-    vsock_cid: int | None = None
+    vsock: GuestVsock | None = None
     ssh_private_key: Path | None = None
     allocate_unit: bool = False
     #: the VM's ``io.systemd.MachineInstance`` socket (systemd-machined ≥ 261 keeps it; older ones refuse it)
@@ -46,9 +47,10 @@ class Registration:
             params["id"] = self.machine_id.hex
         if self.root_directory is not None:
             params["rootDirectory"] = str(self.root_directory)
-        if self.vsock_cid is not None:
-            params["vSockCid"] = self.vsock_cid
-            params["sshAddress"] = f"vsock/{self.vsock_cid}"
+        if self.vsock is not None:
+            if self.vsock.backend is VsockBackend.KERNEL:  # a real AF_VSOCK address; a hybrid one is not
+                params["vSockCid"] = self.vsock.cid
+            params["sshAddress"] = self.vsock.ssh_address
         if self.ssh_private_key is not None:
             params["sshPrivateKeyPath"] = str(self.ssh_private_key)
         if self.allocate_unit:
