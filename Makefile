@@ -6,7 +6,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static cpio \
-	libsystemd-dev pkg-config gcc python3-dev python3-venv tmux openssh-client libwrap0 groff-base
+	libsystemd-dev pkg-config gcc libc6-dev python3-dev python3-venv tmux openssh-client libwrap0 groff-base \
+	systemd-journal-remote vhost-device-vsock
+# vhost-device-vsock (a vsock device for hosts without /dev/vhost-vsock) is new in Debian forky: on an
+# older release apt gets it, and nothing else, from forky (these two files pin it so).
+FORKY_SOURCE := /etc/apt/sources.list.d/vmspawnd-forky.sources
+FORKY_PIN := /etc/apt/preferences.d/vmspawnd-forky.pref
 STAMP := $(VENV)/.installed
 
 .PHONY: bench setup test test-fast test-fuzz demo lint varlink install guest clean
@@ -16,6 +21,15 @@ setup: $(STAMP)
 
 deb-packages:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		if ! dpkg-query -W -f='$${Status}' vhost-device-vsock 2>/dev/null | grep -q 'ok installed' \
+			&& [ -z "$$(apt-cache policy vhost-device-vsock 2>/dev/null | awk '/Candidate:/ && $$2 != "(none)" {print $$2}')" ] \
+			&& [ ! -e $(FORKY_SOURCE) ]; then \
+			echo "vhost-device-vsock: from Debian forky (pinned to that one package)"; \
+			printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: forky' 'Components: main' \
+				'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' > $(FORKY_SOURCE); \
+			printf '%s\n' 'Package: *' 'Pin: release n=forky' 'Pin-Priority: -1' '' \
+				'Package: vhost-device-vsock' 'Pin: release n=forky' 'Pin-Priority: 500' > $(FORKY_PIN); \
+			apt-get -q -o DPkg::Lock::Timeout=600 update -qq; fi; \
 		missing=""; for p in $(DEB_PACKAGES); do \
 			dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; done; \
 		if [ -n "$$missing" ] || [ -z "$$(apt-cache policy linux-image-cloud-amd64 2>/dev/null | awk '/Candidate:/ && $$2 != "(none)" {print $$2}')" ]; then \

@@ -25,9 +25,26 @@ import pytest
 from tests import rawvarlink
 from tests.polling import poll
 from vmspawnd.proc import process_state, processes_mentioning
+from vmspawnd.qemu.vsock import BACKEND_ENV, find_backend
 from vmspawnd.testing.guest import TestGuest, build_guest
 
 VMSPAWN = [sys.executable, "-m", "vmspawnd.cli.vmspawn"]
+
+# With vhost-device-vsock installed, --vsock=auto gives every guest a vsock and its notifications go
+# there.  The VM tests keep them on virtio-serial, as they were written; tests/vm/test_vsock.py
+# turns the backend on for its VMs (and daemons) with the ``vsock_backend`` fixture.
+os.environ.setdefault(BACKEND_ENV, "")
+
+
+@pytest.fixture
+def vsock_backend(monkeypatch) -> Path:
+    """vhost-device-vsock for the VMs (and daemons) this test starts; skipped where it is not installed."""
+    monkeypatch.delenv(BACKEND_ENV)
+    found = find_backend()
+    if found is None:
+        pytest.skip("vhost-device-vsock is not installed (make setup installs it)")
+    monkeypatch.setenv(BACKEND_ENV, str(found))
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """--forward-journal: settings, the journal-remote helper's argv and environment, and its wiring.
 
-Neither a guest with vsock nor systemd-journal-remote can run here (no /dev/vhost-vsock; the
-package would also enable a listening socket on the host), so the wiring test runs stand-ins
-named like the two programs, which record what they were started with.
+These wiring tests run stand-ins named like the two programs, which record what they were
+started with; the real pair receiving a real guest's entries over vhost-device-vsock is in
+tests/vm/test_vsock.py.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from vmspawnd.errors import ConfigError
 from vmspawnd.options import parse_vmspawn_args
 from vmspawnd.plan import LaunchPlan
 from vmspawnd.qemu.firmware import FirmwareChoice, FirmwareKind
+from vmspawnd.qemu.vsock import GuestVsock, VsockBackend
 from vmspawnd.services.journal import JournalLimits, journal_remote_spec
 from vmspawnd.services.runner import ChildRunner, ServiceSpec, transient_unit_properties
 from vmspawnd.services.setup import AuxServiceError, start_aux_services
@@ -50,8 +51,11 @@ def stand_ins(tmp_path, monkeypatch) -> Path:
     return record
 
 
+KERNEL_4711 = GuestVsock(VsockBackend.KERNEL, 4711)
+
+
 def test_argv_listens_on_the_guest_cid_and_picks_the_split_mode(tmp_path, stand_ins):
-    spec = journal_remote_spec("vm", 4711, tmp_path / "logs" / "vm.journal", JournalLimits(max_use=1 << 30,
+    spec = journal_remote_spec("vm", KERNEL_4711, tmp_path / "logs" / "vm.journal", JournalLimits(max_use=1 << 30,
                                                                                              max_files=3))
     bindir = stand_ins.parent / "bin"
     assert spec.argv == (str(bindir / "systemd-socket-activate"), "--listen=vsock:2:4711",
@@ -60,8 +64,11 @@ def test_argv_listens_on_the_guest_cid_and_picks_the_split_mode(tmp_path, stand_
                          "--split-mode=none", "--max-use=1073741824", "--max-files=3")
     assert stat.S_IMODE((tmp_path / "logs").stat().st_mode) == 0o755  # a file's parent is made
     assert spec.env == {"SYSTEMD_JOURNAL_REMOTE_CONFIG_FILE": "/dev/null"}
-    directory = journal_remote_spec("vm", 9, tmp_path / "dir", JournalLimits())
+    directory = journal_remote_spec("vm", GuestVsock(VsockBackend.KERNEL, 9), tmp_path / "dir", JournalLimits())
     assert directory.argv[-1] == "--split-mode=host" and (tmp_path / "dir").is_dir()
+    hybrid = GuestVsock(VsockBackend.VHOST_USER, 9, socket=tmp_path / "vsock")
+    assert journal_remote_spec("vm", hybrid, tmp_path / "dir", JournalLimits()).argv[1] == \
+        f"--listen={tmp_path / 'vsock_1000002'}"  # where vhost-device-vsock delivers a connection to port 9
 
 
 def test_transient_units_carry_the_environment():
@@ -78,7 +85,7 @@ async def test_aux_services_start_journal_remote_and_hand_the_guest_its_address(
     config = MachineConfig(name="jr", linux=Path("/vmlinuz"), tpm=Tristate.NO,
                            forward_journal=tmp_path / "out", forward_journal_keep_free=1 << 20)
     runner = ChildRunner(die_with_parent=True)
-    aux = await start_aux_services(config, NO_SHARES, runner, tmp_path, guest_cid=1234)
+    aux = await start_aux_services(config, NO_SHARES, runner, tmp_path, vsock=GuestVsock(VsockBackend.KERNEL, 1234))
     try:
         assert dict(aux.credentials)["journal.forward_to_socket"] == b"vsock:2:1234"
         assert [what for what, _ in aux.services] == ["journal-remote"]
@@ -99,7 +106,7 @@ async def test_aux_services_start_journal_remote_and_hand_the_guest_its_address(
 async def test_without_vsock_nothing_starts(tmp_path):
     config = MachineConfig(name="jr", linux=Path("/vmlinuz"), forward_journal=tmp_path / "out")
     with pytest.raises(AuxServiceError, match="needs vsock"):
-        await start_aux_services(config, NO_SHARES, ChildRunner(), tmp_path, guest_cid=None)
+        await start_aux_services(config, NO_SHARES, ChildRunner(), tmp_path, vsock=None)
 
 
 def test_limits_need_forward_journal_and_round_trip(tmp_path, stand_ins):

@@ -60,10 +60,12 @@ def test_machined_registration_parameters():
     import os
     import uuid
 
+    from vmspawnd.qemu.vsock import GuestVsock, VsockBackend
     from vmspawnd.systemd.machined import Registration
 
     u = uuid.uuid4()
-    params = Registration("web", os.getpid(), machine_id=u, vsock_cid=1234).parameters()
+    kernel = GuestVsock(VsockBackend.KERNEL, 1234)
+    params = Registration("web", os.getpid(), machine_id=u, vsock=kernel).parameters()
     assert params["class"] == "vm" and params["service"] == "vmspawnd" and params["name"] == "web"
     assert params["id"] == u.hex
     assert params["leaderProcessId"]["pid"] == os.getpid() and params["leaderProcessId"]["pidfdId"] > 0
@@ -72,8 +74,12 @@ def test_machined_registration_parameters():
     assert "sshPrivateKeyPath" not in params
     from pathlib import Path
 
-    keyed = Registration("web", os.getpid(), vsock_cid=1234, ssh_private_key=Path("/run/x/ssh-ed25519")).parameters()
+    keyed = Registration("web", os.getpid(), vsock=kernel, ssh_private_key=Path("/run/x/ssh-ed25519")).parameters()
     assert keyed["sshPrivateKeyPath"] == "/run/x/ssh-ed25519"
+    # over vhost-device-vsock there is no AF_VSOCK address to give: ssh goes through the hybrid socket
+    hybrid = GuestVsock(VsockBackend.VHOST_USER, 1234, socket=Path("/run/x/vsock"))
+    muxed = Registration("web", os.getpid(), vsock=hybrid).parameters()
+    assert "vSockCid" not in muxed and muxed["sshAddress"] == "vsock-mux//run/x/vsock"
 
 
 def test_bad_slice_and_property_fail_at_parse_time(tmp_path):

@@ -35,11 +35,14 @@ KERNEL_DEVICE = "/dev/vhost-vsock"
 #: else ``vhost-device-vsock`` on $PATH, else these.
 BACKEND_ENV = "VMSPAWND_VHOST_DEVICE_VSOCK"
 BACKEND_PATHS = (Path("/usr/bin/vhost-device-vsock"), Path("/usr/libexec/vhost-device-vsock"))
-#: The host port the guest sends its notifications to, over vhost-device-vsock (the kernel's picks one).
+#: Over vhost-device-vsock, the host ports the guest sends its notifications and its journal to (each
+#: device is its own world; over the kernel's, the notify port is picked by it, the journal's is the CID).
 HYBRID_NOTIFY_PORT = 1_000_001
+HYBRID_JOURNAL_PORT = 1_000_002
 HOST_CID = 2
-#: vhost-device-vsock: the hybrid socket's name in the VM's runtime directory
-HYBRID_SOCKET = "vsock.sock"
+#: vhost-device-vsock: the hybrid socket's name in the VM's runtime directory (short: ``vsock_<port>``
+#: must fit a socket address)
+HYBRID_SOCKET = "vsock"
 
 
 class VsockBackend(enum.StrEnum):
@@ -60,6 +63,11 @@ class GuestVsock:
     def ssh_address(self) -> str:
         """Where ``ssh`` (through systemd-ssh-proxy or ``vmspawnctl ssh``) reaches the guest."""
         return f"vsock/{self.cid}" if self.socket is None else f"vsock-mux/{self.socket}"
+
+    @property
+    def journal_port(self) -> int:
+        """The host port the guest's journal goes to (--forward-journal)."""
+        return self.cid if self.socket is None else HYBRID_JOURNAL_PORT
 
     def host_port_path(self, port: int) -> Path:
         """vhost-device-vsock: the Unix socket a guest connection to host port ``port`` arrives on."""

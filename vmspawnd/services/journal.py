@@ -2,7 +2,7 @@
 """--forward-journal: systemd-journal-remote receives the guest's journal over vsock.
 
 ``systemd-socket-activate`` listens on ``vsock:2:<guest CID>`` (the port is the guest's CID, as
-upstream does it; over vhost-device-vsock on the Unix socket such a connection arrives on) and
+upstream does it; over vhost-device-vsock, a fixed port's Unix socket where such connections arrive) and
 hands connections to ``systemd-journal-remote``, which writes one file
 (``*.journal``, ``--split-mode=none``) or a directory of them (``--split-mode=host``).  The guest
 learns where to send through the credential ``journal.forward_to_socket``.
@@ -70,8 +70,9 @@ def prepare_output(output: Path) -> str:
 
 
 def listen_address(vsock: GuestVsock) -> str:
-    """Where the guest's journal arrives: host port = the guest's CID."""
-    return f"vsock:{HOST_CID}:{vsock.cid}" if vsock.socket is None else str(vsock.host_port_path(vsock.cid))
+    """Where the guest's journal arrives."""
+    port = vsock.journal_port
+    return f"vsock:{HOST_CID}:{port}" if vsock.socket is None else str(vsock.host_port_path(port))
 
 
 def journal_remote_spec(machine: str, vsock: GuestVsock, output: Path, limits: JournalLimits,
@@ -82,7 +83,7 @@ def journal_remote_spec(machine: str, vsock: GuestVsock, output: Path, limits: J
         split_mode = prepare_output(output)
         if vsock.socket is not None:
             with contextlib.suppress(FileNotFoundError):
-                vsock.host_port_path(vsock.cid).unlink()  # an earlier run's
+                vsock.host_port_path(vsock.journal_port).unlink()  # an earlier run's
     # socket-activate gives its child a clean environment: --setenv carries the setting across
     argv = [str(find_tool("systemd-socket-activate")), f"--listen={listen_address(vsock)}",
             "--setenv=SYSTEMD_JOURNAL_REMOTE_CONFIG_FILE=/dev/null",
@@ -93,8 +94,8 @@ def journal_remote_spec(machine: str, vsock: GuestVsock, output: Path, limits: J
                        env={"SYSTEMD_JOURNAL_REMOTE_CONFIG_FILE": "/dev/null"}, identity=identity)
 
 
-def guest_credential(guest_cid: int) -> tuple[str, bytes]:
-    return CREDENTIAL, f"vsock:{HOST_CID}:{guest_cid}".encode()
+def guest_credential(vsock: GuestVsock) -> tuple[str, bytes]:
+    return CREDENTIAL, f"vsock:{HOST_CID}:{vsock.journal_port}".encode()
 
 
 async def start_journal_remote(runner: ServiceRunner, machine: str, vsock: GuestVsock, output: Path,

@@ -165,7 +165,7 @@ async def _start_journal_remote(aux: AuxServices, config: MachineConfig, runner:
     except (ServiceError, OSError) as e:
         raise AuxServiceError(f"systemd-journal-remote failed to start: {e}") from e
     aux.add("journal-remote", svc)
-    aux.credentials.append(journal_credential(vsock.cid))
+    aux.credentials.append(journal_credential(vsock))
 
 
 def root_uid_map(config: MachineConfig, virtiofsd: Virtiofsd | None) -> UidMap | None:

@@ -2,7 +2,7 @@
 """vhost-device-vsock: the guest's vsock device where the host kernel has no ``/dev/vhost-vsock``.
 
 It runs as the VM's user beside QEMU, like swtpm and virtiofsd: QEMU connects to its vhost-user
-socket (``vsock.vhost``); the host side is the hybrid socket ``vsock.sock`` (see
+socket (``vsock.vhost``); the host side is the hybrid socket ``vsock`` (see
 :mod:`vmspawnd.qemu.vsock`).  Ready once it has created the vhost-user socket.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.proc import check_socket_path
 from vmspawnd.qemu import qemu_escape
-from vmspawnd.qemu.vsock import GuestVsock, find_backend
+from vmspawnd.qemu.vsock import HYBRID_JOURNAL_PORT, HYBRID_NOTIFY_PORT, GuestVsock, find_backend
 from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner, ServiceSpec
 
 VHOST_USER_SOCKET = "vsock.vhost"
@@ -42,7 +42,7 @@ async def start_vsock_backend(runner: ServiceRunner, machine: str, vsock: GuestV
     if backend is None:
         raise ServiceError(f"vmspawnd-{machine}-vsock", "vhost-device-vsock is not installed")
     vhost = vhost_user_socket(vsock)
-    check_socket_path(vsock.host_port_path(2**32 - 1))
+    check_socket_path(vsock.host_port_path(max(HYBRID_NOTIFY_PORT, HYBRID_JOURNAL_PORT)))
     with acting_as(identity):
         for stale in (vhost, vsock.socket):
             with contextlib.suppress(FileNotFoundError):
