@@ -380,7 +380,8 @@ SETTINGS: tuple[Setting, ...] = (
             "use KVM (auto: only if /dev/kvm can run ordinary guests, else TCG)", HOST, "BOOL|auto",
             aliases=("--qemu-kvm",)),
     Setting("vsock", "vsock", "--vsock", _tristate, _value_of, Tristate.AUTO,
-            "give the guest a vsock device (auto: if /dev/vhost-vsock can be opened)", HOST, "BOOL|auto",
+            "give the guest a vsock device: the kernel's /dev/vhost-vsock, else vhost-device-vsock (auto: if "
+            "either is there)", HOST, "BOOL|auto",
             aliases=("--qemu-vsock",)),
     Setting("vsockCid", "vsock_cid", "--vsock-cid", _vsock_cid, _same, None,
             "the guest's vsock CID, 3…4294967294 (default: derived from the machine name; taken = error)",

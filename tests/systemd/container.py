@@ -82,6 +82,15 @@ PACKAGES: tuple[str, ...] = (
     "openssh-client",
 )
 
+#: What only some suites have, added to :data:`PACKAGES` there (vhost-device-vsock is new in forky).
+SUITE_PACKAGES: dict[str, tuple[str, ...]] = {"forky": ("vhost-device-vsock",)}
+
+
+def suite_packages(packages: Sequence[str], suite: str) -> list[str]:
+    """``packages`` and what :data:`SUITE_PACKAGES` adds for ``suite``."""
+    return sorted(set(packages) | set(SUITE_PACKAGES.get(suite, ())))
+
+
 #: apt/dpkg options for mmdebstrap: no docs, man pages or translations in the tree.
 APT_OPTIONS: tuple[str, ...] = ('Acquire::Check-Valid-Until "false"',)
 DPKG_OPTIONS: tuple[str, ...] = (
@@ -165,7 +174,7 @@ def tree_inputs(packages: Sequence[str] = PACKAGES, suite: str = SUITE) -> dict:
     return {
         "harness": HARNESS_VERSION,
         "suite": suite,
-        "packages": sorted(set(packages)),
+        "packages": suite_packages(packages, suite),
         "apt": list(APT_OPTIONS),
         "dpkg": list(DPKG_OPTIONS),
         "masked": sorted(MASKED_UNITS),
@@ -332,7 +341,8 @@ def tree_ready(tree: Path) -> bool:
 
 
 def mmdebstrap_argv(target: Path, packages: Sequence[str] = PACKAGES, suite: str = SUITE) -> list[str]:
-    argv = ["mmdebstrap", "--mode=root", "--variant=minbase", "--quiet", f"--include={','.join(packages)}"]
+    argv = ["mmdebstrap", "--mode=root", "--variant=minbase", "--quiet",
+            f"--include={','.join(suite_packages(packages, suite))}"]
     argv += [f"--aptopt={o}" for o in APT_OPTIONS]
     argv += [f"--dpkgopt={o}" for o in DPKG_OPTIONS]
     return [*argv, suite, str(target)]

@@ -4,7 +4,9 @@
 Two transports, same messages:
 
 * vsock: the guest gets ``vmm.notify_socket=vsock-stream:2:PORT``; each notification is one
-  stream connection, read to EOF (at most 4096 bytes, as upstream).
+  stream connection, read to EOF (at most 4096 bytes, as upstream).  Over the kernel's
+  vhost-vsock we listen on AF_VSOCK; over vhost-device-vsock such a connection arrives on the
+  Unix socket ``<hybrid socket>_PORT``.
 * virtio-serial: a port named ``io.systemd.notify`` whose QEMU chardev connects to a unix
   socket we listen on *before* QEMU starts (a guest writing to an unconnected port blocks).
 
