@@ -76,7 +76,7 @@ def vmspawn(guest, tmp: Path) -> float:
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "vmspawnd.cli.vmspawn", f"--linux={guest.kernel}",
                              f"--initrd={guest.initrd}", "--ram=256M", "--console=headless", "--kvm=no",
-                             "--firmware=bios", "--tpm=no", "-q", "-M", "bench", *WORDS],
+                             "--firmware=bios", "--tpm=no", "--vsock=no", "-q", "-M", "bench", *WORDS],
                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ready = None
     sock.settimeout(60)

@@ -114,7 +114,7 @@ def daemon_start(stamps: Stamps, guest, runs: int, tpm: bool = False) -> list[fl
     try:
         poll_call(sock)
         config = {"linux": str(guest.kernel), "initrds": [str(guest.initrd)], "ram": "256M", "firmware": "bios",
-                  "tpm": "yes" if tpm else "no", "tpmState": "off",
+                  "tpm": "yes" if tpm else "no", "tpmState": "off", "vsock": "no",
                   "kernelCommandLine": ["panic=-1", "test.notify=1", "test.action=hang"]}
         assert "error" not in call(sock, "io.vmspawnd.Manager.Create", {"name": "bench", "config": config})
         samples = []
@@ -208,7 +208,8 @@ def poll_call(sock: Path, timeout: float = 20) -> None:
 def vmspawn_runs(stamps: Stamps, guest, runs: int) -> tuple[list[float], list[float]]:
     vmspawn = Path(sys.executable).with_name("vmspawn")
     argv = [str(vmspawn), f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M", "--firmware=bios",
-            "--console=headless", "--tpm=no", "--machine=benchfg", "panic=-1", "test.notify=1", "test.action=poweroff"]
+            "--console=headless", "--tpm=no", "--vsock=no", "--machine=benchfg", "panic=-1", "test.notify=1",
+            "test.action=poweroff"]
     to_exec, to_gone = [], []
     for _ in range(runs):
         stamps.clear()

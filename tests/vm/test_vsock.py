@@ -134,6 +134,10 @@ def test_ssh_into_the_guest_over_vsock_with_the_key_pass_ssh_key_made(vsock_daem
                               "IdentitiesOnly=yes", "-i", str(other), f"root@{info['sshAddress']}", "true"],
                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert refused.returncode == 255 and "Permission denied" in refused.stderr
+    # a port nothing in the guest listens on: a clear error, no hang
+    closed = subprocess.run([*CTL, "vsock-proxy", info["sshAddress"], "2222"], capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL)
+    assert closed.returncode == 1 and f"cannot reach port 2222 of {info['sshAddress']}" in closed.stderr
     assert vsock_daemon.ctl("stop", "sshvm", "--timeout=60").returncode == 0
     assert not key.exists()  # the key went with the run
 

@@ -105,6 +105,22 @@ def _find_newline(data: bytes, start: int) -> int:
 MessageHandler = Callable[[str, str], None]
 
 
+def _unix_listener(path: Path, identity: Identity, backlog: int) -> socket.socket:
+    """A listening unix socket at ``path`` (replacing a stale one), made as ``identity``, 0600."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with acting_as(identity):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            sock.bind(str(path))
+            path.chmod(0o600)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class NotifyChannel:
     """Listens for the guest's notifications and hands each ``(key, value)`` to a handler."""
 
@@ -141,17 +157,7 @@ class NotifyChannel:
         """Listen on a unix socket that QEMU's chardev (running as ``identity``) will connect to (and
         reconnect to: QEMU 9.2 renamed the option ``reconnect=`` seconds to ``reconnect-ms=``, and 10.x
         dropped the old one)."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            with acting_as(identity):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                sock.bind(str(path))
-                path.chmod(0o600)
-        except BaseException:
-            sock.close()
-            raise
-        sock.listen(4)
+        sock = _unix_listener(path, identity, backlog=4)
         self._server = await asyncio.start_unix_server(self._serve_stream, sock=sock, limit=MAX_LINE * 4)
         reconnect = "reconnect-ms=1000" if qemu_version >= (9, 2) else "reconnect=1"
         self.qemu_args = [
@@ -174,17 +180,7 @@ class NotifyChannel:
         """vhost-device-vsock: the guest's connections to host port ``port`` arrive on the Unix socket
         ``path`` (made as ``identity`` in the VM's private runtime dir: only its device reaches it),
         one connection per message as over AF_VSOCK."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            with acting_as(identity):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                sock.bind(str(path))
-                path.chmod(0o600)
-        except BaseException:
-            sock.close()
-            raise
-        sock.listen(16)
+        sock = _unix_listener(path, identity, backlog=16)
         self._server = await asyncio.start_unix_server(self._serve_vsock, sock=sock)
         self.port = port
         self.credential = ("vmm.notify_socket", f"vsock-stream:2:{port}")
