@@ -25,7 +25,9 @@ from asyncvarlink import (
     TypedVarlinkErrorReply,
     VarlinkInterface,
     varlinkmethod,
+    varlinksignature,
 )
+from asyncvarlink.conversion import DataclassVarlinkType, ObjectVarlinkType
 
 from vmspawnd.auth import caller, require_owner, require_start, run_as_for
 from vmspawnd.errors import (
@@ -97,6 +99,8 @@ class MachineInfo:
     vsockBackend: str | None = None  # while it runs with vsock: vhost-vsock (the kernel's) or vhost-device-vsock
     sshAddress: str | None = None  # vsock/CID or vsock-mux/SOCKET (``vmspawnctl ssh``, systemd-ssh-proxy)
     sshKey: str | None = None  # --pass-ssh-key's private key
+    #: its reply form, made once per change of the machine (not part of the interface: init=False)
+    varlink_json: typing.Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
 
 @dataclass
@@ -206,7 +210,34 @@ def _config_object(config_json: dict[str, typing.Any]) -> Config:
     return Config(**shown)
 
 
+class PreconvertedDataclass(DataclassVarlinkType):
+    """A dataclass type whose instances may carry their JSON form already (``varlink_json``): a List of
+    a thousand machines then converts only those that changed since their last reply."""
+
+    def tojson(self, obj: typing.Any, oobstate: typing.Any = None) -> typing.Any:
+        converted = getattr(obj, "varlink_json", None)
+        return converted if converted is not None else super().tojson(obj, oobstate)
+
+
+_MACHINE_INFO_TYPE = DataclassVarlinkType(MachineInfo)
+#: what decides a machine's reply besides its config (whose rendering is made once per config)
+_REPLY_KEY = tuple(f.name for f in dataclasses.fields(MachineInfo) if f.init and f.name != "config")
+
+
 def machine_info(name: str, entry: Entry) -> MachineInfo:
+    """The machine's reply, with its JSON form reused while nothing in it changed."""
+    info = _machine_info(name, entry)
+    key = tuple(getattr(info, field) for field in _REPLY_KEY)
+    cached = entry.shown_reply
+    if cached is not None and cached[1] is info.config and cached[0] == key:
+        info.varlink_json = cached[2]
+    else:
+        info.varlink_json = _MACHINE_INFO_TYPE.tojson(info)
+        entry.shown_reply = (key, info.config, info.varlink_json)
+    return info
+
+
+def _machine_info(name: str, entry: Entry) -> MachineInfo:
     m = entry.machine
     running = m.active_run is not None
     return MachineInfo(
@@ -399,6 +430,21 @@ def _check_name(name: str) -> None:
         validate_machine_name(name, "name")
     except ConfigError as e:
         raise InvalidConfigError(field="name", reason=str(e)) from None
+
+
+def _reply_preconverted(*methods: typing.Any) -> None:
+    """Let these methods' ``machine`` replies use the JSON that :func:`machine_info` keeps (the type
+    and so the interface description stay the same)."""
+    for method in methods:
+        signature = varlinksignature(method)
+        assert signature is not None
+        machine = PreconvertedDataclass(MachineInfo)
+        optional = signature.return_type.as_varlink.endswith("?MachineInfo)")
+        signature.return_type = ObjectVarlinkType({"machine": machine.optional() if optional else machine})
+
+
+_reply_preconverted(ManagerInterface.Create, ManagerInterface.Start, ManagerInterface.Stop, ManagerInterface.Kill,
+                    ManagerInterface.Describe, ManagerInterface.List)
 
 
 def interface_description() -> str:

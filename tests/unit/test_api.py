@@ -182,3 +182,48 @@ def test_io_systemd_service_answers_like_systemds_daemons(daemon):
     info = call(daemon.socket, "org.varlink.service.GetInfo")["parameters"]
     assert info["url"].startswith("file://") and info["url"].endswith("README.md")
     assert "io.systemd.service" in info["interfaces"]
+
+
+def list_replies(path: Path) -> list[dict]:
+    """Every reply of one List (``more``), in order."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(str(path))
+        s.sendall(json.dumps({"method": "io.vmspawnd.Manager.List", "parameters": {}, "more": True}).encode() + b"\0")
+        data, replies = b"", []
+        while chunk := s.recv(1 << 20):
+            data += chunk
+            *messages, data = data.split(b"\0")
+            replies += [json.loads(m) for m in messages]
+            if replies and not replies[-1].get("continues"):
+                return replies
+    raise AssertionError(f"the List ended after {len(replies)} replies")
+
+
+def test_lists_stream_every_machine_and_show_each_change(daemon):
+    """Replies written at once (and in bursts) arrive whole and in order, for several clients at a time;
+    a machine's reply, kept between changes, follows a change of its definition."""
+    names = sorted(f"m{i:03}" for i in range(150))
+    for name in names:
+        assert "error" not in call(daemon.socket, "io.vmspawnd.Manager.Create",
+                                   {"name": name, "config": {"linux": "/bin/sh"}})
+
+    async def concurrent_lists() -> list[list[str]]:
+        return await asyncio.gather(*(asyncio.to_thread(
+            lambda: [r["parameters"]["machine"]["name"] for r in list_replies(daemon.socket)]) for _ in range(6)))
+
+    for listed in asyncio.run(concurrent_lists()):
+        assert listed == names
+    replies = list_replies(daemon.socket)
+    assert [r.get("continues", False) for r in replies] == [True] * 149 + [False]
+    assert call(daemon.socket, "io.vmspawnd.Manager.Describe", {"name": "m007"})["parameters"]["machine"][
+        "config"]["linux"] == "/bin/sh"
+    definition = daemon.state / "machines" / "m007.json"
+    saved = json.loads(definition.read_text())
+    saved["config"]["linux"] = "/bin/true"
+    definition.write_text(json.dumps(saved))
+    assert "error" not in call(daemon.socket, "io.systemd.service.Reload")
+    assert call(daemon.socket, "io.vmspawnd.Manager.Describe", {"name": "m007"})["parameters"]["machine"][
+        "config"]["linux"] == "/bin/true"
+    assert "error" not in call(daemon.socket, "io.vmspawnd.Manager.Remove", {"name": "m100"})
+    assert len(list_replies(daemon.socket)) == 149
