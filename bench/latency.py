@@ -12,6 +12,10 @@ QEMU's name: it writes its pid and CLOCK_MONOTONIC, then execs the real QEMU.  R
 * a daemon with 1,000 machines: how fast one client creates them (definitions on disk, durable;
   target ≥ 1,000/s), one List (target ≤ 20 ms), and Describe's p99 while 4 other
   clients List all the time (target ≤ 15 ms: a List must not block the others);
+* the same daemon: Describe from 100 clients at once, each on its own connection asking again as
+  soon as it is answered (calls per second, target ≥ 12,000; p99, target ≤ 15 ms);
+* its memory (resident): idle (target ≤ 25 MB), per defined machine (target ≤ 8 KB) and per
+  running VM (4 at once; target ≤ 150 KB);
 * spawn → guest READY=1, ``vmspawn`` over bare QEMU with the same argv (bench/boot_ratio.py),
   the median of pairwise ratios, the order alternating from pair to pair (target ≤ 1.02).
 
@@ -48,7 +52,10 @@ TARGETS = {"daemon Start → QEMU exec": 3.0, "fresh TPM: added to Start → QEM
               "vmspawn exec → QEMU exec": 40.0, "vmspawn: QEMU exit → vmspawn gone": 5.0,
               "List of 1,000 machines": 20.0, "Describe while 4 clients List 1,000 machines (p99)": 15.0,
               "spawn → READY=1, vmspawn ÷ bare QEMU (pairwise)": 1.02,
-              "Create (one client, durable definitions on disk)": 1000.0}
+              "Create (one client, durable definitions on disk)": 1000.0,
+              "Describe, 100 clients, 1,000 machines": 12000.0, "Describe, 100 clients, 1,000 machines (p99)": 15.0,
+              "daemon memory, idle": 25.0, "daemon memory per defined machine": 8.0,
+              "daemon memory per running VM": 150.0}
 AT_LEAST = {"/s"}  # units where more is better: the target is a floor
 TPM_SETTLE = 4.0  # the daemon makes its next spare TPM state 2 s after a start; swtpm_setup takes ≈ 0.5 s
 
@@ -147,14 +154,50 @@ def list_all(sock: Path) -> int:
             *messages, data = data.split(b"\0")
             for message in messages:
                 replies += 1
-                if not json.loads(message).get("continues"):
+                # (parsing every reply would time this client: only one without continues is parsed)
+                if not message.startswith(b'{"continues":true') and not json.loads(message).get("continues"):
                     return replies
     raise ConnectionError("the List ended early")
 
 
-def many_machines(runs: int) -> tuple[list[float], list[float], list[float]]:
+def resident_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def describe_load(sock: Path, clients: int = 100, seconds: float = 3.0) -> tuple[float, list[float]]:
+    """``clients`` connections, each calling Describe again as soon as it is answered: calls per second
+    and each call's latency (ms)."""
+    import asyncio
+
+    async def client(i: int, until: float, latencies: list[float]) -> None:
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        try:
+            while time.monotonic() < until:
+                start = time.monotonic_ns()
+                request = {"method": "io.vmspawnd.Manager.Describe", "parameters": {"name": f"m{(i * 37) % 1000}"}}
+                writer.write(json.dumps(request).encode() + b"\0")
+                await reader.readuntil(b"\0")
+                latencies.append((time.monotonic_ns() - start) / 1e6)
+        finally:
+            writer.close()
+
+    async def run() -> list[float]:
+        latencies: list[float] = []
+        until = time.monotonic() + seconds
+        await asyncio.gather(*(client(i, until, latencies) for i in range(clients)))
+        return latencies
+
+    started = time.monotonic()
+    latencies = asyncio.run(run())
+    return len(latencies) / (time.monotonic() - started), latencies
+
+
+def many_machines(runs: int) -> dict[str, list[float]]:
     """Creates per second (definitions on disk, durable, one client, in batches of 100); List of the
-    1,000 machines; Describe while others List."""
+    1,000 machines; Describe while others List; Describe from 100 clients; memory idle and per machine."""
     base = Path(tempfile.mkdtemp(prefix="vmspawnd-bench-", dir="/run" if os.access("/run", os.W_OK) else None))
     state = Path(tempfile.mkdtemp(prefix="vmspawnd-bench-", dir="/var/tmp"))  # a disk, as /var/lib is
     sock = base / "vmspawnd.sock"
@@ -163,6 +206,8 @@ def many_machines(runs: int) -> tuple[list[float], list[float], list[float]]:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         poll_call(sock)
+        time.sleep(1)  # settled: what it makes ahead of need is made
+        idle = resident_kb(daemon.pid)
         creates = []
         for batch in range(10):
             start = time.monotonic_ns()
@@ -187,12 +232,53 @@ def many_machines(runs: int) -> tuple[list[float], list[float], list[float]]:
         stop.set()
         for t in listers:
             t.join()
-        return creates, lists, describes
+        rates, latencies = [], []
+        for _ in range(3):
+            rate, some = describe_load(sock)
+            rates.append(rate)
+            latencies += some
+        defined = (resident_kb(daemon.pid) - idle) / 1000
+        return {"creates": creates, "lists": lists, "describes": describes, "describe rates": rates,
+                "describe latencies": latencies, "idle MB": [idle / 1024], "per defined KB": [defined]}
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def running_vm_memory(guest, vms: int = 4, rounds: int = 2) -> list[float]:
+    """What each of ``vms`` VMs running at once adds to the daemon's resident memory (KB), per round."""
+    base = Path(tempfile.mkdtemp(prefix="vmspawnd-bench-", dir="/run" if os.access("/run", os.W_OK) else None))
+    sock = base / "vmspawnd.sock"
+    daemon = subprocess.Popen([sys.executable, "-m", "vmspawnd.cli.vmspawnd", f"--socket={sock}",
+                               f"--state-dir={base / 'state'}", f"--runtime-dir={base / 'run'}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples = []
+    try:
+        poll_call(sock)
+        config = {"linux": str(guest.kernel), "initrds": [str(guest.initrd)], "ram": "128M", "firmware": "bios",
+                  "tpm": "no", "vsock": "no", "kernelCommandLine": ["panic=-1", "test.notify=1", "test.action=hang"]}
+        for i in range(vms):
+            assert "error" not in call(sock, "io.vmspawnd.Manager.Create", {"name": f"vm{i}", "config": config})
+        for _ in range(rounds):
+            time.sleep(1)
+            before = resident_kb(daemon.pid)
+            for i in range(vms):
+                assert "error" not in call(sock, "io.vmspawnd.Manager.Start", {"name": f"vm{i}"}, timeout=60)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not all(
+                    call(sock, "io.vmspawnd.Manager.Describe", {"name": f"vm{i}"})["parameters"]["machine"]["ready"]
+                    for i in range(vms)):
+                time.sleep(0.5)
+            samples.append((resident_kb(daemon.pid) - before) / vms)
+            for i in range(vms):
+                call(sock, "io.vmspawnd.Manager.Kill", {"name": f"vm{i}"}, timeout=60)
+        return samples
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def poll_call(sock: Path, timeout: float = 20) -> None:
@@ -250,10 +336,15 @@ def main() -> int:
         to_exec, to_gone = vmspawn_runs(stamps, guest, args.runs)
         results["vmspawn exec → QEMU exec"] = summary(to_exec)
         results["vmspawn: QEMU exit → vmspawn gone"] = summary(to_gone)
-        creates, lists, describes = many_machines(args.runs)
-        results["Create (one client, durable definitions on disk)"] = summary(creates, unit="/s")
-        results["List of 1,000 machines"] = summary(lists)
-        results["Describe while 4 clients List 1,000 machines (p99)"] = summary(describes, "p99")
+        many = many_machines(args.runs)
+        results["Create (one client, durable definitions on disk)"] = summary(many["creates"], unit="/s")
+        results["List of 1,000 machines"] = summary(many["lists"])
+        results["Describe while 4 clients List 1,000 machines (p99)"] = summary(many["describes"], "p99")
+        results["Describe, 100 clients, 1,000 machines"] = summary(many["describe rates"], unit="/s")
+        results["Describe, 100 clients, 1,000 machines (p99)"] = summary(many["describe latencies"], "p99")
+        results["daemon memory, idle"] = summary(many["idle MB"], unit="MB")
+        results["daemon memory per defined machine"] = summary(many["per defined KB"], unit="KB")
+        results["daemon memory per running VM"] = summary(running_vm_memory(guest), unit="KB")
         results["spawn → READY=1, vmspawn ÷ bare QEMU (pairwise)"] = summary(boot_ratios(guest, tmp, args.runs),
                                                                               unit="×")
     finally:

@@ -220,34 +220,35 @@ class PreconvertedDataclass(DataclassVarlinkType):
 
 
 _MACHINE_INFO_TYPE = DataclassVarlinkType(MachineInfo)
-#: what decides a machine's reply besides its config (whose rendering is made once per config)
-_REPLY_KEY = tuple(f.name for f in dataclasses.fields(MachineInfo) if f.init and f.name != "config")
 
 
 def machine_info(name: str, entry: Entry) -> MachineInfo:
-    """The machine's reply, with its JSON form reused while nothing in it changed."""
-    info = _machine_info(name, entry)
-    key = tuple(getattr(info, field) for field in _REPLY_KEY)
+    """The machine's reply: the same object (with its JSON form) as last time while nothing in it
+    changed (its config's rendering is made once per config, so it compares by identity first)."""
+    fields = _machine_fields(name, entry)
+    key = tuple(fields.values())
     cached = entry.shown_reply
-    if cached is not None and cached[1] is info.config and cached[0] == key:
-        info.varlink_json = cached[2]
-    else:
-        info.varlink_json = _MACHINE_INFO_TYPE.tojson(info)
-        entry.shown_reply = (key, info.config, info.varlink_json)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    info = MachineInfo(**fields)
+    info.varlink_json = converted = _MACHINE_INFO_TYPE.tojson(info)
+    # settings left at their default are absent rather than null (as varlink allows): a quarter the size
+    converted["config"] = {key: value for key, value in converted["config"].items() if value is not None}
+    entry.shown_reply = (key, info)
     return info
 
 
-def _machine_info(name: str, entry: Entry) -> MachineInfo:
+def _machine_fields(name: str, entry: Entry) -> dict[str, typing.Any]:
     m = entry.machine
-    running = m.active_run is not None
-    return MachineInfo(
+    run = m.active_run
+    return dict(
         name=name, state=MachineState(m.state.value), ready=m.ready, since=int(m.since * 1_000_000),
         pid=m.qemu.pid if m.qemu is not None else None,
-        runtimeDirectory=str(m.runtime.path) if running else None,
+        runtimeDirectory=str(m.runtime.path) if run is not None else None,
         tpmStatePath=str(m.tpm_state_path) if m.tpm_state_path else None, units=m.units,
         status=m.guest_status, exitStatus=m.exit_status, failure=m.failure,
         config=_shown_config(entry), definitionError=entry.definition_error, owner=entry.owner,
-        runAs=entry.run_as, **_vsock_fields(m.active_run),
+        runAs=entry.run_as, **_vsock_fields(run),
     )
 
 

@@ -68,7 +68,7 @@ class Entry:
         """The uid its QEMU and helpers run as (the owner's, or root's for one that needs privileges)."""
         return self.machine.run_as
     shown: Any = None  # the front end's cached rendering of ``config`` (reset when a reload changes it)
-    shown_reply: Any = None  # and of the whole machine: (what it depends on, that config rendering, the JSON)
+    shown_reply: Any = None  # and of the whole machine: (what it was made from, the reply with its JSON)
 
     @property
     def console(self) -> ConsoleRelay | None:
