@@ -184,3 +184,24 @@ def test_a_users_vm_runs_its_vsock_backend_as_that_user(public_dir, guest, vsock
         assert os.stat(f"/proc/{backend}").st_uid == nobody
         assert (runtime / "vsock").stat().st_uid == nobody
         assert d.ctl("kill", "usersvs").returncode == 0
+
+
+def test_a_vm_whose_vsock_backend_dies_fails_with_the_reason(vsock_daemon, guest):
+    create(vsock_daemon, guest, "lostvs", "test.action=hang")
+    assert vsock_daemon.ctl("start", "lostvs").returncode == 0
+    runtime = Path(vsock_daemon.wait_for("lostvs", lambda s: s["ready"])["runtimeDirectory"])
+    (backend,) = backend_pids(runtime)
+    os.kill(backend, signal.SIGKILL)
+    st = vsock_daemon.wait_for("lostvs", lambda s: s["state"] != "running", 30)
+    assert st["state"] == "failed" and "vhost-device-vsock" in st["failure"], st
+    poll(lambda: processes_mentioning(str(runtime)), lambda pids: pids == [], 10)
+
+
+def test_the_daemon_refuses_vsock_yes_without_a_backend_before_anything_starts(daemon, guest):
+    create(daemon, guest, "mustvs", "--vsock=yes")  # (the suite's daemons have no backend)
+    p = daemon.ctl("start", "mustvs")
+    assert p.returncode == 1 and "vsock" in p.stderr and "vhost-device-vsock is not installed" in p.stderr, p.stderr
+    st = daemon.status("mustvs")
+    assert st["state"] in ("stopped", "failed") and st["pid"] is None
+    machine_dir = daemon.runtime / "machines" / "mustvs"
+    assert processes_mentioning(str(machine_dir)) == [] and not machine_dir.exists()
