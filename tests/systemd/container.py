@@ -52,6 +52,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -115,6 +116,8 @@ MASKED_UNITS: tuple[str, ...] = (
 
 #: Where the host's build of the busybox test guest (vmspawnd.testing.guest) is bound read-only.
 GUEST_INSIDE = "/var/cache/vmspawnd-test-guest"
+#: And the extra initrd that puts the host's sshd into it (tests.sshd.guest_sshd_initrd).
+SSHD_INSIDE = "/var/cache/vmspawnd-test-sshd"
 
 VENV = "/opt/vmspawnd-venv"
 SRC = "/src"
@@ -916,6 +919,24 @@ def deferred_signals() -> Iterator[None]:
 
 # --------------------------------------------------------------------------- the test guest
 
+def host_sshd_initrd(log: Log = _stderr_log) -> Path | None:
+    """The directory of the extra initrd with the host's sshd for the test guest, built once."""
+    directory = cache_root() / "guest-sshd"
+    if (directory / "sshd.cpio").is_file():
+        return directory
+    try:
+        from tests.sshd import guest_sshd_initrd
+
+        with tempfile.TemporaryDirectory() as tmp:
+            built = guest_sshd_initrd(Path(tmp))
+            directory.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(built), directory / "sshd.cpio")
+    except Exception as e:  # noqa: BLE001 - any failure only means fewer tests inside
+        log(f"no sshd for the test guest inside: {e}")
+        return None
+    return directory
+
+
 def host_test_guest(log: Log = _stderr_log) -> Path | None:
     """The directory of the host's busybox test guest (vmlinuz + initrd.img), built if needed.
 
@@ -1041,6 +1062,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.no_guest and (guest := host_test_guest(log)) is not None:
                 binds.append(f"--bind-ro={guest}:{GUEST_INSIDE}")
                 env["VMSPAWND_TEST_GUEST_DIR"] = GUEST_INSIDE
+                if (sshd := host_sshd_initrd(log)) is not None:
+                    binds.append(f"--bind-ro={sshd}:{SSHD_INSIDE}")
+                    env["VMSPAWND_TEST_SSHD_INITRD"] = f"{SSHD_INSIDE}/sshd.cpio"
             if HOST_CA.is_file():  # pip inside (the `make install` test) trusts what the host trusts
                 binds.append(f"--bind-ro={HOST_CA}:{CA_INSIDE}")
                 env["PIP_CERT"] = CA_INSIDE

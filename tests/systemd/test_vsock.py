@@ -7,11 +7,14 @@ Only the forky tree has the package (trixie has none): elsewhere these tests are
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 from tests.systemd.helpers import (
+    GUEST_DIR,
     MACHINED_VARLINK,
     NAME,
     WITH_GUEST,
@@ -52,3 +55,30 @@ def test_the_backend_is_a_transient_unit_and_machined_gets_the_hybrid_address(vm
     vm("stop", NAME, "--timeout=30")
     wait_inactive(VSOCK_UNIT)
     assert not alive(main_pid)
+
+
+SSHD_INITRD = Path(os.environ.get("VMSPAWND_TEST_SSHD_INITRD", "/nonexistent"))
+
+
+@pytest.mark.skipif(not SSHD_INITRD.is_file(), reason="no sshd initrd bound in ($VMSPAWND_TEST_SSHD_INITRD)")
+def test_systemds_own_ssh_proxy_reaches_the_guest_at_the_address_machined_was_told(installed_units: Path) -> None:
+    """ssh's stock configuration here sends vsock-mux/… through systemd-ssh-proxy: our hybrid socket
+    speaks its protocol, with the key --pass-ssh-key made."""
+    sh("systemctl", "start", "vmspawnd.socket")
+    ctl = Ctl(installed_units)
+    ctl("create", "sshd1", f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}",
+        f"--initrd={SSHD_INITRD}", "--ram=256M", "--console=read-only", "--firmware=bios", "panic=-1",
+        "test.notify=1", "test.sshd=1", "test.action=hang")
+    ctl("start", "sshd1")
+    try:
+        st = ctl.wait(lambda s: s["ready"], name="sshd1")
+        (machine,) = varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": "sshd1"})
+        address, key = machine["parameters"]["sshAddress"], machine["parameters"]["sshPrivateKeyPath"]
+        assert address == st["sshAddress"] and address.startswith("vsock-mux/")
+        plain = sh("ssh", "-i", key, "-o", "BatchMode=yes", address, "cat /proc/cmdline", check=False)
+        assert plain.returncode == 0 and "test.sshd=1" in plain.stdout, plain.stderr
+        ours = ctl("ssh", "sshd1", "-o", "BatchMode=yes", "--", "echo", "through-vmspawnctl")
+        assert ours.stdout.strip() == "through-vmspawnctl"
+    finally:
+        ctl("kill", "sshd1", check=False)
+        ctl("remove", "sshd1", check=False)

@@ -334,17 +334,21 @@ def vsock_proxy(address: str, port: int) -> int:
         print(f"vmspawnctl: cannot reach port {port} of {address}: {e}", file=sys.stderr)
         return EXIT_FAILURE
     route = {0: sock.fileno(), sock.fileno(): 1}
-    while route:
-        for fd in select.select(list(route), [], [])[0]:
-            data = os.read(fd, 65536)
-            if not data:
-                if fd != 0:
-                    return EXIT_OK
-                sock.shutdown(socket.SHUT_WR)
-                del route[fd]
-                continue
-            while data:
-                data = data[os.write(route[fd], data):]
+    try:
+        while route:
+            for fd in select.select(list(route), [], [])[0]:
+                data = os.read(fd, 65536)
+                if not data:
+                    if fd != 0:
+                        return EXIT_OK
+                    sock.shutdown(socket.SHUT_WR)
+                    del route[fd]
+                    continue
+                while data:
+                    data = data[os.write(route[fd], data):]
+    except OSError as e:
+        print(f"vmspawnctl: the connection to port {port} of {address} broke: {e.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -356,6 +360,7 @@ def ssh_into(info: Any, ssh_args: list[str]) -> int:
         return EXIT_FAILURE
     proxy = shlex.join([sys.executable, "-m", "vmspawnd.cli.vmspawnctl", "vsock-proxy"]) + " %h %p"
     argv = [os.environ.get("SYSTEMD_SSH") or "ssh", "-o", f"ProxyCommand={proxy}",
+            "-o", "ProxyUseFdpass=no",  # (systemd's ssh_config sets it for vsock-mux/* hosts; ours relays)
             # the guest's host key is new with every boot, and the address is no network name
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "CheckHostIP=no",
             *(["-i", info.sshKey] if info.sshKey else []), "-l", "root"]
