@@ -18,7 +18,10 @@ QEMU's name: it writes its pid and CLOCK_MONOTONIC, then execs the real QEMU.  R
   running VM (4 at once; target ≤ 150 KB);
 * spawn → guest READY=1 and boot → poweroff, ``vmspawn`` over bare QEMU with the same argv
   (bench/boot_ratio.py), the median of pairwise ratios, the order alternating from pair to pair
-  (target ≤ 1.02); and 16 VMs spawned at once, until the last is READY=1 (target ≤ 1.02).
+  (target ≤ 1.02); and 16 VMs spawned at once, until the last is READY=1 (target ≤ 1.02);
+* in Debian forky's environment (the systemd tier's tree, as root; bench/peer.py): boot → poweroff
+  with ``vmspawn`` and with systemd-vmspawn 262, each over bare QEMU there, and ``vmspawn`` over
+  systemd-vmspawn (target ≤ 1: faster), pairwise, the order rotating.
 
     .venv/bin/python -m bench.latency [--runs N] [--json FILE] [--markdown FILE]
 
@@ -46,6 +49,7 @@ import time
 from pathlib import Path
 
 from bench import boot_ratio
+from bench import peer as bench_peer
 from tests.rawvarlink import call
 from vmspawnd.qemu.accel import find_qemu
 from vmspawnd.testing.guest import build_guest
@@ -57,6 +61,9 @@ TARGETS = {"daemon Start → QEMU exec": 3.0, "fresh TPM: added to Start → QEM
               "spawn → READY=1, vmspawn ÷ bare QEMU (pairwise)": 1.02,
               "boot → poweroff, vmspawn ÷ bare QEMU (pairwise)": 1.02,
               "16 VMs at once, spawn → all READY=1, vmspawn ÷ bare QEMU (pairwise)": 1.02,
+              "forky: boot → poweroff, vmspawn ÷ bare QEMU (pairwise)": 1.02,
+              "forky: boot → poweroff, systemd-vmspawn 262 ÷ bare QEMU (pairwise)": None,
+              "forky: boot → poweroff, vmspawn ÷ systemd-vmspawn 262 (pairwise)": 1.0,
               "Create (one client, durable definitions on disk)": 1000.0,
               "Describe, 100 clients, 1,000 machines": 12000.0, "Describe, 100 clients, 1,000 machines (p99)": 15.0,
               "daemon memory, idle": 25.0, "daemon memory per defined machine": 8.0,
@@ -367,6 +374,15 @@ def main() -> int:
         one = boot_ratios(guest, tmp, args.runs)
         results["spawn → READY=1, vmspawn ÷ bare QEMU (pairwise)"] = summary(one["ready"], unit="×")
         results["boot → poweroff, vmspawn ÷ bare QEMU (pairwise)"] = summary(one["gone"], unit="×")
+        if os.geteuid() == 0:  # the forky tree runs in a container
+            peer = bench_peer.measure(guest.kernel.parent, args.runs)
+            bare, ours, theirs = peer["bare QEMU"], peer["vmspawn"], peer["systemd-vmspawn"]
+            results["forky: boot → poweroff, vmspawn ÷ bare QEMU (pairwise)"] = summary(
+                [o / b for o, b in zip(ours, bare, strict=True)], unit="×")
+            results["forky: boot → poweroff, systemd-vmspawn 262 ÷ bare QEMU (pairwise)"] = summary(
+                [t / b for t, b in zip(theirs, bare, strict=True)], unit="×")
+            results["forky: boot → poweroff, vmspawn ÷ systemd-vmspawn 262 (pairwise)"] = summary(
+                [o / t for o, t in zip(ours, theirs, strict=True)], unit="×")
         many = boot_ratios(guest, tmp, max(2, args.runs // 3), at_once=16)
         results["16 VMs at once, spawn → all READY=1, vmspawn ÷ bare QEMU (pairwise)"] = summary(many["ready"],
                                                                                                unit="×")
@@ -374,9 +390,12 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     for row, f in results.items():
         f["target"] = TARGETS[row]
-        f["met"] = f["value"] >= f["target"] if f["unit"] in AT_LEAST else f["value"] <= f["target"]
+        if f["target"] is None:  # a reference figure (the peer's)
+            f["met"] = None
+        else:
+            f["met"] = f["value"] >= f["target"] if f["unit"] in AT_LEAST else f["value"] <= f["target"]
         print(f"{row:52} {f['stat']:6} {f['value']:8.3f} {f['unit']}  (min {f['min']:.3f}, max {f['max']:.3f}, "
-              f"{f['runs']} runs)  target {bound(f)} {f['target']:g} {f['unit']}: {'met' if f['met'] else 'MISSED'}")
+              f"{f['runs']} runs)  {verdict(f)}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     if args.markdown:
@@ -388,6 +407,12 @@ def bound(figures: dict) -> str:
     return "≥" if figures["unit"] in AT_LEAST else "≤"
 
 
+def verdict(f: dict) -> str:
+    if f["target"] is None:
+        return "reference (no target)"
+    return f"target {bound(f)} {f['target']:g} {f['unit']}: {'met' if f['met'] else 'MISSED'}"
+
+
 def report(results: dict) -> str:
     """The Markdown report: where it ran, then one row per figure with its target."""
     qemu = subprocess.run([str(find_qemu()), "--version"], capture_output=True, text=True).stdout.splitlines()[0]
@@ -397,8 +422,10 @@ def report(results: dict) -> str:
              "| path | figure | min–max | runs | target | |", "|---|---|---|---|---|---|"]
     for row, f in results.items():
         u = f["unit"]
+        target = "–" if f["target"] is None else f"{bound(f)} {f['target']:g} {u}"
+        outcome = "reference" if f["met"] is None else "met" if f["met"] else "**missed**"
         lines.append(f"| {row} | {f['stat']} {f['value']:g} {u} | {f['min']:g}–{f['max']:g} {u} "
-                     f"| {f['runs']} | {bound(f)} {f['target']:g} {u} | {'met' if f['met'] else '**missed**'} |")
+                     f"| {f['runs']} | {target} | {outcome} |")
     notes = Path(__file__).with_name("notes.md")
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]

@@ -1,0 +1,140 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Benchmark: boot → poweroff of the test guest with systemd-vmspawn 262 and with our vmspawn, each
+against bare QEMU, all in Debian forky's environment (its QEMU 11.1), where systemd-vmspawn 262 is.
+
+:func:`measure` runs the forky tree of the systemd tier (``tests/systemd/container.py``) with the
+test guest and a small GPT disk image bound in, and this module's ``__main__`` inside it.  There
+the three take turns, the order rotating from round to round: bare QEMU with our argv builder's
+argv (no notify channel, no QMP client), ``vmspawn``, and ``systemd-vmspawn``.  All three boot the
+same kernel, initrd and disk with 256 MiB, one vCPU, SeaBIOS, no TPM, no vsock, not registered;
+the guest powers off at once (no ``test.notify``: systemd-vmspawn has no notify channel without
+vsock).  systemd-vmspawn needs a disk (``--image``; with ``-M`` alone it wants one from the machine
+pool), so all three get it.  Printed: one JSON line, ``BENCH-PEER {...}``, seconds per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GUEST_INSIDE, IMAGE_INSIDE = "/var/cache/vmspawnd-bench-guest", "/var/cache/vmspawnd-bench-image"
+VENV_PYTHON = "/opt/vmspawnd-venv/bin/python"
+WORDS = ("panic=-1",)
+X86_64_ROOT = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"  # the discoverable-partitions type of a root file system
+_keep: list[socket.socket] = []  # sockets bare QEMU inherits, open as long as we run
+
+
+def make_gpt_image(path: Path, size_mib: int = 16) -> None:
+    """An empty disk with a GPT and one x86-64 root partition (systemd-vmspawn looks for a table)."""
+    sector, total = 512, size_mib * 2048
+    entries = bytearray(128 * 128)
+    entries[:128] = (uuid.UUID(X86_64_ROOT).bytes_le + uuid.uuid4().bytes_le + struct.pack("<QQQ", 2048, total - 34, 0)
+                     + "root".encode("utf-16-le").ljust(72, b"\0"))
+    entries_crc, disk = zlib.crc32(entries), uuid.uuid4().bytes_le
+
+    def header(current: int, backup: int, entries_lba: int) -> bytes:
+        h = struct.pack("<8sIIIIQQQQ16sQIII", b"EFI PART", 0x10000, 92, 0, 0, current, backup, 34, total - 34, disk,
+                        entries_lba, 128, 128, entries_crc)
+        return h[:16] + struct.pack("<I", zlib.crc32(h)) + h[20:]
+
+    mbr = bytearray(512)
+    mbr[446:462] = struct.pack("<BBBBBBBBII", 0, 0, 2, 0, 0xEE, 0xFF, 0xFF, 0xFF, 1, total - 1)
+    mbr[510:512] = b"\x55\xaa"
+    with open(path, "wb") as f:
+        f.truncate(total * sector)
+        for offset, data in ((0, bytes(mbr)), (1, header(1, total - 1, 2)), (2, bytes(entries)),
+                             (total - 33, bytes(entries)), (total - 1, header(total - 1, 1, total - 33))):
+            f.seek(offset * sector)
+            f.write(data)
+
+
+def measure(guest_dir: Path, rounds: int, suite: str = "forky") -> dict[str, list[float]]:
+    """Run the rounds inside the ``suite`` tree; seconds per boot → poweroff, per tool."""
+    with tempfile.TemporaryDirectory(prefix="vmspawnd-bench-peer-") as tmp:
+        os.chmod(tmp, 0o755)
+        make_gpt_image(Path(tmp) / "disk.raw")
+        p = subprocess.run([sys.executable, "-m", "tests.systemd.container", f"--suite={suite}",
+                            f"--bind-ro={guest_dir}:{GUEST_INSIDE}", f"--bind-ro={tmp}:{IMAGE_INSIDE}", "run", "--",
+                            VENV_PYTHON, "-m", "bench.peer", f"--rounds={rounds}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=3600)
+    for line in p.stdout.splitlines():
+        if line.startswith("BENCH-PEER "):
+            return json.loads(line.removeprefix("BENCH-PEER "))
+    raise RuntimeError(f"the peer bench printed no result (exit {p.returncode}): {p.stderr[-2000:]}")
+
+
+# ---------------------------------------------------------------- inside the tree
+
+def _bare_argv(tmp: Path, disk: Path) -> tuple[list[str], int]:
+    from vmspawnd.config import ConsoleMode, MachineConfig, Ram, Tristate
+    from vmspawnd.qemu.accel import find_qemu, qemu_version
+    from vmspawnd.qemu.argv import Resources, build_qemu_argv
+    from vmspawnd.values import Drive
+
+    guest = Path(GUEST_INSIDE)
+    config = MachineConfig(name="bare", linux=guest / "vmlinuz", initrds=(guest / "initrd.img",), kernel_cmdline=WORDS,
+                           image=Drive(disk), ram=Ram(256 << 20), console=ConsoleMode.HEADLESS, kvm=Tristate.NO,
+                           firmware="bios").validated()
+    qmp = socket.socket(socket.AF_UNIX)  # QEMU wants a listening QMP socket; nobody speaks QMP to it
+    qmp.bind(str(tmp / "qmp.sock"))
+    qmp.listen(1)
+    os.set_inheritable(qmp.fileno(), True)
+    _keep.append(qmp)
+    resources = Resources(qemu=find_qemu(), kvm=False, qmp_fd=qmp.fileno(), qemu_version=qemu_version(find_qemu()),
+                          initrd=guest / "initrd.img")
+    return build_qemu_argv(config, resources), qmp.fileno()
+
+
+def _timed(argv: list[str], pass_fds: tuple[int, ...] = (), cwd: Path | None = None) -> float:
+    start = time.monotonic()
+    p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       pass_fds=pass_fds, cwd=cwd, timeout=300)
+    took = time.monotonic() - start
+    if p.returncode != 0:
+        raise RuntimeError(f"{argv[0]} exited {p.returncode}: {p.stderr.decode(errors='replace')[-1000:]}")
+    return took
+
+
+def inside(rounds: int) -> dict[str, list[float]]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-peer-"))
+    disk = tmp / "disk.raw"
+    disk.write_bytes((Path(IMAGE_INSIDE) / "disk.raw").read_bytes())
+    guest = Path(GUEST_INSIDE)
+    common = [f"--linux={guest / 'vmlinuz'}", f"--initrd={guest / 'initrd.img'}", f"--image={disk}", "--ram=256M",
+              "--console=read-only", "--firmware=bios", "--tpm=no", "--register=no"]
+    bare_argv, qmp = _bare_argv(tmp, disk)
+    tools = {
+        "bare QEMU": lambda: _timed(bare_argv, (qmp,)),
+        "vmspawn": lambda: _timed([str(Path(VENV_PYTHON).with_name("vmspawn")), *common, "--vsock=no", "-q",
+                                   "-M", "benchours", *WORDS], cwd=tmp),
+        "systemd-vmspawn": lambda: _timed(["systemd-vmspawn", *common, "-q", "-M", "benchpeer", *WORDS], cwd=tmp),
+    }
+    names = list(tools)
+    results: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names[i % 3:] + names[:i % 3]:  # the order rotates, so drift hits all alike
+            results[name].append(tools[name]())
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    print("BENCH-PEER " + json.dumps(inside(args.rounds)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
