@@ -329,8 +329,7 @@ class Run:
         elif self._vsock_backend is VsockBackend.VHOST_USER:
             self.vsock = GuestVsock(VsockBackend.VHOST_USER, hybrid_cid(name, fixed_cid),
                                     socket=rundir / HYBRID_SOCKET)
-            with self._as_owner():
-                check_socket_path(self.vsock.host_port_path(HYBRID_NOTIFY_PORT))
+            check_socket_path(self.vsock.host_port_path(HYBRID_NOTIFY_PORT))
             await channel.listen_hybrid(self.vsock.host_port_path(HYBRID_NOTIFY_PORT), HYBRID_NOTIFY_PORT,
                                         self.identity)
         else:

@@ -384,10 +384,11 @@ async def run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"vmspawnctl: cannot reach vmspawnd at {where}: {e.strerror}", file=sys.stderr)
         return EXIT_FAILURE
-    if args.host and args.command == "console":
+    if args.host and args.command in ("console", "ssh"):
         transport.close()
-        print("vmspawnctl: console needs a local daemon (its terminal is passed as a file descriptor)",
-              file=sys.stderr)
+        why = ("its terminal is passed as a file descriptor" if args.command == "console"
+               else "the guest's vsock is reached on the daemon's host")
+        print(f"vmspawnctl: {args.command} needs a local daemon ({why})", file=sys.stderr)
         return EXIT_FAILURE
     proxy = VarlinkInterfaceProxy(protocol, ManagerInterface)
     try:

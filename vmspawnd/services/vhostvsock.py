@@ -37,7 +37,7 @@ def vsock_backend_spec(machine: str, vsock: GuestVsock, backend: Path, bound_to:
 
 async def start_vsock_backend(runner: ServiceRunner, machine: str, vsock: GuestVsock, bound_to: str | None = None,
                               identity: Identity = ROOT) -> RunningService:
-    """Start vhost-device-vsock (sockets left by an earlier run are removed first: it will not bind over them)."""
+    """Start vhost-device-vsock (after removing sockets an earlier run left, as the VM's user)."""
     backend = find_backend()
     if backend is None:
         raise ServiceError(f"vmspawnd-{machine}-vsock", "vhost-device-vsock is not installed")
