@@ -33,6 +33,7 @@ rename costs ≈ 0.2 ms); its state directory (the definitions) on a disk, in /v
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import json
 import os
@@ -351,6 +352,9 @@ def main() -> int:
     parser.add_argument("--markdown", type=Path, help="write a report (machine, versions, date, rows) here")
     args = parser.parse_args()
     guest = build_guest(log=lambda *a: None)
+    # as an installed copy has them (pip compiles at install): bytecode of our modules, so that no run
+    # compiles them (with $PYTHONDONTWRITEBYTECODE set, as in some shells, every run would)
+    compileall.compile_dir(REPO / "vmspawnd", quiet=1)
     tmp = Path(tempfile.mkdtemp(prefix="vmspawnd-bench-"))
     try:
         stamps = Stamps(tmp)
