@@ -9,11 +9,15 @@ host's sshd binary inside the guest, ssh, systemd-socket-activate and systemd-jo
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ import pytest
 from tests.conftest import CTL, Daemon, VmRun, assert_clean, call_as, process_gone, processes_mentioning, public_daemon
 from tests.polling import poll
 from tests.sshd import guest_sshd_initrd
+from tests.vm.test_run_model import TYPED, Client, guest_config, settle
 from vmspawnd.proc import process_cmdline
 from vmspawnd.qemu.vsock import BACKEND_ENV
 
@@ -205,3 +210,44 @@ def test_the_daemon_refuses_vsock_yes_without_a_backend_before_anything_starts(d
     assert st["state"] in ("stopped", "failed") and st["pid"] is None
     machine_dir = daemon.runtime / "machines" / "mustvs"
     assert processes_mentioning(str(machine_dir)) == [] and not machine_dir.exists()
+
+
+def test_concurrent_clients_starting_and_killing_vsock_vms_leave_no_backend_behind(vsock_daemon, guest):
+    """8 clients × Start/Stop/Kill/Describe on 2 vsock VMs for 15 s: every call answered with success or
+    a typed error; afterwards no vhost-device-vsock and no socket of theirs is left, and a VM starts
+    cleanly and reports READY over vsock again."""
+    names = ["vc0", "vc1"]
+    for i, name in enumerate(names):
+        config = guest_config(guest, "test.action=poweroff" if i else "test.action=acpi", tpm="no")
+        p = vsock_daemon.ctl("create", name, f"--linux={config.linux}", f"--initrd={guest.initrd}", "--ram=256M",
+                             "--console=headless", "--firmware=bios", "--tpm=no", *config.kernelCommandLine)
+        assert p.returncode == 0, p.stderr
+    outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+    deadline = time.monotonic() + 15
+
+    async def client(seed: int) -> None:
+        rnd = random.Random(seed)
+        c = await Client.connect(vsock_daemon)
+        try:
+            while time.monotonic() < deadline:
+                op = rnd.choices(["Start", "Stop", "Kill", "Describe"], [4, 2, 2, 1])[0]
+                params: dict = {"name": rnd.choice(names)}
+                if op == "Stop":
+                    params["timeout"] = rnd.choice([0.0, 1.0])
+                outcomes[(op, await c.call(op, **params))] += 1
+        finally:
+            c.close()
+
+    async def main() -> None:
+        await asyncio.gather(*(client(i) for i in range(8)))
+
+    asyncio.run(main())
+    assert {result for _, result in outcomes} <= TYPED | {"ok"}, outcomes
+    assert outcomes[("Start", "ok")] >= 2, outcomes  # VMs really started
+    settle(vsock_daemon, names)
+    machines = vsock_daemon.runtime / "machines"
+    poll(lambda: backend_pids(machines), lambda pids: pids == [], 15)
+    assert not list(machines.glob("*/vsock*")), list(machines.glob("*/vsock*"))
+    assert vsock_daemon.ctl("start", "vc0").returncode == 0
+    info = vsock_daemon.wait_for("vc0", lambda s: s["ready"])
+    assert info["vsockBackend"] == "vhost-device-vsock" and len(backend_pids(machines)) == 1
