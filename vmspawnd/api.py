@@ -433,19 +433,19 @@ def _check_name(name: str) -> None:
         raise InvalidConfigError(field="name", reason=str(e)) from None
 
 
-def _reply_preconverted(*methods: typing.Any) -> None:
-    """Let these methods' ``machine`` replies use the JSON that :func:`machine_info` keeps (the type
-    and so the interface description stay the same)."""
-    for method in methods:
-        signature = varlinksignature(method)
-        assert signature is not None
-        machine = PreconvertedDataclass(MachineInfo)
-        optional = signature.return_type.as_varlink.endswith("?MachineInfo)")
-        signature.return_type = ObjectVarlinkType({"machine": machine.optional() if optional else machine})
+def _reply_preconverted(method: typing.Any, optional: bool = False) -> None:
+    """Let ``method``'s ``machine`` reply (``?MachineInfo`` if ``optional``) use the JSON that
+    :func:`machine_info` keeps: the type, and so the interface description, stay the same."""
+    signature = varlinksignature(method)
+    assert signature is not None
+    machine = PreconvertedDataclass(MachineInfo)
+    signature.return_type = ObjectVarlinkType({"machine": machine.optional() if optional else machine})
 
 
-_reply_preconverted(ManagerInterface.Create, ManagerInterface.Start, ManagerInterface.Stop, ManagerInterface.Kill,
-                    ManagerInterface.Describe, ManagerInterface.List)
+for _method in (ManagerInterface.Create, ManagerInterface.Start, ManagerInterface.Stop, ManagerInterface.Kill,
+                ManagerInterface.Describe):
+    _reply_preconverted(_method)
+_reply_preconverted(ManagerInterface.List, optional=True)
 
 
 def interface_description() -> str:

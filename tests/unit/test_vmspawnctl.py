@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from tests.conftest import CTL
 from vmspawnd.log import command_level, parse_level
 
 
@@ -123,3 +124,12 @@ def test_host_that_cannot_be_reached_is_a_clear_error(daemon):
     p = subprocess.run([*daemon.ctl_argv(), "-H", "root@127.0.0.1:1", "list"], capture_output=True, text=True,
                        timeout=60, stdin=subprocess.DEVNULL, env={**os.environ, "SYSTEMD_SSH": "ssh"})
     assert p.returncode == 1 and "vmspawnctl:" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("address, port", [("garbage", "22"), ("vsock/abc", "22"), ("vsock/3", "-1"),
+                                           ("vsock-mux/", "22")])
+def test_vsock_proxy_names_a_bad_address_without_a_traceback(address: str, port: str) -> None:
+    p = subprocess.run([*CTL, "vsock-proxy", address, port], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 1 and "expected vsock/CID or vsock-mux/SOCKET" in p.stderr and address in p.stderr
+    assert "Traceback" not in p.stderr

@@ -17,6 +17,7 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,30 @@ def settle(daemon: Daemon, names) -> dict[str, dict]:
     return poll(states, lambda s: all(m["state"] in ("stopped", "failed") for m in s.values()), 60)
 
 
+def hammer(daemon: Daemon, clients: int, seconds: float,
+           next_call: Callable[[random.Random, int], tuple[str, dict]]) -> collections.Counter[tuple[str, str]]:
+    """``clients`` connections, each making the calls ``next_call(its random generator, its number)``
+    picks, one after another, for ``seconds``: how often each (method, outcome) came back."""
+    outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+    deadline = time.monotonic() + seconds
+
+    async def client(seed: int) -> None:
+        rnd = random.Random(seed)
+        c = await Client.connect(daemon)
+        try:
+            while time.monotonic() < deadline:
+                op, params = next_call(rnd, seed)
+                outcomes[(op, await c.call(op, **params))] += 1
+        finally:
+            c.close()
+
+    async def main() -> None:
+        await asyncio.gather(*(client(i) for i in range(clients)))
+
+    asyncio.run(main())
+    return outcomes
+
+
 def test_concurrent_clients_hammering_three_machines(daemon, guest):
     """20 clients × Start/Stop/Kill/Remove/Create/Describe on 3 names for 30 s: every call answered
     with success or a typed error, nothing stuck, nothing orphaned, no fd kept."""
@@ -100,29 +125,17 @@ def test_concurrent_clients_hammering_three_machines(daemon, guest):
     daemon.wait_for("warm", lambda s: s["state"] == "stopped")
     assert daemon.ctl("remove", "warm").returncode == 0
     baseline = daemon_fds(daemon)
-    outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
-    deadline = time.monotonic() + 30
+    def next_call(rnd: random.Random, seed: int) -> tuple[str, dict]:
+        name = rnd.choice(names)
+        op = rnd.choices(["Create", "Start", "Stop", "Kill", "Remove", "Describe"], [3, 4, 2, 2, 2, 1])[0]
+        params: dict = {"name": name}
+        if op == "Create":
+            params["config"] = guest_config(guest, "test.action=poweroff" if seed % 2 else "test.action=acpi")
+        elif op == "Stop":
+            params["timeout"] = rnd.choice([0.0, 1.0, 5.0])
+        return op, params
 
-    async def client(seed: int) -> None:
-        rnd = random.Random(seed)
-        c = await Client.connect(daemon)
-        try:
-            while time.monotonic() < deadline:
-                name = rnd.choice(names)
-                op = rnd.choices(["Create", "Start", "Stop", "Kill", "Remove", "Describe"], [3, 4, 2, 2, 2, 1])[0]
-                params: dict = {"name": name}
-                if op == "Create":
-                    params["config"] = guest_config(guest, "test.action=poweroff" if seed % 2 else "test.action=acpi")
-                elif op == "Stop":
-                    params["timeout"] = rnd.choice([0.0, 1.0, 5.0])
-                outcomes[(op, await c.call(op, **params))] += 1
-        finally:
-            c.close()
-
-    async def main() -> None:
-        await asyncio.gather(*(client(i) for i in range(20)))
-
-    asyncio.run(main())
+    outcomes = hammer(daemon, clients=20, seconds=30, next_call=next_call)
     results = {result for _, result in outcomes}
     assert results <= TYPED | {"ok"}, outcomes
     assert outcomes[("Start", "ok")] >= 3 and outcomes[("Create", "ok")] >= 3, outcomes  # it really ran VMs

@@ -142,14 +142,16 @@ def connect_guest_port(address: str, port: int, timeout: float = 10) -> socket.s
     Over vhost-device-vsock the ``OK`` line is read byte by byte, so nothing the guest sends after it
     is taken from the caller."""
     kind, _, where = address.partition("/")
+    if not 0 <= port <= CID_MAX or kind not in ("vsock", "vsock-mux") or not where or (
+            kind == "vsock" and not where.isdigit()):
+        raise ValueError(f"expected vsock/CID or vsock-mux/SOCKET and a port up to {CID_MAX}, "
+                         f"got {address!r} port {port}")
     if kind == "vsock":
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         target: tuple[int, int] | str = (int(where), port)
-    elif kind == "vsock-mux":
+    else:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         target = "/" + where.lstrip("/")
-    else:
-        raise ValueError(f"not a vsock address: {address!r}")
     try:
         sock.settimeout(timeout)
         sock.connect(target)

@@ -195,7 +195,8 @@ cred() {  # cred ID: print its value, fail when it is nowhere
   [ -r "$f" ] && cat "$f"
 }
 vsock_port() {  # vsock_port CREDENTIAL: the host port of a vsock[-stream]:2:PORT address in it
-  case "$(cred "$1" 2>/dev/null)" in vsock:2:*|vsock-stream:2:*) a=$(cred "$1"); echo "${a##*:}" ;; *) return 1 ;; esac
+  a=$(cred "$1" 2>/dev/null) || return 1
+  case "$a" in vsock:2:*|vsock-stream:2:*) echo "${a##*:}" ;; *) return 1 ;; esac
 }
 VSOCK_UP=0
 vsock_up() {  # load the virtio vsock transport once; /dev/vsock shows it is there
