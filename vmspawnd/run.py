@@ -220,7 +220,7 @@ class Run:
             self._grow_image()
         run_config = await self._ephemeral_copy()
         pass_fds: list[int] = []
-        version = qemu_version(qemu_binary)
+        version = qemu_version(qemu_binary, cache_dir=self.runtime.path.parent)
         channel = await self._open_notify_channel(rundir, pass_fds, version)
         aux = await self._start_scope_and_helpers(run_config, plan, rundir)
         crash_point("helpers-started")

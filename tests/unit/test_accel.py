@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """KVM detection must not trust "/dev/kvm exists"."""
 
+import os
 import platform
 
 import pytest
@@ -46,3 +47,30 @@ def test_qemu_version_is_read_from_the_binary_and_picks_the_notify_reconnect_opt
 
     assert asyncio.run(chardev((11, 1))).endswith(",reconnect-ms=1000")  # QEMU 10 dropped reconnect=
     assert asyncio.run(chardev((7, 2))).endswith(",reconnect=1")
+
+
+def test_qemu_version_is_kept_in_the_runtime_base_until_the_binary_changes(tmp_path):
+    from vmspawnd.qemu.accel import VERSION_CACHE, _version_of, qemu_version
+
+    runs = tmp_path / "runs"
+    fake = tmp_path / "qemu-system-x86_64"
+
+    def install(version: str) -> None:
+        fake.write_text(f"#!/bin/sh\necho run >> {runs}\necho 'QEMU emulator version {version} (Debian)'\n")
+        fake.chmod(0o755)
+
+    def asked() -> int:
+        _version_of.cache_clear()  # as a new process: only the file remembers
+        return len(runs.read_text().splitlines()) if runs.exists() else 0
+
+    install("9.2.0")
+    assert qemu_version(fake, cache_dir=tmp_path) == (9, 2) and asked() == 1
+    assert (tmp_path / VERSION_CACHE).exists()
+    assert qemu_version(fake, cache_dir=tmp_path) == (9, 2) and asked() == 1  # not asked again
+    install("10.1.3-with-a-longer-name")  # an upgrade: another file
+    assert qemu_version(fake, cache_dir=tmp_path) == (10, 1) and asked() == 2
+    (tmp_path / VERSION_CACHE).write_text("{not json")
+    assert qemu_version(fake, cache_dir=tmp_path) == (10, 1) and asked() == 3
+    assert qemu_version(fake, cache_dir=tmp_path) == (10, 1) and asked() == 3  # and rewritten
+    os.chown(tmp_path / VERSION_CACHE, 65534, 65534)  # not written by us: not believed
+    assert qemu_version(fake, cache_dir=tmp_path) == (10, 1) and asked() == 4

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import platform
 import re
@@ -13,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmspawnd.errors import ConfigError
+from vmspawnd.storage import write_json_atomic
 from vmspawnd.values import Tristate
 
 QEMU_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64", "i686": "i386"}
+VERSION_CACHE = "qemu.version"  # in the runtime base; no machine name has a '.'
 HARDWARE_KVM_MODULES = ("kvm_intel", "kvm_amd", "kvm_arm")  # kvm_arm: no module dir on arm, see below
 
 
@@ -33,12 +37,42 @@ def find_qemu() -> Path:
                       "install qemu-system-x86 (Debian) or put qemu on $PATH")
 
 
-def qemu_version(binary: Path) -> tuple[int, int]:
-    """QEMU's (major, minor), from ``--version`` (asked once per binary); (0, 0) if it does not say."""
+def qemu_version(binary: Path, cache_dir: Path | None = None) -> tuple[int, int]:
+    """QEMU's (major, minor), from ``--version`` (asked once per binary file); (0, 0) if it does not say.
+
+    With ``cache_dir`` (the runtime base) the answer is also kept in :data:`VERSION_CACHE` there, for
+    the file with that identity (device, inode, size, mtime): the next ``vmspawn`` does not exec QEMU
+    a second time (≈ 30 ms) before its VM's QEMU.
+    """
     try:
-        return _version_of(str(binary), binary.stat().st_mtime_ns)
+        st = binary.stat()
     except OSError:
         return (0, 0)
+    identity = [str(binary), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    cache = cache_dir / VERSION_CACHE if cache_dir is not None else None
+    if cache is not None and (known := _cached_version(cache, identity)) is not None:
+        return known
+    version = _version_of(str(binary), st.st_mtime_ns)
+    if cache is not None and version != (0, 0):
+        with contextlib.suppress(OSError):
+            write_json_atomic(cache, {"binary": identity, "version": list(version)}, durable=False)
+    return version
+
+
+def _cached_version(cache: Path, identity: list) -> tuple[int, int] | None:
+    """The version kept in ``cache`` for the binary with ``identity``; None if there is none (or the
+    file is not ours, or not what we write)."""
+    try:
+        with open(cache, "rb") as f:
+            if os.fstat(f.fileno()).st_uid != os.geteuid():
+                return None
+            kept = json.loads(f.read())
+        major, minor = kept["version"]
+        if kept["binary"] == identity and isinstance(major, int) and isinstance(minor, int):
+            return (major, minor)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 @functools.lru_cache(maxsize=8)
