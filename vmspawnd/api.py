@@ -45,7 +45,7 @@ from vmspawnd.manager import Entry, Event, Manager
 from vmspawnd.plan import needs_privileges
 from vmspawnd.qemu.firmware import enumerate_descriptors
 from vmspawnd.run import Run
-from vmspawnd.server import current_connection
+from vmspawnd.server import EncodedJson, current_connection
 from vmspawnd.settings import config_from_json, config_to_json, varlink_config_fields
 from vmspawnd.values import validate_machine_name
 
@@ -99,7 +99,7 @@ class MachineInfo:
     vsockBackend: str | None = None  # while it runs with vsock: vhost-vsock (the kernel's) or vhost-device-vsock
     sshAddress: str | None = None  # vsock/CID or vsock-mux/SOCKET (``vmspawnctl ssh``, systemd-ssh-proxy)
     sshKey: str | None = None  # --pass-ssh-key's private key
-    #: its reply form, made once per change of the machine (not part of the interface: init=False)
+    #: its reply, encoded once per change of the machine (not part of the interface: init=False)
     varlink_json: typing.Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
 
@@ -211,12 +211,12 @@ def _config_object(config_json: dict[str, typing.Any]) -> Config:
 
 
 class PreconvertedDataclass(DataclassVarlinkType):
-    """A dataclass type whose instances may carry their JSON form already (``varlink_json``): a List of
-    a thousand machines then converts only those that changed since their last reply."""
+    """A dataclass type whose instances may carry their JSON form already (``varlink_json``, encoded): a
+    List of a thousand machines then converts and encodes only those that changed since their last reply."""
 
     def tojson(self, obj: typing.Any, oobstate: typing.Any = None) -> typing.Any:
-        converted = getattr(obj, "varlink_json", None)
-        return converted if converted is not None else super().tojson(obj, oobstate)
+        encoded = getattr(obj, "varlink_json", None)
+        return encoded if encoded is not None else super().tojson(obj, oobstate)
 
 
 _MACHINE_INFO_TYPE = DataclassVarlinkType(MachineInfo)
@@ -231,9 +231,10 @@ def machine_info(name: str, entry: Entry) -> MachineInfo:
     if cached is not None and cached[0] == key:
         return cached[1]
     info = MachineInfo(**fields)
-    info.varlink_json = converted = _MACHINE_INFO_TYPE.tojson(info)
+    converted = _MACHINE_INFO_TYPE.tojson(info)
     # settings left at their default are absent rather than null (as varlink allows): a quarter the size
     converted["config"] = {key: value for key, value in converted["config"].items() if value is not None}
+    info.varlink_json = EncodedJson(converted)
     entry.shown_reply = (key, info)
     return info
 

@@ -10,15 +10,16 @@ or heavy load needs more (what upstream could change is noted on each class):
   (asyncvarlink 0.3.3 closes the listener on any accept error but EAGAIN.)
 - :class:`GuardedTransport` reads at most :data:`READ_BUDGET` bytes per event-loop turn, so one
   client streaming data never blocks the others, and stops reading once closing.  It writes a
-  reply at once when nothing is queued, as asyncio's own transports do, but lets the event loop
-  run every :data:`WRITE_BURST` replies.
+  reply at once when nothing is queued, as asyncio's own transports do, and every
+  :data:`WRITE_BURST` replies makes the sender wait one event-loop turn (others' turn).
   (asyncvarlink drains the socket in one callback; it sends every reply through a writer it
   registers and removes again, an event-loop turn each, and a streaming method waits for each:
   a List of 1,000 machines spent half its time there.)
 - :class:`GuardedProtocol` enforces the message limit *while* a message arrives (one growing
   buffer, no re-copying), caps the bytes buffered across all connections, answers a message
   that is not a JSON object with a protocol error and closes that connection; it records the
-  calls in flight, so a stopping daemon lets their last replies go out first.
+  calls in flight, so a stopping daemon lets their last replies go out first.  A reply parameter
+  that is :class:`EncodedJson` goes out as the bytes it was encoded to once, not encoded again.
   (asyncvarlink checks the limit only after a message is complete, re-copies its buffer for
   every chunk, and lets decoding errors other than JSONDecodeError escape.)
 
@@ -33,6 +34,7 @@ import asyncio
 import contextvars
 import errno
 import json
+import os
 import socket
 import struct
 import warnings
@@ -64,6 +66,40 @@ RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 PROTOCOL_VIOLATION = "invalid.asyncvarlink.ProtocolViolation"
 
 warnings.filterwarnings("ignore", message="coroutine method 'aclose' of", category=RuntimeWarning)
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # as asyncvarlink encodes
+
+
+class EncodedJson:
+    """A reply parameter's JSON value, encoded once: a reply sent many times unchanged (a machine's,
+    in every List) is then not encoded again for each.  Only :class:`GuardedProtocol` sends it."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, value: Any) -> None:
+        self.data = _ENCODER.encode(value).encode()
+
+
+def has_encoded_json(obj: Any) -> bool:
+    params = obj.get("parameters") if isinstance(obj, dict) else None
+    return isinstance(params, dict) and any(isinstance(v, EncodedJson) for v in params.values())
+
+
+def encode_message(obj: dict[str, Any]) -> bytes:
+    """A varlink message with its NUL, its :class:`EncodedJson` parameters put in as they are."""
+    params = obj["parameters"]
+    members = [_ENCODER.encode(k).encode() + b":" + v.data for k, v in params.items() if isinstance(v, EncodedJson)]
+    plain = {k: v for k, v in params.items() if not isinstance(v, EncodedJson)}
+    if plain:
+        members.append(_ENCODER.encode(plain).encode()[1:-1])
+    head = {k: v for k, v in obj.items() if k != "parameters"}
+    return (_ENCODER.encode(head).encode()[:-1] + (b"," if head else b"") + b'"parameters":{'
+            + b",".join(members) + b"}}\0")
+
+
+def _finish(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 @dataclass
@@ -166,6 +202,23 @@ class GuardedProtocol(VarlinkInterfaceServerProtocol):
     def error_received(self, err: Exception, data: bytes, fds: Any) -> None:
         self._reject(str(err)[:200], reply=True)
 
+    # ------------------------------------------------------------ writing
+    def send_message(self, obj: Any, fds: list[int] | None = None, autoclose: bool = True) -> asyncio.Future[None]:
+        """As asyncvarlink sends a message, with :class:`EncodedJson` parameters as they are."""
+        if not has_encoded_json(obj):
+            return super().send_message(obj, fds, autoclose)
+        if self._transport is None:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut.set_exception(BrokenPipeError())
+            return fut
+        fut = self._transport.send_message(encode_message(obj), fds)
+        if fds and autoclose:
+            def close_fds(_: asyncio.Future[None]) -> None:
+                for fd in fds:
+                    os.close(fd)
+            fut.add_done_callback(close_fds)
+        return fut
+
     # ------------------------------------------------------------ calls
     def call_received(self, call: Any, fds: Any) -> asyncio.Future[None] | None:
         token = current_connection.set(self)  # copied into the call's task
@@ -233,11 +286,9 @@ class GuardedTransport(VarlinkTransport):
     _burst = 0
 
     def send_message(self, data: bytes, fds: list[int] | None = None) -> asyncio.Future[None]:
-        """Write now if nothing waits to be written (else, or every WRITE_BURST-th time, queue it)."""
-        self._burst += 1
-        if (self._sendqueue or self._closing or self._sendfd is None or self._burst >= WRITE_BURST
+        """Write now if nothing waits to be written; else queue it (written when the socket takes it)."""
+        if (self._sendqueue or self._closing or self._sendfd is None
                 or (fds and self._do_write is self._do_write_fd)):
-            self._burst %= WRITE_BURST
             return super().send_message(data, fds)
         try:
             sent = self._do_write([data], list(fds or []))
@@ -246,7 +297,11 @@ class GuardedTransport(VarlinkTransport):
         if sent < len(data):
             return super().send_message(data[sent:], [])  # the descriptors went with the first byte
         done: asyncio.Future[None] = self._loop.create_future()
-        done.set_result(None)
+        self._burst = (self._burst + 1) % WRITE_BURST
+        if self._burst:
+            done.set_result(None)
+        else:  # a sender that waits for each reply (a List) lets the others have a turn
+            self._loop.call_soon(_finish, done)
         return done
 
 

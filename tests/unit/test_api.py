@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from tests.rawvarlink import call
 from vmspawnd.api import interface_description
+from vmspawnd.server import EncodedJson, encode_message
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -227,3 +228,13 @@ def test_lists_stream_every_machine_and_show_each_change(daemon):
         "config"]["linux"] == "/bin/true"
     assert "error" not in call(daemon.socket, "io.vmspawnd.Manager.Remove", {"name": "m100"})
     assert len(list_replies(daemon.socket)) == 149
+
+
+@pytest.mark.parametrize("head", [{}, {"continues": True}])
+def test_a_parameter_encoded_once_goes_out_as_the_json_it_stands_for(head):
+    machine = {"name": "web", "config": {"ram": "2G", "kernelCommandLine": ["a=\"b\"", "ü\u2028"]}, "pid": None}
+    data = encode_message({**head, "parameters": {"machine": EncodedJson(machine), "other": [1, "two"]}})
+    assert data.endswith(b"\0") and data.count(b"\0") == 1
+    assert json.loads(data[:-1]) == {**head, "parameters": {"machine": machine, "other": [1, "two"]}}
+    alone = encode_message({**head, "parameters": {"machine": EncodedJson(machine)}})
+    assert json.loads(alone[:-1]) == {**head, "parameters": {"machine": machine}}
