@@ -67,6 +67,8 @@ if typing.TYPE_CHECKING:
     class Config:
         """What the type checker knows of Config: keyword fields, made at import from the table."""
 
+        __dataclass_fields__: typing.ClassVar[dict[str, typing.Any]]
+
         def __init__(self, **fields: typing.Any) -> None: ...
         def __getattr__(self, name: str) -> typing.Any: ...
 else:
@@ -76,10 +78,10 @@ else:
         "Config", [(name, kind, dataclasses.field(default=None)) for name, kind in varlink_config_fields()],
         namespace={"__doc__": "A machine's configuration; every field optional, with vmspawn's defaults "
                               "(except console: headless unless given). vmspawnctl create fills it from vmspawn's "
-                              "options."})
+                              "options."}, slots=True)
 
 
-@dataclass
+@dataclass(slots=True)
 class MachineInfo:
     name: str
     state: MachineState
@@ -307,7 +309,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         unless it needs privileges (then it runs as root, which polkit must allow)."""
         who = caller()
         _check_name(name)
-        raw = {k: v for k, v in vars(config).items() if v is not None}
+        raw = {f.name: v for f in dataclasses.fields(config) if (v := getattr(config, f.name)) is not None}
         with typed_errors(name):
             machine_config = config_from_json(name, raw)
             plan = self.manager.plan(machine_config, who.identity())  # what it names, looked at as the caller

@@ -40,7 +40,7 @@ from vmspawnd.values import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a daemon keeps one per defined machine
 class MachineConfig:
     """Everything that defines one VM: plain data (what the host offers is the launch plan's business,
     see plan.py).  Made by settings.py from a command line or JSON, through :meth:`validated`."""
