@@ -50,7 +50,7 @@ def test_qemu_version_is_read_from_the_binary_and_picks_the_notify_reconnect_opt
 
 
 def test_qemu_version_is_kept_in_the_runtime_base_until_the_binary_changes(tmp_path):
-    from vmspawnd.qemu.accel import VERSION_CACHE, _version_of, qemu_version
+    from vmspawnd.qemu.accel import VERSION_CACHE, _known_versions, qemu_version
 
     runs = tmp_path / "runs"
     fake = tmp_path / "qemu-system-x86_64"
@@ -60,7 +60,7 @@ def test_qemu_version_is_kept_in_the_runtime_base_until_the_binary_changes(tmp_p
         fake.chmod(0o755)
 
     def asked() -> int:
-        _version_of.cache_clear()  # as a new process: only the file remembers
+        _known_versions.clear()  # as a new process: only the file remembers
         return len(runs.read_text().splitlines()) if runs.exists() else 0
 
     install("9.2.0")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import platform
@@ -49,13 +48,16 @@ def qemu_version(binary: Path, cache_dir: Path | None = None) -> tuple[int, int]
     except OSError:
         return (0, 0)
     identity = [str(binary), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
-    cache = cache_dir / VERSION_CACHE if cache_dir is not None else None
-    if cache is not None and (known := _cached_version(cache, identity)) is not None:
+    if (known := _known_versions.get(tuple(identity))) is not None:
         return known
-    version = _version_of(str(binary), st.st_mtime_ns)
-    if cache is not None and version != (0, 0):
-        with contextlib.suppress(OSError):
-            write_json_atomic(cache, {"binary": identity, "version": list(version)}, durable=False)
+    cache = cache_dir / VERSION_CACHE if cache_dir is not None else None
+    version = _cached_version(cache, identity) if cache is not None else None
+    if version is None:
+        version = _version_of(str(binary))
+        if cache is not None and version != (0, 0):
+            with contextlib.suppress(OSError):
+                write_json_atomic(cache, {"binary": identity, "version": list(version)}, durable=False)
+    _known_versions[tuple(identity)] = version
     return version
 
 
@@ -75,8 +77,10 @@ def _cached_version(cache: Path, identity: list) -> tuple[int, int] | None:
     return None
 
 
-@functools.lru_cache(maxsize=8)
-def _version_of(binary: str, _mtime: int) -> tuple[int, int]:
+_known_versions: dict[tuple, tuple[int, int]] = {}  # this process's answers, by the binary's identity
+
+
+def _version_of(binary: str) -> tuple[int, int]:
     try:
         out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
                              stdin=subprocess.DEVNULL).stdout
