@@ -1,35 +1,65 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """Fork early, exec late: the launcher that becomes QEMU.
 
-vmspawnd starts this tiny program first (``python -I -S execlate.py FD``: stdlib only, no site
-packages), moves its PID into the VM's scope, and only then sends it, over the SOCK_SEQPACKET
-socket FD, one message: JSON ``{"argv": [...], "targets": [n, ...]}`` (and ``"user": [uid, gid,
-[groups]]`` for a VM that runs as a user) plus the file descriptors QEMU must inherit
-(SCM_RIGHTS), in the order of ``targets``.  The launcher puts each fd at its target number, closes
-everything else, becomes the user if one is named, and execs QEMU — same PID, already in the
-right cgroup.
+vmspawnd starts this tiny program first (``python -I -S execlate.py FD [PARENT]``: no site
+packages, and no Python module beyond those the interpreter starts with, so it is ready about
+as soon as a bare interpreter), moves its PID into the VM's scope, and only then sends it, over the SOCK_SEQPACKET
+socket FD, one message: a :mod:`marshal`-ed dict ``{"argv": [...], "targets": [n, ...]}`` (and
+``"user": [uid, gid, [groups]]`` for a VM that runs as a user) plus the file descriptors QEMU must
+inherit (SCM_RIGHTS), in the order of ``targets``.  The launcher puts each fd at its target number,
+closes everything else, becomes the user if one is named, and execs QEMU — same PID, already in
+the right cgroup.  (marshal, not JSON: both ends are the same interpreter, and importing json took
+longer than the rest of the launcher.)
+
+With PARENT (the pid of the process that started it), the launcher, and so QEMU, gets SIGTERM when
+that process dies (PR_SET_PDEATHSIG, set here rather than between fork and exec, which would make
+the parent fork instead of vfork).
 If the socket closes without a message (setup failed), it exits quietly.
 """
 
-import json
+import _signal
+import _socket
+import array
+import marshal
 import os
-import socket
 import sys
 
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 64
+PR_SET_PDEATHSIG = 1
+
+
+def die_with(parent: int) -> bool:
+    """Get SIGTERM when ``parent`` dies; False if it is gone already."""
+    import ctypes  # only for a launcher that dies with its parent (vmspawn's)
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, _signal.SIGTERM)
+    return os.getppid() == parent  # else it died before the prctl, and nothing will tell us
+
+
+def receive(fd: int) -> tuple[bytes, list[int]]:
+    """The one message on ``fd`` and the descriptors that came with it (b"" once the sender is gone)."""
+    channel = _socket.socket(fileno=fd)
+    fds = array.array("i")
+    try:
+        data, ancdata, _, _ = channel.recvmsg(MAX_MESSAGE, _socket.CMSG_LEN(MAX_FDS * fds.itemsize))
+    except OSError:
+        return b"", []
+    finally:
+        channel.close()
+    for level, kind, payload in ancdata:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
 
 
 def main() -> int:
-    channel = socket.socket(fileno=int(sys.argv[1]))
-    try:
-        data, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, MAX_FDS)
-    except OSError:
+    if len(sys.argv) > 2 and not die_with(int(sys.argv[2])):
         return 0
-    channel.close()
+    data, fds = receive(int(sys.argv[1]))
     if not data:
         return 0
-    message = json.loads(data)
+    message = marshal.loads(data)
     argv, targets = message["argv"], message["targets"]
     if len(fds) != len(targets):
         print(f"execlate: expected {len(targets)} fds, got {len(fds)}", file=sys.stderr)

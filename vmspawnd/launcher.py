@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import marshal
 import os
 import signal
 import socket
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import IO
 
 from vmspawnd.identity import ROOT, Identity
-from vmspawnd.proc import set_parent_death_signal
+
+EXECLATE = Path(__file__).with_name("execlate.py")
 
 
 class QemuProcess:
@@ -33,16 +34,18 @@ class QemuProcess:
     @classmethod
     def fork_early(cls, *, die_with_parent: bool, stdout: int | IO[bytes] | None = None,
                    stderr: int | IO[bytes] | None = None, inherit_stdin: bool = False) -> QemuProcess:
-        """Start the exec-late launcher: a process that waits for QEMU's argv and fds (see execlate.py)."""
+        """Start the exec-late launcher: a process that waits for QEMU's argv and fds (see execlate.py).
+        ``die_with_parent``: it (and QEMU) gets SIGTERM when we die."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             env = dict(os.environ)
             env.setdefault("LANG", "C.UTF-8")
-            popen = subprocess.Popen(
-                [sys.executable, "-I", "-S", str(Path(__file__).with_name("execlate.py")), str(theirs.fileno())],
-                stdin=None if inherit_stdin else subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+            argv = [sys.executable, "-I", "-S", str(EXECLATE), str(theirs.fileno())]
+            if die_with_parent:
+                argv.append(str(os.getpid()))
+            popen = subprocess.Popen(  # no preexec_fn: that would make a fork of us rather than a vfork
+                argv, stdin=None if inherit_stdin else subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                 pass_fds=(theirs.fileno(),), start_new_session=True, env=env,
-                preexec_fn=set_parent_death_signal if die_with_parent else None,
             )
         except BaseException:
             ours.close()
@@ -59,9 +62,8 @@ class QemuProcess:
         request: dict[str, object] = {"argv": list(argv), "targets": list(fds)}
         if identity.switches:  # the launcher becomes this user just before it execs QEMU
             request["user"] = [identity.uid, identity.gid, list(identity.groups)]
-        message = json.dumps(request).encode()
         try:
-            socket.send_fds(self._channel, [message], list(fds))
+            socket.send_fds(self._channel, [marshal.dumps(request)], list(fds))
         finally:
             self._channel.close()
             self._channel = None

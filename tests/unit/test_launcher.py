@@ -2,9 +2,19 @@
 """Fork early, exec late: the launcher keeps its PID and gets exactly the fds we send."""
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
+
+from tests.conftest import process_gone
+from tests.polling import poll
 from vmspawnd.launcher import QemuProcess
 
 
@@ -30,3 +40,32 @@ async def test_cancel_before_exec_ends_the_launcher_quietly():
     await asyncio.sleep(0.05)
     proc.cancel()
     assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+PARENT = """
+import sys
+from vmspawnd.launcher import QemuProcess
+proc = QemuProcess.fork_early(die_with_parent=sys.argv[1] == "yes")
+proc.exec(["/bin/sleep", "60"])
+print(proc.pid, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+@pytest.mark.parametrize("die_with_parent", [True, False])
+def test_qemu_dies_with_its_parent_only_when_asked(die_with_parent):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, "yes" if die_with_parent else "no"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    try:
+        poll(lambda: Path(f"/proc/{pid}/cmdline").read_bytes(), lambda c: c.startswith(b"/bin/sleep"), 10)
+        parent.kill()
+        parent.wait()
+        if die_with_parent:
+            assert poll(lambda: process_gone(pid), bool, 10)  # SIGTERM when vmspawn died
+        else:
+            time.sleep(0.5)
+            assert not process_gone(pid)  # a daemon's VMs outlive it
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
