@@ -5,9 +5,9 @@ what must survive the machine, not just our process)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +17,17 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o600, durable: bool = 
     ``durable``: also once the machine crashed (fsync); without it, once our process was killed.  A
     durable file is written for people to read (indented); the others compactly (much faster)."""
     text = json.dumps(data, indent=2, sort_keys=True) if durable else json.dumps(data, separators=(",", ":"))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_temp_names)}.tmp")  # ours alone: no random name
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.write("\n")
-            f.flush()
-            os.fchmod(f.fileno(), mode)
+        fd = _create(tmp)
+        try:
+            _write_all(fd, (text + "\n").encode())
+            if mode != _CREATED_MODE:  # (a umask that takes the owner's read or write is not ours)
+                os.fchmod(fd, mode)
             if durable:
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -33,11 +35,32 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o600, durable: bool = 
         raise
     if not durable:
         return
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dirfd)
     finally:
         os.close(dirfd)
+
+
+_temp_names = itertools.count()
+_CREATED_MODE = 0o600
+
+
+def _create(tmp: Path) -> int:
+    """A new file at ``tmp`` (0600, never through a symlink); a leftover of an earlier process that had
+    our pid is replaced."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        return os.open(tmp, flags, _CREATED_MODE)
+    except FileExistsError:
+        os.unlink(tmp)
+        return os.open(tmp, flags, _CREATED_MODE)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def read_json(path: Path) -> Any:
