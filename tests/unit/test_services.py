@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from dbus_fast.service import signal as dbus_signal
 from tests.conftest import processes_mentioning
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError
+from vmspawnd.pathwatch import DirectoryWatch
 from vmspawnd.plan import plan_launch
 from vmspawnd.services import swtpm, virtiofsd
 from vmspawnd.services.runner import (
@@ -679,3 +681,17 @@ async def test_choose_runner_picks_units_when_the_manager_answers(fake_systemd, 
     monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", f"unix:path={tmp_path}/nobus")
     assert isinstance(await choose_runner(systemd_dir=systemd_dir), ChildRunner)
 
+
+
+async def test_a_helpers_socket_is_noticed_by_inotify_not_by_a_timer(tmp_path):
+    with DirectoryWatch(tmp_path) as watch:
+        sock = socket.socket(socket.AF_UNIX)
+        asyncio.get_running_loop().call_later(0.05, sock.bind, str(tmp_path / "s.sock"))
+        await asyncio.wait_for(watch.changed(), 10)  # no timeout of its own: only the socket's creation ends it
+        assert (tmp_path / "s.sock").exists()
+        sock.close()
+        gone = asyncio.get_running_loop().create_future()
+        gone.set_result(None)
+        await asyncio.wait_for(watch.changed(also=gone), 10)  # (the helper exiting ends it too)
+    with pytest.raises(OSError, match="No such file"):
+        DirectoryWatch(tmp_path / "missing")
