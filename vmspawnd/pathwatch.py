@@ -3,6 +3,10 @@
 
 A helper (swtpm, virtiofsd, vhost-device-vsock) is ready once its socket exists; QEMU is started
 right after, so every millisecond between the socket's creation and our noticing it is start time.
+
+One inotify instance serves the whole process, and each wait adds and removes a watch on it:
+closing an inotify instance waits for the kernel's SRCU grace period (up to ≈ 10 ms here), which
+would stall the event loop, while removing a watch does not.
 """
 
 from __future__ import annotations
@@ -10,14 +14,84 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import struct
 from pathlib import Path
 
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
+IN_Q_OVERFLOW = 0x00004000
+EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Inotify:
+    """The process's inotify instance: watches counted per descriptor, waiters woken per descriptor."""
+
+    def __init__(self) -> None:
+        fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            raise _oserror("inotify_init1")
+        self.fd = fd
+        self._uses: dict[int, int] = {}
+        self._waiters: dict[int, set[asyncio.Future[None]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop our reader is registered with
+
+    def add(self, directory: Path) -> int:
+        wd = _libc.inotify_add_watch(self.fd, os.fsencode(directory), IN_CREATE | IN_MOVED_TO)
+        if wd < 0:
+            raise _oserror(str(directory))
+        self._uses[wd] = self._uses.get(wd, 0) + 1  # the same directory twice is the same watch
+        return wd
+
+    def remove(self, wd: int) -> None:
+        self._uses[wd] -= 1
+        if not self._uses[wd]:
+            del self._uses[wd]
+            _libc.inotify_rm_watch(self.fd, wd)  # (EINVAL if the directory went first: nothing to do)
+
+    def wait(self, wd: int) -> asyncio.Future[None]:
+        """A future done at the next event for ``wd``; :meth:`forget` it when done with it."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self.fd)
+            loop.add_reader(self.fd, self._read)
+            self._loop = loop
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiters.setdefault(wd, set()).add(future)
+        return future
+
+    def forget(self, wd: int, future: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(wd, set())
+        waiters.discard(future)
+        if not waiters:
+            self._waiters.pop(wd, None)
+        if not self._waiters and self._loop is not None:
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self.fd)
+            self._loop = None
+
+    def _read(self) -> None:
+        woken: set[int] = set()
+        try:
+            while data := os.read(self.fd, 64 * 1024):
+                offset = 0
+                while offset + EVENT_HEADER.size <= len(data):
+                    wd, mask, _, length = EVENT_HEADER.unpack_from(data, offset)
+                    offset += EVENT_HEADER.size + length
+                    woken |= set(self._waiters) if mask & IN_Q_OVERFLOW else {wd}
+        except BlockingIOError:
+            pass
+        for wd in woken:
+            for future in self._waiters.get(wd, ()):
+                if not future.done():
+                    future.set_result(None)
+
+
+_instance: _Inotify | None = None
 
 
 class DirectoryWatch:
@@ -25,40 +99,27 @@ class DirectoryWatch:
     Raises OSError if the kernel cannot watch it (no inotify, no permission, too many watches)."""
 
     def __init__(self, directory: Path) -> None:
-        fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if fd < 0:
-            raise _oserror(directory)
-        if _libc.inotify_add_watch(fd, os.fsencode(directory), IN_CREATE | IN_MOVED_TO) < 0:
-            error = _oserror(directory)
-            os.close(fd)
-            raise error
-        self._fd = fd
+        global _instance
+        if _instance is None:
+            _instance = _Inotify()
+        self._inotify = _instance
+        self._wd: int | None = self._inotify.add(directory)
 
     async def changed(self, also: asyncio.Future | None = None, timeout: float | None = None) -> None:
-        """Return once something was created there (what was read is discarded), ``also`` is done, or
-        ``timeout`` seconds passed."""
-        loop = asyncio.get_running_loop()
-        woken: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(self._fd, _resolve, woken)
+        """Return once something was created there, ``also`` is done, or ``timeout`` seconds passed."""
+        assert self._wd is not None, "changed() after close()"
+        woken = self._inotify.wait(self._wd)
         try:
             await asyncio.wait([woken] if also is None else [woken, also], timeout=timeout,
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
-            loop.remove_reader(self._fd)
+            self._inotify.forget(self._wd, woken)
             woken.cancel()
-        self._drain()
-
-    def _drain(self) -> None:
-        try:
-            while os.read(self._fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._wd is not None:
+            self._inotify.remove(self._wd)
+            self._wd = None
 
     def __enter__(self) -> DirectoryWatch:
         return self
@@ -67,11 +128,6 @@ class DirectoryWatch:
         self.close()
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def _oserror(path: Path) -> OSError:
+def _oserror(what: str) -> OSError:
     err = ctypes.get_errno()
-    return OSError(err, f"inotify: {os.strerror(err)}", str(path))
+    return OSError(err, f"inotify: {os.strerror(err)}", what)

@@ -684,14 +684,22 @@ async def test_choose_runner_picks_units_when_the_manager_answers(fake_systemd, 
 
 
 async def test_a_helpers_socket_is_noticed_by_inotify_not_by_a_timer(tmp_path):
-    with DirectoryWatch(tmp_path) as watch:
+    loop = asyncio.get_running_loop()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with DirectoryWatch(tmp_path / "a") as first, DirectoryWatch(tmp_path / "b") as other:
+        second = DirectoryWatch(tmp_path / "a")  # two helpers of one VM share the directory
+        second.close()  # one of them ready: the other still waits on the same watch
         sock = socket.socket(socket.AF_UNIX)
-        asyncio.get_running_loop().call_later(0.05, sock.bind, str(tmp_path / "s.sock"))
-        await asyncio.wait_for(watch.changed(), 10)  # no timeout of its own: only the socket's creation ends it
-        assert (tmp_path / "s.sock").exists()
+        loop.call_later(0.05, sock.bind, str(tmp_path / "a" / "s.sock"))
+        # no timeout of their own: only the socket's creation ends the first (the other stays)
+        waits = [loop.create_task(first.changed()), loop.create_task(other.changed())]
+        done, _ = await asyncio.wait(waits, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {waits[0]} and (tmp_path / "a" / "s.sock").exists()
+        waits[1].cancel()
         sock.close()
-        gone = asyncio.get_running_loop().create_future()
+        gone = loop.create_future()
         gone.set_result(None)
-        await asyncio.wait_for(watch.changed(also=gone), 10)  # (the helper exiting ends it too)
+        await asyncio.wait_for(first.changed(also=gone), 10)  # (the helper exiting ends it too)
     with pytest.raises(OSError, match="No such file"):
         DirectoryWatch(tmp_path / "missing")
