@@ -10,8 +10,9 @@ or heavy load needs more (what upstream could change is noted on each class):
   (asyncvarlink 0.3.3 closes the listener on any accept error but EAGAIN.)
 - :class:`GuardedTransport` reads at most :data:`READ_BUDGET` bytes per event-loop turn, so one
   client streaming data never blocks the others, and stops reading once closing.  It writes a
-  reply at once when nothing is queued, as asyncio's own transports do, and every
-  :data:`WRITE_BURST` replies makes the sender wait one event-loop turn (others' turn).
+  reply at once when nothing is queued, as asyncio's own transports do; streamed replies go out
+  :data:`WRITE_BURST` at a time in one ``sendmsg``, and their sender then waits one event-loop
+  turn (others' turn).
   (asyncvarlink drains the socket in one callback; it sends every reply through a writer it
   registers and removes again, an event-loop turn each, and a streaming method waits for each:
   a List of 1,000 machines spent half its time there.)
@@ -57,7 +58,8 @@ log = structlog.get_logger()
 MAX_MESSAGE = 1 << 20  # one varlink message, without its NUL
 MAX_BUFFERED = 64 << 20  # partial messages across all connections
 READ_BUDGET = 64 << 10  # bytes read from one connection per event-loop turn
-WRITE_BURST = 16  # replies written at once before one goes through the event loop (others' turn)
+WRITE_BURST = 16  # streamed replies written with one sendmsg, before their sender waits a turn (others' turn)
+STREAMED = b'{"continues":true'  # how a streamed reply begins, as asyncvarlink and encode_message write it
 DEFAULT_MAX_CONNECTIONS = 4096
 ACCEPT_PAUSE = 0.1  # seconds without accepting when we are out of file descriptors
 ACCEPT_BATCH = 64  # connections accepted per event-loop turn
@@ -81,6 +83,7 @@ class EncodedJson:
 
 
 def has_encoded_json(obj: Any) -> bool:
+    """Whether the message ``obj`` has a parameter in :class:`EncodedJson` form."""
     params = obj.get("parameters") if isinstance(obj, dict) else None
     return isinstance(params, dict) and any(isinstance(v, EncodedJson) for v in params.values())
 
@@ -100,6 +103,17 @@ def encode_message(obj: dict[str, Any]) -> bytes:
 def _finish(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # a broken connection is the transport's to handle, not a stray error
+
+
+def _done(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    fut: asyncio.Future[None] = loop.create_future()
+    fut.set_result(None)
+    return fut
 
 
 @dataclass
@@ -283,11 +297,28 @@ class GuardedTransport(VarlinkTransport):
         self._budget -= received
         return received
 
-    _burst = 0
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held: list[bytes] = []  # streamed replies of this event-loop turn, not written yet
 
     def send_message(self, data: bytes, fds: list[int] | None = None) -> asyncio.Future[None]:
-        """Write now if nothing waits to be written; else queue it (written when the socket takes it)."""
-        if (self._sendqueue or self._closing or self._sendfd is None
+        """Streamed replies (``continues``) are held and go out together: :data:`WRITE_BURST` of them
+        in one ``sendmsg`` (their sender then waits one event-loop turn: others' turn), fewer at the
+        end of this turn.  Any other message is written at once, after what is held.  What the
+        socket does not take is queued, as asyncvarlink queues everything."""
+        if not fds and data.startswith(STREAMED) and not (self._sendqueue or self._closing or self._sendfd is None):
+            self._held.append(data)
+            if len(self._held) == 1:
+                self._loop.call_soon(self._write_held)
+            if len(self._held) < WRITE_BURST:
+                return _done(self._loop)
+            queued = self._write_held()
+            if queued is not None:
+                return queued  # the sender waits until the socket took them
+            turn = self._loop.create_future()
+            self._loop.call_soon(_finish, turn)
+            return turn
+        if (self._write_held() is not None or self._sendqueue or self._closing or self._sendfd is None
                 or (fds and self._do_write is self._do_write_fd)):
             return super().send_message(data, fds)
         try:
@@ -296,13 +327,30 @@ class GuardedTransport(VarlinkTransport):
             return super().send_message(data, fds)  # the queued path retries it, or fails it as usual
         if sent < len(data):
             return super().send_message(data[sent:], [])  # the descriptors went with the first byte
-        done: asyncio.Future[None] = self._loop.create_future()
-        self._burst = (self._burst + 1) % WRITE_BURST
-        if self._burst:
-            done.set_result(None)
-        else:  # a sender that waits for each reply (a List) lets the others have a turn
-            self._loop.call_soon(_finish, done)
-        return done
+        return _done(self._loop)
+
+    def _write_held(self) -> asyncio.Future[None] | None:
+        """Write the held replies with one ``sendmsg``; what the socket does not take is queued (and
+        that future returned).  A transport that is closing or lost its sender drops them."""
+        held, self._held = self._held, []
+        if not held or self._closing or self._sendfd is None:
+            return None
+        sent = 0
+        if not self._sendqueue:
+            try:
+                sent = self._do_write(held, [])
+            except OSError:
+                pass  # EAGAIN: queued, written when the socket takes it; else the queued path fails it
+            else:
+                if sent == sum(len(d) for d in held):
+                    return None
+        queued = super().send_message(b"".join(held)[sent:], [])
+        queued.add_done_callback(_retrieve)  # (when written from call_soon, nobody awaits it)
+        return queued
+
+    def close(self) -> None:
+        self._write_held()  # first: a closing transport writes nothing new
+        super().close()
 
 
 class GuardedServer(VarlinkUnixServer):
