@@ -226,14 +226,14 @@ _MACHINE_INFO_TYPE = PreconvertedDataclass(MachineInfo)
 
 
 def machine_info(name: str, entry: Entry) -> MachineInfo:
-    """The machine's reply: the same object (with its JSON form) as last time while nothing in it
-    changed (its config's rendering is made once per config, so it compares by identity first)."""
+    """The machine's reply: the same object (with its encoded form) as last time while nothing in it
+    changed (its definition compares by identity first: a reload replaces it, nothing changes it)."""
     fields = _machine_fields(name, entry)
     key = tuple(fields.values())
     cached = entry.shown_reply
     if cached is not None and cached[0] == key:
         return cached[1]
-    info = MachineInfo(**fields)
+    info = MachineInfo(**{**fields, "config": _config_object(config_to_json(entry.config))})
     converted = _MACHINE_INFO_TYPE.tojson(info)  # (no encoded form yet: converted field by field)
     # settings left at their default are absent rather than null (as varlink allows): a quarter the size
     converted["config"] = {key: value for key, value in converted["config"].items() if value is not None}
@@ -243,6 +243,7 @@ def machine_info(name: str, entry: Entry) -> MachineInfo:
 
 
 def _machine_fields(name: str, entry: Entry) -> dict[str, typing.Any]:
+    """What a machine's reply is made from (``config``: its definition, rendered by :func:`machine_info`)."""
     m = entry.machine
     run = m.active_run
     return dict(
@@ -251,7 +252,7 @@ def _machine_fields(name: str, entry: Entry) -> dict[str, typing.Any]:
         runtimeDirectory=str(m.runtime.path) if run is not None else None,
         tpmStatePath=str(m.tpm_state_path) if m.tpm_state_path else None, units=m.units,
         status=m.guest_status, exitStatus=m.exit_status, failure=m.failure,
-        config=_shown_config(entry), definitionError=entry.definition_error, owner=entry.owner,
+        config=entry.config, definitionError=entry.definition_error, owner=entry.owner,
         runAs=entry.run_as, **_vsock_fields(run),
     )
 
@@ -262,13 +263,6 @@ def _vsock_fields(run: Run | None) -> dict[str, str | None]:
         return {}
     vsock, key = run.vsock, run.ssh_key
     return {"vsockBackend": str(vsock.backend), "sshAddress": vsock.ssh_address, "sshKey": str(key) if key else None}
-
-
-def _shown_config(entry: Entry) -> Config:
-    """The config as Describe shows it, made once per config (a reload that changes it resets it)."""
-    if entry.shown is None:
-        entry.shown = _config_object(config_to_json(entry.config))
-    return entry.shown
 
 
 def _event_object(event: Event) -> MachineEvent:
@@ -442,8 +436,8 @@ def _reply_preconverted(method: typing.Any, optional: bool = False) -> None:
     :func:`machine_info` keeps: the type, and so the interface description, stay the same."""
     signature = varlinksignature(method)
     assert signature is not None
-    machine = _MACHINE_INFO_TYPE
-    signature.return_type = ObjectVarlinkType({"machine": machine.optional() if optional else machine})
+    machine = _MACHINE_INFO_TYPE.optional() if optional else _MACHINE_INFO_TYPE
+    signature.return_type = ObjectVarlinkType({"machine": machine})
 
 
 for _method in (ManagerInterface.Create, ManagerInterface.Start, ManagerInterface.Stop, ManagerInterface.Kill,

@@ -67,8 +67,7 @@ class Entry:
     def run_as(self) -> int:
         """The uid its QEMU and helpers run as (the owner's, or root's for one that needs privileges)."""
         return self.machine.run_as
-    shown: Any = None  # the front end's cached rendering of ``config`` (reset when a reload changes it)
-    shown_reply: Any = None  # and of the whole machine: (what it was made from, the reply with its JSON)
+    shown_reply: Any = None  # the front end's last reply for it: (what it was made from, the reply)
 
     @property
     def console(self) -> ConsoleRelay | None:
@@ -165,7 +164,6 @@ class Manager:
             if fresh.definition_error is None:
                 entry.config = machine.config = fresh.config
                 entry.owner, machine.run_as = fresh.owner, fresh.run_as
-                entry.shown = None
             if machine.state in ACTIVE:
                 return True  # the run keeps what it started with
             if fresh.definition_error is not None:
