@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -185,12 +186,13 @@ def test_io_systemd_service_answers_like_systemds_daemons(daemon):
     assert "io.systemd.service" in info["interfaces"]
 
 
-def list_replies(path: Path) -> list[dict]:
-    """Every reply of one List (``more``), in order."""
+def list_replies(path: Path, on_sent: Callable[[], None] = lambda: None) -> list[dict]:
+    """Every reply of one List (``more``), in order (``on_sent`` runs before the first is read)."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(30)
         s.connect(str(path))
         s.sendall(json.dumps({"method": "io.vmspawnd.Manager.List", "parameters": {}, "more": True}).encode() + b"\0")
+        on_sent()
         data, replies = b"", []
         while chunk := s.recv(1 << 20):
             data += chunk
@@ -228,6 +230,28 @@ def test_lists_stream_every_machine_and_show_each_change(daemon):
         "config"]["linux"] == "/bin/true"
     assert "error" not in call(daemon.socket, "io.vmspawnd.Manager.Remove", {"name": "m100"})
     assert len(list_replies(daemon.socket)) == 149
+
+
+def test_a_list_larger_than_the_socket_buffer_reaches_a_slow_reader_whole(daemon):
+    """≈ 1 MB of replies to a client that reads only later: what the socket cannot take waits, in
+    order, and the daemon answers others meanwhile."""
+    names = [f"big{i:03}" for i in range(300)]
+    long_cmdline = [f"x{i}={'y' * 60}" for i in range(40)]  # ≈ 3 KB of reply per machine
+    for name in names:
+        assert "error" not in call(daemon.socket, "io.vmspawnd.Manager.Create",
+                                   {"name": name, "config": {"linux": "/bin/sh", "kernelCommandLine": long_cmdline}})
+    answered = []
+
+    def others_are_answered() -> None:  # while our List waits for us to read (a blocked daemon: a timeout)
+        time.sleep(0.5)
+        for _ in range(5):
+            answered.append(call(daemon.socket, "io.vmspawnd.Manager.Describe", {"name": "big007"}, timeout=10))
+
+    replies = list_replies(daemon.socket, on_sent=others_are_answered)
+    assert [r["parameters"]["machine"]["name"] for r in replies] == names
+    assert [r.get("continues", False) for r in replies] == [True] * 299 + [False]
+    assert all(r["parameters"]["machine"]["config"]["kernelCommandLine"] == long_cmdline for r in replies)
+    assert [a["parameters"]["machine"]["config"]["kernelCommandLine"] for a in answered] == [long_cmdline] * 5
 
 
 @pytest.mark.parametrize("head", [{}, {"continues": True}])

@@ -682,7 +682,6 @@ async def test_choose_runner_picks_units_when_the_manager_answers(fake_systemd, 
     assert isinstance(await choose_runner(systemd_dir=systemd_dir), ChildRunner)
 
 
-
 async def test_a_helpers_socket_is_noticed_by_inotify_not_by_a_timer(tmp_path):
     loop = asyncio.get_running_loop()
     (tmp_path / "a").mkdir()
