@@ -47,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench import boot_ratio
@@ -124,17 +125,34 @@ def boot_ratios(guest, tmp: Path, count: int, at_once: int = 1) -> dict[str, lis
             "gone": [ours.gone / bare.gone for ours, bare in found]}
 
 
-def daemon_start(stamps: Stamps, guest, runs: int, tpm: bool = False) -> list[float]:
+@contextlib.contextmanager
+def bench_daemon(state: Path | None = None, env: dict[str, str] | None = None
+                 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A vmspawnd answering on a socket, its runtime dir on a tmpfs (and its state too, unless ``state``);
+    stopped and its runtime base released after."""
     base = runtime_base()
     sock = base / "vmspawnd.sock"
     daemon = subprocess.Popen([sys.executable, "-m", "vmspawnd.cli.vmspawnd", f"--socket={sock}",
-                               f"--state-dir={base / 'state'}", f"--runtime-dir={base / 'run'}"],
-                              env=stamps.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               f"--state-dir={state or base / 'state'}", f"--runtime-dir={base / 'run'}"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         poll_call(sock)
-        config = {"linux": str(guest.kernel), "initrds": [str(guest.initrd)], "ram": "256M", "firmware": "bios",
-                  "tpm": "yes" if tpm else "no", "tpmState": "off", "vsock": "no",
-                  "kernelCommandLine": ["panic=-1", "test.notify=1", "test.action=hang"]}
+        yield daemon, sock
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        release_runtime_base(base)
+
+
+def guest_config(guest, **settings: str) -> dict:
+    """A daemon's definition of the test guest (BIOS, no TPM, no vsock, READY=1, then it idles)."""
+    return {"linux": str(guest.kernel), "initrds": [str(guest.initrd)], "ram": "256M", "firmware": "bios", "tpm": "no",
+            "vsock": "no", "kernelCommandLine": ["panic=-1", "test.notify=1", "test.action=hang"], **settings}
+
+
+def daemon_start(stamps: Stamps, guest, runs: int, tpm: bool = False) -> list[float]:
+    with bench_daemon(env=stamps.env) as (_, sock):
+        config = guest_config(guest, tpm="yes" if tpm else "no", tpmState="off")
         assert "error" not in call(sock, "io.vmspawnd.Manager.Create", {"name": "bench", "config": config})
         samples = []
         if tpm:  # the first start with a transient TPM makes the daemon keep one ready
@@ -149,10 +167,6 @@ def daemon_start(stamps: Stamps, guest, runs: int, tpm: bool = False) -> list[fl
             samples.append((stamps.qemu_exec()[1] - start) / 1e6)
             call(sock, "io.vmspawnd.Manager.Kill", {"name": "bench"}, timeout=60)
         return samples
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(30)
-        release_runtime_base(base)
 
 
 def list_all(sock: Path) -> int:
@@ -225,67 +239,56 @@ def describe_load(sock: Path, clients: int = 100, seconds: float = 3.0) -> tuple
 def many_machines(runs: int) -> dict[str, list[float]]:
     """Creates per second (definitions on disk, durable, one client, in batches of 100); List of the
     1,000 machines; Describe while others List; Describe from 100 clients; memory idle and per machine."""
-    base = runtime_base()
     state = Path(tempfile.mkdtemp(prefix="vmspawnd-bench-", dir="/var/tmp"))  # a disk, as /var/lib is
-    sock = base / "vmspawnd.sock"
-    daemon = subprocess.Popen([sys.executable, "-m", "vmspawnd.cli.vmspawnd", f"--socket={sock}",
-                               f"--state-dir={state}", f"--runtime-dir={base / 'run'}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        poll_call(sock)
-        time.sleep(1)  # settled: what it makes ahead of need is made
-        idle = resident_kb(daemon.pid)
-        creates = []
-        for batch in range(10):
-            start = time.monotonic_ns()
-            for i in range(batch * 100, batch * 100 + 100):
-                reply = call(sock, "io.vmspawnd.Manager.Create", {"name": f"m{i}", "config": {"linux": "/bin/sh"}})
-                assert "error" not in reply, reply
-            creates.append(100 / ((time.monotonic_ns() - start) / 1e9))
-        lists = []
-        for _ in range(runs):
-            start = time.monotonic_ns()
-            assert list_all(sock) == 1000
-            lists.append((time.monotonic_ns() - start) / 1e6)
-        stop = threading.Event()
-        listers = [threading.Thread(target=lambda: [list_all(sock) for _ in iter(stop.is_set, True)]) for _ in range(4)]
-        for t in listers:
-            t.start()
-        describes = []
-        for _ in range(runs * 20):
-            start = time.monotonic_ns()
-            assert "error" not in call(sock, "io.vmspawnd.Manager.Describe", {"name": "m500"})
-            describes.append((time.monotonic_ns() - start) / 1e6)
-        stop.set()
-        for t in listers:
-            t.join()
-        rates, latencies = [], []
-        for _ in range(runs):
-            rate, some = describe_load(sock, seconds=1.0)
-            rates.append(rate)
-            latencies += some
-        defined = (resident_kb(daemon.pid) - idle) / 1000
-        return {"creates": creates, "lists": lists, "describes": describes, "describe rates": rates,
-                "describe latencies": latencies, "idle MB": [idle / 1024], "per defined KB": [defined]}
+        with bench_daemon(state) as (daemon, sock):
+            return _many_machines(daemon, sock, runs)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(30)
-        release_runtime_base(base)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def _many_machines(daemon: subprocess.Popen[bytes], sock: Path, runs: int) -> dict[str, list[float]]:
+    time.sleep(1)  # settled: what it makes ahead of need is made
+    idle = resident_kb(daemon.pid)
+    creates = []
+    for batch in range(10):
+        start = time.monotonic_ns()
+        for i in range(batch * 100, batch * 100 + 100):
+            reply = call(sock, "io.vmspawnd.Manager.Create", {"name": f"m{i}", "config": {"linux": "/bin/sh"}})
+            assert "error" not in reply, reply
+        creates.append(100 / ((time.monotonic_ns() - start) / 1e9))
+    lists = []
+    for _ in range(runs):
+        start = time.monotonic_ns()
+        assert list_all(sock) == 1000
+        lists.append((time.monotonic_ns() - start) / 1e6)
+    stop = threading.Event()
+    listers = [threading.Thread(target=lambda: [list_all(sock) for _ in iter(stop.is_set, True)]) for _ in range(4)]
+    for t in listers:
+        t.start()
+    describes = []
+    for _ in range(runs * 20):
+        start = time.monotonic_ns()
+        assert "error" not in call(sock, "io.vmspawnd.Manager.Describe", {"name": "m500"})
+        describes.append((time.monotonic_ns() - start) / 1e6)
+    stop.set()
+    for t in listers:
+        t.join()
+    rates, latencies = [], []
+    for _ in range(runs):
+        rate, some = describe_load(sock, seconds=1.0)
+        rates.append(rate)
+        latencies += some
+    defined = (resident_kb(daemon.pid) - idle) / 1000
+    return {"creates": creates, "lists": lists, "describes": describes, "describe rates": rates,
+            "describe latencies": latencies, "idle MB": [idle / 1024], "per defined KB": [defined]}
 
 
 def running_vm_memory(guest, vms: int = 4, rounds: int = 2) -> list[float]:
     """What each of ``vms`` VMs running at once adds to the daemon's resident memory (KB), per round."""
-    base = runtime_base()
-    sock = base / "vmspawnd.sock"
-    daemon = subprocess.Popen([sys.executable, "-m", "vmspawnd.cli.vmspawnd", f"--socket={sock}",
-                               f"--state-dir={base / 'state'}", f"--runtime-dir={base / 'run'}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples = []
-    try:
-        poll_call(sock)
-        config = {"linux": str(guest.kernel), "initrds": [str(guest.initrd)], "ram": "128M", "firmware": "bios",
-                  "tpm": "no", "vsock": "no", "kernelCommandLine": ["panic=-1", "test.notify=1", "test.action=hang"]}
+    with bench_daemon() as (daemon, sock):
+        config = guest_config(guest, ram="128M")
         for i in range(vms):
             assert "error" not in call(sock, "io.vmspawnd.Manager.Create", {"name": f"vm{i}", "config": config})
         for _ in range(rounds):
@@ -302,10 +305,6 @@ def running_vm_memory(guest, vms: int = 4, rounds: int = 2) -> list[float]:
             for i in range(vms):
                 call(sock, "io.vmspawnd.Manager.Kill", {"name": f"vm{i}"}, timeout=60)
         return samples
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(30)
-        release_runtime_base(base)
 
 
 def poll_call(sock: Path, timeout: float = 20) -> None:
