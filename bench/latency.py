@@ -33,6 +33,7 @@ rename costs ≈ 0.2 ms); its state directory (the definitions) on a disk, in /v
 from __future__ import annotations
 
 import argparse
+import asyncio
 import compileall
 import contextlib
 import json
@@ -211,8 +212,6 @@ def resident_kb(pid: int) -> int:
 def describe_load(sock: Path, clients: int = 100, seconds: float = 3.0) -> tuple[float, list[float]]:
     """``clients`` connections, each calling Describe again as soon as it is answered: calls per second
     and each call's latency (ms)."""
-    import asyncio
-
     async def client(i: int, until: float, latencies: list[float]) -> None:
         reader, writer = await asyncio.open_unix_connection(str(sock))
         try:

@@ -27,6 +27,11 @@ import uuid
 import zlib
 from pathlib import Path
 
+from vmspawnd.config import ConsoleMode, MachineConfig, Ram, Tristate
+from vmspawnd.qemu.accel import find_qemu, qemu_version
+from vmspawnd.qemu.argv import Resources, build_qemu_argv
+from vmspawnd.values import Drive
+
 REPO = Path(__file__).resolve().parents[1]
 GUEST_INSIDE, IMAGE_INSIDE = "/var/cache/vmspawnd-bench-guest", "/var/cache/vmspawnd-bench-image"
 VENV_PYTHON = "/opt/vmspawnd-venv/bin/python"
@@ -77,11 +82,6 @@ def measure(guest_dir: Path, rounds: int, suite: str = "forky") -> dict[str, lis
 # ---------------------------------------------------------------- inside the tree
 
 def _bare_argv(tmp: Path, disk: Path) -> tuple[list[str], int]:
-    from vmspawnd.config import ConsoleMode, MachineConfig, Ram, Tristate
-    from vmspawnd.qemu.accel import find_qemu, qemu_version
-    from vmspawnd.qemu.argv import Resources, build_qemu_argv
-    from vmspawnd.values import Drive
-
     guest = Path(GUEST_INSIDE)
     config = MachineConfig(name="bare", linux=guest / "vmlinuz", initrds=(guest / "initrd.img",), kernel_cmdline=WORDS,
                            image=Drive(disk), ram=Ram(256 << 20), console=ConsoleMode.HEADLESS, kvm=Tristate.NO,
