@@ -9,7 +9,6 @@ VM's helpers are watched like a fresh one's.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import os
@@ -17,53 +16,22 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from asyncvarlink import VarlinkClientProtocol, VarlinkErrorReply, VarlinkInterfaceProxy, connect_unix_varlink
 
 from tests.conftest import Daemon, processes_mentioning
 from tests.polling import poll
-from vmspawnd.api import Config, ManagerInterface
+from tests.vm.clients import TYPED, Client, hammer, settle
+from vmspawnd.api import Config
 from vmspawnd.faults import CRASH_ENV
 
 pytestmark = pytest.mark.vm
-
-CALL_TIMEOUT = 120.0
-TYPED = {"NoSuchMachine", "MachineExists", "InvalidConfig", "WrongState", "StartFailed", "HostFailed"}
 
 
 def guest_config(guest, *words: str, tpm: str = "auto", linux: Path | None = None, **fields) -> Config:
     return Config(linux=str(linux or guest.kernel), initrds=[str(guest.initrd)], ram="256M", console="headless",
                   firmware="bios", tpm=tpm, kernelCommandLine=["panic=-1", "test.notify=1", *words], **fields)
-
-
-class Client:
-    """One varlink connection to the daemon."""
-
-    def __init__(self, transport, proxy) -> None:
-        self.transport, self.proxy = transport, proxy
-
-    @classmethod
-    async def connect(cls, daemon: Daemon) -> Client:
-        transport, protocol = await connect_unix_varlink(VarlinkClientProtocol, daemon.socket)
-        return cls(transport, VarlinkInterfaceProxy(protocol, ManagerInterface))
-
-    async def call(self, method: str, **params) -> str:
-        """``ok`` or the short name of the typed error; raises on anything else (a hang included)."""
-        try:
-            await asyncio.wait_for(getattr(self.proxy, method)(**params), CALL_TIMEOUT)
-        except VarlinkErrorReply as e:
-            return e.name.rsplit(".", 1)[-1]
-        return "ok"
-
-    async def state(self, name: str) -> str:
-        reply = await asyncio.wait_for(self.proxy.Describe(name=name), CALL_TIMEOUT)
-        return reply["machine"].state.value
-
-    def close(self) -> None:
-        self.transport.close()
 
 
 def daemon_fds(daemon: Daemon) -> int:
@@ -73,45 +41,6 @@ def daemon_fds(daemon: Daemon) -> int:
 
 def machine_dir(daemon: Daemon, name: str) -> str:
     return str(daemon.runtime / "machines" / name) + "/"
-
-
-def settle(daemon: Daemon, names) -> dict[str, dict]:
-    """Kill what runs, then wait until no machine is starting, running or stopping."""
-    def states() -> dict[str, dict]:
-        found = {}
-        for name in names:
-            p = daemon.ctl("--json", "status", name)
-            if p.returncode == 0:
-                found[name] = json.loads(p.stdout)
-        return found
-    for name, st in states().items():
-        if st["state"] == "running":
-            daemon.ctl("kill", name)
-    return poll(states, lambda s: all(m["state"] in ("stopped", "failed") for m in s.values()), 60)
-
-
-def hammer(daemon: Daemon, clients: int, seconds: float,
-           next_call: Callable[[random.Random, int], tuple[str, dict]]) -> collections.Counter[tuple[str, str]]:
-    """``clients`` connections, each making the calls ``next_call(its random generator, its number)``
-    picks, one after another, for ``seconds``: how often each (method, outcome) came back."""
-    outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
-    deadline = time.monotonic() + seconds
-
-    async def client(seed: int) -> None:
-        rnd = random.Random(seed)
-        c = await Client.connect(daemon)
-        try:
-            while time.monotonic() < deadline:
-                op, params = next_call(rnd, seed)
-                outcomes[(op, await c.call(op, **params))] += 1
-        finally:
-            c.close()
-
-    async def main() -> None:
-        await asyncio.gather(*(client(i) for i in range(clients)))
-
-    asyncio.run(main())
-    return outcomes
 
 
 def test_concurrent_clients_hammering_three_machines(daemon, guest):

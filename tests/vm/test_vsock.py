@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import CTL, Daemon, VmRun, assert_clean, call_as, process_gone, processes_mentioning, public_daemon
 from tests.polling import poll
 from tests.sshd import guest_sshd_initrd
-from tests.vm.test_run_model import TYPED, hammer, settle
+from tests.vm.clients import TYPED, hammer, settle
 from vmspawnd.proc import process_cmdline
 from vmspawnd.qemu.vsock import BACKEND_ENV
 
