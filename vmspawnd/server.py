@@ -59,7 +59,6 @@ MAX_MESSAGE = 1 << 20  # one varlink message, without its NUL
 MAX_BUFFERED = 64 << 20  # partial messages across all connections
 READ_BUDGET = 64 << 10  # bytes read from one connection per event-loop turn
 WRITE_BURST = 16  # streamed replies written with one sendmsg, before their sender waits a turn (others' turn)
-STREAMED = b'{"continues":true'  # how a streamed reply begins, as asyncvarlink and encode_message write it
 DEFAULT_MAX_CONNECTIONS = 4096
 ACCEPT_PAUSE = 0.1  # seconds without accepting when we are out of file descriptors
 ACCEPT_BATCH = 64  # connections accepted per event-loop turn
@@ -82,15 +81,12 @@ class EncodedJson:
         self.data = _ENCODER.encode(value).encode()
 
 
-def has_encoded_json(obj: Any) -> bool:
-    """Whether the message ``obj`` has a parameter in :class:`EncodedJson` form."""
-    params = obj.get("parameters") if isinstance(obj, dict) else None
-    return isinstance(params, dict) and any(isinstance(v, EncodedJson) for v in params.values())
-
-
 def encode_message(obj: dict[str, Any]) -> bytes:
-    """A varlink message with its NUL, its :class:`EncodedJson` parameters put in as they are."""
-    params = obj["parameters"]
+    """A varlink message with its NUL (as asyncvarlink encodes it), :class:`EncodedJson` parameters put
+    in as they are."""
+    params = obj.get("parameters")
+    if not isinstance(params, dict) or not any(isinstance(v, EncodedJson) for v in params.values()):
+        return _ENCODER.encode(obj).encode() + b"\0"
     members = [_ENCODER.encode(k).encode() + b":" + v.data for k, v in params.items() if isinstance(v, EncodedJson)]
     plain = {k: v for k, v in params.items() if not isinstance(v, EncodedJson)}
     if plain:
@@ -218,14 +214,18 @@ class GuardedProtocol(VarlinkInterfaceServerProtocol):
 
     # ------------------------------------------------------------ writing
     def send_message(self, obj: Any, fds: list[int] | None = None, autoclose: bool = True) -> asyncio.Future[None]:
-        """As asyncvarlink sends a message, with :class:`EncodedJson` parameters as they are."""
-        if not has_encoded_json(obj):
-            return super().send_message(obj, fds, autoclose)
-        if self._transport is None:
+        """As asyncvarlink sends a message, but :class:`EncodedJson` parameters go in as they are, and a
+        streamed reply (``continues``) goes to :meth:`GuardedTransport.send_streamed`."""
+        transport = self._transport
+        if transport is None:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             fut.set_exception(BrokenPipeError())
             return fut
-        fut = self._transport.send_message(encode_message(obj), fds)
+        data = encode_message(obj)
+        if obj.get("continues") and not fds and isinstance(transport, GuardedTransport):
+            fut = transport.send_streamed(data)
+        else:
+            fut = transport.send_message(data, fds)
         if fds and autoclose:
             def close_fds(_: asyncio.Future[None]) -> None:
                 for fd in fds:
@@ -286,6 +286,10 @@ class GuardedTransport(VarlinkTransport):
 
     _budget = READ_BUDGET
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held: list[bytes] = []  # streamed replies of this event-loop turn, not written yet
+
     def _handle_read_socket_peek(self) -> None:
         self._budget = READ_BUDGET
         super()._handle_read_socket_peek()
@@ -297,27 +301,27 @@ class GuardedTransport(VarlinkTransport):
         self._budget -= received
         return received
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._held: list[bytes] = []  # streamed replies of this event-loop turn, not written yet
+    def send_streamed(self, data: bytes) -> asyncio.Future[None]:
+        """A streamed reply: held, to go out with the ones that follow it, :data:`WRITE_BURST` of them in
+        one ``sendmsg`` (their sender then waits one event-loop turn: others' turn), fewer at the end
+        of this turn."""
+        if self._sendqueue or self._closing or self._sendfd is None:
+            return self.send_message(data)
+        self._held.append(data)
+        if len(self._held) == 1:
+            self._loop.call_soon(self._write_held)
+        if len(self._held) < WRITE_BURST:
+            return _done(self._loop)
+        queued = self._write_held()
+        if queued is not None:
+            return queued  # the sender waits until the socket took them
+        turn = self._loop.create_future()
+        self._loop.call_soon(_finish, turn)
+        return turn
 
     def send_message(self, data: bytes, fds: list[int] | None = None) -> asyncio.Future[None]:
-        """Streamed replies (``continues``) are held and go out together: :data:`WRITE_BURST` of them
-        in one ``sendmsg`` (their sender then waits one event-loop turn: others' turn), fewer at the
-        end of this turn.  Any other message is written at once, after what is held.  What the
-        socket does not take is queued, as asyncvarlink queues everything."""
-        if not fds and data.startswith(STREAMED) and not (self._sendqueue or self._closing or self._sendfd is None):
-            self._held.append(data)
-            if len(self._held) == 1:
-                self._loop.call_soon(self._write_held)
-            if len(self._held) < WRITE_BURST:
-                return _done(self._loop)
-            queued = self._write_held()
-            if queued is not None:
-                return queued  # the sender waits until the socket took them
-            turn = self._loop.create_future()
-            self._loop.call_soon(_finish, turn)
-            return turn
+        """Write at once, after what is held, when nothing is queued; else queue it (as asyncvarlink
+        queues everything)."""
         if (self._write_held() is not None or self._sendqueue or self._closing or self._sendfd is None
                 or (fds and self._do_write is self._do_write_fd)):
             return super().send_message(data, fds)
