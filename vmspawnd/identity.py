@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmspawnd.errors import ConfigError
+from vmspawnd.proc import libc, libc_error
 
 #: the setgroups system call's number per architecture (the generic table: aarch64, riscv64, loongarch64)
 _SYS_SETGROUPS = {"x86_64": 116, "aarch64": 159, "riscv64": 159, "loongarch64": 159, "ppc64le": 81,
@@ -83,18 +84,13 @@ class Identity:
 ROOT = Identity(0, 0, (), "root")
 
 
-def _libc() -> Any:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def _set_thread_groups(libc: Any, groups: tuple[int, ...]) -> None:
     number = _SYS_SETGROUPS.get(platform.machine())
     if number is None:
         raise OSError(f"cannot switch a thread's groups on {platform.machine()}")
     array = (ctypes.c_uint * max(1, len(groups)))(*groups)
     if libc.syscall(ctypes.c_long(number), ctypes.c_size_t(len(groups)), array) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"setgroups: {os.strerror(errno)}")
+        raise libc_error("setgroups")
 
 
 def _set_fs_ids(libc: Any, uid: int, gid: int) -> None:
@@ -112,17 +108,17 @@ def acting_as(identity: Identity) -> Iterator[None]:
     if not identity.switches:
         yield
         return
-    libc = _libc()
+    lib = libc()
     saved_groups = tuple(os.getgroups())  # this thread's
-    _set_thread_groups(libc, identity.groups)
+    _set_thread_groups(lib, identity.groups)
     try:
-        _set_fs_ids(libc, identity.uid, identity.gid)
+        _set_fs_ids(lib, identity.uid, identity.gid)
         try:
             yield
         finally:
-            _set_fs_ids(libc, 0, 0)
+            _set_fs_ids(lib, 0, 0)
     finally:
-        _set_thread_groups(libc, saved_groups)
+        _set_thread_groups(lib, saved_groups)
 
 
 def connect_as(identity: Identity, path: str) -> socket.socket:

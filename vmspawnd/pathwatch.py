@@ -12,10 +12,11 @@ would stall the event loop, while removing a watch does not.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import struct
 from pathlib import Path
+
+from vmspawnd.proc import libc, libc_error
 
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
@@ -24,25 +25,22 @@ IN_CREATE = 0x00000100
 IN_Q_OVERFLOW = 0x00004000
 EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 class _Inotify:
     """The process's inotify instance: watches counted per descriptor, waiters woken per descriptor."""
 
     def __init__(self) -> None:
-        fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        fd = libc().inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
-            raise _oserror("inotify_init1")
+            raise libc_error("inotify_init1")
         self.fd = fd
         self._uses: dict[int, int] = {}
         self._waiters: dict[int, set[asyncio.Future[None]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop our reader is registered with
 
     def add(self, directory: Path) -> int:
-        wd = _libc.inotify_add_watch(self.fd, os.fsencode(directory), IN_CREATE | IN_MOVED_TO)
+        wd = libc().inotify_add_watch(self.fd, os.fsencode(directory), IN_CREATE | IN_MOVED_TO)
         if wd < 0:
-            raise _oserror(str(directory))
+            raise libc_error(f"inotify: {directory}")
         self._uses[wd] = self._uses.get(wd, 0) + 1  # the same directory twice is the same watch
         return wd
 
@@ -50,7 +48,7 @@ class _Inotify:
         self._uses[wd] -= 1
         if not self._uses[wd]:
             del self._uses[wd]
-            _libc.inotify_rm_watch(self.fd, wd)  # (EINVAL if the directory went first: nothing to do)
+            libc().inotify_rm_watch(self.fd, wd)  # (EINVAL if the directory went first: nothing to do)
 
     def wait(self, wd: int) -> asyncio.Future[None]:
         """A future done at the next event for ``wd``; :meth:`forget` it when done with it."""
@@ -126,8 +124,3 @@ class DirectoryWatch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _oserror(what: str) -> OSError:
-    err = ctypes.get_errno()
-    return OSError(err, f"inotify: {os.strerror(err)}", what)

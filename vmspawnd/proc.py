@@ -16,9 +16,23 @@ CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def libc() -> ctypes.CDLL:
+    """The C library, for the calls Python's os module lacks (errors in :func:`libc_error`)."""
+    return _LIBC
+
+
+def libc_error(what: str) -> OSError:
+    """The OSError for the last failed :func:`libc` call, naming ``what`` it was about."""
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
 def set_parent_death_signal() -> None:
     """preexec_fn: the child gets SIGTERM when we die (runs between fork and exec)."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def has_capability(bit: int, status: Path = Path("/proc/self/status")) -> bool:
