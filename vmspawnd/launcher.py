@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+from vmspawnd.futures import resolve
 from vmspawnd.identity import ROOT, Identity
 
 EXECLATE = Path(__file__).with_name("execlate.py")
@@ -92,7 +93,7 @@ class QemuProcess:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         pidfd = self._pidfd
-        loop.add_reader(pidfd, lambda: _resolve(done))
+        loop.add_reader(pidfd, lambda: resolve(done))
         try:
             await done
         finally:
@@ -173,9 +174,3 @@ class SpareLauncher:
         if self._spare is not None:
             self._spare.close()
             self._spare = None
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    """Set ``future``'s result unless it is done already (a reader callback may run twice)."""
-    if not future.done():
-        future.set_result(None)

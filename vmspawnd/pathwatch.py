@@ -16,6 +16,7 @@ import os
 import struct
 from pathlib import Path
 
+from vmspawnd.futures import resolve
 from vmspawnd.proc import libc, libc_error
 
 IN_NONBLOCK = os.O_NONBLOCK
@@ -85,8 +86,7 @@ class _Inotify:
             pass
         for wd in woken:
             for future in self._waiters.get(wd, ()):
-                if not future.done():
-                    future.set_result(None)
+                resolve(future)
 
 
 _instance: _Inotify | None = None

@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from vmspawnd.futures import resolve
 from vmspawnd.identity import ROOT, Identity
 from vmspawnd.proc import process_start_time, processes_mentioning
 from vmspawnd.qemu.vsock import HYBRID_SOCKET, GuestVsock, VsockBackend
@@ -130,7 +131,7 @@ async def kill_process(pid: int, starttime: int | None) -> bool:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         loop = asyncio.get_running_loop()
         gone = loop.create_future()
-        loop.add_reader(pidfd, lambda: _resolve(gone))
+        loop.add_reader(pidfd, lambda: resolve(gone))
         try:
             await asyncio.wait_for(gone, KILL_WAIT)
         except TimeoutError:
@@ -187,9 +188,3 @@ async def stop_units(units: list[str]) -> None:
                 await systemd.stop_unit(unit, timeout=30)
     finally:
         await systemd.aclose()
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    """Set ``future``'s result unless it is done already (a reader callback may run twice)."""
-    if not future.done():
-        future.set_result(None)

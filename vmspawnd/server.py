@@ -53,6 +53,8 @@ from asyncvarlink import (
 )
 from asyncvarlink.util import VarlinkUnixServer
 
+from vmspawnd.futures import resolve, resolved
+
 log = structlog.get_logger()
 
 MAX_MESSAGE = 1 << 20  # one varlink message, without its NUL
@@ -96,20 +98,11 @@ def encode_message(obj: dict[str, Any]) -> bytes:
             + b",".join(members) + b"}}\0")
 
 
-def _finish(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 def _retrieve(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled():
         fut.exception()  # a broken connection is the transport's to handle, not a stray error
 
 
-def _done(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-    fut: asyncio.Future[None] = loop.create_future()
-    fut.set_result(None)
-    return fut
 
 
 @dataclass
@@ -311,12 +304,12 @@ class GuardedTransport(VarlinkTransport):
         if len(self._held) == 1:
             self._loop.call_soon(self._write_held)
         if len(self._held) < WRITE_BURST:
-            return _done(self._loop)
+            return resolved(self._loop)
         queued = self._write_held()
         if queued is not None:
             return queued  # the sender waits until the socket took them
         turn = self._loop.create_future()
-        self._loop.call_soon(_finish, turn)
+        self._loop.call_soon(resolve, turn)
         return turn
 
     def send_message(self, data: bytes, fds: list[int] | None = None) -> asyncio.Future[None]:
@@ -331,7 +324,7 @@ class GuardedTransport(VarlinkTransport):
             return super().send_message(data, fds)  # the queued path retries it, or fails it as usual
         if sent < len(data):
             return super().send_message(data[sent:], [])  # the descriptors went with the first byte
-        return _done(self._loop)
+        return resolved(self._loop)
 
     def _write_held(self) -> asyncio.Future[None] | None:
         """Write the held replies with one ``sendmsg``; what the socket does not take is queued (and

@@ -33,6 +33,7 @@ from typing import IO, Any, Protocol
 
 import structlog
 
+from vmspawnd.futures import resolve
 from vmspawnd.identity import ROOT, Identity
 from vmspawnd.pathwatch import DirectoryWatch
 from vmspawnd.proc import set_parent_death_signal
@@ -235,7 +236,7 @@ class ChildService(RunningService):
         loop = asyncio.get_running_loop()
         gone = loop.create_future()
         pidfd = self._pidfd
-        loop.add_reader(pidfd, lambda: _resolve(gone))
+        loop.add_reader(pidfd, lambda: resolve(gone))
         try:
             await gone
         finally:
@@ -352,7 +353,7 @@ class AdoptedChildService(RunningService):
     async def _watch(self) -> int | None:
         gone = self._loop.create_future()
         pidfd = self._pidfd
-        self._loop.add_reader(pidfd, lambda: _resolve(gone))
+        self._loop.add_reader(pidfd, lambda: resolve(gone))
         try:
             await gone
         finally:
@@ -559,9 +560,3 @@ async def choose_runner(*, die_with_parent: bool = True, timeout: float = CONNEC
             raise ServiceError("service-runner", f"${RUNNER_ENV}=unit but {reason}")
     log.info("auxiliary services run as child processes", reason=reason)
     return ChildRunner(die_with_parent=die_with_parent)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    """Set ``future``'s result unless it is done already (a reader callback may run twice)."""
-    if not future.done():
-        future.set_result(None)
