@@ -10,7 +10,8 @@ Each machine has two, side by side under the runtime base (0711: reachable, not 
   0700): the lock, ``run.json`` (the processes a later daemon adopts or ends) and the
   ``--ephemeral`` copy's path.  Nothing the VM's user can write is ever trusted.
 
-Machine names have no '.', so no machine's directory is another's records.
+Machine names have no '.', so no machine's directory is another's records, nor the base's one
+file of its own: ``qemu.version``, the host's QEMU version kept for the next start (qemu/accel.py).
 """
 
 from __future__ import annotations
