@@ -2,13 +2,14 @@
 """vmspawnd: run virtual machines the systemd way, from the command line or as a service."""
 
 import sys
-from pathlib import Path
 
 __version__ = "0.1.0"
 
 
 def docs_url() -> str:
     """Where this copy's README is (``varlinkctl info`` shows it as the URL)."""
+    from pathlib import Path  # not at the top: `vmspawn` imports this package before it starts QEMU's launcher
+
     for readme in (Path(sys.prefix) / "share/doc/vmspawnd/README.md",
                    Path(__file__).resolve().parents[1] / "README.md"):
         if readme.is_file():

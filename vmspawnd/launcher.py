@@ -10,23 +10,43 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import IO
 
+from vmspawnd.execlate import launcher_argv, launcher_env
 from vmspawnd.futures import resolve
 from vmspawnd.identity import ROOT, Identity
 
-EXECLATE = Path(__file__).with_name("execlate.py")
+
+class SpawnedChild:
+    """A child started without :mod:`subprocess` (``execlate.spawn``), reaped as Popen reaps its own."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
 
 
 class QemuProcess:
     """A running QEMU: its pid, a pidfd to wait on, and (for our own child) its exit status."""
 
-    def __init__(self, pid: int, popen: subprocess.Popen[bytes] | None) -> None:
+    def __init__(self, pid: int, popen: subprocess.Popen[bytes] | SpawnedChild | None,
+                 inherits_stdin: bool = False) -> None:
         self.pid = pid
         self._popen = popen
+        self.inherits_stdin = inherits_stdin  # the launcher has our stdin (QEMU gets it only if asked)
         self._pidfd = os.pidfd_open(pid)
         self.returncode: int | None = None
         self._channel: socket.socket | None = None
@@ -39,35 +59,48 @@ class QemuProcess:
         ``die_with_parent``: it (and QEMU) gets SIGTERM when we die."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            env = dict(os.environ)
-            env.setdefault("LANG", "C.UTF-8")
-            argv = [sys.executable, "-I", "-S", str(EXECLATE), str(theirs.fileno())]
-            if die_with_parent:
-                argv.append(str(os.getpid()))
+            argv = launcher_argv(theirs.fileno(), os.getpid() if die_with_parent else None)
             popen = subprocess.Popen(  # no preexec_fn: that would make a fork of us rather than a vfork
                 argv, stdin=None if inherit_stdin else subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                pass_fds=(theirs.fileno(),), start_new_session=True, env=env,
+                pass_fds=(theirs.fileno(),), start_new_session=True, env=launcher_env(),
             )
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
-        process = cls(popen.pid, popen)
+        process = cls(popen.pid, popen, inherits_stdin=inherit_stdin)
         process._channel = ours
         return process
 
-    def exec(self, argv: Sequence[str], fds: Sequence[int] = (), identity: Identity = ROOT) -> None:
-        """Make the early-forked launcher exec QEMU with ``fds`` at the same numbers as ours."""
+    @classmethod
+    def spawned(cls, pid: int, channel_fd: int) -> QemuProcess:
+        """A launcher our child started with ``execlate.spawn`` (it has our stdin, fds 0-2)."""
+        process = cls(pid, SpawnedChild(pid), inherits_stdin=True)
+        process._channel = socket.socket(fileno=channel_fd)
+        return process
+
+    def exec(self, argv: Sequence[str], fds: Sequence[int] = (), identity: Identity = ROOT,
+             keep_stdin: bool = False) -> None:
+        """Make the early-forked launcher exec QEMU with ``fds`` at the same numbers as ours; QEMU's
+        stdin is /dev/null unless ``keep_stdin`` (and the launcher has ours)."""
         assert self._channel is not None, "exec() is for processes started with fork_early()"
-        request: dict[str, object] = {"argv": list(argv), "targets": list(fds)}
+        sent, targets = list(fds), list(fds)
+        devnull = -1
+        if self.inherits_stdin and not keep_stdin:
+            devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            sent.append(devnull)
+            targets.append(0)
+        request: dict[str, object] = {"argv": list(argv), "targets": targets}
         if identity.switches:  # the launcher becomes this user just before it execs QEMU
             request["user"] = [identity.uid, identity.gid, list(identity.groups)]
         try:
-            socket.send_fds(self._channel, [marshal.dumps(request)], list(fds))
+            socket.send_fds(self._channel, [marshal.dumps(request)], sent)
         finally:
             self._channel.close()
             self._channel = None
+            if devnull >= 0:
+                os.close(devnull)
 
     def cancel(self) -> None:
         """Abandon an early-forked launcher before exec: it exits on its own."""

@@ -124,10 +124,10 @@ class Machine:
         except Exception:
             self.log.exception("event handler failed", event=kind)
 
-    def _new_run(self, plan: LaunchPlan | None = None) -> Run:
+    def _new_run(self, plan: LaunchPlan | None = None, launcher: QemuProcess | None = None) -> Run:
         return Run(self.config, self.runtime, on_event=self._run_event, die_with_parent=self._die_with_parent,
                    qemu_output=self._qemu_output, console_socket=self._console_socket, plan=plan,
-                   identity=Identity.of_uid(self.run_as), spares=self._spares)
+                   identity=Identity.of_uid(self.run_as), spares=self._spares, launcher=launcher)
 
     def _run_event(self, run: Run, kind: str, data: dict[str, Any]) -> None:
         """What a run reports; a run that is no longer current has nothing more to say."""
@@ -158,16 +158,18 @@ class Machine:
         return self.run
 
     # ---------------------------------------------------------------- commands
-    async def start(self, after: AfterStart | None = None, plan: LaunchPlan | None = None) -> None:
+    async def start(self, after: AfterStart | None = None, plan: LaunchPlan | None = None,
+                    launcher: QemuProcess | None = None) -> None:
         """Start a new run (``after`` runs once it is up, still under the lock) with the launch
-        ``plan`` the caller made (else the run makes it).  On failure everything acquired is
-        released and the machine is failed with the reason."""
+        ``plan`` the caller made (else the run makes it) and the exec-late ``launcher`` it started
+        (else the run starts one).  On failure everything acquired is released and the machine is
+        failed with the reason."""
         async with self.lock:
             if self.removed:
                 raise NoSuchMachine(self.config.name)
             if self.state in ACTIVE:
                 raise WrongState(self.config.name, self.state.value, "it must be stopped to start")
-            run = self.run = self._new_run(plan)
+            run = self.run = self._new_run(plan, launcher)
             self.guest_status, self.exit_status, self.failure = None, None, None
             self._set_state(State.STARTING)
             try:

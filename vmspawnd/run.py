@@ -117,11 +117,12 @@ class Run:
     def __init__(self, config: MachineConfig, runtime: RuntimeDir, *, on_event: RunEventHandler,
                  die_with_parent: bool = True, qemu_output: int | IO[bytes] | None = None,
                  console_socket: bool = False, plan: LaunchPlan | None = None, identity: Identity = ROOT,
-                 spares: Spares | None = None) -> None:
+                 spares: Spares | None = None, launcher: QemuProcess | None = None) -> None:
         self.config = config
         self.runtime = runtime
         self.identity = identity  # whom QEMU and its helpers run as; the daemon acts as them on their files
         self._spares = spares  # a launcher and a TPM state made ahead of need (the daemon's)
+        self._launcher = launcher  # a launcher started for this run ahead of need (vmspawn's)
         self.log = log.bind(machine=config.name)
         self.readiness = Readiness()
         self.qemu: QemuProcess | None = None
@@ -191,7 +192,13 @@ class Run:
         config = self.config
         # fork early, exec late: the launcher that becomes QEMU starts first, while we set up
         plain = not self._die_with_parent and self._qemu_output is None and config.console is not ConsoleMode.NATIVE
-        if self._spares is not None and plain:
+        launcher, self._launcher = self._launcher, None
+        if launcher is not None and not launcher.alive:  # it died (and is reaped): start another
+            launcher.close()
+            launcher = None
+        if launcher is not None:
+            self.qemu = launcher
+        elif self._spares is not None and plain:
             self.qemu = self._spares.launcher.take()
         else:
             self.qemu = QemuProcess.fork_early(die_with_parent=self._die_with_parent, stdout=self._qemu_output,
@@ -256,7 +263,7 @@ class Run:
         )
         argv = build_qemu_argv(run_config, resources)
         self.log.debug("spawning qemu", argv=" ".join(argv))
-        self.qemu.exec(argv, pass_fds, self.identity)
+        self.qemu.exec(argv, pass_fds, self.identity, keep_stdin=config.console is ConsoleMode.NATIVE)
         if self._spares is not None:
             self._spares.launcher.refill()  # the next start's, while QEMU comes up
         qmp_sock.close()  # QEMU has its copy

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import process_gone
 from tests.polling import poll
+from vmspawnd.execlate import spawn
 from vmspawnd.launcher import QemuProcess
 
 
@@ -42,19 +43,55 @@ async def test_cancel_before_exec_ends_the_launcher_quietly():
     assert await asyncio.wait_for(proc.wait(), 10) == 0
 
 
+REPORT_STDIN = "import os,sys; print(os.getpid(), os.readlink('/proc/self/fd/0'), flush=True); sys.exit(3)"
+
+
+@pytest.mark.parametrize("keep_stdin", [False, True])
+async def test_a_launcher_spawned_first_gives_qemu_our_stdin_only_when_asked(keep_stdin, tmp_path):
+    """vmspawn starts its launcher before it knows the console mode: the launcher has vmspawn's stdin,
+    and QEMU gets it only for --console=native."""
+    ours = tmp_path / "stdin"
+    ours.touch()
+    saved = os.dup(0)
+    os.dup2(os.open(ours, os.O_RDONLY), 0)
+    try:
+        pid, channel = spawn()
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+    proc = QemuProcess.spawned(pid, channel)
+    out_r, out_w = os.pipe()
+    try:
+        os.set_inheritable(out_w, True)
+        proc.exec(["/usr/bin/env", "python3", "-c", f"import os; os.dup2({out_w}, 1); {REPORT_STDIN}"], [out_w],
+                  keep_stdin=keep_stdin)
+        os.close(out_w)
+        assert await asyncio.wait_for(proc.wait(), 10) == 3  # reaped: its exit status is ours to see
+        reported_pid, stdin = os.read(out_r, 1000).decode().split()
+    finally:
+        os.close(out_r)
+    assert int(reported_pid) == pid
+    assert stdin == (str(ours) if keep_stdin else "/dev/null")
+
+
 PARENT = """
 import sys
+from vmspawnd.execlate import spawn
 from vmspawnd.launcher import QemuProcess
-proc = QemuProcess.fork_early(die_with_parent=sys.argv[1] == "yes")
+if sys.argv[1] == "early":  # as the vmspawn command starts it
+    proc = QemuProcess.spawned(*spawn(parent=__import__("os").getpid()))
+else:
+    proc = QemuProcess.fork_early(die_with_parent=sys.argv[1] == "yes")
 proc.exec(["/bin/sleep", "60"])
 print(proc.pid, flush=True)
 sys.stdin.read()  # until killed
 """
 
 
-@pytest.mark.parametrize("die_with_parent", [True, False])
-def test_qemu_dies_with_its_parent_only_when_asked(die_with_parent):
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, "yes" if die_with_parent else "no"],
+@pytest.mark.parametrize("how", ["yes", "no", "early"])
+def test_qemu_dies_with_its_parent_only_when_asked(how):
+    die_with_parent = how != "no"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, how],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     pid = int(parent.stdout.readline())
     try:

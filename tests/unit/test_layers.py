@@ -34,9 +34,13 @@ def imports() -> dict[str, tuple[set[str], set[str]]]:
     return found
 
 
+#: the `vmspawn` command imports its work only after it has started QEMU's launcher (see its docstring)
+DEFERRED = {"vmspawnd.cli.vmspawn": ["vmspawnd.cli.foreground"]}
+
+
 def test_no_module_imports_our_modules_inside_a_function() -> None:
     inner = {m: sorted(i) for m, (_, i) in imports().items() if i and not m.startswith("vmspawnd.testing")}
-    assert inner == {}, inner
+    assert inner == DEFERRED, inner
 
 
 def test_there_is_no_import_cycle() -> None:

@@ -1,157 +1,26 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""``vmspawn``: run one VM in the foreground, with systemd-vmspawn's options."""
+"""The ``vmspawn`` command: start QEMU's exec-late launcher first, then do the work (foreground.py).
 
-from __future__ import annotations
+The launcher (execlate.py) is a second, bare interpreter that becomes QEMU.  Started here, before
+the rest of vmspawn is imported, it comes up on the other CPU while vmspawn imports and sets up,
+so QEMU's exec does not wait for its start-up.  Hence this module imports nothing heavy, and is
+the one module that imports one of ours inside a function (tests/unit/test_layers.py).
+"""
 
-import asyncio
-import contextlib
 import os
-import signal
-import socket
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Any
 
-import structlog
-
-from vmspawnd.config import MachineConfig
-from vmspawnd.errors import ConfigError, StartError, WrongState
-from vmspawnd.log import command_level, setup_logging
-from vmspawnd.machine import Machine, State
-from vmspawnd.options import InfoRequest, parse_vmspawn_command_line
-from vmspawnd.plan import LaunchPlan, plan_launch
-from vmspawnd.ptyfwd import PtyForwarder
-from vmspawnd.runtime import runtime_base
-from vmspawnd.systemd.notify import ManagerNotifier
-from vmspawnd.tint import query_terminal_background, tint_from_background
-from vmspawnd.values import FALSE_WORDS, ConsoleMode
-
-log = structlog.get_logger()
+from vmspawnd.execlate import spawn
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging(program="vmspawn", level=command_level())
+def main() -> int:
     try:
-        terminal = os.isatty(0) and os.isatty(1)
-        config, front_end = parse_vmspawn_command_line(sys.argv[1:] if argv is None else argv, terminal=terminal)
-        if config.console is ConsoleMode.INTERACTIVE and not terminal:
-            raise ConfigError("console", "interactive", "needs a terminal on standard input and output "
-                              "(use --console=read-only or headless)")
-        plan = plan_launch(config)  # what this host offers, looked at once, before anything is shown
-    except InfoRequest as info:
-        try:
-            print(info.text, flush=True)
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except ConfigError as e:
-        print(f"vmspawn: {e}", file=sys.stderr)
-        return 1
-    setup_logging(program="vmspawn", level=front_end.log_level)
-    try:
-        status = asyncio.run(run(config, front_end.background, plan))
-    except KeyboardInterrupt:
-        status = 1
-    # The VM is gone and everything it held is released: leave now, without tearing down the
-    # interpreter's modules one by one (which took longer than all of the VM's cleanup).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+        launcher: tuple[int, int] | None = spawn(parent=os.getpid())
+    except OSError:
+        launcher = None  # the run starts one itself, and says what is wrong if it cannot
+    from vmspawnd.cli.foreground import main as run_vmspawn  # after the launcher is on its way
 
-
-def _events_to_manager(config: MachineConfig, notifier: ManagerNotifier) -> Callable[[str, dict[str, Any]], None]:
-    """Map machine events to sd_notify messages for whoever started us."""
-    def on_event(kind: str, data: dict) -> None:
-        if kind == "running":
-            notifier.send(STATUS="VM started.", X_VMSPAWN_LEADER_PID=data["pid"])
-            if not config.notify_ready:
-                notifier.send(READY=1)
-        elif kind == "ready" and config.notify_ready:
-            notifier.send(READY=1, STATUS="VM running.")
-        elif kind == "status":
-            notifier.send(STATUS=f"VM running: {data['status']}")
-        elif kind == "stopping":
-            notifier.send(STOPPING=1)
-    return on_event
-
-
-def console_decoration(config: MachineConfig, background: str | None) -> tuple[str | None, str | None]:
-    """The tint colour and window title, when our output is a terminal (and they are not disabled)."""
-    if not os.isatty(1):
-        return None, None
-    title = None
-    if os.environ.get("SYSTEMD_ADJUST_TERMINAL_TITLE", "1") not in FALSE_WORDS:
-        title = f"Virtual Machine {config.name} on {socket.gethostname()}"
-    if os.environ.get("SYSTEMD_TINT_BACKGROUND", "1") in FALSE_WORDS or background == "":
-        return None, title
-    if background is not None:
-        return background, title
-    rgb = query_terminal_background(0) if os.isatty(0) else None
-    return (tint_from_background(rgb) if rgb else None), title
-
-
-async def run(config: MachineConfig, background: str | None = None, plan: LaunchPlan | None = None) -> int:
-    """Boot the VM, forward its console, and return the exit status."""
-    loop = asyncio.get_running_loop()
-    try:
-        machine = Machine(config, runtime_base=runtime_base(), die_with_parent=True,
-                          on_event=_events_to_manager(config, ManagerNotifier()))
-    except ConfigError as e:
-        print(f"vmspawn: {e}", file=sys.stderr)
-        return 1
-    signals_seen = 0
-    tasks: set[asyncio.Task[None]] = set()
-
-    def command(coro: Coroutine[Any, Any, None]) -> None:
-        """Run a stop or kill in the background; one that finds the VM already gone is fine."""
-        async def quietly() -> None:
-            with contextlib.suppress(WrongState):
-                await coro
-        task = loop.create_task(quietly())
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    def on_signal(signame: str) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if machine.state is State.RUNNING and signals_seen == 1:
-            log.info("stopping the VM (ACPI power-off); send the signal again to kill it", signal=signame)
-            command(machine.stop())
-        elif machine.state in (State.RUNNING, State.STOPPING):
-            command(machine.kill())
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
-
-    if not config.quiet and config.console is not ConsoleMode.GUI:
-        what = config.image.path if config.image else config.directory or config.linux
-        print(f"░ Spawning VM {config.name} on {what}.", file=sys.stderr)
-        if config.console is ConsoleMode.INTERACTIVE:
-            print("░ Press Ctrl-] three times within 1s to kill VM.", file=sys.stderr)
-        elif config.console is ConsoleMode.NATIVE:
-            print("░ Press Ctrl-a x to kill VM.", file=sys.stderr)
-    try:
-        await machine.start(plan=plan)
-    except (ConfigError, StartError) as e:
-        print(f"vmspawn: {e}", file=sys.stderr)
-        return 1
-    if signals_seen:  # a signal arrived while we were still setting up
-        with contextlib.suppress(WrongState):
-            await machine.kill()
-    if machine.pty is not None:
-        tint, title = console_decoration(config, background)
-        forwarder = PtyForwarder(machine.pty.master, read_only=config.console is ConsoleMode.READ_ONLY,
-                                 on_escape=lambda: command(machine.kill(forced=False)),
-                                 tint=tint, title=title)
-        try:
-            forwarder.start()
-        except OSError as e:  # e.g. a standard input the event loop cannot watch
-            print(f"vmspawn: cannot forward the console: {e}", file=sys.stderr)
-            with contextlib.suppress(WrongState):
-                await machine.kill()
-            return 1
-        machine.on_cleanup(forwarder.stop)
-    return await machine.wait()  # (a failure was logged by the machine)
+    return run_vmspawn(launcher=launcher)
 
 
 if __name__ == "__main__":
