@@ -21,7 +21,8 @@ QEMU's name: it writes its pid and CLOCK_MONOTONIC, then execs the real QEMU.  R
   (target ≤ 1.02); and 16 VMs spawned at once, until the last is READY=1 (target ≤ 1.02);
 * in Debian forky's environment (the systemd tier's tree, as root; bench/peer.py): boot → poweroff
   with ``vmspawn`` and with systemd-vmspawn 262, each over bare QEMU there, and ``vmspawn`` over
-  systemd-vmspawn (target ≤ 1: faster), pairwise, the order rotating.
+  systemd-vmspawn (target ≤ 1: faster), pairwise, the order rotating;
+* floors, with no target (bench/floors.py): what this machine allows, beside the rows they bound.
 
     .venv/bin/python -m bench.latency [--runs N] [--json FILE] [--markdown FILE]
 
@@ -51,13 +52,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench import boot_ratio
+from bench import boot_ratio, floors
 from bench import peer as bench_peer
 from tests.rawvarlink import call
 from vmspawnd.qemu.accel import find_qemu
 from vmspawnd.testing.guest import build_guest
 
 REPO = Path(__file__).resolve().parents[1]
+# floors (bench/floors.py): what this machine allows, beside the rows they bound
+FLOOR_WAKE_C = "floor: a woken C program execs a static one"
+FLOOR_WAKE_PY = "floor: a woken Python -I -S (as the launcher) execs a static one"
+FLOOR_IMPORTS = "floor: Python's exec → asyncio and structlog imported"
+FLOOR_CREATE = "floor: Create with the definitions on a tmpfs (no disk)"
+FLOOR_MEMORY = "floor: resident, Python with asyncio, structlog, asyncvarlink, sdnotify"
 TARGETS = {"daemon Start → QEMU exec": 3.0, "fresh TPM: added to Start → QEMU exec": 5.0,
               "vmspawn exec → QEMU exec": 40.0, "vmspawn: QEMU exit → vmspawn gone": 5.0,
               "List of 1,000 machines": 20.0, "Describe while 4 clients List 1,000 machines (p99)": 15.0,
@@ -70,7 +77,8 @@ TARGETS = {"daemon Start → QEMU exec": 3.0, "fresh TPM: added to Start → QEM
               "Create (one client, durable definitions on disk)": 1000.0,
               "Describe, 100 clients, 1,000 machines": 12000.0, "Describe, 100 clients, 1,000 machines (p99)": 15.0,
               "daemon memory, idle": 25.0, "daemon memory per defined machine": 8.0,
-              "daemon memory per running VM": 150.0}
+              "daemon memory per running VM": 150.0,
+              FLOOR_WAKE_C: None, FLOOR_WAKE_PY: None, FLOOR_IMPORTS: None, FLOOR_CREATE: None, FLOOR_MEMORY: None}
 AT_LEAST = {"/s"}  # units where more is better: the target is a floor
 TPM_SETTLE = 4.0  # the daemon makes its next spare TPM state 2 s after a start; swtpm_setup takes ≈ 0.5 s
 
@@ -83,8 +91,8 @@ class Stamps:
         self.dir.mkdir()
         self.file = tmp / "stamps"
         real = find_qemu()
-        subprocess.run(["gcc", "-O2", "-static", "-o", str(self.dir / real.name), str(REPO / "bench/execstamp.c")],
-                       check=True)
+        self.binary = self.dir / real.name
+        subprocess.run(["gcc", "-O2", "-static", "-o", str(self.binary), str(REPO / "bench/execstamp.c")], check=True)
         self.env = {**os.environ, "PATH": f"{self.dir}:{os.environ['PATH']}", "EXECSTAMP_FILE": str(self.file),
                     "EXECSTAMP_REAL": str(real)}
 
@@ -246,16 +254,22 @@ def many_machines(runs: int) -> dict[str, list[float]]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def _many_machines(daemon: subprocess.Popen[bytes], sock: Path, runs: int) -> dict[str, list[float]]:
-    time.sleep(1)  # settled: what it makes ahead of need is made
-    idle = resident_kb(daemon.pid)
-    creates = []
-    for batch in range(10):
+def create_rates(sock: Path, batches: int = 10) -> list[float]:
+    """Creates per second, one client, in ``batches`` of 100 (machines m0, m1, …)."""
+    rates = []
+    for batch in range(batches):
         start = time.monotonic_ns()
         for i in range(batch * 100, batch * 100 + 100):
             reply = call(sock, "io.vmspawnd.Manager.Create", {"name": f"m{i}", "config": {"linux": "/bin/sh"}})
             assert "error" not in reply, reply
-        creates.append(100 / ((time.monotonic_ns() - start) / 1e9))
+        rates.append(100 / ((time.monotonic_ns() - start) / 1e9))
+    return rates
+
+
+def _many_machines(daemon: subprocess.Popen[bytes], sock: Path, runs: int) -> dict[str, list[float]]:
+    time.sleep(1)  # settled: what it makes ahead of need is made
+    idle = resident_kb(daemon.pid)
+    creates = create_rates(sock)
     lists = []
     for _ in range(runs):
         start = time.monotonic_ns()
@@ -362,15 +376,24 @@ def main() -> int:
                    "fresh TPM: added to Start → QEMU exec": summary(
                        [t - statistics.median(plain) for t in with_tpm])}
         to_exec, to_gone = vmspawn_runs(stamps, guest, args.runs)
+        waiter = tmp / "wakeexec"
+        subprocess.run(["gcc", "-O2", "-static", "-o", str(waiter), str(REPO / "bench/wakeexec.c")], check=True)
+        results[FLOOR_WAKE_C] = summary(floors.wake_exec([str(waiter)], stamps, args.runs))
+        results[FLOOR_WAKE_PY] = summary(floors.wake_exec([sys.executable, "-I", "-S", "-c", floors.PY_WAITER],
+                                                          stamps, args.runs))
         results["vmspawn exec → QEMU exec"] = summary(to_exec)
+        results[FLOOR_IMPORTS] = summary(floors.python_imports(args.runs))
         results["vmspawn: QEMU exit → vmspawn gone"] = summary(to_gone)
         many = many_machines(args.runs)
         results["Create (one client, durable definitions on disk)"] = summary(many["creates"], unit="/s")
+        with bench_daemon() as (_, sock):  # its state on the tmpfs
+            results[FLOOR_CREATE] = summary(create_rates(sock), unit="/s")
         results["List of 1,000 machines"] = summary(many["lists"])
         results["Describe while 4 clients List 1,000 machines (p99)"] = summary(many["describes"], "p99")
         results["Describe, 100 clients, 1,000 machines"] = summary(many["describe rates"], unit="/s")
         results["Describe, 100 clients, 1,000 machines (p99)"] = summary(many["describe latencies"], "p99")
         results["daemon memory, idle"] = summary(many["idle MB"], unit="MB")
+        results[FLOOR_MEMORY] = summary([floors.libraries_resident_mb()], unit="MB")
         results["daemon memory per defined machine"] = summary(many["per defined KB"], unit="KB")
         results["daemon memory per running VM"] = summary(running_vm_memory(guest), unit="KB")
         one = boot_ratios(guest, tmp, args.runs)
@@ -392,7 +415,7 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     for row, f in results.items():
         f["target"] = TARGETS[row]
-        if f["target"] is None:  # a reference figure (the peer's)
+        if f["target"] is None:  # a reference figure (the peer's, a floor)
             f["met"] = None
         else:
             f["met"] = f["value"] >= f["target"] if f["unit"] in AT_LEAST else f["value"] <= f["target"]

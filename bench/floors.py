@@ -1,0 +1,65 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Floors: what this machine allows, measured the way the rows that miss their targets are, so a
+report shows which part of a figure is the machine's and which is ours.  They have no targets.
+
+* a process blocked on a pipe is woken and execs a small static program (the exec stamp): from a
+  C program and from a bare Python interpreter (``-I -S``, as the exec-late launcher runs) — a
+  daemon Start has two such wake-ups (client → daemon, daemon → launcher) and this exec;
+* Python's start-up until asyncio and structlog are imported (what `vmspawn` imports before QEMU);
+* the resident memory of Python with the daemon's libraries imported (asyncio, structlog,
+  asyncvarlink, sdnotify), before any module of ours.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.latency import Stamps
+
+PY_WAITER = "import os, sys; os.read(0, 1); os.execv(sys.argv[1], sys.argv[1:])"
+LIBRARIES = "import asyncio, structlog, asyncvarlink, sdnotify"
+
+
+def wake_exec(waiter: list[str], stamps: Stamps, runs: int, idle: float = 0.3) -> list[float]:
+    """ms from writing a byte to ``waiter`` (idle for ``idle`` s, as a daemon between requests) to the
+    moment the exec stamp runs (it then execs ``true``, not QEMU)."""
+    env = {**stamps.env, "EXECSTAMP_REAL": "/bin/true"}
+    samples = []
+    for _ in range(runs):
+        stamps.clear()
+        proc = subprocess.Popen([*waiter, str(stamps.binary), "floor"], stdin=subprocess.PIPE, env=env)
+        try:
+            time.sleep(idle)
+            start = time.monotonic_ns()
+            assert proc.stdin is not None
+            proc.stdin.write(b"x")
+            proc.stdin.flush()
+            samples.append((stamps.qemu_exec()[1] - start) / 1e6)
+        finally:
+            proc.stdin.close()
+            proc.wait(10)
+    return samples
+
+
+def python_imports(runs: int, imports: str = "import asyncio, structlog") -> list[float]:
+    """ms from the exec of ``python`` (with site, as the installed commands) to ``imports`` done."""
+    samples = []
+    for _ in range(runs):
+        start = time.monotonic_ns()
+        out = subprocess.run([sys.executable, "-c", f"{imports}; import time; print(time.monotonic_ns())"],
+                             capture_output=True, text=True, check=True).stdout
+        samples.append((int(out) - start) / 1e6)
+    return samples
+
+
+def libraries_resident_mb() -> float:
+    """MB resident in a Python that imported the daemon's libraries (none of our modules)."""
+    out = subprocess.run([sys.executable, "-c", f"{LIBRARIES}; print(open('/proc/self/status').read())"],
+                         capture_output=True, text=True, check=True).stdout
+    kb = next(int(line.split()[1]) for line in out.splitlines() if line.startswith("VmRSS:"))
+    return kb / 1024
+
