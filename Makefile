@@ -99,7 +99,7 @@ install:
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING' || true
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --upgrade --force-reinstall --no-deps . 2>&1 | grep -v '^WARNING' || true
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q . 2>&1 | grep -v '^WARNING' || true
-	$(DESTDIR)$(LIBDIR)/bin/python -c 'import vmspawnd.cli.vmspawnd, vmspawnd.cli.vmspawnctl, vmspawnd.cli.vmspawn'
+	$(DESTDIR)$(LIBDIR)/bin/python -c 'import vmspawnd.cli.vmspawnd, vmspawnd.cli.vmspawnctl, vmspawnd.cli.vmspawn, vmspawnd.cli.foreground'
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(VARLINKDIR) $(DESTDIR)$(DOCDIR)
 	for c in $(COMMANDS); do ln -sfn $(LIBDIR)/bin/$$c $(DESTDIR)$(PREFIX)/bin/$$c; done
 	sed -e 's|@BINDIR@|$(PREFIX)/bin|' -e 's|@DOCDIR@|$(DOCDIR)|' units/vmspawnd.service \

@@ -16,7 +16,7 @@ from vmspawnd.execlate import spawn
 def main() -> int:
     try:
         launcher: tuple[int, int] | None = spawn(parent=os.getpid())
-    except OSError:
+    except (OSError, NotImplementedError):  # (posix_spawn without setsid support)
         launcher = None  # the run starts one itself, and says what is wrong if it cannot
     from vmspawnd.cli.foreground import main as run_vmspawn  # after the launcher is on its way
 
