@@ -16,8 +16,8 @@ that process dies (PR_SET_PDEATHSIG, set here rather than between fork and exec,
 the parent fork instead of vfork).
 If the socket closes without a message (setup failed), it exits quietly.
 
-:func:`spawn` starts a launcher without the :mod:`subprocess` module, so that ``vmspawn`` can
-start one before it imports anything else (cli/vmspawn.py).
+:func:`spawn` starts one (``posix_spawn``, without the :mod:`subprocess` module, so that ``vmspawn``
+can start one before it imports anything else: cli/vmspawn.py).
 """
 
 import _signal
@@ -32,26 +32,19 @@ MAX_FDS = 64
 PR_SET_PDEATHSIG = 1
 
 
-def launcher_argv(fd: int, parent: int | None = None) -> list[str]:
-    """The command line of a launcher on socket ``fd`` (dying with ``parent``, if given)."""
-    argv = [sys.executable, "-I", "-S", __file__, str(fd)]
-    return argv if parent is None else [*argv, str(parent)]
-
-
-def launcher_env() -> dict[str, str]:
-    """The launcher's (and so QEMU's) environment: ours, with a UTF-8 locale if we name none."""
-    env = dict(os.environ)
-    env.setdefault("LANG", "C.UTF-8")
-    return env
-
-
 def spawn(parent: int | None = None) -> tuple[int, int]:
-    """Start a launcher in a session of its own, with our standard fds: (its pid, the fd of our end
-    of its socket, close-on-exec)."""
+    """Start a launcher in a session of its own, with our standard fds and environment (plus a UTF-8
+    locale if we name none), dying with ``parent`` if given: (its pid, the fd of our end of its
+    socket, close-on-exec)."""
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     try:
         os.set_inheritable(theirs.fileno(), True)
-        pid = os.posix_spawn(sys.executable, launcher_argv(theirs.fileno(), parent), launcher_env(), setsid=True)
+        argv = [sys.executable, "-I", "-S", __file__, str(theirs.fileno())]
+        if parent is not None:
+            argv.append(str(parent))
+        env = dict(os.environ)
+        env.setdefault("LANG", "C.UTF-8")
+        pid = os.posix_spawn(sys.executable, argv, env, setsid=True)
     except BaseException:
         ours.close()
         raise

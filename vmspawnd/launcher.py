@@ -9,85 +9,81 @@ import marshal
 import os
 import signal
 import socket
-import subprocess
 from collections.abc import Sequence
-from typing import IO
 
-from vmspawnd.execlate import launcher_argv, launcher_env
+from vmspawnd.execlate import spawn
 from vmspawnd.futures import resolve
 from vmspawnd.identity import ROOT, Identity
 
 
 class SpawnedChild:
-    """A child started without :mod:`subprocess` (``execlate.spawn``), reaped as Popen reaps its own."""
+    """A child we started (``execlate.spawn``), reaped as :class:`subprocess.Popen` reaps its own."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
+        return self._reap(os.WNOHANG)
 
     def wait(self) -> int:
+        returncode = self._reap(0)
+        assert returncode is not None
+        return returncode
+
+    def _reap(self, flags: int) -> int | None:
         if self.returncode is None:
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
+            try:
+                pid, status = os.waitpid(self.pid, flags)
+            except ChildProcessError:  # reaped by someone else: its status is lost (as Popen says, 0)
+                pid, status = self.pid, 0
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
 
 class QemuProcess:
     """A running QEMU: its pid, a pidfd to wait on, and (for our own child) its exit status."""
 
-    def __init__(self, pid: int, popen: subprocess.Popen[bytes] | SpawnedChild | None,
-                 inherits_stdin: bool = False) -> None:
+    def __init__(self, pid: int, child: SpawnedChild | None) -> None:
         self.pid = pid
-        self._popen = popen
-        self.inherits_stdin = inherits_stdin  # the launcher has our stdin (QEMU gets it only if asked)
+        self._child = child  # ours to reap; None for a QEMU we adopted
         self._pidfd = os.pidfd_open(pid)
         self.returncode: int | None = None
         self._channel: socket.socket | None = None
         self._waiter: asyncio.Task[int | None] | None = None
 
     @classmethod
-    def fork_early(cls, *, die_with_parent: bool, stdout: int | IO[bytes] | None = None,
-                   stderr: int | IO[bytes] | None = None, inherit_stdin: bool = False) -> QemuProcess:
+    def fork_early(cls, *, die_with_parent: bool) -> QemuProcess:
         """Start the exec-late launcher: a process that waits for QEMU's argv and fds (see execlate.py).
         ``die_with_parent``: it (and QEMU) gets SIGTERM when we die."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            argv = launcher_argv(theirs.fileno(), os.getpid() if die_with_parent else None)
-            popen = subprocess.Popen(  # no preexec_fn: that would make a fork of us rather than a vfork
-                argv, stdin=None if inherit_stdin else subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                pass_fds=(theirs.fileno(),), start_new_session=True, env=launcher_env(),
-            )
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        process = cls(popen.pid, popen, inherits_stdin=inherit_stdin)
-        process._channel = ours
-        return process
+        return cls.spawned(*spawn(parent=os.getpid() if die_with_parent else None))
+
+    @classmethod
+    def reuse_or_fork(cls, launcher: QemuProcess | None, *, die_with_parent: bool) -> QemuProcess:
+        """``launcher`` (one started ahead of need) if it still waits, else a fresh one (a dead one is
+        reaped and let go)."""
+        if launcher is not None and launcher.alive:
+            return launcher
+        if launcher is not None:
+            launcher.close()
+        return cls.fork_early(die_with_parent=die_with_parent)
 
     @classmethod
     def spawned(cls, pid: int, channel_fd: int) -> QemuProcess:
-        """A launcher our child started with ``execlate.spawn`` (it has our stdin, fds 0-2)."""
-        process = cls(pid, SpawnedChild(pid), inherits_stdin=True)
+        """The launcher ``execlate.spawn`` started: ``pid``, and ``channel_fd``, our end of its socket."""
+        process = cls(pid, SpawnedChild(pid))
         process._channel = socket.socket(fileno=channel_fd)
         return process
 
     def exec(self, argv: Sequence[str], fds: Sequence[int] = (), identity: Identity = ROOT,
              keep_stdin: bool = False) -> None:
         """Make the early-forked launcher exec QEMU with ``fds`` at the same numbers as ours; QEMU's
-        stdin is /dev/null unless ``keep_stdin`` (and the launcher has ours)."""
+        stdin is /dev/null unless ``keep_stdin`` (the launcher has ours, as stdout and stderr)."""
         assert self._channel is not None, "exec() is for processes started with fork_early()"
         sent, targets = list(fds), list(fds)
         devnull = -1
-        if self.inherits_stdin and not keep_stdin:
+        if not keep_stdin:
             devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             sent.append(devnull)
             targets.append(0)
@@ -132,8 +128,8 @@ class QemuProcess:
         finally:
             if self._pidfd == pidfd:  # else close() already removed it (the number may be reused)
                 loop.remove_reader(pidfd)
-        if self._popen is not None:
-            self.returncode = self._popen.wait()
+        if self._child is not None:
+            self.returncode = self._child.wait()
         self._close_pidfd()
         return self.returncode
 
@@ -162,8 +158,8 @@ class QemuProcess:
     def alive(self) -> bool:
         if self._pidfd < 0:
             return False
-        if self._popen is not None:
-            self.returncode = self._popen.poll()
+        if self._child is not None:
+            self.returncode = self._child.poll()
             return self.returncode is None
         try:
             signal.pidfd_send_signal(self._pidfd, 0)
@@ -182,7 +178,8 @@ class SpareLauncher:
     launcher's interpreter to come up: :meth:`take` hands it out and starts the next one.
 
     A spare is a plain launcher: no parent-death signal (VMs outlive the daemon), the daemon's
-    stdout and stderr, no stdin.  If the daemon dies, the launcher's socket closes and it exits.
+    stdout and stderr (QEMU's stdin is /dev/null).  If the daemon dies, the launcher's socket closes
+    and it exits.
     """
 
     def __init__(self) -> None:
@@ -191,11 +188,7 @@ class SpareLauncher:
     def take(self) -> QemuProcess:
         """The spare launcher (a fresh one if there is none)."""
         spare, self._spare = self._spare, None
-        if spare is None or not spare.alive:
-            if spare is not None:
-                spare.close()
-            spare = QemuProcess.fork_early(die_with_parent=False)
-        return spare  # the taker calls refill() once its start no longer needs the CPU
+        return QemuProcess.reuse_or_fork(spare, die_with_parent=False)  # the taker refill()s later
 
     def refill(self) -> None:
         """Start the next spare (if there is none)."""

@@ -16,7 +16,7 @@ import enum
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import structlog
 
@@ -55,8 +55,8 @@ class Machine:
     """One VM: its state, its events, its serialized commands and its current run."""
 
     def __init__(self, config: MachineConfig, *, runtime_base: Path, die_with_parent: bool = True,
-                 on_event: EventHandler | None = None, qemu_output: int | IO[bytes] | None = None,
-                 console_socket: bool = False, spares: Spares | None = None) -> None:
+                 on_event: EventHandler | None = None, console_socket: bool = False,
+                 spares: Spares | None = None) -> None:
         self.config = config
         self.runtime = RuntimeDir(runtime_base, config.name)
         self.state = State.STOPPED
@@ -70,7 +70,6 @@ class Machine:
         self.lock = asyncio.Lock()
         self._die_with_parent = die_with_parent
         self._on_event = on_event or (lambda kind, data: None)
-        self._qemu_output = qemu_output
         self._console_socket = console_socket
         self._spares = spares
         self.log = log.bind(machine=config.name)
@@ -126,7 +125,7 @@ class Machine:
 
     def _new_run(self, plan: LaunchPlan | None = None, launcher: QemuProcess | None = None) -> Run:
         return Run(self.config, self.runtime, on_event=self._run_event, die_with_parent=self._die_with_parent,
-                   qemu_output=self._qemu_output, console_socket=self._console_socket, plan=plan,
+                   console_socket=self._console_socket, plan=plan,
                    identity=Identity.of_uid(self.run_as), spares=self._spares, launcher=launcher)
 
     def _run_event(self, run: Run, kind: str, data: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ IN_CREATE = 0x00000100
 IN_Q_OVERFLOW = 0x00004000
 EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 
+
 class _Inotify:
     """The process's inotify instance: watches counted per descriptor, waiters woken per descriptor."""
 

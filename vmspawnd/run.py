@@ -28,7 +28,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import structlog
 
@@ -115,9 +115,8 @@ class Run:
     """One run of one VM; ``ended`` is set once everything it held is released (or handed on)."""
 
     def __init__(self, config: MachineConfig, runtime: RuntimeDir, *, on_event: RunEventHandler,
-                 die_with_parent: bool = True, qemu_output: int | IO[bytes] | None = None,
-                 console_socket: bool = False, plan: LaunchPlan | None = None, identity: Identity = ROOT,
-                 spares: Spares | None = None, launcher: QemuProcess | None = None) -> None:
+                 die_with_parent: bool = True, console_socket: bool = False, plan: LaunchPlan | None = None,
+                 identity: Identity = ROOT, spares: Spares | None = None, launcher: QemuProcess | None = None) -> None:
         self.config = config
         self.runtime = runtime
         self.identity = identity  # whom QEMU and its helpers run as; the daemon acts as them on their files
@@ -145,7 +144,6 @@ class Run:
         self._qemu_exited = asyncio.Event()
         self._on_event = on_event
         self._die_with_parent = die_with_parent
-        self._qemu_output = qemu_output
         self._console_socket = console_socket
         self._running = False
         self._detached = False
@@ -191,19 +189,11 @@ class Run:
     async def _start(self) -> None:
         config = self.config
         # fork early, exec late: the launcher that becomes QEMU starts first, while we set up
-        plain = not self._die_with_parent and self._qemu_output is None and config.console is not ConsoleMode.NATIVE
-        launcher, self._launcher = self._launcher, None
-        if launcher is not None and not launcher.alive:  # it died (and is reaped): start another
-            launcher.close()
-            launcher = None
-        if launcher is not None:
-            self.qemu = launcher
-        elif self._spares is not None and plain:
+        if self._spares is not None and not self._die_with_parent:  # (a spare outlives us, as VMs do)
             self.qemu = self._spares.launcher.take()
         else:
-            self.qemu = QemuProcess.fork_early(die_with_parent=self._die_with_parent, stdout=self._qemu_output,
-                                               stderr=self._qemu_output,
-                                               inherit_stdin=config.console is ConsoleMode.NATIVE)
+            self.qemu = QemuProcess.reuse_or_fork(self._launcher, die_with_parent=self._die_with_parent)
+        self._launcher = None
         self._handles.callback(self.qemu.close)
         self._durable.push_async_callback(self.qemu.end)
         with self._as_owner():

@@ -103,8 +103,6 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
         fut.exception()  # a broken connection is the transport's to handle, not a stray error
 
 
-
-
 @dataclass
 class ServerLimits:
     """The limits of one server, and what is in use of them."""

@@ -6,7 +6,7 @@ import platform
 
 import pytest
 
-from vmspawnd.qemu.accel import kvm_problem
+from vmspawnd.qemu.accel import VERSION_CACHE, _known_versions, kvm_problem, qemu_version
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="x86_64 module names")
 
@@ -50,8 +50,6 @@ def test_qemu_version_is_read_from_the_binary_and_picks_the_notify_reconnect_opt
 
 
 def test_qemu_version_is_kept_in_the_runtime_base_until_the_binary_changes(tmp_path):
-    from vmspawnd.qemu.accel import VERSION_CACHE, _known_versions, qemu_version
-
     runs = tmp_path / "runs"
     fake = tmp_path / "qemu-system-x86_64"
 

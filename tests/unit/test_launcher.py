@@ -15,7 +15,6 @@ import pytest
 
 from tests.conftest import process_gone
 from tests.polling import poll
-from vmspawnd.execlate import spawn
 from vmspawnd.launcher import QemuProcess
 
 
@@ -47,22 +46,21 @@ REPORT_STDIN = "import os,sys; print(os.getpid(), os.readlink('/proc/self/fd/0')
 
 
 @pytest.mark.parametrize("keep_stdin", [False, True])
-async def test_a_launcher_spawned_first_gives_qemu_our_stdin_only_when_asked(keep_stdin, tmp_path):
-    """vmspawn starts its launcher before it knows the console mode: the launcher has vmspawn's stdin,
-    and QEMU gets it only for --console=native."""
+async def test_qemu_gets_our_stdin_only_when_asked(keep_stdin, tmp_path):
+    """A launcher starts before anyone knows the console mode (vmspawn starts it first thing) and has
+    our stdin: QEMU gets it only for --console=native, else /dev/null."""
     ours = tmp_path / "stdin"
     ours.touch()
-    saved = os.dup(0)
-    os.dup2(os.open(ours, os.O_RDONLY), 0)
+    saved, fd = os.dup(0), os.open(ours, os.O_RDONLY)
+    os.dup2(fd, 0)
     try:
-        pid, channel = spawn()
+        proc = QemuProcess.fork_early(die_with_parent=True)
     finally:
         os.dup2(saved, 0)
         os.close(saved)
-    proc = QemuProcess.spawned(pid, channel)
+        os.close(fd)
     out_r, out_w = os.pipe()
     try:
-        os.set_inheritable(out_w, True)
         proc.exec(["/usr/bin/env", "python3", "-c", f"import os; os.dup2({out_w}, 1); {REPORT_STDIN}"], [out_w],
                   keep_stdin=keep_stdin)
         os.close(out_w)
@@ -70,28 +68,37 @@ async def test_a_launcher_spawned_first_gives_qemu_our_stdin_only_when_asked(kee
         reported_pid, stdin = os.read(out_r, 1000).decode().split()
     finally:
         os.close(out_r)
-    assert int(reported_pid) == pid
+    assert int(reported_pid) == proc.pid
     assert stdin == (str(ours) if keep_stdin else "/dev/null")
+
+
+async def test_a_launcher_that_died_before_its_start_is_reaped_and_replaced():
+    early = QemuProcess.fork_early(die_with_parent=True)
+    os.kill(early.pid, signal.SIGKILL)
+    poll(lambda: Path(f"/proc/{early.pid}/stat").read_text().split(") ")[1][0], lambda s: s == "Z", 10)
+    proc = QemuProcess.reuse_or_fork(early, die_with_parent=True)
+    assert proc is not early and not Path(f"/proc/{early.pid}").exists()  # no zombie left behind
+    proc.exec(["/bin/true"])
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+    waiting = QemuProcess.fork_early(die_with_parent=True)
+    assert QemuProcess.reuse_or_fork(waiting, die_with_parent=True) is waiting  # one that waits is used
+    waiting.cancel()
+    assert await asyncio.wait_for(waiting.wait(), 10) == 0
 
 
 PARENT = """
 import sys
-from vmspawnd.execlate import spawn
 from vmspawnd.launcher import QemuProcess
-if sys.argv[1] == "early":  # as the vmspawn command starts it
-    proc = QemuProcess.spawned(*spawn(parent=__import__("os").getpid()))
-else:
-    proc = QemuProcess.fork_early(die_with_parent=sys.argv[1] == "yes")
+proc = QemuProcess.fork_early(die_with_parent=sys.argv[1] == "yes")
 proc.exec(["/bin/sleep", "60"])
 print(proc.pid, flush=True)
 sys.stdin.read()  # until killed
 """
 
 
-@pytest.mark.parametrize("how", ["yes", "no", "early"])
-def test_qemu_dies_with_its_parent_only_when_asked(how):
-    die_with_parent = how != "no"
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, how],
+@pytest.mark.parametrize("die_with_parent", [True, False])
+def test_qemu_dies_with_its_parent_only_when_asked(die_with_parent):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, "yes" if die_with_parent else "no"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     pid = int(parent.stdout.readline())
     try:

@@ -24,6 +24,7 @@ from dbus_fast.service import signal as dbus_signal
 from tests.conftest import processes_mentioning
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError
+from vmspawnd.futures import resolved
 from vmspawnd.pathwatch import DirectoryWatch
 from vmspawnd.plan import plan_launch
 from vmspawnd.services import swtpm, virtiofsd
@@ -697,8 +698,6 @@ async def test_a_helpers_socket_is_noticed_by_inotify_not_by_a_timer(tmp_path):
         assert done == {waits[0]} and (tmp_path / "a" / "s.sock").exists()
         waits[1].cancel()
         sock.close()
-        gone = loop.create_future()
-        gone.set_result(None)
-        await asyncio.wait_for(first.changed(also=gone), 10)  # (the helper exiting ends it too)
+        await asyncio.wait_for(first.changed(also=resolved(loop)), 10)  # (the helper exiting ends it too)
     with pytest.raises(OSError, match="No such file"):
         DirectoryWatch(tmp_path / "missing")
