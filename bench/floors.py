@@ -8,6 +8,8 @@ report shows which part of a figure is the machine's and which is ours.  They ha
 * Python's start-up until asyncio and structlog are imported (what `vmspawn` imports before QEMU);
 * the resident memory of Python with the daemon's libraries imported (asyncio, structlog,
   asyncvarlink, sdnotify), before any module of ours.
+
+(The fourth floor, Create with the definitions on a tmpfs, needs a daemon: bench/latency.py runs it.)
 """
 
 from __future__ import annotations
