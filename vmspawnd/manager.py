@@ -247,11 +247,20 @@ class Manager:
         if kind in ("running", "stopped", "failed", "ready", "removed"):
             self.on_change()
         if kind in PERSISTED_EVENTS and name in self.machines:
-            self._save_state(self.machines[name])
+            entry = self.machines[name]
+            if kind == "starting":  # kept off the way to QEMU's exec: written once the start first waits
+                asyncio.get_running_loop().call_soon(self._save_state_if_defined, name, entry)
+            else:
+                self._save_state(entry)
 
     # ---------------------------------------------------------------- state across restarts
     def _state_path(self, name: str) -> Path:
         return self.definitions / f"{name}{STATE_SUFFIX}"
+
+    def _save_state_if_defined(self, name: str, entry: Entry) -> None:
+        """The state of ``entry``, as it is now, unless the machine was removed meanwhile."""
+        if self.machines.get(name) is entry:
+            self._save_state(entry)
 
     def _save_state(self, entry: Entry) -> None:
         """Keep what clients see (state, since, outcome, the guest's last status) for the next daemon."""

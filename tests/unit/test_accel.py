@@ -6,6 +6,7 @@ import platform
 
 import pytest
 
+from vmspawnd.errors import ConfigError
 from vmspawnd.qemu.accel import VERSION_CACHE, _known_versions, kvm_problem, qemu_version
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="x86_64 module names")
@@ -72,3 +73,33 @@ def test_qemu_version_is_kept_in_the_runtime_base_until_the_binary_changes(tmp_p
     assert qemu_version(fake, cache_dir=tmp_path) == (10, 1) and asked() == 3  # and rewritten
     os.chown(tmp_path / VERSION_CACHE, 65534, 65534)  # not written by us: not believed
     assert qemu_version(fake, cache_dir=tmp_path) == (10, 1) and asked() == 4
+
+
+def test_find_qemu_sees_a_qemu_installed_or_removed_since_it_last_looked(tmp_path, monkeypatch):
+    from vmspawnd.qemu.accel import find_qemu
+
+    early, late = tmp_path / "early", tmp_path / "late"
+    for d in (early, late):
+        d.mkdir()
+    monkeypatch.setenv("PATH", f"{early}:{late}")
+
+    def install(binary):
+        binary.write_text("#!/bin/sh\n")
+        binary.chmod(0o755)
+
+    def settle():  # as directories are between starts: changed a while ago (an answer is then kept)
+        for d in (early, late):
+            os.utime(d, (1_000_000_000, 1_000_000_000))
+
+    install(real := late / "qemu-system-x86_64")
+    settle()
+    assert find_qemu() == real
+    install(first := early / "qemu")  # installed while the daemon runs: the next start uses it
+    assert find_qemu() == first
+    settle()
+    assert find_qemu() == first
+    first.unlink()  # removed again
+    assert find_qemu() == real
+    monkeypatch.setenv("PATH", str(early))  # another $PATH: looked up in it
+    with pytest.raises(ConfigError, match="no QEMU binary found"):
+        find_qemu()

@@ -10,6 +10,7 @@ import platform
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,35 @@ HARDWARE_KVM_MODULES = ("kvm_intel", "kvm_amd", "kvm_arm")  # kvm_arm: no module
 
 
 def find_qemu() -> Path:
-    """Look up QEMU: qemu, qemu-kvm, /usr/libexec/qemu-kvm, then qemu-system-<host arch>."""
+    """Look up QEMU: qemu, qemu-kvm, /usr/libexec/qemu-kvm, then qemu-system-<host arch>.  The answer
+    is kept while $PATH and the directories it names stay as they were (each start asks)."""
+    path = os.environ.get("PATH", os.defpath)
+    stamps = _directory_stamps(path)
+    found = _FOUND.get((path, stamps))
+    if found is None:
+        found = _look_up_qemu()
+        _FOUND.clear()
+        if time.time_ns() - max(stamps) > RACY_STAMP_NS:  # else a change within the clock's tick could hide
+            _FOUND[(path, stamps)] = found
+    return found
+
+
+_FOUND: dict[tuple[str, tuple[int, ...]], Path] = {}
+RACY_STAMP_NS = 100_000_000  # a directory changed this recently may change again with the same mtime
+
+
+def _directory_stamps(path: str) -> tuple[int, ...]:
+    """When each directory QEMU is looked for in last changed (an entry added, removed or renamed)."""
+    stamps = []
+    for directory in (*path.split(os.pathsep), "/usr/libexec"):
+        try:
+            stamps.append(os.stat(directory or ".").st_mtime_ns)
+        except OSError:
+            stamps.append(-1)
+    return tuple(stamps)
+
+
+def _look_up_qemu() -> Path:
     arch = QEMU_ARCH.get(platform.machine())
     candidates = ["qemu", "qemu-kvm", "/usr/libexec/qemu-kvm"]
     if arch:

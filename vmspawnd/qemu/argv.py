@@ -102,6 +102,8 @@ def tap_mac(machine: str, environ: Mapping[str, str] = os.environ) -> str:
 def qemu_extra_args(environ: Mapping[str, str] = os.environ) -> list[str]:
     """$SYSTEMD_VMSPAWN_QEMU_EXTRA: shell-like words, C escapes undone, appended to QEMU's argv."""
     text = environ.get(QEMU_EXTRA_ENV, "")
+    if not text:
+        return []
     lexer = shlex.shlex(text, posix=True)
     lexer.whitespace_split = True
     lexer.escape = ""  # backslashes are left for the C unescaping, quoted or not
