@@ -90,7 +90,7 @@ from vmspawnd.systemd.machined import (
     start_machined,
     unregister_quietly,
 )
-from vmspawnd.systemd.scope import allocate_scope
+from vmspawnd.systemd.scope import allocate_scope, scope_unit_name
 from vmspawnd.systemd.units import SystemdManager, UnitStartError, connect_systemd
 from vmspawnd.values import DEFAULT_SLICE, ConsoleMode, Network, Tristate
 
@@ -151,7 +151,7 @@ class Run:
         self._qmp: Qmp | None = None
         self._channel: NotifyChannel | None = None  # the guest's notifications
         self._ssh_key: SshKeyPair | None = None
-        self._systemd: SystemdManager | None = None  # this run's connection to the service manager
+        self._systemd: SystemdManager | None = None  # the connection to the service manager (maybe shared)
         self._record: RunRecord | None = None
         self._watch: asyncio.Task[None] | None = None
         self._watches: set[asyncio.Task[None]] = set()
@@ -340,9 +340,7 @@ class Run:
 
     async def _start_scope_and_helpers(self, run_config: MachineConfig, plan: LaunchPlan, rundir: Path) -> AuxServices:
         """The scope (around the launcher) and the helpers, as units where systemd runs, else children."""
-        systemd, why = await connect_systemd()
-        if systemd is not None:
-            self._handles.push_async_callback(systemd.aclose)
+        systemd, why = await self._connect_systemd()
         self._systemd = systemd
         scope = await self._allocate_scope(systemd, why)
         self.units = [scope] if scope else []
@@ -360,6 +358,15 @@ class Run:
         self.units += aux.units
         self._save()
         return aux
+
+    async def _connect_systemd(self) -> tuple[SystemdManager | None, str]:
+        """The service manager: the daemon's connection, else one of this run's own."""
+        if self._spares is not None:
+            return await self._spares.systemd.get()
+        systemd, why = await connect_systemd()
+        if systemd is not None:
+            self._handles.push_async_callback(systemd.aclose)
+        return systemd, why
 
     def _helper_started(self, what: str, service: RunningService) -> None:
         """Record a helper the moment it is up, so a daemon killed from now on leaves no orphan."""
@@ -466,6 +473,7 @@ class Run:
                 self.log.debug("QEMU runs without a scope", reason=why)
             return None
         assert self.qemu is not None
+        self._handles.push_async_callback(systemd.unref_unit, scope_unit_name(config.name))  # (AddRef)
         try:
             scope = await allocate_scope(systemd, config.name, self.qemu.pid, config.slice, config.properties)
         except UnitStartError as e:
@@ -602,10 +610,9 @@ class Run:
         the adoption (the VM lost its TPM or a shared folder while no daemon watched)."""
         runner: UnitRunner | None = None
         if any(h.unit for h in record.helpers):
-            systemd, why = await connect_systemd()
+            systemd, why = await self._connect_systemd()
             if systemd is None:
                 raise StartError(f"cannot watch the helper units: {why}")
-            self._handles.push_async_callback(systemd.aclose)
             runner = UnitRunner(systemd)
         for helper in record.helpers:
             service: RunningService

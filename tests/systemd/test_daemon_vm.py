@@ -221,3 +221,34 @@ def test_systemctl_restart_keeps_since_and_the_guests_status(vm: Ctl) -> None:
     after = vm.status()
     for field in ("state", "since", "pid", "ready", "status"):
         assert after[field] == before[field], (field, before, after)
+
+
+def test_one_bus_connection_serves_every_vm_and_a_vm_starts_again_at_once(installed_units: Path) -> None:
+    """The daemon's runs share its connection to systemd (dbus-daemon allows 256 per user), and what a
+    run referenced there (its scope, its helper units) is let go when it ends: the same machine
+    starts again right away (a unit still loaded under its name would refuse it)."""
+    sh("systemctl", "start", "vmspawnd.socket")
+    ctl, names = Ctl(installed_units), ("share1", "share2")
+    for name in names:
+        ctl("create", name, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=128M",
+            "--console=read-only", "--firmware=bios", "--tpm=yes", "panic=-1", "test.notify=1", "test.action=hang")
+    try:
+        for name in names:
+            ctl("start", name)
+        for name in names:
+            ctl.wait(lambda s: s["ready"], name=name)
+        daemon = unit_properties("vmspawnd.service", "MainPID")["MainPID"]
+        peers = sh("busctl", "--system", "list", "--unique", "--no-legend", "--no-pager").stdout.splitlines()
+        assert sum(1 for line in peers if line.split()[1:2] == [daemon]) == 1, peers
+        for _ in range(2):
+            ctl("kill", names[0])
+            ctl.wait(lambda s: s["state"] in ("stopped", "failed"), name=names[0])
+            ctl("start", names[0])  # its scope and TPM unit of before are gone: no "already loaded"
+            st = ctl.wait(lambda s: s["ready"], name=names[0])
+            assert f"vmspawnd-{names[0]}-tpm.service" in st["units"], st
+    finally:
+        for name in names:
+            ctl("kill", name, check=False)
+            ctl("remove", name, check=False)
+        for comm in ("qemu-system-x86", "swtpm"):
+            poll(lambda comm=comm: pids_of(comm), lambda pids: pids == [], 30)

@@ -490,6 +490,7 @@ class UnitRunner:
     def __init__(self, manager: SystemdManager, *, owns_manager: bool = False) -> None:
         self.manager = manager
         self._owns_manager = owns_manager
+        self._referenced: list[str] = []  # units started with AddRef: released by aclose()
 
     @classmethod
     async def connect(cls, bus_type: Any = None, address: str | None = None) -> UnitRunner:
@@ -504,6 +505,7 @@ class UnitRunner:
                                           "the helper must create its own socket")
         unit = f"{spec.name}.service"
         clear_stale_socket(spec.name, spec.ready_path)
+        self._referenced.append(unit)  # (a unit whose start failed stays loaded while referenced)
         try:
             path = await self.manager.start_transient_unit(unit, transient_unit_properties(spec), spec.ready_timeout)
         except (UnitStartError, DBusCallError) as e:
@@ -532,6 +534,11 @@ class UnitRunner:
         return service
 
     async def aclose(self) -> None:
+        """Release the units it started (on a shared connection they would stay loaded once ended,
+        and the next start of the same name would fail); close the connection if it is ours."""
+        for unit in self._referenced:
+            await self.manager.unref_unit(unit)
+        self._referenced.clear()
         if self._owns_manager:
             await self.manager.aclose()
 
