@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bench.latency import Stamps
+    from bench.stamps import Stamps
 
 PY_WAITER = "import os, sys; os.read(0, 1); os.execv(sys.argv[1], sys.argv[1:])"
 LIBRARIES = "import asyncio, structlog, asyncvarlink, sdnotify"

@@ -2,8 +2,8 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """Benchmark: the moments vmspawnd adds around QEMU, measured without ptrace.
 
-An exec-stamping wrapper (bench/execstamp.c, built static here) stands first in $PATH under
-QEMU's name: it writes its pid and CLOCK_MONOTONIC, then execs the real QEMU.  Rows:
+An exec-stamping wrapper (bench/stamps.py) stands first in $PATH under QEMU's name: it writes its
+pid and CLOCK_MONOTONIC, then execs the real QEMU.  Rows:
 
 * daemon: Start request → QEMU exec (target ≤ 3 ms), and what a fresh (transient) TPM adds to it
   (target ≤ 5 ms);
@@ -21,7 +21,9 @@ QEMU's name: it writes its pid and CLOCK_MONOTONIC, then execs the real QEMU.  R
   (target ≤ 1.02); and 16 VMs spawned at once, until the last is READY=1 (target ≤ 1.02);
 * in Debian forky's environment (the systemd tier's tree, as root; bench/peer.py): boot → poweroff
   with ``vmspawn`` and with systemd-vmspawn 262, each over bare QEMU there, and ``vmspawn`` over
-  systemd-vmspawn (target ≤ 1: faster), pairwise, the order rotating;
+  systemd-vmspawn (target ≤ 1: faster), pairwise, the order rotating; and the daemon's Start →
+  QEMU exec under systemd 262, where it also makes QEMU's scope, beside what the scope alone
+  takes systemd (no target: the ≤ 3 ms above is for a host without systemd);
 * floors, with no target (bench/floors.py): what this machine allows, beside the rows they bound.
 
     .venv/bin/python -m bench.latency [--runs N] [--json FILE] [--markdown FILE]
@@ -54,6 +56,7 @@ from pathlib import Path
 
 from bench import boot_ratio, floors
 from bench import peer as bench_peer
+from bench.stamps import Stamps
 from tests.rawvarlink import call
 from vmspawnd.qemu.accel import find_qemu
 from vmspawnd.testing.guest import build_guest
@@ -65,6 +68,9 @@ FLOOR_WAKE_PY = "floor: a woken Python -I -S (as the launcher) execs a static on
 FLOOR_IMPORTS = "floor: Python's exec → asyncio and structlog imported"
 FLOOR_CREATE = "floor: Create with the definitions on a tmpfs (no disk)"
 FLOOR_MEMORY = "floor: resident, Python with asyncio, structlog, asyncvarlink, sdnotify"
+# a systemd host (the forky tree, bench/peer.py): where a Start also makes QEMU's scope, in PID 1
+SYSTEMD_START = "forky (systemd 262): daemon Start → QEMU exec, in its scope"
+FLOOR_SCOPE = "floor: forky (systemd 262): a transient scope started (StartTransientUnit → job done)"
 TARGETS = {"daemon Start → QEMU exec": 3.0, "fresh TPM: added to Start → QEMU exec": 5.0,
               "vmspawn exec → QEMU exec": 40.0, "vmspawn: QEMU exit → vmspawn gone": 5.0,
               "List of 1,000 machines": 20.0, "Describe while 4 clients List 1,000 machines (p99)": 15.0,
@@ -78,38 +84,10 @@ TARGETS = {"daemon Start → QEMU exec": 3.0, "fresh TPM: added to Start → QEM
               "Describe, 100 clients, 1,000 machines": 12000.0, "Describe, 100 clients, 1,000 machines (p99)": 15.0,
               "daemon memory, idle": 25.0, "daemon memory per defined machine": 8.0,
               "daemon memory per running VM": 150.0,
-              FLOOR_WAKE_C: None, FLOOR_WAKE_PY: None, FLOOR_IMPORTS: None, FLOOR_CREATE: None, FLOOR_MEMORY: None}
+              FLOOR_WAKE_C: None, FLOOR_WAKE_PY: None, FLOOR_IMPORTS: None, FLOOR_CREATE: None, FLOOR_MEMORY: None,
+              SYSTEMD_START: None, FLOOR_SCOPE: None}
 AT_LEAST = {"/s"}  # units where more is better: the target is a floor
 TPM_SETTLE = 4.0  # the daemon makes its next spare TPM state 2 s after a start; swtpm_setup takes ≈ 0.5 s
-
-
-class Stamps:
-    """The exec-stamping wrapper and what it wrote."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.dir = tmp / "bin"
-        self.dir.mkdir()
-        self.file = tmp / "stamps"
-        real = find_qemu()
-        self.binary = self.dir / real.name
-        subprocess.run(["gcc", "-O2", "-static", "-o", str(self.binary), str(REPO / "bench/execstamp.c")], check=True)
-        self.env = {**os.environ, "PATH": f"{self.dir}:{os.environ['PATH']}", "EXECSTAMP_FILE": str(self.file),
-                    "EXECSTAMP_REAL": str(real)}
-
-    def clear(self) -> None:
-        self.file.unlink(missing_ok=True)
-
-    def qemu_exec(self, timeout: float = 30) -> tuple[int, int]:
-        """(pid, ns) of the QEMU exec (not a ``--version`` probe), waiting for it."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.file.exists():
-                for line in self.file.read_text().splitlines():
-                    pid, ns, arg = line.split(" ", 2)
-                    if arg != "--version":
-                        return int(pid), int(ns)
-            time.sleep(0.001)
-        raise TimeoutError("QEMU was not exec'd")
 
 
 def summary(samples: list[float], stat: str = "median", unit: str = "ms") -> dict:
@@ -369,7 +347,7 @@ def main() -> int:
     compileall.compile_dir(REPO / "vmspawnd", quiet=1)
     tmp = Path(tempfile.mkdtemp(prefix="vmspawnd-bench-"))
     try:
-        stamps = Stamps(tmp)
+        stamps = Stamps.build(tmp)
         plain = daemon_start(stamps, guest, args.runs)
         with_tpm = daemon_start(stamps, guest, args.runs, tpm=True)
         results = {"daemon Start → QEMU exec": summary(plain),
@@ -408,6 +386,9 @@ def main() -> int:
                 [t / b for t, b in zip(theirs, bare, strict=True)], unit="×")
             results["forky: boot → poweroff, vmspawn ÷ systemd-vmspawn 262 (pairwise)"] = summary(
                 [o / t for o, t in zip(ours, theirs, strict=True)], unit="×")
+            starts = bench_peer.measure_starts(guest.kernel.parent, args.runs)
+            results[SYSTEMD_START] = summary(starts["start"])
+            results[FLOOR_SCOPE] = summary(starts["scope"])
         many = boot_ratios(guest, tmp, args.runs, at_once=16)
         results["16 VMs at once, spawn → all READY=1, vmspawn ÷ bare QEMU (pairwise)"] = summary(many["ready"],
                                                                                                unit="×")

@@ -10,11 +10,17 @@ same kernel, initrd and disk with 256 MiB, one vCPU, SeaBIOS, no TPM, no vsock, 
 the guest powers off at once (no ``test.notify``: systemd-vmspawn has no notify channel without
 vsock).  systemd-vmspawn needs a disk (``--image``; with ``-M`` alone it wants one from the machine
 pool), so all three get it.  Printed: one JSON line, ``BENCH-PEER {...}``, seconds per run.
+
+:func:`measure_starts` runs our daemon in the same tree, under systemd 262: ms from a Start to QEMU's
+exec (the exec stamp of bench/stamps.py bound in), with the scope it creates around QEMU there, and
+ms for systemd to start such a scope alone (the part of a Start that is PID 1's).  Printed:
+``BENCH-STARTS {...}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -27,13 +33,19 @@ import uuid
 import zlib
 from pathlib import Path
 
+from bench.stamps import Stamps
+from tests.rawvarlink import call
 from vmspawnd.config import ConsoleMode, MachineConfig, Ram, Tristate
 from vmspawnd.qemu.accel import find_qemu, qemu_version
 from vmspawnd.qemu.argv import Resources, build_qemu_argv
+from vmspawnd.systemd.scope import allocate_scope
+from vmspawnd.systemd.units import connect_systemd
 from vmspawnd.values import Drive
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST_INSIDE, IMAGE_INSIDE = "/var/cache/vmspawnd-bench-guest", "/var/cache/vmspawnd-bench-image"
+STAMP_INSIDE = "/var/cache/vmspawnd-bench-stamp"
+IDLE = 0.3  # s between starts: the daemon idles between requests
 VENV_PYTHON = "/opt/vmspawnd-venv/bin/python"
 WORDS = ("panic=-1",)
 X86_64_ROOT = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"  # the discoverable-partitions type of a root file system
@@ -73,10 +85,27 @@ def measure(guest_dir: Path, rounds: int, suite: str = "forky") -> dict[str, lis
                             f"--bind-ro={guest_dir}:{GUEST_INSIDE}", f"--bind-ro={tmp}:{IMAGE_INSIDE}", "run", "--",
                             VENV_PYTHON, "-m", "bench.peer", f"--rounds={rounds}"],
                            cwd=REPO, capture_output=True, text=True, timeout=3600)
+    return _result(p, "BENCH-PEER ")
+
+
+def measure_starts(guest_dir: Path, rounds: int, suite: str = "forky") -> dict[str, list[float]]:
+    """Our daemon's Starts inside the ``suite`` tree: ms to QEMU's exec ("start"), and ms for a scope
+    alone ("scope")."""
+    with tempfile.TemporaryDirectory(prefix="vmspawnd-bench-starts-") as tmp:
+        os.chmod(tmp, 0o755)
+        stamps = Stamps.build(Path(tmp))
+        p = subprocess.run([sys.executable, "-m", "tests.systemd.container", f"--suite={suite}",
+                            f"--bind-ro={guest_dir}:{GUEST_INSIDE}", f"--bind-ro={stamps.dir}:{STAMP_INSIDE}", "run",
+                            "--", VENV_PYTHON, "-m", "bench.peer", f"--starts={rounds}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=3600)
+    return _result(p, "BENCH-STARTS ")
+
+
+def _result(p: subprocess.CompletedProcess[str], prefix: str) -> dict[str, list[float]]:
     for line in p.stdout.splitlines():
-        if line.startswith("BENCH-PEER "):
-            return json.loads(line.removeprefix("BENCH-PEER "))
-    raise RuntimeError(f"the peer bench printed no result (exit {p.returncode}): {p.stderr[-2000:]}")
+        if line.startswith(prefix):
+            return json.loads(line.removeprefix(prefix))
+    raise RuntimeError(f"the bench in the tree printed no result (exit {p.returncode}): {p.stderr[-2000:]}")
 
 
 # ---------------------------------------------------------------- inside the tree
@@ -128,11 +157,71 @@ def inside(rounds: int) -> dict[str, list[float]]:
     return results
 
 
+def inside_starts(rounds: int) -> dict[str, list[float]]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-starts-"))
+    stamps = Stamps(Path(STAMP_INSIDE), tmp / "stamps", find_qemu())
+    sock = tmp / "vmspawnd.sock"
+    daemon = subprocess.Popen([VENV_PYTHON, "-m", "vmspawnd.cli.vmspawnd", f"--socket={sock}",
+                               f"--state-dir={tmp / 'state'}", f"--runtime-dir={tmp / 'run'}"], env=stamps.env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        guest = Path(GUEST_INSIDE)
+        config = {"linux": str(guest / "vmlinuz"), "initrds": [str(guest / "initrd.img")], "ram": "256M",
+                  "firmware": "bios", "tpm": "no", "vsock": "no",
+                  "kernelCommandLine": ["panic=-1", "test.notify=1", "test.action=hang"]}
+        _check(call(sock, "io.vmspawnd.Manager.Create", {"name": "benchstart", "config": config}))
+        starts, scopes = [], []
+        for i in range(rounds):  # a scope alone, then a Start, each after idling: the same conditions
+            time.sleep(IDLE)
+            scopes.append(asyncio.run(_scope(f"benchscope{i}")))
+            time.sleep(IDLE)
+            stamps.clear()
+            begin = time.monotonic_ns()
+            _check(call(sock, "io.vmspawnd.Manager.Start", {"name": "benchstart"}, timeout=60))
+            starts.append((stamps.qemu_exec()[1] - begin) / 1e6)
+            _check(call(sock, "io.vmspawnd.Manager.Kill", {"name": "benchstart"}, timeout=60))
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
+    return {"start": starts, "scope": scopes}
+
+
+def _check(reply: dict) -> None:
+    if "error" in reply:
+        raise RuntimeError(f"the daemon answered {reply}")
+
+
+async def _scope(name: str) -> float:
+    """ms for systemd to start a transient scope around a waiting process, as a Start makes it."""
+    manager, why = await connect_systemd()
+    if manager is None:
+        raise RuntimeError(why)
+    proc = await asyncio.create_subprocess_exec("sleep", "60")
+    try:
+        begin = time.monotonic_ns()
+        unit = await allocate_scope(manager, name, proc.pid, "machine.slice", ())
+        took = (time.monotonic_ns() - begin) / 1e6
+        await manager.unref_unit(unit)
+    finally:
+        proc.kill()
+        await proc.wait()
+        await manager.aclose()
+    return took
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--starts", type=int, default=0, help="measure this many daemon Starts instead")
     args = parser.parse_args()
-    print("BENCH-PEER " + json.dumps(inside(args.rounds)), flush=True)
+    if args.starts:
+        print("BENCH-STARTS " + json.dumps(inside_starts(args.starts)), flush=True)
+    else:
+        print("BENCH-PEER " + json.dumps(inside(args.rounds)), flush=True)
     return 0
 
 

@@ -1,0 +1,50 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The exec-stamping wrapper (bench/execstamp.c, built static): first on ``$PATH`` under QEMU's name,
+it writes ``PID NS ARGV1`` (CLOCK_MONOTONIC) to ``$EXECSTAMP_FILE`` and execs the real QEMU
+(``$EXECSTAMP_REAL``), so a bench learns the moment of QEMU's exec without ptrace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from vmspawnd.qemu.accel import find_qemu
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Stamps:
+    """The exec-stamping wrapper in ``directory`` and what it wrote to ``file``."""
+
+    def __init__(self, directory: Path, file: Path, real: Path) -> None:
+        self.dir, self.file = directory, file
+        self.binary = directory / real.name
+        self.env = {**os.environ, "PATH": f"{directory}:{os.environ['PATH']}", "EXECSTAMP_FILE": str(file),
+                    "EXECSTAMP_REAL": str(real)}
+
+    @classmethod
+    def build(cls, tmp: Path) -> Stamps:
+        """Build the wrapper for this host's QEMU into ``tmp/bin`` (it stamps into ``tmp/stamps``)."""
+        real = find_qemu()
+        directory = tmp / "bin"
+        directory.mkdir()
+        subprocess.run(["gcc", "-O2", "-static", "-o", str(directory / real.name), str(REPO / "bench/execstamp.c")],
+                       check=True)
+        return cls(directory, tmp / "stamps", real)
+
+    def clear(self) -> None:
+        self.file.unlink(missing_ok=True)
+
+    def qemu_exec(self, timeout: float = 30) -> tuple[int, int]:
+        """(pid, ns) of the QEMU exec (not a ``--version`` probe), waiting for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.file.exists():
+                for line in self.file.read_text().splitlines():
+                    pid, ns, arg = line.split(" ", 2)
+                    if arg != "--version":
+                        return int(pid), int(ns)
+            time.sleep(0.001)
+        raise TimeoutError("QEMU was not exec'd")
