@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """The systemd manager over D-Bus (dbus-fast): transient units, jobs, properties.
 
-One connection serves a VM's scope and its auxiliary units.  Calls raise DBusCallError with
+One connection serves a VM's scope and its auxiliary units; in the daemon, one (SharedSystemd)
+serves all its VMs, and each run releases the units it referenced.  Calls raise DBusCallError with
 the D-Bus error name; start/stop wait for the job's JobRemoved signal.
 """
 
