@@ -556,14 +556,14 @@ async def choose_runner(*, die_with_parent: bool = True, timeout: float = CONNEC
     if forced == "child":
         reason = f"${RUNNER_ENV}=child"
     elif manager is not None:
-        log.info("auxiliary services run as transient systemd units")
+        log.debug("auxiliary services run as transient systemd units")
         return UnitRunner(manager)
     else:
         found, reason = await connect_systemd(timeout, systemd_dir if forced != "unit" else Path("/"))
         if found is not None:
-            log.info("auxiliary services run as transient systemd units", systemd=reason)
+            log.debug("auxiliary services run as transient systemd units", systemd=reason)
             return UnitRunner(found, owns_manager=True)
         if forced == "unit":
             raise ServiceError("service-runner", f"${RUNNER_ENV}=unit but {reason}")
-    log.info("auxiliary services run as child processes", reason=reason)
+    log.debug("auxiliary services run as child processes", reason=reason)  # (at each start)
     return ChildRunner(die_with_parent=die_with_parent)
