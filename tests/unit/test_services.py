@@ -39,6 +39,7 @@ from vmspawnd.services.runner import (
 )
 from vmspawnd.services.virtiofsd import Bind, Flavour, UidMap, Virtiofsd
 from vmspawnd.settings import BY_KEY
+from vmspawnd.systemd.units import SharedSystemd
 from vmspawnd.values import StateLocation, Tristate
 
 C_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
@@ -612,12 +613,8 @@ class FakeManager(ServiceInterface):
         self.units[name].proc.send_signal(sig)
 
 
-@pytest.fixture
-async def fake_systemd(tmp_path):
-    """A private dbus-daemon with a fake org.freedesktop.systemd1 on it."""
-    if shutil.which("dbus-daemon") is None:
-        pytest.skip("dbus-daemon not installed")
-    address = f"unix:path={tmp_path}/bus"
+async def start_fake_systemd(address: str) -> tuple[subprocess.Popen[bytes], MessageBus, FakeManager]:
+    """A private dbus-daemon at ``address`` with a fake org.freedesktop.systemd1 on it."""
     daemon = subprocess.Popen(["dbus-daemon", "--session", "--nofork", "--nopidfile", f"--address={address}",
                                "--print-address=1"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
@@ -627,15 +624,34 @@ async def fake_systemd(tmp_path):
         manager = FakeManager(bus)
         bus.export("/org/freedesktop/systemd1", manager)
         await bus.request_name("org.freedesktop.systemd1")
-        yield address, manager
-        for unit in manager.units.values():
-            with contextlib.suppress(ProcessLookupError):
-                unit.proc.kill()
-            unit.proc.wait()
-        bus.disconnect()
-    finally:
+    except BaseException:
         daemon.terminate()
         daemon.wait()
+        raise
+    return daemon, bus, manager
+
+
+def stop_fake_systemd(daemon: subprocess.Popen[bytes], bus: MessageBus, manager: FakeManager) -> None:
+    for unit in manager.units.values():
+        with contextlib.suppress(ProcessLookupError):
+            unit.proc.kill()
+        unit.proc.wait()
+    bus.disconnect()
+    daemon.terminate()
+    daemon.wait()
+
+
+@pytest.fixture
+async def fake_systemd(tmp_path):
+    """A private dbus-daemon with a fake org.freedesktop.systemd1 on it."""
+    if shutil.which("dbus-daemon") is None:
+        pytest.skip("dbus-daemon not installed")
+    address = f"unix:path={tmp_path}/bus"
+    daemon, bus, manager = await start_fake_systemd(address)
+    try:
+        yield address, manager
+    finally:
+        stop_fake_systemd(daemon, bus, manager)
 
 
 async def test_unit_runner_against_fake_systemd(fake_systemd, tmp_path):
@@ -701,3 +717,37 @@ async def test_a_helpers_socket_is_noticed_by_inotify_not_by_a_timer(tmp_path):
         await asyncio.wait_for(first.changed(also=resolved(loop)), 10)  # (the helper exiting ends it too)
     with pytest.raises(OSError, match="No such file"):
         DirectoryWatch(tmp_path / "missing")
+
+
+async def test_the_daemons_one_connection_to_systemd_is_made_again_once_it_dropped(tmp_path, monkeypatch):
+    if shutil.which("dbus-daemon") is None:
+        pytest.skip("dbus-daemon not installed")
+    systemd_dir = tmp_path / "systemd"
+    systemd_dir.mkdir()
+
+    def bus_at(address: str) -> None:
+        monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", address)
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", address)
+
+    bus_at(address := f"unix:path={tmp_path}/bus")
+    daemon, bus, fake = await start_fake_systemd(address)
+    shared = SharedSystemd(systemd_dir)
+    try:
+        at_once = await asyncio.gather(*(shared.get() for _ in range(3)))  # starts at once: one connection
+        first = at_once[0][0]
+        assert first is not None and all(manager is first for manager, _ in at_once)
+        assert (await shared.get())[0] is first  # and the next start uses it too
+        daemon.kill()  # the bus goes away (dbus-daemon restarted)…
+        stop_fake_systemd(daemon, bus, fake)
+        for _ in range(100):
+            if not first.bus.connected:
+                break
+            await asyncio.sleep(0.02)
+        bus_at(address := f"unix:path={tmp_path}/bus2")
+        daemon, bus, fake = await start_fake_systemd(address)
+        second, why = await shared.get()  # …and the next start has a new connection
+        assert second is not None and second is not first and second.bus.connected, why
+        assert await second.version() == "257-fake"
+    finally:
+        shared.close()
+        stop_fake_systemd(daemon, bus, fake)

@@ -171,7 +171,8 @@ class SharedSystemd:
     and held one bus connection per running VM: dbus-daemon allows 256 per user by default.)  Runs
     do not close it; :meth:`close` does, when the daemon exits."""
 
-    def __init__(self) -> None:
+    def __init__(self, systemd_dir: Path = SYSTEMD_RUNTIME_DIR) -> None:
+        self._systemd_dir = systemd_dir
         self._manager: SystemdManager | None = None
         self._why = ""
         self._connecting: asyncio.Lock | None = None
@@ -182,7 +183,7 @@ class SharedSystemd:
             self._connecting = asyncio.Lock()
         async with self._connecting:  # concurrent starts make one connection, not one each
             if self._manager is None or not self._manager.bus.connected:
-                self._manager, self._why = await connect_systemd()
+                self._manager, self._why = await connect_systemd(systemd_dir=self._systemd_dir)
             return self._manager, self._why
 
     def close(self) -> None:
