@@ -38,12 +38,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import compileall
-import contextlib
 import json
 import os
 import select
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -51,11 +49,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from bench import boot_ratio, floors
 from bench import peer as bench_peer
+from bench.daemon import bench_daemon, daemon_start, guest_config
 from bench.stamps import Stamps
 from tests.rawvarlink import call
 from vmspawnd.qemu.accel import find_qemu
@@ -87,7 +85,6 @@ TARGETS = {"daemon Start → QEMU exec": 3.0, "fresh TPM: added to Start → QEM
               FLOOR_WAKE_C: None, FLOOR_WAKE_PY: None, FLOOR_IMPORTS: None, FLOOR_CREATE: None, FLOOR_MEMORY: None,
               SYSTEMD_START: None, FLOOR_SCOPE: None}
 AT_LEAST = {"/s"}  # units where more is better: the target is a floor
-TPM_SETTLE = 4.0  # the daemon makes its next spare TPM state 2 s after a start; swtpm_setup takes ≈ 0.5 s
 
 
 def summary(samples: list[float], stat: str = "median", unit: str = "ms") -> dict:
@@ -112,50 +109,6 @@ def boot_ratios(guest, tmp: Path, count: int, at_once: int = 1) -> dict[str, lis
             "gone": [ours.gone / bare.gone for ours, bare in found]}
 
 
-@contextlib.contextmanager
-def bench_daemon(state: Path | None = None, env: dict[str, str] | None = None
-                 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """A vmspawnd answering on a socket, its runtime dir on a tmpfs (and its state too, unless ``state``);
-    stopped and its runtime base released after."""
-    base = runtime_base()
-    sock = base / "vmspawnd.sock"
-    daemon = subprocess.Popen([sys.executable, "-m", "vmspawnd.cli.vmspawnd", f"--socket={sock}",
-                               f"--state-dir={state or base / 'state'}", f"--runtime-dir={base / 'run'}"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        poll_call(sock)
-        yield daemon, sock
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(30)
-        release_runtime_base(base)
-
-
-def guest_config(guest, **settings: str) -> dict:
-    """A daemon's definition of the test guest (BIOS, no TPM, no vsock, READY=1, then it idles)."""
-    return {"linux": str(guest.kernel), "initrds": [str(guest.initrd)], "ram": "256M", "firmware": "bios", "tpm": "no",
-            "vsock": "no", "kernelCommandLine": ["panic=-1", "test.notify=1", "test.action=hang"], **settings}
-
-
-def daemon_start(stamps: Stamps, guest, runs: int, tpm: bool = False) -> list[float]:
-    with bench_daemon(env=stamps.env) as (_, sock):
-        config = guest_config(guest, tpm="yes" if tpm else "no", tpmState="off")
-        assert "error" not in call(sock, "io.vmspawnd.Manager.Create", {"name": "bench", "config": config})
-        samples = []
-        if tpm:  # the first start with a transient TPM makes the daemon keep one ready
-            assert "error" not in call(sock, "io.vmspawnd.Manager.Start", {"name": "bench"}, timeout=60)
-            call(sock, "io.vmspawnd.Manager.Kill", {"name": "bench"}, timeout=60)
-        for _ in range(runs):
-            time.sleep(TPM_SETTLE if tpm else 0.3)  # what the daemon makes ahead is ready (as between requests)
-            stamps.clear()
-            start = time.monotonic_ns()
-            reply = call(sock, "io.vmspawnd.Manager.Start", {"name": "bench"}, timeout=60)
-            assert "error" not in reply, reply
-            samples.append((stamps.qemu_exec()[1] - start) / 1e6)
-            call(sock, "io.vmspawnd.Manager.Kill", {"name": "bench"}, timeout=60)
-        return samples
-
-
 def list_all(sock: Path) -> int:
     """One List (``more``) read to its last reply; the number of replies."""
     with socket.socket(socket.AF_UNIX) as s:
@@ -171,21 +124,6 @@ def list_all(sock: Path) -> int:
                 if not message.startswith(b'{"continues":true') and not json.loads(message).get("continues"):
                     return replies
     raise ConnectionError("the List ended early")
-
-
-def runtime_base() -> Path:
-    """A fresh directory on a tmpfs (mounted for it when we are root), else in /run or /tmp."""
-    if os.geteuid() == 0:
-        base = Path(tempfile.mkdtemp(prefix="vmspawnd-bench-"))
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=64m", "tmpfs", str(base)], check=True)
-        return base
-    return Path(tempfile.mkdtemp(prefix="vmspawnd-bench-", dir="/run" if os.access("/run", os.W_OK) else None))
-
-
-def release_runtime_base(base: Path) -> None:
-    if os.path.ismount(base):
-        subprocess.run(["umount", "--lazy", str(base)], check=False)
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def resident_kb(pid: int) -> int:
@@ -296,16 +234,6 @@ def running_vm_memory(guest, vms: int = 4, rounds: int = 2) -> list[float]:
             for i in range(vms):
                 call(sock, "io.vmspawnd.Manager.Kill", {"name": f"vm{i}"}, timeout=60)
         return samples
-
-
-def poll_call(sock: Path, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            call(sock, "org.varlink.service.GetInfo")
-            return
-        time.sleep(0.05)
-    raise TimeoutError("the daemon did not answer")
 
 
 def vmspawn_runs(stamps: Stamps, guest, runs: int) -> tuple[list[float], list[float]]:

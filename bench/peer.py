@@ -32,9 +32,10 @@ import time
 import uuid
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
+from bench.daemon import IDLE, daemon_start
 from bench.stamps import Stamps
-from tests.rawvarlink import call
 from vmspawnd.config import ConsoleMode, MachineConfig, Ram, Tristate
 from vmspawnd.qemu.accel import find_qemu, qemu_version
 from vmspawnd.qemu.argv import Resources, build_qemu_argv
@@ -45,7 +46,6 @@ from vmspawnd.values import Drive
 REPO = Path(__file__).resolve().parents[1]
 GUEST_INSIDE, IMAGE_INSIDE = "/var/cache/vmspawnd-bench-guest", "/var/cache/vmspawnd-bench-image"
 STAMP_INSIDE = "/var/cache/vmspawnd-bench-stamp"
-IDLE = 0.3  # s between starts: the daemon idles between requests
 VENV_PYTHON = "/opt/vmspawnd-venv/bin/python"
 WORDS = ("panic=-1",)
 X86_64_ROOT = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"  # the discoverable-partitions type of a root file system
@@ -158,41 +158,19 @@ def inside(rounds: int) -> dict[str, list[float]]:
 
 
 def inside_starts(rounds: int) -> dict[str, list[float]]:
-    tmp = Path(tempfile.mkdtemp(prefix="bench-starts-"))
-    stamps = Stamps(Path(STAMP_INSIDE), tmp / "stamps", find_qemu())
-    sock = tmp / "vmspawnd.sock"
-    daemon = subprocess.Popen([VENV_PYTHON, "-m", "vmspawnd.cli.vmspawnd", f"--socket={sock}",
-                               f"--state-dir={tmp / 'state'}", f"--runtime-dir={tmp / 'run'}"], env=stamps.env,
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(300):
-            if sock.exists():
-                break
-            time.sleep(0.05)
-        guest = Path(GUEST_INSIDE)
-        config = {"linux": str(guest / "vmlinuz"), "initrds": [str(guest / "initrd.img")], "ram": "256M",
-                  "firmware": "bios", "tpm": "no", "vsock": "no",
-                  "kernelCommandLine": ["panic=-1", "test.notify=1", "test.action=hang"]}
-        _check(call(sock, "io.vmspawnd.Manager.Create", {"name": "benchstart", "config": config}))
-        starts, scopes = [], []
-        for i in range(rounds):  # a scope alone, then a Start, each after idling: the same conditions
-            time.sleep(IDLE)
-            scopes.append(asyncio.run(_scope(f"benchscope{i}")))
-            time.sleep(IDLE)
-            stamps.clear()
-            begin = time.monotonic_ns()
-            _check(call(sock, "io.vmspawnd.Manager.Start", {"name": "benchstart"}, timeout=60))
-            starts.append((stamps.qemu_exec()[1] - begin) / 1e6)
-            _check(call(sock, "io.vmspawnd.Manager.Kill", {"name": "benchstart"}, timeout=60))
-    finally:
-        daemon.terminate()
-        daemon.wait(60)
+    """The daemon's Starts here (bench/daemon.py), each after a scope alone, in the same conditions."""
+    guest = Path(GUEST_INSIDE)
+    scopes: list[float] = []
+
+    def scope_first(i: int) -> None:
+        time.sleep(IDLE)
+        scopes.append(asyncio.run(_scope(f"benchscope{i}")))
+
+    starts = daemon_start(Stamps(Path(STAMP_INSIDE), Path(tempfile.mkdtemp(prefix="bench-starts-")) / "stamps",
+                                 find_qemu()),
+                          SimpleNamespace(kernel=guest / "vmlinuz", initrd=guest / "initrd.img"), rounds,
+                          before_each=scope_first)
     return {"start": starts, "scope": scopes}
-
-
-def _check(reply: dict) -> None:
-    if "error" in reply:
-        raise RuntimeError(f"the daemon answered {reply}")
 
 
 async def _scope(name: str) -> float:
