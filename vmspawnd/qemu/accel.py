@@ -18,6 +18,7 @@ from vmspawnd.errors import ConfigError
 from vmspawnd.storage import write_json_atomic
 from vmspawnd.values import Tristate
 
+QEMU_NAMES = ("qemu", "qemu-kvm", "/usr/libexec/qemu-kvm")  # looked up first, then qemu-system-<arch>
 QEMU_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64", "i686": "i386"}
 VERSION_CACHE = "qemu.version"  # in the runtime base; no machine name has a '.'
 HARDWARE_KVM_MODULES = ("kvm_intel", "kvm_amd", "kvm_arm")  # kvm_arm: no module dir on arm, see below
@@ -44,7 +45,7 @@ RACY_STAMP_NS = 100_000_000  # a directory changed this recently may change agai
 def _directory_stamps(path: str) -> tuple[int, ...]:
     """When each directory QEMU is looked for in last changed (an entry added, removed or renamed)."""
     stamps = []
-    for directory in (*path.split(os.pathsep), "/usr/libexec"):
+    for directory in (*path.split(os.pathsep), *(os.path.dirname(n) for n in QEMU_NAMES if os.path.isabs(n))):
         try:
             stamps.append(os.stat(directory or ".").st_mtime_ns)
         except OSError:
@@ -54,7 +55,7 @@ def _directory_stamps(path: str) -> tuple[int, ...]:
 
 def _look_up_qemu() -> Path:
     arch = QEMU_ARCH.get(platform.machine())
-    candidates = ["qemu", "qemu-kvm", "/usr/libexec/qemu-kvm"]
+    candidates = list(QEMU_NAMES)
     if arch:
         candidates.append(f"qemu-system-{arch}")
     for name in candidates:
