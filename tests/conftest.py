@@ -37,6 +37,33 @@ VMSPAWN = [sys.executable, "-m", "vmspawnd.cli.vmspawn"]
 os.environ.setdefault(BACKEND_ENV, "")
 
 
+#: where the daemons of tests live (pytest's base directories, and public_daemon's)
+TEST_DAEMON_ROOTS = (f"{tempfile.gettempdir()}/pytest-of-", f"{tempfile.gettempdir()}/vmspawnd-public-")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """End what the daemons of an earlier, killed test run left running (a failed run cleans up;
+    a killed one cannot, and its daemons have sessions of their own): a test daemon whose pytest is
+    gone, and the VMs and helpers under its directory.  Another run's daemons are its children."""
+    for pid in processes_mentioning("vmspawnd.cli.vmspawnd --socket="):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            parent_argv = Path(f"/proc/{ppid}/cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        sockets = [a.decode(errors="replace").removeprefix("--socket=") for a in argv if a.startswith(b"--socket=")]
+        if not sockets or not sockets[0].startswith(TEST_DAEMON_ROOTS) or b"pytest" in parent_argv:
+            continue
+        base = str(Path(sockets[0]).parent)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        for left in processes_mentioning(base):
+            if left != pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(left, signal.SIGKILL)
+
+
 @pytest.fixture
 def vsock_backend(monkeypatch) -> Path:
     """vhost-device-vsock for the VMs (and daemons) this test starts; skipped where it is not installed."""
