@@ -242,6 +242,7 @@ class Daemon:
         self.env: dict[str, str] = {}  # extra environment for the next start()
         self.args: list[str] = []  # extra options for the next start()
         self.nofile: int | None = None  # RLIMIT_NOFILE (soft and hard) for the next start()
+        self.pass_fds: tuple[int, ...] = ()  # descriptors the next start() leaves open (inherited)
 
     def start(self) -> None:
         self.socket.unlink(missing_ok=True)
@@ -250,7 +251,8 @@ class Daemon:
                 [sys.executable, "-m", "vmspawnd.cli.vmspawnd", f"--socket={self.socket}",
                  f"--state-dir={self.state}", f"--runtime-dir={self.runtime}", *self.args],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, **self.env}, preexec_fn=self._limit_fds if self.nofile else None)
+                env={**os.environ, **self.env}, preexec_fn=self._limit_fds if self.nofile else None,
+                pass_fds=self.pass_fds)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.socket.exists() and self.ctl("list").returncode == 0:
@@ -266,6 +268,12 @@ class Daemon:
         """How many file descriptors the daemon holds."""
         assert self.proc is not None
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def spare_launchers(self) -> list[int]:
+        """The daemon's exec-late launchers waiting for a QEMU to become."""
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return [int(pid) for pid in children if "execlate.py" in Path(f"/proc/{pid}/cmdline").read_text()]
 
     def rss(self) -> int:
         """The daemon's resident memory, in bytes."""

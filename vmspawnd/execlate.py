@@ -42,15 +42,20 @@ def spawn(parent: int | None = None) -> tuple[int, int]:
         argv = [sys.executable, "-I", "-S", __file__, str(theirs.fileno())]
         if parent is not None:
             argv.append(str(parent))
-        env = dict(os.environ)
-        env.setdefault("LANG", "C.UTF-8")
-        pid = os.posix_spawn(sys.executable, argv, env, setsid=True)
+        pid = os.posix_spawn(sys.executable, argv, qemu_environment(), setsid=True)
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
     return pid, ours.detach()
+
+
+def qemu_environment() -> dict[str, str]:
+    """QEMU's environment: ours, plus a UTF-8 locale if we name none."""
+    env = dict(os.environ)
+    env.setdefault("LANG", "C.UTF-8")
+    return env
 
 
 def die_with(parent: int) -> bool:

@@ -188,14 +188,19 @@ class Run:
 
     async def _start(self) -> None:
         config = self.config
-        # fork early, exec late: the launcher that becomes QEMU starts first, while we set up
-        if self._spares is not None and not self._die_with_parent:  # (a spare outlives us, as VMs do)
-            self.qemu = self._spares.launcher.take()
-        else:
-            self.qemu = QemuProcess.reuse_or_fork(self._launcher, die_with_parent=self._die_with_parent)
+        systemd, why = await self._connect_systemd()
+        self._systemd = systemd
+        if self._needs_launcher(systemd):
+            # fork early, exec late: the launcher that becomes QEMU starts first, while we set up
+            if self._spares is not None and not self._die_with_parent:  # (a spare outlives us, as VMs do)
+                self.qemu = self._spares.launcher.take()
+            else:
+                self.qemu = QemuProcess.reuse_or_fork(self._launcher, die_with_parent=self._die_with_parent)
+            self._handles.callback(self.qemu.close)
+            self._durable.push_async_callback(self.qemu.end)
+        elif self._launcher is not None:
+            self._launcher.close()  # (it exits as its socket closes)
         self._launcher = None
-        self._handles.callback(self.qemu.close)
-        self._durable.push_async_callback(self.qemu.end)
         with self._as_owner():
             plan = self._plan or plan_launch(config)  # the host, looked at once for this start
         if self.identity.switches and (needs := needs_privileges(config, plan)):
@@ -209,7 +214,8 @@ class Run:
         await end_leftovers(self.runtime, config.directory)
         self.runtime.clear_leftovers()
         self._durable.callback(self.runtime.remove_files)
-        self._record = RunRecord(pid=self.qemu.pid, starttime=process_start_time(self.qemu.pid),
+        pid = self.qemu.pid if self.qemu is not None else 0  # (0 until QEMU is spawned)
+        self._record = RunRecord(pid=pid, starttime=process_start_time(pid) if pid else None,
                                  config=config_to_json(config), uid=self.identity.uid, gid=self.identity.gid,
                                  groups=list(self.identity.groups))
         self._save()
@@ -219,9 +225,10 @@ class Run:
         pass_fds: list[int] = []
         version = qemu_version(qemu_binary, cache_dir=self.runtime.path.parent)
         channel = await self._open_notify_channel(rundir, pass_fds, version)
-        aux = await self._start_scope_and_helpers(run_config, plan, rundir)
+        aux = await self._start_scope_and_helpers(run_config, plan, rundir, systemd, why)
         crash_point("helpers-started")
-        self._durable.push_async_callback(self.qemu.end)  # on a failure from here: QEMU ends before its helpers
+        if self.qemu is not None:
+            self._durable.push_async_callback(self.qemu.end)  # on a failure from here: QEMU ends before its helpers
         generated = aux.credentials + await self._ssh_key_credentials(rundir)
 
         ours = {cred_id for cred_id, _ in generated}
@@ -253,10 +260,14 @@ class Run:
         )
         argv = build_qemu_argv(run_config, resources)
         self.log.debug("spawning qemu", argv=" ".join(argv))
-        self.qemu.exec(argv, pass_fds, self.identity, keep_stdin=config.console is ConsoleMode.NATIVE)
+        keep_stdin = config.console is ConsoleMode.NATIVE
+        if self.qemu is None:
+            self._spawn_qemu(argv, pass_fds, keep_stdin)
+        else:
+            self.qemu.exec(argv, pass_fds, self.identity, keep_stdin=keep_stdin)
+            if self._spares is not None:
+                self._spares.launcher.refill()  # the next start's, while QEMU comes up
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)  # (a line costs ≈ 0.1 ms after idling)
-        if self._spares is not None:
-            self._spares.launcher.refill()  # the next start's, while QEMU comes up
         qmp_sock.close()  # QEMU has its copy
         crash_point("exec")
         await self._connect_qmp(rundir / "qmp.sock")
@@ -266,6 +277,25 @@ class Run:
         self._record.phase = RUNNING
         self._save()
         crash_point("recorded")
+
+    def _needs_launcher(self, systemd: SystemdManager | None) -> bool:
+        """Whether QEMU's process needs something done before its first instruction, so that a launcher
+        must exec it late: moved into its scope, switched to the VM's user, or bound to die with us
+        (vmspawn's).  Else it is spawned at once when everything is ready (:meth:`_spawn_qemu`)."""
+        has_scope = systemd is not None and not self.config.keep_unit
+        return has_scope or self.identity.switches or self._die_with_parent
+
+    def _spawn_qemu(self, argv: list[str], fds: list[int], keep_stdin: bool) -> None:
+        """Start QEMU at once (no launcher) and record its pid, which only now exists."""
+        try:
+            self.qemu = QemuProcess.spawn(argv, fds, keep_stdin=keep_stdin)
+        except OSError as e:
+            raise StartError(f"cannot run QEMU ({argv[0]}): {e.strerror or e}") from None
+        self._handles.callback(self.qemu.close)
+        self._durable.push_async_callback(self.qemu.end)  # (after the helpers': it ends before them)
+        assert self._record is not None
+        self._record.pid, self._record.starttime = self.qemu.pid, process_start_time(self.qemu.pid)
+        self._save()
 
     def _preflight(self) -> tuple[Path, Accelerator, str | None, tuple[str, ...]]:
         """Checks and look-ups that need no resources: QEMU binary, accelerator, TAP rights, MAC."""
@@ -338,10 +368,9 @@ class Run:
             self.log.info("vsock", backend=str(self.vsock.backend), cid=self.vsock.cid)
         return channel
 
-    async def _start_scope_and_helpers(self, run_config: MachineConfig, plan: LaunchPlan, rundir: Path) -> AuxServices:
-        """The scope (around the launcher) and the helpers, as units where systemd runs, else children."""
-        systemd, why = await self._connect_systemd()
-        self._systemd = systemd
+    async def _start_scope_and_helpers(self, run_config: MachineConfig, plan: LaunchPlan, rundir: Path,
+                                       systemd: SystemdManager | None, why: str) -> AuxServices:
+        """The scope (around the launcher) and the helpers, as units where ``systemd`` runs, else children."""
         scope = await self._allocate_scope(systemd, why)
         self.units = [scope] if scope else []
         runner = await choose_runner(die_with_parent=self._die_with_parent, manager=systemd)

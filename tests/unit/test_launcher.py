@@ -113,3 +113,27 @@ def test_qemu_dies_with_its_parent_only_when_asked(die_with_parent):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+
+@pytest.mark.parametrize("keep_stdin", [False, True])
+async def test_a_qemu_spawned_at_once_gets_the_fds_at_our_numbers_a_session_and_default_signals(keep_stdin):
+    """Where nothing is done to QEMU's process before it runs, it is spawned without a launcher: it
+    must still get what a launched one gets."""
+    a, b = socket.socketpair()
+    fd = b.fileno()
+    report = f"readlink /proc/self/fd/0 >&{fd}; exec cat /proc/self/status >&{fd}"  # (cat: same pid as bash)
+    proc = QemuProcess.spawn(["/bin/bash", "-c", report], [fd], keep_stdin=keep_stdin)
+    b.close()
+    assert await asyncio.wait_for(proc.wait(), 10) == 0  # ours to reap, with its exit status
+    stdin, *status_lines = a.makefile().read().splitlines()
+    a.close()
+    status = dict(line.split(":\t", 1) for line in status_lines)
+    assert int(status["Pid"]) == proc.pid and int(status["NSsid"]) == proc.pid  # a session of its own
+    assert stdin == (os.readlink("/proc/self/fd/0") if keep_stdin else "/dev/null")
+    assert not int(status["SigIgn"], 16) & (1 << (signal.SIGPIPE - 1))  # (we ignore SIGPIPE; QEMU must not)
+
+
+def test_a_qemu_that_cannot_be_spawned_raises_at_once(tmp_path):
+    with pytest.raises(PermissionError):
+        QemuProcess.spawn([str(tmp_path)])  # a directory: not executable

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import select
@@ -35,23 +36,40 @@ def test_socket_is_open_to_local_users_but_not_executable(daemon):
     assert mode == 0o666, oct(mode)
 
 
-def spare_launchers(daemon: Daemon) -> list[int]:
-    """The daemon's exec-late launchers waiting for a QEMU to become."""
-    assert daemon.proc is not None
-    children = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children").read_text().split()
-    return [int(pid) for pid in children if "execlate.py" in Path(f"/proc/{pid}/cmdline").read_text()]
+def test_where_nothing_is_done_to_qemus_process_first_the_daemon_spawns_it_with_none_of_its_fds(tmp_path, guest):
+    """No systemd here (no scope to put QEMU in first) and QEMU runs as the daemon's user: the daemon
+    spawns QEMU itself once all is ready, keeps no launcher ahead of need, and QEMU gets none of the
+    descriptors the daemon was started with (as systemd's socket, or what a shell left open)."""
+    inherited, other_end = os.pipe()
+    os.set_inheritable(inherited, True)
+    daemon = Daemon(tmp_path)
+    daemon.pass_fds = (inherited,)
+    try:
+        daemon.start()
+        assert daemon.proc is not None
+        pipe = os.readlink(f"/proc/self/fd/{inherited}")
+        assert pipe in fd_targets(daemon.proc.pid)  # the daemon has it
+        create(daemon, guest, "direct", "test.action=hang")
+        assert daemon.ctl("start", "direct").returncode == 0
+        pid = daemon.status("direct")["pid"]
+        assert Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[1] == str(daemon.proc.pid)
+        assert pipe not in fd_targets(pid)
+        assert daemon.wait_for("direct", lambda s: s["ready"])["state"] == "running"
+        assert daemon.spare_launchers() == []  # none was needed, so none waits
+        assert daemon.ctl("kill", "direct").returncode == 0
+    finally:
+        daemon.clean_up()
+        os.close(inherited)
+        os.close(other_end)
 
 
-def test_a_start_takes_the_launcher_started_ahead_and_another_is_started(daemon, guest):
-    spare = poll(lambda: spare_launchers(daemon), lambda found: len(found) == 1, 10)
-    create(daemon, guest, "ahead", "test.action=hang")
-    assert daemon.ctl("start", "ahead").returncode == 0
-    assert daemon.status("ahead")["pid"] == spare[0]  # the launcher that was waiting became QEMU
-    fresh = poll(lambda: spare_launchers(daemon), lambda found: len(found) == 1, 10)
-    assert fresh != spare
-    assert daemon.ctl("kill", "ahead").returncode == 0
-    daemon.stop_daemon()
-    poll(lambda: process_gone(fresh[0]), bool, 10)  # the spare ends with the daemon
+def fd_targets(pid: int) -> set[str]:
+    """What the descriptors of process ``pid`` lead to."""
+    targets = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # (closed meanwhile)
+            targets.add(os.readlink(fd))
+    return targets
 
 
 def test_two_vms_in_parallel_and_events_up_to_ready_and_stopped(daemon, guest):

@@ -132,3 +132,28 @@ def test_a_users_start_is_refused_what_the_user_may_not_use(users_daemon: Daemon
     info = users_daemon.status("mine")
     assert info["state"] == "failed" and info["pid"] is None
     assert not any(users_daemon.runtime.rglob("mine"))  # nothing started, nothing left
+
+
+def test_a_users_start_execs_qemu_through_a_launcher_and_one_is_kept_ready_from_then_on(
+        users_daemon: Daemon, home: Path) -> None:
+    """QEMU run as another user is switched to that user before its first instruction, by an exec-late
+    launcher.  Without systemd (here) the daemon spawns a root VM's QEMU itself, so it keeps no
+    launcher ahead until a start needed one; from then on one waits, and the next start takes it."""
+    assert users_daemon.spare_launchers() == []
+    config = {"linux": str(home / "vmlinuz"), "initrds": [str(home / "initrd")], "ram": "256M",
+              "firmware": "bios", "tpm": "no", "console": "read-only",
+              "kernelCommandLine": ["panic=-1", "test.notify=1", "test.action=hang"]}
+    for name in ("first", "second"):
+        assert "error" not in call(OWNER, users_daemon, "Create", name=name, config=config)
+    assert "error" not in call(OWNER, users_daemon, "Start", name="first")
+    spare = poll(users_daemon.spare_launchers, lambda found: len(found) == 1, 10)
+    assert "error" not in call(OWNER, users_daemon, "Start", name="second")
+    pid = users_daemon.status("second")["pid"]
+    assert pid == spare[0] and uid_of(pid) == OWNER  # the launcher that was waiting became QEMU, as the owner
+    fresh = poll(users_daemon.spare_launchers, lambda found: len(found) == 1, 10)
+    assert fresh != spare
+    for name in ("first", "second"):
+        assert users_daemon.wait_for(name, lambda d: d["ready"] or d["state"] != "running")["ready"]
+        assert "error" not in call(OWNER, users_daemon, "Kill", name=name)
+    users_daemon.stop_daemon()
+    poll(lambda: Path(f"/proc/{fresh[0]}").exists(), lambda alive: not alive, 10)  # the spare ends with the daemon

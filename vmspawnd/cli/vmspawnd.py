@@ -75,6 +75,15 @@ def activated_socket() -> socket.socket | None:
     return socket.socket(fileno=fds[0])
 
 
+def withhold_inherited_fds() -> None:
+    """Make the descriptors we were started with, beyond stdio (systemd's socket, whatever a shell left
+    open), close-on-exec: QEMU is spawned from us (Run._spawn_qemu), and they are not its."""
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) > 2:
+            with contextlib.suppress(OSError):  # (the listing's own fd, closed by now)
+                os.set_inheritable(int(name), False)
+
+
 class AlreadyRunning(Exception):
     """Another vmspawnd serves these paths (the message says which pid)."""
 
@@ -153,6 +162,7 @@ async def serve(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "/var/lib/vmspawnd")
     runtime_dir = Path(args.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
                        or "/run/vmspawnd")
+    withhold_inherited_fds()
     lock_fd = claim_runtime_dir(runtime_dir)  # noqa: F841 - held (open) for the daemon's life
     fd_limit = raise_fd_limit()
     notifier = ManagerNotifier()

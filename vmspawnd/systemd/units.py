@@ -177,6 +177,10 @@ class SharedSystemd:
         self._why = ""
         self._connecting: asyncio.Lock | None = None
 
+    def runs_here(self) -> bool:
+        """Whether systemd is the service manager here (it may still not answer)."""
+        return self._systemd_dir.is_dir()
+
     async def get(self) -> tuple[SystemdManager | None, str]:
         """The connection, or None and why there is none (no systemd here, or it did not answer)."""
         if self._connecting is None:
