@@ -78,12 +78,12 @@ class QemuProcess:
     def spawn(cls, argv: Sequence[str], fds: Sequence[int] = (), keep_stdin: bool = False) -> QemuProcess:
         """Start QEMU now, without a launcher: in a session of its own, with ``fds`` at the same numbers
         as ours and nothing else of ours (every other fd of ours is close-on-exec), stdin /dev/null unless
-        ``keep_stdin``, and signals at their defaults.  Raises OSError if it cannot be exec'd."""
+        ``keep_stdin``, and signals at their defaults, none blocked.  Raises OSError if it cannot be exec'd."""
         actions: list[tuple] = [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in fds]  # (same number: inherited)
         if not keep_stdin:
             actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
         pid = os.posix_spawn(argv[0], list(argv), qemu_environment(), file_actions=actions, setsid=True,
-                             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+                             setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
         return cls(pid, SpawnedChild(pid))
 
     @classmethod

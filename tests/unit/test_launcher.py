@@ -123,7 +123,11 @@ async def test_a_qemu_spawned_at_once_gets_the_fds_at_our_numbers_a_session_and_
     a, b = socket.socketpair()
     fd = b.fileno()
     report = f"readlink /proc/self/fd/0 >&{fd}; exec cat /proc/self/status >&{fd}"  # (cat: same pid as bash)
-    proc = QemuProcess.spawn(["/bin/bash", "-c", report], [fd], keep_stdin=keep_stdin)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        proc = QemuProcess.spawn(["/bin/bash", "-c", report], [fd], keep_stdin=keep_stdin)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     b.close()
     assert await asyncio.wait_for(proc.wait(), 10) == 0  # ours to reap, with its exit status
     stdin, *status_lines = a.makefile().read().splitlines()
@@ -132,6 +136,7 @@ async def test_a_qemu_spawned_at_once_gets_the_fds_at_our_numbers_a_session_and_
     assert int(status["Pid"]) == proc.pid and int(status["NSsid"]) == proc.pid  # a session of its own
     assert stdin == (os.readlink("/proc/self/fd/0") if keep_stdin else "/dev/null")
     assert not int(status["SigIgn"], 16) & (1 << (signal.SIGPIPE - 1))  # (we ignore SIGPIPE; QEMU must not)
+    assert int(status["SigBlk"], 16) == 0  # (nor inherit what the spawning thread blocked)
 
 
 def test_a_qemu_that_cannot_be_spawned_raises_at_once(tmp_path):
