@@ -17,11 +17,13 @@ pid and CLOCK_MONOTONIC, then execs the real QEMU.  Rows:
 * its memory (resident): idle (target ≤ 25 MB), per defined machine (target ≤ 8 KB) and per
   running VM (4 at once; target ≤ 150 KB);
 * spawn → guest READY=1 and boot → poweroff, ``vmspawn`` over bare QEMU with the same argv
-  (bench/boot_ratio.py), the median of pairwise ratios, the order alternating from pair to pair
+  (bench/boot_ratio.py), the median of pairwise ratios, each the geometric mean of two pairs run in
+  mirrored order (``boot_ratio.balanced``: boots here alternate slow and fast from run to run)
   (target ≤ 1.02); and 16 VMs spawned at once, until the last is READY=1 (target ≤ 1.02);
 * in Debian forky's environment (the systemd tier's tree, as root; bench/peer.py): boot → poweroff
   with ``vmspawn`` and with systemd-vmspawn 262, each over bare QEMU there, and ``vmspawn`` over
-  systemd-vmspawn (target ≤ 1: faster), pairwise, the order rotating; and the daemon's Start →
+  systemd-vmspawn (target ≤ 1: faster), pairwise, the order rotating and mirrored in the next
+  round (balanced as above); and the daemon's Start →
   QEMU exec under systemd 262, where it also makes QEMU's scope, beside what the scope alone
   takes systemd (no target: the ≤ 3 ms above is for a host without systemd);
 * floors, with no target (bench/floors.py): what this machine allows, beside the rows they bound.
@@ -96,17 +98,18 @@ def summary(samples: list[float], stat: str = "median", unit: str = "ms") -> dic
             "max": round(ordered[-1], digits), "runs": len(samples)}
 
 
-def boot_ratios(guest, tmp: Path, count: int, at_once: int = 1) -> dict[str, list[float]]:
-    """vmspawn's spawn → READY=1 and spawn → gone over bare QEMU's (same argv), pair by pair, in
-    alternating order; with ``at_once`` VMs spawned together (until the last one)."""
+def boot_ratios(guest, tmp: Path, blocks: int, at_once: int = 1) -> dict[str, list[float]]:
+    """vmspawn's spawn → READY=1 and spawn → gone over bare QEMU's (same argv), one ratio per
+    balanced block of two pairs in mirrored order (boot_ratio.balanced); with ``at_once`` VMs
+    spawned together (until the last one)."""
     if at_once == 1:
         found = boot_ratio.pairs(lambda: boot_ratio.vmspawn(guest, tmp), lambda: boot_ratio.bare_qemu(guest, tmp),
-                                 count)
+                                 2 * blocks)
     else:
         found = boot_ratio.pairs(lambda: boot_ratio.at_once(boot_ratio.vmspawn, guest, tmp, at_once),
-                                 lambda: boot_ratio.at_once(boot_ratio.bare_qemu, guest, tmp, at_once), count)
-    return {"ready": [ours.ready / bare.ready for ours, bare in found],
-            "gone": [ours.gone / bare.gone for ours, bare in found]}
+                                 lambda: boot_ratio.at_once(boot_ratio.bare_qemu, guest, tmp, at_once), 2 * blocks)
+    return {"ready": boot_ratio.balanced([ours.ready / bare.ready for ours, bare in found]),
+            "gone": boot_ratio.balanced([ours.gone / bare.gone for ours, bare in found])}
 
 
 def list_all(sock: Path) -> int:
@@ -306,14 +309,15 @@ def main() -> int:
         results["spawn → READY=1, vmspawn ÷ bare QEMU (pairwise)"] = summary(one["ready"], unit="×")
         results["boot → poweroff, vmspawn ÷ bare QEMU (pairwise)"] = summary(one["gone"], unit="×")
         if os.geteuid() == 0:  # the forky tree runs in a container
-            peer = bench_peer.measure(guest.kernel.parent, args.runs)
+            peer = bench_peer.measure(guest.kernel.parent, 2 * args.runs)  # rounds in mirrored order
             bare, ours, theirs = peer["bare QEMU"], peer["vmspawn"], peer["systemd-vmspawn"]
+            balanced = boot_ratio.balanced
             results["forky: boot → poweroff, vmspawn ÷ bare QEMU (pairwise)"] = summary(
-                [o / b for o, b in zip(ours, bare, strict=True)], unit="×")
+                balanced([o / b for o, b in zip(ours, bare, strict=True)]), unit="×")
             results["forky: boot → poweroff, systemd-vmspawn 262 ÷ bare QEMU (pairwise)"] = summary(
-                [t / b for t, b in zip(theirs, bare, strict=True)], unit="×")
+                balanced([t / b for t, b in zip(theirs, bare, strict=True)]), unit="×")
             results["forky: boot → poweroff, vmspawn ÷ systemd-vmspawn 262 (pairwise)"] = summary(
-                [o / t for o, t in zip(ours, theirs, strict=True)], unit="×")
+                balanced([o / t for o, t in zip(ours, theirs, strict=True)]), unit="×")
             starts = bench_peer.measure_starts(guest.kernel.parent, args.runs)
             results[SYSTEMD_START] = summary(starts["start"])
             results[FLOOR_SCOPE] = summary(starts["scope"])

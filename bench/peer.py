@@ -4,7 +4,8 @@ against bare QEMU, all in Debian forky's environment (its QEMU 11.1), where syst
 
 :func:`measure` runs the forky tree of the systemd tier (``tests/systemd/container.py``) with the
 test guest and a small GPT disk image bound in, and this module's ``__main__`` inside it.  There
-the three take turns, the order rotating from round to round: bare QEMU with our argv builder's
+the three take turns, the order rotating from round to round and mirrored in every second round
+(for ``boot_ratio.balanced``): bare QEMU with our argv builder's
 argv (no notify channel, no QMP client), ``vmspawn``, and ``systemd-vmspawn``.  All three boot the
 same kernel, initrd and disk with 256 MiB, one vCPU, SeaBIOS, no TPM, no vsock, not registered;
 the guest powers off at once (no ``test.notify``: systemd-vmspawn has no notify channel without
@@ -152,7 +153,8 @@ def inside(rounds: int) -> dict[str, list[float]]:
     names = list(tools)
     results: dict[str, list[float]] = {name: [] for name in names}
     for i in range(rounds):
-        for name in names[i % 3:] + names[:i % 3]:  # the order rotates, so drift hits all alike
+        order = names[i // 2 % 3:] + names[:i // 2 % 3]  # the order rotates, so drift hits all alike,
+        for name in order[::-1] if i % 2 else order:  # and is mirrored in every second round (balanced)
             results[name].append(tools[name]())
     return results
 
