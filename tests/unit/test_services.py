@@ -751,3 +751,27 @@ async def test_the_daemons_one_connection_to_systemd_is_made_again_once_it_dropp
     finally:
         shared.close()
         stop_fake_systemd(daemon, bus, fake)
+
+
+async def test_starts_waiting_for_a_manager_that_does_not_answer_share_one_attempt(tmp_path, monkeypatch):
+    """A service manager that accepts the connection and never answers (a hung host): starts that
+    ask at once wait out one attempt together (not one timeout each, one after the other), and a
+    start after that failure tries again."""
+    systemd_dir = tmp_path / "systemd"
+    systemd_dir.mkdir()
+    held: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_unix_server(lambda _, writer: held.append(writer), str(tmp_path / "bus"))
+    for variable in ("DBUS_SESSION_BUS_ADDRESS", "DBUS_SYSTEM_BUS_ADDRESS"):
+        monkeypatch.setenv(variable, f"unix:path={tmp_path}/bus")
+    shared = SharedSystemd(systemd_dir, timeout=0.5)
+    try:
+        at_once = await asyncio.gather(*(shared.get() for _ in range(3)))
+        assert [manager for manager, _ in at_once] == [None, None, None]
+        assert "did not answer" in at_once[0][1]
+        assert len(held) == 1  # one connection attempt served all three
+        assert (await shared.get())[0] is None and len(held) == 2  # the next start tries again
+    finally:
+        shared.close()
+        for writer in held:
+            writer.close()
+        server.close()

@@ -168,14 +168,17 @@ class SystemdManager:
 class SharedSystemd:
     """One connection to the service manager for all of a daemon's runs, made when a start first
     needs it and again once it dropped.  (A connection per run cost each start a connect, ≈ 1.5 ms,
-    and held one bus connection per running VM: dbus-daemon allows 256 per user by default.)  Runs
-    do not close it; :meth:`close` does, when the daemon exits."""
+    and held one bus connection per running VM: dbus-daemon allows 256 per user by default.)
+    Starts that ask while an attempt is under way share its outcome, so a manager that does not
+    answer costs them one timeout together, not one each.  Runs do not close it; :meth:`close`
+    does, when the daemon exits."""
 
-    def __init__(self, systemd_dir: Path = SYSTEMD_RUNTIME_DIR) -> None:
+    def __init__(self, systemd_dir: Path = SYSTEMD_RUNTIME_DIR, timeout: float | None = None) -> None:
         self._systemd_dir = systemd_dir
+        self._timeout = CONNECT_TIMEOUT if timeout is None else timeout
         self._manager: SystemdManager | None = None
         self._why = ""
-        self._connecting: asyncio.Lock | None = None
+        self._attempt: asyncio.Task[None] | None = None
 
     def runs_here(self) -> bool:
         """Whether systemd is the service manager here (it may still not answer)."""
@@ -183,14 +186,21 @@ class SharedSystemd:
 
     async def get(self) -> tuple[SystemdManager | None, str]:
         """The connection, or None and why there is none (no systemd here, or it did not answer)."""
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:  # concurrent starts make one connection, not one each
-            if self._manager is None or not self._manager.bus.connected:
-                self._manager, self._why = await connect_systemd(systemd_dir=self._systemd_dir)
-            return self._manager, self._why
+        if self._manager is None or not self._manager.bus.connected:
+            if self._attempt is None:
+                self._attempt = asyncio.get_running_loop().create_task(self._connect())
+            await asyncio.shield(self._attempt)
+        return self._manager, self._why
+
+    async def _connect(self) -> None:
+        try:
+            self._manager, self._why = await connect_systemd(self._timeout, systemd_dir=self._systemd_dir)
+        finally:
+            self._attempt = None  # (the next start after a failed attempt tries again)
 
     def close(self) -> None:
+        if self._attempt is not None:
+            self._attempt.cancel()
         if self._manager is not None:
             self._manager.bus.disconnect()
             self._manager = None
