@@ -199,7 +199,7 @@ class Run:
             self._handles.callback(self.qemu.close)
             self._durable.push_async_callback(self.qemu.end)
         elif self._launcher is not None:
-            self._launcher.close()  # (it exits as its socket closes)
+            await self._launcher.end()  # started for us, not needed: ended and reaped
         self._launcher = None
         with self._as_owner():
             plan = self._plan or plan_launch(config)  # the host, looked at once for this start

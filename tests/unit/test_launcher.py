@@ -115,7 +115,6 @@ def test_qemu_dies_with_its_parent_only_when_asked(die_with_parent):
             os.kill(pid, signal.SIGKILL)
 
 
-
 @pytest.mark.parametrize("keep_stdin", [False, True])
 async def test_a_qemu_spawned_at_once_gets_the_fds_at_our_numbers_a_session_and_default_signals(keep_stdin):
     """Where nothing is done to QEMU's process before it runs, it is spawned without a launcher: it
