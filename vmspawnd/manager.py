@@ -34,7 +34,7 @@ from vmspawnd.runrecord import RunRecord
 from vmspawnd.runtime import RuntimeDir, make_base
 from vmspawnd.settings import JSON_FIELDS, config_from_json, config_to_json, json_field_name
 from vmspawnd.spares import Spares
-from vmspawnd.storage import read_json, write_json_atomic
+from vmspawnd.storage import FileAhead, read_json, remove_leftover_temps, write_json_atomic
 from vmspawnd.values import ConsoleMode, validate_machine_name
 
 log = structlog.get_logger()
@@ -86,6 +86,7 @@ class Manager:
         self.on_change: Callable[[], None] = lambda: None
         self.stopping = False
         self.spares = Spares.beside(runtime_base)  # a Start waits neither for an interpreter nor swtpm_setup
+        self._definition_ahead = FileAhead(self.definitions)  # nor a Create for its file to be made
 
     @property
     def definitions(self) -> Path:
@@ -97,6 +98,8 @@ class Manager:
         that cannot be used stays listed (failed, with the reason) and its running VM is still
         re-adopted (with the configuration its run recorded); fields of a newer version are ignored."""
         self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in remove_leftover_temps(self.definitions):
+            log.info("removed a temporary file left by an earlier daemon", path=str(path))
         make_base(self.runtime_base)
         for name, path in self._definition_files().items():
             entry = self._load_definition(name, path)
@@ -224,6 +227,7 @@ class Manager:
         for queue in list(self._subscribers):
             queue.put_nowait(None)
         self.spares.close()
+        self._definition_ahead.close()
 
     # ---------------------------------------------------------------- events
     def subscribe(self) -> asyncio.Queue[Event | None]:
@@ -336,9 +340,8 @@ class Manager:
         entry.owner, entry.machine.run_as = owner, run_as
         try:
             self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_json_atomic(self.definitions / f"{config.name}.json", {"name": config.name, "owner": owner,
-                                                                        "runAs": run_as,
-                                                                        "config": config_to_json(config)})
+            definition = {"name": config.name, "owner": owner, "runAs": run_as, "config": config_to_json(config)}
+            write_json_atomic(self.definitions / f"{config.name}.json", definition, ahead=self._definition_ahead)
         except OSError as e:
             raise HostError(f"cannot save the definition of {config.name}", e) from e
         self.machines[config.name] = entry

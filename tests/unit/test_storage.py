@@ -1,18 +1,22 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Definitions are written atomically: the old or the new file, never a torn one."""
+"""Definitions are written atomically: the old or the new file, never a torn one; where making a file is
+slow, the next one is made ahead; temporary files of a daemon that is gone are removed."""
 
+import asyncio
 import dataclasses
 import json
 import os
+import subprocess
 
 import pytest
 
 from vmspawnd.api import Config
 from vmspawnd.errors import ConfigError
+from vmspawnd.manager import Manager
 from vmspawnd.options import parse_vmspawn_args
 from vmspawnd.plan import plan_launch
 from vmspawnd.settings import JSON_FIELDS, config_from_json, config_to_json
-from vmspawnd.storage import write_json_atomic
+from vmspawnd.storage import FileAhead, remove_leftover_temps, write_json_atomic
 
 
 def test_write_replaces_the_file_and_leaves_no_temp_files(tmp_path):
@@ -36,6 +40,74 @@ def test_a_failure_while_writing_keeps_the_old_definition(tmp_path, monkeypatch)
         write_json_atomic(path, {"v": 2, "big": "x" * 100000})
     assert json.loads(path.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def made_ahead(directory) -> list:
+    return sorted(p for p in directory.iterdir() if p.name.startswith(".ahead."))
+
+
+def test_where_making_a_file_is_slow_the_next_write_fills_one_made_ahead(tmp_path):
+    ahead = FileAhead(tmp_path)
+    ahead.SLOW_NS = 10**12  # every file is fast to make
+    write_json_atomic(tmp_path / "a.json", {"v": "a"}, ahead=ahead)
+    assert not made_ahead(tmp_path) and ahead._worker is None  # none made ahead, no thread
+    ahead.SLOW_NS = -1  # every file is slow to make
+    write_json_atomic(tmp_path / "b.json", {"v": "b"}, ahead=ahead)
+    ahead._next.result(10)
+    [spare] = made_ahead(tmp_path)
+    assert spare.stat().st_size == 0 and spare.stat().st_mode & 0o777 == 0o600
+    inode = spare.stat().st_ino
+    write_json_atomic(tmp_path / "c.json", {"v": "c"}, ahead=ahead)
+    assert (tmp_path / "c.json").stat().st_ino == inode  # the file made ahead, filled and renamed
+    assert json.loads((tmp_path / "c.json").read_text()) == {"v": "c"}
+    assert (tmp_path / "c.json").stat().st_mode & 0o777 == 0o600
+    ahead._next.result(10)
+    assert len(made_ahead(tmp_path)) == 1  # and the next one begun
+    ahead.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "c.json"]
+
+
+def test_with_its_directory_gone_a_write_fails_as_it_would_and_files_are_made_ahead_again_once_it_is_back(tmp_path):
+    directory = tmp_path / "d"
+    directory.mkdir()
+    ahead = FileAhead(directory)
+    ahead.SLOW_NS = -1  # every file is slow to make
+    write_json_atomic(directory / "m.json", {"v": 0}, ahead=ahead)
+    ahead.close()  # (the file made ahead is gone with it)
+    (directory / "m.json").unlink()
+    directory.rmdir()
+    ahead.make_next()
+    with pytest.raises(FileNotFoundError):
+        ahead._next.result(10)
+    with pytest.raises(FileNotFoundError):
+        write_json_atomic(directory / "m.json", {"v": 1}, ahead=ahead)
+    directory.mkdir()
+    write_json_atomic(directory / "m.json", {"v": 1}, ahead=ahead)
+    assert json.loads((directory / "m.json").read_text()) == {"v": 1}
+    ahead.close()
+
+
+def a_pid_that_is_gone() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temporary_files_of_processes_that_are_gone_are_removed_at_load(tmp_path):
+    (tmp_path / "run").mkdir(mode=0o700)
+    manager = Manager(tmp_path / "state", tmp_path / "run")
+    manager.definitions.mkdir(parents=True)
+    write_json_atomic(manager.definitions / "m.json", {"name": "m", "owner": 0, "runAs": 0,
+                                                       "config": {"linux": "/bin/sh"}})
+    gone = a_pid_that_is_gone()
+    leftovers = [f".m.json.{gone}-3.tmp", f".ahead.{gone}-0.tmp"]
+    kept = [f".ahead.{os.getpid()}-0.tmp", ".ahead.1-0.tmp", ".notes.tmp", "m.json"]
+    for name in leftovers + kept[:-1]:
+        (manager.definitions / name).write_text("")
+    asyncio.run(manager.load())
+    assert sorted(p.name for p in manager.definitions.iterdir()) == sorted(kept)
+    assert list(manager.machines) == ["m"]
+    assert remove_leftover_temps(manager.definitions) == []
 
 
 def test_the_varlink_config_type_covers_every_config_field(tmp_path):
