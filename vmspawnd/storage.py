@@ -74,12 +74,13 @@ class FileAhead:
 
     def take(self) -> tuple[Path, int] | None:
         """The file made ahead (its path, and an fd open for writing that is the caller's now), or None
-        if none is ready."""
-        made = self._next
-        if made is None or not made.done():
+        if none was begun or it could not be made.  One still being made is waited for: making
+        another meanwhile would wait for the directory's lock, which that one holds, and then take
+        as long again."""
+        made, self._next = self._next, None
+        if made is None or made.exception() is not None:  # (one not made is tried again)
             return None
-        self._next = None
-        return made.result() if made.exception() is None else None  # (one not made is tried again)
+        return made.result()
 
     def make_next(self) -> None:
         """Begin making the next file, unless one is made or being made, or making one is fast here.
