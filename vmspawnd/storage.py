@@ -62,7 +62,7 @@ class FileAhead:
     write there to fill instead of creating one while its caller waits.  Only while making a file
     there is slow: that costs up to ≈ 0.4–0.7 ms of the kernel's time in some ext4 directories, more
     than the write's two fsyncs, but ≈ 10 µs in most, less than handing work to a thread (see
-    bench/notes.md).  One at a time; a write that finds none ready makes its own."""
+    bench/notes.md).  One at a time; a write that finds none begun makes its own."""
 
     SLOW_NS = 100_000  # a file that took longer to make is worth making ahead
 

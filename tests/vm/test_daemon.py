@@ -301,6 +301,41 @@ def test_start_failure_is_reported_and_nothing_is_left(daemon, guest, tmp_path):
     assert not (daemon.runtime / "machines" / "broken").exists()
 
 
+def test_a_qemu_that_cannot_be_executed_fails_the_start_with_the_reason_and_the_next_start_works(tmp_path, guest):
+    """The daemon spawns QEMU itself here.  When that exec fails (here: QEMU's file is open for
+    writing, ETXTBSY; its version is known from the first start), the start says so, and nothing of
+    the run is left; the machine starts again once QEMU can run."""
+    bindir = tmp_path / "qemu-first"
+    bindir.mkdir()
+    qemu = bindir / "qemu"  # looked up before qemu-system-<arch>
+    qemu.write_text(f'#!/bin/sh\nexec {shutil.which("qemu-system-x86_64")} "$@"\n')
+    qemu.chmod(0o755)
+    (tmp_path / "daemon").mkdir()
+    daemon = Daemon(tmp_path / "daemon")
+    daemon.env = {"PATH": f"{bindir}:{os.environ['PATH']}"}
+    try:
+        daemon.start()
+        create(daemon, guest, "busy", "test.action=hang")
+        assert daemon.ctl("start", "busy").returncode == 0
+        assert daemon.ctl("kill", "busy").returncode == 0
+        daemon.wait_for("busy", lambda s: s["state"] != "running")
+        writer = os.open(qemu, os.O_WRONLY)
+        try:
+            p = daemon.ctl("start", "busy")
+        finally:
+            os.close(writer)
+        assert p.returncode == 1 and f"cannot run QEMU ({qemu}): Text file busy" in p.stderr, p.stderr
+        st = daemon.status("busy")
+        assert st["state"] == "failed" and "Text file busy" in st["failure"], st
+        assert not (daemon.runtime / "machines" / "busy").exists()
+        assert processes_mentioning(str(daemon.runtime / "machines" / "busy")) == []
+        assert daemon.ctl("start", "busy").returncode == 0
+        assert daemon.wait_for("busy", lambda s: s["ready"])["state"] == "running"
+        assert daemon.ctl("kill", "busy").returncode == 0
+    finally:
+        daemon.clean_up()
+
+
 def test_a_running_vm_whose_definition_broke_is_still_readopted(daemon, guest):
     create(daemon, guest, "fragile", "test.action=hang")
     assert daemon.ctl("start", "fragile").returncode == 0
