@@ -27,6 +27,8 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o600, durable: bool = 
     tmp = made[0] if made else path.with_name(f".{path.name}.{os.getpid()}-{next(_temp_names)}.tmp")  # ours alone
     try:
         fd = made[1] if made else _create(tmp, ahead)
+        if ahead is not None:
+            ahead.make_next()
         try:
             _write_all(fd, (text + "\n").encode())
             if mode != _CREATED_MODE:  # (a umask that takes the owner's read or write is not ours)
@@ -40,9 +42,6 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o600, durable: bool = 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    finally:
-        if ahead is not None:
-            ahead.make_next()
     if not durable:
         return
     dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -60,9 +59,11 @@ _TEMP_NAME = re.compile(r"\..*\.(\d+)-\d+\.tmp")  # what write_json_atomic and F
 class FileAhead:
     """A new empty file made ahead of need in ``directory`` by a worker thread, for the next durable
     write there to fill instead of creating one while its caller waits.  Only while making a file
-    there is slow: that costs up to ≈ 0.4–0.7 ms of the kernel's time in some ext4 directories, more
+    there is slow: that costs up to ≈ 0.4–0.9 ms of the kernel's time in some ext4 directories, more
     than the write's two fsyncs, but ≈ 10 µs in most, less than handing work to a thread (see
-    bench/notes.md).  One at a time; a write that finds none begun makes its own."""
+    bench/notes.md).  The file is made unnamed and then named, so that the slow part does not hold
+    the directory's lock, which the caller's rename needs.  One at a time; a write that finds none
+    begun makes its own."""
 
     SLOW_NS = 100_000  # a file that took longer to make is worth making ahead
 
@@ -84,8 +85,7 @@ class FileAhead:
 
     def make_next(self) -> None:
         """Begin making the next file, unless one is made or being made, or making one is fast here.
-        Called once the caller's file is in place: making one holds the directory's lock, which the
-        caller's rename needs."""
+        Called as soon as the caller has its file: the next is made beside its write and rename."""
         if self._next is None and self.slow:
             if self._worker is None:
                 self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="file-ahead")
@@ -104,7 +104,7 @@ class FileAhead:
 
     def _make(self) -> tuple[Path, int]:
         tmp = self.directory / f".ahead.{os.getpid()}-{next(_temp_names)}.tmp"
-        return tmp, _create(tmp, self)
+        return tmp, _create_unnamed_first(tmp, self)
 
 
 def remove_leftover_temps(directory: Path) -> list[Path]:
@@ -145,6 +145,28 @@ def _create(tmp: Path, ahead: FileAhead | None = None) -> int:
         fd = os.open(tmp, flags, _CREATED_MODE)
     if ahead is not None:
         ahead.slow = time.monotonic_ns() - started > ahead.SLOW_NS
+    return fd
+
+
+def _create_unnamed_first(tmp: Path, ahead: FileAhead) -> int:
+    """As :func:`_create`, but the file is made unnamed first (``O_TMPFILE``) and then linked at ``tmp``:
+    making a file is what can be slow, and an unnamed one does not hold its directory's lock
+    meanwhile, which a rename there needs.  Where ``O_TMPFILE`` is not supported, :func:`_create`."""
+    started = time.monotonic_ns()
+    try:
+        fd = os.open(tmp.parent, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, _CREATED_MODE)
+    except OSError:
+        return _create(tmp, ahead)
+    try:
+        directory = os.open(tmp.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.link(f"/proc/self/fd/{fd}", tmp.name, dst_dir_fd=directory)  # (linkat, following the link)
+        finally:
+            os.close(directory)
+    except BaseException:
+        os.close(fd)
+        raise
+    ahead.slow = time.monotonic_ns() - started > ahead.SLOW_NS
     return fd
 
 

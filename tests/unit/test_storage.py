@@ -4,6 +4,7 @@ slow, the next one is made ahead; temporary files of a daemon that is gone are r
 
 import asyncio
 import dataclasses
+import errno
 import json
 import os
 import subprocess
@@ -65,6 +66,26 @@ def test_where_making_a_file_is_slow_the_next_write_fills_one_made_ahead(tmp_pat
     assert len(made_ahead(tmp_path)) == 1  # and the next one begun
     ahead.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "c.json"]
+
+
+def test_where_files_cannot_be_made_unnamed_they_are_still_made_ahead(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def no_tmpfile(path, flags, *args, **kwargs):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    ahead = FileAhead(tmp_path)
+    ahead.SLOW_NS = -1  # every file is slow to make
+    write_json_atomic(tmp_path / "a.json", {"v": "a"}, ahead=ahead)
+    ahead._next.result(10)
+    [spare] = made_ahead(tmp_path)
+    write_json_atomic(tmp_path / "b.json", {"v": "b"}, ahead=ahead)
+    assert json.loads((tmp_path / "b.json").read_text()) == {"v": "b"} and not spare.exists()
+    ahead.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
 
 
 def test_with_its_directory_gone_a_write_fails_as_it_would_and_files_are_made_ahead_again_once_it_is_back(tmp_path):
