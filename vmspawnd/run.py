@@ -81,7 +81,6 @@ from vmspawnd.services.setup import AuxServiceError, AuxServices, start_aux_serv
 from vmspawnd.settings import config_to_json
 from vmspawnd.snapshot import EphemeralCopy, SnapshotError
 from vmspawnd.spares import Spares
-from vmspawnd.systemd.instance import ControlSocket, NotConnected, control_path
 from vmspawnd.systemd.machined import (
     MACHINED_SOCKET,
     MachineRegistration,
@@ -477,6 +476,9 @@ class Run:
 
     async def _serve_control(self, rundir: Path) -> None:
         """The VM's ``io.systemd.MachineInstance`` socket (machinectl poweroff/reboot… on systemd ≥ 261)."""
+        from vmspawnd.systemd.instance import ControlSocket, control_path  # (with asyncvarlink: ≈ 5 ms of
+        # vmspawn's start-up, taken once QEMU runs; the daemon has them already)
+
         path = control_path(rundir)
         if path is None:
             self.log.warning("no control socket: the runtime directory's path is too long", path=str(rundir))
@@ -685,6 +687,8 @@ class Run:
     # ---------------------------------------------------------------- io.systemd.MachineInstance
     def _monitor(self) -> Qmp:
         if self._qmp is None or not self._qmp.connected or self._qemu_exited.is_set():
+            from vmspawnd.systemd.instance import NotConnected  # (see _serve_control)
+
             raise NotConnected(f"{self.config.name} is not running")
         return self._qmp
 
