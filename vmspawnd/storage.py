@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """Crash-safe files: write to a temp file, fsync, rename, fsync the directory (the fsyncs only for
-what must survive the machine, not just our process)."""
+what must survive the machine, not just our process).  Where making a file is slow, the next temp
+file is made ahead (:class:`FileAhead`); what a crash leaves is removed by
+:func:`remove_leftover_temps`."""
 
 from __future__ import annotations
 
