@@ -111,11 +111,12 @@ class FileAhead:
 
 def remove_leftover_temps(directory: Path) -> list[Path]:
     """Remove the temporary files left in ``directory`` by processes that are gone (a crash while
-    writing, or a file made ahead); returns them."""
+    writing, or a file made ahead); returns them.  Called before this process writes there, so one
+    named with our own pid is an earlier process's (pids are reused, as by a restarted container)."""
     removed = []
     for path in directory.glob(".*.tmp"):
         match = _TEMP_NAME.fullmatch(path.name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or (int(match.group(1)) != os.getpid() and _alive(int(match.group(1)))):
             continue
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -124,8 +125,6 @@ def remove_leftover_temps(directory: Path) -> list[Path]:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -114,15 +114,16 @@ def a_pid_that_is_gone() -> int:
     return proc.pid
 
 
-def test_temporary_files_of_processes_that_are_gone_are_removed_at_load(tmp_path):
+def test_temporary_files_of_processes_that_are_gone_are_removed_at_load_and_those_of_live_ones_kept(tmp_path):
     (tmp_path / "run").mkdir(mode=0o700)
     manager = Manager(tmp_path / "state", tmp_path / "run")
     manager.definitions.mkdir(parents=True)
     write_json_atomic(manager.definitions / "m.json", {"name": "m", "owner": 0, "runAs": 0,
                                                        "config": {"linux": "/bin/sh"}})
     gone = a_pid_that_is_gone()
-    leftovers = [f".m.json.{gone}-3.tmp", f".ahead.{gone}-0.tmp"]
-    kept = [f".ahead.{os.getpid()}-0.tmp", ".ahead.1-0.tmp", ".notes.tmp", "m.json"]
+    # (named with our pid: an earlier process's, as nothing of ours is written before the load)
+    leftovers = [f".m.json.{gone}-3.tmp", f".ahead.{gone}-0.tmp", f".ahead.{os.getpid()}-0.tmp"]
+    kept = [".ahead.1-0.tmp", ".notes.tmp", "m.json"]
     for name in leftovers + kept[:-1]:
         (manager.definitions / name).write_text("")
     asyncio.run(manager.load())
