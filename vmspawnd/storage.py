@@ -28,7 +28,10 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o600, durable: bool = 
     made = ahead.take() if ahead is not None else None
     tmp = made[0] if made else path.with_name(f".{path.name}.{os.getpid()}-{next(_temp_names)}.tmp")  # ours alone
     try:
-        fd = made[1] if made else _create(tmp, ahead)
+        if made:
+            fd = made[1]
+        else:
+            fd = ahead.create(tmp) if ahead is not None else _create(tmp)
         if ahead is not None:
             ahead.make_next()
         try:
@@ -85,6 +88,13 @@ class FileAhead:
             return None
         return made.result()
 
+    def create(self, tmp: Path, unnamed_first: bool = False) -> int:
+        """:func:`_create` (or :func:`_create_unnamed_first`), noting whether that was slow."""
+        started = time.monotonic_ns()
+        fd = (_create_unnamed_first if unnamed_first else _create)(tmp)
+        self.slow = time.monotonic_ns() - started > self.SLOW_NS
+        return fd
+
     def make_next(self) -> None:
         """Begin making the next file, unless one is made or being made, or making one is fast here.
         Called as soon as the caller has its file: the next is made beside its write and rename."""
@@ -106,7 +116,7 @@ class FileAhead:
 
     def _make(self) -> tuple[Path, int]:
         tmp = self.directory / f".ahead.{os.getpid()}-{next(_temp_names)}.tmp"
-        return tmp, _create_unnamed_first(tmp, self)
+        return tmp, self.create(tmp, unnamed_first=True)
 
 
 def remove_leftover_temps(directory: Path) -> list[Path]:
@@ -118,7 +128,7 @@ def remove_leftover_temps(directory: Path) -> list[Path]:
         match = _TEMP_NAME.fullmatch(path.name)
         if match is None or (int(match.group(1)) != os.getpid() and _alive(int(match.group(1)))):
             continue
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # (gone meanwhile, or not ours to remove: kept)
             path.unlink()
             removed.append(path)
     return removed
@@ -134,30 +144,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _create(tmp: Path, ahead: FileAhead | None = None) -> int:
+def _create(tmp: Path) -> int:
     """A new file at ``tmp`` (0600, never through a symlink); a leftover of an earlier process that had
-    our pid is replaced.  ``ahead`` learns whether that was slow."""
+    our pid is replaced."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-    started = time.monotonic_ns()
     try:
-        fd = os.open(tmp, flags, _CREATED_MODE)
+        return os.open(tmp, flags, _CREATED_MODE)
     except FileExistsError:
         os.unlink(tmp)
-        fd = os.open(tmp, flags, _CREATED_MODE)
-    if ahead is not None:
-        ahead.slow = time.monotonic_ns() - started > ahead.SLOW_NS
-    return fd
+        return os.open(tmp, flags, _CREATED_MODE)
 
 
-def _create_unnamed_first(tmp: Path, ahead: FileAhead) -> int:
+def _create_unnamed_first(tmp: Path) -> int:
     """As :func:`_create`, but the file is made unnamed first (``O_TMPFILE``) and then linked at ``tmp``:
     making a file is what can be slow, and an unnamed one does not hold its directory's lock
     meanwhile, which a rename there needs.  Where ``O_TMPFILE`` is not supported, :func:`_create`."""
-    started = time.monotonic_ns()
     try:
         fd = os.open(tmp.parent, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, _CREATED_MODE)
     except OSError:
-        return _create(tmp, ahead)
+        return _create(tmp)
     try:
         directory = os.open(tmp.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -167,7 +172,6 @@ def _create_unnamed_first(tmp: Path, ahead: FileAhead) -> int:
     except BaseException:
         os.close(fd)
         raise
-    ahead.slow = time.monotonic_ns() - started > ahead.SLOW_NS
     return fd
 
 

@@ -7,10 +7,13 @@ import dataclasses
 import errno
 import json
 import os
+import shutil
 import subprocess
+import threading
 
 import pytest
 
+from tests.polling import poll
 from vmspawnd.api import Config
 from vmspawnd.errors import ConfigError
 from vmspawnd.manager import Manager
@@ -47,25 +50,35 @@ def made_ahead(directory) -> list:
     return sorted(p for p in directory.iterdir() if p.name.startswith(".ahead."))
 
 
+def one_made_ahead(directory):
+    """The one file made ahead in ``directory``, once the worker made it."""
+    [made] = poll(lambda: made_ahead(directory), lambda found: len(found) == 1, timeout=10, interval=0.01)
+    return made
+
+
+def workers() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("file-ahead")]
+
+
 def test_where_making_a_file_is_slow_the_next_write_fills_one_made_ahead(tmp_path):
+    others = len(workers())  # (of other tests' daemons)
     ahead = FileAhead(tmp_path)
     ahead.SLOW_NS = 10**12  # every file is fast to make
     write_json_atomic(tmp_path / "a.json", {"v": "a"}, ahead=ahead)
-    assert not made_ahead(tmp_path) and ahead._worker is None  # none made ahead, no thread
+    assert not made_ahead(tmp_path) and len(workers()) == others  # none made ahead, no thread
     ahead.SLOW_NS = -1  # every file is slow to make
     write_json_atomic(tmp_path / "b.json", {"v": "b"}, ahead=ahead)
-    ahead._next.result(10)
-    [spare] = made_ahead(tmp_path)
-    assert spare.stat().st_size == 0 and spare.stat().st_mode & 0o777 == 0o600
+    spare = one_made_ahead(tmp_path)
+    assert spare.stat().st_size == 0 and spare.stat().st_mode & 0o777 == 0o600 and len(workers()) == others + 1
     inode = spare.stat().st_ino
     write_json_atomic(tmp_path / "c.json", {"v": "c"}, ahead=ahead)
     assert (tmp_path / "c.json").stat().st_ino == inode  # the file made ahead, filled and renamed
     assert json.loads((tmp_path / "c.json").read_text()) == {"v": "c"}
     assert (tmp_path / "c.json").stat().st_mode & 0o777 == 0o600
-    ahead._next.result(10)
-    assert len(made_ahead(tmp_path)) == 1  # and the next one begun
+    assert one_made_ahead(tmp_path) != spare  # and the next one made
     ahead.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "c.json"]
+    assert len(workers()) == others
 
 
 def test_where_files_cannot_be_made_unnamed_they_are_still_made_ahead(tmp_path, monkeypatch):
@@ -80,10 +93,11 @@ def test_where_files_cannot_be_made_unnamed_they_are_still_made_ahead(tmp_path, 
     ahead = FileAhead(tmp_path)
     ahead.SLOW_NS = -1  # every file is slow to make
     write_json_atomic(tmp_path / "a.json", {"v": "a"}, ahead=ahead)
-    ahead._next.result(10)
-    [spare] = made_ahead(tmp_path)
+    spare = one_made_ahead(tmp_path)
+    inode = spare.stat().st_ino
     write_json_atomic(tmp_path / "b.json", {"v": "b"}, ahead=ahead)
-    assert json.loads((tmp_path / "b.json").read_text()) == {"v": "b"} and not spare.exists()
+    assert json.loads((tmp_path / "b.json").read_text()) == {"v": "b"}
+    assert (tmp_path / "b.json").stat().st_ino == inode
     ahead.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
 
@@ -94,18 +108,19 @@ def test_with_its_directory_gone_a_write_fails_as_it_would_and_files_are_made_ah
     ahead = FileAhead(directory)
     ahead.SLOW_NS = -1  # every file is slow to make
     write_json_atomic(directory / "m.json", {"v": 0}, ahead=ahead)
-    ahead.close()  # (the file made ahead is gone with it)
-    (directory / "m.json").unlink()
-    directory.rmdir()
-    ahead.make_next()
-    with pytest.raises(FileNotFoundError):
-        ahead._next.result(10)
-    with pytest.raises(FileNotFoundError):
-        write_json_atomic(directory / "m.json", {"v": 1}, ahead=ahead)
+    one_made_ahead(directory)
+    shutil.rmtree(directory)  # (with the file made ahead)
+    for _ in range(2):  # the file made ahead, then the one it makes (or fails to) meanwhile
+        with pytest.raises(FileNotFoundError):
+            write_json_atomic(directory / "m.json", {"v": 1}, ahead=ahead)
     directory.mkdir()
     write_json_atomic(directory / "m.json", {"v": 1}, ahead=ahead)
+    write_json_atomic(directory / "n.json", {"v": 2}, ahead=ahead)
     assert json.loads((directory / "m.json").read_text()) == {"v": 1}
+    assert json.loads((directory / "n.json").read_text()) == {"v": 2}
+    one_made_ahead(directory)
     ahead.close()
+    assert sorted(p.name for p in directory.iterdir()) == ["m.json", "n.json"]
 
 
 def a_pid_that_is_gone() -> int:
