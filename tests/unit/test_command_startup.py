@@ -1,0 +1,50 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""What the commands load while they start (vmspawnd/cli/__init__.py, cli/vmspawn.py), each in a
+fresh interpreter as a command starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def python(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          timeout=60).stdout.strip()
+
+
+def test_the_commands_load_no_tls_until_something_asks_for_it() -> None:
+    assert python("import sys, vmspawnd.cli.vmspawnd, vmspawnd.cli.vmspawnctl, vmspawnd.cli.foreground; "
+                  "print('ssl' in sys.modules)") == "False"
+    # what needs ssl still gets it afterwards: QMP's client (each run), and ssl itself
+    assert python("import sys, vmspawnd.cli.vmspawnd, qemu.qmp, ssl; print(ssl.OPENSSL_VERSION[:7])") == "OpenSSL"
+
+
+def test_asyncio_without_tls_still_serves_and_connects_over_unix_sockets(tmp_path) -> None:
+    sock = tmp_path / "echo.sock"
+    assert python(f"""
+import vmspawnd.cli, asyncio
+async def main():
+    async def echo(reader, writer):
+        writer.write(await reader.readline()); await writer.drain(); writer.close()
+    server = await asyncio.start_unix_server(echo, {str(sock)!r})
+    reader, writer = await asyncio.open_unix_connection({str(sock)!r})
+    writer.write(b"over a unix socket\\n")
+    print((await reader.readline()).decode().strip())
+    writer.close(); server.close()
+asyncio.run(main())
+""") == "over a unix socket"
+
+
+def test_vmspawn_collects_garbage_again_once_its_modules_are_loaded() -> None:
+    # (the collector is off while vmspawn's modules load, and what they made is frozen)
+    assert python("""
+import gc, sys
+import vmspawnd.cli.foreground as foreground, vmspawnd.cli.vmspawn as vmspawn
+def report(launcher=None):
+    print(gc.isenabled(), gc.get_freeze_count() > 0)
+    if launcher: import os; os.close(launcher[1]); os.waitpid(launcher[0], 0)
+    return 0
+foreground.main = report
+vmspawn.main()
+""") == "True True"
