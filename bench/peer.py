@@ -142,7 +142,7 @@ def _timed(argv: list[str], pass_fds: tuple[int, ...] = (), cwd: Path | None = N
 def compile_like_an_installed_copy() -> None:
     """Run our modules from a copy with bytecode for this tree's Python, as an installed copy has
     (compiled at its install): the repository is bound read-only here, without it, so each
-    ``vmspawn`` had compiled them first (≈ 60 ms).  What we start finds the copy first (``$PYTHONPATH``)."""
+    ``vmspawn`` had compiled them first (≈ 55 ms).  What we start finds the copy first (``$PYTHONPATH``)."""
     copy = Path(tempfile.mkdtemp(prefix="bench-src-"))
     shutil.copytree(REPO / "vmspawnd", copy / "vmspawnd", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(copy / "vmspawnd")], check=True)
