@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import subprocess
@@ -262,3 +263,22 @@ def test_a_parameter_encoded_once_goes_out_as_the_json_it_stands_for(head):
     assert json.loads(data[:-1]) == {**head, "parameters": {"machine": machine, "other": [1, "two"]}}
     alone = encode_message({**head, "parameters": {"machine": EncodedJson(machine)}})
     assert json.loads(alone[:-1]) == {**head, "parameters": {"machine": machine}}
+
+
+def test_a_credentials_value_is_never_sent_back_but_is_kept(daemon):
+    """Create's, Describe's and List's replies show a credential's ID, not its value (nor an SMBIOS
+    credential's); the definition keeps the values, for the VM."""
+    secret = base64.b64encode(b"s3cret-token").decode()
+    config = {"linux": "/bin/sh", "credentials": [f"token:{secret}"],
+              "smbios11": ["io.systemd.credential:password=hunter2", "io.systemd.stub.kernel-cmdline-extra=quiet"]}
+    replies = [call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": "cred", "config": config}),
+               call(daemon.socket, "io.vmspawnd.Manager.Describe", {"name": "cred"}),
+               *list_replies(daemon.socket)]
+    for reply in replies:
+        assert "error" not in reply, reply
+        assert secret not in json.dumps(reply) and "hunter2" not in json.dumps(reply)
+        shown = reply["parameters"]["machine"]["config"]
+        assert shown["credentials"] == ["token"]
+        assert shown["smbios11"] == ["io.systemd.credential:password=…", "io.systemd.stub.kernel-cmdline-extra=quiet"]
+    saved = json.loads((daemon.state / "machines" / "cred.json").read_text())["config"]
+    assert saved["credentials"] == [f"token:{secret}"] and "io.systemd.credential:password=hunter2" in saved["smbios11"]
