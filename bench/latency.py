@@ -224,13 +224,13 @@ def running_vm_memory(guest, vms: int = 4, rounds: int = 2) -> dict[str, list[fl
     after a first one; what that first round left behind once its VMs ended (KB: what a daemon
     loads at its first start, as QMP's client with ``ssl``, and heap it keeps); and the daemon's
     resident memory once the last round's VMs ended (MB: idle, after VMs)."""
-    samples = []
     with bench_daemon() as (daemon, sock):
         config = guest_config(guest, ram="128M")
         for i in range(vms):
             assert "error" not in call(sock, "io.vmspawnd.Manager.Create", {"name": f"vm{i}", "config": config})
-        for _ in range(rounds + 1):
-            time.sleep(1)
+
+        def one_round() -> float:
+            """KB per VM while all run; they are killed after."""
             before = resident_kb(daemon.pid)
             for i in range(vms):
                 assert "error" not in call(sock, "io.vmspawnd.Manager.Start", {"name": f"vm{i}"}, timeout=60)
@@ -239,14 +239,18 @@ def running_vm_memory(guest, vms: int = 4, rounds: int = 2) -> dict[str, list[fl
                     call(sock, "io.vmspawnd.Manager.Describe", {"name": f"vm{i}"})["parameters"]["machine"]["ready"]
                     for i in range(vms)):
                 time.sleep(0.5)
-            samples.append((resident_kb(daemon.pid) - before) / vms)
+            per_vm = (resident_kb(daemon.pid) - before) / vms
             for i in range(vms):
                 call(sock, "io.vmspawnd.Manager.Kill", {"name": f"vm{i}"}, timeout=60)
-            if len(samples) == 1:
-                time.sleep(1)
-                first_start = resident_kb(daemon.pid) - before
+            time.sleep(1)  # settled
+            return per_vm
+
         time.sleep(1)
-        return {"per VM KB": samples[1:], "first start KB": [first_start],
+        before_any = resident_kb(daemon.pid)
+        one_round()
+        first_start = resident_kb(daemon.pid) - before_any
+        samples = [one_round() for _ in range(rounds)]
+        return {"per VM KB": samples, "first start KB": [first_start],
                 "idle after MB": [resident_kb(daemon.pid) / 1024]}
 
 
