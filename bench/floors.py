@@ -5,7 +5,8 @@ report shows which part of a figure is the machine's and which is ours.  They ha
 * a process blocked on a pipe is woken and execs a small static program (the exec stamp): from a
   C program and from a bare Python interpreter (``-I -S``, as the exec-late launcher runs) — a
   daemon Start has two such wake-ups (client → daemon, daemon → launcher) and this exec;
-* Python's start-up until asyncio and structlog are imported (what `vmspawn` imports before QEMU);
+* Python's start-up until asyncio is imported, without ``ssl`` as the commands import it (what
+  `vmspawn` needs of the libraries before QEMU: structlog comes with the first line it logs);
 * the resident memory of Python with the daemon's libraries imported (asyncio, structlog,
   asyncvarlink, sdnotify), before any module of ours.
 
@@ -47,7 +48,10 @@ def wake_exec(waiter: list[str], stamps: Stamps, runs: int, idle: float = 0.3) -
     return samples
 
 
-def python_imports(runs: int, imports: str = "import asyncio, structlog") -> list[float]:
+ASYNCIO_WITHOUT_TLS = "import sys; sys.modules['ssl'] = None; import asyncio"
+
+
+def python_imports(runs: int, imports: str = ASYNCIO_WITHOUT_TLS) -> list[float]:
     """ms from the exec of ``python`` (with site, as the installed commands) to ``imports`` done."""
     samples = []
     for _ in range(runs):

@@ -66,7 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 # floors (bench/floors.py): what this machine allows, beside the rows they bound
 FLOOR_WAKE_C = "floor: a woken C program execs a static one"
 FLOOR_WAKE_PY = "floor: a woken Python -I -S (as the launcher) execs a static one"
-FLOOR_IMPORTS = "floor: Python's exec → asyncio and structlog imported"
+FLOOR_IMPORTS = "floor: Python's exec → asyncio imported (without ssl, as the commands import it)"
 FLOOR_CREATE = "floor: Create with the definitions on a tmpfs (no disk)"
 FIRST_START_MEMORY = "daemon memory: kept from its first VMs' run (loaded once, heap)"
 FLOOR_MEMORY = "floor: resident, Python with asyncio, structlog, asyncvarlink, sdnotify"

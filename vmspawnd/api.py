@@ -17,7 +17,6 @@ import time
 import typing
 from dataclasses import dataclass
 
-import structlog
 from asyncvarlink import (
     FileDescriptor,
     GenericVarlinkErrorReply,
@@ -40,6 +39,7 @@ from vmspawnd.errors import (
     VmspawndError,
     WrongState,
 )
+from vmspawnd.log import get_logger
 from vmspawnd.machine import State
 from vmspawnd.manager import Entry, Event, Manager
 from vmspawnd.plan import needs_privileges
@@ -52,7 +52,7 @@ from vmspawnd.values import validate_machine_name
 INTERFACE = "io.vmspawnd.Manager"
 MAX_STOP_TIMEOUT = 3600.0
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 class MachineState(enum.Enum):

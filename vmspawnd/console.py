@@ -18,14 +18,13 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from vmspawnd.identity import ROOT, Identity, connect_as
+from vmspawnd.log import get_logger
 
 SCROLLBACK = 64 * 1024
 CLIENT_BACKLOG_LIMIT = 1024 * 1024
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 class ConsoleRelay:

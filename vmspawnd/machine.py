@@ -18,13 +18,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from vmspawnd import messages
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError, NoSuchMachine, StartError, WrongState
 from vmspawnd.identity import Identity
 from vmspawnd.launcher import QemuProcess
+from vmspawnd.log import get_logger
 from vmspawnd.plan import LaunchPlan
 from vmspawnd.ptyfwd import Pty
 from vmspawnd.run import Run, qemu_of_record
@@ -32,7 +31,7 @@ from vmspawnd.runrecord import COPY_RECORD, RECORD, RUNNING, RunRecord, end_left
 from vmspawnd.runtime import RuntimeDir
 from vmspawnd.spares import Spares
 
-log = structlog.get_logger()
+log = get_logger()
 
 DEFAULT_STOP_TIMEOUT = 10.0
 
@@ -121,7 +120,7 @@ class Machine:
         try:
             self._on_event(kind, data)
         except Exception:
-            self.log.exception("event handler failed", event=kind)
+            self.log.exception("event handler failed", kind=kind)
 
     def _new_run(self, plan: LaunchPlan | None = None, launcher: QemuProcess | None = None) -> Run:
         return Run(self.config, self.runtime, on_event=self._run_event, die_with_parent=self._die_with_parent,

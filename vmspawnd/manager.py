@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from vmspawnd import messages
 from vmspawnd.config import MachineConfig
 from vmspawnd.console import ConsoleRelay
 from vmspawnd.errors import ConfigError, HostError, MachineExists, NoSuchMachine, StartError, WrongState
 from vmspawnd.identity import ROOT, Identity, acting_as
+from vmspawnd.log import get_logger
 from vmspawnd.machine import ACTIVE, DEFAULT_STOP_TIMEOUT, Machine, State
 from vmspawnd.plan import LaunchPlan, plan_launch
 from vmspawnd.run import Run
@@ -37,7 +36,7 @@ from vmspawnd.spares import Spares
 from vmspawnd.storage import FileAhead, read_json, remove_leftover_temps, write_json_atomic
 from vmspawnd.values import ConsoleMode, validate_machine_name
 
-log = structlog.get_logger()
+log = get_logger()
 
 EVENT_QUEUE_LIMIT = 1024
 STATE_SUFFIX = ".state"  # <name>.state beside <name>.json: what the machine showed, for the next daemon

@@ -30,8 +30,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from vmspawnd import messages
 from vmspawnd.config import MachineConfig
 from vmspawnd.console import ConsoleRelay
@@ -43,6 +41,7 @@ from vmspawnd.guest.readiness import OUTSIDE_SIGNAL, Readiness, exit_status, fai
 from vmspawnd.guest.ssh import SshKeyError, SshKeyPair, generate_key_pair
 from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.launcher import QemuProcess
+from vmspawnd.log import get_logger
 from vmspawnd.plan import LaunchPlan, needs_privileges, plan_launch
 from vmspawnd.proc import CAP_NET_ADMIN, check_socket_path, has_capability, process_cmdline, process_start_time
 from vmspawnd.ptyfwd import Pty
@@ -93,7 +92,7 @@ from vmspawnd.systemd.scope import allocate_scope, scope_unit_name
 from vmspawnd.systemd.units import SystemdManager, UnitStartError, connect_systemd
 from vmspawnd.values import DEFAULT_SLICE, ConsoleMode, Network, Tristate
 
-log = structlog.get_logger()
+log = get_logger()
 
 NOTIFY_GRACE = 0.5  # at most this long after QEMU exits, for what the guest wrote just before power-off
 HELPER_GRACE = 1.0  # a helper ending within this long after QEMU is QEMU's doing, not a failure

@@ -18,10 +18,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from vmspawnd.futures import resolve
 from vmspawnd.identity import ROOT, Identity
+from vmspawnd.log import get_logger
 from vmspawnd.proc import process_start_time, processes_mentioning
 from vmspawnd.qemu.vsock import HYBRID_SOCKET, GuestVsock, VsockBackend
 from vmspawnd.runtime import RuntimeDir
@@ -30,7 +29,7 @@ from vmspawnd.storage import read_json, write_json_atomic
 from vmspawnd.systemd.machined import unregister_quietly
 from vmspawnd.systemd.units import connect_systemd
 
-log = structlog.get_logger()
+log = get_logger()
 
 RECORD = "run.json"
 COPY_RECORD = "ephemeral-copy"  # the path of the --ephemeral copy of --directory

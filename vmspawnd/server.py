@@ -43,7 +43,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
 from asyncvarlink import (
     GenericVarlinkErrorReply,
     VarlinkErrorReply,
@@ -54,8 +53,9 @@ from asyncvarlink import (
 from asyncvarlink.util import VarlinkUnixServer
 
 from vmspawnd.futures import resolve, resolved
+from vmspawnd.log import get_logger
 
-log = structlog.get_logger()
+log = get_logger()
 
 MAX_MESSAGE = 1 << 20  # one varlink message, without its NUL
 MAX_BUFFERED = 64 << 20  # partial messages across all connections

@@ -20,9 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import structlog
+from vmspawnd.log import get_logger
 
-log = structlog.get_logger()
+log = get_logger()
 
 _COPY_RE = re.compile(r"^\.#(?P<name>.+)\.[0-9a-f]{16}$")
 

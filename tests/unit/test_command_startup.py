@@ -20,6 +20,12 @@ def test_the_commands_load_no_tls_until_something_asks_for_it() -> None:
     assert python("import sys, vmspawnd.cli.vmspawnd, qemu.qmp, ssl; print(ssl.OPENSSL_VERSION[:7])") == "OpenSSL"
 
 
+def test_vmspawn_loads_no_structlog_before_it_has_something_to_log() -> None:
+    # (vmspawnd/log.py: a logger imports it for the first event that reaches the level)
+    assert python("import sys, vmspawnd.cli.vmspawnctl, vmspawnd.cli.foreground; "
+                  "print('structlog' in sys.modules)") == "False"
+
+
 def test_asyncio_without_tls_still_serves_and_connects_over_unix_sockets(tmp_path) -> None:
     sock = tmp_path / "echo.sock"
     assert python(f"""

@@ -1,13 +1,40 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""The journal gets each entry with its context as fields and the real place it was logged from."""
+"""What our loggers print, and where: a command's plain lines at its level (structlog loaded only
+for an event that passes it), and journal entries with their context as fields and the real place
+each was logged from."""
 
 from __future__ import annotations
 
-import structlog
+import subprocess
+import sys
+
 from systemd import journal
 
 from vmspawnd import messages
-from vmspawnd.log import setup_logging
+from vmspawnd.log import get_logger, setup_logging
+
+
+def test_a_command_prints_what_reaches_its_level_and_loads_structlog_only_then() -> None:
+    # in a fresh interpreter, as a command starts (the test process has structlog loaded already)
+    code = """
+import logging, sys
+from vmspawnd.log import get_logger, setup_logging
+setup_logging(program="vmspawn", level=logging.WARNING)
+log = get_logger().bind(machine="web")
+log.debug("not shown"); log.info("not shown either", x=1)
+print("structlog" in sys.modules, flush=True)
+log.warning("shown", reason="disk full")
+try:
+    1 / 0
+except ZeroDivisionError:
+    get_logger().exception("failed")
+print("structlog" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["False", "True"]
+    first, second, *traceback = done.stderr.splitlines()
+    assert first == "vmspawn: shown (machine=web reason=disk full)"
+    assert second == "vmspawn: failed" and traceback[-1] == "ZeroDivisionError: division by zero"
 
 
 def test_journal_entries_carry_machine_message_id_and_the_callers_code_location(monkeypatch):
@@ -15,7 +42,7 @@ def test_journal_entries_carry_machine_message_id_and_the_callers_code_location(
     monkeypatch.setattr(journal, "sendv", lambda *fields: sent.append(list(fields)))
     setup_logging(journal=True)
     try:
-        structlog.get_logger().bind(machine="web").warning("VM failed", message_id=messages.FAILED, reason="x")
+        get_logger().bind(machine="web").warning("VM failed", message_id=messages.FAILED, reason="x")
         line = test_journal_entries_carry_machine_message_id_and_the_callers_code_location.__code__.co_firstlineno + 5
     finally:
         setup_logging()

@@ -13,12 +13,10 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import structlog
-
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError, StartError, WrongState
 from vmspawnd.launcher import QemuProcess
-from vmspawnd.log import command_level, setup_logging
+from vmspawnd.log import command_level, get_logger, setup_logging
 from vmspawnd.machine import Machine, State
 from vmspawnd.options import InfoRequest, parse_vmspawn_command_line
 from vmspawnd.plan import LaunchPlan, plan_launch
@@ -28,7 +26,7 @@ from vmspawnd.systemd.notify import ManagerNotifier
 from vmspawnd.tint import query_terminal_background, tint_from_background
 from vmspawnd.values import FALSE_WORDS, ConsoleMode
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 def main(argv: list[str] | None = None, launcher: tuple[int, int] | None = None) -> int:

@@ -19,20 +19,19 @@ import sys
 import time
 from pathlib import Path
 
-import structlog
 from asyncvarlink import VarlinkInterfaceRegistry
 from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
 from vmspawnd import __version__, docs_url
 from vmspawnd.api import ManagerInterface, call_error
-from vmspawnd.log import setup_logging
+from vmspawnd.log import get_logger, setup_logging
 from vmspawnd.manager import Manager
 from vmspawnd.server import DEFAULT_MAX_CONNECTIONS, ServerLimits
 from vmspawnd.server import serve as serve_varlink
 from vmspawnd.systemd.notify import ManagerNotifier
 from vmspawnd.systemd.service import SystemdServiceInterface
 
-log = structlog.get_logger()
+log = get_logger()
 
 DEFAULT_SOCKET = "/run/vmspawnd/io.vmspawnd.Manager"
 FDS_FOR_VMS = 512  # file descriptors the connection cap leaves for VMs and their helpers

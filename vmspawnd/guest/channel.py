@@ -23,16 +23,15 @@ import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import structlog
-
 from vmspawnd.identity import ROOT, Identity, acting_as
+from vmspawnd.log import get_logger
 from vmspawnd.qemu import qemu_escape
 
 MAX_LINE = 4096
 MAX_GARBAGE = 1 << 20
 NOTIFY_PORT_NAME = "io.systemd.notify"
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 class NotifyParser:

@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from vmspawnd.errors import ConfigError
+from vmspawnd.log import get_logger
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.values import StateLocation, Tristate, parse_tristate
 
-log = structlog.get_logger()
+log = get_logger()
 
 DEFAULT_EXCLUDE: frozenset[str] = frozenset({"enrolled-keys"})
 SECURE_BOOT_TOKEN = "secure-boot="

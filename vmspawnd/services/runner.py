@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-import structlog
-
 from vmspawnd.futures import resolve
 from vmspawnd.identity import ROOT, Identity
+from vmspawnd.log import get_logger
 from vmspawnd.pathwatch import DirectoryWatch
 from vmspawnd.proc import set_parent_death_signal
 from vmspawnd.systemd.units import (
@@ -50,7 +49,7 @@ from vmspawnd.systemd.units import (
     connect_systemd,
 )
 
-log = structlog.get_logger()
+log = get_logger()
 
 DEFAULT_READY_TIMEOUT = 10.0
 DEFAULT_STOP_TIMEOUT = 5.0

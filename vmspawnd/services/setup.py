@@ -8,11 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import structlog
-
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError
 from vmspawnd.identity import ROOT, Identity, acting_as
+from vmspawnd.log import get_logger
 from vmspawnd.plan import LaunchPlan
 from vmspawnd.qemu.vsock import GuestVsock, VsockBackend
 from vmspawnd.services.journal import JournalLimits, start_journal_remote
@@ -34,7 +33,7 @@ from vmspawnd.services.virtiofsd import (
 )
 from vmspawnd.values import Bind, Tristate
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 class AuxServiceError(Exception):

@@ -17,16 +17,15 @@ import platform
 import shutil
 from pathlib import Path
 
-import structlog
-
 from vmspawnd.errors import ConfigError
 from vmspawnd.identity import ROOT, Identity, acting_as
+from vmspawnd.log import get_logger
 from vmspawnd.proc import check_socket_path
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner, ServiceSpec
 from vmspawnd.values import StateLocation, Tristate
 
-log = structlog.get_logger()
+log = get_logger()
 
 SWTPM_SETUP_TIMEOUT = 30.0
 #: A manufactured TPM 2 state directory holds this file (swtpm's "dir" backend).

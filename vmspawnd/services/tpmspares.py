@@ -17,13 +17,12 @@ import shutil
 import stat
 from pathlib import Path
 
-import structlog
-
 from vmspawnd.identity import Identity, acting_as
+from vmspawnd.log import get_logger
 from vmspawnd.services.runner import ServiceError
 from vmspawnd.services.swtpm import manufacture
 
-log = structlog.get_logger()
+log = get_logger()
 
 READY, MAKING, TAKEN = "ready", ".making", ".taken"
 SETTLE = 2.0  # seconds after a start before the next state is made (QEMU and the guest boot first)

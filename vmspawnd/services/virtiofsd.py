@@ -20,17 +20,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from vmspawnd.errors import ConfigError
 from vmspawnd.identity import ROOT, Identity
+from vmspawnd.log import get_logger
 from vmspawnd.proc import CAP_SYS_ADMIN, check_socket_path, has_capability
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.services import rowrap
 from vmspawnd.services.runner import RunningService, ServiceRunner, ServiceSpec
 from vmspawnd.values import Bind
 
-log = structlog.get_logger()
+log = get_logger()
 
 ROOT_TAG = "root"
 MAX_ID = 0xFFFFFFFF  # (uid_t)-1 is no ID: valid ones end just below

@@ -31,7 +31,6 @@ import socket
 import typing
 from pathlib import Path
 
-import structlog
 from asyncvarlink import (
     TypedVarlinkErrorReply,
     VarlinkInterface,
@@ -42,9 +41,10 @@ from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
 from vmspawnd import __version__, docs_url
 from vmspawnd.identity import ROOT, Identity, acting_as
+from vmspawnd.log import get_logger
 from vmspawnd.server import GuardedServer, ServerLimits, current_connection, serve
 
-log = structlog.get_logger()
+log = get_logger()
 
 INTERFACE = "io.systemd.MachineInstance"
 SOCKET_NAME = "control"

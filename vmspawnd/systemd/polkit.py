@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 
-import structlog
-
+from vmspawnd.log import get_logger
 from vmspawnd.proc import process_start_time
 
-log = structlog.get_logger()
+log = get_logger()
 
 AUTHORITY = ("org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authority",
              "org.freedesktop.PolicyKit1.Authority")

@@ -16,11 +16,11 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import structlog
+from vmspawnd.log import get_logger
 
 # dbus-fast is imported on first use: on a host without systemd, vmspawn never pays for it.
 
-log = structlog.get_logger()
+log = get_logger()
 
 SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
