@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import platform
 import pwd
 import socket
 from collections.abc import Iterator
@@ -85,9 +84,9 @@ ROOT = Identity(0, 0, (), "root")
 
 
 def _set_thread_groups(libc: Any, groups: tuple[int, ...]) -> None:
-    number = _SYS_SETGROUPS.get(platform.machine())
+    number = _SYS_SETGROUPS.get(os.uname().machine)
     if number is None:
-        raise OSError(f"cannot switch a thread's groups on {platform.machine()}")
+        raise OSError(f"cannot switch a thread's groups on {os.uname().machine}")
     array = (ctypes.c_uint * max(1, len(groups)))(*groups)
     if libc.syscall(ctypes.c_long(number), ctypes.c_size_t(len(groups)), array) != 0:
         raise libc_error("setgroups")

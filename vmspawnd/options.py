@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -59,7 +58,7 @@ def config_from_args(ns: argparse.Namespace, machine_pool: bool = True) -> Machi
     elif ns.image or ns.directory or ns.linux:
         name = derive_machine_name(_abspath(ns.image or ns.directory or ns.linux))
         if ns.ephemeral:
-            name = f"{name[:47]}-{secrets.token_hex(8)}"
+            name = f"{name[:47]}-{os.urandom(8).hex()}"
     else:
         raise ConfigError("machine", "", "pass -M/--machine=NAME, --image=IMAGE or --linux=KERNEL")
     config = config_from_namespace(ns, validate_machine_name(name))

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import re
-import secrets
 import shutil
 import stat
 import subprocess
@@ -34,7 +33,7 @@ class SnapshotError(Exception):
 def copy_path(source: Path) -> Path:
     """Where a new copy of ``source`` goes (a fresh random name next to the resolved tree)."""
     real = source.resolve(strict=True)
-    return real.parent / f".#{real.name}.{secrets.token_hex(8)}"
+    return real.parent / f".#{real.name}.{os.urandom(8).hex()}"
 
 
 def is_copy_of(path: Path, source: Path) -> bool:

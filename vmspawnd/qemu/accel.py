@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -54,7 +53,7 @@ def _directory_stamps(path: str) -> tuple[int, ...]:
 
 
 def _look_up_qemu() -> Path:
-    arch = QEMU_ARCH.get(platform.machine())
+    arch = QEMU_ARCH.get(os.uname().machine)
     candidates = list(QEMU_NAMES)
     if arch:
         candidates.append(f"qemu-system-{arch}")
@@ -131,7 +130,7 @@ def kvm_problem(sys_module: Path = Path("/sys/module"), device: str = "/dev/kvm"
     except OSError as e:
         return f"{device}: {e.strerror}"
     os.close(fd)
-    if sys_module.is_dir() and platform.machine() in ("x86_64", "i686"):
+    if sys_module.is_dir() and os.uname().machine in ("x86_64", "i686"):
         loaded = {m for m in ("kvm_intel", "kvm_amd", "kvm_pvm") if (sys_module / m).exists()}
         if "kvm_pvm" in loaded and not loaded & {"kvm_intel", "kvm_amd"}:
             return f"{device} is backed by kvm_pvm, which cannot run ordinary guest kernels"

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import re
 import shlex
@@ -18,7 +17,7 @@ from vmspawnd.errors import ConfigError
 from vmspawnd.guest.credentials import c_unescape
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.qemu.disks import drive_args
-from vmspawnd.values import ConsoleMode, ConsoleTransport, Network
+from vmspawnd.values import ConsoleMode, ConsoleTransport, Network, sha256
 
 COMMAND_LINE_SIZE = 2048  # x86 kernel limit
 _TERM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -77,7 +76,7 @@ def tap_name(machine: str) -> str:
     name = f"vt-{machine}"
     if len(name) <= 15:
         return name
-    digest = base64.urlsafe_b64encode(hashlib.sha256(name.encode()).digest()).decode()[:4]
+    digest = base64.urlsafe_b64encode(sha256(name)).decode()[:4]
     return name[:11] + digest
 
 
@@ -94,7 +93,7 @@ def tap_mac(machine: str, environ: Mapping[str, str] = os.environ) -> str:
         if not _MAC_RE.match(given):
             raise ConfigError(MAC_ENV, given, "expected a MAC address such as 52:54:00:12:34:56")
         return given.lower()
-    octets = bytearray(hashlib.sha256(f"vmspawnd-tap/{machine}".encode()).digest()[:6])
+    octets = bytearray(sha256(f"vmspawnd-tap/{machine}")[:6])
     octets[0] = (octets[0] & 0xFE) | 0x02
     return ":".join(f"{o:02x}" for o in octets)
 

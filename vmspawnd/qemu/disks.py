@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import struct
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from vmspawnd.errors import ConfigError
 from vmspawnd.qemu import qemu_escape
-from vmspawnd.values import DiskType, Drive, ImageFormat
+from vmspawnd.values import DiskType, Drive, ImageFormat, sha256
 
 ROOT_X86_64 = uuid.UUID("4f68bce3-e8cd-4db1-96e7-fbcaf984b709")
 USR_X86_64 = uuid.UUID("8484680c-9521-48c6-9c11-b0720656f69e")
@@ -34,7 +33,7 @@ def drive_serial(path: Path, disk_type: DiskType) -> str:
     """The file name, or a SHA-256 prefix when it is too long for the device's serial field."""
     limit = 30 if disk_type in (DiskType.VIRTIO_SCSI, DiskType.SCSI_CD) else 20
     name = path.name
-    return name if len(name) <= limit else hashlib.sha256(name.encode()).hexdigest()[:limit]
+    return name if len(name) <= limit else sha256(name).hex()[:limit]
 
 
 def _device(disk_type: DiskType, drive_id: str, serial: str, boot: bool) -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import enum
 import errno
 import fcntl
-import hashlib
 import os
 import random
 import shutil
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmspawnd.errors import ConfigError
-from vmspawnd.values import CID_MAX, CID_MIN, Tristate
+from vmspawnd.values import CID_MAX, CID_MIN, Tristate, sha256
 
 VHOST_VSOCK_SET_GUEST_CID = 0x4008AF60
 KERNEL_DEVICE = "/dev/vhost-vsock"
@@ -106,7 +105,7 @@ def choose_vsock(setting: Tristate, device: str = KERNEL_DEVICE) -> VsockBackend
 def candidate_cids(name: str, attempts: int = 64) -> list[int]:
     """Stable CIDs derived from the machine name, then random ones."""
     derived = [
-        CID_MIN + int.from_bytes(hashlib.sha256(f"{name}/{i}".encode()).digest()[:8], "little") % (CID_MAX - CID_MIN)
+        CID_MIN + int.from_bytes(sha256(f"{name}/{i}")[:8], "little") % (CID_MAX - CID_MIN)
         for i in range(attempts)
     ]
     return derived + [random.randint(CID_MIN, CID_MAX) for _ in range(attempts)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import shutil
 from pathlib import Path
 
@@ -80,7 +79,7 @@ def tpm_enabled(setting: Tristate, arch: str | None = None) -> bool:
     """``--tpm=``: auto = swtpm installed (on an architecture with a TPM device); yes = insist."""
     if setting is Tristate.NO:
         return False
-    arch = arch or platform.machine()
+    arch = arch or os.uname().machine
     if arch not in TPM_DEVICES:
         if setting is Tristate.YES:
             raise ConfigError("tpm", "yes", f"no TPM support for architecture {arch}")
@@ -164,9 +163,9 @@ def qemu_tpm_args(socket_path: Path, arch: str | None = None) -> list[str]:
     or 2.0 drivers.  ``tpm-crb`` (TPM 2.0 only) works too;
     both were booted here with the test guest and give it /dev/tpm0.
     """
-    device = TPM_DEVICES.get(arch or platform.machine())
+    device = TPM_DEVICES.get(arch or os.uname().machine)
     if device is None:
-        raise ConfigError("tpm", "yes", f"no TPM support for architecture {arch or platform.machine()}")
+        raise ConfigError("tpm", "yes", f"no TPM support for architecture {arch or os.uname().machine}")
     return ["-chardev", f"socket,id=chrtpm,path={qemu_escape(socket_path)}",
             "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
             "-device", f"{device},tpmdev=tpm0"]
