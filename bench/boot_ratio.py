@@ -105,16 +105,28 @@ def vmspawn(guest, tmp: Path, tag: str = "0", ram_mib: int = 256) -> Timing:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify))
     env = {**os.environ, "NOTIFY_SOCKET": str(notify), "RUNTIME_DIRECTORY": str(runtime)}
+    errors = tempfile.TemporaryFile()
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "vmspawnd.cli.vmspawn", f"--linux={guest.kernel}",
                              f"--initrd={guest.initrd}", f"--ram={ram_mib}M", "--console=headless", "--kvm=no",
                              "--firmware=bios", "--tpm=no", "--vsock=no", "-q", "-M", f"bench{tag}", *WORDS],
-                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
     ready = None
-    sock.settimeout(300)
-    while ready is None:
-        if b"READY=1" in sock.recv(4096).split(b"\n"):
-            ready = time.monotonic() - start
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        while ready is None:
+            readable = select.select([sock.fileno(), pidfd], [], [], 300)[0]
+            if sock.fileno() in readable:  # (what it sent is read before its end counts)
+                if b"READY=1" in sock.recv(4096).split(b"\n"):
+                    ready = time.monotonic() - start
+            else:  # it ended (or hangs) without READY=1: say why
+                proc.kill()
+                errors.seek(0)
+                raise RuntimeError(f"vmspawn {tag}: no READY=1 (exit status {proc.wait()}): "
+                                   f"{errors.read().decode(errors='replace')[-2000:]}")
+    finally:
+        os.close(pidfd)
+        errors.close()
     wait_gone(proc, 300)
     gone = time.monotonic() - start
     sock.close()
