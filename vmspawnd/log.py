@@ -23,9 +23,9 @@ _NOT_IN_THE_MESSAGE = ("event", "level", "message_id")
 
 #: the level below which our loggers drop an event (all pass until :func:`setup_logging` is called)
 _threshold = logging.NOTSET
-#: :func:`setup_logging`'s arguments, applied to structlog when it is first needed
-_settings: dict[str, Any] | None = None
-#: structlog, once imported and configured for our loggers
+#: :func:`setup_logging`'s arguments not yet applied to structlog (they are when it is first needed)
+_pending: dict[str, Any] | None = None
+#: structlog, once imported
 _structlog: ModuleType | None = None
 
 
@@ -114,24 +114,26 @@ def setup_logging(verbose: bool = False, stream: TextIO | None = None, journal: 
     """Configure logging: the daemon logs at info (debug with ``verbose``) to the journal or stderr;
     a command (``program``) prints only what reaches ``level`` (default: warnings), one plain line each.
     structlog is configured now if it is loaded, else when an event first needs it."""
-    global _threshold, _settings
+    global _threshold, _pending
     if level is None:
         level = logging.DEBUG if verbose else logging.INFO
     _threshold = level
-    _settings = {"stream": stream or sys.stderr, "journal": journal, "program": program, "level": level}
+    _pending = {"stream": stream or sys.stderr, "journal": journal, "program": program, "level": level}
     if "structlog" in sys.modules:
-        _configure(sys.modules["structlog"], **_settings)
+        _loaded_structlog()
 
 
 def _loaded_structlog() -> ModuleType:
-    """structlog, imported and configured with :func:`setup_logging`'s arguments on first use."""
-    global _structlog
+    """structlog, imported on first use, and configured once with each :func:`setup_logging`'s
+    arguments (not again later, which would undo a configuration made since, as a test's)."""
+    global _structlog, _pending
     if _structlog is None:
         import structlog
 
-        if _settings is not None:
-            _configure(structlog, **_settings)
         _structlog = structlog
+    if _pending is not None:
+        settings, _pending = _pending, None
+        _configure(_structlog, **settings)
     return _structlog
 
 

@@ -52,3 +52,19 @@ def test_journal_entries_carry_machine_message_id_and_the_callers_code_location(
     assert fields["MACHINE"] == "web" and fields["MESSAGE_ID"] == messages.FAILED and fields["PRIORITY"] == "4"
     assert fields["CODE_FILE"] == __file__ and fields["CODE_LINE"] == str(line)
     assert fields["CODE_FUNC"] == "test_journal_entries_carry_machine_message_id_and_the_callers_code_location"
+
+
+def test_our_first_event_does_not_undo_a_structlog_configuration_made_after_setup() -> None:
+    # as in the test suite: structlog loaded, logging set up, then a test captures the events
+    code = """
+import logging, structlog
+from structlog.testing import capture_logs
+from vmspawnd.log import get_logger, setup_logging
+setup_logging(program="vmspawn", level=logging.INFO)
+with capture_logs() as logs:
+    get_logger().bind(machine="web").info("started", pid=1)
+print(logs)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[{'machine': 'web', 'pid': 1, 'event': 'started', 'log_level': 'info'}]"
+    assert done.stderr == ""
