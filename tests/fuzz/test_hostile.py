@@ -363,12 +363,28 @@ while time.monotonic() < deadline:
 """
 
 
+def timed_list(path: Path) -> float:
+    """Seconds for one List of every machine, on a connection of its own."""
+    started = time.monotonic()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(path))
+        s.sendall(json.dumps({"method": f"{IFACE}.List", "parameters": {}, "more": True}).encode() + b"\0")
+        data = b""
+        while not (data.endswith(b"\0") and b'"continues"' not in data.rsplit(b"\0", 2)[-2]):
+            chunk = s.recv(1 << 20)
+            assert chunk, "the daemon closed the connection during a List"
+            data += chunk
+    return time.monotonic() - started
+
+
 def test_listing_a_thousand_machines_does_not_stall_describe(daemon: Daemon) -> None:
     machines = daemon.state / "machines"
     for i in range(1000):
         (machines / f"m{i:04}.json").write_text(json.dumps({"name": f"m{i:04}", "config": {"linux": "/bin/sh"}}))
     daemon.stop_daemon()
     daemon.start()
+    # one whole List alone, the fastest of 3: what a Describe would wait behind if a List held the daemon
+    one_list = min(timed_list(daemon.socket) for _ in range(3))
     listers = [subprocess.Popen([sys.executable, "-c", LIST_CLIENT, str(daemon.socket), "6"]) for _ in range(10)]
     try:
         time.sleep(1)
@@ -391,7 +407,8 @@ def test_listing_a_thousand_machines_does_not_stall_describe(daemon: Daemon) -> 
             p.wait(30)
     latencies.sort()
     p99 = latencies[int(len(latencies) * 0.99)]
-    assert p99 < 0.02, (p99, latencies[-5:], len(latencies))
+    # within 20 ms (here a List of 1,000 alone takes ≈ 14 ms), or one List's time on a slower machine
+    assert p99 < max(0.02, one_list), (p99, one_list, latencies[-5:], len(latencies))
     assert all(p.returncode == 0 for p in listers)
     assert_healthy(daemon)
 
