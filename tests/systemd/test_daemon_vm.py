@@ -106,11 +106,17 @@ def test_a_daemon_killed_while_starting_leaves_no_process_or_unit_behind(install
     ctl("create", name, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M",
         "--console=read-only", "--firmware=bios", "--tpm=yes", "panic=-1", "test.notify=1", "test.action=hang")
     sh("systemctl", "stop", "vmspawnd.service")
-    sh("systemctl", "set-environment", f"{CRASH_ENV}=exec")  # the daemon SIGKILLs itself once QEMU is exec'd
+    # the next daemon SIGKILLs itself once QEMU is exec'd, and is not restarted (Restart=on-failure
+    # would start one with the same environment 100 ms later, which a slow test did not always beat)
+    crash = Path("/run/systemd/system/vmspawnd.service.d/crash.conf")
+    crash.parent.mkdir(parents=True, exist_ok=True)
+    crash.write_text(f"[Service]\nEnvironment={CRASH_ENV}=exec\nRestart=no\n")
+    sh("systemctl", "daemon-reload")
     try:
         assert ctl("start", name, check=False).returncode == 1
     finally:
-        sh("systemctl", "unset-environment", CRASH_ENV)
+        crash.unlink()
+        sh("systemctl", "daemon-reload")
     try:
         st = ctl.status(name)  # a new daemon, which ends what the killed start left
         assert st["state"] == "failed" and "while starting" in st["failure"], st
