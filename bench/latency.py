@@ -45,7 +45,6 @@ import json
 import os
 import select
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,7 +57,7 @@ from bench import boot_ratio, floors
 from bench import peer as bench_peer
 from bench.daemon import bench_daemon, daemon_start, guest_config
 from bench.stamps import Stamps
-from tests.rawvarlink import call
+from tests.rawvarlink import call, list_all
 from vmspawnd.qemu.accel import find_qemu
 from vmspawnd.testing.guest import build_guest
 
@@ -113,23 +112,6 @@ def boot_ratios(guest, tmp: Path, blocks: int, at_once: int = 1) -> dict[str, li
                                  lambda: boot_ratio.at_once(boot_ratio.bare_qemu, guest, tmp, at_once), 2 * blocks)
     return {"ready": boot_ratio.balanced([ours.ready / bare.ready for ours, bare in found]),
             "gone": boot_ratio.balanced([ours.gone / bare.gone for ours, bare in found])}
-
-
-def list_all(sock: Path) -> int:
-    """One List (``more``) read to its last reply; the number of replies."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(sock))
-        s.sendall(json.dumps({"method": "io.vmspawnd.Manager.List", "parameters": {}, "more": True}).encode() + b"\0")
-        data, replies = b"", 0
-        while chunk := s.recv(1 << 20):
-            data += chunk
-            *messages, data = data.split(b"\0")
-            for message in messages:
-                replies += 1
-                # (parsing every reply would time this client: only one without continues is parsed)
-                if not message.startswith(b'{"continues":true') and not json.loads(message).get("continues"):
-                    return replies
-    raise ConnectionError("the List ended early")
 
 
 def resident_kb(pid: int) -> int:

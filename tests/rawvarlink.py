@@ -29,5 +29,22 @@ def call(path, method, parameters=None, more=False, timeout=10.0):
     return json.loads(data.split(b"\0")[0])
 
 
+def list_all(path, method="io.vmspawnd.Manager.List"):
+    """One streamed call (``more``) read to its last reply; the number of replies."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(path))
+        s.sendall(json.dumps({"method": method, "parameters": {}, "more": True}).encode() + b"\0")
+        data, replies = b"", 0
+        while chunk := s.recv(1 << 20):
+            data += chunk
+            *messages, data = data.split(b"\0")
+            for message in messages:
+                replies += 1
+                # (parsing every reply would time this client: only one without continues is parsed)
+                if not message.startswith(b'{"continues":true') and not json.loads(message).get("continues"):
+                    return replies
+    raise ConnectionError("the call ended before its last reply")
+
+
 if __name__ == "__main__":
     print(json.dumps(call(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), timeout=120)))
