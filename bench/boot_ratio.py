@@ -102,35 +102,31 @@ def vmspawn(guest, tmp: Path, tag: str = "0", ram_mib: int = 256) -> Timing:
     notify.unlink(missing_ok=True)
     runtime = tmp / f"run-{tag}"
     runtime.mkdir(mode=0o700, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(notify))
     env = {**os.environ, "NOTIFY_SOCKET": str(notify), "RUNTIME_DIRECTORY": str(runtime)}
-    errors = tempfile.TemporaryFile()
-    start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "vmspawnd.cli.vmspawn", f"--linux={guest.kernel}",
-                             f"--initrd={guest.initrd}", f"--ram={ram_mib}M", "--console=headless", "--kvm=no",
-                             "--firmware=bios", "--tpm=no", "--vsock=no", "-q", "-M", f"bench{tag}", *WORDS],
-                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
-    ready = None
-    pidfd = os.pidfd_open(proc.pid)
-    try:
-        while ready is None:
-            readable = select.select([sock.fileno(), pidfd], [], [], 300)[0]
-            if sock.fileno() in readable:  # (what it sent is read before its end counts)
-                if b"READY=1" in sock.recv(4096).split(b"\n"):
-                    ready = time.monotonic() - start
-            else:  # it ended (or hangs) without READY=1: say why
-                proc.kill()
-                errors.seek(0)
-                raise RuntimeError(f"vmspawn {tag}: no READY=1 (exit status {proc.wait()}): "
-                                   f"{errors.read().decode(errors='replace')[-2000:]}")
-    finally:
-        os.close(pidfd)
-        errors.close()
-    wait_gone(proc, 300)
-    gone = time.monotonic() - start
-    sock.close()
-    return Timing(ready, gone)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, tempfile.TemporaryFile() as errors:
+        sock.bind(str(notify))
+        start = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "vmspawnd.cli.vmspawn", f"--linux={guest.kernel}",
+                                 f"--initrd={guest.initrd}", f"--ram={ram_mib}M", "--console=headless", "--kvm=no",
+                                 "--firmware=bios", "--tpm=no", "--vsock=no", "-q", "-M", f"bench{tag}", *WORDS],
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
+        ready = None
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            while ready is None:
+                readable = select.select([sock.fileno(), pidfd], [], [], 300)[0]
+                if sock.fileno() in readable:  # (what it sent is read before its end counts)
+                    if b"READY=1" in sock.recv(4096).split(b"\n"):
+                        ready = time.monotonic() - start
+                else:  # it ended (or hangs) without READY=1: say why (its QEMU dies with it)
+                    proc.kill()
+                    errors.seek(0)
+                    raise RuntimeError(f"vmspawn {tag}: no READY=1 (exit status {proc.wait()}): "
+                                       f"{errors.read().decode(errors='replace')[-2000:]}")
+        finally:
+            os.close(pidfd)
+        wait_gone(proc, 300)
+        return Timing(ready, time.monotonic() - start)
 
 
 def at_once(spawn: Callable[..., Timing], guest, tmp: Path, count: int, ram_mib: int = 128) -> Timing:
