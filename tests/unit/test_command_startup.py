@@ -19,8 +19,12 @@ def test_the_commands_load_no_tls_or_libcrypto_until_something_asks_for_it() -> 
     # a name that needs hashing loads it then (values.sha256), and gets the same digest as ever
     assert python("import sys, vmspawnd.qemu.argv as argv; print(argv.tap_mac('web', {}), '_hashlib' in sys.modules)"
                   ) == "02:c8:aa:43:03:12 True"
-    # what needs ssl still gets it afterwards: QMP's client (each run), and ssl itself
-    assert python("import sys, vmspawnd.cli.vmspawnd, qemu.qmp, ssl; print(ssl.OPENSSL_VERSION[:7])") == "OpenSSL"
+    # QMP's client (each run) does not load it either (vmspawnd/qemu/qmp.py), and ssl itself still works after it
+    assert python("import sys, vmspawnd.cli.vmspawnd, vmspawnd.qemu.qmp as qmp; qmp.Qmp('web'); "
+                  "print('ssl' in sys.modules, '_ssl' in sys.modules, '_hashlib' in sys.modules)"
+                  ) == "False False False"
+    assert python("import vmspawnd.cli.vmspawnd, vmspawnd.qemu.qmp as qmp; qmp.Qmp('web'); import ssl; "
+                  "print(ssl.OPENSSL_VERSION[:7], ssl.SSLContext.__module__)") == "OpenSSL ssl"
 
 
 def test_vmspawn_loads_no_structlog_before_it_has_something_to_log() -> None:

@@ -7,10 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
+import types
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmspawnd.identity import ROOT, Identity, connect_as
+
+if TYPE_CHECKING:
+    from qemu.qmp import QMPClient
 
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
@@ -18,13 +23,33 @@ logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 EventListener = Callable[[str, dict[str, Any]], None]
 
 
+def _qmp_client() -> type[QMPClient]:
+    """qemu.qmp's ``QMPClient``, imported without TLS.
+
+    qemu.qmp imports :mod:`ssl` only to name ``SSLContext`` in its signatures (for TLS connections,
+    which we never make: QEMU's monitor is a unix socket).  The real module loads libssl and
+    libcrypto: ≈ 4 MB resident in every daemon and ``vmspawn`` from their first VM on, and a few ms
+    of a run's start.  So while qemu.qmp is first imported, ``ssl`` is a module holding only that
+    name; afterwards ``import ssl`` gives the real one again, to anyone who asks.
+    """
+    if "qemu.qmp" not in sys.modules and "ssl" not in sys.modules:
+        names_only = types.ModuleType("ssl", "stand-in while qemu.qmp is imported (vmspawnd/qemu/qmp.py)")
+        names_only.SSLContext = type("SSLContext", (), {})  # type: ignore[attr-defined]
+        sys.modules["ssl"] = names_only
+        try:
+            import qemu.qmp  # noqa: F401
+        finally:
+            del sys.modules["ssl"]
+    from qemu.qmp import QMPClient
+
+    return QMPClient
+
+
 class Qmp:
     """One QMP session with a QEMU process, over its monitor's unix socket."""
 
     def __init__(self, name: str) -> None:
-        from qemu.qmp import QMPClient  # imported once QEMU is already booting (start-up speed)
-
-        self._client = QMPClient(name)
+        self._client = _qmp_client()(name)  # imported once QEMU is already booting (start-up speed)
         self._watcher: asyncio.Task[None] | None = None
         self.connected = False
         #: QEMU's SHUTDOWN reason (guest-shutdown, host-signal, host-qmp-quit…), once it shut down
