@@ -274,56 +274,81 @@ def main() -> int:
     # compiles them (with $PYTHONDONTWRITEBYTECODE set, as in some shells, every run would)
     compileall.compile_dir(REPO / "vmspawnd", quiet=1)
     tmp = Path(tempfile.mkdtemp(prefix="vmspawnd-bench-"))
-    try:
-        stamps = Stamps.build(tmp)
+    stamps = Stamps.build(tmp)
+
+    def daemon_rows() -> dict[str, dict]:
         plain = daemon_start(stamps, guest, args.runs)
         with_tpm = daemon_start(stamps, guest, args.runs, tpm=True)
-        results = {"daemon Start → QEMU exec": summary(plain),
-                   "fresh TPM: added to Start → QEMU exec": summary(
-                       [t - statistics.median(plain) for t in with_tpm])}
+        return {"daemon Start → QEMU exec": summary(plain),
+                "fresh TPM: added to Start → QEMU exec": summary([t - statistics.median(plain) for t in with_tpm])}
+
+    def vmspawn_rows() -> dict[str, dict]:
         to_exec, to_gone = vmspawn_runs(stamps, guest, args.runs)
         waiter = tmp / "wakeexec"
         subprocess.run(["gcc", "-O2", "-static", "-o", str(waiter), str(REPO / "bench/wakeexec.c")], check=True)
-        results[FLOOR_WAKE_C] = summary(floors.wake_exec([str(waiter)], stamps, args.runs))
-        results[FLOOR_WAKE_PY] = summary(floors.wake_exec([sys.executable, "-I", "-S", "-c", floors.PY_WAITER],
-                                                          stamps, args.runs))
-        results["vmspawn exec → QEMU exec"] = summary(to_exec)
-        results[FLOOR_IMPORTS] = summary(floors.python_imports(args.runs))
-        results["vmspawn: QEMU exit → vmspawn gone"] = summary(to_gone)
+        return {FLOOR_WAKE_C: summary(floors.wake_exec([str(waiter)], stamps, args.runs)),
+                FLOOR_WAKE_PY: summary(floors.wake_exec([sys.executable, "-I", "-S", "-c", floors.PY_WAITER],
+                                                        stamps, args.runs)),
+                "vmspawn exec → QEMU exec": summary(to_exec),
+                FLOOR_IMPORTS: summary(floors.python_imports(args.runs)),
+                "vmspawn: QEMU exit → vmspawn gone": summary(to_gone)}
+
+    def many_machine_rows() -> dict[str, dict]:
         many = many_machines(args.runs)
-        results["Create (one client, durable definitions on disk)"] = summary(many["creates"], unit="/s")
+        rows = {"Create (one client, durable definitions on disk)": summary(many["creates"], unit="/s")}
         with bench_daemon() as (_, sock):  # its state on the tmpfs
-            results[FLOOR_CREATE] = summary(create_rates(sock), unit="/s")
-        results["List of 1,000 machines"] = summary(many["lists"])
-        results["Describe while 4 clients List 1,000 machines (p99)"] = summary(many["describes"], "p99")
-        results["Describe, 100 clients, 1,000 machines"] = summary(many["describe rates"], unit="/s")
-        results["Describe, 100 clients, 1,000 machines (p99)"] = summary(many["describe latencies"], "p99")
-        results["daemon memory, idle"] = summary(many["idle MB"], unit="MB")
-        results[FLOOR_MEMORY] = summary([floors.libraries_resident_mb()], unit="MB")
-        results["daemon memory per defined machine"] = summary(many["per defined KB"], unit="KB")
+            rows[FLOOR_CREATE] = summary(create_rates(sock), unit="/s")
+        return rows | {
+            "List of 1,000 machines": summary(many["lists"]),
+            "Describe while 4 clients List 1,000 machines (p99)": summary(many["describes"], "p99"),
+            "Describe, 100 clients, 1,000 machines": summary(many["describe rates"], unit="/s"),
+            "Describe, 100 clients, 1,000 machines (p99)": summary(many["describe latencies"], "p99"),
+            "daemon memory, idle": summary(many["idle MB"], unit="MB"),
+            FLOOR_MEMORY: summary([floors.libraries_resident_mb()], unit="MB"),
+            "daemon memory per defined machine": summary(many["per defined KB"], unit="KB")}
+
+    def running_memory_rows() -> dict[str, dict]:
         running = running_vm_memory(guest)
-        results["daemon memory per running VM"] = summary(running["per VM KB"], unit="KB")
-        results[FIRST_START_MEMORY] = summary(running["first start KB"], unit="KB")
-        results["daemon memory, idle once VMs have run"] = summary(running["idle after MB"], unit="MB")
+        return {"daemon memory per running VM": summary(running["per VM KB"], unit="KB"),
+                FIRST_START_MEMORY: summary(running["first start KB"], unit="KB"),
+                "daemon memory, idle once VMs have run": summary(running["idle after MB"], unit="MB")}
+
+    def boot_rows() -> dict[str, dict]:
         one = boot_ratios(guest, tmp, args.runs)
-        results["spawn → READY=1, vmspawn ÷ bare QEMU (pairwise)"] = summary(one["ready"], unit="×")
-        results["boot → poweroff, vmspawn ÷ bare QEMU (pairwise)"] = summary(one["gone"], unit="×")
-        if os.geteuid() == 0:  # the forky tree runs in a container
-            peer = bench_peer.measure(guest.kernel.parent, 2 * args.runs)  # rounds in mirrored order
-            bare, ours, theirs = peer["bare QEMU"], peer["vmspawn"], peer["systemd-vmspawn"]
-            balanced = boot_ratio.balanced
-            results["forky: boot → poweroff, vmspawn ÷ bare QEMU (pairwise)"] = summary(
-                balanced([o / b for o, b in zip(ours, bare, strict=True)]), unit="×")
-            results["forky: boot → poweroff, systemd-vmspawn 262 ÷ bare QEMU (pairwise)"] = summary(
-                balanced([t / b for t, b in zip(theirs, bare, strict=True)]), unit="×")
-            results["forky: boot → poweroff, vmspawn ÷ systemd-vmspawn 262 (pairwise)"] = summary(
-                balanced([o / t for o, t in zip(ours, theirs, strict=True)]), unit="×")
-            starts = bench_peer.measure_starts(guest.kernel.parent, args.runs)
-            results[SYSTEMD_START] = summary(starts["start"])
-            results[FLOOR_SCOPE] = summary(starts["scope"])
+        return {"spawn → READY=1, vmspawn ÷ bare QEMU (pairwise)": summary(one["ready"], unit="×"),
+                "boot → poweroff, vmspawn ÷ bare QEMU (pairwise)": summary(one["gone"], unit="×")}
+
+    def forky_rows() -> dict[str, dict]:
+        peer = bench_peer.measure(guest.kernel.parent, 2 * args.runs)  # rounds in mirrored order
+        bare, ours, theirs = peer["bare QEMU"], peer["vmspawn"], peer["systemd-vmspawn"]
+        balanced = boot_ratio.balanced
+        starts = bench_peer.measure_starts(guest.kernel.parent, args.runs)
+        return {"forky: boot → poweroff, vmspawn ÷ bare QEMU (pairwise)": summary(
+                    balanced([o / b for o, b in zip(ours, bare, strict=True)]), unit="×"),
+                "forky: boot → poweroff, systemd-vmspawn 262 ÷ bare QEMU (pairwise)": summary(
+                    balanced([t / b for t, b in zip(theirs, bare, strict=True)]), unit="×"),
+                "forky: boot → poweroff, vmspawn ÷ systemd-vmspawn 262 (pairwise)": summary(
+                    balanced([o / t for o, t in zip(ours, theirs, strict=True)]), unit="×"),
+                SYSTEMD_START: summary(starts["start"]),
+                FLOOR_SCOPE: summary(starts["scope"])}
+
+    def sixteen_rows() -> dict[str, dict]:
         many = boot_ratios(guest, tmp, args.runs, at_once=16)
-        results["16 VMs at once, spawn → all READY=1, vmspawn ÷ bare QEMU (pairwise)"] = summary(many["ready"],
-                                                                                               unit="×")
+        return {"16 VMs at once, spawn → all READY=1, vmspawn ÷ bare QEMU (pairwise)": summary(many["ready"],
+                                                                                              unit="×")}
+
+    groups = [daemon_rows, vmspawn_rows, many_machine_rows, running_memory_rows, boot_rows]
+    groups += [forky_rows] if os.geteuid() == 0 else []  # the forky tree runs in a container
+    groups += [sixteen_rows]
+    results: dict[str, dict] = {}
+    failures: dict[str, str] = {}  # a group of rows that failed: why (the others still run, and are reported)
+    try:
+        for group in groups:
+            try:
+                results |= group()
+            except Exception as e:  # noqa: BLE001 - reported in the results, and the run fails at the end
+                failures[group.__name__] = f"{type(e).__name__}: {e}"
+                print(f"{group.__name__}: FAILED: {failures[group.__name__]}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for row, f in results.items():
@@ -335,10 +360,10 @@ def main() -> int:
         print(f"{row:52} {f['stat']:6} {f['value']:8.3f} {f['unit']}  (min {f['min']:.3f}, max {f['max']:.3f}, "
               f"{f['runs']} runs)  {verdict(f)}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        args.json.write_text(json.dumps(results | {"failed": failures}, indent=2, ensure_ascii=False) + "\n")
     if args.markdown:
-        args.markdown.write_text(report(results))
-    return 0
+        args.markdown.write_text(report(results, failures))
+    return 1 if failures else 0
 
 
 def bound(figures: dict) -> str:
@@ -351,8 +376,9 @@ def verdict(f: dict) -> str:
     return f"target {bound(f)} {f['target']:g} {f['unit']}: {'met' if f['met'] else 'MISSED'}"
 
 
-def report(results: dict) -> str:
-    """The Markdown report: where it ran, then one row per figure with its target."""
+def report(results: dict, failures: dict[str, str]) -> str:
+    """The Markdown report: where it ran, one row per figure with its target, and the groups of rows
+    that failed, with why."""
     qemu = subprocess.run([str(find_qemu()), "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     lines = [f"# vmspawnd latency ({time.strftime('%Y-%m-%d %H:%M %Z')})", "",
              f"- machine: {' '.join(os.uname()[2:5])}, {os.cpu_count()} CPUs", f"- {qemu}",
@@ -364,6 +390,9 @@ def report(results: dict) -> str:
         outcome = "reference" if f["met"] is None else "met" if f["met"] else "**missed**"
         lines.append(f"| {row} | {f['stat']} {f['value']:g} {u} | {f['min']:g}–{f['max']:g} {u} "
                      f"| {f['runs']} | {target} | {outcome} |")
+    if failures:
+        lines += ["", "**Failed in this run** (their rows are missing above):", ""]
+        lines += [f"- `{group}`: {why}" for group, why in failures.items()]
     notes = Path(__file__).with_name("notes.md")
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
