@@ -53,7 +53,13 @@ class QemuProcess:
     def __init__(self, pid: int, child: SpawnedChild | None) -> None:
         self.pid = pid
         self._child = child  # ours to reap; None for a QEMU we adopted
-        self._pidfd = os.pidfd_open(pid)
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except OSError:  # (no fd left, or no pidfds): a child of ours that cannot be watched must not run on
+            if child is not None:
+                os.kill(pid, signal.SIGKILL)  # (not reaped yet, so the pid is still this child's)
+                child.wait()
+            raise
         self.returncode: int | None = None
         self._channel: socket.socket | None = None
         self._waiter: asyncio.Task[int | None] | None = None
@@ -89,7 +95,11 @@ class QemuProcess:
     @classmethod
     def spawned(cls, pid: int, channel_fd: int) -> QemuProcess:
         """The launcher ``execlate.spawn`` started: ``pid``, and ``channel_fd``, our end of its socket."""
-        process = cls(pid, SpawnedChild(pid))
+        try:
+            process = cls(pid, SpawnedChild(pid))
+        except OSError:
+            os.close(channel_fd)
+            raise
         process._channel = socket.socket(fileno=channel_fd)
         return process
 

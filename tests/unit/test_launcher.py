@@ -141,3 +141,32 @@ async def test_a_qemu_spawned_at_once_gets_the_fds_at_our_numbers_a_session_and_
 def test_a_qemu_that_cannot_be_spawned_raises_at_once(tmp_path):
     with pytest.raises(PermissionError):
         QemuProcess.spawn([str(tmp_path)])  # a directory: not executable
+
+
+def test_a_qemu_that_cannot_be_watched_for_want_of_fds_is_not_left_running():
+    # Out of fds, the process is spawned but no pidfd can watch it: it is killed and reaped, and the
+    # start fails (else it would run on, unwatched, while its machine is reported failed)
+    script = """
+import errno, os, resource
+from vmspawnd.launcher import QemuProcess
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+held = []
+try:
+    while True:
+        held.append(os.open('/dev/null', os.O_RDONLY))
+except OSError:
+    pass
+try:
+    QemuProcess.spawn(['/bin/sleep', '60'], keep_stdin=True)
+    print('watched')
+except OSError as e:
+    print('failed', errno.errorcode[e.errno])
+for fd in held:
+    os.close(fd)
+children = open(f'/proc/self/task/{os.getpid()}/children').read().split()
+print('children:', len(children))
+for pid in children:  # (a child left running would also hold our output open)
+    os.kill(int(pid), 9)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split("\n")[:2] == ["failed EMFILE", "children: 0"], out.stdout + out.stderr
