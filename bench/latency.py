@@ -51,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from bench import boot_ratio, floors
@@ -347,8 +348,10 @@ def main() -> int:
             try:
                 results |= group()
             except Exception as e:  # noqa: BLE001 - reported in the results, and the run fails at the end
-                failures[group.__name__] = f"{type(e).__name__}: {e}"
-                print(f"{group.__name__}: FAILED: {failures[group.__name__]}", file=sys.stderr, flush=True)
+                where = traceback.extract_tb(e.__traceback__)[-1]  # (an assert may have no message)
+                failures[group.__name__] = f"{type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})"
+                print(f"{group.__name__}: FAILED:", file=sys.stderr)
+                traceback.print_exc()  # (where it failed; the report keeps the one line above)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for row, f in results.items():
