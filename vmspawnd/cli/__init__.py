@@ -1,19 +1,36 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """Thin front ends: parse, call, print.
 
-Importing this package imports :mod:`asyncio` without TLS: asyncio imports :mod:`ssl` (≈ 3–4 ms
-here, and ≈ 1.1 MB resident beyond libcrypto, which :mod:`hashlib` loads anyway) only to offer
-TLS connections, which no command makes.  So ``vmspawn`` gets to QEMU's exec sooner, and so does
-every ``vmspawnctl``.  ``ssl`` can still be imported afterwards, and is when first needed
-(qemu.qmp imports it, at a run's first QMP connection); asyncio keeps treating it as absent,
-which no command notices.
+Importing this package imports two standard modules without optional parts that no command uses,
+so every command starts sooner and the daemon stays smaller:
+
+- :mod:`asyncio` without :mod:`ssl`: asyncio imports it (≈ 3–4 ms here, and ≈ 1.1 MB resident
+  beyond libcrypto) only to offer TLS connections, which no command makes.  qemu.qmp names
+  ``ssl`` too, and is given a stand-in (vmspawnd/qemu/qmp.py).  asyncio keeps treating TLS as
+  absent, which no command notices.
+- :mod:`shutil` without :mod:`bz2` and :mod:`lzma`: shutil imports them (≈ 0.3 MB resident: their
+  libraries and modules) only to offer ``bztar`` and ``xztar`` archives, which no command makes or
+  unpacks.
+
+Each can still be imported normally afterwards.
 """
 
 import sys
 
-if "asyncio" not in sys.modules and "ssl" not in sys.modules:
-    sys.modules["ssl"] = None  # type: ignore[assignment]  # (an import of ssl now fails: asyncio goes without)
+
+def _import_without(module: str, *optional: str) -> None:
+    """Import ``module`` while ``optional`` cannot be imported (it goes without them), unless one of
+    them is loaded already."""
+    if module in sys.modules or any(name in sys.modules for name in optional):
+        return
+    for name in optional:
+        sys.modules[name] = None  # type: ignore[assignment]  # (an import of it now fails)
     try:
-        import asyncio  # noqa: F401
+        __import__(module)
     finally:
-        del sys.modules["ssl"]
+        for name in optional:
+            del sys.modules[name]
+
+
+_import_without("asyncio", "ssl")
+_import_without("shutil", "bz2", "lzma")
