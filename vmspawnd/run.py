@@ -788,6 +788,7 @@ class Run:
             await self._stack.aclose()
         except Exception:  # cleanup trouble must never leave the machine stuck "running"
             self.log.exception("cleaning up after the VM failed")
+        self._let_go()
         self.failure = self._failure or failure(rc, expected_end=expected, terminated=terminated)
         if self._failure is not None:
             self.exit_status = 1
@@ -799,12 +800,19 @@ class Run:
         self._qemu_exited.set()
         self.ended.set()
 
+    def _let_go(self) -> None:
+        """Drop the connections the run closed (QMP's client, the notify channel): the machine keeps
+        its last run until the next start, and what they held (streams, buffers, tasks) would stay
+        with it, scattered over the allocator's pools (bench/notes.md, session 15)."""
+        self._qmp = self._channel = None
+
     async def _close_failed(self) -> None:
         """A start or adoption failed: release everything, then mark the run ended."""
         try:
             await self._stack.aclose()
         except Exception:
             self.log.exception("cleaning up a failed start failed")
+        self._let_go()
         self._qemu_exited.set()
         self.ended.set()
 
