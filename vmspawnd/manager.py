@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ log = get_logger()
 EVENT_QUEUE_LIMIT = 1024
 STATE_SUFFIX = ".state"  # <name>.state beside <name>.json: what the machine showed, for the next daemon
 PERSISTED_EVENTS = ("starting", "running", "stopping", "stopped", "failed")
+COLLECT_AFTER_RUNS = 0.5  # s after a run ended: its last tasks have finished, and runs ending together wait for one
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Manager:
         self.runtime_base = runtime_base
         self.machines: dict[str, Entry] = {}
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
+        self._collection: asyncio.TimerHandle | None = None  # a garbage collection after runs ended
         self.on_change: Callable[[], None] = lambda: None
         self.stopping = False
         self.spares = Spares.beside(runtime_base)  # a Start waits neither for an interpreter nor swtpm_setup
@@ -227,6 +230,8 @@ class Manager:
             queue.put_nowait(None)
         self.spares.close()
         self._definition_ahead.close()
+        if self._collection is not None:
+            self._collection.cancel()
 
     # ---------------------------------------------------------------- events
     def subscribe(self) -> asyncio.Queue[Event | None]:
@@ -249,12 +254,27 @@ class Manager:
                     queue.put_nowait(None)
         if kind in ("running", "stopped", "failed", "ready", "removed"):
             self.on_change()
+        if kind in ("stopped", "failed"):
+            self._collect_garbage_soon()
         if kind in PERSISTED_EVENTS and name in self.machines:
             entry = self.machines[name]
             if kind == "starting":  # kept off the way to QEMU's exec: written once the start first waits
                 asyncio.get_running_loop().call_soon(self._save_state_if_defined, name, entry)
             else:
                 self._save_state(entry)
+
+    def _collect_garbage_soon(self) -> None:
+        """Collect cyclic garbage shortly after runs end (once for runs ending together).  An ended
+        run leaves cycles (tasks, futures, exceptions and their frames) that the collector would
+        reach only some runs later; meanwhile every run's peak takes fresh memory, which the
+        allocator keeps (bench/notes.md, session 15).  A collection is cheap here: what the daemon
+        made at start-up is frozen, so it walks only what was made since."""
+        if self._collection is None:
+            self._collection = asyncio.get_running_loop().call_later(COLLECT_AFTER_RUNS, self._collect_garbage)
+
+    def _collect_garbage(self) -> None:
+        self._collection = None
+        gc.collect()
 
     # ---------------------------------------------------------------- state across restarts
     def _state_path(self, name: str) -> Path:
