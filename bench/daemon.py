@@ -48,6 +48,15 @@ def poll_call(sock: Path, timeout: float = 20) -> None:
     raise TimeoutError("the daemon did not answer")
 
 
+def _kill_children(pid: int) -> None:
+    """SIGKILL what process ``pid`` spawned (QEMU, its helpers, spare launchers)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(child), signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def bench_daemon(state: Path | None = None, env: dict[str, str] | None = None
                  ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
@@ -61,6 +70,9 @@ def bench_daemon(state: Path | None = None, env: dict[str, str] | None = None
     try:
         poll_call(sock)
         yield daemon, sock
+    except BaseException:
+        _kill_children(daemon.pid)  # a stopping daemon leaves its VMs for the next one: none is left here
+        raise
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
