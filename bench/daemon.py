@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench.stamps import Stamps
 from tests.rawvarlink import call
+from tests.systemd.container import children
 
 IDLE = 0.3  # s before each Start: the daemon idles between requests
 TPM_SETTLE = 4.0  # the daemon makes its next spare TPM state 2 s after a start; swtpm_setup takes ≈ 0.5 s
@@ -48,15 +49,6 @@ def poll_call(sock: Path, timeout: float = 20) -> None:
     raise TimeoutError("the daemon did not answer")
 
 
-def _kill_children(pid: int) -> None:
-    """SIGKILL what process ``pid`` spawned (QEMU, its helpers, spare launchers)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            for child in (task / "children").read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(child), signal.SIGKILL)
-
-
 @contextlib.contextmanager
 def bench_daemon(state: Path | None = None, env: dict[str, str] | None = None
                  ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
@@ -71,7 +63,9 @@ def bench_daemon(state: Path | None = None, env: dict[str, str] | None = None
         poll_call(sock)
         yield daemon, sock
     except BaseException:
-        _kill_children(daemon.pid)  # a stopping daemon leaves its VMs for the next one: none is left here
+        for child in children(daemon.pid):  # (QEMU, helpers, launchers) a stopping daemon leaves its VMs
+            with contextlib.suppress(ProcessLookupError):  # for the next one to adopt: none is left here
+                os.kill(child, signal.SIGKILL)
         raise
     finally:
         daemon.send_signal(signal.SIGTERM)

@@ -774,7 +774,7 @@ class Container:
             if not self._alive():
                 raise HarnessError(f"systemd-nspawn exited ({self.proc.returncode}) before the container "
                                    f"started:\n{self._console_tail()}")
-            for child in _children(self.proc.pid):
+            for child in children(self.proc.pid):
                 try:
                     if (os.readlink(f"/proc/{child}/ns/pid") != my_pidns
                             and Path(f"/proc/{child}/comm").read_text().strip() == "systemd"):
@@ -868,9 +868,13 @@ class Container:
         return self.run(argv, workdir=SRC, env=env).returncode
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The pids of process ``pid``'s children (spawned by any of its threads); none once it is gone.
+    Read from ``/proc/<pid>/task/*/children``, or by each process's parent where the kernel has no
+    such files (or a thread ended while they were read)."""
     try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
     except OSError:
         pass
     kids = []
