@@ -39,19 +39,10 @@ class ConsoleRelay:
         self._clients: dict[asyncio.StreamWriter, asyncio.ReadTransport] = {}  # viewer: output, input
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def connect(self, timeout: float = 5.0) -> None:
-        """Connect to QEMU's console socket (QEMU listens on it from the start)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            try:
-                sock = connect_as(self.identity, str(self.path))  # the VM's user's path: connect as them
-                reader, self._qemu = await asyncio.open_unix_connection(sock=sock)
-                break
-            except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
-                if loop.time() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
+    async def connect(self) -> None:
+        """Connect to QEMU's console socket (the run listens on it for QEMU before QEMU's exec)."""
+        sock = connect_as(self.identity, str(self.path))  # the VM's user's path: connect as them
+        reader, self._qemu = await asyncio.open_unix_connection(sock=sock)
         self._spawn(self._pump_from_qemu(reader))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

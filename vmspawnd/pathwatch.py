@@ -125,3 +125,32 @@ class DirectoryWatch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def appears(path: Path, timeout: float, also: asyncio.Future | None = None) -> bool:
+    """Wait until ``path`` exists (True), or ``also`` is done or ``timeout`` seconds passed (False).
+    Woken by inotify on its directory; where that cannot be watched (missing, no inotify), polled
+    at 2, 4, 8… up to 50 ms."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        watch: DirectoryWatch | None = DirectoryWatch(path.parent)
+    except OSError:
+        watch = None
+    delay = 0.002
+    try:
+        while not os.path.lexists(path):
+            left = deadline - loop.time()
+            if left <= 0 or (also is not None and also.done()):
+                return False
+            if watch is not None:
+                await watch.changed(also=also, timeout=left)
+            elif also is not None:
+                await asyncio.wait([also], timeout=min(delay, left))
+            else:
+                await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 0.05)
+        return True
+    finally:
+        if watch is not None:
+            watch.close()

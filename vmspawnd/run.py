@@ -239,14 +239,15 @@ class Run:
         with self._as_owner():
             credential_files = write_credentials(rundir / "smbios", credentials, config.smbios11
                                                  + tuple(cmdline_smbios_strings(config, term, extra_cmdline, uki)))
-            qmp_sock = self._listen_qmp(rundir, pass_fds)
-            console_socket = self._open_console(rundir)
+            qmp_sock = self._listen(rundir / "qmp.sock", pass_fds)
+            console_sock = self._open_console(rundir, pass_fds)
             firmware, nvram = self._prepare_firmware(rundir, plan.firmware)
             initrd = self._merge_initrds(rundir) if config.initrds else None
         kernel_vsock = self.vsock if self.vsock is not None and self.vsock.fd is not None else None
         resources = Resources(
             qemu=qemu_binary, kvm=accel.kvm, qmp_fd=qmp_sock.fileno(), qemu_version=version,
-            console_pty=self.pty.slave_path if self.pty else None, console_socket=console_socket,
+            console_pty=self.pty.slave_path if self.pty else None,
+            console_fd=console_sock.fileno() if console_sock else None,
             notify_args=tuple(channel.qemu_args), vsock_cid=kernel_vsock.cid if kernel_vsock else None,
             vsock_fd=kernel_vsock.fd if kernel_vsock else None,
             smbios_files=tuple(credential_files.smbios), fw_cfg_files=tuple(credential_files.fw_cfg),
@@ -266,7 +267,9 @@ class Run:
             if self._spares is not None:
                 self._spares.launcher.refill()  # the next start's, while QEMU comes up
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)  # (a line costs ≈ 0.1 ms after idling)
-        qmp_sock.close()  # QEMU has its copy
+        for sock in (qmp_sock, console_sock):  # QEMU has its copies
+            if sock is not None:
+                sock.close()
         crash_point("exec")
         await self._connect_qmp(rundir / "qmp.sock")
         await self._serve_control(rundir)
@@ -431,21 +434,22 @@ class Run:
         with self._as_owner():
             return self._ssh_key.credentials()
 
-    def _listen_qmp(self, rundir: Path, pass_fds: list[int]) -> socket.socket:
-        """QMP's listening socket, created by us (no race) and inherited by QEMU."""
+    def _listen(self, path: Path, pass_fds: list[int]) -> socket.socket:
+        """A listening socket QEMU serves (QMP, the daemon's console): created by us, so it accepts
+        connections before QEMU runs (no race, no polling for it), and inherited by QEMU."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._stack.callback(sock.close)
-        sock.bind(str(rundir / "qmp.sock"))
+        sock.bind(str(path))
         sock.listen(4)
         pass_fds.append(sock.fileno())
         return sock
 
-    def _open_console(self, rundir: Path) -> Path | None:
-        """A PTY for vmspawn's console, or (daemon) a socket QEMU serves in the runtime dir."""
+    def _open_console(self, rundir: Path, pass_fds: list[int]) -> socket.socket | None:
+        """A PTY for vmspawn's console, or (daemon) the socket QEMU serves it on, in the runtime dir."""
         if self.config.console not in (ConsoleMode.INTERACTIVE, ConsoleMode.READ_ONLY):
             return None
         if self._console_socket:
-            return rundir / "console.sock"
+            return self._listen(rundir / "console.sock", pass_fds)
         self.pty = Pty()
         self._stack.callback(self.pty.close)
         return None

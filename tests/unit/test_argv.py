@@ -114,9 +114,8 @@ def test_overlong_kernel_cmdline_is_refused():
 
 
 def test_daemon_console_is_a_socket_qemu_listens_on():
-    argv = build_qemu_argv(config(console=ConsoleMode.READ_ONLY),
-                           res(console_pty=None, console_socket=Path("/run/vmspawnd/vm1/console.sock")))
-    assert "socket,id=console,path=/run/vmspawnd/vm1/console.sock,server=on,wait=off" in option(argv, "-chardev")
+    argv = build_qemu_argv(config(console=ConsoleMode.READ_ONLY), res(console_pty=None, console_fd=7))
+    assert "socket,id=console,fd=7,server=on,wait=off" in option(argv, "-chardev")
     assert "virtconsole,chardev=console" in option(argv, "-device")
 
 

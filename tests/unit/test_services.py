@@ -25,7 +25,7 @@ from tests.conftest import processes_mentioning
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError
 from vmspawnd.futures import resolved
-from vmspawnd.pathwatch import DirectoryWatch
+from vmspawnd.pathwatch import DirectoryWatch, appears
 from vmspawnd.plan import plan_launch
 from vmspawnd.services import swtpm, virtiofsd
 from vmspawnd.services.runner import (
@@ -717,6 +717,22 @@ async def test_a_helpers_socket_is_noticed_by_inotify_not_by_a_timer(tmp_path):
         await asyncio.wait_for(first.changed(also=resolved(loop)), 10)  # (the helper exiting ends it too)
     with pytest.raises(OSError, match="No such file"):
         DirectoryWatch(tmp_path / "missing")
+
+
+async def test_waiting_for_a_socket_ends_when_it_appears_its_process_ends_or_time_runs_out(tmp_path):
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX)
+    loop.call_later(0.05, sock.bind, str(tmp_path / "s.sock"))
+    assert await asyncio.wait_for(appears(tmp_path / "s.sock", 10), 5)  # woken by inotify
+    sock.close()
+    # a directory that does not exist yet cannot be watched: it is polled, and still seen
+    late = tmp_path / "late" / "s.sock"
+    loop.call_later(0.05, lambda: (late.parent.mkdir(), late.write_text("")))
+    assert await asyncio.wait_for(appears(late, 10), 5)
+    assert not await asyncio.wait_for(appears(tmp_path / "never", 10, also=resolved(loop)), 5)  # (it exited)
+    started = loop.time()
+    assert not await appears(tmp_path / "never", 0.1)
+    assert loop.time() - started >= 0.1
 
 
 async def test_the_daemons_one_connection_to_systemd_is_made_again_once_it_dropped(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ class Resources:
     qmp_fd: int
     qemu_version: tuple[int, int] = (0, 0)  # (major, minor): newer QEMUs deprecate options older ones need
     console_pty: str | None = None
-    console_socket: Path | None = None  # the daemon's restart-safe console: QEMU listens here
+    console_fd: int | None = None  # the daemon's restart-safe console: QEMU listens on this socket
     notify_args: tuple[str, ...] = ()
     vsock_cid: int | None = None
     vsock_fd: int | None = None
@@ -189,8 +189,8 @@ def _console_args(config: MachineConfig, res: Resources) -> list[str]:
         return args
     if mode is ConsoleMode.NATIVE:
         args += ["-chardev", "stdio,mux=on,id=console,signal=off", "-mon", "console"]
-    elif res.console_socket is not None:
-        args += ["-chardev", f"socket,id=console,path={qemu_escape(str(res.console_socket))},server=on,wait=off"]
+    elif res.console_fd is not None:
+        args += ["-chardev", f"socket,id=console,fd={res.console_fd},server=on,wait=off"]
     else:
         assert res.console_pty is not None, "interactive/read-only consoles need a PTY"
         args += ["-chardev", f"serial,id=console,path={qemu_escape(res.console_pty)}"]

@@ -34,7 +34,7 @@ from typing import IO, Any, Protocol
 from vmspawnd.futures import resolve
 from vmspawnd.identity import ROOT, Identity
 from vmspawnd.log import get_logger
-from vmspawnd.pathwatch import DirectoryWatch
+from vmspawnd.pathwatch import appears
 from vmspawnd.proc import set_parent_death_signal
 from vmspawnd.systemd.units import (
     CONNECT_TIMEOUT,
@@ -161,39 +161,15 @@ class RunningService(abc.ABC):
         path = spec.ready_path
         if path is None:
             return
-        try:
-            watch: DirectoryWatch | None = DirectoryWatch(path.parent)
-        except OSError as e:
-            self.log.debug("polling for the helper's socket", error=str(e))
-            watch = None
-        try:
-            await self._wait_for(path, watch)
-        finally:
-            if watch is not None:
-                watch.close()
-
-    async def _wait_for(self, path: Path, watch: DirectoryWatch | None) -> None:
-        assert self._exited is not None and self.spec is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.spec.ready_timeout
-        delay = 0.002  # polling's first interval (without a watch)
-        while True:
-            if os.path.lexists(path):
-                self.log.debug("service ready", pid=self.pid, socket=str(path))
-                return
-            if self._exited.done():
-                status = self._exited.result()
-                raise ServiceError(self.name, f"exited before it was ready ({describe_status(status)})",
-                                   status=status, output=self._failure_output())
-            left = deadline - loop.time()
-            if left <= 0:
-                raise ServiceError(self.name, f"did not create {path} within {self.spec.ready_timeout:g} s",
-                                   output=self._failure_output())
-            if watch is not None:
-                await watch.changed(also=self._exited, timeout=left)
-            else:
-                await asyncio.wait([self._exited], timeout=min(delay, left))
-                delay = min(delay * 2, 0.05)
+        if await appears(path, spec.ready_timeout, also=self._exited):
+            self.log.debug("service ready", pid=self.pid, socket=str(path))
+            return
+        if self._exited.done():
+            status = self._exited.result()
+            raise ServiceError(self.name, f"exited before it was ready ({describe_status(status)})",
+                               status=status, output=self._failure_output())
+        raise ServiceError(self.name, f"did not create {path} within {spec.ready_timeout:g} s",
+                           output=self._failure_output())
 
 
 class ServiceRunner(Protocol):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmspawnd.pathwatch import appears
 from vmspawnd.qemu.vsock import GuestVsock, VsockBackend
 from vmspawnd.systemd.units import MANAGER_IFACE, DBusCallError, SystemdManager
 
@@ -122,12 +123,8 @@ async def start_machined(manager: SystemdManager, socket_path: Path = MACHINED_S
         return f"cannot start {MACHINED_UNIT}: {e}"
     if result != "done":
         return f"starting {MACHINED_UNIT} failed (job result: {result})"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not socket_path.exists():
-        if loop.time() > deadline:
-            return f"{MACHINED_UNIT} runs but {socket_path} did not appear"
-        await asyncio.sleep(0.05)
+    if not await appears(socket_path, timeout):
+        return f"{MACHINED_UNIT} runs but {socket_path} did not appear"
     return None
 
 
