@@ -27,6 +27,7 @@ from vmspawnd.errors import ConfigError
 from vmspawnd.futures import resolved
 from vmspawnd.pathwatch import DirectoryWatch, appears
 from vmspawnd.plan import plan_launch
+from vmspawnd.services import runner as runner_module
 from vmspawnd.services import swtpm, virtiofsd
 from vmspawnd.services.runner import (
     ChildRunner,
@@ -593,8 +594,18 @@ class FakeManager(ServiceInterface):
         (path, argv, _ignore), = props["ExecStart"]
         unit = FakeUnit(name, argv)
         self.units[name] = unit
-        self.bus.export(self._path(name), FakeUnitInterface(unit))
+        unit_interface = FakeUnitInterface(unit)
+        self.bus.export(self._path(name), unit_interface)
         self.bus.export(self._path(name), FakeServiceInterface(unit))
+        # as systemd tells its subscribers: the unit's PropertiesChanged once its process ended
+        loop, pidfd = asyncio.get_running_loop(), os.pidfd_open(unit.proc.pid)
+
+        def ended() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            unit_interface.emit_properties_changed({"ActiveState": unit.state()})
+
+        loop.add_reader(pidfd, ended)
         return self._job(name, "done")
 
     @method()
@@ -654,8 +665,10 @@ async def fake_systemd(tmp_path):
         stop_fake_systemd(daemon, bus, manager)
 
 
-async def test_unit_runner_against_fake_systemd(fake_systemd, tmp_path):
+async def test_unit_runner_against_fake_systemd(fake_systemd, tmp_path, monkeypatch):
     address, manager = fake_systemd
+    # a unit's end is seen from systemd's signal: reading its state again would come only after this
+    monkeypatch.setattr(runner_module, "UNIT_RECHECK_INTERVAL", 3600)
     unit_runner = await UnitRunner.connect(address=address)
     try:
         assert await unit_runner.version() == "257-fake"
@@ -668,14 +681,21 @@ async def test_unit_runner_against_fake_systemd(fake_systemd, tmp_path):
         assert service.pid == manager.units[service.unit].proc.pid and service.alive
         name, mode, _props, aux = manager.received[0]
         assert (name, mode, aux) == ("vmspawnd-vm1-tpm.service", "fail", [])
-        await service.stop(timeout=2)
+        await asyncio.wait_for(service.stop(timeout=2), 10)
         assert not service.alive and await service.wait() == -signal.SIGTERM
 
-        # a helper that dies before it is ready: the poll notices, the error names the unit
+        # a helper that ends by itself once ready: its exit status, told as it happens
+        script = f"import socket,time; s=socket.socket(socket.AF_UNIX); s.bind({str(sock)!r}); time.sleep(0.2); exit(3)"
+        sock.unlink()
+        ending = await unit_runner.start(ServiceSpec(name="vmspawnd-vm1-ends", argv=(sys.executable, "-c", script),
+                                                     ready_path=sock))
+        assert await asyncio.wait_for(ending.wait(), 10) == 3
+
+        # a helper that dies before it is ready: seen at once, the error names the unit
         failing = ServiceSpec(name="vmspawnd-vm1-bad", argv=(sys.executable, "-c", "raise SystemExit(4)"),
                               ready_path=tmp_path / "never.sock")
         with pytest.raises(ServiceError, match="exit status 4") as e:
-            await unit_runner.start(failing)
+            await asyncio.wait_for(unit_runner.start(failing), 10)
         assert "journalctl -u vmspawnd-vm1-bad.service" in str(e.value)
 
         with pytest.raises(ServiceError, match="file descriptors"):

@@ -55,7 +55,7 @@ DEFAULT_READY_TIMEOUT = 10.0
 DEFAULT_STOP_TIMEOUT = 5.0
 OUTPUT_TAIL_BYTES = 4096
 OUTPUT_TAIL_LINES = 10
-UNIT_POLL_INTERVAL = 0.5
+UNIT_RECHECK_INTERVAL = 5.0  # a helper unit's state is read at each change systemd signals, and this often anyway
 UNIT_GONE_ERRORS = ("org.freedesktop.DBus.Error.UnknownObject", "org.freedesktop.systemd1.NoSuchUnit")
 UNIT_TROUBLE_GRACE = 120.0  # seconds of D-Bus errors before we give up watching a unit
 RUNNER_ENV = "VMSPAWND_SERVICE_RUNNER"  # "child" or "unit": skip the detection
@@ -400,10 +400,22 @@ class UnitService(RunningService):
         self._exited = asyncio.get_running_loop().create_task(self._watch(), name=f"watch {self.unit}")
 
     async def _watch(self) -> int | None:
-        """Poll ActiveState until inactive/failed (or the unit is collected)."""
+        """Read ActiveState at each change systemd signals until inactive/failed (or the unit is
+        collected)."""
         manager = self._runner.manager
+        try:
+            await manager.watch_unit(self._path)
+        except (DBusCallError, EOFError, ConnectionError, OSError) as e:
+            self.log.debug("no signals of the unit: reading its state every few seconds", error=str(e))
+        try:
+            return await self._watch_state(manager)
+        finally:
+            await manager.unwatch_unit(self._path)
+
+    async def _watch_state(self, manager: SystemdManager) -> int | None:
         trouble_since: float | None = None
         while True:
+            changed = manager.unit_changed(self._path)  # (before the read: a change during it counts)
             try:
                 state = await manager.get_property(self._path, UNIT_IFACE, "ActiveState")
                 trouble_since = None
@@ -426,7 +438,9 @@ class UnitService(RunningService):
                 self.lost = True
                 self.log.warning("lost the bus while watching the unit", unit=self.unit, error=str(e))
                 break
-            await asyncio.sleep(UNIT_POLL_INTERVAL)
+            await asyncio.wait([changed], timeout=UNIT_RECHECK_INTERVAL)
+            changed.cancel()
+        changed.cancel()
         if not self._stopping:
             level = self.log.debug if self.returncode == 0 else self.log.warning
             level("service exited", unit=self.unit, status=describe_status(self.returncode))

@@ -58,6 +58,7 @@ class SystemdManager:
         self.bus = bus
         self._jobs: collections.OrderedDict[str, str] = collections.OrderedDict()  # job path → result
         self._job_waiters: dict[str, asyncio.Future[str]] = {}
+        self._unit_waiters: dict[str, set[asyncio.Future[None]]] = {}  # unit path → next change
         bus.add_message_handler(self._on_message)
 
     @classmethod
@@ -86,8 +87,13 @@ class SystemdManager:
     def _on_message(self, msg: Any) -> bool:
         from dbus_fast import MessageType
 
-        if (msg.message_type == MessageType.SIGNAL and msg.member == "JobRemoved"
-                and msg.interface == MANAGER_IFACE and len(msg.body) == 4):
+        if msg.message_type != MessageType.SIGNAL:
+            return False
+        if msg.member == "PropertiesChanged" and msg.interface == PROPERTIES_IFACE:
+            for changed in self._unit_waiters.pop(msg.path, ()):
+                if not changed.done():
+                    changed.set_result(None)
+        elif msg.member == "JobRemoved" and msg.interface == MANAGER_IFACE and len(msg.body) == 4:
             _id, job, _unit, result = msg.body
             waiter = self._job_waiters.pop(job, None)
             if waiter is not None and not waiter.done():
@@ -129,6 +135,30 @@ class SystemdManager:
             return await asyncio.wait_for(waiter, timeout)
         finally:
             self._job_waiters.pop(job, None)
+
+    def _unit_rule(self, path: str) -> str:
+        return (f"type='signal',sender='{SYSTEMD_BUS_NAME}',path='{path}',interface='{PROPERTIES_IFACE}',"
+                "member='PropertiesChanged'")
+
+    async def watch_unit(self, path: str) -> None:
+        """Have the bus send us the PropertiesChanged signals of the unit at ``path`` (systemd sends
+        them to subscribers), for :meth:`unit_changed`; :meth:`unwatch_unit` when done."""
+        await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                         "AddMatch", "s", [self._unit_rule(path)])
+
+    async def unwatch_unit(self, path: str) -> None:
+        """Undo :meth:`watch_unit`; a bus that is gone or does not answer within a second is fine."""
+        with contextlib.suppress(DBusCallError, EOFError, ConnectionError, OSError, TimeoutError):
+            await asyncio.wait_for(self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                                              "RemoveMatch", "s", [self._unit_rule(path)]), 1.0)
+
+    def unit_changed(self, path: str) -> asyncio.Future[None]:
+        """A future done at the next change of a property of the (watched) unit at ``path``."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._unit_waiters.setdefault(path, set())
+        waiters.add(waiter)
+        waiter.add_done_callback(waiters.discard)  # (a cancelled one is forgotten)
+        return waiter
 
     async def start_transient_unit(self, unit: str, properties: list[tuple[str, Any]],
                                    timeout: float = 10.0) -> str:
