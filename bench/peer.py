@@ -16,8 +16,9 @@ pool), so all three get it.  Printed: one JSON line, ``BENCH-PEER {...}``, secon
 
 :func:`measure_starts` runs our daemon in the same tree, under systemd 262: ms from a Start to QEMU's
 exec (the exec stamp of bench/stamps.py bound in), with the scope it creates around QEMU there, and
-ms for systemd to start such a scope alone (the part of a Start that is PID 1's).  Printed:
-``BENCH-STARTS {...}``.
+ms for systemd to start such a scope alone (the part of a Start that is PID 1's); then ``vmspawn``
+with a fresh TPM, whose swtpm runs as a transient unit there: ms from QEMU's exit to vmspawn's (it
+stops the unit first).  Printed: ``BENCH-STARTS {...}``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from bench.daemon import IDLE, daemon_start
-from bench.stamps import Stamps
+from bench.stamps import Stamps, vmspawn_runs
 from vmspawnd.config import ConsoleMode, MachineConfig, Ram, Tristate
 from vmspawnd.qemu.accel import find_qemu, qemu_version
 from vmspawnd.qemu.argv import Resources, build_qemu_argv
@@ -173,7 +174,8 @@ def inside(rounds: int) -> dict[str, list[float]]:
 
 
 def inside_starts(rounds: int) -> dict[str, list[float]]:
-    """The daemon's Starts here (bench/daemon.py), each after a scope alone, in the same conditions."""
+    """The daemon's Starts here (bench/daemon.py), each after a scope alone, in the same conditions;
+    then ``vmspawn``'s exits with a TPM unit."""
     guest = Path(GUEST_INSIDE)
     scopes: list[float] = []
 
@@ -185,7 +187,10 @@ def inside_starts(rounds: int) -> dict[str, list[float]]:
                                  find_qemu()),
                           SimpleNamespace(kernel=guest / "vmlinuz", initrd=guest / "initrd.img"), rounds,
                           before_each=scope_first)
-    return {"start": starts, "scope": scopes}
+    stamps = Stamps(Path(STAMP_INSIDE), Path(tempfile.mkdtemp(prefix="bench-exits-")) / "stamps", find_qemu())
+    _to_exec, to_gone = vmspawn_runs(stamps, SimpleNamespace(kernel=guest / "vmlinuz", initrd=guest / "initrd.img"),
+                                     rounds, tpm="yes")
+    return {"start": starts, "scope": scopes, "exit with a TPM": to_gone}
 
 
 async def _scope(name: str) -> float:

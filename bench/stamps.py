@@ -1,12 +1,15 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """The exec-stamping wrapper (bench/execstamp.c, built static): first on ``$PATH`` under QEMU's name,
 it writes ``PID NS ARGV1`` (CLOCK_MONOTONIC) to ``$EXECSTAMP_FILE`` and execs the real QEMU
-(``$EXECSTAMP_REAL``), so a bench learns the moment of QEMU's exec without ptrace."""
+(``$EXECSTAMP_REAL``), so a bench learns the moment of QEMU's exec without ptrace; and
+:func:`vmspawn_runs`, which times ``vmspawn`` around QEMU's exec and exit with it."""
 
 from __future__ import annotations
 
 import os
+import select
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,3 +51,32 @@ class Stamps:
                         return int(pid), int(ns)
             time.sleep(0.001)
         raise TimeoutError("QEMU was not exec'd")
+
+
+def vmspawn_runs(stamps: Stamps, guest, runs: int, tpm: str = "no") -> tuple[list[float], list[float]]:
+    """ms from ``vmspawn``'s exec to QEMU's, and from QEMU's exit to vmspawn's, per run
+    (``tpm``: its --tpm=, with a fresh state each run where it is on)."""
+    vmspawn = Path(sys.executable).with_name("vmspawn")
+    argv = [str(vmspawn), f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M", "--firmware=bios",
+            "--console=headless", f"--tpm={tpm}", "--vsock=no", "--machine=benchfg", "panic=-1",
+            "test.notify=1", "test.action=poweroff", *(["--tpm-state=off"] if tpm != "no" else [])]
+    to_exec, to_gone = [], []
+    for _ in range(runs):
+        stamps.clear()
+        start = time.monotonic_ns()
+        proc = subprocess.Popen(argv, env=stamps.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                stdin=subprocess.DEVNULL)
+        pid, exec_ns = stamps.qemu_exec()
+        to_exec.append((exec_ns - start) / 1e6)
+        qemu_fd = os.pidfd_open(pid)
+        tool_fd = os.pidfd_open(proc.pid)
+        try:
+            select.select([qemu_fd], [], [], 120)
+            qemu_gone = time.monotonic_ns()
+            select.select([tool_fd], [], [], 30)
+            to_gone.append((time.monotonic_ns() - qemu_gone) / 1e6)
+        finally:
+            os.close(qemu_fd)
+            os.close(tool_fd)
+        assert proc.wait(30) == 0, proc.returncode
+    return to_exec, to_gone
