@@ -55,28 +55,36 @@ class Stamps:
 
 def vmspawn_runs(stamps: Stamps, guest, runs: int, tpm: str = "no") -> tuple[list[float], list[float]]:
     """ms from ``vmspawn``'s exec to QEMU's, and from QEMU's exit to vmspawn's, per run
-    (``tpm``: its --tpm=, with a fresh state each run where it is on)."""
+    (``tpm``: its --tpm=, with a fresh state each run where it is on).  A run that fails raises,
+    and leaves no ``vmspawn`` behind (its QEMU dies with it)."""
     vmspawn = Path(sys.executable).with_name("vmspawn")
     argv = [str(vmspawn), f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M", "--firmware=bios",
-            "--console=headless", f"--tpm={tpm}", "--vsock=no", "--machine=benchfg", "panic=-1",
-            "test.notify=1", "test.action=poweroff", *(["--tpm-state=off"] if tpm != "no" else [])]
+            "--console=headless", f"--tpm={tpm}", *(["--tpm-state=off"] if tpm != "no" else []), "--vsock=no",
+            "--machine=benchfg", "panic=-1", "test.notify=1", "test.action=poweroff"]
     to_exec, to_gone = [], []
     for _ in range(runs):
         stamps.clear()
         start = time.monotonic_ns()
         proc = subprocess.Popen(argv, env=stamps.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 stdin=subprocess.DEVNULL)
-        pid, exec_ns = stamps.qemu_exec()
-        to_exec.append((exec_ns - start) / 1e6)
-        qemu_fd = os.pidfd_open(pid)
-        tool_fd = os.pidfd_open(proc.pid)
         try:
-            select.select([qemu_fd], [], [], 120)
-            qemu_gone = time.monotonic_ns()
-            select.select([tool_fd], [], [], 30)
-            to_gone.append((time.monotonic_ns() - qemu_gone) / 1e6)
+            pid, exec_ns = stamps.qemu_exec()
+            to_exec.append((exec_ns - start) / 1e6)
+            qemu_fd = os.pidfd_open(pid)
+            tool_fd = os.pidfd_open(proc.pid)
+            try:
+                if not select.select([qemu_fd], [], [], 120)[0]:
+                    raise TimeoutError("the guest did not power off within 120 s")
+                qemu_gone = time.monotonic_ns()
+                if not select.select([tool_fd], [], [], 30)[0]:
+                    raise TimeoutError("vmspawn did not exit within 30 s of QEMU")
+                to_gone.append((time.monotonic_ns() - qemu_gone) / 1e6)
+            finally:
+                os.close(qemu_fd)
+                os.close(tool_fd)
+            assert proc.wait(30) == 0, proc.returncode
         finally:
-            os.close(qemu_fd)
-            os.close(tool_fd)
-        assert proc.wait(30) == 0, proc.returncode
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return to_exec, to_gone

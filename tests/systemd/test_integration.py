@@ -4,10 +4,12 @@ machined registration over varlink, QEMU alone in its scope, slice/properties, m
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pwd
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from tests.systemd.helpers import (
     varlink_call,
     wait_inactive,
 )
+from vmspawnd.services import runner as runner_module
+from vmspawnd.services.runner import ServiceSpec, UnitRunner
 
 pytestmark = WITH_GUEST
 
@@ -190,6 +194,27 @@ def test_a_dying_helper_unit_stops_the_vm() -> None:
     assert "exited unexpectedly" in out
     assert not alive(pid)
     wait_inactive("machine-tpmdies.scope")
+
+
+async def test_a_helper_units_end_is_told_by_systemd_not_found_by_a_later_look(tmp_path, monkeypatch) -> None:
+    """swtpm and virtiofsd run as transient units: their end comes from systemd's PropertiesChanged
+    signal, so stopping one (after QEMU exits, or for a Stop) does not wait for a poll."""
+    monkeypatch.setattr(runner_module, "UNIT_RECHECK_INTERVAL", 3600)  # a missed signal would hang below
+    units = await UnitRunner.connect()
+    try:
+        sock = tmp_path / "helper.sock"
+        serve = f"import socket,time; s=socket.socket(socket.AF_UNIX); s.bind({str(sock)!r}); time.sleep(60)"
+        helper = await units.start(ServiceSpec(name="vmspawnd-test-stopped", argv=(sys.executable, "-c", serve),
+                                               ready_path=sock))
+        await asyncio.wait_for(helper.stop(timeout=5), 20)
+        assert await helper.wait() == -signal.SIGTERM
+        sock.unlink()
+        ends = f"import socket,time; s=socket.socket(socket.AF_UNIX); s.bind({str(sock)!r}); time.sleep(0.3); exit(3)"
+        helper = await units.start(ServiceSpec(name="vmspawnd-test-ends", argv=(sys.executable, "-c", ends),
+                                               ready_path=sock))
+        assert await asyncio.wait_for(helper.wait(), 20) == 3
+    finally:
+        await units.aclose()
 
 
 def test_bind_user_brings_a_host_user_and_their_home_into_the_vm() -> None:

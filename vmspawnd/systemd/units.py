@@ -72,8 +72,7 @@ class SystemdManager:
         try:
             rule = (f"type='signal',sender='{SYSTEMD_BUS_NAME}',path='{SYSTEMD_PATH}',"
                     f"interface='{MANAGER_IFACE}',member='JobRemoved'")
-            await manager._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                                "AddMatch", "s", [rule])
+            await manager._match("AddMatch", rule)
             with contextlib.suppress(DBusCallError):  # AlreadySubscribed, or systemd sends them anyway
                 await manager.call(MANAGER_IFACE, "Subscribe", "", [])
         except BaseException:
@@ -116,6 +115,10 @@ class SystemdManager:
             raise DBusCallError(reply.error_name or "error", str(reply.body[0]) if reply.body else "")
         return list(reply.body)
 
+    async def _match(self, member: str, rule: str) -> None:
+        """The bus's AddMatch or RemoveMatch of ``rule`` (which signals it sends this connection)."""
+        await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", member, "s", [rule])
+
     async def call(self, interface: str, member: str, signature: str, body: list[Any],
                    path: str = SYSTEMD_PATH) -> list[Any]:
         return await self._call(SYSTEMD_BUS_NAME, path, interface, member, signature, body)
@@ -143,14 +146,12 @@ class SystemdManager:
     async def watch_unit(self, path: str) -> None:
         """Have the bus send us the PropertiesChanged signals of the unit at ``path`` (systemd sends
         them to subscribers), for :meth:`unit_changed`; :meth:`unwatch_unit` when done."""
-        await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                         "AddMatch", "s", [self._unit_rule(path)])
+        await self._match("AddMatch", self._unit_rule(path))
 
     async def unwatch_unit(self, path: str) -> None:
         """Undo :meth:`watch_unit`; a bus that is gone or does not answer within a second is fine."""
         with contextlib.suppress(DBusCallError, EOFError, ConnectionError, OSError, TimeoutError):
-            await asyncio.wait_for(self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                                              "RemoveMatch", "s", [self._unit_rule(path)]), 1.0)
+            await asyncio.wait_for(self._match("RemoveMatch", self._unit_rule(path)), 1.0)
 
     def unit_changed(self, path: str) -> asyncio.Future[None]:
         """A future done at the next change of a property of the (watched) unit at ``path``."""
