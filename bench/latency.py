@@ -259,8 +259,11 @@ def main() -> int:
     args = parser.parse_args()
     guest = build_guest(log=lambda *a: None)
     # as an installed copy has them (pip compiles at install): bytecode of our modules, so that no run
-    # compiles them (with $PYTHONDONTWRITEBYTECODE set, as in some shells, every run would)
-    compileall.compile_dir(REPO / "vmspawnd", quiet=1)
+    # compiles them (with $PYTHONDONTWRITEBYTECODE set, as in some shells, every run would).  Forced:
+    # compileall keeps a .pyc whose source has the same mtime in seconds (a file edited within the
+    # second it was compiled), which the import system still finds stale by its size, so every daemon
+    # compiled that module again (≈ 350 KB of heap kept once it had: the memory rows)
+    compileall.compile_dir(REPO / "vmspawnd", quiet=1, force=True)
     tmp = Path(tempfile.mkdtemp(prefix="vmspawnd-bench-"))
     stamps = Stamps.build(tmp)
 
