@@ -1,32 +1,17 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""The varlink interface ``io.vmspawnd.Manager``, served with asyncvarlink on top of Manager.
-
-The same class is the client's proxy definition (vmspawnctl), so both ends share one set of
-types.  ``varlink/io.vmspawnd.Manager.varlink`` must equal :func:`interface_description`;
-a test enforces that.
-"""
-
+"""What each call of the varlink interface ``io.vmspawnd.Manager`` does, on top of Manager; the
+interface itself (types, errors, declarations, shared with clients) is interface.py."""
 
 import asyncio
 import collections.abc
 import contextlib
 import dataclasses
-import enum
 import signal as signal_module
 import time
 import typing
-from dataclasses import dataclass
 
-from asyncvarlink import (
-    FileDescriptor,
-    GenericVarlinkErrorReply,
-    LastResult,
-    TypedVarlinkErrorReply,
-    VarlinkInterface,
-    varlinkmethod,
-    varlinksignature,
-)
-from asyncvarlink.conversion import DataclassVarlinkType, ObjectVarlinkType, VarlinkType
+from asyncvarlink import FileDescriptor, GenericVarlinkErrorReply, LastResult, TypedVarlinkErrorReply
+from asyncvarlink.conversion import VarlinkType
 
 from vmspawnd.auth import caller, require_owner, require_start, run_as_for
 from vmspawnd.errors import (
@@ -39,130 +24,31 @@ from vmspawnd.errors import (
     VmspawndError,
     WrongState,
 )
-from vmspawnd.log import get_logger
+from vmspawnd.interface import (
+    INTERFACE,
+    Config,
+    Firmware,
+    HostFailedError,
+    InvalidConfigError,
+    MachineEvent,
+    MachineExistsError,
+    MachineInfo,
+    MachineState,
+    NoSuchMachineError,
+    PermissionDeniedError,
+    StartFailedError,
+    WrongStateError,
+)
 from vmspawnd.machine import State
 from vmspawnd.manager import Entry, Event, Manager
 from vmspawnd.plan import needs_privileges
 from vmspawnd.qemu.firmware import enumerate_descriptors
 from vmspawnd.run import Run
 from vmspawnd.server import EncodedJson, current_connection
-from vmspawnd.settings import config_from_json, config_to_json, varlink_config_fields
+from vmspawnd.settings import config_from_json, config_to_json
 from vmspawnd.values import validate_machine_name
 
-INTERFACE = "io.vmspawnd.Manager"
 MAX_STOP_TIMEOUT = 3600.0
-
-log = get_logger()
-
-
-class MachineState(enum.Enum):
-    stopped = "stopped"
-    starting = "starting"
-    running = "running"
-    stopping = "stopping"
-    failed = "failed"
-
-
-if typing.TYPE_CHECKING:
-    class Config:
-        """What the type checker knows of Config: keyword fields, made at import from the table."""
-
-        __dataclass_fields__: typing.ClassVar[dict[str, typing.Any]]
-
-        def __init__(self, **fields: typing.Any) -> None: ...
-        def __getattr__(self, name: str) -> typing.Any: ...
-else:
-    #: A machine's configuration, one optional field per setting of the settings table (settings.py);
-    #: unset fields take vmspawn's defaults (except console: headless).
-    Config = dataclasses.make_dataclass(
-        "Config", [(name, kind, dataclasses.field(default=None)) for name, kind in varlink_config_fields()],
-        namespace={"__doc__": "A machine's configuration; every field optional, with vmspawn's defaults "
-                              "(except console: headless unless given). vmspawnctl create fills it from vmspawn's "
-                              "options."}, slots=True)
-
-
-@dataclass(slots=True)
-class MachineInfo:
-    name: str
-    state: MachineState
-    ready: bool
-    since: int
-    pid: int | None
-    runtimeDirectory: str | None
-    tpmStatePath: str | None
-    units: list[str]
-    status: str | None
-    exitStatus: int | None
-    failure: str | None
-    config: Config
-    definitionError: str | None = None
-    owner: int = 0  # the uid that created it (root for definitions made before owners were recorded)
-    runAs: int = 0  # the uid its QEMU and helpers run as
-    vsockBackend: str | None = None  # while it runs with vsock: vhost-vsock (the kernel's) or vhost-device-vsock
-    sshAddress: str | None = None  # vsock/CID or vsock-mux/SOCKET (``vmspawnctl ssh``, systemd-ssh-proxy)
-    sshKey: str | None = None  # --pass-ssh-key's private key
-    #: its reply, encoded once per change of the machine (not part of the interface: init=False)
-    varlink_json: typing.Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
-
-
-@dataclass
-class MachineEvent:
-    machine: str
-    event: str
-    timestamp: int
-    pid: int | None = None
-    status: str | None = None
-    exitStatus: int | None = None
-    reason: str | None = None
-
-
-@dataclass
-class Firmware:
-    path: str
-    description: str | None
-    interfaceTypes: list[str]
-    features: list[str]
-    valid: bool
-
-
-class NoSuchMachineError(TypedVarlinkErrorReply, name=f"{INTERFACE}.NoSuchMachine"):
-    class Parameters:
-        name: str
-
-
-class MachineExistsError(TypedVarlinkErrorReply, name=f"{INTERFACE}.MachineExists"):
-    class Parameters:
-        name: str
-
-
-class InvalidConfigError(TypedVarlinkErrorReply, name=f"{INTERFACE}.InvalidConfig"):
-    class Parameters:
-        field: str
-        reason: str
-
-
-class WrongStateError(TypedVarlinkErrorReply, name=f"{INTERFACE}.WrongState"):
-    class Parameters:
-        name: str
-        state: str
-        reason: str
-
-
-class StartFailedError(TypedVarlinkErrorReply, name=f"{INTERFACE}.StartFailed"):
-    class Parameters:
-        name: str
-        reason: str
-
-
-class HostFailedError(TypedVarlinkErrorReply, name=f"{INTERFACE}.HostFailed"):
-    class Parameters:
-        reason: str
-
-
-class PermissionDeniedError(TypedVarlinkErrorReply, name=f"{INTERFACE}.PermissionDenied"):
-    class Parameters:
-        action: str
-        reason: str
 
 
 def varlink_error(error: VmspawndError | OSError, name: str) -> TypedVarlinkErrorReply:
@@ -212,17 +98,6 @@ def _shown_config(config_json: dict[str, typing.Any]) -> dict[str, typing.Any]:
     return shown
 
 
-class PreconvertedDataclass(DataclassVarlinkType):
-    """A dataclass type whose instances may carry their JSON form already (``varlink_json``, encoded): a
-    List of a thousand machines then converts and encodes only those that changed since their last reply."""
-
-    def tojson(self, obj: typing.Any, oobstate: typing.Any = None) -> typing.Any:
-        encoded = getattr(obj, "varlink_json", None)
-        return encoded if encoded is not None else super().tojson(obj, oobstate)
-
-
-#: the replies' MachineInfo type, one for every method (each instance converts ≈ 100 fields' types)
-_MACHINE_INFO_TYPE = PreconvertedDataclass(MachineInfo)
 #: the types of a reply's fields, to convert all but its config, which is JSON already
 _REPLY_FIELD_TYPES = {f.name: VarlinkType.from_type_annotation(f.type)
                       for f in dataclasses.fields(MachineInfo) if f.init}
@@ -281,19 +156,12 @@ def _event_object(event: Event) -> MachineEvent:
                         reason=d.get("reason"))
 
 
-class ManagerInterface(VarlinkInterface, name=INTERFACE):
-    """Create, run and watch virtual machines."""
+class ManagerCalls:
+    """What each call of ``io.vmspawnd.Manager`` does, on top of a Manager (the interface's methods,
+    interface.py, call these): who may, the checks of its parameters, and the typed errors."""
 
-    errors = (NoSuchMachineError, MachineExistsError, InvalidConfigError, WrongStateError, StartFailedError,
-              HostFailedError, PermissionDeniedError)
-
-    def __init__(self, manager: Manager | None = None) -> None:
-        self._manager = manager
-
-    @property
-    def manager(self) -> Manager:
-        assert self._manager is not None
-        return self._manager
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
 
     async def _controlled(self, name: str, what: str) -> Entry:
         """The machine ``name``, if the caller may control it (its owner, root, or polkit's yes)."""
@@ -307,10 +175,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
         with typed_errors(name):
             return self.manager.get(name)
 
-    @varlinkmethod(return_parameter="machine")
-    async def Create(self, *, name: str, config: Config) -> MachineInfo:
-        """Define a new machine (it is not started).  It belongs to the caller and runs as the caller,
-        unless it needs privileges (then it runs as root, which polkit must allow)."""
+    async def create(self, name: str, config: Config) -> MachineInfo:
         who = caller()
         _check_name(name)
         raw = {f.name: v for f in dataclasses.fields(config) if (v := getattr(config, f.name)) is not None}
@@ -321,9 +186,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
             entry = self.manager.create(machine_config, owner=who.uid, run_as=run_as, plan=plan)
         return machine_info(name, entry)
 
-    @varlinkmethod(return_parameter="machine")
-    async def Start(self, *, name: str) -> MachineInfo:
-        """Start a stopped machine; returns once QEMU runs (not when the guest is ready)."""
+    async def start(self, name: str) -> MachineInfo:
         entry = self._entry(name)
         with typed_errors(name):
             await require_start(entry.owner, entry.run_as)
@@ -331,9 +194,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
             entry = await self.manager.start(name, expected=entry)
         return machine_info(name, entry)
 
-    @varlinkmethod(return_parameter="machine")
-    async def Stop(self, *, name: str, timeout: float | None = None) -> MachineInfo:
-        """Power the guest off via ACPI; force it after ``timeout`` seconds (default 10)."""
+    async def stop(self, name: str, timeout: float | None) -> MachineInfo:
         expected = await self._controlled(name, "stopping")
         if timeout is not None and not 0 <= timeout <= MAX_STOP_TIMEOUT:
             raise InvalidConfigError(field="timeout", reason=f"must be between 0 and {MAX_STOP_TIMEOUT:.0f}")
@@ -341,9 +202,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
             entry = await self.manager.stop(name, 10.0 if timeout is None else timeout, expected)
         return machine_info(name, entry)
 
-    @varlinkmethod(return_parameter="machine")
-    async def Kill(self, *, name: str, signal: int | None = None) -> MachineInfo:
-        """End QEMU now (QMP quit, then SIGKILL), or send it ``signal``."""
+    async def kill(self, name: str, signal: int | None) -> MachineInfo:
         expected = await self._controlled(name, "killing")
         if signal is not None and signal not in {s.value for s in signal_module.Signals}:
             raise InvalidConfigError(field="signal", reason=f"{signal} is not a signal number")
@@ -351,31 +210,22 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
             entry = await self.manager.kill(name, signal, expected)
         return machine_info(name, entry)
 
-    @varlinkmethod
-    async def Remove(self, *, name: str) -> None:
-        """Forget a stopped machine's definition."""
+    async def remove(self, name: str) -> None:
         expected = await self._controlled(name, "removing")
         with typed_errors(name):
             await self.manager.remove(name, expected)
 
-    @varlinkmethod(return_parameter="machine")
-    def Describe(self, *, name: str) -> MachineInfo:
-        """One machine's state, readiness, process and configuration."""
+    def describe(self, name: str) -> MachineInfo:
         return machine_info(name, self._entry(name))
 
-    @varlinkmethod(return_parameter="machine")
-    def List(self) -> collections.abc.Iterator[MachineInfo | None]:
-        """Every machine, one reply each (call with ``more``); a single reply without one if there are none."""
+    def list_machines(self) -> collections.abc.Iterator[MachineInfo | None]:
         entries = sorted(self.manager.machines.items())
         if not entries:
             yield None
         for name, entry in entries:
             yield machine_info(name, entry)
 
-    @varlinkmethod(return_parameter="event", delay_generator=False)
-    async def Subscribe(self, *, name: str | None = None) -> collections.abc.AsyncIterator[MachineEvent]:
-        """Lifecycle events as they happen (call with ``more``); the first reply is a ``subscribed`` event,
-        the last (when the daemon stops, or the subscriber fell too far behind) an ``unsubscribed`` one."""
+    async def subscribe(self, name: str | None) -> collections.abc.AsyncIterator[MachineEvent]:
         if name is not None:
             self._entry(name)
         connection = current_connection.get(None)
@@ -400,15 +250,11 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
             hangup.cancel()
             self.manager.unsubscribe(queue)
 
-    @varlinkmethod(return_parameter="firmware")
-    def ListFirmware(self) -> list[Firmware]:
-        """QEMU firmware descriptors found in the standard search path."""
+    def list_firmware(self) -> list[Firmware]:
         return [Firmware(path=str(d.path), description=d.description, interfaceTypes=list(d.interface_types),
                          features=list(d.features), valid=d.valid) for d in enumerate_descriptors()]
 
-    @varlinkmethod(return_parameter="fileDescriptor")
-    async def OpenConsole(self, *, name: str) -> FileDescriptor:
-        """The master side of a new PTY attached to the machine's console (passed as a file descriptor)."""
+    async def open_console(self, name: str) -> FileDescriptor:
         entry = await self._controlled(name, "opening the console")
         console = entry.console
         if console is None or entry.machine.state is not State.RUNNING:
@@ -418,8 +264,6 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
             fd = FileDescriptor(await console.open_client(), should_close=True)
         asyncio.get_running_loop().call_later(30, _close_quietly, fd)
         return fd
-
-
 
 
 def _close_quietly(fd: FileDescriptor) -> None:
@@ -438,22 +282,3 @@ def _check_name(name: str) -> None:
         validate_machine_name(name, "name")
     except ConfigError as e:
         raise InvalidConfigError(field="name", reason=str(e)) from None
-
-
-def _reply_preconverted(method: typing.Any, optional: bool = False) -> None:
-    """Let ``method``'s ``machine`` reply (``?MachineInfo`` if ``optional``) use the JSON that
-    :func:`machine_info` keeps: the type, and so the interface description, stay the same."""
-    signature = varlinksignature(method)
-    assert signature is not None
-    machine = _MACHINE_INFO_TYPE.optional() if optional else _MACHINE_INFO_TYPE
-    signature.return_type = ObjectVarlinkType({"machine": machine})
-
-
-for _method in (ManagerInterface.Create, ManagerInterface.Start, ManagerInterface.Stop, ManagerInterface.Kill,
-                ManagerInterface.Describe):
-    _reply_preconverted(_method)
-_reply_preconverted(ManagerInterface.List, optional=True)
-
-
-def interface_description() -> str:
-    return ManagerInterface.render_interface_description()

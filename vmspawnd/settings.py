@@ -5,7 +5,7 @@ From :data:`SETTINGS` come the ``vmspawn`` and ``vmspawnctl create`` options
 (:func:`add_options`), the command line → :class:`MachineConfig` step
 (:func:`config_from_namespace`), the JSON form the daemon stores and serves
 (:func:`config_to_json`, :func:`config_from_json`), the varlink ``Config`` type
-(:func:`varlink_config_fields`, used by ``api.Config``) and the help text.  A value given on
+(:func:`varlink_config_fields`, used by ``interface.Config``) and the help text.  A value given on
 the command line and the same value given as JSON make the same configuration (a property test
 checks it), because both go through the setting's one ``parse`` function.
 

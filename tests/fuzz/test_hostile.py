@@ -28,7 +28,7 @@ import pytest
 from tests.conftest import Daemon
 from tests.polling import poll
 from tests.rawvarlink import list_all
-from vmspawnd.api import Config
+from vmspawnd.interface import Config
 
 pytestmark = pytest.mark.fuzz
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.rawvarlink import call
-from vmspawnd.api import interface_description
+from vmspawnd.interface import interface_description
 from vmspawnd.server import EncodedJson, encode_message
 
 REPO = Path(__file__).resolve().parents[2]

@@ -73,3 +73,18 @@ def test_vmspawnctl_create_does_not_look_at_the_host_it_runs_on() -> None:
     name, config = parse_create(["web", "--linux=/nonexistent/vmlinuz", "--bind=/nonexistent/share",
                                  "--image=/nonexistent/disk.raw", "--firmware=uefi"])
     assert name == "web" and config.linux == Path("/nonexistent/vmlinuz")  # the daemon checks, on its host
+
+
+def test_vmspawnctl_imports_the_interface_not_the_daemon() -> None:
+    """A client starts without loading what the daemon runs (its start-up time: every command)."""
+    graph = {m: top for m, (top, _) in imports().items()}
+    reached, todo = set(), ["vmspawnd.cli.vmspawnctl"]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo += graph.get(module, ())
+    assert "vmspawnd.interface" in reached
+    daemon = {"vmspawnd.api", "vmspawnd.manager", "vmspawnd.machine", "vmspawnd.run", "vmspawnd.server",
+              "vmspawnd.cli.vmspawnd", "vmspawnd.services.runner", "vmspawnd.systemd.machined"}
+    assert not reached & daemon, sorted(reached & daemon)

@@ -18,7 +18,7 @@ from asyncvarlink.conversion import DataclassVarlinkType
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmspawnd import api
+from vmspawnd import api, interface
 from vmspawnd.errors import ConfigError
 from vmspawnd.options import config_from_args, vmspawn_parser
 from vmspawnd.settings import JSON_FIELDS, SETTINGS, config_from_json, config_to_json, varlink_config_fields
@@ -196,26 +196,26 @@ def test_json_errors_name_the_field_and_value(key: str, value: object, reason: s
 def test_every_json_setting_is_in_the_served_config_type_and_back() -> None:
     names = [name for name, _ in varlink_config_fields()]
     assert names == list(JSON_FIELDS)
-    assert [f.name for f in api.Config.__dataclass_fields__.values()] == names
+    assert [f.name for f in interface.Config.__dataclass_fields__.values()] == names
     full = config_to_json(config_from_json("vm", {"linux": "/k", "uuid": str(uuid.uuid4())}))
     assert set(full) == set(JSON_FIELDS)
-    api.Config(**full)  # every field the JSON form has, the varlink type takes
+    interface.Config(**full)  # every field the JSON form has, the varlink type takes
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(machine(), st.sampled_from(list(api.MachineState)), st.one_of(st.none(), st.integers(1, 1 << 22)))
-def test_a_machines_reply_is_what_the_interfaces_types_make_of_it(spelled: Spelled, state: api.MachineState,
+@given(machine(), st.sampled_from(list(interface.MachineState)), st.one_of(st.none(), st.integers(1, 1 << 22)))
+def test_a_machines_reply_is_what_the_interfaces_types_make_of_it(spelled: Spelled, state: interface.MachineState,
                                                                   pid: int | None) -> None:
     # (a reply's config is JSON already and is not converted by type again: it must come out the same)
     config = outcome(lambda: config_from_json("vm", spelled[1]))
     if isinstance(config, tuple):
         return
     shown = api._shown_config(config_to_json(config))  # type: ignore[arg-type]
-    info = api.MachineInfo(name="vm", state=state, ready=pid is not None, since=1, pid=pid,
+    info = interface.MachineInfo(name="vm", state=state, ready=pid is not None, since=1, pid=pid,
                            runtimeDirectory="/run/vmspawnd/machines/vm" if pid else None, tpmStatePath=None,
                            units=["machine-vm.scope"] if pid else [], status=None, exitStatus=None, failure=None,
-                           config=api.Config(**shown), owner=1000, runAs=1000)
-    typed = DataclassVarlinkType(api.MachineInfo).tojson(info)
+                           config=interface.Config(**shown), owner=1000, runAs=1000)
+    typed = DataclassVarlinkType(interface.MachineInfo).tojson(info)
     typed["config"] = {key: value for key, value in typed["config"].items() if value is not None}
     assert api._reply_json(info, shown) == typed
     assert list(api._reply_json(info, shown)) == list(typed)  # (the same order of fields, too)

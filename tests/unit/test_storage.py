@@ -14,8 +14,8 @@ import threading
 import pytest
 
 from tests.polling import poll
-from vmspawnd.api import Config
 from vmspawnd.errors import ConfigError
+from vmspawnd.interface import Config
 from vmspawnd.manager import Manager
 from vmspawnd.options import parse_vmspawn_args
 from vmspawnd.plan import plan_launch

@@ -14,7 +14,7 @@ from asyncvarlink import VarlinkClientProtocol, VarlinkErrorReply, VarlinkInterf
 
 from tests.conftest import Daemon
 from tests.polling import poll
-from vmspawnd.api import ManagerInterface
+from vmspawnd.interface import ManagerInterface
 
 CALL_TIMEOUT = 120.0
 #: the typed errors a call may end in (besides "ok") while other clients act on the same machines

@@ -21,7 +21,7 @@ from asyncvarlink import VarlinkClientProtocol, VarlinkInterfaceProxy, connect_u
 
 from tests.conftest import CTL, Daemon, process_gone, processes_mentioning
 from tests.polling import poll
-from vmspawnd.api import ManagerInterface
+from vmspawnd.interface import ManagerInterface
 
 pytestmark = pytest.mark.vm
 

@@ -23,8 +23,8 @@ import pytest
 from tests.conftest import Daemon, processes_mentioning
 from tests.polling import poll
 from tests.vm.clients import TYPED, Client, hammer, settle
-from vmspawnd.api import Config
 from vmspawnd.faults import CRASH_ENV
+from vmspawnd.interface import Config
 
 pytestmark = pytest.mark.vm
 

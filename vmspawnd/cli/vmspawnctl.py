@@ -29,9 +29,8 @@ from asyncvarlink import (
 )
 
 from vmspawnd import __version__
-from vmspawnd.api import Config, ManagerInterface
-from vmspawnd.cli.vmspawnd import DEFAULT_SOCKET
 from vmspawnd.errors import ConfigError
+from vmspawnd.interface import DEFAULT_SOCKET, Config, ManagerInterface
 from vmspawnd.log import command_level, setup_logging
 from vmspawnd.options import OptionParser, add_machine_options, config_from_args
 from vmspawnd.ptyfwd import PtyForwarder

@@ -23,7 +23,8 @@ from asyncvarlink import VarlinkInterfaceRegistry
 from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
 from vmspawnd import __version__, docs_url
-from vmspawnd.api import ManagerInterface, call_error
+from vmspawnd.api import ManagerCalls, call_error
+from vmspawnd.interface import DEFAULT_SOCKET, ManagerInterface
 from vmspawnd.log import get_logger, setup_logging
 from vmspawnd.manager import Manager
 from vmspawnd.server import DEFAULT_MAX_CONNECTIONS, ServerLimits
@@ -33,7 +34,6 @@ from vmspawnd.systemd.service import SystemdServiceInterface
 
 log = get_logger()
 
-DEFAULT_SOCKET = "/run/vmspawnd/io.vmspawnd.Manager"
 FDS_FOR_VMS = 512  # file descriptors the connection cap leaves for VMs and their helpers
 
 
@@ -185,7 +185,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     registry = VarlinkInterfaceRegistry()
     registry.register_interface(VarlinkServiceInterface("vmspawnd", "vmspawnd", __version__, docs_url(), registry))
-    registry.register_interface(ManagerInterface(manager))
+    registry.register_interface(ManagerInterface(ManagerCalls(manager)))
     registry.register_interface(SystemdServiceInterface(
         lambda level: setup_logging(level=level, journal=bool(os.environ.get("JOURNAL_STREAM"))), reload))
     limits = ServerLimits(max_connections=connection_cap(args.max_connections, fd_limit))

@@ -1,0 +1,235 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The varlink interface ``io.vmspawnd.Manager`` as both ends see it: its types, errors and methods.
+
+The daemon serves :class:`ManagerInterface` with what each call does (api.py); a client such as
+vmspawnctl gives the same class to asyncvarlink's proxy, which reads only the declarations, so it
+imports none of the daemon.  ``varlink/io.vmspawnd.Manager.varlink`` must equal
+:func:`interface_description`; a test enforces that.
+"""
+
+import collections.abc
+import dataclasses
+import enum
+import typing
+from dataclasses import dataclass
+
+from asyncvarlink import FileDescriptor, TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod, varlinksignature
+from asyncvarlink.conversion import DataclassVarlinkType, ObjectVarlinkType
+
+from vmspawnd.settings import varlink_config_fields
+
+INTERFACE = "io.vmspawnd.Manager"
+#: where the daemon serves it when it is not socket-activated, and where clients look by default
+DEFAULT_SOCKET = f"/run/vmspawnd/{INTERFACE}"
+
+
+class MachineState(enum.Enum):
+    stopped = "stopped"
+    starting = "starting"
+    running = "running"
+    stopping = "stopping"
+    failed = "failed"
+
+
+if typing.TYPE_CHECKING:
+    class Config:
+        """What the type checker knows of Config: keyword fields, made at import from the table."""
+
+        __dataclass_fields__: typing.ClassVar[dict[str, typing.Any]]
+
+        def __init__(self, **fields: typing.Any) -> None: ...
+        def __getattr__(self, name: str) -> typing.Any: ...
+else:
+    #: A machine's configuration, one optional field per setting of the settings table (settings.py);
+    #: unset fields take vmspawn's defaults (except console: headless).
+    Config = dataclasses.make_dataclass(
+        "Config", [(name, kind, dataclasses.field(default=None)) for name, kind in varlink_config_fields()],
+        namespace={"__doc__": "A machine's configuration; every field optional, with vmspawn's defaults "
+                              "(except console: headless unless given). vmspawnctl create fills it from vmspawn's "
+                              "options."}, slots=True)
+
+
+@dataclass(slots=True)
+class MachineInfo:
+    name: str
+    state: MachineState
+    ready: bool
+    since: int
+    pid: int | None
+    runtimeDirectory: str | None
+    tpmStatePath: str | None
+    units: list[str]
+    status: str | None
+    exitStatus: int | None
+    failure: str | None
+    config: Config
+    definitionError: str | None = None
+    owner: int = 0  # the uid that created it (root for definitions made before owners were recorded)
+    runAs: int = 0  # the uid its QEMU and helpers run as
+    vsockBackend: str | None = None  # while it runs with vsock: vhost-vsock (the kernel's) or vhost-device-vsock
+    sshAddress: str | None = None  # vsock/CID or vsock-mux/SOCKET (``vmspawnctl ssh``, systemd-ssh-proxy)
+    sshKey: str | None = None  # --pass-ssh-key's private key
+    #: its reply, encoded once per change of the machine (not part of the interface: init=False)
+    varlink_json: typing.Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+
+@dataclass
+class MachineEvent:
+    machine: str
+    event: str
+    timestamp: int
+    pid: int | None = None
+    status: str | None = None
+    exitStatus: int | None = None
+    reason: str | None = None
+
+
+@dataclass
+class Firmware:
+    path: str
+    description: str | None
+    interfaceTypes: list[str]
+    features: list[str]
+    valid: bool
+
+
+class NoSuchMachineError(TypedVarlinkErrorReply, name=f"{INTERFACE}.NoSuchMachine"):
+    class Parameters:
+        name: str
+
+
+class MachineExistsError(TypedVarlinkErrorReply, name=f"{INTERFACE}.MachineExists"):
+    class Parameters:
+        name: str
+
+
+class InvalidConfigError(TypedVarlinkErrorReply, name=f"{INTERFACE}.InvalidConfig"):
+    class Parameters:
+        field: str
+        reason: str
+
+
+class WrongStateError(TypedVarlinkErrorReply, name=f"{INTERFACE}.WrongState"):
+    class Parameters:
+        name: str
+        state: str
+        reason: str
+
+
+class StartFailedError(TypedVarlinkErrorReply, name=f"{INTERFACE}.StartFailed"):
+    class Parameters:
+        name: str
+        reason: str
+
+
+class HostFailedError(TypedVarlinkErrorReply, name=f"{INTERFACE}.HostFailed"):
+    class Parameters:
+        reason: str
+
+
+class PermissionDeniedError(TypedVarlinkErrorReply, name=f"{INTERFACE}.PermissionDenied"):
+    class Parameters:
+        action: str
+        reason: str
+
+
+class PreconvertedDataclass(DataclassVarlinkType):
+    """A dataclass type whose instances may carry their JSON form already (``varlink_json``, encoded): a
+    List of a thousand machines then converts and encodes only those that changed since their last reply."""
+
+    def tojson(self, obj: typing.Any, oobstate: typing.Any = None) -> typing.Any:
+        encoded = getattr(obj, "varlink_json", None)
+        return encoded if encoded is not None else super().tojson(obj, oobstate)
+
+
+#: the replies' MachineInfo type, one for every method (each instance converts ≈ 100 fields' types)
+_MACHINE_INFO_TYPE = PreconvertedDataclass(MachineInfo)
+
+
+class ManagerInterface(VarlinkInterface, name=INTERFACE):
+    """Create, run and watch virtual machines."""
+
+    errors = (NoSuchMachineError, MachineExistsError, InvalidConfigError, WrongStateError, StartFailedError,
+              HostFailedError, PermissionDeniedError)
+
+    def __init__(self, calls: typing.Any = None) -> None:
+        #: what each call does: the daemon's api.ManagerCalls (not imported here, so that a client,
+        #: whose proxy only reads this class's declarations, does not import the daemon)
+        self._calls = calls
+
+    @varlinkmethod(return_parameter="machine")
+    async def Create(self, *, name: str, config: Config) -> MachineInfo:
+        """Define a new machine (it is not started).  It belongs to the caller and runs as the caller,
+        unless it needs privileges (then it runs as root, which polkit must allow)."""
+        return typing.cast(MachineInfo, await self._calls.create(name, config))
+
+    @varlinkmethod(return_parameter="machine")
+    async def Start(self, *, name: str) -> MachineInfo:
+        """Start a stopped machine; returns once QEMU runs (not when the guest is ready)."""
+        return typing.cast(MachineInfo, await self._calls.start(name))
+
+    @varlinkmethod(return_parameter="machine")
+    async def Stop(self, *, name: str, timeout: float | None = None) -> MachineInfo:
+        """Power the guest off via ACPI; force it after ``timeout`` seconds (default 10)."""
+        return typing.cast(MachineInfo, await self._calls.stop(name, timeout))
+
+    @varlinkmethod(return_parameter="machine")
+    async def Kill(self, *, name: str, signal: int | None = None) -> MachineInfo:
+        """End QEMU now (QMP quit, then SIGKILL), or send it ``signal``."""
+        return typing.cast(MachineInfo, await self._calls.kill(name, signal))
+
+    @varlinkmethod
+    async def Remove(self, *, name: str) -> None:
+        """Forget a stopped machine's definition."""
+        await self._calls.remove(name)
+
+    @varlinkmethod(return_parameter="machine")
+    def Describe(self, *, name: str) -> MachineInfo:
+        """One machine's state, readiness, process and configuration."""
+        return typing.cast(MachineInfo, self._calls.describe(name))
+
+    @varlinkmethod(return_parameter="machine")
+    def List(self) -> collections.abc.Iterator[MachineInfo | None]:
+        """Every machine, one reply each (call with ``more``); a single reply without one if there are none."""
+        yield from self._calls.list_machines()
+
+    @varlinkmethod(return_parameter="event", delay_generator=False)
+    async def Subscribe(self, *, name: str | None = None) -> collections.abc.AsyncIterator[MachineEvent]:
+        """Lifecycle events as they happen (call with ``more``); the first reply is a ``subscribed`` event,
+        the last (when the daemon stops, or the subscriber fell too far behind) an ``unsubscribed`` one."""
+        events = self._calls.subscribe(name)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()  # (its clean-up runs now, not when the generator is collected)
+
+    @varlinkmethod(return_parameter="firmware")
+    def ListFirmware(self) -> list[Firmware]:
+        """QEMU firmware descriptors found in the standard search path."""
+        return typing.cast(list[Firmware], self._calls.list_firmware())
+
+    @varlinkmethod(return_parameter="fileDescriptor")
+    async def OpenConsole(self, *, name: str) -> FileDescriptor:
+        """The master side of a new PTY attached to the machine's console (passed as a file descriptor)."""
+        return typing.cast(FileDescriptor, await self._calls.open_console(name))
+
+
+def _reply_preconverted(method: typing.Any, optional: bool = False) -> None:
+    """Let ``method``'s ``machine`` reply (``?MachineInfo`` if ``optional``) use the JSON that the
+    daemon keeps with each reply (``varlink_json``): the type, and so the interface description, stay
+    the same."""
+    signature = varlinksignature(method)
+    assert signature is not None
+    machine = _MACHINE_INFO_TYPE.optional() if optional else _MACHINE_INFO_TYPE
+    signature.return_type = ObjectVarlinkType({"machine": machine})
+
+
+for _method in (ManagerInterface.Create, ManagerInterface.Start, ManagerInterface.Stop, ManagerInterface.Kill,
+                ManagerInterface.Describe):
+    _reply_preconverted(_method)
+_reply_preconverted(ManagerInterface.List, optional=True)
+
+
+def interface_description() -> str:
+    return ManagerInterface.render_interface_description()
