@@ -75,8 +75,9 @@ lint: setup
 
 # the varlink interface file, written from what the daemon serves (a test keeps them equal)
 varlink: setup
-	$(BIN)/python -c 'import vmspawnd.api as a; print(a.interface_description(), end="")' \
-		> varlink/io.vmspawnd.Manager.varlink
+	$(BIN)/python -c 'import vmspawnd.interface as i; print(i.interface_description(), end="")' \
+		> varlink/io.vmspawnd.Manager.varlink.new
+	mv varlink/io.vmspawnd.Manager.varlink.new varlink/io.vmspawnd.Manager.varlink
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -158,7 +158,8 @@ def _event_object(event: Event) -> MachineEvent:
 
 class ManagerCalls:
     """What each call of ``io.vmspawnd.Manager`` does, on top of a Manager (the interface's methods,
-    interface.py, call these): who may, the checks of its parameters, and the typed errors."""
+    interface.py, call these; interface.Calls is what they expect): who may, the checks of its
+    parameters, and the typed errors."""
 
     def __init__(self, manager: Manager) -> None:
         self.manager = manager
@@ -225,7 +226,7 @@ class ManagerCalls:
         for name, entry in entries:
             yield machine_info(name, entry)
 
-    async def subscribe(self, name: str | None) -> collections.abc.AsyncIterator[MachineEvent]:
+    async def subscribe(self, name: str | None) -> collections.abc.AsyncGenerator[MachineEvent, None]:
         if name is not None:
             self._entry(name)
         connection = current_connection.get(None)

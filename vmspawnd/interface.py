@@ -146,37 +146,52 @@ class PreconvertedDataclass(DataclassVarlinkType):
 _MACHINE_INFO_TYPE = PreconvertedDataclass(MachineInfo)
 
 
+class Calls(typing.Protocol):
+    """What serving :class:`ManagerInterface` takes: one function per method, with the interface's
+    types (the daemon's is api.ManagerCalls; a client needs none)."""
+
+    async def create(self, name: str, config: Config) -> MachineInfo: ...
+    async def start(self, name: str) -> MachineInfo: ...
+    async def stop(self, name: str, timeout: float | None) -> MachineInfo: ...
+    async def kill(self, name: str, signal: int | None) -> MachineInfo: ...
+    async def remove(self, name: str) -> None: ...
+    def describe(self, name: str) -> MachineInfo: ...
+    def list_machines(self) -> collections.abc.Iterator[MachineInfo | None]: ...
+    def subscribe(self, name: str | None) -> collections.abc.AsyncGenerator[MachineEvent, None]: ...
+    def list_firmware(self) -> list[Firmware]: ...
+    async def open_console(self, name: str) -> FileDescriptor: ...
+
+
 class ManagerInterface(VarlinkInterface, name=INTERFACE):
     """Create, run and watch virtual machines."""
 
     errors = (NoSuchMachineError, MachineExistsError, InvalidConfigError, WrongStateError, StartFailedError,
               HostFailedError, PermissionDeniedError)
 
-    def __init__(self, calls: typing.Any = None) -> None:
-        #: what each call does: the daemon's api.ManagerCalls (not imported here, so that a client,
-        #: whose proxy only reads this class's declarations, does not import the daemon)
+    def __init__(self, calls: Calls) -> None:
+        #: what each call does (a client's proxy reads only this class's declarations, and needs none)
         self._calls = calls
 
     @varlinkmethod(return_parameter="machine")
     async def Create(self, *, name: str, config: Config) -> MachineInfo:
         """Define a new machine (it is not started).  It belongs to the caller and runs as the caller,
         unless it needs privileges (then it runs as root, which polkit must allow)."""
-        return typing.cast(MachineInfo, await self._calls.create(name, config))
+        return await self._calls.create(name, config)
 
     @varlinkmethod(return_parameter="machine")
     async def Start(self, *, name: str) -> MachineInfo:
         """Start a stopped machine; returns once QEMU runs (not when the guest is ready)."""
-        return typing.cast(MachineInfo, await self._calls.start(name))
+        return await self._calls.start(name)
 
     @varlinkmethod(return_parameter="machine")
     async def Stop(self, *, name: str, timeout: float | None = None) -> MachineInfo:
         """Power the guest off via ACPI; force it after ``timeout`` seconds (default 10)."""
-        return typing.cast(MachineInfo, await self._calls.stop(name, timeout))
+        return await self._calls.stop(name, timeout)
 
     @varlinkmethod(return_parameter="machine")
     async def Kill(self, *, name: str, signal: int | None = None) -> MachineInfo:
         """End QEMU now (QMP quit, then SIGKILL), or send it ``signal``."""
-        return typing.cast(MachineInfo, await self._calls.kill(name, signal))
+        return await self._calls.kill(name, signal)
 
     @varlinkmethod
     async def Remove(self, *, name: str) -> None:
@@ -186,7 +201,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod(return_parameter="machine")
     def Describe(self, *, name: str) -> MachineInfo:
         """One machine's state, readiness, process and configuration."""
-        return typing.cast(MachineInfo, self._calls.describe(name))
+        return self._calls.describe(name)
 
     @varlinkmethod(return_parameter="machine")
     def List(self) -> collections.abc.Iterator[MachineInfo | None]:
@@ -207,12 +222,12 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     @varlinkmethod(return_parameter="firmware")
     def ListFirmware(self) -> list[Firmware]:
         """QEMU firmware descriptors found in the standard search path."""
-        return typing.cast(list[Firmware], self._calls.list_firmware())
+        return self._calls.list_firmware()
 
     @varlinkmethod(return_parameter="fileDescriptor")
     async def OpenConsole(self, *, name: str) -> FileDescriptor:
         """The master side of a new PTY attached to the machine's console (passed as a file descriptor)."""
-        return typing.cast(FileDescriptor, await self._calls.open_console(name))
+        return await self._calls.open_console(name)
 
 
 def _reply_preconverted(method: typing.Any, optional: bool = False) -> None:

@@ -212,9 +212,9 @@ def test_a_machines_reply_is_what_the_interfaces_types_make_of_it(spelled: Spell
         return
     shown = api._shown_config(config_to_json(config))  # type: ignore[arg-type]
     info = interface.MachineInfo(name="vm", state=state, ready=pid is not None, since=1, pid=pid,
-                           runtimeDirectory="/run/vmspawnd/machines/vm" if pid else None, tpmStatePath=None,
-                           units=["machine-vm.scope"] if pid else [], status=None, exitStatus=None, failure=None,
-                           config=interface.Config(**shown), owner=1000, runAs=1000)
+                                 runtimeDirectory="/run/vmspawnd/machines/vm" if pid else None, tpmStatePath=None,
+                                 units=["machine-vm.scope"] if pid else [], status=None, exitStatus=None, failure=None,
+                                 config=interface.Config(**shown), owner=1000, runAs=1000)
     typed = DataclassVarlinkType(interface.MachineInfo).tojson(info)
     typed["config"] = {key: value for key, value in typed["config"].items() if value is not None}
     assert api._reply_json(info, shown) == typed
