@@ -5,6 +5,7 @@ machined registration over varlink, QEMU alone in its scope, slice/properties, m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -201,19 +202,23 @@ async def test_a_helper_units_end_is_told_by_systemd_not_found_by_a_later_look(t
     signal, so stopping one (after QEMU exits, or for a Stop) does not wait for a poll."""
     monkeypatch.setattr(runner_module, "UNIT_RECHECK_INTERVAL", 3600)  # a missed signal would hang below
     units = await UnitRunner.connect()
+    helpers = []
     try:
         sock = tmp_path / "helper.sock"
         serve = f"import socket,time; s=socket.socket(socket.AF_UNIX); s.bind({str(sock)!r}); time.sleep(60)"
-        helper = await units.start(ServiceSpec(name="vmspawnd-test-stopped", argv=(sys.executable, "-c", serve),
-                                               ready_path=sock))
+        helpers.append(helper := await units.start(ServiceSpec(
+            name="vmspawnd-test-stopped", argv=(sys.executable, "-c", serve), ready_path=sock)))
         await asyncio.wait_for(helper.stop(timeout=5), 20)
         assert await helper.wait() == -signal.SIGTERM
         sock.unlink()
         ends = f"import socket,time; s=socket.socket(socket.AF_UNIX); s.bind({str(sock)!r}); time.sleep(0.3); exit(3)"
-        helper = await units.start(ServiceSpec(name="vmspawnd-test-ends", argv=(sys.executable, "-c", ends),
-                                               ready_path=sock))
+        helpers.append(helper := await units.start(ServiceSpec(
+            name="vmspawnd-test-ends", argv=(sys.executable, "-c", ends), ready_path=sock)))
         assert await asyncio.wait_for(helper.wait(), 20) == 3
     finally:
+        for started in helpers:  # after a failure above: no helper unit left running (bounded: no hang here)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(started.stop(timeout=2), 10)
         await units.aclose()
 
 

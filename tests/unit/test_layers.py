@@ -34,6 +34,11 @@ def imports() -> dict[str, tuple[set[str], set[str]]]:
     return found
 
 
+def import_graph() -> dict[str, set[str]]:
+    """module → our modules it imports at module level."""
+    return {m: top for m, (top, _) in imports().items()}
+
+
 #: the `vmspawn` command imports its work only after it has started QEMU's launcher (see its docstring),
 #: and a run its control socket (with asyncvarlink) only once QEMU runs (see Run._serve_control)
 DEFERRED = {"vmspawnd.cli.vmspawn": ["vmspawnd.cli.foreground"], "vmspawnd.run": ["vmspawnd.systemd.instance"]}
@@ -45,7 +50,7 @@ def test_no_module_imports_our_modules_inside_a_function() -> None:
 
 
 def test_there_is_no_import_cycle() -> None:
-    graph = {m: top for m, (top, _) in imports().items()}
+    graph = import_graph()
     state: dict[str, int] = {}
 
     def visit(node: str, path: list[str]) -> None:
@@ -77,7 +82,7 @@ def test_vmspawnctl_create_does_not_look_at_the_host_it_runs_on() -> None:
 
 def reached(start: str) -> set[str]:
     """Our modules ``start`` loads (itself too), following module-level imports."""
-    graph = {m: top for m, (top, _) in imports().items()}
+    graph = import_graph()
     found, todo = set(), [start]
     while todo:
         module = todo.pop()
