@@ -17,7 +17,7 @@ the parent fork instead of vfork).
 If the socket closes without a message (setup failed), it exits quietly.
 
 :func:`spawn` starts one (``posix_spawn``, without the :mod:`subprocess` module, so that ``vmspawn``
-can start one before it imports anything else: cli/vmspawn.py).
+can start one before it imports the rest of its modules: cli/vmspawn.py).
 """
 
 import _signal

@@ -4,7 +4,10 @@
 The launcher (execlate.py) is a second, bare interpreter that becomes QEMU.  Started here, before
 the rest of vmspawn is imported, it comes up on the other CPU while vmspawn imports and sets up,
 so QEMU's exec does not wait for its start-up.  Hence this module imports nothing heavy, and is
-the one module that imports one of ours inside a function (tests/unit/test_layers.py).
+the one module that imports one of ours inside a function (tests/unit/test_layers.py).  Only the
+``cli`` package comes first, and asyncio with it (cli/__init__.py): the launcher is still ready
+long before vmspawn has QEMU's command line (bench/notes.md, session 19), so starting it before
+asyncio would not bring QEMU's exec sooner.
 
 The rest is imported with the cyclic garbage collector off: loading modules makes objects that live
 as long as the process, so the collections it would run meanwhile find nothing and only cost time
