@@ -39,12 +39,23 @@ def _abspath(value: str) -> Path:
 
 
 def add_machine_options(parser: argparse.ArgumentParser, create: bool = False) -> None:
-    """Add every option that defines a machine (the settings table's) and -M/--machine."""
+    """Add every option that defines a machine (the settings table's) and, but for ``create``, -M/--machine."""
     add_options(parser, create=create)
+    if create:  # (the machine's name is create's NAME)
+        return
     ident = next(g for g in parser._action_groups if g.title == "System identity")
     ident.add_argument("-M", "--machine", metavar="NAME",
-                       help="machine name (default: from the image, directory or kernel file name; "
-                            "with -x plus a random suffix)")
+                       help="machine name (default, also when empty: from the image, directory or kernel file "
+                            "name, the host's name for -D /; with -x plus a random suffix)")
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Options and kernel command-line words in any order; ``--`` ends the options, so every word after
+    it (``-b``, ``-s``, ``--ram=1G``…) goes to the kernel as it is."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    ns = parser.parse_intermixed_args(argv[:end])
+    ns.cmdline = [*ns.cmdline, *argv[end + 1:]]
+    return ns
 
 
 def config_from_args(ns: argparse.Namespace, machine_pool: bool = True) -> MachineConfig:
@@ -53,7 +64,7 @@ def config_from_args(ns: argparse.Namespace, machine_pool: bool = True) -> Machi
     host is not the one the VM runs on)."""
     if machine_pool and ns.machine and not ns.image and not ns.directory:
         _from_machine_pool(ns)
-    if ns.machine is not None:
+    if ns.machine:
         name = ns.machine
     elif ns.image or ns.directory or ns.linux:
         name = derive_machine_name(_abspath(ns.image or ns.directory or ns.linux))
@@ -158,8 +169,7 @@ def parse_vmspawn_command_line(argv: list[str], terminal: bool = True) -> tuple[
     """Parse a full vmspawn command line: the machine, and what only the foreground vmspawn takes.
 
     Without a ``terminal`` (stdin and stdout), the default console is read-only, not interactive."""
-    parser = vmspawn_parser()
-    ns = parser.parse_intermixed_args(argv)
+    ns = parse_command_line(vmspawn_parser(), argv)
     if ns.console is None and not terminal:
         ns.console = ConsoleMode.READ_ONLY.value
     _check_manager(ns.manager)

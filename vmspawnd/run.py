@@ -90,7 +90,7 @@ from vmspawnd.systemd.machined import (
 )
 from vmspawnd.systemd.scope import allocate_scope, scope_unit_name
 from vmspawnd.systemd.units import SystemdManager, UnitStartError, connect_systemd
-from vmspawnd.values import DEFAULT_SLICE, ConsoleMode, Network, Tristate
+from vmspawnd.values import DEFAULT_SLICE, ConsoleMode, DiskType, Network, Tristate
 
 log = get_logger()
 
@@ -339,6 +339,8 @@ class Run:
             return
         if config.ephemeral:
             self.log.warning("--grow-image is ignored with --ephemeral: the image is never written")
+        elif config.image.disk_type is DiskType.SCSI_CD:
+            self.log.warning("--grow-image is ignored with --image-disk-type=scsi-cd: a CD-ROM is never written")
         elif grow_image(config.image.path, config.grow_image):
             self.log.info("image grown", image=str(config.image.path), size=config.grow_image)
 
@@ -569,14 +571,18 @@ class Run:
             return
 
     def _synthesized_cmdline(self) -> tuple[str, ...]:
-        """``root=PARTUUID=…`` when a plain kernel boots with an image and the user named no root."""
+        """``root=PARTUUID=…`` when a plain kernel boots with an image and the user named no root; ``ro``
+        after the user's ``rw`` when the image is a CD-ROM (the last of the two counts)."""
         config = self.config
-        if config.image is None or config.linux is None:
+        if config.image is None:
             return ()
-        if any(w.startswith(("root=", "mount.usr=")) for w in config.kernel_cmdline):
-            return ()
-        with self._as_owner():
-            return (root_cmdline_word(config.image.path),)
+        words: list[str] = []
+        if config.linux is not None and not any(w.startswith(("root=", "mount.usr=")) for w in config.kernel_cmdline):
+            with self._as_owner():
+                words.append(root_cmdline_word(config.image.path))
+        if config.image.disk_type is DiskType.SCSI_CD and "rw" in config.kernel_cmdline:
+            words.append("ro")
+        return tuple(words)
 
     def _merge_initrds(self, rundir: Path) -> Path:
         if len(self.config.initrds) == 1:

@@ -137,14 +137,19 @@ def _enum(kind: type) -> Parse:
     return lambda value, field: parse_enum(field, _text(value, field, 64), kind)
 
 
-def _size(value: Any, field: str) -> int:
+def _size(value: Any, field: str, zero_ok: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ConfigError(field, value, "expected a size such as 512M")
-    return parse_size(field, value)
+    return parse_size(field, value, zero_ok=zero_ok)
 
 
 def _optional_size(value: Any, field: str) -> int | None:
     return None if value in (None, "") else _size(value, field)
+
+
+def _size_or_off(value: Any, field: str) -> int:
+    """A size, where 0 (or empty) means none."""
+    return 0 if value in (None, "") else _size(value, field, zero_ok=True)
 
 
 def _count(value: Any, field: str) -> int:
@@ -214,6 +219,10 @@ def _slice(value: Any, field: str) -> str:
 
 def _string(value: Any, field: str) -> str:
     return _text(value, field, 4096)
+
+
+def _key_type(value: Any, field: str) -> str:
+    return _string(value, field) or "ed25519"
 
 
 def _private_users(value: Any, field: str) -> tuple[int, int]:
@@ -366,8 +375,8 @@ SETTINGS: tuple[Setting, ...] = (
             "attach another disk image", IMAGE, "[FORMAT:][TYPE:]PATH", repeat=True, load=_drive_spec(True)),
     Setting("discardDisk", "discard_disk", "--discard-disk", _bool, _same, True,
             "let the guest's discard/TRIM reach the image (yes)", IMAGE, "BOOL", json_type=bool),
-    Setting("growImage", "grow_image", "--grow-image", _optional_size, lambda v: str(v) if v else None, 0,
-            "grow the image file to at least this size", IMAGE, "BYTES", short="-G"),
+    Setting("growImage", "grow_image", "--grow-image", _size_or_off, lambda v: str(v) if v else None, 0,
+            "grow the image file to at least this size (0: do not)", IMAGE, "BYTES", short="-G"),
     Setting("ephemeral", "ephemeral", "--ephemeral", _bool, _same, False,
             "run on a throw-away snapshot; the image is never written", IMAGE, short="-x", flag=True,
             json_type=bool),
@@ -388,11 +397,11 @@ SETTINGS: tuple[Setting, ...] = (
             HOST, "CID", json_type=int),
     Setting("firmware", "firmware", "--firmware", _firmware, _same, "auto",
             "firmware: auto (UEFI unless --linux is not a PE kernel), uefi, bios (QEMU's built-in), none (direct "
-            "kernel boot), a descriptor JSON; list/describe print and exit", HOST,
+            "kernel boot), a descriptor JSON; with vmspawn, list/describe print and exit", HOST,
             "auto|uefi|bios|none|PATH|list|describe", load=_json_firmware),
     Setting("firmwareFeatures", "firmware_features", "--firmware-features", _string, _same, (),
-            "require (or with ~ exclude) descriptor features; default excludes enrolled-keys; 'list' prints all "
-            "features", HOST, "FEATURE[,~FEATURE…]|list", repeat=True),
+            "require (or with ~ exclude) descriptor features; default excludes enrolled-keys; with vmspawn, 'list' "
+            "prints all features", HOST, "FEATURE[,~FEATURE…]|list", repeat=True),
     Setting("secureBoot", None, "--secure-boot", _secure_boot, lambda v: None, None,
             "require (yes) or exclude (no) Secure Boot firmware", HOST, "BOOL|auto", into="firmwareFeatures"),
     Setting("efiNvramTemplate", "efi_nvram_template", "--efi-nvram-template", _cli_path, _str_or_none, None,
@@ -428,8 +437,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("passSshKey", "pass_ssh_key", "--pass-ssh-key", _tristate, _value_of, Tristate.AUTO,
             "make an ephemeral SSH key pair and let it into the guest's sshd-vsock@.service (auto, the default: "
             "when the guest has vsock)", INTEGRATION, "BOOL|auto"),
-    Setting("sshKeyType", "ssh_key_type", "--ssh-key-type", _string, _same, "ed25519",
-            "ed25519 (default), ecdsa or rsa", INTEGRATION, "TYPE"),
+    Setting("sshKeyType", "ssh_key_type", "--ssh-key-type", _key_type, _same, "ed25519",
+            "ed25519 (default, also when empty), ecdsa or rsa", INTEGRATION, "TYPE"),
     Setting("forwardJournal", "forward_journal", "--forward-journal", _cli_path, _str_or_none, None,
             "receive the guest's journal (over vsock, with systemd-journal-remote) into a *.journal file or a "
             "directory", INTEGRATION, "FILE|DIR", load=_json_path),
@@ -467,7 +476,8 @@ SETTINGS: tuple[Setting, ...] = (
             "pass a raw SMBIOS type 11 string (empty clears the list)", CREDS, "STRING", short="-s", repeat=True),
     Setting("console", "console", "--console", _enum(ConsoleMode), _value_of, ConsoleMode.INTERACTIVE,
             "interactive, read-only, native, gui or headless (default: interactive on a terminal, else read-only; "
-            "the daemon: headless)", IO, "MODE", consts=(("--qemu-gui", None, "gui", argparse.SUPPRESS),)),
+            "vmspawnctl create: interactive, for vmspawnctl console; a Create call without it: headless)", IO,
+            "MODE", consts=(("--qemu-gui", None, "gui", argparse.SUPPRESS),)),
     Setting("consoleTransport", "console_transport", "--console-transport", _enum(ConsoleTransport), _value_of,
             ConsoleTransport.VIRTIO, "virtio (hvc0, default) or serial (ttyS0) console device in the guest", IO,
             "TRANSPORT"),

@@ -13,6 +13,7 @@ import errno
 import math
 import os
 import re
+import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,18 +147,17 @@ def parse_enum(field: str, value: str | enum.Enum, kind: type[enum.Enum]) -> Any
         raise ConfigError(field, value, f"expected one of: {choices}") from None
 
 
-def parse_size(field: str, value: str | int) -> int:
-    """Parse a size with base-1024 suffixes (K, M, G, T, P, E; bare number = bytes)."""
+def parse_size(field: str, value: str | int, *, zero_ok: bool = False) -> int:
+    """Parse a size with base-1024 suffixes (K, M, G, T, P, E; bare number = bytes); 0 only if ``zero_ok``."""
     if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise ConfigError(field, value, "must be positive")
-        return value
-    m = _SIZE_RE.match(str(value))
-    if not m:
-        raise ConfigError(field, value, "expected a size such as 512M or 2G (suffixes K, M, G, T)")
-    number, suffix = m.groups()
-    size = math.ceil(float(number) * SIZE_SUFFIXES[suffix])
-    if size <= 0:
+        size = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m:
+            raise ConfigError(field, value, "expected a size such as 512M or 2G (suffixes K, M, G, T)")
+        number, suffix = m.groups()
+        size = math.ceil(float(number) * SIZE_SUFFIXES[suffix])
+    if size < 0 or (size == 0 and not zero_ok):
         raise ConfigError(field, value, "must be positive")
     if size >= 1 << 63:
         raise ConfigError(field, value, "too large")
@@ -257,8 +257,8 @@ def validate_machine_name(value: str, field: str = "machine") -> str:
 
 
 def derive_machine_name(path: Path) -> str:
-    """Derive a machine name from an image, directory or kernel file name."""
-    name = path.name
+    """Derive a machine name from an image, directory or kernel file name (the host's name for ``/``)."""
+    name = socket.gethostname() if path == Path("/") else path.name
     if name.endswith(".raw"):
         name = name[: -len(".raw")]
     name = re.sub(r"[^A-Za-z0-9-]+", "-", name).strip("-")[:MAX_NAME_LENGTH].strip("-")

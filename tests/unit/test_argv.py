@@ -65,12 +65,18 @@ def test_user_words_follow_console_word_and_initrd_is_passed():
     assert option(argv, "-initrd") == ["/k/initrd"]
 
 
-def test_term_is_propagated_in_interactive_mode_only():
+def test_term_is_propagated_to_a_console_on_a_terminal_device_only():
     c = config(kernel_cmdline=("quiet",))
-    assert kernel_cmdline(c, "xterm-256color")[:3] == [
-        "TERM=xterm-256color", "systemd.tty.term.hvc0=xterm-256color", "console=hvc0"]
-    assert kernel_cmdline(c.replace(console=ConsoleMode.READ_ONLY), "xterm") == ["console=hvc0", "quiet"]
+    for mode in (ConsoleMode.INTERACTIVE, ConsoleMode.READ_ONLY, ConsoleMode.NATIVE):
+        assert kernel_cmdline(c.replace(console=mode), "xterm-256color") == [
+            "TERM=xterm-256color", "systemd.tty.term.hvc0=xterm-256color", "console=hvc0", "quiet"]
+    assert kernel_cmdline(c.replace(console=ConsoleMode.HEADLESS), "xterm") == ["quiet"]
     assert kernel_cmdline(c, "bad term") == ["console=hvc0", "quiet"]
+
+
+def test_a_graphical_console_keeps_the_guest_up_at_least_15_s():
+    c = config(kernel_cmdline=("quiet",), console=ConsoleMode.GUI)
+    assert kernel_cmdline(c, "xterm") == ["systemd.minimum_uptime_sec=15", "quiet"]
 
 
 def test_console_modes():

@@ -71,7 +71,6 @@ def test_ram_with_max_and_slots(kernel):
     (["--notify-ready=perhaps"], "notify-ready"),
     (["--console=fancy"], "console"),
     (["-M", "../etc"], "machine"),
-    (["-M", ""], "machine"),
     (["-M", "a" * 65], "machine"),
     (["--uuid=00000000-0000-0000-0000-000000000000"], "uuid"),
     (["--uuid=nope"], "uuid"),
@@ -210,3 +209,41 @@ def test_compatibility_flags_are_accepted_and_the_other_manager_refused(kernel):
     with pytest.raises(ConfigError) as e:
         parse(kernel, other)
     assert e.value.field == other[2:] and "not supported" in e.value.reason
+
+
+def test_double_dash_ends_the_options_and_passes_every_later_word_to_the_kernel(kernel):
+    c = parse(kernel, "quiet", "--ram=1G", "--", "-b", "-x", "-s", "--ram=2G")
+    assert c.kernel_cmdline == ("quiet", "-b", "-x", "-s", "--ram=2G")
+    assert (c.ram.size_mib, c.ephemeral, c.smbios11) == (1024, False, ())
+    assert parse(kernel, "--", "-b").kernel_cmdline == ("-b",)  # (no word needed before --)
+
+
+def test_vmspawnctl_create_takes_double_dash_and_its_name_only_as_name(kernel):
+    from vmspawnd.cli.vmspawnctl import parse_create
+
+    name, config = parse_create(["web", f"--linux={kernel}", "--", "-s", "--help"])
+    assert (name, config.name, config.kernel_cmdline) == ("web", "web", ("-s", "--help"))
+    with pytest.raises(ConfigError) as e:  # (-M would be a second name; create's NAME is the one)
+        parse_create(["web", "-M", "other", f"--linux={kernel}"])
+    assert "-M other" in e.value.reason
+
+
+def test_an_empty_machine_name_resets_it_and_the_root_directory_takes_the_hosts_name(kernel, tmp_path):
+    import socket
+
+    assert parse(kernel, "-M", "web", "-M", "").name == "vmlinuz"
+    host = socket.gethostname().split(".")[0]
+    assert parse_vmspawn_args(["-D", "/", f"--linux={kernel}"]).name.startswith(host)
+    assert parse_vmspawn_args(["-D", str(tmp_path), f"--linux={kernel}"]).name == tmp_path.name.replace("_", "-")
+
+
+def test_zero_or_empty_grow_image_and_empty_ssh_key_type_are_the_defaults(kernel):
+    for value in ("0", "0M", ""):
+        assert parse(kernel, f"--grow-image={value}").grow_image == 0
+    assert parse(kernel, "-G", "1G").grow_image == 1 << 30
+    assert parse(kernel, "--ssh-key-type=").ssh_key_type == "ed25519"
+    assert parse(kernel, "--ssh-key-type=rsa").ssh_key_type == "rsa"
+    for args, field in ((("-G", "-1"), "grow-image"), (("--ssh-key-type=dsa",), "ssh-key-type")):
+        with pytest.raises(ConfigError) as e:
+            parse(kernel, *args)
+        assert e.value.field == field

@@ -336,6 +336,22 @@ def test_network_tap_connects_the_guest_to_a_host_interface(vmspawn):
     assert_clean(run)
 
 
+def test_a_cd_rom_root_is_mounted_read_only_and_never_grown(vmspawn, tmp_path):
+    from tests.unit.test_disks import make_gpt
+    from vmspawnd.qemu.disks import ROOT_X86_64
+
+    image = tmp_path / "cd.raw"
+    make_gpt(image, [(ROOT_X86_64, uuid.uuid4())], size=4 << 20)
+    run = vmspawn("test.notify=1", "test.cmdline=1", f"--image={image}", "--image-disk-type=scsi-cd", "-G", "16M",
+                  "--tpm=no", "rw", name="cdrom")
+    assert run.wait() == 0, run.text
+    cmdline = next(line for line in run.text.splitlines() if "cmdline:" in line).split()
+    assert cmdline.index("ro") > cmdline.index("rw"), cmdline  # (the last one counts: the CD cannot be written)
+    assert "--grow-image is ignored with --image-disk-type=scsi-cd" in run.text
+    assert image.stat().st_size == 4 << 20
+    assert_clean(run)
+
+
 def test_machine_name_alone_boots_its_image_from_the_machine_pool(vmspawn, tmp_path):
     from tests.unit.test_disks import make_gpt
     from vmspawnd.qemu.disks import ROOT_X86_64

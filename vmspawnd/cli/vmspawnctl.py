@@ -32,7 +32,7 @@ from vmspawnd import __version__
 from vmspawnd.errors import ConfigError
 from vmspawnd.interface import DEFAULT_SOCKET, Config, ManagerInterface
 from vmspawnd.log import command_level, setup_logging
-from vmspawnd.options import OptionParser, add_machine_options, config_from_args
+from vmspawnd.options import OptionParser, add_machine_options, config_from_args, parse_command_line
 from vmspawnd.ptyfwd import PtyForwarder
 from vmspawnd.qemu.vsock import connect_guest_port
 from vmspawnd.settings import config_to_json
@@ -115,10 +115,10 @@ def create_parser() -> OptionParser:
 def parse_create(argv: list[str]) -> tuple[str, Any]:
     """``create NAME [vmspawn options…] [KERNEL-CMDLINE…]`` → (name, MachineConfig), via vmspawn's parser."""
     parser = create_parser()
-    if any(a in ("-h", "--help") for a in argv):
+    if any(a in ("-h", "--help") for a in argv[:argv.index("--") if "--" in argv else len(argv)]):
         parser.print_help()
         raise SystemExit(0)
-    ns = parser.parse_intermixed_args(argv)
+    ns = parse_command_line(parser, argv)
     ns.machine = ns.name
     return ns.name, config_from_args(ns, machine_pool=False)  # the client never looks at the host
 

@@ -58,14 +58,17 @@ def console_word(config: MachineConfig) -> str | None:
 
 
 def kernel_cmdline(config: MachineConfig, term: str | None, extra: tuple[str, ...] = ()) -> list[str]:
-    """Kernel command line words, in upstream's order: TERM, console, the user's words, synthesized ones."""
+    """Kernel command line words, in upstream's order: TERM and the console (for a console on a terminal
+    device: not gui or headless), the user's words, synthesized ones."""
     words: list[str] = []
     cons = console_word(config)
-    if cons and term and _TERM_RE.match(term) and config.console is ConsoleMode.INTERACTIVE:
+    if cons and term and _TERM_RE.match(term):
         tty = "ttyS0" if config.console_transport is ConsoleTransport.SERIAL else "hvc0"
         words += [f"TERM={term}", f"systemd.tty.term.{tty}={term}"]
     if cons:
         words.append(cons)
+    if config.console is ConsoleMode.GUI:
+        words.append("systemd.minimum_uptime_sec=15")  # (as upstream does for a graphical console)
     words += config.kernel_cmdline
     words += extra
     return words
