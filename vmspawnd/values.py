@@ -128,10 +128,10 @@ def parse_bool(field: str, value: str | bool) -> bool:
 
 
 def parse_tristate(field: str, value: str | Tristate) -> Tristate:
-    """Parse ``auto`` or a boolean into a :class:`Tristate`."""
+    """Parse ``auto`` (or empty: back to the default, auto) or a boolean into a :class:`Tristate`."""
     if isinstance(value, Tristate):
         return value
-    if value.strip().lower() == "auto":
+    if value.strip().lower() in ("auto", ""):
         return Tristate.AUTO
     return Tristate.YES if parse_bool(field, value) else Tristate.NO
 

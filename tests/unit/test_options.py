@@ -247,3 +247,11 @@ def test_zero_or_empty_grow_image_and_empty_ssh_key_type_are_the_defaults(kernel
         with pytest.raises(ConfigError) as e:
             parse(kernel, *args)
         assert e.value.field == field
+
+
+def test_an_empty_tristate_is_auto_again_and_an_empty_boolean_an_error(kernel):
+    c = parse(kernel, "--kvm=no", "--kvm=", "--register=", "--vsock=", "--tpm=")
+    assert (c.kvm, c.register, c.vsock, c.tpm) == (Tristate.AUTO,) * 4
+    with pytest.raises(ConfigError) as e:
+        parse(kernel, "--notify-ready=")
+    assert e.value.field == "notify-ready"
