@@ -6,7 +6,6 @@ import asyncio
 import collections.abc
 import contextlib
 import dataclasses
-import signal as signal_module
 import time
 import typing
 
@@ -46,7 +45,7 @@ from vmspawnd.qemu.firmware import enumerate_descriptors
 from vmspawnd.run import Run
 from vmspawnd.server import EncodedJson, current_connection
 from vmspawnd.settings import config_from_json, config_to_json
-from vmspawnd.values import validate_machine_name
+from vmspawnd.values import valid_signal, validate_machine_name
 
 MAX_STOP_TIMEOUT = 3600.0
 
@@ -205,8 +204,8 @@ class ManagerCalls:
 
     async def kill(self, name: str, signal: int | None) -> MachineInfo:
         expected = await self._controlled(name, "killing")
-        if signal is not None and signal not in {s.value for s in signal_module.Signals}:
-            raise InvalidConfigError(field="signal", reason=f"{signal} is not a signal number")
+        if signal is not None and not valid_signal(signal):
+            raise InvalidConfigError(field="signal", reason=f"{signal!r} is not a signal number")
         with typed_errors(name):
             entry = await self.manager.kill(name, signal, expected)
         return machine_info(name, entry)

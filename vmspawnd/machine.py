@@ -173,7 +173,7 @@ class Machine:
             try:
                 await run.start()
             except BaseException as e:
-                reason = e.reason if isinstance(e, ConfigError) else str(e) or type(e).__name__
+                reason = str(e) or type(e).__name__  # (a ConfigError's names its field and value)
                 self.failure, self.exit_status = reason, 1
                 self._set_state(State.FAILED, reported=True, reason=reason)  # the caller gets the error
                 if isinstance(e, OSError):
@@ -192,12 +192,20 @@ class Machine:
             if self.state is State.RUNNING:
                 self._set_state(State.STOPPING)
         await run.stop(timeout)  # bound to that run: a later run is never touched
+        self._check_kept(run, "stopping")
+
+    def _check_kept(self, run: Run, doing: str) -> None:
+        """A daemon that shut down meanwhile let go of the VM (it still runs): say so, not success."""
+        if run.detached:
+            raise WrongState(self.config.name, self.state.value, f"vmspawnd stopped before {doing} it finished; "
+                             "the VM still runs, and vmspawnd takes it over when it starts again")
 
     async def kill(self, forced: bool = True, sig: int | None = None) -> None:
         """End QEMU now (QMP quit, then SIGKILL), or only send it ``sig``."""
         async with self.lock:
             run = self._check(State.RUNNING, State.STOPPING, wanted="only a running machine can be killed")
         await run.kill(forced=forced, sig=sig)
+        self._check_kept(run, "killing")
 
     async def wait(self) -> int:
         """Wait until the current run ended; return the exit status vmspawn should exit with."""

@@ -117,6 +117,9 @@ class Manager:
                 entry.machine.mark_failed(entry.definition_error)
             if saved is not None:
                 self._restore_state(entry, adopted, *saved)
+            elif not adopted and entry.machine.state is State.STOPPED:  # never started: stopped since its creation
+                with contextlib.suppress(OSError):
+                    entry.machine.since = path.stat().st_mtime
         self.spares.prepare()
         self.on_change()
 

@@ -832,9 +832,10 @@ class Run:
             return
         self.stop_requested = True
         try:
-            if self._qmp is not None:
-                await self._qmp.powerdown()
-            await asyncio.wait_for(asyncio.shield(self.ended.wait()), timeout)
+            async with asyncio.timeout(timeout):  # (the power button's press included: QEMU may not answer)
+                if self._qmp is not None:
+                    await self._qmp.powerdown()
+                await asyncio.shield(self.ended.wait())
         except Exception as e:  # TimeoutError, or QMP trouble
             if not self.ended.is_set():
                 self.log.info("guest did not power off in time, forcing it", timeout=timeout,
@@ -854,13 +855,17 @@ class Run:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.ended.wait()), KILL_GRACE)
             return
-        if self._qmp is not None and self._qmp.connected:
-            await self._qmp.quit()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._qemu_exited.wait()), KILL_GRACE)
+        if self._qmp is not None and self._qmp.connected and await self._qmp.quit():
+            with contextlib.suppress(TimeoutError):  # (QEMU said it quits: give it the time to)
+                await asyncio.wait_for(asyncio.shield(self._qemu_exited.wait()), KILL_GRACE)
         if not self._qemu_exited.is_set():
             self.qemu.send_signal(signal.SIGKILL)
         await self.ended.wait()
+
+    @property
+    def detached(self) -> bool:
+        """The daemon let go of the VM without ending it (it shut down)."""
+        return self._detached
 
     async def detach(self) -> None:
         """Let go of the running VM without stopping it (daemon shutdown): it stays adoptable."""

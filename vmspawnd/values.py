@@ -13,6 +13,7 @@ import errno
 import math
 import os
 import re
+import signal
 import socket
 import stat
 from dataclasses import dataclass
@@ -363,6 +364,27 @@ def parse_vsock_cid(value: str | int | None, field: str = "vsock-cid") -> int | 
     if not (text.isascii() and text.isdigit()) or not CID_MIN <= int(text) <= CID_MAX:
         raise ConfigError(field, value, "expected a CID from 3 to 4294967294 (or any)")
     return int(text)
+
+
+def valid_signal(value: object) -> bool:
+    """A signal this kernel has, as a number (the real-time ones too)."""
+    return type(value) is int and value in signal.valid_signals()
+
+
+def parse_signal(field: str, value: str) -> int:
+    """A signal by number, or by name with or without ``SIG`` (``term``, ``SIGRTMIN+4``, ``RTMAX-1``)."""
+    text = value.strip().upper().removeprefix("SIG")
+    base, sign, offset = text.partition("+") if "+" in text else text.partition("-")
+    number: int | None = None
+    if text.isdigit():
+        number = int(text)
+    elif base in ("RTMIN", "RTMAX") and (not sign or offset.isdigit()):
+        number = int(getattr(signal, f"SIG{base}")) + (int(offset or 0) * (1 if sign == "+" else -1))
+    elif f"SIG{text}" in signal.Signals.__members__:
+        number = int(signal.Signals[f"SIG{text}"])
+    if number is None or not valid_signal(number):
+        raise ConfigError(field, value, "not a signal (a name such as TERM or SIGRTMIN+4, or a number)")
+    return number
 
 
 KEY_TYPES = ("ed25519", "ecdsa", "rsa")

@@ -118,6 +118,39 @@ def test_forced_stop_of_a_guest_that_ignores_the_power_button(daemon, guest):
     assert processes_mentioning(str(daemon.runtime / "machines" / "deaf")) == []
 
 
+def test_a_stopped_qemu_is_forced_off_within_the_stops_timeout_and_signals_are_sent_as_asked(daemon, guest):
+    create(daemon, guest, "frozen", "test.action=hang")
+    assert daemon.ctl("start", "frozen").returncode == 0
+    pid = daemon.wait_for("frozen", lambda s: s["ready"])["pid"]
+    p = daemon.ctl("kill", "frozen", "--signal=SIGSTOP")  # QEMU now answers nothing, QMP included
+    assert p.returncode == 0 and "Sent SIGSTOP to frozen's QEMU; the machine is running." in p.stdout, p
+    bad = daemon.ctl("kill", "frozen", "--signal=SIGRTMAX+1")
+    assert bad.returncode == 1 and "invalid signal=SIGRTMAX+1" in bad.stderr
+    started = time.monotonic()
+    p = daemon.ctl("stop", "frozen", "--timeout=1")
+    took = time.monotonic() - started
+    assert p.returncode == 0, p.stderr
+    assert took < 8, took  # 1 s for the power button, ≤ 2 s for QMP's quit, then SIGKILL (it was 15 s)
+    assert daemon.status("frozen")["state"] == "stopped" and process_gone(pid)
+
+
+def test_a_stop_cut_short_by_the_daemons_shutdown_is_no_success(daemon, guest):
+    create(daemon, guest, "cutshort", "test.action=hang")  # (it ignores the power button)
+    assert daemon.ctl("start", "cutshort").returncode == 0
+    pid = daemon.wait_for("cutshort", lambda s: s["ready"])["pid"]
+    stop = subprocess.Popen([*daemon.ctl_argv(), "stop", "cutshort", "--timeout=60"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    daemon.wait_for("cutshort", lambda s: s["state"] == "stopping")
+    daemon.stop_daemon(signal.SIGTERM)
+    out, err = stop.communicate(timeout=30)
+    assert stop.returncode == 1 and "Stopped" not in out, (out, err)
+    assert "vmspawnd stopped before stopping it finished; the VM still runs" in err
+    assert not process_gone(pid)
+    daemon.start()
+    assert daemon.status("cutshort")["pid"] == pid  # taken over again, and stoppable
+    assert daemon.ctl("kill", "cutshort").returncode == 0 and process_gone(pid)
+
+
 def test_a_qemu_terminated_from_outside_is_reported_as_killed(daemon, guest):
     create(daemon, guest, "victim", "test.action=hang")
     assert daemon.ctl("start", "victim").returncode == 0
@@ -281,13 +314,18 @@ def test_what_clients_see_survives_a_daemon_restart(daemon, guest, tmp_path):
     kernel.write_bytes(b"garbage")
     assert daemon.ctl("create", "bad", f"--linux={kernel}", "--console=headless").returncode == 0
     assert daemon.ctl("start", "bad").returncode == 1
-    before = {name: daemon.status(name) for name in ("done", "up", "bad")}
+    assert daemon.ctl("create", "idle", f"--linux={kernel}", "--console=headless").returncode == 0
+    time.sleep(1.1)  # (a since made anew at the restart would differ by this much at least)
+    before = {name: daemon.status(name) for name in ("done", "up", "bad", "idle")}
     assert before["done"]["exitStatus"] == 4 and before["bad"]["state"] == "failed", before
     daemon.stop_daemon(signal.SIGTERM)
     daemon.start()
-    after = {name: daemon.status(name) for name in ("done", "up", "bad")}
-    for name in ("done", "up", "bad"):
+    after = {name: daemon.status(name) for name in ("done", "up", "bad", "idle")}
+    assert abs(after["idle"]["since"] - before["idle"]["since"]) < 100_000, (before, after)  # (µs; its file's time)
+    for name in ("done", "up", "bad", "idle"):
         for field in ("state", "since", "exitStatus", "failure", "status"):
+            if (name, field) == ("idle", "since"):
+                continue
             assert after[name][field] == before[name][field], (name, field, before[name], after[name])
     daemon.stop_daemon(signal.SIGKILL)  # a VM that ends while no daemon runs
     os.kill(after["up"]["pid"], signal.SIGKILL)
@@ -307,6 +345,27 @@ def test_start_failure_is_reported_and_nothing_is_left(daemon, guest, tmp_path):
     st = daemon.status("broken")
     assert st["state"] == "failed" and st["failure"]
     assert not (daemon.runtime / "machines" / "broken").exists()
+    gone = tmp_path / "moved-away"
+    assert daemon.ctl("create", "moved", f"--linux={gone}", "--console=headless").returncode == 1  # (checked)
+    kernel.rename(gone)
+    p = daemon.ctl("start", "broken")
+    assert p.returncode == 1 and f"invalid linux={kernel}: " in p.stderr, p.stderr
+    assert daemon.status("broken")["failure"].startswith(f"invalid linux={kernel}: ")  # the field and the path
+
+
+def test_a_kill_takes_only_a_signal_number_and_status_output_may_be_cut_short(daemon, guest, tmp_path):
+    from tests.rawvarlink import call
+
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"garbage")
+    assert daemon.ctl("create", "target", f"--linux={kernel}", "--console=headless").returncode == 0
+    for wrong in (True, 1.0, "9", 0, 65):
+        reply = call(daemon.socket, "io.vmspawnd.Manager.Kill", {"name": "target", "signal": wrong})
+        assert reply.get("error") in ("io.vmspawnd.Manager.InvalidConfig", "org.varlink.service.InvalidParameter"), \
+            (wrong, reply)
+    cut = subprocess.run(f"{' '.join(daemon.ctl_argv())} status target | true", shell=True, text=True,
+                         capture_output=True, timeout=30)
+    assert cut.stderr == "", cut.stderr  # a reader that went away is not a lost daemon
 
 
 def test_a_qemu_that_cannot_be_executed_fails_the_start_with_the_reason_and_the_next_start_works(tmp_path, guest):

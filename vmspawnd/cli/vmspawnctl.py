@@ -36,6 +36,7 @@ from vmspawnd.options import OptionParser, add_machine_options, config_from_args
 from vmspawnd.ptyfwd import PtyForwarder
 from vmspawnd.qemu.vsock import connect_guest_port
 from vmspawnd.settings import config_to_json
+from vmspawnd.values import parse_signal
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -235,15 +236,7 @@ def _print_event(ev: Any, as_json: str | None) -> None:
 
 
 def _parse_signal(value: str | None) -> int | None:
-    if value is None:
-        return None
-    if value.isdigit():
-        return int(value)
-    name = value.upper() if value.upper().startswith("SIG") else f"SIG{value.upper()}"
-    try:
-        return int(signal.Signals[name])
-    except KeyError:
-        raise ConfigError("signal", value, "unknown signal") from None
+    return None if value is None else parse_signal("signal", value)
 
 
 async def _console(proxy: Any, name: str) -> int:
@@ -411,7 +404,12 @@ async def run(args: argparse.Namespace) -> int:
                                                                f"{info.exitStatus}).")
         elif cmd == "kill":
             info = (await proxy.Kill(name=args.name, signal=_parse_signal(args.signal)))["machine"]
-            _print_machine(info, args.json) if args.json else print(f"Killed {args.name}.")
+            if args.json:
+                _print_machine(info, args.json)
+            elif args.signal is None:
+                print(f"Killed {args.name}.")
+            else:  # (not every signal ends QEMU)
+                print(f"Sent {args.signal} to {args.name}'s QEMU; the machine is {info.state.value}.")
         elif cmd == "list":
             machines = [r["machine"] async for r in proxy.List() if r.get("machine") is not None]
             if args.json:
@@ -449,11 +447,21 @@ async def run(args: argparse.Namespace) -> int:
     except VarlinkErrorReply as e:
         print(f"vmspawnctl: {_describe_error(e)}", file=sys.stderr)
         return EXIT_FAILURE
-    except (ConnectionError, BrokenPipeError) as e:
+    except ConnectionError as e:
+        if isinstance(e, BrokenPipeError) and _reader_gone(sys.stdout.fileno()):  # (| head: not the daemon)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nothing more to flush at exit)
+            return EXIT_FAILURE
         print(f"vmspawnctl: lost the connection to vmspawnd: {e}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         transport.close()
+
+
+def _reader_gone(fd: int) -> bool:
+    """Whether ``fd`` is a pipe whose reading end was closed."""
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
 
 
 def _user_name(uid: int) -> str:

@@ -86,12 +86,18 @@ class Qmp:
         """Press the ACPI power button; the guest decides whether to power off."""
         await asyncio.wait_for(self._client.execute("system_powerdown"), timeout)
 
-    async def quit(self) -> None:
-        """End QEMU now; a disconnect while it quits counts as success."""
-        from qemu.qmp import QMPError  # loaded by __init__ already: this only names it
+    async def quit(self, timeout: float = 2.0) -> bool:
+        """End QEMU now: whether it took the command (a disconnect while it quits counts as taken).  A
+        QEMU that does not answer within ``timeout`` (stopped, hung) is not waited for any longer."""
+        from qemu.qmp import ExecInterruptedError, QMPError  # loaded by __init__ already: this only names them
 
-        with contextlib.suppress(QMPError, ConnectionError, EOFError, asyncio.IncompleteReadError, TimeoutError):
-            await asyncio.wait_for(self._client.execute("quit"), 5)
+        try:
+            await asyncio.wait_for(self._client.execute("quit"), timeout)
+        except (ExecInterruptedError, ConnectionError, EOFError, asyncio.IncompleteReadError):
+            return True
+        except (QMPError, TimeoutError):
+            return False
+        return True
 
     async def reset(self, timeout: float = 5.0) -> None:
         """Reset the machine at once, as the reset button does (the guest boots again)."""
