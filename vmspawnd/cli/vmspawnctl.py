@@ -13,7 +13,6 @@ import os
 import pwd
 import select
 import shlex
-import signal
 import socket
 import subprocess
 import sys
