@@ -29,6 +29,7 @@ from vmspawnd.values import (
     Ram,
     StateLocation,
     Tristate,
+    check_kernel_cmdline,
     check_unique,
     mangle_slice,
     parse_vsock_cid,
@@ -97,6 +98,7 @@ class MachineConfig:
         lost because a disk is not mounted yet, and a client never probes the host it is not on."""
         validate_machine_name(self.name)
         validate_cpus(self.cpus)
+        check_kernel_cmdline(self.kernel_cmdline)
         self.ram.validate()
         if self.vsock_cid is not None:
             parse_vsock_cid(self.vsock_cid)

@@ -476,7 +476,8 @@ class Run:
             await self._qmp.connect(str(path), identity=self.identity)
         except Exception as e:
             rc = None if self.qemu.alive else self.qemu.returncode
-            raise StartError(f"QEMU did not come up (exit status {rc})" if rc is not None
+            where = "; its own message is in vmspawnd's log" if self._console_socket else ""  # (the daemon's stderr)
+            raise StartError(f"QEMU did not come up (exit status {rc}{where})" if rc is not None
                              else f"cannot connect to QEMU's monitor: {e}") from e
 
     async def _serve_control(self, rundir: Path) -> None:

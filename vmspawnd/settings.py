@@ -593,7 +593,8 @@ def json_field_name(option: str) -> str:
     for s in SETTINGS:
         if s.option is not None and s.option.lstrip("-") == option:
             return s.key if s.json else next(t.key for t in SETTINGS if t.json and t.attr == s.attr)
-    return {"credential": "credentials", "initrd": "initrds", "machine": "name"}.get(option, option)
+    return {"credential": "credentials", "initrd": "initrds", "machine": "name", "cmdline": "kernelCommandLine"
+            }.get(option, option)
 
 
 # ----------------------------------------------------------------------------- both

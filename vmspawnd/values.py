@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,17 @@ class Ram:
             raise ConfigError(field, shown, "maximum memory is smaller than the initial size")
         if self.slots is not None and self.max is None:
             raise ConfigError(field, shown, "memory slots need a maximum size (SIZE:MAX:SLOTS)")
+
+
+COMMAND_LINE_SIZE = 2048  # x86 kernel limit, with its final NUL
+
+
+def check_kernel_cmdline(words: Sequence[str]) -> None:
+    """Refuse kernel command-line words longer, together, than the kernel accepts."""
+    cmdline = " ".join(words)
+    if len(cmdline) >= COMMAND_LINE_SIZE:
+        raise ConfigError("cmdline", f"{cmdline[:40]}…", f"kernel command line is {len(cmdline)} bytes, "
+                          f"the limit is {COMMAND_LINE_SIZE - 1}")
 
 
 def validate_cpus(value: str, field: str = "cpus") -> str:

@@ -114,9 +114,18 @@ def test_vsock_and_uuid_and_smbios():
     assert option(argv, "-smbios") == ["type=11,path=/r/a,,b"]
 
 
-def test_overlong_kernel_cmdline_is_refused():
+def test_overlong_kernel_cmdline_is_refused_with_what_the_run_adds_and_alone_at_definition():
+    near = config(kernel_cmdline=("x" * 2030,))  # the user's words fit…
     with pytest.raises(ConfigError, match="limit"):
-        check_cmdline_length(config(kernel_cmdline=("x" * 3000,)))
+        check_cmdline_length(near, "xterm-256color")  # …not with TERM and the console's word
+    with pytest.raises(ConfigError, match="kernel command line is 3000 bytes") as e:
+        config(kernel_cmdline=("x" * 3000,)).validated()  # (what Create checks: a definition that cannot start)
+    assert e.value.field == "cmdline"
+    from vmspawnd.settings import config_from_json
+
+    with pytest.raises(ConfigError) as e:
+        config_from_json("vm1", {"linux": "/k/vmlinuz", "kernelCommandLine": ["x" * 3000]})
+    assert e.value.field == "kernelCommandLine"
 
 
 def test_daemon_console_is_a_socket_qemu_listens_on():

@@ -353,6 +353,14 @@ def test_start_failure_is_reported_and_nothing_is_left(daemon, guest, tmp_path):
     assert daemon.status("broken")["failure"].startswith(f"invalid linux={kernel}: ")  # the field and the path
 
 
+def test_a_start_qemu_refuses_says_where_qemus_own_message_is(daemon, guest):
+    create(daemon, guest, "topology", "--cpus=cpus=2,sockets=3")  # (QEMU's rule: the product is maxcpus)
+    p = daemon.ctl("start", "topology")
+    assert p.returncode == 1 and "QEMU did not come up (exit status 1; its own message is in vmspawnd's log)" \
+        in p.stderr, p.stderr
+    assert "Invalid CPU topology" in daemon.log.read_text()
+
+
 def test_a_kill_takes_only_a_signal_number_and_status_output_may_be_cut_short(daemon, guest, tmp_path):
     from tests.rawvarlink import call
 
