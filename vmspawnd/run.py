@@ -236,6 +236,8 @@ class Run:
         term = os.environ.get("TERM")
         extra_cmdline = self._synthesized_cmdline() + tuple(aux.cmdline)
         uki = plan.uki
+        if config.linux is not None and not uki:  # (what a run adds counts too: root=PARTUUID=…, binds)
+            check_cmdline_length(config, term, extra_cmdline)
         with self._as_owner():
             credential_files = write_credentials(rundir / "smbios", credentials, config.smbios11
                                                  + tuple(cmdline_smbios_strings(config, term, extra_cmdline, uki)))

@@ -118,6 +118,9 @@ def test_overlong_kernel_cmdline_is_refused_with_what_the_run_adds_and_alone_at_
     near = config(kernel_cmdline=("x" * 2030,))  # the user's words fit…
     with pytest.raises(ConfigError, match="limit"):
         check_cmdline_length(near, "xterm-256color")  # …not with TERM and the console's word
+    check_cmdline_length(near)
+    with pytest.raises(ConfigError, match="limit"):  # …nor with what the run adds
+        check_cmdline_length(near, None, (f"root=PARTUUID={uuid.uuid4()}",))
     with pytest.raises(ConfigError, match="kernel command line is 3000 bytes") as e:
         config(kernel_cmdline=("x" * 3000,)).validated()  # (what Create checks: a definition that cannot start)
     assert e.value.field == "cmdline"
