@@ -35,5 +35,6 @@ async def test_a_failed_start_leaves_its_outcome(manager: Manager, tmp_path) -> 
         await manager.start("one")
     await asyncio.sleep(0)  # the loop's next turn: a state written later than the start's is written now
     saved = json.loads((manager.definitions / "one.state").read_text())
-    assert saved["state"] == "failed" and saved["failure"] == "no such file or directory", saved
+    assert saved["state"] == "failed", saved  # and what failed: the field and the value, with the reason
+    assert saved["failure"] == f"invalid linux={tmp_path / 'one-vmlinuz'}: no such file or directory", saved
 
