@@ -29,7 +29,6 @@ from vmspawnd.values import (
     Ram,
     StateLocation,
     Tristate,
-    check_kernel_cmdline,
     check_unique,
     mangle_slice,
     parse_vsock_cid,
@@ -98,7 +97,6 @@ class MachineConfig:
         lost because a disk is not mounted yet, and a client never probes the host it is not on."""
         validate_machine_name(self.name)
         validate_cpus(self.cpus)
-        check_kernel_cmdline(self.kernel_cmdline)
         self.ram.validate()
         if self.vsock_cid is not None:
             parse_vsock_cid(self.vsock_cid)
@@ -161,6 +159,9 @@ class MachineConfig:
         check_unique(list(self.credentials))
         if self.firmware in ("list", "describe"):
             raise ConfigError("firmware", self.firmware, "is an action, not a machine setting")
+        if any("list" in (item.strip() for item in f.split(",")) for f in self.firmware_features):
+            raise ConfigError("firmware-features", "list", "is an action (alone, vmspawn prints the known features), "
+                              "not a machine setting")
         if self.linux is None and self.firmware == "none":
             raise ConfigError("firmware", "none", "booting without firmware requires --linux=")
         return self

@@ -205,7 +205,8 @@ class Machine:
         async with self.lock:
             run = self._check(State.RUNNING, State.STOPPING, wanted="only a running machine can be killed")
         await run.kill(forced=forced, sig=sig)
-        self._check_kept(run, "killing")
+        if sig is None:  # (a signal was sent whatever happened after)
+            self._check_kept(run, "killing")
 
     async def wait(self) -> int:
         """Wait until the current run ended; return the exit status vmspawn should exit with."""

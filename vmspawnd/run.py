@@ -217,8 +217,6 @@ class Run:
                                  config=config_to_json(config), uid=self.identity.uid, gid=self.identity.gid,
                                  groups=list(self.identity.groups))
         self._save()
-        with self._as_owner():
-            self._grow_image()
         run_config = await self._ephemeral_copy()
         pass_fds: list[int] = []
         version = qemu_version(qemu_binary, cache_dir=self.runtime.path.parent)
@@ -238,6 +236,8 @@ class Run:
         uki = plan.uki
         if config.linux is not None and not uki:  # (what a run adds counts too: root=PARTUUID=…, binds)
             check_cmdline_length(config, term, extra_cmdline)
+        with self._as_owner():
+            self._grow_image()  # (the last change to the host's files before QEMU: nothing refuses the start after it)
         with self._as_owner():
             credential_files = write_credentials(rundir / "smbios", credentials, config.smbios11
                                                  + tuple(cmdline_smbios_strings(config, term, extra_cmdline, uki)))
@@ -303,7 +303,7 @@ class Run:
     def _preflight(self) -> tuple[Path, Accelerator, str | None, tuple[str, ...]]:
         """Checks and look-ups that need no resources: QEMU binary, accelerator, TAP rights, MAC."""
         config = self.config
-        check_cmdline_length(config)
+        check_cmdline_length(config, os.environ.get("TERM"))
         if config.network is Network.TAP and not has_capability(CAP_NET_ADMIN):
             raise ConfigError("network-tap", "", "TAP networking needs CAP_NET_ADMIN (run as root)")
         self._vsock_backend = choose_vsock(config.vsock)
@@ -840,7 +840,7 @@ class Run:
                     await self._qmp.powerdown()
                 await asyncio.shield(self.ended.wait())
         except Exception as e:  # TimeoutError, or QMP trouble
-            if not self.ended.is_set():
+            if not self.ended.is_set() and not self._detached:
                 self.log.info("guest did not power off in time, forcing it", timeout=timeout,
                               error=str(e) if not isinstance(e, TimeoutError) else None)
                 await self.kill(forced=True)
@@ -849,7 +849,7 @@ class Run:
         """End QEMU now: QMP ``quit``, SIGKILL if that does not work; returns once the run ended.
 
         With ``sig``, only send that signal and wait a little: not every signal ends QEMU."""
-        if self.qemu is None or self.ended.is_set():
+        if self.qemu is None or self.ended.is_set() or self._detached:
             return
         self.forced = self.forced or forced
         self.stop_requested = True
@@ -861,7 +861,7 @@ class Run:
         if self._qmp is not None and self._qmp.connected and await self._qmp.quit():
             with contextlib.suppress(TimeoutError):  # (QEMU said it quits: give it the time to)
                 await asyncio.wait_for(asyncio.shield(self._qemu_exited.wait()), KILL_GRACE)
-        if not self._qemu_exited.is_set():
+        if not self._qemu_exited.is_set() and not self._detached:  # (a daemon that shut down meanwhile keeps it)
             self.qemu.send_signal(signal.SIGKILL)
         await self.ended.wait()
 

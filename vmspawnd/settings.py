@@ -26,6 +26,7 @@ from typing import Any
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError
 from vmspawnd.guest.credentials import parse_load_credential, parse_set_credential
+from vmspawnd.qemu.argv import check_cmdline_length
 from vmspawnd.qemu.firmware import secure_boot_token
 from vmspawnd.values import (
     AUTO,
@@ -622,7 +623,9 @@ def _assemble(name: str, values: dict[str, Any], *, cli: bool) -> MachineConfig:
     fields["firmware_features"] += tuple(values[s.key] for s in SETTINGS if s.into and s.key in values)
     fields["extra_drives"] = tuple(Drive(d.path, d.format, d.disk_type or inherited) for d in fields["extra_drives"])
     fields["smbios11"] = _smbios11(fields["smbios11"])
-    return MachineConfig(name=name, image=image, **fields).validated()
+    config = MachineConfig(name=name, image=image, **fields).validated()
+    check_cmdline_length(config, None)  # (with what the definition adds: a run adds TERM and more)
+    return config
 
 
 def _smbios11(values: Sequence[str]) -> tuple[str, ...]:

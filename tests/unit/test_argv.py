@@ -114,22 +114,25 @@ def test_vsock_and_uuid_and_smbios():
     assert option(argv, "-smbios") == ["type=11,path=/r/a,,b"]
 
 
-def test_overlong_kernel_cmdline_is_refused_with_what_the_run_adds_and_alone_at_definition(monkeypatch):
-    monkeypatch.delenv("TERM", raising=False)
+def test_overlong_kernel_cmdline_is_refused_with_what_the_run_and_the_definition_add():
     near = config(kernel_cmdline=("x" * 2000,))  # the user's words fit…
+    check_cmdline_length(near, None)
     with pytest.raises(ConfigError, match="limit"):
         check_cmdline_length(near, "xterm-256color")  # …not with TERM and the console's word
-    check_cmdline_length(near)
     with pytest.raises(ConfigError, match="limit"):  # …nor with what the run adds
         check_cmdline_length(near, None, (f"root=PARTUUID={uuid.uuid4()}",))
-    with pytest.raises(ConfigError, match="kernel command line is 3000 bytes") as e:
-        config(kernel_cmdline=("x" * 3000,)).validated()  # (what Create checks: a definition that cannot start)
-    assert e.value.field == "cmdline"
+    from vmspawnd.options import parse_vmspawn_args
     from vmspawnd.settings import config_from_json
 
+    fits_alone = "x" * 2040  # (with the console's word, 2053 bytes: a definition that could never start)
+    with pytest.raises(ConfigError, match="kernel command line is 2053 bytes") as e:
+        parse_vmspawn_args(["--linux=/k/vmlinuz", fits_alone])
+    assert e.value.field == "cmdline"
     with pytest.raises(ConfigError) as e:
-        config_from_json("vm1", {"linux": "/k/vmlinuz", "kernelCommandLine": ["x" * 3000]})
+        config_from_json("vm1", {"linux": "/k/vmlinuz", "kernelCommandLine": [fits_alone], "console": "read-only"})
     assert e.value.field == "kernelCommandLine"
+    assert config_from_json("vm1", {"linux": "/k/vmlinuz", "kernelCommandLine": [fits_alone]}  # (headless: no
+                            ).kernel_cmdline == (fits_alone,)  # console word)
 
 
 def test_daemon_console_is_a_socket_qemu_listens_on():

@@ -255,3 +255,17 @@ def test_an_empty_tristate_is_auto_again_and_an_empty_boolean_an_error(kernel):
     with pytest.raises(ConfigError) as e:
         parse(kernel, "--notify-ready=")
     assert e.value.field == "notify-ready"
+
+
+def test_a_definition_refuses_the_firmware_actions_that_only_print(kernel):
+    from vmspawnd.cli.vmspawnctl import parse_create
+    from vmspawnd.settings import config_from_json
+
+    for option in ("--firmware=list", "--firmware=describe", "--firmware-features=list",
+                   "--firmware-features=uefi,list"):
+        with pytest.raises(ConfigError, match="is an action") as e:
+            parse_create(["web", f"--linux={kernel}", option])
+        assert e.value.field == option[2:].split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        config_from_json("web", {"linux": str(kernel), "firmwareFeatures": ["list"]})
+    assert e.value.field == "firmwareFeatures"

@@ -203,7 +203,7 @@ def _console_args(config: MachineConfig, res: Resources) -> list[str]:
     return args
 
 
-def check_cmdline_length(config: MachineConfig, term: str | None = None, extra: tuple[str, ...] = ()) -> None:
-    """Refuse a kernel command line longer than the kernel accepts, with TERM, the console's word and
-    ``extra`` (synthesized words) added to the user's (which the definition's own check covers alone)."""
-    check_kernel_cmdline(kernel_cmdline(config, term or os.environ.get("TERM"), extra))
+def check_cmdline_length(config: MachineConfig, term: str | None, extra: tuple[str, ...] = ()) -> None:
+    """Refuse a kernel command line longer than the kernel accepts: the user's words with the console's,
+    ``term``'s and ``extra`` (synthesized) words."""
+    check_kernel_cmdline(kernel_cmdline(config, term, extra))

@@ -89,12 +89,12 @@ class Qmp:
     async def quit(self, timeout: float = 2.0) -> bool:
         """End QEMU now: whether it took the command (a disconnect while it quits counts as taken).  A
         QEMU that does not answer within ``timeout`` (stopped, hung) is not waited for any longer."""
-        from qemu.qmp import ExecInterruptedError, QMPError  # loaded by __init__ already: this only names them
+        from qemu.qmp import ExecInterruptedError, QMPError, StateError  # (loaded by __init__: only named here)
 
         try:
             await asyncio.wait_for(self._client.execute("quit"), timeout)
-        except (ExecInterruptedError, ConnectionError, EOFError, asyncio.IncompleteReadError):
-            return True
+        except (ExecInterruptedError, StateError, ConnectionError, EOFError, asyncio.IncompleteReadError):
+            return True  # (the connection is going away: QEMU quits, or we let go of it)
         except (QMPError, TimeoutError):
             return False
         return True
