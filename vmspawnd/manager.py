@@ -103,7 +103,12 @@ class Manager:
         for path in remove_leftover_temps(self.definitions):
             log.info("removed a temporary file left by an earlier daemon", path=str(path))
         make_base(self.runtime_base)
-        for name, path in self._definition_files().items():
+        definitions = self._definition_files()
+        for stale in sorted(self.definitions.glob(f"*{STATE_SUFFIX}")):
+            if stale.name.removesuffix(STATE_SUFFIX) not in definitions:  # (its definition went by hand)
+                stale.unlink(missing_ok=True)  # so a machine created anew with the name never shows it
+                log.info("removed the state of a machine whose definition is gone", path=str(stale))
+        for name, path in definitions.items():
             entry = self._load_definition(name, path)
             saved = self._read_state(name)  # before adoption, which records a state of its own
             self.machines[name] = entry

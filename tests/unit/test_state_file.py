@@ -38,3 +38,25 @@ async def test_a_failed_start_leaves_its_outcome(manager: Manager, tmp_path) -> 
     assert saved["state"] == "failed", saved  # and what failed: the field and the value, with the reason
     assert saved["failure"] == f"invalid linux={tmp_path / 'one-vmlinuz'}: no such file or directory", saved
 
+
+
+async def test_the_state_of_a_definition_deleted_by_hand_does_not_come_back_with_the_name(tmp_path) -> None:
+    (tmp_path / "run").mkdir(mode=0o700)
+    first = Manager(tmp_path / "state", tmp_path / "run")
+    await first.load()
+    failing_machine(first, tmp_path, "one")
+    with pytest.raises(ConfigError):
+        await first.start("one")
+    await asyncio.sleep(0)
+    assert (first.definitions / "one.state").exists()
+    (first.definitions / "one.json").unlink()  # by hand, while no daemon runs
+    second = Manager(tmp_path / "state", tmp_path / "run")
+    await second.load()
+    assert "one" not in second.machines and not (second.definitions / "one.state").exists()
+    kernel = tmp_path / "new-vmlinuz"
+    kernel.write_bytes(b"")
+    second.create(config_from_json("one", {"linux": str(kernel)}))  # a new machine of the name
+    third = Manager(tmp_path / "state", tmp_path / "run")
+    await third.load()
+    machine = third.machines["one"].machine
+    assert (machine.state.value, machine.failure) == ("stopped", None)  # not the old one's failure
