@@ -13,6 +13,7 @@ from asyncvarlink import FileDescriptor, GenericVarlinkErrorReply, LastResult, T
 from asyncvarlink.conversion import VarlinkType
 
 from vmspawnd.auth import caller, require_owner, require_start, run_as_for
+from vmspawnd.console import MAX_VIEWERS
 from vmspawnd.errors import (
     ConfigError,
     HostError,
@@ -260,6 +261,9 @@ class ManagerCalls:
         if console is None or entry.machine.state is not State.RUNNING:
             raise WrongStateError(name=name, state=entry.machine.state.value,
                                   reason="the machine is not running with an interactive or read-only console")
+        if console.viewers >= MAX_VIEWERS:
+            raise WrongStateError(name=name, state=entry.machine.state.value,
+                                  reason=f"its console has {MAX_VIEWERS} viewers already; one must hang up first")
         with typed_errors(name):
             fd = FileDescriptor(await console.open_client(), should_close=True)
         asyncio.get_running_loop().call_later(30, _close_quietly, fd)

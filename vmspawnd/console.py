@@ -23,6 +23,7 @@ from vmspawnd.log import get_logger
 
 SCROLLBACK = 64 * 1024
 CLIENT_BACKLOG_LIMIT = 1024 * 1024
+MAX_VIEWERS = 16  # per console: each holds a PTY, of which the host has a few thousand for everyone
 
 log = get_logger()
 
@@ -44,6 +45,11 @@ class ConsoleRelay:
         sock = connect_as(self.identity, str(self.path))  # the VM's user's path: connect as them
         reader, self._qemu = await asyncio.open_unix_connection(sock=sock)
         self._spawn(self._pump_from_qemu(reader))
+
+    @property
+    def viewers(self) -> int:
+        """How many viewers are attached."""
+        return len(self._clients)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

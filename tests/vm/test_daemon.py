@@ -281,6 +281,27 @@ def test_console_is_handed_over_as_a_pty_by_fd_passing(daemon, guest):
     assert b"TESTGUEST" in data  # scrollback: what the guest printed before we came
     poll(lambda: len(list(daemon_fds.iterdir())), lambda n: n <= baseline, 40)  # nothing held for the viewer
     assert daemon.status("talk")["state"] == "running"
+
+    async def open_many(count: int) -> tuple[list[int], str]:  # viewers that never hang up: a PTY each
+        transport, protocol = await connect_unix_varlink(VarlinkClientProtocol, daemon.socket)
+        proxy = VarlinkInterfaceProxy(protocol, ManagerInterface)
+        held = []
+        try:
+            for _ in range(count):
+                with await proxy.OpenConsole(name="talk") as reply:
+                    held.append(os.dup(reply["fileDescriptor"].fileno()))
+            return held, ""
+        except Exception as e:
+            return held, f"{type(e).__name__} {getattr(e, 'parameters', e)}"
+        finally:
+            transport.close()
+
+    held, refused = asyncio.run(open_many(20))
+    assert len(held) == 16 and "console has 16 viewers already" in refused, (len(held), refused)
+    os.close(held.pop())  # one hangs up: another may come (once the daemon has seen it go)
+    more, refused = poll(lambda: asyncio.run(open_many(1)), lambda r: len(r[0]) == 1, 20)
+    for fd in held + more:
+        os.close(fd)
     daemon.ctl("kill", "talk")
 
 

@@ -448,12 +448,17 @@ async def run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     except ConnectionError as e:
         if isinstance(e, BrokenPipeError) and _reader_gone(sys.stdout.fileno()):  # (| head: not the daemon)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nothing more to flush at exit)
-            return EXIT_FAILURE
+            return _reader_went_away()
         print(f"vmspawnctl: lost the connection to vmspawnd: {e}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         transport.close()
+
+
+def _reader_went_away() -> int:
+    """Our output's reader hung up (``| head``): stop quietly, with nothing left to flush at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_FAILURE
 
 
 def _reader_gone(fd: int) -> bool:
@@ -514,7 +519,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vmspawnctl: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return asyncio.run(run(args))
+        status = asyncio.run(run(args))
+        sys.stdout.flush()  # (here, where a reader that hung up can be told from a lost daemon)
+        return status
+    except BrokenPipeError:
+        return _reader_went_away()
     except KeyboardInterrupt:
         return EXIT_FAILURE
     except SystemExit as e:
