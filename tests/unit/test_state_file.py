@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -16,9 +17,11 @@ from vmspawnd.settings import config_from_json
 
 
 @pytest.fixture
-def manager(tmp_path) -> Manager:
+async def manager(tmp_path) -> AsyncIterator[Manager]:
     (tmp_path / "run").mkdir(mode=0o700)
-    return Manager(tmp_path / "state", tmp_path / "run")
+    m = Manager(tmp_path / "state", tmp_path / "run")
+    yield m
+    await m.shutdown()  # (its worker thread ends with it: other tests count theirs)
 
 
 def failing_machine(manager: Manager, tmp_path, name: str) -> None:
@@ -60,3 +63,5 @@ async def test_the_state_of_a_definition_deleted_by_hand_does_not_come_back_with
     await third.load()
     machine = third.machines["one"].machine
     assert (machine.state.value, machine.failure) == ("stopped", None)  # not the old one's failure
+    for m in (first, second, third):
+        await m.shutdown()
