@@ -159,9 +159,6 @@ class MachineConfig:
         check_unique(list(self.credentials))
         if self.firmware in ("list", "describe"):
             raise ConfigError("firmware", self.firmware, "is an action, not a machine setting")
-        if any("list" in (item.strip() for item in f.split(",")) for f in self.firmware_features):
-            raise ConfigError("firmware-features", "list", "is an action (alone, vmspawn prints the known features), "
-                              "not a machine setting")
         if self.linux is None and self.firmware == "none":
             raise ConfigError("firmware", "none", "booting without firmware requires --linux=")
         return self

@@ -49,12 +49,18 @@ def add_machine_options(parser: argparse.ArgumentParser, create: bool = False) -
                             "name, the host's name for -D /; with -x plus a random suffix)")
 
 
-def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Options and kernel command-line words in any order; ``--`` ends the options, so every word after
-    it (``-b``, ``-s``, ``--ram=1G``…) goes to the kernel as it is."""
+def split_at_double_dash(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(options and words, the words after ``--``): ``--`` ends the options."""
     end = argv.index("--") if "--" in argv else len(argv)
-    ns = parser.parse_intermixed_args(argv[:end])
-    ns.cmdline = [*ns.cmdline, *argv[end + 1:]]
+    return argv[:end], argv[end + 1:]
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Options and kernel command-line words in any order; every word after ``--`` (``-b``, ``-s``,
+    ``--ram=1G``…) goes to the kernel as it is."""
+    options, words = split_at_double_dash(argv)
+    ns = parser.parse_intermixed_args(options)
+    ns.cmdline = [*ns.cmdline, *words]
     return ns
 
 

@@ -238,7 +238,6 @@ class Run:
             check_cmdline_length(config, term, extra_cmdline)
         with self._as_owner():
             self._grow_image()  # (the last change to the host's files before QEMU: nothing refuses the start after it)
-        with self._as_owner():
             credential_files = write_credentials(rundir / "smbios", credentials, config.smbios11
                                                  + tuple(cmdline_smbios_strings(config, term, extra_cmdline, uki)))
             qmp_sock = self._listen(rundir / "qmp.sock", pass_fds)

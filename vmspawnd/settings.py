@@ -27,7 +27,7 @@ from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError
 from vmspawnd.guest.credentials import parse_load_credential, parse_set_credential
 from vmspawnd.qemu.argv import check_cmdline_length
-from vmspawnd.qemu.firmware import secure_boot_token
+from vmspawnd.qemu.firmware import parse_firmware_features, secure_boot_token
 from vmspawnd.values import (
     AUTO,
     DEFAULT_SLICE,
@@ -624,6 +624,8 @@ def _assemble(name: str, values: dict[str, Any], *, cli: bool) -> MachineConfig:
     fields["extra_drives"] = tuple(Drive(d.path, d.format, d.disk_type or inherited) for d in fields["extra_drives"])
     fields["smbios11"] = _smbios11(fields["smbios11"])
     config = MachineConfig(name=name, image=image, **fields).validated()
+    # what needs the QEMU layer's rules (config.py stays below it): a definition that could never start
+    parse_firmware_features(config.firmware_features)  # (their syntax; which firmware has them is the plan's)
     check_cmdline_length(config, None)  # (with what the definition adds: a run adds TERM and more)
     return config
 

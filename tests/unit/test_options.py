@@ -266,6 +266,7 @@ def test_a_definition_refuses_the_firmware_actions_that_only_print(kernel):
         with pytest.raises(ConfigError, match="is an action") as e:
             parse_create(["web", f"--linux={kernel}", option])
         assert e.value.field == option[2:].split("=")[0]
-    with pytest.raises(ConfigError) as e:
-        config_from_json("web", {"linux": str(kernel), "firmwareFeatures": ["list"]})
-    assert e.value.field == "firmwareFeatures"
+    for features in (["list"], ["~"]):  # (an action, a syntax error: each failed every start)
+        with pytest.raises(ConfigError) as e:
+            config_from_json("web", {"linux": str(kernel), "firmwareFeatures": features})
+        assert e.value.field == "firmwareFeatures"

@@ -31,7 +31,13 @@ from vmspawnd import __version__
 from vmspawnd.errors import ConfigError
 from vmspawnd.interface import DEFAULT_SOCKET, Config, ManagerInterface
 from vmspawnd.log import command_level, setup_logging
-from vmspawnd.options import OptionParser, add_machine_options, config_from_args, parse_command_line
+from vmspawnd.options import (
+    OptionParser,
+    add_machine_options,
+    config_from_args,
+    parse_command_line,
+    split_at_double_dash,
+)
 from vmspawnd.ptyfwd import PtyForwarder
 from vmspawnd.qemu.vsock import connect_guest_port
 from vmspawnd.settings import config_to_json
@@ -115,7 +121,7 @@ def create_parser() -> OptionParser:
 def parse_create(argv: list[str]) -> tuple[str, Any]:
     """``create NAME [vmspawn options…] [KERNEL-CMDLINE…]`` → (name, MachineConfig), via vmspawn's parser."""
     parser = create_parser()
-    if any(a in ("-h", "--help") for a in argv[:argv.index("--") if "--" in argv else len(argv)]):
+    if any(a in ("-h", "--help") for a in split_at_double_dash(argv)[0]):
         parser.print_help()
         raise SystemExit(0)
     ns = parse_command_line(parser, argv)
@@ -447,18 +453,12 @@ async def run(args: argparse.Namespace) -> int:
         print(f"vmspawnctl: {_describe_error(e)}", file=sys.stderr)
         return EXIT_FAILURE
     except ConnectionError as e:
-        if isinstance(e, BrokenPipeError) and _reader_gone(sys.stdout.fileno()):  # (| head: not the daemon)
-            return _reader_went_away()
+        if isinstance(e, BrokenPipeError) and _reader_gone(sys.stdout.fileno()):
+            raise  # (| head: our output's reader hung up, not the daemon; main() stops quietly)
         print(f"vmspawnctl: lost the connection to vmspawnd: {e}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         transport.close()
-
-
-def _reader_went_away() -> int:
-    """Our output's reader hung up (``| head``): stop quietly, with nothing left to flush at exit."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return EXIT_FAILURE
 
 
 def _reader_gone(fd: int) -> bool:
@@ -520,10 +520,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         status = asyncio.run(run(args))
-        sys.stdout.flush()  # (here, where a reader that hung up can be told from a lost daemon)
+        sys.stdout.flush()  # (here rather than at exit, where a reader that hung up would get a traceback)
         return status
-    except BrokenPipeError:
-        return _reader_went_away()
+    except BrokenPipeError:  # our output's reader hung up (| head): stop quietly, nothing left to flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
     except SystemExit as e:

@@ -267,7 +267,8 @@ def parse_firmware_features(values: Iterable[str]) -> tuple[frozenset[str], froz
             if item == "":
                 continue
             if item == "list":
-                raise ConfigError("firmware-features", value, "'list' prints the known features and must be alone")
+                raise ConfigError("firmware-features", value, "'list' is an action (alone, vmspawn prints the known "
+                                  "features), not a feature")
             name = item.removeprefix("~")
             if not name or name.startswith("~"):
                 raise ConfigError("firmware-features", value, "expected feature names, '~' to exclude one")
