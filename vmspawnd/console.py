@@ -112,6 +112,7 @@ class ConsoleRelay:
             while data := await reader.read(4096):
                 if not self.read_only and self._qemu is not None and not self._qemu.is_closing():
                     self._qemu.write(data)
+                    await self._qemu.drain()  # a QEMU that does not read holds the viewer back (not our memory)
         self._drop(writer)
 
     async def close(self) -> None:

@@ -204,13 +204,13 @@ class Run:
         if self.identity.switches and (needs := needs_privileges(config, plan)):
             raise ConfigError(*needs[0])
         qemu_binary, accel, mac, extra_args = self._preflight()
-        rundir = self.runtime.lock(self.identity)
+        self.runtime.lock()
         self._handles.callback(self.runtime.unlock)
         earlier = RunRecord.load(self.runtime.records)
-        if earlier is not None and earlier.phase == RUNNING and qemu_of_record(earlier, rundir):
+        if earlier is not None and earlier.phase == RUNNING and qemu_of_record(earlier, self.runtime.path):
             raise StartError(f"the QEMU of an earlier run still runs (pid {earlier.pid}); stop or kill it first")
         await end_leftovers(self.runtime, config.directory)
-        self.runtime.clear_leftovers()
+        rundir = self.runtime.renew(self.identity)
         self._durable.callback(self.runtime.remove_files)
         pid = self.qemu.pid if self.qemu is not None else 0  # (0 until QEMU is spawned)
         self._record = RunRecord(pid=pid, starttime=process_start_time(pid) if pid else None,
@@ -612,8 +612,9 @@ class Run:
 
     async def _adopt(self, record: RunRecord) -> None:
         self.identity = record.identity()  # as it was started
-        rundir = self.runtime.lock(self.identity)  # raises if someone else holds the machine
+        self.runtime.lock()  # raises if someone else holds the machine
         self._handles.callback(self.runtime.unlock)
+        rundir = self.runtime.keep(self.identity)
         self._durable.callback(self.runtime.remove_files)
         self._record = record
         self.readiness = Readiness(record.ready, record.status, record.guest_exit_status)

@@ -5,13 +5,15 @@ Each machine has two, side by side under the runtime base (0711: reachable, not 
 
 * ``<base>/<name>/`` — the VM's own (:attr:`RuntimeDir.path`, 0700): sockets QEMU and its
   helpers use, credentials, the merged initrd.  It belongs to the user the VM runs as, and the
-  daemon only touches it acting as that user (see identity.py).
+  daemon only touches it acting as that user (see identity.py).  Each run gets a new one: an
+  earlier run's, whose user (maybe another) may still be writing to it, is renamed aside to a
+  hidden ``.<name>.<random>.gone``, taken from that user and removed, never reused.
 * ``<base>/<name>.run/`` — the daemon's record of the run (:attr:`RuntimeDir.records`, root's,
   0700): the lock, ``run.json`` (the processes a later daemon adopts or ends) and the
   ``--ephemeral`` copy's path.  Nothing the VM's user can write is ever trusted.
 
-Machine names have no '.', so no machine's directory is another's records, nor the base's one
-file of its own: ``qemu.version``, the host's QEMU version kept for the next start (qemu/accel.py).
+Machine names have no '.', so no machine's directory is another's records or a discarded dir, nor
+the base's one file of its own: ``qemu.version``, the host's QEMU version kept for the next start (qemu/accel.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from vmspawnd.proc import check_socket_path
 
 BASE_MODE = 0o711
 RECORDS_SUFFIX = ".run"
+#: how many times a dir being discarded is sealed and removed before it is left under its hidden name
+DISCARD_PASSES = 8
 
 
 def runtime_base() -> Path:
@@ -52,8 +56,9 @@ def make_base(base: Path) -> None:
 
 
 class RuntimeDir:
-    """A machine's runtime dir (:attr:`path`) and records dir (:attr:`records`): created and
-    locked by :meth:`lock`, emptied by :meth:`clear_leftovers`, removed by :meth:`remove`."""
+    """A machine's runtime dir (:attr:`path`) and records dir (:attr:`records`): the machine locked by
+    :meth:`lock`, the dirs made new for a run by :meth:`renew` (or kept for an adopted run by
+    :meth:`keep`), removed by :meth:`remove`."""
 
     def __init__(self, base: Path, name: str) -> None:
         self.path = base / name
@@ -61,9 +66,9 @@ class RuntimeDir:
         self._lock_fd = -1
         check_socket_path(self.path / "fs-mnt99.sock")  # as long as the socket names we put there get
 
-    def lock(self, identity: Identity = ROOT) -> Path:
-        """Create both dirs if needed (the VM's as ``identity``'s) and lock the machine; fail if a live
-        machine holds it."""
+    def lock(self) -> None:
+        """Create the records dir if needed and lock the machine; fail if a live machine holds it.
+        The VM's dir is left as it is: :meth:`renew` for a new run, :meth:`keep` for an adopted one."""
         make_base(self.path.parent)
         _make_private_dir(self.records)
         fd = os.open(self.records / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -73,11 +78,23 @@ class RuntimeDir:
             os.close(fd)
             raise ConfigError("machine", self.path.name, "a machine of that name is already running") from None
         self._lock_fd = fd
-        try:
-            _make_private_dir(self.path, identity)
-        except BaseException:
-            self.unlock()
-            raise
+
+    def renew(self, identity: Identity = ROOT) -> Path:
+        """For a new run (the machine locked): empty the records dir but the lock, and replace the VM's
+        dir with a new, empty one of ``identity``'s.  Nothing in the old one is kept or trusted: its
+        owner (an earlier run's user, maybe another than this run's) may still be writing to it."""
+        for entry in self.records.iterdir():
+            if entry.name != ".lock":
+                _remove(entry)
+        _discard(self.path)
+        os.mkdir(self.path, 0o700)  # (only we can make it: the base is ours; it fails if someone did)
+        if identity.switches:
+            os.chown(self.path, identity.uid, identity.gid, follow_symlinks=False)
+        return self.path
+
+    def keep(self, identity: Identity) -> Path:
+        """The VM's dir of a run being adopted (the machine locked), as ``identity``'s 0700 dir."""
+        _make_private_dir(self.path, identity)
         return self.path
 
     def migrate(self, names: tuple[str, ...]) -> None:
@@ -94,30 +111,13 @@ class RuntimeDir:
             for name in found:
                 os.rename(self.path / name, self.records / name)
 
-    def create(self) -> Path:
-        """Lock the runtime dir and clear what a killed earlier run left in it."""
-        self.lock()
-        try:
-            self.clear_leftovers()
-        except BaseException:
-            self.unlock()
-            raise
-        return self.path
-
-    def clear_leftovers(self) -> None:
-        """Empty both dirs (but the lock) of what a killed run left; never follows a symlink."""
-        for directory in (self.path, self.records):
-            for entry in directory.iterdir():
-                if entry.name != ".lock":
-                    _remove(entry)
-
     def remove(self) -> None:
         self.remove_files()
         self.unlock()
 
     def remove_files(self) -> None:
         """Remove both directories (the lock, if held, stays held until :meth:`unlock`)."""
-        shutil.rmtree(self.path, ignore_errors=True)  # fd-based on Linux: safe in a directory a user owns
+        _discard(self.path)
         shutil.rmtree(self.records, ignore_errors=True)
 
     def unlock(self) -> None:
@@ -142,6 +142,30 @@ def _make_private_dir(path: Path, identity: Identity = ROOT) -> None:
         os.chown(path, *owner, follow_symlinks=False)
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(path, 0o700)
+
+
+def _discard(path: Path) -> None:
+    """Remove ``path``, a dir its user may still be writing to (a process of theirs in it can make
+    entries as fast as we remove them).  It is renamed aside first, so its name is free at once; then
+    every directory in it is made ours and 0700, so that nothing new can be put in it, and removed.
+    Never follows a symlink.  What resists :data:`DISCARD_PASSES` passes stays under its hidden name."""
+    aside = path.with_name(f".{path.name}.{os.urandom(6).hex()}.gone")  # (no machine's name has a '.')
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(os.lstat(aside).st_mode):
+        aside.unlink()
+        return
+    for _ in range(DISCARD_PASSES):
+        with contextlib.suppress(OSError):
+            for _dir, _dirs, _files, dir_fd in os.fwalk(aside):  # (top-down: each dir sealed before its children)
+                with contextlib.suppress(OSError):
+                    os.fchown(dir_fd, os.geteuid(), os.getegid())
+                    os.fchmod(dir_fd, 0o700)
+        shutil.rmtree(aside, ignore_errors=True)  # (fd-based on Linux, as fwalk)
+        if not os.path.lexists(aside):
+            return
 
 
 def _remove(entry: Path) -> None:

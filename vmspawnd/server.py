@@ -107,11 +107,21 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
 class ServerLimits:
     """The limits of one server, and what is in use of them."""
 
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # all clients together; root may use them all
     max_message: int = MAX_MESSAGE
     max_buffered: int = MAX_BUFFERED
     buffered: int = 0  # bytes of partial messages held now, all connections together
     calls: set[asyncio.Future[None]] = field(default_factory=set)  # calls in flight
+
+    @property
+    def max_per_user(self) -> int:
+        """Connections one user but root may hold: a quarter of the cap (one user cannot lock others out)."""
+        return max(1, self.max_connections // 4)
+
+    @property
+    def max_for_users(self) -> int:
+        """Connections all users but root may hold together: the cap but a sixteenth, kept for root."""
+        return self.max_connections - self.max_connections // 16
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most ``timeout`` s) for the calls in flight, e.g. subscriptions' last replies."""
@@ -246,14 +256,7 @@ class GuardedProtocol(VarlinkInterfaceServerProtocol):
 
     def peer(self) -> tuple[int, int, int] | None:
         """The client's (pid, uid, gid) as the kernel saw them when it connected (SO_PEERCRED)."""
-        if self._sock is None:
-            return None
-        try:
-            creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        except OSError:
-            return None
-        pid, uid, gid = struct.unpack("3i", creds)
-        return pid, uid, gid
+        return peer_credentials(self._sock) if self._sock is not None else None
 
     def hung_up(self) -> bool:
         """True once the client closed its end (checked without reading what it may have sent)."""
@@ -348,6 +351,16 @@ class GuardedTransport(VarlinkTransport):
         super().close()
 
 
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
+    """A unix socket's peer's (pid, uid, gid) as the kernel saw them when it connected (SO_PEERCRED)."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
+
+
 class ClientSocket(socket.socket):
     """An accepted client's socket, whose repr asks the kernel nothing: asyncio formats a new fd's
     repr into a KeyError at its first ``add_reader``, and a socket's asks for both its addresses
@@ -388,18 +401,37 @@ class GuardedServer(VarlinkUnixServer):
                     self._pause()
                     return
                 continue  # ECONNABORTED, EPROTO…: that client is gone, the next one is not
-            if self.connection_count() >= self.limits.max_connections:
-                self._warn_once("cap", "connection limit reached; closing new connections",
-                                limit=self.limits.max_connections)
+            uid = creds[1] if (creds := peer_credentials(conn)) else -1
+            if (limit := self._limit_reached(uid)) is not None:
+                self._warn_once(limit, "connection limit reached; closing new connections", limit=limit)
                 conn.close()
                 continue
             conn = ClientSocket(conn.family, conn.type, conn.proto, fileno=conn.detach())
             conn.setblocking(False)
             self._transports.add(GuardedTransport(self._loop, conn, conn, self._protocol_factory(),
-                                                  {"peername": addr, "socket": conn}))
+                                                  {"peername": addr, "socket": conn, "uid": uid}))
 
     def connection_count(self) -> int:
         return sum(1 for t in self._transports if not t.is_closing())
+
+    def _limit_reached(self, uid: int) -> str | None:
+        """The limit a new connection of ``uid`` would go over, if any: that of all clients; or, for a
+        user but root, that of all users but root (so root always gets in) or of one user (so others do)."""
+        total = users = own = 0
+        for transport in self._transports:
+            if not transport.is_closing():
+                peer = transport.get_extra_info("uid")
+                total += 1
+                users += peer != 0
+                own += peer == uid
+        limits = self.limits
+        if total >= limits.max_connections:
+            return f"{limits.max_connections} for all clients"
+        if uid != 0 and users >= limits.max_for_users:
+            return f"{limits.max_for_users} for all users but root"
+        if uid != 0 and own >= limits.max_per_user:
+            return f"{limits.max_per_user} for uid {uid}"
+        return None
 
     def _pause(self) -> None:
         assert self._sock is not None

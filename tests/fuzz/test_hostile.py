@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import random
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, call_as, public_daemon
 from tests.polling import poll
 from tests.rawvarlink import list_all
 from vmspawnd.interface import Config
@@ -273,6 +275,42 @@ def test_more_connections_than_file_descriptors(tmp_path: Path, fds_unlimited: N
         assert "Traceback" not in d.log.read_text()
     finally:
         d.stop_daemon()
+
+
+# Run as another user: opens argv[2] connections to argv[1], calls GetInfo on each, prints how many
+# were answered, and holds them all until its stdin closes.
+HOLDER = """
+import json, socket, sys
+held, answered = [], 0
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(sys.argv[1])
+    held.append(s)
+    try:
+        s.sendall(json.dumps({"method": "org.varlink.service.GetInfo"}).encode() + b"\\0")
+        answered += s.recv(65536).endswith(b"\\0")
+    except OSError:
+        pass
+print(answered, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_one_user_cannot_take_every_connection_from_root_or_other_users() -> None:
+    with public_daemon("--max-connections=32") as d:  # a user may hold 8 (a quarter), root is kept 2
+        holder = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+                                   "-c", HOLDER, str(d.socket), "40"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "8\n"
+            for uid in (0, 1):  # root, and another user (daemon)
+                assert "error" not in call_as(uid, d.socket, "org.varlink.service.GetInfo")
+            assert "connection limit reached" in d.log.read_text()
+        finally:
+            holder.communicate("")
+        assert_healthy(d)
 
 
 def _answered(d: Daemon) -> bool:

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime-dir", metavar="DIR",
                    help="per-VM runtime dirs (default: $RUNTIME_DIRECTORY or /run/vmspawnd)")
     p.add_argument("--max-connections", type=int, metavar="N",
-                   help=f"at most N clients at once; more are closed as they come (default: "
+                   help=f"at most N clients at once, of which a user but root may have N/4, and all "
+                        f"users but root N less N/16; more are closed as they come (default: "
                         f"{DEFAULT_MAX_CONNECTIONS}, or fewer if the file-descriptor limit is low)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--print-unit", choices=("service", "socket"),

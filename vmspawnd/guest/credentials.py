@@ -125,7 +125,8 @@ def _read_socket(path: Path) -> bytes:
 
 
 def _write_private(path: Path, data: bytes) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    """A new 0600 file (never an existing one, nor through a symlink)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     return path
@@ -147,10 +148,10 @@ def write_credentials(directory: Path, credentials: list[tuple[str, bytes]],
                       raw_strings: tuple[str, ...] = ()) -> CredentialFiles:
     """Write each credential (and each raw ``--smbios11=`` string) to its own private file: as an
     SMBIOS type-11 string while they fit in the SMBIOS budget (smallest first, so only big ones
-    move), the rest as fw_cfg payloads.
+    move), the rest as fw_cfg payloads.  ``directory`` is made here (it must not exist yet).
 
     Raises ConfigError when a credential fits neither way (or the raw strings alone are too big)."""
-    directory.mkdir(mode=0o700, exist_ok=True)
+    directory.mkdir(mode=0o700)  # (new: in a run's new dir, so nothing in it is anyone else's)
     files = CredentialFiles()
     used = sum(len(s.encode()) + 1 for s in raw_strings)
     if used > SMBIOS_BUDGET:
