@@ -20,7 +20,7 @@ from typing import Any
 
 from vmspawnd import messages
 from vmspawnd.config import MachineConfig
-from vmspawnd.errors import ConfigError, NoSuchMachine, StartError, WrongState
+from vmspawnd.errors import ConfigError, HostError, NoSuchMachine, WrongState
 from vmspawnd.identity import Identity
 from vmspawnd.launcher import QemuProcess
 from vmspawnd.log import get_logger
@@ -173,11 +173,15 @@ class Machine:
             try:
                 await run.start()
             except BaseException as e:
-                reason = str(e) or type(e).__name__  # (a ConfigError's names its field and value)
+                error = e
+                if isinstance(e, OSError):  # the host refused something: say what it was about
+                    where = f" ({e.filename})" if e.filename else ""
+                    error = HostError(f"cannot start {self.config.name}{where}", e)
+                reason = str(error) or type(error).__name__  # (a ConfigError's names its field and value)
                 self.failure, self.exit_status = reason, 1
                 self._set_state(State.FAILED, reported=True, reason=reason)  # the caller gets the error
-                if isinstance(e, OSError):
-                    raise StartError(reason) from e
+                if error is not e:
+                    raise error from e
                 raise
             self._set_state(State.RUNNING, pid=run.pid)
             if run.readiness.ready:  # the guest was faster than QMP and registration: "ready" follows "running"

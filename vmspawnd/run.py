@@ -33,7 +33,7 @@ from typing import Any
 from vmspawnd import messages
 from vmspawnd.config import MachineConfig
 from vmspawnd.console import ConsoleRelay
-from vmspawnd.errors import ConfigError, StartError
+from vmspawnd.errors import ConfigError, HostError, StartError
 from vmspawnd.faults import crash_point
 from vmspawnd.guest.channel import NotifyChannel
 from vmspawnd.guest.credentials import write_credentials
@@ -216,7 +216,7 @@ class Run:
         self._record = RunRecord(pid=pid, starttime=process_start_time(pid) if pid else None,
                                  config=config_to_json(config), uid=self.identity.uid, gid=self.identity.gid,
                                  groups=list(self.identity.groups))
-        self._save()
+        self._save(required=True)
         run_config = await self._ephemeral_copy()
         pass_fds: list[int] = []
         version = qemu_version(qemu_binary, cache_dir=self.runtime.path.parent)
@@ -277,7 +277,7 @@ class Run:
         await self._register(run_config)
         assert self._record is not None
         self._record.phase = RUNNING
-        self._save()
+        self._save(required=True)
         crash_point("recorded")
 
     def _needs_launcher(self, systemd: SystemdManager | None) -> bool:
@@ -297,7 +297,7 @@ class Run:
         self._durable.push_async_callback(self.qemu.end)  # (after the helpers': it ends before them)
         assert self._record is not None
         self._record.pid, self._record.starttime = self.qemu.pid, process_start_time(self.qemu.pid)
-        self._save()
+        self._save(required=True)
 
     def _preflight(self) -> tuple[Path, Accelerator, str | None, tuple[str, ...]]:
         """Checks and look-ups that need no resources: QEMU binary, accelerator, TAP rights, MAC."""
@@ -389,7 +389,7 @@ class Run:
             self._hold_service(what, service)
         self.tpm_state_path = aux.tpm_state
         self.units += aux.units
-        self._save()
+        self._save(required=True)
         return aux
 
     async def _connect_systemd(self) -> tuple[SystemdManager | None, str]:
@@ -755,8 +755,10 @@ class Run:
         for task in list(self._watches):
             task.cancel()
 
-    def _save(self) -> None:
-        """Persist what a restarted daemon needs (``run.json``); a full disk costs only that."""
+    def _save(self, *, required: bool = False) -> None:
+        """Persist what a restarted daemon needs (``run.json``).  Where the start depends on it
+        (``required``: without it, a restarted daemon would end the VM as a start it interrupted), a
+        failure fails the start; later, it costs only the record's news (the last one stays whole)."""
         record = self._record
         if record is None or self._detached:
             return
@@ -770,7 +772,9 @@ class Run:
         try:
             record.save(self.runtime.records)
         except OSError as e:
-            self.log.warning("cannot record the run (a restarted daemon may not find it)", error=str(e))
+            if required:
+                raise HostError(f"cannot record the run in {self.runtime.records}", e) from e
+            self.log.warning("cannot record the run's news (a restarted daemon finds its last record)", error=str(e))
 
     def _as_owner(self) -> contextlib.AbstractContextManager[None]:
         """The daemon's file accesses in this (synchronous) block are the VM's user's."""

@@ -182,5 +182,9 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def read_json(path: Path) -> Any:
+    """A JSON file's value: ValueError for one that is not JSON, or that nests deeper than Python reads."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except RecursionError:
+            raise ValueError(f"{path} nests too deeply") from None

@@ -464,11 +464,14 @@ def test_unusable_definitions_stay_visible_and_removable(daemon: Daemon) -> None
                                                                                    "ram": "banana"}}))
     newer = json.dumps({"name": "newer", "config": {"linux": "/bin/sh", "fromTheFuture": {"x": 1}}})
     (machines / "newer.json").write_text(newer)
+    (machines / "deep.json").write_text("[" * 100000 + "]" * 100000)  # deeper than Python's JSON reads
+    (machines / "newer.state").write_text("[" * 100000 + "]" * 100000)
     daemon.stop_daemon()
     daemon.start()
     listed = {m["name"]: m for m in json.loads(daemon.ctl("--json", "list").stdout)}
-    assert set(listed) == {"garbled", "badram", "newer"}
-    for name in ("garbled", "badram"):
+    assert set(listed) == {"garbled", "badram", "newer", "deep"}
+    assert "nests too deeply" in listed["deep"]["definitionError"]
+    for name in ("garbled", "badram", "deep"):
         assert listed[name]["state"] == "failed" and name in listed[name]["definitionError"], listed[name]
         assert listed[name]["failure"] == listed[name]["definitionError"]
     assert listed["newer"]["state"] == "stopped" and listed["newer"]["definitionError"] is None

@@ -62,11 +62,15 @@ def test_a_callers_machine_is_checked_with_its_rights_and_is_its_own(shared_daem
     kernel.chmod(0o644)
     secret = tmp_path / "secret"
     secret.mkdir(mode=0o700)  # root's, like /root
+    efi_kernel = tmp_path / "vmlinuz.efi"  # (only a PE kernel is booted by UEFI firmware)
+    efi_kernel.write_bytes(b"MZ" + bytes(0x3A) + (0x40).to_bytes(4, "little") + b"PE\0\0")
+    efi_kernel.chmod(0o644)
 
     refused = [({"linux": "/etc/shadow"}, "linux", "permission denied"),
                ({"linux": str(kernel), "binds": [f"rw:{secret}:/mnt"]}, "binds", "permission denied"),
                ({"linux": str(kernel), "tpmState": str(secret / "tpm")}, "tpmState", "not writable"),
-               ({"linux": str(kernel), "tpmState": "/etc/vmspawnd-tpm"}, "tpmState", "not writable")]
+               ({"linux": str(kernel), "tpmState": "/etc/vmspawnd-tpm"}, "tpmState", "not writable"),
+               ({"linux": str(efi_kernel), "firmware": str(secret / "fw.json")}, "firmware", "Permission denied")]
     for config, field, reason in refused:
         reply = as_nobody(shared_daemon, "io.vmspawnd.Manager.Create", {"name": "mine", "config": config})
         assert reply.get("error") == "io.vmspawnd.Manager.InvalidConfig", (config, reply)

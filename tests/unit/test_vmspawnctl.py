@@ -133,3 +133,15 @@ def test_vsock_proxy_names_a_bad_address_without_a_traceback(address: str, port:
                        stdin=subprocess.DEVNULL)
     assert p.returncode == 1 and "expected vsock/CID or vsock-mux/SOCKET" in p.stderr and address in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_text_that_others_chose_cannot_drive_the_readers_terminal(daemon, tmp_path):
+    # (a guest's status, a user's paths: shown escaped, as JSON shows them)
+    kernel = tmp_path / "vmlinuz\x1b]0;owned\x07\x1b[31m"
+    kernel.write_bytes(b"")
+    assert daemon.ctl("create", "web", f"--linux={kernel}", "--firmware=bios").returncode == 0
+    shown = daemon.ctl("status", "web").stdout
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert "vmlinuz\\x1b]0;owned\\x07\\x1b[31m" in shown, shown
+    listed = json.loads(daemon.ctl("--json", "status", "web").stdout)
+    assert listed["config"]["linux"] == str(kernel)  # JSON keeps the text as it is

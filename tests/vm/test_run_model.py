@@ -256,3 +256,27 @@ def test_a_full_state_disk_is_a_typed_error_and_loses_no_definition(tmp_path, gu
         if d.proc is not None and d.proc.poll() is None:
             d.stop_daemon()
         subprocess.run(["umount", "-l", str(d.state)], check=False)
+
+
+def test_a_start_whose_run_cannot_be_recorded_fails_and_leaves_no_vm(tmp_path, guest):
+    """Without its record, a restarted daemon would take a running VM for a start it interrupted
+    and end it: such a start fails at once (typed, naming where), and nothing of it runs on."""
+    d = Daemon(tmp_path)
+    d.start()
+    records = d.runtime / "machines" / "norecord.run"
+    records.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k,nr_inodes=2,mode=0700", "tmpfs", str(records)], check=True)
+    try:
+        (records / ".lock").touch()  # the last inode: run.json cannot be made
+        words = [f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--console=headless", "--tpm=no"]
+        assert d.ctl("create", "norecord", *words).returncode == 0
+        p = d.ctl("start", "norecord")
+        assert p.returncode == 1 and f"cannot record the run in {records}: no space left" in p.stderr, p.stderr
+        status = json.loads(d.ctl("--json", "status", "norecord").stdout)
+        assert status["state"] == "failed" and "cannot record the run" in status["failure"], status
+        assert processes_mentioning(f"{d.runtime / 'machines' / 'norecord'}/") == []
+        assert "Traceback" not in d.log.read_text()
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop_daemon()
+        subprocess.run(["umount", "-l", str(records)], check=False)

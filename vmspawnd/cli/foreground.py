@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from vmspawnd.config import MachineConfig
-from vmspawnd.errors import ConfigError, StartError, WrongState
+from vmspawnd.errors import ConfigError, HostError, StartError, WrongState
 from vmspawnd.launcher import QemuProcess
 from vmspawnd.log import command_level, get_logger, setup_logging
 from vmspawnd.machine import Machine, State
@@ -134,7 +134,7 @@ async def run(config: MachineConfig, background: str | None = None, plan: Launch
             print("░ Press Ctrl-a x to kill VM.", file=sys.stderr)
     try:
         await machine.start(plan=plan, launcher=QemuProcess.spawned(*launcher) if launcher else None)
-    except (ConfigError, StartError) as e:
+    except (ConfigError, StartError, HostError) as e:
         print(f"vmspawn: {e}", file=sys.stderr)
         return 1
     if signals_seen:  # a signal arrived while we were still setting up

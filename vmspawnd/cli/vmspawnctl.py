@@ -141,6 +141,18 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def _printable(value: Any) -> Any:
+    """``value`` (plain data) with the control characters of its strings shown as escapes, for text
+    output: a guest's status or a user's path can never drive the reader's terminal (JSON escapes them)."""
+    if isinstance(value, str):
+        return value if value.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
+    if isinstance(value, dict):
+        return {k: _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    return value
+
+
 def _dump(obj: Any, mode: str | None) -> None:
     """Print ``obj`` as JSON: one line (short) or indented (pretty)."""
     if mode == "pretty":
@@ -166,6 +178,7 @@ def _print_machine(info: Any, as_json: str | None) -> None:
     if as_json:
         _dump(d, as_json)
         return
+    d = _printable(d)
     state = d["state"] + (" (ready)" if d["ready"] else "")
     print(f"● {d['name']}")
     print(f"      State: {state} since {_when(d['since'])}")
@@ -236,6 +249,7 @@ def _print_event(ev: Any, as_json: str | None) -> None:
     if as_json:
         _dump(d, as_json)
         return
+    d = _printable(d)
     extra = " ".join(f"{k}={d[k]}" for k in ("pid", "status", "exitStatus", "reason") if d.get(k) is not None)
     print(f"{_when(d['timestamp'])} {d['machine'] or '*'} {d['event']} {extra}".rstrip(), flush=True)
 
@@ -437,8 +451,8 @@ async def run(args: argparse.Namespace) -> int:
             if args.json:
                 _dump([_plain(f) for f in fw], args.json)
             else:
-                for f in fw:
-                    print(f"{f.path}  {','.join(f.features) or '-'}" + ("" if f.valid else "  (malformed)"))
+                for f in _printable([_plain(f) for f in fw]):
+                    print(f"{f['path']}  {','.join(f['features']) or '-'}" + ("" if f["valid"] else "  (malformed)"))
         elif cmd == "console":
             return await _console(proxy, args.name)
         elif cmd == "ssh":

@@ -476,8 +476,11 @@ def resolve_firmware(value: str, *, linux: Path | None = None, include: Set[str]
 
 
 def _load_explicit(path: Path) -> Descriptor:
-    if not path.is_file():
-        raise ConfigError("firmware", path, "no such descriptor file")
+    try:
+        if not path.is_file():
+            raise ConfigError("firmware", path, "no such descriptor file")
+    except OSError as e:  # (e.g. in a directory the VM's user cannot enter)
+        raise ConfigError("firmware", path, e.strerror or str(e)) from None
     descriptor = load_descriptor(path)
     if not descriptor.valid:
         raise ConfigError("firmware", path, f"malformed descriptor: {descriptor.problem}")
