@@ -4,10 +4,10 @@
 vmspawnd starts this tiny program first (``python -I -S execlate.py FD [PARENT]``: no site
 packages, and no Python module beyond those the interpreter starts with, so it is ready about
 as soon as a bare interpreter), moves its PID into the VM's scope, and only then sends it, over the SOCK_SEQPACKET
-socket FD, one message: a :mod:`marshal`-ed dict ``{"argv": [...], "targets": [n, ...]}`` (and
-``"user": [uid, gid, [groups]]`` for a VM that runs as a user) plus the file descriptors QEMU must
+socket FD, one message: a :mod:`marshal`-ed dict ``{"argv": [...], "targets": [n, ...], "env": {...}}``
+(and ``"user": [uid, gid, [groups]]`` for a VM that runs as a user) plus the file descriptors QEMU must
 inherit (SCM_RIGHTS), in the order of ``targets``.  The launcher puts each fd at its target number,
-closes everything else, becomes the user if one is named, and execs QEMU — same PID, already in
+closes everything else, becomes the user if one is named, and execs QEMU with ``env`` — same PID, already in
 the right cgroup.  (marshal, not JSON: both ends are the same interpreter, and importing json took
 longer than the rest of the launcher.)
 
@@ -33,29 +33,22 @@ PR_SET_PDEATHSIG = 1
 
 
 def spawn(parent: int | None = None) -> tuple[int, int]:
-    """Start a launcher in a session of its own, with our standard fds and environment (plus a UTF-8
-    locale if we name none), dying with ``parent`` if given: (its pid, the fd of our end of its
-    socket, close-on-exec)."""
+    """Start a launcher in a session of its own, with our standard fds and environment (QEMU gets the
+    one it is sent), dying with ``parent`` if given: (its pid, the fd of our end of its socket,
+    close-on-exec)."""
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     try:
         os.set_inheritable(theirs.fileno(), True)
         argv = [sys.executable, "-I", "-S", __file__, str(theirs.fileno())]
         if parent is not None:
             argv.append(str(parent))
-        pid = os.posix_spawn(sys.executable, argv, qemu_environment(), setsid=True)
+        pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True)
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
     return pid, ours.detach()
-
-
-def qemu_environment() -> dict[str, str]:
-    """QEMU's environment: ours, plus a UTF-8 locale if we name none."""
-    env = dict(os.environ)
-    env.setdefault("LANG", "C.UTF-8")
-    return env
 
 
 def die_with(parent: int) -> bool:
@@ -113,7 +106,7 @@ def main() -> int:
         os.setgroups(groups)
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, message["env"])
     return 127
 
 

@@ -34,6 +34,15 @@ _SYS_SETGROUPS = {"x86_64": 116, "aarch64": 159, "riscv64": 159, "loongarch64": 
                   "ppc64": 81, "s390x": 206}
 
 
+#: what the service manager (or the caller) gave us for us alone, not for the processes we start
+OURS_ALONE = frozenset(("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDS", "LISTEN_FDNAMES",
+                        "WATCHDOG_PID", "WATCHDOG_USEC", "MANAGERPID", "SYSTEMD_EXEC_PID", "INVOCATION_ID",
+                        "JOURNAL_STREAM", "RUNTIME_DIRECTORY", "STATE_DIRECTORY", "CREDENTIALS_DIRECTORY",
+                        "MONITOR_EXIT_CODE", "MONITOR_EXIT_STATUS", "MONITOR_SERVICE_RESULT"))
+#: what of our environment a process running as another user gets
+PASSED_TO_USERS = frozenset(("PATH", "LANG", "LANGUAGE", "TZ"))
+
+
 @dataclass(frozen=True)
 class Identity:
     """A user's credentials: uid, primary gid, supplementary groups (and the name, for messages)."""
@@ -65,10 +74,27 @@ class Identity:
         return not self.root and os.geteuid() == 0
 
     def popen_kwargs(self) -> dict[str, Any]:
-        """``subprocess.Popen`` arguments that run a child as this identity (none when no switch is needed)."""
+        """``subprocess.Popen`` arguments that run a child as this identity, with its :meth:`environment`."""
         if not self.switches:
-            return {}
-        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
+            return {"env": self.environment()}
+        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups), "env": self.environment()}
+
+    def environment(self) -> dict[str, str]:
+        """The environment of a VM's process (QEMU, a helper) running as this identity: ours without
+        what our service manager meant for us alone (:data:`OURS_ALONE`); for another user only our
+        ``PATH``, locale and time zone, and that user's ``HOME``, ``USER`` and ``LOGNAME``.  A UTF-8
+        locale where we name none."""
+        env = {name: value for name, value in os.environ.items() if name not in OURS_ALONE}
+        if self.switches:
+            env = {name: value for name, value in env.items() if name in PASSED_TO_USERS or name.startswith("LC_")}
+            try:
+                env["HOME"] = pwd.getpwuid(self.uid).pw_dir
+            except KeyError:
+                env["HOME"] = "/"
+            if self.name:
+                env["USER"] = env["LOGNAME"] = self.name
+        env.setdefault("LANG", "C.UTF-8")
+        return env
 
     def unit_properties(self) -> dict[str, Any]:
         """``User=``, ``Group=``, ``SupplementaryGroups=`` of a transient unit running as this identity."""

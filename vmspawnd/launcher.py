@@ -16,7 +16,7 @@ import signal
 import socket
 from collections.abc import Sequence
 
-from vmspawnd.execlate import qemu_environment, spawn
+from vmspawnd.execlate import spawn
 from vmspawnd.futures import resolve
 from vmspawnd.identity import ROOT, Identity
 
@@ -88,7 +88,8 @@ class QemuProcess:
         actions: list[tuple] = [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in fds]  # (same number: inherited)
         if not keep_stdin:
             actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
-        pid = os.posix_spawn(argv[0], list(argv), qemu_environment(), file_actions=actions, setsid=True,
+        env = ROOT.environment()  # (as we are: a spawned QEMU is never another user's)
+        pid = os.posix_spawn(argv[0], list(argv), env, file_actions=actions, setsid=True,
                              setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
         return cls(pid, SpawnedChild(pid))
 
@@ -114,7 +115,7 @@ class QemuProcess:
             devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             sent.append(devnull)
             targets.append(0)
-        request: dict[str, object] = {"argv": list(argv), "targets": targets}
+        request: dict[str, object] = {"argv": list(argv), "targets": targets, "env": identity.environment()}
         if identity.switches:  # the launcher becomes this user just before it execs QEMU
             request["user"] = [identity.uid, identity.gid, list(identity.groups)]
         try:

@@ -79,3 +79,20 @@ def test_a_uid_without_an_account_is_a_clear_error() -> None:
         Identity.of_uid(4_000_000_000)
     with pytest.raises(ConfigError, match="no user with this uid"):
         Identity.of_uid(-1)
+
+
+def test_a_vms_processes_get_none_of_what_the_service_manager_gave_the_daemon(monkeypatch) -> None:
+    for name, value in {"NOTIFY_SOCKET": "/run/systemd/notify", "LISTEN_FDS": "1", "LISTEN_PID": "7",
+                        "JOURNAL_STREAM": "8:9", "STATE_DIRECTORY": "/var/lib/vmspawnd", "HTTPS_PROXY": "http://u:pw@p",
+                        "LANG": "de_DE.UTF-8", "LC_TIME": "C", "PATH": "/usr/bin:/bin"}.items():
+        monkeypatch.setenv(name, value)
+    own = ROOT.environment()  # a VM of the daemon's own user: its environment, but the manager's variables
+    assert not {"NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "JOURNAL_STREAM", "STATE_DIRECTORY"} & set(own)
+    assert (own["HTTPS_PROXY"], own["LANG"]) == ("http://u:pw@p", "de_DE.UTF-8")
+    if os.geteuid() == 0:  # a user's VM: PATH, locale and time zone only, and the user's own names
+        users = Identity.of_uid(65534).environment()
+        assert users == {"PATH": "/usr/bin:/bin", "LANG": "de_DE.UTF-8", "LC_TIME": "C", "HOME": "/nonexistent",
+                         "USER": "nobody", "LOGNAME": "nobody"} | ({"TZ": os.environ["TZ"]} if "TZ" in os.environ
+                                                                 else {}), users
+    monkeypatch.delenv("LANG")
+    assert ROOT.environment()["LANG"] == "C.UTF-8"  # where we name no locale

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import pwd
 import shutil
 import stat
 from collections.abc import Iterator
@@ -82,10 +83,16 @@ def test_a_users_vm_runs_as_that_user_and_only_they_control_it(users_daemon: Dae
     info = users_daemon.wait_for("mine", lambda d: d["ready"] or d["state"] != "running", timeout=180)
     assert info["ready"], info
 
-    # QEMU and every helper run as the owner, in directories that are the owner's
+    # QEMU and every helper run as the owner, in directories that are the owner's, with nothing of the
+    # daemon's environment but its PATH and locale
     assert uid_of(info["pid"]) == OWNER
     helpers = [pid for pid in processes_mentioning(info["runtimeDirectory"] + "/") if pid != info["pid"]]
     assert len(helpers) == 1 + rust_virtiofsd and {uid_of(pid) for pid in helpers} == {OWNER}, helpers
+    for pid in (info["pid"], *helpers):
+        env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+        assert (env["USER"], env["HOME"]) == ("nobody", pwd.getpwuid(OWNER).pw_dir), env
+        assert {n for n in env if not n.startswith("LC_")} <= {"PATH", "LANG", "LANGUAGE", "TZ", "HOME", "USER",
+                                                              "LOGNAME"}, env
     runtime = Path(info["runtimeDirectory"])
     assert (runtime.stat().st_uid, stat.S_IMODE(runtime.stat().st_mode)) == (OWNER, 0o700)
     assert {p.stat().st_uid for p in runtime.iterdir()} == {OWNER}, [(p, p.stat().st_uid) for p in runtime.iterdir()]

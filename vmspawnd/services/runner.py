@@ -291,11 +291,13 @@ class ChildRunner:
     async def start(self, spec: ServiceSpec) -> ChildService:
         clear_stale_socket(spec.name, spec.ready_path)
         output = tempfile.TemporaryFile(prefix=f"{spec.name}-")
+        as_user = spec.identity.popen_kwargs()
+        as_user["env"] |= spec.env
         try:
             popen = subprocess.Popen(
                 list(spec.argv), stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-                pass_fds=spec.pass_fds, start_new_session=True, env={**os.environ, **spec.env},
-                preexec_fn=set_parent_death_signal if self.die_with_parent else None, **spec.identity.popen_kwargs(),
+                pass_fds=spec.pass_fds, start_new_session=True,
+                preexec_fn=set_parent_death_signal if self.die_with_parent else None, **as_user,
             )
         except OSError as e:
             output.close()
