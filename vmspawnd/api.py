@@ -17,6 +17,7 @@ from vmspawnd.console import MAX_VIEWERS
 from vmspawnd.errors import (
     ConfigError,
     HostError,
+    LimitReached,
     MachineExists,
     NoSuchMachine,
     PermissionDenied,
@@ -30,6 +31,7 @@ from vmspawnd.interface import (
     Firmware,
     HostFailedError,
     InvalidConfigError,
+    LimitReachedError,
     MachineEvent,
     MachineExistsError,
     MachineInfo,
@@ -67,6 +69,8 @@ def varlink_error(error: VmspawndError | OSError, name: str) -> TypedVarlinkErro
         return HostFailedError(reason=str(error))
     if isinstance(error, PermissionDenied):
         return PermissionDeniedError(action=error.action, reason=error.reason)
+    if isinstance(error, LimitReached):
+        return LimitReachedError(limit=error.limit, reason=error.reason)
     if isinstance(error, OSError):
         return HostFailedError(reason=str(HostError("the operation failed", error)))
     return HostFailedError(reason=str(error))

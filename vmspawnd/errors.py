@@ -8,6 +8,8 @@
   - :class:`WrongState`: the machine is not in a state that allows the command.
   - :class:`StartError`: a run could not be started (the reason is the message).
   - :class:`HostError`: the host failed us (a full disk, a path the kernel refuses…).
+  - :class:`PermissionDenied`: the caller may not do this.
+  - :class:`LimitReached`: the caller has as much as one user but root may have.
 
 The varlink interface maps each of these to its typed error in one place (``api.varlink_error``).
 """
@@ -79,4 +81,13 @@ class PermissionDenied(VmspawndError):
     def __init__(self, action: str, reason: str) -> None:
         super().__init__(reason)
         self.action = action
+        self.reason = reason
+
+
+class LimitReached(VmspawndError):
+    """The caller would have more than a user but root may have of something (``limit`` names it)."""
+
+    def __init__(self, limit: str, reason: str) -> None:
+        super().__init__(reason)
+        self.limit = limit
         self.reason = reason

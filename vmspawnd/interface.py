@@ -133,6 +133,12 @@ class PermissionDeniedError(TypedVarlinkErrorReply, name=f"{INTERFACE}.Permissio
         reason: str
 
 
+class LimitReachedError(TypedVarlinkErrorReply, name=f"{INTERFACE}.LimitReached"):
+    class Parameters:
+        limit: str
+        reason: str
+
+
 class PreconvertedDataclass(DataclassVarlinkType):
     """A dataclass type whose instances may carry their JSON form already (``varlink_json``, encoded): a
     List of a thousand machines then converts and encodes only those that changed since their last reply."""
@@ -166,7 +172,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     """Create, run and watch virtual machines."""
 
     errors = (NoSuchMachineError, MachineExistsError, InvalidConfigError, WrongStateError, StartFailedError,
-              HostFailedError, PermissionDeniedError)
+              HostFailedError, PermissionDeniedError, LimitReachedError)
 
     def __init__(self, calls: Calls) -> None:
         #: what each call does (a client's proxy reads only this class's declarations, and needs none)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any
 from vmspawnd import messages
 from vmspawnd.config import MachineConfig
 from vmspawnd.console import ConsoleRelay
-from vmspawnd.errors import ConfigError, HostError, MachineExists, NoSuchMachine, StartError, WrongState
+from vmspawnd.errors import ConfigError, HostError, LimitReached, MachineExists, NoSuchMachine, StartError, WrongState
 from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.log import get_logger
 from vmspawnd.machine import ACTIVE, DEFAULT_STOP_TIMEOUT, Machine, State
@@ -42,6 +43,10 @@ log = get_logger()
 EVENT_QUEUE_LIMIT = 1024
 STATE_SUFFIX = ".state"  # <name>.state beside <name>.json: what the machine showed, for the next daemon
 PERSISTED_EVENTS = ("starting", "running", "stopping", "stopped", "failed")
+#: what one user but root may define (the daemon keeps it, in root's state dir and in memory: no quota of
+#: theirs counts it): machines, and bytes of definitions (their credentials are in them)
+MAX_MACHINES_PER_USER = 256
+MAX_DEFINITIONS_PER_USER = 64 << 20
 COLLECT_AFTER_RUNS = 0.5  # s after a run ended: its last tasks have finished, and runs ending together wait for one
 
 
@@ -62,6 +67,7 @@ class Entry:
     config: MachineConfig
     machine: Machine
     definition_error: str | None = None  # why its definition on disk cannot be used (it stays listed)
+    definition_size: int | None = None  # bytes of its definition on disk, once known
     owner: int = 0  # the uid that created it (it may control it)
 
     @property
@@ -363,18 +369,41 @@ class Manager:
         self._check_free(config.name)
         if plan is None:
             self.plan(config, Identity.of_uid(run_as))
+        definition = {"name": config.name, "owner": owner, "runAs": run_as, "config": config_to_json(config)}
+        if owner != 0:
+            self._check_allowance(owner, len(json.dumps(definition)))
         entry = self._new_entry(config)
         entry.owner, entry.machine.run_as = owner, run_as
         try:
             self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
-            definition = {"name": config.name, "owner": owner, "runAs": run_as, "config": config_to_json(config)}
-            write_json_atomic(self.definitions / f"{config.name}.json", definition, ahead=self._definition_ahead)
+            entry.definition_size = write_json_atomic(self.definitions / f"{config.name}.json", definition,
+                                                      ahead=self._definition_ahead)
         except OSError as e:
             raise HostError(f"cannot save the definition of {config.name}", e) from e
         self.machines[config.name] = entry
         log.info("machine created", machine=config.name, message_id=messages.CREATED)
         self._publish(config.name, "created", {})
         return entry
+
+    def _check_allowance(self, owner: int, adding: int) -> None:
+        """Refuse a machine of ``owner`` (not root) whose definition of ``adding`` bytes would give them
+        more than :data:`MAX_MACHINES_PER_USER` machines or :data:`MAX_DEFINITIONS_PER_USER` bytes."""
+        theirs = [entry for entry in self.machines.values() if entry.owner == owner]
+        if len(theirs) >= MAX_MACHINES_PER_USER:
+            raise LimitReached("machines", f"uid {owner} has {len(theirs)} machines, as many as a user but root "
+                               "may have; remove one first")
+        used = sum(self._definition_size(entry) for entry in theirs)
+        if used + adding > MAX_DEFINITIONS_PER_USER:
+            raise LimitReached("definitions", f"uid {owner}'s definitions would take {used + adding} bytes, more "
+                               f"than the {MAX_DEFINITIONS_PER_USER} a user but root may have (credentials count)")
+
+    def _definition_size(self, entry: Entry) -> int:
+        if entry.definition_size is None:
+            try:
+                entry.definition_size = (self.definitions / f"{entry.config.name}.json").stat().st_size
+            except OSError:
+                entry.definition_size = 0
+        return entry.definition_size
 
     def _check_free(self, name: str) -> None:
         if name in self.machines or (self.definitions / f"{name}.json").exists():

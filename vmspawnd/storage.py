@@ -18,12 +18,12 @@ from typing import Any
 
 
 def write_json_atomic(path: Path, data: Any, mode: int = 0o600, durable: bool = True,
-                      ahead: FileAhead | None = None) -> None:
+                      ahead: FileAhead | None = None) -> int:
     """Replace ``path`` with ``data`` as JSON: readers see the old file or the new one, never a torn one.
     ``durable``: also once the machine crashed (fsync); without it, once our process was killed.  A
     durable file is written for people to read (indented); the others compactly (much faster).
     ``ahead``: take the temporary file from there when it has one ready (it must be in ``path``'s
-    directory)."""
+    directory).  Returns the file's size."""
     text = json.dumps(data, indent=2, sort_keys=True) if durable else json.dumps(data, separators=(",", ":"))
     made = ahead.take() if ahead is not None else None
     tmp = made[0] if made else path.with_name(f".{path.name}.{os.getpid()}-{next(_temp_names)}.tmp")  # ours alone
@@ -35,7 +35,8 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o600, durable: bool = 
         if ahead is not None:
             ahead.make_next()
         try:
-            _write_all(fd, (text + "\n").encode())
+            encoded = (text + "\n").encode()
+            _write_all(fd, encoded)
             if mode != _CREATED_MODE:  # (a umask that takes the owner's read or write is not ours)
                 os.fchmod(fd, mode)
             if durable:
@@ -47,13 +48,13 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o600, durable: bool = 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    if not durable:
-        return
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    if durable:
+        dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+    return len(encoded)
 
 
 _temp_names = itertools.count()

@@ -9,6 +9,7 @@ near where they started.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import os
@@ -310,6 +311,62 @@ def test_one_user_cannot_take_every_connection_from_root_or_other_users() -> Non
             assert "connection limit reached" in d.log.read_text()
         finally:
             holder.communicate("")
+        assert_healthy(d)
+
+
+# Run as another user: Create calls (argv[2]: a JSON list of [name, config]) on one connection to
+# argv[1] until one fails; prints how many succeeded and the failing reply.
+CREATOR = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+made, reply = 0, None
+for name, config in json.loads(sys.stdin.read()):
+    s.sendall(json.dumps({"method": "io.vmspawnd.Manager.Create", "parameters": {"name": name, "config": config}}).encode() + b"\\0")
+    data = b""
+    while not data.endswith(b"\\0"):
+        data += s.recv(1 << 20)
+    reply = json.loads(data[:-1])
+    if "error" in reply:
+        break
+    made += 1
+print(json.dumps([made, reply]))
+"""
+
+
+def create_as(uid: int, d: Daemon, machines: list[tuple[str, dict]]) -> tuple[int, dict]:
+    """Create ``machines`` as ``uid`` until one fails: (how many were made, the last reply)."""
+    p = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/usr/bin/python3", "-c",
+                        CREATOR, str(d.socket)], input=json.dumps(machines), capture_output=True, text=True,
+                       timeout=300, check=True)
+    made, reply = json.loads(p.stdout)
+    return made, reply
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_one_user_cannot_fill_the_daemons_disk_and_memory_with_definitions(public_dir: Path) -> None:
+    kernel = public_dir / "vmlinuz"
+    kernel.write_bytes(b"not a kernel")
+    kernel.chmod(0o644)
+    with public_daemon() as d:
+        credential = base64.b64encode(random.randbytes(700_000)).decode()  # (a Create message holds 1 MiB)
+        big = [(f"big{i}", {"linux": str(kernel), "credentials": [f"blob:{credential}"]}) for i in range(100)]
+        made, reply = create_as(65534, d, big)
+        assert reply["error"] == "io.vmspawnd.Manager.LimitReached", reply
+        assert reply["parameters"]["limit"] == "definitions" and 60 <= made < 72, (made, reply)
+        used = sum(f.stat().st_size for f in (d.state / "machines").glob("big*.json"))
+        assert used <= 64 << 20, used
+        for i in range(made):
+            assert "error" not in call_as(65534, d.socket, "io.vmspawnd.Manager.Remove", {"name": f"big{i}"})
+        made, reply = create_as(65534, d, [(f"m{i}", {"linux": str(kernel)}) for i in range(300)])
+        assert (made, reply["error"], reply["parameters"]["limit"]) == (256, "io.vmspawnd.Manager.LimitReached",
+                                                                         "machines"), reply
+        assert "remove one first" in reply["parameters"]["reason"]
+        # root has no such limits, and another user has their own
+        assert "error" not in call_as(1, d.socket, "io.vmspawnd.Manager.Create",
+                                      {"name": "other", "config": {"linux": str(kernel)}})
+        assert "error" not in call_as(0, d.socket, "io.vmspawnd.Manager.Create",
+                                      {"name": "roots", "config": {"linux": str(kernel)}})
         assert_healthy(d)
 
 
