@@ -81,13 +81,17 @@ class QemuProcess:
         return cls.fork_early(die_with_parent=die_with_parent)
 
     @classmethod
-    def spawn(cls, argv: Sequence[str], fds: Sequence[int] = (), keep_stdin: bool = False) -> QemuProcess:
+    def spawn(cls, argv: Sequence[str], fds: Sequence[int] = (), keep_stdin: bool = False,
+              output: int | None = None) -> QemuProcess:
         """Start QEMU now, without a launcher: in a session of its own, with ``fds`` at the same numbers
         as ours and nothing else of ours (every other fd of ours is close-on-exec), stdin /dev/null unless
-        ``keep_stdin``, and signals at their defaults, none blocked.  Raises OSError if it cannot be exec'd."""
+        ``keep_stdin``, stdout and stderr ``output`` if given (else ours), and signals at their defaults,
+        none blocked.  Raises OSError if it cannot be exec'd."""
         actions: list[tuple] = [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in fds]  # (same number: inherited)
         if not keep_stdin:
             actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
+        if output is not None:
+            actions += [(os.POSIX_SPAWN_DUP2, output, 1), (os.POSIX_SPAWN_DUP2, output, 2)]
         env = ROOT.environment()  # (as we are: a spawned QEMU is never another user's)
         pid = os.posix_spawn(argv[0], list(argv), env, file_actions=actions, setsid=True,
                              setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
@@ -105,9 +109,10 @@ class QemuProcess:
         return process
 
     def exec(self, argv: Sequence[str], fds: Sequence[int] = (), identity: Identity = ROOT,
-             keep_stdin: bool = False) -> None:
+             keep_stdin: bool = False, output: int | None = None) -> None:
         """Make the early-forked launcher exec QEMU with ``fds`` at the same numbers as ours; QEMU's
-        stdin is /dev/null unless ``keep_stdin`` (the launcher has ours, as stdout and stderr)."""
+        stdin is /dev/null unless ``keep_stdin``, its stdout and stderr ``output`` if given (else the
+        launcher's, which are ours)."""
         assert self._channel is not None, "exec() is for processes started with fork_early()"
         sent, targets = list(fds), list(fds)
         devnull = -1
@@ -115,6 +120,9 @@ class QemuProcess:
             devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             sent.append(devnull)
             targets.append(0)
+        if output is not None:
+            sent += [output, output]
+            targets += [1, 2]
         request: dict[str, object] = {"argv": list(argv), "targets": targets, "env": identity.environment()}
         if identity.switches:  # the launcher becomes this user just before it execs QEMU
             request["user"] = [identity.uid, identity.gid, list(identity.groups)]

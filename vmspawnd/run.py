@@ -56,6 +56,7 @@ from vmspawnd.qemu.argv import (
 )
 from vmspawnd.qemu.disks import grow_image, root_cmdline_word
 from vmspawnd.qemu.firmware import FirmwareChoice, nvram_state_path, prepare_nvram
+from vmspawnd.qemu.output import QemuOutput
 from vmspawnd.qemu.qmp import Qmp
 from vmspawnd.qemu.vsock import (
     HYBRID_NOTIFY_PORT,
@@ -143,6 +144,7 @@ class Run:
         self._on_event = on_event
         self._die_with_parent = die_with_parent
         self._console_socket = console_socket
+        self._output: QemuOutput | None = None  # QEMU's stdout and stderr, read by a daemon's run
         self._running = False
         self._detached = False
         self._failure: str | None = None  # why the run fails, known before QEMU ends (a helper died, terminated)
@@ -261,10 +263,16 @@ class Run:
         argv = build_qemu_argv(run_config, resources)
         self.log.debug("spawning qemu", argv=" ".join(argv))
         keep_stdin = config.console is ConsoleMode.NATIVE
+        output = self._output = QemuOutput(self.log) if self._console_socket else None  # (a daemon's run)
+        if output is not None:
+            self._handles.callback(output.close)
+        output_fd = output.write_fd if output is not None else None
         if self.qemu is None:
-            self._spawn_qemu(argv, pass_fds, keep_stdin)
+            self._spawn_qemu(argv, pass_fds, keep_stdin, output_fd)
         else:
-            self.qemu.exec(argv, pass_fds, self.identity, keep_stdin=keep_stdin)
+            self.qemu.exec(argv, pass_fds, self.identity, keep_stdin=keep_stdin, output=output_fd)
+        if output is not None:
+            output.start()
             if self._spares is not None:
                 self._spares.launcher.refill()  # the next start's, while QEMU comes up
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)  # (a line costs ≈ 0.1 ms after idling)
@@ -287,10 +295,10 @@ class Run:
         has_scope = systemd is not None and not self.config.keep_unit
         return has_scope or self.identity.switches or self._die_with_parent
 
-    def _spawn_qemu(self, argv: list[str], fds: list[int], keep_stdin: bool) -> None:
+    def _spawn_qemu(self, argv: list[str], fds: list[int], keep_stdin: bool, output: int | None) -> None:
         """Start QEMU at once (no launcher) and record its pid, which only now exists."""
         try:
-            self.qemu = QemuProcess.spawn(argv, fds, keep_stdin=keep_stdin)
+            self.qemu = QemuProcess.spawn(argv, fds, keep_stdin=keep_stdin, output=output)
         except OSError as e:
             raise StartError(f"cannot run QEMU ({argv[0]}): {e.strerror or e}") from None
         self._handles.callback(self.qemu.close)
@@ -477,9 +485,14 @@ class Run:
             await self._qmp.connect(str(path), identity=self.identity)
         except Exception as e:
             rc = None if self.qemu.alive else self.qemu.returncode
-            where = "; its own message is in vmspawnd's log" if self._console_socket else ""  # (the daemon's stderr)
-            raise StartError(f"QEMU did not come up (exit status {rc}{where})" if rc is not None
-                             else f"cannot connect to QEMU's monitor: {e}") from e
+            if rc is None:
+                raise StartError(f"cannot connect to QEMU's monitor: {e}") from e
+            lines: list[str] = []
+            if self._output is not None:  # (else QEMU said it on our own stderr: vmspawn's user saw it)
+                await self._output.ended(1.0)
+                lines = [line for line in self._output.last if line.strip()]
+            said = ": " + " / ".join(lines) if lines else ""
+            raise StartError(f"QEMU did not come up (exit status {rc}){said}") from e
 
     async def _serve_control(self, rundir: Path) -> None:
         """The VM's ``io.systemd.MachineInstance`` socket (machinectl poweroff/reboot… on systemd ≥ 261)."""

@@ -379,12 +379,27 @@ def test_start_failure_is_reported_and_nothing_is_left(daemon, guest, tmp_path):
     assert daemon.status("broken")["failure"].startswith(f"invalid linux={kernel}: ")  # the field and the path
 
 
-def test_a_start_qemu_refuses_says_where_qemus_own_message_is(daemon, guest):
+def test_a_start_qemu_refuses_says_qemus_own_message(daemon, guest):
     create(daemon, guest, "topology", "--cpus=cpus=2,sockets=3")  # (QEMU's rule: the product is maxcpus)
     p = daemon.ctl("start", "topology")
-    assert p.returncode == 1 and "QEMU did not come up (exit status 1; its own message is in vmspawnd's log)" \
-        in p.stderr, p.stderr
-    assert "Invalid CPU topology" in daemon.log.read_text()
+    assert p.returncode == 1 and "QEMU did not come up (exit status 1): " in p.stderr, p.stderr
+    assert "Invalid CPU topology" in p.stderr and "Invalid CPU topology" in daemon.status("topology")["failure"]
+    logged = [line for line in daemon.log.read_text().splitlines() if "Invalid CPU topology" in line]
+    assert any(line.startswith("level=warning event=\"QEMU's output\" machine=topology") for line in logged), logged
+
+
+def test_a_users_qemu_cannot_write_lines_of_the_daemons_own_into_its_log(daemon, guest):
+    # QEMU's stdout and stderr are a pipe the daemon reads, each line one field of an entry of its own
+    create(daemon, guest, "chatty")
+    assert daemon.ctl("start", "chatty").returncode == 0
+    pid = daemon.status("chatty")["pid"]
+    with open(f"/proc/{pid}/fd/2", "w") as stderr:  # (what QEMU's user may do: it is their process)
+        stderr.write('level=warning event="machine removed" machine=prod by=root\n' * 3)
+    poll(lambda: daemon.log.read_text().count("QEMU's output"), lambda n: n >= 3, 10)
+    forged = [line for line in daemon.log.read_text().splitlines() if "machine removed" in line]
+    assert len(forged) == 3 and all(line.startswith("level=warning event=\"QEMU's output\"") and
+                                    "machine=chatty" in line for line in forged), forged
+    assert daemon.ctl("kill", "chatty").returncode == 0
 
 
 def test_a_kill_takes_only_a_signal_number(daemon, tmp_path):

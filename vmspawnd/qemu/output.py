@@ -1,0 +1,100 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""QEMU's stdout and stderr under the daemon: a pipe that the daemon reads.
+
+QEMU had the daemon's own stdout and stderr (its journal stream, under systemd), so a VM's user,
+who may attach to their QEMU, could write lines into the daemon's log that looked like the
+daemon's.  Now each line QEMU writes is one field of one log entry of the daemon's, named as
+QEMU's output of that machine; a QEMU that writes a flood is heard :data:`BURST` lines at once and
+one a second after that.  The last lines also say why a QEMU that did not come up exited.
+
+A restarted daemon does not read the pipe of a VM it adopts: that QEMU's later output is lost
+(QEMU ignores SIGPIPE, so it only loses the lines).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import time
+
+from vmspawnd.log import Logger
+
+TAIL_LINES = 8  # kept for an error message
+MAX_LINE = 1000  # characters of a line kept (the rest of a longer one is dropped)
+BURST = 100  # lines logged at once; then one a second
+
+
+class QemuOutput:
+    """The pipe for one QEMU's output: :attr:`write_fd` is QEMU's stdout and stderr; :meth:`start`
+    reads it (once QEMU holds it), :attr:`last` has the last lines, :meth:`close` ends it."""
+
+    def __init__(self, log: Logger) -> None:
+        self._log = log
+        self._read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        os.set_blocking(self.write_fd, True)  # (QEMU's end: QEMU expects blocking writes)
+        self.last: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._partial = b""
+        self._tokens, self._refilled = float(BURST), time.monotonic()
+        self._dropped = 0
+        self._ended = asyncio.Event()
+
+    def start(self) -> None:
+        """Read QEMU's output from now on (our copy of its end is closed: EOF comes with QEMU's exit)."""
+        os.close(self.write_fd)
+        self.write_fd = -1
+        asyncio.get_running_loop().add_reader(self._read_fd, self._readable)
+
+    async def ended(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until QEMU's last line was read."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), timeout)
+
+    def close(self) -> None:
+        if self._read_fd >= 0:
+            self._finish()
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._read_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._finish()
+            return
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        if len(self._partial) > MAX_LINE:
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            self._line(line.decode(errors="replace")[:MAX_LINE])
+
+    def _line(self, line: str) -> None:
+        self.last.append(line)
+        now = time.monotonic()
+        self._tokens = min(float(BURST), self._tokens + (now - self._refilled))
+        self._refilled = now
+        if self._tokens < 1:
+            self._dropped += 1
+            return
+        self._tokens -= 1
+        if self._dropped:
+            self._log.warning("QEMU wrote more than is logged; lines were dropped", dropped=self._dropped)
+            self._dropped = 0
+        self._log.warning("QEMU's output", output=line)
+
+    def _finish(self) -> None:
+        if self._partial:
+            self._line(self._partial.decode(errors="replace")[:MAX_LINE])
+            self._partial = b""
+        with contextlib.suppress(ValueError, RuntimeError):  # (no loop, or never started)
+            asyncio.get_running_loop().remove_reader(self._read_fd)
+        os.close(self._read_fd)
+        self._read_fd = -1
+        self._ended.set()
