@@ -128,10 +128,15 @@ def _check_files(config: MachineConfig) -> None:
         if not os.access(path, mode, effective_ids=True):
             raise ConfigError(what, str(path), "permission denied (" + ("read and write" if mode & os.W_OK
                                                                         else "read") + " access is needed)")
-    for what, location in (("tpm-state", config.tpm_state), ("efi-nvram-state", config.efi_nvram_state)):
+    for what, location, kind in (("tpm-state", config.tpm_state, "directory"),
+                                 ("efi-nvram-state", config.efi_nvram_state, "regular file")):
         path = location.path  # an explicit one: it, or the directory it will be created in, must be writable
         if path is None:
             continue
+        if os.path.islink(path) and not os.path.exists(path):  # (os.path's: False where we may not look)
+            raise ConfigError(what, str(path), "a symlink to nothing (a new state is never made through one)")
+        if os.path.exists(path) and os.path.isdir(path) != (kind == "directory"):
+            raise ConfigError(what, str(path), f"exists but is not a {kind}")
         existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
         mode = rw if existing == path and not existing.is_dir() else os.W_OK | os.X_OK
         if not os.access(existing, mode, effective_ids=True):

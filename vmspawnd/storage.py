@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o600, durable: bool = 
     directory).  Returns the file's size."""
     text = json.dumps(data, indent=2, sort_keys=True) if durable else json.dumps(data, separators=(",", ":"))
     made = ahead.take() if ahead is not None else None
-    tmp = made[0] if made else path.with_name(f".{path.name}.{os.getpid()}-{next(_temp_names)}.tmp")  # ours alone
+    tmp = made[0] if made else temp_path(path)
     try:
         if made:
             fd = made[1]
@@ -58,6 +59,12 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o600, durable: bool = 
 
 
 _temp_names = itertools.count()
+
+
+def temp_path(path: Path) -> Path:
+    """A name for a temporary file beside ``path``, ours alone, that :func:`remove_leftover_temps`
+    removes once we are gone."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{next(_temp_names)}.tmp")
 _CREATED_MODE = 0o600
 _TEMP_NAME = re.compile(r"\..*\.(\d+)-\d+\.tmp")  # what write_json_atomic and FileAhead name their files
 
@@ -120,12 +127,13 @@ class FileAhead:
         return tmp, self.create(tmp, unnamed_first=True)
 
 
-def remove_leftover_temps(directory: Path) -> list[Path]:
+def remove_leftover_temps(directory: Path, of: str | None = None) -> list[Path]:
     """Remove the temporary files left in ``directory`` by processes that are gone (a crash while
-    writing, or a file made ahead); returns them.  Called before this process writes there, so one
-    named with our own pid is an earlier process's (pids are reused, as by a restarted container)."""
+    writing, or a file made ahead), or only those for the file ``of``; returns them.  Called before
+    this process writes there, so one named with our own pid is an earlier process's (pids are
+    reused, as by a restarted container)."""
     removed = []
-    for path in directory.glob(".*.tmp"):
+    for path in directory.glob(f".{glob_escape(of)}.*.tmp" if of else ".*.tmp"):
         match = _TEMP_NAME.fullmatch(path.name)
         if match is None or (int(match.group(1)) != os.getpid() and _alive(int(match.group(1)))):
             continue

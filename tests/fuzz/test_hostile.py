@@ -322,7 +322,8 @@ s = socket.socket(socket.AF_UNIX)
 s.connect(sys.argv[1])
 made, reply = 0, None
 for name, config in json.loads(sys.stdin.read()):
-    s.sendall(json.dumps({"method": "io.vmspawnd.Manager.Create", "parameters": {"name": name, "config": config}}).encode() + b"\\0")
+    call = {"method": "io.vmspawnd.Manager.Create", "parameters": {"name": name, "config": config}}
+    s.sendall(json.dumps(call).encode() + b"\\0")
     data = b""
     while not data.endswith(b"\\0"):
         data += s.recv(1 << 20)

@@ -379,6 +379,20 @@ def test_nvram_is_created_once_then_reused_and_never_overwritten(tmp_path, templ
     assert list(runtime.iterdir()) == []
 
 
+def test_a_copy_of_the_nvram_template_a_crash_interrupted_is_removed_by_the_next(tmp_path, template):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # (its pid is no process's now)
+    state = tmp_path / "n7.vars"
+    leftover = tmp_path / f".n7.vars.{gone.pid}-0.tmp"  # what a daemon killed while copying left
+    leftover.write_bytes(b"half a copy")
+    others = [tmp_path / f".other.{gone.pid}-0.tmp", tmp_path / ".n7.vars.notes.tmp"]  # another's; not a temp of ours
+    for path in others:
+        path.write_bytes(b"theirs")
+    assert prepare_nvram(template, state, tmp_path) == state
+    assert state.read_bytes() == template.read_bytes()
+    assert not leftover.exists() and all(path.read_bytes() == b"theirs" for path in others)
+
+
 def test_nvram_creation_never_replaces_a_store_that_appears_meanwhile(tmp_path, template, monkeypatch):
     state = tmp_path / "vars"
     real_link = os.link

@@ -145,3 +145,18 @@ def test_text_that_others_chose_cannot_drive_the_readers_terminal(daemon, tmp_pa
     assert "vmlinuz\\x1b]0;owned\\x07\\x1b[31m" in shown, shown
     listed = json.loads(daemon.ctl("--json", "status", "web").stdout)
     assert listed["config"]["linux"] == str(kernel)  # JSON keeps the text as it is
+
+
+def test_a_state_path_that_cannot_hold_the_state_is_refused_at_create(daemon, tmp_path):
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_bytes(b"")
+    for option, field, reason in (
+            (f"--efi-nvram-state={tmp_path / 'dangling'}", "efiNvramState", "a symlink to nothing"),
+            (f"--efi-nvram-state={tmp_path / 'adir'}", "efiNvramState", "exists but is not a regular file"),
+            (f"--tpm-state={tmp_path / 'afile'}", "tpmState", "exists but is not a directory")):
+        p = daemon.ctl("create", "web", f"--linux={kernel}", "--firmware=bios", option)
+        assert p.returncode == 1 and f"invalid {field}=" in p.stderr and reason in p.stderr, (option, p.stderr)
+    assert not (tmp_path / "nowhere").exists()

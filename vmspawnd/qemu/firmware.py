@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 from vmspawnd.errors import ConfigError
 from vmspawnd.log import get_logger
 from vmspawnd.qemu import qemu_escape
+from vmspawnd.storage import remove_leftover_temps, temp_path
 from vmspawnd.values import StateLocation, Tristate, parse_tristate
 
 log = get_logger()
@@ -510,7 +510,9 @@ def nvram_state_path(location: StateLocation, image_or_directory: Path | None, e
 
 def _copy_new(template: Path, target: Path, *, replace: bool) -> bool:
     """Copy ``template`` to ``target`` through a temp file; False if ``target`` appeared meanwhile."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_leftover_temps(target.parent, of=target.name)  # (a copy a crash interrupted)
+    tmp = temp_path(target)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as out, open(template, "rb") as src:
             shutil.copyfileobj(src, out)
