@@ -36,9 +36,13 @@ _SYS_SETGROUPS = {"x86_64": 116, "aarch64": 159, "riscv64": 159, "loongarch64": 
 
 #: what the service manager (or the caller) gave us for us alone, not for the processes we start
 OURS_ALONE = frozenset(("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDS", "LISTEN_FDNAMES",
-                        "WATCHDOG_PID", "WATCHDOG_USEC", "MANAGERPID", "SYSTEMD_EXEC_PID", "INVOCATION_ID",
-                        "JOURNAL_STREAM", "RUNTIME_DIRECTORY", "STATE_DIRECTORY", "CREDENTIALS_DIRECTORY",
-                        "MONITOR_EXIT_CODE", "MONITOR_EXIT_STATUS", "MONITOR_SERVICE_RESULT"))
+                        "WATCHDOG_PID", "WATCHDOG_USEC", "MANAGERPID", "MAINPID", "SYSTEMD_EXEC_PID",
+                        "INVOCATION_ID", "JOURNAL_STREAM", "FDSTORE", "RUNTIME_DIRECTORY", "STATE_DIRECTORY",
+                        "CACHE_DIRECTORY", "LOGS_DIRECTORY", "CONFIGURATION_DIRECTORY", "CREDENTIALS_DIRECTORY",
+                        "MEMORY_PRESSURE_WATCH", "MEMORY_PRESSURE_WRITE", "SERVICE_RESULT", "EXIT_CODE",
+                        "EXIT_STATUS", "MONITOR_EXIT_CODE", "MONITOR_EXIT_STATUS", "MONITOR_SERVICE_RESULT",
+                        "MONITOR_INVOCATION_ID", "MONITOR_UNIT", "TRIGGER_UNIT", "TRIGGER_PATH",
+                        "TRIGGER_TIMER_REALTIME_USEC", "TRIGGER_TIMER_MONOTONIC_USEC", "REMOTE_ADDR", "REMOTE_PORT"))
 #: what of our environment a process running as another user gets
 PASSED_TO_USERS = frozenset(("PATH", "LANG", "LANGUAGE", "TZ"))
 

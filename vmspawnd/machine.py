@@ -174,7 +174,7 @@ class Machine:
                 await run.start()
             except BaseException as e:
                 error = e
-                if isinstance(e, OSError):  # the host refused something: say what it was about
+                if isinstance(e, OSError) and not isinstance(e, TimeoutError):  # the host refused something
                     where = f" ({e.filename})" if e.filename else ""
                     error = HostError(f"cannot start {self.config.name}{where}", e)
                 reason = str(error) or type(error).__name__  # (a ConfigError's names its field and value)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,10 +31,10 @@ from vmspawnd.machine import ACTIVE, DEFAULT_STOP_TIMEOUT, Machine, State
 from vmspawnd.plan import LaunchPlan, plan_launch
 from vmspawnd.run import Run
 from vmspawnd.runrecord import RunRecord
-from vmspawnd.runtime import RuntimeDir, make_base
+from vmspawnd.runtime import RuntimeDir, make_base, sweep_discarded
 from vmspawnd.settings import JSON_FIELDS, config_from_json, config_to_json, json_field_name
 from vmspawnd.spares import Spares
-from vmspawnd.storage import FileAhead, read_json, remove_leftover_temps, write_json_atomic
+from vmspawnd.storage import FileAhead, encode_json, read_json, remove_leftover_temps, write_json_atomic
 from vmspawnd.values import ConsoleMode, validate_machine_name
 
 log = get_logger()
@@ -109,6 +108,7 @@ class Manager:
         for path in remove_leftover_temps(self.definitions):
             log.info("removed a temporary file left by an earlier daemon", path=str(path))
         make_base(self.runtime_base)
+        await asyncio.to_thread(sweep_discarded, self.runtime_base)  # (what runs that a crash cut short left)
         definitions = self._definition_files()
         for stale in sorted(self.definitions.glob(f"*{STATE_SUFFIX}")):
             if stale.name.removesuffix(STATE_SUFFIX) not in definitions:  # (its definition went by hand)
@@ -371,7 +371,7 @@ class Manager:
             self.plan(config, Identity.of_uid(run_as))
         definition = {"name": config.name, "owner": owner, "runAs": run_as, "config": config_to_json(config)}
         if owner != 0:
-            self._check_allowance(owner, len(json.dumps(definition)))
+            self._check_allowance(owner, len(encode_json(definition)))
         entry = self._new_entry(config)
         entry.owner, entry.machine.run_as = owner, run_as
         try:

@@ -135,7 +135,7 @@ def _check_files(config: MachineConfig) -> None:
             continue
         if os.path.islink(path) and not os.path.exists(path):  # (os.path's: False where we may not look)
             raise ConfigError(what, str(path), "a symlink to nothing (a new state is never made through one)")
-        if os.path.exists(path) and os.path.isdir(path) != (kind == "directory"):
+        if os.path.exists(path) and not (os.path.isdir if kind == "directory" else os.path.isfile)(path):
             raise ConfigError(what, str(path), f"exists but is not a {kind}")
         existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
         mode = rw if existing == path and not existing.is_dir() else os.W_OK | os.X_OK

@@ -271,10 +271,10 @@ class Run:
             self._spawn_qemu(argv, pass_fds, keep_stdin, output_fd)
         else:
             self.qemu.exec(argv, pass_fds, self.identity, keep_stdin=keep_stdin, output=output_fd)
-        if output is not None:
-            output.start()
             if self._spares is not None:
                 self._spares.launcher.refill()  # the next start's, while QEMU comes up
+        if output is not None:
+            output.start()
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)  # (a line costs ≈ 0.1 ms after idling)
         for sock in (qmp_sock, console_sock):  # QEMU has its copies
             if sock is not None:

@@ -23,6 +23,7 @@ import fcntl
 import os
 import shutil
 import stat
+import threading
 from pathlib import Path
 
 from vmspawnd.errors import ConfigError
@@ -31,8 +32,13 @@ from vmspawnd.proc import check_socket_path
 
 BASE_MODE = 0o711
 RECORDS_SUFFIX = ".run"
-#: how many times a dir being discarded is sealed and removed before it is left under its hidden name
-DISCARD_PASSES = 8
+#: how a discarded dir is named (hidden: ``.<name>.<random>.gone``) while it is removed
+DISCARDED_SUFFIX = ".gone"
+#: how many times a discarded dir is sealed and emptied before it is left (for :func:`sweep_discarded`)
+DISCARD_PASSES = 64
+#: how deep a discarded dir is walked at once (deeper dirs are moved up for the next pass)
+DISCARD_DEPTH = 32
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 def runtime_base() -> Path:
@@ -146,26 +152,76 @@ def _make_private_dir(path: Path, identity: Identity = ROOT) -> None:
 
 def _discard(path: Path) -> None:
     """Remove ``path``, a dir its user may still be writing to (a process of theirs in it can make
-    entries as fast as we remove them).  It is renamed aside first, so its name is free at once; then
-    every directory in it is made ours and 0700, so that nothing new can be put in it, and removed.
-    Never follows a symlink.  What resists :data:`DISCARD_PASSES` passes stays under its hidden name."""
-    aside = path.with_name(f".{path.name}.{os.urandom(6).hex()}.gone")  # (no machine's name has a '.')
+    entries as fast as we remove them), and may have filled with symlinks, FIFOs and devices.  It is
+    renamed aside first, so its name is free at once; then emptied by :func:`_seal_and_empty` in a
+    thread of its own (its user chose how big it is: the event loop must not wait for it).  What
+    resists (a tree deeper than :data:`DISCARD_DEPTH` levels beyond :data:`DISCARD_PASSES` passes),
+    or was left when our process ended, stays under its hidden name for :func:`sweep_discarded`."""
+    aside = path.with_name(f".{path.name}.{os.urandom(6).hex()}{DISCARDED_SUFFIX}")  # (no machine's name has a '.')
     try:
         os.rename(path, aside)
     except FileNotFoundError:
         return
-    if not stat.S_ISDIR(os.lstat(aside).st_mode):
-        aside.unlink()
-        return
-    for _ in range(DISCARD_PASSES):
+    threading.Thread(target=_remove_discarded, args=(aside,), name="discard", daemon=True).start()
+
+
+def sweep_discarded(base: Path) -> None:
+    """Remove what :func:`_discard` left in ``base`` (a daemon killed meanwhile, or a tree that resisted)."""
+    with contextlib.suppress(OSError):
+        for entry in base.glob(f".*{DISCARDED_SUFFIX}"):
+            _remove_discarded(entry)
+
+
+def _remove_discarded(aside: Path) -> None:
+    try:
+        fd = os.open(aside, _DIR_FLAGS)
+    except OSError:  # not a directory (or gone)
         with contextlib.suppress(OSError):
-            for _dir, _dirs, _files, dir_fd in os.fwalk(aside):  # (top-down: each dir sealed before its children)
-                with contextlib.suppress(OSError):
-                    os.fchown(dir_fd, os.geteuid(), os.getegid())
-                    os.fchmod(dir_fd, 0o700)
-        shutil.rmtree(aside, ignore_errors=True)  # (fd-based on Linux, as fwalk)
-        if not os.path.lexists(aside):
-            return
+            aside.unlink()
+        return
+    try:
+        for _ in range(DISCARD_PASSES):
+            with contextlib.suppress(OSError):
+                if not _seal_and_empty(fd, fd, 0):
+                    break
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(aside)
+
+
+def _seal_and_empty(dir_fd: int, top_fd: int, depth: int) -> bool:
+    """Make the directory open at ``dir_fd`` ours and 0700 (so that nothing new can be put in it), then
+    remove what is in it, opening each entry only as a directory and never through a symlink (so no
+    FIFO, device or other file of the user's is ever opened).  A directory :data:`DISCARD_DEPTH` deep is
+    moved up to ``top_fd`` for the next pass instead.  True if something is left."""
+    os.fchown(dir_fd, os.geteuid(), os.getegid())
+    os.fchmod(dir_fd, 0o700)
+    left = False
+    for name in os.listdir(dir_fd):
+        try:
+            child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        except OSError:  # a file, a symlink, a FIFO…: unlinked, never opened
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                left = True
+            continue
+        try:
+            if depth + 1 >= DISCARD_DEPTH:
+                os.rename(name, f"deep.{os.urandom(6).hex()}", src_dir_fd=dir_fd, dst_dir_fd=top_fd)
+                left = True
+                continue
+            left |= _seal_and_empty(child, top_fd, depth + 1)
+        finally:
+            os.close(child)
+        try:
+            os.rmdir(name, dir_fd=dir_fd)
+        except OSError:
+            left = True
+    return left
 
 
 def _remove(entry: Path) -> None:

@@ -120,8 +120,9 @@ class ServerLimits:
 
     @property
     def max_for_users(self) -> int:
-        """Connections all users but root may hold together: the cap but a sixteenth, kept for root."""
-        return self.max_connections - self.max_connections // 16
+        """Connections all users but root may hold together: the cap but a sixteenth (at least one), kept
+        for root."""
+        return self.max_connections - min(max(1, self.max_connections // 16), self.max_connections - 1)
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most ``timeout`` s) for the calls in flight, e.g. subscriptions' last replies."""

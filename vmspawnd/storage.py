@@ -25,7 +25,7 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o600, durable: bool = 
     durable file is written for people to read (indented); the others compactly (much faster).
     ``ahead``: take the temporary file from there when it has one ready (it must be in ``path``'s
     directory).  Returns the file's size."""
-    text = json.dumps(data, indent=2, sort_keys=True) if durable else json.dumps(data, separators=(",", ":"))
+    encoded = encode_json(data, durable)
     made = ahead.take() if ahead is not None else None
     tmp = made[0] if made else temp_path(path)
     try:
@@ -36,7 +36,6 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o600, durable: bool = 
         if ahead is not None:
             ahead.make_next()
         try:
-            encoded = (text + "\n").encode()
             _write_all(fd, encoded)
             if mode != _CREATED_MODE:  # (a umask that takes the owner's read or write is not ours)
                 os.fchmod(fd, mode)
@@ -58,13 +57,19 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o600, durable: bool = 
     return len(encoded)
 
 
-_temp_names = itertools.count()
+def encode_json(data: Any, durable: bool = True) -> bytes:
+    """What :func:`write_json_atomic` writes: indented for a durable file (people read those), else compact."""
+    text = json.dumps(data, indent=2, sort_keys=True) if durable else json.dumps(data, separators=(",", ":"))
+    return (text + "\n").encode()
 
 
 def temp_path(path: Path) -> Path:
     """A name for a temporary file beside ``path``, ours alone, that :func:`remove_leftover_temps`
     removes once we are gone."""
     return path.with_name(f".{path.name}.{os.getpid()}-{next(_temp_names)}.tmp")
+
+
+_temp_names = itertools.count()
 _CREATED_MODE = 0o600
 _TEMP_NAME = re.compile(r"\..*\.(\d+)-\d+\.tmp")  # what write_json_atomic and FileAhead name their files
 

@@ -5,6 +5,7 @@ root's, must get a dir of its own, with nothing of theirs in it (``nobody`` play
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.polling import poll
 from vmspawnd.guest.credentials import write_credentials
 from vmspawnd.identity import ROOT, Identity
 from vmspawnd.runtime import RuntimeDir
@@ -77,15 +79,60 @@ def test_a_new_run_gets_a_new_dir_not_the_one_an_earlier_runs_user_still_writes_
     assert files.smbios == [rundir / "smbios" / "secret.token"]
     assert stat.S_ISREG(os.lstat(files.smbios[0]).st_mode)
     assert victim.read_text() == "root's data\n"
-    # the old dir is gone: no hidden leftover that the racer could go on filling
-    assert sorted(p.name for p in rundir.parent.iterdir()) == ["web", "web.run"]
+    # the old dir is gone (removed in the background): no hidden leftover the racer could go on filling
+    poll(lambda: sorted(p.name for p in rundir.parent.iterdir()), lambda names: names == ["web", "web.run"], 10)
     runtime.remove()
-    assert sorted(p.name for p in rundir.parent.iterdir()) == []
+    poll(lambda: list(rundir.parent.iterdir()), lambda entries: entries == [], 10)
 
 
 def test_a_removed_runs_dir_is_gone_even_while_its_user_writes_to_it(racer) -> None:
     runtime, _, proc = racer
     runtime.lock()
     runtime.remove()  # e.g. the machine removed: its runtime dirs go with it
-    assert list(runtime.path.parent.iterdir()) == []
+    assert not runtime.path.exists()  # (its name is free at once)
+    poll(lambda: list(runtime.path.parent.iterdir()), lambda entries: entries == [], 10)
     assert proc.poll() is None  # (it was still at work, in a dir that is no more)
+
+
+def test_removing_a_users_dir_never_opens_or_follows_what_they_put_in_it(public_dir: Path) -> None:
+    outside = public_dir / "outside"  # what the user's entries point to: never touched
+    (outside / "dir").mkdir(parents=True)
+    (outside / "dir" / "keep").write_text("kept")
+    os.mkfifo(outside / "fifo")
+    runtime = RuntimeDir(public_dir / "machines", "web")
+    runtime.lock()
+    rundir = runtime.renew(Identity.of_uid(NOBODY))
+    nested = rundir / "a"
+    for _ in range(100):  # deeper than a pass walks at once
+        nested = nested / "a"
+    nested.mkdir(parents=True)
+    os.mkfifo(rundir / "fifo")  # opened, it would block the daemon
+    os.mkfifo(nested / "fifo")
+    (rundir / "to-dir").symlink_to(outside / "dir")
+    (rundir / "a" / "to-fifo").symlink_to(outside / "fifo")
+    (rundir / "to-null").symlink_to("/dev/null")
+    runtime.remove()
+    poll(lambda: list(runtime.path.parent.iterdir()), lambda entries: entries == [], 10)
+    assert (outside / "dir" / "keep").read_text() == "kept" and stat.S_ISFIFO(os.stat(outside / "fifo").st_mode)
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_a_dir_swapped_for_a_fifo_while_it_is_removed_is_not_opened(public_dir: Path, monkeypatch) -> None:
+    # (the user's race: a dir when listed, a FIFO when opened, which would block an open() forever)
+    runtime = RuntimeDir(public_dir / "machines", "web")
+    runtime.lock()
+    rundir = runtime.renew(Identity.of_uid(NOBODY))
+    (rundir / "d").mkdir()
+    listdir = os.listdir
+
+    def swapping_listdir(path):  # the user's swap, between our listing and our open
+        names = listdir(path)
+        if "d" in names and isinstance(path, int):
+            with contextlib.suppress(OSError):
+                os.rmdir("d", dir_fd=path)
+                os.mkfifo("d", dir_fd=path)
+        return names
+
+    monkeypatch.setattr(os, "listdir", swapping_listdir)
+    runtime.remove()
+    poll(lambda: list(runtime.path.parent.iterdir()), lambda entries: entries == [], 10)

@@ -228,7 +228,7 @@ def _print_host_details(name: str, units: list[str]) -> None:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            print(f"{' ' * 13}{'└─' if i == len(pids) - 1 else '├─'}{pid} {cmdline.strip()[:100]}")
+            print(f"{' ' * 13}{'└─' if i == len(pids) - 1 else '├─'}{pid} {_printable(cmdline.strip()[:100])}")
     journal = _run(["journalctl", "--no-pager", "--quiet", f"--lines={JOURNAL_LINES}", "--output=short",
                     f"MACHINE={name}"])
     if journal.strip():
@@ -490,7 +490,7 @@ def _user_name(uid: int) -> str:
 
 
 def _describe_error(e: VarlinkErrorReply) -> str:
-    params = e.paramstojson() if hasattr(e, "paramstojson") else {}
+    params = _printable(e.paramstojson() if hasattr(e, "paramstojson") else {})  # (QEMU's words, users' paths)
     short = e.name.rsplit(".", 1)[-1]
     if short == "NoSuchMachine":
         return f"no machine named {params.get('name')}"

@@ -22,7 +22,7 @@ import time
 from vmspawnd.log import Logger
 
 TAIL_LINES = 8  # kept for an error message
-MAX_LINE = 1000  # characters of a line kept (the rest of a longer one is dropped)
+MAX_LINE = 1000  # bytes of a line: a longer one is cut into lines of this size
 BURST = 100  # lines logged at once; then one a second
 
 
@@ -69,11 +69,12 @@ class QemuOutput:
             self._finish()
             return
         *lines, self._partial = (self._partial + data).split(b"\n")
-        if len(self._partial) > MAX_LINE:
-            lines.append(self._partial)
-            self._partial = b""
+        while len(self._partial) >= MAX_LINE:
+            lines.append(self._partial[:MAX_LINE])
+            self._partial = self._partial[MAX_LINE:]
         for line in lines:
-            self._line(line.decode(errors="replace")[:MAX_LINE])
+            for start in range(0, max(1, len(line)), MAX_LINE):
+                self._line(line[start:start + MAX_LINE].decode(errors="replace"))
 
     def _line(self, line: str) -> None:
         self.last.append(line)
@@ -91,8 +92,11 @@ class QemuOutput:
 
     def _finish(self) -> None:
         if self._partial:
-            self._line(self._partial.decode(errors="replace")[:MAX_LINE])
+            self._line(self._partial.decode(errors="replace"))
             self._partial = b""
+        if self._dropped:
+            self._log.warning("QEMU wrote more than is logged; lines were dropped", dropped=self._dropped)
+            self._dropped = 0
         with contextlib.suppress(ValueError, RuntimeError):  # (no loop, or never started)
             asyncio.get_running_loop().remove_reader(self._read_fd)
         os.close(self._read_fd)
