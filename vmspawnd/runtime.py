@@ -36,6 +36,8 @@ RECORDS_SUFFIX = ".run"
 DISCARDED_SUFFIX = ".gone"
 #: how many times a discarded dir is sealed and emptied before it is left (for :func:`sweep_discarded`)
 DISCARD_PASSES = 64
+#: how many entries of a discarded dir are removed at once, before the rest goes to a thread
+DISCARD_AT_ONCE = 1000
 #: how deep a discarded dir is walked at once (deeper dirs are moved up for the next pass)
 DISCARD_DEPTH = 32
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -153,16 +155,18 @@ def _make_private_dir(path: Path, identity: Identity = ROOT) -> None:
 def _discard(path: Path) -> None:
     """Remove ``path``, a dir its user may still be writing to (a process of theirs in it can make
     entries as fast as we remove them), and may have filled with symlinks, FIFOs and devices.  It is
-    renamed aside first, so its name is free at once; then emptied by :func:`_seal_and_empty` in a
-    thread of its own (its user chose how big it is: the event loop must not wait for it).  What
-    resists (a tree deeper than :data:`DISCARD_DEPTH` levels beyond :data:`DISCARD_PASSES` passes),
-    or was left when our process ended, stays under its hidden name for :func:`sweep_discarded`."""
+    renamed aside first, so its name is free at once; then emptied by :func:`_seal_and_empty`: here
+    up to :data:`DISCARD_AT_ONCE` entries (a run's own files), the rest in a thread of its own (its
+    user chose how big it is: the event loop must not wait for it).  What resists (a tree deeper than
+    :data:`DISCARD_DEPTH` levels beyond :data:`DISCARD_PASSES` passes), or was left when our process
+    ended, stays under its hidden name for :func:`sweep_discarded`."""
     aside = path.with_name(f".{path.name}.{os.urandom(6).hex()}{DISCARDED_SUFFIX}")  # (no machine's name has a '.')
     try:
         os.rename(path, aside)
     except FileNotFoundError:
         return
-    threading.Thread(target=_remove_discarded, args=(aside,), name="discard", daemon=True).start()
+    if not _remove_discarded(aside, budget=[DISCARD_AT_ONCE]):
+        threading.Thread(target=_remove_discarded, args=(aside,), name="discard", daemon=True).start()
 
 
 def sweep_discarded(base: Path) -> None:
@@ -172,33 +176,43 @@ def sweep_discarded(base: Path) -> None:
             _remove_discarded(entry)
 
 
-def _remove_discarded(aside: Path) -> None:
+def _remove_discarded(aside: Path, budget: list[int] | None = None) -> bool:
+    """Remove ``aside`` (see :func:`_discard`), looking at no more entries than ``budget[0]`` if given;
+    True if it is gone."""
     try:
         fd = os.open(aside, _DIR_FLAGS)
     except OSError:  # not a directory (or gone)
         with contextlib.suppress(OSError):
             aside.unlink()
-        return
+        return not os.path.lexists(aside)
     try:
         for _ in range(DISCARD_PASSES):
             with contextlib.suppress(OSError):
-                if not _seal_and_empty(fd, fd, 0):
+                if not _seal_and_empty(fd, fd, 0, budget):
                     break
+            if budget is not None and budget[0] <= 0:
+                return False
     finally:
         os.close(fd)
     with contextlib.suppress(OSError):
         os.rmdir(aside)
+    return not os.path.lexists(aside)
 
 
-def _seal_and_empty(dir_fd: int, top_fd: int, depth: int) -> bool:
+def _seal_and_empty(dir_fd: int, top_fd: int, depth: int, budget: list[int] | None) -> bool:
     """Make the directory open at ``dir_fd`` ours and 0700 (so that nothing new can be put in it), then
     remove what is in it, opening each entry only as a directory and never through a symlink (so no
     FIFO, device or other file of the user's is ever opened).  A directory :data:`DISCARD_DEPTH` deep is
-    moved up to ``top_fd`` for the next pass instead.  True if something is left."""
+    moved up to ``top_fd`` for the next pass instead.  Stops once ``budget[0]`` entries were looked at.
+    True if something is left."""
     os.fchown(dir_fd, os.geteuid(), os.getegid())
     os.fchmod(dir_fd, 0o700)
     left = False
     for name in os.listdir(dir_fd):
+        if budget is not None:
+            budget[0] -= 1
+            if budget[0] < 0:
+                return True
         try:
             child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
         except OSError:  # a file, a symlink, a FIFO…: unlinked, never opened
@@ -214,7 +228,7 @@ def _seal_and_empty(dir_fd: int, top_fd: int, depth: int) -> bool:
                 os.rename(name, f"deep.{os.urandom(6).hex()}", src_dir_fd=dir_fd, dst_dir_fd=top_fd)
                 left = True
                 continue
-            left |= _seal_and_empty(child, top_fd, depth + 1)
+            left |= _seal_and_empty(child, top_fd, depth + 1, budget)
         finally:
             os.close(child)
         try:
