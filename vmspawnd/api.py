@@ -9,7 +9,7 @@ import dataclasses
 import time
 import typing
 
-from asyncvarlink import FileDescriptor, GenericVarlinkErrorReply, LastResult, TypedVarlinkErrorReply
+from asyncvarlink import FileDescriptor, GenericVarlinkErrorReply, LastResult, TypedVarlinkErrorReply, varlinksignature
 from asyncvarlink.conversion import VarlinkType
 
 from vmspawnd.auth import caller, require_owner, require_start, run_as_for
@@ -36,6 +36,7 @@ from vmspawnd.interface import (
     MachineExistsError,
     MachineInfo,
     MachineState,
+    ManagerInterface,
     NoSuchMachineError,
     PermissionDeniedError,
     StartFailedError,
@@ -45,8 +46,7 @@ from vmspawnd.machine import State
 from vmspawnd.manager import Entry, Event, Manager
 from vmspawnd.plan import needs_privileges
 from vmspawnd.qemu.firmware import enumerate_descriptors
-from vmspawnd.run import Run
-from vmspawnd.server import EncodedJson, current_connection
+from vmspawnd.server import EncodedJson, EncodedReplyType, PreconvertedDataclass, current_connection
 from vmspawnd.settings import config_from_json, config_to_json
 from vmspawnd.values import valid_signal, validate_machine_name
 
@@ -107,16 +107,35 @@ _REPLY_FIELD_TYPES = {f.name: VarlinkType.from_type_annotation(f.type)
                       for f in dataclasses.fields(MachineInfo) if f.init}
 
 
+def _reply_preconverted(method: typing.Any, optional: bool = False) -> None:
+    """Let ``method``'s ``machine`` reply (``?MachineInfo`` if ``optional``) use the JSON kept with each
+    reply (``varlink_json``), and go out as bytes made straight from it: the types, and so the
+    interface description, stay the same."""
+    signature = varlinksignature(method)
+    assert signature is not None
+    machine = _MACHINE_INFO_TYPE.optional() if optional else _MACHINE_INFO_TYPE
+    signature.return_type = EncodedReplyType({"machine": machine})
+
+
+#: the replies' MachineInfo type, one for every method (each instance converts ≈ 100 fields' types)
+_MACHINE_INFO_TYPE = PreconvertedDataclass(MachineInfo)
+for _method in (ManagerInterface.Create, ManagerInterface.Start, ManagerInterface.Stop, ManagerInterface.Kill,
+                ManagerInterface.Describe):
+    _reply_preconverted(_method)
+_reply_preconverted(ManagerInterface.List, optional=True)
+
+_SHOWN_STATES = {state: MachineState(state.value) for state in State}
+
+
 def machine_info(name: str, entry: Entry) -> MachineInfo:
     """The machine's reply: the same object (with its encoded form) as last time while nothing in it
     changed (its definition compares by identity first: a reload replaces it, nothing changes it)."""
-    fields = _machine_fields(name, entry)
-    key = tuple(fields.values())
+    key = _machine_values(name, entry)
     cached = entry.shown_reply
     if cached is not None and cached[0] == key:
         return cached[1]
     shown = _shown_config(config_to_json(entry.config))
-    info = MachineInfo(**{**fields, "config": Config(**shown)})
+    info = MachineInfo(**{**dict(zip(_FIELDS, key, strict=True)), "config": Config(**shown)})
     info.varlink_json = EncodedJson(_reply_json(info, shown))
     entry.shown_reply = (key, info)
     return info
@@ -130,27 +149,24 @@ def _reply_json(info: MachineInfo, config_json: dict[str, typing.Any]) -> dict[s
             else vtype.tojson(getattr(info, name)) for name, vtype in _REPLY_FIELD_TYPES.items()}
 
 
-def _machine_fields(name: str, entry: Entry) -> dict[str, typing.Any]:
-    """What a machine's reply is made from (``config``: its definition, rendered by :func:`machine_info`)."""
+#: the fields of a machine's reply that :func:`_machine_values` gives, in its order
+_FIELDS = ("name", "state", "ready", "since", "pid", "runtimeDirectory", "tpmStatePath", "units", "status",
+           "exitStatus", "failure", "config", "definitionError", "owner", "runAs", "vsockBackend", "sshAddress",
+           "sshKey")
+assert set(_FIELDS) == set(_REPLY_FIELD_TYPES), "a reply field that machine_info does not fill in"
+
+
+def _machine_values(name: str, entry: Entry) -> tuple[typing.Any, ...]:
+    """What a machine's reply is made from, the values of :data:`_FIELDS` (``config``: its definition,
+    rendered by :func:`machine_info`); a tuple, as a List makes one for every machine to compare."""
     m = entry.machine
     run = m.active_run
-    return dict(
-        name=name, state=MachineState(m.state.value), ready=m.ready, since=int(m.since * 1_000_000),
-        pid=m.qemu.pid if m.qemu is not None else None,
-        runtimeDirectory=str(m.runtime.path) if run is not None else None,
-        tpmStatePath=str(m.tpm_state_path) if m.tpm_state_path else None, units=m.units,
-        status=m.guest_status, exitStatus=m.exit_status, failure=m.failure,
-        config=entry.config, definitionError=entry.definition_error, owner=entry.owner,
-        runAs=entry.run_as, **_vsock_fields(run),
-    )
-
-
-def _vsock_fields(run: Run | None) -> dict[str, str | None]:
-    """How to reach a running guest's vsock (nothing without one)."""
-    if run is None or run.vsock is None:
-        return {}
-    vsock, key = run.vsock, run.ssh_key
-    return {"vsockBackend": str(vsock.backend), "sshAddress": vsock.ssh_address, "sshKey": str(key) if key else None}
+    vsock, ssh_key = (run.vsock, run.ssh_key) if run is not None else (None, None)
+    return (name, _SHOWN_STATES[m.state], m.ready, int(m.since * 1_000_000), m.qemu.pid if m.qemu is not None else None,
+            str(m.runtime.path) if run is not None else None, str(m.tpm_state_path) if m.tpm_state_path else None,
+            m.units, m.guest_status, m.exit_status, m.failure, entry.config, entry.definition_error, entry.owner,
+            entry.run_as, str(vsock.backend) if vsock else None, vsock.ssh_address if vsock else None,
+            str(ssh_key) if vsock and ssh_key else None)
 
 
 def _event_object(event: Event) -> MachineEvent:

@@ -13,8 +13,7 @@ import enum
 import typing
 from dataclasses import dataclass
 
-from asyncvarlink import FileDescriptor, TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod, varlinksignature
-from asyncvarlink.conversion import DataclassVarlinkType, ObjectVarlinkType
+from asyncvarlink import FileDescriptor, TypedVarlinkErrorReply, VarlinkInterface, varlinkmethod
 
 from vmspawnd.settings import varlink_config_fields
 
@@ -69,7 +68,8 @@ class MachineInfo:
     vsockBackend: str | None = None  # while it runs with vsock: vhost-vsock (the kernel's) or vhost-device-vsock
     sshAddress: str | None = None  # vsock/CID or vsock-mux/SOCKET (``vmspawnctl ssh``, systemd-ssh-proxy)
     sshKey: str | None = None  # --pass-ssh-key's private key
-    #: its reply, encoded once per change of the machine (not part of the interface: init=False)
+    #: its reply, encoded once per change of the machine (by the daemon, api.py; not part of the interface:
+    #: init=False)
     varlink_json: typing.Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
 
@@ -137,19 +137,6 @@ class LimitReachedError(TypedVarlinkErrorReply, name=f"{INTERFACE}.LimitReached"
     class Parameters:
         limit: str
         reason: str
-
-
-class PreconvertedDataclass(DataclassVarlinkType):
-    """A dataclass type whose instances may carry their JSON form already (``varlink_json``, encoded): a
-    List of a thousand machines then converts and encodes only those that changed since their last reply."""
-
-    def tojson(self, obj: typing.Any, oobstate: typing.Any = None) -> typing.Any:
-        encoded = getattr(obj, "varlink_json", None)
-        return encoded if encoded is not None else super().tojson(obj, oobstate)
-
-
-#: the replies' MachineInfo type, one for every method (each instance converts ≈ 100 fields' types)
-_MACHINE_INFO_TYPE = PreconvertedDataclass(MachineInfo)
 
 
 class Calls(typing.Protocol):
@@ -234,22 +221,6 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     async def OpenConsole(self, *, name: str) -> FileDescriptor:
         """The master side of a new PTY attached to the machine's console (passed as a file descriptor)."""
         return await self._calls.open_console(name)
-
-
-def _reply_preconverted(method: typing.Any, optional: bool = False) -> None:
-    """Let ``method``'s ``machine`` reply (``?MachineInfo`` if ``optional``) use the JSON that the
-    daemon keeps with each reply (``varlink_json``): the type, and so the interface description, stay
-    the same."""
-    signature = varlinksignature(method)
-    assert signature is not None
-    machine = _MACHINE_INFO_TYPE.optional() if optional else _MACHINE_INFO_TYPE
-    signature.return_type = ObjectVarlinkType({"machine": machine})
-
-
-for _method in (ManagerInterface.Create, ManagerInterface.Start, ManagerInterface.Stop, ManagerInterface.Kill,
-                ManagerInterface.Describe):
-    _reply_preconverted(_method)
-_reply_preconverted(ManagerInterface.List, optional=True)
 
 
 def interface_description() -> str:
