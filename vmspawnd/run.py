@@ -397,7 +397,8 @@ class Run:
             self._hold_service(what, service)
         self.tpm_state_path = aux.tpm_state
         self.units += aux.units
-        self._save(required=True)
+        if self.units or aux.services or aux.tpm_state:  # (else the record has nothing new)
+            self._save(required=True)
         return aux
 
     async def _connect_systemd(self) -> tuple[SystemdManager | None, str]:

@@ -218,6 +218,8 @@ class SharedSystemd:
     async def get(self) -> tuple[SystemdManager | None, str]:
         """The connection, or None and why there is none (no systemd here, or it did not answer)."""
         if self._manager is None or not self._manager.bus.connected:
+            if self._attempt is None and not self.runs_here():  # (answered at once: no task, no event-loop turn)
+                return None, f"systemd is not the service manager here (no {self._systemd_dir})"
             if self._attempt is None:
                 self._attempt = asyncio.get_running_loop().create_task(self._connect())
             await asyncio.shield(self._attempt)
