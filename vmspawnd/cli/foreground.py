@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import typing
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -50,11 +51,25 @@ def main(argv: list[str] | None = None, launcher: tuple[int, int] | None = None)
         return 1
     setup_logging(program="vmspawn", level=front_end.log_level)
     try:
-        status = asyncio.run(run(config, front_end.background, plan, launcher))
+        status = asyncio.run(_run_and_leave(config, front_end.background, plan, launcher))
     except KeyboardInterrupt:
         status = 1
-    # The VM is gone and everything it held is released: leave now, without tearing down the
-    # interpreter's modules one by one (which took longer than all of the VM's cleanup).
+    _leave(status)
+
+
+async def _run_and_leave(config: MachineConfig, background: str | None, plan: LaunchPlan,
+                         launcher: tuple[int, int] | None) -> int:
+    """:func:`run`, then leave at once if nothing else runs in the event loop (the usual end): closing
+    a loop with nothing left in it still took 0.5-0.9 ms of the 4-5 between QEMU's exit and ours."""
+    status = await run(config, background, plan, launcher)
+    if asyncio.all_tasks() == {asyncio.current_task()}:
+        _leave(status)
+    return status  # (asyncio.run ends what still runs first)
+
+
+def _leave(status: int) -> typing.NoReturn:
+    """Exit now: the VM is gone and everything it held is released.  The interpreter's modules are not
+    torn down one by one (that took longer than all of the VM's cleanup)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
