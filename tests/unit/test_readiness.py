@@ -88,3 +88,24 @@ def test_failure_of_a_run():
     poweroff_on_257 = failure(-(signal.SIGRTMIN + 4), expected_end=False)
     assert poweroff_on_257 is not None and poweroff_on_257.startswith("QEMU killed by signal SIGRTMIN+4 (machinectl")
     assert failure(-9, expected_end=True) is None  # we killed it: a stop, not a failure
+
+
+def test_a_guest_repeating_or_churning_its_exit_status_writes_no_file_per_line():
+    """The same EXIT_STATUS again persists nothing; changes persist a few times a second at most, but
+    the latest value is always the one kept (a guest writing it in a loop froze the daemon)."""
+    clock = Clock()
+    r = Readiness(clock=clock)
+    assert r.feed("EXIT_STATUS", "3").persist
+    assert [r.feed("EXIT_STATUS", "3").persist for _ in range(1000)].count(True) == 0
+    persisted = [r.feed("EXIT_STATUS", str(i % 2)).persist for i in range(1000)]
+    assert persisted.count(True) <= STATUS_EVENTS_PER_SECOND
+    assert r.exit_status == 1
+    clock.now += 1.0
+    assert r.feed("EXIT_STATUS", "9").persist and r.exit_status == 9
+
+
+def test_invalid_exit_statuses_are_warned_about_once_a_boot():
+    r = Readiness()
+    warnings = [r.feed("EXIT_STATUS", f"bogus{i}").warning for i in range(2000)]
+    assert len([w for w in warnings if w]) == 1 and "bogus0" in str(warnings[0])
+    assert Readiness().feed("EXIT_STATUS", "x").warning  # a new boot (a reset) may warn again

@@ -12,14 +12,19 @@ Two transports, same messages:
 
 The host side never trusts the guest: lines longer than :data:`MAX_LINE` are dropped, invalid
 UTF-8 is dropped, and after :data:`MAX_GARBAGE` bytes of rejected input the channel stops
-parsing (it keeps draining, so the guest never blocks on us).
+parsing (it keeps draining, so the guest never blocks on us for that).  A guest sending more than
+:data:`LINES_PER_SECOND` lines waits until they are due (:class:`LineBudget`), at most
+:data:`MAX_CONNECTIONS` vsock notifications are read at once, each within
+:data:`CONNECTION_DEADLINE`, and what the guest does wrong is logged once per channel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,6 +34,10 @@ from vmspawnd.qemu import qemu_escape
 
 MAX_LINE = 4096
 MAX_GARBAGE = 1 << 20
+READ_CHUNK = 16384  # bytes read from a stream at a time, then others get their turn
+LINES_PER_SECOND = 1000  # from one guest, empty ones too; past that its writes wait (as on a full pipe)
+MAX_CONNECTIONS = 16  # vsock: notifications being read at once; more are hung up on
+CONNECTION_DEADLINE = 10.0  # s for a vsock notification to arrive whole
 NOTIFY_PORT_NAME = "io.systemd.notify"
 
 log = get_logger()
@@ -41,6 +50,7 @@ class NotifyParser:
         self._buffer = bytearray()
         self._skipping = False  # inside an over-long line: drop bytes up to the next newline
         self.garbage = 0
+        self.lines = 0  # line ends seen (empty lines too)
 
     @property
     def exhausted(self) -> bool:
@@ -48,34 +58,37 @@ class NotifyParser:
         return self.garbage > MAX_GARBAGE
 
     def feed(self, data: bytes) -> list[tuple[str, str]]:
-        """Feed bytes; return the complete, valid messages they finish."""
+        """Feed bytes; return the complete, valid messages they finish (in one pass over them: a guest
+        sending only line ends costs its length, not its length squared)."""
         messages: list[tuple[str, str]] = []
         if self.exhausted:
             return messages
-        start = 0
-        while start < len(data):
-            nl = _find_newline(data, start)
-            chunk = data[start: len(data) if nl < 0 else nl]
-            if self._skipping:
-                self.garbage += len(chunk)
-            elif len(self._buffer) + len(chunk) > MAX_LINE:
-                self.garbage += len(self._buffer) + len(chunk)
+        *complete, rest = _LINE_END.split(data)
+        self.lines += len(complete)
+        for piece in complete:
+            if self._skipping:  # the end of an over-long line
+                self.garbage += len(piece)
+                self._skipping = False
+                continue
+            if len(self._buffer) + len(piece) > MAX_LINE:
+                self.garbage += len(self._buffer) + len(piece)
                 self._buffer.clear()
-                self._skipping = True
-            else:
-                self._buffer += chunk
-            if nl < 0:
-                break
-            if not self._skipping:
-                line = bytes(self._buffer)
-                message = self._parse_line(line)
-                if message:
-                    messages.append(message)
-                elif line:
-                    self.garbage += len(line)
+                continue
+            line = bytes(self._buffer) + piece if self._buffer else piece
             self._buffer.clear()
-            self._skipping = False
-            start = nl + 1
+            message = self._parse_line(line)
+            if message:
+                messages.append(message)
+            elif line:
+                self.garbage += len(line)
+        if self._skipping:
+            self.garbage += len(rest)
+        elif len(self._buffer) + len(rest) > MAX_LINE:
+            self.garbage += len(self._buffer) + len(rest)
+            self._buffer.clear()
+            self._skipping = True
+        else:
+            self._buffer += rest
         return messages
 
     def feed_message(self, data: bytes) -> list[tuple[str, str]]:
@@ -96,12 +109,33 @@ class NotifyParser:
         return key, value
 
 
-def _find_newline(data: bytes, start: int) -> int:
-    positions = [p for p in (data.find(b"\n", start), data.find(b"\r", start)) if p >= 0]
-    return min(positions) if positions else -1
+_LINE_END = re.compile(rb"\r|\n")
 
 
 MessageHandler = Callable[[str, str], None]
+
+
+class LineBudget:
+    """At most ``per_second`` lines a second from one guest: a guest that sends more waits until they
+    are due (its writes block, as on a full pipe), and every batch gives the event loop's other work
+    its turn, so a flood costs the daemon little and holds up no one else."""
+
+    def __init__(self, per_second: int = LINES_PER_SECOND, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_second = per_second
+        self._clock = clock
+        self._start, self._used = clock(), 0
+
+    async def spend(self, lines: int) -> None:
+        now = self._clock()
+        if now - self._start >= 1.0 and self._used <= self.per_second:
+            self._start, self._used = now, 0
+        self._used += lines
+        wait = self._used / self.per_second - (now - self._start)
+        if self._used > self.per_second and wait > 0:
+            await asyncio.sleep(wait)
+            self._start, self._used = self._clock(), 0
+        else:
+            await asyncio.sleep(0)
 
 
 def _unix_listener(path: Path, identity: Identity, backlog: int) -> socket.socket:
@@ -133,6 +167,8 @@ class NotifyChannel:
         self._open = 0  # connections being read
         self._idle = asyncio.Event()  # set while none is
         self._idle.set()
+        self._budget = LineBudget()
+        self._warned: set[str] = set()
 
     async def drained(self, timeout: float) -> None:
         """Return once every open connection has been read to its end (QEMU gone: what the guest
@@ -190,44 +226,58 @@ class NotifyChannel:
 
     async def _read_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = NotifyParser()
-        warned = False
         try:
-            while data := await reader.read(65536):
+            while data := await reader.read(READ_CHUNK):
+                lines = parser.lines
                 for key, value in parser.feed(data):
                     self._dispatch(key, value)
-                if parser.exhausted and not warned:
-                    log.warning("guest notify channel sends garbage; ignoring it from now on")
-                    warned = True
+                if parser.exhausted:
+                    self._warn_once("garbage", "guest notify channel sends garbage; ignoring it from now on")
+                await self._budget.spend(parser.lines - lines + 1)
         except (ConnectionError, OSError):
             pass
         finally:
             writer.close()
 
     async def _serve_vsock(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= MAX_CONNECTIONS:
+            self._warn_once("connections", f"the guest opens more than {MAX_CONNECTIONS} notify connections at "
+                            "once; hanging up on the rest")
+            writer.close()
+            return
         with self._reading():
             await self._read_vsock(reader, writer)
 
     async def _read_vsock(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         if self._peer_cid is not None and (not isinstance(peer, tuple) or peer[0] != self._peer_cid):
-            log.warning("ignoring a notify connection from another vsock peer", peer=str(peer))
+            self._warn_once("peer", "ignoring notify connections from another vsock peer", peer=str(peer))
             writer.close()
             return
         try:
-            data = await asyncio.wait_for(reader.read(MAX_LINE + 1), timeout=10)
-            rest = data
-            while rest and len(data) <= MAX_LINE:
-                rest = await asyncio.wait_for(reader.read(MAX_LINE + 1 - len(data)), timeout=10)
-                data += rest
+            async with asyncio.timeout(CONNECTION_DEADLINE):
+                data = await reader.read(MAX_LINE + 1)
+                rest = data
+                while rest and len(data) <= MAX_LINE:
+                    rest = await reader.read(MAX_LINE + 1 - len(data))
+                    data += rest
             if len(data) > MAX_LINE:
-                log.warning("guest notification too long, dropped", size=len(data))
+                self._warn_once("long", "guest notification too long, dropped", size=len(data))
                 return
-            for key, value in NotifyParser().feed_message(data):
+            messages = NotifyParser().feed_message(data)
+            for key, value in messages:
                 self._dispatch(key, value)
+            await self._budget.spend(len(messages) + 1)
         except (TimeoutError, ConnectionError, OSError):
             pass
         finally:
             writer.close()
+
+    def _warn_once(self, key: str, message: str, **data: object) -> None:
+        """A warning about what the guest does, once per channel (a guest must not flood the log)."""
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, **data)
 
     def _dispatch(self, key: str, value: str) -> None:
         try:

@@ -29,7 +29,7 @@ NOTHING = Change()
 
 
 class Readiness:
-    """The guest's READY/STATUS/EXIT_STATUS, with STATUS events limited to a few per second."""
+    """The guest's READY/STATUS/EXIT_STATUS, with STATUS events and EXIT_STATUS writes limited to a few a second."""
 
     def __init__(self, ready: bool = False, status: str | None = None, exit_status: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -38,6 +38,7 @@ class Readiness:
         self.exit_status = exit_status
         self._clock = clock
         self._window, self._events = 0.0, 0
+        self._warned_invalid = False
 
     def feed(self, key: str, value: str) -> Change:
         """Take one ``KEY=VALUE`` message from the guest."""
@@ -51,17 +52,29 @@ class Readiness:
             if status == self.status:
                 return NOTHING
             self.status = status  # kept in memory: a chatty guest must not make us fsync per line
-            now = self._clock()
-            if now - self._window >= 1.0:
-                self._window, self._events = now, 0
-            self._events += 1
-            return Change("status") if self._events <= STATUS_EVENTS_PER_SECOND else NOTHING
+            return Change("status") if self._counted() else NOTHING
         if key == "EXIT_STATUS":
             if value.isdigit() and 0 <= int(value) <= 255:
+                if int(value) == self.exit_status:
+                    return NOTHING
                 self.exit_status = int(value)
-                return Change(persist=True)
-            return Change(warning=f"guest sent an invalid EXIT_STATUS {value[:32]!r}")
+                # (persisted a few times a second at most: a guest changing it all the time must not
+                # make us write a file per line; the latest is in the next record written)
+                return Change(persist=self._counted())
+            if self._warned_invalid:
+                return NOTHING
+            self._warned_invalid = True  # (once a boot: a guest must not flood the log)
+            return Change(warning=f"guest sent an invalid EXIT_STATUS {value[:32]!r} (further ones are ignored "
+                          "silently)")
         return NOTHING
+
+    def _counted(self) -> bool:
+        """Count one change in this second's window: True while it is within the few allowed a second."""
+        now = self._clock()
+        if now - self._window >= 1.0:
+            self._window, self._events = now, 0
+        self._events += 1
+        return self._events <= STATUS_EVENTS_PER_SECOND
 
 
 #: QEMU's SHUTDOWN reason when a signal from outside (machinectl terminate/kill, systemctl stop of

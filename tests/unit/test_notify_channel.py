@@ -1,0 +1,114 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""The notify channel against a hostile guest: floods of lines or connections cost the daemon little,
+never stall its event loop, and never hold resources without bound.  Real sockets, as QEMU's chardev and
+vhost-device-vsock connect to them."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from vmspawnd.guest import channel as channel_module
+from vmspawnd.guest.channel import LINES_PER_SECOND, MAX_CONNECTIONS, LineBudget, NotifyChannel
+
+
+async def _max_stall_while(work: asyncio.Future, period: float = 0.01) -> float:
+    """The longest the event loop went without running a heartbeat while ``work`` ran."""
+    loop = asyncio.get_running_loop()
+    worst, last = 0.0, loop.time()
+    while not work.done():
+        await asyncio.sleep(period)
+        now = loop.time()
+        worst, last = max(worst, now - last - period), now
+    await work
+    return worst
+
+
+async def test_a_guest_sending_only_line_ends_neither_stalls_the_daemon_nor_is_parsed_unbounded(tmp_path):
+    """(A chunk of 64 KiB of newlines stalled the event loop ≈ 1 s: the parser was quadratic.)"""
+    received: list[tuple[str, str]] = []
+    notify = NotifyChannel(lambda key, value: received.append((key, value)))
+    path = tmp_path / "notify.sock"
+    await notify.listen_virtio_serial(path)
+    reader, writer = await asyncio.open_unix_connection(str(path))
+
+    async def flood() -> None:
+        for _ in range(16):
+            writer.write(b"\n" * 65536)
+            await asyncio.sleep(0)  # (our writes go as far as the channel reads)
+        writer.write(b"READY=1\n")
+        await asyncio.sleep(0.2)
+
+    try:
+        stall = await _max_stall_while(asyncio.ensure_future(flood()))
+        assert stall < 0.25, f"the event loop stalled {stall:.3f} s"
+    finally:
+        writer.close()
+        await notify.close()
+
+
+async def test_the_line_budget_makes_a_flooding_guest_wait(monkeypatch):
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(channel_module.asyncio, "sleep", sleep)
+    now = [50.0]
+    budget = LineBudget(clock=lambda: now[0])
+    await budget.spend(10)
+    assert slept == [0]  # within the budget: only the others' turn
+    await budget.spend(5 * LINES_PER_SECOND)
+    assert slept[-1] == pytest.approx((5 * LINES_PER_SECOND + 10) / LINES_PER_SECOND)
+
+
+async def test_notify_connections_beyond_the_cap_are_hung_up_on_and_none_is_held_past_its_deadline(
+        tmp_path, monkeypatch):
+    """vhost-device-vsock's connections (one per notification) to a guest that opens many and sends
+    slowly: more than MAX_CONNECTIONS at once are closed at once, and each has a deadline in all,
+    not per read (a byte every few seconds kept one for hours)."""
+    monkeypatch.setattr(channel_module, "CONNECTION_DEADLINE", 1.0)
+    received: list[tuple[str, str]] = []
+    notify = NotifyChannel(lambda key, value: received.append((key, value)))
+    path = tmp_path / "vsock_9"
+    await notify.listen_hybrid(path, 9)
+    loop = asyncio.get_running_loop()
+    socks = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 8):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            await loop.sock_connect(s, str(path))
+            socks.append(s)
+        await asyncio.sleep(0.3)
+        hung_up = [s for s in socks if await _closed_by_peer(s)]
+        assert len(hung_up) == 8
+
+        async def trickle(s: socket.socket) -> None:  # "READY=1\n" a byte every 0.3 s: 2.4 s in all
+            for byte in b"READY=1\n":
+                await asyncio.sleep(0.3)
+                try:
+                    await loop.sock_sendall(s, bytes([byte]))
+                except OSError:
+                    return
+
+        await asyncio.gather(*(trickle(s) for s in socks if s not in hung_up))
+        assert received == []  # none arrived whole within its deadline
+        assert all([await _closed_by_peer(s) for s in socks])
+    finally:
+        for s in socks:
+            s.close()
+        await notify.close()
+
+
+async def _closed_by_peer(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
