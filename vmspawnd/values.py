@@ -429,6 +429,12 @@ def parse_bind_user_shell(value: str, field: str = "bind-user-shell") -> str:
     return value
 
 
+def printable(text: str) -> str:
+    """``text`` with its control characters shown as escapes (``\\x1b``): what a guest, a peer or a user
+    wrote can never drive the reader's terminal."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def valid_credential_id(cred_id: str) -> bool:
     """A credential ID is a file name: 1–255 printable characters, no '/', '=' or whitespace."""
     return (0 < len(cred_id) <= 255 and cred_id not in (".", "..") and cred_id.isprintable()

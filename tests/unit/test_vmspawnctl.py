@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -160,3 +161,71 @@ def test_a_state_path_that_cannot_hold_the_state_is_refused_at_create(daemon, tm
         p = daemon.ctl("create", "web", f"--linux={kernel}", "--firmware=bios", option)
         assert p.returncode == 1 and f"invalid {field}=" in p.stderr and reason in p.stderr, (option, p.stderr)
     assert not (tmp_path / "nowhere").exists()
+
+
+# A stand-in for ssh that handles ProxyCommand as OpenSSH does: it lowercases the host it was given,
+# expands %h, %p and %%, and runs the command with the shell, in its own working directory.
+FAKE_SSH = r'''#!/usr/bin/env python3
+import os, sys
+args = sys.argv[1:]
+options, rest = {}, []
+while args:
+    a = args.pop(0)
+    if a == "-o":
+        key, _, value = args.pop(0).partition("=")
+        options[key] = value
+    elif a in ("-i", "-l", "-p"):
+        args.pop(0)
+    else:
+        rest.append(a)
+host = rest[0].lower()
+command = options["ProxyCommand"].replace("%%", "\0").replace("%h", host).replace("%p", "22").replace("\0", "%")
+os.execv("/bin/sh", ["sh", "-c", command])
+'''
+
+
+def test_ssh_reaches_the_machine_named_exactly_and_runs_no_code_from_the_working_directory(tmp_path):
+    """(``vmspawnctl ssh`` passed the address as ssh's %h, which ssh lowercases: MyVM's address named
+    myvm's socket; and ran ``python -m``, which imported a ``vmspawnd`` package from the directory the
+    caller stood in, as root.)"""
+    ssh = tmp_path / "ssh"
+    ssh.write_text(FAKE_SSH)
+    ssh.chmod(0o755)
+    hostile = tmp_path / "hostile"
+    (hostile / "vmspawnd").mkdir(parents=True)
+    marker = tmp_path / "hijacked"
+    (hostile / "vmspawnd" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    address = f"vsock-mux/{tmp_path}/machines/MyVM/vsock"
+    program = ("import sys, types; from vmspawnd.cli.vmspawnctl import ssh_into; "
+               f"sys.exit(ssh_into(types.SimpleNamespace(name='MyVM', sshAddress={address!r}, sshKey=None), []))")
+    p = subprocess.run([sys.executable, "-I", "-c", program], cwd=hostile, capture_output=True, text=True,
+                       timeout=60, stdin=subprocess.DEVNULL, env={**os.environ, "SYSTEMD_SSH": str(ssh)})
+    assert not marker.exists(), "code from the working directory ran"
+    assert f"cannot reach port 22 of {address}" in p.stderr, p.stderr
+
+
+def test_what_a_vsock_peer_answers_cannot_drive_the_terminal(tmp_path):
+    """The hybrid vsock socket lies in the VM user's directory: whatever answers there, its refusal is
+    shown escaped on the (maybe root) caller's terminal."""
+    import socket
+    import threading
+
+    path = tmp_path / "vsock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        conn.recv(64)
+        conn.sendall(b"NO \x1b]0;owned\x07\x1b[31mred\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        p = subprocess.run([*CTL, "vsock-proxy", f"vsock-mux/{path}", "22"], capture_output=True, text=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+    finally:
+        server.close()
+    assert p.returncode == 1 and "\x1b" not in p.stderr and "\x07" not in p.stderr, p.stderr
+    assert "NO \\x1b]0;owned\\x07\\x1b[31mred" in p.stderr, p.stderr

@@ -122,7 +122,7 @@ def test_ssh_into_the_guest_over_vsock_with_the_key_pass_ssh_key_made(vsock_daem
     assert ssh.returncode == 0, ssh.stderr
     assert ssh.stdout.strip() == f"in-guest: {guest.kernel_version}"
     # the same through a plain ssh with the documented ProxyCommand
-    proxy = " ".join([*CTL, "vsock-proxy", "%h", "%p"])
+    proxy = " ".join([*CTL, "vsock-proxy", info["sshAddress"], "%p"])
     plain = subprocess.run(["ssh", "-o", f"ProxyCommand={proxy}", "-o", "StrictHostKeyChecking=no",
                             "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-i", str(key),
                             f"root@{info['sshAddress']}", "cat /proc/cmdline"],

@@ -41,7 +41,7 @@ from vmspawnd.options import (
 from vmspawnd.ptyfwd import PtyForwarder
 from vmspawnd.qemu.vsock import connect_guest_port
 from vmspawnd.settings import config_to_json
-from vmspawnd.values import parse_signal
+from vmspawnd.values import parse_signal, printable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     ssh.add_argument("ssh_args", nargs=argparse.REMAINDER, metavar="SSH-ARGS",
                      help="more ssh arguments; after the options, a command to run (e.g. -- uname -a)")
     proxy = sub.add_parser("vsock-proxy", help="relay stdin/stdout to a guest's vsock port: an ssh ProxyCommand "
-                           "(ssh -o ProxyCommand='vmspawnctl vsock-proxy %%h %%p' root@ADDRESS, ADDRESS as "
-                           "status shows it)", parents=common)
+                           "(ssh -o ProxyCommand='vmspawnctl vsock-proxy ADDRESS %%p' root@ADDRESS, ADDRESS as "
+                           "status shows it; not ssh's %%h, which ssh lowercases)", parents=common)
     proxy.add_argument("vsock_address", metavar="ADDRESS", help="vsock/CID or vsock-mux/SOCKET")
     proxy.add_argument("port", metavar="PORT", type=int, nargs="?", default=22)
     return p
@@ -145,7 +145,7 @@ def _printable(value: Any) -> Any:
     """``value`` (plain data) with the control characters of its strings shown as escapes, for text
     output: a guest's status or a user's path can never drive the reader's terminal (JSON escapes them)."""
     if isinstance(value, str):
-        return value if value.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
+        return printable(value)
     if isinstance(value, dict):
         return {k: _printable(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -369,7 +369,11 @@ def ssh_into(info: Any, ssh_args: list[str]) -> int:
         print(f"vmspawnctl: {info.name} has no vsock (it is not running, or the host has neither "
               "/dev/vhost-vsock nor vhost-device-vsock)", file=sys.stderr)
         return EXIT_FAILURE
-    proxy = shlex.join([sys.executable, "-m", "vmspawnd.cli.vmspawnctl", "vsock-proxy"]) + " %h %p"
+    # The address goes in as it is, not as ssh's %h (which ssh lowercases: MyVM's address named myvm's
+    # socket); % is ssh's escape.  -I: ssh runs the command in our working directory, which must not
+    # give Python a module of its own (-m puts it first on the path).
+    proxy = shlex.join([sys.executable, "-I", "-m", "vmspawnd.cli.vmspawnctl", "vsock-proxy", info.sshAddress])
+    proxy = proxy.replace("%", "%%") + " %p"
     argv = [os.environ.get("SYSTEMD_SSH") or "ssh", "-o", f"ProxyCommand={proxy}",
             "-o", "ProxyUseFdpass=no",  # (systemd's ssh_config sets it for vsock-mux/* hosts; ours relays)
             # the guest's host key is new with every boot, and the address is no network name

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmspawnd.errors import ConfigError
-from vmspawnd.values import CID_MAX, CID_MIN, Tristate, sha256
+from vmspawnd.values import CID_MAX, CID_MIN, Tristate, printable, sha256
 
 VHOST_VSOCK_SET_GUEST_CID = 0x4008AF60
 KERNEL_DEVICE = "/dev/vhost-vsock"
@@ -163,8 +163,9 @@ def connect_guest_port(address: str, port: int, timeout: float = 10) -> socket.s
                     break
                 reply += byte
             if not reply.startswith(b"OK"):
+                said = printable(reply.decode(errors="replace").strip())  # (the peer's words, on our terminal)
                 raise ConnectionRefusedError(errno.ECONNREFUSED, f"the guest refused port {port} "
-                                             f"({reply.decode(errors='replace').strip() or 'connection closed'})")
+                                             f"({said or 'connection closed'})")
         sock.settimeout(None)
         return sock
     except BaseException:
