@@ -24,6 +24,7 @@ from vmspawnd.tint import RESET, TITLE_END, Tinter, title_start
 ESCAPE_BYTE = 0x1D  # Ctrl-]
 ESCAPE_COUNT = 3
 ESCAPE_WINDOW = 1.0
+OUTPUT_READ = 65536  # bytes of the guest's console output forwarded per event-loop turn
 
 
 class Pty:
@@ -106,7 +107,7 @@ class PtyForwarder:
 
     def stop(self) -> None:
         """Drain what the guest wrote, stop forwarding and restore the terminal."""
-        self._pump_output()
+        self._pump_output(drain=True)
         with contextlib.suppress(Exception):
             self._loop.remove_reader(self._master)
         if self._reading_stdin:
@@ -128,10 +129,13 @@ class PtyForwarder:
             self._write(TITLE_END)
             self._title = None
 
-    def _pump_output(self) -> None:
+    def _pump_output(self, drain: bool = False) -> None:
+        """Forward what the guest wrote: one read per call (the event loop calls again while more is
+        there, with the hotkey, signals and QMP in between: a guest flooding its console never holds
+        them up), or all of it if ``drain``."""
         while True:
             try:
-                data = os.read(self._master, 65536)
+                data = os.read(self._master, OUTPUT_READ)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # EIO: slave closed
@@ -145,6 +149,8 @@ class PtyForwarder:
                 return
             self._last_byte = data[-1:]
             self._write(self._tinter.feed(data) if self._tinter else data)
+            if not drain:
+                return
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)

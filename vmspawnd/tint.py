@@ -20,6 +20,7 @@ from vmspawnd.errors import ConfigError
 
 ESC = 0x1B
 MAX_SEQUENCE = 192
+_SPECIAL = re.compile(rb"[\x1b\n\r]")  # what the tinter looks at: escapes and line ends
 _BACKGROUND_RE = re.compile(r"^[0-9;]+$")
 TINT_HUE = 130
 
@@ -102,17 +103,25 @@ class Tinter:
         if not self._started:
             out += self._sgr + b"\x1b[K"
             self._started = True
-        for byte in data:
-            if self._pending:
-                self._pending.append(byte)
+        i, end = 0, len(data)
+        while i < end:
+            if self._pending:  # inside an escape sequence (short: at most MAX_SEQUENCE bytes)
+                self._pending.append(data[i])
                 self._advance(out)
+                i += 1
                 continue
-            if byte == ESC:
-                self._pending.append(byte)
-                continue
-            out.append(byte)
-            if byte in (0x0A, 0x0D):
+            special = _SPECIAL.search(data, i)  # plain text is copied as it is, not byte by byte
+            if special is None:
+                out += data[i:]
+                break
+            j = special.start()
+            out += data[i:j]
+            if data[j] == ESC:
+                self._pending.append(ESC)
+            else:  # a line end: the tint again
+                out.append(data[j])
                 out += self._sgr
+            i = j + 1
         return bytes(out)
 
     def _advance(self, out: bytearray) -> None:

@@ -1,5 +1,10 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Console escape: Ctrl-] three times within one second kills the VM; two do nothing."""
+"""Console forwarding: Ctrl-] three times within one second kills the VM, two do nothing; a flooding guest
+never holds up the event loop."""
+
+import os
+
+import pytest
 
 from vmspawnd.ptyfwd import EscapeDetector
 
@@ -38,3 +43,37 @@ def test_other_bytes_reset_the_count():
     d = EscapeDetector(Clock())
     assert not d.feed(b"\x1d\x1dx\x1d")
     assert d.feed(b"\x1d\x1d")
+
+
+@pytest.mark.parametrize("flood", [b"\0" * 4096, b"\x1b[0mab\x1b[48;5;1m\r\n" * 256],
+                         ids=["text", "escape sequences"])
+async def test_a_guest_flooding_its_console_never_holds_up_the_event_loop(flood: bytes) -> None:
+    """(The forwarder read until the console was empty, and the tint went byte by byte: a flooding guest
+    kept the Ctrl-] hotkey, the signal handlers and QMP from running for seconds.)"""
+    import asyncio
+    import subprocess
+    import sys
+
+    from vmspawnd.ptyfwd import Pty, PtyForwarder
+
+    pty = Pty()
+    null = os.open(os.devnull, os.O_WRONLY)
+    forwarder = PtyForwarder(pty.master, read_only=True, on_escape=lambda: None, stdin=null, stdout=null,
+                             tint="48;2;0;64;0")
+    forwarder.start()
+    writer = subprocess.Popen([sys.executable, "-c", "import sys\nwith open(sys.argv[1], 'wb') as f:\n"
+                               f"    while True: f.write({flood!r})", pty.slave_path])
+    loop = asyncio.get_running_loop()
+    try:
+        worst, end = 0.0, loop.time() + 2
+        while loop.time() < end:
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            worst = max(worst, loop.time() - before - 0.01)
+        assert worst < 0.25, f"the event loop was held up {worst:.3f} s"
+    finally:
+        writer.kill()
+        writer.wait()
+        forwarder.stop()
+        pty.close()
+        os.close(null)
