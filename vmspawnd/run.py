@@ -281,7 +281,7 @@ class Run:
                 sock.close()
         crash_point("exec")
         await self._connect_qmp(rundir / "qmp.sock")
-        await self._serve_control(rundir)
+        await self._serve_control()
         await self._register(run_config)
         assert self._record is not None
         self._record.phase = RUNNING
@@ -495,17 +495,20 @@ class Run:
             said = ": " + " / ".join(lines) if lines else ""
             raise StartError(f"QEMU did not come up (exit status {rc}){said}") from e
 
-    async def _serve_control(self, rundir: Path) -> None:
-        """The VM's ``io.systemd.MachineInstance`` socket (machinectl poweroff/reboot… on systemd ≥ 261)."""
+    async def _serve_control(self) -> None:
+        """The VM's ``io.systemd.MachineInstance`` socket (machinectl poweroff/reboot… on systemd ≥ 261), in
+        the records dir: the daemon's alone (in the VM's directory, its user could put another VM's
+        socket in its place, which machined would then drive)."""
         from vmspawnd.systemd.instance import ControlSocket, control_path  # (with asyncvarlink: ≈ 5 ms of
         # vmspawn's start-up, taken once QEMU runs; the daemon has them already)
 
-        path = control_path(rundir)
+        path = control_path(self.runtime.records)
         if path is None:
-            self.log.warning("no control socket: the runtime directory's path is too long", path=str(rundir))
+            self.log.warning("no control socket: the records directory's path is too long",
+                             path=str(self.runtime.records))
             return
         try:
-            await self._stack.enter_async_context(ControlSocket(path, self, self.identity))
+            await self._stack.enter_async_context(ControlSocket(path, self))
         except OSError as e:
             self.log.warning("no control socket", path=str(path), error=str(e))
             return
@@ -660,7 +663,7 @@ class Run:
         self._qmp = await self._stack.enter_async_context(Qmp(self.config.name))
         self._qmp.add_listener(self._qemu_event)
         await self._qmp.connect(str(rundir / "qmp.sock"), identity=self.identity)
-        await self._serve_control(rundir)
+        await self._serve_control()
 
     async def _adopt_helpers(self, record: RunRecord) -> None:
         """Watch the recorded helpers again, exactly like a fresh run's; a helper that is gone fails

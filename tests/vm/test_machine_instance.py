@@ -6,6 +6,7 @@ the way machinectl drives it, against a real daemon and real QEMU guests.  The s
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -23,7 +24,13 @@ IFACE = "io.systemd.MachineInstance"
 
 
 def control(daemon: Daemon, name: str) -> str:
-    return str(daemon.runtime / "machines" / name / "control")
+    """The VM's control socket: in the run's records dir, the daemon's alone (not in the VM's directory,
+    where its user could put another VM's socket in its place)."""
+    path = daemon.runtime / "machines" / f"{name}.run" / "control"
+    assert not (daemon.runtime / "machines" / name / "control").exists()
+    records = path.parent.stat()
+    assert (records.st_uid, records.st_mode & 0o777) == (os.geteuid(), 0o700)
+    return str(path)
 
 
 def bare_call(path: str, method: str) -> dict:

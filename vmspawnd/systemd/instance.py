@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Each running VM's control socket: ``io.systemd.MachineInstance`` at ``<runtime dir>/control``.
+"""Each running VM's control socket: ``io.systemd.MachineInstance`` at ``<records dir>/control``.
 
 systemd-machined ≥ 261 stores the ``controlAddress`` a VM was registered with, and ``machinectl
 poweroff|reboot|terminate|pause|resume NAME`` then call this socket instead of signalling QEMU:
@@ -17,9 +17,10 @@ Describe       running: vCPUs executing; status: QEMU's run state (running, paus
 SubscribeEvents streams QEMU's own events (``{"event": "RESET", "data": {…}}``), after a first
 ``READY`` event that says the subscription is in place.  Storage hot-plug (AddStorage…) is not
 offered: those calls answer ``NotSupported``.  ``io.systemd.VirtualMachineInstance`` is served as
-the empty interface it is in systemd 262.  The socket lives in the VM's runtime directory (mode
-0700), so only root reaches it.  (No ``from __future__ import annotations`` here: asyncvarlink
-reads the methods' real annotations.)
+the empty interface it is in systemd 262.  The socket lives in the run's records directory
+(``<base>/<name>.run``, the daemon's, mode 0700): only its user (root, for vmspawnd) reaches it, and
+not the VM's user, who could otherwise put another VM's socket in its place for machined to drive.
+(No ``from __future__ import annotations`` here: asyncvarlink reads the methods' real annotations.)
 """
 
 
@@ -40,7 +41,6 @@ from asyncvarlink import (
 from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
 from vmspawnd import __version__, docs_url
-from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.log import get_logger
 from vmspawnd.server import GuardedServer, ServerLimits, current_connection, serve
 
@@ -200,10 +200,9 @@ def _call_error(exc: BaseException) -> TypedVarlinkErrorReply | None:
 class ControlSocket:
     """``async with ControlSocket(path, run)``: the VM's control socket is served for the block."""
 
-    def __init__(self, path: Path, control: MachineControl, identity: Identity = ROOT) -> None:
-        self.path = path
+    def __init__(self, path: Path, control: MachineControl) -> None:
+        self.path = path  # in a directory of ours alone
         self._control = control
-        self._identity = identity  # whose runtime directory the socket goes into
         self._server: GuardedServer | None = None
 
     async def __aenter__(self) -> "ControlSocket":
@@ -214,10 +213,9 @@ class ControlSocket:
         registry.register_interface(VirtualMachineInstanceInterface())
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            with acting_as(self._identity):
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()  # a socket an earlier daemon left (re-adoption)
-                sock.bind(str(self.path))
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # a socket an earlier daemon left (re-adoption)
+            sock.bind(str(self.path))
             sock.listen(16)
             self._server = await serve(sock, registry, ServerLimits(max_connections=MAX_CONNECTIONS), _call_error)
         except BaseException:
