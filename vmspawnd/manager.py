@@ -88,6 +88,7 @@ class Manager:
         self.state_dir = state_dir
         self.runtime_base = runtime_base
         self.machines: dict[str, Entry] = {}
+        self._folded: dict[str, str] = {}  # each machine's name in lower case → its name (see _check_free)
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
         self._collection: asyncio.TimerHandle | None = None  # a garbage collection after runs ended
         self.on_change: Callable[[], None] = lambda: None
@@ -117,7 +118,7 @@ class Manager:
         for name, path in definitions.items():
             entry = self._load_definition(name, path)
             saved = self._read_state(name)  # before adoption, which records a state of its own
-            self.machines[name] = entry
+            self._add(name, entry)
             try:
                 adopted = await entry.machine.adopt(after=self._attach_console)
             except Exception as e:  # e.g. another process holds its runtime dir
@@ -157,7 +158,7 @@ class Manager:
             fresh = self._load_definition(name, path)
             entry = self.machines.get(name)
             if entry is None:
-                self.machines[name] = fresh
+                self._add(name, fresh)
                 if fresh.definition_error is not None:
                     fresh.machine.mark_failed(fresh.definition_error)
                 log.info("machine created", machine=name, message_id=messages.CREATED, by="reload")
@@ -203,7 +204,7 @@ class Manager:
                             machine=name)
                 return False
             machine.removed = True
-            del self.machines[name]
+            self._drop(name)
             self._state_path(name).unlink(missing_ok=True)
         log.info("machine removed", machine=name, message_id=messages.REMOVED, by="reload")
         self._publish(name, "removed", {})
@@ -380,7 +381,7 @@ class Manager:
                                                       ahead=self._definition_ahead)
         except OSError as e:
             raise HostError(f"cannot save the definition of {config.name}", e) from e
-        self.machines[config.name] = entry
+        self._add(config.name, entry)
         log.info("machine created", machine=config.name, message_id=messages.CREATED)
         self._publish(config.name, "created", {})
         return entry
@@ -408,6 +409,22 @@ class Manager:
     def _check_free(self, name: str) -> None:
         if name in self.machines or (self.definitions / f"{name}.json").exists():
             raise MachineExists(name)  # never overwrite a definition, even one we could not load
+        other = self._folded.get(name.lower())
+        if other is not None:  # ssh lowercases host names: an address naming MyVM's socket would reach myvm's
+            raise ConfigError("name", name, f"differs from machine {other}'s only in case, which ssh does not "
+                              "tell apart (it lowercases host names, and so a vsock address)")
+
+    def _add(self, name: str, entry: Entry) -> None:
+        self.machines[name] = entry
+        self._folded.setdefault(name.lower(), name)
+
+    def _drop(self, name: str) -> None:
+        del self.machines[name]
+        if self._folded.get(name.lower()) == name:
+            del self._folded[name.lower()]
+            for other in self.machines:  # (two loaded from disk may differ only in case: the other stays known)
+                if other.lower() == name.lower():
+                    self._folded[other.lower()] = other
 
     def get_exactly(self, name: str, expected: Entry | None) -> Entry:
         """The machine ``name``; if ``expected`` is given, that very one (not a newer one of the name)."""
@@ -464,7 +481,7 @@ class Manager:
             except OSError as e:
                 raise HostError(f"cannot remove the definition of {name}", e) from e
             machine.removed = True
-            del self.machines[name]
+            self._drop(name)
         log.info("machine removed", machine=name, message_id=messages.REMOVED)
         self._publish(name, "removed", {})
 

@@ -282,3 +282,15 @@ def test_a_credentials_value_is_never_sent_back_but_is_kept(daemon):
         assert shown["smbios11"] == ["io.systemd.credential:password=…", "io.systemd.stub.kernel-cmdline-extra=quiet"]
     saved = json.loads((daemon.state / "machines" / "cred.json").read_text())["config"]
     assert saved["credentials"] == [f"token:{secret}"] and "io.systemd.credential:password=hunter2" in saved["smbios11"]
+
+
+def test_a_name_that_differs_from_anothers_only_in_case_is_refused(daemon):
+    """ssh lowercases host names, so an address naming MyVM's vsock socket reaches myvm's: two such
+    machines must not exist at once (they may belong to different users)."""
+    config = {"linux": "/bin/sh"}
+    assert "error" not in call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": "MyVM", "config": config})
+    refused = call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": "myvm", "config": config})
+    assert refused["error"] == "io.vmspawnd.Manager.InvalidConfig", refused
+    assert refused["parameters"]["field"] == "name" and "MyVM" in refused["parameters"]["reason"], refused
+    assert "error" not in call(daemon.socket, "io.vmspawnd.Manager.Remove", {"name": "MyVM"})
+    assert "error" not in call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": "myvm", "config": config})
