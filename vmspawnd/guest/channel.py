@@ -35,7 +35,7 @@ from vmspawnd.qemu import qemu_escape
 MAX_LINE = 4096
 MAX_GARBAGE = 1 << 20
 READ_CHUNK = 16384  # bytes read from a stream at a time, then others get their turn
-LINES_PER_SECOND = 1000  # from one guest, empty ones too; past that its writes wait (as on a full pipe)
+LINES_PER_SECOND = 10_000  # from one guest, empty ones too; past that its writes wait (as on a full pipe)
 MAX_CONNECTIONS = 16  # vsock: notifications being read at once; more are hung up on
 CONNECTION_DEADLINE = 10.0  # s for a vsock notification to arrive whole
 NOTIFY_PORT_NAME = "io.systemd.notify"
@@ -115,6 +115,16 @@ _LINE_END = re.compile(rb"\r|\n")
 MessageHandler = Callable[[str, str], None]
 
 
+@contextlib.contextmanager
+def _quiet_when_cancelled() -> Iterator[None]:
+    """A connection's task, cancelled (the event loop ends while a guest still writes), ends quietly:
+    asyncio 3.11's stream server logs a cancelled handler task as an error with its traceback."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        pass
+
+
 class LineBudget:
     """At most ``per_second`` lines a second from one guest: a guest that sends more waits until they
     are due (its writes block, as on a full pipe), and every batch gives the event loop's other work
@@ -124,6 +134,11 @@ class LineBudget:
         self.per_second = per_second
         self._clock = clock
         self._start, self._used = clock(), 0
+        self._lifted = asyncio.Event()  # set once the guest is gone: what it wrote is read at once
+
+    def lift(self) -> None:
+        """No more waiting (QEMU exited: what is left is finite, and the run waits for it)."""
+        self._lifted.set()
 
     async def spend(self, lines: int) -> None:
         now = self._clock()
@@ -131,8 +146,9 @@ class LineBudget:
             self._start, self._used = now, 0
         self._used += lines
         wait = self._used / self.per_second - (now - self._start)
-        if self._used > self.per_second and wait > 0:
-            await asyncio.sleep(wait)
+        if self._used > self.per_second and wait > 0 and not self._lifted.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lifted.wait(), wait)
             self._start, self._used = self._clock(), 0
         else:
             await asyncio.sleep(0)
@@ -173,6 +189,7 @@ class NotifyChannel:
     async def drained(self, timeout: float) -> None:
         """Return once every open connection has been read to its end (QEMU gone: what the guest
         wrote last is in the socket, then EOF), or after ``timeout`` seconds."""
+        self._budget.lift()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
 
@@ -221,7 +238,7 @@ class NotifyChannel:
         self.credential = ("vmm.notify_socket", f"vsock-stream:2:{port}")
 
     async def _serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with self._reading():
+        with self._reading(), _quiet_when_cancelled():
             await self._read_stream(reader, writer)
 
     async def _read_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -245,7 +262,7 @@ class NotifyChannel:
                             "once; hanging up on the rest")
             writer.close()
             return
-        with self._reading():
+        with self._reading(), _quiet_when_cancelled():
             await self._read_vsock(reader, writer)
 
     async def _read_vsock(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
