@@ -20,7 +20,9 @@ or heavy load needs more (what upstream could change is noted on each class):
   buffer, no re-copying), caps the bytes buffered across all connections, answers a message
   that is not a JSON object with a protocol error and closes that connection; it records the
   calls in flight, so a stopping daemon lets their last replies go out first.  A reply parameter
-  that is :class:`EncodedJson` goes out as the bytes it was encoded to once, not encoded again.
+  that is :class:`EncodedJson` goes out as the bytes it was encoded to once, not encoded again, and
+  a synchronous method whose reply type is an :class:`EncodedReplyType` (List, Describe) has its
+  replies written straight to bytes, without asyncvarlink's reply objects.
   (asyncvarlink checks the limit only after a message is complete, re-copies its buffer for
   every chunk, and lets decoding errors other than JSONDecodeError escape.)
 
@@ -127,6 +129,13 @@ def encode_message(obj: dict[str, Any]) -> bytes:
     head = {k: v for k, v in obj.items() if k != "parameters"}
     return (_ENCODER.encode(head).encode()[:-1] + (b"," if head else b"") + b'"parameters":{'
             + b",".join(members) + b"}}\0")
+
+
+def _broken_pipe() -> asyncio.Future[None]:
+    """What sending on a connection that is gone returns."""
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    fut.set_exception(BrokenPipeError())
+    return fut
 
 
 def _retrieve(fut: asyncio.Future[None]) -> None:
@@ -251,9 +260,7 @@ class GuardedProtocol(VarlinkInterfaceServerProtocol):
         streamed reply (``continues``) goes to :meth:`GuardedTransport.send_streamed`."""
         transport = self._transport
         if transport is None:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            fut.set_exception(BrokenPipeError())
-            return fut
+            return _broken_pipe()
         data = encode_message(obj)
         if obj.get("continues") and not fds and isinstance(transport, GuardedTransport):
             fut = transport.send_streamed(data)
@@ -297,15 +304,13 @@ class GuardedProtocol(VarlinkInterfaceServerProtocol):
         data = reply_type.message(result.parameters, result.continues)
         transport = self._transport
         if transport is None:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            fut.set_exception(BrokenPipeError())
-            return fut
-        if result.continues and isinstance(transport, GuardedTransport):
+            fut = _broken_pipe()
+        elif result.continues and isinstance(transport, GuardedTransport):
             fut = transport.send_streamed(data)
         else:
             fut = transport.send_message(data)
         if fut.done():
-            self._on_message_sent(fut)  # (written already: nothing in flight)
+            self._on_message_sent(fut)  # (written already, or failed: nothing in flight)
         else:
             fut.add_done_callback(self._on_message_sent)
             self._add_transfer(fut)
