@@ -69,7 +69,7 @@ def acpi_vm(installed_units: Path, tmp_path: Path) -> Iterator[tuple[Ctl, Path]]
 def test_machined_knows_the_vms_control_socket(acpi_vm: tuple[Ctl, Path]) -> None:
     ctl, _ = acpi_vm
     entry = machined_entry()
-    assert entry["controlAddress"] == f"/run/vmspawnd/machines/{NAME}/control", entry
+    assert entry["controlAddress"] == f"/run/vmspawnd/machines/{NAME}.run/control", entry  # (the daemon's dir)
     assert entry["leader"]["pid"] == ctl.status(NAME)["pid"]
     out = sh("varlinkctl", "introspect", entry["controlAddress"], "io.systemd.MachineInstance").stdout
     for method in ("PowerOff", "Reboot", "Terminate", "Pause", "Resume", "Describe", "SubscribeEvents"):
@@ -128,7 +128,7 @@ def test_machinectl_poweroff_ends_a_foreground_vmspawn_cleanly() -> None:
     try:
         entry = poll(lambda: varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": "fg"})[0],
                      lambda r: "error" not in r, 60)["parameters"]
-        assert entry["controlAddress"].endswith("/fg/control"), entry  # vmspawn serves it too
+        assert entry["controlAddress"].endswith("/fg.run/control"), entry  # vmspawn serves it too
         proc.wait_for("TESTGUEST: ready")
         sh("machinectl", "poweroff", "fg")
         out = proc.wait(60)

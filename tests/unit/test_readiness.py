@@ -109,3 +109,17 @@ def test_invalid_exit_statuses_are_warned_about_once_a_boot():
     warnings = [r.feed("EXIT_STATUS", f"bogus{i}").warning for i in range(2000)]
     assert len([w for w in warnings if w]) == 1 and "bogus0" in str(warnings[0])
     assert Readiness().feed("EXIT_STATUS", "x").warning  # a new boot (a reset) may warn again
+
+
+def test_an_exit_status_not_written_yet_is_written_when_it_comes_again_and_status_does_not_use_up_its_writes():
+    clock = Clock()
+    r = Readiness(clock=clock)
+    for i in range(STATUS_EVENTS_PER_SECOND):  # a chatty guest's progress
+        r.feed("STATUS", f"step {i}")
+    assert r.feed("EXIT_STATUS", "3").persist  # (its own allowance)
+    for i in range(50):
+        r.feed("EXIT_STATUS", str(i % 2))  # past the allowance: kept in memory, not all written
+    assert r.exit_status == 1
+    clock.now += 1.0
+    assert r.feed("EXIT_STATUS", "1").persist  # the same value again: now it is written
+    assert not r.feed("EXIT_STATUS", "1").persist

@@ -370,9 +370,9 @@ def ssh_into(info: Any, ssh_args: list[str]) -> int:
               "/dev/vhost-vsock nor vhost-device-vsock)", file=sys.stderr)
         return EXIT_FAILURE
     # The address goes in as it is, not as ssh's %h (which ssh lowercases: MyVM's address named myvm's
-    # socket); % is ssh's escape.  -I: ssh runs the command in our working directory, which must not
+    # socket); % is ssh's escape.  -P: ssh runs the command in our working directory, which must not
     # give Python a module of its own (-m puts it first on the path).
-    proxy = shlex.join([sys.executable, "-I", "-m", "vmspawnd.cli.vmspawnctl", "vsock-proxy", info.sshAddress])
+    proxy = shlex.join([sys.executable, "-P", "-m", "vmspawnd.cli.vmspawnctl", "vsock-proxy", info.sshAddress])
     proxy = proxy.replace("%", "%%") + " %p"
     argv = [os.environ.get("SYSTEMD_SSH") or "ssh", "-o", f"ProxyCommand={proxy}",
             "-o", "ProxyUseFdpass=no",  # (systemd's ssh_config sets it for vsock-mux/* hosts; ours relays)

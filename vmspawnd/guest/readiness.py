@@ -36,8 +36,9 @@ class Readiness:
         self.ready = ready
         self.status = status
         self.exit_status = exit_status
-        self._clock = clock
-        self._window, self._events = 0.0, 0
+        self._status_events = PerSecond(STATUS_EVENTS_PER_SECOND, clock)
+        self._exit_writes = PerSecond(STATUS_EVENTS_PER_SECOND, clock)
+        self._saved_exit_status = exit_status  # what the run record has (as far as we asked for it)
         self._warned_invalid = False
 
     def feed(self, key: str, value: str) -> Change:
@@ -52,15 +53,18 @@ class Readiness:
             if status == self.status:
                 return NOTHING
             self.status = status  # kept in memory: a chatty guest must not make us fsync per line
-            return Change("status") if self._counted() else NOTHING
+            return Change("status") if self._status_events.counted() else NOTHING
         if key == "EXIT_STATUS":
             if value.isdigit() and 0 <= int(value) <= 255:
-                if int(value) == self.exit_status:
-                    return NOTHING
                 self.exit_status = int(value)
+                if self.exit_status == self._saved_exit_status:
+                    return NOTHING
                 # (persisted a few times a second at most: a guest changing it all the time must not
-                # make us write a file per line; the latest is in the next record written)
-                return Change(persist=self._counted())
+                # make us write a file per line; one not written is written when it comes again)
+                persist = self._exit_writes.counted()
+                if persist:
+                    self._saved_exit_status = self.exit_status
+                return Change(persist=persist)
             if self._warned_invalid:
                 return NOTHING
             self._warned_invalid = True  # (once a boot: a guest must not flood the log)
@@ -68,13 +72,22 @@ class Readiness:
                           "silently)")
         return NOTHING
 
-    def _counted(self) -> bool:
-        """Count one change in this second's window: True while it is within the few allowed a second."""
+
+
+class PerSecond:
+    """Counts what happens in one-second windows: :meth:`counted` is True for the first ``allowed``
+    of each."""
+
+    def __init__(self, allowed: int, clock: Callable[[], float]) -> None:
+        self._allowed, self._clock = allowed, clock
+        self._window, self._count = float("-inf"), 0
+
+    def counted(self) -> bool:
         now = self._clock()
         if now - self._window >= 1.0:
-            self._window, self._events = now, 0
-        self._events += 1
-        return self._events <= STATUS_EVENTS_PER_SECOND
+            self._window, self._count = now, 0
+        self._count += 1
+        return self._count <= self._allowed
 
 
 #: QEMU's SHUTDOWN reason when a signal from outside (machinectl terminate/kill, systemctl stop of
