@@ -126,9 +126,10 @@ def _quiet_when_cancelled() -> Iterator[None]:
 
 
 class LineBudget:
-    """At most ``per_second`` lines a second from one guest: a guest that sends more waits until they
-    are due (its writes block, as on a full pipe), and every batch gives the event loop's other work
-    its turn, so a flood costs the daemon little and holds up no one else."""
+    """At most ``per_second`` lines a second from one guest (each read counts as one more, and each KiB
+    read as one more: a flood without line ends is bounded too): a guest that sends more waits until
+    they are due (its writes block, as on a full pipe), and every batch gives the event loop's other
+    work its turn, so a flood costs the daemon little and holds up no one else."""
 
     def __init__(self, per_second: int = LINES_PER_SECOND, clock: Callable[[], float] = time.monotonic) -> None:
         self.per_second = per_second
@@ -250,7 +251,7 @@ class NotifyChannel:
                     self._dispatch(key, value)
                 if parser.exhausted:
                     self._warn_once("garbage", "guest notify channel sends garbage; ignoring it from now on")
-                await self._budget.spend(parser.lines - lines + 1)
+                await self._budget.spend(parser.lines - lines + 1 + len(data) // 1024)
         except (ConnectionError, OSError):
             pass
         finally:
