@@ -494,8 +494,10 @@ def test_listing_a_thousand_machines_does_not_stall_describe(daemon: Daemon) -> 
             p.wait(30)
     latencies.sort()
     p99 = latencies[int(len(latencies) * 0.99)]
-    # within 20 ms (here a List of 1,000 alone takes ≈ 14 ms), or one List's time on a slower machine
-    assert p99 < max(0.02, one_list), (p99, one_list, latencies[-5:], len(latencies))
+    # A List that held the daemon to its end makes a Describe wait behind most of the 10 Lists: p99 ≈ 9
+    # whole Lists here (120-140 ms against a List alone of 14 ms). Lists that let others in leave only
+    # the scheduling of 12 processes on 2 CPUs: p99 5-24 ms. 50 ms, or 4 Lists on a slower machine.
+    assert p99 < max(0.05, 4 * one_list), (p99, one_list, latencies[-5:], len(latencies))
     assert all(p.returncode == 0 for p in listers)
     assert_healthy(daemon)
 
