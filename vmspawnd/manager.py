@@ -29,9 +29,9 @@ from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.log import get_logger
 from vmspawnd.machine import ACTIVE, DEFAULT_STOP_TIMEOUT, Machine, State
 from vmspawnd.plan import LaunchPlan, plan_launch
-from vmspawnd.run import Run
-from vmspawnd.runrecord import RunRecord
-from vmspawnd.runtime import RuntimeDir, make_base, sweep_discarded
+from vmspawnd.run import Run, qemu_of_record
+from vmspawnd.runrecord import RUNNING, RunRecord
+from vmspawnd.runtime import RECORDS_SUFFIX, RuntimeDir, make_base, sweep_discarded
 from vmspawnd.settings import JSON_FIELDS, config_from_json, config_to_json, json_field_name
 from vmspawnd.spares import Spares
 from vmspawnd.storage import FileAhead, encode_json, read_json, remove_leftover_temps, write_json_atomic
@@ -111,6 +111,7 @@ class Manager:
         make_base(self.runtime_base)
         await asyncio.to_thread(sweep_discarded, self.runtime_base)  # (what runs that a crash cut short left)
         definitions = self._definition_files()
+        definitions |= self._orphaned_runs(definitions)
         for stale in sorted(self.definitions.glob(f"*{STATE_SUFFIX}")):
             if stale.name.removesuffix(STATE_SUFFIX) not in definitions:  # (its definition went by hand)
                 stale.unlink(missing_ok=True)  # so a machine created anew with the name never shows it
@@ -145,6 +146,24 @@ class Manager:
                 log.error("ignoring a definition whose file name is no machine name", path=str(path), error=str(e))
                 continue
             found[path.stem] = path
+        return found
+
+    def _orphaned_runs(self, defined: dict[str, Path]) -> dict[str, Path]:
+        """Machines whose definition went (removed by hand) while their VM ran, and which still run: name →
+        the definition file they had.  They stay listed (running on the configuration their run recorded,
+        root's to control) until they stop; the next reload forgets them then."""
+        found = {}
+        for records in sorted(self.runtime_base.glob(f"*{RECORDS_SUFFIX}")):
+            name = records.name.removesuffix(RECORDS_SUFFIX)
+            if name in defined:
+                continue
+            try:
+                validate_machine_name(name, "name")
+            except ConfigError:
+                continue
+            record = RunRecord.load(records)
+            if record is not None and record.phase == RUNNING and qemu_of_record(record, self.runtime_base / name):
+                found[name] = self.definitions / f"{name}.json"
         return found
 
     async def reload(self) -> list[str]:
@@ -223,6 +242,10 @@ class Manager:
             entry.owner = _uid(data.get("owner"))
             entry.machine.run_as = _uid(data.get("runAs"))  # definitions without it ran as root
             return entry
+        except FileNotFoundError:
+            reason = f"its definition {path} is gone (removed while the VM ran)"
+            log.error("the definition of a running VM is gone; the machine stays listed while it runs", machine=name,
+                      path=str(path))
         except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
             reason = f"its definition {path} cannot be used: {e}"
             log.error("a machine definition cannot be used; the machine stays listed", machine=name, error=str(e))
@@ -234,6 +257,8 @@ class Manager:
                 config = config_from_json(name, recorded.config, strict=False)
         entry = self._new_entry(config)
         entry.definition_error = reason
+        if recorded is not None:
+            entry.machine.run_as = recorded.uid  # (its owner, unknown, is root: only root controls it)
         return entry
 
     async def shutdown(self) -> None:

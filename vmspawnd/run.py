@@ -566,13 +566,17 @@ class Run:
     async def _enter_registration(self, reg: Registration) -> None:
         assert self._record is not None
         self._record.registered = True  # recorded first: a daemon killed meanwhile still unregisters it
+        self._record.control_address = str(reg.control_address) if reg.control_address else None
         self._save()
         try:
-            await self._durable.enter_async_context(MachineRegistration(reg))
+            registration = await self._durable.enter_async_context(MachineRegistration(reg))
         except RegistrationError:
             self._record.registered = False
             self._save()
             raise
+        if not registration.with_control and self._record.control_address is not None:
+            self._record.control_address = None  # (machined < 261 took none)
+            self._save()
         self.registered = True
 
     async def _register_later(self, reg: Registration) -> None:
@@ -643,10 +647,12 @@ class Run:
         self.qemu = QemuProcess.adopt(record.pid)
         self._handles.callback(self.qemu.close)
         self._durable.push_async_callback(self.qemu.end)
-        if self.config.directory is not None:
-            copy = EphemeralCopy.recorded(self.config.directory, self.runtime.records / COPY_RECORD)
+        root = self.config.directory
+        if root is not None:
+            copy = EphemeralCopy.recorded(root, self.runtime.records / COPY_RECORD)
             if copy is not None:
                 self._durable.push_async_callback(copy.remove)
+                root = copy.path
         if record.registered:
             self._durable.push_async_callback(unregister_quietly, self.config.name)
         await self._adopt_helpers(record)
@@ -664,6 +670,28 @@ class Run:
         self._qmp.add_listener(self._qemu_event)
         await self._qmp.connect(str(rundir / "qmp.sock"), identity=self.identity)
         await self._serve_control()
+        if record.registered and record.control_address is not None and record.control_address != str(
+                self.control_socket):
+            await self._register_again(root)
+
+    async def _register_again(self, root: Path | None) -> None:
+        """Tell machined where this daemon serves the VM's control socket, when the run was registered
+        with another address (an older version kept it in the VM's runtime dir, which its user may
+        write to): registered anew, under the same name and leader.  A failure leaves it unregistered."""
+        assert self.qemu is not None
+        reg = Registration(self.config.name, self.qemu.pid, machine_id=self.config.uuid, root_directory=root,
+                           vsock=self.vsock, ssh_private_key=self._ssh_key.private_key if self._ssh_key else None,
+                           control_address=self.control_socket)
+        await unregister_quietly(self.config.name)
+        try:
+            await self._enter_registration(reg)
+        except RegistrationError as e:
+            self.registered = False
+            self.log.warning("could not register the adopted VM with systemd-machined again", reason=str(e),
+                             message_id=messages.REGISTRATION_FAILED)
+            return
+        self.log.info("registered with systemd-machined again, with the control socket's new address",
+                      control_address=str(self.control_socket))
 
     async def _adopt_helpers(self, record: RunRecord) -> None:
         """Watch the recorded helpers again, exactly like a fresh run's; a helper that is gone fails

@@ -58,6 +58,9 @@ class RunRecord:
     helpers: list[HelperRecord] = field(default_factory=list)
     units: list[str] = field(default_factory=list)  # the scope and helper units, as shown to users
     registered: bool = False
+    #: the control socket machined was told of at registration; None: none (machined < 261 refuses
+    #: it); "": not recorded (a record of a version that did not record it, when it was elsewhere)
+    control_address: str | None = None
     ready: bool = False
     status: str | None = None
     guest_exit_status: int | None = None
@@ -100,7 +103,8 @@ class RunRecord:
                 pid=int(data["pid"]), starttime=data.get("starttime"),
                 phase=data.get("phase", RUNNING),  # records without a phase were written after exec
                 helpers=helpers, units=[str(u) for u in data.get("units") or []],
-                registered=bool(data.get("registered")), ready=bool(data.get("ready")), status=data.get("status"),
+                registered=bool(data.get("registered")), control_address=data.get("control_address", ""),
+                ready=bool(data.get("ready")), status=data.get("status"),
                 guest_exit_status=data.get("guest_exit_status", data.get("guestExitStatus")),
                 vsock_port=data.get("vsock_port", data.get("vsockPort")),
                 vsock_cid=data.get("vsock_cid", data.get("vsockCid")),

@@ -169,7 +169,7 @@ def test_the_journal_tells_a_vms_story_with_message_ids_and_the_real_code_locati
     entry = json.loads(ready.splitlines()[0])
     assert entry["CODE_FILE"].endswith("vmspawnd/run.py") and entry["CODE_FUNC"] == "_guest_message", entry
     started = json.loads(wait_journal("VM started", "-o", "json", "-u", "vmspawnd.service",
-                                      f"MESSAGE_ID={messages.STARTED}").splitlines()[0])
+                                      f"MESSAGE_ID={messages.STARTED}", f"MACHINE={NAME}").splitlines()[0])
     assert started["MACHINE"] == NAME and started["CODE_FILE"].endswith("vmspawnd/machine.py"), started
     created = wait_journal("machine created", "-o", "json", f"MESSAGE_ID={messages.CREATED}", f"MACHINE={NAME}")
     assert json.loads(created.splitlines()[0])["PRIORITY"] == "6"

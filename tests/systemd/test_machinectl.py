@@ -10,6 +10,7 @@ says so.  machined is not started by the harness: the daemon has to.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,6 +87,37 @@ def test_machinectl_poweroff_powers_the_guest_off_through_acpi(acpi_vm: tuple[Ct
     poll(lambda: alive(pid), lambda running: not running, 15)
     poll(lambda: varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": NAME})[0],
          lambda reply: "error" in reply, 15)  # unregistered
+
+
+@with_control
+def test_a_vm_registered_by_an_older_daemon_is_registered_again_with_the_new_control_address(
+        acpi_vm: tuple[Ctl, Path]) -> None:
+    """A daemon older than the records dir's control socket registered ``<runtime dir>/control``, where
+    nothing listens now (and the VM's user may write): the daemon that adopts the VM tells machined anew."""
+    ctl, _ = acpi_vm
+    pid = ctl.status(NAME)["pid"]
+    legacy = f"/run/vmspawnd/machines/{NAME}/control"
+    sh("systemctl", "stop", "vmspawnd.service")
+    assert alive(pid)
+    record = Path(f"/run/vmspawnd/machines/{NAME}.run/run.json")  # as the older daemon wrote it
+    data = json.loads(record.read_text())
+    data.pop("control_address", None)
+    record.write_text(json.dumps(data))
+    (reply,) = varlink_call(MACHINED_VARLINK, "io.systemd.Machine.Unregister", {"name": NAME})
+    assert "error" not in reply, reply
+    (reply,) = varlink_call(MACHINED_VARLINK, "io.systemd.Machine.Register", {
+        "name": NAME, "class": "vm", "service": "vmspawnd", "leaderProcessId": {"pid": pid},
+        "controlAddress": legacy})
+    assert "error" not in reply, reply
+    assert machined_entry()["controlAddress"] == legacy
+
+    assert ctl.status(NAME)["pid"] == pid  # the daemon, activated again, adopted the VM
+    entry = poll(machined_entry, lambda e: e["controlAddress"] != legacy, 15)
+    assert entry["controlAddress"] == f"/run/vmspawnd/machines/{NAME}.run/control", entry
+    assert entry["leader"]["pid"] == pid
+    sh("machinectl", "poweroff", NAME)  # through the control socket the daemon serves
+    st = ctl.wait(lambda s: s["state"] != "running", name=NAME, timeout=60)
+    assert st["state"] == "stopped" and st["exitStatus"] == 0, st
 
 
 @with_control

@@ -463,6 +463,27 @@ def test_a_qemu_that_cannot_be_executed_fails_the_start_with_the_reason_and_the_
         daemon.clean_up()
 
 
+def test_a_running_vm_whose_definition_was_removed_by_hand_is_still_listed_and_controlled(daemon, guest):
+    """(It ran on unseen: no command reached it, and a machine created anew with its name could not start.)"""
+    create(daemon, guest, "orphan", "test.action=hang")
+    assert daemon.ctl("start", "orphan").returncode == 0
+    pid = daemon.wait_for("orphan", lambda s: s["ready"])["pid"]
+    daemon.stop_daemon(signal.SIGKILL)
+    (daemon.state / "machines" / "orphan.json").unlink()
+    daemon.start()
+    st = daemon.status("orphan")
+    assert st["state"] == "running" and st["pid"] == pid and st["ready"], st  # on its run's recorded config
+    assert "is gone" in st["definitionError"], st
+    assert daemon.ctl("stop", "orphan", "--timeout=1").returncode == 0
+    assert process_gone(pid)
+    p = daemon.ctl("start", "orphan")
+    assert p.returncode == 1 and "is gone" in p.stderr, p.stderr
+    assert daemon.ctl("remove", "orphan").returncode == 0
+    daemon.stop_daemon(signal.SIGKILL)
+    daemon.start()  # nothing of it is left to list
+    assert "orphan" not in daemon.ctl("list").stdout
+
+
 def test_a_running_vm_whose_definition_broke_is_still_readopted(daemon, guest):
     create(daemon, guest, "fragile", "test.action=hang")
     assert daemon.ctl("start", "fragile").returncode == 0
