@@ -110,6 +110,10 @@ def qemu_of_record(record: RunRecord, runtime: Path) -> bool:
             and str(runtime) in process_cmdline(record.pid))
 
 
+QEMU_EXIT_GRACE = 1.0  # s a QEMU whose monitor hung up has to exit, to be told apart from one that runs on
+TPM_INIT_FAILED = "tpm-emulator: TPM result for CMD_INIT"  # (QEMU's words when swtpm cannot load its state)
+
+
 class Run:
     """One run of one VM; ``ended`` is set once everything it held is released (or handed on)."""
 
@@ -485,6 +489,8 @@ class Run:
         try:
             await self._qmp.connect(str(path), identity=self.identity)
         except Exception as e:
+            with contextlib.suppress(TimeoutError):  # a QEMU that fails at start-up may be still exiting
+                await asyncio.wait_for(self.qemu.wait(), QEMU_EXIT_GRACE)
             rc = None if self.qemu.alive else self.qemu.returncode
             if rc is None:
                 raise StartError(f"cannot connect to QEMU's monitor: {e}") from e
@@ -493,6 +499,10 @@ class Run:
                 await self._output.ended(1.0)
                 lines = [line for line in self._output.last if line.strip()]
             said = ": " + " / ".join(lines) if lines else ""
+            if self.tpm_state_path is not None and any(TPM_INIT_FAILED in line for line in lines):
+                raise StartError(f"tpm-state={self.tpm_state_path}: swtpm cannot use the TPM state in it (damaged, "
+                                 "or made by another swtpm); it is left as it is: move it away to start with a new "
+                                 f"TPM, or use --tpm-state=off (QEMU said{said})") from e
             raise StartError(f"QEMU did not come up (exit status {rc}){said}") from e
 
     async def _serve_control(self) -> None:

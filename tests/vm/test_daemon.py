@@ -463,6 +463,20 @@ def test_a_qemu_that_cannot_be_executed_fails_the_start_with_the_reason_and_the_
         daemon.clean_up()
 
 
+def test_a_damaged_tpm_state_is_named_and_kept(daemon, guest, tmp_path):
+    state = tmp_path / "tpm"
+    state.mkdir()
+    damaged = os.urandom(3000)
+    (state / "tpm2-00.permall").write_bytes(damaged)
+    create(daemon, guest, "badtpm", "--tpm=yes", f"--tpm-state={state}")
+    p = daemon.ctl("start", "badtpm")
+    assert p.returncode == 1 and f"tpm-state={state}: swtpm cannot use the TPM state" in p.stderr, p.stderr
+    assert (state / "tpm2-00.permall").read_bytes() == damaged  # nothing of it is lost
+    st = daemon.status("badtpm")
+    assert st["state"] == "failed" and "tpm-state=" in st["failure"], st
+    assert daemon.ctl("remove", "badtpm").returncode == 0
+
+
 def test_a_running_vm_whose_definition_was_removed_by_hand_is_still_listed_and_controlled(daemon, guest):
     """(It ran on unseen: no command reached it, and a machine created anew with its name could not start.)"""
     create(daemon, guest, "orphan", "test.action=hang")
