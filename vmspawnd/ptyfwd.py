@@ -25,6 +25,7 @@ ESCAPE_BYTE = 0x1D  # Ctrl-]
 ESCAPE_COUNT = 3
 ESCAPE_WINDOW = 1.0
 OUTPUT_READ = 65536  # bytes of the guest's console output forwarded per event-loop turn
+DRAIN_LIMIT = 1 << 18  # bytes forwarded at most when stopping: more than a console holds, less than a flood
 
 
 class Pty:
@@ -132,8 +133,10 @@ class PtyForwarder:
     def _pump_output(self, drain: bool = False) -> None:
         """Forward what the guest wrote: one read per call (the event loop calls again while more is
         there, with the hotkey, signals and QMP in between: a guest flooding its console never holds
-        them up), or all of it if ``drain``."""
-        while True:
+        them up), or, if ``drain``, what is there (up to :data:`DRAIN_LIMIT`: a guest writing on must not keep
+        us from stopping)."""
+        left = DRAIN_LIMIT
+        while left > 0:
             try:
                 data = os.read(self._master, OUTPUT_READ)
             except (BlockingIOError, InterruptedError):
@@ -151,6 +154,7 @@ class PtyForwarder:
             self._write(self._tinter.feed(data) if self._tinter else data)
             if not drain:
                 return
+            left -= len(data)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)

@@ -77,3 +77,48 @@ async def test_a_guest_flooding_its_console_never_holds_up_the_event_loop(flood:
         forwarder.stop()
         pty.close()
         os.close(null)
+
+
+async def test_stopping_forwards_what_the_guest_wrote_last_but_ends_while_it_floods() -> None:
+    """(Stopping read on until the console was empty: detaching from a flooding guest never ended.)"""
+    import select
+    import subprocess
+    import threading
+
+    from vmspawnd.ptyfwd import Pty, PtyForwarder
+
+    pty = Pty()
+    out_r, out_w = os.pipe()
+    os.set_blocking(out_r, False)
+    null = os.open(os.devnull, os.O_RDONLY)
+    last = b"the guest's last words\r\n"
+    try:
+        forwarder = PtyForwarder(pty.master, read_only=True, on_escape=lambda: None, stdin=null, stdout=out_w)
+        slave = os.open(pty.slave_path, os.O_WRONLY | os.O_NOCTTY)
+        os.write(slave, last)  # written, not yet read by the event loop
+        forwarder.stop()
+        os.close(slave)
+        assert os.read(out_r, 4096).replace(b"\r", b"") == last.replace(b"\r", b"")
+    finally:
+        os.close(out_r)
+        os.close(out_w)
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    forwarder = PtyForwarder(pty.master, read_only=True, on_escape=lambda: None, stdin=null, stdout=devnull,
+                             tint="48;2;0;64;0")  # (the tint's escape sequences are its slow path)
+    with open(pty.slave_path, "wb") as slave_file:  # (two writers: one the reader could keep up with)
+        writers = [subprocess.Popen(["yes", "\x1b[0mab\x1b[48;5;1m"], stdout=slave_file) for _ in range(2)]
+    stopper = threading.Thread(target=forwarder.stop)
+    try:
+        assert select.select([pty.master], [], [], 30)[0], "the guest wrote nothing"
+        stopper.start()
+        stopper.join(1.5)  # (0.1-0.2 s here; it read on for 2.5-3.9 s, until the writers lost a race)
+        assert not stopper.is_alive(), "stopping went on while the guest wrote"
+    finally:
+        for writer in writers:
+            writer.kill()
+            writer.wait()
+        stopper.join()
+        pty.close()
+        os.close(null)
+        os.close(devnull)
