@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -202,6 +205,49 @@ def test_ssh_reaches_the_machine_named_exactly_and_runs_no_code_from_the_working
                        timeout=60, stdin=subprocess.DEVNULL, env={**os.environ, "SYSTEMD_SSH": str(ssh)})
     assert not marker.exists(), "code from the working directory ran"
     assert f"cannot reach port 22 of {address}" in p.stderr, p.stderr
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs OpenSSH's client (make setup installs it)")
+def test_ssh_runs_its_proxy_from_a_python_whose_path_has_a_backslash_before_a_quote(tmp_path):
+    """(The ProxyCommand named the interpreter quoted for the shell, which OpenSSH's own parser of
+    ``-o`` refused when a backslash came before a quote: ``command-line line 0: invalid quotes``.)
+    Here a real ssh runs the proxy from such a copy of our environment, and the proxy asks the
+    vsock socket for port 22."""
+    import socket
+    import threading
+
+    odd = tmp_path / "it\\'s %h"  # (a backslash, a quote, a space and one of ssh's escapes)
+    (odd / "bin").mkdir(parents=True)
+    venv = Path(sys.executable).parent.parent
+    (odd / "pyvenv.cfg").write_text((venv / "pyvenv.cfg").read_text())
+    (odd / "lib").symlink_to(venv / "lib")
+    (odd / "bin" / "python").symlink_to(Path(sys.executable).resolve())
+    path = tmp_path / "vsock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+    server.settimeout(60)
+    asked: list[bytes] = []
+
+    def answer() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = server.accept()
+            asked.append(conn.recv(64))
+            conn.close()
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    program = ("import sys, types; from vmspawnd.cli.vmspawnctl import ssh_into; "
+               f"sys.exit(ssh_into(types.SimpleNamespace(name='web', sshAddress='vsock-mux/{path}', sshKey=None), "
+               "['-o', 'BatchMode=yes', 'true']))")
+    try:
+        p = subprocess.run([str(odd / "bin" / "python"), "-I", "-c", program], capture_output=True, text=True,
+                           timeout=60, stdin=subprocess.DEVNULL, env={**os.environ, "SHELL": "/bin/sh"})
+        thread.join(10)
+    finally:
+        server.close()
+    assert "invalid quotes" not in p.stderr, p.stderr
+    assert asked == [b"CONNECT 22\n"], (asked, p.stderr)
 
 
 def test_what_a_vsock_peer_answers_cannot_drive_the_terminal(tmp_path):

@@ -363,17 +363,23 @@ def vsock_proxy(address: str, port: int) -> int:
     return EXIT_OK
 
 
+#: the environment variables that give ``vmspawnctl ssh``'s ProxyCommand its interpreter and address
+PROXY_PYTHON, PROXY_ADDRESS = "VMSPAWNCTL_PROXY_PYTHON", "VMSPAWNCTL_PROXY_ADDRESS"
+
+
 def ssh_into(info: Any, ssh_args: list[str]) -> int:
     """exec ``ssh`` to the machine ``info`` describes, through :func:`vsock_proxy`, as root with its key."""
     if not info.sshAddress:
         print(f"vmspawnctl: {info.name} has no vsock (it is not running, or the host has neither "
               "/dev/vhost-vsock nor vhost-device-vsock)", file=sys.stderr)
         return EXIT_FAILURE
-    # The address goes in as it is, not as ssh's %h (which ssh lowercases: MyVM's address named myvm's
-    # socket); % is ssh's escape.  -P: ssh runs the command in our working directory, which must not
-    # give Python a module of its own (-m puts it first on the path).
-    proxy = shlex.join([sys.executable, "-P", "-m", "vmspawnd.cli.vmspawnctl", "vsock-proxy", info.sshAddress])
-    proxy = proxy.replace("%", "%%") + " %p"
+    # The interpreter and the address reach the command through the environment (ssh runs it with the
+    # user's shell, which expands them): not as ssh's %h (which ssh lowercases: MyVM's address named
+    # myvm's socket), and not quoted on ssh's command line (whose own parser refuses a backslash before
+    # a quote, and where % is an escape).  -P: ssh runs the command in our working directory, which must
+    # not give Python a module of its own (-m puts it first on the path).
+    os.environ.update({PROXY_PYTHON: sys.executable, PROXY_ADDRESS: info.sshAddress})
+    proxy = f'"${PROXY_PYTHON}" -P -m vmspawnd.cli.vmspawnctl vsock-proxy "${PROXY_ADDRESS}" %p'
     argv = [os.environ.get("SYSTEMD_SSH") or "ssh", "-o", f"ProxyCommand={proxy}",
             "-o", "ProxyUseFdpass=no",  # (systemd's ssh_config sets it for vsock-mux/* hosts; ours relays)
             # the guest's host key is new with every boot, and the address is no network name
