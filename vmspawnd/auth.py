@@ -2,7 +2,8 @@
 """Who is calling, and what they may do.
 
 Every call is attributed to its connection's peer credentials (SO_PEERCRED, taken by the kernel
-when the client connected).  The rules:
+when the client connected), and polkit is asked about that process only while it still runs (see
+server.Peer): a connection handed on by a process that has ended is nobody polkit could say yes to.  The rules:
 
 * root may do everything;
 * anyone who can reach the socket may look (List, Describe, Subscribe, ListFirmware);
@@ -40,6 +41,8 @@ class Caller:
     pid: int
     uid: int
     gid: int
+    #: when the process started (clock ticks since boot), read as it connected; None: unknown
+    start_time: int | None = None
 
     @property
     def root(self) -> bool:
@@ -62,13 +65,14 @@ def caller() -> Caller:
     peer = connection.peer()
     if peer is None:  # a socket whose peer the kernel cannot name: nobody in particular
         return Caller(0, -1, -1)
-    return Caller(*peer)
+    return Caller(peer.pid, peer.uid, peer.gid, peer.start_time)
 
 
 async def require(action: str, what: str, who: Caller | None = None) -> Caller:
     """The caller, if it may do ``what`` (root, or polkit says yes to ``action``); else PermissionDenied."""
     who = who or caller()
-    if who.root or (who.uid >= 0 and await authorized(action, who.pid, who.uid)):
+    if who.root or (who.uid >= 0 and who.start_time is not None
+                     and await authorized(action, who.pid, who.uid, who.start_time)):
         return who
     raise PermissionDenied(action, f"{what} needs {action}, which polkit did not grant uid {who.uid}")
 

@@ -38,6 +38,7 @@ import contextvars
 import errno
 import json
 import os
+import select
 import socket
 import struct
 import warnings
@@ -58,6 +59,7 @@ from asyncvarlink.util import VarlinkUnixServer
 
 from vmspawnd.futures import resolve, resolved
 from vmspawnd.log import get_logger
+from vmspawnd.proc import process_start_time
 
 log = get_logger()
 
@@ -70,6 +72,7 @@ ACCEPT_PAUSE = 0.1  # seconds without accepting when we are out of file descript
 ACCEPT_BATCH = 64  # connections accepted per event-loop turn
 HANGUP_POLL = 0.5  # seconds between checks that a streaming call's client is still there
 RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # (Linux ≥ 6.5; Python 3.11 does not name it)
 PROTOCOL_VIOLATION = "invalid.asyncvarlink.ProtocolViolation"
 
 warnings.filterwarnings("ignore", message="coroutine method 'aclose' of", category=RuntimeWarning)
@@ -335,9 +338,13 @@ class GuardedProtocol(VarlinkInterfaceServerProtocol):
         if not oneway:
             self.send_error(GenericVarlinkErrorReply("io.vmspawnd.Manager.InternalError", {"reason": str(exc)[:500]}))
 
-    def peer(self) -> tuple[int, int, int] | None:
-        """The client's (pid, uid, gid) as the kernel saw them when it connected (SO_PEERCRED)."""
-        return peer_credentials(self._sock) if self._sock is not None else None
+    def peer(self) -> Peer | None:
+        """The client as the kernel saw it when it connected (see :class:`Peer`)."""
+        if self._transport is not None and (known := self._transport.get_extra_info("peer")) is not None:
+            return known
+        if self._sock is None or (creds := peer_credentials(self._sock)) is None:
+            return None
+        return Peer(*creds, start_time=None)
 
     def hung_up(self) -> bool:
         """True once the client closed its end (checked without reading what it may have sent)."""
@@ -432,6 +439,46 @@ class GuardedTransport(VarlinkTransport):
         super().close()
 
 
+@dataclass(frozen=True)
+class Peer:
+    """The process that connected: its pid, uid and gid (SO_PEERCRED), and its start time, read
+    when it connected and only while it still ran (so it is that process's, not that of another
+    that took its pid since; None if it was gone or not asked, for root)."""
+
+    pid: int
+    uid: int
+    gid: int
+    start_time: int | None
+
+
+def peer_of(sock: socket.socket) -> Peer | None:
+    """The peer of a just-accepted connection (see :class:`Peer`)."""
+    if (creds := peer_credentials(sock)) is None:
+        return None
+    pid, uid, gid = creds
+    return Peer(pid, uid, gid, None if uid == 0 or pid <= 0 else peer_start_time(sock, pid))
+
+
+def peer_start_time(sock: socket.socket, pid: int) -> int | None:
+    """The start time of the process that connected ``sock``, whose pid is ``pid``; None if it has
+    ended.  The kernel's pidfd of the peer (SO_PEERPIDFD, Linux ≥ 6.5; older kernels: one opened
+    now) still running after the read proves the read was of that process."""
+    try:
+        pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+    try:
+        start = process_start_time(pid)
+        ended = select.poll()
+        ended.register(pidfd, select.POLLIN)  # a pidfd is readable once its process has ended
+        return None if ended.poll(0) else start
+    finally:
+        os.close(pidfd)
+
+
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
     """A unix socket's peer's (pid, uid, gid) as the kernel saw them when it connected (SO_PEERCRED)."""
     try:
@@ -482,7 +529,8 @@ class GuardedServer(VarlinkUnixServer):
                     self._pause()
                     return
                 continue  # ECONNABORTED, EPROTO…: that client is gone, the next one is not
-            uid = creds[1] if (creds := peer_credentials(conn)) else -1
+            peer = peer_of(conn)
+            uid = peer.uid if peer is not None else -1
             if (limit := self._limit_reached(uid)) is not None:
                 self._warn_once(limit, "connection limit reached; closing new connections", limit=limit)
                 conn.close()
@@ -490,7 +538,8 @@ class GuardedServer(VarlinkUnixServer):
             conn = ClientSocket(conn.family, conn.type, conn.proto, fileno=conn.detach())
             conn.setblocking(False)
             self._transports.add(GuardedTransport(self._loop, conn, conn, self._protocol_factory(),
-                                                  {"peername": addr, "socket": conn, "uid": uid}))
+                                                  {"peername": addr, "socket": conn, "uid": uid,
+                                                   "peer": peer}))
 
     def connection_count(self) -> int:
         return sum(1 for t in self._transports if not t.is_closing())

@@ -6,8 +6,11 @@ units, machined, and the container's real polkitd deciding what goes beyond a us
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,3 +146,79 @@ def test_alices_vm_runs_as_alice_and_bob_may_only_look(users: Ctl) -> None:
     ctl("kill", VM)
     ok, out = call("alice", "Remove", {"name": VM})
     assert ok and VM not in ctl("list", "--no-legend").stdout, out
+
+
+# bob connects, and a child he forks keeps the connection and sends what it reads on stdin
+# ("Stop" with a bad timeout: refused before anything else if polkit says no, InvalidConfig if yes)
+HANDED_ON = r"""
+import json, os, signal, socket, sys
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+conn.connect(sys.argv[1])
+print(os.getpid(), flush=True)
+if os.fork():
+    signal.pause()  # the connecting process: runs until the test ends it
+for _ in sys.stdin:
+    call = {"method": "io.vmspawnd.Manager.Stop", "parameters": {"name": sys.argv[2], "timeout": -1}}
+    conn.sendall(json.dumps(call).encode() + b"\0")
+    reply = b""
+    while not reply.endswith(b"\0"):
+        reply += conn.recv(65536)
+    print(reply[:-1].decode(), flush=True)
+"""
+
+# takes pid int(argv[1]) for a process of its own (root's), if nothing else takes it first
+TAKE_PID = r"""
+import os, subprocess, sys
+subprocess.run(["mount", "--bind", "/proc/sys", "/proc/sys"], check=True)  # (private mounts: ours only)
+subprocess.run(["mount", "-o", "remount,bind,rw", "/proc/sys"], check=True)
+want = int(sys.argv[1])
+for _ in range(100):
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(want - 1))
+    taker = subprocess.Popen(["sleep", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if taker.pid == want:
+        print(taker.pid, flush=True)
+        os._exit(0)  # (the sleep runs on, reparented)
+    taker.kill()
+    taker.wait()
+sys.exit("could not take the pid")
+"""
+
+
+def test_a_connection_handed_on_by_a_process_that_ended_is_not_judged_as_the_process_that_took_its_pid(
+        users: Ctl) -> None:
+    """polkit judges the process that connected; once it has ended, its pid may be another's, and
+    what polkit would allow that other process is not what the connection may do."""
+    ok, out = call("alice", "Create", {"name": VM, "config": alice_config()})
+    assert ok, out
+    client = subprocess.Popen(["setpriv", "--reuid=bob", "--regid=bob", "--init-groups", "python3", "-c",
+                               HANDED_ON, SOCKET, VM], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert client.stdin is not None and client.stdout is not None
+    connected = int(client.stdout.readline())
+    assert connected == client.pid  # (setpriv execs python)
+
+    def ask() -> str:
+        client.stdin.write("Stop\n")
+        client.stdin.flush()
+        return client.stdout.readline()
+
+    taker = None
+    try:
+        RULE.write_text('polkit.addRule(function(action, subject) {\n'
+                        f'  if (action.id == "io.vmspawnd.manage-all" && subject.pid == {connected})\n'
+                        '    return polkit.Result.YES;\n});\n')
+        # while the connecting process runs, polkit's yes for it holds (once polkitd has read the rule)
+        assert "InvalidConfig" in poll(ask, lambda r: "PermissionDenied" not in r, 60)
+
+        client.terminate()  # the connecting process; its child keeps the connection
+        client.wait(10)
+        taker = sh("unshare", "--mount", "--propagation", "private", "python3", "-c", TAKE_PID,
+                   str(connected)).stdout.strip()
+        assert taker == str(connected)
+        reply = ask()
+        assert "PermissionDenied" in reply and "io.vmspawnd.manage-all" in reply, reply
+        assert users.status(VM)["state"] == "stopped"
+    finally:
+        if taker:
+            os.kill(int(taker), signal.SIGKILL)
+        sh("pkill", "-KILL", "-u", "bob", "-f", "python3 -c", check=False)

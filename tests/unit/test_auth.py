@@ -8,6 +8,9 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +18,8 @@ import pytest
 
 from tests.conftest import Daemon, call_as, public_daemon
 from tests.polling import poll
+from vmspawnd.proc import process_start_time
+from vmspawnd.server import peer_credentials, peer_start_time
 
 NOBODY = 65534
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
@@ -112,3 +117,30 @@ def test_an_owner_starting_its_machine_that_runs_as_root_asks_polkit_again(share
     assert reply["parameters"]["action"] == "io.vmspawnd.privileged-features"
     assert shared_daemon.status("tapped")["state"] == "stopped"  # nothing started
     assert "error" not in as_nobody(shared_daemon, "io.vmspawnd.Manager.Remove", {"name": "tapped"})  # still its own
+
+
+def test_a_callers_start_time_is_that_of_the_process_that_connected_and_unknown_once_it_ended(
+        tmp_path: Path) -> None:
+    """What polkit is told about a caller is read as it connects, and only of the process that did."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "s"))
+    listener.listen()
+    connect = f"import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect({str(tmp_path / 's')!r}); "
+    running = subprocess.Popen([sys.executable, "-c", connect + "sys.stdin.read()"], stdin=subprocess.PIPE)
+    ended = subprocess.Popen([sys.executable, "-c", connect])
+    try:
+        conns = [listener.accept()[0], listener.accept()[0]]
+        poll(lambda: Path(f"/proc/{ended.pid}/stat").read_text().rsplit(")", 1)[1].split()[0], "Z".__eq__, 10)
+        peers = {pid: (pid, start) for pid, start in map(peer_start_time_of, conns)}
+        assert peers[running.pid] == (running.pid, process_start_time(running.pid))
+        assert peers[ended.pid] == (ended.pid, None)  # ended (not yet reaped): its pid may soon be another's
+    finally:
+        ended.wait()
+        running.kill()
+        running.wait()
+
+
+def peer_start_time_of(conn: socket.socket) -> tuple[int, int | None]:
+    creds = peer_credentials(conn)
+    assert creds is not None
+    return creds[0], peer_start_time(conn, creds[0])

@@ -2,7 +2,9 @@
 """Ask polkit whether a process may do an action (``CheckAuthorization`` over D-Bus, dbus-fast).
 
 The subject is the caller's process (pid, start time, uid), as machined does it, so polkit's
-rules and its "active local session" defaults apply to the real caller.  No interaction is
+rules and its "active local session" defaults apply to the real caller.  The start time is the one
+read when the caller connected; a process that no longer runs with it (it ended, and its pid may
+be another's by now) is refused, before asking and after the answer.  No interaction is
 asked for (a daemon has no agent to ask through).  Anything but a clear yes -- polkit not
 running, the bus not reachable, an error -- is a no: nothing is ever allowed by default.
 """
@@ -20,14 +22,15 @@ AUTHORITY = ("org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authorit
              "org.freedesktop.PolicyKit1.Authority")
 
 
-async def authorized(action: str, pid: int, uid: int, timeout: float = 10.0) -> bool:
-    """True only if polkit says the process ``pid`` (of ``uid``) may do ``action`` now."""
+async def authorized(action: str, pid: int, uid: int, start_time: int, timeout: float = 10.0) -> bool:
+    """True only if polkit says the process ``pid`` of ``uid``, started at ``start_time``, may do
+    ``action`` now, and that process ran all along."""
     # dbus-fast on first use: start-up speed (a root-only daemon never asks polkit)
     from dbus_fast import BusType, Message, MessageType, Variant
     from dbus_fast.aio import MessageBus
 
-    start = process_start_time(pid)
-    if start is None:
+    if process_start_time(pid) != start_time:
+        log.info("the caller has ended; denying", action=action, pid=pid)
         return False
     try:
         bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), timeout)
@@ -36,7 +39,7 @@ async def authorized(action: str, pid: int, uid: int, timeout: float = 10.0) -> 
         return False
     try:
         destination, path, interface = AUTHORITY
-        subject = ["unix-process", {"pid": Variant("u", pid), "start-time": Variant("t", start),
+        subject = ["unix-process", {"pid": Variant("u", pid), "start-time": Variant("t", start_time),
                                     "uid": Variant("i", uid)}]
         reply = await asyncio.wait_for(bus.call(Message(
             destination=destination, path=path, interface=interface, member="CheckAuthorization",
@@ -51,4 +54,7 @@ async def authorized(action: str, pid: int, uid: int, timeout: float = 10.0) -> 
                  error=reply.error_name if reply is not None else None)
         return False
     is_authorized, _challenge, _details = reply.body[0]
+    if is_authorized and process_start_time(pid) != start_time:  # polkit may have looked at another
+        log.info("the caller ended while polkit was asked; denying", action=action, pid=pid)
+        return False
     return bool(is_authorized)
