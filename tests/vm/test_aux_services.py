@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,6 +27,46 @@ def test_tpm_state_persists_across_boots_with_a_state_dir(vmspawn, tmp_path):
     second = vmspawn("test.notify=1", "test.tpm=nv", f"--tpm-state={state}", name="tpm2")
     assert second.wait() == 0, second.text
     assert "TPM NV index 0x01500001 EXISTS" in second.text
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs (root only: it is mounted)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mounts a tmpfs)")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,mode=0700", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)
+
+
+def test_a_tpm_whose_state_cannot_be_saved_is_refused_not_lost(vmspawn, small_fs):
+    """A full file system would put the TPM in failure mode at the guest's first command, and the
+    guest would find no TPM, with nothing said."""
+    state = small_fs / "tpm"
+    first = vmspawn("test.notify=1", "test.tpm=nv", "--tpm=yes", f"--tpm-state={state}", name="tpmfull1")
+    assert first.wait() == 0 and "NV_DefineSpace rc=00000000" in first.text, first.text
+    saved = {f.name: f.read_bytes() for f in state.iterdir()}
+    with open(small_fs / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:  # the file system fills up
+            f.write(bytes(4096))
+
+    refused = vmspawn("test.notify=1", "test.tpm=nv", "--tpm=yes", f"--tpm-state={state}", name="tpmfull2")
+    assert refused.wait() == 1, refused.text
+    assert f"tpm-state={state}: its file system has 0 KiB free" in refused.text, refused.text
+    assert "TESTGUEST" not in refused.text  # no VM
+    without = vmspawn("test.notify=1", "test.tpm=nv", f"--tpm-state={state}", name="tpmfull3")  # --tpm=auto
+    assert without.wait() == 0, without.text
+    assert "continuing without a TPM" in without.text and "its file system has 0 KiB free" in without.text
+    assert "TPM ABSENT" in without.text
+    assert {f.name: f.read_bytes() for f in state.iterdir()} == saved  # the TPM's state as it was
+
+    (small_fs / "filler").unlink()
+    again = vmspawn("test.notify=1", "test.tpm=nv", "--tpm=yes", f"--tpm-state={state}", name="tpmfull4")
+    assert again.wait() == 0 and "TPM NV index 0x01500001 EXISTS" in again.text, again.text
 
 
 def test_tpm_state_off_forgets_everything(vmspawn):

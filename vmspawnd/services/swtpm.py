@@ -27,6 +27,10 @@ from vmspawnd.values import StateLocation, Tristate
 log = get_logger()
 
 SWTPM_SETUP_TIMEOUT = 30.0
+#: free space a TPM state directory's file system must have when the TPM starts: swtpm saves the
+#: state by writing it anew beside the old copy, and libtpms keeps up to ≈ 128 KiB of NV data; a
+#: save that fails puts the TPM in failure mode, and the guest's kernel then finds no TPM at all
+STATE_ROOM = 128 << 10
 #: A manufactured TPM 2 state directory holds this file (swtpm's "dir" backend).
 STATE_FILE = "tpm2-00.permall"
 #: QEMU's TPM front end per host architecture (others have no TPM support here).
@@ -99,6 +103,25 @@ def check_swtpm_path(field: str, path: Path) -> None:
         raise ConfigError(field, str(path), "swtpm cannot use a path containing ','")
 
 
+def check_state_room(state_dir: Path, identity: Identity = ROOT) -> None:
+    """ServiceError unless ``state_dir``'s file system has room for swtpm to save the state in it
+    (:data:`STATE_ROOM`, or twice the state's size if larger), as ``identity``."""
+    with acting_as(identity):
+        fs = os.statvfs(state_dir)
+        try:
+            size = (state_dir / STATE_FILE).stat().st_size
+        except FileNotFoundError:
+            size = 0
+    free = fs.f_frsize * (fs.f_bfree if identity.root else fs.f_bavail)
+    needed = max(STATE_ROOM, 2 * size)
+    inodes = fs.f_ffree if identity.root else fs.f_favail
+    if free < needed or (fs.f_files and inodes < 2):
+        room = f"{free >> 10} KiB free" if free < needed else "no free inodes"
+        raise ServiceError("swtpm", f"tpm-state={state_dir}: its file system has {room}; the TPM needs "
+                                    f"{needed >> 10} KiB to save its state (else it fails, and the guest "
+                                    "finds no TPM): free some space, or move the state elsewhere")
+
+
 async def manufacture(state_dir: Path, swtpm_setup: Path | None = None, identity: Identity = ROOT) -> bool:
     """Run ``swtpm_setup`` (as ``identity``) once for a fresh state dir; False if it was already manufactured."""
     with acting_as(identity):
@@ -149,6 +172,7 @@ async def start_swtpm(runner: ServiceRunner, machine: str, state_dir: Path, sock
         raise ServiceError(f"vmspawnd-{machine}-tpm", "swtpm is not installed")
     check_socket_path(socket_path)
     argv = swtpm_argv(swtpm, state_dir, socket_path)
+    check_state_room(state_dir, identity)
     await manufacture(state_dir, identity=identity)
     spec = ServiceSpec(name=f"vmspawnd-{machine}-tpm", argv=tuple(argv), description=f"TPM for VM {machine}",
                        bound_to=bound_to, ready_path=socket_path, identity=identity)
