@@ -220,6 +220,10 @@ def check_kernel_cmdline(words: Sequence[str]) -> None:
                           f"the limit is {COMMAND_LINE_SIZE - 1}")
 
 
+#: the largest number any ``-smp`` key may have (QEMU's x86 machines allow at most 4096 CPUs)
+MAX_SMP = 4096
+
+
 def validate_cpus(value: str, field: str = "cpus") -> str:
     """Check a QEMU ``-smp`` value: a count, or ``[cpus=]N,key=value…`` with known keys."""
     text = str(value).strip()
@@ -230,8 +234,11 @@ def validate_cpus(value: str, field: str = "cpus") -> str:
         key, sep, number = item.partition("=")
         if not sep:
             key, number = ("cpus", key) if i == 0 else ("", key)
-        if key not in _SMP_KEYS or not number.isdigit() or int(number) < 1 or int(number) > 4096:
+        if key not in _SMP_KEYS or not number.isdigit():
             raise ConfigError(field, value, "expected a CPU count (e.g. 2) or QEMU -smp syntax (e.g. cpus=2,sockets=1)")
+        if not 1 <= int(number) <= MAX_SMP:
+            where = "" if item == text else f"{key}={number}: "
+            raise ConfigError(field, value, f"{where}must be between 1 and {MAX_SMP}")
     return text
 
 

@@ -83,6 +83,18 @@ def test_bad_values_name_the_field(kernel, args, field):
     assert field in str(e.value) or field == "arguments"
 
 
+@pytest.mark.parametrize("value,reason", [
+    ("0", "invalid cpus=0: must be between 1 and 4096"),
+    ("9999", "invalid cpus=9999: must be between 1 and 4096"),
+    ("2,sockets=5000", "sockets=5000: must be between 1 and 4096"),
+    ("two", "expected a CPU count"),
+])
+def test_a_cpu_count_out_of_range_says_the_range(kernel, value, reason):
+    with pytest.raises(ConfigError) as e:
+        parse(kernel, f"--cpus={value}")
+    assert reason in str(e.value)
+
+
 def test_initrd_requires_linux(tmp_path):
     initrd = tmp_path / "initrd"
     initrd.write_bytes(b"x")
