@@ -128,9 +128,12 @@ def _check_files(config: MachineConfig) -> None:
         if not os.access(path, mode, effective_ids=True):
             raise ConfigError(what, str(path), "permission denied (" + ("read and write" if mode & os.W_OK
                                                                         else "read") + " access is needed)")
-    for what, location, kind in (("tpm-state", config.tpm_state, "directory"),
-                                 ("efi-nvram-state", config.efi_nvram_state, "regular file")):
-        path = location.path  # an explicit one: it, or the directory it will be created in, must be writable
+    journal = config.forward_journal
+    written = [("tpm-state", config.tpm_state.path, "directory"),  # (explicit state paths only)
+               ("efi-nvram-state", config.efi_nvram_state.path, "regular file"),
+               ("forward-journal", journal, "regular file" if journal and journal.name.endswith(".journal")
+                else "directory")]
+    for what, path, kind in written:  # it, or the directory it will be created in, must be writable
         if path is None:
             continue
         if os.path.islink(path) and not os.path.exists(path):  # (os.path's: False where we may not look)

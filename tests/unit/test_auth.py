@@ -75,6 +75,9 @@ def test_a_callers_machine_is_checked_with_its_rights_and_is_its_own(shared_daem
                ({"linux": str(kernel), "binds": [f"rw:{secret}:/mnt"]}, "binds", "permission denied"),
                ({"linux": str(kernel), "tpmState": str(secret / "tpm")}, "tpmState", "not writable"),
                ({"linux": str(kernel), "tpmState": "/etc/vmspawnd-tpm"}, "tpmState", "not writable"),
+               ({"linux": str(kernel), "forwardJournal": "/etc/vmspawnd-journal"}, "forwardJournal", "not writable"),
+               ({"linux": str(kernel), "forwardJournal": str(secret / "vm.journal")}, "forwardJournal",
+                "not writable"),
                ({"linux": str(efi_kernel), "firmware": str(secret / "fw.json")}, "firmware", "Permission denied")]
     for config, field, reason in refused:
         reply = as_nobody(shared_daemon, "io.vmspawnd.Manager.Create", {"name": "mine", "config": config})
