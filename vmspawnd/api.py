@@ -99,7 +99,13 @@ def _shown_config(config_json: dict[str, typing.Any]) -> dict[str, typing.Any]:
     shown["credentials"] = [c.split(":", 1)[0] for c in shown.get("credentials") or []]
     shown["smbios11"] = [s.split("=", 1)[0] + "=…" if s.startswith("io.systemd.credential") else s
                          for s in shown.get("smbios11") or []]
+    if words := shown.get("kernelCommandLine"):  # systemd.set_credential[_binary]=ID:VALUE -> ID:…
+        shown["kernelCommandLine"] = [w.split(":", 1)[0] + ":…" if w.startswith(_CMDLINE_CREDENTIAL) and ":" in w
+                                      else w for w in words]
     return shown
+
+
+_CMDLINE_CREDENTIAL = ("systemd.set_credential=", "systemd.set_credential_binary=")
 
 
 #: the types of a reply's fields, to convert all but its config, which is JSON already
