@@ -162,7 +162,7 @@ class Manager:
             except ConfigError:
                 continue
             record = RunRecord.load(records)
-            if record is not None and record.phase == RUNNING and qemu_of_record(record, self.runtime_base / name):
+            if record is not None and record.phase == RUNNING and qemu_of_record(record, RuntimeDir(self.runtime_base, name).path):
                 found[name] = self.definitions / f"{name}.json"
         return found
 

@@ -14,6 +14,10 @@ Each machine has two, side by side under the runtime base (0711: reachable, not 
 
 Machine names have no '.', so no machine's directory is another's records or a discarded dir, nor
 the base's one file of its own: ``qemu.version``, the host's QEMU version kept for the next start (qemu/accel.py).
+
+The VM's dir holds unix sockets, whose paths must fit 107 bytes: where ``<base>/<name>/`` is too long
+for them (a long name under ``$XDG_RUNTIME_DIR``, or a long ``$RUNTIME_DIRECTORY``), the dir is named
+``<the name's start>_<hash of the name>`` instead (:func:`vm_dir_name`; no machine's name has a '_').
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from pathlib import Path
 
 from vmspawnd.errors import ConfigError
 from vmspawnd.identity import ROOT, Identity
-from vmspawnd.proc import check_socket_path
+from vmspawnd.proc import SUN_PATH_MAX, check_socket_path
+from vmspawnd.values import sha256
 
 BASE_MODE = 0o711
 RECORDS_SUFFIX = ".run"
@@ -40,6 +45,10 @@ DISCARD_PASSES = 64
 DISCARD_AT_ONCE = 1000
 #: how deep a discarded dir is walked at once (deeper dirs are moved up for the next pass)
 DISCARD_DEPTH = 32
+#: the longest name of a socket the VM's dir holds (virtiofsd's for the 100th --bind)
+LONGEST_SOCKET = "fs-mnt99.sock"
+#: hex digits of the name's hash in a shortened VM dir name
+NAME_HASH_DIGITS = 16
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
@@ -63,16 +72,26 @@ def make_base(base: Path) -> None:
         os.chmod(base, BASE_MODE)
 
 
+def vm_dir_name(base: Path, name: str) -> str:
+    """The name of machine ``name``'s VM dir under ``base``: the machine's name where its sockets' paths
+    fit, else as much of its start as fits, '_' and a hash of the whole name (one name, one dir)."""
+    room = SUN_PATH_MAX - len(os.fsencode(base / "x" / LONGEST_SOCKET)) + 1
+    if len(name) <= room:
+        return name
+    digest = sha256(name).hex()[:NAME_HASH_DIGITS]
+    return f"{name[:max(room - NAME_HASH_DIGITS - 1, 1)]}_{digest}"
+
+
 class RuntimeDir:
     """A machine's runtime dir (:attr:`path`) and records dir (:attr:`records`): the machine locked by
     :meth:`lock`, the dirs made new for a run by :meth:`renew` (or kept for an adopted run by
     :meth:`keep`), removed by :meth:`remove`."""
 
     def __init__(self, base: Path, name: str) -> None:
-        self.path = base / name
+        self.path = base / vm_dir_name(base, name)
         self.records = base / f"{name}{RECORDS_SUFFIX}"
         self._lock_fd = -1
-        check_socket_path(self.path / "fs-mnt99.sock")  # as long as the socket names we put there get
+        check_socket_path(self.path / LONGEST_SOCKET)  # (fails only for a base too long for any name)
 
     def lock(self) -> None:
         """Create the records dir if needed and lock the machine; fail if a live machine holds it.

@@ -159,6 +159,24 @@ def test_two_vms_with_the_same_name_cannot_run_at_once(vmspawn):
     first.wait()
 
 
+def test_two_vms_with_long_names_alike_run_at_once_under_a_long_runtime_directory(vmspawn):
+    """A 64-character name (the longest allowed) under a runtime base as long as pytest's: the VM's
+    sockets would not fit a unix socket's path in ``<base>/<name>/``; two names differing only at their
+    end still get a dir each."""
+    names = ["a" * 63 + "1", "a" * 63 + "2"]
+    first = vmspawn("test.notify=1", "test.action=acpi", "test.exit=5", name=names[0])
+    assert first.notify.wait_for("READY=1", 90), first.text
+    env = {**os.environ, "RUNTIME_DIRECTORY": str(first.runtime_dir)}
+    argv = [*first.proc.args[:first.proc.args.index(names[0])], names[1], "panic=-1", "test.notify=1", "test.exit=4"]
+    second = subprocess.run(argv, capture_output=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+    assert second.returncode == 4, second.stderr.decode()
+    assert first.proc.poll() is None  # the first VM was not disturbed
+    assert len(os.fsencode(first.runtime_dir)) + len(names[0]) > 107 - len("/fs-mnt99.sock")
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=30) == 5, first.text
+    assert_clean(first)
+
+
 def test_version_and_help():
     p = subprocess.run([*VMSPAWN, "--version"], capture_output=True, text=True, check=True)
     assert p.stdout.startswith("vmspawn ")
