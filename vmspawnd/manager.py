@@ -162,7 +162,8 @@ class Manager:
             except ConfigError:
                 continue
             record = RunRecord.load(records)
-            if record is not None and record.phase == RUNNING and qemu_of_record(record, RuntimeDir(self.runtime_base, name).path):
+            runtime = RuntimeDir(self.runtime_base, name).path
+            if record is not None and record.phase == RUNNING and qemu_of_record(record, runtime):
                 found[name] = self.definitions / f"{name}.json"
         return found
 
