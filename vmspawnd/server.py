@@ -29,6 +29,10 @@ or heavy load needs more (what upstream could change is noted on each class):
 asyncvarlink also does not await ``aclose()`` of a streaming method's generator when sending
 fails (the client hung up); the generator is still finalized by asyncio's async-generator
 hooks, so the "never awaited" warning that this causes is silenced here.
+
+The private asyncvarlink methods overridden here are listed in :data:`OVERRIDDEN`; an asyncvarlink
+that renamed or reshaped one would leave its guard silently unused, so :func:`serve` says so
+(:func:`hooks_astray`), and pyproject.toml keeps asyncvarlink below 0.4.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import errno
+import inspect
 import json
 import os
 import select
@@ -582,9 +587,39 @@ class GuardedServer(VarlinkUnixServer):
             self._loop.call_later(10, self._warned.discard, key)
 
 
+#: the private methods of asyncvarlink (0.3.3) that the classes above override
+OVERRIDDEN: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (GuardedProtocol, ("_call_sync_method_single", "_call_sync_method_more")),
+    (GuardedTransport, ("_handle_read_socket_peek", "_sock_receive_fds")),
+    (GuardedServer, ("_handle_accept",)),
+)
+_checked_hooks = False
+
+
+def hooks_astray(overridden: tuple[tuple[type, tuple[str, ...]], ...] = OVERRIDDEN) -> list[str]:
+    """The overridden methods (``Class._method``) whose base class, as installed, lacks them or takes
+    other parameters: their guards would not run, or would be called wrongly."""
+    astray = []
+    for ours, names in overridden:
+        base = ours.__mro__[1]
+        for name in names:
+            theirs = getattr(base, name, None)
+            if theirs is None or (list(inspect.signature(theirs).parameters)
+                                  != list(inspect.signature(getattr(ours, name)).parameters)):
+                astray.append(f"{base.__name__}.{name}")
+    return astray
+
+
 async def serve(sock: socket.socket, registry: VarlinkInterfaceRegistry, limits: ServerLimits,
                 on_call_error: Callable[[BaseException], VarlinkErrorReply | None]) -> GuardedServer:
-    """Serve ``registry`` on the listening socket ``sock``."""
+    """Serve ``registry`` on the listening socket ``sock`` (the first time, saying if the installed
+    asyncvarlink no longer has the methods the guards override)."""
+    global _checked_hooks
+    if not _checked_hooks:
+        _checked_hooks = True
+        if astray := hooks_astray():
+            log.warning("this asyncvarlink lacks or reshaped methods the server's guards override; "
+                        "they do not run (vmspawnd is tested with asyncvarlink 0.3.3)", methods=", ".join(astray))
     sock.setblocking(False)
     server = GuardedServer(sock, lambda: GuardedProtocol(registry, limits, on_call_error), limits)
     await server.start_serving()

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tests.rawvarlink import call
 from vmspawnd.interface import interface_description
-from vmspawnd.server import EncodedJson, encode_message
+from vmspawnd.server import OVERRIDDEN, EncodedJson, encode_message, hooks_astray
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -263,6 +263,24 @@ def test_a_parameter_encoded_once_goes_out_as_the_json_it_stands_for(head):
     assert json.loads(data[:-1]) == {**head, "parameters": {"machine": machine, "other": [1, "two"]}}
     alone = encode_message({**head, "parameters": {"machine": EncodedJson(machine)}})
     assert json.loads(alone[:-1]) == {**head, "parameters": {"machine": machine}}
+
+
+def test_the_installed_asyncvarlink_has_every_method_the_servers_guards_override():
+    assert hooks_astray() == []  # (else: an asyncvarlink the guards were not written for; pyproject.toml pins it)
+    assert sum(len(names) for _, names in OVERRIDDEN) == 5
+
+
+def test_a_guard_whose_asyncvarlink_method_was_renamed_or_reshaped_is_named():
+    class Upstream:
+        def _accept(self) -> None: ...
+        def _read(self, size: int) -> int: ...
+
+    class Guarded(Upstream):
+        def _accept(self) -> None: ...
+        def _read(self, size: int, fds: list[int]) -> int: ...
+        def _gone(self) -> None: ...
+
+    assert hooks_astray(((Guarded, ("_accept", "_read", "_gone")),)) == ["Upstream._read", "Upstream._gone"]
 
 
 def test_a_credentials_value_is_never_sent_back_but_is_kept(daemon):
