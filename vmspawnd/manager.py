@@ -157,13 +157,16 @@ class Manager:
             name = records.name.removesuffix(RECORDS_SUFFIX)
             if name in defined:
                 continue
+            record = RunRecord.load(records)
+            if record is None or record.phase != RUNNING:
+                continue
+            name = record.name or name  # (a long name's records are named after its hash: runtime.vm_dir_name)
             try:
                 validate_machine_name(name, "name")
             except ConfigError:
                 continue
-            record = RunRecord.load(records)
-            runtime = RuntimeDir(self.runtime_base, name).path
-            if record is not None and record.phase == RUNNING and qemu_of_record(record, runtime):
+            runtime = RuntimeDir(self.runtime_base, name)
+            if name not in defined and runtime.records == records and qemu_of_record(record, runtime.path):
                 found[name] = self.definitions / f"{name}.json"
         return found
 

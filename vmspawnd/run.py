@@ -220,8 +220,8 @@ class Run:
         self._durable.callback(self.runtime.remove_files)
         pid = self.qemu.pid if self.qemu is not None else 0  # (0 until QEMU is spawned)
         self._record = RunRecord(pid=pid, starttime=process_start_time(pid) if pid else None,
-                                 config=config_to_json(config), uid=self.identity.uid, gid=self.identity.gid,
-                                 groups=list(self.identity.groups))
+                                 config=config_to_json(config), name=config.name, uid=self.identity.uid,
+                                 gid=self.identity.gid, groups=list(self.identity.groups))
         self._save(required=True)
         run_config = await self._ephemeral_copy()
         pass_fds: list[int] = []

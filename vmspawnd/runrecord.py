@@ -70,6 +70,7 @@ class RunRecord:
     ssh_key: str | None = None  # --pass-ssh-key's private key
     tpm_state: str | None = None
     config: dict[str, Any] | None = None  # the machine's configuration (JSON) this run started with
+    name: str | None = None  # the machine's (records of older versions: their directory's name says it)
     uid: int = 0  # the user QEMU and its helpers run as: uid, gid, supplementary groups
     gid: int = 0
     groups: list[int] = field(default_factory=list)
@@ -111,6 +112,7 @@ class RunRecord:
                 vsock_backend=data.get("vsock_backend"), ssh_key=data.get("ssh_key"),
                 tpm_state=data.get("tpm_state", data.get("tpmState")),
                 config=data.get("config") if isinstance(data.get("config"), dict) else None,
+                name=data.get("name") if isinstance(data.get("name"), str) else None,
                 uid=int(data.get("uid", 0)), gid=int(data.get("gid", 0)),
                 groups=[int(g) for g in data.get("groups") or []])
         except (OSError, ValueError, KeyError, TypeError):

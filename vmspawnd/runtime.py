@@ -15,9 +15,10 @@ Each machine has two, side by side under the runtime base (0711: reachable, not 
 Machine names have no '.', so no machine's directory is another's records or a discarded dir, nor
 the base's one file of its own: ``qemu.version``, the host's QEMU version kept for the next start (qemu/accel.py).
 
-The VM's dir holds unix sockets, whose paths must fit 107 bytes: where ``<base>/<name>/`` is too long
-for them (a long name under ``$XDG_RUNTIME_DIR``, or a long ``$RUNTIME_DIRECTORY``), the dir is named
-``<the name's start>_<hash of the name>`` instead (:func:`vm_dir_name`; no machine's name has a '_').
+Both dirs hold unix sockets, whose paths must fit 107 bytes: where ``<base>/<name>/`` is too long for
+them (a long name under ``$XDG_RUNTIME_DIR``, or a long ``$RUNTIME_DIRECTORY``), both are named after
+``<the name's start>_<hash of the name>`` instead (:func:`vm_dir_name`; no machine's name has a '_',
+and ``run.json`` says whose records they are).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class RuntimeDir:
 
     def __init__(self, base: Path, name: str) -> None:
         self.path = base / vm_dir_name(base, name)
-        self.records = base / f"{name}{RECORDS_SUFFIX}"
+        self.records = base / f"{self.path.name}{RECORDS_SUFFIX}"  # (its control socket's path is shorter)
         self._lock_fd = -1
         check_socket_path(self.path / LONGEST_SOCKET)  # (fails only for a base too long for any name)
 

@@ -477,22 +477,25 @@ def test_a_damaged_tpm_state_is_named_and_kept(daemon, guest, tmp_path):
     assert daemon.ctl("remove", "badtpm").returncode == 0
 
 
-def test_a_running_vm_whose_definition_was_removed_by_hand_is_still_listed_and_controlled(daemon, guest):
+@pytest.mark.parametrize("name", ["orphan", "orphan" + "x" * 58])  # (a long one's runtime dirs are named by a hash)
+def test_a_running_vm_whose_definition_was_removed_by_hand_is_still_listed_and_controlled(daemon, guest, name):
     """(It ran on unseen: no command reached it, and a machine created anew with its name could not start.)"""
-    create(daemon, guest, "orphan", "test.action=hang")
-    assert daemon.ctl("start", "orphan").returncode == 0
-    pid = daemon.wait_for("orphan", lambda s: s["ready"])["pid"]
+    create(daemon, guest, name, "test.action=hang")
+    assert daemon.ctl("start", name).returncode == 0
+    pid = daemon.wait_for(name, lambda s: s["ready"])["pid"]
+    runtime_base = daemon.runtime / "machines"
+    assert (runtime_base / f"{name}.run").is_dir() == (len(name) < 20), list(runtime_base.iterdir())
     daemon.stop_daemon(signal.SIGKILL)
-    (daemon.state / "machines" / "orphan.json").unlink()
+    (daemon.state / "machines" / f"{name}.json").unlink()
     daemon.start()
-    st = daemon.status("orphan")
+    st = daemon.status(name)
     assert st["state"] == "running" and st["pid"] == pid and st["ready"], st  # on its run's recorded config
     assert "is gone" in st["definitionError"], st
-    assert daemon.ctl("stop", "orphan", "--timeout=1").returncode == 0
+    assert daemon.ctl("stop", name, "--timeout=1").returncode == 0
     assert process_gone(pid)
-    p = daemon.ctl("start", "orphan")
+    p = daemon.ctl("start", name)
     assert p.returncode == 1 and "is gone" in p.stderr, p.stderr
-    assert daemon.ctl("remove", "orphan").returncode == 0
+    assert daemon.ctl("remove", name).returncode == 0
     daemon.stop_daemon(signal.SIGKILL)
     daemon.start()  # nothing of it is left to list
     assert "orphan" not in daemon.ctl("list").stdout

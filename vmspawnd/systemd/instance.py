@@ -18,7 +18,7 @@ SubscribeEvents streams QEMU's own events (``{"event": "RESET", "data": {…}}``
 ``READY`` event that says the subscription is in place.  Storage hot-plug (AddStorage…) is not
 offered: those calls answer ``NotSupported``.  ``io.systemd.VirtualMachineInstance`` is served as
 the empty interface it is in systemd 262.  The socket lives in the run's records directory
-(``<base>/<name>.run``, the daemon's, mode 0700): only its user (root, for vmspawnd) reaches it, and
+(``<base>/<name>.run``, see runtime.py; the daemon's, mode 0700): only its user (root, for vmspawnd) reaches it, and
 not the VM's user, who could otherwise put another VM's socket in its place for machined to drive.
 (No ``from __future__ import annotations`` here: asyncvarlink reads the methods' real annotations.)
 """
