@@ -24,6 +24,16 @@ def libc() -> ctypes.CDLL:
     return _LIBC
 
 
+def release_free_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc's ``malloc_trim``; nothing where the C
+    library lacks it).  A run's peak (its start, its QMP traffic) takes heap that glibc keeps after
+    it is freed: ≈ 1.4 MB after a daemon's first VMs (bench/notes.md, session 25)."""
+    try:
+        _LIBC.malloc_trim(0)
+    except AttributeError:
+        pass
+
+
 def libc_error(what: str) -> OSError:
     """The OSError for the last failed :func:`libc` call, naming ``what`` it was about."""
     err = ctypes.get_errno()
