@@ -33,7 +33,7 @@ from pathlib import Path
 
 from vmspawnd.errors import ConfigError
 from vmspawnd.identity import ROOT, Identity
-from vmspawnd.proc import SUN_PATH_MAX, check_socket_path
+from vmspawnd.proc import SUN_PATH_MAX
 from vmspawnd.values import sha256
 
 BASE_MODE = 0o711
@@ -92,7 +92,10 @@ class RuntimeDir:
         self.path = base / vm_dir_name(base, name)
         self.records = base / f"{self.path.name}{RECORDS_SUFFIX}"  # (its control socket's path is shorter)
         self._lock_fd = -1
-        check_socket_path(self.path / LONGEST_SOCKET)  # (fails only for a base too long for any name)
+        if len(os.fsencode(self.path / LONGEST_SOCKET)) > SUN_PATH_MAX:  # (a base too long for this name)
+            fits_any = SUN_PATH_MAX - len(f"/{'x' * (NAME_HASH_DIGITS + 2)}/{LONGEST_SOCKET}")
+            raise ConfigError("runtime-directory", str(base), f"too long for the unix sockets of a VM's runtime "
+                              f"directory in it ({len(os.fsencode(base))} bytes; up to {fits_any} fits any name)")
 
     def lock(self) -> None:
         """Create the records dir if needed and lock the machine; fail if a live machine holds it.

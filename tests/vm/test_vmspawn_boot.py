@@ -179,6 +179,18 @@ def test_two_vms_with_long_names_alike_run_at_once_under_a_long_runtime_director
     assert_clean(first)
 
 
+def test_a_runtime_directory_too_long_for_any_name_is_a_clear_error(guest, tmp_path):
+    base = tmp_path / ("r" * (90 - len(os.fsencode(tmp_path)) - 1))
+    base.mkdir()
+    env = {**os.environ, "RUNTIME_DIRECTORY": str(base)}
+    p = subprocess.run([*VMSPAWN, f"--linux={guest.kernel}", "-M", "web"], capture_output=True, env=env, timeout=30,
+                       stdin=subprocess.DEVNULL, text=True)
+    assert p.returncode == 1
+    assert f"runtime-directory={base}: too long for the unix sockets" in p.stderr, p.stderr
+    assert "(90 bytes; up to 74 fits any name)" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and list(base.iterdir()) == []
+
+
 def test_version_and_help():
     p = subprocess.run([*VMSPAWN, "--version"], capture_output=True, text=True, check=True)
     assert p.stdout.startswith("vmspawn ")
