@@ -50,6 +50,8 @@ DISCARD_DEPTH = 32
 LONGEST_SOCKET = "fs-mnt99.sock"
 #: hex digits of the name's hash in a shortened VM dir name
 NAME_HASH_DIGITS = 16
+#: the shortest a shortened dir name gets: the name's first character, '_' and the hash
+SHORTEST_DIR_NAME = 1 + 1 + NAME_HASH_DIGITS
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
@@ -76,11 +78,16 @@ def make_base(base: Path) -> None:
 def vm_dir_name(base: Path, name: str) -> str:
     """The name of machine ``name``'s VM dir under ``base``: the machine's name where its sockets' paths
     fit, else as much of its start as fits, '_' and a hash of the whole name (one name, one dir)."""
-    room = SUN_PATH_MAX - len(os.fsencode(base / "x" / LONGEST_SOCKET)) + 1
+    room = _room_for_dir_name(base)
     if len(name) <= room:
         return name
     digest = sha256(name).hex()[:NAME_HASH_DIGITS]
-    return f"{name[:max(room - NAME_HASH_DIGITS - 1, 1)]}_{digest}"
+    return f"{name[:max(room, SHORTEST_DIR_NAME) - NAME_HASH_DIGITS - 1]}_{digest}"
+
+
+def _room_for_dir_name(base: Path) -> int:
+    """How long a dir name under ``base`` may be for the longest socket path in it to fit."""
+    return SUN_PATH_MAX - len(os.fsencode(base)) - len(f"//{LONGEST_SOCKET}")
 
 
 class RuntimeDir:
@@ -92,8 +99,8 @@ class RuntimeDir:
         self.path = base / vm_dir_name(base, name)
         self.records = base / f"{self.path.name}{RECORDS_SUFFIX}"  # (its control socket's path is shorter)
         self._lock_fd = -1
-        if len(os.fsencode(self.path / LONGEST_SOCKET)) > SUN_PATH_MAX:  # (a base too long for this name)
-            fits_any = SUN_PATH_MAX - len(f"/{'x' * (NAME_HASH_DIGITS + 2)}/{LONGEST_SOCKET}")
+        if _room_for_dir_name(base) < len(self.path.name):  # (a base too long for this name, or any)
+            fits_any = SUN_PATH_MAX - len(f"//{LONGEST_SOCKET}") - SHORTEST_DIR_NAME
             raise ConfigError("runtime-directory", str(base), f"too long for the unix sockets of a VM's runtime "
                               f"directory in it ({len(os.fsencode(base))} bytes; up to {fits_any} fits any name)")
 
