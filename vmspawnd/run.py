@@ -78,6 +78,7 @@ from vmspawnd.services.runner import (
     describe_status,
 )
 from vmspawnd.services.setup import AuxServiceError, AuxServices, start_aux_services
+from vmspawnd.services.swtpm import state_unusable
 from vmspawnd.settings import config_to_json
 from vmspawnd.snapshot import EphemeralCopy, SnapshotError
 from vmspawnd.spares import Spares
@@ -111,7 +112,6 @@ def qemu_of_record(record: RunRecord, runtime: Path) -> bool:
 
 
 QEMU_EXIT_GRACE = 1.0  # s a QEMU whose monitor hung up has to exit, to be told apart from one that runs on
-TPM_INIT_FAILED = "tpm-emulator: TPM result for CMD_INIT"  # (QEMU's words when swtpm cannot load its state)
 
 
 class Run:
@@ -131,6 +131,8 @@ class Run:
         self.pty: Pty | None = None
         self.units: list[str] = []
         self.tpm_state_path: Path | None = None
+        self._tpm: RunningService | None = None  # the swtpm this run started, if any
+        self._quoted: RunningService | None = None  # a helper whose log the run's failure quotes
         self.vsock: GuestVsock | None = None  # the guest's vsock device, if it has one
         self.vsock_port: int | None = None  # the host port its notifications go to
         self._vsock_backend: VsockBackend | None = None  # chosen before anything starts
@@ -399,6 +401,7 @@ class Run:
             raise StartError(str(e)) from e
         for what, service in aux.services:
             self._hold_service(what, service)
+        self._tpm = aux.service("swtpm")
         self.tpm_state_path = aux.tpm_state
         self.units += aux.units
         if self.units or aux.services or aux.tpm_state:  # (else the record has nothing new)
@@ -499,10 +502,12 @@ class Run:
                 await self._output.ended(1.0)
                 lines = [line for line in self._output.last if line.strip()]
             said = ": " + " / ".join(lines) if lines else ""
-            if self.tpm_state_path is not None and any(TPM_INIT_FAILED in line for line in lines):
+            swtpm_said = state_unusable(self._tpm) if self._tpm is not None else None
+            if self.tpm_state_path is not None and swtpm_said:  # (QEMU said that its CMD_INIT failed)
+                self._quoted = self._tpm
                 raise StartError(f"tpm-state={self.tpm_state_path}: swtpm cannot use the TPM state in it (damaged, "
                                  "or made by another swtpm); it is left as it is: move it away to start with a new "
-                                 f"TPM, or use --tpm-state=off (QEMU said{said})") from e
+                                 f"TPM, or use --tpm-state=off (swtpm said: {' / '.join(swtpm_said)})") from e
             raise StartError(f"QEMU did not come up (exit status {rc}){said}") from e
 
     async def _serve_control(self) -> None:
@@ -805,6 +810,9 @@ class Run:
             await service.stop()
         except Exception as e:  # e.g. the bus went away: log, and let the rest of the cleanup run
             self.log.warning("could not stop an auxiliary service", service=service.name, error=str(e))
+        said = service.logged()  # (its log file goes with the runtime dir: what it said stays in ours)
+        if said and service is not self._quoted:
+            self.log.warning("auxiliary service logged errors", service=service.name, output=" | ".join(said))
 
     def _cancel_watches(self) -> None:
         for task in list(self._watches):

@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tests.conftest import processes_mentioning
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError
 from vmspawnd.futures import resolved
+from vmspawnd.identity import Identity
 from vmspawnd.pathwatch import DirectoryWatch, appears
 from vmspawnd.plan import plan_launch
 from vmspawnd.services import runner as runner_module
@@ -47,6 +49,7 @@ C_VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount namespaces, virtiofsd)")
 needs_swtpm = pytest.mark.skipif(shutil.which("swtpm") is None or shutil.which("swtpm_setup") is None,
                                  reason="swtpm/swtpm_setup not installed")
+NOBODY = 65534
 needs_c_virtiofsd = pytest.mark.skipif(not C_VIRTIOFSD.exists(), reason="QEMU's C virtiofsd not installed")
 
 
@@ -165,7 +168,7 @@ def test_tpm_enabled_when_installed():
 def test_swtpm_and_qemu_tpm_args():
     argv = swtpm.swtpm_argv(Path("/usr/bin/swtpm"), Path("/s/tpm"), Path("/run/vm/tpm.sock"))
     assert argv == ["/usr/bin/swtpm", "socket", "--tpm2", "--tpmstate", "dir=/s/tpm",
-                    "--ctrl", "type=unixio,path=/run/vm/tpm.sock", "--terminate"]
+                    "--ctrl", "type=unixio,path=/run/vm/tpm.sock", "--terminate", "--log", "file=/run/vm/tpm.log"]
     with pytest.raises(ConfigError) as e:  # swtpm's option parser has no escape for ','
         swtpm.swtpm_argv(Path("/usr/bin/swtpm"), Path("/s/a,b.raw.tpmstate"), Path("/run/tpm.sock"))
     assert e.value.field == "tpm-state"
@@ -378,6 +381,64 @@ async def test_swtpm_starts_populates_state_and_stops_cleanly(runner, tmp):
     again = await swtpm.start_swtpm(runner, "vm1", state, sock)  # the stale socket is replaced
     assert again.alive
     await again.stop()
+
+
+def swtpm_init(sock: Path) -> subprocess.CompletedProcess[str]:
+    """What QEMU does first with a TPM: CMD_INIT over the control socket."""
+    return subprocess.run(["swtpm_ioctl", "--unix", str(sock), "-i"], capture_output=True, text=True, timeout=10)
+
+
+@needs_swtpm
+async def test_swtpm_logs_a_state_it_cannot_use_and_nothing_else(runner, tmp):
+    state = tmp / "state"
+    state.mkdir(mode=0o700)
+    sock = tmp / "tpm.sock"
+    good = await swtpm.start_swtpm(runner, "vm1", state, sock)
+    assert swtpm_init(sock).returncode == 0
+    assert good.logged() == [] and swtpm.state_unusable(good) is None
+    await good.stop()
+
+    (state / "tpm2-00.permall").write_bytes(os.urandom(3000))  # damaged
+    bad = await swtpm.start_swtpm(runner, "vm1", state, sock)
+    assert swtpm_init(sock).returncode != 0
+    said = swtpm.state_unusable(bad)
+    assert said is not None and any("Could not initialize the TPM" in line for line in said), said
+    await bad.stop()
+    again = await swtpm.start_swtpm(runner, "vm1", state, sock)  # the earlier run's log is not this one's
+    assert again.logged() == []
+    await again.stop()
+
+
+class Watched(RunningService):
+    """A service with nothing running: only what RunningService does for every runner."""
+
+    async def stop(self, timeout: float = 0) -> None: ...
+
+
+@needs_root
+def test_a_helpers_log_is_read_as_its_user_never_through_a_symlink():
+    top = Path(tempfile.mkdtemp(prefix="vmspawnd-test-"))
+    try:
+        top.chmod(0o755)
+        secret = top / "secret"
+        secret.write_text("root's only\n")
+        secret.chmod(0o600)
+        theirs = top / "user"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, NOBODY, NOBODY)
+        log = theirs / "tpm.log"
+        service = Watched(ServiceSpec(name="vmspawnd-vm1-tpm", argv=("/bin/true",), log_path=log,
+                                      identity=Identity(NOBODY, NOBODY, (NOBODY,))))
+        assert service.logged() == []  # none yet
+        log.symlink_to(secret)  # what the VM's user may put there
+        assert service.logged() == []
+        log.unlink()
+        shutil.copy(secret, log)  # root's file, not readable by them
+        assert service.logged() == []
+        log.chmod(0o644)
+        assert service.logged() == ["root's only"]
+    finally:
+        shutil.rmtree(top)
 
 
 @needs_swtpm

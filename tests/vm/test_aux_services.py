@@ -69,6 +69,49 @@ def test_a_tpm_whose_state_cannot_be_saved_is_refused_not_lost(vmspawn, small_fs
     assert again.wait() == 0 and "TPM NV index 0x01500001 EXISTS" in again.text, again.text
 
 
+def test_a_damaged_tpm_state_is_named_with_what_swtpm_said_and_kept(vmspawn, tmp_path):
+    """QEMU only says that its TPM command failed; vmspawn says which state, why, and what to do."""
+    state = tmp_path / "tpm-state"
+    first = vmspawn("test.notify=1", "test.tpm=nv", f"--tpm-state={state}", name="tpmbad1")
+    assert first.wait() == 0 and "NV_DefineSpace rc=00000000" in first.text, first.text
+    damaged = os.urandom(3000)
+    (state / "tpm2-00.permall").write_bytes(damaged)
+
+    refused = vmspawn("test.notify=1", "test.tpm=nv", f"--tpm-state={state}", name="tpmbad2")
+    assert refused.wait() == 1, refused.text
+    assert f"tpm-state={state}: swtpm cannot use the TPM state in it" in refused.text, refused.text
+    assert "swtpm said: " in refused.text and "Could not initialize the TPM" in refused.text, refused.text
+    assert refused.text.count("Could not initialize the TPM") == 1, refused.text  # said once, in the error
+    assert "TESTGUEST" not in refused.text  # no VM
+    assert (state / "tpm2-00.permall").read_bytes() == damaged  # nothing of it is lost
+    assert_clean(refused)
+
+    state.rename(tmp_path / "moved-away")  # as the message says: a new TPM
+    again = vmspawn("test.notify=1", "test.tpm=nv", f"--tpm-state={state}", name="tpmbad3")
+    assert again.wait() == 0 and "NV_DefineSpace rc=00000000" in again.text, again.text
+
+
+def test_tpm_state_that_cannot_be_saved_while_the_vm_runs_is_reported(vmspawn, tmp_path):
+    """The guest's first TPM command cannot be saved (the state dir made immutable once swtpm runs):
+    its TPM is in failure mode from then on, and swtpm's log goes with the runtime dir; vmspawn says
+    what swtpm logged."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (chattr +i)")
+    state = tmp_path / "tpm-state"
+    first = vmspawn("test.notify=1", "test.tpm=nv", f"--tpm-state={state}", name="tpmro1")
+    assert first.wait() == 0 and "NV_DefineSpace rc=00000000" in first.text, first.text
+
+    run = vmspawn("test.notify=1", "test.tpm=nv", f"--tpm-state={state}", name="tpmro2")
+    poll(lambda: (run.runtime_dir / "tpmro2" / "tpm.sock").exists(), bool, 30, 0.01)
+    subprocess.run(["chattr", "+i", str(state)], check=True)
+    try:
+        assert run.wait() == 0, run.text
+    finally:
+        subprocess.run(["chattr", "-i", str(state)], check=True)
+    assert "auxiliary service logged errors" in run.text and "service=vmspawnd-tpmro2-tpm" in run.text, run.text
+    assert "Entering failure mode" in run.text, run.text
+
+
 def test_tpm_state_off_forgets_everything(vmspawn):
     for name in ("off1", "off2"):
         run = vmspawn("test.notify=1", "test.tpm=nv", "--tpm-state=off", name=name)

@@ -13,7 +13,8 @@ One small interface, :class:`ServiceRunner`, with two implementations picked at 
   optional parent-death signal) and watches it through a pidfd.
 
 Both wait until the helper is ready — its ``ready_path`` socket exists — and fail fast, with
-the exit status (and for children the last lines of output), if it dies first.
+the exit status (and the last lines of its log file, if it has one, and for children of its output),
+if it dies first.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from vmspawnd.futures import resolve
-from vmspawnd.identity import ROOT, Identity
+from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.log import get_logger
 from vmspawnd.pathwatch import appears
 from vmspawnd.proc import set_parent_death_signal
@@ -89,6 +90,7 @@ class ServiceSpec:
     ready_timeout: float = DEFAULT_READY_TIMEOUT
     env: dict[str, str] = field(default_factory=dict)  # extra environment
     identity: Identity = ROOT  # the user it runs as (the VM's)
+    log_path: Path | None = None  # a file the helper writes its errors to (instead of its output)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "argv", tuple(str(a) for a in self.argv))
@@ -145,13 +147,28 @@ class RunningService(abc.ABC):
     async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
         """End the helper (SIGTERM, SIGKILL after ``timeout``); returns once it is gone."""
 
+    def logged(self) -> list[str]:
+        """The last lines of the helper's log file (``spec.log_path``), read as the helper's user (the
+        file is in a directory of theirs): [] where it has none, or it is not a regular file."""
+        if self.spec is None or self.spec.log_path is None:
+            return []
+        try:
+            with acting_as(self.spec.identity):
+                fd = os.open(self.spec.log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                return _tail(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else []
+            finally:
+                os.close(fd)
+        except OSError:
+            return []
+
     def detach(self) -> None:
         """Stop watching the helper but leave it running (a daemon letting go of a live VM)."""
         if self._exited is not None and not self._exited.done():
             self._exited.cancel()
 
     def _failure_output(self) -> list[str]:
-        return []
+        return self.logged()
 
     async def _wait_ready(self) -> None:
         """Wait for ``spec.ready_path`` to appear (woken by inotify, else polling); fail fast if the
@@ -170,6 +187,14 @@ class RunningService(abc.ABC):
                                status=status, output=self._failure_output())
         raise ServiceError(self.name, f"did not create {path} within {spec.ready_timeout:g} s",
                            output=self._failure_output())
+
+
+def _tail(fd: int) -> list[str]:
+    """The last non-empty lines (up to OUTPUT_TAIL_LINES, from the last OUTPUT_TAIL_BYTES) of the file ``fd``."""
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, OUTPUT_TAIL_BYTES, max(0, size - OUTPUT_TAIL_BYTES))
+    lines = [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-OUTPUT_TAIL_LINES:]
 
 
 class ServiceRunner(Protocol):
@@ -236,16 +261,13 @@ class ChildService(RunningService):
         return self.returncode
 
     def _failure_output(self) -> list[str]:
-        return self._tail if self._tail is not None else self._read_tail()
+        return (self._tail if self._tail is not None else self._read_tail()) + self.logged()
 
     def _read_tail(self) -> list[str]:
         try:
-            size = os.fstat(self._output.fileno()).st_size
-            data = os.pread(self._output.fileno(), OUTPUT_TAIL_BYTES, max(0, size - OUTPUT_TAIL_BYTES))
+            return _tail(self._output.fileno())
         except (OSError, ValueError):
             return []
-        lines = [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
-        return lines[-OUTPUT_TAIL_LINES:]
 
     def detach(self) -> None:
         if self._pidfd >= 0:
@@ -449,7 +471,7 @@ class UnitService(RunningService):
         return self.returncode
 
     def _failure_output(self) -> list[str]:
-        return [f"see: journalctl -u {self.unit}"]
+        return [*self.logged(), f"see: journalctl -u {self.unit}"]
 
     async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
         assert self._exited is not None

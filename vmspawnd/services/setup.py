@@ -58,6 +58,10 @@ class AuxServices:
         self.services.append((what, service))
         self.on_started(what, service)
 
+    def service(self, what: str) -> RunningService | None:
+        """The helper added as ``what`` ("swtpm"), if one was."""
+        return next((service for name, service in self.services if name == what), None)
+
     @property
     def units(self) -> list[str]:
         return [svc.unit or f"{what} (pid {svc.pid})" for what, svc in self.services]

@@ -5,8 +5,10 @@ State (``--tpm-state=``): a persistent directory (an explicit PATH, or ``<image>
 beside the image/directory) that is created 0700 and never emptied, or a transient one in the
 runtime directory.  First use manufactures it with ``swtpm_setup`` (never ``--create-ek-cert``:
 that writes a machine-global CA to /var/lib/swtpm-localca); then
-``swtpm socket --tpm2 --tpmstate dir=DIR --ctrl type=unixio,path=SOCK --terminate`` runs through
-a :class:`~vmspawnd.services.runner.ServiceRunner` and is ready once SOCK exists.
+``swtpm socket --tpm2 --tpmstate dir=DIR --ctrl type=unixio,path=SOCK --terminate --log file=LOG`` runs
+through a :class:`~vmspawnd.services.runner.ServiceRunner` and is ready once SOCK exists.  LOG (beside
+SOCK) gets swtpm's errors only, so that a run can tell a state swtpm cannot use (:func:`state_unusable`)
+from QEMU failing for its own reasons, whoever ran swtpm.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ SWTPM_SETUP_TIMEOUT = 30.0
 STATE_ROOM = 128 << 10
 #: A manufactured TPM 2 state directory holds this file (swtpm's "dir" backend).
 STATE_FILE = "tpm2-00.permall"
+#: what swtpm logs when it cannot load the state it was given (damaged, or of another swtpm); QEMU
+#: then fails its CMD_INIT and exits
+STATE_UNUSABLE = "Could not initialize the TPM"
 #: QEMU's TPM front end per host architecture (others have no TPM support here).
 TPM_DEVICES = {"x86_64": "tpm-tis", "amd64": "tpm-tis", "aarch64": "tpm-tis-device", "arm64": "tpm-tis-device",
                "armv7l": "tpm-tis-device"}
@@ -152,11 +157,23 @@ async def manufacture(state_dir: Path, swtpm_setup: Path | None = None, identity
 
 
 def swtpm_argv(swtpm: Path, state_dir: Path, socket_path: Path) -> list[str]:
-    """``swtpm socket --tpm2 --tpmstate dir=DIR --ctrl type=unixio,path=SOCK --terminate``."""
+    """``swtpm socket --tpm2 --tpmstate dir=DIR --ctrl type=unixio,path=SOCK --terminate --log file=LOG``
+    (LOG: :func:`log_path`)."""
     check_swtpm_path("tpm-state", state_dir)
     check_swtpm_path("runtime-directory", socket_path)
     return [str(swtpm), "socket", "--tpm2", "--tpmstate", f"dir={state_dir}",
-            "--ctrl", f"type=unixio,path={socket_path}", "--terminate"]
+            "--ctrl", f"type=unixio,path={socket_path}", "--terminate", "--log", f"file={log_path(socket_path)}"]
+
+
+def log_path(socket_path: Path) -> Path:
+    """Where the swtpm of ``socket_path`` logs (its errors only, at swtpm's default level)."""
+    return socket_path.with_name(socket_path.stem + ".log")
+
+
+def state_unusable(swtpm: RunningService) -> list[str] | None:
+    """What ``swtpm`` logged if it could not use its state (else None)."""
+    lines = swtpm.logged()
+    return lines if any(STATE_UNUSABLE in line for line in lines) else None
 
 
 async def start_swtpm(runner: ServiceRunner, machine: str, state_dir: Path, socket_path: Path, *,
@@ -174,8 +191,10 @@ async def start_swtpm(runner: ServiceRunner, machine: str, state_dir: Path, sock
     argv = swtpm_argv(swtpm, state_dir, socket_path)
     check_state_room(state_dir, identity)
     await manufacture(state_dir, identity=identity)
+    with acting_as(identity):
+        log_path(socket_path).unlink(missing_ok=True)  # (an earlier run's: its errors are not this one's)
     spec = ServiceSpec(name=f"vmspawnd-{machine}-tpm", argv=tuple(argv), description=f"TPM for VM {machine}",
-                       bound_to=bound_to, ready_path=socket_path, identity=identity)
+                       bound_to=bound_to, ready_path=socket_path, identity=identity, log_path=log_path(socket_path))
     return await runner.start(spec)
 
 
