@@ -42,10 +42,16 @@ SCOPE = f"machine-{NAME}.scope"
 
 
 def machined_entry(name: str, timeout: float = 10) -> dict:
-    """machined's record of ``name`` (registration follows the scope by a moment: wait for it)."""
-    replies = poll(lambda: varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": name}),
-                   lambda r: "error" not in r[0], timeout, interval=0.1)
-    return replies[0]["parameters"]
+    """machined's record of ``name`` (registration follows the scope by a moment: wait for it; on systemd
+    257 machined, and so its socket, is started by the first registration)."""
+
+    def listed() -> list[dict]:
+        try:
+            return varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": name})
+        except (FileNotFoundError, ConnectionRefusedError):
+            return [{"error": "machined is not running yet"}]
+
+    return poll(listed, lambda r: "error" not in r[0], timeout, interval=0.1)[0]["parameters"]
 
 
 def cgroup_procs(unit_cgroup: str) -> list[int]:
@@ -195,6 +201,23 @@ def test_a_dying_helper_unit_stops_the_vm() -> None:
     assert "exited unexpectedly" in out
     assert not alive(pid)
     wait_inactive("machine-tpmdies.scope")
+
+
+def test_a_tpm_state_the_swtpm_unit_cannot_load_is_named_with_its_words(tmp_path) -> None:
+    """swtpm runs as a unit (PID 1's child): what it logs reaches vmspawn through its log file."""
+    state = tmp_path / "tpm"
+    state.mkdir(mode=0o700)
+    damaged = os.urandom(3000)
+    (state / "tpm2-00.permall").write_bytes(damaged)
+    proc = vmspawn("-M", "tpmbad", f"--tpm-state={state}", tpm="--tpm=yes")
+    try:
+        out = proc.wait(60)
+    finally:
+        proc.stop()
+    assert proc.returncode == 1, out
+    assert f"tpm-state={state}: swtpm cannot use the TPM state in it" in out and "Could not initialize the TPM" in out
+    assert (state / "tpm2-00.permall").read_bytes() == damaged
+    wait_inactive("machine-tpmbad.scope")
 
 
 async def test_a_helper_units_end_is_told_by_systemd_not_found_by_a_later_look(tmp_path, monkeypatch) -> None:
