@@ -422,7 +422,7 @@ class Run:
         assert self._record is not None
         self._record.helpers.append(HelperRecord(what, service.name, service.pid,
                                                  process_start_time(service.pid) if service.pid else None,
-                                                 service.unit))
+                                                 service.unit, str(service.log_path) if service.log_path else None))
         self._save()
 
     def _hold_service(self, what: str, service: RunningService) -> None:
@@ -729,6 +729,7 @@ class Run:
                     raise ProcessLookupError(helper.pid)
             except (ServiceError, ProcessLookupError) as e:
                 raise StartError(f"{helper.what} ended while no daemon watched it ({e})") from e
+            service.log_path, service.identity = Path(helper.log) if helper.log else None, self.identity
             self._hold_service(helper.what, service)
         if not record.helpers and record.units:  # a record of an older version: units, no helpers
             self._durable.push_async_callback(stop_units, record.units)

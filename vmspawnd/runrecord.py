@@ -46,6 +46,7 @@ class HelperRecord:
     pid: int = 0
     starttime: int | None = None
     unit: str | None = None
+    log: str | None = None  # the file it logs to (swtpm's)
 
 
 @dataclass

@@ -230,6 +230,28 @@ def test_a_helper_of_an_adopted_vm_that_dies_fails_the_vm(daemon, guest):
     poll(lambda: processes_mentioning(machine_dir(daemon, "adoptee")), lambda pids: pids == [], 10)
 
 
+def test_what_an_adopted_vms_swtpm_logged_is_reported_when_the_run_ends(daemon, guest):
+    """swtpm's log file goes with the runtime dir; a daemon that adopted the run still reads it.  The
+    line is written by the test, standing for swtpm's (tests/vm/test_aux_services.py makes a real swtpm
+    log one; a running guest cannot be made to send its TPM a command here)."""
+    p = daemon.ctl("create", "tpmlog", f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
+                   "--console=read-only", "--firmware=bios", "--tpm=yes", "panic=-1", "test.notify=1",
+                   "test.action=hang")
+    assert p.returncode == 0, p.stderr
+    assert daemon.ctl("start", "tpmlog").returncode == 0
+    daemon.wait_for("tpmlog", lambda s: s["ready"])
+    daemon.stop_daemon(signal.SIGKILL)
+    daemon.start()
+    assert daemon.status("tpmlog")["state"] == "running"
+    with open(Path(machine_dir(daemon, "tpmlog")) / "tpm.log", "a") as log:
+        log.write("SWTPM_NVRAM_StoreData: Error (fatal) opening TMP2-00.permall for write failed\n")
+    assert daemon.ctl("kill", "tpmlog").returncode == 0
+    daemon.wait_for("tpmlog", lambda s: s["state"] != "running", 30)
+    poll(lambda: daemon.log.read_text(), lambda text: "auxiliary service logged errors" in text, 10)
+    said = [line for line in daemon.log.read_text().splitlines() if "auxiliary service logged errors" in line]
+    assert len(said) == 1 and "vmspawnd-tpmlog-tpm" in said[0] and "SWTPM_NVRAM_StoreData" in said[0], said
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_full_state_disk_is_a_typed_error_and_loses_no_definition(tmp_path, guest):
     d = Daemon(tmp_path)

@@ -131,6 +131,8 @@ class RunningService(abc.ABC):
         self._stopping = False
         self.lost = False  # we can no longer observe it (bus gone): its end is unknown, not a failure
         self.log = log.bind(service=self.name)
+        self.log_path = spec.log_path if spec is not None else None  # (an adopted one's: its run's record's)
+        self.identity = spec.identity if spec is not None else ROOT  # whom its log file is read as
 
     async def wait(self) -> int | None:
         """Wait for the helper to end; its status (negative = killed by that signal) or None if unknown."""
@@ -148,13 +150,13 @@ class RunningService(abc.ABC):
         """End the helper (SIGTERM, SIGKILL after ``timeout``); returns once it is gone."""
 
     def logged(self) -> list[str]:
-        """The last lines of the helper's log file (``spec.log_path``), read as the helper's user (the
-        file is in a directory of theirs): [] where it has none, or it is not a regular file."""
-        if self.spec is None or self.spec.log_path is None:
+        """The last lines of the helper's log file (``log_path``), read as the helper's user (the file
+        is in a directory of theirs): [] where it has none, or it is not a regular file."""
+        if self.log_path is None:
             return []
         try:
-            with acting_as(self.spec.identity):
-                fd = os.open(self.spec.log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with acting_as(self.identity):
+                fd = os.open(self.log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
                 return _tail(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else []
             finally:
