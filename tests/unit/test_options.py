@@ -282,3 +282,11 @@ def test_a_definition_refuses_the_firmware_actions_that_only_print(kernel):
         with pytest.raises(ConfigError) as e:
             config_from_json("web", {"linux": str(kernel), "firmwareFeatures": features})
         assert e.value.field == "firmwareFeatures"
+
+
+@pytest.mark.parametrize(("args", "field"), [(["--ram=abc"], "ram"), (["--cpus=0"], "cpus"),
+                                             (["--console=bogus"], "console"), ([], "linux")])
+def test_with_nothing_to_boot_a_bad_option_is_named_first(args, field):
+    with pytest.raises(ConfigError) as e:
+        parse_vmspawn_args(args)
+    assert e.value.field == field, e.value
