@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,20 @@ def test_host_that_cannot_be_reached_is_a_clear_error(daemon):
     p = subprocess.run([*daemon.ctl_argv(), "-H", "root@127.0.0.1:1", "list"], capture_output=True, text=True,
                        timeout=60, stdin=subprocess.DEVNULL, env={**os.environ, "SYSTEMD_SSH": "ssh"})
     assert p.returncode == 1 and "vmspawnctl:" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_no_daemon_at_the_address_says_how_to_start_one(tmp_path):
+    gone = tmp_path / "vmspawnd.sock"
+    p = subprocess.run([*CTL, f"--address={gone}", "list"], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert f"cannot reach vmspawnd at {gone}: No such file or directory" in p.stderr, p.stderr
+    assert "vmspawnd --socket=SOCKET" in p.stderr, p.stderr
+    with socket.socket(socket.AF_UNIX) as stale:  # a socket nobody listens on any more
+        stale.bind(str(gone))
+    p = subprocess.run([*CTL, f"--address={gone}", "list"], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 1 and "Connection refused (is a vmspawnd serving it?" in p.stderr, p.stderr
 
 
 @pytest.mark.parametrize("address, port", [("garbage", "22"), ("vsock/abc", "22"), ("vsock/3", "-1"),

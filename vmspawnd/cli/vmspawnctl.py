@@ -403,7 +403,11 @@ async def run(args: argparse.Namespace) -> int:
         print(f"vmspawnctl: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
-        print(f"vmspawnctl: cannot reach vmspawnd at {where}: {e.strerror}", file=sys.stderr)
+        hint = ""
+        if not args.host and isinstance(e, (FileNotFoundError, ConnectionRefusedError)):  # (no daemon there)
+            hint = (" (is vmspawnd running? systemctl start vmspawnd.socket)" if args.address == DEFAULT_SOCKET
+                    else " (is a vmspawnd serving it? vmspawnd --socket=SOCKET)")
+        print(f"vmspawnctl: cannot reach vmspawnd at {where}: {e.strerror}{hint}", file=sys.stderr)
         return EXIT_FAILURE
     if args.host and args.command in ("console", "ssh"):
         transport.close()
