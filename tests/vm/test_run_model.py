@@ -211,16 +211,21 @@ def test_daemon_killed_during_a_start_leaves_nothing_behind(daemon, guest, tmp_p
     assert daemon.ctl("kill", "crashy").returncode == 0
 
 
-def test_a_helper_of_an_adopted_vm_that_dies_fails_the_vm(daemon, guest):
-    p = daemon.ctl("create", "adoptee", f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
+def adopted_vm_with_a_tpm(daemon: Daemon, guest, name: str) -> None:
+    """``name`` (with a TPM) running, started by a daemon that was then killed, adopted by a new one."""
+    p = daemon.ctl("create", name, f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
                    "--console=read-only", "--firmware=bios", "--tpm=yes", "panic=-1", "test.notify=1",
                    "test.action=hang")
     assert p.returncode == 0, p.stderr
-    assert daemon.ctl("start", "adoptee").returncode == 0
-    daemon.wait_for("adoptee", lambda s: s["ready"])
+    assert daemon.ctl("start", name).returncode == 0
+    daemon.wait_for(name, lambda s: s["ready"])
     daemon.stop_daemon(signal.SIGKILL)
     daemon.start()
-    assert daemon.status("adoptee")["state"] == "running"
+    assert daemon.status(name)["state"] == "running"
+
+
+def test_a_helper_of_an_adopted_vm_that_dies_fails_the_vm(daemon, guest):
+    adopted_vm_with_a_tpm(daemon, guest, "adoptee")
     swtpm = [pid for pid in processes_mentioning(machine_dir(daemon, "adoptee"))
              if b"swtpm" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(swtpm) == 1, swtpm
@@ -234,15 +239,7 @@ def test_what_an_adopted_vms_swtpm_logged_is_reported_when_the_run_ends(daemon, 
     """swtpm's log file goes with the runtime dir; a daemon that adopted the run still reads it.  The
     line is written by the test, standing for swtpm's (tests/vm/test_aux_services.py makes a real swtpm
     log one; a running guest cannot be made to send its TPM a command here)."""
-    p = daemon.ctl("create", "tpmlog", f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
-                   "--console=read-only", "--firmware=bios", "--tpm=yes", "panic=-1", "test.notify=1",
-                   "test.action=hang")
-    assert p.returncode == 0, p.stderr
-    assert daemon.ctl("start", "tpmlog").returncode == 0
-    daemon.wait_for("tpmlog", lambda s: s["ready"])
-    daemon.stop_daemon(signal.SIGKILL)
-    daemon.start()
-    assert daemon.status("tpmlog")["state"] == "running"
+    adopted_vm_with_a_tpm(daemon, guest, "tpmlog")
     with open(Path(machine_dir(daemon, "tpmlog")) / "tpm.log", "a") as log:
         log.write("SWTPM_NVRAM_StoreData: Error (fatal) opening TMP2-00.permall for write failed\n")
     assert daemon.ctl("kill", "tpmlog").returncode == 0
