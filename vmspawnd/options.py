@@ -76,7 +76,7 @@ def config_from_args(ns: argparse.Namespace, machine_pool: bool = True) -> Machi
         name = derive_machine_name(_abspath(ns.image or ns.directory or ns.linux))
         if ns.ephemeral:
             name = f"{name[:47]}-{os.urandom(8).hex()}"
-    else:  # (a bad option given with it is named first, as if a name had been given)
+    else:  # checked as if named: a bad option is named first, else "nothing to boot" (no --linux/--image)
         config_from_namespace(ns, "vm")
         raise ConfigError("machine", "", "pass -M/--machine=NAME, --image=IMAGE or --linux=KERNEL")
     config = config_from_namespace(ns, validate_machine_name(name))

@@ -401,7 +401,7 @@ class Run:
             raise StartError(str(e)) from e
         for what, service in aux.services:
             self._hold_service(what, service)
-        self._tpm = aux.service("swtpm")
+        self._tpm = aux.tpm
         self.tpm_state_path = aux.tpm_state
         self.units += aux.units
         if self.units or aux.services or aux.tpm_state:  # (else the record has nothing new)

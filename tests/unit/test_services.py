@@ -363,11 +363,17 @@ async def test_choose_runner_without_systemd_is_child_runner(tmp_path, monkeypat
 
 
 # ============================================================================ ChildRunner, real processes
-@needs_swtpm
-async def test_swtpm_starts_populates_state_and_stops_cleanly(runner, tmp):
+@pytest.fixture
+def swtpm_paths(tmp: Path) -> tuple[Path, Path]:
+    """A new TPM state dir (0700) and where its swtpm's socket goes."""
     state = tmp / "state"
     state.mkdir(mode=0o700)
-    sock = tmp / "tpm.sock"
+    return state, tmp / "tpm.sock"
+
+
+@needs_swtpm
+async def test_swtpm_starts_populates_state_and_stops_cleanly(runner, swtpm_paths):
+    state, sock = swtpm_paths
     service = await swtpm.start_swtpm(runner, "vm1", state, sock)
     assert service.name == "vmspawnd-vm1-tpm" and service.unit is None and service.alive
     assert stat.S_ISSOCK(sock.lstat().st_mode)
@@ -389,10 +395,8 @@ def swtpm_init(sock: Path) -> subprocess.CompletedProcess[str]:
 
 
 @needs_swtpm
-async def test_swtpm_logs_a_state_it_cannot_use_and_nothing_else(runner, tmp):
-    state = tmp / "state"
-    state.mkdir(mode=0o700)
-    sock = tmp / "tpm.sock"
+async def test_swtpm_logs_a_state_it_cannot_use_and_nothing_else(runner, swtpm_paths):
+    state, sock = swtpm_paths
     good = await swtpm.start_swtpm(runner, "vm1", state, sock)
     assert swtpm_init(sock).returncode == 0
     assert good.logged() == [] and swtpm.state_unusable(good) is None

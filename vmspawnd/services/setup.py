@@ -48,6 +48,7 @@ class AuxServices:
     qemu_args: list[str] = field(default_factory=list)
     credentials: list[tuple[str, bytes]] = field(default_factory=list)
     cmdline: list[str] = field(default_factory=list)
+    tpm: RunningService | None = None  # swtpm, if it runs (also in services)
     tpm_state: Path | None = None  # persistent TPM state dir, if any
     needs_shared_memory: bool = False  # a vhost-user backend maps the guest's RAM
     on_started: Callable[[str, RunningService], None] = lambda what, service: None
@@ -57,10 +58,6 @@ class AuxServices:
         record names it)."""
         self.services.append((what, service))
         self.on_started(what, service)
-
-    def service(self, what: str) -> RunningService | None:
-        """The helper added as ``what`` ("swtpm"), if one was."""
-        return next((service for name, service in self.services if name == what), None)
 
     @property
     def units(self) -> list[str]:
@@ -115,6 +112,7 @@ async def _start(aux: AuxServices, config: MachineConfig, plan: LaunchPlan, runn
             log.warning("continuing without a TPM: swtpm failed to start", machine=config.name, error=str(e))
         else:
             aux.add("swtpm", svc)
+            aux.tpm = svc
             aux.qemu_args += qemu_tpm_args(socket_path)
             aux.tpm_state = state_dir if persistent else None
 
