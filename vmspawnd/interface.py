@@ -68,6 +68,8 @@ class MachineInfo:
     vsockBackend: str | None = None  # while it runs with vsock: vhost-vsock (the kernel's) or vhost-device-vsock
     sshAddress: str | None = None  # vsock/CID or vsock-mux/SOCKET (``vmspawnctl ssh``, systemd-ssh-proxy)
     sshKey: str | None = None  # --pass-ssh-key's private key
+    #: what went wrong in its last run without failing it (a helper logged errors, a stop forced it off)
+    warnings: list[str] | None = None
     #: its reply, encoded once per change of the machine (by the daemon, api.py; not part of the interface:
     #: init=False)
     varlink_json: typing.Any = dataclasses.field(default=None, init=False, repr=False, compare=False)

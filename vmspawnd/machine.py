@@ -64,6 +64,7 @@ class Machine:
         self.guest_status: str | None = None
         self.exit_status: int | None = None
         self.failure: str | None = None
+        self.warnings: list[str] = []  # the last run's (Run.warnings)
         self.removed = False  # set (under the lock) by the daemon's Remove: commands then find no machine
         self.run_as = 0  # the uid QEMU and its helpers run as (the daemon's: the owner's, unless root's)
         self.lock = asyncio.Lock()
@@ -141,11 +142,12 @@ class Machine:
             self.guest_status = None
             self._emit("reset", reason=data["reason"])
         elif kind == "ended":
-            self.exit_status, self.failure = run.exit_status, run.failure
+            self.exit_status, self.failure, self.warnings = run.exit_status, run.failure, list(run.warnings)
             if run.failure is not None:
                 self._set_state(State.FAILED, reason=run.failure, exit_status=run.exit_status)
             else:
-                self._set_state(State.STOPPED, exit_status=run.exit_status)
+                self._set_state(State.STOPPED, exit_status=run.exit_status,
+                                reason="; ".join(self.warnings) if self.warnings else None)
 
     def _check(self, *states: State, wanted: str) -> Run:
         """Under the lock: the current run, if the machine is in one of ``states``."""
@@ -168,7 +170,7 @@ class Machine:
             if self.state in ACTIVE:
                 raise WrongState(self.config.name, self.state.value, "it must be stopped to start")
             run = self.run = self._new_run(plan, launcher)
-            self.guest_status, self.exit_status, self.failure = None, None, None
+            self.guest_status, self.exit_status, self.failure, self.warnings = None, None, None, []
             self._set_state(State.STARTING)
             try:
                 await run.start()
@@ -270,10 +272,11 @@ class Machine:
                 await self.run.detach()
 
     def restore(self, state: State, since: float, failure: str | None, exit_status: int | None,
-                status: str | None) -> None:
+                status: str | None, warnings: list[str] | None = None) -> None:
         """Show what an earlier daemon showed for this (not running) machine; no event is emitted."""
         self.state, self.since, self.failure, self.exit_status, self.guest_status = (
             state, since, failure, exit_status, status)
+        self.warnings = warnings or []
 
     def mark_failed(self, reason: str) -> None:
         """Record that this machine is in no state we can drive."""

@@ -337,7 +337,7 @@ class Manager:
         try:  # not durably: after a crash of the host the next daemon says how much it does not know
             write_json_atomic(self._state_path(entry.config.name), {
                 "state": m.state.value, "since": m.since, "failure": m.failure, "exitStatus": m.exit_status,
-                "status": m.guest_status}, durable=False)
+                "status": m.guest_status, "warnings": m.warnings}, durable=False)
         except OSError as e:
             log.warning("cannot save the machine's state", machine=entry.config.name, error=str(e))
 
@@ -363,7 +363,9 @@ class Manager:
         if state in (State.STOPPED, State.FAILED):
             exit_status = saved.get("exitStatus") if isinstance(saved.get("exitStatus"), int) else None
             failure = saved.get("failure") if isinstance(saved.get("failure"), str) else None
-            m.restore(state, since, failure, exit_status, status)
+            warnings = saved.get("warnings")
+            m.restore(state, since, failure, exit_status, status,
+                      [w for w in warnings if isinstance(w, str)] if isinstance(warnings, list) else None)
         else:
             m.restore(State.FAILED, since, "it ended while vmspawnd was not running; how is not known", None,
                       status)

@@ -77,7 +77,7 @@ from vmspawnd.services.runner import (
     choose_runner,
     describe_status,
 )
-from vmspawnd.services.setup import AuxServiceError, AuxServices, start_aux_services
+from vmspawnd.services.setup import TPM, AuxServiceError, AuxServices, start_aux_services
 from vmspawnd.services.swtpm import state_unusable
 from vmspawnd.settings import config_to_json
 from vmspawnd.snapshot import EphemeralCopy, SnapshotError
@@ -145,6 +145,9 @@ class Run:
         self.returncode: int | None = None
         self.exit_status: int | None = None
         self.failure: str | None = None
+        #: what went wrong without failing the run (a helper logged errors, a stop had to force the VM
+        #: off): the machine shows it until its next start
+        self.warnings: list[str] = []
         self.ended = asyncio.Event()
         self._qemu_exited = asyncio.Event()
         self._on_event = on_event
@@ -730,6 +733,8 @@ class Run:
             except (ServiceError, ProcessLookupError) as e:
                 raise StartError(f"{helper.what} ended while no daemon watched it ({e})") from e
             service.log_path, service.identity = Path(helper.log) if helper.log else None, self.identity
+            if helper.what == TPM:
+                self._tpm = service
             self._hold_service(helper.what, service)
         if not record.helpers and record.units:  # a record of an older version: units, no helpers
             self._durable.push_async_callback(stop_units, record.units)
@@ -812,8 +817,11 @@ class Run:
         except Exception as e:  # e.g. the bus went away: log, and let the rest of the cleanup run
             self.log.warning("could not stop an auxiliary service", service=service.name, error=str(e))
         said = service.logged()  # (its log file goes with the runtime dir: what it said stays in ours)
-        if said and service is not self._quoted:
+        if said and service is not self._quoted:  # (else the start's error quotes it)
             self.log.warning("auxiliary service logged errors", service=service.name, output=" | ".join(said))
+            unsaved = (f"; the TPM state in {self.tpm_state_path} may not have been saved"
+                       if service is self._tpm and self.tpm_state_path is not None else "")
+            self.warnings.append(f"{service.name} logged errors: {' | '.join(said)}{unsaved}")
 
     def _cancel_watches(self) -> None:
         for task in list(self._watches):
@@ -911,6 +919,9 @@ class Run:
             if not self.ended.is_set() and not self._detached:
                 self.log.info("guest did not power off in time, forcing it", timeout=timeout,
                               error=str(e) if not isinstance(e, TimeoutError) else None)
+                self.warnings.append(f"the guest did not power off within {timeout:g} s; it was forced off"
+                                     if isinstance(e, TimeoutError) else
+                                     f"the guest could not be asked to power off ({e}); it was forced off")
                 await self.kill(forced=True)
 
     async def kill(self, forced: bool = True, sig: int | None = None) -> None:

@@ -110,12 +110,20 @@ def test_forced_stop_of_a_guest_that_ignores_the_power_button(daemon, guest):
     assert daemon.ctl("start", "deaf").returncode == 0
     daemon.wait_for("deaf", lambda s: s["ready"])
     started = time.monotonic()
-    p = daemon.ctl("--json", "stop", "deaf", "--timeout=1")
+    p = daemon.ctl("stop", "deaf", "--timeout=1")
     assert p.returncode == 0, p.stderr
     assert time.monotonic() - started < 15
+    forced = "the guest did not power off within 1 s; it was forced off"
+    assert p.stdout == f"Stopped deaf (exit status 1): {forced}.\n", p.stdout  # why the exit status is 1
     st = daemon.status("deaf")
-    assert st["state"] == "stopped" and st["exitStatus"] == 1  # forced off
+    assert st["state"] == "stopped" and st["exitStatus"] == 1 and st["warnings"] == [forced], st
     assert processes_mentioning(str(daemon.runtime / "machines" / "deaf")) == []
+    daemon.stop_daemon()
+    daemon.start()
+    assert daemon.status("deaf")["warnings"] == [forced]  # kept for the next daemon
+    assert daemon.ctl("start", "deaf").returncode == 0
+    assert daemon.status("deaf")["warnings"] == []  # until the next start
+    assert daemon.ctl("kill", "deaf").returncode == 0
 
 
 def test_a_stopped_qemu_is_forced_off_within_the_stops_timeout_and_signals_are_sent_as_asked(daemon, guest):
@@ -461,6 +469,31 @@ def test_a_qemu_that_cannot_be_executed_fails_the_start_with_the_reason_and_the_
         assert daemon.ctl("kill", "busy").returncode == 0
     finally:
         daemon.clean_up()
+
+
+def test_tpm_state_that_could_not_be_saved_is_shown_with_the_machine(daemon, guest, tmp_path):
+    """The state dir made immutable while the VM runs: the guest's TPM command cannot be saved (its
+    TPM is in failure mode from then on).  What swtpm logged is shown with the machine, as a warning,
+    also to an owner who cannot read the daemon's log, until the machine's next start."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (chattr +i)")
+    state = tmp_path / "tpm"
+    create(daemon, guest, "tpmro", "--tpm=yes", f"--tpm-state={state}", "test.tpm=nv")
+    assert daemon.ctl("start", "tpmro").returncode == 0
+    assert daemon.wait_for("tpmro", lambda s: s["state"] != "running", 120)["exitStatus"] == 0
+    assert daemon.status("tpmro")["warnings"] == []
+    assert daemon.ctl("start", "tpmro").returncode == 0
+    subprocess.run(["chattr", "+i", str(state)], check=True)
+    try:
+        st = daemon.wait_for("tpmro", lambda s: s["state"] != "running", 120)
+    finally:
+        subprocess.run(["chattr", "-i", str(state)], check=True)
+    assert st["state"] == "stopped" and len(st["warnings"]) == 1, st
+    warning = st["warnings"][0]
+    assert warning.startswith("vmspawnd-tpmro-tpm logged errors: ") and "Entering failure mode" in warning, warning
+    assert warning.endswith(f"; the TPM state in {state} may not have been saved"), warning
+    text = daemon.ctl("status", "tpmro").stdout
+    assert f"    Warning: {warning}" in text, text
 
 
 def test_a_damaged_tpm_state_is_named_and_kept(daemon, guest, tmp_path):

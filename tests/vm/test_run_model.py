@@ -211,11 +211,12 @@ def test_daemon_killed_during_a_start_leaves_nothing_behind(daemon, guest, tmp_p
     assert daemon.ctl("kill", "crashy").returncode == 0
 
 
-def adopted_vm_with_a_tpm(daemon: Daemon, guest, name: str) -> None:
-    """``name`` (with a TPM) running, started by a daemon that was then killed, adopted by a new one."""
+def adopted_vm_with_a_tpm(daemon: Daemon, guest, name: str, *words: str) -> None:
+    """``name`` (with a TPM, and ``words``) running, started by a daemon that was then killed, adopted
+    by a new one."""
     p = daemon.ctl("create", name, f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
                    "--console=read-only", "--firmware=bios", "--tpm=yes", "panic=-1", "test.notify=1",
-                   "test.action=hang")
+                   "test.action=hang", *words)
     assert p.returncode == 0, p.stderr
     assert daemon.ctl("start", name).returncode == 0
     daemon.wait_for(name, lambda s: s["ready"])
@@ -235,16 +236,20 @@ def test_a_helper_of_an_adopted_vm_that_dies_fails_the_vm(daemon, guest):
     poll(lambda: processes_mentioning(machine_dir(daemon, "adoptee")), lambda pids: pids == [], 10)
 
 
-def test_what_an_adopted_vms_swtpm_logged_is_reported_when_the_run_ends(daemon, guest):
-    """swtpm's log file goes with the runtime dir; a daemon that adopted the run still reads it.  The
-    line is written by the test, standing for swtpm's (tests/vm/test_aux_services.py makes a real swtpm
-    log one; a running guest cannot be made to send its TPM a command here)."""
-    adopted_vm_with_a_tpm(daemon, guest, "tpmlog")
+def test_what_an_adopted_vms_swtpm_logged_is_reported_when_the_run_ends(daemon, guest, tmp_path):
+    """swtpm's log file goes with the runtime dir; a daemon that adopted the run still reads it, and
+    shows it with the machine.  The line is written by the test, standing for swtpm's
+    (tests/vm/test_daemon.py makes a real swtpm log one; a running guest cannot be made to send its
+    TPM a command here)."""
+    state = tmp_path / "tpm"
+    adopted_vm_with_a_tpm(daemon, guest, "tpmlog", f"--tpm-state={state}")
+    line = "SWTPM_NVRAM_StoreData: Error (fatal) opening TMP2-00.permall for write failed"
     with open(Path(machine_dir(daemon, "tpmlog")) / "tpm.log", "a") as log:
-        log.write("SWTPM_NVRAM_StoreData: Error (fatal) opening TMP2-00.permall for write failed\n")
+        log.write(f"{line}\n")
     assert daemon.ctl("kill", "tpmlog").returncode == 0
-    daemon.wait_for("tpmlog", lambda s: s["state"] != "running", 30)
-    poll(lambda: daemon.log.read_text(), lambda text: "auxiliary service logged errors" in text, 10)
+    st = daemon.wait_for("tpmlog", lambda s: s["state"] != "running", 30)
+    assert st["warnings"] == [f"vmspawnd-tpmlog-tpm logged errors: {line}; the TPM state in {state} may not "
+                              "have been saved"], st
     said = [line for line in daemon.log.read_text().splitlines() if "auxiliary service logged errors" in line]
     assert len(said) == 1 and "vmspawnd-tpmlog-tpm" in said[0] and "SWTPM_NVRAM_StoreData" in said[0], said
 

@@ -200,6 +200,8 @@ def _print_machine(info: Any, as_json: str | None) -> None:
         print(f"Exit status: {d['exitStatus']}")
     if d["failure"]:
         print(f"    Failure: {d['failure']}")
+    for i, warning in enumerate(d.get("warnings") or []):
+        print(f"{'    Warning:' if i == 0 else ' ' * 12} {warning}")
     if d.get("definitionError") and d["definitionError"] != d["failure"]:
         print(f" Definition: {d['definitionError']}")
     c = d["config"]
@@ -433,8 +435,9 @@ async def run(args: argparse.Namespace) -> int:
                 print(f"Started {args.name} (QEMU pid {reply['machine'].pid}).")
         elif cmd == "stop":
             info = (await proxy.Stop(name=args.name, timeout=args.timeout))["machine"]
-            _print_machine(info, args.json) if args.json else print(f"Stopped {args.name} (exit status "
-                                                               f"{info.exitStatus}).")
+            _print_machine(info, args.json) if args.json else print(
+                f"Stopped {args.name} (exit status {info.exitStatus})"
+                + "".join(f"{'; ' if i else ': '}{_printable(w)}" for i, w in enumerate(info.warnings or [])) + ".")
         elif cmd == "kill":
             info = (await proxy.Kill(name=args.name, signal=_parse_signal(args.signal)))["machine"]
             if args.json:

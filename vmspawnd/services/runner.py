@@ -259,7 +259,7 @@ class ChildService(RunningService):
             self.log.info("service exited", pid=self.pid)
         else:
             self.log.warning("service exited", pid=self.pid, status=describe_status(self.returncode),
-                             output=" | ".join(self._failure_output()) or None)
+                             output=" | ".join(self._tail) or None)  # (its log file's lines: the run's report)
         return self.returncode
 
     def _failure_output(self) -> list[str]:

@@ -40,6 +40,10 @@ class AuxServiceError(Exception):
     """A helper the VM needs could not start (the message says which and why)."""
 
 
+#: what a run's swtpm is called among its helpers (and in its run record)
+TPM = "swtpm"
+
+
 @dataclass
 class AuxServices:
     """The running helpers of one VM and what they contribute to its QEMU and guest."""
@@ -111,7 +115,7 @@ async def _start(aux: AuxServices, config: MachineConfig, plan: LaunchPlan, runn
                 raise AuxServiceError(f"swtpm failed to start: {e}") from e
             log.warning("continuing without a TPM: swtpm failed to start", machine=config.name, error=str(e))
         else:
-            aux.add("swtpm", svc)
+            aux.add(TPM, svc)
             aux.tpm = svc
             aux.qemu_args += qemu_tpm_args(socket_path)
             aux.tpm_state = state_dir if persistent else None
