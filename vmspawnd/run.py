@@ -78,7 +78,7 @@ from vmspawnd.services.runner import (
     describe_status,
 )
 from vmspawnd.services.setup import TPM, AuxServiceError, AuxServices, start_aux_services
-from vmspawnd.services.swtpm import state_unusable
+from vmspawnd.services.swtpm import logged_errors, state_unusable
 from vmspawnd.settings import config_to_json
 from vmspawnd.snapshot import EphemeralCopy, SnapshotError
 from vmspawnd.spares import Spares
@@ -142,6 +142,7 @@ class Run:
         self.console: ConsoleRelay | None = None  # the daemon's relay of the console socket, if any
         self.forced = False  # we had to end it (kill): the exit status says so
         self.stop_requested = False  # a stop or kill was asked for: a signal death is expected
+        self._forcing_off = False  # a stop timed out: the VM is being forced off
         self.returncode: int | None = None
         self.exit_status: int | None = None
         self.failure: str | None = None
@@ -816,7 +817,8 @@ class Run:
             await service.stop()
         except Exception as e:  # e.g. the bus went away: log, and let the rest of the cleanup run
             self.log.warning("could not stop an auxiliary service", service=service.name, error=str(e))
-        said = service.logged()  # (its log file goes with the runtime dir: what it said stays in ours)
+        # (its log file goes with the runtime dir: what it said stays in ours)
+        said = logged_errors(service) if service is self._tpm else service.logged()
         if said and service is not self._quoted:  # (else the start's error quotes it)
             self.log.warning("auxiliary service logged errors", service=service.name, output=" | ".join(said))
             unsaved = (f"; the TPM state in {self.tpm_state_path} may not have been saved"
@@ -917,11 +919,13 @@ class Run:
                 await asyncio.shield(self.ended.wait())
         except Exception as e:  # TimeoutError, or QMP trouble
             if not self.ended.is_set() and not self._detached:
-                self.log.info("guest did not power off in time, forcing it", timeout=timeout,
-                              error=str(e) if not isinstance(e, TimeoutError) else None)
-                self.warnings.append(f"the guest did not power off within {timeout:g} s; it was forced off"
-                                     if isinstance(e, TimeoutError) else
-                                     f"the guest could not be asked to power off ({e}); it was forced off")
+                if not self._forcing_off:  # (once: two clients' stops may time out together)
+                    self._forcing_off = True
+                    self.log.info("guest did not power off in time, forcing it", timeout=timeout,
+                                  error=str(e) if not isinstance(e, TimeoutError) else None)
+                    self.warnings.append(f"the guest did not power off within {timeout:g} s; it was forced off"
+                                         if isinstance(e, TimeoutError) else
+                                         f"the guest could not be asked to power off ({e}); it was forced off")
                 await self.kill(forced=True)
 
     async def kill(self, forced: bool = True, sig: int | None = None) -> None:

@@ -38,6 +38,8 @@ STATE_FILE = "tpm2-00.permall"
 #: what swtpm logs when it cannot load the state it was given (damaged, or of another swtpm); QEMU
 #: then fails its CMD_INIT and exits
 STATE_UNUSABLE = "Could not initialize the TPM"
+#: what swtpm logs when QEMU went away without shutting the TPM down first (it was killed)
+CLIENT_GONE = "Data client disconnected"
 #: QEMU's TPM front end per host architecture (others have no TPM support here).
 TPM_DEVICES = {"x86_64": "tpm-tis", "amd64": "tpm-tis", "aarch64": "tpm-tis-device", "arm64": "tpm-tis-device",
                "armv7l": "tpm-tis-device"}
@@ -168,6 +170,12 @@ def swtpm_argv(swtpm: Path, state_dir: Path, socket_path: Path) -> list[str]:
 def log_path(socket_path: Path) -> Path:
     """Where the swtpm of ``socket_path`` logs (its errors only, at swtpm's default level)."""
     return socket_path.with_name(socket_path.stem + ".log")
+
+
+def logged_errors(swtpm: RunningService) -> list[str]:
+    """What ``swtpm`` logged, less the line it logs when its client went away without shutting the TPM
+    down (QEMU killed): that is no error of the TPM's."""
+    return [line for line in swtpm.logged() if line != CLIENT_GONE]
 
 
 def state_unusable(swtpm: RunningService) -> list[str] | None:
