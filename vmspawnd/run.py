@@ -723,17 +723,17 @@ class Run:
             runner = UnitRunner(systemd)
         for helper in record.helpers:
             service: RunningService
+            log_path = Path(helper.log) if helper.log else None
             try:
                 if helper.unit is not None:
                     assert runner is not None
-                    service = await runner.adopt(helper.name, helper.unit)
+                    service = await runner.adopt(helper.name, helper.unit, log_path=log_path, identity=self.identity)
                 elif process_start_time(helper.pid) == helper.starttime:
-                    service = AdoptedChildService(helper.name, helper.pid)
+                    service = AdoptedChildService(helper.name, helper.pid, log_path=log_path, identity=self.identity)
                 else:
                     raise ProcessLookupError(helper.pid)
             except (ServiceError, ProcessLookupError) as e:
                 raise StartError(f"{helper.what} ended while no daemon watched it ({e})") from e
-            service.log_path, service.identity = Path(helper.log) if helper.log else None, self.identity
             if helper.what == TPM:
                 self._tpm = service
             self._hold_service(helper.what, service)

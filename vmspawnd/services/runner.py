@@ -121,7 +121,10 @@ class RunningService(abc.ABC):
     unit: str | None
     spec: ServiceSpec | None  # None for a helper adopted from an earlier daemon
 
-    def __init__(self, spec: ServiceSpec | None, name: str = "") -> None:
+    def __init__(self, spec: ServiceSpec | None, name: str = "", *, log_path: Path | None = None,
+                 identity: Identity = ROOT) -> None:
+        """A helper started from ``spec``, or (without one) adopted: ``name``, and its run's record's
+        ``log_path`` and ``identity``."""
         self.spec = spec
         self.name = spec.name if spec is not None else name
         self.pid = 0
@@ -131,8 +134,8 @@ class RunningService(abc.ABC):
         self._stopping = False
         self.lost = False  # we can no longer observe it (bus gone): its end is unknown, not a failure
         self.log = log.bind(service=self.name)
-        self.log_path = spec.log_path if spec is not None else None  # (an adopted one's: its run's record's)
-        self.identity = spec.identity if spec is not None else ROOT  # whom its log file is read as
+        self.log_path = spec.log_path if spec is not None else log_path
+        self.identity = spec.identity if spec is not None else identity  # whom its log file is read as
 
     async def wait(self) -> int | None:
         """Wait for the helper to end; its status (negative = killed by that signal) or None if unknown."""
@@ -344,8 +347,8 @@ class AdoptedChildService(RunningService):
     """A helper an earlier daemon started as its child: watched through a pidfd (its exit status
     is not ours to know).  Raises ProcessLookupError if it is already gone."""
 
-    def __init__(self, name: str, pid: int) -> None:
-        super().__init__(None, name)
+    def __init__(self, name: str, pid: int, *, log_path: Path | None = None, identity: Identity = ROOT) -> None:
+        super().__init__(None, name, log_path=log_path, identity=identity)
         self.pid = pid
         self._pidfd = os.pidfd_open(pid)
         self._loop = asyncio.get_running_loop()
@@ -412,8 +415,9 @@ def transient_unit_properties(spec: ServiceSpec) -> list[tuple[str, Any]]:
 class UnitService(RunningService):
     """A helper running as a transient ``<name>.service``."""
 
-    def __init__(self, runner: UnitRunner, spec: ServiceSpec | None, unit: str, path: str, name: str = "") -> None:
-        super().__init__(spec, name)
+    def __init__(self, runner: UnitRunner, spec: ServiceSpec | None, unit: str, path: str, name: str = "", *,
+                 log_path: Path | None = None, identity: Identity = ROOT) -> None:
+        super().__init__(spec, name, log_path=log_path, identity=identity)
         self.unit = unit
         self._runner = runner
         self._path = path
@@ -535,8 +539,10 @@ class UnitRunner:
             raise
         return service
 
-    async def adopt(self, name: str, unit: str) -> UnitService:
-        """Watch the unit of a helper an earlier daemon started (ServiceError if it is gone)."""
+    async def adopt(self, name: str, unit: str, *, log_path: Path | None = None,
+                    identity: Identity = ROOT) -> UnitService:
+        """Watch the unit of a helper an earlier daemon started (ServiceError if it is gone); it logs to
+        ``log_path``, read as ``identity``."""
         try:
             (path,) = await self.manager.call(MANAGER_IFACE, "GetUnit", "s", [unit])
             state = await self.manager.get_property(str(path), UNIT_IFACE, "ActiveState")
@@ -544,7 +550,7 @@ class UnitRunner:
             raise ServiceError(name, f"{unit} is gone ({e.name})") from e
         if state not in ("active", "activating", "reloading"):
             raise ServiceError(name, f"{unit} is {state}")
-        service = UnitService(self, None, unit, str(path), name=name)
+        service = UnitService(self, None, unit, str(path), name=name, log_path=log_path, identity=identity)
         await service._load()
         return service
 
