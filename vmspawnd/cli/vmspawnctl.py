@@ -190,8 +190,7 @@ def _print_machine(info: Any, as_json: str | None) -> None:
         print(f"     Status: {d['status']}")
     if d["runtimeDirectory"]:
         print(f"    Runtime: {d['runtimeDirectory']}")
-    for i, unit in enumerate(d["units"]):
-        print(f"{'      Units:' if i == 0 else ' ' * 12} {unit}")
+    _print_labelled("Units", d["units"])
     if d["tpmStatePath"]:
         print(f"  TPM state: {d['tpmStatePath']}")
     if d.get("vsockBackend"):
@@ -200,14 +199,19 @@ def _print_machine(info: Any, as_json: str | None) -> None:
         print(f"Exit status: {d['exitStatus']}")
     if d["failure"]:
         print(f"    Failure: {d['failure']}")
-    for i, warning in enumerate(d.get("warnings") or []):
-        print(f"{'    Warning:' if i == 0 else ' ' * 12} {warning}")
+    _print_labelled("Warning", d.get("warnings") or [])
     if d.get("definitionError") and d["definitionError"] != d["failure"]:
         print(f" Definition: {d['definitionError']}")
     c = d["config"]
     print(f"     Kernel: {c.get('linux') or '-'}")
     print(f"  Resources: {c.get('cpus')} CPU(s), {int(c.get('ram', '0').split(':')[0]) // (1024 * 1024)} MiB RAM, "
           f"console {c.get('console')}")
+
+
+def _print_labelled(label: str, items: list[str]) -> None:
+    """``items`` one per line, the first after ``label:`` (right-aligned, as status's other fields)."""
+    for i, item in enumerate(items):
+        print(f"{f'{label}:' if i == 0 else '':>12} {item}")
 
 
 JOURNAL_LINES = 10
@@ -435,9 +439,9 @@ async def run(args: argparse.Namespace) -> int:
                 print(f"Started {args.name} (QEMU pid {reply['machine'].pid}).")
         elif cmd == "stop":
             info = (await proxy.Stop(name=args.name, timeout=args.timeout))["machine"]
+            why = "; ".join(_printable(w) for w in info.warnings or [])  # (why the exit status is what it is)
             _print_machine(info, args.json) if args.json else print(
-                f"Stopped {args.name} (exit status {info.exitStatus})"
-                + "".join(f"{'; ' if i else ': '}{_printable(w)}" for i, w in enumerate(info.warnings or [])) + ".")
+                f"Stopped {args.name} (exit status {info.exitStatus}){f': {why}' if why else ''}.")
         elif cmd == "kill":
             info = (await proxy.Kill(name=args.name, signal=_parse_signal(args.signal)))["machine"]
             if args.json:
