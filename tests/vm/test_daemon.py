@@ -109,14 +109,27 @@ def test_forced_stop_of_a_guest_that_ignores_the_power_button(daemon, guest):
     create(daemon, guest, "deaf", "test.action=hang")
     assert daemon.ctl("start", "deaf").returncode == 0
     daemon.wait_for("deaf", lambda s: s["ready"])
-    started = time.monotonic()
-    stops = [subprocess.Popen([*daemon.ctl_argv(), "stop", "deaf", "--timeout=1"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # two clients at once
-    outcomes = [(p.wait(30), *p.communicate()) for p in stops]
-    assert time.monotonic() - started < 15
-    forced = "the guest did not power off within 1 s; it was forced off"
-    for outcome in outcomes:  # each is told why the exit status is 1, and it is said once
-        assert outcome == (0, f"Stopped deaf (exit status 1): {forced}.\n", ""), outcome
+    events = subprocess.Popen([*daemon.ctl_argv(), "--json", "events", "deaf"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(events.stdout), daemon=True)
+    try:
+        assert "Watching" in events.stderr.readline()  # subscribed
+        reader.start()
+        started = time.monotonic()
+        stops = [subprocess.Popen([*daemon.ctl_argv(), "stop", "deaf", "--timeout=1"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]  # two clients at once
+        outcomes = [(p.wait(30), *p.communicate()) for p in stops]
+        assert time.monotonic() - started < 15
+        forced = "the guest did not power off within 1 s; it was forced off"
+        for outcome in outcomes:  # each is told why the exit status is 1, and it is said once
+            assert outcome == (0, f"Stopped deaf (exit status 1): {forced}.\n", ""), outcome
+        stopped = poll(lambda: [e for e in map(json.loads, list(lines)) if e["event"] == "stopped"], bool, 10)
+        assert stopped[0]["reason"] == forced, stopped  # a follower of its events is told too
+    finally:
+        events.terminate()
+        events.wait(timeout=10)
+        reader.join(10)
     st = daemon.status("deaf")
     assert st["state"] == "stopped" and st["exitStatus"] == 1 and st["warnings"] == [forced], st
     assert processes_mentioning(str(daemon.runtime / "machines" / "deaf")) == []
