@@ -42,7 +42,7 @@ from vmspawnd.interface import (
     StartFailedError,
     WrongStateError,
 )
-from vmspawnd.machine import State
+from vmspawnd.machine import Control, State
 from vmspawnd.manager import Entry, Event, Manager
 from vmspawnd.plan import needs_privileges
 from vmspawnd.qemu.firmware import enumerate_descriptors
@@ -158,7 +158,7 @@ def _reply_json(info: MachineInfo, config_json: dict[str, typing.Any]) -> dict[s
 #: the fields of a machine's reply that :func:`_machine_values` gives, in its order
 _FIELDS = ("name", "state", "ready", "since", "pid", "runtimeDirectory", "tpmStatePath", "units", "status",
            "exitStatus", "failure", "config", "definitionError", "owner", "runAs", "vsockBackend", "sshAddress",
-           "sshKey", "warnings")
+           "sshKey", "warnings", "paused")
 assert set(_FIELDS) == set(_REPLY_FIELD_TYPES), "a reply field that machine_info does not fill in"
 
 
@@ -172,7 +172,7 @@ def _machine_values(name: str, entry: Entry) -> tuple[typing.Any, ...]:
             str(m.runtime.path) if run is not None else None, str(m.tpm_state_path) if m.tpm_state_path else None,
             m.units, m.guest_status, m.exit_status, m.failure, entry.config, entry.definition_error, entry.owner,
             entry.run_as, str(vsock.backend) if vsock else None, vsock.ssh_address if vsock else None,
-            str(ssh_key) if vsock and ssh_key else None, m.warnings)
+            str(ssh_key) if vsock and ssh_key else None, m.warnings, m.paused)
 
 
 def _event_object(event: Event) -> MachineEvent:
@@ -235,6 +235,21 @@ class ManagerCalls:
             raise InvalidConfigError(field="signal", reason=f"{signal!r} is not a signal number")
         with typed_errors(name):
             entry = await self.manager.kill(name, signal, expected)
+        return machine_info(name, entry)
+
+    async def reboot(self, name: str) -> MachineInfo:
+        return await self._control(name, Control.REBOOT, "rebooting")
+
+    async def pause(self, name: str) -> MachineInfo:
+        return await self._control(name, Control.PAUSE, "pausing")
+
+    async def resume(self, name: str) -> MachineInfo:
+        return await self._control(name, Control.RESUME, "resuming")
+
+    async def _control(self, name: str, what: Control, doing: str) -> MachineInfo:
+        expected = await self._controlled(name, doing)
+        with typed_errors(name):
+            entry = await self.manager.control(name, what, expected)
         return machine_info(name, entry)
 
     async def remove(self, name: str) -> None:

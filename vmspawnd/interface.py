@@ -70,6 +70,8 @@ class MachineInfo:
     sshKey: str | None = None  # --pass-ssh-key's private key
     #: what went wrong in its last run without failing it (a helper logged errors, a stop forced it off)
     warnings: list[str] | None = None
+    #: it runs, with its vCPUs stopped (Pause, machinectl pause, or QEMU's own stop on a disk error)
+    paused: bool | None = None
     #: its reply, encoded once per change of the machine (by the daemon, api.py; not part of the interface:
     #: init=False)
     varlink_json: typing.Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
@@ -149,6 +151,9 @@ class Calls(typing.Protocol):
     async def start(self, name: str) -> MachineInfo: ...
     async def stop(self, name: str, timeout: float | None) -> MachineInfo: ...
     async def kill(self, name: str, signal: int | None) -> MachineInfo: ...
+    async def reboot(self, name: str) -> MachineInfo: ...
+    async def pause(self, name: str) -> MachineInfo: ...
+    async def resume(self, name: str) -> MachineInfo: ...
     async def remove(self, name: str) -> None: ...
     def describe(self, name: str) -> MachineInfo: ...
     def list_machines(self) -> collections.abc.Iterator[MachineInfo | None]: ...
@@ -187,6 +192,22 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
     async def Kill(self, *, name: str, signal: int | None = None) -> MachineInfo:
         """End QEMU now (QMP quit, then SIGKILL), or send it ``signal``."""
         return await self._calls.kill(name, signal)
+
+    @varlinkmethod(return_parameter="machine")
+    async def Reboot(self, *, name: str) -> MachineInfo:
+        """Reset a running machine, as its reset button does: the guest boots again in the same QEMU, and
+        is not ready until it says so again.  A paused machine runs again."""
+        return await self._calls.reboot(name)
+
+    @varlinkmethod(return_parameter="machine")
+    async def Pause(self, *, name: str) -> MachineInfo:
+        """Stop a running machine's vCPUs (its memory stays as it is) until it is resumed."""
+        return await self._calls.pause(name)
+
+    @varlinkmethod(return_parameter="machine")
+    async def Resume(self, *, name: str) -> MachineInfo:
+        """Let a paused machine's vCPUs run again."""
+        return await self._calls.resume(name)
 
     @varlinkmethod
     async def Remove(self, *, name: str) -> None:

@@ -5,8 +5,9 @@ A Machine holds the state clients see, emits lifecycle events, and has at most o
 :class:`~vmspawnd.run.Run`, made fresh by each start or adoption.  Every command takes the
 machine's lock, so commands on one machine never interleave: a Start, Stop, Kill, adoption or
 Remove sees the state the previous command left.  Stop and Kill pick their run under the lock
-and then wait for *that* run to end, so they can never touch a later run.  Both ``vmspawn``
-(one Machine in the foreground) and ``vmspawnd`` (many) drive this class.
+and then wait for *that* run to end, so they can never touch a later run; Reboot, Pause and Resume
+pick it the same way.  Both ``vmspawn`` (one Machine in the foreground) and ``vmspawnd`` (many)
+drive this class.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from vmspawnd import messages
 from vmspawnd.config import MachineConfig
-from vmspawnd.errors import ConfigError, HostError, NoSuchMachine, WrongState
+from vmspawnd.errors import ConfigError, HostError, NoSuchMachine, VmspawndError, WrongState
 from vmspawnd.identity import Identity
 from vmspawnd.launcher import QemuProcess
 from vmspawnd.log import get_logger
@@ -45,6 +46,15 @@ class State(enum.Enum):
 
 
 ACTIVE = (State.STARTING, State.RUNNING, State.STOPPING)
+
+
+class Control(enum.Enum):
+    """What a running VM can be told besides stop and kill (its state stays running); the value is
+    the word for it done."""
+
+    REBOOT = "rebooted"
+    PAUSE = "paused"
+    RESUME = "resumed"
 
 EventHandler = Callable[[str, dict[str, Any]], None]
 AfterStart = Callable[[Run], Awaitable[None]]
@@ -83,6 +93,11 @@ class Machine:
     def ready(self) -> bool:
         run = self.active_run
         return run is not None and run.readiness.ready and self.state is not State.STARTING
+
+    @property
+    def paused(self) -> bool:
+        run = self.active_run
+        return run is not None and run.paused
 
     @property
     def qemu(self) -> QemuProcess | None:
@@ -141,6 +156,8 @@ class Machine:
         elif kind == "reset":
             self.guest_status = None
             self._emit("reset", reason=data["reason"])
+        elif kind in ("paused", "resumed"):
+            self._emit(kind)
         elif kind == "ended":
             self.exit_status, self.failure, self.warnings = run.exit_status, run.failure, list(run.warnings)
             if run.failure is not None:
@@ -199,6 +216,24 @@ class Machine:
                 self._set_state(State.STOPPING)
         await run.stop(timeout)  # bound to that run: a later run is never touched
         self._check_kept(run, "stopping")
+
+    async def control(self, what: Control) -> None:
+        """Reboot, pause or resume the running VM (QMP ``system_reset``, ``stop``, ``cont``).  Like Stop
+        and Kill, bound to the run found under the lock; the run orders it with a Stop's press of the
+        power button (which resumes a paused VM first: a paused guest cannot see the button)."""
+        async with self.lock:
+            run = self._check(State.RUNNING, wanted=f"only a running machine can be {what.value}")
+        act = {Control.REBOOT: run.reboot, Control.PAUSE: run.pause, Control.RESUME: run.resume}[what]
+        try:
+            await act()
+        except WrongState:
+            raise
+        except Exception as e:
+            if isinstance(e, ConnectionError) or not run.monitored:  # QEMU ends (a Kill, the guest powered off)
+                raise WrongState(self.config.name, self.state.value, f"its QEMU ended before it was {what.value}") \
+                    from e
+            raise VmspawndError(f"QEMU's monitor did not answer when {self.config.name} was to be "
+                                f"{what.value}: {e or type(e).__name__}") from e
 
     def _check_kept(self, run: Run, doing: str) -> None:
         """A daemon that shut down meanwhile let go of the VM (it still runs): say so, not success."""

@@ -27,7 +27,7 @@ from vmspawnd.console import ConsoleRelay
 from vmspawnd.errors import ConfigError, HostError, LimitReached, MachineExists, NoSuchMachine, StartError, WrongState
 from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.log import get_logger
-from vmspawnd.machine import ACTIVE, DEFAULT_STOP_TIMEOUT, Machine, State
+from vmspawnd.machine import ACTIVE, DEFAULT_STOP_TIMEOUT, Control, Machine, State
 from vmspawnd.plan import LaunchPlan, plan_launch
 from vmspawnd.proc import release_free_heap
 from vmspawnd.run import Run, qemu_of_record
@@ -497,6 +497,11 @@ class Manager:
     async def kill(self, name: str, sig: int | None = None, expected: Entry | None = None) -> Entry:
         entry = self.get_exactly(name, expected)
         await entry.machine.kill(sig=sig)
+        return entry
+
+    async def control(self, name: str, what: Control, expected: Entry | None = None) -> Entry:
+        entry = self.get_exactly(name, expected)
+        await entry.machine.control(what)
         return entry
 
     async def remove(self, name: str, expected: Entry | None = None) -> None:

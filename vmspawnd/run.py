@@ -33,7 +33,7 @@ from typing import Any
 from vmspawnd import messages
 from vmspawnd.config import MachineConfig
 from vmspawnd.console import ConsoleRelay
-from vmspawnd.errors import ConfigError, HostError, StartError
+from vmspawnd.errors import ConfigError, HostError, StartError, WrongState
 from vmspawnd.faults import crash_point
 from vmspawnd.guest.channel import NotifyChannel
 from vmspawnd.guest.credentials import write_credentials
@@ -143,6 +143,11 @@ class Run:
         self.forced = False  # we had to end it (kill): the exit status says so
         self.stop_requested = False  # a stop or kill was asked for: a signal death is expected
         self._forcing_off = False  # a stop timed out: the VM is being forced off
+        #: its vCPUs are stopped (a Pause, machinectl pause, or QEMU's own stop on a disk error)
+        self.paused = False
+        #: held while the run changes its vCPUs' state (pause, resume, reset, a stop's press of the power
+        #: button): a pause never slips between a stop's resume and its press; a kill never waits for it
+        self._controlling = asyncio.Lock()
         self.returncode: int | None = None
         self.exit_status: int | None = None
         self.failure: str | None = None
@@ -688,6 +693,7 @@ class Run:
         self._qmp = await self._stack.enter_async_context(Qmp(self.config.name))
         self._qmp.add_listener(self._qemu_event)
         await self._qmp.connect(str(rundir / "qmp.sock"), identity=self.identity)
+        self.paused = not (await self._qmp.query_status())[0]  # (paused while no daemon was there, say)
         await self._serve_control()
         if record.registered and record.control_address is not None and record.control_address != str(
                 self.control_socket):
@@ -754,7 +760,11 @@ class Run:
             self._on_event(self, change.event, data)
 
     def _qemu_event(self, name: str, data: dict[str, Any]) -> None:
-        """A reset (machinectl reboot, or the guest's own) starts a new boot: not ready until it says so."""
+        """A reset (machinectl reboot, or the guest's own) starts a new boot: not ready until it says so.
+        QEMU's STOP and RESUME (whoever asked) pause and resume it."""
+        if name in ("STOP", "RESUME"):
+            self._set_paused(name == "STOP")
+            return
         if name != "RESET":
             return
         reason = str(data.get("reason") or "reset")
@@ -763,12 +773,26 @@ class Run:
         self._save()
         self._on_event(self, "reset", {"reason": reason})
 
+    def _set_paused(self, paused: bool) -> None:
+        """Note that the vCPUs stopped or run again (told by QEMU's event, or by the command's answer,
+        whichever comes first), once."""
+        if paused != self.paused and not self._qemu_exited.is_set():
+            self.paused = paused
+            self.log.info("VM paused" if paused else "VM resumed")
+            self._on_event(self, "paused" if paused else "resumed", {})
+
     # ---------------------------------------------------------------- io.systemd.MachineInstance
+    @property
+    def monitored(self) -> bool:
+        """QEMU's monitor can be given commands (QEMU runs, and QMP is connected)."""
+        return self._qmp is not None and self._qmp.connected and not self._qemu_exited.is_set()
+
     def _monitor(self) -> Qmp:
-        if self._qmp is None or not self._qmp.connected or self._qemu_exited.is_set():
+        if not self.monitored:
             from vmspawnd.systemd.instance import NotConnected  # (see _serve_control)
 
             raise NotConnected(f"{self.config.name} is not running")
+        assert self._qmp is not None
         return self._qmp
 
     async def terminate(self) -> None:
@@ -782,14 +806,33 @@ class Run:
         await self._monitor().powerdown()
 
     async def reboot(self) -> None:
-        """Press the reset button: the guest boots again in the same QEMU (still registered)."""
-        await self._monitor().reset()
+        """Press the reset button: the guest boots again in the same QEMU (still registered); a paused
+        VM runs again (else it would stay paused before its first instruction)."""
+        async with self._controlling:
+            self._check_not_stopping("rebooted")
+            await self._monitor().reset()
+            await self._resume_if_paused()
 
     async def pause(self) -> None:
-        await self._monitor().pause()
+        """Stop the vCPUs; memory and devices stay as they are."""
+        async with self._controlling:
+            self._check_not_stopping("paused")
+            await self._monitor().pause()
+            self._set_paused(True)
 
     async def resume(self) -> None:
-        await self._monitor().resume()
+        async with self._controlling:
+            await self._monitor().resume()
+            self._set_paused(False)
+
+    async def _resume_if_paused(self) -> None:
+        if self.paused:
+            await self._monitor().resume()
+            self._set_paused(False)
+
+    def _check_not_stopping(self, done: str) -> None:
+        if self.stop_requested:
+            raise WrongState(self.config.name, "stopping", f"only a running machine can be {done}")
 
     async def describe(self) -> tuple[bool, str]:
         return await self._monitor().query_status()
@@ -915,7 +958,11 @@ class Run:
         try:
             async with asyncio.timeout(timeout):  # (the power button's press included: QEMU may not answer)
                 if self._qmp is not None:
-                    await self._qmp.powerdown()
+                    async with self._controlling:
+                        if self.paused:  # a paused guest cannot see the power button
+                            self.log.info("resuming the paused VM to power it off")
+                            await self._resume_if_paused()
+                        await self._qmp.powerdown()
                 await asyncio.shield(self.ended.wait())
         except Exception as e:  # TimeoutError, or QMP trouble
             if not self.ended.is_set() and not self._detached:

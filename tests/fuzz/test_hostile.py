@@ -100,7 +100,7 @@ def fds_unlimited() -> Iterator[None]:
 METHODS: dict[str, list[str]] = {
     "Create": ["name", "config"], "Start": ["name"], "Stop": ["name", "timeout"], "Kill": ["name", "signal"],
     "Remove": ["name"], "Describe": ["name"], "List": [], "Subscribe": ["name"], "ListFirmware": [],
-    "OpenConsole": ["name"],
+    "OpenConsole": ["name"], "Reboot": ["name"], "Pause": ["name"], "Resume": ["name"],
 }
 WRONG = [None, True, False, 0, -1, 2**63, -2**63 - 1, 1.5, 1e308, "", "x" * 5000, [], [1, "a"], {}, {"a": 1},
          "../../etc/shadow", "/dev/vda", "\u0000", "é\u202e", "/", "auto"]

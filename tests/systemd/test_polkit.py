@@ -123,7 +123,7 @@ def test_alices_vm_runs_as_alice_and_bob_may_only_look(users: Ctl) -> None:
     assert ok and out["machine"]["owner"] == alice, out
     ok, out = call("bob", "List", {}, more=True)
     assert ok and f'"name":"{VM}"' in out.replace(" ", ""), out
-    for method in ("Stop", "Kill", "Remove", "OpenConsole"):
+    for method in ("Stop", "Kill", "Reboot", "Pause", "Resume", "Remove", "OpenConsole"):
         ok, out = call("bob", method, {"name": VM})
         assert not ok and "PermissionDenied" in out and "io.vmspawnd.manage-all" in out, (method, out)
     assert ctl.status(VM)["state"] == "running"

@@ -94,8 +94,8 @@ json_values = st.recursive(
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(method=st.sampled_from(["Create", "Describe", "Start", "Stop", "Kill", "Remove", "List", "Subscribe",
-                               "OpenConsole", "ListFirmware"]),
+@given(method=st.sampled_from(["Create", "Describe", "Start", "Stop", "Kill", "Reboot", "Pause", "Resume", "Remove",
+                               "List", "Subscribe", "OpenConsole", "ListFirmware"]),
        params=st.dictionaries(st.sampled_from(["name", "config", "timeout", "signal", "extra"]), json_values,
                               max_size=4),
        raw=st.one_of(st.none(), st.binary(max_size=200)))

@@ -45,10 +45,8 @@ def test_a_caller_who_is_not_root_may_look_at_others_machines_but_not_touch_them
     assert listed["parameters"]["machine"]["owner"] == 0, listed  # and everyone may look
     assert listed["parameters"]["machine"]["runAs"] == 0, listed
 
-    for method, params in [("Start", {"name": "rootvm"}), ("Stop", {"name": "rootvm"}),
-                           ("Kill", {"name": "rootvm"}), ("Remove", {"name": "rootvm"}),
-                           ("OpenConsole", {"name": "rootvm"})]:
-        reply = as_nobody(shared_daemon, f"io.vmspawnd.Manager.{method}", params)
+    for method in ("Start", "Stop", "Kill", "Reboot", "Pause", "Resume", "Remove", "OpenConsole"):
+        reply = as_nobody(shared_daemon, f"io.vmspawnd.Manager.{method}", {"name": "rootvm"})
         assert reply.get("error") == "io.vmspawnd.Manager.PermissionDenied", (method, reply)
         assert reply["parameters"]["action"] == "io.vmspawnd.manage-all"  # no polkit here: no
         assert f"uid {NOBODY}" in reply["parameters"]["reason"]

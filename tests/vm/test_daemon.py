@@ -340,6 +340,10 @@ def test_errors_are_typed_and_clear(daemon, guest):
     assert p.returncode == 1 and "exists already" in p.stderr
     p = daemon.ctl("stop", "dup")
     assert p.returncode == 1 and "stopped" in p.stderr
+    for command, done in (("reboot", "rebooted"), ("pause", "paused"), ("resume", "resumed")):
+        p = daemon.ctl(command, "dup")
+        assert (p.returncode, p.stderr) == (1, f"vmspawnctl: machine dup is stopped; only a running machine can be "
+                                               f"{done}\n"), p.stderr
     p = daemon.ctl("create", "bad", f"--linux={guest.kernel}", "--ram=2G:1G")
     assert p.returncode == 1 and "ram" in p.stderr
     assert daemon.ctl("remove", "dup").returncode == 0

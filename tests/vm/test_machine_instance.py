@@ -107,14 +107,17 @@ def test_reboot_pause_resume_and_power_off_through_the_control_socket(daemon: Da
         assert disk.read_bytes()[:2] == b"2\n"
         assert "error" not in bare_call(path, f"{IFACE}.Pause")
         assert bare_call(path, f"{IFACE}.Describe")["parameters"] == {"running": False, "status": "paused"}
+        assert daemon.wait_for("ctl", lambda s: s["paused"], 10)  # as vmspawnctl shows it
         assert "error" not in bare_call(path, f"{IFACE}.Resume")
         assert bare_call(path, f"{IFACE}.Describe")["parameters"]["running"] is True
+        assert daemon.wait_for("ctl", lambda s: not s["paused"], 10)
         # QEMU's events, as QEMU sent them (SeaBIOS resets once more by itself while rebooting)
         seen = poll(sub.events, lambda e: e[-2:] == ["STOP", "RESUME"], 10)
         assert seen[:2] == ["READY", "RESET"] and set(seen[2:-2]) <= {"RESET"}, seen
-        # the daemon's own events: reset (with QEMU's reason), then ready again
-        kinds = poll(lambda: [json.loads(line)["event"] for line in list(lines)], lambda k: "ready" in k, 10)
+        # the daemon's own events: reset (with QEMU's reason), then ready again, paused, resumed
+        kinds = poll(lambda: [json.loads(line)["event"] for line in list(lines)], lambda k: "resumed" in k, 10)
         assert set(kinds[:kinds.index("ready")]) == {"reset"}, kinds
+        assert [k for k in kinds if k in ("paused", "resumed")] == ["paused", "resumed"], kinds
         assert json.loads(lines[0])["reason"] == "host-qmp-system-reset"
     finally:
         sub.close()

@@ -106,7 +106,7 @@ def test_a_users_vm_runs_as_that_user_and_only_they_control_it(users_daemon: Dae
 
     # another user may look but not touch; the owner may
     assert call(OTHER, users_daemon, "Describe", name="mine")["parameters"]["machine"]["owner"] == OWNER
-    for method in ("Stop", "Kill", "OpenConsole", "Remove"):
+    for method in ("Stop", "Kill", "Reboot", "Pause", "Resume", "OpenConsole", "Remove"):
         reply = call(OTHER, users_daemon, method, name="mine")
         assert reply.get("error") == "io.vmspawnd.Manager.PermissionDenied", (method, reply)
         assert reply["parameters"]["action"] == "io.vmspawnd.manage-all"
@@ -119,7 +119,9 @@ def test_a_users_vm_runs_as_that_user_and_only_they_control_it(users_daemon: Dae
     assert (adopted["pid"], adopted["ready"]) == (info["pid"], True), adopted
     assert {p.stat().st_uid for p in runtime.iterdir()} == {OWNER}
     assert "error" not in call(OWNER, users_daemon, "OpenConsole", name="mine")  # relayed, as the owner
-    reply = call(OWNER, users_daemon, "Stop", name="mine")
+    reply = call(OWNER, users_daemon, "Pause", name="mine")  # through QMP, connected as the owner
+    assert "error" not in reply and reply["parameters"]["machine"]["paused"] is True, reply
+    reply = call(OWNER, users_daemon, "Stop", name="mine")  # (resumed first, to see the power button)
     assert "error" not in reply and reply["parameters"]["machine"]["state"] == "stopped", reply
     assert users_daemon.status("mine")["exitStatus"] == 0
     assert not runtime.exists() and not records.exists()

@@ -44,8 +44,8 @@ def machine_dir(daemon: Daemon, name: str) -> str:
 
 
 def test_concurrent_clients_hammering_three_machines(daemon, guest):
-    """20 clients × Start/Stop/Kill/Remove/Create/Describe on 3 names for 30 s: every call answered
-    with success or a typed error, nothing stuck, nothing orphaned, no fd kept."""
+    """20 clients × Start/Stop/Kill/Remove/Create/Describe/Pause/Resume/Reboot on 3 names for 30 s: every
+    call answered with success or a typed error, nothing stuck, nothing orphaned, no fd kept."""
     names = ["c0", "c1", "c2"]
     warm = daemon.ctl("create", "warm", f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
                       "--console=headless", "--firmware=bios", "panic=-1", "test.notify=1")
@@ -56,7 +56,8 @@ def test_concurrent_clients_hammering_three_machines(daemon, guest):
     baseline = daemon_fds(daemon)
     def next_call(rnd: random.Random, seed: int) -> tuple[str, dict]:
         name = rnd.choice(names)
-        op = rnd.choices(["Create", "Start", "Stop", "Kill", "Remove", "Describe"], [3, 4, 2, 2, 2, 1])[0]
+        op = rnd.choices(["Create", "Start", "Stop", "Kill", "Remove", "Describe", "Pause", "Resume", "Reboot"],
+                         [3, 4, 2, 2, 2, 1, 1, 1, 1])[0]
         params: dict = {"name": name}
         if op == "Create":
             params["config"] = guest_config(guest, "test.action=poweroff" if seed % 2 else "test.action=acpi")

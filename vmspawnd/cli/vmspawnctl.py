@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                             add_help=False)
     create.add_argument("rest", nargs=argparse.REMAINDER)
     for cmd, text in [("start", "start a machine"), ("remove", "forget a stopped machine"),
-                      ("status", "show one machine"), ("console", "attach to a machine's console")]:
+                      ("status", "show one machine"), ("console", "attach to a machine's console"),
+                      ("reboot", "reset a running machine: its guest boots again (a paused one runs again)"),
+                      ("pause", "stop a running machine's CPUs (its memory stays) until it is resumed"),
+                      ("resume", "let a paused machine run again")]:
         sub.add_parser(cmd, help=text, parents=common).add_argument("name", metavar="NAME")
     stop = sub.add_parser("stop", help="power a machine off (ACPI), forced after --timeout", parents=common)
     stop.add_argument("name", metavar="NAME")
@@ -179,7 +182,8 @@ def _print_machine(info: Any, as_json: str | None) -> None:
         _dump(d, as_json)
         return
     d = _printable(d)
-    state = d["state"] + (" (ready)" if d["ready"] else "")
+    flags = ", ".join(flag for flag in ("ready", "paused") if d.get(flag))
+    state = d["state"] + (f" ({flags})" if flags else "")
     print(f"● {d['name']}")
     print(f"      State: {state} since {_when(d['since'])}")
     owner, run_as = d.get("owner", 0), d.get("runAs", 0)
@@ -258,6 +262,10 @@ def _print_event(ev: Any, as_json: str | None) -> None:
     d = _printable(d)
     extra = " ".join(f"{k}={d[k]}" for k in ("pid", "status", "exitStatus", "reason") if d.get(k) is not None)
     print(f"{_when(d['timestamp'])} {d['machine'] or '*'} {d['event']} {extra}".rstrip(), flush=True)
+
+
+#: the commands that tell a running machine something: their method, and what the done thing is called
+CONTROLS = {"reboot": ("Reboot", "Rebooted"), "pause": ("Pause", "Paused"), "resume": ("Resume", "Resumed")}
 
 
 def _parse_signal(value: str | None) -> int | None:
@@ -442,6 +450,10 @@ async def run(args: argparse.Namespace) -> int:
             why = "; ".join(_printable(w) for w in info.warnings or [])  # (why the exit status is what it is)
             _print_machine(info, args.json) if args.json else print(
                 f"Stopped {args.name} (exit status {info.exitStatus}){f': {why}' if why else ''}.")
+        elif cmd in CONTROLS:
+            call, done = CONTROLS[cmd]
+            info = (await getattr(proxy, call)(name=args.name))["machine"]
+            _print_machine(info, args.json) if args.json else print(f"{done} {args.name}.")
         elif cmd == "kill":
             info = (await proxy.Kill(name=args.name, signal=_parse_signal(args.signal)))["machine"]
             if args.json:
@@ -455,9 +467,9 @@ async def run(args: argparse.Namespace) -> int:
             if args.json:
                 _dump([_plain(m) for m in machines], args.json)
             else:
-                _print_table([[m.name, m.state.value, "yes" if m.ready else "no", str(m.pid or "-"),
-                               _when(m.since)] for m in machines], ["NAME", "STATE", "READY", "PID", "SINCE"],
-                             legend=not args.no_legend)
+                _print_table([[m.name, "paused" if m.paused else m.state.value, "yes" if m.ready else "no",
+                               str(m.pid or "-"), _when(m.since)] for m in machines],
+                             ["NAME", "STATE", "READY", "PID", "SINCE"], legend=not args.no_legend)
                 if not args.no_legend:
                     print(f"\n{len(machines)} machine(s) listed.")
         elif cmd == "events":

@@ -45,6 +45,10 @@ def _qmp_client() -> type[QMPClient]:
     return QMPClient
 
 
+class MonitorGone(ConnectionError):
+    """QEMU's monitor hung up before it answered (QEMU exits, or we let go of it)."""
+
+
 class Qmp:
     """One QMP session with a QEMU process, over its monitor's unix socket."""
 
@@ -82,18 +86,27 @@ class Qmp:
             for listener in list(self._listeners):
                 listener(name, data)
 
+    async def _execute(self, command: str, timeout: float) -> object:
+        """QEMU's answer to ``command``; :class:`MonitorGone` if the connection goes away first."""
+        from qemu.qmp import ExecInterruptedError, StateError  # (loaded by __init__: only named here)
+
+        try:
+            return await asyncio.wait_for(self._client.execute(command), timeout)
+        except (ExecInterruptedError, StateError, EOFError, asyncio.IncompleteReadError) as e:
+            raise MonitorGone(f"QEMU's monitor hung up ({e})") from e
+
     async def powerdown(self, timeout: float = 5.0) -> None:
         """Press the ACPI power button; the guest decides whether to power off."""
-        await asyncio.wait_for(self._client.execute("system_powerdown"), timeout)
+        await self._execute("system_powerdown", timeout)
 
     async def quit(self, timeout: float = 2.0) -> bool:
         """End QEMU now: whether it took the command (a disconnect while it quits counts as taken).  A
         QEMU that does not answer within ``timeout`` (stopped, hung) is not waited for any longer."""
-        from qemu.qmp import ExecInterruptedError, QMPError, StateError  # (loaded by __init__: only named here)
+        from qemu.qmp import QMPError  # (loaded by __init__: only named here)
 
         try:
-            await asyncio.wait_for(self._client.execute("quit"), timeout)
-        except (ExecInterruptedError, StateError, ConnectionError, EOFError, asyncio.IncompleteReadError):
+            await self._execute("quit", timeout)
+        except ConnectionError:
             return True  # (the connection is going away: QEMU quits, or we let go of it)
         except (QMPError, TimeoutError):
             return False
@@ -101,19 +114,19 @@ class Qmp:
 
     async def reset(self, timeout: float = 5.0) -> None:
         """Reset the machine at once, as the reset button does (the guest boots again)."""
-        await asyncio.wait_for(self._client.execute("system_reset"), timeout)
+        await self._execute("system_reset", timeout)
 
     async def pause(self, timeout: float = 5.0) -> None:
         """Stop the vCPUs (``stop``)."""
-        await asyncio.wait_for(self._client.execute("stop"), timeout)
+        await self._execute("stop", timeout)
 
     async def resume(self, timeout: float = 5.0) -> None:
         """Let the vCPUs run again (``cont``)."""
-        await asyncio.wait_for(self._client.execute("cont"), timeout)
+        await self._execute("cont", timeout)
 
     async def query_status(self, timeout: float = 5.0) -> tuple[bool, str]:
         """(vCPUs running, QEMU's run state: running, paused, shutdown…)."""
-        reply = await asyncio.wait_for(self._client.execute("query-status"), timeout)
+        reply = await self._execute("query-status", timeout)
         if not isinstance(reply, dict):
             return False, "unknown"
         return bool(reply.get("running")), str(reply.get("status") or "unknown")

@@ -41,6 +41,7 @@ from asyncvarlink import (
 from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
 from vmspawnd import __version__, docs_url
+from vmspawnd.errors import WrongState
 from vmspawnd.log import get_logger
 from vmspawnd.server import GuardedServer, ServerLimits, current_connection, serve
 
@@ -192,7 +193,7 @@ def control_path(rundir: Path) -> Path | None:
 
 
 def _call_error(exc: BaseException) -> TypedVarlinkErrorReply | None:
-    if isinstance(exc, (NotConnected, ConnectionError, EOFError, TimeoutError)):
+    if isinstance(exc, (NotConnected, WrongState, ConnectionError, EOFError, TimeoutError)):
         return NotConnectedError()
     return None
 

@@ -1,0 +1,101 @@
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""Reboot, Pause and Resume of a daemon's machine (``vmspawnctl reboot|pause|resume``) on real QEMU
+guests: what the guest does, what clients see, and a Stop racing them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Daemon
+from tests.polling import poll
+from tests.vm.test_machine_instance import IFACE, bare_call, control
+
+pytestmark = pytest.mark.vm
+
+
+def create(daemon: Daemon, guest, name: str, *words: str) -> None:
+    p = daemon.ctl("create", name, f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
+                   "--console=read-only", "--firmware=bios", "panic=-1", "test.notify=1", "test.action=acpi", *words)
+    assert p.returncode == 0, p.stderr
+
+
+def at_once(daemon: Daemon, *commands: list[str]) -> list[tuple[int, str, str]]:
+    """Each vmspawnctl command from its own client, all at once: (exit status, stdout, stderr) each."""
+    procs = [subprocess.Popen([*daemon.ctl_argv(), *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for command in commands]
+    return [(p.wait(60), *p.communicate()) for p in procs]
+
+
+def test_a_paused_guest_does_not_run_until_resumed_and_a_stop_powers_it_off_cleanly(daemon: Daemon, guest) -> None:
+    create(daemon, guest, "nap", "test.delay=2")  # READY=1 two seconds into the guest's init
+    assert daemon.ctl("pause", "nap").returncode == 1  # (not running yet)
+    events = subprocess.Popen([*daemon.ctl_argv(), "--json", "events", "nap"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(events.stdout), daemon=True)
+    try:
+        assert "Watching" in events.stderr.readline()  # subscribed
+        reader.start()
+        assert daemon.ctl("start", "nap").returncode == 0
+        assert at_once(daemon, ["pause", "nap"], ["pause", "nap"]) == [(0, "Paused nap.\n", "")] * 2
+        assert bare_call(control(daemon, "nap"), f"{IFACE}.Describe")["parameters"] == {
+            "running": False, "status": "paused"}  # what QEMU says
+        shown = daemon.status("nap")
+        assert (shown["state"], shown["paused"], shown["ready"]) == ("running", True, False), shown
+        assert "running (paused)" in daemon.ctl("status", "nap").stdout
+        assert daemon.ctl("--no-legend", "list").stdout.split()[:2] == ["nap", "paused"]
+        time.sleep(8)  # long enough to boot and say READY=1 (≈ 3 s here): a paused guest does not
+        assert not daemon.status("nap")["ready"]
+        kinds = poll(lambda: [json.loads(line)["event"] for line in list(lines)], lambda k: "paused" in k, 10)
+        assert kinds.count("paused") == 1, kinds  # two clients' pauses: one pause
+    finally:
+        events.terminate()
+        events.wait(10)
+        reader.join(10)
+
+    daemon.stop_daemon()  # the VM stays paused; the next daemon finds it so
+    daemon.start()
+    assert daemon.wait_for("nap", lambda s: s["state"] == "running")["paused"] is True
+    assert daemon.ctl("resume", "nap").stdout == "Resumed nap.\n"
+    shown = daemon.wait_for("nap", lambda s: s["ready"], 60)
+    assert shown["paused"] is False and shown["status"] == "test guest ready", shown
+
+    assert daemon.ctl("pause", "nap").returncode == 0
+    p = daemon.ctl("stop", "nap", "--timeout=30")  # a paused guest cannot see the power button: resumed first
+    assert (p.returncode, p.stdout) == (0, "Stopped nap (exit status 0).\n"), (p.stdout, p.stderr)
+    shown = daemon.status("nap")
+    assert (shown["exitStatus"], shown["warnings"], shown["paused"]) == (0, [], False), shown
+    p = daemon.ctl("resume", "nap")
+    assert p.returncode == 1 and "nap is stopped; only a running machine can be resumed" in p.stderr, p.stderr
+
+
+def test_reboot_boots_the_guest_again_in_the_same_qemu_even_when_paused(daemon: Daemon, guest, tmp_path: Path) -> None:
+    disk = tmp_path / "bootcount.raw"
+    disk.write_bytes(b"\0" * (1 << 20))
+    create(daemon, guest, "again", f"--extra-drive=raw:{disk}", "test.bootcount=vda")
+    assert daemon.ctl("start", "again").returncode == 0
+    first = daemon.wait_for("again", lambda s: s["ready"], 60)
+    assert "(boot 1)" in first["status"], first
+
+    assert daemon.ctl("reboot", "again").stdout == "Rebooted again.\n"
+    second = daemon.wait_for("again", lambda s: s["ready"] and "(boot 2)" in (s["status"] or ""), 90)
+    assert second["pid"] == first["pid"] and disk.read_bytes()[:2] == b"2\n"
+
+    assert daemon.ctl("pause", "again").returncode == 0
+    assert daemon.ctl("reboot", "again").returncode == 0  # a paused machine boots again, not paused
+    third = daemon.wait_for("again", lambda s: s["ready"] and "(boot 3)" in (s["status"] or ""), 90)
+    assert third["pid"] == first["pid"] and third["paused"] is False, third
+
+    # a pause racing a stop: whichever comes first, the guest powers off by itself
+    outcomes = at_once(daemon, ["stop", "again", "--timeout=30"], ["pause", "again"])
+    assert outcomes[0] == (0, "Stopped again (exit status 0).\n", ""), outcomes
+    assert outcomes[1] == (0, "Paused again.\n", "") or (  # (a pause after the stop's start is refused)
+        outcomes[1][0] == 1 and "only a running machine can be paused" in outcomes[1][2]), outcomes
+    end = daemon.status("again")
+    assert (end["state"], end["exitStatus"], end["warnings"]) == ("stopped", 0, []), end
