@@ -9,7 +9,7 @@ server.Peer): a connection handed on by a process that has ended is nobody polki
 * anyone who can reach the socket may look (List, Describe, Subscribe, ListFirmware);
 * anyone may define machines; a machine runs as the user who defined it (see identity.py), so it
   can use exactly what that user can;
-* the owner of a machine may start, stop, kill, remove it and open its console;
+* the owner of a machine may start, stop, kill, reboot, pause, resume, remove it and open its console;
 * controlling another user's machine needs polkit's yes for :data:`MANAGE_ALL`;
 * a machine that needs what a user's VM cannot have (plan.needs_privileges: TAP networking,
   UID mapping, scope properties, …) runs as root, and defining or starting one needs polkit's yes

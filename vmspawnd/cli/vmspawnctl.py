@@ -86,10 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                             add_help=False)
     create.add_argument("rest", nargs=argparse.REMAINDER)
     for cmd, text in [("start", "start a machine"), ("remove", "forget a stopped machine"),
-                      ("status", "show one machine"), ("console", "attach to a machine's console"),
-                      ("reboot", "reset a running machine: its guest boots again (a paused one runs again)"),
-                      ("pause", "stop a running machine's CPUs (its memory stays) until it is resumed"),
-                      ("resume", "let a paused machine run again")]:
+                      ("status", "show one machine"), ("console", "attach to a machine's console")]:
         sub.add_parser(cmd, help=text, parents=common).add_argument("name", metavar="NAME")
     stop = sub.add_parser("stop", help="power a machine off (ACPI), forced after --timeout", parents=common)
     stop.add_argument("name", metavar="NAME")
@@ -97,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     kill = sub.add_parser("kill", help="end a machine's QEMU now (or send it --signal)", parents=common)
     kill.add_argument("name", metavar="NAME")
     kill.add_argument("--signal", metavar="SIGNAL", help="signal name or number to send QEMU")
+    for cmd, text in [("reboot", "reset a running machine: its guest boots again (a paused one runs again)"),
+                      ("pause", "stop a running machine's CPUs (its memory stays) until it is resumed"),
+                      ("resume", "let a paused machine run again")]:
+        sub.add_parser(cmd, help=text, parents=common).add_argument("name", metavar="NAME")
     sub.add_parser("list", help="list machines (the default command)", parents=common)
     events = sub.add_parser("events", help="follow lifecycle events (of NAME, or of all machines)", parents=common)
     events.add_argument("name", metavar="NAME", nargs="?")
