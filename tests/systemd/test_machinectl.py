@@ -134,13 +134,16 @@ def test_machinectl_reboot_boots_the_guest_again_and_it_stays_registered(acpi_vm
 
 @with_control
 def test_machinectl_pause_and_resume_stop_and_continue_the_vcpus(acpi_vm: tuple[Ctl, Path]) -> None:
+    ctl, _ = acpi_vm
     address = machined_entry()["controlAddress"]
     sh("machinectl", "pause", NAME)
     (reply,) = varlink_call(address, "io.systemd.MachineInstance.Describe")
     assert reply["parameters"] == {"running": False, "status": "paused"}, reply
+    assert ctl.wait(lambda s: s["paused"], name=NAME, timeout=10)  # vmspawnctl shows what machinectl did
     sh("machinectl", "resume", NAME)
     (reply,) = varlink_call(address, "io.systemd.MachineInstance.Describe")
     assert reply["parameters"] == {"running": True, "status": "running"}, reply
+    assert ctl.wait(lambda s: not s["paused"], name=NAME, timeout=10)
 
 
 @without_control
