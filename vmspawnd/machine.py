@@ -74,7 +74,7 @@ class Machine:
         self.guest_status: str | None = None
         self.exit_status: int | None = None
         self.failure: str | None = None
-        self.warnings: list[str] = []  # the last run's (Run.warnings)
+        self._warnings: list[str] = []  # the last run's, once it ended (Run.warnings)
         self.removed = False  # set (under the lock) by the daemon's Remove: commands then find no machine
         self.run_as = 0  # the uid QEMU and its helpers run as (the daemon's: the owner's, unless root's)
         self.lock = asyncio.Lock()
@@ -93,6 +93,12 @@ class Machine:
     def ready(self) -> bool:
         run = self.active_run
         return run is not None and run.readiness.ready and self.state is not State.STARTING
+
+    @property
+    def warnings(self) -> list[str]:
+        """What went wrong in the current run, or else the last one, without failing it (Run.warnings)."""
+        run = self.active_run
+        return run.warnings if run is not None else self._warnings
 
     @property
     def paused(self) -> bool:
@@ -157,9 +163,9 @@ class Machine:
             self.guest_status = None
             self._emit("reset", reason=data["reason"])
         elif kind in ("paused", "resumed"):
-            self._emit(kind)
+            self._emit(kind, **data)
         elif kind == "ended":
-            self.exit_status, self.failure, self.warnings = run.exit_status, run.failure, list(run.warnings)
+            self.exit_status, self.failure, self._warnings = run.exit_status, run.failure, run.warnings
             if run.failure is not None:
                 self._set_state(State.FAILED, reason=run.failure, exit_status=run.exit_status)
             else:
@@ -187,7 +193,7 @@ class Machine:
             if self.state in ACTIVE:
                 raise WrongState(self.config.name, self.state.value, "it must be stopped to start")
             run = self.run = self._new_run(plan, launcher)
-            self.guest_status, self.exit_status, self.failure, self.warnings = None, None, None, []
+            self.guest_status, self.exit_status, self.failure, self._warnings = None, None, None, []
             self._set_state(State.STARTING)
             try:
                 await run.start()
@@ -311,7 +317,7 @@ class Machine:
         """Show what an earlier daemon showed for this (not running) machine; no event is emitted."""
         self.state, self.since, self.failure, self.exit_status, self.guest_status = (
             state, since, failure, exit_status, status)
-        self.warnings = warnings or []
+        self._warnings = warnings or []
 
     def mark_failed(self, reason: str) -> None:
         """Record that this machine is in no state we can drive."""

@@ -54,7 +54,7 @@ from vmspawnd.qemu.argv import (
     qemu_extra_args,
     tap_mac,
 )
-from vmspawnd.qemu.disks import grow_image, root_cmdline_word
+from vmspawnd.qemu.disks import drive_path, grow_image, root_cmdline_word
 from vmspawnd.qemu.firmware import FirmwareChoice, nvram_state_path, prepare_nvram
 from vmspawnd.qemu.output import QemuOutput
 from vmspawnd.qemu.qmp import Qmp
@@ -111,6 +111,10 @@ def qemu_of_record(record: RunRecord, runtime: Path) -> bool:
             and str(runtime) in process_cmdline(record.pid))
 
 
+#: QEMU's run state of a VM it paused itself on a disk error (``werror``'s default stops on a full disk)
+DISK_ERROR_STATUS = "io-error"
+DISK_ERROR_PAUSE = "a disk of the VM failed (its file system full, say): QEMU paused the VM until it is resumed"
+NOTIFY_RECONNECT_GRACE = 3.0  # s QEMU has to connect to a restarted daemon's notify socket (it retries every 1 s)
 QEMU_EXIT_GRACE = 1.0  # s a QEMU whose monitor hung up has to exit, to be told apart from one that runs on
 
 
@@ -152,8 +156,10 @@ class Run:
         self.exit_status: int | None = None
         self.failure: str | None = None
         #: what went wrong without failing the run (a helper logged errors, a stop had to force the VM
-        #: off): the machine shows it until its next start
+        #: off, QEMU paused it on a disk error): the machine shows it from then until its next start.
+        #: Replaced, never changed in place (see :meth:`warn`).
         self.warnings: list[str] = []
+        self._paused_why: str | None = None  # why QEMU is about to pause the VM (a disk error)
         self.ended = asyncio.Event()
         self._qemu_exited = asyncio.Event()
         self._on_event = on_event
@@ -693,7 +699,11 @@ class Run:
         self._qmp = await self._stack.enter_async_context(Qmp(self.config.name))
         self._qmp.add_listener(self._qemu_event)
         await self._qmp.connect(str(rundir / "qmp.sock"), identity=self.identity)
-        self.paused = not (await self._qmp.query_status())[0]  # (paused while no daemon was there, say)
+        running, status = await self._qmp.query_status()
+        self.paused = not running  # (paused while no daemon was there, say)
+        if status == DISK_ERROR_STATUS:
+            self.log.warning("QEMU paused the VM after a disk error")
+            self.warn(DISK_ERROR_PAUSE)
         await self._serve_control()
         if record.registered and record.control_address is not None and record.control_address != str(
                 self.control_socket):
@@ -765,6 +775,16 @@ class Run:
         if name in ("STOP", "RESUME"):
             self._set_paused(name == "STOP")
             return
+        if name == "BLOCK_IO_ERROR" and data.get("action") == "stop":  # (a STOP follows)
+            drive = str(data.get("device") or data.get("node-name") or "")
+            disk = drive_path(self.config.image, self.config.extra_drives, drive) or drive
+            self._paused_why = (f"a {data.get('operation') or 'request'} of its disk {disk} failed "
+                                f"({data.get('reason') or 'I/O error'}): QEMU paused the VM until it is resumed")
+            if self._paused_why not in self.warnings:
+                self.log.warning("disk error: QEMU pauses the VM", device=data.get("device"),
+                                 node=data.get("node-name"), operation=data.get("operation"), reason=data.get("reason"))
+            self.warn(self._paused_why)
+            return
         if name != "RESET":
             return
         reason = str(data.get("reason") or "reset")
@@ -778,8 +798,15 @@ class Run:
         whichever comes first), once."""
         if paused != self.paused and not self._qemu_exited.is_set():
             self.paused = paused
-            self.log.info("VM paused" if paused else "VM resumed")
-            self._on_event(self, "paused" if paused else "resumed", {})
+            why, self._paused_why = (self._paused_why if paused else None), None
+            self.log.info("VM paused" if paused else "VM resumed", reason=why)
+            self._on_event(self, "paused" if paused else "resumed", {"reason": why} if why else {})
+
+    def warn(self, text: str) -> None:
+        """Add ``text`` to the run's warnings (once).  The list is replaced, so a reply made from the old
+        one is seen to be out of date."""
+        if text not in self.warnings:
+            self.warnings = [*self.warnings, text]
 
     # ---------------------------------------------------------------- io.systemd.MachineInstance
     @property
@@ -822,13 +849,19 @@ class Run:
 
     async def resume(self) -> None:
         async with self._controlling:
-            await self._monitor().resume()
-            self._set_paused(False)
+            await self._resume()
 
     async def _resume_if_paused(self) -> None:
         if self.paused:
-            await self._monitor().resume()
-            self._set_paused(False)
+            await self._resume()
+
+    async def _resume(self) -> None:
+        """Let the vCPUs run again, once QEMU is connected to the guest's notify port again (a VM paused
+        while the daemon restarted: the guest's first words after it could be lost, READY=1 say)."""
+        if self._channel is not None:
+            await self._channel.qemu_connected(NOTIFY_RECONNECT_GRACE)
+        await self._monitor().resume()
+        self._set_paused(False)
 
     def _check_not_stopping(self, done: str) -> None:
         if self.stop_requested:
@@ -866,7 +899,7 @@ class Run:
             self.log.warning("auxiliary service logged errors", service=service.name, output=" | ".join(said))
             unsaved = (f"; the TPM state in {self.tpm_state_path} may not have been saved"
                        if service is self._tpm and self.tpm_state_path is not None else "")
-            self.warnings.append(f"{service.name} logged errors: {' | '.join(said)}{unsaved}")
+            self.warn(f"{service.name} logged errors: {' | '.join(said)}{unsaved}")
 
     def _cancel_watches(self) -> None:
         for task in list(self._watches):
@@ -970,9 +1003,9 @@ class Run:
                     self._forcing_off = True
                     self.log.info("guest did not power off in time, forcing it", timeout=timeout,
                                   error=str(e) if not isinstance(e, TimeoutError) else None)
-                    self.warnings.append(f"the guest did not power off within {timeout:g} s; it was forced off"
-                                         if isinstance(e, TimeoutError) else
-                                         f"the guest could not be asked to power off ({e}); it was forced off")
+                    self.warn(f"the guest did not power off within {timeout:g} s; it was forced off"
+                              if isinstance(e, TimeoutError) else
+                              f"the guest could not be asked to power off ({e}); it was forced off")
                 await self.kill(forced=True)
 
     async def kill(self, forced: bool = True, sig: int | None = None) -> None:

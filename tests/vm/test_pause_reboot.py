@@ -4,7 +4,9 @@ guests: what the guest does, what clients see, and a Stop racing them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import threading
 import time
@@ -99,3 +101,42 @@ def test_reboot_boots_the_guest_again_in_the_same_qemu_even_when_paused(daemon: 
         outcomes[1][0] == 1 and "only a running machine can be paused" in outcomes[1][2]), outcomes
     end = daemon.status("again")
     assert (end["state"], end["exitStatus"], end["warnings"]) == ("stopped", 0, []), end
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (root only)")
+def test_a_vm_whose_disk_fills_up_is_paused_with_the_reason_and_runs_on_once_resumed(
+        daemon: Daemon, guest, tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], check=True)
+    try:
+        disk = full / "disk.raw"
+        disk.write_bytes(b"")
+        os.truncate(disk, 1 << 20)  # sparse: the guest's first write needs a block the file system lacks
+        filler = full / "filler"
+        with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):  # until the file system is full
+            while f.write(b"\0" * 1024):
+                pass
+        create(daemon, guest, "filled", f"--extra-drive=raw:{disk}", "test.bootcount=vda")
+        assert daemon.ctl("start", "filled").returncode == 0
+        why = (f"a write of its disk {disk} failed (No space left on device): QEMU paused the VM until it is "
+               "resumed")
+        shown = daemon.wait_for("filled", lambda s: s["paused"], 60)
+        assert (shown["state"], shown["ready"], shown["warnings"]) == ("running", False, [why]), shown
+        assert f"Warning: {why}" in daemon.ctl("status", "filled").stdout
+
+        daemon.stop_daemon()  # a daemon that starts meanwhile finds it paused by QEMU
+        daemon.start()
+        shown = daemon.wait_for("filled", lambda s: s["state"] == "running")
+        assert shown["paused"] and "QEMU paused the VM until it is resumed" in shown["warnings"][0], shown
+
+        filler.unlink()  # room again: resumed, QEMU writes what failed, and the guest goes on
+        assert daemon.ctl("resume", "filled").returncode == 0
+        shown = daemon.wait_for("filled", lambda s: s["ready"], 60)
+        assert "(boot 1)" in shown["status"] and not shown["paused"], shown
+        assert disk.read_bytes()[:2] == b"1\n"
+        assert daemon.ctl("stop", "filled").returncode == 0
+        assert daemon.status("filled")["warnings"] == shown["warnings"]  # kept until the next start
+    finally:
+        daemon.ctl("kill", "filled")
+        subprocess.run(["umount", "--lazy", str(full)], check=False)

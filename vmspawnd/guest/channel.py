@@ -186,6 +186,7 @@ class NotifyChannel:
         self._idle.set()
         self._budget = LineBudget()
         self._warned: set[str] = set()
+        self._qemu_connected: asyncio.Event | None = None  # a virtio-serial channel's: set while QEMU is on it
 
     async def drained(self, timeout: float) -> None:
         """Return once every open connection has been read to its end (QEMU gone: what the guest
@@ -205,11 +206,20 @@ class NotifyChannel:
             if not self._open:
                 self._idle.set()
 
+    async def qemu_connected(self, timeout: float) -> None:
+        """Return once QEMU's chardev is connected to a virtio-serial channel (it reconnects within a
+        second to a restarted daemon; what the guest writes before that is lost), or after ``timeout``
+        seconds; at once for a vsock channel (the guest connects when it writes)."""
+        if self._qemu_connected is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._qemu_connected.wait(), timeout)
+
     async def listen_virtio_serial(self, path: Path, qemu_version: tuple[int, int] = (0, 0),
                                    identity: Identity = ROOT) -> None:
         """Listen on a unix socket that QEMU's chardev (running as ``identity``) will connect to (and
         reconnect to: QEMU 9.2 renamed the option ``reconnect=`` seconds to ``reconnect-ms=``, and 10.x
         dropped the old one)."""
+        self._qemu_connected = asyncio.Event()
         sock = _unix_listener(path, identity, backlog=4)
         self._server = await asyncio.start_unix_server(self._serve_stream, sock=sock, limit=MAX_LINE * 4)
         reconnect = "reconnect-ms=1000" if qemu_version >= (9, 2) else "reconnect=1"
@@ -239,8 +249,14 @@ class NotifyChannel:
         self.credential = ("vmm.notify_socket", f"vsock-stream:2:{port}")
 
     async def _serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with self._reading(), _quiet_when_cancelled():
-            await self._read_stream(reader, writer)
+        assert self._qemu_connected is not None
+        self._qemu_connected.set()
+        try:
+            with self._reading(), _quiet_when_cancelled():
+                await self._read_stream(reader, writer)
+        finally:
+            if not self._open:
+                self._qemu_connected.clear()
 
     async def _read_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = NotifyParser()

@@ -47,6 +47,18 @@ def _device(disk_type: DiskType, drive_id: str, serial: str, boot: bool) -> list
     return ["-device", f"{model},drive={drive_id},bus=vmspawn_scsi.0{bootindex},serial={serial}"]
 
 
+ROOT_DRIVE = "vmspawn"  # the root image's drive id (QEMU's events name it so)
+EXTRA_NODE = "vmspawn_extra_{}"  # the node name of extra drive N
+
+
+def drive_path(root: Drive | None, extras: tuple[Drive, ...], name: str) -> Path | None:
+    """The file of the drive QEMU names ``name`` (a drive id or node name, as :func:`drive_args` gave)."""
+    if name == ROOT_DRIVE:
+        return root.path if root is not None else None
+    found = [d.path for i, d in enumerate(extras) if EXTRA_NODE.format(i) == name]
+    return found[0] if found else None
+
+
 def drive_args(root: Drive | None, extras: tuple[Drive, ...], *, discard: bool, ephemeral: bool) -> list[str]:
     """QEMU arguments for the root image and the extra drives (classic command-line form)."""
     args: list[str] = []
@@ -55,11 +67,11 @@ def drive_args(root: Drive | None, extras: tuple[Drive, ...], *, discard: bool, 
         args += ["-device", "virtio-scsi-pci,id=vmspawn_scsi"]
     if root is not None:
         read_only = ",readonly=on" if root.disk_type is DiskType.SCSI_CD else ""
-        args += ["-drive", f"if=none,id=vmspawn,file={qemu_escape(str(root.path))},format={root.format.value},"
+        args += ["-drive", f"if=none,id={ROOT_DRIVE},file={qemu_escape(str(root.path))},format={root.format.value},"
                            f"discard={'on' if discard else 'off'},snapshot={'on' if ephemeral else 'off'}{read_only}"]
-        args += _device(root.disk_type, "vmspawn", drive_serial(root.path, root.disk_type), boot=True)
+        args += _device(root.disk_type, ROOT_DRIVE, drive_serial(root.path, root.disk_type), boot=True)
     for i, d in enumerate(extras):
-        node = f"vmspawn_extra_{i}"
+        node = EXTRA_NODE.format(i)
         driver = "host_device" if d.is_block_device else "file"
         args += ["-blockdev", f"driver={d.format.value},cache.direct=off,cache.no-flush=on,file.driver={driver},"
                               f"file.filename={qemu_escape(str(d.path))},node-name={node}"
