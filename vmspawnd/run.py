@@ -700,7 +700,8 @@ class Run:
         self._qmp.add_listener(self._qemu_event)
         await self._qmp.connect(str(rundir / "qmp.sock"), identity=self.identity)
         running, status = await self._qmp.query_status()
-        self.paused = not running  # (paused while no daemon was there, say)
+        self.paused = not running and status != "suspended"  # (paused while no daemon was there, say; a guest
+        # that suspended itself is no pause: QEMU sends no STOP for it)
         if status == DISK_ERROR_STATUS:
             self.log.warning("QEMU paused the VM after a disk error")
             self.warn(DISK_ERROR_PAUSE)
