@@ -56,6 +56,7 @@ class Control(enum.Enum):
     PAUSE = "paused"
     RESUME = "resumed"
 
+
 EventHandler = Callable[[str, dict[str, Any]], None]
 AfterStart = Callable[[Run], Awaitable[None]]
 
@@ -102,6 +103,7 @@ class Machine:
 
     @property
     def paused(self) -> bool:
+        """Its QEMU runs with the vCPUs stopped (Run.paused)."""
         run = self.active_run
         return run is not None and run.paused
 

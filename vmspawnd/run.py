@@ -699,16 +699,23 @@ class Run:
         self._qmp = await self._stack.enter_async_context(Qmp(self.config.name))
         self._qmp.add_listener(self._qemu_event)
         await self._qmp.connect(str(rundir / "qmp.sock"), identity=self.identity)
-        running, status = await self._qmp.query_status()
-        self.paused = not running and status != "suspended"  # (paused while no daemon was there, say; a guest
-        # that suspended itself is no pause: QEMU sends no STOP for it)
-        if status == DISK_ERROR_STATUS:
-            self.log.warning("QEMU paused the VM after a disk error")
-            self.warn(DISK_ERROR_PAUSE)
+        await self._note_pause()
         await self._serve_control()
         if record.registered and record.control_address is not None and record.control_address != str(
                 self.control_socket):
             await self._register_again(root)
+
+    async def _note_pause(self) -> None:
+        """An adopted VM is paused if QEMU says so (paused while no daemon watched, say); not if the guest
+        suspended itself, for which QEMU sends no STOP either."""
+        try:
+            running, status = await self._monitor().query_status()
+        except Exception as e:  # (its next STOP or RESUME says it)
+            self.log.warning("cannot ask QEMU whether the VM is paused", error=str(e) or type(e).__name__)
+            return
+        self.paused = not running and status != "suspended"
+        if status == DISK_ERROR_STATUS and self.warn(DISK_ERROR_PAUSE):
+            self.log.warning("QEMU paused the VM after a disk error")
 
     async def _register_again(self, root: Path | None) -> None:
         """Tell machined where this daemon serves the VM's control socket, when the run was registered
@@ -781,10 +788,9 @@ class Run:
             disk = drive_path(self.config.image, self.config.extra_drives, drive) or drive
             self._paused_why = (f"a {data.get('operation') or 'request'} of its disk {disk} failed "
                                 f"({data.get('reason') or 'I/O error'}): QEMU paused the VM until it is resumed")
-            if self._paused_why not in self.warnings:
+            if self.warn(self._paused_why):
                 self.log.warning("disk error: QEMU pauses the VM", device=data.get("device"),
                                  node=data.get("node-name"), operation=data.get("operation"), reason=data.get("reason"))
-            self.warn(self._paused_why)
             return
         if name != "RESET":
             return
@@ -803,11 +809,13 @@ class Run:
             self.log.info("VM paused" if paused else "VM resumed", reason=why)
             self._on_event(self, "paused" if paused else "resumed", {"reason": why} if why else {})
 
-    def warn(self, text: str) -> None:
-        """Add ``text`` to the run's warnings (once).  The list is replaced, so a reply made from the old
-        one is seen to be out of date."""
-        if text not in self.warnings:
-            self.warnings = [*self.warnings, text]
+    def warn(self, text: str) -> bool:
+        """Add ``text`` to the run's warnings, unless it is there (False).  The list is replaced, so a
+        reply made from the old one is seen to be out of date."""
+        if text in self.warnings:
+            return False
+        self.warnings = [*self.warnings, text]
+        return True
 
     # ---------------------------------------------------------------- io.systemd.MachineInstance
     @property
