@@ -126,7 +126,7 @@ def _reply_preconverted(method: typing.Any, optional: bool = False) -> None:
 #: the replies' MachineInfo type, one for every method (each instance converts ≈ 100 fields' types)
 _MACHINE_INFO_TYPE = PreconvertedDataclass(MachineInfo)
 for _method in (ManagerInterface.Create, ManagerInterface.Start, ManagerInterface.Stop, ManagerInterface.Kill,
-                ManagerInterface.Describe):
+                ManagerInterface.Reboot, ManagerInterface.Pause, ManagerInterface.Resume, ManagerInterface.Describe):
     _reply_preconverted(_method)
 _reply_preconverted(ManagerInterface.List, optional=True)
 
