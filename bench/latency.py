@@ -119,6 +119,21 @@ def boot_ratios(guest, tmp: Path, blocks: int, at_once: int = 1) -> dict[str, li
             "gone": boot_ratio.balanced([ours.gone / bare.gone for ours, bare in found])}
 
 
+def settled(pid: int, quiet: float = 0.5, limit: float = 10.0) -> None:
+    """Wait (≥ 1 s) until the process ``pid`` used no CPU for ``quiet`` seconds (or ``limit`` passed): a
+    daemon has then made what it makes ahead of need, and trimmed its heap after (a fixed second was
+    too short in a slow hour, and caught it still at work: 1–2 MB more)."""
+    def cpu() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    time.sleep(1)
+    deadline, last, since = time.monotonic() + limit, cpu(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        time.sleep(0.1)
+        if (now := cpu()) != last:
+            last, since = now, time.monotonic()
+
+
 def resident_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -176,7 +191,7 @@ def create_rates(sock: Path, batches: int = 10) -> list[float]:
 
 
 def _many_machines(daemon: subprocess.Popen[bytes], sock: Path, runs: int) -> dict[str, list[float]]:
-    time.sleep(1)  # settled: what it makes ahead of need is made
+    settled(daemon.pid)  # what it makes ahead of need is made
     idle = resident_kb(daemon.pid)
     creates = create_rates(sock)
     lists = []
@@ -231,10 +246,10 @@ def running_vm_memory(guest, vms: int = 4, rounds: int = 2, short_rounds: int = 
             per_vm = (resident_kb(daemon.pid) - before) / vms
             for i in range(vms):
                 call(sock, "io.vmspawnd.Manager.Kill", {"name": f"vm{i}"}, timeout=60)
-            time.sleep(1)  # settled
+            settled(daemon.pid)
             return per_vm
 
-        time.sleep(1)
+        settled(daemon.pid)
         before_any = resident_kb(daemon.pid)
         one_round()
         first_start = resident_kb(daemon.pid) - before_any
@@ -247,6 +262,7 @@ def running_vm_memory(guest, vms: int = 4, rounds: int = 2, short_rounds: int = 
             for i in range(vms):
                 call(sock, "io.vmspawnd.Manager.Kill", {"name": f"vm{i}"}, timeout=60)
             time.sleep(1)
+        settled(daemon.pid)
         return {"per VM KB": samples, "first start KB": [first_start], "idle after MB": [idle_after],
                 "idle after many MB": [resident_kb(daemon.pid) / 1024]}
 
