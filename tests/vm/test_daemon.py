@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextlib
 import json
 import os
@@ -12,6 +13,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -533,14 +535,29 @@ def test_a_damaged_tpm_state_is_named_and_kept(daemon, guest, tmp_path):
     assert daemon.ctl("remove", "badtpm").returncode == 0
 
 
+@pytest.fixture
+def fixed_length_daemon() -> collections.abc.Iterator[Daemon]:
+    """A daemon whose paths are as long in every run (pytest's tmp_path grows with its run counter)."""
+    base = Path(tempfile.mkdtemp(prefix="vmspawnd-orphan-"))  # /tmp/vmspawnd-orphan-XXXXXXXX
+    d = Daemon(base)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.clean_up()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.mark.parametrize("name", ["orphan", "orphan" + "x" * 58])  # (a long one's runtime dirs are named by a hash)
-def test_a_running_vm_whose_definition_was_removed_by_hand_is_still_listed_and_controlled(daemon, guest, name):
+def test_a_running_vm_whose_definition_was_removed_by_hand_is_still_listed_and_controlled(fixed_length_daemon, guest,
+                                                                                         name):
     """(It ran on unseen: no command reached it, and a machine created anew with its name could not start.)"""
+    daemon = fixed_length_daemon
     create(daemon, guest, name, "test.action=hang")
     assert daemon.ctl("start", name).returncode == 0
     pid = daemon.wait_for(name, lambda s: s["ready"])["pid"]
     runtime_base = daemon.runtime / "machines"
-    hashed = len(os.fsencode(runtime_base / name / "fs-mnt99.sock")) > 107  # (pytest's paths make the long one so)
+    hashed = len(os.fsencode(runtime_base / name / "fs-mnt99.sock")) > 107  # (the long one's is)
     assert hashed == (len(name) > 6)
     assert (runtime_base / f"{name}.run").is_dir() != hashed, list(runtime_base.iterdir())
     daemon.stop_daemon(signal.SIGKILL)
