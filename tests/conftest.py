@@ -324,11 +324,14 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 
 @contextlib.contextmanager
-def public_daemon(*args: str) -> Iterator[Daemon]:
-    """A daemon (started with ``args``) in a directory every user may enter: pytest's tmp_path sits in a
-    0700 one, where a VM running as another user could not reach its runtime directory."""
-    base = Path(tempfile.mkdtemp(prefix="vmspawnd-public-"))
-    base.chmod(0o755)
+def tempdir_daemon(*args: str, prefix: str = "vmspawnd-", public: bool = False) -> Iterator[Daemon]:
+    """A daemon (started with ``args``) in a new directory of /tmp, whose paths are as long in every run
+    (pytest's tmp_path grows with its run counter); ``public``: one every user may enter (pytest's
+    tmp_path sits in a 0700 one, where a VM running as another user could not reach its runtime
+    directory)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    if public:
+        base.chmod(0o755)
     d = Daemon(base)
     d.args = list(args)
     d.start()
@@ -337,6 +340,45 @@ def public_daemon(*args: str) -> Iterator[Daemon]:
     finally:
         d.clean_up()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def public_daemon(*args: str) -> contextlib.AbstractContextManager[Daemon]:
+    """A daemon (started with ``args``) in a directory every user may enter."""
+    return tempdir_daemon(*args, prefix="vmspawnd-public-", public=True)
+
+
+class EventFollower:
+    """``vmspawnctl --json events [NAME]`` in the background (``with``), subscribed once made: the
+    events it printed so far, parsed."""
+
+    def __init__(self, daemon: Daemon, name: str | None = None) -> None:
+        self._proc = subprocess.Popen([*daemon.ctl_argv(), "--json", "events", *([name] if name else [])],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self._lines.extend(self._proc.stdout or ()), daemon=True)
+        said = self._proc.stderr.readline() if self._proc.stderr else ""
+        if "Watching" not in said:  # (from here on nothing is missed)
+            self.close()
+            raise AssertionError(f"vmspawnctl events did not subscribe: {said}")
+        self._reader.start()
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in list(self._lines)]
+
+    def kinds(self) -> list[str]:
+        return [event["event"] for event in self.events()]
+
+    def close(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=10)
+        if self._reader.is_alive():
+            self._reader.join(10)
+
+    def __enter__(self) -> EventFollower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 

@@ -30,7 +30,8 @@ def test_every_visible_option_is_documented(page):
 
 def test_vmspawnctl_page_lists_the_commands():
     text = pages()["vmspawnctl.1"]
-    for command in ("create", "start", "stop", "kill", "remove", "status", "list", "events", "console", "firmware"):
+    for command in ("create", "start", "stop", "kill", "reboot", "pause", "resume", "remove", "status", "list",
+                    "events", "console", "firmware"):
         assert f".B {command}\n" in text
 
 

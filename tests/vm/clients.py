@@ -7,6 +7,7 @@ import asyncio
 import collections
 import json
 import random
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -46,6 +47,13 @@ class Client:
 
     def close(self) -> None:
         self.transport.close()
+
+
+def at_once(daemon: Daemon, *commands: list[str]) -> list[tuple[int, str, str]]:
+    """Each vmspawnctl command from its own client, all at once: (exit status, stdout, stderr) each."""
+    procs = [subprocess.Popen([*daemon.ctl_argv(), *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for command in commands]
+    return [(p.wait(60), *p.communicate()) for p in procs]
 
 
 def settle(daemon: Daemon, names) -> dict[str, dict]:

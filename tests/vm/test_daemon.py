@@ -13,16 +13,15 @@ import shutil
 import signal
 import stat
 import subprocess
-import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from asyncvarlink import VarlinkClientProtocol, VarlinkInterfaceProxy, connect_unix_varlink
 
-from tests.conftest import CTL, Daemon, process_gone, processes_mentioning
+from tests.conftest import Daemon, EventFollower, process_gone, processes_mentioning, tempdir_daemon
 from tests.polling import poll
+from tests.vm.clients import at_once
 from vmspawnd.interface import ManagerInterface
 
 pytestmark = pytest.mark.vm
@@ -75,13 +74,7 @@ def fd_targets(pid: int) -> set[str]:
 
 
 def test_two_vms_in_parallel_and_events_up_to_ready_and_stopped(daemon, guest):
-    events = subprocess.Popen([*CTL, f"--address={daemon.socket}", "--json", "events"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(events.stdout), daemon=True)
-    try:
-        assert "Watching all machines" in events.stderr.readline()  # subscribed: nothing is missed from here
-        reader.start()
+    with EventFollower(daemon) as follower:  # every machine's
         create(daemon, guest, "par1", "test.action=acpi", "test.exit=4")
         create(daemon, guest, "par2", "test.action=acpi")
         for name in ("par1", "par2"):
@@ -95,12 +88,8 @@ def test_two_vms_in_parallel_and_events_up_to_ready_and_stopped(daemon, guest):
         assert daemon.ctl("stop", "par2", "--timeout=60").returncode == 0
         assert daemon.status("par1")["exitStatus"] == 4  # the guest's EXIT_STATUS, after a graceful power-off
         assert daemon.status("par2")["state"] == "stopped"
-        poll(lambda: list(lines), lambda seen: any('"par2"' in line and '"stopped"' in line for line in seen), 10)
-    finally:
-        events.terminate()
-        events.wait(timeout=10)
-        reader.join(10)
-    seen = [(e["machine"], e["event"]) for e in map(json.loads, lines)]
+        seen = poll(lambda: [(e["machine"], e["event"]) for e in follower.events()],
+                    lambda seen: ("par2", "stopped") in seen, 10)
     for name in ("par1", "par2"):
         for kind in ("created", "starting", "running", "ready", "stopping", "stopped"):
             assert (name, kind) in seen, (name, kind, seen)
@@ -111,27 +100,15 @@ def test_forced_stop_of_a_guest_that_ignores_the_power_button(daemon, guest):
     create(daemon, guest, "deaf", "test.action=hang")
     assert daemon.ctl("start", "deaf").returncode == 0
     daemon.wait_for("deaf", lambda s: s["ready"])
-    events = subprocess.Popen([*daemon.ctl_argv(), "--json", "events", "deaf"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(events.stdout), daemon=True)
-    try:
-        assert "Watching" in events.stderr.readline()  # subscribed
-        reader.start()
+    with EventFollower(daemon, "deaf") as follower:
         started = time.monotonic()
-        stops = [subprocess.Popen([*daemon.ctl_argv(), "stop", "deaf", "--timeout=1"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]  # two clients at once
-        outcomes = [(p.wait(30), *p.communicate()) for p in stops]
+        outcomes = at_once(daemon, *[["stop", "deaf", "--timeout=1"]] * 2)  # two clients at once
         assert time.monotonic() - started < 15
         forced = "the guest did not power off within 1 s; it was forced off"
         for outcome in outcomes:  # each is told why the exit status is 1, and it is said once
             assert outcome == (0, f"Stopped deaf (exit status 1): {forced}.\n", ""), outcome
-        stopped = poll(lambda: [e for e in map(json.loads, list(lines)) if e["event"] == "stopped"], bool, 10)
+        stopped = poll(lambda: [e for e in follower.events() if e["event"] == "stopped"], bool, 10)
         assert stopped[0]["reason"] == forced, stopped  # a follower of its events is told too
-    finally:
-        events.terminate()
-        events.wait(timeout=10)
-        reader.join(10)
     st = daemon.status("deaf")
     assert st["state"] == "stopped" and st["exitStatus"] == 1 and st["warnings"] == [forced], st
     assert processes_mentioning(str(daemon.runtime / "machines" / "deaf")) == []
@@ -537,15 +514,8 @@ def test_a_damaged_tpm_state_is_named_and_kept(daemon, guest, tmp_path):
 
 @pytest.fixture
 def fixed_length_daemon() -> collections.abc.Iterator[Daemon]:
-    """A daemon whose paths are as long in every run (pytest's tmp_path grows with its run counter)."""
-    base = Path(tempfile.mkdtemp(prefix="vmspawnd-orphan-"))  # /tmp/vmspawnd-orphan-XXXXXXXX
-    d = Daemon(base)
-    d.start()
-    try:
+    with tempdir_daemon(prefix="vmspawnd-orphan-") as d:  # /tmp/vmspawnd-orphan-XXXXXXXX
         yield d
-    finally:
-        d.clean_up()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.parametrize("name", ["orphan", "orphan" + "x" * 58])  # (a long one's runtime dirs are named by a hash)

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, EventFollower
 from tests.polling import poll
 from tests.systemd.helpers import varlink_call
 
@@ -92,13 +91,8 @@ def test_reboot_pause_resume_and_power_off_through_the_control_socket(daemon: Da
     assert bare_call(path, f"{IFACE}.Describe")["parameters"] == {"running": True, "status": "running"}
 
     sub = Subscription(path, ["RESET", "STOP", "RESUME"])
-    ours = subprocess.Popen([*daemon.ctl_argv(), "--json", "events", "ctl"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(ours.stdout), daemon=True)
+    ours = EventFollower(daemon, "ctl")
     try:
-        assert "Watching" in ours.stderr.readline()
-        reader.start()
         poll(sub.events, lambda e: e[:1] == ["READY"], 10)  # subscribed: nothing is missed from here
         assert "error" not in bare_call(path, f"{IFACE}.Reboot")
         # the same QEMU boots again: not ready until the guest says so, then ready with its second boot
@@ -115,15 +109,13 @@ def test_reboot_pause_resume_and_power_off_through_the_control_socket(daemon: Da
         seen = poll(sub.events, lambda e: e[-2:] == ["STOP", "RESUME"], 10)
         assert seen[:2] == ["READY", "RESET"] and set(seen[2:-2]) <= {"RESET"}, seen
         # the daemon's own events: reset (with QEMU's reason), then ready again, paused, resumed
-        kinds = poll(lambda: [json.loads(line)["event"] for line in list(lines)], lambda k: "resumed" in k, 10)
+        kinds = poll(ours.kinds, lambda k: "resumed" in k, 10)
         assert set(kinds[:kinds.index("ready")]) == {"reset"}, kinds
         assert [k for k in kinds if k in ("paused", "resumed")] == ["paused", "resumed"], kinds
-        assert json.loads(lines[0])["reason"] == "host-qmp-system-reset"
+        assert ours.events()[0]["reason"] == "host-qmp-system-reset"
     finally:
         sub.close()
-        ours.terminate()
-        ours.wait(10)
-        reader.join(10)
+        ours.close()
 
     assert "error" not in bare_call(path, f"{IFACE}.PowerOff")  # the ACPI power button: the guest powers off
     end = daemon.wait_for("ctl", lambda s: s["state"] != "running", 60)

@@ -5,45 +5,26 @@ guests: what the guest does, what clients see, and a Stop racing them."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, EventFollower
 from tests.polling import poll
+from tests.vm.clients import at_once
+from tests.vm.test_daemon import create
 from tests.vm.test_machine_instance import IFACE, bare_call, control
 
 pytestmark = pytest.mark.vm
 
 
-def create(daemon: Daemon, guest, name: str, *words: str) -> None:
-    p = daemon.ctl("create", name, f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
-                   "--console=read-only", "--firmware=bios", "panic=-1", "test.notify=1", "test.action=acpi", *words)
-    assert p.returncode == 0, p.stderr
-
-
-def at_once(daemon: Daemon, *commands: list[str]) -> list[tuple[int, str, str]]:
-    """Each vmspawnctl command from its own client, all at once: (exit status, stdout, stderr) each."""
-    procs = [subprocess.Popen([*daemon.ctl_argv(), *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for command in commands]
-    return [(p.wait(60), *p.communicate()) for p in procs]
-
-
 def test_a_paused_guest_does_not_run_until_resumed_and_a_stop_powers_it_off_cleanly(daemon: Daemon, guest) -> None:
-    create(daemon, guest, "nap", "test.delay=2")  # READY=1 two seconds into the guest's init
+    create(daemon, guest, "nap", "test.action=acpi", "test.delay=2")  # READY=1 two seconds into the guest's init
     assert daemon.ctl("pause", "nap").returncode == 1  # (not running yet)
-    events = subprocess.Popen([*daemon.ctl_argv(), "--json", "events", "nap"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(events.stdout), daemon=True)
-    try:
-        assert "Watching" in events.stderr.readline()  # subscribed
-        reader.start()
+    with EventFollower(daemon, "nap") as follower:
         assert daemon.ctl("start", "nap").returncode == 0
         assert at_once(daemon, ["pause", "nap"], ["pause", "nap"]) == [(0, "Paused nap.\n", "")] * 2
         assert bare_call(control(daemon, "nap"), f"{IFACE}.Describe")["parameters"] == {
@@ -54,12 +35,8 @@ def test_a_paused_guest_does_not_run_until_resumed_and_a_stop_powers_it_off_clea
         assert daemon.ctl("--no-legend", "list").stdout.split()[:2] == ["nap", "paused"]
         time.sleep(8)  # long enough to boot and say READY=1 (≈ 3 s here): a paused guest does not
         assert not daemon.status("nap")["ready"]
-        kinds = poll(lambda: [json.loads(line)["event"] for line in list(lines)], lambda k: "paused" in k, 10)
+        kinds = poll(follower.kinds, lambda k: "paused" in k, 10)
         assert kinds.count("paused") == 1, kinds  # two clients' pauses: one pause
-    finally:
-        events.terminate()
-        events.wait(10)
-        reader.join(10)
 
     daemon.stop_daemon()  # the VM stays paused; the next daemon finds it so
     daemon.start()
@@ -80,7 +57,7 @@ def test_a_paused_guest_does_not_run_until_resumed_and_a_stop_powers_it_off_clea
 def test_reboot_boots_the_guest_again_in_the_same_qemu_even_when_paused(daemon: Daemon, guest, tmp_path: Path) -> None:
     disk = tmp_path / "bootcount.raw"
     disk.write_bytes(b"\0" * (1 << 20))
-    create(daemon, guest, "again", f"--extra-drive=raw:{disk}", "test.bootcount=vda")
+    create(daemon, guest, "again", "test.action=acpi", f"--extra-drive=raw:{disk}", "test.bootcount=vda")
     assert daemon.ctl("start", "again").returncode == 0
     first = daemon.wait_for("again", lambda s: s["ready"], 60)
     assert "(boot 1)" in first["status"], first
@@ -117,7 +94,7 @@ def test_a_vm_whose_disk_fills_up_is_paused_with_the_reason_and_runs_on_once_res
         with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):  # until the file system is full
             while f.write(b"\0" * 1024):
                 pass
-        create(daemon, guest, "filled", f"--extra-drive=raw:{disk}", "test.bootcount=vda")
+        create(daemon, guest, "filled", "test.action=acpi", f"--extra-drive=raw:{disk}", "test.bootcount=vda")
         assert daemon.ctl("start", "filled").returncode == 0
         why = (f"a write of its disk {disk} failed (No space left on device): QEMU paused the VM until it is "
                "resumed")
