@@ -31,6 +31,7 @@ from vmspawnd.run import Run, qemu_of_record
 from vmspawnd.runrecord import COPY_RECORD, RECORD, RUNNING, RunRecord, end_leftovers
 from vmspawnd.runtime import RuntimeDir
 from vmspawnd.spares import Spares
+from vmspawnd.systemd.fdstore import FdStore
 
 log = get_logger()
 
@@ -66,7 +67,7 @@ class Machine:
 
     def __init__(self, config: MachineConfig, *, runtime_base: Path, die_with_parent: bool = True,
                  on_event: EventHandler | None = None, console_socket: bool = False,
-                 spares: Spares | None = None) -> None:
+                 spares: Spares | None = None, fdstore: FdStore | None = None) -> None:
         self.config = config
         self.runtime = RuntimeDir(runtime_base, config.name)
         self.state = State.STOPPED
@@ -83,6 +84,7 @@ class Machine:
         self._on_event = on_event or (lambda kind, data: None)
         self._console_socket = console_socket
         self._spares = spares
+        self._fdstore = fdstore
         self.log = log.bind(machine=config.name)
 
     # ---------------------------------------------------------------- what clients see
@@ -149,7 +151,8 @@ class Machine:
     def _new_run(self, plan: LaunchPlan | None = None, launcher: QemuProcess | None = None) -> Run:
         return Run(self.config, self.runtime, on_event=self._run_event, die_with_parent=self._die_with_parent,
                    console_socket=self._console_socket, plan=plan,
-                   identity=Identity.of_uid(self.run_as), spares=self._spares, launcher=launcher)
+                   identity=Identity.of_uid(self.run_as), spares=self._spares, launcher=launcher,
+                   fdstore=self._fdstore)
 
     def _run_event(self, run: Run, kind: str, data: dict[str, Any]) -> None:
         """What a run reports; a run that is no longer current has nothing more to say."""

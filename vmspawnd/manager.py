@@ -36,6 +36,7 @@ from vmspawnd.runtime import RECORDS_SUFFIX, RuntimeDir, make_base, sweep_discar
 from vmspawnd.settings import JSON_FIELDS, config_from_json, config_to_json, json_field_name
 from vmspawnd.spares import Spares
 from vmspawnd.storage import FileAhead, encode_json, read_json, remove_leftover_temps, write_json_atomic
+from vmspawnd.systemd.fdstore import FdStore
 from vmspawnd.values import ConsoleMode, validate_machine_name
 
 log = get_logger()
@@ -85,7 +86,7 @@ class Entry:
 class Manager:
     """Owns every machine the daemon knows about."""
 
-    def __init__(self, state_dir: Path, runtime_base: Path) -> None:
+    def __init__(self, state_dir: Path, runtime_base: Path, fdstore: FdStore | None = None) -> None:
         self.state_dir = state_dir
         self.runtime_base = runtime_base
         self.machines: dict[str, Entry] = {}
@@ -95,6 +96,7 @@ class Manager:
         self.on_change: Callable[[], None] = lambda: None
         self.stopping = False
         self.spares = Spares.beside(runtime_base)  # a Start waits neither for an interpreter nor swtpm_setup
+        self.fdstore = fdstore  # our service's, where runs keep their guests' notify listeners
         self._definition_ahead = FileAhead(self.definitions)  # nor a Create for its file to be made
 
     @property
@@ -134,6 +136,8 @@ class Manager:
             elif not adopted and entry.machine.state is State.STOPPED:  # never started: stopped since its creation
                 with contextlib.suppress(OSError):
                     entry.machine.since = path.stat().st_mtime
+        if self.fdstore is not None:
+            self.fdstore.forget_unclaimed()
         self.spares.prepare()
         self.on_change()
 
@@ -374,7 +378,7 @@ class Manager:
     def _new_entry(self, config: MachineConfig) -> Entry:
         name = config.name
         machine = Machine(config, runtime_base=self.runtime_base, die_with_parent=False, console_socket=True,
-                          spares=self.spares,
+                          spares=self.spares, fdstore=self.fdstore,
                           on_event=lambda kind, data: self._publish(name, kind, data))
         return Entry(config, machine)
 

@@ -82,6 +82,7 @@ from vmspawnd.services.swtpm import logged_errors, state_unusable
 from vmspawnd.settings import config_to_json
 from vmspawnd.snapshot import EphemeralCopy, SnapshotError
 from vmspawnd.spares import Spares
+from vmspawnd.systemd.fdstore import FdStore, notify_name
 from vmspawnd.systemd.machined import (
     MACHINED_SOCKET,
     MachineRegistration,
@@ -123,12 +124,14 @@ class Run:
 
     def __init__(self, config: MachineConfig, runtime: RuntimeDir, *, on_event: RunEventHandler,
                  die_with_parent: bool = True, console_socket: bool = False, plan: LaunchPlan | None = None,
-                 identity: Identity = ROOT, spares: Spares | None = None, launcher: QemuProcess | None = None) -> None:
+                 identity: Identity = ROOT, spares: Spares | None = None, launcher: QemuProcess | None = None,
+                 fdstore: FdStore | None = None) -> None:
         self.config = config
         self.runtime = runtime
         self.identity = identity  # whom QEMU and its helpers run as; the daemon acts as them on their files
         self._spares = spares  # a launcher and a TPM state made ahead of need (the daemon's)
         self._launcher = launcher  # a launcher started for this run ahead of need (vmspawn's)
+        self._fdstore = fdstore  # the daemon's service's, where the notify listener outlives a restart
         self.log = log.bind(machine=config.name)
         self.readiness = Readiness()
         self.qemu: QemuProcess | None = None
@@ -374,11 +377,21 @@ class Run:
         elif grow_image(config.image.path, config.grow_image):
             self.log.info("image grown", image=str(config.image.path), size=config.grow_image)
 
+    async def _new_notify_channel(self) -> NotifyChannel:
+        """The channel of the guest's notifications, its listener kept in the daemon's store until the
+        run ends (not when the daemon only detaches: a restarted daemon listens on it again)."""
+        stored_as = notify_name(self.config.name)
+        channel = NotifyChannel(self._guest_message, self._fdstore, stored_as)
+        self._channel = await self._stack.enter_async_context(channel)
+        if self._fdstore is not None:
+            self._durable.callback(self._fdstore.forget, stored_as)
+        return channel
+
     async def _open_notify_channel(self, rundir: Path, pass_fds: list[int],
                                    version: tuple[int, int] = (0, 0)) -> NotifyChannel:
         """Listen for the guest's notifications (over vsock if it gets one, else virtio-serial) before
         QEMU starts."""
-        channel = self._channel = await self._stack.enter_async_context(NotifyChannel(self._guest_message))
+        channel = await self._new_notify_channel()
         name, fixed_cid = self.config.name, self.config.vsock_cid
         if self._vsock_backend is VsockBackend.KERNEL:
             fd, cid = claim_vsock(name, fixed_cid=fixed_cid)
@@ -687,7 +700,7 @@ class Run:
             self._durable.push_async_callback(unregister_quietly, self.config.name)
         await self._adopt_helpers(record)
         self._durable.push_async_callback(self.qemu.end)  # QEMU ends before its helpers
-        channel = self._channel = await self._stack.enter_async_context(NotifyChannel(self._guest_message))
+        channel = await self._new_notify_channel()
         if self.vsock is not None and self.vsock.backend is VsockBackend.VHOST_USER and record.vsock_port:
             await channel.listen_hybrid(self.vsock.host_port_path(record.vsock_port), record.vsock_port,
                                         self.identity)

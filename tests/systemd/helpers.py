@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from functools import cache
 from pathlib import Path
 
@@ -220,3 +221,25 @@ def pids_of(comm: str) -> list[int]:
     return out
 
 
+
+
+def console_while_away(runtime_dir: Path, marker: bytes, linger: float, timeout: float = 90) -> bytes:
+    """What the guest prints on its console while no daemon relays it (read from QEMU's console socket
+    in the VM's runtime dir): until ``marker``, and ``linger`` seconds more."""
+    deadline, until = time.monotonic() + timeout, None
+    seen = b""
+    with socket.socket(socket.AF_UNIX) as console:
+        console.connect(str(runtime_dir / "console.sock"))
+        while time.monotonic() < (until or deadline):
+            console.settimeout(max(0.01, (until or deadline) - time.monotonic()))
+            try:
+                data = console.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            seen += data
+            if until is None and marker in seen:
+                until = time.monotonic() + linger
+    assert marker in seen, f"the guest never printed {marker!r}: {seen.decode(errors='replace')[-2000:]}"
+    return seen

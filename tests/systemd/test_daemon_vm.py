@@ -20,6 +20,7 @@ from tests.systemd.helpers import (
     WITH_GUEST,
     Ctl,
     alive,
+    console_while_away,
     pids_of,
     qemu_cgroup,
     sh,
@@ -258,3 +259,30 @@ def test_one_bus_connection_serves_every_vm_and_a_vm_starts_again_at_once(instal
             ctl("remove", name, check=False)
         for comm in ("qemu-system-x86", "swtpm"):
             poll(lambda comm=comm: pids_of(comm), lambda pids: pids == [], 30)
+
+
+def test_what_a_guest_says_while_no_daemon_runs_reaches_the_next_daemon(installed_units: Path) -> None:
+    """The guest's notify listener waits in vmspawnd.service's file-descriptor store while no daemon
+    runs: READY=1 sent then is read by the next daemon.  The guest gives a write up after 2 s, and
+    the daemon stays away for longer (over vsock a connection nobody listens for is refused at once)."""
+    sh("systemctl", "start", "vmspawnd.socket")
+    ctl = Ctl(installed_units)
+    ctl("create", NAME, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M",
+        "--console=read-only", "--firmware=bios", "--tpm=no", "panic=-1", "test.notify=1", "test.notify_timeout=2",
+        "test.delay=4", "test.status=said_while_away", "test.action=hang")
+    try:
+        ctl("start", NAME)
+        st = ctl.status()
+        assert not st["ready"], "the guest said READY=1 before the daemon was stopped: make test.delay longer"
+        sh("systemctl", "stop", "vmspawnd.service")
+        assert unit_properties("vmspawnd.service", "NFileDescriptorStore")["NFileDescriptorStore"] == "1"
+        said = console_while_away(Path(st["runtimeDirectory"]), b"ready (uptime", linger=4.0)
+        assert b"notify write failed" not in said and b"notify over vsock failed" not in said, said.decode(
+            errors="replace")
+        again = ctl.wait(lambda s: s["ready"])  # (re-activates the daemon through its socket)
+        assert again["pid"] == st["pid"] and again["status"] == "said while away", again
+    finally:
+        ctl("kill", NAME, check=False)
+        ctl("remove", NAME, check=False)
+    poll(lambda: unit_properties("vmspawnd.service", "NFileDescriptorStore")["NFileDescriptorStore"],
+         lambda n: n == "0", 10)  # the run's end took its listener out of the store

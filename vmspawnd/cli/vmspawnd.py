@@ -29,6 +29,7 @@ from vmspawnd.log import get_logger, setup_logging
 from vmspawnd.manager import Manager
 from vmspawnd.server import DEFAULT_MAX_CONNECTIONS, ServerLimits
 from vmspawnd.server import serve as serve_varlink
+from vmspawnd.systemd.fdstore import FdStore, for_service
 from vmspawnd.systemd.notify import ManagerNotifier
 from vmspawnd.systemd.service import SystemdServiceInterface
 
@@ -63,16 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def activated_socket() -> socket.socket | None:
-    """The listening socket systemd passed us (LISTEN_FDS), if any."""
+def activated_fds() -> tuple[socket.socket | None, dict[str, list[int]]]:
+    """What systemd passed us (LISTEN_FDS): the listening socket of vmspawnd.socket, if any, and the
+    descriptors an earlier daemon stored (systemd/fdstore.py), by name."""
     from systemd import daemon  # on first use: start-up speed of the commands that share this module
 
-    fds = daemon.listen_fds()
-    if not fds:
-        return None
-    for extra in fds[1:]:
-        os.close(extra)
-    return socket.socket(fileno=fds[0])
+    listener: socket.socket | None = None
+    stored: dict[str, list[int]] = {}
+    for fd, name in sorted(daemon.listen_fds_with_names().items()):
+        if FdStore.stored_name(name):
+            stored.setdefault(name, []).append(fd)
+        elif listener is None:
+            listener = socket.socket(fileno=fd)
+        else:
+            os.close(fd)
+    return listener, stored
 
 
 def withhold_inherited_fds() -> None:
@@ -166,9 +172,9 @@ async def serve(args: argparse.Namespace) -> int:
     lock_fd = claim_runtime_dir(runtime_dir)  # noqa: F841 - held (open) for the daemon's life
     fd_limit = raise_fd_limit()
     notifier = ManagerNotifier()
-    manager = Manager(state_dir, runtime_dir / "machines")
+    sock, stored = activated_fds()
+    manager = Manager(state_dir, runtime_dir / "machines", fdstore=for_service(stored))
     manager.on_change = lambda: notifier.send(STATUS=f"{manager.running_count()} VM(s) running")
-    sock = activated_socket()
     if sock is None:
         sock = bind_socket(Path(args.socket or DEFAULT_SOCKET), args.socket_group)
     await manager.load()

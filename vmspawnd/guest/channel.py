@@ -31,6 +31,7 @@ from pathlib import Path
 from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.log import get_logger
 from vmspawnd.qemu import qemu_escape
+from vmspawnd.systemd.fdstore import FdStore
 
 MAX_LINE = 4096
 MAX_GARBAGE = 1 << 20
@@ -156,7 +157,10 @@ class LineBudget:
 
 
 def _unix_listener(path: Path, identity: Identity, backlog: int) -> socket.socket:
-    """A listening unix socket at ``path`` (replacing a stale one), made as ``identity``, 0600."""
+    """A listening unix socket at ``path`` (replacing a stale one), made as ``identity``, 0600.  It is
+    served with ``asyncio.start_server``, not ``start_unix_server``, which from Python 3.13 on removes
+    the socket's path when the server closes: a daemon that detaches leaves it to the next one (and
+    to QEMU, which reconnects to it)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         with acting_as(identity):
@@ -171,11 +175,28 @@ def _unix_listener(path: Path, identity: Identity, backlog: int) -> socket.socke
     return sock
 
 
-class NotifyChannel:
-    """Listens for the guest's notifications and hands each ``(key, value)`` to a handler."""
+def _vsock_listener(port: int | None) -> socket.socket:
+    """A listening AF_VSOCK socket on ``port`` (or one the kernel picks), for every CID."""
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY if port is None else port))
+        sock.listen(16)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
-    def __init__(self, handler: MessageHandler) -> None:
+
+class NotifyChannel:
+    """Listens for the guest's notifications and hands each ``(key, value)`` to a handler.
+
+    With a daemon's ``store`` (systemd/fdstore.py) the listener is kept there under ``stored_as``:
+    a restarted daemon's channel listens on that same socket, and what the guest sent meanwhile
+    waits in it."""
+
+    def __init__(self, handler: MessageHandler, store: FdStore | None = None, stored_as: str = "") -> None:
         self._handler = handler
+        self._store, self._stored_as = store, stored_as
         self._server: asyncio.AbstractServer | None = None
         self.qemu_args: list[str] = []
         self.credential: tuple[str, str] | None = None  # (id, value) for vsock
@@ -220,8 +241,8 @@ class NotifyChannel:
         reconnect to: QEMU 9.2 renamed the option ``reconnect=`` seconds to ``reconnect-ms=``, and 10.x
         dropped the old one)."""
         self._qemu_connected = asyncio.Event()
-        sock = _unix_listener(path, identity, backlog=4)
-        self._server = await asyncio.start_unix_server(self._serve_stream, sock=sock, limit=MAX_LINE * 4)
+        sock = self._listener(str(path), lambda: _unix_listener(path, identity, backlog=4))
+        self._server = await asyncio.start_server(self._serve_stream, sock=sock, limit=MAX_LINE * 4)
         reconnect = "reconnect-ms=1000" if qemu_version >= (9, 2) else "reconnect=1"
         self.qemu_args = [
             "-chardev", f"socket,id=notify,path={qemu_escape(str(path))},{reconnect}",
@@ -232,9 +253,7 @@ class NotifyChannel:
         """Listen on AF_VSOCK (the given port, or one the kernel picks) for per-message connections;
         only connections from ``peer_cid`` (our guest) are read, other guests cannot speak for it."""
         self._peer_cid = peer_cid
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY if port is None else port))
-        sock.listen(16)
+        sock = self._listener(port, lambda: _vsock_listener(port))
         self.port = sock.getsockname()[1]
         self._server = await asyncio.start_server(self._serve_vsock, sock=sock)
         self.credential = ("vmm.notify_socket", f"vsock-stream:2:{self.port}")
@@ -243,10 +262,26 @@ class NotifyChannel:
         """vhost-device-vsock: the guest's connections to host port ``port`` arrive on the Unix socket
         ``path`` (made as ``identity`` in the VM's private runtime dir: only its device reaches it),
         one connection per message as over AF_VSOCK."""
-        sock = _unix_listener(path, identity, backlog=16)
-        self._server = await asyncio.start_unix_server(self._serve_vsock, sock=sock)
+        sock = self._listener(str(path), lambda: _unix_listener(path, identity, backlog=16))
+        self._server = await asyncio.start_server(self._serve_vsock, sock=sock)
         self.port = port
         self.credential = ("vmm.notify_socket", f"vsock-stream:2:{port}")
+
+    def _listener(self, address: str | int | None, make: Callable[[], socket.socket]) -> socket.socket:
+        """The listener an earlier daemon stored for this channel, if it listens on ``address`` (a unix
+        socket's path, a vsock port), else a new one from ``make`` (stored in turn)."""
+        if self._store is None:
+            return make()
+        sock = self._store.take(self._stored_as)
+        if sock is not None:
+            bound = sock.getsockname()
+            if address is None or (bound[1] if isinstance(bound, tuple) else bound) == address:
+                log.info("listening for the guest on the socket an earlier daemon left in the store")
+                return sock
+            sock.close()
+        sock = make()
+        self._store.keep(self._stored_as, sock)
+        return sock
 
     async def _serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._qemu_connected is not None
