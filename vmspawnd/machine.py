@@ -243,8 +243,10 @@ class Machine:
             if isinstance(e, ConnectionError) or not run.monitored:  # QEMU ends (a Kill, the guest powered off)
                 raise WrongState(self.config.name, self.state.value, f"its QEMU ended before it was {what.value}") \
                     from e
-            raise VmspawndError(f"QEMU's monitor did not answer when {self.config.name} was to be "
-                                f"{what.value}: {e or type(e).__name__}") from e
+            why = str(e) or type(e).__name__
+            if isinstance(e, TimeoutError):  # (a stopped or hung QEMU: the command is still queued there)
+                why += "; QEMU may still do it once it answers"
+            raise VmspawndError(f"{self.config.name} could not be {what.value}: {why}") from e
 
     def _check_kept(self, run: Run, doing: str) -> None:
         """A daemon that shut down meanwhile let go of the VM (it still runs): say so, not success."""

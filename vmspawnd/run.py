@@ -114,7 +114,8 @@ def qemu_of_record(record: RunRecord, runtime: Path) -> bool:
 
 #: QEMU's run state of a VM it paused itself on a disk error (``werror``'s default stops on a full disk)
 DISK_ERROR_STATUS = "io-error"
-DISK_ERROR_PAUSE = "a disk of the VM failed (its file system full, say): QEMU paused the VM until it is resumed"
+PAUSED_BY_QEMU = "QEMU paused the VM until it is resumed"
+DISK_ERROR_PAUSE = f"a disk of the VM failed (its file system full, say): {PAUSED_BY_QEMU}"
 NOTIFY_RECONNECT_GRACE = 3.0  # s QEMU has to connect to a restarted daemon's notify socket (it retries every 1 s)
 QEMU_EXIT_GRACE = 1.0  # s a QEMU whose monitor hung up has to exit, to be told apart from one that runs on
 
@@ -682,6 +683,7 @@ class Run:
         self._durable.callback(self.runtime.remove_files)
         self._record = record
         self.readiness = Readiness(record.ready, record.status, record.guest_exit_status)
+        self.warnings = list(record.warnings)
         self.units = list(record.units)
         self.tpm_state_path = Path(record.tpm_state) if record.tpm_state else None
         self.registered = record.registered
@@ -727,7 +729,8 @@ class Run:
             self.log.warning("cannot ask QEMU whether the VM is paused", error=str(e) or type(e).__name__)
             return
         self.paused = not running and status != "suspended"
-        if status == DISK_ERROR_STATUS and self.warn(DISK_ERROR_PAUSE):
+        said = any(w.endswith(PAUSED_BY_QEMU) for w in self.warnings)  # (the previous daemon's, naming the disk)
+        if status == DISK_ERROR_STATUS and not said and self.warn(DISK_ERROR_PAUSE):
             self.log.warning("QEMU paused the VM after a disk error")
 
     async def _register_again(self, root: Path | None) -> None:
@@ -800,7 +803,7 @@ class Run:
             drive = str(data.get("device") or data.get("node-name") or "")
             disk = drive_path(self.config.image, self.config.extra_drives, drive) or drive
             self._paused_why = (f"a {data.get('operation') or 'request'} of its disk {disk} failed "
-                                f"({data.get('reason') or 'I/O error'}): QEMU paused the VM until it is resumed")
+                                f"({data.get('reason') or 'I/O error'}): {PAUSED_BY_QEMU}")
             if self.warn(self._paused_why):
                 self.log.warning("disk error: QEMU pauses the VM", device=data.get("device"),
                                  node=data.get("node-name"), operation=data.get("operation"), reason=data.get("reason"))
@@ -828,6 +831,7 @@ class Run:
         if text in self.warnings:
             return False
         self.warnings = [*self.warnings, text]
+        self._save()  # (a restarted daemon shows them too)
         return True
 
     # ---------------------------------------------------------------- io.systemd.MachineInstance
@@ -941,6 +945,7 @@ class Run:
         record.vsock_cid = self.vsock.cid if self.vsock is not None else None
         record.vsock_backend = str(self.vsock.backend) if self.vsock is not None else None
         record.ssh_key = str(self._ssh_key.private_key) if self._ssh_key is not None else None
+        record.warnings = self.warnings
         try:
             record.save(self.runtime.records)
         except OSError as e:

@@ -75,6 +75,7 @@ class RunRecord:
     uid: int = 0  # the user QEMU and its helpers run as: uid, gid, supplementary groups
     gid: int = 0
     groups: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the run's (Run.warnings), shown by the next daemon too
 
     def identity(self) -> Identity:
         """Whom this run's QEMU runs as (as recorded: its account may be gone since)."""
@@ -115,7 +116,8 @@ class RunRecord:
                 config=data.get("config") if isinstance(data.get("config"), dict) else None,
                 name=data.get("name") if isinstance(data.get("name"), str) else None,
                 uid=int(data.get("uid", 0)), gid=int(data.get("gid", 0)),
-                groups=[int(g) for g in data.get("groups") or []])
+                groups=[int(g) for g in data.get("groups") or []],
+                warnings=[w for w in data.get("warnings") or [] if isinstance(w, str)])
         except (OSError, ValueError, KeyError, TypeError):
             return None
 

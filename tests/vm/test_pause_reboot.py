@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,26 @@ def test_a_paused_guest_does_not_run_until_resumed_and_a_stop_powers_it_off_clea
     assert p.returncode == 1 and "nap is stopped; only a running machine can be resumed" in p.stderr, p.stderr
 
 
+def test_a_pause_that_qemu_does_not_answer_fails_with_why_and_what_clients_see_follows_qemu(
+        daemon: Daemon, guest) -> None:
+    create(daemon, guest, "stuck", "test.action=acpi")
+    assert daemon.ctl("start", "stuck").returncode == 0
+    pid = daemon.wait_for("stuck", lambda s: s["ready"], 60)["pid"]
+    os.kill(pid, signal.SIGSTOP)  # (a hung QEMU: its monitor does not answer)
+    try:
+        p = daemon.ctl("pause", "stuck")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert p.returncode == 1 and ("stuck could not be paused: QEMU's monitor did not answer stop within 5 s; "
+                                  "QEMU may still do it once it answers") in p.stderr, p.stderr
+    # it did, once it ran again: the machine shows what QEMU did, and answers the next command
+    assert daemon.wait_for("stuck", lambda s: s["paused"], 10)["state"] == "running"
+    assert daemon.ctl("resume", "stuck").stdout == "Resumed stuck.\n"
+    assert daemon.status("stuck")["paused"] is False
+    p = daemon.ctl("stop", "stuck", "--timeout=30")
+    assert (p.returncode, p.stdout) == (0, "Stopped stuck (exit status 0).\n"), (p.stdout, p.stderr)
+
+
 def test_reboot_boots_the_guest_again_in_the_same_qemu_even_when_paused(daemon: Daemon, guest, tmp_path: Path) -> None:
     disk = tmp_path / "bootcount.raw"
     disk.write_bytes(b"\0" * (1 << 20))
@@ -80,40 +102,70 @@ def test_reboot_boots_the_guest_again_in_the_same_qemu_even_when_paused(daemon: 
     assert (end["state"], end["exitStatus"], end["warnings"]) == ("stopped", 0, []), end
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (root only)")
-def test_a_vm_whose_disk_fills_up_is_paused_with_the_reason_and_runs_on_once_resumed(
-        daemon: Daemon, guest, tmp_path: Path) -> None:
-    full = tmp_path / "full"
-    full.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], check=True)
+@contextlib.contextmanager
+def disk_on_a_full_file_system(where: Path) -> Iterator[tuple[Path, Path]]:
+    """A sparse 1 MiB disk image on a small tmpfs that a filler file has filled: the guest's first write
+    needs a block the file system lacks.  Yields (disk, filler); remove the filler to make room."""
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], check=True)
     try:
-        disk = full / "disk.raw"
+        disk = where / "disk.raw"
         disk.write_bytes(b"")
-        os.truncate(disk, 1 << 20)  # sparse: the guest's first write needs a block the file system lacks
-        filler = full / "filler"
+        os.truncate(disk, 1 << 20)
+        filler = where / "filler"
         with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):  # until the file system is full
             while f.write(b"\0" * 1024):
                 pass
-        create(daemon, guest, "filled", "test.action=acpi", f"--extra-drive=raw:{disk}", "test.bootcount=vda")
-        assert daemon.ctl("start", "filled").returncode == 0
-        why = (f"a write of its disk {disk} failed (No space left on device): QEMU paused the VM until it is "
-               "resumed")
-        shown = daemon.wait_for("filled", lambda s: s["paused"], 60)
-        assert (shown["state"], shown["ready"], shown["warnings"]) == ("running", False, [why]), shown
-        assert f"Warning: {why}" in daemon.ctl("status", "filled").stdout
-
-        daemon.stop_daemon()  # a daemon that starts meanwhile finds it paused by QEMU
-        daemon.start()
-        shown = daemon.wait_for("filled", lambda s: s["state"] == "running")
-        assert shown["paused"] and "QEMU paused the VM until it is resumed" in shown["warnings"][0], shown
-
-        filler.unlink()  # room again: resumed, QEMU writes what failed, and the guest goes on
-        assert daemon.ctl("resume", "filled").returncode == 0
-        shown = daemon.wait_for("filled", lambda s: s["ready"], 60)
-        assert "(boot 1)" in shown["status"] and not shown["paused"], shown
-        assert disk.read_bytes()[:2] == b"1\n"
-        assert daemon.ctl("stop", "filled").returncode == 0
-        assert daemon.status("filled")["warnings"] == shown["warnings"]  # kept until the next start
+        yield disk, filler
     finally:
-        daemon.ctl("kill", "filled")
-        subprocess.run(["umount", "--lazy", str(full)], check=False)
+        subprocess.run(["umount", "--lazy", str(where)], check=False)
+
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (root only)")
+
+
+@ROOT_ONLY
+def test_a_vm_whose_disk_fills_up_is_paused_with_the_reason_and_runs_on_once_resumed(
+        daemon: Daemon, guest, tmp_path: Path) -> None:
+    with disk_on_a_full_file_system(tmp_path / "full") as (disk, filler):
+        try:
+            create(daemon, guest, "filled", "test.action=acpi", f"--extra-drive=raw:{disk}", "test.bootcount=vda")
+            assert daemon.ctl("start", "filled").returncode == 0
+            why = (f"a write of its disk {disk} failed (No space left on device): QEMU paused the VM until it is "
+                   "resumed")
+            shown = daemon.wait_for("filled", lambda s: s["paused"], 60)
+            assert (shown["state"], shown["ready"], shown["warnings"]) == ("running", False, [why]), shown
+            assert f"Warning: {why}" in daemon.ctl("status", "filled").stdout
+
+            daemon.stop_daemon()  # the next daemon finds it paused by QEMU, and shows the same warning
+            daemon.start()
+            shown = daemon.wait_for("filled", lambda s: s["state"] == "running")
+            assert shown["paused"] and shown["warnings"] == [why], shown
+
+            filler.unlink()  # room again: resumed, QEMU writes what failed, and the guest goes on
+            assert daemon.ctl("resume", "filled").returncode == 0
+            shown = daemon.wait_for("filled", lambda s: s["ready"], 60)
+            assert "(boot 1)" in shown["status"] and not shown["paused"], shown
+            assert disk.read_bytes()[:2] == b"1\n"
+            assert daemon.ctl("stop", "filled").returncode == 0
+            assert daemon.status("filled")["warnings"] == shown["warnings"]  # kept until the next start
+        finally:
+            daemon.ctl("kill", "filled")
+
+
+@ROOT_ONLY
+def test_a_disk_that_fills_while_no_daemon_runs_is_shown_by_the_next_daemon(
+        daemon: Daemon, guest, tmp_path: Path) -> None:
+    with disk_on_a_full_file_system(tmp_path / "full") as (disk, _):
+        try:
+            create(daemon, guest, "filled", "test.action=acpi", f"--extra-drive=raw:{disk}", "test.bootcount=vda")
+            assert daemon.ctl("start", "filled").returncode == 0
+            daemon.stop_daemon()  # (≈ 2 s before the guest's first write: the kernel boots first)
+            time.sleep(15)
+            daemon.start()
+            shown = daemon.wait_for("filled", lambda s: s["state"] == "running")
+            assert shown["paused"] and not shown["ready"], shown
+            assert shown["warnings"] == ["a disk of the VM failed (its file system full, say): QEMU paused the VM "
+                                         "until it is resumed"], shown
+        finally:
+            daemon.ctl("kill", "filled")

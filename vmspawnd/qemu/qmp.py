@@ -49,6 +49,10 @@ class MonitorGone(ConnectionError):
     """QEMU's monitor hung up before it answered (QEMU exits, or we let go of it)."""
 
 
+class MonitorSilent(TimeoutError):
+    """QEMU's monitor did not answer in time (QEMU stopped or hung); it may still carry the command out."""
+
+
 class Qmp:
     """One QMP session with a QEMU process, over its monitor's unix socket."""
 
@@ -87,13 +91,16 @@ class Qmp:
                 listener(name, data)
 
     async def _execute(self, command: str, timeout: float) -> object:
-        """QEMU's answer to ``command``; :class:`MonitorGone` if the connection goes away first."""
+        """QEMU's answer to ``command``; :class:`MonitorGone` if the connection goes away first, and
+        :class:`MonitorSilent` if no answer comes within ``timeout`` seconds."""
         from qemu.qmp import ExecInterruptedError, StateError  # (loaded by __init__: only named here)
 
         try:
             return await asyncio.wait_for(self._client.execute(command), timeout)
         except (ExecInterruptedError, StateError, EOFError, asyncio.IncompleteReadError) as e:
             raise MonitorGone(f"QEMU's monitor hung up ({e})") from e
+        except TimeoutError as e:
+            raise MonitorSilent(f"QEMU's monitor did not answer {command} within {timeout:g} s") from e
 
     async def powerdown(self, timeout: float = 5.0) -> None:
         """Press the ACPI power button; the guest decides whether to power off."""
