@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Wait for a name to appear in a directory, woken by inotify rather than by polling.
+"""Wait for a name to appear in a directory, or for a file to be written, woken by inotify rather
+than by polling.
 
 A helper (swtpm, virtiofsd, vhost-device-vsock) is ready once its socket exists; QEMU is started
 right after, so every millisecond between the socket's creation and our noticing it is start time.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from vmspawnd.futures import resolve
@@ -21,6 +23,7 @@ from vmspawnd.proc import libc, libc_error
 
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
+IN_MODIFY = 0x00000002
 IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
 IN_Q_OVERFLOW = 0x00004000
@@ -37,12 +40,13 @@ class _Inotify:
         self.fd = fd
         self._uses: dict[int, int] = {}
         self._waiters: dict[int, set[asyncio.Future[None]]] = {}
+        self._missed: set[int] = set()  # watches that had an event while nobody waited on them
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop our reader is registered with
 
-    def add(self, directory: Path) -> int:
-        wd = libc().inotify_add_watch(self.fd, os.fsencode(directory), IN_CREATE | IN_MOVED_TO)
+    def add(self, path: Path, mask: int) -> int:
+        wd = libc().inotify_add_watch(self.fd, os.fsencode(path), mask)
         if wd < 0:
-            raise libc_error(f"inotify: {directory}")
+            raise libc_error(f"inotify: {path}")
         self._uses[wd] = self._uses.get(wd, 0) + 1  # the same directory twice is the same watch
         return wd
 
@@ -50,6 +54,7 @@ class _Inotify:
         self._uses[wd] -= 1
         if not self._uses[wd]:
             del self._uses[wd]
+            self._missed.discard(wd)
             libc().inotify_rm_watch(self.fd, wd)  # (EINVAL if the directory went first: nothing to do)
 
     def wait(self, wd: int) -> asyncio.Future[None]:
@@ -62,6 +67,9 @@ class _Inotify:
             self._loop = loop
         future: asyncio.Future[None] = loop.create_future()
         self._waiters.setdefault(wd, set()).add(future)
+        if wd in self._missed:  # (it happened between two waits)
+            self._missed.discard(wd)
+            future.set_result(None)
         return future
 
     def forget(self, wd: int, future: asyncio.Future[None]) -> None:
@@ -82,10 +90,12 @@ class _Inotify:
                 while offset + EVENT_HEADER.size <= len(data):
                     wd, mask, _, length = EVENT_HEADER.unpack_from(data, offset)
                     offset += EVENT_HEADER.size + length
-                    woken |= set(self._waiters) if mask & IN_Q_OVERFLOW else {wd}
+                    woken |= set(self._uses) if mask & IN_Q_OVERFLOW else {wd}
         except BlockingIOError:
             pass
         for wd in woken:
+            if wd not in self._waiters and wd in self._uses:
+                self._missed.add(wd)
             for future in self._waiters.get(wd, ()):
                 resolve(future)
 
@@ -94,18 +104,19 @@ _instance: _Inotify | None = None
 
 
 class DirectoryWatch:
-    """Entries created in (or moved into) ``directory``: :meth:`changed` returns after the next one.
-    Raises OSError if the kernel cannot watch it (no inotify, no permission, too many watches)."""
+    """Entries created in (or moved into) ``directory``: :meth:`changed` returns after the next one
+    (or, with ``mask=IN_MODIFY`` on a file, after the next write to it).  Raises OSError if the
+    kernel cannot watch it (no inotify, no permission, too many watches)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, mask: int = IN_CREATE | IN_MOVED_TO) -> None:
         global _instance
         if _instance is None:
             _instance = _Inotify()
         self._inotify = _instance
-        self._wd: int | None = self._inotify.add(directory)
+        self._wd: int | None = self._inotify.add(directory, mask)
 
     async def changed(self, also: asyncio.Future | None = None, timeout: float | None = None) -> None:
-        """Return once something was created there, ``also`` is done, or ``timeout`` seconds passed."""
+        """Return once something happened there, ``also`` is done, or ``timeout`` seconds passed."""
         assert self._wd is not None, "changed() after close()"
         woken = self._inotify.wait(self._wd)
         try:
@@ -154,3 +165,12 @@ async def appears(path: Path, timeout: float, also: asyncio.Future | None = None
     finally:
         if watch is not None:
             watch.close()
+
+
+async def writes(path: Path) -> AsyncIterator[None]:
+    """Yield now, and after each write to the file ``path`` (writes close together, or made while the
+    caller was busy, are seen once); raises OSError if it cannot be watched."""
+    with DirectoryWatch(path, IN_MODIFY) as watch:
+        while True:
+            yield
+            await watch.changed()

@@ -42,6 +42,7 @@ from vmspawnd.guest.ssh import SshKeyError, SshKeyPair, generate_key_pair
 from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.launcher import QemuProcess
 from vmspawnd.log import get_logger
+from vmspawnd.pathwatch import writes
 from vmspawnd.plan import LaunchPlan, needs_privileges, plan_launch
 from vmspawnd.proc import CAP_NET_ADMIN, check_socket_path, has_capability, process_cmdline, process_start_time
 from vmspawnd.ptyfwd import Pty
@@ -141,6 +142,7 @@ class Run:
         self.tpm_state_path: Path | None = None
         self._tpm: RunningService | None = None  # the swtpm this run started, if any
         self._quoted: RunningService | None = None  # a helper whose log the run's failure quotes
+        self._logging: list[RunningService] = []  # the helpers with a log file, watched while the VM runs
         self.vsock: GuestVsock | None = None  # the guest's vsock device, if it has one
         self.vsock_port: int | None = None  # the host port its notifications go to
         self._vsock_backend: VsockBackend | None = None  # chosen before anything starts
@@ -205,6 +207,8 @@ class Run:
             raise
         self._running = True
         self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
+        for service in self._logging:  # (what they logged so far; from now on, as they write)
+            self._note_logged(service)
 
     async def _open_stacks(self) -> None:
         await self._stack.enter_async_context(self._handles)
@@ -459,6 +463,9 @@ class Run:
         self._handles.callback(service.detach)
         self._durable.push_async_callback(self._stop_service, service)
         self._spawn(self._watch_service(what, service))
+        if service.log_path is not None:
+            self._logging.append(service)
+            self._spawn(self._watch_log(service))
 
     def _spawn(self, coro: Any) -> None:
         """A task of this run's, cancelled when the run ends."""
@@ -674,6 +681,8 @@ class Run:
             raise
         self._running = True
         self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
+        for service in self._logging:  # (what they logged so far; from now on, as they write)
+            self._note_logged(service)
 
     async def _adopt(self, record: RunRecord) -> None:
         self.identity = record.identity()  # as it was started
@@ -919,13 +928,33 @@ class Run:
             await service.stop()
         except Exception as e:  # e.g. the bus went away: log, and let the rest of the cleanup run
             self.log.warning("could not stop an auxiliary service", service=service.name, error=str(e))
-        # (its log file goes with the runtime dir: what it said stays in ours)
+        self._note_logged(service)  # (its log file goes with the runtime dir: what it said stays in ours)
+
+    async def _watch_log(self, service: RunningService) -> None:
+        """Show what a helper logs while the VM runs, as it is written (swtpm that could not save the
+        TPM state, say), not only when the run ends."""
+        assert service.log_path is not None
+        try:
+            async for _ in writes(service.log_path):
+                if self._running:  # (a start that fails quotes it in its error instead)
+                    self._note_logged(service)
+        except OSError as e:  # (cannot be watched: read when the helper stops)
+            self.log.debug("cannot watch an auxiliary service's log", service=service.name, error=str(e))
+
+    def _note_logged(self, service: RunningService) -> None:
+        """What ``service`` logged so far, as the run's one warning about it (replacing an earlier one)."""
         said = logged_errors(service) if service is self._tpm else service.logged()
-        if said and service is not self._quoted:  # (else the start's error quotes it)
-            self.log.warning("auxiliary service logged errors", service=service.name, output=" | ".join(said))
-            unsaved = (f"; the TPM state in {self.tpm_state_path} may not have been saved"
-                       if service is self._tpm and self.tpm_state_path is not None else "")
-            self.warn(f"{service.name} logged errors: {' | '.join(said)}{unsaved}")
+        if not said or service is self._quoted:  # (the start's error quoted it)
+            return
+        unsaved = (f"; the TPM state in {self.tpm_state_path} may not have been saved"
+                   if service is self._tpm and self.tpm_state_path is not None else "")
+        text = f"{service.name} logged errors: {' | '.join(said)}{unsaved}"
+        earlier = [w for w in self.warnings if w.startswith(f"{service.name} logged errors: ")]
+        if earlier == [text]:
+            return
+        self.warnings = [w for w in self.warnings if w not in earlier]
+        self.warn(text)
+        self.log.warning("auxiliary service logged errors", service=service.name, output=" | ".join(said))
 
     def _cancel_watches(self) -> None:
         for task in list(self._watches):

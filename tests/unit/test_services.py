@@ -27,7 +27,7 @@ from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError
 from vmspawnd.futures import resolved
 from vmspawnd.identity import Identity
-from vmspawnd.pathwatch import DirectoryWatch, appears
+from vmspawnd.pathwatch import DirectoryWatch, appears, writes
 from vmspawnd.plan import plan_launch
 from vmspawnd.services import runner as runner_module
 from vmspawnd.services import swtpm, virtiofsd
@@ -802,6 +802,39 @@ async def test_a_helpers_socket_is_noticed_by_inotify_not_by_a_timer(tmp_path):
         await asyncio.wait_for(first.changed(also=resolved(loop)), 10)  # (the helper exiting ends it too)
     with pytest.raises(OSError, match="No such file"):
         DirectoryWatch(tmp_path / "missing")
+
+
+async def test_a_log_files_writes_are_noticed_also_those_made_while_its_reader_was_busy(tmp_path):
+    log = tmp_path / "helper.log"
+    log.write_text("")
+    seen: list[str] = []
+    written = asyncio.Event()
+
+    async def reader() -> None:
+        async for _ in writes(log):
+            seen.append(log.read_text())
+            written.set()
+            with DirectoryWatch(tmp_path) as other:  # busy a while, waiting on another watch: events are read
+                await other.changed(timeout=0.2)
+
+    task = asyncio.get_running_loop().create_task(reader())
+    try:
+        await asyncio.wait_for(written.wait(), 10)  # (it yields once at the start)
+        with log.open("a") as f:  # written while the reader waits on its other watch
+            f.write("first error\n")
+        await asyncio.wait_for(_until(lambda: seen[-1:] == ["first error\n"]), 10)
+        with log.open("a") as f:
+            f.write("second error\n")
+        await asyncio.wait_for(_until(lambda: seen[-1:] == ["first error\nsecond error\n"]), 10)
+    finally:
+        task.cancel()
+    with pytest.raises(OSError, match="No such file"):
+        await anext(writes(tmp_path / "missing.log"))
+
+
+async def _until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
 
 
 async def test_waiting_for_a_socket_ends_when_it_appears_its_process_ends_or_time_runs_out(tmp_path):

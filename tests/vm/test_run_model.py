@@ -237,20 +237,21 @@ def test_a_helper_of_an_adopted_vm_that_dies_fails_the_vm(daemon, guest):
     poll(lambda: processes_mentioning(machine_dir(daemon, "adoptee")), lambda pids: pids == [], 10)
 
 
-def test_what_an_adopted_vms_swtpm_logged_is_reported_when_the_run_ends(daemon, guest, tmp_path):
-    """swtpm's log file goes with the runtime dir; a daemon that adopted the run still reads it, and
-    shows it with the machine.  The line is written by the test, standing for swtpm's
-    (tests/vm/test_daemon.py makes a real swtpm log one; a running guest cannot be made to send its
-    TPM a command here)."""
+def test_what_an_adopted_vms_swtpm_logs_is_reported_as_it_is_logged(daemon, guest, tmp_path):
+    """swtpm's log file goes with the runtime dir; a daemon that adopted the run watches it too, and
+    shows what it says with the machine at once, and after the run.  The line is written by the test,
+    standing for swtpm's (tests/vm/test_daemon.py makes a real swtpm log one)."""
     state = tmp_path / "tpm"
     adopted_vm_with_a_tpm(daemon, guest, "tpmlog", f"--tpm-state={state}")
     line = "SWTPM_NVRAM_StoreData: Error (fatal) opening TMP2-00.permall for write failed"
     with open(Path(machine_dir(daemon, "tpmlog")) / "tpm.log", "a") as log:
         log.write(f"{line}\n")
+    warning = f"vmspawnd-tpmlog-tpm logged errors: {line}; the TPM state in {state} may not have been saved"
+    st = daemon.wait_for("tpmlog", lambda s: s["warnings"], 10)
+    assert st["state"] == "running" and st["warnings"] == [warning], st
     assert daemon.ctl("kill", "tpmlog").returncode == 0
     st = daemon.wait_for("tpmlog", lambda s: s["state"] != "running", 30)
-    assert st["warnings"] == [f"vmspawnd-tpmlog-tpm logged errors: {line}; the TPM state in {state} may not "
-                              "have been saved"], st
+    assert st["warnings"] == [warning], st
     said = [line for line in daemon.log.read_text().splitlines() if "auxiliary service logged errors" in line]
     assert len(said) == 1 and "vmspawnd-tpmlog-tpm" in said[0] and "SWTPM_NVRAM_StoreData" in said[0], said
 
