@@ -103,9 +103,10 @@ def test_reboot_boots_the_guest_again_in_the_same_qemu_even_when_paused(daemon: 
 
 
 @contextlib.contextmanager
-def disk_on_a_full_file_system(where: Path) -> Iterator[tuple[Path, Path]]:
-    """A sparse 1 MiB disk image on a small tmpfs that a filler file has filled: the guest's first write
-    needs a block the file system lacks.  Yields (disk, filler); remove the filler to make room."""
+def started_on_a_full_disk(daemon: Daemon, guest, where: Path) -> Iterator[tuple[Path, Path]]:
+    """Machine ``filled`` started, its extra drive a sparse 1 MiB image on a small tmpfs that a filler
+    file has filled: the guest's first write (its boot count) needs a block the file system lacks.
+    Yields (disk, filler); remove the filler to make room.  The VM is killed, the tmpfs unmounted after."""
     where.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], check=True)
     try:
@@ -116,8 +117,11 @@ def disk_on_a_full_file_system(where: Path) -> Iterator[tuple[Path, Path]]:
         with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):  # until the file system is full
             while f.write(b"\0" * 1024):
                 pass
+        create(daemon, guest, "filled", "test.action=acpi", f"--extra-drive=raw:{disk}", "test.bootcount=vda")
+        assert daemon.ctl("start", "filled").returncode == 0
         yield disk, filler
     finally:
+        daemon.ctl("kill", "filled")
         subprocess.run(["umount", "--lazy", str(where)], check=False)
 
 
@@ -127,45 +131,34 @@ ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (
 @ROOT_ONLY
 def test_a_vm_whose_disk_fills_up_is_paused_with_the_reason_and_runs_on_once_resumed(
         daemon: Daemon, guest, tmp_path: Path) -> None:
-    with disk_on_a_full_file_system(tmp_path / "full") as (disk, filler):
-        try:
-            create(daemon, guest, "filled", "test.action=acpi", f"--extra-drive=raw:{disk}", "test.bootcount=vda")
-            assert daemon.ctl("start", "filled").returncode == 0
-            why = (f"a write of its disk {disk} failed (No space left on device): QEMU paused the VM until it is "
-                   "resumed")
-            shown = daemon.wait_for("filled", lambda s: s["paused"], 60)
-            assert (shown["state"], shown["ready"], shown["warnings"]) == ("running", False, [why]), shown
-            assert f"Warning: {why}" in daemon.ctl("status", "filled").stdout
+    with started_on_a_full_disk(daemon, guest, tmp_path / "full") as (disk, filler):
+        why = f"a write of its disk {disk} failed (No space left on device): QEMU paused the VM until it is resumed"
+        shown = daemon.wait_for("filled", lambda s: s["paused"], 60)
+        assert (shown["state"], shown["ready"], shown["warnings"]) == ("running", False, [why]), shown
+        assert f"Warning: {why}" in daemon.ctl("status", "filled").stdout
 
-            daemon.stop_daemon()  # the next daemon finds it paused by QEMU, and shows the same warning
-            daemon.start()
-            shown = daemon.wait_for("filled", lambda s: s["state"] == "running")
-            assert shown["paused"] and shown["warnings"] == [why], shown
+        daemon.stop_daemon()  # the next daemon finds it paused by QEMU, and shows the same warning
+        daemon.start()
+        shown = daemon.wait_for("filled", lambda s: s["state"] == "running")
+        assert shown["paused"] and shown["warnings"] == [why], shown
 
-            filler.unlink()  # room again: resumed, QEMU writes what failed, and the guest goes on
-            assert daemon.ctl("resume", "filled").returncode == 0
-            shown = daemon.wait_for("filled", lambda s: s["ready"], 60)
-            assert "(boot 1)" in shown["status"] and not shown["paused"], shown
-            assert disk.read_bytes()[:2] == b"1\n"
-            assert daemon.ctl("stop", "filled").returncode == 0
-            assert daemon.status("filled")["warnings"] == shown["warnings"]  # kept until the next start
-        finally:
-            daemon.ctl("kill", "filled")
+        filler.unlink()  # room again: resumed, QEMU writes what failed, and the guest goes on
+        assert daemon.ctl("resume", "filled").returncode == 0
+        shown = daemon.wait_for("filled", lambda s: s["ready"], 60)
+        assert "(boot 1)" in shown["status"] and not shown["paused"], shown
+        assert disk.read_bytes()[:2] == b"1\n"
+        assert daemon.ctl("stop", "filled").returncode == 0
+        assert daemon.status("filled")["warnings"] == shown["warnings"]  # kept until the next start
 
 
 @ROOT_ONLY
 def test_a_disk_that_fills_while_no_daemon_runs_is_shown_by_the_next_daemon(
         daemon: Daemon, guest, tmp_path: Path) -> None:
-    with disk_on_a_full_file_system(tmp_path / "full") as (disk, _):
-        try:
-            create(daemon, guest, "filled", "test.action=acpi", f"--extra-drive=raw:{disk}", "test.bootcount=vda")
-            assert daemon.ctl("start", "filled").returncode == 0
-            daemon.stop_daemon()  # (≈ 2 s before the guest's first write: the kernel boots first)
-            time.sleep(15)
-            daemon.start()
-            shown = daemon.wait_for("filled", lambda s: s["state"] == "running")
-            assert shown["paused"] and not shown["ready"], shown
-            assert shown["warnings"] == ["a disk of the VM failed (its file system full, say): QEMU paused the VM "
-                                         "until it is resumed"], shown
-        finally:
-            daemon.ctl("kill", "filled")
+    with started_on_a_full_disk(daemon, guest, tmp_path / "full"):
+        daemon.stop_daemon()  # (≈ 2 s before the guest's first write: the kernel boots first)
+        time.sleep(15)  # (no daemon to ask meanwhile: long enough for the guest to boot and write)
+        daemon.start()
+        shown = daemon.wait_for("filled", lambda s: s["state"] == "running")
+        assert shown["paused"] and not shown["ready"], shown
+        assert shown["warnings"] == ["a disk of the VM failed (its file system full, say): QEMU paused the VM "
+                                     "until it is resumed"], shown
