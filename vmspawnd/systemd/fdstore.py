@@ -17,6 +17,7 @@ import socket
 from collections.abc import Callable
 
 from vmspawnd.log import get_logger
+from vmspawnd.systemd.notify import send_with_fds
 
 #: the first word of the names of the descriptors we store (``notify.<machine>``); any other
 #: descriptor systemd passes is a socket unit's
@@ -27,16 +28,10 @@ log = get_logger()
 Send = Callable[[str, list[int]], object]
 
 
-def _send_to_manager(message: str, fds: list[int]) -> object:
-    from systemd import daemon  # on first use: the commands that share this package start faster
-
-    return daemon.notify(message, fds=fds)
-
-
 class FdStore:
     """What the service manager keeps for us, and what it gave back at our start."""
 
-    def __init__(self, inherited: dict[str, list[int]] | None = None, send: Send = _send_to_manager) -> None:
+    def __init__(self, inherited: dict[str, list[int]] | None = None, send: Send = send_with_fds) -> None:
         self._inherited = dict(inherited or {})  # name → fds, until a run takes them
         self._send = send
 
