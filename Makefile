@@ -103,8 +103,8 @@ install:
 	$(DESTDIR)$(LIBDIR)/bin/python -c 'import vmspawnd.cli.vmspawnd, vmspawnd.cli.vmspawnctl, vmspawnd.cli.vmspawn, vmspawnd.cli.foreground'
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(VARLINKDIR) $(DESTDIR)$(DOCDIR)
 	for c in $(COMMANDS); do ln -sfn $(LIBDIR)/bin/$$c $(DESTDIR)$(PREFIX)/bin/$$c; done
-	sed -e 's|@BINDIR@|$(PREFIX)/bin|' -e 's|@DOCDIR@|$(DOCDIR)|' units/vmspawnd.service \
-		> $(DESTDIR)$(UNITDIR)/vmspawnd.service
+	$(DESTDIR)$(LIBDIR)/bin/python -m vmspawnd.systemd.unitfile units/vmspawnd.service \
+		--bindir=$(PREFIX)/bin --docdir=$(DOCDIR) > $(DESTDIR)$(UNITDIR)/vmspawnd.service
 	install -m 0644 units/vmspawnd.socket $(DESTDIR)$(UNITDIR)/vmspawnd.socket
 	install -m 0644 varlink/io.vmspawnd.Manager.varlink $(DESTDIR)$(VARLINKDIR)/
 	install -D -m 0644 polkit/io.vmspawnd.policy $(DESTDIR)$(POLKITDIR)/io.vmspawnd.policy

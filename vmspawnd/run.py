@@ -85,13 +85,13 @@ from vmspawnd.snapshot import EphemeralCopy, SnapshotError
 from vmspawnd.spares import Spares
 from vmspawnd.systemd.fdstore import FdStore, notify_name
 from vmspawnd.systemd.machined import (
-    MACHINED_SOCKET,
     MachineRegistration,
     Registration,
     RegistrationError,
     start_machined,
     unregister_quietly,
 )
+from vmspawnd.systemd.machined import reachable as machined_reachable
 from vmspawnd.systemd.scope import allocate_scope, scope_unit_name
 from vmspawnd.systemd.units import SystemdManager, UnitStartError, connect_systemd
 from vmspawnd.values import DEFAULT_SLICE, ConsoleMode, DiskType, Network, Tristate
@@ -634,7 +634,7 @@ class Run:
         """Register as soon as machined answers (it may be started later, or restarted)."""
         while True:
             await asyncio.sleep(REGISTER_RETRY)
-            if not MACHINED_SOCKET.exists():
+            if not machined_reachable():
                 continue
             try:
                 await self._enter_registration(reg)

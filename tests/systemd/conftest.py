@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.polling import poll
-from tests.systemd.helpers import GUEST_DIR, NAME, Ctl, pids_of, sh, why_no_systemd
+from tests.systemd.helpers import GUEST_DIR, NAME, Ctl, pids_of, sh, systemd_version, why_no_systemd
+from vmspawnd.systemd.machined import MACHINED_VARLINK_SINCE
+from vmspawnd.systemd.unitfile import host_systemd_version, render
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -30,7 +32,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def machined() -> None:
-    """systemd-machined running (the harness does not start it: VM tests leave that to the daemon)."""
+    """systemd-machined running, with its varlink interface (the harness does not start it: VM tests
+    leave that to the daemon)."""
+    if systemd_version() < MACHINED_VARLINK_SINCE:
+        pytest.skip(f"systemd {systemd_version()}'s machined has no varlink interface (new in "
+                    f"{MACHINED_VARLINK_SINCE}); vmspawnd registers over D-Bus there (test_integration.py)")
     sh("systemctl", "start", "systemd-machined.service")
 
 
@@ -44,8 +50,7 @@ def installed_units() -> Iterator[Path]:
     repo = Path(__file__).resolve().parents[2]
     bindir = Path(sys.executable).parent  # the venv running the tests (not resolved: a venv symlink)
     unit_dir = Path("/etc/systemd/system")
-    service = (repo / "units/vmspawnd.service").read_text().replace("@BINDIR@", str(bindir)).replace(
-        "@DOCDIR@", str(repo))
+    service = render((repo / "units/vmspawnd.service").read_text(), str(bindir), str(repo), host_systemd_version())
     (unit_dir / "vmspawnd.service").write_text(service)
     (unit_dir / "vmspawnd.socket").write_text((repo / "units/vmspawnd.socket").read_text())
     sh("systemctl", "daemon-reload")

@@ -63,8 +63,9 @@ HARNESS_VERSION = "1"
 
 SUITE = "trixie"
 #: The suites a tree can be built from, with the systemd each brings (``--suite``; ``make test-systemd``
-#: runs both): trixie's 257 has no per-machine control sockets, forky's 262 has them.
-SUITES: dict[str, str] = {"trixie": "257", "forky": "262"}
+#: runs all): bookworm's 252 is Debian 12's (machined has no varlink interface yet), trixie's 257 has no
+#: per-machine control sockets, forky's 262 has them.
+SUITES: dict[str, str] = {"bookworm": "252", "trixie": "257", "forky": "262"}
 
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")  # bound in for pip (the `make install` test)
 CA_INSIDE = "/run/host-ca.crt"
@@ -85,11 +86,14 @@ PACKAGES: tuple[str, ...] = (
 
 #: What only some suites have, added to :data:`PACKAGES` there (vhost-device-vsock is new in forky).
 SUITE_PACKAGES: dict[str, tuple[str, ...]] = {"forky": ("vhost-device-vsock",)}
+#: What some suites lack, left out of :data:`PACKAGES` there (bookworm's virtiofsd is QEMU 7.2's own,
+#: in qemu-system-common).
+SUITE_LACKS: dict[str, tuple[str, ...]] = {"bookworm": ("virtiofsd",)}
 
 
 def suite_packages(packages: Sequence[str], suite: str) -> list[str]:
-    """``packages`` and what :data:`SUITE_PACKAGES` adds for ``suite``."""
-    return sorted(set(packages) | set(SUITE_PACKAGES.get(suite, ())))
+    """``packages`` with what :data:`SUITE_PACKAGES` adds and :data:`SUITE_LACKS` removes for ``suite``."""
+    return sorted((set(packages) | set(SUITE_PACKAGES.get(suite, ()))) - set(SUITE_LACKS.get(suite, ())))
 
 
 #: apt/dpkg options for mmdebstrap: no docs, man pages or translations in the tree.

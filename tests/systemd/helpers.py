@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from functools import cache
@@ -151,6 +153,43 @@ def varlink_call(path: str, method: str, parameters: dict | None = None, more: b
                 replies.append(reply)
                 if "error" in reply or not reply.get("continues"):
                     return replies
+
+
+def machined_record(name: str) -> dict | None:
+    """What machined knows of ``name``, in its varlink interface's terms (``io.systemd.Machine.List``);
+    where machined has no varlink (systemd < 256), the same fields from ``machinectl show`` (D-Bus).
+    None while it knows no such machine, or is not running."""
+    from vmspawnd.systemd.machined import MACHINED_VARLINK_SINCE
+
+    if systemd_version() >= MACHINED_VARLINK_SINCE:
+        try:
+            (reply,) = varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": name})
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        return None if "error" in reply else reply["parameters"]
+    p = sh("machinectl", "show", name, check=False)
+    if p.returncode != 0:
+        return None
+    shown = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+    record = {"name": shown["Name"], "class": shown["Class"], "service": shown["Service"], "unit": shown["Unit"],
+              "leader": {"pid": int(shown["Leader"])}}
+    if shown.get("RootDirectory"):
+        record["rootDirectory"] = shown["RootDirectory"]
+    return record
+
+
+def service_type() -> str:
+    """vmspawnd.service's Type= as installed for this systemd (vmspawnd.systemd.unitfile)."""
+    from vmspawnd.systemd.unitfile import NOTIFY_RELOAD_SINCE
+
+    return "notify-reload" if systemd_version() >= NOTIFY_RELOAD_SINCE else "notify"
+
+
+def varlinkctl() -> list[str]:
+    """``varlinkctl``, or where systemd has none (< 255) tests/systemd/varlink_cli.py, which calls alike."""
+    if shutil.which("varlinkctl"):
+        return ["varlinkctl"]
+    return [sys.executable, str(Path(__file__).with_name("varlink_cli.py"))]
 
 
 def json_stream(text: str) -> list[dict]:

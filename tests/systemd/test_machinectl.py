@@ -24,6 +24,7 @@ from tests.systemd.helpers import (
     WITH_GUEST,
     Ctl,
     alive,
+    machined_record,
     pids_of,
     sh,
     systemd_version,
@@ -41,9 +42,9 @@ without_control = pytest.mark.skipif(systemd_version() >= CONTROL_SOCKETS,
 
 
 def machined_entry(name: str = NAME) -> dict:
-    (reply,) = varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": name})
-    assert "error" not in reply, reply
-    return reply["parameters"]
+    record = machined_record(name)
+    assert record is not None, f"machined does not know {name}"
+    return record
 
 
 @pytest.fixture
@@ -85,8 +86,7 @@ def test_machinectl_poweroff_powers_the_guest_off_through_acpi(acpi_vm: tuple[Ct
     st = ctl.wait(lambda s: s["state"] != "running", name=NAME, timeout=60)
     assert st["state"] == "stopped" and st["exitStatus"] == 0 and st["failure"] is None, st
     poll(lambda: alive(pid), lambda running: not running, 15)
-    poll(lambda: varlink_call(MACHINED_VARLINK, "io.systemd.Machine.List", {"name": NAME})[0],
-         lambda reply: "error" in reply, 15)  # unregistered
+    poll(lambda: machined_record(NAME), lambda record: record is None, 15)  # unregistered
 
 
 @with_control

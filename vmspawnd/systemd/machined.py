@@ -1,5 +1,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""Registration with systemd-machined over varlink (``io.systemd.Machine``), never D-Bus.
+"""Registration with systemd-machined over varlink (``io.systemd.Machine``), or over D-Bus where
+machined has no varlink interface (systemd < 256, Debian 12's 252): ``org.freedesktop.machine1``'s
+RegisterMachine, which knows the name, id, class, leader and root directory only.
 
 machined's Register has a parameter named ``class`` (a Python keyword), so calls are sent
 as raw varlink parameters rather than through a typed proxy.
@@ -17,10 +19,15 @@ from typing import Any
 
 from vmspawnd.pathwatch import appears
 from vmspawnd.qemu.vsock import GuestVsock, VsockBackend
-from vmspawnd.systemd.units import MANAGER_IFACE, DBusCallError, SystemdManager
+from vmspawnd.systemd.units import MANAGER_IFACE, SYSTEMD_RUNTIME_DIR, DBusCallError, SystemdManager
 
 MACHINED_SOCKET = Path("/run/systemd/machine/io.systemd.Machine")
 SERVICE_NAME = "vmspawnd"
+#: The first systemd whose machined serves ``io.systemd.Machine``; older ones are reached over D-Bus.
+MACHINED_VARLINK_SINCE = 256
+MACHINED_BUS_NAME = "org.freedesktop.machine1"
+MACHINED_PATH = "/org/freedesktop/machine1"
+MACHINED_MANAGER_IFACE = "org.freedesktop.machine1.Manager"
 
 
 class RegistrationError(Exception):
@@ -59,6 +66,11 @@ class Registration:
         if self.control_address is not None:
             params["controlAddress"] = str(self.control_address)
         return params
+
+    def dbus_arguments(self) -> list[Any]:
+        """RegisterMachine's arguments (``sayssus``): what an older machined can know of the VM."""
+        return [self.name, self.machine_id.bytes if self.machine_id is not None else b"", SERVICE_NAME, "vm",
+                self.leader_pid, str(self.root_directory or "")]
 
 
 def leader_process_id(pid: int) -> dict[str, Any]:
@@ -110,6 +122,40 @@ async def call(method: str, parameters: dict[str, Any], socket_path: Path = MACH
 MACHINED_UNIT = "systemd-machined.service"
 
 
+async def dbus_call(member: str, signature: str, body: list[Any], timeout: float = 10.0) -> list[Any]:
+    """One call to machined's D-Bus manager (which activates machined), on a connection of its own:
+    only a host whose machined has no varlink interface needs it, once per registration."""
+    from dbus_fast import BusType, Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    try:
+        bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), timeout)
+    except Exception as e:  # noqa: BLE001 - no bus (or it refused us): say so
+        raise RegistrationError(f"cannot reach systemd-machined over D-Bus: {e or type(e).__name__}") from e
+    try:
+        reply = await asyncio.wait_for(bus.call(Message(
+            destination=MACHINED_BUS_NAME, path=MACHINED_PATH, interface=MACHINED_MANAGER_IFACE, member=member,
+            signature=signature, body=body)), timeout)
+    except (OSError, TimeoutError, ConnectionError) as e:
+        raise RegistrationError(f"{member} failed: {e or type(e).__name__}") from e
+    finally:
+        bus.disconnect()
+    if reply is None or reply.message_type == MessageType.ERROR:
+        text = reply.body[0] if reply is not None and reply.body else ""
+        raise RegistrationError(f"{member}: {reply.error_name if reply is not None else 'no reply'} {text}".strip())
+    return list(reply.body)
+
+
+def over_dbus(socket_path: Path = MACHINED_SOCKET) -> bool:
+    """Whether machined is to be reached over D-Bus: no varlink socket, but systemd runs here."""
+    return not socket_path.exists() and socket_path == MACHINED_SOCKET and SYSTEMD_RUNTIME_DIR.is_dir()
+
+
+def reachable(socket_path: Path = MACHINED_SOCKET) -> bool:
+    """Whether a registration may be tried now (over varlink, or D-Bus, which starts machined)."""
+    return socket_path.exists() or over_dbus(socket_path)
+
+
 async def start_machined(manager: SystemdManager, socket_path: Path = MACHINED_SOCKET,
                          timeout: float = 10.0) -> str | None:
     """Have systemd start machined when its varlink socket is missing (systemd 257 starts it only on
@@ -123,14 +169,29 @@ async def start_machined(manager: SystemdManager, socket_path: Path = MACHINED_S
         return f"cannot start {MACHINED_UNIT}: {e}"
     if result != "done":
         return f"starting {MACHINED_UNIT} failed (job result: {result})"
+    if socket_path.exists() or await systemd_major(manager) < MACHINED_VARLINK_SINCE:  # (D-Bus only)
+        return None
     if not await appears(socket_path, timeout):
         return f"{MACHINED_UNIT} runs but {socket_path} did not appear"
     return None
 
 
+async def systemd_major(manager: SystemdManager) -> int:
+    """The service manager's version number (``252.39-1~deb12u2`` → 252); 0 if it does not say."""
+    try:
+        version = await manager.version()
+    except DBusCallError:
+        return 0
+    digits = version.split(".")[0].split("~")[0]
+    return int(digits) if digits.isdigit() else 0
+
+
 async def register(reg: Registration, socket_path: Path = MACHINED_SOCKET) -> bool:
     """Register; True if machined took the control address too (systemd ≥ 261), False if it was
-    registered without one (an older machined refuses the unknown parameter)."""
+    registered without one (an older machined refuses the unknown parameter, or has only D-Bus)."""
+    if over_dbus(socket_path):
+        await dbus_call("RegisterMachine", "sayssus", reg.dbus_arguments())
+        return False
     try:
         await call("io.systemd.Machine.Register", reg.parameters(), socket_path)
         return reg.control_address is not None
@@ -142,6 +203,9 @@ async def register(reg: Registration, socket_path: Path = MACHINED_SOCKET) -> bo
 
 
 async def unregister(name: str, socket_path: Path = MACHINED_SOCKET) -> None:
+    if over_dbus(socket_path):
+        await dbus_call("UnregisterMachine", "s", [name])
+        return
     await call("io.systemd.Machine.Unregister", {"name": name}, socket_path)
 
 
