@@ -127,11 +127,13 @@ uninstall:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 # The systemd tier: a real systemd + machined in a container booted with the host's systemd-nspawn
-# (root; cached under ${VMSPAWND_CACHE:-~/.cache/vmspawnd}/systemd-tree): Debian trixie (systemd 257),
-# then Debian forky (systemd 262: machinectl through each VM's control socket).  Runs
+# (root; cached under ${VMSPAWND_CACHE:-~/.cache/vmspawnd}/systemd-tree): Debian bookworm (systemd 252,
+# Debian 12's: machined over D-Bus), Debian trixie (systemd 257), then Debian forky (systemd 262:
+# machinectl through each VM's control socket).  Runs
 # `pytest -m systemd tests/systemd` inside each, then the harness's own boot/teardown/leak tests.
 .PHONY: test-systemd
 test-systemd: setup
+	$(BIN)/python -m tests.systemd.container --if-root --suite=bookworm test
 	$(BIN)/python -m tests.systemd.container --if-root test
 	$(BIN)/python -m tests.systemd.container --if-root --suite=forky test
 	@if [ "$$(id -u)" = 0 ]; then VMSPAWND_SYSTEMD_HARNESS=1 $(BIN)/pytest -q tests/systemd/test_harness.py; fi

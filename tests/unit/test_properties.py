@@ -90,3 +90,16 @@ def test_bad_slice_and_property_fail_at_parse_time(tmp_path):
     for args in (["--slice=../x"], ["--property=MemoryMax=lots"], ["--register=maybe"]):
         with pytest.raises(ConfigError):
             parse_vmspawn_args([f"--linux={k}", "--firmware=none", *args])
+
+
+def test_machined_registration_over_dbus_for_a_machined_without_varlink():
+    """systemd < 256 (Debian 12's 252): RegisterMachine(name, id bytes, service, class, leader, root)."""
+    import uuid
+    from pathlib import Path
+
+    from vmspawnd.systemd.machined import Registration
+
+    u = uuid.uuid4()
+    assert Registration("web", 42, machine_id=u, root_directory=Path("/srv/tree")).dbus_arguments() == [
+        "web", u.bytes, "vmspawnd", "vm", 42, "/srv/tree"]
+    assert Registration("web", 42).dbus_arguments() == ["web", b"", "vmspawnd", "vm", 42, ""]  # (machined: none)

@@ -29,6 +29,7 @@ from vmspawnd.log import get_logger, setup_logging
 from vmspawnd.manager import Manager
 from vmspawnd.server import DEFAULT_MAX_CONNECTIONS, ServerLimits
 from vmspawnd.server import serve as serve_varlink
+from vmspawnd.systemd import unitfile
 from vmspawnd.systemd.fdstore import FdStore, for_service
 from vmspawnd.systemd.notify import ManagerNotifier
 from vmspawnd.systemd.service import SystemdServiceInterface
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_MAX_CONNECTIONS}, or fewer if the file-descriptor limit is low)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--print-unit", choices=("service", "socket"),
-                   help="print vmspawnd's systemd unit (set up for this installation) and exit")
+                   help="print vmspawnd's systemd unit (set up for this installation and this host's systemd) "
+                        "and exit")
     return p
 
 
@@ -228,7 +230,8 @@ async def serve(args: argparse.Namespace) -> int:
 
 def unit_text(kind: str) -> str:
     """Our ``vmspawnd.service``/``.socket`` as installed with this copy (the wheel puts the units
-    under ``<prefix>/share/vmspawnd/units``; a checkout has them in ``units/``), set up to run it."""
+    under ``<prefix>/share/vmspawnd/units``; a checkout has them in ``units/``), set up to run it
+    under this host's systemd."""
     name = f"vmspawnd.{kind}"
     for candidate in (Path(sys.prefix) / "share/vmspawnd/units" / name,
                       Path(__file__).resolve().parents[2] / "units" / name):
@@ -239,7 +242,8 @@ def unit_text(kind: str) -> str:
         raise FileNotFoundError(f"{name} is not installed with this copy of vmspawnd")
     bindir = Path(sys.argv[0]).absolute().parent if Path(sys.argv[0]).name == "vmspawnd" \
         else Path(sys.executable).parent
-    return text.replace("@BINDIR@", str(bindir)).replace("@DOCDIR@", str(Path(sys.prefix) / "share/doc/vmspawnd"))
+    return unitfile.render(text, str(bindir), str(Path(sys.prefix) / "share/doc/vmspawnd"),
+                           unitfile.host_systemd_version())
 
 
 def main(argv: list[str] | None = None) -> int:
