@@ -39,12 +39,21 @@ def test_tree_has_the_required_packages() -> None:
     assert h.SUITE == "trixie"
 
 
+def test_each_suite_gets_what_it_has() -> None:
+    """forky adds vhost-device-vsock; bookworm has no virtiofsd package (QEMU 7.2 brings its own)."""
+    assert "vhost-device-vsock" in h.suite_packages(h.PACKAGES, "forky")
+    assert "vhost-device-vsock" not in h.suite_packages(h.PACKAGES, "trixie")
+    bookworm = h.suite_packages(h.PACKAGES, "bookworm")
+    assert "virtiofsd" not in bookworm and "qemu-system-x86" in bookworm
+    assert set(bookworm) | {"virtiofsd"} == set(h.PACKAGES)
+
+
 def test_tree_key_is_stable_and_follows_its_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     key = h.tree_key()
     assert key == h.tree_key(tuple(reversed(h.PACKAGES)))  # order does not matter
     assert key.startswith("trixie-")
     assert h.tree_key((*h.PACKAGES, "strace")) != key
-    assert h.tree_key(suite="forky") != key
+    assert h.tree_key(suite="forky") != key and h.tree_key(suite="bookworm") not in (key, h.tree_key(suite="forky"))
     monkeypatch.setattr(h, "HARNESS_VERSION", h.HARNESS_VERSION + "x")
     assert h.tree_key() != key
 
