@@ -739,8 +739,25 @@ class Run:
             return
         self.paused = not running and status != "suspended"
         said = any(w.endswith(PAUSED_BY_QEMU) for w in self.warnings)  # (the previous daemon's, naming the disk)
-        if status == DISK_ERROR_STATUS and not said and self.warn(DISK_ERROR_PAUSE):
+        if status == DISK_ERROR_STATUS and not said and self.warn(await self._failed_disk()):
             self.log.warning("QEMU paused the VM after a disk error")
+
+    async def _failed_disk(self) -> str:
+        """Why QEMU paused the VM after a disk error that no daemon saw: the disk QEMU says failed."""
+        try:
+            failed = await self._monitor().failed_disks()
+        except Exception as e:  # (the generic reason, then)
+            self.log.warning("cannot ask QEMU which disk failed", error=str(e) or type(e).__name__)
+            failed = []
+        if not failed:
+            return DISK_ERROR_PAUSE
+        drive, io_status = failed[0]
+        return self._disk_paused(drive, "request", "No space left on device" if io_status == "nospace" else "")
+
+    def _disk_paused(self, drive: str, operation: str, reason: str) -> str:
+        """The warning of a VM that QEMU paused as ``operation`` on ``drive`` (its name in QEMU) failed."""
+        disk = drive_path(self.config.image, self.config.extra_drives, drive) or drive
+        return f"a {operation} of its disk {disk} failed ({reason or 'I/O error'}): {PAUSED_BY_QEMU}"
 
     async def _register_again(self, root: Path | None) -> None:
         """Tell machined where this daemon serves the VM's control socket, when the run was registered
@@ -809,10 +826,8 @@ class Run:
             self._set_paused(name == "STOP")
             return
         if name == "BLOCK_IO_ERROR" and data.get("action") == "stop":  # (a STOP follows)
-            drive = str(data.get("device") or data.get("node-name") or "")
-            disk = drive_path(self.config.image, self.config.extra_drives, drive) or drive
-            self._paused_why = (f"a {data.get('operation') or 'request'} of its disk {disk} failed "
-                                f"({data.get('reason') or 'I/O error'}): {PAUSED_BY_QEMU}")
+            self._paused_why = self._disk_paused(str(data.get("device") or data.get("node-name") or ""),
+                                                 str(data.get("operation") or "request"), str(data.get("reason") or ""))
             if self.warn(self._paused_why):
                 self.log.warning("disk error: QEMU pauses the VM", device=data.get("device"),
                                  node=data.get("node-name"), operation=data.get("operation"), reason=data.get("reason"))

@@ -154,11 +154,11 @@ def test_a_vm_whose_disk_fills_up_is_paused_with_the_reason_and_runs_on_once_res
 @ROOT_ONLY
 def test_a_disk_that_fills_while_no_daemon_runs_is_shown_by_the_next_daemon(
         daemon: Daemon, guest, tmp_path: Path) -> None:
-    with started_on_a_full_disk(daemon, guest, tmp_path / "full"):
+    with started_on_a_full_disk(daemon, guest, tmp_path / "full") as (disk, _):
         daemon.stop_daemon()  # (≈ 2 s before the guest's first write: the kernel boots first)
         time.sleep(15)  # (no daemon to ask meanwhile: long enough for the guest to boot and write)
         daemon.start()
         shown = daemon.wait_for("filled", lambda s: s["state"] == "running")
         assert shown["paused"] and not shown["ready"], shown
-        assert shown["warnings"] == ["a disk of the VM failed (its file system full, say): QEMU paused the VM "
-                                     "until it is resumed"], shown
+        assert shown["warnings"] == [f"a request of its disk {disk} failed (No space left on device): QEMU paused "
+                                     "the VM until it is resumed"], shown  # (QEMU's query-block names it)

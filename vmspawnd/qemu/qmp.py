@@ -138,6 +138,18 @@ class Qmp:
             return False, "unknown"
         return bool(reply.get("running")), str(reply.get("status") or "unknown")
 
+    async def failed_disks(self, timeout: float = 5.0) -> list[tuple[str, str]]:
+        """The drives whose last request failed (``query-block``'s io-status): (QEMU's name for the
+        drive, ``failed`` or ``nospace``)."""
+        reply = await self._execute("query-block", timeout)
+        failed: list[tuple[str, str]] = []
+        for block in reply if isinstance(reply, list) else ():
+            status = str(block.get("io-status") or "ok")
+            if status != "ok":
+                name = block.get("device") or (block.get("inserted") or {}).get("node-name") or ""
+                failed.append((str(name), status))
+        return failed
+
     async def __aenter__(self) -> Qmp:
         return self
 
