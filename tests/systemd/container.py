@@ -1,12 +1,12 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""The systemd tier's test harness: a real systemd 257 (or 262) + machined in a throw-away container.
+"""The systemd tier's test harness: a real systemd 257 (or 252, or 262) + machined in a throw-away container.
 
 The host (Debian 12, PID 1 not systemd) cannot run the project's units or talk to a varlink
 machined, so this module:
 
 1. installs what it needs on the host (``systemd-container`` for ``systemd-nspawn``,
    ``mmdebstrap``) when it runs as root;
-2. builds a Debian trixie (``--suite=forky``: systemd 262) tree with mmdebstrap, cached under
+2. builds a Debian trixie (``--suite=forky``: systemd 262; ``--suite=bookworm``: 252) tree with mmdebstrap, cached under
    ``${VMSPAWND_CACHE:-~/.cache/vmspawnd}/systemd-tree/<key>`` where the key hashes the package
    list, the suite and :data:`HARNESS_VERSION` (built in a temporary directory, then renamed);
 3. adds a virtualenv with the project installed editable at :data:`VENV` inside that tree, keyed

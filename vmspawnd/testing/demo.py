@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,6 +87,9 @@ def main() -> int:
             step("What the daemon knows")
             run(*ctl, "list")
             run(*ctl, "status", "demo")
+            if Path("/run/systemd/system").is_dir() and shutil.which("machinectl"):
+                step("What systemd-machined knows (the daemon registered the VM)")
+                run("machinectl", "list")
 
             step("Stopping it: ACPI power button, the guest powers off by itself")
             run(*ctl, "stop", "demo")
