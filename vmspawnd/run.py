@@ -634,7 +634,7 @@ class Run:
         """Register as soon as machined answers (it may be started later, or restarted)."""
         while True:
             await asyncio.sleep(REGISTER_RETRY)
-            if not machined_reachable():
+            if not await machined_reachable():
                 continue
             try:
                 await self._enter_registration(reg)

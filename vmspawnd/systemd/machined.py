@@ -19,7 +19,15 @@ from typing import Any
 
 from vmspawnd.pathwatch import appears
 from vmspawnd.qemu.vsock import GuestVsock, VsockBackend
-from vmspawnd.systemd.units import MANAGER_IFACE, SYSTEMD_RUNTIME_DIR, DBusCallError, SystemdManager
+from vmspawnd.systemd.units import (
+    MANAGER_IFACE,
+    PROPERTIES_IFACE,
+    SYSTEMD_BUS_NAME,
+    SYSTEMD_PATH,
+    SYSTEMD_RUNTIME_DIR,
+    DBusCallError,
+    SystemdManager,
+)
 
 MACHINED_SOCKET = Path("/run/systemd/machine/io.systemd.Machine")
 SERVICE_NAME = "vmspawnd"
@@ -122,20 +130,22 @@ async def call(method: str, parameters: dict[str, Any], socket_path: Path = MACH
 MACHINED_UNIT = "systemd-machined.service"
 
 
-async def dbus_call(member: str, signature: str, body: list[Any], timeout: float = 10.0) -> list[Any]:
-    """One call to machined's D-Bus manager (which activates machined), on a connection of its own:
-    only a host whose machined has no varlink interface needs it, once per registration."""
+async def dbus_call(member: str, signature: str, body: list[Any], timeout: float = 10.0, *,
+                    destination: str = MACHINED_BUS_NAME, path: str = MACHINED_PATH,
+                    interface: str = MACHINED_MANAGER_IFACE) -> list[Any]:
+    """One D-Bus call (by default to machined's manager, which activates machined) on a connection of its
+    own: only a host whose machined has no varlink interface needs it, once per registration."""
     from dbus_fast import BusType, Message, MessageType
     from dbus_fast.aio import MessageBus
 
     try:
         bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), timeout)
     except Exception as e:  # noqa: BLE001 - no bus (or it refused us): say so
-        raise RegistrationError(f"cannot reach systemd-machined over D-Bus: {e or type(e).__name__}") from e
+        raise RegistrationError(f"cannot reach the system bus: {e or type(e).__name__}") from e
     try:
         reply = await asyncio.wait_for(bus.call(Message(
-            destination=MACHINED_BUS_NAME, path=MACHINED_PATH, interface=MACHINED_MANAGER_IFACE, member=member,
-            signature=signature, body=body)), timeout)
+            destination=destination, path=path, interface=interface, member=member, signature=signature,
+            body=body)), timeout)
     except (OSError, TimeoutError, ConnectionError) as e:
         raise RegistrationError(f"{member} failed: {e or type(e).__name__}") from e
     finally:
@@ -146,21 +156,43 @@ async def dbus_call(member: str, signature: str, body: list[Any], timeout: float
     return list(reply.body)
 
 
-def over_dbus(socket_path: Path = MACHINED_SOCKET) -> bool:
-    """Whether machined is to be reached over D-Bus: no varlink socket, but systemd runs here."""
-    return not socket_path.exists() and socket_path == MACHINED_SOCKET and SYSTEMD_RUNTIME_DIR.is_dir()
+_systemd_version: int | None = None  # PID 1's, asked once where machined's varlink socket is missing
 
 
-def reachable(socket_path: Path = MACHINED_SOCKET) -> bool:
-    """Whether a registration may be tried now (over varlink, or D-Bus, which starts machined)."""
-    return socket_path.exists() or over_dbus(socket_path)
+async def systemd_major() -> int:
+    """The version of the systemd running here (``252.39-1~deb12u2`` → 252), asked over D-Bus once;
+    0 where it cannot be asked (asked again next time)."""
+    global _systemd_version
+    if _systemd_version is None:
+        try:
+            (version,) = await dbus_call("Get", "ss", [MANAGER_IFACE, "Version"], destination=SYSTEMD_BUS_NAME,
+                                         path=SYSTEMD_PATH, interface=PROPERTIES_IFACE)
+        except RegistrationError:
+            return 0
+        digits = str(getattr(version, "value", version)).split(".")[0].split("~")[0]
+        _systemd_version = int(digits) if digits.isdigit() else 0
+    return _systemd_version
+
+
+async def over_dbus(socket_path: Path = MACHINED_SOCKET) -> bool:
+    """Whether machined is to be reached over D-Bus: systemd runs here, and its machined has no varlink
+    interface (systemd < 256).  (A newer one's missing socket means machined is not running.)"""
+    if socket_path.exists() or socket_path != MACHINED_SOCKET or not SYSTEMD_RUNTIME_DIR.is_dir():
+        return False
+    return 0 < await systemd_major() < MACHINED_VARLINK_SINCE
+
+
+async def reachable(socket_path: Path = MACHINED_SOCKET) -> bool:
+    """Whether a registration may be tried now (over varlink, or over D-Bus, which starts machined)."""
+    return socket_path.exists() or await over_dbus(socket_path)
 
 
 async def start_machined(manager: SystemdManager, socket_path: Path = MACHINED_SOCKET,
                          timeout: float = 10.0) -> str | None:
     """Have systemd start machined when its varlink socket is missing (systemd 257 starts it only on
-    D-Bus activation, which nothing may have done yet); None once it answers, else why not."""
-    if socket_path.exists():
+    D-Bus activation, which nothing may have done yet); None once it answers, else why not.  A machined
+    without varlink (systemd < 256) is left to D-Bus activation by the registration itself."""
+    if socket_path.exists() or await over_dbus(socket_path):
         return None
     try:
         (job,) = await manager.call(MANAGER_IFACE, "StartUnit", "ss", [MACHINED_UNIT, "replace"])
@@ -169,27 +201,15 @@ async def start_machined(manager: SystemdManager, socket_path: Path = MACHINED_S
         return f"cannot start {MACHINED_UNIT}: {e}"
     if result != "done":
         return f"starting {MACHINED_UNIT} failed (job result: {result})"
-    if socket_path.exists() or await systemd_major(manager) < MACHINED_VARLINK_SINCE:  # (D-Bus only)
-        return None
     if not await appears(socket_path, timeout):
         return f"{MACHINED_UNIT} runs but {socket_path} did not appear"
     return None
 
 
-async def systemd_major(manager: SystemdManager) -> int:
-    """The service manager's version number (``252.39-1~deb12u2`` → 252); 0 if it does not say."""
-    try:
-        version = await manager.version()
-    except DBusCallError:
-        return 0
-    digits = version.split(".")[0].split("~")[0]
-    return int(digits) if digits.isdigit() else 0
-
-
 async def register(reg: Registration, socket_path: Path = MACHINED_SOCKET) -> bool:
     """Register; True if machined took the control address too (systemd ≥ 261), False if it was
     registered without one (an older machined refuses the unknown parameter, or has only D-Bus)."""
-    if over_dbus(socket_path):
+    if await over_dbus(socket_path):
         await dbus_call("RegisterMachine", "sayssus", reg.dbus_arguments())
         return False
     try:
@@ -203,7 +223,7 @@ async def register(reg: Registration, socket_path: Path = MACHINED_SOCKET) -> bo
 
 
 async def unregister(name: str, socket_path: Path = MACHINED_SOCKET) -> None:
-    if over_dbus(socket_path):
+    if await over_dbus(socket_path):
         await dbus_call("UnregisterMachine", "s", [name])
         return
     await call("io.systemd.Machine.Unregister", {"name": name}, socket_path)
