@@ -38,7 +38,7 @@ NAME = "mctl"
 with_control = pytest.mark.skipif(systemd_version() < CONTROL_SOCKETS,
                                   reason="machinectl uses control sockets from systemd 261 on (run with --suite=forky)")
 without_control = pytest.mark.skipif(systemd_version() >= CONTROL_SOCKETS,
-                                     reason="systemd < 261 only (the trixie tree)")
+                                     reason="systemd < 261 only (the trixie and bookworm trees)")
 
 
 def machined_entry(name: str = NAME) -> dict:
