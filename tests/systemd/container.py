@@ -84,8 +84,12 @@ PACKAGES: tuple[str, ...] = (
     "openssh-client",
 )
 
-#: What only some suites have, added to :data:`PACKAGES` there (vhost-device-vsock is new in forky).
-SUITE_PACKAGES: dict[str, tuple[str, ...]] = {"forky": ("vhost-device-vsock",)}
+#: What only some suites have, added to :data:`PACKAGES` there (vhost-device-vsock is new in forky;
+#: bookworm takes forky's, as `make setup` does on a Debian 12 host).
+SUITE_PACKAGES: dict[str, tuple[str, ...]] = {"forky": ("vhost-device-vsock",), "bookworm": ("vhost-device-vsock",)}
+#: A newer suite a tree also draws from, for what its own suite lacks (its own packages come first).
+SUITE_BACKPORTS: dict[str, str] = {"bookworm": "forky"}
+MIRROR = "http://deb.debian.org/debian"
 #: What some suites lack, left out of :data:`PACKAGES` there (bookworm's virtiofsd is QEMU 7.2's own,
 #: in qemu-system-common).
 SUITE_LACKS: dict[str, tuple[str, ...]] = {"bookworm": ("virtiofsd",)}
@@ -182,6 +186,7 @@ def tree_inputs(packages: Sequence[str] = PACKAGES, suite: str = SUITE) -> dict:
         "harness": HARNESS_VERSION,
         "suite": suite,
         "packages": suite_packages(packages, suite),
+        **({"backports": SUITE_BACKPORTS[suite]} if suite in SUITE_BACKPORTS else {}),
         "apt": list(APT_OPTIONS),
         "dpkg": list(DPKG_OPTIONS),
         "masked": sorted(MASKED_UNITS),
@@ -352,7 +357,11 @@ def mmdebstrap_argv(target: Path, packages: Sequence[str] = PACKAGES, suite: str
             f"--include={','.join(suite_packages(packages, suite))}"]
     argv += [f"--aptopt={o}" for o in APT_OPTIONS]
     argv += [f"--dpkgopt={o}" for o in DPKG_OPTIONS]
-    return [*argv, suite, str(target)]
+    newer = SUITE_BACKPORTS.get(suite)
+    if newer is None:
+        return [*argv, suite, str(target)]
+    return [*argv, f'--aptopt=APT::Default-Release "{suite}"', suite, str(target), f"deb {MIRROR} {suite} main",
+            f"deb {MIRROR} {newer} main"]
 
 
 def _finish_tree(root: Path, inputs: dict) -> None:

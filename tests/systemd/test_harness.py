@@ -39,13 +39,18 @@ def test_tree_has_the_required_packages() -> None:
     assert h.SUITE == "trixie"
 
 
-def test_each_suite_gets_what_it_has() -> None:
-    """forky adds vhost-device-vsock; bookworm has no virtiofsd package (QEMU 7.2 brings its own)."""
+def test_each_suite_gets_what_it_has(tmp_path: Path) -> None:
+    """forky adds vhost-device-vsock, and bookworm takes forky's (as `make setup` does on Debian 12);
+    bookworm has no virtiofsd package (QEMU 7.2 brings its own)."""
     assert "vhost-device-vsock" in h.suite_packages(h.PACKAGES, "forky")
     assert "vhost-device-vsock" not in h.suite_packages(h.PACKAGES, "trixie")
     bookworm = h.suite_packages(h.PACKAGES, "bookworm")
     assert "virtiofsd" not in bookworm and "qemu-system-x86" in bookworm
-    assert set(bookworm) | {"virtiofsd"} == set(h.PACKAGES)
+    assert set(bookworm) | {"virtiofsd"} == set(h.PACKAGES) | {"vhost-device-vsock"}
+    argv = h.mmdebstrap_argv(tmp_path, suite="bookworm")
+    assert argv[-4:] == ["bookworm", str(tmp_path), f"deb {h.MIRROR} bookworm main", f"deb {h.MIRROR} forky main"]
+    assert '--aptopt=APT::Default-Release "bookworm"' in argv  # (forky only for what bookworm lacks)
+    assert h.mmdebstrap_argv(tmp_path)[-2:] == ["trixie", str(tmp_path)]
 
 
 def test_tree_key_is_stable_and_follows_its_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
