@@ -17,7 +17,7 @@ import pytest
 from tests.polling import poll
 from tests.systemd.helpers import GUEST_DIR, NAME, Ctl, pids_of, sh, systemd_version, why_no_systemd
 from vmspawnd.systemd.machined import MACHINED_VARLINK_SINCE
-from vmspawnd.systemd.unitfile import host_systemd_version, render
+from vmspawnd.systemd.unitfile import render
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -50,7 +50,7 @@ def installed_units() -> Iterator[Path]:
     repo = Path(__file__).resolve().parents[2]
     bindir = Path(sys.executable).parent  # the venv running the tests (not resolved: a venv symlink)
     unit_dir = Path("/etc/systemd/system")
-    service = render((repo / "units/vmspawnd.service").read_text(), str(bindir), str(repo), host_systemd_version())
+    service = render((repo / "units/vmspawnd.service").read_text(), str(bindir), str(repo), systemd_version())
     (unit_dir / "vmspawnd.service").write_text(service)
     (unit_dir / "vmspawnd.socket").write_text((repo / "units/vmspawnd.socket").read_text())
     sh("systemctl", "daemon-reload")

@@ -41,11 +41,10 @@ def why_no_systemd() -> str | None:
 
 @cache
 def systemd_version() -> int:
-    """The running systemd's version (257 on trixie, 262 on forky); 0 where there is none."""
-    try:
-        return int(sh("systemctl", "--version", check=False).stdout.split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
+    """The running systemd's version (252 on bookworm, 257 on trixie, 262 on forky); 0 where there is none."""
+    from vmspawnd.systemd.unitfile import host_systemd_version
+
+    return host_systemd_version() or 0
 
 
 #: machinectl poweroff/reboot/terminate go through the VM's control socket (io.systemd.MachineInstance)

@@ -282,12 +282,12 @@ def test_what_a_guest_says_while_no_daemon_runs_reaches_the_next_daemon(installe
         slow_restart.parent.mkdir(parents=True, exist_ok=True)
         slow_restart.write_text("[Service]\nRestartSec=60\n")
         sh("systemctl", "daemon-reload")
-    sh("systemctl", "start", "vmspawnd.socket")
     ctl = Ctl(installed_units)
-    ctl("create", NAME, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M",
-        "--console=read-only", "--firmware=bios", "--tpm=no", "panic=-1", "test.notify=1", "test.notify_timeout=2",
-        "test.delay=4", "test.status=said_while_away", "test.action=hang")
-    try:
+    try:  # (the drop-in goes on every path)
+        sh("systemctl", "start", "vmspawnd.socket")
+        ctl("create", NAME, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}",
+            "--ram=256M", "--console=read-only", "--firmware=bios", "--tpm=no", "panic=-1", "test.notify=1",
+            "test.notify_timeout=2", "test.delay=4", "test.status=said_while_away", "test.action=hang")
         ctl("start", NAME)
         st = ctl.status()
         assert not st["ready"], "the guest said READY=1 before the daemon was stopped: make test.delay longer"

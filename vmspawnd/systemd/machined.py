@@ -10,6 +10,7 @@ as raw varlink parameters rather than through a typed proxy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import uuid
@@ -139,8 +140,14 @@ async def dbus_call(member: str, signature: str, body: list[Any], timeout: float
     from dbus_fast.aio import MessageBus
 
     try:
-        bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), timeout)
-    except Exception as e:  # noqa: BLE001 - no bus (or it refused us): say so
+        bus = MessageBus(bus_type=BusType.SYSTEM)  # (its socket is made here, connected below)
+    except Exception as e:  # noqa: BLE001 - no bus: say so
+        raise RegistrationError(f"cannot reach the system bus: {e or type(e).__name__}") from e
+    try:
+        await asyncio.wait_for(bus.connect(), timeout)
+    except Exception as e:  # noqa: BLE001 - it refused us or did not answer: say so, and close our end
+        with contextlib.suppress(Exception):
+            bus.disconnect()
         raise RegistrationError(f"cannot reach the system bus: {e or type(e).__name__}") from e
     try:
         reply = await asyncio.wait_for(bus.call(Message(
