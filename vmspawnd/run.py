@@ -153,6 +153,7 @@ class Run:
         self.forced = False  # we had to end it (kill): the exit status says so
         self.stop_requested = False  # a stop or kill was asked for: a signal death is expected
         self._forcing_off = False  # a stop timed out: the VM is being forced off
+        self._signalled: bool | None = None  # a Kill's signal was just sent (forced?): QEMU may end of it
         #: its vCPUs are stopped (a Pause, machinectl pause, or QEMU's own stop on a disk error)
         self.paused = False
         #: held while the run changes its vCPUs' state (pause, resume, reset, a stop's press of the power
@@ -1014,6 +1015,9 @@ class Run:
         assert self.qemu is not None
         rc = await self.qemu.wait()
         self._qemu_exited.set()
+        if self._signalled is not None:  # the signal a Kill just sent ended it: asked for
+            self.forced = self.forced or self._signalled
+            self.stop_requested = True
         if self._channel is not None:
             await self._channel.drained(NOTIFY_GRACE)
         self.returncode = rc
@@ -1085,13 +1089,17 @@ class Run:
         With ``sig``, only send that signal and wait a little: not every signal ends QEMU."""
         if self.qemu is None or self.ended.is_set() or self._detached:
             return
+        if sig is not None:  # (SIGCONT, SIGUSR1… leave QEMU running: the run is not stopping then)
+            self._signalled = forced
+            self.qemu.send_signal(sig)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self.ended.wait()), KILL_GRACE)
+            finally:
+                self._signalled = None
+            return
         self.forced = self.forced or forced
         self.stop_requested = True
-        if sig is not None:
-            self.qemu.send_signal(sig)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.ended.wait()), KILL_GRACE)
-            return
         if self._qmp is not None and self._qmp.connected and await self._qmp.quit():
             with contextlib.suppress(TimeoutError):  # (QEMU said it quits: give it the time to)
                 await asyncio.wait_for(asyncio.shield(self._qemu_exited.wait()), KILL_GRACE)

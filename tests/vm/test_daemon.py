@@ -177,6 +177,28 @@ def test_a_qemu_terminated_from_outside_is_reported_as_killed(daemon, guest):
     assert st["state"] == "stopped" and st["exitStatus"] == 1 and st["failure"] is None, st
 
 
+def test_a_signal_that_does_not_end_qemu_leaves_its_run_as_it_was(daemon, guest):
+    """Kill --signal=SIGCONT is no stop: pause still works, and a crash afterwards is still one."""
+    create(daemon, guest, "nudged", "test.action=hang")
+    assert daemon.ctl("start", "nudged").returncode == 0
+    pid = daemon.wait_for("nudged", lambda s: s["ready"])["pid"]
+    p = daemon.ctl("kill", "nudged", "--signal=SIGCONT")
+    assert p.returncode == 0 and "the machine is running" in p.stdout, p
+    for command in ("pause", "resume", "reboot"):
+        p = daemon.ctl(command, "nudged")
+        assert p.returncode == 0, (command, p.stderr)
+    daemon.wait_for("nudged", lambda s: s["ready"])
+    os.kill(pid, signal.SIGKILL)  # from outside: a failure, as without the earlier signal
+    st = daemon.wait_for("nudged", lambda s: s["state"] != "running", 30)
+    assert st["state"] == "failed" and st["failure"] == "QEMU killed by signal SIGKILL", st
+    create(daemon, guest, "ended", "test.action=hang")  # while a signal that ends it was asked for
+    assert daemon.ctl("start", "ended").returncode == 0
+    daemon.wait_for("ended", lambda s: s["ready"])
+    assert daemon.ctl("kill", "ended", "--signal=SIGTERM").returncode == 0
+    st = daemon.wait_for("ended", lambda s: s["state"] != "running", 30)
+    assert st["state"] == "stopped" and st["exitStatus"] == 1 and st["failure"] is None, st
+
+
 def test_daemon_sigkill_and_restart_readopts_a_running_vm(daemon, guest):
     create(daemon, guest, "survivor", "test.action=acpi", "test.exit=6")
     assert daemon.ctl("start", "survivor").returncode == 0
