@@ -172,17 +172,20 @@ class Manager:
                 continue
             runtime = RuntimeDir(self.runtime_base, name)
             if name not in defined and runtime.records == records and qemu_of_record(record, runtime.path):
-                found[name] = self.definitions / f"{name}.json"
+                found[name] = self._definition_path(name)
         return found
 
     async def reload(self) -> list[str]:
         """Read the definitions again (``systemctl reload vmspawnd``): a file added by hand defines a
         machine, a changed one applies from that machine's next start, a broken one says so, and a
         stopped machine whose file is gone is forgotten.  Running VMs are never touched.  Returns
-        what changed, one line per machine."""
+        what changed, one line per machine.  Clients' Creates and Removes go on meanwhile (each step
+        waits for a machine's lock): each file is looked at again when its machine's turn comes."""
         on_disk = self._definition_files()
         changes = []
         for name, path in on_disk.items():
+            if not path.exists():  # removed by a client since: not to be defined again
+                continue
             fresh = self._load_definition(name, path)
             entry = self.machines.get(name)
             if entry is None:
@@ -225,7 +228,7 @@ class Manager:
         """A machine whose definition file is gone: forgotten unless its VM runs."""
         machine = entry.machine
         async with machine.lock:
-            if machine.removed:
+            if machine.removed or self._definition_path(name).exists():  # (a client's Create since)
                 return False
             if machine.state in ACTIVE:
                 log.warning("its definition file is gone; the VM keeps running (remove it once stopped)",
@@ -330,6 +333,9 @@ class Manager:
     def _state_path(self, name: str) -> Path:
         return self.definitions / f"{name}{STATE_SUFFIX}"
 
+    def _definition_path(self, name: str) -> Path:
+        return self.definitions / f"{name}.json"
+
     def _save_state_if_defined(self, name: str, entry: Entry) -> None:
         """The state of ``entry``, as it is now, unless the machine was removed meanwhile."""
         if self.machines.get(name) is entry:
@@ -414,7 +420,7 @@ class Manager:
         entry.owner, entry.machine.run_as = owner, run_as
         try:
             self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
-            entry.definition_size = write_json_atomic(self.definitions / f"{config.name}.json", definition,
+            entry.definition_size = write_json_atomic(self._definition_path(config.name), definition,
                                                       ahead=self._definition_ahead)
         except OSError as e:
             raise HostError(f"cannot save the definition of {config.name}", e) from e
@@ -438,13 +444,13 @@ class Manager:
     def _definition_size(self, entry: Entry) -> int:
         if entry.definition_size is None:
             try:
-                entry.definition_size = (self.definitions / f"{entry.config.name}.json").stat().st_size
+                entry.definition_size = self._definition_path(entry.config.name).stat().st_size
             except OSError:
                 entry.definition_size = 0
         return entry.definition_size
 
     def _check_free(self, name: str) -> None:
-        if name in self.machines or (self.definitions / f"{name}.json").exists():
+        if name in self.machines or (self._definition_path(name)).exists():
             raise MachineExists(name)  # never overwrite a definition, even one we could not load
         other = self._folded.get(name.lower())
         if other is not None:  # ssh lowercases host names: an address naming MyVM's socket would reach myvm's
@@ -518,7 +524,7 @@ class Manager:
             if machine.state not in (State.STOPPED, State.FAILED):
                 raise WrongState(name, machine.state.value, "stop it before removing it")
             try:
-                (self.definitions / f"{name}.json").unlink(missing_ok=True)
+                (self._definition_path(name)).unlink(missing_ok=True)
                 self._state_path(name).unlink(missing_ok=True)
             except OSError as e:
                 raise HostError(f"cannot remove the definition of {name}", e) from e

@@ -4,12 +4,15 @@ are read again by a real daemon; no VM is needed, since a running VM is never to
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 
 from tests.conftest import Daemon
 from tests.polling import poll
 from tests.systemd.helpers import varlink_call
+from vmspawnd.manager import Manager
+from vmspawnd.settings import config_from_json
 
 
 def names(daemon: Daemon) -> dict[str, dict]:
@@ -46,3 +49,25 @@ def test_sighup_and_reload_read_the_definitions_again(daemon: Daemon, tmp_path) 
     fixed = daemon.status("bad")  # Reload answers once the definitions are read
     assert fixed["state"] == "stopped" and fixed["definitionError"] is None, fixed
     assert "machine definitions re-read" in daemon.log.read_text()
+
+
+async def test_a_reload_that_waits_for_a_machine_keeps_what_clients_created_and_removed_meanwhile(tmp_path) -> None:
+    """A reload waits for each machine's lock (a Start holds it while its VM comes up); a client's Create
+    and Remove in that time stand: the new machine is not forgotten, the removed one not brought back."""
+    (tmp_path / "run").mkdir(mode=0o700)
+    manager = Manager(tmp_path / "state", tmp_path / "run")
+    await manager.load()
+    for name in ("busy", "doomed"):
+        manager.create(config_from_json(name, {"linux": "/bin/sh"}))
+    lock = manager.machines["busy"].machine.lock
+    await lock.acquire()  # as a Start in flight holds it
+    (manager.definitions / "busy.json").write_text((manager.definitions / "busy.json").read_text())
+    reload = asyncio.create_task(manager.reload())
+    await asyncio.sleep(0.1)
+    assert not reload.done()  # waiting for busy's lock
+    manager.create(config_from_json("newcomer", {"linux": "/bin/sh"}))
+    await manager.remove("doomed")
+    lock.release()
+    assert await reload == []
+    assert sorted(manager.machines) == ["busy", "newcomer"]
+    assert sorted(p.name for p in manager.definitions.glob("*.json")) == ["busy.json", "newcomer.json"]
