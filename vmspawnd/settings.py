@@ -42,6 +42,7 @@ from vmspawnd.values import (
     StateLocation,
     Tristate,
     escape_colons,
+    is_decimal,
     mangle_slice,
     parse_bind_user_shell,
     parse_bool,
@@ -50,6 +51,7 @@ from vmspawnd.values import (
     parse_size,
     parse_tristate,
     parse_vsock_cid,
+    printable,
     split_escaped,
     validate_cpus,
     validate_machine_name,
@@ -155,7 +157,7 @@ def _size_or_off(value: Any, field: str) -> int:
 
 def _count(value: Any, field: str) -> int:
     text = str(value) if isinstance(value, int) and not isinstance(value, bool) else _text(value, field, 32)
-    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 1 << 63:
+    if not is_decimal(text) or not 0 < int(text) < 1 << 63:
         raise ConfigError(field, value, "expected a positive number")
     return int(text)
 
@@ -586,7 +588,17 @@ def _json_item(s: Setting, value: Any, parse: Parse) -> Any:
         ok, expected = isinstance(value, str), "a string"
     if not ok:
         raise ConfigError(s.key, value, f"expected {expected}")
+    if isinstance(value, str) and not _encodable(value):  # JSON's "\ud800": no path or argument can carry it
+        raise ConfigError(s.key, printable(value), "expected text (it has a lone surrogate)")
     return parse(value, s.key)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def json_field_name(option: str) -> str:

@@ -23,7 +23,7 @@ from vmspawnd.log import get_logger
 
 log = get_logger()
 
-_COPY_RE = re.compile(r"^\.#(?P<name>.+)\.[0-9a-f]{16}$")
+_COPY_RE = re.compile(r"^\.#(?P<name>.+)\.[0-9a-f]{16}\Z")
 
 
 class SnapshotError(Exception):

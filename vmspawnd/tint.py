@@ -21,7 +21,7 @@ from vmspawnd.errors import ConfigError
 ESC = 0x1B
 MAX_SEQUENCE = 192
 _SPECIAL = re.compile(rb"[\x1b\n\r]")  # what the tinter looks at: escapes and line ends
-_BACKGROUND_RE = re.compile(r"^[0-9;]+$")
+_BACKGROUND_RE = re.compile(r"^[0-9;]+\Z")
 TINT_HUE = 130
 
 

@@ -112,8 +112,8 @@ class Drive:
 TRUE_WORDS = {"1", "yes", "y", "true", "t", "on"}
 FALSE_WORDS = {"0", "no", "n", "false", "f", "off"}
 SIZE_SUFFIXES = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTPEB]?)\s*$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?$")
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTPEB]?)\s*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?\Z")
 _SMP_KEYS = {"cpus", "maxcpus", "sockets", "dies", "clusters", "cores", "threads", "books", "drawers"}
 
 
@@ -192,7 +192,7 @@ class Ram:
         maximum = parse_size(field, parts[1]) if len(parts) > 1 and parts[1] else None
         slots: int | None = None
         if len(parts) > 2 and parts[2]:
-            if not parts[2].isdigit() or int(parts[2]) < 1 or int(parts[2]) > 256:
+            if not is_decimal(parts[2]) or int(parts[2]) < 1 or int(parts[2]) > 256:
                 raise ConfigError(field, value, "slot count must be a number from 1 to 256")
             slots = int(parts[2])
         ram = cls(size, maximum, slots)
@@ -234,7 +234,7 @@ def validate_cpus(value: str, field: str = "cpus") -> str:
         key, sep, number = item.partition("=")
         if not sep:
             key, number = ("cpus", key) if i == 0 else ("", key)
-        if key not in _SMP_KEYS or not number.isdigit():
+        if key not in _SMP_KEYS or not is_decimal(number):
             raise ConfigError(field, value, "expected a CPU count (e.g. 2) or QEMU -smp syntax (e.g. cpus=2,sockets=1)")
         if not 1 <= int(number) <= MAX_SMP:
             where = "" if item == text else f"{key}={number}: "
@@ -242,10 +242,15 @@ def validate_cpus(value: str, field: str = "cpus") -> str:
     return text
 
 
+def is_decimal(text: str) -> bool:
+    """Only the digits 0-9 (``str.isdigit`` also takes ``²``, which ``int()`` refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_private_users(value: str, field: str = "private-users") -> tuple[int, int]:
     """``UIDBASE[:NUIDS]`` (NUIDS defaults to 65536)."""
     base, _, count = value.partition(":")
-    if not base.isdigit() or (count and not count.isdigit()):
+    if not is_decimal(base) or (count and not is_decimal(count)):
         raise ConfigError(field, value, "expected UIDBASE[:NUIDS]")
     result = (int(base), int(count) if count else 65536)
     if result[1] < 1 or result[0] + result[1] > 1 << 32:
@@ -380,7 +385,7 @@ def parse_vsock_cid(value: str | int | None, field: str = "vsock-cid") -> int | 
         return None
     if text in ("hypervisor", "local", "host"):
         raise ConfigError(field, value, "a reserved CID; the guest needs a regular one (3…4294967294)")
-    if not (text.isascii() and text.isdigit()) or not CID_MIN <= int(text) <= CID_MAX:
+    if not is_decimal(text) or not CID_MIN <= int(text) <= CID_MAX:
         raise ConfigError(field, value, "expected a CID from 3 to 4294967294 (or any)")
     return int(text)
 
@@ -395,9 +400,9 @@ def parse_signal(field: str, value: str) -> int:
     text = value.strip().upper().removeprefix("SIG")
     base, sign, offset = text.partition("+") if "+" in text else text.partition("-")
     number: int | None = None
-    if text.isdigit():
+    if is_decimal(text):
         number = int(text)
-    elif base in ("RTMIN", "RTMAX") and (not sign or offset.isdigit()):
+    elif base in ("RTMIN", "RTMAX") and (not sign or is_decimal(offset)):
         number = int(getattr(signal, f"SIG{base}")) + (int(offset or 0) * (1 if sign == "+" else -1))
     elif f"SIG{text}" in signal.Signals.__members__:
         number = int(signal.Signals[f"SIG{text}"])
@@ -415,7 +420,7 @@ def validate_key_type(value: str, field: str = "ssh-key-type") -> str:
     return value
 
 
-_USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+_USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
 
 
 def validate_user_name(value: str, field: str) -> str:

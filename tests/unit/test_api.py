@@ -61,6 +61,22 @@ def test_invalid_config_names_the_field(daemon):
     assert reply["parameters"]["field"] == "ram"
 
 
+@pytest.mark.parametrize("name,config,field", [
+    ("a", {"cpus": "²"}, "cpus"),  # (str.isdigit() takes it, int() does not)
+    ("a", {"ram": "1G:2G:²"}, "ram"),
+    ("a", {"privateUsers": "²"}, "privateUsers"),
+    ("a", {"ram": "٣G"}, "ram"),  # (a digit to int() and float(), but not to systemd)
+    ("a", {"linux": "/boot/vmlinuz\ud800"}, "linux"),  # JSON's lone surrogate: no path can carry it
+    ("a", {"kernelCommandLine": ["quiet", "\udfff"]}, "kernelCommandLine"),
+    ("foo\n", {}, "name"),
+])
+def test_unicode_tricks_are_invalid_config_naming_the_field_and_define_nothing(daemon, name, config, field):
+    reply = call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": name, "config": {"linux": "/k", **config}})
+    assert reply.get("error") == "io.vmspawnd.Manager.InvalidConfig", reply
+    assert reply["parameters"]["field"] == field, reply
+    assert list((daemon.state / "machines").glob("*.json")) == []
+
+
 def test_garbage_closes_only_that_connection(daemon):
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)

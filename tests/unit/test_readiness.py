@@ -45,7 +45,7 @@ def test_status_is_cut_to_a_sane_length_and_not_persisted():
 
 
 @pytest.mark.parametrize("value,kept", [("0", 0), ("7", 7), ("255", 255), ("256", None), ("-1", None),
-                                        ("x", None), ("", None)])
+                                        ("x", None), ("", None), ("²", None), ("٣", None)])
 def test_exit_status_is_kept_only_when_valid(value, kept):
     r = Readiness()
     change = r.feed("EXIT_STATUS", value)

@@ -41,7 +41,7 @@ from vmspawnd.options import (
 from vmspawnd.ptyfwd import PtyForwarder
 from vmspawnd.qemu.vsock import connect_guest_port
 from vmspawnd.settings import config_to_json
-from vmspawnd.values import parse_signal, printable
+from vmspawnd.values import is_decimal, parse_signal, printable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -320,7 +320,7 @@ def ssh_argv(host: str, socket_path: str) -> list[str]:
     port = None
     if ":" in host.rsplit("@", 1)[-1]:
         host, _, port = host.rpartition(":")
-        if not port.isdigit():
+        if not is_decimal(port):
             raise ConfigError("host", f"{host}:{port}", "the port must be a number")
     if not host or host.startswith("-"):
         raise ConfigError("host", host, "expected [USER@]HOST[:PORT]")

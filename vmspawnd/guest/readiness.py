@@ -55,7 +55,7 @@ class Readiness:
             self.status = status  # kept in memory: a chatty guest must not make us fsync per line
             return Change("status") if self._status_events.counted() else NOTHING
         if key == "EXIT_STATUS":
-            if value.isdigit() and 0 <= int(value) <= 255:
+            if value.isascii() and value.isdigit() and 0 <= int(value) <= 255:
                 self.exit_status = int(value)
                 if self.exit_status == self._saved_exit_status:
                     return NOTHING

@@ -19,7 +19,7 @@ from vmspawnd.qemu import qemu_escape
 from vmspawnd.qemu.disks import drive_args
 from vmspawnd.values import ConsoleMode, ConsoleTransport, Network, check_kernel_cmdline, sha256
 
-_TERM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_TERM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*\Z")
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def tap_name(machine: str) -> str:
 
 MAC_ENV = "SYSTEMD_VMSPAWN_NETWORK_MAC"
 QEMU_EXTRA_ENV = "SYSTEMD_VMSPAWN_QEMU_EXTRA"
-_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 
 
 def tap_mac(machine: str, environ: Mapping[str, str] = os.environ) -> str:

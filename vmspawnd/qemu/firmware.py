@@ -39,7 +39,7 @@ NVRAM_STATE_SUFFIX = ".efinvramstate"
 TRANSIENT_NVRAM_NAME = "efinvram"
 SECURE_PFLASH = "driver=cfi.pflash01,property=secure,value=on"
 FLASH_MODES = ("split", "combined", "stateless")
-_FORMAT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_FORMAT_RE = re.compile(r"^[A-Za-z0-9_-]+\Z")
 _NO_HARDLINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmspawnd.errors import ConfigError
-from vmspawnd.values import CID_MAX, CID_MIN, Tristate, printable, sha256
+from vmspawnd.values import CID_MAX, CID_MIN, Tristate, is_decimal, printable, sha256
 
 VHOST_VSOCK_SET_GUEST_CID = 0x4008AF60
 KERNEL_DEVICE = "/dev/vhost-vsock"
@@ -142,7 +142,7 @@ def connect_guest_port(address: str, port: int, timeout: float = 10) -> socket.s
     is taken from the caller."""
     kind, _, where = address.partition("/")
     if not 0 <= port <= CID_MAX or kind not in ("vsock", "vsock-mux") or not where or (
-            kind == "vsock" and not where.isdigit()):
+            kind == "vsock" and not is_decimal(where)):
         raise ValueError(f"expected vsock/CID or vsock-mux/SOCKET and a port up to {CID_MAX}, "
                          f"got {address!r} port {port}")
     if kind == "vsock":

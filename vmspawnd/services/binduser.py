@@ -23,7 +23,7 @@ MAP_UID_MIN, MAP_UID_MAX = 60514, 60577
 HOME_MOUNT_DIR = Path("/run/vmhost/home")
 NOBODY_UID = 65534
 RECORD_SERVICE = "io.systemd.NSpawn"  # what systemd's own --bind-user writes into the records
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from vmspawnd.errors import ConfigError
 from vmspawnd.systemd.units import Variant
-from vmspawnd.values import parse_bool, parse_size
+from vmspawnd.values import is_decimal, parse_bool, parse_size
 
 UINT64_MAX = (1 << 64) - 1
 UINT32_MAX = (1 << 32) - 1
@@ -58,7 +58,7 @@ def _limit(name: str, value: str, scale_name: str | None) -> list[Property]:
 
 
 def _weight(name: str, value: str) -> list[Property]:
-    if not value.isdigit() or not 1 <= int(value) <= 10000:
+    if not is_decimal(value) or not 1 <= int(value) <= 10000:
         raise _fail(name, value, "expected a weight from 1 to 10000")
     return [(name, Variant("t", int(value)))]
 
@@ -71,14 +71,14 @@ def _boolean(name: str, value: str) -> list[Property]:
 
 
 def _cpu_quota_any(name: str, value: str) -> list[Property]:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)%", value)
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)%", value)
     if not m or float(m.group(1)) <= 0:
         raise _fail(name, value, "expected a positive percentage such as 50% (200% = two CPUs)")
     return [("CPUQuotaPerSecUSec", Variant("t", round(float(m.group(1)) * 10_000)))]
 
 
 def _timespan(name: str, value: str) -> list[Property]:
-    m = re.fullmatch(r"(\d+)\s*([a-z]*)", value)
+    m = re.fullmatch(r"([0-9]+)\s*([a-z]*)", value)
     if not m or m.group(2) not in _TIME_UNITS:
         raise _fail(name, value, "expected a time span such as 100ms or 1s")
     usec_name = name[:-3] + "USec" if name.endswith("Sec") else name
@@ -88,7 +88,7 @@ def _timespan(name: str, value: str) -> list[Property]:
 def _cpu_set(name: str, value: str) -> list[Property]:
     cpus: set[int] = set()
     for part in filter(None, re.split(r"[\s,]+", value)):
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)
         if not m:
             raise _fail(name, value, "expected CPU indices or ranges such as 0-3,6")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
@@ -114,7 +114,7 @@ def _device_limit(name: str, value: str, sizes: bool) -> list[Property]:
 
 def _device_weight(name: str, value: str) -> list[Property]:
     path, _, weight = value.rpartition(" ")
-    if not path.startswith("/") or not weight.isdigit() or not 1 <= int(weight) <= 10000:
+    if not path.startswith("/") or not is_decimal(weight) or not 1 <= int(weight) <= 10000:
         raise _fail(name, value, "expected 'DEVICE-PATH WEIGHT' with a weight from 1 to 10000")
     return [(name, Variant("a(st)", [[path, int(weight)]]))]
 
