@@ -6,6 +6,7 @@ import asyncio
 import collections.abc
 import contextlib
 import dataclasses
+import re
 import time
 import typing
 
@@ -100,12 +101,13 @@ def _shown_config(config_json: dict[str, typing.Any]) -> dict[str, typing.Any]:
     shown["smbios11"] = [s.split("=", 1)[0] + "=…" if s.startswith("io.systemd.credential") else s
                          for s in shown.get("smbios11") or []]
     if words := shown.get("kernelCommandLine"):  # systemd.set_credential[_binary]=ID:VALUE -> ID:…
-        shown["kernelCommandLine"] = [w.split(":", 1)[0] + ":…" if w.startswith(_CMDLINE_CREDENTIAL) and ":" in w
-                                      else w for w in words]
+        shown["kernelCommandLine"] = [_CMDLINE_CREDENTIAL.sub(r"\1…", w) for w in words]
     return shown
 
 
-_CMDLINE_CREDENTIAL = ("systemd.set_credential=", "systemd.set_credential_binary=")
+#: a credential on the kernel's command line, and the rest of its word (a word may hold several
+#: parameters, spaced or quoted: everything after the first credential's ID is hidden)
+_CMDLINE_CREDENTIAL = re.compile(r'((?:^|(?<=\s))"?systemd\.set_credential(?:_binary)?=[^:\s]*:).*', re.S)
 
 
 #: the types of a reply's fields, to convert all but its config, which is JSON already

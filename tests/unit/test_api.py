@@ -306,18 +306,21 @@ def test_a_credentials_value_is_never_sent_back_but_is_kept(daemon):
     config = {"linux": "/bin/sh", "credentials": [f"token:{secret}"],
               "smbios11": ["io.systemd.credential:password=hunter2", "io.systemd.stub.kernel-cmdline-extra=quiet"],
               "kernelCommandLine": ["quiet", "systemd.set_credential=passwd.plaintext-password.root:swordfish",
-                                    f"systemd.set_credential_binary=key:{secret}"]}
+                                    f"systemd.set_credential_binary=key:{secret}",
+                                    "quiet systemd.set_credential=pin:4711 ro",  # words are joined with spaces
+                                    'x\t"systemd.set_credential=otp:992 113"']}
     replies = [call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": "cred", "config": config}),
                call(daemon.socket, "io.vmspawnd.Manager.Describe", {"name": "cred"}),
                *list_replies(daemon.socket)]
     for reply in replies:
         assert "error" not in reply, reply
-        assert not any(word in json.dumps(reply) for word in (secret, "hunter2", "swordfish")), reply
+        assert not any(word in json.dumps(reply) for word in (secret, "hunter2", "swordfish", "4711", "992")), reply
         shown = reply["parameters"]["machine"]["config"]
         assert shown["credentials"] == ["token"]
         assert shown["smbios11"] == ["io.systemd.credential:password=…", "io.systemd.stub.kernel-cmdline-extra=quiet"]
         assert shown["kernelCommandLine"] == ["quiet", "systemd.set_credential=passwd.plaintext-password.root:…",
-                                              "systemd.set_credential_binary=key:…"]
+                                              "systemd.set_credential_binary=key:…",
+                                              "quiet systemd.set_credential=pin:…", 'x\t"systemd.set_credential=otp:…']
     saved = json.loads((daemon.state / "machines" / "cred.json").read_text())["config"]
     assert saved["credentials"] == [f"token:{secret}"] and "io.systemd.credential:password=hunter2" in saved["smbios11"]
 
