@@ -39,6 +39,7 @@ class ConsoleRelay:
         self._qemu: asyncio.StreamWriter | None = None
         self._clients: dict[asyncio.StreamWriter, asyncio.ReadTransport] = {}  # viewer: output, input
         self._tasks: set[asyncio.Task[None]] = set()
+        self._opening = 0  # viewers being attached (their PTYs exist already)
 
     async def connect(self) -> None:
         """Connect to QEMU's console socket (the run listens on it for QEMU before QEMU's exec)."""
@@ -48,8 +49,8 @@ class ConsoleRelay:
 
     @property
     def viewers(self) -> int:
-        """How many viewers are attached."""
-        return len(self._clients)
+        """How many viewers are attached, or being attached."""
+        return len(self._clients) + self._opening
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -88,6 +89,7 @@ class ConsoleRelay:
         if self._qemu is None or self._qemu.is_closing():
             raise ConnectionError("the console is not connected")
         master, slave = os.openpty()
+        self._opening += 1  # (before the first await: a caller that checked viewers holds its place)
         try:
             tty.setraw(slave)  # bytes pass unchanged both ways: no echo, line editing or CR/LF mangling
             loop = asyncio.get_running_loop()
@@ -101,6 +103,7 @@ class ConsoleRelay:
             raise
         finally:
             os.close(slave)
+            self._opening -= 1
         writer = asyncio.StreamWriter(write_side, protocol, None, loop)
         self._clients[writer] = read_side
         self._send(writer, bytes(self.scrollback))

@@ -324,8 +324,15 @@ def test_console_is_handed_over_as_a_pty_by_fd_passing(daemon, guest):
         finally:
             transport.close()
 
-    held, refused = asyncio.run(open_many(20))
-    assert len(held) == 16 and "console has 16 viewers already" in refused, (len(held), refused)
+    async def open_at_once(count: int) -> tuple[list[int], list[str]]:  # from as many clients at once
+        outcomes = await asyncio.gather(*(open_many(1) for _ in range(count)))
+        return [fd for fds, _ in outcomes for fd in fds], [refused for _, refused in outcomes if refused]
+
+    held, refusals = asyncio.run(open_at_once(40))
+    assert len(held) == 16 and len(refusals) == 24, (len(held), refusals)
+    assert all("console has 16 viewers already" in refused for refused in refusals), refusals
+    held_too, refused = asyncio.run(open_many(2))  # and one after another
+    assert held_too == [] and "console has 16 viewers already" in refused, refused
     os.close(held.pop())  # one hangs up: another may come (once the daemon has seen it go)
     more, refused = poll(lambda: asyncio.run(open_many(1)), lambda r: len(r[0]) == 1, 20)
     for fd in held + more:
