@@ -11,7 +11,7 @@ import pytest
 
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError
-from vmspawnd.guest.credentials import SMBIOS_BUDGET, write_credentials
+from vmspawnd.guest.credentials import SMBIOS_BUDGET, parse_set_credential, write_credentials
 from vmspawnd.qemu.argv import Resources, build_qemu_argv
 
 
@@ -75,3 +75,14 @@ def test_fw_cfg_takes_a_few_big_credentials_not_unlimited(tmp_path):
     with pytest.raises(ConfigError, match="fw_cfg"):
         write_credentials(tmp_path / "c", creds)
     assert len(write_credentials(tmp_path / "d", creds[:9]).fw_cfg) == 8  # one in SMBIOS, eight in fw_cfg
+
+
+def test_a_command_lines_non_utf8_bytes_reach_the_guest_as_they_were(tmp_path):
+    """A shell passes bytes; Python keeps those that are no UTF-8 as surrogates: out they go as the same
+    bytes (a traceback before).  An escape naming no character is refused."""
+    assert parse_set_credential("foo:\udcff\\u00e9") == ("foo", b"\xff\xc3\xa9")
+    files = write_credentials(tmp_path / "c", [], ("io.systemd.stub.kernel-cmdline-extra=caf\udce9",))
+    assert [p.read_bytes() for p in files.smbios] == [b"io.systemd.stub.kernel-cmdline-extra=caf\xe9"]
+    for bad in ("foo:\\ud800", "foo:\\U00110000"):
+        with pytest.raises(ConfigError, match="no Unicode character"):
+            parse_set_credential(bad)

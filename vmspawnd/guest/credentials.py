@@ -39,7 +39,7 @@ def c_unescape(text: str, field: str = "set-credential") -> bytes:
     while i < len(text):
         c = text[i]
         if c != "\\":
-            out += c.encode()
+            out += c.encode("utf-8", "surrogateescape")  # (a command line's non-UTF-8 bytes, as they were)
             i += 1
             continue
         if i + 1 >= len(text):
@@ -53,7 +53,10 @@ def c_unescape(text: str, field: str = "set-credential") -> bytes:
             i += 4
         elif e in "uU" and _is_hex(text[i + 2:i + 2 + (4 if e == "u" else 8)], 4 if e == "u" else 8):
             n = 4 if e == "u" else 8
-            out += chr(int(text[i + 2:i + 2 + n], 16)).encode()
+            code = int(text[i + 2:i + 2 + n], 16)
+            if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+                raise ConfigError(field, text, f"\\{e}{text[i + 2:i + 2 + n]} is no Unicode character")
+            out += chr(code).encode()
             i += 2 + n
         elif e in "01234567" and len(text[i + 1:i + 4]) == 3 and all(ch in "01234567" for ch in text[i + 1:i + 4]):
             value = int(text[i + 1:i + 4], 8)
@@ -153,7 +156,7 @@ def write_credentials(directory: Path, credentials: list[tuple[str, bytes]],
     Raises ConfigError when a credential fits neither way (or the raw strings alone are too big)."""
     directory.mkdir(mode=0o700)  # (new: in a run's new dir, so nothing in it is anyone else's)
     files = CredentialFiles()
-    used = sum(len(s.encode()) + 1 for s in raw_strings)
+    used = sum(len(os.fsencode(s)) + 1 for s in raw_strings)
     if used > SMBIOS_BUDGET:
         raise ConfigError("smbios11", f"{len(raw_strings)} strings", f"{used} bytes in all; SMBIOS takes at most "
                           f"{SMBIOS_BUDGET}")
@@ -177,5 +180,5 @@ def write_credentials(directory: Path, credentials: list[tuple[str, bytes]],
         files.fw_cfg.append((name, path))
     if raw_strings:  # a separate dir: a credential's ID can never collide with these names
         (directory / "raw").mkdir(mode=0o700, exist_ok=True)
-    files.smbios += [_write_private(directory / "raw" / str(i), s.encode()) for i, s in enumerate(raw_strings)]
+    files.smbios += [_write_private(directory / "raw" / str(i), os.fsencode(s)) for i, s in enumerate(raw_strings)]
     return files

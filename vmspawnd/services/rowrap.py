@@ -59,7 +59,7 @@ def _check(rc: int, what: str) -> None:
 
 
 def _mount(source: str | None, target: str, flags: int) -> None:
-    rc = _libc.mount(source.encode() if source else None, target.encode(), None, flags, None)
+    rc = _libc.mount(os.fsencode(source) if source else None, os.fsencode(target), None, flags, None)
     _check(rc, f"mount {source or ''} {target} (flags {flags:#x})")
 
 
@@ -73,7 +73,7 @@ def _unshare_mount_namespace() -> None:
 def _recursive_readonly(path: str) -> bool:
     """mount_setattr(path, AT_RECURSIVE, MOUNT_ATTR_RDONLY); False if the kernel lacks it."""
     attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
-    rc = _libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(-100), path.encode(),
+    rc = _libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(-100), os.fsencode(path),
                        ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
     if rc == 0:
         return True
@@ -95,7 +95,7 @@ def make_read_only(source: str, legacy: bool = False) -> None:
         return
     # Old kernel: a plain bind hides submounts (so none can stay writable), then remount it
     # read-only, keeping the flags a remount must not drop (nosuid, nodev, ... may be locked).
-    _check(_libc.umount2(source.encode(), MNT_DETACH), f"umount {source}")
+    _check(_libc.umount2(os.fsencode(source), MNT_DETACH), f"umount {source}")
     _mount(source, source, MS_BIND)
     kept = os.statvfs(source).f_flag & KEPT_FLAGS
     _mount(None, source, MS_REMOUNT | MS_BIND | MS_RDONLY | kept)
