@@ -163,7 +163,7 @@ class Machine:
             self._emit("status", **data)
         elif kind == "ready":
             if self.state in (State.RUNNING, State.STOPPING):  # else emitted once the machine runs
-                self._emit("ready")
+                self._emit("ready", **data)
         elif kind == "reset":
             self.guest_status = None
             self._emit("reset", reason=data["reason"])
@@ -215,7 +215,7 @@ class Machine:
                 raise
             self._set_state(State.RUNNING, pid=run.pid)
             if run.readiness.ready:  # the guest was faster than QMP and registration: "ready" follows "running"
-                self._emit("ready")
+                self._emit("ready", **({"status": self.guest_status} if self.guest_status is not None else {}))
             if after is not None:
                 await after(run)
 

@@ -37,7 +37,7 @@ from vmspawnd.errors import ConfigError, HostError, StartError, WrongState
 from vmspawnd.faults import crash_point
 from vmspawnd.guest.channel import NotifyChannel
 from vmspawnd.guest.credentials import write_credentials
-from vmspawnd.guest.readiness import OUTSIDE_SIGNAL, Readiness, exit_status, failure
+from vmspawnd.guest.readiness import MAX_STATUS, OUTSIDE_SIGNAL, Readiness, exit_status, failure
 from vmspawnd.guest.ssh import SshKeyError, SshKeyPair, generate_key_pair
 from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.launcher import QemuProcess
@@ -808,17 +808,24 @@ class Run:
             self._durable.push_async_callback(stop_units, record.units)
 
     # ---------------------------------------------------------------- while it runs
-    def _guest_message(self, key: str, value: str) -> None:
-        change = self.readiness.feed(key, value)
-        if change.warning:
-            self.log.warning(change.warning)
-        if change.event == "ready":
-            self.log.info("guest is ready", message_id=messages.READY)
-        if change.persist:
-            self._save()
-        if change.event is not None:
-            data = {"status": self.readiness.status} if change.event == "status" else {}
-            self._on_event(self, change.event, data)
+    def _guest_message(self, message: list[tuple[str, str]]) -> None:
+        """One notification of the guest: its ``KEY=VALUE`` lines in order.  "ready" carries the STATUS=
+        sent with it (systemd-vmspawn's own status says it then)."""
+        sent_with = [value[:MAX_STATUS] for key, value in message if key == "STATUS"]
+        for key, value in message:
+            change = self.readiness.feed(key, value)
+            if change.warning:
+                self.log.warning(change.warning)
+            if change.event == "ready":
+                self.log.info("guest is ready", message_id=messages.READY)
+            if change.persist:
+                self._save()
+            if change.event == "status":
+                self._on_event(self, "status", {"status": self.readiness.status})
+            elif change.event == "ready":
+                self._on_event(self, "ready", {"status": sent_with[-1]} if sent_with else {})
+            elif change.event is not None:
+                self._on_event(self, change.event, {})
 
     def _qemu_event(self, name: str, data: dict[str, Any]) -> None:
         """A reset (machinectl reboot, or the guest's own) starts a new boot: not ready until it says so.

@@ -41,7 +41,7 @@ def test_qemu_version_is_read_from_the_binary_and_picks_the_notify_reconnect_opt
     assert qemu_version(find_qemu()) >= (7, 2)  # the real one answers too
 
     async def chardev(version: tuple[int, int]) -> str:
-        channel = NotifyChannel(lambda key, value: None)
+        channel = NotifyChannel(lambda message: None)
         await channel.listen_virtio_serial(tmp_path / f"notify-{version[0]}.sock", version)
         await channel.close()
         return channel.qemu_args[1]

@@ -71,7 +71,7 @@ async def _guest_says(path: Path, message: bytes) -> None:
 
 async def test_what_a_guest_says_while_no_daemon_runs_is_read_by_the_next(manager: ServiceManager, tmp_path: Path):
     path = tmp_path / "notify.sock_1000001"
-    first = NotifyChannel(lambda key, value: None, FdStore(), notify_name("web"))
+    first = NotifyChannel(lambda message: None, FdStore(), notify_name("web"))
     await first.listen_hybrid(path, 1000001)
     assert list(manager.receive()) == ["notify.web"]
     await first.close()  # the daemon stops (or dies): its listener is closed, the store's copy is not
@@ -80,7 +80,7 @@ async def test_what_a_guest_says_while_no_daemon_runs_is_read_by_the_next(manage
     await _guest_says(path, b"READY=1\nSTATUS=said while away\n")
 
     received: list[tuple[str, str]] = []
-    second = NotifyChannel(lambda key, value: received.append((key, value)), FdStore(manager.passed()),
+    second = NotifyChannel(lambda message: received.extend(message), FdStore(manager.passed()),
                            notify_name("web"))
     try:
         await second.listen_hybrid(path, 1000001)
@@ -95,7 +95,7 @@ async def test_what_a_guest_says_while_no_daemon_runs_is_read_by_the_next(manage
 
 async def test_without_a_store_a_guest_speaking_while_no_daemon_runs_is_refused(tmp_path: Path):
     path = tmp_path / "notify.sock_1000001"
-    first = NotifyChannel(lambda key, value: None)
+    first = NotifyChannel(lambda message: None)
     await first.listen_hybrid(path, 1000001)
     await first.close()
     with pytest.raises(ConnectionRefusedError):
@@ -106,7 +106,7 @@ async def test_a_stored_listener_of_another_address_is_not_used(manager: Service
     old = socket.socket(socket.AF_UNIX)
     old.bind(str(tmp_path / "elsewhere.sock"))
     old.listen(1)
-    channel = NotifyChannel(lambda key, value: None, FdStore({"notify.web": [old.detach()]}), notify_name("web"))
+    channel = NotifyChannel(lambda message: None, FdStore({"notify.web": [old.detach()]}), notify_name("web"))
     try:
         await channel.listen_hybrid(tmp_path / "notify.sock_1", 1)
         (stored,) = manager.receive()["notify.web"]  # the new one replaced it in the store

@@ -29,7 +29,7 @@ async def _max_stall_while(work: asyncio.Future, period: float = 0.01) -> float:
 async def test_a_guest_sending_only_line_ends_neither_stalls_the_daemon_nor_is_parsed_unbounded(tmp_path):
     """(A chunk of 64 KiB of newlines stalled the event loop ≈ 1 s: the parser was quadratic.)"""
     received: list[tuple[str, str]] = []
-    notify = NotifyChannel(lambda key, value: received.append((key, value)))
+    notify = NotifyChannel(lambda message: received.extend(message))
     path = tmp_path / "notify.sock"
     await notify.listen_virtio_serial(path)
     reader, writer = await asyncio.open_unix_connection(str(path))
@@ -76,7 +76,7 @@ async def test_notify_connections_beyond_the_cap_are_hung_up_on_and_none_is_held
     not per read (a byte every few seconds kept one for hours)."""
     monkeypatch.setattr(channel_module, "CONNECTION_DEADLINE", 1.0)
     received: list[tuple[str, str]] = []
-    notify = NotifyChannel(lambda key, value: received.append((key, value)))
+    notify = NotifyChannel(lambda message: received.extend(message))
     path = tmp_path / "vsock_9"
     await notify.listen_hybrid(path, 9)
     loop = asyncio.get_running_loop()

@@ -30,7 +30,10 @@ def test_guest_ready_is_forwarded_to_our_manager(vmspawn):
     assert "STATUS=VM started." in lines
     assert run.leader_pid() is not None
     assert lines.index("READY=1") > lines.index("STATUS=VM started.")
-    assert "STATUS=VM running: hello from guest" in lines
+    # the guest's STATUS= came with its READY=1: ours says it with READY=1, not "VM running." (the
+    # lines of one datagram are recorded one after the other)
+    assert lines[lines.index("READY=1") + 1] == "STATUS=VM running: hello from guest", lines
+    assert "STATUS=VM running." not in lines
     assert "TESTGUEST" in run.text  # the guest's console reached our stdout
     assert_clean(run)
 

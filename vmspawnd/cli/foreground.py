@@ -82,8 +82,8 @@ def _events_to_manager(config: MachineConfig, notifier: ManagerNotifier) -> Call
             notifier.send(STATUS="VM started.", X_VMSPAWN_LEADER_PID=data["pid"])
             if not config.notify_ready:
                 notifier.send(READY=1)
-        elif kind == "ready" and config.notify_ready:
-            notifier.send(READY=1, STATUS="VM running.")
+        elif kind == "ready" and config.notify_ready:  # (the guest's own STATUS= sent with it, if any)
+            notifier.send(READY=1, STATUS=f"VM running: {data['status']}" if data.get("status") else "VM running.")
         elif kind == "status":
             notifier.send(STATUS=f"VM running: {data['status']}")
         elif kind == "stopping":

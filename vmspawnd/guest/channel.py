@@ -113,7 +113,7 @@ class NotifyParser:
 _LINE_END = re.compile(rb"\r|\n")
 
 
-MessageHandler = Callable[[str, str], None]
+MessageHandler = Callable[[list[tuple[str, str]]], None]  # one notification: its (key, value)s
 
 
 @contextlib.contextmanager
@@ -188,7 +188,8 @@ def _vsock_listener(port: int | None) -> socket.socket:
 
 
 class NotifyChannel:
-    """Listens for the guest's notifications and hands each ``(key, value)`` to a handler.
+    """Listens for the guest's notifications and hands each one's ``(key, value)`` pairs to a handler (on a
+    stream, what one read brought).
 
     With a daemon's ``store`` (systemd/fdstore.py) the listener is kept there under ``stored_as``:
     a restarted daemon's channel listens on that same socket, and what the guest sent meanwhile
@@ -298,8 +299,8 @@ class NotifyChannel:
         try:
             while data := await reader.read(READ_CHUNK):
                 lines = parser.lines
-                for key, value in parser.feed(data):
-                    self._dispatch(key, value)
+                if messages := parser.feed(data):
+                    self._dispatch(messages)
                 if parser.exhausted:
                     self._warn_once("garbage", "guest notify channel sends garbage; ignoring it from now on")
                 await self._budget.spend(parser.lines - lines + 1 + len(data) // 1024)
@@ -334,8 +335,8 @@ class NotifyChannel:
                 self._warn_once("long", "guest notification too long, dropped", size=len(data))
                 return
             messages = NotifyParser().feed_message(data)
-            for key, value in messages:
-                self._dispatch(key, value)
+            if messages:
+                self._dispatch(messages)
             await self._budget.spend(len(messages) + 1)
         except (TimeoutError, ConnectionError, OSError):
             pass
@@ -348,11 +349,11 @@ class NotifyChannel:
             self._warned.add(key)
             log.warning(message, **data)
 
-    def _dispatch(self, key: str, value: str) -> None:
+    def _dispatch(self, message: list[tuple[str, str]]) -> None:
         try:
-            self._handler(key, value)
+            self._handler(message)
         except Exception:  # a handler bug must not kill the channel
-            log.exception("notify handler failed", key=key)
+            log.exception("notify handler failed", keys=",".join(key for key, _ in message))
 
     async def __aenter__(self) -> NotifyChannel:
         return self
