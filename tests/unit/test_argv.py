@@ -91,6 +91,9 @@ def test_console_modes():
     assert "-append" not in headless
     gui = build_qemu_argv(config(console=ConsoleMode.GUI), res(console_pty=None))
     assert option(gui, "-vga") == ["virtio"] and "-nographic" not in gui
+    assert "qemu-vdagent,id=vdagent,clipboard=on,debug=0" in option(gui, "-chardev")
+    assert {"virtserialport,chardev=vdagent,name=org.qemu.guest_agent.0", "qemu-xhci,id=xhci0",
+            "usb-kbd,bus=xhci0.0"} <= set(option(gui, "-device"))
 
 
 def test_qmp_and_notify_channel_are_wired():

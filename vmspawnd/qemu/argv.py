@@ -184,8 +184,11 @@ def cmdline_smbios_strings(config: MachineConfig, term: str | None, extra: tuple
 def _console_args(config: MachineConfig, res: Resources) -> list[str]:
     serial_bus = ["-device", "virtio-serial-pci,id=vmspawn-virtio-serial-pci"]
     mode = config.console
-    if mode is ConsoleMode.GUI:
-        return ["-vga", "virtio", *serial_bus]
+    if mode is ConsoleMode.GUI:  # with a clipboard shared through the guest's spice-vdagent, and a USB keyboard
+        return ["-vga", "virtio", *serial_bus,
+                "-chardev", "qemu-vdagent,id=vdagent,clipboard=on,debug=0",
+                "-device", "virtserialport,chardev=vdagent,name=org.qemu.guest_agent.0",
+                "-device", "qemu-xhci,id=xhci0", "-device", "usb-kbd,bus=xhci0.0"]
     args = ["-nographic", "-nodefaults", *serial_bus]
     if mode is ConsoleMode.HEADLESS:
         return args
