@@ -82,7 +82,7 @@ async def test_over_vhost_device_vsock_the_guest_notifies_a_unix_socket_by_its_p
     """The hybrid side: what the backend would deliver for a guest connection to host port P."""
     m = new_run(MachineConfig(name="vs", linux=Path("/vmlinuz"), vsock_cid=1234), tmp_path, VsockBackend.VHOST_USER)
     seen: list[tuple[str, str]] = []
-    m._guest_message = lambda key, value: seen.append((key, value))  # type: ignore[method-assign]
+    m._guest_message = lambda message: seen.extend(message)  # type: ignore[method-assign]
     pass_fds: list[int] = []
     async with m._stack:
         channel = await m._open_notify_channel(tmp_path, pass_fds)
