@@ -186,18 +186,19 @@ class VmRun:
 
 @pytest.fixture
 def vmspawn(guest: TestGuest, tmp_path: Path) -> Iterator:
-    """Start ``vmspawn --linux=<guest> …`` in the background; everything is cleaned up after."""
+    """Start ``vmspawn --linux=<guest> …`` (without ``kernel``: no --linux, no --initrd) in the background;
+    everything is cleaned up after."""
     runs: list[VmRun] = []
 
     def start(*args: str, name: str = "testvm", ram: str = "256M", console: str | None = "read-only",
-              env: dict[str, str] | None = None, firmware: str = "bios") -> VmRun:
+              env: dict[str, str] | None = None, firmware: str = "bios", kernel: bool = True) -> VmRun:
         rundir = tmp_path / f"run-{len(runs)}"
         rundir.mkdir(mode=0o700)
         notify = NotifyListener(tmp_path / f"notify-{len(runs)}.sock")
         environ = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "RUNTIME_DIRECTORY": str(rundir),
                    **(env or {})}
         environ.pop("TERM", None)
-        argv = [*VMSPAWN, f"--linux={guest.kernel}", f"--initrd={guest.initrd}", f"--ram={ram}",
+        argv = [*VMSPAWN, *([f"--linux={guest.kernel}", f"--initrd={guest.initrd}"] if kernel else []), f"--ram={ram}",
                 *([f"--console={console}"] if console else []), f"--firmware={firmware}", "-M", name, "panic=-1",
                 *args]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -121,11 +121,9 @@ class MachineConfig:
                 raise ConfigError(option, value, "out of range")
         if self.initrds and self.linux is None:
             raise ConfigError("initrd", str(self.initrds[0]), "--initrd requires --linux")
-        if self.directory is not None and self.linux is None:
-            raise ConfigError("directory", str(self.directory), "booting a directory needs --linux=KERNEL")
-        if self.linux is None and self.image is None:
-            raise ConfigError("linux", "", "nothing to boot: pass --linux=KERNEL and/or --image=IMAGE, or -M NAME "
-                              "with NAME.raw or NAME/ in a machine pool directory such as /var/lib/machines")
+        if self.linux is None and self.image is None and self.directory is None:
+            raise ConfigError("linux", "", "nothing to boot: pass --linux=KERNEL, --image=IMAGE or --directory=DIR, "
+                              "or -M NAME with NAME.raw or NAME/ in a machine pool directory such as /var/lib/machines")
         if self.image is not None and self.directory is not None:
             raise ConfigError("directory", str(self.directory), "--directory and --image cannot be combined")
         if self.private_users is not None and self.directory is None:

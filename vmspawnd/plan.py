@@ -3,7 +3,8 @@
 
 A :class:`MachineConfig` is a definition and never looks at the host.  :func:`plan_launch`
 does, in one place: the files and directories the definition names exist and fit, the firmware
-(descriptor search included), whether ``--linux`` is a UKI, the virtiofsd that will serve
+(descriptor search included), the kernel of a ``--directory`` booted without ``--linux``, whether
+``--linux`` is a UKI, the virtiofsd that will serve
 shares and what it can do, the host users ``--bind-user`` names, and the journal tools
 ``--forward-journal`` needs.  The run uses the plan; nothing probes the host again.  Clients
 (``vmspawnctl``) never plan: the daemon does, on its own host.
@@ -11,10 +12,12 @@ shares and what it can do, the host users ``--bind-user`` names, and the journal
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmspawnd.bootentry import BootEntry, find_boot_entry
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError
 from vmspawnd.qemu.disks import check_image
@@ -39,11 +42,23 @@ class LaunchPlan:
     uki: bool  # --linux is a unified kernel image (its command line goes through SMBIOS)
     virtiofsd: Virtiofsd | None  # when the VM has shares (--directory, --bind, --bind-user)
     bound_users: tuple[BoundUser, ...] = ()
+    boot_entry: BootEntry | None = None  # a --directory without --linux boots this entry of its own
+
+    def effective(self, config: MachineConfig) -> MachineConfig:
+        """``config`` with the kernel and initrds this start boots."""
+        if self.boot_entry is None:
+            return config
+        return dataclasses.replace(config, linux=self.boot_entry.linux, initrds=self.boot_entry.initrds)
 
 
 def plan_launch(config: MachineConfig) -> LaunchPlan:
     """Look at the host for ``config``; ConfigError names the setting the host cannot satisfy."""
     _check_files(config)
+    boot_entry = None
+    if config.directory is not None and config.linux is None:
+        boot_entry = find_boot_entry(config.directory)
+        config = dataclasses.replace(config, linux=boot_entry.linux, initrds=boot_entry.initrds)
+        _check_files(config)  # (its kernel and initrds are the VM's user's to read too)
     firmware = choose_firmware(config)
     uki = config.linux is not None and is_uki(config.linux)
     if uki and firmware.kind is not FirmwareKind.UEFI:
@@ -57,7 +72,7 @@ def plan_launch(config: MachineConfig) -> LaunchPlan:
     if users and virtiofsd is not None and not virtiofsd.translate_ids:
         raise ConfigError("bind-user", config.bind_users[0], f"{virtiofsd.path} cannot translate UIDs, which "
                           "binding a user needs (install the Rust virtiofsd with --translate-uid)")
-    return LaunchPlan(firmware, uki, virtiofsd, users)
+    return LaunchPlan(firmware, uki, virtiofsd, users, boot_entry)
 
 
 def needs_privileges(config: MachineConfig, plan: LaunchPlan) -> list[tuple[str, str, str]]:

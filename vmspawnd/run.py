@@ -233,6 +233,7 @@ class Run:
         self._launcher = None
         with self._as_owner():
             plan = self._plan or plan_launch(config)  # the host, looked at once for this start
+        config = self.config = plan.effective(config)  # (a directory's own kernel, when it has no --linux)
         if self.identity.switches and (needs := needs_privileges(config, plan)):
             raise ConfigError(*needs[0])
         qemu_binary, accel, mac, extra_args = self._preflight()

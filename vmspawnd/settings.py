@@ -418,7 +418,8 @@ SETTINGS: tuple[Setting, ...] = (
             "where TPM state persists (auto: <image-or-directory>.tpmstate; off: discarded)", HOST,
             "PATH|auto|off", load=_json_state),
     Setting("directory", "directory", "--directory", _cli_path, _str_or_none, None,
-            "boot this directory tree as root fs (virtiofs)", MOUNTS, "PATH", short="-D", load=_json_path),
+            "boot this directory tree as root fs (virtiofs); without --linux, the kernel of its boot loader "
+            "entry (in its /boot or /efi)", MOUNTS, "PATH", short="-D", load=_json_path),
     Setting("privateUsers", "private_users", "--private-users", _private_users,
             lambda v: f"{v[0]}:{v[1]}" if v else None, None,
             "with --directory: guest UIDs 0… map to host UIDBASE… (needs the Rust virtiofsd)", MOUNTS,

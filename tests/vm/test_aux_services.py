@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 
@@ -153,6 +154,29 @@ def test_directory_root_is_shared_with_tag_root(vmspawn, tmp_path):
     assert run.wait() == 0, run.text
     assert "cat root/etc/os-release: ID=vmspawnd-test" in run.text
     assert "root=root rootfstype=virtiofs rw" in run.text
+
+
+def test_a_directory_without_linux_boots_the_kernel_of_its_newest_boot_loader_entry(vmspawn, guest, tmp_path):
+    """As systemd-vmspawn -D: the tree's own kernel and initrd, named by a loader entry in its /boot."""
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "os-release").write_text("ID=vmspawnd-test\n")
+    boot = tree / "boot"
+    (boot / "loader" / "entries").mkdir(parents=True)
+    shutil.copy(guest.kernel, boot / "vmlinuz-2.0")
+    shutil.copy(guest.initrd, boot / "initrd.img-2.0")
+    os.symlink("/boot/vmlinuz-2.0", boot / "vmlinuz")  # (absolute: the tree's /boot, not the host's)
+    (boot / "vmlinuz-1.0").write_text("an older kernel that would not boot\n")
+    (boot / "loader" / "entries" / "test-1.0.conf").write_text("version 1.0\nlinux /vmlinuz-1.0\n")
+    (boot / "loader" / "entries" / "test-2.0.conf").write_text(
+        "title test\nversion 2.0\nlinux /vmlinuz\ninitrd /initrd.img-2.0\n")
+    run = vmspawn("test.notify=1", f"--directory={tree}", "test.virtiofs=root", "test.cat=root/etc/os-release",
+                  "--tpm=no", name="dirboot", kernel=False)
+    assert run.wait() == 0, run.text
+    assert "cat root/etc/os-release: ID=vmspawnd-test" in run.text
+    bare = vmspawn(f"--directory={tmp_path / 'tree' / 'etc'}", "--tpm=no", name="nokernel", kernel=False)
+    assert bare.wait() == 1
+    assert "no boot loader entry in its /efi or /boot" in bare.text and "Traceback" not in bare.text
 
 
 def test_ephemeral_directory_runs_on_a_copy_and_never_touches_the_tree(vmspawn, tmp_path):
