@@ -260,10 +260,12 @@ class Run:
             self._durable.push_async_callback(self.qemu.end)  # on a failure from here: QEMU ends before its helpers
         generated = aux.credentials + await self._ssh_key_credentials(rundir)
 
-        ours = {cred_id for cred_id, _ in generated}
-        credentials = [c for c in config.credentials if c[0] not in ours] + generated
         if channel.credential:
-            credentials.append((channel.credential[0], channel.credential[1].encode()))
+            generated.append((channel.credential[0], channel.credential[1].encode()))
+        ours = {cred_id for cred_id, _ in generated}
+        if taken := next((cred_id for cred_id, _ in config.credentials if cred_id in ours), None):
+            raise ConfigError("credential", taken, "vmspawn passes the guest a credential of this name itself")
+        credentials = list(config.credentials) + generated
         term = os.environ.get("TERM")
         extra_cmdline = self._synthesized_cmdline() + tuple(aux.cmdline)
         uki = plan.uki

@@ -224,11 +224,17 @@ def test_arch_machine_interface_and_template_are_required(tmp_path):
     assert arm.path.name == "10-arm.json"
 
 
+def test_no_match_without_wanted_features_names_the_firmware(debian_dir):
+    with pytest.raises(ConfigError) as e:
+        select_firmware(enumerate_descriptors([debian_dir]), include=set(), exclude={"secure-boot", "amd-sev"})
+    assert (e.value.field, e.value.value) == ("firmware", "uefi")
+
+
 def test_no_match_is_a_config_error_naming_the_requirements(debian_dir):
     found = enumerate_descriptors([debian_dir])
     with pytest.raises(ConfigError) as e:
         select_firmware(found, include={"secure-boot"}, exclude={"enrolled-keys", "amd-sev"})
-    assert e.value.field == "firmware"
+    assert (e.value.field, e.value.value) == ("firmware-features", "secure-boot")  # what no descriptor has
     text = str(e.value)
     assert "features secure-boot" in text and "none of amd-sev, enrolled-keys" in text and "x86_64" in text
     assert "60-edk2-x86_64.json" in text

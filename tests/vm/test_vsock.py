@@ -75,6 +75,16 @@ def test_vmspawn_guest_reports_ready_status_and_exit_status_over_vsock(vmspawn, 
     assert_clean(run)  # the backend ended with the VM, its sockets are gone
 
 
+def test_a_credential_vmspawn_sets_itself_is_refused_by_name(vmspawn, vsock_backend):
+    """As systemd-vmspawn refuses a duplicate credential: the guest's notify socket stays ours."""
+    run = vmspawn("test.notify=1", "--set-credential=vmm.notify_socket:vsock-stream:2:1", name="dupcred")
+    assert run.wait() == 1
+    assert "invalid credential=vmm.notify_socket: vmspawn passes the guest a credential of this name itself" \
+        in run.text and "Traceback" not in run.text
+    assert "TESTGUEST" not in run.text  # QEMU never started
+    assert_clean(run)
+
+
 def test_vsock_yes_without_any_backend_fails_before_anything_starts(vmspawn, monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "")  # not installed, as far as vmspawn can tell
     run = vmspawn("test.notify=1", "--vsock=yes", name="novsock")

@@ -76,7 +76,8 @@ def _is_hex(s: str, n: int) -> bool:
 def _split(value: str, field: str) -> tuple[str, str]:
     cred_id, sep, rest = value.partition(":")
     if not sep or not valid_credential_id(cred_id):  # never echo the value: it may be a secret
-        raise ConfigError(field, cred_id if sep else "…", "expected ID:VALUE with a valid credential name")
+        form = "ID:PATH" if field == "load-credential" else "ID:VALUE"
+        raise ConfigError(field, cred_id if sep else "…", f"expected {form} with a valid credential name")
     return cred_id, rest
 
 

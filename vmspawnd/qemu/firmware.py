@@ -334,7 +334,8 @@ def select_firmware(descriptors: Iterable[Descriptor], *, include: Set[str], exc
         log.debug("firmware descriptor does not match", path=str(d.path), reason=why)
         rejected.append(f"{d.path.name}: {why}")
     looked = "; ".join(rejected) if rejected else "no descriptors found in " + ", ".join(map(str, search_path()))
-    raise ConfigError("firmware", "uefi", f"no firmware descriptor matches (needed "
+    field, value = ("firmware-features", ",".join(sorted(include))) if include else ("firmware", "uefi")
+    raise ConfigError(field, value, f"no firmware descriptor matches (needed "
                       f"{_requirements(include, exclude, arch, machine)}); {looked}")
 
 
