@@ -458,8 +458,9 @@ SETTINGS: tuple[Setting, ...] = (
             "slice for the VM's scope (default: machine.slice; a name without .slice gets it)", PROPS, "SLICE",
             short="-S"),
     Setting("properties", "properties", "--property", _string, _same, (),
-            "set a property on the VM's scope (systemctl set-property syntax: MemoryMax=, CPUQuota=, TasksMax=, "
-            "IOWeight=, DeviceAllow=, …)", PROPS, "NAME=VALUE", repeat=True),
+            "set a property on the VM's scope (systemctl set-property syntax; the resource control ones such as "
+            "MemoryMax=, CPUQuota=, TasksMax=, IOWeight=, DeviceAllow=, and RuntimeMaxSec=, KillSignal=…: another "
+            "is refused, naming those known)", PROPS, "NAME=VALUE", repeat=True),
     Setting("register", "register", "--register", _tristate, _value_of, Tristate.AUTO,
             "register the VM with systemd-machined (auto: if machined is running)", PROPS, "BOOL|auto"),
     Setting("keepUnit", "keep_unit", "--keep-unit", _bool, _same, False,

@@ -99,13 +99,16 @@ def vmspawn(*args: str, tpm: str = "--tpm=no") -> Spawned:
 
 def test_cli_puts_qemu_in_a_scope_with_slice_and_properties() -> None:
     proc = vmspawn("-M", "cliscope", "--slice=vmtest", "--property=MemoryMax=300M", "--property=TasksMax=77",
-                   "--property=CPUWeight=50", "--pass-ssh-key=yes", "test.action=hang")
+                   "--property=CPUWeight=50", "--property=RuntimeMaxSec=1h", "--property=ManagedOOMSwap=kill",
+                   "--property=KillSignal=SIGINT", "--pass-ssh-key=yes", "test.action=hang")
     scope = "machine-cliscope.scope"
     try:
-        props = poll(lambda: unit_properties(scope, "ActiveState", "Slice", "MemoryMax", "TasksMax", "CPUWeight"),
+        props = poll(lambda: unit_properties(scope, "ActiveState", "Slice", "MemoryMax", "TasksMax", "CPUWeight",
+                                             "RuntimeMaxUSec", "ManagedOOMSwap", "KillSignal"),
                      lambda p: p.get("ActiveState") == "active")
         assert props == {"ActiveState": "active", "Slice": "vmtest.slice", "MemoryMax": str(300 << 20),
-                         "TasksMax": "77", "CPUWeight": "50"}, props
+                         "TasksMax": "77", "CPUWeight": "50", "RuntimeMaxUSec": "1h", "ManagedOOMSwap": "kill",
+                         "KillSignal": "2"}, props
         # the scope exists before QEMU does (its launcher is moved in first, then execs QEMU);
         # registration with machined follows QEMU's start, so once it is there QEMU runs
         entry = machined_entry("cliscope", timeout=60)

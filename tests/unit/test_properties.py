@@ -22,6 +22,13 @@ from vmspawnd.systemd.properties import UINT64_MAX, describe, parse_properties, 
     ("IOWriteIOPSMax=/dev/vda 100", [("IOWriteIOPSMax", "a(st)", [["/dev/vda", 100]])]),
     ("DeviceAllow=/dev/kvm rw", [("DeviceAllow", "a(ss)", [["/dev/kvm", "rw"]])]),
     ("DevicePolicy=closed", [("DevicePolicy", "s", "closed")]),
+    ("MemoryZSwapMax=0", [("MemoryZSwapMax", "t", 0)]),
+    ("RuntimeMaxSec=2h", [("RuntimeMaxUSec", "t", 7_200_000_000)]),
+    ("TimeoutStopSec=infinity", [("TimeoutStopUSec", "t", UINT64_MAX)]),
+    ("ManagedOOMMemoryPressure=kill", [("ManagedOOMMemoryPressure", "s", "kill")]),
+    ("KillMode=mixed", [("KillMode", "s", "mixed")]),
+    ("KillSignal=SIGINT", [("KillSignal", "i", 2)]),
+    ("SendSIGKILL=no", [("SendSIGKILL", "b", False)]),
 ])
 def test_supported_properties(assignment, expected):
     assert describe(parse_property(assignment)) == expected
@@ -30,7 +37,8 @@ def test_supported_properties(assignment, expected):
 @pytest.mark.parametrize("assignment", [
     "Bogus=1", "MemoryMax", "=1", "MemoryMax=lots", "MemoryMax=150%", "CPUWeight=0", "CPUWeight=x",
     "CPUQuota=fast", "TasksMax=-1", "AllowedCPUs=a-b", "DeviceAllow=/dev/kvm rwx", "DevicePolicy=open",
-    "IOReadBandwidthMax=1M", "MemoryAccounting=perhaps",
+    "IOReadBandwidthMax=1M", "MemoryAccounting=perhaps", "TasksMax=1_000", "TasksMax=٣", "CPUQuota=٣%",
+    "MemoryZSwapMax=10%", "KillMode=all", "KillSignal=SIGNOPE", "RuntimeMaxSec=1fortnight",
 ])
 def test_unknown_or_malformed_properties_are_clear_errors(assignment):
     with pytest.raises(ConfigError) as e:

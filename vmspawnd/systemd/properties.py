@@ -13,12 +13,13 @@ from typing import Any
 
 from vmspawnd.errors import ConfigError
 from vmspawnd.systemd.units import Variant
-from vmspawnd.values import is_decimal, parse_bool, parse_size
+from vmspawnd.values import is_decimal, parse_bool, parse_signal, parse_size
 
 UINT64_MAX = (1 << 64) - 1
 UINT32_MAX = (1 << 32) - 1
 _TIME_UNITS = {"us": 1, "usec": 1, "ms": 1000, "msec": 1000, "s": 1_000_000, "sec": 1_000_000, "": 1_000_000,
-               "m": 60_000_000, "min": 60_000_000}
+               "m": 60_000_000, "min": 60_000_000, "h": 3_600_000_000, "hr": 3_600_000_000,
+               "d": 86_400_000_000, "w": 604_800_000_000}
 
 Property = tuple[str, Any]  # (name, dbus_fast.Variant)
 
@@ -30,10 +31,9 @@ def _fail(name: str, value: str, reason: str) -> ConfigError:
 def _percent(name: str, value: str) -> float | None:
     if not value.endswith("%"):
         return None
-    try:
-        pct = float(value[:-1])
-    except ValueError:
-        raise _fail(name, value, "expected a percentage such as 50%") from None
+    if not re.fullmatch(r"[0-9]+(?:\.[0-9]+)?%", value):
+        raise _fail(name, value, "expected a percentage such as 50%")
+    pct = float(value[:-1])
     if not 0 <= pct <= 100:
         raise _fail(name, value, "percentage must be between 0% and 100%")
     return pct
@@ -49,11 +49,14 @@ def _limit(name: str, value: str, scale_name: str | None) -> list[Property]:
             raise _fail(name, value, "percentages are not supported here")
         return [(scale_name, Variant("u", round(pct / 100 * UINT32_MAX)))]
     try:
-        number = parse_size(name, value) if name.startswith("Memory") else int(value)
+        if name.startswith("Memory"):
+            number = parse_size(name, value, zero_ok=True)
+        elif is_decimal(value):
+            number = int(value)
+        else:
+            raise ValueError(value)
     except (ConfigError, ValueError):
         raise _fail(name, value, "expected a number, 'infinity' or a percentage") from None
-    if number < 0:
-        raise _fail(name, value, "must not be negative")
     return [(name, Variant("t", number))]
 
 
@@ -78,10 +81,12 @@ def _cpu_quota_any(name: str, value: str) -> list[Property]:
 
 
 def _timespan(name: str, value: str) -> list[Property]:
+    usec_name = name[:-3] + "USec" if name.endswith("Sec") else name
+    if value == "infinity":
+        return [(usec_name, Variant("t", UINT64_MAX))]
     m = re.fullmatch(r"([0-9]+)\s*([a-z]*)", value)
     if not m or m.group(2) not in _TIME_UNITS:
-        raise _fail(name, value, "expected a time span such as 100ms or 1s")
-    usec_name = name[:-3] + "USec" if name.endswith("Sec") else name
+        raise _fail(name, value, "expected a time span such as 100ms, 1s, 1h or infinity")
     return [(usec_name, Variant("t", int(m.group(1)) * _TIME_UNITS[m.group(2)]))]
 
 
@@ -129,10 +134,19 @@ def _device_allow(name: str, value: str) -> list[Property]:
     return [(name, Variant("a(ss)", [[parts[0], access]]))]
 
 
-def _device_policy(name: str, value: str) -> list[Property]:
-    if value not in ("auto", "closed", "strict"):
-        raise _fail(name, value, "expected auto, closed or strict")
-    return [(name, Variant("s", value))]
+def _choice(*allowed: str) -> Callable[[str, str], list[Property]]:
+    def parse(name: str, value: str) -> list[Property]:
+        if value not in allowed:
+            raise _fail(name, value, f"expected {', '.join(allowed[:-1])} or {allowed[-1]}")
+        return [(name, Variant("s", value))]
+    return parse
+
+
+def _signal(name: str, value: str) -> list[Property]:
+    try:
+        return [(name, Variant("i", parse_signal("property", value)))]
+    except ConfigError as e:
+        raise _fail(name, value, e.reason) from None
 
 
 PARSERS: dict[str, Callable[[str, str], list[Property]]] = {
@@ -160,8 +174,18 @@ PARSERS: dict[str, Callable[[str, str], list[Property]]] = {
     "IOReadIOPSMax": lambda n, v: _device_limit(n, v, False),
     "IOWriteIOPSMax": lambda n, v: _device_limit(n, v, False),
     "DeviceAllow": _device_allow,
-    "DevicePolicy": _device_policy,
+    "DevicePolicy": _choice("auto", "closed", "strict"),
     "Delegate": _boolean,
+    "MemoryZSwapMax": lambda n, v: _limit(n, v, None),
+    "IPAccounting": _boolean,
+    "ManagedOOMMemoryPressure": _choice("auto", "kill"),
+    "ManagedOOMSwap": _choice("auto", "kill"),
+    "ManagedOOMPreference": _choice("none", "avoid", "omit"),
+    "RuntimeMaxSec": _timespan,
+    "TimeoutStopSec": _timespan,
+    "KillMode": _choice("control-group", "mixed", "process", "none"),
+    "KillSignal": _signal,
+    "SendSIGKILL": _boolean,
 }
 
 
