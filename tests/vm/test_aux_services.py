@@ -30,6 +30,22 @@ def test_tpm_state_persists_across_boots_with_a_state_dir(vmspawn, tmp_path):
     assert "TPM NV index 0x01500001 EXISTS" in second.text
 
 
+def test_a_tpm_state_another_vm_runs_with_is_named_as_in_use_not_damaged(vmspawn, tmp_path):
+    """swtpm's lock of the state says "Could not initialize the TPM" too: moving the state away, as a
+    damaged state's message says, would throw away the running VM's TPM."""
+    state = tmp_path / "tpm-state"
+    first = vmspawn("test.notify=1", "test.action=hang", f"--tpm-state={state}", name="tpmheld")
+    poll(lambda: first.notify.lines(), lambda lines: "READY=1" in lines, 60)
+    second = vmspawn("test.notify=1", f"--tpm-state={state}", name="tpmwants")
+    assert second.wait() == 1, second.text
+    assert f"tpm-state={state}: the TPM state is in use by another swtpm" in second.text, second.text
+    assert "damaged" not in second.text and "TESTGUEST" not in second.text
+    assert_clean(second)
+    first.proc.terminate()  # (its guest ignores the power button: forced off)
+    first.wait()
+    assert (state / "tpm2-00.permall").stat().st_size > 0  # the state lives on, for its VM's next run
+
+
 @pytest.fixture
 def small_fs(tmp_path):
     """A 1 MiB tmpfs (root only: it is mounted)."""

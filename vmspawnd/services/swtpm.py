@@ -38,6 +38,8 @@ STATE_FILE = "tpm2-00.permall"
 #: what swtpm logs when it cannot load the state it was given (damaged, or of another swtpm); QEMU
 #: then fails its CMD_INIT and exits
 STATE_UNUSABLE = "Could not initialize the TPM"
+#: what swtpm logs (beside STATE_UNUSABLE) when another swtpm holds the state's lock: the state is fine
+STATE_LOCKED = "Could not lock access to lockfile"
 #: what swtpm logs when QEMU went away without shutting the TPM down first (it was killed)
 CLIENT_GONE = "Data client disconnected"
 #: QEMU's TPM front end per host architecture (others have no TPM support here).
