@@ -217,6 +217,21 @@ def test_ephemeral_directory_runs_on_a_copy_and_never_touches_the_tree(vmspawn, 
     assert_clean(run)
 
 
+def test_a_signal_while_the_ephemeral_copy_is_made_ends_vmspawn_cleanly(vmspawn, tmp_path):
+    """SIGTERM during the start-up (here: copying a tree of 20,000 files): no VM, no traceback, no copy."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(20_000):
+        (tree / f"f{i}").write_text("x")
+    run = vmspawn("test.notify=1", f"--directory={tree}", "--ephemeral", "--tpm=no", name="ephsig")
+    poll(lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".#tree.")], bool, 60, interval=0.01)
+    run.proc.terminate()
+    assert run.wait() == 1, run.text
+    assert "Traceback" not in run.text and "TESTGUEST" not in run.text, run.text
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".#")) == []
+    assert_clean(run)
+
+
 def test_the_copy_a_killed_run_left_is_removed_by_the_next_run(vmspawn, tmp_path):
     tree = tmp_path / "tree"
     tree.mkdir()

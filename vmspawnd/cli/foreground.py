@@ -152,9 +152,10 @@ async def run(config: MachineConfig, background: str | None = None, plan: Launch
     except (ConfigError, StartError, HostError) as e:
         print(f"vmspawn: {e}", file=sys.stderr)
         return 1
-    if signals_seen:  # a signal arrived while we were still setting up
+    if signals_seen:  # a signal arrived while we were still setting up: nothing to forward
         with contextlib.suppress(WrongState):
             await machine.kill()
+        return await machine.wait()
     if machine.pty is not None:
         tint, title = console_decoration(config, background)
         forwarder = PtyForwarder(machine.pty.master, read_only=config.console is ConsoleMode.READ_ONLY,
