@@ -711,11 +711,10 @@ class Run:
         self._handles.callback(self.qemu.close)
         self._durable.push_async_callback(self.qemu.end)
         root = self.config.directory
-        if root is not None:
-            copy = EphemeralCopy.recorded(root, self.runtime.records / COPY_RECORD)
-            if copy is not None:
-                self._durable.push_async_callback(copy.remove)
-                root = copy.path
+        copy = EphemeralCopy.recorded(self.runtime.records / COPY_RECORD, root)
+        if copy is not None:  # (its own tree's, whatever the definition says now)
+            self._durable.push_async_callback(copy.remove)
+            root = copy.path
         if record.registered:
             self._durable.push_async_callback(unregister_quietly, self.config.name)
         await self._adopt_helpers(record)

@@ -176,10 +176,9 @@ async def end_leftovers(runtime: RuntimeDir, directory: Path | None) -> None:
     # a helper started in the instant before the record named it: its sockets are in our dir
     for pid in processes_mentioning(f"{runtime_path}/"):
         await kill_process(pid, process_start_time(pid))
-    if directory is not None:
-        copy = EphemeralCopy.recorded(directory, runtime.records / COPY_RECORD)
-        if copy is not None:
-            await copy.remove()
+    copy = EphemeralCopy.recorded(runtime.records / COPY_RECORD, directory)
+    if copy is not None:
+        await copy.remove()
     log.info("ended the leftovers of an interrupted run", machine=name,
              pid=record.pid if record is not None else None)
 

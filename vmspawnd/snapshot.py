@@ -2,9 +2,11 @@
 """--ephemeral with --directory: the VM runs on a throw-away copy of the tree, never the original.
 
 The copy is a hidden sibling ``.#<name>.<16 hex digits>`` of the (symlink-resolved) tree, made by
-``cp -a --reflink=auto`` (cheap on btrfs/XFS).  Its path is recorded in the machine's runtime dir
-*before* it is made, so a copy is removed even when the run that made it was killed.  Removal only
-ever touches a real directory with exactly that kind of name, right next to the tree.
+``cp -a --reflink=auto`` (cheap on btrfs/XFS).  Its path and the resolved tree are recorded in the
+machine's runtime dir *before* it is made, so a copy is removed even when the run that made it was
+killed (a ``cp`` it left is ended first), or the tree was moved or re-pointed since; the record goes
+only once the copy has.  Removal only ever touches a real directory with exactly that kind of name,
+right next to the tree it was made of.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from vmspawnd.log import get_logger
+from vmspawnd.proc import process_state, processes_mentioning
 
 log = get_logger()
 
@@ -75,6 +80,7 @@ def remove_copy(path: Path, source: Path) -> None:
     if not is_copy_of(path, source):
         log.warning("not removing what is not an --ephemeral copy", path=str(path))
         return
+    _end_copying(path)
     for root, dirs, _ in os.walk(path):  # top-down: each directory is opened up before it is entered
         for name in dirs:
             child = os.path.join(root, name)
@@ -91,6 +97,17 @@ def remove_copy(path: Path, source: Path) -> None:
         shutil.rmtree(path, onerror=report)
 
 
+def _end_copying(path: Path) -> None:
+    """End a ``cp`` still filling ``path`` (its run was killed): it would refill what is removed."""
+    copying = processes_mentioning(f"{path}/")
+    for pid in copying:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while any(process_state(pid) not in (None, "Z", "X") for pid in copying) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 class EphemeralCopy:
     """The copy one run of ``--ephemeral --directory`` runs on: ``async with`` makes it (recording
     its path in ``record`` first, so even a killed run's copy is found) and removes it after."""
@@ -101,19 +118,24 @@ class EphemeralCopy:
         self.path: Path | None = None
 
     @classmethod
-    def recorded(cls, source: Path, record: Path) -> EphemeralCopy | None:
-        """The copy an earlier run recorded in ``record`` (to remove or keep), if there is one."""
+    def recorded(cls, record: Path, source: Path | None = None) -> EphemeralCopy | None:
+        """The copy an earlier run recorded in ``record`` (to remove or keep), if there is one; of the
+        tree recorded with it (``source`` for a record of an older version, which has none)."""
         try:
-            path = Path(record.read_text().strip())
+            lines = record.read_text().splitlines()
         except OSError:
             return None
-        copy = cls(source, record)
-        copy.path = path
+        recorded_source = Path(lines[1]) if len(lines) > 1 and lines[1] else source
+        if not lines or not lines[0] or recorded_source is None:
+            return None
+        copy = cls(recorded_source, record)
+        copy.path = Path(lines[0])
         return copy
 
     async def __aenter__(self) -> Path:
         self.path = copy_path(self.source)
-        self.record.write_text(str(self.path))
+        self.source = self.source.resolve(strict=True)  # (the tree now: a link to it may be re-pointed)
+        self.record.write_text(f"{self.path}\n{self.source}\n")
         try:
             await asyncio.to_thread(snapshot_directory, self.source, self.path)
         except BaseException:
@@ -126,8 +148,11 @@ class EphemeralCopy:
         await self.remove()
 
     async def remove(self) -> None:
-        """Remove the copy (only a real copy of the source, see :func:`remove_copy`) and its record."""
+        """Remove the copy (only a real copy of the source, see :func:`remove_copy`), then its record
+        (kept while any of the copy is left, for the next run to remove)."""
         if self.path is not None:
             await asyncio.to_thread(remove_copy, self.path, self.source)
+            if os.path.lexists(self.path):
+                return
             self.path = None
         self.record.unlink(missing_ok=True)

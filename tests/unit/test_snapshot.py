@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from vmspawnd.snapshot import SnapshotError, copy_path, is_copy_of, remove_copy, snapshot_directory
+from vmspawnd.snapshot import EphemeralCopy, SnapshotError, copy_path, is_copy_of, remove_copy, snapshot_directory
 
 
 @pytest.fixture
@@ -74,3 +78,46 @@ def test_a_symlink_named_like_a_copy_is_not_followed(tree, tmp_path):
     fake.symlink_to(elsewhere)
     remove_copy(fake, tree)
     assert (elsewhere / "data").read_text() == "keep"
+
+
+async def test_a_recorded_copy_is_removed_though_its_tree_was_re_pointed_since(tree, tmp_path):
+    """A link to the tree re-pointed while the VM ran (an atomic upgrade), or a definition changed:
+    the copy is still known as one by the tree recorded with it."""
+    other = tmp_path / "other"
+    other.mkdir()
+    link = tmp_path / "current"
+    link.symlink_to(tree)
+    record = tmp_path / "ephemeral-copy"
+    async with EphemeralCopy(link, record) as copy:
+        link.unlink()
+        link.symlink_to(other)
+        later = EphemeralCopy.recorded(record, link)  # as the next run (or daemon) finds it
+        assert later is not None and later.path == copy and later.source == tree
+        await later.remove()
+    assert not copy.exists() and not record.exists() and (tree / "etc" / "hostname").is_file()
+
+
+async def test_a_cp_left_copying_is_ended_and_the_record_kept_until_the_copy_is_gone(tree, tmp_path, monkeypatch):
+    record = tmp_path / "ephemeral-copy"
+    copy = copy_path(tree)
+    copy.mkdir()
+    record.write_text(f"{copy}\n{tree}\n")
+    copying = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{copy}/"])  # as cp's argv
+    try:
+        found = EphemeralCopy.recorded(record)
+        assert found is not None
+        await found.remove()
+        assert copying.wait(5) == -signal.SIGKILL
+        assert not copy.exists() and not record.exists()
+    finally:
+        copying.kill()
+    copy.mkdir()
+    record.write_text(f"{copy}\n{tree}\n")
+    found = EphemeralCopy.recorded(record)
+    assert found is not None
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", lambda *args, **kwargs: None)  # a removal that leaves it (EBUSY, say)
+        await found.remove()
+    assert copy.exists() and record.exists()  # for the next run to remove
+    await found.remove()
+    assert not copy.exists() and not record.exists()
