@@ -450,7 +450,7 @@ class Manager:
         return entry.definition_size
 
     def _check_free(self, name: str) -> None:
-        if name in self.machines or (self._definition_path(name)).exists():
+        if name in self.machines or self._definition_path(name).exists():
             raise MachineExists(name)  # never overwrite a definition, even one we could not load
         other = self._folded.get(name.lower())
         if other is not None:  # ssh lowercases host names: an address naming MyVM's socket would reach myvm's
@@ -524,7 +524,7 @@ class Manager:
             if machine.state not in (State.STOPPED, State.FAILED):
                 raise WrongState(name, machine.state.value, "stop it before removing it")
             try:
-                (self._definition_path(name)).unlink(missing_ok=True)
+                self._definition_path(name).unlink(missing_ok=True)
                 self._state_path(name).unlink(missing_ok=True)
             except OSError as e:
                 raise HostError(f"cannot remove the definition of {name}", e) from e

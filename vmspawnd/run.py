@@ -153,7 +153,7 @@ class Run:
         self.forced = False  # we had to end it (kill): the exit status says so
         self.stop_requested = False  # a stop or kill was asked for: a signal death is expected
         self._forcing_off = False  # a stop timed out: the VM is being forced off
-        self._signalled: bool | None = None  # a Kill's signal was just sent (forced?): QEMU may end of it
+        self._signals_sent = 0  # Kills whose signal was just sent: QEMU may end of it (asked for, then)
         #: its vCPUs are stopped (a Pause, machinectl pause, or QEMU's own stop on a disk error)
         self.paused = False
         #: held while the run changes its vCPUs' state (pause, resume, reset, a stop's press of the power
@@ -1029,9 +1029,8 @@ class Run:
         assert self.qemu is not None
         rc = await self.qemu.wait()
         self._qemu_exited.set()
-        if self._signalled is not None:  # the signal a Kill just sent ended it: asked for
-            self.forced = self.forced or self._signalled
-            self.stop_requested = True
+        if self._signals_sent:  # the signal a Kill just sent ended it: asked for
+            self.forced = self.stop_requested = True
         if self._channel is not None:
             await self._channel.drained(NOTIFY_GRACE)
         self.returncode = rc
@@ -1100,17 +1099,18 @@ class Run:
     async def kill(self, forced: bool = True, sig: int | None = None) -> None:
         """End QEMU now: QMP ``quit``, SIGKILL if that does not work; returns once the run ended.
 
-        With ``sig``, only send that signal and wait a little: not every signal ends QEMU."""
+        With ``sig``, only send that signal and wait a little: not every signal ends QEMU (an end within
+        that wait was asked for, and forced)."""
         if self.qemu is None or self.ended.is_set() or self._detached:
             return
         if sig is not None:  # (SIGCONT, SIGUSR1… leave QEMU running: the run is not stopping then)
-            self._signalled = forced
+            self._signals_sent += 1
             self.qemu.send_signal(sig)
             try:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self.ended.wait()), KILL_GRACE)
             finally:
-                self._signalled = None
+                self._signals_sent -= 1
             return
         self.forced = self.forced or forced
         self.stop_requested = True
