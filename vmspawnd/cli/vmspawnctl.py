@@ -208,7 +208,8 @@ def _print_machine(info: Any, as_json: str | None) -> None:
     if d.get("definitionError") and d["definitionError"] != d["failure"]:
         print(f" Definition: {d['definitionError']}")
     c = d["config"]
-    print(f"     Kernel: {c.get('linux') or '-'}")
+    kernel = c.get("linux") or ("its directory's boot loader entry" if c.get("directory") else "-")
+    print(f"     Kernel: {kernel}")
     print(f"  Resources: {c.get('cpus')} CPU(s), {int(c.get('ram', '0').split(':')[0]) // (1024 * 1024)} MiB RAM, "
           f"console {c.get('console')}")
 
