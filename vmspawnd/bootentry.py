@@ -93,42 +93,42 @@ def chase(tree: Path, path: str) -> Path | None:
     return current
 
 
-def _type1_entries(tree: Path, partition: str) -> list[_Candidate]:
-    entries = chase(tree, f"{partition}/loader/entries")
-    if entries is None or not entries.is_dir():
+def _files(tree: Path, directory: str, pattern: str) -> list[tuple[str, Path]]:
+    """``(name, host path)`` of each regular file matching ``pattern`` in the tree's ``directory``, each
+    looked up inside the tree (a link among them is followed as the guest would)."""
+    found = chase(tree, directory)
+    if found is None or not found.is_dir():
         return []
+    files = ((entry.name, chase(tree, f"{directory}/{entry.name}")) for entry in sorted(found.glob(pattern)))
+    return [(name, path) for name, path in files if path is not None and path.is_file()]
+
+
+def _type1_entries(tree: Path, partition: str) -> list[_Candidate]:
     found = []
-    for conf in sorted(entries.glob("*.conf")):
+    for name, conf in _files(tree, f"{partition}/loader/entries", "*.conf"):
         fields = _read_entry(conf)
         if fields is None:
             continue
-        kernel = fields.get("linux", [None])[0] or fields.get("efi", [None])[0]
+        kernel = _first(fields, "linux") or _first(fields, "efi")
         linux = chase(tree, f"{partition}/{kernel}") if kernel else None  # (its paths are the partition's)
-        if linux is None or not linux.is_file():
+        initrds = [chase(tree, f"{partition}/{p}") for p in fields.get("initrd", [])]
+        files = [p for p in (linux, *initrds) if p is not None and p.is_file()]
+        if linux is None or len(files) != 1 + len(initrds):
             continue
-        initrds = tuple(chase(tree, f"{partition}/{p}") for p in fields.get("initrd", []))
-        if any(p is None or not p.is_file() for p in initrds):
-            continue
-        entry = BootEntry(conf.name.removesuffix(".conf") + ".conf", linux,
-                          tuple(p for p in initrds if p is not None))
-        found.append(_Candidate(entry, _first(fields, "sort-key"), _first(fields, "machine-id"),
-                                _first(fields, "version")))
+        found.append(_Candidate(BootEntry(name, files[0], tuple(files[1:])), _first(fields, "sort-key"),
+                                _first(fields, "machine-id"), _first(fields, "version")))
     return found
 
 
 def _type2_entries(tree: Path, partition: str) -> list[_Candidate]:
-    directory = chase(tree, f"{partition}/EFI/Linux")
-    if directory is None or not directory.is_dir():
-        return []
     found = []
-    for image in sorted(directory.glob("*.efi")):
-        resolved = chase(directory, image.name)
+    for name, image in _files(tree, f"{partition}/EFI/Linux", "*.efi"):
         try:
-            usable = resolved is not None and resolved.is_file() and is_uki(resolved)
-        except (OSError, ValueError):
+            usable = is_uki(image)
+        except OSError:
             usable = False
-        if usable and resolved is not None:
-            found.append(_Candidate(BootEntry(image.name, resolved), "", "", ""))
+        if usable:
+            found.append(_Candidate(BootEntry(name, image), "", "", ""))
     return found
 
 
@@ -142,9 +142,9 @@ def _read_entry(conf: Path) -> dict[str, list[str]] | None:
         return None
     fields: dict[str, list[str]] = {}
     for line in data.decode("utf-8", "replace").splitlines():
-        key, _, value = line.strip().partition(" ")
-        if key and not key.startswith("#"):
-            fields.setdefault(key, []).append(value.strip())
+        words = line.split(None, 1)  # (key and value are separated by spaces or tabs)
+        if words and not words[0].startswith("#"):
+            fields.setdefault(words[0], []).append(words[1].strip() if len(words) > 1 else "")
     return fields
 
 

@@ -89,3 +89,23 @@ def test_plan_boots_the_entry_and_a_tree_without_one_is_refused_by_name(tmp_path
     assert plan.effective(config).linux == tmp_path / "boot/vmlinuz" and plan.effective(config).initrds == ()
     named = MachineConfig(name="tree", directory=tmp_path, linux=tmp_path / "boot/vmlinuz")
     assert plan_launch(named).boot_entry is None  # --linux wins
+
+
+def test_entry_files_that_are_links_are_followed_inside_the_tree(tmp_path):
+    """A loader entry or UKI that is an absolute link: the tree's file it names, never the host's."""
+    tree = tmp_path / "tree"
+    host_conf = tmp_path / "entry.conf"  # beside the tree: what the link would name on the host
+    host_conf.write_text("linux /vmlinuz\n")
+    kernel(tree, "/boot/vmlinuz")
+    (tree / "boot/loader/entries").mkdir(parents=True)
+    os.symlink(str(host_conf), tree / "boot/loader/entries/linked.conf")
+    with pytest.raises(ConfigError, match="no boot loader entry"):
+        find_boot_entry(tree)  # (the tree has no such file)
+    kernel(tree, str(host_conf)).write_text("linux\t/vmlinuz\n")  # now it has: its own
+    assert find_boot_entry(tree).linux == tree / "boot/vmlinuz"
+    (tree / "efi/EFI/Linux").mkdir(parents=True)
+    uki = make_pe(tree / "efi/uki-store.efi", [".text", ".linux"])
+    os.symlink("/efi/uki-store.efi", tree / "efi/EFI/Linux/linux.efi")
+    entry(tree, "gone", "linux /nothing", partition="efi")
+    (tree / "efi/loader/loader.conf").write_text("default linux.efi\n")
+    assert find_boot_entry(tree).linux == uki
