@@ -79,7 +79,7 @@ from vmspawnd.services.runner import (
     describe_status,
 )
 from vmspawnd.services.setup import TPM, AuxServiceError, AuxServices, start_aux_services
-from vmspawnd.services.swtpm import STATE_LOCKED, logged_errors, state_unusable
+from vmspawnd.services.swtpm import logged_errors, state_unusable
 from vmspawnd.settings import config_to_json
 from vmspawnd.snapshot import EphemeralCopy, SnapshotError
 from vmspawnd.spares import Spares
@@ -542,17 +542,11 @@ class Run:
                 await self._output.ended(1.0)
                 lines = [line for line in self._output.last if line.strip()]
             said = ": " + " / ".join(lines) if lines else ""
-            swtpm_said = state_unusable(self._tpm) if self._tpm is not None else None
-            if self.tpm_state_path is not None and swtpm_said and any(STATE_LOCKED in s for s in swtpm_said):
+            unusable = (state_unusable(self._tpm, self.tpm_state_path)
+                        if self._tpm is not None and self.tpm_state_path is not None else None)
+            if unusable is not None:  # (QEMU said only that its CMD_INIT failed)
                 self._quoted = self._tpm
-                raise StartError(f"tpm-state={self.tpm_state_path}: the TPM state is in use by another swtpm (of "
-                                 "another VM that runs with it); it is left as it is: stop that VM first, or use "
-                                 f"another --tpm-state (swtpm said: {' / '.join(swtpm_said)})") from e
-            if self.tpm_state_path is not None and swtpm_said:  # (QEMU said that its CMD_INIT failed)
-                self._quoted = self._tpm
-                raise StartError(f"tpm-state={self.tpm_state_path}: swtpm cannot use the TPM state in it (damaged, "
-                                 "or made by another swtpm); it is left as it is: move it away to start with a new "
-                                 f"TPM, or use --tpm-state=off (swtpm said: {' / '.join(swtpm_said)})") from e
+                raise StartError(unusable) from e
             raise StartError(f"QEMU did not come up (exit status {rc}){said}") from e
 
     async def _serve_control(self) -> None:

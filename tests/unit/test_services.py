@@ -399,14 +399,15 @@ async def test_swtpm_logs_a_state_it_cannot_use_and_nothing_else(runner, swtpm_p
     state, sock = swtpm_paths
     good = await swtpm.start_swtpm(runner, "vm1", state, sock)
     assert swtpm_init(sock).returncode == 0
-    assert good.logged() == [] and swtpm.state_unusable(good) is None
+    assert good.logged() == [] and swtpm.state_unusable(good, state) is None
     await good.stop()
 
     (state / "tpm2-00.permall").write_bytes(os.urandom(3000))  # damaged
     bad = await swtpm.start_swtpm(runner, "vm1", state, sock)
     assert swtpm_init(sock).returncode != 0
-    said = swtpm.state_unusable(bad)
-    assert said is not None and any("Could not initialize the TPM" in line for line in said), said
+    said = swtpm.state_unusable(bad, state)
+    assert said is not None and said.startswith(f"tpm-state={state}: swtpm cannot use the TPM state"), said
+    assert "Could not initialize the TPM" in said, said
     await bad.stop()
     again = await swtpm.start_swtpm(runner, "vm1", state, sock)  # the earlier run's log is not this one's
     assert again.logged() == []

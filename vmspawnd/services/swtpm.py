@@ -180,10 +180,19 @@ def logged_errors(swtpm: RunningService) -> list[str]:
     return [line for line in swtpm.logged() if line != CLIENT_GONE]
 
 
-def state_unusable(swtpm: RunningService) -> list[str] | None:
-    """What ``swtpm`` logged if it could not use its state (else None)."""
+def state_unusable(swtpm: RunningService, state_dir: Path) -> str | None:
+    """Why ``swtpm`` could not use its state in ``state_dir``, what to do, and what it logged (None if
+    it could): held by another swtpm (the state is fine), or damaged or of another swtpm."""
     lines = swtpm.logged()
-    return lines if any(STATE_UNUSABLE in line for line in lines) else None
+    if not any(STATE_UNUSABLE in line for line in lines):
+        return None
+    if any(STATE_LOCKED in line for line in lines):
+        why = ("the TPM state is in use by another swtpm (of another VM that runs with it); it is left as it is: "
+               "stop that VM first, or use another --tpm-state")
+    else:
+        why = ("swtpm cannot use the TPM state in it (damaged, or made by another swtpm); it is left as it is: "
+               "move it away to start with a new TPM, or use --tpm-state=off")
+    return f"tpm-state={state_dir}: {why} (swtpm said: {' / '.join(lines)})"
 
 
 async def start_swtpm(runner: ServiceRunner, machine: str, state_dir: Path, socket_path: Path, *,
