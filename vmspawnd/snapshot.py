@@ -136,9 +136,14 @@ class EphemeralCopy:
         self.path = copy_path(self.source)
         self.source = self.source.resolve(strict=True)  # (the tree now: a link to it may be re-pointed)
         self.record.write_text(f"{self.path}\n{self.source}\n")
+        copying = asyncio.ensure_future(asyncio.to_thread(snapshot_directory, self.source, self.path))
         try:
-            await asyncio.to_thread(snapshot_directory, self.source, self.path)
+            await asyncio.shield(copying)
         except BaseException:
+            if not copying.done():  # cancelled (vmspawn's SIGTERM): end the cp, and let its thread finish
+                _end_copying(self.path)
+                with contextlib.suppress(Exception):
+                    await copying
             await self.remove()
             raise
         log.info("running on an ephemeral copy", directory=str(self.source), copy=str(self.path))

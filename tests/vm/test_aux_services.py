@@ -218,16 +218,21 @@ def test_ephemeral_directory_runs_on_a_copy_and_never_touches_the_tree(vmspawn, 
 
 
 def test_a_signal_while_the_ephemeral_copy_is_made_ends_vmspawn_cleanly(vmspawn, tmp_path):
-    """SIGTERM during the start-up (here: copying a tree of 20,000 files): no VM, no traceback, no copy."""
+    """SIGTERM during the start-up (here: copying a tree, its ``cp`` held stopped so the copy never ends
+    on its own): vmspawn ends at once, without a VM, a traceback, the ``cp`` or the copy."""
     tree = tmp_path / "tree"
     tree.mkdir()
     for i in range(20_000):
         (tree / f"f{i}").write_text("x")
     run = vmspawn("test.notify=1", f"--directory={tree}", "--ephemeral", "--tpm=no", name="ephsig")
-    poll(lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".#tree.")], bool, 60, interval=0.01)
+    copy = poll(lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".#tree.")], bool, 60, interval=0.01)[0]
+    copying = poll(lambda: processes_mentioning(f"{copy}/"), bool, 60, interval=0.001)
+    for pid in copying:
+        os.kill(pid, signal.SIGSTOP)
     run.proc.terminate()
-    assert run.wait() == 1, run.text
+    assert run.wait(timeout=30) == 1, run.text  # (before, it waited for the copy to finish: forever here)
     assert "Traceback" not in run.text and "TESTGUEST" not in run.text, run.text
+    assert all(process_gone(pid) for pid in copying)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".#")) == []
     assert_clean(run)
 

@@ -128,10 +128,16 @@ async def run(config: MachineConfig, background: str | None = None, plan: Launch
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
+    starting: asyncio.Task[None] | None = None
+
     def on_signal(signame: str) -> None:
         nonlocal signals_seen
         signals_seen += 1
-        if machine.state is State.RUNNING and signals_seen == 1:
+        if starting is not None and not starting.done():  # nothing to power off yet: the start is undone
+            if signals_seen == 1:  # (once: a second cancel would cut short the undoing)
+                log.info("not starting the VM", signal=signame)
+                starting.cancel()
+        elif machine.state is State.RUNNING and signals_seen == 1:
             log.info("stopping the VM (ACPI power-off); send the signal again to kill it", signal=signame)
             command(machine.stop())
         elif machine.state in (State.RUNNING, State.STOPPING):
@@ -147,15 +153,14 @@ async def run(config: MachineConfig, background: str | None = None, plan: Launch
             print("░ Press Ctrl-] three times within 1s to kill VM.", file=sys.stderr)
         elif config.console is ConsoleMode.NATIVE:
             print("░ Press Ctrl-a x to kill VM.", file=sys.stderr)
+    starting = loop.create_task(machine.start(plan=plan, launcher=QemuProcess.spawned(*launcher) if launcher else None))
     try:
-        await machine.start(plan=plan, launcher=QemuProcess.spawned(*launcher) if launcher else None)
+        await starting
     except (ConfigError, StartError, HostError) as e:
         print(f"vmspawn: {e}", file=sys.stderr)
         return 1
-    if signals_seen:  # a signal arrived while we were still setting up: nothing to forward
-        with contextlib.suppress(WrongState):
-            await machine.kill()
-        return await machine.wait()
+    except asyncio.CancelledError:  # a signal: what the start had set up is released (an --ephemeral copy too)
+        return 1
     if machine.pty is not None:
         tint, title = console_decoration(config, background)
         forwarder = PtyForwarder(machine.pty.master, read_only=config.console is ConsoleMode.READ_ONLY,
