@@ -86,6 +86,22 @@ def test_a_tpm_whose_state_cannot_be_saved_is_refused_not_lost(vmspawn, small_fs
     assert again.wait() == 0 and "TPM NV index 0x01500001 EXISTS" in again.text, again.text
 
 
+def test_a_tpm_state_directory_that_cannot_be_made_is_like_a_tpm_that_cannot_start(vmspawn, small_fs):
+    """A new --tpm-state on a full file system (here: no inode left for its directory): --tpm=yes
+    refuses with the path and why, --tpm=auto goes on without a TPM and says why (as for a swtpm that
+    cannot start)."""
+    subprocess.run(["mount", "-o", "remount,nr_inodes=1", str(small_fs)], check=True)  # (its root's only)
+    state = small_fs / "tpm"
+    refused = vmspawn("test.notify=1", "--tpm=yes", f"--tpm-state={state}", name="tpmnospc1")
+    assert refused.wait() == 1, refused.text
+    assert f"tpm-state={state}: cannot create the directory: No space left on device" in refused.text, refused.text
+    assert "TESTGUEST" not in refused.text and "Traceback" not in refused.text
+    without = vmspawn("test.notify=1", "test.tpm=nv", f"--tpm-state={state}", name="tpmnospc2")  # --tpm=auto
+    assert without.wait() == 0, without.text
+    assert "continuing without a TPM" in without.text and "No space left on device" in without.text, without.text
+    assert "TPM ABSENT" in without.text
+
+
 def test_a_damaged_tpm_state_is_named_with_what_swtpm_said_and_kept(vmspawn, tmp_path):
     """QEMU only says that its TPM command failed; vmspawn says which state, why, and what to do."""
     state = tmp_path / "tpm-state"

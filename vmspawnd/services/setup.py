@@ -103,12 +103,12 @@ async def _start(aux: AuxServices, config: MachineConfig, plan: LaunchPlan, runn
                  bound_to: str | None, identity: Identity, tpm_spares: SpareTpmStates | None) -> None:
     base = config.image.path if config.image is not None else config.directory
     if tpm_enabled(config.tpm):
-        with acting_as(identity):
-            state_dir, persistent = tpm_state_dir(config.tpm_state, base, config.ephemeral, rundir)
-        if not persistent and tpm_spares is not None:
-            tpm_spares.take_into(state_dir, identity)  # else start_swtpm manufactures it
         socket_path = rundir / "tpm.sock"
         try:
+            with acting_as(identity):
+                state_dir, persistent = tpm_state_dir(config.tpm_state, base, config.ephemeral, rundir)
+            if not persistent and tpm_spares is not None:
+                tpm_spares.take_into(state_dir, identity)  # else start_swtpm manufactures it
             svc = await start_swtpm(runner, config.name, state_dir, socket_path, bound_to=bound_to, identity=identity)
         except (ServiceError, OSError) as e:
             if config.tpm is Tristate.YES:

@@ -54,6 +54,8 @@ def tpm_state_dir(location: StateLocation, image_or_directory: Path | None, ephe
     ``auto`` → ``<image-or-dir>.tpmstate`` (full file name + ``.tpmstate``), unless there is no
     image/directory or the run is ephemeral; ``off`` and those cases → a fresh transient
     ``<runtime_dir>/tpm``.  The directory is created (0700); a persistent one is never emptied.
+    Raises ConfigError for a path that is not a directory, ServiceError if it cannot be created (a
+    full or read-only file system: the TPM cannot run, as when swtpm cannot).
     """
     path = location.resolve(image_or_directory, ephemeral, ".tpmstate")
     if path is None:
@@ -71,7 +73,7 @@ def tpm_state_dir(location: StateLocation, image_or_directory: Path | None, ephe
         except FileExistsError:
             pass
         except OSError as e:
-            raise ConfigError("tpm-state", str(path), f"cannot create the directory: {e.strerror}") from e
+            raise ServiceError("swtpm", f"tpm-state={path}: cannot create the directory: {e.strerror}") from e
         os.chmod(path, 0o700)
         log.info("created persistent TPM state directory", path=str(path))
     return path, True
