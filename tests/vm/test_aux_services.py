@@ -86,6 +86,25 @@ def test_a_tpm_whose_state_cannot_be_saved_is_refused_not_lost(vmspawn, small_fs
     assert again.wait() == 0 and "TPM NV index 0x01500001 EXISTS" in again.text, again.text
 
 
+def test_two_vms_started_at_once_on_one_new_tpm_state_manufacture_it_once(vmspawn, tmp_path):
+    """Two swtpm_setup at once on one new state: the second waited forever for the first's lock (and
+    vmspawn gave up after 30 s).  Now the starts take turns: one VM runs with the TPM, the other is
+    told at once that the state is in use."""
+    state = tmp_path / "tpm-state"
+    runs = [vmspawn("test.notify=1", "test.action=hang", "test.tpm=nv", "--tpm=yes", f"--tpm-state={state}",
+                    name=f"tpmrace{i}") for i in range(2)]
+    ended = poll(lambda: [run for run in runs if run.proc.poll() is not None], bool, 60)
+    assert len(ended) == 1, [run.text for run in runs]
+    loser, = ended
+    winner, = (run for run in runs if run is not loser)
+    assert loser.wait() == 1
+    assert f"tpm-state={state}: the TPM state is in use by another swtpm" in loser.text, loser.text
+    assert winner.notify.wait_for("READY=1", 60), winner.text
+    assert "NV_DefineSpace rc=00000000" in winner.text, winner.text  # a manufactured TPM, working
+    winner.proc.terminate()
+    winner.wait()
+
+
 def test_a_tpm_state_directory_that_cannot_be_made_is_like_a_tpm_that_cannot_start(vmspawn, small_fs):
     """A new --tpm-state on a full file system (here: no inode left for its directory): --tpm=yes
     refuses with the path and why, --tpm=auto goes on without a TPM and says why (as for a swtpm that

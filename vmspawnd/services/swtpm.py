@@ -14,6 +14,7 @@ from QEMU failing for its own reasons, whoever ran swtpm.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -134,11 +135,38 @@ def check_state_room(state_dir: Path, identity: Identity = ROOT) -> None:
 
 
 async def manufacture(state_dir: Path, swtpm_setup: Path | None = None, identity: Identity = ROOT) -> bool:
-    """Run ``swtpm_setup`` (as ``identity``) once for a fresh state dir; False if it was already manufactured."""
+    """Run ``swtpm_setup`` (as ``identity``) once for a fresh state dir; False if it was already manufactured.
+    Starts that share a new state dir take turns (a lock on it): the first manufactures it, the others
+    find it made (a second ``swtpm_setup`` on it at once would wait forever for the first's lock)."""
     with acting_as(identity):
-        manufactured = (state_dir / STATE_FILE).exists()
-    if manufactured:
-        return False
+        if (state_dir / STATE_FILE).exists():
+            return False
+        held = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        await _lock(held, state_dir)
+        with acting_as(identity):
+            if (state_dir / STATE_FILE).exists():  # made by the start we waited for
+                return False
+        return await _manufacture(state_dir, swtpm_setup, identity)
+    finally:
+        os.close(held)  # (the lock with it)
+
+
+async def _lock(fd: int, state_dir: Path) -> None:
+    """Lock ``fd`` (``state_dir``'s) for us alone, waiting while another start holds it (a manufacture's time)."""
+    deadline = asyncio.get_running_loop().time() + SWTPM_SETUP_TIMEOUT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ServiceError("swtpm_setup", f"tpm-state={state_dir}: another start has been manufacturing "
+                                                  f"this TPM state for over {SWTPM_SETUP_TIMEOUT:g} s") from None
+            await asyncio.sleep(0.02)  # (only while another start manufactures the same state)
+
+
+async def _manufacture(state_dir: Path, swtpm_setup: Path | None, identity: Identity) -> bool:
     setup = swtpm_setup or find_swtpm_setup()
     if setup is None:
         log.info("swtpm_setup not installed: the TPM starts unmanufactured (no EK)", state=str(state_dir))
