@@ -190,7 +190,8 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
 
     @varlinkmethod(return_parameter="machine")
     async def Kill(self, *, name: str, signal: int | None = None) -> MachineInfo:
-        """End QEMU now (QMP quit, then SIGKILL), or send it ``signal``."""
+        """End QEMU now (QMP quit, then SIGKILL), or send it ``signal``.  Without ``signal``, a start
+        still setting up is undone at once (its Start fails, saying so)."""
         return await self._calls.kill(name, signal)
 
     @varlinkmethod(return_parameter="machine")

@@ -21,7 +21,7 @@ from typing import Any
 
 from vmspawnd import messages
 from vmspawnd.config import MachineConfig
-from vmspawnd.errors import ConfigError, HostError, NoSuchMachine, VmspawndError, WrongState
+from vmspawnd.errors import ConfigError, HostError, NoSuchMachine, StartError, VmspawndError, WrongState
 from vmspawnd.identity import Identity
 from vmspawnd.launcher import QemuProcess
 from vmspawnd.log import get_logger
@@ -80,6 +80,8 @@ class Machine:
         self.removed = False  # set (under the lock) by the daemon's Remove: commands then find no machine
         self.run_as = 0  # the uid QEMU and its helpers run as (the daemon's: the owner's, unless root's)
         self.lock = asyncio.Lock()
+        self._starting: asyncio.Task[None] | None = None  # the current run's start, while it sets up
+        self._killed_start: Run | None = None  # the run whose start a Kill undid
         self._die_with_parent = die_with_parent
         self._on_event = on_event or (lambda kind, data: None)
         self._console_socket = console_socket
@@ -200,9 +202,15 @@ class Machine:
             run = self.run = self._new_run(plan, launcher)
             self.guest_status, self.exit_status, self.failure, self._warnings = None, None, None, []
             self._set_state(State.STARTING)
+            starting = self._starting = asyncio.ensure_future(run.start())  # (a Kill may cancel it alone)
             try:
-                await run.start()
+                await starting
             except BaseException as e:
+                current = asyncio.current_task()
+                if self._killed_start is run and starting.cancelled() and not (current and current.cancelling()):
+                    self.exit_status, self.failure = 1, None  # as after a Kill of the running VM
+                    self._set_state(State.STOPPED, exit_status=1, reason="killed while it was starting")
+                    raise StartError(f"{self.config.name} was killed while it was starting") from None
                 error = e
                 if isinstance(e, OSError) and not isinstance(e, TimeoutError):  # the host refused something
                     where = f" ({e.filename})" if e.filename else ""
@@ -213,6 +221,8 @@ class Machine:
                 if error is not e:
                     raise error from e
                 raise
+            finally:
+                self._starting = None
             self._set_state(State.RUNNING, pid=run.pid)
             if run.readiness.ready:  # the guest was faster than QMP and registration: "ready" follows "running"
                 self._emit("ready", **({"status": self.guest_status} if self.guest_status is not None else {}))
@@ -255,7 +265,14 @@ class Machine:
                              "the VM still runs, and vmspawnd takes it over when it starts again")
 
     async def kill(self, forced: bool = True, sig: int | None = None) -> None:
-        """End QEMU now (QMP quit, then SIGKILL), or only send it ``sig``."""
+        """End QEMU now (QMP quit, then SIGKILL), or only send it ``sig``.  A start still setting up
+        (an --ephemeral copy, a TPM being made, QEMU not yet answering) is undone at once, QEMU with it."""
+        starting = self._starting
+        if sig is None and starting is not None and not starting.done():
+            self._killed_start = self.run
+            starting.cancel()
+            async with self.lock:  # (held by that Start until it has undone it, and told its caller)
+                return
         async with self.lock:
             run = self._check(State.RUNNING, State.STOPPING, wanted="only a running machine can be killed")
         await run.kill(forced=forced, sig=sig)

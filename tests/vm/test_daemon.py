@@ -230,6 +230,38 @@ def test_a_vm_started_by_the_previous_version_is_adopted_after_an_upgrade(daemon
     assert daemon.ctl("stop", "older").returncode == 0 and daemon.status("older")["exitStatus"] == 0
 
 
+def test_a_kill_undoes_a_start_that_is_still_setting_up(daemon, guest, tmp_path):
+    """Kill while a Start copies an --ephemeral tree (its cp held stopped: the copy never ends on its
+    own) undoes that start at once, where it waited for the start to finish first: the Start is told,
+    the machine is stopped (no failure, as after a Kill of a running VM), no cp or copy is left."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(20_000):
+        (tree / f"f{i}").write_text("x")
+    create(daemon, guest, "slow", "test.action=hang", f"--directory={tree}", "--ephemeral", "--tpm=no")
+    start = subprocess.Popen([*daemon.ctl_argv(), "start", "slow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, text=True)
+    try:
+        copy = poll(lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".#tree.")], bool, 60, 0.01)[0]
+        copying = poll(lambda: processes_mentioning(f"{copy}/"), bool, 60, interval=0.001)
+        for pid in copying:
+            os.kill(pid, signal.SIGSTOP)
+        assert daemon.status("slow")["state"] == "starting"
+        killed = daemon.ctl("kill", "slow", timeout=30)
+        assert killed.returncode == 0, killed.stderr
+        _, said = start.communicate(timeout=30)
+    finally:
+        start.kill()
+    assert start.returncode != 0 and "slow was killed while it was starting" in said, said
+    st = daemon.status("slow")
+    assert (st["state"], st["exitStatus"], st["failure"], st["pid"]) == ("stopped", 1, None, None), st
+    assert all(process_gone(pid) for pid in copying)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".#")] == []
+    assert daemon.ctl("start", "slow").returncode == 0  # and it starts again
+    assert daemon.wait_for("slow", lambda s: s["ready"])["state"] == "running"
+    assert daemon.ctl("kill", "slow").returncode == 0
+
+
 def test_daemon_sigterm_leaves_vms_running(daemon, guest, tmp_path):
     tree = tmp_path / "tree"  # an --ephemeral directory VM: its copy must outlive the daemon too
     (tree / "etc").mkdir(parents=True)
