@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="power a machine off (ACPI), forced after --timeout", parents=common)
     stop.add_argument("name", metavar="NAME")
     stop.add_argument("--timeout", type=float, metavar="SECONDS", help="force it off after this long (default 10)")
-    kill = sub.add_parser("kill", help="end a machine's QEMU now, or undo its start (or send it --signal)", parents=common)
+    kill = sub.add_parser("kill", help="end a machine's QEMU now, or undo its start (or send it --signal)",
+                          parents=common)
     kill.add_argument("name", metavar="NAME")
     kill.add_argument("--signal", metavar="SIGNAL", help="signal name or number to send QEMU")
     for cmd, text in [("reboot", "reset a running machine: its guest boots again (a paused one runs again)"),
