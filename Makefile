@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static cpio \
 	libsystemd-dev pkg-config gcc libc6-dev python3-dev python3-venv tmux openssh-client libwrap0 groff-base \
-	systemd-journal-remote vhost-device-vsock
+	systemd-journal-remote systemd-container vhost-device-vsock
 # vhost-device-vsock (a vsock device for hosts without /dev/vhost-vsock) is new in Debian forky: on an
 # older release apt gets it, and nothing else, from forky (these two files pin it so).
 FORKY_SOURCE := /etc/apt/sources.list.d/vmspawnd-forky.sources
@@ -101,11 +101,15 @@ install:
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --upgrade --force-reinstall --no-deps . 2>&1 | grep -v '^WARNING' || true
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q . 2>&1 | grep -v '^WARNING' || true
 	$(DESTDIR)$(LIBDIR)/bin/python -c 'import vmspawnd.cli.vmspawnd, vmspawnd.cli.vmspawnctl, vmspawnd.cli.vmspawn, vmspawnd.cli.foreground'
+	@# (with DESTDIR: the scripts pip wrote start with the staging path; they run from $(LIBDIR))
+	@if [ -n "$(DESTDIR)" ]; then for f in $(DESTDIR)$(LIBDIR)/bin/*; do if [ -f "$$f" ] && [ ! -L "$$f" ]; then \
+		sed -i '1s|^#!$(DESTDIR)$(LIBDIR)/bin/|#!$(LIBDIR)/bin/|' "$$f"; fi; done; fi
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(VARLINKDIR) $(DESTDIR)$(DOCDIR)
 	for c in $(COMMANDS); do ln -sfn $(LIBDIR)/bin/$$c $(DESTDIR)$(PREFIX)/bin/$$c; done
 	$(DESTDIR)$(LIBDIR)/bin/python -m vmspawnd.systemd.unitfile units/vmspawnd.service \
 		--bindir=$(PREFIX)/bin --docdir=$(DOCDIR) > $(DESTDIR)$(UNITDIR)/vmspawnd.service
-	install -m 0644 units/vmspawnd.socket $(DESTDIR)$(UNITDIR)/vmspawnd.socket
+	$(DESTDIR)$(LIBDIR)/bin/python -m vmspawnd.systemd.unitfile units/vmspawnd.socket \
+		--bindir=$(PREFIX)/bin --docdir=$(DOCDIR) > $(DESTDIR)$(UNITDIR)/vmspawnd.socket
 	install -m 0644 varlink/io.vmspawnd.Manager.varlink $(DESTDIR)$(VARLINKDIR)/
 	install -D -m 0644 polkit/io.vmspawnd.policy $(DESTDIR)$(POLKITDIR)/io.vmspawnd.policy
 	install -m 0644 README.md LICENSE docs/*.md $(DESTDIR)$(DOCDIR)/

@@ -34,7 +34,10 @@ def test_install_twice_then_uninstall(tmp_path):
     for command in COMMANDS:
         link = dest / "usr/local/bin" / command
         assert os.readlink(link) == f"/usr/local/lib/vmspawnd/bin/{command}"  # where it lands without DESTDIR
-        p = subprocess.run([str(lib / "bin" / command), "--help"], capture_output=True, text=True, timeout=60)
+        script = lib / "bin" / command  # starts where it lands too, not in the staging tree
+        assert script.read_text().startswith("#!/usr/local/lib/vmspawnd/bin/python"), script.read_text()[:200]
+        p = subprocess.run([str(lib / "bin/python"), str(script), "--help"], capture_output=True, text=True,
+                           timeout=60)
         assert p.returncode == 0 and command in p.stdout, p.stderr
     # not the checkout: a copy of the package of its own
     where = subprocess.run([str(lib / "bin/python"), "-c", "import vmspawnd; print(vmspawnd.__file__)"],
@@ -45,7 +48,8 @@ def test_install_twice_then_uninstall(tmp_path):
     assert "Documentation=file:/usr/local/share/doc/vmspawnd/README.md" in unit
     assert (dest / "usr/local/share/doc/vmspawnd/README.md").is_file()
     assert (dest / "usr/local/share/varlink/io.vmspawnd.Manager.varlink").is_file()
-    assert (dest / "etc/systemd/system/vmspawnd.socket").is_file()
+    socket_unit = (dest / "etc/systemd/system/vmspawnd.socket").read_text()
+    assert "Documentation=file:/usr/local/share/doc/vmspawnd/README.md" in socket_unit  # where make put it
     policy = (dest / "usr/share/polkit-1/actions/io.vmspawnd.policy").read_text()  # where polkit reads it
     actions = {a.get("id") for a in ElementTree.fromstring(policy).iter("action")}
     assert actions == {MANAGE_ALL, PRIVILEGED}  # what the daemon asks polkit for, and nothing else
