@@ -58,8 +58,21 @@ def test_json_pretty_and_off(defined):
     pretty = defined.ctl("status", "web", "--json=pretty")
     assert pretty.returncode == 0 and pretty.stdout.startswith("{\n  ")
     assert json.loads(pretty.stdout)["name"] == "web"
+    assert "varlink_json" not in json.loads(pretty.stdout)  # the interface's fields only
     off = defined.ctl("--json=off", "status", "web")
     assert off.returncode == 0 and off.stdout.startswith("● web")
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_create_prints_json_with_json_before_or_after_the_command(daemon, tmp_path, where):
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"x")
+    words = ["create", "made", f"--linux={kernel}", "--firmware=bios"]
+    p = daemon.ctl(*(["--json", *words] if where == "before" else [*words, "--json"]))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["name"] == "made" and json.loads(p.stdout)["config"]["linux"] == str(kernel)
+    bad = daemon.ctl("create", "other", f"--linux={kernel}", "--json=bogus")
+    assert bad.returncode == 2 and "--json: expected one of" in bad.stderr, bad.stderr
 
 
 @pytest.mark.parametrize("words", [["--json=bogus", "list"], ["--log-level=loud", "list"]])

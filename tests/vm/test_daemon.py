@@ -341,6 +341,10 @@ def test_console_is_handed_over_as_a_pty_by_fd_passing(daemon, guest):
     assert b"TESTGUEST" in data  # scrollback: what the guest printed before we came
     poll(lambda: len(list(daemon_fds.iterdir())), lambda n: n <= baseline, 40)  # nothing held for the viewer
     assert daemon.status("talk")["state"] == "running"
+    p = daemon.ctl("console", "talk")  # (its standard input /dev/null, which cannot be watched)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "vmspawnctl: cannot forward the console of talk: " in p.stderr, p.stderr
+    poll(lambda: len(list(daemon_fds.iterdir())), lambda n: n <= baseline, 40)
 
     async def open_many(count: int) -> tuple[list[int], str]:  # viewers that never hang up: a PTY each
         transport, protocol = await connect_unix_varlink(VarlinkClientProtocol, daemon.socket)

@@ -135,8 +135,8 @@ def parse_create(argv: list[str]) -> tuple[str, Any]:
 
 
 def _plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {k: _plain(v) for k, v in dataclasses.asdict(obj).items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # (its interface's fields: those of init)
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -286,8 +286,14 @@ async def _console(proxy: Any, name: str) -> int:
             done.set_result(0)
 
     fwd = PtyForwarder(fd, read_only=False, on_escape=detach, on_hangup=detach)
+    try:
+        fwd.start()
+    except OSError as e:  # e.g. a standard input the event loop cannot watch (/dev/null, a file)
+        fwd.stop()
+        os.close(fd)
+        print(f"vmspawnctl: cannot forward the console of {name}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"░ Attached to {name}. Press Ctrl-] three times within 1s to detach.", file=sys.stderr)
-    fwd.start()
     try:
         return await done
     finally:
@@ -539,6 +545,18 @@ def _describe_error(e: VarlinkErrorReply) -> str:
     return f"{e.name} {json.dumps(params)}" if params else e.name
 
 
+def _output_json(words: list[str]) -> tuple[list[str], str | None]:
+    """``create``'s words without ``--json[=MODE]`` (an output option, before or after the command, not
+    one of vmspawn's), and the last such MODE (bare: short); ``--`` ends the options."""
+    options, rest = split_at_double_dash(words)
+    mode = None
+    for word in options:
+        if word == "--json" or word.startswith("--json="):
+            mode = word.partition("=")[2] or "short"
+    kept = [w for w in options if not (w == "--json" or w.startswith("--json="))]
+    return kept + words[len(options):], mode
+
+
 def _bare_json(argv: list[str]) -> list[str]:
     """Bare ``--json`` means ``--json=short`` (up to ``create``, whose options are vmspawn's)."""
     end = argv.index("create") if "create" in argv else len(argv)
@@ -550,14 +568,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, unknown = parser.parse_known_args(_bare_json(sys.argv[1:] if argv is None else argv))
         args.command = args.command or "list"
+        if args.command == "create":  # vmspawn's options before NAME (e.g. "create --help") are create's
+            args.rest, json_mode = _output_json(unknown + args.rest)
+            args.json = json_mode or args.json
+        elif unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.json is not None and args.json not in JSON_MODES:
             parser.error(f"--json: expected one of {', '.join(JSON_MODES)}, got {args.json!r}")
         args.json = None if args.json == "off" else args.json
         setup_logging(program="vmspawnctl", level=command_level(args.quiet, args.verbose, args.log_level))
-        if args.command == "create":  # vmspawn's options before NAME (e.g. "create --help") are create's
-            args.rest = unknown + args.rest
-        elif unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         if args.command == "create":  # checked (and --help answered) before the daemon is asked
             args.name, args.config = parse_create(args.rest)
     except SystemExit as e:
