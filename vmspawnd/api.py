@@ -226,7 +226,8 @@ class ManagerCalls:
     async def stop(self, name: str, timeout: float | None) -> MachineInfo:
         expected = await self._controlled(name, "stopping")
         if timeout is not None and not 0 <= timeout <= MAX_STOP_TIMEOUT:
-            raise InvalidConfigError(field="timeout", reason=f"must be between 0 and {MAX_STOP_TIMEOUT:.0f}")
+            raise InvalidConfigError(field="timeout", reason=f"invalid timeout={timeout!r}: must be between 0 and "
+                                                             f"{MAX_STOP_TIMEOUT:.0f} seconds")
         with typed_errors(name):
             entry = await self.manager.stop(name, 10.0 if timeout is None else timeout, expected)
         return machine_info(name, entry)
@@ -234,7 +235,7 @@ class ManagerCalls:
     async def kill(self, name: str, signal: int | None) -> MachineInfo:
         expected = await self._controlled(name, "killing")
         if signal is not None and not valid_signal(signal):
-            raise InvalidConfigError(field="signal", reason=f"{signal!r} is not a signal number")
+            raise InvalidConfigError(field="signal", reason=f"invalid signal={signal!r}: not a signal number")
         with typed_errors(name):
             entry = await self.manager.kill(name, signal, expected)
         return machine_info(name, entry)

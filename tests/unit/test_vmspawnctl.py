@@ -303,3 +303,13 @@ def test_what_a_vsock_peer_answers_cannot_drive_the_terminal(tmp_path):
         server.close()
     assert p.returncode == 1 and "\x1b" not in p.stderr and "\x07" not in p.stderr, p.stderr
     assert "NO \\x1b]0;owned\\x07\\x1b[31mred" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("words,said", [
+    (["stop", "web", "--timeout=-1"], "invalid timeout=-1.0: must be between 0 and 3600 seconds"),
+    (["stop", "web", "--timeout=nan"], "invalid timeout=nan: must be between 0 and 3600 seconds"),
+    (["kill", "web", "--signal=FOO"], "signal=FOO"),
+])
+def test_a_bad_stop_or_kill_value_is_named_with_its_field(defined, words, said):
+    p = defined.ctl(*words)
+    assert p.returncode == 1 and said in p.stderr and "Traceback" not in p.stderr, p.stderr

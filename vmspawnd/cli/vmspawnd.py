@@ -33,6 +33,7 @@ from vmspawnd.systemd import unitfile
 from vmspawnd.systemd.fdstore import FdStore, for_service
 from vmspawnd.systemd.notify import ManagerNotifier
 from vmspawnd.systemd.service import SystemdServiceInterface
+from vmspawnd.values import is_decimal
 
 log = get_logger()
 
@@ -43,19 +44,35 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def _positive(value: str) -> int:
+    """``--max-connections``: a number of at least 1."""
+    if not is_decimal(value) or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value!r}")
+    return int(value)
+
+
+def _group(value: str) -> str:
+    """``--socket-group``: a group this host has."""
+    try:
+        grp.getgrnam(value)
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no group named {value!r} on this host") from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmspawnd", description="The vmspawnd daemon: runs VMs, served over varlink.")
     p.add_argument("--version", action="version", version=f"vmspawnd {__version__}")
     p.add_argument("--socket", metavar="PATH",
                    help=f"listen here when not socket-activated (default: {DEFAULT_SOCKET})")
-    p.add_argument("--socket-group", metavar="GROUP",
+    p.add_argument("--socket-group", metavar="GROUP", type=_group,
                    help="make the socket 0660 for this group only (default: 0666, every local user; each "
                         "caller may look at all machines, and define and control its own, which run as it)")
     p.add_argument("--state-dir", metavar="DIR",
                    help="machine definitions (default: $STATE_DIRECTORY or /var/lib/vmspawnd)")
     p.add_argument("--runtime-dir", metavar="DIR",
                    help="per-VM runtime dirs (default: $RUNTIME_DIRECTORY or /run/vmspawnd)")
-    p.add_argument("--max-connections", type=int, metavar="N",
+    p.add_argument("--max-connections", type=_positive, metavar="N",
                    help=f"at most N clients at once, of which a user but root may have N/4, and all "
                         f"users but root N less N/16; more are closed as they come (default: "
                         f"{DEFAULT_MAX_CONNECTIONS}, or fewer if the file-descriptor limit is low)")
@@ -162,7 +179,7 @@ def raise_fd_limit() -> int:
 def connection_cap(requested: int | None, fd_limit: int) -> int:
     """The connection cap: as asked, else the default, lowered so clients leave fds for the VMs."""
     if requested is not None:
-        return max(1, requested)
+        return requested
     return max(16, min(DEFAULT_MAX_CONNECTIONS, (fd_limit - FDS_FOR_VMS) // 2))
 
 
