@@ -136,6 +136,17 @@ def test_host_drives_the_daemon_of_another_host_over_ssh(defined, sshd):
     gone = subprocess.run([*remote, "status", "nope"], capture_output=True, text=True, env=env, timeout=60,
                           stdin=subprocess.DEVNULL)
     assert gone.returncode == 1 and "no machine named nope" in gone.stderr
+    nowhere = subprocess.run([*remote, f"--address={defined.socket}.gone", "list"], capture_output=True, text=True,
+                             env=env, timeout=60, stdin=subprocess.DEVNULL)  # no daemon there
+    assert nowhere.returncode == 1 and "Traceback" not in nowhere.stderr, nowhere.stderr
+    assert f"cannot reach vmspawnd at {defined.socket}.gone on root@127.0.0.1: No such file" in nowhere.stderr
+
+
+def test_an_ssh_command_that_cannot_run_is_named(daemon, tmp_path):
+    p = subprocess.run([*daemon.ctl_argv(), "-H", "somewhere", "list"], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL, env={**os.environ, "SYSTEMD_SSH": str(tmp_path / "no-ssh")})
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    assert f"SYSTEMD_SSH={tmp_path / 'no-ssh'}: cannot run {tmp_path / 'no-ssh'}: No such file" in p.stderr, p.stderr
 
 
 def test_host_that_cannot_be_reached_is_a_clear_error(daemon):

@@ -306,7 +306,10 @@ async def _console(proxy: Any, name: str) -> int:
 REMOTE_BRIDGE = """\
 import os, select, socket, sys
 s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    sys.exit(f"vmspawnctl: cannot reach vmspawnd at {sys.argv[1]} on {sys.argv[2]}: {e.strerror}")
 route = {0: s.fileno(), s.fileno(): 1}
 while route:
     for fd in select.select(list(route), [], [])[0]:
@@ -333,7 +336,7 @@ def ssh_argv(host: str, socket_path: str) -> list[str]:
     if not host or host.startswith("-"):
         raise ConfigError("host", host, "expected [USER@]HOST[:PORT]")
     ssh = os.environ.get("SYSTEMD_SSH") or "ssh"
-    remote = " ".join(shlex.quote(word) for word in ("python3", "-c", REMOTE_BRIDGE, socket_path))
+    remote = " ".join(shlex.quote(word) for word in ("python3", "-c", REMOTE_BRIDGE, socket_path, host))
     return [ssh, "-x", "-T", "-e", "none", *(["-p", port] if port else []), "--", host, remote]
 
 
@@ -342,9 +345,13 @@ async def connect(args: argparse.Namespace) -> tuple[Any, Any]:
     if not args.host:
         return await connect_unix_varlink(VarlinkClientProtocol, args.address)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    argv = ssh_argv(args.host, args.address)
     try:
-        ssh = subprocess.Popen(ssh_argv(args.host, args.address), stdin=theirs.fileno(), stdout=theirs.fileno(),
-                               start_new_session=True)
+        ssh = subprocess.Popen(argv, stdin=theirs.fileno(), stdout=theirs.fileno(), start_new_session=True)
+    except OSError as e:
+        ours.close()
+        raise ConfigError("SYSTEMD_SSH" if os.environ.get("SYSTEMD_SSH") else "host", argv[0],
+                          f"cannot run {argv[0]}: {e.strerror}") from None
     finally:
         theirs.close()
     ours.setblocking(False)
@@ -511,7 +518,10 @@ async def run(args: argparse.Namespace) -> int:
     except ConnectionError as e:
         if isinstance(e, BrokenPipeError) and _reader_gone(sys.stdout.fileno()):
             raise  # (| head: our output's reader hung up, not the daemon; main() stops quietly)
-        print(f"vmspawnctl: lost the connection to vmspawnd: {e}", file=sys.stderr)
+        if args.host:  # (ssh, or the relay on the other host, said why above)
+            print(f"vmspawnctl: lost the connection to vmspawnd on {args.host}", file=sys.stderr)
+        else:
+            print(f"vmspawnctl: lost the connection to vmspawnd: {e}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         transport.close()
