@@ -1083,11 +1083,11 @@ class Run:
             if not self.ended.is_set() and not self._detached:
                 if not self._forcing_off:  # (once: two clients' stops may time out together)
                     self._forcing_off = True
-                    self.log.info("guest did not power off in time, forcing it", timeout=timeout,
-                                  error=str(e) if not isinstance(e, TimeoutError) else None)
-                    self.warn(f"the guest did not power off within {timeout:g} s; it was forced off"
-                              if isinstance(e, TimeoutError) else
-                              f"the guest could not be asked to power off ({e}); it was forced off")
+                    why = (f"the guest did not power off within {timeout:g} s; it was forced off"
+                           if isinstance(e, TimeoutError) else
+                           f"the guest could not be asked to power off ({e}); it was forced off")
+                    self.log.warning(why)  # (vmspawn's user sees why its exit status is 1)
+                    self.warn(why)
                 await self.kill(forced=True)
 
     async def kill(self, forced: bool = True, sig: int | None = None) -> None:

@@ -93,6 +93,7 @@ def test_a_guest_that_never_gets_ready_is_not_reported_ready_and_sigterm_ends_it
     assert "READY=1" not in run.notify.lines()
     run.proc.send_signal(signal.SIGTERM)
     assert run.wait(timeout=40) == 1, run.text  # it ignored the power button: forced off
+    assert "the guest did not power off within 10 s; it was forced off" in run.text, run.text  # and said so
     assert "READY=1" not in run.notify.lines()
     assert_clean(run)
 
