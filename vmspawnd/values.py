@@ -135,7 +135,10 @@ def parse_tristate(field: str, value: str | Tristate) -> Tristate:
         return value
     if value.strip().lower() in ("auto", ""):
         return Tristate.AUTO
-    return Tristate.YES if parse_bool(field, value) else Tristate.NO
+    try:
+        return Tristate.YES if parse_bool(field, value) else Tristate.NO
+    except ConfigError:
+        raise ConfigError(field, value, "expected auto or a boolean (yes/no)") from None
 
 
 def parse_enum(field: str, value: str | enum.Enum, kind: type[enum.Enum]) -> Any:

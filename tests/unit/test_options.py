@@ -267,6 +267,8 @@ def test_an_empty_tristate_is_auto_again_and_an_empty_boolean_an_error(kernel):
     with pytest.raises(ConfigError) as e:
         parse(kernel, "--notify-ready=")
     assert e.value.field == "notify-ready"
+    with pytest.raises(ConfigError, match="invalid tpm=maybe: expected auto or a boolean") as e:
+        parse(kernel, "--tpm=maybe")  # (the error says that auto is one too)
 
 
 def test_a_definition_refuses_the_firmware_actions_that_only_print(kernel):
