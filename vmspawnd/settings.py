@@ -480,7 +480,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("smbios11", "smbios11", "--smbios11", _string, _same, (),
             "pass a raw SMBIOS type 11 string (empty clears the list)", CREDS, "STRING", short="-s", repeat=True),
     Setting("console", "console", "--console", _enum(ConsoleMode), _value_of, ConsoleMode.INTERACTIVE,
-            "interactive, read-only, native, gui or headless (default: interactive on a terminal, else read-only; "
+            "interactive, read-only, native, gui or headless (a daemon's machine: interactive, read-only or "
+            "headless) (default: interactive on a terminal, else read-only; "
             "vmspawnctl create: interactive, for vmspawnctl console; a Create call without it: headless)", IO,
             "MODE", consts=(("--qemu-gui", None, "gui", argparse.SUPPRESS),)),
     Setting("consoleTransport", "console_transport", "--console-transport", _enum(ConsoleTransport), _value_of,
