@@ -324,3 +324,13 @@ def test_what_a_vsock_peer_answers_cannot_drive_the_terminal(tmp_path):
 def test_a_bad_stop_or_kill_value_is_named_with_its_field(defined, words, said):
     p = defined.ctl(*words)
     assert p.returncode == 1 and said in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_create_errors_name_the_options_it_was_given(daemon, tmp_path):
+    """The daemon checks files and names a setting by its JSON key; create names the option given."""
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"x")
+    p = daemon.ctl("create", "web", f"--linux={kernel}", f"--extra-drive={tmp_path}/nothing")
+    assert p.returncode == 1 and f"invalid extra-drive={tmp_path}/nothing" in p.stderr, p.stderr
+    p = daemon.ctl("create", "web")  # (no -M NAME from a machine pool to suggest: create looks at no pool)
+    assert p.returncode != 0 and "nothing to boot" in p.stderr and "machine pool" not in p.stderr, p.stderr

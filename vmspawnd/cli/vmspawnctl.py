@@ -40,7 +40,7 @@ from vmspawnd.options import (
 )
 from vmspawnd.ptyfwd import PtyForwarder
 from vmspawnd.qemu.vsock import connect_guest_port
-from vmspawnd.settings import config_to_json
+from vmspawnd.settings import BY_KEY, config_to_json
 from vmspawnd.values import is_decimal, parse_signal, printable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -131,7 +131,13 @@ def parse_create(argv: list[str]) -> tuple[str, Any]:
         raise SystemExit(0)
     ns = parse_command_line(parser, argv)
     ns.machine = ns.name
-    return ns.name, config_from_args(ns, machine_pool=False)  # the client never looks at the host
+    try:
+        return ns.name, config_from_args(ns, machine_pool=False)  # the client never looks at the host
+    except ConfigError as e:
+        if e.field == "linux" and e.value == "":  # (create takes no machine pool's image by its name)
+            raise ConfigError("linux", "", "nothing to boot: pass --linux=KERNEL, --image=IMAGE or "
+                                           "--directory=DIR") from None
+        raise
 
 
 def _plain(obj: Any) -> Any:
@@ -550,9 +556,19 @@ def _describe_error(e: VarlinkErrorReply) -> str:
         return f"permission denied: {params.get('reason') or params.get('action')}"
     if short == "MachineExists":
         return f"a machine named {params.get('name')} exists already"
+    if short == "InvalidConfig" and isinstance(params.get("field"), str) and "reason" in params:
+        return _as_option(params["field"], str(params["reason"]))
     if "reason" in params:
         return str(params["reason"])
     return f"{e.name} {json.dumps(params)}" if params else e.name
+
+
+def _as_option(key: str, reason: str) -> str:
+    """A daemon's ``invalid KEY=…`` of a setting (its JSON name) as ``create`` spells it: ``invalid option=…``."""
+    setting = BY_KEY.get(key)
+    if setting is None or setting.option is None or not reason.startswith(f"invalid {key}="):
+        return reason
+    return f"invalid {setting.option.removeprefix('--')}={reason.removeprefix(f'invalid {key}=')}"
 
 
 def _output_json(words: list[str]) -> tuple[list[str], str | None]:
