@@ -197,9 +197,9 @@ def test_a_state_path_that_cannot_hold_the_state_is_refused_at_create(daemon, tm
     (tmp_path / "adir").mkdir()
     (tmp_path / "afile").write_bytes(b"")
     for option, field, reason in (
-            (f"--efi-nvram-state={tmp_path / 'dangling'}", "efiNvramState", "a symlink to nothing"),
-            (f"--efi-nvram-state={tmp_path / 'adir'}", "efiNvramState", "exists but is not a regular file"),
-            (f"--tpm-state={tmp_path / 'afile'}", "tpmState", "exists but is not a directory")):
+            (f"--efi-nvram-state={tmp_path / 'dangling'}", "efi-nvram-state", "a symlink to nothing"),
+            (f"--efi-nvram-state={tmp_path / 'adir'}", "efi-nvram-state", "exists but is not a regular file"),
+            (f"--tpm-state={tmp_path / 'afile'}", "tpm-state", "exists but is not a directory")):
         p = daemon.ctl("create", "web", f"--linux={kernel}", "--firmware=bios", option)
         assert p.returncode == 1 and f"invalid {field}=" in p.stderr and reason in p.stderr, (option, p.stderr)
     assert not (tmp_path / "nowhere").exists()
