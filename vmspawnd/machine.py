@@ -269,8 +269,9 @@ class Machine:
         (an --ephemeral copy, a TPM being made, QEMU not yet answering) is undone at once, QEMU with it."""
         starting = self._starting
         if sig is None and starting is not None and not starting.done():
-            self._killed_start = self.run
-            starting.cancel()
+            if self._killed_start is not self.run:  # (once: a second cancel would cut its undoing short)
+                self._killed_start = self.run
+                starting.cancel()
             async with self.lock:  # (held by that Start until it has undone it, and told its caller)
                 return
         async with self.lock:

@@ -25,8 +25,9 @@ import contextlib
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.log import get_logger
@@ -243,7 +244,7 @@ class NotifyChannel:
         dropped the old one)."""
         self._qemu_connected = asyncio.Event()
         sock = self._listener(str(path), lambda: _unix_listener(path, identity, backlog=4))
-        self._server = await asyncio.start_server(self._serve_stream, sock=sock, limit=MAX_LINE * 4)
+        await self._serve(sock, self._serve_stream, limit=MAX_LINE * 4)
         reconnect = "reconnect-ms=1000" if qemu_version >= (9, 2) else "reconnect=1"
         self.qemu_args = [
             "-chardev", f"socket,id=notify,path={qemu_escape(str(path))},{reconnect}",
@@ -256,7 +257,7 @@ class NotifyChannel:
         self._peer_cid = peer_cid
         sock = self._listener(port, lambda: _vsock_listener(port))
         self.port = sock.getsockname()[1]
-        self._server = await asyncio.start_server(self._serve_vsock, sock=sock)
+        await self._serve(sock, self._serve_vsock)
         self.credential = ("vmm.notify_socket", f"vsock-stream:2:{self.port}")
 
     async def listen_hybrid(self, path: Path, port: int, identity: Identity = ROOT) -> None:
@@ -264,9 +265,19 @@ class NotifyChannel:
         ``path`` (made as ``identity`` in the VM's private runtime dir: only its device reaches it),
         one connection per message as over AF_VSOCK."""
         sock = self._listener(str(path), lambda: _unix_listener(path, identity, backlog=16))
-        self._server = await asyncio.start_server(self._serve_vsock, sock=sock)
+        await self._serve(sock, self._serve_vsock)
         self.port = port
         self.credential = ("vmm.notify_socket", f"vsock-stream:2:{port}")
+
+    async def _serve(self, sock: socket.socket, serve: Callable[..., Awaitable[None]], **options: Any) -> None:
+        """Serve ``sock``; the server is kept for :meth:`close` even when our caller is cancelled while it
+        starts (a start undone), else its listener would outlive the run."""
+        starting = asyncio.ensure_future(asyncio.start_server(serve, sock=sock, **options))
+        try:
+            self._server = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            self._server = await starting
+            raise
 
     def _listener(self, address: str | int | None, make: Callable[[], socket.socket]) -> socket.socket:
         """The listener an earlier daemon stored for this channel, if it listens on ``address`` (a unix

@@ -14,9 +14,11 @@ from QEMU failing for its own reasons, whoever ran swtpm.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from vmspawnd.errors import ConfigError
@@ -141,6 +143,17 @@ async def manufacture(state_dir: Path, swtpm_setup: Path | None = None, identity
     with acting_as(identity):
         if (state_dir / STATE_FILE).exists():
             return False
+    making = asyncio.ensure_future(_manufacture_once(state_dir, swtpm_setup, identity))
+    try:
+        return await asyncio.shield(making)
+    except asyncio.CancelledError:  # (a start undone): finished first, as a half-made state would pass for made
+        with contextlib.suppress(Exception):
+            await making
+        raise
+
+
+async def _manufacture_once(state_dir: Path, swtpm_setup: Path | None, identity: Identity) -> bool:
+    with acting_as(identity):
         held = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         await _lock(held, state_dir)
@@ -174,12 +187,13 @@ async def _manufacture(state_dir: Path, swtpm_setup: Path | None, identity: Iden
     argv = [str(setup), "--tpm2", "--tpmstate", str(state_dir), "--pcr-banks", "sha256", "--not-overwrite"]
     proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                                                **identity.popen_kwargs())
+                                                start_new_session=True, **identity.popen_kwargs())
     try:
         output, _ = await asyncio.wait_for(proc.communicate(), SWTPM_SETUP_TIMEOUT)
-    except BaseException:
+    except BaseException:  # (a timeout): the swtpm it runs goes with it, not on alone
         if proc.returncode is None:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
         raise
     if proc.returncode != 0:
