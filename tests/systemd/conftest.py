@@ -52,7 +52,8 @@ def installed_units() -> Iterator[Path]:
     unit_dir = Path("/etc/systemd/system")
     service = render((repo / "units/vmspawnd.service").read_text(), str(bindir), str(repo), systemd_version())
     (unit_dir / "vmspawnd.service").write_text(service)
-    (unit_dir / "vmspawnd.socket").write_text((repo / "units/vmspawnd.socket").read_text())
+    socket_unit = render((repo / "units/vmspawnd.socket").read_text(), str(bindir), str(repo), systemd_version())
+    (unit_dir / "vmspawnd.socket").write_text(socket_unit)
     sh("systemctl", "daemon-reload")
     try:
         yield bindir

@@ -574,7 +574,7 @@ def _as_option(key: str, reason: str) -> str:
 def _output_json(words: list[str]) -> tuple[list[str], str | None]:
     """``create``'s words without ``--json[=MODE]`` (an output option, before or after the command, not
     one of vmspawn's), and the last such MODE (bare: short); ``--`` ends the options."""
-    options, rest = split_at_double_dash(words)
+    options, _ = split_at_double_dash(words)
     mode = None
     for word in options:
         if word == "--json" or word.startswith("--json="):
