@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -91,6 +92,34 @@ def test_no_pager_quiet_and_verbose_are_accepted_before_or_after_the_command(def
 def test_events_of_an_unknown_machine_fail_at_once(daemon):
     p = daemon.ctl("events", "nope", timeout=10)
     assert p.returncode == 1 and "no machine named nope" in p.stderr
+
+
+def test_a_signal_that_is_none_is_a_usage_error_before_the_daemon_is_asked(tmp_path):
+    p = subprocess.run([*CTL, f"--address={tmp_path / 'nobody.sock'}", "kill", "web", "--signal=SIGFOO"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "invalid signal=SIGFOO" in p.stderr and "cannot reach" not in p.stderr, p.stderr
+
+
+def _following(daemon) -> subprocess.Popen[str]:
+    """``vmspawnctl events``, once it says it watches."""
+    p = subprocess.Popen([*daemon.ctl_argv(), "events"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stderr is not None and "Watching all machines" in p.stderr.readline()
+    return p
+
+
+def test_ctrl_c_ends_following_events_with_success(daemon):
+    p = _following(daemon)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=30) == 0 and "Traceback" not in p.stderr.read()
+
+
+def test_events_ended_by_the_daemon_fail_and_say_why(daemon):
+    p = _following(daemon)
+    daemon.stop_daemon()
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 1 and "unsubscribed" in out, (out, err)
+    assert "no longer watching: vmspawnd is stopping" in err, err
 
 
 @pytest.mark.parametrize("text,level", [("debug", logging.DEBUG), ("7", logging.DEBUG), ("info", logging.INFO),
@@ -316,14 +345,14 @@ def test_what_a_vsock_peer_answers_cannot_drive_the_terminal(tmp_path):
     assert "NO \\x1b]0;owned\\x07\\x1b[31mred" in p.stderr, p.stderr
 
 
-@pytest.mark.parametrize("words,said", [
-    (["stop", "web", "--timeout=-1"], "invalid timeout=-1.0: must be between 0 and 3600 seconds"),
-    (["stop", "web", "--timeout=nan"], "invalid timeout=nan: must be between 0 and 3600 seconds"),
-    (["kill", "web", "--signal=FOO"], "signal=FOO"),
+@pytest.mark.parametrize("words,said,status", [
+    (["stop", "web", "--timeout=-1"], "invalid timeout=-1.0: must be between 0 and 3600 seconds", 1),
+    (["stop", "web", "--timeout=nan"], "invalid timeout=nan: must be between 0 and 3600 seconds", 1),
+    (["kill", "web", "--signal=FOO"], "invalid signal=FOO", 2),  # (known without the daemon)
 ])
-def test_a_bad_stop_or_kill_value_is_named_with_its_field(defined, words, said):
+def test_a_bad_stop_or_kill_value_is_named_with_its_field(defined, words, said, status):
     p = defined.ctl(*words)
-    assert p.returncode == 1 and said in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == status and said in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
 def test_create_errors_name_the_options_it_was_given(daemon, tmp_path):

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vmspawnctl", description="Control virtual machines run by vmspawnd (no command: list them).",
         parents=[_output_options(suppress=False)],
         epilog="Exit status: 0 on success, 1 if the daemon refused or failed the request (or cannot be "
-               "reached), 2 for usage errors.")
+               "reached, or ended the events being followed; Ctrl-C ends them with 0), 2 for usage errors.")
     p.add_argument("--version", action="version", version=f"vmspawnctl {__version__}")
     p.add_argument("--address", metavar="SOCKET", default=os.environ.get("VMSPAWND_ADDRESS", DEFAULT_SOCKET),
                    help=f"the daemon's varlink socket (default: $VMSPAWND_ADDRESS or {DEFAULT_SOCKET})")
@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("resume", "let a paused machine run again")]:
         sub.add_parser(cmd, help=text, parents=common).add_argument("name", metavar="NAME")
     sub.add_parser("list", help="list machines (the default command)", parents=common)
-    events = sub.add_parser("events", help="follow lifecycle events (of NAME, or of all machines)", parents=common)
+    events = sub.add_parser("events", help="follow lifecycle events (of NAME, or of all machines) until Ctrl-C",
+                            parents=common)
     events.add_argument("name", metavar="NAME", nargs="?")
     sub.add_parser("firmware", help="list QEMU firmware descriptors the daemon sees", parents=common)
     ssh = sub.add_parser("ssh", help="ssh into a running machine over vsock, with the key --pass-ssh-key made",
@@ -275,10 +276,6 @@ def _print_event(ev: Any, as_json: str | None) -> None:
 
 #: the commands that tell a running machine something: their method, and what the done thing is called
 CONTROLS = {"reboot": ("Reboot", "Rebooted"), "pause": ("Pause", "Paused"), "resume": ("Resume", "Resumed")}
-
-
-def _parse_signal(value: str | None) -> int | None:
-    return None if value is None else parse_signal("signal", value)
 
 
 async def _console(proxy: Any, name: str) -> int:
@@ -477,7 +474,7 @@ async def run(args: argparse.Namespace) -> int:
             info = (await getattr(proxy, call)(name=args.name))["machine"]
             _print_machine(info, args.json) if args.json else print(f"{done} {args.name}.")
         elif cmd == "kill":
-            info = (await proxy.Kill(name=args.name, signal=_parse_signal(args.signal)))["machine"]
+            info = (await proxy.Kill(name=args.name, signal=args.signal_number))["machine"]
             if args.json:
                 _print_machine(info, args.json)
             elif args.signal is None:
@@ -501,6 +498,9 @@ async def run(args: argparse.Namespace) -> int:
                           "(Ctrl-C to stop).", file=sys.stderr, flush=True)
                 else:
                     _print_event(r["event"], args.json)
+                if r["event"].event == "unsubscribed":  # the daemon ended the watch: events may be missed now
+                    print(f"vmspawnctl: no longer watching: {r['event'].reason}", file=sys.stderr)
+                    return EXIT_FAILURE
         elif cmd == "firmware":
             fw = (await proxy.ListFirmware())["firmware"]
             if args.json:
@@ -605,11 +605,13 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(program="vmspawnctl", level=command_level(args.quiet, args.verbose, args.log_level))
         if args.command == "create":  # checked (and --help answered) before the daemon is asked
             args.name, args.config = parse_create(args.rest)
+        if args.command == "kill":  # (a usage error, before the daemon is asked)
+            args.signal_number = None if args.signal is None else parse_signal("signal", args.signal)
     except SystemExit as e:
         return EXIT_USAGE if e.code not in (0, None) else EXIT_OK
     except ConfigError as e:
         print(f"vmspawnctl: {e}", file=sys.stderr)
-        return EXIT_USAGE if e.field == "arguments" else EXIT_FAILURE
+        return EXIT_USAGE if e.field in ("arguments", "signal") else EXIT_FAILURE
     except ValueError as e:  # --log-level
         print(f"vmspawnctl: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -620,8 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # our output's reader hung up (| head): stop quietly, nothing left to flush
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        return EXIT_FAILURE
+    except KeyboardInterrupt:  # (how one stops following events: not a failure)
+        return EXIT_OK if args.command == "events" else EXIT_FAILURE
     except SystemExit as e:
         return EXIT_OK if e.code in (0, None) else EXIT_USAGE
 
