@@ -81,7 +81,7 @@ class Machine:
         self.run_as = 0  # the uid QEMU and its helpers run as (the daemon's: the owner's, unless root's)
         self.lock = asyncio.Lock()
         self._starting: asyncio.Task[None] | None = None  # the current run's start, while it sets up
-        self._killed_start: Run | None = None  # the run whose start a Kill undid
+        self._undone_start: tuple[Run, str, str] | None = None  # the run whose start was undone: error, reason
         self._die_with_parent = die_with_parent
         self._on_event = on_event or (lambda kind, data: None)
         self._console_socket = console_socket
@@ -207,10 +207,11 @@ class Machine:
                 await starting
             except BaseException as e:
                 current = asyncio.current_task()
-                if self._killed_start is run and starting.cancelled() and not (current and current.cancelling()):
+                undone = self._undone_start
+                if undone and undone[0] is run and starting.cancelled() and not (current and current.cancelling()):
                     self.exit_status, self.failure = 1, None  # as after a Kill of the running VM
-                    self._set_state(State.STOPPED, exit_status=1, reason="killed while it was starting")
-                    raise StartError(f"{self.config.name} was killed while it was starting") from None
+                    self._set_state(State.STOPPED, exit_status=1, reason=undone[2])
+                    raise StartError(undone[1]) from None
                 error = e
                 if isinstance(e, OSError) and not isinstance(e, TimeoutError):  # the host refused something
                     where = f" ({e.filename})" if e.filename else ""
@@ -267,11 +268,8 @@ class Machine:
     async def kill(self, forced: bool = True, sig: int | None = None) -> None:
         """End QEMU now (QMP quit, then SIGKILL), or only send it ``sig``.  A start still setting up
         (an --ephemeral copy, a TPM being made, QEMU not yet answering) is undone at once, QEMU with it."""
-        starting = self._starting
-        if sig is None and starting is not None and not starting.done():
-            if self._killed_start is not self.run:  # (once: a second cancel would cut its undoing short)
-                self._killed_start = self.run
-                starting.cancel()
+        name = self.config.name
+        if sig is None and self._undo_start(f"{name} was killed while it was starting", "killed while it was starting"):
             async with self.lock:  # (held by that Start until it has undone it, and told its caller)
                 return
         async with self.lock:
@@ -279,6 +277,18 @@ class Machine:
         await run.kill(forced=forced, sig=sig)
         if sig is None:  # (a signal was sent whatever happened after)
             self._check_kept(run, "killing")
+
+    def _undo_start(self, error: str, reason: str) -> bool:
+        """Cancel the start still setting up, if there is one (True): its Start then fails with ``error``,
+        the machine stopped for ``reason``.  Once per run: a second cancel would cut its undoing short."""
+        starting = self._starting
+        if starting is None or starting.done():
+            return False
+        if self._undone_start is None or self._undone_start[0] is not self.run:
+            assert self.run is not None
+            self._undone_start = (self.run, error, reason)
+            starting.cancel()
+        return True
 
     async def wait(self) -> int:
         """Wait until the current run ended; return the exit status vmspawn should exit with."""
@@ -332,7 +342,10 @@ class Machine:
             return True
 
     async def detach(self) -> None:
-        """Let go of a running VM without stopping it (daemon shutdown): it stays adoptable."""
+        """Let go of a running VM without stopping it (daemon shutdown): it stays adoptable.  A start
+        still setting up (e.g. a long --ephemeral copy) is undone instead of waited for."""
+        self._undo_start(f"vmspawnd stopped while {self.config.name} was starting",
+                         "vmspawnd stopped while it was starting")
         async with self.lock:
             if self.run is not None:
                 await self.run.detach()

@@ -276,8 +276,8 @@ class Manager:
     async def shutdown(self) -> None:
         """Detach from every running VM (they keep running) and end all event streams."""
         self.stopping = True
-        for entry in list(self.machines.values()):
-            await entry.machine.detach()  # waits for a command in progress (e.g. a start) first
+        # all at once: each waits for a command in progress on its machine (a start is undone first)
+        await asyncio.gather(*(entry.machine.detach() for entry in list(self.machines.values())))
         for queue in list(self._subscribers):
             queue.put_nowait(None)
         self.spares.close()

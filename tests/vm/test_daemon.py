@@ -230,10 +230,9 @@ def test_a_vm_started_by_the_previous_version_is_adopted_after_an_upgrade(daemon
     assert daemon.ctl("stop", "older").returncode == 0 and daemon.status("older")["exitStatus"] == 0
 
 
-def test_a_kill_undoes_a_start_that_is_still_setting_up(daemon, guest, tmp_path):
-    """Kill while a Start copies an --ephemeral tree (its cp held stopped: the copy never ends on its
-    own) undoes that start at once, where it waited for the start to finish first: the Start is told,
-    the machine is stopped (no failure, as after a Kill of a running VM), no cp or copy is left."""
+def _start_held_in_its_copy(daemon, guest, tmp_path) -> tuple[subprocess.Popen[str], list[int]]:
+    """A ``vmspawnctl start`` of a machine whose --ephemeral tree is being copied, its cp held stopped
+    (so the copy never ends on its own); and the cp's pids."""
     tree = tmp_path / "tree"
     tree.mkdir()
     for i in range(20_000):
@@ -247,12 +246,13 @@ def test_a_kill_undoes_a_start_that_is_still_setting_up(daemon, guest, tmp_path)
         for pid in copying:
             os.kill(pid, signal.SIGSTOP)
         assert daemon.status("slow")["state"] == "starting"
-        killed = daemon.ctl("kill", "slow", timeout=30)
-        assert killed.returncode == 0, killed.stderr
-        _, said = start.communicate(timeout=30)
-    finally:
+    except BaseException:
         start.kill()
-    assert start.returncode != 0 and "slow was killed while it was starting" in said, said
+        raise
+    return start, copying
+
+
+def _undone_and_left_nothing(daemon, copying: list[int], tmp_path) -> None:
     st = daemon.status("slow")
     assert (st["state"], st["exitStatus"], st["failure"], st["pid"]) == ("stopped", 1, None, None), st
     assert all(process_gone(pid) for pid in copying)
@@ -260,6 +260,37 @@ def test_a_kill_undoes_a_start_that_is_still_setting_up(daemon, guest, tmp_path)
     assert daemon.ctl("start", "slow").returncode == 0  # and it starts again
     assert daemon.wait_for("slow", lambda s: s["ready"])["state"] == "running"
     assert daemon.ctl("kill", "slow").returncode == 0
+
+
+def test_a_kill_undoes_a_start_that_is_still_setting_up(daemon, guest, tmp_path):
+    """Kill while a Start copies an --ephemeral tree undoes that start at once, where it waited for the
+    start to finish first: the Start is told, the machine is stopped (no failure, as after a Kill of a
+    running VM), no cp or copy is left."""
+    start, copying = _start_held_in_its_copy(daemon, guest, tmp_path)
+    try:
+        killed = daemon.ctl("kill", "slow", timeout=30)
+        assert killed.returncode == 0, killed.stderr
+        _, said = start.communicate(timeout=30)
+    finally:
+        start.kill()
+    assert start.returncode != 0 and "slow was killed while it was starting" in said, said
+    _undone_and_left_nothing(daemon, copying, tmp_path)
+
+
+def test_a_daemon_that_stops_undoes_a_start_that_is_still_setting_up(daemon, guest, tmp_path):
+    """The daemon's own stop (SIGTERM, as systemctl stop sends) during a Start's --ephemeral copy undoes
+    that start at once, where it waited for the copy to finish (for ever here; past the unit's stop
+    timeout with a large tree, killed with its copy half made).  Nothing is left, and the next daemon
+    shows the machine stopped, startable."""
+    start, copying = _start_held_in_its_copy(daemon, guest, tmp_path)
+    try:
+        daemon.stop_daemon()  # (waits 30 s at most)
+        start.communicate(timeout=30)
+    finally:
+        start.kill()
+    assert start.returncode != 0
+    daemon.start()
+    _undone_and_left_nothing(daemon, copying, tmp_path)
 
 
 def test_daemon_sigterm_leaves_vms_running(daemon, guest, tmp_path):
