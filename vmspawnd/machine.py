@@ -81,6 +81,7 @@ class Machine:
         self.run_as = 0  # the uid QEMU and its helpers run as (the daemon's: the owner's, unless root's)
         self.lock = asyncio.Lock()
         self._starting: asyncio.Task[None] | None = None  # the current run's start, while it sets up
+        self.closing = False  # vmspawnd is stopping: no new run
         self._undone_start: tuple[Run, str, str] | None = None  # the run whose start was undone: error, reason
         self._die_with_parent = die_with_parent
         self._on_event = on_event or (lambda kind, data: None)
@@ -197,6 +198,8 @@ class Machine:
         async with self.lock:
             if self.removed:
                 raise NoSuchMachine(self.config.name)
+            if self.closing:  # (a Start that waited for the lock while vmspawnd began to stop)
+                raise WrongState(self.config.name, self.state.value, "vmspawnd is stopping")
             if self.state in ACTIVE:
                 raise WrongState(self.config.name, self.state.value, "it must be stopped to start")
             run = self.run = self._new_run(plan, launcher)
@@ -284,8 +287,10 @@ class Machine:
         starting = self._starting
         if starting is None or starting.done():
             return False
+        assert self.run is not None
+        if self.run.failing:  # it fails on its own: its clean-up is not cut short, its error is kept
+            return True
         if self._undone_start is None or self._undone_start[0] is not self.run:
-            assert self.run is not None
             self._undone_start = (self.run, error, reason)
             starting.cancel()
         return True
@@ -343,7 +348,9 @@ class Machine:
 
     async def detach(self) -> None:
         """Let go of a running VM without stopping it (daemon shutdown): it stays adoptable.  A start
-        still setting up (e.g. a long --ephemeral copy) is undone instead of waited for."""
+        still setting up (e.g. a long --ephemeral copy) is undone instead of waited for; a Start that
+        comes later is refused."""
+        self.closing = True
         self._undo_start(f"vmspawnd stopped while {self.config.name} was starting",
                          "vmspawnd stopped while it was starting")
         async with self.lock:

@@ -479,6 +479,8 @@ class Manager:
     async def start(self, name: str, expected: Entry | None = None) -> Entry:
         """Start a machine; raises StartError / ConfigError with the reason if it fails."""
         entry = self.get_exactly(name, expected)
+        if self.stopping:  # (a machine defined since the stop began was not let go of: it must not run)
+            raise WrongState(name, entry.machine.state.value, "vmspawnd is stopping")
         if entry.definition_error is not None:
             raise StartError(entry.definition_error + " (fix or remove it)")
         await entry.machine.start(after=self._attach_console)

@@ -175,6 +175,7 @@ class Run:
         self._output: QemuOutput | None = None  # QEMU's stdout and stderr, read by a daemon's run
         self._running = False
         self._detached = False
+        self.failing = False  # its start failed, and it is releasing what it had acquired
         self._failure: str | None = None  # why the run fails, known before QEMU ends (a helper died, terminated)
         self._qmp: Qmp | None = None
         self._channel: NotifyChannel | None = None  # the guest's notifications
@@ -204,6 +205,7 @@ class Run:
             await self._open_stacks()
             await self._start()
         except BaseException:
+            self.failing = True  # (a Kill now waits for this, rather than cutting it short)
             await self._close_failed()
             raise
         self._running = True
@@ -1081,7 +1083,9 @@ class Run:
                 await asyncio.shield(self.ended.wait())
         except Exception as e:  # TimeoutError, or QMP trouble
             if not self.ended.is_set() and not self._detached:
-                if not self._forcing_off:  # (once: two clients' stops may time out together)
+                # once (two clients' stops may time out together), and not when a Kill ends it anyway
+                # (whose QMP quit the power button's press may have met)
+                if not self._forcing_off and not self.forced:
                     self._forcing_off = True
                     why = (f"the guest did not power off within {timeout:g} s; it was forced off"
                            if isinstance(e, TimeoutError) else
@@ -1123,6 +1127,9 @@ class Run:
     async def detach(self) -> None:
         """Let go of the running VM without stopping it (daemon shutdown): it stays adoptable."""
         if self.ended.is_set():
+            return
+        if self._qemu_exited.is_set() or (self.qemu is not None and not self.qemu.alive):
+            await self.ended.wait()  # it ended just now: its clean-up is finished, not cut short
             return
         self._save()
         self._detached = True
