@@ -81,6 +81,7 @@ class Machine:
         self.run_as = 0  # the uid QEMU and its helpers run as (the daemon's: the owner's, unless root's)
         self.lock = asyncio.Lock()
         self._starting: asyncio.Task[None] | None = None  # the current run's start, while it sets up
+        self._start_settled = asyncio.Event()
         self.closing = False  # vmspawnd is stopping: no new run
         self._undone_start: tuple[Run, str, str] | None = None  # the run whose start was undone: error, reason
         self._die_with_parent = die_with_parent
@@ -205,6 +206,7 @@ class Machine:
             run = self.run = self._new_run(plan, launcher)
             self.guest_status, self.exit_status, self.failure, self._warnings = None, None, None, []
             self._set_state(State.STARTING)
+            self._start_settled = asyncio.Event()  # (set once its outcome is the machine's state)
             starting = self._starting = asyncio.ensure_future(run.start())  # (a Kill may cancel it alone)
             try:
                 await starting
@@ -227,6 +229,7 @@ class Machine:
                 raise
             finally:
                 self._starting = None
+                self._start_settled.set()
             self._set_state(State.RUNNING, pid=run.pid)
             if run.readiness.ready:  # the guest was faster than QMP and registration: "ready" follows "running"
                 self._emit("ready", **({"status": self.guest_status} if self.guest_status is not None else {}))
@@ -272,9 +275,10 @@ class Machine:
         """End QEMU now (QMP quit, then SIGKILL), or only send it ``sig``.  A start still setting up
         (an --ephemeral copy, a TPM being made, QEMU not yet answering) is undone at once, QEMU with it."""
         name = self.config.name
+        settled = self._start_settled
         if sig is None and self._undo_start(f"{name} was killed while it was starting", "killed while it was starting"):
-            async with self.lock:  # (held by that Start until it has undone it, and told its caller)
-                return
+            await settled.wait()  # (not the lock: a Start queued behind that one is not this Kill's)
+            return
         async with self.lock:
             run = self._check(State.RUNNING, State.STOPPING, wanted="only a running machine can be killed")
         await run.kill(forced=forced, sig=sig)

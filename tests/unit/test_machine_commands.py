@@ -67,3 +67,25 @@ async def test_a_start_waiting_while_vmspawnd_stops_is_refused(tmp_path, failing
     with pytest.raises(WrongState, match="vmspawnd is stopping"):
         await second
     assert failing_start == ["releasing", "released"]  # the second never ran
+
+
+async def test_a_kill_that_undid_a_start_does_not_wait_for_the_start_queued_behind_it(tmp_path, monkeypatch):
+    async def start_and_hang(run: Run) -> None:
+        run.on_cleanup_async(lambda: asyncio.sleep(0.1))
+        await asyncio.sleep(3600)  # (an --ephemeral copy that takes long)
+
+    monkeypatch.setattr(Run, "_start", start_and_hang)
+    machine = _machine(tmp_path)
+    first = asyncio.ensure_future(machine.start())
+    await _until(lambda: machine.run is not None)
+    second = asyncio.ensure_future(machine.start())  # another client's, queued behind the first
+    await asyncio.sleep(0)
+    async with asyncio.timeout(10):  # (it waited for the lock, which the second start then held)
+        await machine.kill()
+    with pytest.raises(StartError, match="vm was killed while it was starting"):
+        await first
+    await _until(lambda: machine.state is State.STARTING)
+    await machine.kill()  # the second start, undone in its turn
+    with pytest.raises(StartError, match="killed while it was starting"):
+        await second
+    assert machine.state is State.STOPPED
