@@ -244,6 +244,33 @@ async def test_a_helper_units_end_is_told_by_systemd_not_found_by_a_later_look(t
         await units.aclose()
 
 
+async def test_a_helper_unit_whose_start_is_undone_does_not_run_on(tmp_path, monkeypatch) -> None:
+    """A Kill undoes a start by cancelling it; a cancel that comes once systemd has started a helper's
+    unit (here: while its pid is looked up) stops that unit, where it ran on untracked."""
+    looking_up = asyncio.Event()
+
+    async def slow_load(service) -> None:
+        looking_up.set()
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(runner_module.UnitService, "_load", slow_load)
+    units = await UnitRunner.connect()
+    unit = "vmspawnd-test-undone.service"
+    try:
+        start = asyncio.ensure_future(units.start(ServiceSpec(
+            name="vmspawnd-test-undone", argv=(sys.executable, "-c", "import time; time.sleep(60)"),
+            ready_path=tmp_path / "never.sock")))
+        await asyncio.wait_for(looking_up.wait(), 20)
+        assert sh("systemctl", "is-active", unit, check=False).stdout.strip() == "active"
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(start, 20)
+        assert sh("systemctl", "is-active", unit, check=False).stdout.strip() != "active"
+    finally:
+        sh("systemctl", "stop", unit, check=False)
+        await units.aclose()
+
+
 def virtiofsd_translates() -> bool:
     try:
         return find_virtiofsd().translate_ids

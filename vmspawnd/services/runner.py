@@ -527,10 +527,13 @@ class UnitRunner:
         self._referenced.append(unit)  # (a unit whose start failed stays loaded while referenced)
         try:
             path = await self.manager.start_transient_unit(unit, transient_unit_properties(spec), spec.ready_timeout)
-        except (UnitStartError, DBusCallError) as e:
-            raise ServiceError(spec.name, str(e)) from e
-        service = UnitService(self, spec, unit, path)
-        await service._load()
+            service = UnitService(self, spec, unit, path)
+            await service._load()
+        except BaseException as e:  # (a timeout or a cancel may come after systemd has started it: it must not run on)
+            await asyncio.shield(self._stop_quietly(unit))
+            if isinstance(e, (UnitStartError, DBusCallError)):
+                raise ServiceError(spec.name, str(e)) from e
+            raise
         service.log.debug("unit started", unit=unit, pid=service.pid, argv=" ".join(spec.argv))
         try:
             await service._wait_ready()
@@ -538,6 +541,11 @@ class UnitRunner:
             await service.stop(timeout=1.0)
             raise
         return service
+
+    async def _stop_quietly(self, unit: str) -> None:
+        """Stop ``unit`` if it runs (nothing if it is not loaded, or failed)."""
+        with contextlib.suppress(Exception):
+            await self.manager.stop_unit(unit, timeout=DEFAULT_STOP_TIMEOUT)
 
     async def adopt(self, name: str, unit: str, *, log_path: Path | None = None,
                     identity: Identity = ROOT) -> UnitService:
