@@ -81,7 +81,8 @@ class Machine:
         self.run_as = 0  # the uid QEMU and its helpers run as (the daemon's: the owner's, unless root's)
         self.lock = asyncio.Lock()
         self._starting: asyncio.Task[None] | None = None  # the current run's start, while it sets up
-        self._start_settled = asyncio.Event()
+        self._start_settled: asyncio.Event | None = None  # the current start's outcome is the state (made per
+        # start: an Event per defined machine cost ≈ 1 KB of a daemon's memory each)
         self.closing = False  # vmspawnd is stopping: no new run
         self._undone_start: tuple[Run, str, str] | None = None  # the run whose start was undone: error, reason
         self._die_with_parent = die_with_parent
@@ -206,7 +207,7 @@ class Machine:
             run = self.run = self._new_run(plan, launcher)
             self.guest_status, self.exit_status, self.failure, self._warnings = None, None, None, []
             self._set_state(State.STARTING)
-            self._start_settled = asyncio.Event()  # (set once its outcome is the machine's state)
+            settled = self._start_settled = asyncio.Event()
             starting = self._starting = asyncio.ensure_future(run.start())  # (a Kill may cancel it alone)
             try:
                 await starting
@@ -229,7 +230,7 @@ class Machine:
                 raise
             finally:
                 self._starting = None
-                self._start_settled.set()
+                settled.set()
             self._set_state(State.RUNNING, pid=run.pid)
             if run.readiness.ready:  # the guest was faster than QMP and registration: "ready" follows "running"
                 self._emit("ready", **({"status": self.guest_status} if self.guest_status is not None else {}))
@@ -277,6 +278,7 @@ class Machine:
         name = self.config.name
         settled = self._start_settled
         if sig is None and self._undo_start(f"{name} was killed while it was starting", "killed while it was starting"):
+            assert settled is not None  # (made before the start it undid)
             await settled.wait()  # (not the lock: a Start queued behind that one is not this Kill's)
             return
         async with self.lock:
