@@ -371,7 +371,7 @@ def main() -> int:
         print(f"{row:52} {f['stat']:6} {f['value']:8.3f} {f['unit']}  (min {f['min']:.3f}, max {f['max']:.3f}, "
               f"{f['runs']} runs)  {verdict(f)}")
     if args.json:
-        args.json.write_text(json.dumps(results | {"failed": failures}, indent=2, ensure_ascii=False) + "\n")
+        args.json.write_text(json.dumps(results | {"failed": failures, "repeated": boot_ratio.REPEATED}, indent=2, ensure_ascii=False) + "\n")
     if args.markdown:
         args.markdown.write_text(report(results, failures))
     return 1 if failures else 0
@@ -404,6 +404,10 @@ def report(results: dict, failures: dict[str, str]) -> str:
     if failures:
         lines += ["", "**Failed in this run** (their rows are missing above):", ""]
         lines += [f"- `{group}`: {why}" for group, why in failures.items()]
+    if boot_ratio.REPEATED:
+        lines += ["", "**Run again in this run** (a group of VMs at once in which a guest gave no READY=1; the "
+                  "figures above are from its second run):", ""]
+        lines += [f"- {why}" for why in boot_ratio.REPEATED]
     notes = Path(__file__).with_name("notes.md")
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
