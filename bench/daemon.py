@@ -73,6 +73,28 @@ def bench_daemon(state: Path | None = None, env: dict[str, str] | None = None
         release_runtime_base(base)
 
 
+def settled(pid: int, quiet: float = 0.5, limit: float = 10.0) -> None:
+    """Wait (≥ 1 s) until the process ``pid`` used no CPU for ``quiet`` seconds (or ``limit`` passed): a
+    daemon has then made what it makes ahead of need, and trimmed its heap after (a fixed second was
+    too short in a slow hour, and caught it still at work: 1–2 MB more)."""
+    def cpu() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    time.sleep(1)
+    deadline, last, since = time.monotonic() + limit, cpu(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        time.sleep(0.1)
+        if (now := cpu()) != last:
+            last, since = now, time.monotonic()
+
+
+def resident_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
 def guest_config(guest, **settings: str) -> dict:
     """A daemon's definition of the test guest (BIOS, no TPM, no vsock, READY=1, then it idles)."""
     return {"linux": str(guest.kernel), "initrds": [str(guest.initrd)], "ram": "256M", "firmware": "bios", "tpm": "no",
@@ -80,10 +102,11 @@ def guest_config(guest, **settings: str) -> dict:
 
 
 def daemon_start(stamps: Stamps, guest, runs: int, tpm: bool = False,
-                 before_each: Callable[[int], None] | None = None) -> list[float]:
+                 before_each: Callable[[int], None] | None = None, memory: list[float] | None = None) -> list[float]:
     """ms from a Start (after idling, as between requests) to QEMU's exec, ``runs`` times;
-    ``before_each(i)`` runs before the idling that precedes start ``i``."""
-    with bench_daemon(env=stamps.env) as (_, sock):
+    ``before_each(i)`` runs before the idling that precedes start ``i``; ``memory``: the daemon's
+    resident MB, idle after those runs, is added to it."""
+    with bench_daemon(env=stamps.env) as (daemon, sock):
         config = guest_config(guest, tpm="yes" if tpm else "no", tpmState="off")
         assert "error" not in call(sock, "io.vmspawnd.Manager.Create", {"name": "bench", "config": config})
         samples = []
@@ -100,4 +123,7 @@ def daemon_start(stamps: Stamps, guest, runs: int, tpm: bool = False,
             assert "error" not in reply, reply
             samples.append((stamps.qemu_exec()[1] - start) / 1e6)
             call(sock, "io.vmspawnd.Manager.Kill", {"name": "bench"}, timeout=60)
+        if memory is not None:
+            settled(daemon.pid)
+            memory.append(resident_kb(daemon.pid) / 1024)
         return samples

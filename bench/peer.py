@@ -183,14 +183,15 @@ def inside_starts(rounds: int) -> dict[str, list[float]]:
         time.sleep(IDLE)
         scopes.append(asyncio.run(_scope(f"benchscope{i}")))
 
+    memory: list[float] = []
     starts = daemon_start(Stamps(Path(STAMP_INSIDE), Path(tempfile.mkdtemp(prefix="bench-starts-")) / "stamps",
                                  find_qemu()),
                           SimpleNamespace(kernel=guest / "vmlinuz", initrd=guest / "initrd.img"), rounds,
-                          before_each=scope_first)
+                          before_each=scope_first, memory=memory)
     stamps = Stamps(Path(STAMP_INSIDE), Path(tempfile.mkdtemp(prefix="bench-exits-")) / "stamps", find_qemu())
     _to_exec, to_gone = vmspawn_runs(stamps, SimpleNamespace(kernel=guest / "vmlinuz", initrd=guest / "initrd.img"),
                                      rounds, tpm="yes")
-    return {"start": starts, "scope": scopes, "exit with a TPM": to_gone}
+    return {"start": starts, "scope": scopes, "exit with a TPM": to_gone, "memory": memory}
 
 
 async def _scope(name: str) -> float:

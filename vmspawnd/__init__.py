@@ -7,11 +7,14 @@ __version__ = "0.1.0"
 
 
 def docs_url() -> str:
-    """Where this copy's README is (``varlinkctl info`` shows it as the URL)."""
+    """Where this copy's README is (``varlinkctl info`` shows it as the URL).  Not by ``Path.as_uri``:
+    from Python 3.14 on that imports urllib.request, and with it http.client, email, ssl and
+    libcrypto (≈ 3 MB resident in the daemon, for its life)."""
     from pathlib import Path  # not at the top: `vmspawn` imports this package before it starts QEMU's launcher
+    from urllib.parse import quote
 
     for readme in (Path(sys.prefix) / "share/doc/vmspawnd/README.md",
                    Path(__file__).resolve().parents[1] / "README.md"):
         if readme.is_file():
-            return readme.as_uri()
+            return "file://" + quote(str(readme))
     return "file:///usr/local/share/doc/vmspawnd/README.md"

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmspawnd import lean
 from vmspawnd.errors import ConfigError
 
 MIB = 1024 * 1024
@@ -29,12 +30,9 @@ MAX_NAME_LENGTH = 64
 
 
 def sha256(text: str) -> bytes:
-    """The SHA-256 digest of ``text`` (UTF-8).  hashlib is imported here, when a name first needs
-    hashing: it loads libcrypto (≈ 3.4 MB resident, ≈ 2 ms), which a VM that hashes nothing before
-    QEMU starts, and a daemon before its first VM, need not load."""
-    import hashlib
-
-    return hashlib.sha256(text.encode()).digest()
+    """The SHA-256 digest of ``text`` (UTF-8), by hashlib without OpenSSL (lean.py), imported when a
+    name first needs hashing."""
+    return lean.hashlib().sha256(text.encode()).digest()
 
 
 def path_problem(path: Path, directory: bool = False) -> str | None:

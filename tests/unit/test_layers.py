@@ -69,8 +69,8 @@ def test_there_is_no_import_cycle() -> None:
 
 def test_values_and_errors_are_the_bottom() -> None:
     found = imports()
-    assert found["vmspawnd.errors"][0] == set()
-    assert found["vmspawnd.values"][0] == {"vmspawnd.errors"}
+    assert found["vmspawnd.errors"][0] == found["vmspawnd.lean"][0] == set()
+    assert found["vmspawnd.values"][0] == {"vmspawnd.errors", "vmspawnd.lean"}
     assert found["vmspawnd.config"][0] <= {"vmspawnd.errors", "vmspawnd.values", "vmspawnd.systemd.properties"}
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmspawnd import lean
 from vmspawnd.pathwatch import appears
 from vmspawnd.qemu.vsock import GuestVsock, VsockBackend
 from vmspawnd.systemd.units import (
@@ -136,6 +137,7 @@ async def dbus_call(member: str, signature: str, body: list[Any], timeout: float
                     interface: str = MACHINED_MANAGER_IFACE) -> list[Any]:
     """One D-Bus call (by default to machined's manager, which activates machined) on a connection of its
     own: only a host whose machined has no varlink interface needs it, once per registration."""
+    lean.hashlib()  # (before dbus-fast imports it)
     from dbus_fast import BusType, Message, MessageType
     from dbus_fast.aio import MessageBus
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 
+from vmspawnd import lean
 from vmspawnd.log import get_logger
 from vmspawnd.proc import process_start_time
 
@@ -26,6 +27,7 @@ async def authorized(action: str, pid: int, uid: int, start_time: int, timeout: 
     """True only if polkit says the process ``pid`` of ``uid``, started at ``start_time``, may do
     ``action`` now, and that process ran all along."""
     # dbus-fast on first use: start-up speed (a root-only daemon never asks polkit)
+    lean.hashlib()  # (before dbus-fast imports it)
     from dbus_fast import BusType, Message, MessageType, Variant
     from dbus_fast.aio import MessageBus
 

@@ -16,6 +16,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from vmspawnd import lean
 from vmspawnd.log import get_logger
 
 # dbus-fast is imported on first use: on a host without systemd, vmspawn never pays for it.
@@ -64,6 +65,7 @@ class SystemdManager:
     @classmethod
     async def connect(cls, bus_type: Any = None, address: str | None = None) -> SystemdManager:
         """Connect to the manager's bus (default: the system bus) and subscribe to JobRemoved."""
+        lean.hashlib()  # (before dbus-fast imports it)
         from dbus_fast import BusType
         from dbus_fast.aio import MessageBus
 
@@ -249,6 +251,7 @@ async def connect_systemd(timeout: float = CONNECT_TIMEOUT, systemd_dir: Path = 
     """The system (root) or user manager if systemd runs and it answers in time; else (None, why not)."""
     if address is None and not systemd_dir.is_dir():
         return None, f"systemd is not the service manager here (no {systemd_dir})"
+    lean.hashlib()  # (before dbus-fast imports it)
     from dbus_fast import BusType
     from dbus_fast.aio import MessageBus  # noqa: F401  (imported before the clock starts)
 
