@@ -8,8 +8,9 @@ __version__ = "0.1.0"
 
 def docs_url() -> str:
     """Where this copy's README is (``varlinkctl info`` shows it as the URL).  Not by ``Path.as_uri``:
-    from Python 3.14 on that imports urllib.request, and with it http.client, email, ssl and
-    libcrypto (≈ 3 MB resident in the daemon, for its life)."""
+    from Python 3.14 on that imports urllib.request, and with it http.client, email, ssl and OpenSSL's
+    libraries (with dbus-fast's hashlib, vmspawnd/lean.py: 6.5 MB resident in the daemon, for its life,
+    measured in the forky tree)."""
     from pathlib import Path  # not at the top: `vmspawn` imports this package before it starts QEMU's launcher
     from urllib.parse import quote
 
