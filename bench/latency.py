@@ -352,7 +352,8 @@ def main() -> int:
         print(f"{row:52} {f['stat']:6} {f['value']:8.3f} {f['unit']}  (min {f['min']:.3f}, max {f['max']:.3f}, "
               f"{f['runs']} runs)  {verdict(f)}")
     if args.json:
-        args.json.write_text(json.dumps(results | {"failed": failures, "repeated": boot_ratio.REPEATED}, indent=2, ensure_ascii=False) + "\n")
+        found = results | {"failed": failures, "repeated": boot_ratio.REPEATED}
+        args.json.write_text(json.dumps(found, indent=2, ensure_ascii=False) + "\n")
     if args.markdown:
         args.markdown.write_text(report(results, failures))
     return 1 if failures else 0

@@ -36,8 +36,8 @@ def test_the_commands_load_no_tls_or_libcrypto_until_something_asks_for_it() -> 
 def test_the_commands_load_no_bz2_lzma_or_zstd_and_both_still_work_when_asked_for(tmp_path) -> None:
     # (vmspawnd/cli/__init__.py: shutil imports them only for archive formats no command uses)
     assert python("import sys, vmspawnd.cli.vmspawnd, vmspawnd.cli.vmspawnctl, vmspawnd.cli.foreground; "
-                  "print([m for m in ('bz2', '_bz2', 'lzma', '_lzma', 'compression.zstd', '_zstd') if m in sys.modules])"
-                  ) == "[]"
+                  "print([m for m in ('bz2', '_bz2', 'lzma', '_lzma', 'compression.zstd', '_zstd') "
+                  "if m in sys.modules])") == "[]"
     source, copy = tmp_path / "nvram", tmp_path / "copy"
     source.write_bytes(b"vars")
     assert python(f"import vmspawnd.cli, shutil, bz2, lzma; shutil.copyfile({str(source)!r}, {str(copy)!r}); "
