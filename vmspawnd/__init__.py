@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """vmspawnd: run virtual machines the systemd way, from the command line or as a service."""
 
+import os
 import sys
 
 __version__ = "0.1.0"
@@ -12,10 +13,10 @@ def docs_url() -> str:
     libraries (with dbus-fast's hashlib, vmspawnd/lean.py: 6.5 MB resident in the daemon, for its life,
     measured in the forky tree)."""
     from pathlib import Path  # not at the top: `vmspawn` imports this package before it starts QEMU's launcher
-    from urllib.parse import quote
+    from urllib.parse import quote_from_bytes
 
     for readme in (Path(sys.prefix) / "share/doc/vmspawnd/README.md",
                    Path(__file__).resolve().parents[1] / "README.md"):
         if readme.is_file():
-            return "file://" + quote(str(readme))
+            return "file://" + quote_from_bytes(os.fsencode(readme))  # (a path of any bytes, as as_uri)
     return "file:///usr/local/share/doc/vmspawnd/README.md"

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import vmspawnd
 from tests.rawvarlink import call
 from vmspawnd.interface import interface_description
 from vmspawnd.server import OVERRIDDEN, EncodedJson, encode_message, hooks_astray
@@ -335,3 +338,14 @@ def test_a_name_that_differs_from_anothers_only_in_case_is_refused(daemon):
     assert refused["parameters"]["field"] == "name" and "MyVM" in refused["parameters"]["reason"], refused
     assert "error" not in call(daemon.socket, "io.vmspawnd.Manager.Remove", {"name": "MyVM"})
     assert "error" not in call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": "myvm", "config": config})
+
+
+def test_the_readme_url_is_a_file_url_for_a_path_of_any_bytes(tmp_path, monkeypatch) -> None:
+    # (vmspawnd.docs_url: not made by Path.as_uri, which imports ssl on Python 3.14, but the same URL)
+    copy = tmp_path / os.fsdecode(b"a copy \xff%")
+    (copy / "vmspawnd").mkdir(parents=True)
+    (copy / "README.md").write_text("readme\n")
+    monkeypatch.setattr(vmspawnd, "__file__", str(copy / "vmspawnd" / "__init__.py"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "no-prefix"))
+    assert vmspawnd.docs_url() == (copy / "README.md").as_uri()
+    assert "%FF" in vmspawnd.docs_url() and "%20" in vmspawnd.docs_url()
