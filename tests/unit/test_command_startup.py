@@ -45,6 +45,13 @@ def test_the_commands_load_no_bz2_lzma_or_zstd_and_both_still_work_when_asked_fo
     assert copy.read_bytes() == b"vars"
 
 
+def test_the_commands_load_no_libuuid_and_still_make_random_uuids() -> None:
+    # (vmspawnd/cli/__init__.py: uuid imports it only for time-based UUIDs, which no command makes)
+    assert python("import sys, vmspawnd.cli.vmspawnd, vmspawnd.cli.vmspawnctl, vmspawnd.cli.foreground, uuid; "
+                  "a, b = uuid.uuid4(), uuid.uuid4(); "
+                  "print('_uuid' in sys.modules, a != b, a.version, a.variant == uuid.RFC_4122)") == "False True 4 True"
+
+
 def test_vmspawn_loads_no_structlog_before_it_has_something_to_log() -> None:
     # (vmspawnd/log.py: a logger imports it for the first event that reaches the level)
     assert python("import sys, vmspawnd.cli.vmspawnctl, vmspawnd.cli.foreground; "
