@@ -192,12 +192,14 @@ class ManagerCalls:
     def __init__(self, manager: Manager) -> None:
         self.manager = manager
 
-    async def _controlled(self, name: str, what: str) -> Entry:
-        """The machine ``name``, if the caller may control it (its owner, root, or polkit's yes)."""
+    async def _controlled(self, name: str, what: str) -> tuple[Entry, int]:
+        """The machine ``name``, if the caller may control it (its owner, root, or polkit's yes), and its
+        :attr:`Machine.ownership` it was authorized for (the command is refused if a reload changes it)."""
         entry = self._entry(name)
+        authorized = entry.machine.ownership
         with typed_errors(name):
             await require_owner(entry.owner, what)
-        return entry
+        return entry, authorized
 
     def _entry(self, name: str) -> Entry:
         _check_name(name)
@@ -217,27 +219,28 @@ class ManagerCalls:
 
     async def start(self, name: str) -> MachineInfo:
         entry = self._entry(name)
+        authorized = entry.machine.ownership  # (a reload may change owner and run_as while polkit is asked)
         with typed_errors(name):
             await require_start(entry.owner, entry.run_as)
         with typed_errors(name, start=True):
-            entry = await self.manager.start(name, expected=entry)
+            entry = await self.manager.start(name, expected=entry, authorized=authorized)
         return machine_info(name, entry)
 
     async def stop(self, name: str, timeout: float | None) -> MachineInfo:
-        expected = await self._controlled(name, "stopping")
+        expected, authorized = await self._controlled(name, "stopping")
         if timeout is not None and not 0 <= timeout <= MAX_STOP_TIMEOUT:
             raise InvalidConfigError(field="timeout", reason=f"invalid timeout={timeout!r}: must be between 0 and "
                                                              f"{MAX_STOP_TIMEOUT:.0f} seconds")
         with typed_errors(name):
-            entry = await self.manager.stop(name, 10.0 if timeout is None else timeout, expected)
+            entry = await self.manager.stop(name, 10.0 if timeout is None else timeout, expected, authorized)
         return machine_info(name, entry)
 
     async def kill(self, name: str, signal: int | None) -> MachineInfo:
-        expected = await self._controlled(name, "killing")
+        expected, authorized = await self._controlled(name, "killing")
         if signal is not None and not valid_signal(signal):
             raise InvalidConfigError(field="signal", reason=f"invalid signal={signal!r}: not a signal number")
         with typed_errors(name):
-            entry = await self.manager.kill(name, signal, expected)
+            entry = await self.manager.kill(name, signal, expected, authorized)
         return machine_info(name, entry)
 
     async def reboot(self, name: str) -> MachineInfo:
@@ -250,15 +253,15 @@ class ManagerCalls:
         return await self._control(name, Control.RESUME, "resuming")
 
     async def _control(self, name: str, what: Control, doing: str) -> MachineInfo:
-        expected = await self._controlled(name, doing)
+        expected, authorized = await self._controlled(name, doing)
         with typed_errors(name):
-            entry = await self.manager.control(name, what, expected)
+            entry = await self.manager.control(name, what, expected, authorized)
         return machine_info(name, entry)
 
     async def remove(self, name: str) -> None:
-        expected = await self._controlled(name, "removing")
+        expected, authorized = await self._controlled(name, "removing")
         with typed_errors(name):
-            await self.manager.remove(name, expected)
+            await self.manager.remove(name, expected, authorized)
 
     def describe(self, name: str) -> MachineInfo:
         return machine_info(name, self._entry(name))
@@ -300,7 +303,9 @@ class ManagerCalls:
                          features=list(d.features), valid=d.valid) for d in enumerate_descriptors()]
 
     async def open_console(self, name: str) -> FileDescriptor:
-        entry = await self._controlled(name, "opening the console")
+        entry, authorized = await self._controlled(name, "opening the console")
+        with typed_errors(name):
+            entry.machine.check_authorized(authorized)
         console = entry.console
         if console is None or entry.machine.state is not State.RUNNING:
             raise WrongStateError(name=name, state=entry.machine.state.value,

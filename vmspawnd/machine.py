@@ -79,6 +79,8 @@ class Machine:
         self._warnings: list[str] = []  # the last run's, once it ended (Run.warnings)
         self.removed = False  # set (under the lock) by the daemon's Remove: commands then find no machine
         self.run_as = 0  # the uid QEMU and its helpers run as (the daemon's: the owner's, unless root's)
+        self.ownership = 0  # bumped (under the lock) when a reload changes its owner or run_as: what a
+        # command was authorized for is then no longer what it would act on (see check_authorized)
         self.lock = asyncio.Lock()
         self._starting: asyncio.Task[None] | None = None  # the current run's start, while it sets up
         self._start_settled: asyncio.Event | None = None  # the current start's outcome is the state (made per
@@ -182,24 +184,35 @@ class Machine:
                 self._set_state(State.STOPPED, exit_status=run.exit_status,
                                 reason="; ".join(self.warnings) if self.warnings else None)
 
-    def _check(self, *states: State, wanted: str) -> Run:
-        """Under the lock: the current run, if the machine is in one of ``states``."""
+    def check_authorized(self, ownership: int | None) -> None:
+        """Refuse a command authorized while the machine's :attr:`ownership` was ``ownership`` (None: not
+        asked) if a reload changed its owner or run_as since.  Under the lock, or with nothing awaited
+        between this check and the act."""
+        if ownership is not None and ownership != self.ownership:
+            raise WrongState(self.config.name, self.state.value, "its owner or the user it runs as changed (its "
+                             "definition was reloaded) while this was being authorized; try again")
+
+    def _check(self, *states: State, wanted: str, authorized: int | None = None) -> Run:
+        """Under the lock: the current run, if the machine is in one of ``states`` (and the command
+        was ``authorized`` for it as it is: :meth:`check_authorized`)."""
         if self.removed:
             raise NoSuchMachine(self.config.name)
+        self.check_authorized(authorized)
         if self.state not in states or self.run is None:
             raise WrongState(self.config.name, self.state.value, wanted)
         return self.run
 
     # ---------------------------------------------------------------- commands
     async def start(self, after: AfterStart | None = None, plan: LaunchPlan | None = None,
-                    launcher: QemuProcess | None = None) -> None:
+                    launcher: QemuProcess | None = None, authorized: int | None = None) -> None:
         """Start a new run (``after`` runs once it is up, still under the lock) with the launch
         ``plan`` the caller made (else the run makes it) and the exec-late ``launcher`` it started
-        (else the run starts one).  On failure everything acquired is released and the machine is
-        failed with the reason."""
+        (else the run starts one); ``authorized``: see :meth:`check_authorized`.  On failure everything
+        acquired is released and the machine is failed with the reason."""
         async with self.lock:
             if self.removed:
                 raise NoSuchMachine(self.config.name)
+            self.check_authorized(authorized)
             if self.closing:  # (a Start that waited for the lock while vmspawnd began to stop)
                 raise WrongState(self.config.name, self.state.value, "vmspawnd is stopping")
             if self.state in ACTIVE:
@@ -237,21 +250,23 @@ class Machine:
             if after is not None:
                 await after(run)
 
-    async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+    async def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT, authorized: int | None = None) -> None:
         """Ask the guest to power off (ACPI over QMP); force it after ``timeout`` seconds."""
         async with self.lock:
-            run = self._check(State.RUNNING, State.STOPPING, wanted="only a running machine can be stopped")
+            run = self._check(State.RUNNING, State.STOPPING, wanted="only a running machine can be stopped",
+                              authorized=authorized)
             if self.state is State.RUNNING:
                 self._set_state(State.STOPPING)
         await run.stop(timeout)  # bound to that run: a later run is never touched
         self._check_kept(run, "stopping")
 
-    async def control(self, what: Control) -> None:
+    async def control(self, what: Control, authorized: int | None = None) -> None:
         """Reboot, pause or resume the running VM (QMP ``system_reset``, ``stop``, ``cont``).  Like Stop
         and Kill, bound to the run found under the lock; the run orders it with a Stop's press of the
         power button (which resumes a paused VM first: a paused guest cannot see the button)."""
         async with self.lock:
-            run = self._check(State.RUNNING, wanted=f"only a running machine can be {what.value}")
+            run = self._check(State.RUNNING, wanted=f"only a running machine can be {what.value}",
+                              authorized=authorized)
         act = {Control.REBOOT: run.reboot, Control.PAUSE: run.pause, Control.RESUME: run.resume}[what]
         try:
             await act()
@@ -272,17 +287,19 @@ class Machine:
             raise WrongState(self.config.name, self.state.value, f"vmspawnd stopped before {doing} it finished; "
                              "the VM still runs, and vmspawnd takes it over when it starts again")
 
-    async def kill(self, forced: bool = True, sig: int | None = None) -> None:
+    async def kill(self, forced: bool = True, sig: int | None = None, authorized: int | None = None) -> None:
         """End QEMU now (QMP quit, then SIGKILL), or only send it ``sig``.  A start still setting up
         (an --ephemeral copy, a TPM being made, QEMU not yet answering) is undone at once, QEMU with it."""
         name = self.config.name
         settled = self._start_settled
+        self.check_authorized(authorized)  # (an undone start is not waited for under the lock)
         if sig is None and self._undo_start(f"{name} was killed while it was starting", "killed while it was starting"):
             assert settled is not None  # (made before the start it undid)
             await settled.wait()  # (not the lock: a Start queued behind that one is not this Kill's)
             return
         async with self.lock:
-            run = self._check(State.RUNNING, State.STOPPING, wanted="only a running machine can be killed")
+            run = self._check(State.RUNNING, State.STOPPING, wanted="only a running machine can be killed",
+                              authorized=authorized)
         await run.kill(forced=forced, sig=sig)
         if sig is None:  # (a signal was sent whatever happened after)
             self._check_kept(run, "killing")

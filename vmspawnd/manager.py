@@ -214,6 +214,8 @@ class Manager:
             entry.definition_error = fresh.definition_error
             if fresh.definition_error is None:
                 entry.config = machine.config = fresh.config
+                if (fresh.owner, fresh.run_as) != (entry.owner, machine.run_as):  # (commands authorized for
+                    machine.ownership += 1  # the old ones and waiting for the lock are refused)
                 entry.owner, machine.run_as = fresh.owner, fresh.run_as
             if machine.state in ACTIVE:
                 return True  # the run keeps what it started with
@@ -476,14 +478,17 @@ class Manager:
             raise NoSuchMachine(name)
         return entry
 
-    async def start(self, name: str, expected: Entry | None = None) -> Entry:
-        """Start a machine; raises StartError / ConfigError with the reason if it fails."""
+    async def start(self, name: str, expected: Entry | None = None, authorized: int | None = None) -> Entry:
+        """Start a machine; raises StartError / ConfigError with the reason if it fails.  ``expected``: the
+        machine the caller looked up (not a newer one of the name); ``authorized``: its
+        :attr:`Machine.ownership` when the caller was authorized (see :meth:`Machine.check_authorized`);
+        the same for the other commands."""
         entry = self.get_exactly(name, expected)
         if self.stopping:  # (a machine defined since the stop began was not let go of: it must not run)
             raise WrongState(name, entry.machine.state.value, "vmspawnd is stopping")
         if entry.definition_error is not None:
             raise StartError(entry.definition_error + " (fix or remove it)")
-        await entry.machine.start(after=self._attach_console)
+        await entry.machine.start(after=self._attach_console, authorized=authorized)
         return entry
 
     async def _attach_console(self, run: Run) -> None:
@@ -501,28 +506,32 @@ class Manager:
         run.console = relay
         run.on_cleanup_async(relay.close)
 
-    async def stop(self, name: str, timeout: float = DEFAULT_STOP_TIMEOUT, expected: Entry | None = None) -> Entry:
+    async def stop(self, name: str, timeout: float = DEFAULT_STOP_TIMEOUT, expected: Entry | None = None,
+                   authorized: int | None = None) -> Entry:
         entry = self.get_exactly(name, expected)
-        await entry.machine.stop(timeout)
+        await entry.machine.stop(timeout, authorized)
         return entry
 
-    async def kill(self, name: str, sig: int | None = None, expected: Entry | None = None) -> Entry:
+    async def kill(self, name: str, sig: int | None = None, expected: Entry | None = None,
+                   authorized: int | None = None) -> Entry:
         entry = self.get_exactly(name, expected)
-        await entry.machine.kill(sig=sig)
+        await entry.machine.kill(sig=sig, authorized=authorized)
         return entry
 
-    async def control(self, name: str, what: Control, expected: Entry | None = None) -> Entry:
+    async def control(self, name: str, what: Control, expected: Entry | None = None,
+                      authorized: int | None = None) -> Entry:
         entry = self.get_exactly(name, expected)
-        await entry.machine.control(what)
+        await entry.machine.control(what, authorized)
         return entry
 
-    async def remove(self, name: str, expected: Entry | None = None) -> None:
+    async def remove(self, name: str, expected: Entry | None = None, authorized: int | None = None) -> None:
         """Forget a stopped machine: exactly the one looked up, never a newer one of that name."""
         entry = self.get_exactly(name, expected)
         machine = entry.machine
         async with machine.lock:
             if machine.removed or self.machines.get(name) is not entry:
                 raise NoSuchMachine(name)
+            machine.check_authorized(authorized)
             if machine.state not in (State.STOPPED, State.FAILED):
                 raise WrongState(name, machine.state.value, "stop it before removing it")
             try:

@@ -8,9 +8,13 @@ import asyncio
 import json
 import signal
 
+import pytest
+
 from tests.conftest import Daemon
 from tests.polling import poll
 from tests.systemd.helpers import varlink_call
+from vmspawnd.errors import WrongState
+from vmspawnd.machine import State
 from vmspawnd.manager import Manager
 from vmspawnd.settings import config_from_json
 
@@ -71,3 +75,39 @@ async def test_a_reload_that_waits_for_a_machine_keeps_what_clients_created_and_
     assert await reload == []
     assert sorted(manager.machines) == ["busy", "newcomer"]
     assert sorted(p.name for p in manager.definitions.glob("*.json")) == ["busy.json", "newcomer.json"]
+
+
+async def test_a_command_authorized_before_a_reload_changed_owner_or_user_is_refused(tmp_path) -> None:
+    """A command is authorized for the machine's owner and the user it runs as, then may wait (for
+    polkit's answer, or for the machine's lock, which a Start holds while its VM comes up).  A reload
+    that changes either meanwhile makes it refused, not done as no one authorized it (e.g. a Start of a
+    machine that now runs as root); a reload that changes anything else does not."""
+    (tmp_path / "run").mkdir(mode=0o700)
+    manager = Manager(tmp_path / "state", tmp_path / "run")
+    await manager.load()
+    for name in ("web", "db"):
+        config = config_from_json(name, {"linux": "/bin/sh"})
+        manager.create(config, owner=1000, run_as=1000, plan=manager.plan(config))
+    web, db = manager.machines["web"], manager.machines["db"]
+    authorized = {name: manager.machines[name].machine.ownership for name in ("web", "db")}  # (as the API notes)
+    for name, change in (("web", {"runAs": 0}), ("db", {"config": {"linux": "/bin/sh", "ram": "512M"}})):
+        path = manager.definitions / f"{name}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    lock = web.machine.lock
+    await lock.acquire()  # as a Start in flight holds it
+    reload = asyncio.create_task(manager.reload())
+    await asyncio.sleep(0.1)  # the reload waits for web's lock, and the commands behind it
+    start = asyncio.create_task(manager.start("web", expected=web, authorized=authorized["web"]))
+    remove = asyncio.create_task(manager.remove("web", expected=web, authorized=authorized["web"]))
+    await asyncio.sleep(0.1)
+    lock.release()
+    assert sorted(await reload) == ["db: definition changed", "web: definition changed"]
+    for command in (start, remove):
+        with pytest.raises(WrongState, match="the user it runs as changed .* try again"):
+            await command
+    assert (web.run_as, web.machine.state, web.machine.run) == (0, State.STOPPED, None)  # not started
+    assert "web" in manager.machines and (manager.definitions / "web.json").exists()
+    await manager.remove("db", expected=db, authorized=authorized["db"])  # (its ram changed: nothing to refuse)
+    await manager.remove("web", expected=web, authorized=web.machine.ownership)  # authorized anew: done
+    assert manager.machines == {}
+    await manager.shutdown()
