@@ -232,6 +232,15 @@ class Ctl:
         return poll(lambda: self.status(name), predicate, timeout)
 
 
+def unwanted_libraries(pid: int) -> list[str]:
+    """The shared objects mapped into process ``pid`` that vmspawnd keeps out of the daemon: OpenSSL's
+    (dbus-fast's and docs_url's imports would load them, vmspawnd/lean.py; ≈ 6 MB resident for the
+    daemon's life with Python 3.14) and shutil's zstd (vmspawnd/cli/__init__.py)."""
+    libraries = {Path(line.split()[-1]).name for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                 if ".so" in line}
+    return sorted(name for name in libraries if name.startswith(("libcrypto.", "libssl.", "_zstd.")))
+
+
 def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")

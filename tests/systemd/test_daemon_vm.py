@@ -32,6 +32,7 @@ from tests.systemd.helpers import (
     sh,
     systemd_version,
     unit_properties,
+    unwanted_libraries,
     wait_inactive,
     wait_journal,
 )
@@ -256,11 +257,8 @@ def test_one_bus_connection_serves_every_vm_and_a_vm_starts_again_at_once(instal
         daemon = unit_properties("vmspawnd.service", "MainPID")["MainPID"]
         peers = sh("busctl", "--system", "list", "--unique", "--no-legend", "--no-pager").stdout.splitlines()
         assert sum(1 for line in peers if line.split()[1:2] == [daemon]) == 1, peers
-        # nor did D-Bus, or its varlink service's info, load OpenSSL into it (vmspawnd/lean.py, docs_url:
-        # ≈ 6 MB resident for the daemon's life, with Python 3.14), nor shutil zstd (cli/__init__.py)
-        libraries = {Path(line.split()[-1]).name for line in Path(f"/proc/{daemon}/maps").read_text().splitlines()
-                     if ".so" in line}
-        assert not [name for name in libraries if name.startswith(("libcrypto.", "libssl.", "_zstd."))], libraries
+        # nor did D-Bus, or its varlink service's info, load OpenSSL or zstd into it
+        assert unwanted_libraries(int(daemon)) == []
         for _ in range(2):
             ctl("kill", names[0])
             ctl.wait(lambda s: s["state"] in ("stopped", "failed"), name=names[0])

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.polling import poll
-from tests.systemd.helpers import GUEST_DIR, WITH_GUEST, Ctl, sh, unit_properties, varlinkctl
+from tests.systemd.helpers import GUEST_DIR, WITH_GUEST, Ctl, sh, unit_properties, unwanted_libraries, varlinkctl
 from vmspawnd.services.virtiofsd import Flavour, find_virtiofsd
 
 pytestmark = [
@@ -94,6 +94,8 @@ def test_alices_vm_runs_as_alice_and_bob_may_only_look(users: Ctl) -> None:
     ok, out = call("alice", "Create", {"name": VM, "config": alice_config(network="tap")})
     assert not ok and "PermissionDenied" in out and "io.vmspawnd.privileged-features" in out, out
     assert not Path("/etc/alice-tpm").exists() and VM not in ctl("list", "--no-legend").stdout
+    # (polkit was asked, over the daemon's first D-Bus connection: that loaded no OpenSSL into it)
+    assert unwanted_libraries(int(unit_properties("vmspawnd.service", "MainPID")["MainPID"])) == []
 
     # alice's own VM: hers from QEMU to the files the guest writes
     config = alice_config(tpm="yes", tpmState=str(HOME / "tpm"), binds=[f"rw:{HOME / 'share'}:/mnt/share"],

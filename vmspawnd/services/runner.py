@@ -512,7 +512,7 @@ class UnitRunner:
         self._referenced: list[str] = []  # units started with AddRef: released by aclose()
 
     @classmethod
-    async def connect(cls, bus_type: Any = None, address: str | None = None) -> UnitRunner:
+    async def connect(cls, bus_type: str = "system", address: str | None = None) -> UnitRunner:
         return cls(await SystemdManager.connect(bus_type, address), owns_manager=True)
 
     async def version(self) -> str:

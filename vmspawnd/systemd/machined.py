@@ -10,7 +10,6 @@ as raw varlink parameters rather than through a typed proxy.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import uuid
@@ -18,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmspawnd import lean
 from vmspawnd.pathwatch import appears
 from vmspawnd.qemu.vsock import GuestVsock, VsockBackend
+from vmspawnd.systemd.bus import open_bus
 from vmspawnd.systemd.units import (
     MANAGER_IFACE,
     PROPERTIES_IFACE,
@@ -137,20 +136,12 @@ async def dbus_call(member: str, signature: str, body: list[Any], timeout: float
                     interface: str = MACHINED_MANAGER_IFACE) -> list[Any]:
     """One D-Bus call (by default to machined's manager, which activates machined) on a connection of its
     own: only a host whose machined has no varlink interface needs it, once per registration."""
-    lean.hashlib()  # (before dbus-fast imports it)
-    from dbus_fast import BusType, Message, MessageType
-    from dbus_fast.aio import MessageBus
+    try:
+        bus = await open_bus(timeout)
+    except Exception as e:  # noqa: BLE001 - no bus, it refused us or did not answer: say so
+        raise RegistrationError(f"cannot reach the system bus: {e or type(e).__name__}") from e
+    from dbus_fast import Message, MessageType
 
-    try:
-        bus = MessageBus(bus_type=BusType.SYSTEM)  # (its socket is made here, connected below)
-    except Exception as e:  # noqa: BLE001 - no bus: say so
-        raise RegistrationError(f"cannot reach the system bus: {e or type(e).__name__}") from e
-    try:
-        await asyncio.wait_for(bus.connect(), timeout)
-    except Exception as e:  # noqa: BLE001 - it refused us or did not answer: say so, and close our end
-        with contextlib.suppress(Exception):
-            bus.disconnect()
-        raise RegistrationError(f"cannot reach the system bus: {e or type(e).__name__}") from e
     try:
         reply = await asyncio.wait_for(bus.call(Message(
             destination=destination, path=path, interface=interface, member=member, signature=signature,

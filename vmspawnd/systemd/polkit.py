@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 
-from vmspawnd import lean
 from vmspawnd.log import get_logger
 from vmspawnd.proc import process_start_time
+from vmspawnd.systemd.bus import open_bus
 
 log = get_logger()
 
@@ -26,19 +26,16 @@ AUTHORITY = ("org.freedesktop.PolicyKit1", "/org/freedesktop/PolicyKit1/Authorit
 async def authorized(action: str, pid: int, uid: int, start_time: int, timeout: float = 10.0) -> bool:
     """True only if polkit says the process ``pid`` of ``uid``, started at ``start_time``, may do
     ``action`` now, and that process ran all along."""
-    # dbus-fast on first use: start-up speed (a root-only daemon never asks polkit)
-    lean.hashlib()  # (before dbus-fast imports it)
-    from dbus_fast import BusType, Message, MessageType, Variant
-    from dbus_fast.aio import MessageBus
-
     if process_start_time(pid) != start_time:
         log.info("the caller has ended; denying", action=action, pid=pid)
         return False
     try:
-        bus = await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), timeout)
+        bus = await open_bus(timeout)  # (dbus-fast on first use: a root-only daemon never asks polkit)
     except Exception as e:  # noqa: BLE001 - no bus, no authorization
         log.warning("cannot ask polkit: no system bus", action=action, error=str(e))
         return False
+    from dbus_fast import Message, MessageType, Variant
+
     try:
         destination, path, interface = AUTHORITY
         subject = ["unix-process", {"pid": Variant("u", pid), "start-time": Variant("t", start_time),

@@ -16,8 +16,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from vmspawnd import lean
 from vmspawnd.log import get_logger
+from vmspawnd.systemd.bus import load_dbus_fast, open_bus
 
 # dbus-fast is imported on first use: on a host without systemd, vmspawn never pays for it.
 
@@ -63,13 +63,10 @@ class SystemdManager:
         bus.add_message_handler(self._on_message)
 
     @classmethod
-    async def connect(cls, bus_type: Any = None, address: str | None = None) -> SystemdManager:
-        """Connect to the manager's bus (default: the system bus) and subscribe to JobRemoved."""
-        lean.hashlib()  # (before dbus-fast imports it)
-        from dbus_fast import BusType
-        from dbus_fast.aio import MessageBus
-
-        bus = await MessageBus(bus_address=address, bus_type=bus_type or BusType.SYSTEM).connect()
+    async def connect(cls, bus_type: str = "system", address: str | None = None) -> SystemdManager:
+        """Connect to the manager's bus (``system`` or ``session``, or the one at ``address``) and
+        subscribe to JobRemoved."""
+        bus = await open_bus(None, bus_type, address)
         manager = cls(bus)
         try:
             rule = (f"type='signal',sender='{SYSTEMD_BUS_NAME}',path='{SYSTEMD_PATH}',"
@@ -251,11 +248,8 @@ async def connect_systemd(timeout: float = CONNECT_TIMEOUT, systemd_dir: Path = 
     """The system (root) or user manager if systemd runs and it answers in time; else (None, why not)."""
     if address is None and not systemd_dir.is_dir():
         return None, f"systemd is not the service manager here (no {systemd_dir})"
-    lean.hashlib()  # (before dbus-fast imports it)
-    from dbus_fast import BusType
-    from dbus_fast.aio import MessageBus  # noqa: F401  (imported before the clock starts)
-
-    bus_type = BusType.SYSTEM if os.geteuid() == 0 else BusType.SESSION
+    load_dbus_fast()  # (before the clock starts)
+    bus_type = "system" if os.geteuid() == 0 else "session"
     manager: SystemdManager | None = None
     try:
         manager = await asyncio.wait_for(SystemdManager.connect(bus_type, address), timeout)
@@ -263,5 +257,5 @@ async def connect_systemd(timeout: float = CONNECT_TIMEOUT, systemd_dir: Path = 
     except Exception as e:
         if manager is not None:
             await manager.aclose()
-        return None, f"the systemd manager did not answer on the {bus_type.name.lower()} bus: {e!r}"
-    return manager, f"systemd {version} on the {bus_type.name.lower()} bus"
+        return None, f"the systemd manager did not answer on the {bus_type} bus: {e!r}"
+    return manager, f"systemd {version} on the {bus_type} bus"
