@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
 def python(code: str) -> str:
@@ -86,3 +87,12 @@ def report(launcher=None):
 foreground.main = report
 vmspawn.main()
 """) == "True True"
+
+
+def test_a_daemon_started_by_hand_loads_no_libsystemd(daemon) -> None:
+    # (cli/vmspawnd.py activated_fds: without $LISTEN_FDS, systemd-python's listen_fds has nothing to
+    # find; libsystemd is ≈ 0.85 MB of the daemon's memory.  Socket-activated, it is loaded: the systemd tier)
+    assert daemon.ctl("list").returncode == 0  # (serving)
+    assert daemon.proc is not None
+    maps = Path(f"/proc/{daemon.proc.pid}/maps").read_text()
+    assert "libsystemd" not in maps and "python3" in maps
