@@ -13,7 +13,9 @@ import pytest
 from tests.conftest import Daemon
 from tests.polling import poll
 from tests.systemd.helpers import varlink_call
+from vmspawnd.api import ManagerCalls
 from vmspawnd.errors import WrongState
+from vmspawnd.interface import WrongStateError
 from vmspawnd.machine import State
 from vmspawnd.manager import Manager
 from vmspawnd.settings import config_from_json
@@ -110,4 +112,35 @@ async def test_a_command_authorized_before_a_reload_changed_owner_or_user_is_ref
     await manager.remove("db", expected=db, authorized=authorized["db"])  # (its ram changed: nothing to refuse)
     await manager.remove("web", expected=web, authorized=web.machine.ownership)  # authorized anew: done
     assert manager.machines == {}
+    await manager.shutdown()
+
+
+async def test_the_api_refuses_a_start_or_remove_authorized_before_a_reload_gave_the_machine_to_root(tmp_path) -> None:
+    """The same through the varlink methods' implementations (api.ManagerCalls, as its caller the daemon
+    itself): what each notes before it is authorized reaches the machine, which refuses with the
+    interface's WrongState once a reload changed the user it runs as."""
+    (tmp_path / "run").mkdir(mode=0o700)
+    manager = Manager(tmp_path / "state", tmp_path / "run")
+    await manager.load()
+    calls = ManagerCalls(manager)
+    config = config_from_json("web", {"linux": "/bin/sh"})
+    manager.create(config, owner=1000, run_as=1000, plan=manager.plan(config))
+    path = manager.definitions / "web.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "runAs": 0}))
+    lock = manager.machines["web"].machine.lock
+    await lock.acquire()  # as a Start in flight holds it
+    reload = asyncio.create_task(manager.reload())
+    await asyncio.sleep(0.1)
+    commands = [asyncio.create_task(calls.start("web")), asyncio.create_task(calls.remove("web"))]
+    await asyncio.sleep(0.1)  # both authorized, and waiting behind the reload
+    lock.release()
+    assert await reload == ["web: definition changed"]
+    for command in commands:
+        with pytest.raises(WrongStateError) as refused:
+            await command
+        assert "the user it runs as changed" in refused.value.parameters["reason"], refused.value.parameters
+    web = manager.machines["web"]
+    assert (web.run_as, web.machine.state, web.machine.run) == (0, State.STOPPED, None)
+    await calls.remove("web")  # asked again: authorized for what it is now
+    assert manager.machines == {} and not path.exists()
     await manager.shutdown()
