@@ -25,6 +25,9 @@ from tests.polling import poll
 from tests.vm.clients import TYPED, Client, hammer, settle
 from vmspawnd.faults import CRASH_ENV
 from vmspawnd.interface import Config
+from vmspawnd.machine import State
+from vmspawnd.manager import Manager
+from vmspawnd.settings import config_from_json
 
 pytestmark = pytest.mark.vm
 
@@ -306,3 +309,34 @@ def test_a_start_whose_run_cannot_be_recorded_fails_and_leaves_no_vm(tmp_path, g
         if d.proc is not None and d.proc.poll() is None:
             d.stop_daemon()
         subprocess.run(["umount", "-l", str(records)], check=False)
+
+
+async def test_a_vm_that_ends_as_the_daemon_stops_is_cleaned_up_not_left_for_adoption(tmp_path, guest):
+    """A daemon that stops lets go of its running VMs for the next one to adopt; one whose QEMU has
+    just exited (before its run saw it) is not let go of: its run ends as any ended VM's does, and the
+    next daemon finds it stopped, with nothing of it left to adopt."""
+    (tmp_path / "run").mkdir(mode=0o700)
+    manager = Manager(tmp_path / "state", tmp_path / "run")
+    await manager.load()
+    manager.create(config_from_json("ending", {
+        "linux": str(guest.kernel), "initrds": [str(guest.initrd)], "ram": "256M", "console": "headless",
+        "firmware": "bios", "tpm": "no", "vsock": "no", "kernelCommandLine": ["panic=-1"]}))
+    await manager.start("ending")
+    machine = manager.machines["ending"].machine
+    run = machine.run
+    assert run is not None and run.qemu is not None and machine.state is State.RUNNING
+    runtime = run.runtime.path
+    os.kill(run.qemu.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while run.qemu.alive and time.monotonic() < deadline:  # (the event loop does not run meanwhile: the run
+        time.sleep(0.01)  # has not seen the exit when the daemon stops)
+    assert not run.qemu.alive
+    await manager.shutdown()
+    assert not run.detached and machine.state is not State.RUNNING, machine.state
+    assert not runtime.exists()
+
+    again = Manager(tmp_path / "state", tmp_path / "run")
+    await again.load()
+    after = again.machines["ending"].machine
+    assert after.run is None and after.state in (State.STOPPED, State.FAILED), after.state
+    await again.shutdown()
