@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from tests.conftest import Daemon, EventFollower
 from tests.polling import poll
@@ -125,6 +126,18 @@ def started_on_a_full_disk(daemon: Daemon, guest, where: Path) -> Iterator[tuple
         subprocess.run(["umount", "--lazy", str(where)], check=False)
 
 
+def qemu_status(qmp: Path) -> str:
+    """The VM's run state as QEMU says it on its monitor socket (while no daemon holds it)."""
+    monitor = QEMUMonitorProtocol(str(qmp))
+    monitor.connect()
+    try:
+        reply = monitor.cmd("query-status")  # (its "return")
+        assert isinstance(reply, dict), reply
+        return reply["status"]
+    finally:
+        monitor.close()
+
+
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (root only)")
 
 
@@ -156,7 +169,8 @@ def test_a_disk_that_fills_while_no_daemon_runs_is_shown_by_the_next_daemon(
         daemon: Daemon, guest, tmp_path: Path) -> None:
     with started_on_a_full_disk(daemon, guest, tmp_path / "full") as (disk, _):
         daemon.stop_daemon()  # (≈ 2 s before the guest's first write: the kernel boots first)
-        time.sleep(15)  # (no daemon to ask meanwhile: long enough for the guest to boot and write)
+        qmp = daemon.runtime / "machines" / "filled" / "qmp.sock"  # (no daemon to ask meanwhile: QEMU is)
+        poll(lambda: qemu_status(qmp), lambda status: status == "io-error", 60)
         daemon.start()
         shown = daemon.wait_for("filled", lambda s: s["state"] == "running")
         assert shown["paused"] and not shown["ready"], shown
