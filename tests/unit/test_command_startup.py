@@ -96,3 +96,10 @@ def test_a_daemon_started_by_hand_loads_no_libsystemd(daemon) -> None:
     assert daemon.proc is not None
     maps = Path(f"/proc/{daemon.proc.pid}/maps").read_text()
     assert "libsystemd" not in maps and "python3" in maps
+
+
+def test_the_commands_load_no_tempfile_or_random() -> None:
+    # (a helper's output file is made by services/runner.py's unnamed_file, random CIDs come from os.urandom)
+    assert python("import sys, vmspawnd.cli.vmspawnd, vmspawnd.cli.vmspawnctl, vmspawnd.cli.foreground, "
+                  "vmspawnd.manager, vmspawnd.api; "
+                  "print([m for m in ('tempfile', 'random') if m in sys.modules])") == "[]"

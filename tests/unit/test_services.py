@@ -505,6 +505,19 @@ async def test_helper_exiting_before_ready_fails_fast_with_status_and_output(run
     assert e.value.output == ("starting", "cannot open the thing")
 
 
+async def test_a_helpers_output_goes_to_a_private_unnamed_file_in_tmpdir(runner, tmp, monkeypatch):
+    (tmp / "t").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp / "t"))
+    script = ("import os, sys; print(os.readlink('/proc/self/fd/2')); print(oct(os.fstat(2).st_mode & 0o777)); "
+              "sys.exit(3)")
+    spec = ServiceSpec(name="vmspawnd-vm1-said", argv=(sys.executable, "-u", "-c", script), ready_path=tmp / "s.sock")
+    with pytest.raises(ServiceError) as e:
+        await runner.start(spec)
+    where, mode = e.value.output
+    assert where.startswith(f"{tmp}/t/") and where.endswith(" (deleted)") and mode == "0o600", e.value.output
+    assert list((tmp / "t").iterdir()) == []  # (nothing left there, nor while it ran)
+
+
 @needs_c_virtiofsd
 async def test_virtiofsd_with_missing_source_reports_its_error(runner, tmp):
     with pytest.raises(ServiceError, match="failed to stat source") as e:
