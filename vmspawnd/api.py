@@ -160,7 +160,7 @@ def _reply_json(info: MachineInfo, config_json: dict[str, typing.Any]) -> dict[s
 #: the fields of a machine's reply that :func:`_machine_values` gives, in its order
 _FIELDS = ("name", "state", "ready", "since", "pid", "runtimeDirectory", "tpmStatePath", "units", "status",
            "exitStatus", "failure", "config", "definitionError", "owner", "runAs", "vsockBackend", "sshAddress",
-           "sshKey", "warnings", "paused")
+           "sshKey", "warnings", "paused", "suspended")
 assert set(_FIELDS) == set(_REPLY_FIELD_TYPES), "a reply field that machine_info does not fill in"
 
 
@@ -174,7 +174,7 @@ def _machine_values(name: str, entry: Entry) -> tuple[typing.Any, ...]:
             str(m.runtime.path) if run is not None else None, str(m.tpm_state_path) if m.tpm_state_path else None,
             m.units, m.guest_status, m.exit_status, m.failure, entry.config, entry.definition_error, entry.owner,
             entry.run_as, str(vsock.backend) if vsock else None, vsock.ssh_address if vsock else None,
-            str(ssh_key) if vsock and ssh_key else None, m.warnings, m.paused)
+            str(ssh_key) if vsock and ssh_key else None, m.warnings, m.paused, m.suspended)
 
 
 def _event_object(event: Event) -> MachineEvent:

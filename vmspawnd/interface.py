@@ -72,6 +72,8 @@ class MachineInfo:
     warnings: list[str] | None = None
     #: it runs, with its vCPUs stopped (Pause, machinectl pause, or QEMU's own stop on a disk error)
     paused: bool | None = None
+    #: it runs, and its guest suspended itself to RAM (ACPI S3): Resume wakes it
+    suspended: bool | None = None
     #: its reply, encoded once per change of the machine (by the daemon, api.py; not part of the interface:
     #: init=False)
     varlink_json: typing.Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
@@ -207,7 +209,7 @@ class ManagerInterface(VarlinkInterface, name=INTERFACE):
 
     @varlinkmethod(return_parameter="machine")
     async def Resume(self, *, name: str) -> MachineInfo:
-        """Let a paused machine's vCPUs run again."""
+        """Let a paused machine's vCPUs run again, and wake a machine whose guest suspended itself."""
         return await self._calls.resume(name)
 
     @varlinkmethod

@@ -117,6 +117,12 @@ class Machine:
         return run is not None and run.paused
 
     @property
+    def suspended(self) -> bool:
+        """Its guest suspended itself to RAM (Run.suspended)."""
+        run = self.active_run
+        return run is not None and run.suspended
+
+    @property
     def qemu(self) -> QemuProcess | None:
         run = self.active_run
         return run.qemu if run is not None else None
@@ -174,7 +180,7 @@ class Machine:
         elif kind == "reset":
             self.guest_status = None
             self._emit("reset", reason=data["reason"])
-        elif kind in ("paused", "resumed"):
+        elif kind in ("paused", "resumed", "suspended", "woke"):
             self._emit(kind, **data)
         elif kind == "ended":
             self.exit_status, self.failure, self._warnings = run.exit_status, run.failure, run.warnings

@@ -156,6 +156,8 @@ class Run:
         self._signals_sent = 0  # Kills whose signal was just sent: QEMU may end of it (asked for, then)
         #: its vCPUs are stopped (a Pause, machinectl pause, or QEMU's own stop on a disk error)
         self.paused = False
+        #: its guest suspended itself to RAM (ACPI S3): QEMU runs, the guest waits to be woken (a Resume)
+        self.suspended = False
         #: held while the run changes its vCPUs' state (pause, resume, reset, a stop's press of the power
         #: button): a pause never slips between a stop's resume and its press; a kill never waits for it
         self._controlling = asyncio.Lock()
@@ -734,14 +736,15 @@ class Run:
             await self._register_again(root)
 
     async def _note_pause(self) -> None:
-        """An adopted VM is paused if QEMU says so (paused while no daemon watched, say); not if the guest
-        suspended itself, for which QEMU sends no STOP either."""
+        """An adopted VM is paused if QEMU says so (paused while no daemon watched, say), and suspended if
+        its guest suspended itself (for which QEMU sends no STOP)."""
         try:
             running, status = await self._monitor().query_status()
         except Exception as e:  # (its next STOP or RESUME says it)
             self.log.warning("cannot ask QEMU whether the VM is paused", error=str(e) or type(e).__name__)
             return
         self.paused = not running and status != "suspended"
+        self.suspended = status == "suspended"
         said = any(w.endswith(PAUSED_BY_QEMU) for w in self.warnings)  # (the previous daemon's, naming the disk)
         if status == DISK_ERROR_STATUS and not said and self.warn(await self._failed_disk()):
             self.log.warning("QEMU paused the VM after a disk error")
@@ -832,9 +835,13 @@ class Run:
 
     def _qemu_event(self, name: str, data: dict[str, Any]) -> None:
         """A reset (machinectl reboot, or the guest's own) starts a new boot: not ready until it says so.
-        QEMU's STOP and RESUME (whoever asked) pause and resume it."""
+        QEMU's STOP and RESUME (whoever asked) pause and resume it; SUSPEND and WAKEUP say that the
+        guest suspended itself to RAM and woke up."""
         if name in ("STOP", "RESUME"):
             self._set_paused(name == "STOP")
+            return
+        if name in ("SUSPEND", "WAKEUP"):
+            self._set_suspended(name == "SUSPEND")
             return
         if name == "BLOCK_IO_ERROR" and data.get("action") == "stop":  # (a STOP follows)
             self._paused_why = self._disk_paused(str(data.get("device") or data.get("node-name") or ""),
@@ -846,6 +853,7 @@ class Run:
         if name != "RESET":
             return
         reason = str(data.get("reason") or "reset")
+        self._set_suspended(False)  # (a reset wakes a suspended guest: it boots again)
         self.log.info("VM reset; waiting for the guest to be ready again", reason=reason, message_id=messages.RESET)
         self.readiness = Readiness()
         self._save()
@@ -859,6 +867,14 @@ class Run:
             why, self._paused_why = (self._paused_why if paused else None), None
             self.log.info("VM paused" if paused else "VM resumed", reason=why)
             self._on_event(self, "paused" if paused else "resumed", {"reason": why} if why else {})
+
+    def _set_suspended(self, suspended: bool) -> None:
+        """Note that the guest suspended itself to RAM, or woke up (told by QEMU's event, or by the
+        wake-up's answer, whichever comes first), once."""
+        if suspended != self.suspended and not self._qemu_exited.is_set():
+            self.suspended = suspended
+            self.log.info("the guest suspended itself to RAM" if suspended else "the guest woke up")
+            self._on_event(self, "suspended" if suspended else "woke", {})
 
     def warn(self, text: str) -> bool:
         """Add ``text`` to the run's warnings, unless it is there (False).  The list is replaced, so a
@@ -913,16 +929,20 @@ class Run:
             await self._resume()
 
     async def _resume_if_paused(self) -> None:
-        if self.paused:
+        if self.paused or self.suspended:
             await self._resume()
 
     async def _resume(self) -> None:
-        """Let the vCPUs run again, once QEMU is connected to the guest's notify port again (a VM paused
-        while the daemon restarted: the guest's first words after it could be lost, READY=1 say)."""
+        """Let the vCPUs run again, and wake a guest that suspended itself, once QEMU is connected to the
+        guest's notify port again (a VM paused while the daemon restarted: the guest's first words after
+        it could be lost, READY=1 say)."""
         if self._channel is not None:
             await self._channel.qemu_connected(NOTIFY_RECONNECT_GRACE)
         await self._monitor().resume()
         self._set_paused(False)
+        if self.suspended:
+            await self._monitor().wakeup()
+            self._set_suspended(False)
 
     def _check_not_stopping(self, done: str) -> None:
         if self.stop_requested:
@@ -1076,8 +1096,9 @@ class Run:
             async with asyncio.timeout(timeout):  # (the power button's press included: QEMU may not answer)
                 if self._qmp is not None:
                     async with self._controlling:
-                        if self.paused:  # a paused guest cannot see the power button
-                            self.log.info("resuming the paused VM to power it off")
+                        if self.paused or self.suspended:  # a paused or suspended guest cannot see the power button
+                            self.log.info("resuming the paused VM to power it off" if self.paused else
+                                          "waking the suspended guest to power it off")
                             await self._resume_if_paused()
                         await self._qmp.powerdown()
                 await asyncio.shield(self.ended.wait())

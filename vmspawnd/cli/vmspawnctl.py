@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     kill.add_argument("--signal", metavar="SIGNAL", help="signal name or number to send QEMU")
     for cmd, text in [("reboot", "reset a running machine: its guest boots again (a paused one runs again)"),
                       ("pause", "stop a running machine's CPUs (its memory stays) until it is resumed"),
-                      ("resume", "let a paused machine run again")]:
+                      ("resume", "let a paused machine run again, or wake one whose guest suspended itself")]:
         sub.add_parser(cmd, help=text, parents=common).add_argument("name", metavar="NAME")
     sub.add_parser("list", help="list machines (the default command)", parents=common)
     events = sub.add_parser("events", help="follow lifecycle events (of NAME, or of all machines) until Ctrl-C",
@@ -185,13 +185,18 @@ def _print_table(rows: list[list[str]], header: list[str], legend: bool = True) 
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
+def _listed_state(info: Any) -> str:
+    """A machine's STATE in ``list``: a running one that is paused or suspended says so."""
+    return "paused" if info.paused else "suspended" if info.suspended else info.state.value
+
+
 def _print_machine(info: Any, as_json: str | None) -> None:
     d = _plain(info)
     if as_json:
         _dump(d, as_json)
         return
     d = _printable(d)
-    flags = ", ".join(flag for flag in ("ready", "paused") if d.get(flag))
+    flags = ", ".join(flag for flag in ("ready", "paused", "suspended") if d.get(flag))
     state = d["state"] + (f" ({flags})" if flags else "")
     print(f"● {d['name']}")
     print(f"      State: {state} since {_when(d['since'])}")
@@ -486,7 +491,7 @@ async def run(args: argparse.Namespace) -> int:
             if args.json:
                 _dump([_plain(m) for m in machines], args.json)
             else:
-                _print_table([[m.name, "paused" if m.paused else m.state.value, "yes" if m.ready else "no",
+                _print_table([[m.name, _listed_state(m), "yes" if m.ready else "no",
                                str(m.pid or "-"), _when(m.since)] for m in machines],
                              ["NAME", "STATE", "READY", "PID", "SINCE"], legend=not args.no_legend)
                 if not args.no_legend:

@@ -131,6 +131,10 @@ class Qmp:
         """Let the vCPUs run again (``cont``)."""
         await self._execute("cont", timeout)
 
+    async def wakeup(self, timeout: float = 5.0) -> None:
+        """Wake a guest that suspended itself to RAM (``system_wakeup``)."""
+        await self._execute("system_wakeup", timeout)
+
     async def query_status(self, timeout: float = 5.0) -> tuple[bool, str]:
         """(vCPUs running, QEMU's run state: running, paused, shutdown…)."""
         reply = await self._execute("query-status", timeout)

@@ -121,8 +121,10 @@ INIT_SCRIPT = r"""#!/bin/sh
 #                            NULs) before READY=1
 #   test.exit=N              EXIT_STATUS= reported at the end (default 0)
 #   test.delay=S             sleep S seconds before READY=1
-#   test.action=poweroff|acpi|hang|panic|reboot|shell   what to do after READY=1 (default poweroff);
-#                            acpi waits for the ACPI power button (e.g. QMP system_powerdown)
+#   test.action=poweroff|acpi|suspend|hang|panic|reboot|shell   what to do after READY=1 (default
+#                            poweroff); acpi waits for the ACPI power button (e.g. QMP system_powerdown);
+#                            suspend suspends to RAM (S3), and once woken sends STATUS=woke up and hangs (after
+#                            S3 on QEMU 7.2's q35 the guest's ACPI is dead: no power button, no ACPI power-off)
 #   test.tpm=1|nv            report /dev/tpm0 and run TPM2_GetRandom; nv also looks up NV index
 #                            0x01500001 and defines it when absent
 #   test.virtiofs=TAG        mount virtiofs TAG on /mnt/TAG (repeatable)
@@ -477,6 +479,11 @@ case "$ACTION" in
     else
       say "no ACPI power button input device; hanging"; forever
     fi ;;
+  suspend)
+    say "suspending to RAM"
+    if echo mem >/sys/power/state; then say "woke up"; notify "STATUS=woke up"
+    else say "suspend FAILED"; notify "STATUS=suspend failed"; fi
+    forever ;;
   hang) say "hanging"; forever ;;
   shell) say "starting a shell on the console"; setsid cttyhack sh; say "shell exited" ;;
   panic) say "triggering a kernel panic"; sync; echo c >/proc/sysrq-trigger; forever ;;
