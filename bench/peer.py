@@ -39,6 +39,7 @@ import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
+from bench import floors
 from bench.daemon import IDLE, daemon_start
 from bench.stamps import Stamps, vmspawn_runs
 from vmspawnd.config import ConsoleMode, MachineConfig, Ram, Tristate
@@ -191,7 +192,8 @@ def inside_starts(rounds: int) -> dict[str, list[float]]:
     stamps = Stamps(Path(STAMP_INSIDE), Path(tempfile.mkdtemp(prefix="bench-exits-")) / "stamps", find_qemu())
     _to_exec, to_gone = vmspawn_runs(stamps, SimpleNamespace(kernel=guest / "vmlinuz", initrd=guest / "initrd.img"),
                                      rounds, tpm="yes")
-    return {"start": starts, "scope": scopes, "exit with a TPM": to_gone, "memory": memory}
+    return {"start": starts, "scope": scopes, "exit with a TPM": to_gone, "memory": memory,
+            "libraries": [floors.libraries_resident_mb(floors.SYSTEMD_LIBRARIES)]}
 
 
 async def _scope(name: str) -> float:
