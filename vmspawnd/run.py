@@ -911,9 +911,13 @@ class Run:
 
     async def reboot(self) -> None:
         """Press the reset button: the guest boots again in the same QEMU (still registered); a paused
-        VM runs again (else it would stay paused before its first instruction)."""
+        VM runs again (else it would stay paused before its first instruction); a suspended guest is
+        woken first (else QEMU waits for a ``cont``, and its firmware then resumes the guest, not boots it)."""
         async with self._controlling:
             self._check_not_stopping("rebooted")
+            if self.suspended:  # (a reset in S3 would only wake it: its firmware resumes the guest)
+                await self._monitor().wakeup()
+                self._set_suspended(False)
             await self._monitor().reset()
             await self._resume_if_paused()
 
@@ -929,7 +933,7 @@ class Run:
             await self._resume()
 
     async def _resume_if_paused(self) -> None:
-        if self.paused or self.suspended:
+        if self.paused:
             await self._resume()
 
     async def _resume(self) -> None:
@@ -1099,7 +1103,7 @@ class Run:
                         if self.paused or self.suspended:  # a paused or suspended guest cannot see the power button
                             self.log.info("resuming the paused VM to power it off" if self.paused else
                                           "waking the suspended guest to power it off")
-                            await self._resume_if_paused()
+                            await self._resume()
                         await self._qmp.powerdown()
                 await asyncio.shield(self.ended.wait())
         except Exception as e:  # TimeoutError, or QMP trouble

@@ -73,13 +73,19 @@ def test_a_guest_that_suspends_itself_is_shown_suspended_and_resume_or_stop_wake
     with EventFollower(daemon, "sleepy") as follower:
         assert daemon.ctl("resume", "sleepy").stdout == "Resumed sleepy.\n"
         shown = daemon.wait_for("sleepy", lambda s: s["status"] == "woke up", 60)  # the guest's own word
-        assert shown["suspended"] is False and poll(follower.kinds, lambda k: "woke" in k, 10).count("woke") == 1
+        assert shown["suspended"] is False and shown["ready"], shown  # (it goes on: no new boot)
+        assert poll(follower.kinds, lambda k: "woke" in k, 10).count("woke") == 1 and "reset" not in follower.kinds()
     assert daemon.ctl("kill", "sleepy").returncode == 0
 
     # a suspended guest cannot see the power button: a Stop wakes it first.  (Woken, this test guest
     # cannot power off by ACPI on QEMU 7.2's q35, see its init: here the Stop ends by forcing it off.)
     assert daemon.ctl("start", "sleepy").returncode == 0
     daemon.wait_for("sleepy", lambda s: s["suspended"], 60)
+    with EventFollower(daemon, "sleepy") as follower:  # a reboot boots it again (it suspends again once ready)
+        assert daemon.ctl("reboot", "sleepy").returncode == 0
+        kinds = poll(follower.kinds, lambda k: k.count("suspended") == 1, 60)
+        assert kinds[:2] == ["woke", "reset"], kinds  # (woken first: a reset in S3 would only wake it)
+        assert daemon.wait_for("sleepy", lambda s: s["ready"] and s["suspended"], 60)["status"] == "test guest ready"
     with EventFollower(daemon, "sleepy") as follower:
         p = daemon.ctl("stop", "sleepy", "--timeout=5")
         assert p.returncode == 0 and p.stdout.startswith("Stopped sleepy ("), (p.stdout, p.stderr)

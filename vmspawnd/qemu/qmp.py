@@ -132,8 +132,20 @@ class Qmp:
         await self._execute("cont", timeout)
 
     async def wakeup(self, timeout: float = 5.0) -> None:
-        """Wake a guest that suspended itself to RAM (``system_wakeup``)."""
-        await self._execute("system_wakeup", timeout)
+        """Wake a guest that suspended itself to RAM (``system_wakeup``), and return once QEMU has (its
+        run state is no longer ``suspended``: a reset before that would only wake it, as its firmware
+        takes a reset in S3 for the wake-up).  One that is not suspended (any more: it woke up, or was
+        reset, before its event reached us) is left as it is: QEMU refuses."""
+        from qemu.qmp import ExecuteError  # (loaded by __init__: only named here)
+
+        async with asyncio.timeout(timeout):
+            try:
+                await self._execute("system_wakeup", timeout)
+            except ExecuteError:
+                if (await self.query_status(timeout))[1] == "suspended":
+                    raise
+            while (await self.query_status(timeout))[1] == "suspended":
+                await asyncio.sleep(0.01)
 
     async def query_status(self, timeout: float = 5.0) -> tuple[bool, str]:
         """(vCPUs running, QEMU's run state: running, paused, shutdown…)."""
