@@ -916,8 +916,7 @@ class Run:
         async with self._controlling:
             self._check_not_stopping("rebooted")
             if self.suspended:  # (a reset in S3 would only wake it: its firmware resumes the guest)
-                await self._monitor().wakeup()
-                self._set_suspended(False)
+                await self._wake()
             await self._monitor().reset()
             await self._resume_if_paused()
 
@@ -945,8 +944,12 @@ class Run:
         await self._monitor().resume()
         self._set_paused(False)
         if self.suspended:
-            await self._monitor().wakeup()
-            self._set_suspended(False)
+            await self._wake()
+
+    async def _wake(self) -> None:
+        """Wake the guest that suspended itself to RAM, and note it (once QEMU has)."""
+        await self._monitor().wakeup()
+        self._set_suspended(False)
 
     def _check_not_stopping(self, done: str) -> None:
         if self.stop_requested:

@@ -310,10 +310,8 @@ def unnamed_file(name: str) -> IO[bytes]:
     directory = os.environ.get("TMPDIR") or "/tmp"
     try:
         fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    except IsADirectoryError:  # (no O_TMPFILE there: the kernel saw only O_DIRECTORY's bit)
-        fd = -1
-    except OSError as e:
-        if e.errno != errno.EOPNOTSUPP:
+    except OSError as e:  # (a file system without O_TMPFILE; EISDIR: a kernel that saw only O_DIRECTORY's bit)
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR):
             raise
         fd = -1
     if fd < 0:
