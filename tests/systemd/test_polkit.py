@@ -5,6 +5,7 @@ units, machined, and the container's real polkitd deciding what goes beyond a us
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -232,3 +233,39 @@ def test_a_connection_handed_on_by_a_process_that_ended_is_not_judged_as_the_pro
         if taker:
             os.kill(int(taker), signal.SIGKILL)
         sh("pkill", "-KILL", "-u", "bob", "-f", "python3 -c", check=False)
+
+
+# polkit's yes for bob, after a wait (a sleep the test ends: polkitd's sandbox lets its rules write nowhere)
+SLOW_YES = """polkit.addRule(function(action, subject) {
+  if (action.id == "io.vmspawnd.manage-all" && subject.user == "bob") {
+    try { polkit.spawn(["/bin/sleep", "8"]); } catch (e) {}
+    return polkit.Result.YES;
+  }
+});
+"""
+
+
+def test_a_start_polkit_allows_after_a_reload_gave_the_machine_to_root_is_refused(users: Ctl) -> None:
+    """bob may manage alice's machine, and asks to start it; while polkitd is deciding, root's edit of
+    its definition (it is to run as root now) is read by a reload.  polkit's yes was for a machine
+    that runs as alice: the start is refused (try again), and no QEMU runs as root."""
+    ok, out = call("alice", "Create", {"name": VM, "config": alice_config()})
+    assert ok, out
+    RULE.write_text(SLOW_YES)
+    ok, out = poll(lambda: call("bob", "Stop", {"name": VM, "timeout": -1}), lambda r: "PermissionDenied" not in r[1],
+                   90)
+    assert not ok and "InvalidConfig" in out, out  # polkitd has read the rule: bob passes, after its wait
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        start = pool.submit(call, "bob", "Start", {"name": VM})
+        asking = poll(lambda: sh("pgrep", "-u", "polkitd", "-x", "sleep", check=False).stdout.split(), bool, 30)
+        definition = Path(f"/var/lib/vmspawnd/machines/{VM}.json")
+        definition.write_text(json.dumps({**json.loads(definition.read_text()), "runAs": 0}))
+        sh("systemctl", "reload", "vmspawnd.service")
+        poll(lambda: users.status(VM)["runAs"], lambda uid: uid == 0, 30)
+        assert sh("kill", *asking, check=False).returncode == 0  # polkitd was still deciding: it says yes now
+        ok, out = start.result(timeout=60)
+    assert not ok and "WrongState" in out and "the user it runs as changed" in out, out
+    info = users.status(VM)
+    assert (info["state"], info["runAs"]) == ("stopped", 0), info
+    assert "alices" not in sh("machinectl", "list", "--no-legend").stdout
