@@ -32,10 +32,10 @@ from vmspawnd.guest.channel import NotifyParser
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.qemu.accel import choose_accelerator, find_qemu
 from vmspawnd.qemu.argv import Resources, build_qemu_argv
-from vmspawnd.testing.guest import build_guest
+from vmspawnd.testing.guest import STEADY_CLOCK, build_guest
 
-WORDS = ("panic=-1", "test.notify=1", "test.notify_timeout=120")  # (16 TCG guests on 2 CPUs: a guest's
-# READY=1 write once took longer than its default 10 s)
+WORDS = ("panic=-1", *STEADY_CLOCK, "test.notify=1", "test.notify_timeout=120")  # (16 TCG guests on 2 CPUs:
+# a guest's READY=1 write once took longer than its default 10 s)
 
 
 @dataclass(frozen=True)

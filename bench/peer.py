@@ -47,13 +47,14 @@ from vmspawnd.qemu.accel import find_qemu, qemu_version
 from vmspawnd.qemu.argv import Resources, build_qemu_argv
 from vmspawnd.systemd.scope import allocate_scope
 from vmspawnd.systemd.units import connect_systemd
+from vmspawnd.testing.guest import STEADY_CLOCK
 from vmspawnd.values import Drive
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST_INSIDE, IMAGE_INSIDE = "/var/cache/vmspawnd-bench-guest", "/var/cache/vmspawnd-bench-image"
 STAMP_INSIDE = "/var/cache/vmspawnd-bench-stamp"
 VENV_PYTHON = "/opt/vmspawnd-venv/bin/python"
-WORDS = ("panic=-1",)
+WORDS = ("panic=-1", *STEADY_CLOCK)
 X86_64_ROOT = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"  # the discoverable-partitions type of a root file system
 _keep: list[socket.socket] = []  # sockets bare QEMU inherits, open as long as we run
 

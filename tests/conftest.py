@@ -27,7 +27,7 @@ from tests.polling import poll
 from vmspawnd.proc import process_state, processes_mentioning
 from vmspawnd.qemu.accel import VERSION_CACHE
 from vmspawnd.qemu.vsock import BACKEND_ENV, find_backend
-from vmspawnd.testing.guest import TestGuest, build_guest
+from vmspawnd.testing.guest import STEADY_CLOCK, TestGuest, build_guest
 
 VMSPAWN = [sys.executable, "-m", "vmspawnd.cli.vmspawn"]
 
@@ -200,7 +200,7 @@ def vmspawn(guest: TestGuest, tmp_path: Path) -> Iterator:
         environ.pop("TERM", None)
         argv = [*VMSPAWN, *([f"--linux={guest.kernel}", f"--initrd={guest.initrd}"] if kernel else []), f"--ram={ram}",
                 *([f"--console={console}"] if console else []), f"--firmware={firmware}", "-M", name, "panic=-1",
-                *args]
+                *STEADY_CLOCK, *args]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=environ)
         run = VmRun(proc, notify, rundir)
