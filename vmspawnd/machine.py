@@ -219,7 +219,7 @@ class Machine:
             if self.removed:
                 raise NoSuchMachine(self.config.name)
             self.check_authorized(authorized)
-            if self.closing:  # (a Start that waited for the lock while vmspawnd began to stop)
+            if self.closing:  # (also a Start that waited for the lock while vmspawnd began to stop)
                 raise WrongState(self.config.name, self.state.value, "vmspawnd is stopping")
             if self.state in ACTIVE:
                 raise WrongState(self.config.name, self.state.value, "it must be stopped to start")

@@ -388,6 +388,7 @@ class Manager:
         machine = Machine(config, runtime_base=self.runtime_base, die_with_parent=False, console_socket=True,
                           spares=self.spares, fdstore=self.fdstore,
                           on_event=lambda kind, data: self._publish(name, kind, data))
+        machine.closing = self.stopping  # (one defined once the stop began was not let go of: it must not run)
         return Entry(config, machine)
 
     def get(self, name: str) -> Entry:
@@ -484,8 +485,6 @@ class Manager:
         :attr:`Machine.ownership` when the caller was authorized (see :meth:`Machine.check_authorized`);
         the same for the other commands."""
         entry = self.get_exactly(name, expected)
-        if self.stopping:  # (a machine defined since the stop began was not let go of: it must not run)
-            raise WrongState(name, entry.machine.state.value, "vmspawnd is stopping")
         if entry.definition_error is not None:
             raise StartError(entry.definition_error + " (fix or remove it)")
         await entry.machine.start(after=self._attach_console, authorized=authorized)

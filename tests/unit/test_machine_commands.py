@@ -12,7 +12,9 @@ import pytest
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import StartError, WrongState
 from vmspawnd.machine import Machine, State
+from vmspawnd.manager import Manager
 from vmspawnd.run import Run
+from vmspawnd.settings import config_from_json
 from vmspawnd.values import Tristate
 
 
@@ -67,6 +69,26 @@ async def test_a_start_waiting_while_vmspawnd_stops_is_refused(tmp_path, failing
     with pytest.raises(WrongState, match="vmspawnd is stopping"):
         await second
     assert failing_start == ["releasing", "released"]  # the second never ran
+
+
+async def test_a_machine_created_while_vmspawnd_stops_is_not_started(tmp_path, failing_start):
+    """The daemon's stop lets go of the machines it has; one a client creates meanwhile (the stop
+    waits for a busy machine's lock) must not start either: nothing would let go of its VM."""
+    (tmp_path / "run").mkdir(mode=0o700)
+    manager = Manager(tmp_path / "state", tmp_path / "run")
+    await manager.load()
+    manager.create(config_from_json("busy", {"linux": "/bin/sh"}))
+    lock = manager.machines["busy"].machine.lock
+    await lock.acquire()  # as a command in flight holds it
+    shutdown = asyncio.create_task(manager.shutdown())
+    await asyncio.sleep(0.1)
+    assert not shutdown.done()  # waiting for busy's lock
+    manager.create(config_from_json("latecomer", {"linux": "/bin/sh"}))
+    with pytest.raises(WrongState, match="vmspawnd is stopping"):
+        await manager.start("latecomer")
+    assert failing_start == []  # (no run was begun)
+    lock.release()
+    await shutdown
 
 
 async def test_a_kill_that_undid_a_start_does_not_wait_for_the_start_queued_behind_it(tmp_path, monkeypatch):
