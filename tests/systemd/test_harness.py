@@ -228,6 +228,14 @@ def _start_cli(*args: str) -> subprocess.Popen[str]:
                             start_new_session=True)
 
 
+def _command_name(pid: int) -> str | None:
+    """The process's command name, or None once it has ended (the container's boot ends many)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
 def _wait_booted(proc: subprocess.Popen[str], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -235,8 +243,7 @@ def _wait_booted(proc: subprocess.Popen[str], timeout: float = 90) -> None:
         if cgs and any(h.cgroup_pids(d) for d in cgs):
             # the container is up once the command (sleep) runs in it; poll through the leader
             pids = h.cgroup_pids(cgs[0])
-            if any(Path(f"/proc/{p}/comm").exists() and Path(f"/proc/{p}/comm").read_text().strip() ==
-                   "sleep" for p in pids):
+            if any(_command_name(p) == "sleep" for p in pids):
                 return
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.1)
