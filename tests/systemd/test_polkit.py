@@ -268,4 +268,4 @@ def test_a_start_polkit_allows_after_a_reload_gave_the_machine_to_root_is_refuse
     assert not ok and "WrongState" in out and "the user it runs as changed" in out, out
     info = users.status(VM)
     assert (info["state"], info["runAs"]) == ("stopped", 0), info
-    assert "alices" not in sh("machinectl", "list", "--no-legend").stdout
+    assert VM not in sh("machinectl", "list", "--no-legend").stdout

@@ -323,7 +323,7 @@ find_port() {
   done
   return 1
 }
-if [ "$NOTIFY" != 0 ] && [ -z "$NVSOCK" ]; then  # (its device can come late: 16 TCG guests on 2 CPUs)
+if [ "$NOTIFY" != 0 ] && [ -z "$NVSOCK" ]; then  # (as long as a write may wait; when it was found is logged)
   t=$(up); PWAIT=$NTIMEOUT; [ "$PWAIT" -ge 30 ] || PWAIT=30; deadline=$((${t%.*} + PWAIT))
   until find_port || [ "$(up | cut -d. -f1)" -ge $deadline ]; do sleep 0.1; done
   if [ -n "$NPORT" ]; then say "notify port $NPORTNAME is $NPORT (looked for it from uptime ${t}s to $(up)s)"
