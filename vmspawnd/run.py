@@ -88,6 +88,7 @@ from vmspawnd.systemd.machined import (
     MachineRegistration,
     Registration,
     RegistrationError,
+    forgotten,
     start_machined,
     unregister_quietly,
 )
@@ -775,6 +776,7 @@ class Run:
                            vsock=self.vsock, ssh_private_key=self._ssh_key.private_key if self._ssh_key else None,
                            control_address=self.control_socket)
         await unregister_quietly(self.config.name)
+        await forgotten(self.config.name)
         try:
             await self._enter_registration(reg)
         except RegistrationError as e:

@@ -105,9 +105,11 @@ def test_a_vm_registered_by_an_older_daemon_is_registered_again_with_the_new_con
     record.write_text(json.dumps(data))
     (reply,) = varlink_call(MACHINED_VARLINK, "io.systemd.Machine.Unregister", {"name": NAME})
     assert "error" not in reply, reply
-    (reply,) = varlink_call(MACHINED_VARLINK, "io.systemd.Machine.Register", {
-        "name": NAME, "class": "vm", "service": "vmspawnd", "leaderProcessId": {"pid": pid},
-        "controlAddress": legacy})
+    register = {"name": NAME, "class": "vm", "service": "vmspawnd", "leaderProcessId": {"pid": pid},
+                "controlAddress": legacy}
+    # (machined drops the machine after its reply to Unregister: until then the name exists)
+    reply = poll(lambda: varlink_call(MACHINED_VARLINK, "io.systemd.Machine.Register", register)[0],
+                 lambda r: r.get("error") != "io.systemd.Machine.MachineExists", 5, interval=0.02)
     assert "error" not in reply, reply
     assert machined_entry()["controlAddress"] == legacy
 

@@ -251,3 +251,24 @@ async def unregister_quietly(name: str, socket_path: Path = MACHINED_SOCKET) -> 
         await unregister(name, socket_path)
     except Exception:  # noqa: BLE001 - nothing to do about it but go on
         pass
+
+
+#: how long machined may take to drop a machine it replied to Unregister for
+FORGET_TIMEOUT = 2.0
+
+
+async def forgotten(name: str, socket_path: Path = MACHINED_SOCKET, timeout: float = FORGET_TIMEOUT) -> None:
+    """Wait until machined no longer knows ``name``.  It replies to Unregister before it drops the machine
+    (on its next garbage collection), so a Register of the same name at once may be refused as existing.
+    Gives up quietly after ``timeout`` (the Register that follows then says why)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        try:
+            if await over_dbus(socket_path):
+                await dbus_call("GetMachine", "s", [name])
+            else:
+                await call("io.systemd.Machine.List", {"name": name}, socket_path)
+        except RegistrationError:  # NoSuchMachine (or machined is gone)
+            return
+        await asyncio.sleep(0.02)
