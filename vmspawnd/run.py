@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -83,7 +84,7 @@ from vmspawnd.services.swtpm import logged_errors, state_unusable
 from vmspawnd.settings import config_to_json
 from vmspawnd.snapshot import EphemeralCopy, SnapshotError
 from vmspawnd.spares import Spares
-from vmspawnd.systemd.fdstore import FdStore, notify_name
+from vmspawnd.systemd.fdstore import FdStore, notify_name, output_name
 from vmspawnd.systemd.machined import (
     MachineRegistration,
     Registration,
@@ -313,6 +314,7 @@ class Run:
                 self._spares.launcher.refill()  # the next start's, while QEMU comes up
         if output is not None:
             output.start()
+            self._store_output(output)  # (after the exec: not on its path)
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)  # (a line costs ≈ 0.1 ms after idling)
         for sock in (qmp_sock, console_sock):  # QEMU has its copies
             if sock is not None:
@@ -390,6 +392,32 @@ class Run:
             self.log.warning("--grow-image is ignored with --image-disk-type=scsi-cd: a CD-ROM is never written")
         elif grow_image(config.image.path, config.grow_image):
             self.log.info("image grown", image=str(config.image.path), size=config.grow_image)
+
+    def _store_output(self, output: QemuOutput) -> None:
+        """Keep a copy of the read end of QEMU's output pipe in the daemon's store until the run ends:
+        what QEMU writes while no daemon runs waits there for the daemon that adopts the VM."""
+        if self._fdstore is None:
+            return
+        stored_as = output_name(self.config.name)
+        output.hold_while_away()
+        self._fdstore.keep(stored_as, output.read_fd)
+        self._durable.callback(self._fdstore.forget, stored_as)
+
+    def _resume_output(self) -> None:
+        """Read QEMU's output on from the pipe an earlier daemon kept in the store, if it did."""
+        if self._fdstore is None:
+            return
+        stored_as = output_name(self.config.name)
+        fd = self._fdstore.take_fd(stored_as)
+        if fd is None:
+            return
+        self._durable.callback(self._fdstore.forget, stored_as)
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):  # (not what we stored)
+            os.close(fd)
+            return
+        output = self._output = QemuOutput(self.log, read_fd=fd)
+        self._handles.callback(output.close)
+        output.start()
 
     async def _new_notify_channel(self) -> NotifyChannel:
         """The channel of the guest's notifications, its listener kept in the daemon's store until the
@@ -718,6 +746,7 @@ class Run:
             self._durable.push_async_callback(unregister_quietly, self.config.name)
         await self._adopt_helpers(record)
         self._durable.push_async_callback(self.qemu.end)  # QEMU ends before its helpers
+        self._resume_output()
         channel = await self._new_notify_channel()
         if self.vsock is not None and self.vsock.backend is VsockBackend.VHOST_USER and record.vsock_port:
             await channel.listen_hybrid(self.vsock.host_port_path(record.vsock_port), record.vsock_port,

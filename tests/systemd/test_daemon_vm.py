@@ -70,6 +70,21 @@ def test_vm_under_the_activated_daemon_outlives_a_daemon_restart(vm: Ctl) -> Non
         wait_inactive(unit)
 
 
+def test_what_an_adopted_qemu_writes_is_logged_by_the_daemon_that_adopted_it(vm: Ctl) -> None:
+    """The read end of QEMU's output pipe waits in vmspawnd.service's store across a restart: the
+    next daemon logs QEMU's lines (here its last, on SIGTERM), where QEMU's writes failed before."""
+    pid = vm.status()["pid"]
+    sh("systemctl", "restart", "vmspawnd.service")
+    wait_journal("re-adopted running VM", "-o", "cat", "-u", "vmspawnd.service")
+    assert vm.status()["pid"] == pid
+    os.kill(pid, signal.SIGTERM)  # QEMU says "terminating on signal 15 from pid …" as it exits
+    vm.wait(lambda s: s["state"] != "running", timeout=30)
+    said = wait_journal("terminating on signal 15", "-o", "verbose", "-u", "vmspawnd.service", f"MACHINE={NAME}")
+    assert "QEMU's output" in said
+    poll(lambda: unit_properties("vmspawnd.service", "NFileDescriptorStore")["NFileDescriptorStore"],
+         lambda n: n == "0", 10)  # the run's end took its pipe and listener out of the store
+
+
 def test_vm_keeps_its_tpm_across_a_daemon_restart(vm: Ctl) -> None:
     assert TPM_UNIT in vm.status()["units"]
     sh("systemctl", "stop", "vmspawnd.service")
@@ -299,7 +314,8 @@ def test_what_a_guest_says_while_no_daemon_runs_reaches_the_next_daemon(installe
         else:
             os.kill(int(unit_properties("vmspawnd.service", "MainPID")["MainPID"]), signal.SIGKILL)
             poll(lambda: unit_properties("vmspawnd.service", "SubState")["SubState"], lambda s: s == "auto-restart")
-        assert unit_properties("vmspawnd.service", "NFileDescriptorStore")["NFileDescriptorStore"] == "1"
+        stored = unit_properties("vmspawnd.service", "NFileDescriptorStore")["NFileDescriptorStore"]
+        assert stored == "2"  # the guest's notify listener and QEMU's output pipe
         said = console_while_away(Path(st["runtimeDirectory"]), b"ready (uptime", linger=4.0)
         assert b"notify write failed" not in said and b"notify over vsock failed" not in said, said.decode(
             errors="replace")
@@ -312,4 +328,4 @@ def test_what_a_guest_says_while_no_daemon_runs_reaches_the_next_daemon(installe
             slow_restart.unlink()
             sh("systemctl", "daemon-reload")
     poll(lambda: unit_properties("vmspawnd.service", "NFileDescriptorStore")["NFileDescriptorStore"],
-         lambda n: n == "0", 10)  # the run's end took its listener out of the store
+         lambda n: n == "0", 10)  # the run's end took its listener and output pipe out of the store

@@ -12,9 +12,12 @@ import socket
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from vmspawnd.guest.channel import NotifyChannel
-from vmspawnd.systemd.fdstore import FdStore, for_service, notify_name
+from vmspawnd.log import get_logger
+from vmspawnd.qemu.output import QemuOutput
+from vmspawnd.systemd.fdstore import FdStore, for_service, notify_name, output_name
 
 
 class ServiceManager:
@@ -93,6 +96,25 @@ async def test_what_a_guest_says_while_no_daemon_runs_is_read_by_the_next(manage
     assert list(manager.receive()) == ["notify.web"]  # still the one listener: nothing stored twice
 
 
+async def test_what_qemu_writes_while_no_daemon_runs_is_logged_by_the_next(manager: ServiceManager) -> None:
+    first = QemuOutput(get_logger())
+    FdStore().keep(output_name("web"), first.read_fd)  # (as Run._store_output does)
+    qemu = os.dup(first.write_fd)  # (QEMU's stdout and stderr)
+    first.start()
+    with capture_logs() as logs:
+        os.write(qemu, b"said to the first\n")
+        first.close()  # the daemon stops (or dies): its read end is closed, the store's copy is not
+        os.write(qemu, b"said while away\n")  # (without the store: EPIPE, and the line lost)
+        second = QemuOutput(get_logger(), read_fd=FdStore(manager.passed()).take_fd(output_name("web")))
+        second.start()
+        os.close(qemu)  # QEMU exits
+        await second.ended(5)
+    said = [entry["output"] for entry in logs if entry["event"] == "QEMU's output"]
+    assert said == ["said to the first", "said while away"]
+    assert FdStore.stored_name(output_name("web"))  # (a next daemon takes it as ours, not a socket unit's)
+    second.close()
+
+
 async def test_without_a_store_a_guest_speaking_while_no_daemon_runs_is_refused(tmp_path: Path):
     path = tmp_path / "notify.sock_1000001"
     first = NotifyChannel(lambda message: None)
@@ -118,7 +140,7 @@ async def test_a_stored_listener_of_another_address_is_not_used(manager: Service
 
 def test_what_no_run_took_is_closed_and_dropped_from_the_store(manager: ServiceManager):
     with socket.socket(socket.AF_UNIX) as left:
-        FdStore().keep("notify.gone", left)  # an earlier daemon's, whose VM ended while none ran
+        FdStore().keep("notify.gone", left.fileno())  # an earlier daemon's, whose VM ended while none ran
     passed = manager.passed()
     assert list(manager.store) == ["notify.gone"]
     FdStore(passed).forget_unclaimed()

@@ -39,3 +39,16 @@ async def test_closed_before_qemu_ran_it_leaves_no_descriptor() -> None:
     output.close()
     assert len(os.listdir("/proc/self/fd")) == before
     await asyncio.sleep(0)
+
+
+@pytest.mark.asyncio
+async def test_what_qemu_wrote_last_is_logged_when_its_run_ends_before_it_was_read() -> None:
+    output = QemuOutput(get_logger())
+    qemu = os.dup(output.write_fd)
+    output.start()
+    with capture_logs() as logs:
+        os.write(qemu, b"qemu-system-x86_64: terminating on signal 15 from pid 1\n")
+        os.close(qemu)  # QEMU exits, and its run ends at once: the loop did not read the pipe yet
+        output.close()
+    said = [entry["output"] for entry in logs if entry["event"] == "QEMU's output"]
+    assert said == ["qemu-system-x86_64: terminating on signal 15 from pid 1"]

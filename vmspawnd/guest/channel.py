@@ -292,7 +292,7 @@ class NotifyChannel:
                 return sock
             sock.close()
         sock = make()
-        self._store.keep(self._stored_as, sock)
+        self._store.keep(self._stored_as, sock.fileno())
         return sock
 
     async def _serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

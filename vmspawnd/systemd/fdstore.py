@@ -7,6 +7,9 @@ channel).  Under systemd the daemon hands a copy of each such listener to its se
 restarts, and passes it to the next daemon (``LISTEN_FDS``, by name).  So nothing a guest says
 while no daemon runs is lost: its connection waits in the listener's backlog, where it would
 otherwise be refused (vsock), or its writes would time out (virtio-serial).
+
+The read end of each QEMU's output pipe (qemu/output.py) is stored too: what QEMU writes while no
+daemon runs waits in the pipe for the next daemon, where QEMU's writes would otherwise fail.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from collections.abc import Callable
 from vmspawnd.log import get_logger
 from vmspawnd.systemd.notify import send_with_fds
 
-#: the first word of the names of the descriptors we store (``notify.<machine>``); any other
-#: descriptor systemd passes is a socket unit's
+#: the first words of the names of the descriptors we store (``notify.<machine>``, ``output.<machine>``);
+#: any other descriptor systemd passes is a socket unit's
 NOTIFY = "notify"
+OUTPUT = "output"
 
 log = get_logger()
 
@@ -38,22 +42,27 @@ class FdStore:
     @staticmethod
     def stored_name(name: str) -> bool:
         """Whether a descriptor systemd passed under ``name`` is one we stored (not a socket unit's)."""
-        return name.split(".", 1)[0] == NOTIFY
+        return name.split(".", 1)[0] in (NOTIFY, OUTPUT)
 
-    def keep(self, name: str, sock: socket.socket) -> None:
-        """Store a copy of ``sock`` under ``name`` (one per name: an earlier one is dropped).  A store
+    def keep(self, name: str, fd: int) -> None:
+        """Store a copy of ``fd`` under ``name`` (one per name: an earlier one is dropped).  A store
         that cannot take it costs only what it is for: it is logged, and the run goes on."""
         self._tell(f"FDSTOREREMOVE=1\nFDNAME={name}")
-        self._tell(f"FDSTORE=1\nFDNAME={name}", sock.fileno())
+        self._tell(f"FDSTORE=1\nFDNAME={name}", fd)
 
-    def take(self, name: str) -> socket.socket | None:
-        """The socket stored under ``name`` by an earlier daemon, if systemd passed it to us (once)."""
+    def take_fd(self, name: str) -> int | None:
+        """The descriptor stored under ``name`` by an earlier daemon, if systemd passed it to us (once)."""
         fds = self._inherited.pop(name, [])
         for extra in fds[1:]:
             os.close(extra)
-        if not fds:
+        return fds[0] if fds else None
+
+    def take(self, name: str) -> socket.socket | None:
+        """The socket stored under ``name`` by an earlier daemon, if systemd passed it to us (once)."""
+        fd = self.take_fd(name)
+        if fd is None:
             return None
-        sock = socket.socket(fileno=fds[0])  # (its family, unix or vsock, read from it)
+        sock = socket.socket(fileno=fd)  # (its family, unix or vsock, read from it)
         sock.setblocking(False)
         os.set_inheritable(sock.fileno(), False)
         return sock
@@ -75,7 +84,7 @@ class FdStore:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self.forget(name)
-            log.info("dropped a stored socket of a VM that is gone", name=name)
+            log.info("dropped a stored descriptor of a VM that is gone", name=name)
         self._inherited.clear()
 
 
@@ -91,3 +100,8 @@ def notify_name(machine: str) -> str:
     """The stored name of a machine's notify listener (machine names are letters, digits and
     hyphens: a valid descriptor name)."""
     return f"{NOTIFY}.{machine}"
+
+
+def output_name(machine: str) -> str:
+    """The stored name of the read end of a machine's QEMU output pipe."""
+    return f"{OUTPUT}.{machine}"
