@@ -148,6 +148,32 @@ def test_machinectl_pause_and_resume_stop_and_continue_the_vcpus(acpi_vm: tuple[
     assert ctl.wait(lambda s: not s["paused"], name=NAME, timeout=10)
 
 
+@with_control
+def test_machinectl_resume_wakes_a_guest_that_suspended_itself(installed_units: Path) -> None:
+    """A guest in ACPI S3 shows as QEMU's "suspended" through the control socket, and ``machinectl
+    resume`` wakes it (the guest goes on where it slept: no new boot)."""
+    sh("systemctl", "start", "vmspawnd.socket")
+    ctl = Ctl(installed_units)
+    ctl("create", "sleepy", f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}",
+        "--ram=256M", "--console=read-only", "--firmware=bios", "--tpm=no", "panic=-1", "test.notify=1",
+        "test.action=suspend")  # S3 once ready; once woken: STATUS=woke up
+    ctl("start", "sleepy")
+    try:
+        pid = ctl.wait(lambda s: s["suspended"], name="sleepy", timeout=90)["pid"]
+        address = machined_entry("sleepy")["controlAddress"]
+        (reply,) = varlink_call(address, "io.systemd.MachineInstance.Describe")
+        assert reply["parameters"]["status"] == "suspended", reply
+        sh("machinectl", "resume", "sleepy")
+        st = ctl.wait(lambda s: s["status"] == "woke up", name="sleepy", timeout=60)  # the guest's own word
+        assert st["suspended"] is False and st["pid"] == pid and st["state"] == "running", st
+        (reply,) = varlink_call(address, "io.systemd.MachineInstance.Describe")
+        assert reply["parameters"] == {"running": True, "status": "running"}, reply
+    finally:
+        ctl("kill", "sleepy", check=False)
+        ctl("remove", "sleepy", check=False)
+        poll(lambda: pids_of("qemu-system-x86"), lambda pids: pids == [], 30)
+
+
 @without_control
 def test_machinectl_poweroff_without_control_sockets_is_reported_as_the_signal_it_is(
         acpi_vm: tuple[Ctl, Path]) -> None:
