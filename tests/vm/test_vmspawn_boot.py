@@ -38,6 +38,23 @@ def test_guest_ready_is_forwarded_to_our_manager(vmspawn):
     assert_clean(run)
 
 
+def test_a_guest_that_suspends_itself_is_told_to_our_manager_and_a_resume_wakes_it(vmspawn):
+    """``systemctl status`` of a vmspawn service says the guest is suspended (ACPI S3), and says it runs
+    again once woken (by machinectl resume: the control socket's Resume)."""
+    run = vmspawn("test.notify=1", "test.action=suspend", name="sleepy")
+    poll(run.notify.lines, lambda lines: "STATUS=VM suspended: the guest suspended itself to RAM." in lines, 60)
+    control = run.runtime_dir / "sleepy.run" / "control"
+    assert "error" not in call(control, "io.systemd.MachineInstance.Resume")
+    lines = poll(run.notify.lines, lambda lines: "STATUS=VM running: woke up" in lines, 60)  # the guest's own word
+    woken = lines.index("STATUS=VM suspended: the guest suspended itself to RAM.") + 1
+    assert lines[woken] == "STATUS=VM running: test guest ready", lines  # (what it said before it slept)
+    run.proc.send_signal(signal.SIGTERM)  # (woken, the test guest may not see the power button: twice)
+    time.sleep(1)
+    run.proc.send_signal(signal.SIGTERM)
+    run.wait()
+    assert_clean(run)
+
+
 def test_guest_exit_status_becomes_ours(vmspawn):
     run = vmspawn("test.notify=1", "test.exit=7", name="exit7")
     assert run.wait() == 7, run.text

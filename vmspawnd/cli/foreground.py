@@ -75,17 +75,33 @@ def _leave(status: int) -> typing.NoReturn:
     os._exit(status)
 
 
+#: what ``systemctl status`` says of a VM whose vCPUs stopped (``machinectl pause``, QMP's ``stop``), or
+#: whose guest suspended itself to RAM (ACPI S3: a resume wakes it)
+SUSPENDED_STATUS = {"paused": "VM paused.", "suspended": "VM suspended: the guest suspended itself to RAM."}
+
+
 def _events_to_manager(config: MachineConfig, notifier: ManagerNotifier) -> Callable[[str, dict[str, Any]], None]:
     """Map machine events to sd_notify messages for whoever started us."""
+    running = "VM running."  # (with the guest's own STATUS=, once it sent one)
+
     def on_event(kind: str, data: dict) -> None:
+        nonlocal running
+        if kind in ("ready", "status") and data.get("status"):
+            running = f"VM running: {data['status']}"
+        elif kind == "reset":  # (what the guest said before it was reset is old news)
+            running = "VM running."
         if kind == "running":
             notifier.send(STATUS="VM started.", X_VMSPAWN_LEADER_PID=data["pid"])
             if not config.notify_ready:
                 notifier.send(READY=1)
         elif kind == "ready" and config.notify_ready:  # (the guest's own STATUS= sent with it, if any)
-            notifier.send(READY=1, STATUS=f"VM running: {data['status']}" if data.get("status") else "VM running.")
+            notifier.send(READY=1, STATUS=running)
         elif kind == "status":
-            notifier.send(STATUS=f"VM running: {data['status']}")
+            notifier.send(STATUS=running)
+        elif kind in SUSPENDED_STATUS:
+            notifier.send(STATUS=SUSPENDED_STATUS[kind])
+        elif kind in ("resumed", "woke"):
+            notifier.send(STATUS=running)
         elif kind == "stopping":
             notifier.send(STOPPING=1)
     return on_event
