@@ -79,8 +79,10 @@ def test_what_an_adopted_qemu_writes_is_logged_by_the_daemon_that_adopted_it(vm:
     assert vm.status()["pid"] == pid
     os.kill(pid, signal.SIGTERM)  # QEMU says "terminating on signal 15 from pid …" as it exits
     vm.wait(lambda s: s["state"] != "running", timeout=30)
-    said = wait_journal("terminating on signal 15", "-o", "verbose", "-u", "vmspawnd.service", f"MACHINE={NAME}")
-    assert "QEMU's output" in said
+    said = wait_journal("terminating on signal 15", "-o", "json", "-u", "vmspawnd.service", f"MACHINE={NAME}")
+    entries = [json.loads(line) for line in said.splitlines() if line.strip()]
+    assert any(e["MESSAGE"].startswith("QEMU's output") and "terminating on signal 15" in e.get("OUTPUT", "")
+               for e in entries), entries[-5:]
     poll(lambda: unit_properties("vmspawnd.service", "NFileDescriptorStore")["NFileDescriptorStore"],
          lambda n: n == "0", 10)  # the run's end took its pipe and listener out of the store
 

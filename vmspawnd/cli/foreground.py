@@ -77,7 +77,7 @@ def _leave(status: int) -> typing.NoReturn:
 
 #: what ``systemctl status`` says of a VM whose vCPUs stopped (``machinectl pause``, QMP's ``stop``), or
 #: whose guest suspended itself to RAM (ACPI S3: a resume wakes it)
-SUSPENDED_STATUS = {"paused": "VM paused.", "suspended": "VM suspended: the guest suspended itself to RAM."}
+HALTED_STATUS = {"paused": "VM paused.", "suspended": "VM suspended: the guest suspended itself to RAM."}
 
 
 def _events_to_manager(config: MachineConfig, notifier: ManagerNotifier) -> Callable[[str, dict[str, Any]], None]:
@@ -98,8 +98,8 @@ def _events_to_manager(config: MachineConfig, notifier: ManagerNotifier) -> Call
             notifier.send(READY=1, STATUS=running)
         elif kind == "status":
             notifier.send(STATUS=running)
-        elif kind in SUSPENDED_STATUS:
-            notifier.send(STATUS=SUSPENDED_STATUS[kind])
+        elif kind in HALTED_STATUS:
+            notifier.send(STATUS=HALTED_STATUS[kind])
         elif kind in ("resumed", "woke"):
             notifier.send(STATUS=running)
         elif kind == "stopping":
