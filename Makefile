@@ -2,7 +2,11 @@
 # vmspawnd — make setup | test | demo | lint | install
 # `make demo` and `make test` set everything up first (as root on Debian: apt packages too).
 
-PYTHON ?= python3
+# The distribution's Python where there is one (/usr/bin/python3: Debian's, whose python3-venv and
+# python3-dev are among the packages below), not whichever python3 comes first on $PATH: a system
+# service's interpreter must not live in someone's home (pyenv's goes when its owner removes it), and
+# Debian's, built statically, starts ≈ 1.3x sooner than pyenv's shared build (bench/notes.md, session 39).
+PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
 VENV := .venv
 BIN := $(VENV)/bin
 DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static cpio \
@@ -13,8 +17,10 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static
 FORKY_SOURCE := /etc/apt/sources.list.d/vmspawnd-forky.sources
 FORKY_PIN := /etc/apt/preferences.d/vmspawnd-forky.pref
 STAMP := $(VENV)/.installed
+# the interpreter $(VENV) was made with: another $(PYTHON) makes it again
+MADE_WITH := $(VENV)/.python
 
-.PHONY: bench setup test test-fast test-fuzz demo lint varlink install guest clean
+.PHONY: bench setup test test-fast test-fuzz demo lint varlink install guest clean FORCE
 
 setup: $(STAMP)
 	@$(MAKE) --no-print-directory deb-packages
@@ -38,13 +44,21 @@ deb-packages:
 			DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $$missing >/dev/null; fi; \
 	else echo "not root: skipping Debian packages ($(DEB_PACKAGES))"; fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(MADE_WITH)
 	@$(MAKE) --no-print-directory deb-packages
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/python -m pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
 	@$(BIN)/python -c 'import vmspawnd, asyncvarlink, structlog, sdnotify, systemd, dbus_fast, qemu.qmp, pytest'
 	@touch $@
+
+# (rewritten only when $(PYTHON) is another interpreter than the one $(VENV) was made with, which is then
+# removed, so that $(STAMP) makes it again)
+$(MADE_WITH): FORCE
+	@want="$$(command -v $(PYTHON))"; have="$$(cat $@ 2>/dev/null)"; if [ "$$want" != "$$have" ]; then \
+		if [ -e $(BIN)/python ]; then echo "$(VENV) was made with $${have:-another python}: made again with $$want"; \
+			rm -rf $(VENV); fi; \
+		mkdir -p $(VENV) && echo "$$want" > $@; fi
 
 guest: setup
 	$(BIN)/python -m vmspawnd.testing.guest
