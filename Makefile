@@ -17,8 +17,6 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static
 FORKY_SOURCE := /etc/apt/sources.list.d/vmspawnd-forky.sources
 FORKY_PIN := /etc/apt/preferences.d/vmspawnd-forky.pref
 STAMP := $(VENV)/.installed
-# the interpreter $(VENV) was made with: another $(PYTHON) makes it again
-MADE_WITH := $(VENV)/.python
 
 .PHONY: bench setup test test-fast test-fuzz demo lint varlink install guest clean FORCE
 
@@ -44,21 +42,23 @@ deb-packages:
 			DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $$missing >/dev/null; fi; \
 	else echo "not root: skipping Debian packages ($(DEB_PACKAGES))"; fi
 
-$(STAMP): pyproject.toml $(MADE_WITH)
+$(STAMP): pyproject.toml $(VENV)/pyvenv.cfg
 	@$(MAKE) --no-print-directory deb-packages
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/python -m pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
 	@$(BIN)/python -c 'import vmspawnd, asyncvarlink, structlog, sdnotify, systemd, dbus_fast, qemu.qmp, pytest'
 	@touch $@
 
-# (rewritten only when $(PYTHON) is another interpreter than the one $(VENV) was made with, which is then
-# removed, so that $(STAMP) makes it again)
-$(MADE_WITH): FORCE
-	@want="$$(command -v $(PYTHON))"; have="$$(cat $@ 2>/dev/null)"; if [ "$$want" != "$$have" ]; then \
-		if [ -e $(BIN)/python ]; then echo "$(VENV) was made with $${have:-another python}: made again with $$want"; \
-			rm -rf $(VENV); fi; \
-		mkdir -p $(VENV) && echo "$$want" > $@; fi
+# The venv, made (after the Debian packages: python3-venv) when missing, and made again when $(PYTHON) is
+# another interpreter than the one its pyvenv.cfg names; untouched otherwise, so $(STAMP) stays made.
+$(VENV)/pyvenv.cfg: FORCE
+	@have="$$(sed -n 's/^executable = //p' $@ 2>/dev/null)"; \
+	if [ -n "$$have" ]; then \
+		want="$$($(PYTHON) -c 'import os, sys; print(os.path.realpath(sys.executable))')" \
+			|| { echo "PYTHON=$(PYTHON) cannot be run: $(VENV) kept" >&2; exit 1; }; \
+		if [ "$$have" != "$$want" ]; then echo "$(VENV) was made with $$have: made again with $$want"; rm -rf $(VENV); fi; \
+	fi; \
+	if [ ! -e $@ ]; then $(MAKE) --no-print-directory deb-packages && $(PYTHON) -m venv $(VENV); fi
 
 guest: setup
 	$(BIN)/python -m vmspawnd.testing.guest
