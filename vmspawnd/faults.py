@@ -2,7 +2,8 @@
 """Crash points: ``$VMSPAWND_CRASH_AT=NAME`` makes the process SIGKILL itself at the point NAME.
 
 Only tests set it, to prove that a daemon killed at any point of a start leaves no process,
-registration or file behind that the next daemon does not find and end.  The points are named
+registration or file behind that the next daemon does not find and end, and that no Create a client
+was answered is lost by a crash before its definition file is durable (definitionlog.py).  The points are named
 where they are placed (``crash_point("exec")``…).
 """
 

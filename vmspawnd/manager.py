@@ -24,6 +24,7 @@ from typing import Any
 from vmspawnd import messages
 from vmspawnd.config import MachineConfig
 from vmspawnd.console import ConsoleRelay
+from vmspawnd.definitionlog import DefinitionLog
 from vmspawnd.errors import ConfigError, HostError, LimitReached, MachineExists, NoSuchMachine, StartError, WrongState
 from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.log import get_logger
@@ -35,7 +36,14 @@ from vmspawnd.runrecord import RUNNING, RunRecord
 from vmspawnd.runtime import RECORDS_SUFFIX, RuntimeDir, make_base, sweep_discarded
 from vmspawnd.settings import JSON_FIELDS, config_from_json, config_to_json, json_field_name
 from vmspawnd.spares import Spares
-from vmspawnd.storage import FileAhead, encode_json, read_json, remove_leftover_temps, write_json_atomic
+from vmspawnd.storage import (
+    FileAhead,
+    encode_json,
+    read_json,
+    remove_leftover_temps,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from vmspawnd.systemd.fdstore import FdStore
 from vmspawnd.values import ConsoleMode, validate_machine_name
 
@@ -98,6 +106,7 @@ class Manager:
         self.spares = Spares.beside(runtime_base)  # a Start waits neither for an interpreter nor swtpm_setup
         self.fdstore = fdstore  # our service's, where runs keep their guests' notify listeners
         self._definition_ahead = FileAhead(self.definitions)  # nor a Create for its file to be made
+        self._log: DefinitionLog | None = None  # what makes a Create durable (opened by load)
 
     @property
     def definitions(self) -> Path:
@@ -111,6 +120,9 @@ class Manager:
         self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
         for path in remove_leftover_temps(self.definitions):
             log.info("removed a temporary file left by an earlier daemon", path=str(path))
+        self._log = DefinitionLog.open(self.definitions)
+        self._restore_logged(self._log.replay())
+        await self._log.checkpoint()
         make_base(self.runtime_base)
         await asyncio.to_thread(sweep_discarded, self.runtime_base)  # (what runs that a crash cut short left)
         definitions = self._definition_files()
@@ -140,6 +152,36 @@ class Manager:
             self.fdstore.forget_unclaimed()
         self.spares.prepare()
         self.on_change()
+
+    def _restore_logged(self, logged: dict[str, bytes | None]) -> None:
+        """Make the definition files what the log says they are (after a crash: a file written since the
+        last checkpoint may be missing or torn, a removed one back).  The log wins over an edit by hand
+        made since (the last second before the crash, see definitionlog.py)."""
+        for name, data in logged.items():
+            try:
+                validate_machine_name(name, "name")
+            except ConfigError:
+                log.error("ignoring a record of the definitions' log whose name is no machine name", name=name)
+                continue
+            path = self._definition_path(name)
+            try:
+                on_disk: bytes | None = path.read_bytes()
+            except FileNotFoundError:
+                on_disk = None
+            if on_disk == data:
+                continue
+            if data is None:
+                path.unlink()
+                log.info("removed a definition whose removal the log holds (a crash came before it was "
+                         "durable)", machine=name)
+            else:
+                write_bytes_atomic(path, data)
+                log.info("wrote a definition again from the log (a crash lost or tore its file)", machine=name)
+
+    async def _checkpoint_definitions(self) -> None:
+        """Make what the definitions' log holds durable in the files themselves, and empty the log."""
+        if self._log is not None:
+            await self._log.checkpoint()
 
     def _definition_files(self) -> dict[str, Path]:
         """name → definition file, for every file whose name is a machine name."""
@@ -181,6 +223,7 @@ class Manager:
         stopped machine whose file is gone is forgotten.  Running VMs are never touched.  Returns
         what changed, one line per machine.  Clients' Creates and Removes go on meanwhile (each step
         waits for a machine's lock): each file is looked at again when its machine's turn comes."""
+        await self._checkpoint_definitions()  # the files as they are now are what a replay starts from
         on_disk = self._definition_files()
         changes = []
         for name, path in on_disk.items():
@@ -284,6 +327,13 @@ class Manager:
             queue.put_nowait(None)
         self.spares.close()
         self._definition_ahead.close()
+        if self._log is not None:
+            try:
+                await self._log.checkpoint()
+            except OSError as e:  # (the log keeps them: the next daemon makes them durable)
+                log.error("could not make the latest definitions durable", error=str(e))
+            self._log.close()
+            self._log = None
         if self._collection is not None:
             self._collection.cancel()
 
@@ -421,12 +471,21 @@ class Manager:
             self._check_allowance(owner, len(encode_json(definition)))
         entry = self._new_entry(config)
         entry.owner, entry.machine.run_as = owner, run_as
+        encoded = encode_json(definition)
+        path = self._definition_path(config.name)
+        definitions_log = self._log if self._log is not None and self._log.has_room(config.name, encoded) else None
         try:
             self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
-            entry.definition_size = write_json_atomic(self._definition_path(config.name), definition,
+            entry.definition_size = write_bytes_atomic(path, encoded, durable=definitions_log is None,
                                                       ahead=self._definition_ahead)
         except OSError as e:
             raise HostError(f"cannot save the definition of {config.name}", e) from e
+        if definitions_log is not None:
+            try:
+                definitions_log.created(config.name, encoded)  # (durable once this returns)
+            except OSError as e:
+                path.unlink(missing_ok=True)
+                raise HostError(f"cannot save the definition of {config.name}", e) from e
         self._add(config.name, entry)
         log.info("machine created", machine=config.name, message_id=messages.CREATED)
         self._publish(config.name, "created", {})
@@ -534,6 +593,8 @@ class Manager:
             if machine.state not in (State.STOPPED, State.FAILED):
                 raise WrongState(name, machine.state.value, "stop it before removing it")
             try:
+                if self._log is not None and not self._log.removed(name):  # (no room: the log emptied first)
+                    await self._log.checkpoint()
                 self._definition_path(name).unlink(missing_ok=True)
                 self._state_path(name).unlink(missing_ok=True)
             except OSError as e:

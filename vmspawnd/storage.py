@@ -25,7 +25,12 @@ def write_json_atomic(path: Path, data: Any, mode: int = 0o600, durable: bool = 
     durable file is written for people to read (indented); the others compactly (much faster).
     ``ahead``: take the temporary file from there when it has one ready (it must be in ``path``'s
     directory).  Returns the file's size."""
-    encoded = encode_json(data, durable)
+    return write_bytes_atomic(path, encode_json(data, durable), mode, durable, ahead)
+
+
+def write_bytes_atomic(path: Path, encoded: bytes, mode: int = 0o600, durable: bool = True,
+                       ahead: FileAhead | None = None) -> int:
+    """:func:`write_json_atomic` of bytes already encoded."""
     made = ahead.take() if ahead is not None else None
     tmp = made[0] if made else temp_path(path)
     try:

@@ -52,6 +52,7 @@ async def test_the_state_of_a_definition_deleted_by_hand_does_not_come_back_with
         await first.start("one")
     await asyncio.sleep(0)
     assert (first.definitions / "one.state").exists()
+    await first.shutdown()  # (a daemon that stopped: its definitions' log is empty, see test_definition_log.py)
     (first.definitions / "one.json").unlink()  # by hand, while no daemon runs
     second = Manager(tmp_path / "state", tmp_path / "run")
     await second.load()

@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from tests.polling import poll
+from vmspawnd.definitionlog import FILE_NAME as DEFINITIONS_LOG
 from vmspawnd.errors import ConfigError
 from vmspawnd.interface import Config
 from vmspawnd.manager import Manager
@@ -142,7 +143,7 @@ def test_temporary_files_of_processes_that_are_gone_are_removed_at_load_and_thos
     for name in leftovers + kept[:-1]:
         (manager.definitions / name).write_text("")
     asyncio.run(manager.load())
-    assert sorted(p.name for p in manager.definitions.iterdir()) == sorted(kept)
+    assert sorted(p.name for p in manager.definitions.iterdir()) == sorted([*kept, DEFINITIONS_LOG])
     assert list(manager.machines) == ["m"]
     assert remove_leftover_temps(manager.definitions) == []
 
