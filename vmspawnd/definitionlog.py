@@ -102,22 +102,11 @@ class DefinitionLog:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        if self._checkpoint is None:
-            self._checkpoint = asyncio.ensure_future(self._make_durable())
-        task = self._checkpoint
-        try:
-            await asyncio.shield(task)
-        finally:
-            if task.done() and self._checkpoint is task:
-                self._checkpoint = None
-
-    def checkpoint_now(self) -> None:
-        """:meth:`checkpoint` without an event loop (at start, and after the loop ended)."""
         while self._logged:
-            end = self._end
-            _fsync_files(self.directory, set(self._logged))
-            if end == self._end:
-                self._new_epoch()
+            if self._checkpoint is None or self._checkpoint.done():  # (one that ended: its callback is due)
+                self._start_checkpoint()
+            assert self._checkpoint is not None
+            await asyncio.shield(self._checkpoint)
 
     def close(self) -> None:
         if self._idle is not None:
@@ -165,8 +154,11 @@ class DefinitionLog:
         crash_point("definitions-checkpoint")  # (tests: a crash while the log alone holds the latest Creates)
         self._idle = None
         if self._checkpoint is None:
-            task = self._checkpoint = asyncio.ensure_future(self._make_durable())
-            task.add_done_callback(self._checkpoint_done)
+            self._start_checkpoint()
+
+    def _start_checkpoint(self) -> None:
+        task = self._checkpoint = asyncio.ensure_future(self._make_durable())
+        task.add_done_callback(self._checkpoint_done)
 
     def _checkpoint_done(self, task: asyncio.Task[None]) -> None:
         if self._checkpoint is task:
@@ -212,7 +204,7 @@ def _fill_with_zeros(fd: int) -> None:
     os.ftruncate(fd, 0)
     zeros = bytes(64 << 10)
     for offset in range(0, SIZE, len(zeros)):
-        os.pwrite(fd, zeros, offset)
+        os.pwrite(fd, zeros[:SIZE - offset], offset)
     os.fsync(fd)
 
 

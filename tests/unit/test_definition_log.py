@@ -112,7 +112,7 @@ def test_a_torn_record_ends_the_log_and_a_new_epoch_forgets_the_records_before_i
     assert again.replay() == {"a": None, "b": b'{"v": 2}\n'}
     assert again._end == end  # the next record overwrites the torn one
     (tmp_path / "b.json").write_bytes(b'{"v": 2}\n')
-    again.checkpoint_now()
+    asyncio.run(again.checkpoint())
     again.close()
     assert DefinitionLog.open(tmp_path).replay() == {}  # b's record is of the last epoch
 
@@ -169,3 +169,23 @@ async def test_a_create_that_cannot_be_saved_leaves_nothing(tmp_path, monkeypatc
     manager.create(config_from_json("one", {"linux": "/bin/sh"}))  # and the name is free again
     await manager.shutdown()
     assert DefinitionLog.open(manager.definitions).replay() == {}
+
+
+async def test_a_removal_that_finds_the_log_full_empties_it_first(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(definitionlog, "SIZE", 16 << 10)
+    monkeypatch.setattr(definitionlog, "_RESERVED", 0)
+    monkeypatch.setattr(definitionlog, "IDLE_CHECKPOINT", 3600)
+    (tmp_path / "run").mkdir(mode=0o700)
+    manager = Manager(tmp_path / "state", tmp_path / "run")
+    await manager.load()
+    for i in range(30):
+        manager.create(config_from_json(f"m{i}", {"linux": "/bin/sh"}))
+    logged = DefinitionLog.open(manager.definitions).replay()
+    assert "m0" in logged and len(logged) < 30
+    assert manager._log is not None
+    monkeypatch.setattr(definitionlog, "SIZE", manager._log._end)  # not even a removal's record fits now
+    await manager.remove("m0")
+    monkeypatch.setattr(definitionlog, "SIZE", 16 << 10)
+    assert "m0" not in manager.machines and not (manager.definitions / "m0.json").exists()
+    assert DefinitionLog.open(manager.definitions).replay() == {}  # emptied: nothing can bring m0 back
+    await manager.shutdown()
