@@ -467,11 +467,11 @@ class Manager:
         if plan is None:
             self.plan(config, Identity.of_uid(run_as))
         definition = {"name": config.name, "owner": owner, "runAs": run_as, "config": config_to_json(config)}
+        encoded = encode_json(definition)
         if owner != 0:
-            self._check_allowance(owner, len(encode_json(definition)))
+            self._check_allowance(owner, len(encoded))
         entry = self._new_entry(config)
         entry.owner, entry.machine.run_as = owner, run_as
-        encoded = encode_json(definition)
         path = self._definition_path(config.name)
         definitions_log = self._log if self._log is not None and self._log.has_room(config.name, encoded) else None
         try:
