@@ -52,15 +52,20 @@ class DefinitionLog:
     @classmethod
     def open(cls, directory: Path) -> DefinitionLog:
         """The log of ``directory``; one that is missing, of another size or with a broken header is
-        made anew (all zeros), since no record in it can then be trusted.  Call :meth:`replay` next."""
+        made anew (all zeros), since no record in it can then be trusted.  Call :meth:`replay` next.
+        OSError where it cannot be opened or made (one not made whole is removed)."""
         path = directory / FILE_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             epoch = _read_header(fd) if os.fstat(fd).st_size == SIZE else None
             if epoch is None:
-                _fill_with_zeros(fd)
-                epoch = 1
-                _write_header(fd, epoch)
+                try:
+                    _fill_with_zeros(fd)
+                    epoch = 1
+                    _write_header(fd, epoch)
+                except OSError:  # (no room for it: it takes none)
+                    path.unlink(missing_ok=True)
+                    raise
             return cls(directory, fd, epoch)
         except BaseException:
             os.close(fd)

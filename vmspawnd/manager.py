@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import time
 from collections.abc import Callable
@@ -120,9 +121,16 @@ class Manager:
         self.definitions.mkdir(mode=0o700, parents=True, exist_ok=True)
         for path in remove_leftover_temps(self.definitions):
             log.info("removed a temporary file left by an earlier daemon", path=str(path))
-        self._log = DefinitionLog.open(self.definitions)
-        self._restore_logged(self._log.replay())
-        await self._log.checkpoint()
+        try:
+            self._log = DefinitionLog.open(self.definitions)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            log.warning("no room for the definitions' log (or a read-only state dir): each Create syncs its own "
+                        "file, more slowly", error=str(e))
+        else:
+            self._restore_logged(self._log.replay())
+            await self._log.checkpoint()
         make_base(self.runtime_base)
         await asyncio.to_thread(sweep_discarded, self.runtime_base)  # (what runs that a crash cut short left)
         definitions = self._definition_files()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import threading
 
 import pytest
@@ -189,3 +190,26 @@ async def test_a_removal_that_finds_the_log_full_empties_it_first(tmp_path, monk
     assert "m0" not in manager.machines and not (manager.definitions / "m0.json").exists()
     assert DefinitionLog.open(manager.definitions).replay() == {}  # emptied: nothing can bring m0 back
     await manager.shutdown()
+
+
+async def test_a_state_dir_without_room_for_the_log_still_serves_and_makes_it_once_there_is(tmp_path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(state)], check=True)
+    try:
+        (tmp_path / "run").mkdir(mode=0o700)
+        manager = Manager(state, tmp_path / "run")
+        await manager.load()  # (the log's 4 MiB do not fit)
+        assert not (manager.definitions / FILE_NAME).exists()  # nothing half-made takes the room
+        manager.create(config_from_json("one", {"linux": "/bin/sh"}))  # durable the slower way
+        await manager.remove("one")
+        manager.create(config_from_json("two", {"linux": "/bin/sh"}))
+        await manager.shutdown()
+        subprocess.run(["mount", "-o", "remount,size=8m", str(state)], check=True)
+        again = Manager(state, tmp_path / "run")
+        await again.load()
+        assert list(again.machines) == ["two"]
+        assert (again.definitions / FILE_NAME).stat().st_size == definitionlog.SIZE
+        await again.shutdown()
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
