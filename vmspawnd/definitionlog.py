@@ -3,8 +3,8 @@
 (one ``fdatasync``, no metadata for the file system's journal) instead of the two fsyncs of a new file
 and its directory.  The definition's own file is written at once, atomically but without those
 fsyncs; the log holds its bytes until a *checkpoint* has made the files durable (after a second
-without Creates, when the log is full, and when the daemon reloads or stops).  At start, :meth:`replay` gives
-back what the log holds, for the files a crash lost or tore to be written again.
+without Creates, when the log is full, and when the daemon reloads or stops).  At start,
+:meth:`replay` gives back what the log holds, for the files a crash lost or tore to be written again.
 
 The log is a file of :data:`SIZE` bytes, written through once (zeros) so that later writes only
 overwrite.  Its first block holds a header with an *epoch*; each record after it carries the epoch,
