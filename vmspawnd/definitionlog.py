@@ -127,20 +127,22 @@ class DefinitionLog:
                 self._new_epoch()
 
     def _append(self, kind: int, name: str, data: bytes, limit: int) -> bool:
-        payload = name.encode() + b"\n" + data
-        crc = zlib.crc32(payload, zlib.crc32(struct.pack("<QB", self._epoch, kind)))
-        record = _RECORD.pack(_RECORD_MAGIC, self._epoch, len(payload), crc, kind) + payload
-        if self._end + len(record) > limit:
+        named = name.encode() + b"\n"
+        length = len(named) + len(data)
+        crc = zlib.crc32(data, zlib.crc32(named, zlib.crc32(struct.pack("<QB", self._epoch, kind))))
+        head = _RECORD.pack(_RECORD_MAGIC, self._epoch, length, crc, kind)
+        if self._end + _RECORD.size + length > limit:
             self._checkpoint_soon(0)
             return False
-        os.pwrite(self._fd, record, self._end)  # (one call: a record is never split between two)
+        # one call, so a record is never split between two (and the definition's bytes are not copied)
+        os.pwritev(self._fd, [head, named, data], self._end)
         try:
             os.fdatasync(self._fd)
         except OSError:  # not acknowledged: not to be replayed either (the next record goes over it)
             with contextlib.suppress(OSError):
                 os.pwrite(self._fd, bytes(_RECORD.size), self._end)
             raise
-        self._end += len(record)
+        self._end += _RECORD.size + length
         self._logged.add(name)
         self._checkpoint_soon(IDLE_CHECKPOINT)
         return True
@@ -215,15 +217,15 @@ def _fill_with_zeros(fd: int) -> None:
 
 def _fsync_files(directory: Path, names: set[str]) -> None:
     """fsync the definition file of each of ``names`` that exists, then ``directory``."""
-    for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            fd = os.open(directory / f"{name}.json", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(f"{name}.json", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dirfd)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        os.fsync(dirfd)
     finally:
-        os.close(fd)
+        os.close(dirfd)
