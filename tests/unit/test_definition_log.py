@@ -19,6 +19,7 @@ from tests.conftest import Daemon
 from tests.rawvarlink import call
 from vmspawnd import definitionlog
 from vmspawnd.definitionlog import FILE_NAME, DefinitionLog
+from vmspawnd.errors import HostError
 from vmspawnd.faults import CRASH_ENV
 from vmspawnd.manager import Manager
 from vmspawnd.settings import config_from_json
@@ -162,7 +163,7 @@ async def test_a_create_that_cannot_be_saved_leaves_nothing(tmp_path, monkeypatc
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(os, "fdatasync" if where == "log" else "write", failing)
-    with pytest.raises(Exception, match="cannot save the definition of one"):
+    with pytest.raises(HostError, match="cannot save the definition of one: Input/output error"):
         manager.create(config_from_json("one", {"linux": "/bin/sh"}))
     monkeypatch.setattr(os, "fdatasync" if where == "log" else "write", real)
     assert "one" not in manager.machines
