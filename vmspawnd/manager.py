@@ -370,8 +370,9 @@ class Manager:
             self._collect_garbage_soon()
         if kind in PERSISTED_EVENTS and name in self.machines:
             entry = self.machines[name]
-            if kind == "starting":  # kept off the way to QEMU's exec: written once the start first waits
-                asyncio.get_running_loop().call_soon(self._save_state_if_defined, name, entry)
+            if kind == "starting":  # kept off the way to QEMU's exec: written once QEMU runs
+                if (run := entry.machine.run) is not None:
+                    run.after_exec(lambda: self._save_state_if_defined(name, entry))
             else:
                 self._save_state(entry)
 

@@ -191,6 +191,7 @@ class Run:
         self._stack = contextlib.AsyncExitStack()
         self._handles = contextlib.AsyncExitStack()
         self._durable = contextlib.AsyncExitStack()
+        self._after_exec: list[Callable[[], None]] = []  # see after_exec
 
     @property
     def ssh_key(self) -> Path | None:
@@ -216,6 +217,11 @@ class Run:
         self._watch = asyncio.get_running_loop().create_task(self._watch_exit())
         for service in self._logging:  # (what they logged so far; from now on, as they write)
             self._note_logged(service)
+
+    def after_exec(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once QEMU is exec'd, in the event loop's next turn (off the way to the exec);
+        never if the start fails before."""
+        self._after_exec.append(callback)
 
     async def _open_stacks(self) -> None:
         await self._stack.enter_async_context(self._handles)
@@ -315,6 +321,8 @@ class Run:
         if output is not None:
             output.start()
             self._store_output(output)  # (after the exec: not on its path)
+        for callback in self._after_exec:
+            asyncio.get_running_loop().call_soon(callback)
         self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)  # (a line costs ≈ 0.1 ms after idling)
         for sock in (qmp_sock, console_sock):  # QEMU has its copies
             if sock is not None:

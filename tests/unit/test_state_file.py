@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """A machine's ``.state`` file (what the next daemon shows of it) is written at each change of state;
-the ``starting`` one once the start first waits (after QEMU's exec), so what a start ends in is what
-stays."""
+the ``starting`` one once QEMU is exec'd (not on the way to the exec), so what a start that fails
+before ends in is what stays."""
 
 from __future__ import annotations
 
