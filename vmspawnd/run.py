@@ -482,7 +482,7 @@ class Run:
         self._tpm = aux.tpm
         self.tpm_state_path = aux.tpm_state
         self.units += aux.units
-        if self.units or aux.services or aux.tpm_state:  # (else the record has nothing new)
+        if self.units and not aux.services:  # (a helper's start saved the record, which named the scope then)
             self._save(required=True)
         return aux
 
@@ -496,12 +496,13 @@ class Run:
         return systemd, why
 
     def _helper_started(self, what: str, service: RunningService) -> None:
-        """Record a helper the moment it is up, so a daemon killed from now on leaves no orphan."""
+        """Record a helper the moment it is up, so a daemon killed from now on leaves no orphan (a start
+        that cannot record it fails)."""
         assert self._record is not None
         self._record.helpers.append(HelperRecord(what, service.name, service.pid,
                                                  process_start_time(service.pid) if service.pid else None,
                                                  service.unit, str(service.log_path) if service.log_path else None))
-        self._save()
+        self._save(required=True)
 
     def _hold_service(self, what: str, service: RunningService) -> None:
         """The run owns a running helper: stopped with the run, watched while the VM runs."""
