@@ -166,3 +166,26 @@ def test_a_users_start_execs_qemu_through_a_launcher_and_one_is_kept_ready_from_
         assert "error" not in call(OWNER, users_daemon, "Kill", name=name)
     users_daemon.stop_daemon()
     poll(lambda: Path(f"/proc/{fresh[0]}").exists(), lambda alive: not alive, 10)  # the spare ends with the daemon
+
+
+def test_a_users_transient_tpm_state_made_ahead_is_written_as_that_user(users_daemon: Daemon, home: Path) -> None:
+    """The daemon keeps a manufactured TPM state ready (root's) from the first start that needed one on;
+    a root VM's start moves it into place, a user's start copies it, as the user."""
+    config = {"linux": str(home / "vmlinuz"), "initrds": [str(home / "initrd")], "ram": "256M",
+              "firmware": "bios", "tpm": "yes", "tpmState": "off", "console": "read-only",
+              "kernelCommandLine": ["panic=-1", "test.notify=1", "test.tpm=1", "test.action=hang"]}
+    assert "error" not in call(OWNER, users_daemon, "Create", name="mine", config=config)
+    spare = users_daemon.runtime / "tpm-spares" / "ready"
+    made_ahead = None
+    for run in range(2):
+        assert "error" not in call(OWNER, users_daemon, "Start", name="mine")
+        info = users_daemon.wait_for("mine", lambda d: d["ready"] or d["state"] != "running", timeout=180)
+        assert info["ready"], info  # the guest's TPM works (test.tpm=1)
+        state = Path(info["runtimeDirectory"]) / "tpm"
+        assert {p.stat().st_uid for p in (state, *state.iterdir())} == {OWNER}, list(state.iterdir())
+        if run == 1:  # this start took the state made ahead (the next one is made a while after it)
+            assert not spare.exists() or spare.stat().st_ino != made_ahead
+        assert "error" not in call(OWNER, users_daemon, "Kill", name="mine")
+        if run == 0:
+            made_ahead = poll(lambda: spare.is_dir() and spare.stat().st_ino, bool, 60)
+            assert spare.stat().st_uid == 0

@@ -3,9 +3,10 @@
 
 ``swtpm_setup`` takes about half a second; a VM with ``--tpm-state=off`` (or ``auto`` without an
 image) needs a fresh state at every start.  :class:`SpareTpmStates` keeps one state manufactured
-in advance, in a root-only directory: a start copies it into the VM's runtime directory (writing
-as the VM's user) and the next one is made in the background.  Every state comes from its own
-``swtpm_setup`` run and is used once, so no two VMs ever share seeds or keys.
+in advance, in a root-only directory: a start moves it into the VM's runtime directory (copies it,
+writing as the VM's user, for a VM of another user) and the next one is made in the background.
+Every state comes from its own ``swtpm_setup`` run and is used once, so no two VMs ever share seeds
+or keys.
 """
 
 from __future__ import annotations
@@ -57,7 +58,19 @@ class SpareTpmStates:
 
     def take_into(self, state_dir: Path, identity: Identity) -> bool:
         """Fill the empty ``state_dir`` (a run's transient TPM state, ``identity``'s) with the ready
-        state, written as ``identity``; False if none is ready (the caller manufactures one)."""
+        state: moved there for root's VMs (one rename), written as ``identity`` for another user's;
+        False if none is ready (the caller manufactures one)."""
+        if not identity.switches:
+            try:
+                os.rename(self.directory / READY, state_dir)  # (an empty directory is replaced)
+            except FileNotFoundError:
+                self._refill_soon()  # none yet: from now on this daemon keeps one ready
+                return False
+            except OSError:  # (another file system: copied)
+                pass
+            else:
+                self._refill_soon()
+                return True
         taken = self.directory / TAKEN
         shutil.rmtree(taken, ignore_errors=True)
         try:
