@@ -60,17 +60,6 @@ class SpareTpmStates:
         """Fill the empty ``state_dir`` (a run's transient TPM state, ``identity``'s) with the ready
         state: moved there for root's VMs (one rename), written as ``identity`` for another user's;
         False if none is ready (the caller manufactures one)."""
-        if not identity.switches:
-            try:
-                os.rename(self.directory / READY, state_dir)  # (an empty directory is replaced)
-            except FileNotFoundError:
-                self._refill_soon()  # none yet: from now on this daemon keeps one ready
-                return False
-            except OSError:  # (another file system: copied)
-                pass
-            else:
-                self._refill_soon()
-                return True
         taken = self.directory / TAKEN
         shutil.rmtree(taken, ignore_errors=True)
         try:
@@ -80,6 +69,10 @@ class SpareTpmStates:
             return False
         made: list[Path] = []
         try:
+            if not identity.switches:
+                with contextlib.suppress(OSError):  # (else, e.g. on another file system, copied)
+                    os.rename(taken, state_dir)  # (an empty directory is replaced)
+                    return True
             with contextlib.ExitStack() as files:
                 sources = []
                 for entry in os.scandir(taken):
