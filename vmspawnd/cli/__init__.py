@@ -16,9 +16,16 @@ Importing this package imports two standard modules without optional parts that 
   :func:`uuid.uuid1`'s time-based UUIDs; ours are random (:func:`uuid.uuid4`, from ``os.urandom``).
 
 Each can still be imported normally afterwards.
+
+It also puts in place the cache of dataclasses' generated methods (vmspawnd/methodcache.py), before
+any of our dataclasses is defined; each command calls :func:`~vmspawnd.methodcache.settle` once its
+modules are imported.
 """
 
+from vmspawnd import methodcache
 from vmspawnd.lean import import_without
+
+methodcache.install()
 
 import_without("asyncio", "ssl")
 import_without("shutil", "bz2", "lzma", "compression.zstd")

@@ -18,6 +18,7 @@ import gc
 import os
 import sys
 
+from vmspawnd import methodcache
 from vmspawnd.execlate import spawn
 
 
@@ -29,6 +30,7 @@ def main() -> int:
     gc.disable()
     from vmspawnd.cli.foreground import main as run_vmspawn  # after the launcher is on its way
 
+    methodcache.settle()
     gc.freeze()
     gc.enable()
 

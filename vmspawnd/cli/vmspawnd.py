@@ -22,7 +22,7 @@ from pathlib import Path
 from asyncvarlink import VarlinkInterfaceRegistry
 from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
-from vmspawnd import __version__, docs_url
+from vmspawnd import __version__, docs_url, methodcache
 from vmspawnd.api import ManagerCalls, call_error
 from vmspawnd.interface import DEFAULT_SOCKET, ManagerInterface
 from vmspawnd.log import get_logger, setup_logging
@@ -267,6 +267,7 @@ def unit_text(kind: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    methodcache.settle()  # (our modules are imported)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.print_unit:
         try:
