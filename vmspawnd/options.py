@@ -121,10 +121,16 @@ def info_request(ns: argparse.Namespace, as_json: bool = False) -> str | None:
     return None
 
 
+#: the synopsis, as systemd-vmspawn's (and not one argparse writes out of every option: ≈ 2 ms of each start
+#: to format, since a parse of options mixed with words does it first, for its error messages)
+USAGE = "%(prog)s [OPTIONS...] [ARGUMENTS...]"
+
+
 def vmspawn_parser() -> OptionParser:
     """The full ``vmspawn`` command line."""
     parser = OptionParser(
         prog="vmspawn",
+        usage=USAGE,
         description="Spawn a virtual machine with QEMU, the systemd-vmspawn way.",
         epilog="Exit status: the guest's EXIT_STATUS= if it sent one, 0 after a clean power-off, "
                "1 on setup errors or when QEMU was killed.",

@@ -46,6 +46,7 @@ def test_hidden_aliases_work_and_are_not_in_help(kernel):
         assert alias not in text
     for option in ("--ram", "--cpus", "--kvm", "--linux", "--initrd", "--notify-ready", "--console"):
         assert option in text
+    assert text.startswith("usage: vmspawn [OPTIONS...] [ARGUMENTS...]\n")  # (systemd-vmspawn's synopsis)
 
 
 def test_options_may_follow_kernel_cmdline_words(kernel):
@@ -205,6 +206,7 @@ def test_vmspawnctl_create_help_and_bad_options_need_no_daemon(tmp_path):
     ctl = [sys.executable, "-m", "vmspawnd.cli.vmspawnctl", f"--address={tmp_path}/nobody-listens"]
     helped = subprocess.run([*ctl, "create", "--help"], capture_output=True, text=True, timeout=30)
     assert helped.returncode == 0 and "--bind-user" in helped.stdout and "--forward-journal" in helped.stdout
+    assert helped.stdout.startswith("usage: vmspawnctl create NAME [OPTIONS...] [ARGUMENTS...]\n")
     bad = subprocess.run([*ctl, "create", "vm", "--linux=/etc/hostname", "--ram=2G:1G"], capture_output=True,
                          text=True, timeout=30)
     assert bad.returncode == 1 and "invalid ram=2G:1G" in bad.stderr and "cannot reach" not in bad.stderr

@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def create_parser() -> OptionParser:
-    p = OptionParser(prog="vmspawnctl create", description="Define a machine. Takes the same options as vmspawn.")
+    p = OptionParser(prog="vmspawnctl create", usage="%(prog)s NAME [OPTIONS...] [ARGUMENTS...]",
+                     description="Define a machine. Takes the same options as vmspawn.")
     p.add_argument("name", metavar="NAME")
     add_machine_options(p, create=True)
     return p
