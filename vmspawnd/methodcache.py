@@ -29,6 +29,7 @@ import types
 from typing import Any
 
 MAX_ENTRIES = 4000  # more (code changed many times) and the file keeps only what this process used
+# importlib.util.MAGIC_NUMBER (the .pyc files' own), from the import system already loaded (importlib.util is not)
 _MAGIC = sys.modules["_frozen_importlib_external"].MAGIC_NUMBER + bytes([sys.flags.optimize])
 _EXEC = "exec"  # the name dataclasses calls (looked up in its globals before the builtins)
 
