@@ -14,8 +14,8 @@ by this interpreter's bytecode magic number and ``-O`` level: it is written, tru
 Python's own ``.pyc`` files are (not written where the directory is not ours to write or
 ``$PYTHONDONTWRITEBYTECODE`` is set; one that is unreadable, torn or of another Python is ignored).
 Keyed by the whole text, an entry is never used for another method; code is compiled with no
-``__future__`` flags, as :mod:`dataclasses`'s own ``exec`` compiles it.  Nothing of ours is imported
-here: the cache must be in place before the first of our dataclasses is defined."""
+``__future__`` flags, as :mod:`dataclasses`'s own ``exec`` compiles it.  Of ours it imports only
+storage.py, which defines no dataclass: the cache must be in place before the first of ours is defined."""
 
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ import marshal
 import os
 import sys
 import types
+from pathlib import Path
 from typing import Any
+
+from vmspawnd.storage import write_bytes_atomic
 
 MAX_ENTRIES = 4000  # more (code changed many times) and the file keeps only what this process used
 # importlib.util.MAGIC_NUMBER (the .pyc files' own), from the import system already loaded (importlib.util is not)
@@ -129,19 +132,7 @@ def _load(path: str) -> dict[str, bytes]:
 
 
 def _store(path: str, entries: dict[str, bytes]) -> None:
-    """Write ``entries`` to ``path`` whole or not at all (a new file renamed over it), quietly failing
-    as a ``.pyc`` write does."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
+    """Write ``entries`` to ``path`` whole or not at all, quietly failing as a ``.pyc`` write does."""
+    with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            with open(fd, "wb") as file:
-                file.write(_MAGIC + marshal.dumps(entries))
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
-    except OSError:
-        pass
+        write_bytes_atomic(Path(path), _MAGIC + marshal.dumps(entries), mode=0o644, durable=False)
