@@ -311,6 +311,51 @@ def test_a_start_whose_run_cannot_be_recorded_fails_and_leaves_no_vm(tmp_path, g
         subprocess.run(["umount", "-l", str(records)], check=False)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_start_whose_helper_cannot_be_recorded_stops_it_and_keeps_the_tpm_state(tmp_path, guest):
+    """A helper is recorded the moment it is up (a daemon killed later must find it): where that record
+    cannot be written, the start fails, typed and naming where, the helper (a real swtpm) is stopped,
+    and the VM's TPM state is as it was; the next start, with room again, runs."""
+    d = Daemon(tmp_path)
+    d.args = ["--verbose"]  # (it logs each helper it starts and stops)
+    d.start()
+    state = tmp_path / "tpm"
+    words = [f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M", "--console=headless",
+             "--firmware=bios", "--tpm=yes", f"--tpm-state={state}", "panic=-1", "test.notify=1", "test.action=hang"]
+    records = d.runtime / "machines" / "tpmrecord.run"
+    try:
+        assert d.ctl("create", "tpmrecord", *words).returncode == 0
+        assert d.ctl("start", "tpmrecord").returncode == 0  # the TPM state is made
+        d.wait_for("tpmrecord", lambda s: s["ready"])
+        assert d.ctl("kill", "tpmrecord").returncode == 0
+        d.wait_for("tpmrecord", lambda s: s["state"] != "running")
+        before = {f.name: f.read_bytes() for f in state.iterdir()}
+        assert before, "swtpm kept no state"
+        records.mkdir(parents=True, exist_ok=True)
+        # one page: the run's first record fits; its next one (the helper's) needs a second page beside it
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k,mode=0700", "tmpfs", str(records)], check=True)
+        logged = len(d.log.read_text().splitlines())
+        p = d.ctl("start", "tpmrecord")
+        assert p.returncode == 1 and f"cannot record the run in {records}: no space left" in p.stderr, p.stderr
+        said = [line for line in d.log.read_text().splitlines()[logged:] if "vmspawnd-tpmrecord-tpm" in line]
+        events = [e for line in said for e in ("started", "ready", "stopped") if f'"service {e}"' in line]
+        assert events == ["started", "ready", "stopped"], said  # swtpm came up (its record was refused), stopped
+        assert not any('"spawning qemu"' in line for line in d.log.read_text().splitlines()[logged:])
+        status = d.status("tpmrecord")
+        assert status["state"] == "failed" and "cannot record the run" in status["failure"], status
+        poll(lambda: processes_mentioning(machine_dir(d, "tpmrecord")), lambda pids: pids == [], 10)
+        assert {f.name: f.read_bytes() for f in state.iterdir()} == before
+        subprocess.run(["umount", str(records)], check=True)
+        assert d.ctl("start", "tpmrecord").returncode == 0
+        assert d.wait_for("tpmrecord", lambda s: s["ready"])["state"] == "running"
+        assert d.ctl("kill", "tpmrecord").returncode == 0
+        assert "Traceback" not in d.log.read_text()
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.clean_up()
+        subprocess.run(["umount", "-l", str(records)], check=False, stderr=subprocess.DEVNULL)
+
+
 async def test_a_vm_that_ends_as_the_daemon_stops_is_cleaned_up_not_left_for_adoption(tmp_path, guest):
     """A daemon that stops lets go of its running VMs for the next one to adopt; one whose QEMU has
     just exited (before its run saw it) is not let go of: its run ends as any ended VM's does, and the
