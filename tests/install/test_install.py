@@ -82,3 +82,37 @@ def test_the_wheel_carries_units_interface_docs_and_license(tmp_path):
     assert "@BINDIR@" not in unit.stdout and "@DOCDIR@" not in unit.stdout  # every placeholder filled
     licenses = list((venv / "lib").glob("python3*/site-packages/vmspawnd-*.dist-info/licenses/LICENSE"))
     assert licenses and "LESSER GENERAL PUBLIC LICENSE" in licenses[0].read_text()
+
+
+def test_make_keeps_the_venv_unless_it_was_made_with_another_python(tmp_path):
+    """The venv rule (Makefile: ``$(VENV)/pyvenv.cfg``) on a copy of the Makefile: a venv of the wanted
+    interpreter is kept as it is; one whose interpreter is not the wanted one (an upgraded or removed
+    Python) is made again with the wanted one; a ``PYTHON=`` that cannot run keeps it and says so.
+    (``MAKE=true``: the Debian packages' step it runs first is not what is tested here.)"""
+    (tmp_path / "Makefile").write_bytes((REPO / "Makefile").read_bytes())
+    python = os.path.realpath("/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable)
+
+    def venv_rule(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["make", "--no-print-directory", "-C", str(tmp_path), "MAKE=true", *args,
+                               ".venv/pyvenv.cfg"], capture_output=True, text=True, timeout=300)
+
+    made = venv_rule(f"PYTHON={python}")
+    assert made.returncode == 0, made.stderr
+    config = tmp_path / ".venv" / "pyvenv.cfg"
+    assert f"executable = {python}\n" in config.read_text()
+    mark = tmp_path / ".venv" / "mark"  # (what someone installed into it)
+    mark.touch()
+
+    kept = venv_rule(f"PYTHON={python}")
+    assert kept.returncode == 0 and "made again" not in kept.stdout, kept.stdout + kept.stderr
+    assert mark.exists()
+
+    broken = venv_rule(f"PYTHON={tmp_path / 'no-such-python'}")
+    assert broken.returncode != 0 and ".venv kept" in broken.stderr, broken.stderr
+    assert mark.exists()
+
+    config.write_text(config.read_text().replace(f"executable = {python}", "executable = /usr/bin/python3.9"))
+    again = venv_rule(f"PYTHON={python}")
+    assert again.returncode == 0, again.stderr
+    assert f".venv was made with /usr/bin/python3.9: made again with {python}" in again.stdout, again.stdout
+    assert f"executable = {python}\n" in config.read_text() and not mark.exists()
