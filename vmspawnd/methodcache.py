@@ -29,7 +29,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from vmspawnd.storage import write_bytes_atomic
+from vmspawnd.storage import remove_leftover_temps, write_bytes_atomic
 
 MAX_ENTRIES = 4000  # more (code changed many times) and the file keeps only what this process used
 # importlib.util.MAGIC_NUMBER (the .pyc files' own), from the import system already loaded (importlib.util is not)
@@ -132,7 +132,9 @@ def _load(path: str) -> dict[str, bytes]:
 
 
 def _store(path: str, entries: dict[str, bytes]) -> None:
-    """Write ``entries`` to ``path`` whole or not at all, quietly failing as a ``.pyc`` write does."""
+    """Write ``entries`` to ``path`` whole or not at all, quietly failing as a ``.pyc`` write does; the
+    temporary file of a command killed while it wrote the cache is removed first."""
     with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        remove_leftover_temps(Path(path).parent, of=os.path.basename(path))
         write_bytes_atomic(Path(path), _MAGIC + marshal.dumps(entries), mode=0o644, durable=False)

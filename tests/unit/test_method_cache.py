@@ -81,6 +81,23 @@ def test_a_damaged_or_foreign_cache_is_ignored_and_written_again(tmp_path, damag
     assert run(tmp_path, str(cache)) == (plain, 0)  # (written whole again)
 
 
+def test_what_a_command_killed_while_writing_the_cache_left_is_removed_by_the_next_write(tmp_path) -> None:
+    cache = tmp_path / "cache"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    left = tmp_path / f".cache.{gone}-0.tmp"  # (as storage.temp_path names it, of a process now gone)
+    left.write_bytes(b"half a cache")
+    working = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        writing = tmp_path / f".cache.{working.pid}-0.tmp"  # (another command's, writing now: kept)
+        writing.write_bytes(b"")
+        run(tmp_path, str(cache))
+        assert cache.is_file() and not left.exists() and writing.exists()
+    finally:
+        working.kill()
+        working.wait()
+
+
 def test_a_cache_that_cannot_be_written_changes_nothing(tmp_path) -> None:
     plain, _ = run(tmp_path, "plain")
     (tmp_path / "file").write_text("")
