@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import resource
@@ -73,6 +74,20 @@ def vsock_backend(monkeypatch) -> Path:
         pytest.skip("vhost-device-vsock is not installed (make setup installs it)")
     monkeypatch.setenv(BACKEND_ENV, str(found))
     return found
+
+
+@pytest.fixture
+def no_tmpfile(monkeypatch) -> None:
+    """``os.open`` in this process refuses ``O_TMPFILE`` as a file system without it does (vfat, some
+    network file systems; every one this machine has supports it, so the answer is simulated)."""
+    real_open = os.open
+
+    def refusing(path, flags, *args, **kwargs):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ systemd manager on a private dbus-daemon."""
 
 import asyncio
 import contextlib
-import errno
 import os
 import shutil
 import signal
@@ -507,20 +506,13 @@ async def test_helper_exiting_before_ready_fails_fast_with_status_and_output(run
 
 
 @pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "no-O_TMPFILE"])
-async def test_a_helpers_output_goes_to_a_private_unnamed_file_in_tmpdir(runner, tmp, monkeypatch, unnamed):
-    """Made unnamed (O_TMPFILE), or where the file system cannot (vfat, some network file systems; this
-    machine's can, so that answer is simulated) made named and removed at once: private either way."""
+async def test_a_helpers_output_goes_to_a_private_unnamed_file_in_tmpdir(runner, tmp, monkeypatch, request, unnamed):
+    """Made unnamed (O_TMPFILE), or where the file system cannot, made named and removed at once:
+    private either way."""
     (tmp / "t").mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp / "t"))
     if not unnamed:
-        real_open = os.open
-
-        def no_tmpfile(path, flags, *args, **kwargs):
-            if flags & os.O_TMPFILE == os.O_TMPFILE:
-                raise OSError(errno.EOPNOTSUPP, "not supported")
-            return real_open(path, flags, *args, **kwargs)
-
-        monkeypatch.setattr(os, "open", no_tmpfile)
+        request.getfixturevalue("no_tmpfile")
     script = ("import os, sys; print(os.readlink('/proc/self/fd/2')); print(oct(os.fstat(2).st_mode & 0o777)); "
               "sys.exit(3)")
     spec = ServiceSpec(name="vmspawnd-vm1-said", argv=(sys.executable, "-u", "-c", script), ready_path=tmp / "s.sock")

@@ -4,7 +4,6 @@ slow, the next one is made ahead; temporary files of a daemon that is gone are r
 
 import asyncio
 import dataclasses
-import errno
 import json
 import os
 import shutil
@@ -82,15 +81,7 @@ def test_where_making_a_file_is_slow_the_next_write_fills_one_made_ahead(tmp_pat
     assert len(workers()) == others
 
 
-def test_where_files_cannot_be_made_unnamed_they_are_still_made_ahead(tmp_path, monkeypatch):
-    real_open = os.open
-
-    def no_tmpfile(path, flags, *args, **kwargs):
-        if flags & os.O_TMPFILE == os.O_TMPFILE:
-            raise OSError(errno.EOPNOTSUPP, "not supported")
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", no_tmpfile)
+def test_where_files_cannot_be_made_unnamed_they_are_still_made_ahead(tmp_path, no_tmpfile):
     ahead = FileAhead(tmp_path)
     ahead.SLOW_NS = -1  # every file is slow to make
     write_json_atomic(tmp_path / "a.json", {"v": "a"}, ahead=ahead)
