@@ -952,10 +952,12 @@ class Run:
     async def reboot(self) -> None:
         """Press the reset button: the guest boots again in the same QEMU (still registered); a paused
         VM runs again (else it would stay paused before its first instruction); a suspended guest is
-        woken first (else QEMU waits for a ``cont``, and its firmware then resumes the guest, not boots it)."""
+        woken first (else QEMU waits for a ``cont``), its suspend forgotten before (else its firmware takes
+        the reset for the wake-up and resumes the guest, not boots it)."""
         async with self._controlling:
             self._check_not_stopping("rebooted")
-            if self.suspended:  # (a reset in S3 would only wake it: its firmware resumes the guest)
+            if self.suspended:
+                await self._monitor().forget_suspend()
                 await self._wake()
             await self._monitor().reset()
             await self._resume_if_paused()

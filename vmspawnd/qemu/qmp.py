@@ -90,13 +90,13 @@ class Qmp:
             for listener in list(self._listeners):
                 listener(name, data)
 
-    async def _execute(self, command: str, timeout: float) -> object:
+    async def _execute(self, command: str, timeout: float, arguments: dict[str, object] | None = None) -> object:
         """QEMU's answer to ``command``; :class:`MonitorGone` if the connection goes away first, and
         :class:`MonitorSilent` if no answer comes within ``timeout`` seconds."""
         from qemu.qmp import ExecInterruptedError, StateError  # (loaded by __init__: only named here)
 
         try:
-            return await asyncio.wait_for(self._client.execute(command), timeout)
+            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
         except (ExecInterruptedError, StateError, EOFError, asyncio.IncompleteReadError) as e:
             raise MonitorGone(f"QEMU's monitor hung up ({e})") from e
         except TimeoutError as e:
@@ -122,6 +122,16 @@ class Qmp:
     async def reset(self, timeout: float = 5.0) -> None:
         """Reset the machine at once, as the reset button does (the guest boots again)."""
         await self._execute("system_reset", timeout)
+
+    async def forget_suspend(self, timeout: float = 5.0) -> None:
+        """Make the next reset boot a guest that suspended itself to RAM anew rather than resume it.  QEMU
+        marks the suspend in the RTC's CMOS (shutdown status, register 0x0F, = 0xFE), and the firmware
+        takes any reset for the wake-up until it has run and cleared that mark: a reset sent right after
+        ``system_wakeup``, before the vCPUs ran the firmware, only resumed the guest.  For a guest in S3
+        (its vCPUs do not run, so nothing of its own races the write), which only x86 machines have
+        (the CMOS at I/O ports 0x70 and 0x71)."""
+        for port, value in ((0x70, 0x0F), (0x71, 0x00)):  # (the register's index, then its value)
+            await self._execute("human-monitor-command", timeout, {"command-line": f"o /b {port:#x} {value:#x}"})
 
     async def pause(self, timeout: float = 5.0) -> None:
         """Stop the vCPUs (``stop``)."""
