@@ -27,11 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmspawnd.config import ConsoleMode, MachineConfig, Ram, Tristate
 from vmspawnd.guest.channel import NotifyParser
-from vmspawnd.qemu import qemu_escape
-from vmspawnd.qemu.accel import choose_accelerator, find_qemu
-from vmspawnd.qemu.argv import Resources, build_qemu_argv
+from vmspawnd.testing.bare import bare_qemu_argv
 from vmspawnd.testing.guest import STEADY_CLOCK, build_guest
 
 WORDS = ("panic=-1", *STEADY_CLOCK, "test.notify=1", "test.notify_timeout=120")  # (16 TCG guests on 2 CPUs:
@@ -60,9 +57,6 @@ def wait_gone(proc: subprocess.Popen[bytes], timeout: float) -> int:
 
 
 def bare_qemu(guest, tmp: Path, tag: str = "0", ram_mib: int = 256) -> Timing:
-    config = MachineConfig(name=f"bench{tag}", linux=guest.kernel, initrds=(guest.initrd,), kernel_cmdline=WORDS,
-                           ram=Ram(ram_mib << 20), console=ConsoleMode.HEADLESS, kvm=Tristate.NO,
-                           firmware="bios").validated()
     notify_path, qmp_path = tmp / f"notify-{tag}.sock", tmp / f"qmp-{tag}.sock"
     for p in (notify_path, qmp_path):
         p.unlink(missing_ok=True)
@@ -73,11 +67,8 @@ def bare_qemu(guest, tmp: Path, tag: str = "0", ram_mib: int = 256) -> Timing:
     qmp.bind(str(qmp_path))
     qmp.listen(1)
     os.set_inheritable(qmp.fileno(), True)
-    res = Resources(qemu=find_qemu(), kvm=choose_accelerator(Tristate.NO).kvm, qmp_fd=qmp.fileno(),
-                    notify_args=("-chardev", f"socket,id=notify,path={qemu_escape(str(notify_path))},reconnect=1",
-                                 "-device", "virtserialport,chardev=notify,name=io.systemd.notify"),
-                    initrd=guest.initrd)
-    argv = build_qemu_argv(config, res)
+    argv = bare_qemu_argv(guest, WORDS, qmp_fd=qmp.fileno(), notify_path=notify_path, name=f"bench{tag}",
+                          ram_mib=ram_mib)
     start = time.monotonic()
     proc = subprocess.Popen(argv, pass_fds=[qmp.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

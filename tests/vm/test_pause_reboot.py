@@ -22,11 +22,9 @@ from tests.polling import poll
 from tests.vm.clients import at_once
 from tests.vm.test_daemon import create
 from tests.vm.test_machine_instance import IFACE, bare_call, control
-from vmspawnd.config import ConsoleMode, MachineConfig, Ram, Tristate
 from vmspawnd.guest.channel import NotifyParser
-from vmspawnd.qemu.accel import find_qemu
-from vmspawnd.qemu.argv import Resources, build_qemu_argv
 from vmspawnd.qemu.qmp import Qmp
+from vmspawnd.testing.bare import bare_qemu_argv
 from vmspawnd.testing.guest import STEADY_CLOCK
 
 pytestmark = pytest.mark.vm
@@ -224,7 +222,6 @@ def test_a_disk_that_fills_while_no_daemon_runs_is_shown_by_the_next_daemon(
                                      "the VM until it is resumed"], shown  # (QEMU's query-block names it)
 
 
-
 @pytest.mark.parametrize("forgotten", [True, False], ids=["forgotten", "as-qemu-left-it"])
 async def test_a_reset_right_after_a_wake_up_boots_a_suspended_guest_anew_once_its_suspend_is_forgotten(
         tmp_path, guest, forgotten) -> None:
@@ -233,48 +230,44 @@ async def test_a_reset_right_after_a_wake_up_boots_a_suspended_guest_anew_once_i
     can run: the worst case).  As QEMU leaves it, a reset before the firmware ran is taken for the
     wake-up and the guest resumes (says "woke up") instead, as a reboot on a loaded host once did:
     shown here without a race, by a reset in S3 (QEMU runs the firmware only at the ``cont``)."""
-    config = MachineConfig(name="s3", linux=guest.kernel, initrds=(guest.initrd,), ram=Ram(256 << 20),
-                           kernel_cmdline=("panic=-1", *STEADY_CLOCK, "test.notify=1", "test.action=suspend"),
-                           console=ConsoleMode.HEADLESS, kvm=Tristate.NO, firmware="bios").validated()
     notify_path, qmp_path = tmp_path / "notify.sock", tmp_path / "qmp.sock"
     with socket.socket(socket.AF_UNIX) as notify, socket.socket(socket.AF_UNIX) as monitor:
         notify.bind(str(notify_path))
         notify.listen(1)
         monitor.bind(str(qmp_path))
         monitor.listen(1)
-        resources = Resources(qemu=find_qemu(), kvm=False, qmp_fd=monitor.fileno(), initrd=guest.initrd, notify_args=(
-            "-chardev", f"socket,id=notify,path={notify_path},reconnect=1",
-            "-device", "virtserialport,chardev=notify,name=io.systemd.notify"))
-        qemu = subprocess.Popen(build_qemu_argv(config, resources), pass_fds=[monitor.fileno()],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        argv = bare_qemu_argv(guest, ("panic=-1", *STEADY_CLOCK, "test.notify=1", "test.action=suspend"),
+                              qmp_fd=monitor.fileno(), notify_path=notify_path)
+        qemu = subprocess.Popen(argv, pass_fds=[monitor.fileno()], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             loop = asyncio.get_running_loop()
             notify.setblocking(False)
             channel, _ = await asyncio.wait_for(loop.sock_accept(notify), 60)
-            said: list[tuple[str, str]] = []
-            parser = NotifyParser()
+            with channel:  # (the guest's notify port)
+                said: list[tuple[str, str]] = []
+                parser = NotifyParser()
 
-            async def until(pair: tuple[str, str]) -> None:
-                while pair not in said:
-                    said.extend(parser.feed(await loop.sock_recv(channel, 65536)))
+                async def until(pair: tuple[str, str]) -> None:
+                    while pair not in said:
+                        said.extend(parser.feed(await loop.sock_recv(channel, 65536)))
 
-            async with Qmp("s3") as qmp:
-                await qmp.connect(str(qmp_path))
-                await asyncio.wait_for(until(("STATUS", "test guest ready")), 120)
-                async with asyncio.timeout(60):
-                    while (await qmp.query_status())[1] != "suspended":
-                        await asyncio.sleep(0.1)
-                del said[:]
-                if forgotten:  # as Run.reboot: forgotten, then the wake-up and the reset at once
-                    await qmp.forget_suspend()
-                    await asyncio.gather(qmp.wakeup(), qmp.reset())
-                else:  # a reset before the firmware ran, without a race: in S3 (it runs at the cont)
-                    await qmp.reset()
-                    await qmp.resume()
-                first = ("READY", "1") if forgotten else ("STATUS", "woke up")
-                await asyncio.wait_for(until(first), 60)
-                assert (("STATUS", "woke up") in said) != forgotten, said
-            channel.close()
+                async with Qmp("s3") as qmp:
+                    await qmp.connect(str(qmp_path))
+                    await asyncio.wait_for(until(("STATUS", "test guest ready")), 120)
+                    async with asyncio.timeout(60):
+                        while (await qmp.query_status())[1] != "suspended":
+                            await asyncio.sleep(0.1)
+                    del said[:]
+                    if forgotten:  # as Run.reboot: forgotten, then the wake-up and the reset at once
+                        await qmp.forget_suspend()
+                        await asyncio.gather(qmp.wakeup(), qmp.reset())
+                    else:  # a reset before the firmware ran, without a race: in S3 (it runs at the cont)
+                        await qmp.reset()
+                        await qmp.resume()
+                    first = ("READY", "1") if forgotten else ("STATUS", "woke up")
+                    await asyncio.wait_for(until(first), 60)
+                    assert (("STATUS", "woke up") in said) != forgotten, said
         finally:
             qemu.kill()
             qemu.wait()
