@@ -222,14 +222,16 @@ def test_a_disk_that_fills_while_no_daemon_runs_is_shown_by_the_next_daemon(
                                      "the VM until it is resumed"], shown  # (QEMU's query-block names it)
 
 
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
 @pytest.mark.parametrize("forgotten", [True, False], ids=["forgotten", "as-qemu-left-it"])
 async def test_a_reset_right_after_a_wake_up_boots_a_suspended_guest_anew_once_its_suspend_is_forgotten(
-        tmp_path, guest, forgotten) -> None:
+        tmp_path, guest, forgotten, firmware) -> None:
     """What a reboot of a suspended guest relies on (Run.reboot), on a bare QEMU: with its suspend
     forgotten, the guest boots again even from a wake-up and a reset sent at once (before its firmware
     can run: the worst case).  As QEMU leaves it, a reset before the firmware ran is taken for the
     wake-up and the guest resumes (says "woke up") instead, as a reboot on a loaded host once did:
-    shown here without a race, by a reset in S3 (QEMU runs the firmware only at the ``cont``)."""
+    shown here without a race, by a reset in S3 (QEMU runs the firmware only at the ``cont``).  Both
+    firmwares read the same mark: SeaBIOS and UEFI (OVMF)."""
     notify_path, qmp_path = tmp_path / "notify.sock", tmp_path / "qmp.sock"
     with socket.socket(socket.AF_UNIX) as notify, socket.socket(socket.AF_UNIX) as monitor:
         notify.bind(str(notify_path))
@@ -237,7 +239,8 @@ async def test_a_reset_right_after_a_wake_up_boots_a_suspended_guest_anew_once_i
         monitor.bind(str(qmp_path))
         monitor.listen(1)
         argv = bare_qemu_argv(guest, ("panic=-1", *STEADY_CLOCK, "test.notify=1", "test.action=suspend"),
-                              qmp_fd=monitor.fileno(), notify_path=notify_path)
+                              qmp_fd=monitor.fileno(), notify_path=notify_path, firmware=firmware,
+                              nvram=tmp_path / "nvram.fd")
         qemu = subprocess.Popen(argv, pass_fds=[monitor.fileno()], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
