@@ -43,7 +43,9 @@ def path_problem(path: Path, directory: bool = False) -> str | None:
         return "no such file or directory" if e.errno == errno.ENOENT else (e.strerror or str(e)).lower()
     if directory:
         return None if stat.S_ISDIR(mode) else "not a directory"
-    return None if stat.S_ISREG(mode) else "no such file"
+    if stat.S_ISREG(mode):
+        return None
+    return "is a directory, not a file" if stat.S_ISDIR(mode) else "not a regular file"
 
 
 class Tristate(enum.Enum):

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
 """The vmspawn option parser: defaults, aliases, sizes, and clear errors."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,17 @@ def test_missing_kernel_is_an_error_of_the_launch_plan(tmp_path):
 def test_a_path_the_kernel_refuses_is_a_config_error_naming_the_option(option, kernel):
     words = [f"{option}=/{'a' * 4100}"] if option == "--linux" else [f"--linux={kernel}", f"{option}=/{'a' * 4100}"]
     with pytest.raises(ConfigError, match=f"invalid {option[2:]}=/a+: file name too long"):
+        plan_launch(parse_vmspawn_args(["-M", "x", *words]))
+
+
+@pytest.mark.parametrize(("option", "path", "problem"), [
+    ("--linux", "DIR", "is a directory, not a file"), ("--initrd", "/dev/null", "not a regular file"),
+    ("--efi-nvram-template", "/dev/null", "not a regular file"), ("--directory", "/dev/null", "not a directory"),
+])
+def test_a_path_of_the_wrong_kind_is_a_config_error_saying_what_it_is(option, path, problem, kernel, tmp_path):
+    path = str(tmp_path) if path == "DIR" else path
+    words = [f"{option}={path}"] if option == "--linux" else [f"--linux={kernel}", f"{option}={path}"]
+    with pytest.raises(ConfigError, match=f"^invalid {option[2:]}={re.escape(path)}: {problem}$"):
         plan_launch(parse_vmspawn_args(["-M", "x", *words]))
 
 

@@ -28,7 +28,7 @@ from vmspawnd.errors import ConfigError
 from vmspawnd.log import get_logger
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.storage import remove_leftover_temps, temp_path
-from vmspawnd.values import StateLocation, Tristate, parse_tristate
+from vmspawnd.values import StateLocation, Tristate, parse_tristate, path_problem
 
 log = get_logger()
 
@@ -547,8 +547,8 @@ def prepare_nvram(template: Path, state: Path | None, runtime_dir: Path) -> Path
     of the template (mode 0600), made atomically.  ``state=None`` means a transient copy in
     ``runtime_dir``, removed together with it.
     """
-    if not template.is_file():
-        raise ConfigError("efi-nvram-template", template, "no such file")
+    if problem := path_problem(template):
+        raise ConfigError("efi-nvram-template", template, problem)
     if state is None:
         target = runtime_dir / TRANSIENT_NVRAM_NAME
         _copy_new(template, target, replace=True)
