@@ -361,5 +361,10 @@ def test_create_errors_name_the_options_it_was_given(daemon, tmp_path):
     kernel.write_bytes(b"x")
     p = daemon.ctl("create", "web", f"--linux={kernel}", f"--extra-drive={tmp_path}/nothing")
     assert p.returncode == 1 and f"invalid extra-drive={tmp_path}/nothing" in p.stderr, p.stderr
+    for option in ("--bind", "--bind-ro"):  # (one JSON field, binds: named as the first of its options)
+        p = daemon.ctl("create", "web", f"--linux={kernel}", f"{option}={tmp_path}/none:/srv")
+        assert p.returncode == 1 and f"invalid bind={tmp_path}/none: no such file" in p.stderr, p.stderr
+    p = daemon.ctl("create", "web", f"--linux={kernel}", f"--initrd={tmp_path}")
+    assert p.returncode == 1 and f"invalid initrd={tmp_path}: is a directory, not a file" in p.stderr, p.stderr
     p = daemon.ctl("create", "web")  # (no -M NAME from a machine pool to suggest: create looks at no pool)
     assert p.returncode != 0 and "nothing to boot" in p.stderr and "machine pool" not in p.stderr, p.stderr

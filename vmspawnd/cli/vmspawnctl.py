@@ -40,7 +40,7 @@ from vmspawnd.options import (
 )
 from vmspawnd.ptyfwd import PtyForwarder
 from vmspawnd.qemu.vsock import connect_guest_port
-from vmspawnd.settings import BY_KEY, config_to_json
+from vmspawnd.settings import BY_KEY, SETTINGS, config_to_json
 from vmspawnd.values import is_decimal, parse_signal, printable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -570,11 +570,13 @@ def _describe_error(e: VarlinkErrorReply) -> str:
 
 
 def _as_option(key: str, reason: str) -> str:
-    """A daemon's ``invalid KEY=…`` of a setting (its JSON name) as ``create`` spells it: ``invalid option=…``."""
+    """A daemon's ``invalid KEY=…`` of a setting (its JSON name) as ``create`` spells it: ``invalid option=…``
+    (of a JSON field that several options fill, the first: ``binds`` as ``bind``)."""
     setting = BY_KEY.get(key)
-    if setting is None or setting.option is None or not reason.startswith(f"invalid {key}="):
+    if setting is None or not reason.startswith(f"invalid {key}="):
         return reason
-    return f"invalid {setting.option.removeprefix('--')}={reason.removeprefix(f'invalid {key}=')}"
+    option = setting.option or next((s.option for s in SETTINGS if s.option and s.attr == (setting.attr or "-")), None)
+    return reason if option is None else f"invalid {option.removeprefix('--')}={reason.removeprefix(f'invalid {key}=')}"
 
 
 def _output_json(words: list[str]) -> tuple[list[str], str | None]:
