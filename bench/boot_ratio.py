@@ -29,9 +29,9 @@ from pathlib import Path
 
 from vmspawnd.guest.channel import NotifyParser
 from vmspawnd.testing.bare import bare_qemu_argv
-from vmspawnd.testing.guest import STEADY_CLOCK, build_guest
+from vmspawnd.testing.guest import GUEST_WORDS, build_guest
 
-WORDS = ("panic=-1", *STEADY_CLOCK, "test.notify=1", "test.notify_timeout=120")  # (16 TCG guests on 2 CPUs:
+WORDS = (*GUEST_WORDS, "test.notify_timeout=120")  # (16 TCG guests on 2 CPUs:
 # a guest's READY=1 write once took longer than its default 10 s)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from bench.stamps import Stamps
 from tests.rawvarlink import call
 from tests.systemd.container import children
-from vmspawnd.testing.guest import STEADY_CLOCK
+from vmspawnd.testing.guest import GUEST_WORDS
 
 IDLE = 0.3  # s before each Start: the daemon idles between requests
 TPM_SETTLE = 4.0  # the daemon makes its next spare TPM state 2 s after a start; swtpm_setup takes ≈ 0.5 s
@@ -99,7 +99,7 @@ def resident_kb(pid: int) -> int:
 def guest_config(guest, **settings: str) -> dict:
     """A daemon's definition of the test guest (BIOS, no TPM, no vsock, READY=1, then it idles)."""
     return {"linux": str(guest.kernel), "initrds": [str(guest.initrd)], "ram": "256M", "firmware": "bios", "tpm": "no",
-            "vsock": "no", "kernelCommandLine": ["panic=-1", *STEADY_CLOCK, "test.notify=1", "test.action=hang"],
+            "vsock": "no", "kernelCommandLine": [*GUEST_WORDS, "test.action=hang"],
             **settings}
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from vmspawnd.qemu.accel import find_qemu
-from vmspawnd.testing.guest import STEADY_CLOCK
+from vmspawnd.testing.guest import GUEST_WORDS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def vmspawn_runs(stamps: Stamps, guest, runs: int, tpm: str = "no") -> tuple[lis
     vmspawn = Path(sys.executable).with_name("vmspawn")
     argv = [str(vmspawn), f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M", "--firmware=bios",
             "--console=headless", f"--tpm={tpm}", *(["--tpm-state=off"] if tpm != "no" else []), "--vsock=no",
-            "--machine=benchfg", "panic=-1", *STEADY_CLOCK, "test.notify=1", "test.action=poweroff"]
+            "--machine=benchfg", *GUEST_WORDS, "test.action=poweroff"]
     to_exec, to_gone = [], []
     for _ in range(runs):
         stamps.clear()

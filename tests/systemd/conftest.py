@@ -18,6 +18,7 @@ from tests.polling import poll
 from tests.systemd.helpers import GUEST_DIR, NAME, Ctl, pids_of, sh, systemd_version, why_no_systemd
 from vmspawnd.systemd.machined import MACHINED_VARLINK_SINCE
 from vmspawnd.systemd.unitfile import render
+from vmspawnd.testing.guest import GUEST_WORDS
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -71,7 +72,7 @@ def vm(installed_units: Path) -> Iterator[Ctl]:
     sh("systemctl", "start", "vmspawnd.socket")
     ctl = Ctl(installed_units)
     ctl("create", NAME, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M",
-        "--console=read-only", "--firmware=bios", "panic=-1", "test.notify=1", "test.action=hang")
+        "--console=read-only", "--firmware=bios", *GUEST_WORDS, "test.action=hang")
     ctl("start", NAME)
     try:
         ctl.wait(lambda s: s["ready"])

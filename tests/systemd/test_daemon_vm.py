@@ -39,6 +39,7 @@ from tests.systemd.helpers import (
 from vmspawnd import messages
 from vmspawnd.faults import CRASH_ENV
 from vmspawnd.systemd.unitfile import STORE_PRESERVE_SINCE
+from vmspawnd.testing.guest import GUEST_WORDS
 
 pytestmark = WITH_GUEST
 
@@ -132,7 +133,7 @@ def test_a_daemon_killed_while_starting_leaves_no_process_or_unit_behind(install
     ctl, name = Ctl(installed_units), "crashy"
     tpm_unit = f"vmspawnd-{name}-tpm.service"
     ctl("create", name, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M",
-        "--console=read-only", "--firmware=bios", "--tpm=yes", "panic=-1", "test.notify=1", "test.action=hang")
+        "--console=read-only", "--firmware=bios", "--tpm=yes", *GUEST_WORDS, "test.action=hang")
     sh("systemctl", "stop", "vmspawnd.service")
     # the next daemon SIGKILLs itself once QEMU is exec'd, and is not restarted (Restart=on-failure
     # would start one with the same environment 100 ms later, which a slow test did not always beat)
@@ -175,7 +176,7 @@ def test_the_daemon_starts_machined_when_nothing_else_has(installed_units: Path)
     sh("systemctl", "start", "vmspawnd.socket")
     ctl, name = Ctl(installed_units), "mreg"
     ctl("create", name, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M",
-        "--console=read-only", "--firmware=bios", "--tpm=no", "panic=-1", "test.notify=1", "test.action=hang")
+        "--console=read-only", "--firmware=bios", "--tpm=no", *GUEST_WORDS, "test.action=hang")
     try:
         ctl("start", name)
         pid = ctl.wait(lambda s: s["ready"], name=name)["pid"]
@@ -214,7 +215,7 @@ def test_a_vm_with_every_helper_runs_under_the_hardened_unit(installed_units: Pa
     ctl, name = Ctl(installed_units), "hardened"
     ctl("create", name, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M",
         "--console=read-only", "--firmware=bios", "--tpm=yes", f"--directory={tree}", f"--bind={shared}:/srv/shared",
-        "--network-user-mode", "panic=-1", "test.notify=1", "test.virtiofs=root", "test.virtiofs=mnt0",
+        "--network-user-mode", *GUEST_WORDS, "test.virtiofs=root", "test.virtiofs=mnt0",
         "test.write=root/etc/written", "test.action=hang")
     try:
         ctl("start", name)
@@ -265,7 +266,7 @@ def test_one_bus_connection_serves_every_vm_and_a_vm_starts_again_at_once(instal
     ctl, names = Ctl(installed_units), ("share1", "share2")
     for name in names:
         ctl("create", name, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=128M",
-            "--console=read-only", "--firmware=bios", "--tpm=yes", "panic=-1", "test.notify=1", "test.action=hang")
+            "--console=read-only", "--firmware=bios", "--tpm=yes", *GUEST_WORDS, "test.action=hang")
     try:
         for name in names:
             ctl("start", name)
@@ -306,7 +307,7 @@ def test_what_a_guest_says_while_no_daemon_runs_reaches_the_next_daemon(installe
     try:  # (the drop-in goes on every path)
         sh("systemctl", "start", "vmspawnd.socket")
         ctl("create", NAME, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}",
-            "--ram=256M", "--console=read-only", "--firmware=bios", "--tpm=no", "panic=-1", "test.notify=1",
+            "--ram=256M", "--console=read-only", "--firmware=bios", "--tpm=no", *GUEST_WORDS,
             "test.notify_timeout=2", "test.delay=4", "test.status=said_while_away", "test.action=hang")
         ctl("start", NAME)
         st = ctl.status()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tests.polling import poll
 from tests.systemd.helpers import GUEST_DIR, WITH_GUEST, sh, unit_properties
+from vmspawnd.testing.guest import GUEST_WORDS
 
 pytestmark = WITH_GUEST  # a user boots the test guest with the installed commands
 
@@ -31,7 +32,7 @@ def a_user_runs_a_vm_with_the_installed_commands(env: dict[str, str]) -> None:
                   env={**env, "HOME": str(home)}, check=check, timeout=120)
 
     as_carol("create", "carols", f"--linux={home / 'vmlinuz'}", f"--initrd={home / 'initrd.img'}", "--ram=256M",
-             "--firmware=bios", "panic=-1", "test.notify=1", "test.action=acpi")
+             "--firmware=bios", *GUEST_WORDS, "test.action=acpi")
     as_carol("start", "carols")
     status = poll(lambda: as_carol("status", "carols").stdout, lambda out: "(ready)" in out or "failed" in out, 90)
     assert "running (ready)" in status and "Owner: carol (" in status, status

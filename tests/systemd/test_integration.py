@@ -38,6 +38,7 @@ from vmspawnd.services.runner import ServiceSpec, UnitRunner
 from vmspawnd.services.virtiofsd import find_virtiofsd
 from vmspawnd.systemd import machined
 from vmspawnd.systemd.machined import MACHINED_VARLINK_SINCE
+from vmspawnd.testing.guest import GUEST_WORDS
 
 pytestmark = WITH_GUEST
 
@@ -95,7 +96,7 @@ def test_machinectl_terminate_and_kill_are_reported_as_what_they_were(vm: Ctl, v
 def vmspawn(*args: str, tpm: str = "--tpm=no") -> Spawned:
     return Spawned([str(Path(sys.executable).parent / "vmspawn"), f"--linux={GUEST_DIR / 'vmlinuz'}",
                     f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M", "--console=read-only", "--firmware=bios",
-                    tpm, *args, "panic=-1", "test.notify=1"])
+                    tpm, *args, *GUEST_WORDS])
 
 
 def test_cli_puts_qemu_in_a_scope_with_slice_and_properties() -> None:

@@ -31,6 +31,7 @@ from tests.systemd.helpers import (
     varlink_call,
 )
 from tests.systemd.test_integration import vmspawn
+from vmspawnd.testing.guest import GUEST_WORDS
 
 pytestmark = WITH_GUEST
 
@@ -55,8 +56,8 @@ def acpi_vm(installed_units: Path, tmp_path: Path) -> Iterator[tuple[Ctl, Path]]
     sh("systemctl", "start", "vmspawnd.socket")
     ctl = Ctl(installed_units)
     ctl("create", NAME, f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}", "--ram=256M",
-        "--console=read-only", "--firmware=bios", "--tpm=no", f"--extra-drive=raw:{disk}", "panic=-1",
-        "test.notify=1", "test.bootcount=vda", "test.action=acpi")
+        "--console=read-only", "--firmware=bios", "--tpm=no", f"--extra-drive=raw:{disk}", *GUEST_WORDS,
+        "test.bootcount=vda", "test.action=acpi")
     ctl("start", NAME)
     try:
         assert "(boot 1)" in ctl.wait(lambda s: s["ready"], name=NAME)["status"]
@@ -155,7 +156,7 @@ def test_machinectl_resume_wakes_a_guest_that_suspended_itself(installed_units: 
     sh("systemctl", "start", "vmspawnd.socket")
     ctl = Ctl(installed_units)
     ctl("create", "sleepy", f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}",
-        "--ram=256M", "--console=read-only", "--firmware=bios", "--tpm=no", "panic=-1", "test.notify=1",
+        "--ram=256M", "--console=read-only", "--firmware=bios", "--tpm=no", *GUEST_WORDS,
         "test.action=suspend")  # S3 once ready; once woken: STATUS=woke up
     ctl("start", "sleepy")
     try:

@@ -21,6 +21,7 @@ import pytest
 from tests.polling import poll
 from tests.systemd.helpers import GUEST_DIR, WITH_GUEST, Ctl, sh, unit_properties, unwanted_libraries, varlinkctl
 from vmspawnd.services.virtiofsd import Flavour, find_virtiofsd
+from vmspawnd.testing.guest import GUEST_WORDS
 
 pytestmark = [
     *WITH_GUEST,
@@ -100,14 +101,14 @@ def test_alices_vm_runs_as_alice_and_bob_may_only_look(users: Ctl) -> None:
 
     # alice's own VM: hers from QEMU to the files the guest writes
     config = alice_config(tpm="yes", tpmState=str(HOME / "tpm"), binds=[f"rw:{HOME / 'share'}:/mnt/share"],
-                          kernelCommandLine=["panic=-1", "test.notify=1", "test.tpm=1", "test.virtiofs=mnt0",
+                          kernelCommandLine=[*GUEST_WORDS, "test.tpm=1", "test.virtiofs=mnt0",
                                              "test.write=mnt0/from-guest", "test.action=acpi"])
     shares = find_virtiofsd().flavour is Flavour.RUST
     if not shares:  # QEMU's C virtiofsd (Debian 12) runs as root only: alice may share nothing through it
         ok, out = call("alice", "Create", {"name": VM, "config": config})
         assert not ok and "PermissionDenied" in out and "runs only as root" in out, out
         config = alice_config(tpm="yes", tpmState=str(HOME / "tpm"), kernelCommandLine=[
-            "panic=-1", "test.notify=1", "test.tpm=1", "test.action=acpi"])
+            *GUEST_WORDS, "test.tpm=1", "test.action=acpi"])
     ok, out = call("alice", "Create", {"name": VM, "config": config})
     assert ok and out["machine"]["owner"] == out["machine"]["runAs"] == alice, out
     ok, out = call("alice", "Start", {"name": VM})

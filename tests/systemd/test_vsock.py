@@ -29,6 +29,7 @@ from tests.systemd.helpers import (
     wait_inactive,
 )
 from vmspawnd.systemd.machined import MACHINED_VARLINK_SINCE
+from vmspawnd.testing.guest import GUEST_WORDS
 
 VSOCK_UNIT = f"vmspawnd-{NAME}-vsock.service"
 #: (the daemon runs as a unit, in PID 1's environment: tests/conftest.py's $VMSPAWND_VHOST_DEVICE_VSOCK is not its)
@@ -75,8 +76,8 @@ def test_systemds_own_ssh_proxy_reaches_the_guest_at_the_address_machined_was_to
     sh("systemctl", "start", "vmspawnd.socket")
     ctl = Ctl(installed_units)
     ctl("create", "sshd1", f"--linux={GUEST_DIR / 'vmlinuz'}", f"--initrd={GUEST_DIR / 'initrd.img'}",
-        f"--initrd={SSHD_INITRD}", "--ram=256M", "--console=read-only", "--firmware=bios", "panic=-1",
-        "test.notify=1", "test.sshd=1", "test.action=hang")
+        f"--initrd={SSHD_INITRD}", "--ram=256M", "--console=read-only", "--firmware=bios", *GUEST_WORDS,
+        "test.sshd=1", "test.action=hang")
     ctl("start", "sshd1")
     try:
         st = ctl.wait(lambda s: s["ready"], name="sshd1")

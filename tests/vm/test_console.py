@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tests.polling import poll
+from vmspawnd.testing.guest import GUEST_WORDS
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")]
 
@@ -106,7 +107,7 @@ def test_native_console_is_qemus_own_with_ctrl_a_x(tmux, guest, tmp_path):
 
 def test_vmspawnctl_console_attaches_types_and_detaches(tmux, guest, daemon):
     p = daemon.ctl("create", "shellvm", f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
-                   "--firmware=bios", "panic=-1", "test.notify=1", "test.action=shell")
+                   "--firmware=bios", *GUEST_WORDS, "test.action=shell")
     assert p.returncode == 0, p.stderr
     assert daemon.ctl("start", "shellvm").returncode == 0
     daemon.wait_for("shellvm", lambda s: s["ready"])

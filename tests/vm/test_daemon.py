@@ -23,12 +23,13 @@ from tests.conftest import Daemon, EventFollower, process_gone, processes_mentio
 from tests.polling import poll
 from tests.vm.clients import at_once
 from vmspawnd.interface import ManagerInterface
+from vmspawnd.testing.guest import GUEST_WORDS
 
 pytestmark = pytest.mark.vm
 
 def create(daemon: Daemon, guest, name: str, *words: str, console: str = "read-only") -> None:
     p = daemon.ctl("create", name, f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
-                   f"--console={console}", "--firmware=bios", "panic=-1", "test.notify=1", *words)
+                   f"--console={console}", "--firmware=bios", *GUEST_WORDS, *words)
     assert p.returncode == 0, p.stderr
 
 

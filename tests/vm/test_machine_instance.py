@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import Daemon, EventFollower
 from tests.polling import poll
 from tests.systemd.helpers import varlink_call
+from vmspawnd.testing.guest import GUEST_WORDS
 
 pytestmark = pytest.mark.vm
 
@@ -48,7 +49,7 @@ def bare_call(path: str, method: str) -> dict:
 
 def start(daemon: Daemon, guest, name: str, *words: str) -> dict:
     p = daemon.ctl("create", name, f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
-                   "--console=read-only", "--firmware=bios", "panic=-1", "test.notify=1", *words)
+                   "--console=read-only", "--firmware=bios", *GUEST_WORDS, *words)
     assert p.returncode == 0, p.stderr
     assert daemon.ctl("start", name).returncode == 0
     return daemon.wait_for(name, lambda s: s["ready"])

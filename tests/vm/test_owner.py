@@ -19,6 +19,7 @@ from tests.conftest import Daemon, call_as, public_daemon
 from tests.polling import poll
 from vmspawnd.proc import processes_mentioning
 from vmspawnd.services.virtiofsd import Flavour, find_virtiofsd
+from vmspawnd.testing.guest import GUEST_WORDS
 
 OWNER, OTHER = 65534, 1  # nobody, daemon
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
@@ -63,7 +64,7 @@ def test_a_users_vm_runs_as_that_user_and_only_they_control_it(users_daemon: Dae
     config = {"linux": str(home / "vmlinuz"), "initrds": [str(home / "initrd")], "ram": "256M",
               "firmware": "bios", "tpm": "yes", "tpmState": str(home / "tpm"), "console": "read-only",
               "binds": [f"rw:{home / 'share'}:/mnt/share"],
-              "kernelCommandLine": ["panic=-1", "test.notify=1", "test.tpm=1", "test.virtiofs=mnt0",
+              "kernelCommandLine": [*GUEST_WORDS, "test.tpm=1", "test.virtiofs=mnt0",
                                     "test.write=mnt0/from-guest", "test.action=acpi"]}
     reply = call(OWNER, users_daemon, "Create", name="mine", config=config)
     if not rust_virtiofsd:  # QEMU's C virtiofsd runs only as root: a user's share needs the Rust one
@@ -151,7 +152,7 @@ def test_a_users_start_execs_qemu_through_a_launcher_and_one_is_kept_ready_from_
     assert users_daemon.spare_launchers() == []
     config = {"linux": str(home / "vmlinuz"), "initrds": [str(home / "initrd")], "ram": "256M",
               "firmware": "bios", "tpm": "no", "console": "read-only",
-              "kernelCommandLine": ["panic=-1", "test.notify=1", "test.action=hang"]}
+              "kernelCommandLine": [*GUEST_WORDS, "test.action=hang"]}
     for name in ("first", "second"):
         assert "error" not in call(OWNER, users_daemon, "Create", name=name, config=config)
     assert "error" not in call(OWNER, users_daemon, "Start", name="first")
@@ -173,7 +174,7 @@ def test_a_users_transient_tpm_state_made_ahead_is_written_as_that_user(users_da
     a root VM's start moves it into place, a user's start copies it, as the user."""
     config = {"linux": str(home / "vmlinuz"), "initrds": [str(home / "initrd")], "ram": "256M",
               "firmware": "bios", "tpm": "yes", "tpmState": "off", "console": "read-only",
-              "kernelCommandLine": ["panic=-1", "test.notify=1", "test.tpm=1", "test.action=hang"]}
+              "kernelCommandLine": [*GUEST_WORDS, "test.tpm=1", "test.action=hang"]}
     assert "error" not in call(OWNER, users_daemon, "Create", name="mine", config=config)
     spare = users_daemon.runtime / "tpm-spares" / "ready"
     made_ahead = None

@@ -25,7 +25,7 @@ from tests.vm.test_machine_instance import IFACE, bare_call, control
 from vmspawnd.guest.channel import NotifyParser
 from vmspawnd.qemu.qmp import Qmp
 from vmspawnd.testing.bare import bare_qemu_argv
-from vmspawnd.testing.guest import STEADY_CLOCK
+from vmspawnd.testing.guest import GUEST_WORDS
 
 pytestmark = pytest.mark.vm
 
@@ -238,7 +238,7 @@ async def test_a_reset_right_after_a_wake_up_boots_a_suspended_guest_anew_once_i
         notify.listen(1)
         monitor.bind(str(qmp_path))
         monitor.listen(1)
-        argv = bare_qemu_argv(guest, ("panic=-1", *STEADY_CLOCK, "test.notify=1", "test.action=suspend"),
+        argv = bare_qemu_argv(guest, (*GUEST_WORDS, "test.action=suspend"),
                               qmp_fd=monitor.fileno(), notify_path=notify_path, firmware=firmware,
                               nvram=tmp_path / "nvram.fd")
         qemu = subprocess.Popen(argv, pass_fds=[monitor.fileno()], stdin=subprocess.DEVNULL,

@@ -28,13 +28,14 @@ from vmspawnd.interface import Config
 from vmspawnd.machine import State
 from vmspawnd.manager import Manager
 from vmspawnd.settings import config_from_json
+from vmspawnd.testing.guest import GUEST_WORDS
 
 pytestmark = pytest.mark.vm
 
 
 def guest_config(guest, *words: str, tpm: str = "auto", linux: Path | None = None, **fields) -> Config:
     return Config(linux=str(linux or guest.kernel), initrds=[str(guest.initrd)], ram="256M", console="headless",
-                  firmware="bios", tpm=tpm, kernelCommandLine=["panic=-1", "test.notify=1", *words], **fields)
+                  firmware="bios", tpm=tpm, kernelCommandLine=[*GUEST_WORDS, *words], **fields)
 
 
 def daemon_fds(daemon: Daemon) -> int:
@@ -51,7 +52,7 @@ def test_concurrent_clients_hammering_three_machines(daemon, guest):
     call answered with success or a typed error, nothing stuck, nothing orphaned, no fd kept."""
     names = ["c0", "c1", "c2"]
     warm = daemon.ctl("create", "warm", f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
-                      "--console=headless", "--firmware=bios", "panic=-1", "test.notify=1")
+                      "--console=headless", "--firmware=bios", *GUEST_WORDS)
     assert warm.returncode == 0, warm.stderr
     assert daemon.ctl("start", "warm").returncode == 0  # warm up: lazily imported modules, caches
     daemon.wait_for("warm", lambda s: s["state"] == "stopped")
@@ -190,7 +191,7 @@ def test_daemon_killed_during_a_start_leaves_nothing_behind(daemon, guest, tmp_p
     shared.mkdir()
     p = daemon.ctl("create", "crashy", f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
                    "--console=read-only", "--firmware=bios", "--tpm=yes", f"--bind={shared}:/mnt/shared",
-                   "panic=-1", "test.notify=1", "test.action=hang")
+                   *GUEST_WORDS, "test.action=hang")
     assert p.returncode == 0, p.stderr
     daemon.stop_daemon()
     daemon.env = {CRASH_ENV: point}
@@ -219,7 +220,7 @@ def adopted_vm_with_a_tpm(daemon: Daemon, guest, name: str, *words: str) -> None
     """``name`` (with a TPM, and ``words``) running, started by a daemon that was then killed, adopted
     by a new one."""
     p = daemon.ctl("create", name, f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
-                   "--console=read-only", "--firmware=bios", "--tpm=yes", "panic=-1", "test.notify=1",
+                   "--console=read-only", "--firmware=bios", "--tpm=yes", *GUEST_WORDS,
                    "test.action=hang", *words)
     assert p.returncode == 0, p.stderr
     assert daemon.ctl("start", name).returncode == 0
@@ -321,7 +322,7 @@ def test_a_start_whose_helper_cannot_be_recorded_stops_it_and_keeps_the_tpm_stat
     d.start()
     state = tmp_path / "tpm"
     words = [f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M", "--console=headless",
-             "--firmware=bios", "--tpm=yes", f"--tpm-state={state}", "panic=-1", "test.notify=1", "test.action=hang"]
+             "--firmware=bios", "--tpm=yes", f"--tpm-state={state}", *GUEST_WORDS, "test.action=hang"]
     records = d.runtime / "machines" / "tpmrecord.run"
     try:
         assert d.ctl("create", "tpmrecord", *words).returncode == 0

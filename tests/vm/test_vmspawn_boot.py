@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import VMSPAWN, assert_clean, process_gone
 from tests.polling import poll
 from tests.rawvarlink import call
+from vmspawnd.testing.guest import GUEST_WORDS
 
 pytestmark = pytest.mark.vm
 
@@ -187,7 +188,7 @@ def test_two_vms_with_long_names_alike_run_at_once_under_a_long_runtime_director
     first = vmspawn("test.notify=1", "test.action=acpi", "test.exit=5", name=names[0])
     assert first.notify.wait_for("READY=1", 90), first.text
     env = {**os.environ, "RUNTIME_DIRECTORY": str(first.runtime_dir)}
-    argv = [*first.proc.args[:first.proc.args.index(names[0])], names[1], "panic=-1", "test.notify=1", "test.exit=4"]
+    argv = [*first.proc.args[:first.proc.args.index(names[0])], names[1], *GUEST_WORDS, "test.exit=4"]
     second = subprocess.run(argv, capture_output=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
     assert second.returncode == 4, second.stderr.decode()
     assert first.proc.poll() is None  # the first VM was not disturbed

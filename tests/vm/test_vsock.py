@@ -25,6 +25,7 @@ from tests.sshd import guest_sshd_initrd
 from tests.vm.clients import TYPED, hammer, settle
 from vmspawnd.proc import process_cmdline
 from vmspawnd.qemu.vsock import BACKEND_ENV
+from vmspawnd.testing.guest import GUEST_WORDS
 
 pytestmark = pytest.mark.vm
 
@@ -51,7 +52,7 @@ def qemu_argv(pid: int) -> str:
 
 def create(daemon: Daemon, guest, name: str, *args: str) -> None:
     p = daemon.ctl("create", name, f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M",
-                   "--console=read-only", "--firmware=bios", "--tpm=no", "panic=-1", "test.notify=1", *args)
+                   "--console=read-only", "--firmware=bios", "--tpm=no", *GUEST_WORDS, *args)
     assert p.returncode == 0, p.stderr
 
 
@@ -184,7 +185,7 @@ def test_a_users_vm_runs_its_vsock_backend_as_that_user(public_dir, guest, vsock
         os.chown(public_dir / name, nobody, nobody)
     config = {"linux": str(public_dir / "vmlinuz"), "initrds": [str(public_dir / "initrd")], "ram": "256M",
               "firmware": "bios", "tpm": "no", "console": "read-only",
-              "kernelCommandLine": ["panic=-1", "test.notify=1", "test.status=users_vsock", "test.action=hang"]}
+              "kernelCommandLine": [*GUEST_WORDS, "test.status=users_vsock", "test.action=hang"]}
     with public_daemon() as d:
         reply = call_as(nobody, d.socket, "io.vmspawnd.Manager.Create", {"name": "usersvs", "config": config})
         assert "error" not in reply, reply

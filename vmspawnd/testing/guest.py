@@ -33,6 +33,7 @@ from pathlib import Path
 
 __all__ = [
     "GUEST_MODULES",
+    "GUEST_WORDS",
     "INIT_SCRIPT",
     "INIT_WORDS",
     "CpioEntry",
@@ -78,6 +79,9 @@ VSOCK_IO_SOURCE = Path(__file__).with_name("vsock_io.c")
 # (its 120 s notify timeout) could end in seconds, and its READY=1 was lost.  Without the TSC it
 # keeps time by the ACPI PM timer, which is right.
 STEADY_CLOCK = ("tsc=unstable",)
+#: The kernel words of a test guest as tests and the bench boot it: a panic ends it, its clock is steady,
+#: and it reports to the host (READY=1, STATUS=) over its notify port.
+GUEST_WORDS = ("panic=-1", *STEADY_CLOCK, "test.notify=1")
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 APT_STATE = (Path("/var/lib/apt/lists"), Path("/etc/apt"))
 
