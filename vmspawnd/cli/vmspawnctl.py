@@ -575,7 +575,9 @@ def _as_option(key: str, reason: str) -> str:
     setting = BY_KEY.get(key)
     if setting is None or not reason.startswith(f"invalid {key}="):
         return reason
-    option = setting.option or next((s.option for s in SETTINGS if s.option and s.attr == (setting.attr or "-")), None)
+    option = setting.option
+    if option is None and setting.attr is not None:  # (filled by options of its own: binds by --bind, --bind-ro)
+        option = next((s.option for s in SETTINGS if s.option and s.attr == setting.attr), None)
     return reason if option is None else f"invalid {option.removeprefix('--')}={reason.removeprefix(f'invalid {key}=')}"
 
 
