@@ -302,7 +302,7 @@ class Run:
             initrd=initrd,
             vmgenid=uuid.uuid4(), term=term, extra_cmdline=extra_cmdline,
             firmware_args=tuple(firmware.qemu_args(nvram)),
-            smm=firmware.smm if firmware.descriptor is not None else None, aux_args=tuple(aux.qemu_args), uki=uki,
+            smm=firmware.smm, aux_args=tuple(aux.qemu_args), uki=uki,
             mac=mac, extra_args=extra_args,
         )
         argv = build_qemu_argv(run_config, resources)

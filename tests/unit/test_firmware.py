@@ -300,7 +300,7 @@ def test_resolve_keywords(debian_dir, pe_kernel, plain_kernel):
     assert resolve_firmware("auto", linux=plain_kernel, descriptors=found).kind is FirmwareKind.NONE
     assert resolve_firmware("none", linux=plain_kernel).kind is FirmwareKind.NONE
     bios = resolve_firmware("bios", linux=plain_kernel)
-    assert bios.kind is FirmwareKind.BIOS and bios.qemu_args(None) == [] and not bios.smm
+    assert bios.kind is FirmwareKind.BIOS and bios.qemu_args(None) == [] and bios.smm is None
     no_sb = resolve_firmware("uefi", include=set(), exclude={"enrolled-keys", "secure-boot"}, descriptors=found)
     assert no_sb.descriptor is not None and no_sb.descriptor.path.name == "60-edk2-x86_64.json" and not no_sb.smm
 

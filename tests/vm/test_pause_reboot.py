@@ -240,7 +240,7 @@ async def test_a_reset_right_after_a_wake_up_boots_a_suspended_guest_anew_once_i
         monitor.listen(1)
         argv = bare_qemu_argv(guest, (*GUEST_WORDS, "test.action=suspend"),
                               qmp_fd=monitor.fileno(), notify_path=notify_path, firmware=firmware,
-                              nvram=tmp_path / "nvram.fd")
+                              runtime_dir=tmp_path)
         qemu = subprocess.Popen(argv, pass_fds=[monitor.fileno()], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

@@ -376,8 +376,9 @@ class FirmwareChoice:
     reason: str = ""
 
     @property
-    def smm(self) -> bool:
-        return machine_smm(self.descriptor)
+    def smm(self) -> bool | None:
+        """QEMU's ``smm=`` for this firmware: None without a UEFI descriptor (QEMU's default is left)."""
+        return machine_smm(self.descriptor) if self.descriptor is not None else None
 
     def nvram_template(self, override: Path | None = None) -> Path | None:
         return nvram_template(self.descriptor, override) if self.descriptor else None
