@@ -16,7 +16,10 @@ The varlink interface maps each of these to its typed error in one place (``api.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
+from collections.abc import Iterator
 
 
 class VmspawndError(Exception):
@@ -73,6 +76,18 @@ class HostError(VmspawndError):
         if error.errno == errno.ENOSPC:
             reason = "no space left on the device"
         super().__init__(f"{what}: {reason}")
+
+
+@contextlib.contextmanager
+def naming_file(path: os.PathLike[str] | str) -> Iterator[None]:
+    """Give an OSError raised inside that names no file ``path`` as its file: a write to a full disk
+    names none, and whoever reports it (:class:`HostError`'s makers) can then say where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = os.fspath(path)
+        raise
 
 
 class PermissionDenied(VmspawndError):

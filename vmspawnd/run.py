@@ -34,7 +34,7 @@ from typing import Any
 from vmspawnd import messages
 from vmspawnd.config import MachineConfig
 from vmspawnd.console import ConsoleRelay
-from vmspawnd.errors import ConfigError, HostError, StartError, WrongState
+from vmspawnd.errors import ConfigError, HostError, StartError, WrongState, naming_file
 from vmspawnd.faults import crash_point
 from vmspawnd.guest.channel import NotifyChannel
 from vmspawnd.guest.credentials import write_credentials
@@ -707,7 +707,7 @@ class Run:
         if len(self.config.initrds) == 1:
             return self.config.initrds[0]
         merged = rundir / "initrd.merged"
-        with open(merged, "wb") as out:
+        with naming_file(merged), open(merged, "wb") as out:
             for piece in self.config.initrds:
                 with open(piece, "rb") as f:
                     shutil.copyfileobj(f, out)

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import base64
+import errno
+import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -86,3 +89,15 @@ def test_a_command_lines_non_utf8_bytes_reach_the_guest_as_they_were(tmp_path):
     for bad in ("foo:\\ud800", "foo:\\U00110000"):
         with pytest.raises(ConfigError, match="no Unicode character"):
             parse_set_credential(bad)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_credential_that_fills_the_disk_names_its_file(tmp_path):
+    """A write to a full disk names no file by itself: the error says which credential's file it was."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(tmp_path)], check=True)
+    try:
+        with pytest.raises(OSError) as e:
+            write_credentials(tmp_path / "smbios", [("big", b"x" * 200_000)])
+        assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "smbios" / "fw_cfg" / "big")
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path)], check=False)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, processes_mentioning
+from tests.conftest import VMSPAWN, Daemon, processes_mentioning
 from tests.polling import poll
 from tests.vm.clients import TYPED, Client, hammer, settle
 from vmspawnd.faults import CRASH_ENV
@@ -286,6 +286,46 @@ def test_a_full_state_disk_is_a_typed_error_and_loses_no_definition(tmp_path, gu
         if d.proc is not None and d.proc.poll() is None:
             d.stop_daemon()
         subprocess.run(["umount", "-l", str(d.state)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@pytest.mark.parametrize("what, words, file", [
+    ("UEFI variables", ["--firmware=uefi"], "efinvram"),
+    ("initrds merged", ["--firmware=bios", "--initrd={big}"], "initrd.merged"),
+])
+def test_a_start_that_fills_the_runtime_dir_says_which_file_and_leaves_nothing(tmp_path, guest, what, words, file):
+    """A runtime dir on a small file system (a /run tmpfs): a start that runs out of room there fails
+    naming the file it could not write (a full disk's write error names none by itself), in the
+    daemon and in ``vmspawn``; nothing of it is left, and a start that fits runs."""
+    big = tmp_path / "big.initrd"
+    big.write_bytes(os.urandom(400_000))
+    words = [w.format(big=big) for w in words]
+    d = Daemon(tmp_path)
+    d.runtime.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(d.runtime)], check=True)
+    try:
+        d.start()
+        base = [f"--linux={guest.kernel}", f"--initrd={guest.initrd}", "--ram=256M", "--console=headless",
+                "--tpm=no", "--vsock=no", *GUEST_WORDS]
+        assert d.ctl("create", "full", *base, *words).returncode == 0
+        p = d.ctl("start", "full")
+        vm_dir = d.runtime / "machines" / "full"
+        assert p.returncode == 1, p
+        assert f"cannot start full ({vm_dir}/{file}): no space left on the device" in p.stderr, (what, p.stderr)
+        assert not vm_dir.exists() and processes_mentioning(f"{vm_dir}/") == []
+        env = {**os.environ, "RUNTIME_DIRECTORY": str(d.runtime / "fg")}
+        p = subprocess.run([*VMSPAWN, "-M", "fg", *base, *words], capture_output=True, text=True, env=env,
+                           stdin=subprocess.DEVNULL, timeout=60)
+        assert p.returncode == 1 and f"cannot start fg ({d.runtime}/fg/fg/{file}): no space left" in p.stderr, p
+        assert not (d.runtime / "fg" / "fg").exists()
+        assert d.ctl("create", "fits", *base, "--firmware=bios").returncode == 0
+        assert d.ctl("start", "fits").returncode == 0, "a start that fits runs"
+        assert d.ctl("kill", "fits").returncode == 0
+        assert "Traceback" not in d.log.read_text()
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop_daemon()
+        subprocess.run(["umount", "-l", str(d.runtime)], check=False)
 
 
 def test_a_start_whose_run_cannot_be_recorded_fails_and_leaves_no_vm(tmp_path, guest):

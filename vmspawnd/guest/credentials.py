@@ -16,7 +16,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmspawnd.errors import ConfigError
+from vmspawnd.errors import ConfigError, naming_file
 from vmspawnd.values import valid_credential_id
 
 MAX_CREDENTIAL_SIZE = 1024 * 1024
@@ -131,7 +131,7 @@ def _read_socket(path: Path) -> bytes:
 def _write_private(path: Path, data: bytes) -> Path:
     """A new 0600 file (never an existing one, nor through a symlink)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    with naming_file(path), os.fdopen(fd, "wb") as f:
         f.write(data)
     return path
 

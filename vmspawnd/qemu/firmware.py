@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmspawnd.errors import ConfigError
+from vmspawnd.errors import ConfigError, naming_file
 from vmspawnd.log import get_logger
 from vmspawnd.qemu import qemu_escape
 from vmspawnd.storage import remove_leftover_temps, temp_path
@@ -516,7 +516,7 @@ def _copy_new(template: Path, target: Path, *, replace: bool) -> bool:
     tmp = temp_path(target)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as out, open(template, "rb") as src:
+        with naming_file(target), os.fdopen(fd, "wb") as out, open(template, "rb") as src:
             shutil.copyfileobj(src, out)
             out.flush()
             os.fchmod(out.fileno(), 0o600)
