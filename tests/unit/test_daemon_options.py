@@ -1,7 +1,11 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""vmspawnd's own options: a bad value is a usage error naming the option and the value."""
+"""vmspawnd's own options: a bad value is a usage error naming the option and the value; a path the
+daemon cannot use stops it with an error naming the option, the path and why."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 
@@ -23,3 +27,21 @@ def test_a_bad_option_value_is_a_usage_error_naming_it(option, said, capsys):
 def test_good_values_are_taken():
     args = parse_args(["--max-connections=7", "--socket-group=root"])
     assert (args.max_connections, args.socket_group) == (7, "root")
+
+
+@pytest.mark.parametrize("which, bad, said", [
+    ("state", "{file}/state", "cannot use --state-dir={file}/state ({file}/state/machines): Not a directory"),
+    ("runtime", "{file}/run", "cannot use --runtime-dir={file}/run: Not a directory"),
+    ("socket", "{file}/sub/d.sock", "cannot use --socket={file}/sub/d.sock ({file}/sub): Not a directory"),
+    ("socket", "{tmp}/{long}/vmspawnd.sock", "cannot use --socket={tmp}/{long}/vmspawnd.sock: AF_UNIX path too long"),
+])
+def test_a_path_the_daemon_cannot_use_is_named_with_its_option(tmp_path, which, bad, said):
+    file = tmp_path / "file"  # (a file where a directory should be)
+    file.write_text("")
+    names = {"file": file, "tmp": tmp_path, "long": "x" * 120}
+    paths = {"state": tmp_path / "state", "runtime": tmp_path / "run", "socket": tmp_path / "vmspawnd.sock",
+             which: bad.format(**names)}
+    p = subprocess.run([sys.executable, "-m", "vmspawnd.cli.vmspawnd", f"--socket={paths['socket']}",
+                        f"--state-dir={paths['state']}", f"--runtime-dir={paths['runtime']}"],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 1 and p.stderr == f"vmspawnd: {said.format(**names)}\n", p

@@ -17,6 +17,7 @@ import stat
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from asyncvarlink import VarlinkInterfaceRegistry
@@ -24,6 +25,7 @@ from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
 from vmspawnd import __version__, docs_url, methodcache
 from vmspawnd.api import ManagerCalls, call_error
+from vmspawnd.errors import HostError, VmspawndError
 from vmspawnd.interface import DEFAULT_SOCKET, ManagerInterface
 from vmspawnd.log import get_logger, setup_logging
 from vmspawnd.manager import Manager
@@ -112,6 +114,19 @@ def withhold_inherited_fds() -> None:
                 os.set_inheritable(int(name), False)
 
 
+@contextlib.contextmanager
+def naming_option(*options: tuple[str, Path]) -> Iterator[None]:
+    """An OSError inside becomes a HostError naming the option whose path it concerns (the first one
+    when its file is under none of them), and the file too when it is another."""
+    try:
+        yield
+    except OSError as e:
+        where = Path(os.fsdecode(e.filename)) if e.filename else None
+        option, path = next(((o, p) for o, p in options if where and (where == p or p in where.parents)), options[0])
+        inside = f" ({where})" if where and where != path else ""
+        raise HostError(f"cannot use {option}={path}{inside}", e) from None
+
+
 class AlreadyRunning(Exception):
     """Another vmspawnd serves these paths (the message says which pid)."""
 
@@ -191,15 +206,19 @@ async def serve(args: argparse.Namespace) -> int:
     runtime_dir = Path(args.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
                        or "/run/vmspawnd")
     withhold_inherited_fds()
-    lock_fd = claim_runtime_dir(runtime_dir)  # noqa: F841 - held (open) for the daemon's life
+    with naming_option(("--runtime-dir", runtime_dir)):
+        lock_fd = claim_runtime_dir(runtime_dir)  # noqa: F841 - held (open) for the daemon's life
     fd_limit = raise_fd_limit()
     notifier = ManagerNotifier()
     sock, stored = activated_fds()
     manager = Manager(state_dir, runtime_dir / "machines", fdstore=for_service(stored))
     manager.on_change = lambda: notifier.send(STATUS=f"{manager.running_count()} VM(s) running")
     if sock is None:
-        sock = bind_socket(Path(args.socket or DEFAULT_SOCKET), args.socket_group)
-    await manager.load()
+        path = Path(args.socket or DEFAULT_SOCKET)
+        with naming_option(("--socket", path)):
+            sock = bind_socket(path, args.socket_group)
+    with naming_option(("--state-dir", state_dir), ("--runtime-dir", runtime_dir)):
+        await manager.load()
     reloading = asyncio.Lock()
 
     async def reload() -> None:
@@ -279,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, journal=bool(os.environ.get("JOURNAL_STREAM")))
     try:
         return asyncio.run(serve(args))
-    except (OSError, KeyError, AlreadyRunning) as e:
+    except (OSError, KeyError, AlreadyRunning, VmspawndError) as e:
         print(f"vmspawnd: {e}", file=sys.stderr)
         return 1
 
