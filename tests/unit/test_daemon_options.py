@@ -33,7 +33,8 @@ def test_good_values_are_taken():
     ("state", "{file}/state", "cannot use --state-dir={file}/state ({file}/state/machines): Not a directory"),
     ("runtime", "{file}/run", "cannot use --runtime-dir={file}/run: Not a directory"),
     ("socket", "{file}/sub/d.sock", "cannot use --socket={file}/sub/d.sock ({file}/sub): Not a directory"),
-    ("socket", "{tmp}/{long}/vmspawnd.sock", "cannot use --socket={tmp}/{long}/vmspawnd.sock: AF_UNIX path too long"),
+    ("socket", "{tmp}/{long}/d.sock",
+     "invalid socket={tmp}/{long}/d.sock: path too long for a unix socket (over 107 bytes)"),
 ])
 def test_a_path_the_daemon_cannot_use_is_named_with_its_option(tmp_path, which, bad, said):
     file = tmp_path / "file"  # (a file where a directory should be)
@@ -45,3 +46,4 @@ def test_a_path_the_daemon_cannot_use_is_named_with_its_option(tmp_path, which, 
                         f"--state-dir={paths['state']}", f"--runtime-dir={paths['runtime']}"],
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert p.returncode == 1 and p.stderr == f"vmspawnd: {said.format(**names)}\n", p
+    assert not (tmp_path / names["long"]).exists()  # (nothing made for a socket path that cannot be)

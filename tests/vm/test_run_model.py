@@ -317,10 +317,11 @@ def test_a_start_that_fills_the_runtime_dir_says_which_file_and_leaves_nothing(t
         p = subprocess.run([*VMSPAWN, "-M", "fg", *base, *words], capture_output=True, text=True, env=env,
                            stdin=subprocess.DEVNULL, timeout=60)
         assert p.returncode == 1 and f"cannot start fg ({d.runtime}/fg/fg/{file}): no space left" in p.stderr, p
-        assert not (d.runtime / "fg" / "fg").exists()
+        assert not (d.runtime / "fg" / "fg").exists() and processes_mentioning(f"{d.runtime}/fg/") == []
         assert d.ctl("create", "fits", *base, "--firmware=bios").returncode == 0
         assert d.ctl("start", "fits").returncode == 0, "a start that fits runs"
         assert d.ctl("kill", "fits").returncode == 0
+        poll(lambda: processes_mentioning(machine_dir(d, "fits")), lambda pids: pids == [], 20)
         assert "Traceback" not in d.log.read_text()
     finally:
         if d.proc is not None and d.proc.poll() is None:

@@ -29,6 +29,7 @@ from vmspawnd.errors import HostError, VmspawndError
 from vmspawnd.interface import DEFAULT_SOCKET, ManagerInterface
 from vmspawnd.log import get_logger, setup_logging
 from vmspawnd.manager import Manager
+from vmspawnd.proc import check_socket_path
 from vmspawnd.server import DEFAULT_MAX_CONNECTIONS, ServerLimits
 from vmspawnd.server import serve as serve_varlink
 from vmspawnd.systemd import unitfile
@@ -162,6 +163,7 @@ def socket_holder(path: Path) -> int | None:
 def bind_socket(path: Path, group: str | None) -> socket.socket:
     """Bind our own socket: 0666 (every call is authorized by its caller, see auth.py), or 0660 for
     --socket-group.  A live socket (one that answers) is never taken over; a stale one is replaced."""
+    check_socket_path(path, "socket")  # (before its directory is made: a path too long leaves nothing)
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.lstat().st_mode):
