@@ -6,7 +6,6 @@ import asyncio
 import collections.abc
 import contextlib
 import dataclasses
-import re
 import time
 import typing
 
@@ -48,7 +47,7 @@ from vmspawnd.manager import Entry, Event, Manager
 from vmspawnd.plan import needs_privileges
 from vmspawnd.qemu.firmware import enumerate_descriptors
 from vmspawnd.server import EncodedJson, EncodedReplyType, PreconvertedDataclass, current_connection
-from vmspawnd.settings import config_from_json, config_to_json
+from vmspawnd.settings import config_from_json, config_to_json, without_secrets
 from vmspawnd.values import valid_signal, validate_machine_name
 
 MAX_STOP_TIMEOUT = 3600.0
@@ -96,18 +95,9 @@ def typed_errors(name: str = "", *, start: bool = False) -> collections.abc.Iter
 
 def _shown_config(config_json: dict[str, typing.Any]) -> dict[str, typing.Any]:
     """The config as Describe shows it: credential values are never sent back, only their IDs."""
-    shown = dict(config_json)
-    shown["credentials"] = [c.split(":", 1)[0] for c in shown.get("credentials") or []]
-    shown["smbios11"] = [s.split("=", 1)[0] + "=…" if s.startswith("io.systemd.credential") else s
-                         for s in shown.get("smbios11") or []]
-    if words := shown.get("kernelCommandLine"):  # systemd.set_credential[_binary]=ID:VALUE -> ID:…
-        shown["kernelCommandLine"] = [_CMDLINE_CREDENTIAL.sub(r"\1…", w) for w in words]
+    shown = without_secrets(config_json)
+    shown["credentials"] = [c.removesuffix(":") for c in shown["credentials"]]
     return shown
-
-
-#: a credential on the kernel's command line, and the rest of its word (a word may hold several
-#: parameters, spaced or quoted: everything after the first credential's ID is hidden)
-_CMDLINE_CREDENTIAL = re.compile(r'((?:^|(?<=\s))"?systemd\.set_credential(?:_binary)?=[^:\s]*:).*', re.S)
 
 
 #: the types of a reply's fields, to convert all but its config, which is JSON already

@@ -70,7 +70,9 @@ class RunRecord:
     vsock_backend: str | None = None  # VsockBackend (records of older versions: the kernel's, if a port is set)
     ssh_key: str | None = None  # --pass-ssh-key's private key
     tpm_state: str | None = None
-    config: dict[str, Any] | None = None  # the machine's configuration (JSON) this run started with
+    #: the machine's configuration (JSON) this run started with, without its credentials' values (a
+    #: credential of up to 2 MiB would be written at each save; Describe shows their IDs alone)
+    config: dict[str, Any] | None = None
     name: str | None = None  # the machine's (records of older versions: their directory's name says it)
     uid: int = 0  # the user QEMU and its helpers run as: uid, gid, supplementary groups
     gid: int = 0

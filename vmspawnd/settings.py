@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -553,6 +554,24 @@ def config_to_json(config: MachineConfig) -> dict[str, Any]:
         value = s.read(config) if s.read is not None else getattr(config, s.attr or s.key)
         out[s.key] = [s.dump(v) for v in value] if s.repeat else s.dump(value)
     return out
+
+
+def without_secrets(config_json: dict[str, Any]) -> dict[str, Any]:
+    """:func:`config_to_json`'s form with every credential's value left out, still a valid configuration:
+    credentials keep their IDs (``ID:``, empty), SMBIOS strings and kernel command-line words that carry
+    one end after its ID with "…".  What Describe shows and what a run records (run.json)."""
+    kept = dict(config_json)
+    kept["credentials"] = [c.split(":", 1)[0] + ":" for c in kept.get("credentials") or []]
+    kept["smbios11"] = [s.split("=", 1)[0] + "=…" if s.startswith("io.systemd.credential") else s
+                        for s in kept.get("smbios11") or []]
+    if words := kept.get("kernelCommandLine"):  # systemd.set_credential[_binary]=ID:VALUE -> ID:…
+        kept["kernelCommandLine"] = [re.sub(_CMDLINE_CREDENTIAL, r"\1…", w, flags=re.S) for w in words]
+    return kept
+
+
+#: a credential on the kernel's command line, and the rest of its word (a word may hold several
+#: parameters, spaced or quoted: everything after the first credential's ID is left out)
+_CMDLINE_CREDENTIAL = r'((?:^|(?<=\s))"?systemd\.set_credential(?:_binary)?=[^:\s]*:).*'
 
 
 def config_from_json(name: str, data: Any, strict: bool = True) -> MachineConfig:

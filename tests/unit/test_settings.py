@@ -21,7 +21,14 @@ from hypothesis import strategies as st
 from vmspawnd import api, interface
 from vmspawnd.errors import ConfigError
 from vmspawnd.options import config_from_args, vmspawn_parser
-from vmspawnd.settings import JSON_FIELDS, SETTINGS, config_from_json, config_to_json, varlink_config_fields
+from vmspawnd.settings import (
+    JSON_FIELDS,
+    SETTINGS,
+    config_from_json,
+    config_to_json,
+    varlink_config_fields,
+    without_secrets,
+)
 
 ABS = st.lists(st.text(string.ascii_letters + string.digits + "._-", min_size=1, max_size=8), min_size=1,
                max_size=3).map(lambda parts: "/" + "/".join(p for p in parts if p not in (".", "..")) or "/x")
@@ -219,6 +226,33 @@ def test_a_machines_reply_is_what_the_interfaces_types_make_of_it(spelled: Spell
     typed["config"] = {key: value for key, value in typed["config"].items() if value is not None}
     assert api._reply_json(info, shown) == typed
     assert list(api._reply_json(info, shown)) == list(typed)  # (the same order of fields, too)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(machine())
+def test_a_config_without_its_secrets_is_still_valid_and_the_same_but_for_them(spelled: Spelled) -> None:
+    # (what a run records, run.json: a restarted daemon shows it when the machine's definition is gone)
+    config = outcome(lambda: config_from_json("vm", spelled[1]))
+    if isinstance(config, tuple):
+        return
+    full = config_to_json(config)  # type: ignore[arg-type]
+    kept = config_to_json(config_from_json("vm", without_secrets(full)))
+    assert [c.split(":")[0] + ":" for c in full["credentials"]] == kept.pop("credentials")
+    full.pop("credentials")
+    assert kept == full
+
+
+def test_no_credential_value_is_left_where_a_config_can_carry_one() -> None:
+    config = config_from_json("vm", {
+        "linux": "/k", "credentials": [f"a:{base64.b64encode(b'secret-a').decode()}"],
+        "smbios11": ["io.systemd.credential:b=secret-b", "io.systemd.credential.binary:c=c2VjcmV0LWM=", "x=shown"],
+        "kernelCommandLine": ["quiet", "systemd.set_credential=d:secret-d", '"systemd.set_credential_binary=e:c2Vj"']})
+    kept = without_secrets(config_to_json(config))
+    again = config_from_json("vm", kept)
+    assert again.credentials == (("a", b""),)
+    assert again.smbios11 == ("io.systemd.credential:b=…", "io.systemd.credential.binary:c=…", "x=shown")
+    assert kept["kernelCommandLine"] == ["quiet", "systemd.set_credential=d:…", '"systemd.set_credential_binary=e:…']
+    assert "secret" not in str(kept) and "c2Vj" not in str(kept) and "c2VjcmV0LWE" not in str(kept)
 
 
 def test_each_option_is_spelled_once_and_documented() -> None:

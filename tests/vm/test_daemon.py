@@ -645,14 +645,17 @@ def test_a_running_vm_whose_definition_was_removed_by_hand_is_still_listed_and_c
 
 
 def test_a_running_vm_whose_definition_broke_is_still_readopted(daemon, guest):
-    create(daemon, guest, "fragile", "test.action=hang")
+    create(daemon, guest, "fragile", "test.action=hang", "--set-credential=token:hunter2-secret", "--cpus=2")
     assert daemon.ctl("start", "fragile").returncode == 0
     pid = daemon.wait_for("fragile", lambda s: s["ready"])["pid"]
+    record = (daemon.runtime / "machines" / "fragile.run" / "run.json").read_text()
+    assert "hunter2" not in record and "aHVudGVyMi1zZWNyZXQ" not in record  # (a secret is not copied into /run)
     daemon.stop_daemon(signal.SIGKILL)
     (daemon.state / "machines" / "fragile.json").write_text("{ truncated by a full disk")
     daemon.start()
     st = daemon.status("fragile")
     assert st["state"] == "running" and st["pid"] == pid and st["ready"], st  # its run recorded its config
+    assert st["config"]["credentials"] == ["token"] and st["config"]["cpus"] == "2", st["config"]
     assert "cannot be used" in st["definitionError"]
     assert daemon.ctl("kill", "fragile").returncode == 0
     assert process_gone(pid)
