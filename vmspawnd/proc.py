@@ -58,7 +58,7 @@ def has_capability(bit: int, status: Path = Path("/proc/self/status")) -> bool:
 
 def check_socket_path(path: Path, field: str = "runtime-directory") -> None:
     """A unix socket path must fit sun_path."""
-    if len(str(path).encode()) > SUN_PATH_MAX:
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
         raise ConfigError(field, str(path), f"path too long for a unix socket (over {SUN_PATH_MAX} bytes)")
 
 

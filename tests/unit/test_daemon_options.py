@@ -4,6 +4,7 @@ daemon cannot use stops it with an error naming the option, the path and why."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -47,3 +48,13 @@ def test_a_path_the_daemon_cannot_use_is_named_with_its_option(tmp_path, which, 
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert p.returncode == 1 and p.stderr == f"vmspawnd: {said.format(**names)}\n", p
     assert not (tmp_path / names["long"]).exists()  # (nothing made for a socket path that cannot be)
+
+
+def test_a_socket_path_that_is_no_utf8_is_still_checked_and_named(tmp_path):
+    """(A path's bytes need not be UTF-8: measuring its length raised UnicodeEncodeError, a traceback.)"""
+    bad = os.fsencode(tmp_path) + b"/\xff" + b"x" * 120 + b"/d.sock"
+    p = subprocess.run([sys.executable, "-m", "vmspawnd.cli.vmspawnd", b"--socket=" + bad,
+                        f"--state-dir={tmp_path / 'state'}", f"--runtime-dir={tmp_path / 'run'}"],
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 1 and p.stderr.startswith(b"vmspawnd: invalid socket="), p
+    assert p.stderr.endswith(b": path too long for a unix socket (over 107 bytes)\n"), p

@@ -368,3 +368,16 @@ def test_create_errors_name_the_options_it_was_given(daemon, tmp_path):
     assert p.returncode == 1 and f"invalid initrd={tmp_path}: is a directory, not a file" in p.stderr, p.stderr
     p = daemon.ctl("create", "web")  # (no -M NAME from a machine pool to suggest: create looks at no pool)
     assert p.returncode != 0 and "nothing to boot" in p.stderr and "machine pool" not in p.stderr, p.stderr
+
+
+def test_the_address_may_be_spelled_as_a_varlink_address(defined, monkeypatch):
+    p = subprocess.run([*CTL, f"--address=unix:{defined.socket}", "list"], capture_output=True, text=True,
+                       timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0 and "web" in p.stdout, p.stderr
+    monkeypatch.setenv("VMSPAWND_ADDRESS", f"unix:{defined.socket}")
+    p = subprocess.run([*CTL, "list"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0 and "web" in p.stdout, p.stderr
+    p = subprocess.run([*CTL, "--address=tcp:10.0.0.1:4242", "list"], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 2 and "argument --address: expected a socket's path or unix:PATH, got " \
+                                 "'tcp:10.0.0.1:4242' (another host's vmspawnd: -H HOST)" in p.stderr, p.stderr

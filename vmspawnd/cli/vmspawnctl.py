@@ -49,6 +49,21 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 JSON_MODES = ("short", "pretty", "off")
 
 
+#: varlink's address schemes that name no local socket (``unix:PATH`` names one)
+_OTHER_SCHEMES = ("tcp", "exec", "ssh", "ssh-unix", "ssh-exec")
+
+
+def _socket_address(value: str) -> str:
+    """--address: the socket's path, also spelled as a varlink address (``unix:PATH``, as varlinkctl takes it)."""
+    scheme, colon, rest = value.partition(":")
+    if colon and scheme == "unix":
+        return rest
+    if colon and scheme in _OTHER_SCHEMES:
+        raise argparse.ArgumentTypeError(f"expected a socket's path or unix:PATH, got {value!r} (another host's "
+                                         "vmspawnd: -H HOST)")
+    return value
+
+
 def _output_options(suppress: bool) -> argparse.ArgumentParser:
     """Options accepted before and after the command (after it, they override nothing unless given)."""
     default = argparse.SUPPRESS if suppress else None
@@ -75,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 on success, 1 if the daemon refused or failed the request (or cannot be "
                "reached, or ended the events being followed; Ctrl-C ends them with 0), 2 for usage errors.")
     p.add_argument("--version", action="version", version=f"vmspawnctl {__version__}")
-    p.add_argument("--address", metavar="SOCKET", default=os.environ.get("VMSPAWND_ADDRESS", DEFAULT_SOCKET),
-                   help=f"the daemon's varlink socket (default: $VMSPAWND_ADDRESS or {DEFAULT_SOCKET})")
+    p.add_argument("--address", metavar="SOCKET", type=_socket_address,
+                   default=os.environ.get("VMSPAWND_ADDRESS", DEFAULT_SOCKET),
+                   help=f"the daemon's varlink socket, a path or unix:PATH (default: $VMSPAWND_ADDRESS or "
+                        f"{DEFAULT_SOCKET})")
     p.add_argument("-H", "--host", metavar="[USER@]HOST[:PORT]",
                    help="drive the vmspawnd of another host, over ssh (its --address socket there; "
                         "$SYSTEMD_SSH names the ssh command)")

@@ -43,6 +43,7 @@ from asyncvarlink.serviceinterface import VarlinkServiceInterface
 from vmspawnd import __version__, docs_url
 from vmspawnd.errors import WrongState
 from vmspawnd.log import get_logger
+from vmspawnd.proc import SUN_PATH_MAX
 from vmspawnd.server import GuardedServer, ServerLimits, current_connection, serve
 
 log = get_logger()
@@ -51,7 +52,6 @@ INTERFACE = "io.systemd.MachineInstance"
 SOCKET_NAME = "control"
 MAX_CONNECTIONS = 64
 MAX_QUEUED_EVENTS = 256  # a subscriber further behind than this is dropped
-SUN_PATH_MAX = 107
 
 
 class MachineControl(typing.Protocol):
