@@ -88,6 +88,9 @@ class PtyForwarder:
         self._saved_termios: list | None = None
         self._loop = asyncio.get_running_loop()
         self._reading_stdin = False
+        self._stdin_polled = True  # False: a file, read a chunk per turn (epoll refuses files and /dev/null)
+        self._next_read: asyncio.Handle | None = None
+        self._unsent = b""  # input the console did not take yet (we read no more meanwhile)
         self.read_only = read_only or not _readable(stdin)
         self._last_byte = b"\n"
 
@@ -103,18 +106,18 @@ class PtyForwarder:
             tty.setraw(self._stdin, termios.TCSANOW)
             self._copy_window_size()
             self._loop.add_signal_handler(signal.SIGWINCH, self._copy_window_size)
-        self._loop.add_reader(self._stdin, self._pump_input)
-        self._reading_stdin = True
+        self._watch_stdin()
 
     def stop(self) -> None:
         """Drain what the guest wrote, stop forwarding and restore the terminal."""
         self._pump_output(drain=True)
         with contextlib.suppress(Exception):
             self._loop.remove_reader(self._master)
-        if self._reading_stdin:
+        self._unwatch_stdin()
+        if self._unsent:
+            self._unsent = b""
             with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._stdin)
-            self._reading_stdin = False
+                self._loop.remove_writer(self._master)
         if self._saved_termios is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_signal_handler(signal.SIGWINCH)
@@ -168,7 +171,29 @@ class PtyForwarder:
                 return
             view = view[n:]
 
+    def _watch_stdin(self) -> None:
+        """Read standard input as it comes; a file (or /dev/null), which epoll refuses as always readable,
+        a chunk per event-loop turn (and so to its end, where a console carries on read-only)."""
+        try:
+            self._loop.add_reader(self._stdin, self._pump_input)
+        except PermissionError:
+            self._stdin_polled = False
+            self._next_read = self._loop.call_soon(self._pump_input)
+        self._reading_stdin = True
+
+    def _unwatch_stdin(self) -> None:
+        if not self._reading_stdin:
+            return
+        self._reading_stdin = False
+        if self._next_read is not None:
+            self._next_read.cancel()
+            self._next_read = None
+        elif self._stdin_polled:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._stdin)
+
     def _pump_input(self) -> None:
+        self._next_read = None
         try:
             data = os.read(self._stdin, 4096)
         except (BlockingIOError, InterruptedError):
@@ -176,13 +201,34 @@ class PtyForwarder:
         except OSError:
             data = b""
         if not data:  # EOF on stdin: carry on read-only
-            self._loop.remove_reader(self._stdin)
-            self._reading_stdin = False
+            self._unwatch_stdin()
             return
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._master, data)
+        self._unsent = data
+        self._send_input()
         if self._escape.feed(data):
             self._on_escape()
+
+    def _send_input(self) -> None:
+        """Give the console what was read; what it does not take yet waits for it to take more, and
+        standard input is not read meanwhile (a file is not read faster than the guest takes it)."""
+        try:
+            sent = os.write(self._master, self._unsent)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:  # the console is gone: its hang-up ends the forwarding
+            sent = len(self._unsent)
+        self._unsent = self._unsent[sent:]
+        if self._unsent:
+            if self._reading_stdin:
+                self._unwatch_stdin()
+                self._loop.add_writer(self._master, self._send_input)
+            return
+        if not self._reading_stdin:  # (the console took what waited: read on)
+            with contextlib.suppress(Exception):
+                self._loop.remove_writer(self._master)
+            self._watch_stdin()
+        elif not self._stdin_polled:
+            self._next_read = self._loop.call_soon(self._pump_input)
 
     def _copy_window_size(self) -> None:
         for fd in (self._stdin, self._stdout):

@@ -2,6 +2,7 @@
 """Console forwarding: Ctrl-] three times within one second kills the VM, two do nothing; a flooding guest
 never holds up the event loop."""
 
+import contextlib
 import os
 
 import pytest
@@ -122,3 +123,43 @@ async def test_stopping_forwards_what_the_guest_wrote_last_but_ends_while_it_flo
         pty.close()
         os.close(null)
         os.close(devnull)
+
+
+@pytest.mark.parametrize("given", [b"", b"date\n" + bytes(range(1, 29)) + b"\n" * 3 + os.urandom(300_000)],
+                         ids=["/dev/null", "a file"])
+async def test_standard_input_from_a_file_or_dev_null_is_forwarded_at_the_pace_of_the_console(tmp_path, given):
+    """(epoll refuses files and /dev/null: the forwarder failed to start, so `vmspawnctl console VM </dev/null`
+    could not show a console; input the console did not take at once was dropped.)"""
+    import asyncio
+
+    from vmspawnd.ptyfwd import Pty, PtyForwarder
+
+    given = given.replace(b"\x1d", b"")  # (Ctrl-] thrice would detach)
+    source = tmp_path / "input"
+    source.write_bytes(given)
+    pty = Pty()
+    stdin = os.open(source if given else os.devnull, os.O_RDONLY)
+    out_r, out_w = os.pipe()
+    os.set_blocking(out_r, False)
+    forwarder = PtyForwarder(pty.master, read_only=False, on_escape=lambda: None, stdin=stdin, stdout=out_w)
+    slave = os.open(pty.slave_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    loop = asyncio.get_running_loop()
+    try:
+        forwarder.start()
+        received = bytearray()
+        deadline = loop.time() + 30
+        while loop.time() < deadline:
+            await asyncio.sleep(0.05 if len(received) == len(given) else 0.001)  # the guest reads slowly
+            with contextlib.suppress(BlockingIOError):
+                received += os.read(slave, 1024)
+            if len(received) == len(given):
+                os.write(slave, b"guest output\r\n")  # the guest's output still reaches us
+                await asyncio.sleep(0.2)
+                break
+        assert bytes(received) == given  # all of it, in order, nothing dropped while the console was full
+        assert b"guest output" in os.read(out_r, 4096)
+    finally:
+        forwarder.stop()
+        for fd in (slave, stdin, out_r, out_w):
+            os.close(fd)
+        pty.close()

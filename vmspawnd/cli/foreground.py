@@ -184,7 +184,7 @@ async def run(config: MachineConfig, background: str | None = None, plan: Launch
                                  tint=tint, title=title)
         try:
             forwarder.start()
-        except OSError as e:  # e.g. a standard input the event loop cannot watch
+        except OSError as e:  # e.g. a terminal whose modes cannot be set
             print(f"vmspawn: cannot forward the console: {e}", file=sys.stderr)
             with contextlib.suppress(WrongState):
                 await machine.kill()

@@ -13,6 +13,7 @@ import os
 import pwd
 import select
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -314,17 +315,26 @@ async def _console(proxy: Any, name: str) -> int:
     fwd = PtyForwarder(fd, read_only=False, on_escape=detach, on_hangup=detach)
     try:
         fwd.start()
-    except OSError as e:  # e.g. a standard input the event loop cannot watch (/dev/null, a file)
+    except OSError as e:  # e.g. a terminal whose modes cannot be set
         fwd.stop()
         os.close(fd)
         print(f"vmspawnctl: cannot forward the console of {name}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(f"░ Attached to {name}. Press Ctrl-] three times within 1s to detach.", file=sys.stderr)
+    for signum in DETACHING_SIGNALS:
+        loop.add_signal_handler(signum, detach)
     try:
         return await done
     finally:
+        for signum in DETACHING_SIGNALS:
+            loop.remove_signal_handler(signum)
         fwd.stop()
         os.close(fd)
+
+
+#: what detaches a console as Ctrl-] thrice does, the terminal restored (in raw mode Ctrl-C is the guest's:
+#: these come from kill, or from a terminal that went away)
+DETACHING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 #: Run on the remote host (by its python3, which vmspawnd needs anyway): relay stdin/stdout to and
