@@ -377,7 +377,8 @@ def test_the_address_may_be_spelled_as_a_varlink_address(defined, monkeypatch):
     monkeypatch.setenv("VMSPAWND_ADDRESS", f"unix:{defined.socket}")
     p = subprocess.run([*CTL, "list"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert p.returncode == 0 and "web" in p.stdout, p.stderr
-    p = subprocess.run([*CTL, "--address=tcp:10.0.0.1:4242", "list"], capture_output=True, text=True, timeout=60,
-                       stdin=subprocess.DEVNULL)
-    assert p.returncode == 2 and "argument --address: expected a socket's path or unix:PATH, got " \
-                                 "'tcp:10.0.0.1:4242' (another host's vmspawnd: -H HOST)" in p.stderr, p.stderr
+    for bad in ("tcp:10.0.0.1:4242", "unix:", ""):
+        p = subprocess.run([*CTL, f"--address={bad}", "list"], capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        assert p.returncode == 2 and "argument --address: expected a socket's path or unix:PATH, got " \
+                                     f"'{bad}' (another host's vmspawnd: -H HOST)" in p.stderr, p.stderr

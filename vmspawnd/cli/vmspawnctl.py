@@ -57,9 +57,9 @@ _OTHER_SCHEMES = ("tcp", "exec", "ssh", "ssh-unix", "ssh-exec")
 def _socket_address(value: str) -> str:
     """--address: the socket's path, also spelled as a varlink address (``unix:PATH``, as varlinkctl takes it)."""
     scheme, colon, rest = value.partition(":")
-    if colon and scheme == "unix":
+    if colon and scheme == "unix" and rest:
         return rest
-    if colon and scheme in _OTHER_SCHEMES:
+    if not value or (colon and scheme in ("unix", *_OTHER_SCHEMES)):
         raise argparse.ArgumentTypeError(f"expected a socket's path or unix:PATH, got {value!r} (another host's "
                                          "vmspawnd: -H HOST)")
     return value
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                "reached, or ended the events being followed; Ctrl-C ends them with 0), 2 for usage errors.")
     p.add_argument("--version", action="version", version=f"vmspawnctl {__version__}")
     p.add_argument("--address", metavar="SOCKET", type=_socket_address,
-                   default=os.environ.get("VMSPAWND_ADDRESS", DEFAULT_SOCKET),
+                   default=os.environ.get("VMSPAWND_ADDRESS") or DEFAULT_SOCKET,
                    help=f"the daemon's varlink socket, a path or unix:PATH (default: $VMSPAWND_ADDRESS or "
                         f"{DEFAULT_SOCKET})")
     p.add_argument("-H", "--host", metavar="[USER@]HOST[:PORT]",
