@@ -331,8 +331,9 @@ def test_explicit_descriptor_path(debian_dir, monkeypatch, pe_kernel):
     with pytest.raises(ConfigError, match="combined"):
         resolve_firmware("./c.json")
     write(debian_dir, "bad.json", "{")
-    with pytest.raises(ConfigError, match="malformed"):
+    with capture_logs() as logs, pytest.raises(ConfigError, match="malformed"):
         resolve_firmware("./bad.json")
+    assert not logs  # (the error says it: no "skipping" warning for the file named, which is not skipped)
 
 
 # --------------------------------------------------------------------------------------------

@@ -191,12 +191,11 @@ def parse_descriptor(path: Path, data: Any) -> Descriptor:
 
 
 def load_descriptor(path: Path) -> Descriptor:
-    """Parse one descriptor; a malformed one is returned with ``valid=False`` and a warning."""
+    """Parse one descriptor; a malformed one is returned with ``valid=False`` and the problem."""
     try:
         return parse_descriptor(path, json.loads(path.read_bytes(), object_pairs_hook=_no_duplicate_keys))
     except (OSError, ValueError) as e:
         problem = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        log.warning("skipping malformed firmware descriptor", path=str(path), error=problem)
         return Descriptor(path=path, valid=False, problem=problem)
 
 
@@ -232,7 +231,11 @@ def enumerate_descriptors(dirs: list[Path] | None = None) -> list[Descriptor]:
                 chosen[entry.name] = None
             elif entry.is_file():  # regular files (or links to one); not dirs, not dangling links
                 chosen[entry.name] = entry
-    return [load_descriptor(p) for _, p in sorted(chosen.items()) if p is not None]
+    found = [load_descriptor(p) for _, p in sorted(chosen.items()) if p is not None]
+    for descriptor in found:
+        if not descriptor.valid:  # (one named by --firmware= is an error instead: _load_explicit)
+            log.warning("skipping malformed firmware descriptor", path=str(descriptor.path), error=descriptor.problem)
+    return found
 
 
 # --------------------------------------------------------------------------------------------
