@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                             add_help=False)
     create.add_argument("rest", nargs=argparse.REMAINDER)
     for cmd, text in [("start", "start a machine"), ("remove", "forget a stopped machine"),
-                      ("status", "show one machine"), ("console", "attach to a machine's console")]:
+                      ("status", "show one machine"),
+                      ("console", "attach to a machine's console until Ctrl-] is pressed three times within 1s "
+                                  "(or SIGTERM); standard input may be a file, typed in as the guest reads it")]:
         sub.add_parser(cmd, help=text, parents=common).add_argument("name", metavar="NAME")
     stop = sub.add_parser("stop", help="power a machine off (ACPI), forced after --timeout", parents=common)
     stop.add_argument("name", metavar="NAME")
