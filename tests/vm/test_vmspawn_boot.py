@@ -125,10 +125,13 @@ def test_sigterm_mid_boot_leaves_nothing_behind(vmspawn):
     assert_clean(run)
 
 
-def test_sigterm_powers_off_a_guest_that_listens_to_the_power_button(vmspawn):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_powers_off_a_guest_that_listens_to_the_power_button(vmspawn, signum):
+    """(SIGHUP, a terminal that went away, killed vmspawn, and with it its QEMU: the guest had no time
+    to shut down.)"""
     run = vmspawn("test.notify=1", "test.action=acpi", "test.exit=5", name="acpi")
     assert run.notify.wait_for("READY=1", 60), run.notify.lines()
-    run.proc.send_signal(signal.SIGTERM)
+    run.proc.send_signal(signum)
     assert run.wait(timeout=30) == 5, run.text  # the guest powered off by itself and said so
     assert "power button pressed" in run.text or "exit status 5" in run.text
     assert_clean(run)

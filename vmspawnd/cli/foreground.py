@@ -159,7 +159,7 @@ async def run(config: MachineConfig, background: str | None = None, plan: Launch
         elif machine.state in (State.RUNNING, State.STOPPING):
             command(machine.kill())
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # (SIGHUP: its terminal went away)
         loop.add_signal_handler(sig, on_signal, sig.name)
 
     if not config.quiet and config.console is not ConsoleMode.GUI:
