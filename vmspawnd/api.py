@@ -13,6 +13,7 @@ from asyncvarlink import FileDescriptor, GenericVarlinkErrorReply, LastResult, T
 from asyncvarlink.conversion import VarlinkType
 
 from vmspawnd.auth import caller, require_owner, require_start, run_as_for
+from vmspawnd.config import MachineConfig
 from vmspawnd.console import MAX_VIEWERS
 from vmspawnd.errors import (
     ConfigError,
@@ -47,7 +48,7 @@ from vmspawnd.manager import Entry, Event, Manager
 from vmspawnd.plan import needs_privileges
 from vmspawnd.qemu.firmware import enumerate_descriptors
 from vmspawnd.server import EncodedJson, EncodedReplyType, PreconvertedDataclass, current_connection
-from vmspawnd.settings import config_from_json, config_to_json, without_secrets
+from vmspawnd.settings import config_from_json, config_to_json
 from vmspawnd.values import valid_signal, validate_machine_name
 
 MAX_STOP_TIMEOUT = 3600.0
@@ -93,9 +94,9 @@ def typed_errors(name: str = "", *, start: bool = False) -> collections.abc.Iter
         raise varlink_error(e, name) from None
 
 
-def _shown_config(config_json: dict[str, typing.Any]) -> dict[str, typing.Any]:
+def _shown_config(config: MachineConfig) -> dict[str, typing.Any]:
     """The config as Describe shows it: credential values are never sent back, only their IDs."""
-    shown = without_secrets(config_json)
+    shown = config_to_json(config, secrets=False)
     shown["credentials"] = [c.removesuffix(":") for c in shown["credentials"]]
     return shown
 
@@ -132,7 +133,7 @@ def machine_info(name: str, entry: Entry) -> MachineInfo:
     cached = entry.shown_reply
     if cached is not None and cached[0] == key:
         return cached[1]
-    shown = _shown_config(config_to_json(entry.config))
+    shown = _shown_config(entry.config)
     info = MachineInfo(**{**dict(zip(_FIELDS, key, strict=True)), "config": Config(**shown)})
     info.varlink_json = EncodedJson(_reply_json(info, shown))
     entry.shown_reply = (key, info)

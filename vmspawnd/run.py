@@ -81,7 +81,7 @@ from vmspawnd.services.runner import (
 )
 from vmspawnd.services.setup import TPM, AuxServiceError, AuxServices, start_aux_services
 from vmspawnd.services.swtpm import logged_errors, state_unusable
-from vmspawnd.settings import config_to_json, without_secrets
+from vmspawnd.settings import config_to_json
 from vmspawnd.snapshot import EphemeralCopy, SnapshotError
 from vmspawnd.spares import Spares
 from vmspawnd.systemd.fdstore import FdStore, notify_name, output_name
@@ -259,7 +259,7 @@ class Run:
         self._durable.callback(self.runtime.remove_files)
         pid = self.qemu.pid if self.qemu is not None else 0  # (0 until QEMU is spawned)
         self._record = RunRecord(pid=pid, starttime=process_start_time(pid) if pid else None,
-                                 config=without_secrets(config_to_json(config)), name=config.name,
+                                 config=config_to_json(config, secrets=False), name=config.name,
                                  uid=self.identity.uid, gid=self.identity.gid, groups=list(self.identity.groups))
         self._save(required=True)
         run_config = await self._ephemeral_copy()

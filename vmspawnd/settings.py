@@ -542,8 +542,11 @@ def config_from_namespace(ns: argparse.Namespace, name: str) -> MachineConfig:
 
 
 # ----------------------------------------------------------------------------- JSON
-def config_to_json(config: MachineConfig) -> dict[str, Any]:
-    """The JSON form (camelCase keys, plain values; the machine's name is kept outside it)."""
+def config_to_json(config: MachineConfig, secrets: bool = True) -> dict[str, Any]:
+    """The JSON form (camelCase keys, plain values; the machine's name is kept outside it).  Without
+    ``secrets`` every credential's value is left out, and it is still a valid configuration: credentials
+    keep their IDs (``ID:``, empty), SMBIOS strings and kernel command-line words that carry one end after
+    its ID with "…".  (What Describe shows, and what a run records in run.json.)"""
     out: dict[str, Any] = {}
     for s in SETTINGS:
         if not s.json:
@@ -552,21 +555,15 @@ def config_to_json(config: MachineConfig) -> dict[str, Any]:
             out[s.key] = None
             continue
         value = s.read(config) if s.read is not None else getattr(config, s.attr or s.key)
+        if not secrets and s.key == "credentials":  # (not encoded, up to 2 MiB each, to be dropped)
+            value = [(cred_id, b"") for cred_id, _ in value]
         out[s.key] = [s.dump(v) for v in value] if s.repeat else s.dump(value)
+    if not secrets:
+        out["smbios11"] = [text.split("=", 1)[0] + "=…" if text.startswith("io.systemd.credential") else text
+                           for text in out["smbios11"]]
+        out["kernelCommandLine"] = [re.sub(_CMDLINE_CREDENTIAL, r"\1…", w, flags=re.S)  # ID:VALUE -> ID:…
+                                    for w in out["kernelCommandLine"]]
     return out
-
-
-def without_secrets(config_json: dict[str, Any]) -> dict[str, Any]:
-    """:func:`config_to_json`'s form with every credential's value left out, still a valid configuration:
-    credentials keep their IDs (``ID:``, empty), SMBIOS strings and kernel command-line words that carry
-    one end after its ID with "…".  What Describe shows and what a run records (run.json)."""
-    kept = dict(config_json)
-    kept["credentials"] = [c.split(":", 1)[0] + ":" for c in kept.get("credentials") or []]
-    kept["smbios11"] = [s.split("=", 1)[0] + "=…" if s.startswith("io.systemd.credential") else s
-                        for s in kept.get("smbios11") or []]
-    if words := kept.get("kernelCommandLine"):  # systemd.set_credential[_binary]=ID:VALUE -> ID:…
-        kept["kernelCommandLine"] = [re.sub(_CMDLINE_CREDENTIAL, r"\1…", w, flags=re.S) for w in words]
-    return kept
 
 
 #: a credential on the kernel's command line, and the rest of its word (a word may hold several
