@@ -163,3 +163,36 @@ async def test_standard_input_from_a_file_or_dev_null_is_forwarded_at_the_pace_o
         for fd in (slave, stdin, out_r, out_w):
             os.close(fd)
         pty.close()
+
+
+async def test_a_paste_bigger_than_the_console_takes_at_once_arrives_whole() -> None:
+    """(Input the console did not take at once was dropped: a long paste into a terminal lost its middle.)"""
+    import asyncio
+
+    from vmspawnd.ptyfwd import Pty, PtyForwarder
+
+    pasted = bytes(range(32, 127)) * 2000  # 190 kB, no Ctrl-]
+    pty, terminal = Pty(), Pty()  # the console, and the user's terminal (our standard input is its slave)
+    terminal_in = os.open(terminal.slave_path, os.O_RDWR | os.O_NOCTTY)
+    out_r, out_w = os.pipe()
+    forwarder = PtyForwarder(pty.master, read_only=False, on_escape=lambda: None, stdin=terminal_in, stdout=out_w)
+    guest = os.open(pty.slave_path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    loop = asyncio.get_running_loop()
+    try:
+        forwarder.start()  # (puts the terminal in raw mode: the paste arrives as it is)
+        typed, received = 0, bytearray()
+        deadline = loop.time() + 30
+        while len(received) < len(pasted) and loop.time() < deadline:
+            if typed < len(pasted):
+                with contextlib.suppress(BlockingIOError):
+                    typed += os.write(terminal.master, pasted[typed:typed + 8192])
+            await asyncio.sleep(0.001)
+            with contextlib.suppress(BlockingIOError):
+                received += os.read(guest, 512)  # the guest reads slowly
+        assert bytes(received) == pasted
+    finally:
+        forwarder.stop()
+        for fd in (guest, terminal_in, out_r, out_w):
+            os.close(fd)
+        pty.close()
+        terminal.close()
