@@ -381,8 +381,33 @@ def test_a_console_takes_its_input_from_a_file_or_dev_null_and_detaches_on_sigte
             console.send_signal(signal.SIGTERM)
             stderr = console.communicate(timeout=30)[1].decode()
         assert console.returncode == 0 and "Traceback" not in stderr, stderr
+        assert "read-only" not in stderr, stderr
     assert daemon.status("typed")["state"] == "running"  # (detached, not killed)
     assert daemon.ctl("kill", "typed").returncode == 0
+
+
+def test_attaching_to_a_read_only_console_says_that_typing_does_nothing(daemon, guest):
+    create(daemon, guest, "shown", "test.action=shell", console="read-only")
+    assert daemon.ctl("start", "shown").returncode == 0
+    daemon.wait_for("shown", lambda s: s["ready"])
+    console = subprocess.Popen([*daemon.ctl_argv(), "console", "shown"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert console.stdout is not None and console.stdin is not None
+        seen = b""
+        while b"TESTGUEST" not in seen and (chunk := console.stdout.read1(65536)):  # (its scrollback)
+            seen += chunk
+        assert b"TESTGUEST" in seen, seen
+        console.stdin.write(b"echo typed-$((6*7))\n")
+        console.stdin.flush()
+        time.sleep(3)
+    finally:
+        console.send_signal(signal.SIGTERM)
+        out, err = console.communicate(timeout=30)
+    assert console.returncode == 0 and "░ Attached to shown (a read-only console: what is typed is not passed " \
+                                      "on)." in err.decode(), err
+    assert b"typed-42" not in out
+    assert daemon.ctl("kill", "shown").returncode == 0
 
 
 def test_console_is_handed_over_as_a_pty_by_fd_passing(daemon, guest):

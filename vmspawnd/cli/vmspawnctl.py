@@ -305,6 +305,7 @@ CONTROLS = {"reboot": ("Reboot", "Rebooted"), "pause": ("Pause", "Paused"), "res
 
 
 async def _console(proxy: Any, name: str) -> int:
+    read_only = (await proxy.Describe(name=name))["machine"].config.console == "read-only"
     with await proxy.OpenConsole(name=name) as reply:
         fd = os.dup(reply["fileDescriptor"].fileno())
     loop = asyncio.get_running_loop()
@@ -322,7 +323,8 @@ async def _console(proxy: Any, name: str) -> int:
         os.close(fd)
         print(f"vmspawnctl: cannot forward the console of {name}: {e.strerror or e}", file=sys.stderr)
         return 1
-    print(f"░ Attached to {name}. Press Ctrl-] three times within 1s to detach.", file=sys.stderr)
+    what = " (a read-only console: what is typed is not passed on)" if read_only else ""
+    print(f"░ Attached to {name}{what}. Press Ctrl-] three times within 1s to detach.", file=sys.stderr)
     for signum in DETACHING_SIGNALS:
         loop.add_signal_handler(signum, detach)
     try:
