@@ -132,8 +132,9 @@ def vmspawn_parser() -> OptionParser:
         prog="vmspawn",
         usage=USAGE,
         description="Spawn a virtual machine with QEMU, the systemd-vmspawn way.",
-        epilog="Exit status: the guest's EXIT_STATUS= if it sent one, 0 after a clean power-off, "
-               "1 on setup errors or when QEMU was killed.",
+        epilog="SIGTERM, SIGINT and SIGHUP ask the guest to power off (ACPI), forced after 10 s; a second "
+               "one forces it at once.  Exit status: the guest's EXIT_STATUS= if it sent one, 0 after a clean "
+               "power-off, 1 on setup errors or when QEMU was killed or forced off.",
     )
     parser.add_argument("--version", action="version", version=f"vmspawn {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true",
