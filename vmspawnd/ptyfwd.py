@@ -215,8 +215,12 @@ class PtyForwarder:
             sent = os.write(self._master, self._unsent)
         except (BlockingIOError, InterruptedError):
             sent = 0
-        except OSError:  # the console is gone: its hang-up ends the forwarding
-            sent = len(self._unsent)
+        except OSError:  # the console is gone (its hang-up ends the forwarding): nothing more is read for it
+            self._unsent = b""
+            self._unwatch_stdin()
+            with contextlib.suppress(Exception):
+                self._loop.remove_writer(self._master)
+            return
         self._unsent = self._unsent[sent:]
         if self._unsent:
             if self._reading_stdin:

@@ -196,3 +196,28 @@ async def test_a_paste_bigger_than_the_console_takes_at_once_arrives_whole() -> 
             os.close(fd)
         pty.close()
         terminal.close()
+
+
+async def test_a_file_is_not_read_on_into_a_console_that_is_gone(tmp_path) -> None:
+    """(Each chunk of the file was read and thrown away, to its end: `</dev/zero` never stopped.)"""
+    import asyncio
+    import socket
+
+    from vmspawnd.ptyfwd import PtyForwarder
+
+    source = tmp_path / "input"
+    source.write_bytes(b"x" * (8 << 20))
+    console, gone = socket.socketpair()
+    gone.close()  # (a write to it fails: EPIPE)
+    stdin = os.open(source, os.O_RDONLY)
+    out = os.open(os.devnull, os.O_WRONLY)
+    forwarder = PtyForwarder(console.fileno(), read_only=False, on_escape=lambda: None, stdin=stdin, stdout=out)
+    try:
+        forwarder.start()
+        await asyncio.sleep(0.3)
+        assert os.lseek(stdin, 0, os.SEEK_CUR) <= 4096  # the first chunk, and no more
+    finally:
+        forwarder.stop()
+        for fd in (stdin, out):
+            os.close(fd)
+        console.close()

@@ -369,6 +369,8 @@ def test_a_console_takes_its_input_from_a_file_or_dev_null_and_detaches_on_sigte
     daemon.wait_for("typed", lambda s: s["ready"])
     typed = tmp_path / "typed"
     typed.write_text("echo marker-$((6*7))\n")
+    daemon_fds = Path(f"/proc/{daemon.proc.pid}/fd")
+    baseline = len(list(daemon_fds.iterdir()))
     for source in (typed, Path(os.devnull)):
         out = tmp_path / f"out-{source.name}"
         with source.open("rb") as stdin, out.open("wb") as stdout:
@@ -382,6 +384,7 @@ def test_a_console_takes_its_input_from_a_file_or_dev_null_and_detaches_on_sigte
             stderr = console.communicate(timeout=30)[1].decode()
         assert console.returncode == 0 and "Traceback" not in stderr, stderr
         assert "read-only" not in stderr, stderr
+        poll(lambda: len(list(daemon_fds.iterdir())), lambda n: n <= baseline, 40)  # the viewer let go of
     assert daemon.status("typed")["state"] == "running"  # (detached, not killed)
     assert daemon.ctl("kill", "typed").returncode == 0
 
