@@ -80,7 +80,7 @@ from vmspawnd.services.runner import (
     describe_status,
 )
 from vmspawnd.services.setup import TPM, AuxServiceError, AuxServices, start_aux_services
-from vmspawnd.services.swtpm import logged_errors, state_unusable
+from vmspawnd.services.swtpm import failed_to_start, logged_errors, state_unusable
 from vmspawnd.settings import config_to_json
 from vmspawnd.snapshot import EphemeralCopy, SnapshotError
 from vmspawnd.spares import Spares
@@ -102,6 +102,7 @@ log = get_logger()
 
 NOTIFY_GRACE = 0.5  # at most this long after QEMU exits, for what the guest wrote just before power-off
 HELPER_GRACE = 1.0  # a helper ending within this long after QEMU is QEMU's doing, not a failure
+TPM_END_GRACE = 0.25  # s a swtpm that failed QEMU's start has for its end to reach us (a unit's: over D-Bus)
 KILL_GRACE = 5.0  # QMP quit, then SIGKILL
 REGISTER_RETRY = 2.0  # seconds between attempts to register with a machined that was not reachable
 
@@ -584,12 +585,23 @@ class Run:
                 await self._output.ended(1.0)
                 lines = [line for line in self._output.last if line.strip()]
             said = ": " + " / ".join(lines) if lines else ""
-            unusable = (state_unusable(self._tpm, self.tpm_state_path)
-                        if self._tpm is not None and self.tpm_state_path is not None else None)
-            if unusable is not None:  # (QEMU said only that its CMD_INIT failed)
+            unusable = await self._tpm_failure()
+            if unusable is not None:  # (QEMU said only that its CMD_INIT failed, or that it found no TPM)
                 self._quoted = self._tpm
                 raise StartError(unusable) from e
             raise StartError(f"QEMU did not come up (exit status {rc}){said}") from e
+
+    async def _tpm_failure(self) -> str | None:
+        """Why the TPM failed QEMU's start, if it did: a state swtpm cannot use, or a swtpm that ended
+        with an error (it is socket-activated: QEMU found that out, not us; its end may reach us a
+        moment after QEMU's)."""
+        if self._tpm is None:
+            return None
+        if self.tpm_state_path is not None and (unusable := state_unusable(self._tpm, self.tpm_state_path)):
+            return unusable
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._tpm.wait(), TPM_END_GRACE)
+        return failed_to_start(self._tpm)
 
     async def _serve_control(self) -> None:
         """The VM's ``io.systemd.MachineInstance`` socket (machinectl poweroff/reboot… on systemd ≥ 261), in

@@ -168,7 +168,7 @@ def test_tpm_enabled_when_installed():
 def test_swtpm_and_qemu_tpm_args():
     argv = swtpm.swtpm_argv(Path("/usr/bin/swtpm"), Path("/s/tpm"), Path("/run/vm/tpm.sock"))
     assert argv == ["/usr/bin/swtpm", "socket", "--tpm2", "--tpmstate", "dir=/s/tpm",
-                    "--ctrl", "type=unixio,path=/run/vm/tpm.sock", "--terminate", "--log", "file=/run/vm/tpm.log"]
+                    "--ctrl", "type=unixio,fd=0", "--terminate", "--log", "file=/run/vm/tpm.log"]
     with pytest.raises(ConfigError) as e:  # swtpm's option parser has no escape for ','
         swtpm.swtpm_argv(Path("/usr/bin/swtpm"), Path("/s/a,b.raw.tpmstate"), Path("/run/tpm.sock"))
     assert e.value.field == "tpm-state"
@@ -334,6 +334,8 @@ def test_service_spec_validation():
     with pytest.raises(ValueError):
         ServiceSpec(name="x.service", argv=("/bin/true",))
     assert ServiceSpec(name="x", argv=["/bin/true"]).argv == ("/bin/true",)
+    with pytest.raises(ValueError, match="ready at once"):  # (the runner makes its socket: nothing to wait for)
+        ServiceSpec(name="x", argv=("/bin/true",), listen_on=Path("/run/s.sock"), ready_path=Path("/run/s.sock"))
 
 
 def test_transient_unit_properties_signatures():
@@ -353,6 +355,11 @@ def test_transient_unit_properties_signatures():
                   signature="ssa(sv)a(sa(sv))", body=["vmspawnd-vm1-tpm.service", "fail",
                                                       transient_unit_properties(spec), []])
     assert len(msg._marshall(False)) > 100
+    # a socket-activated helper: its socket is the call's first descriptor, as the helper's standard input
+    activated = ServiceSpec(name="x", argv=("/bin/true",), listen_on=Path("/run/s.sock"))
+    props = dict(transient_unit_properties(activated))
+    assert (props["StandardInputFileDescriptor"].signature, props["StandardInputFileDescriptor"].value) == ("h", 0)
+    assert (props["StandardOutput"].value, props["StandardError"].value) == ("journal", "journal")
 
 
 async def test_choose_runner_without_systemd_is_child_runner(tmp_path, monkeypatch):
@@ -589,6 +596,52 @@ async def test_detach_leaves_the_helper_running(runner, tmp):
     assert not gone(service.pid)
     os.killpg(service.pid, signal.SIGKILL)
     os.waitpid(service.pid, 0)
+
+
+#: a socket-activated helper: comes up slowly (sleeps argv[1] s), says so (creates the file argv[2]),
+#: then answers one connection to its standard input (the listening socket) with what it read, upper-cased
+ACTIVATED = ("import socket, sys, time; time.sleep(float(sys.argv[1])); open(sys.argv[2], 'w').close(); "
+             "c, _ = socket.socket(fileno=0).accept(); c.sendall(c.recv(64).upper())")
+
+
+def ask(sock: Path, what: bytes) -> bytes:
+    """Connect to ``sock``, send ``what`` at once, and return the answer (as QEMU talks to its swtpm)."""
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(10)
+        client.connect(str(sock))
+        client.sendall(what)
+        return client.recv(64)
+
+
+async def test_a_socket_activated_helper_is_ready_at_once_and_answers_what_waited_for_it(runner, tmp):
+    sock, up = tmp / "a.sock", tmp / "up"
+    sock.write_bytes(b"")  # (not a socket: refused, and left)
+    spec = ServiceSpec(name="vmspawnd-vm1-activated", argv=(sys.executable, "-c", ACTIVATED, "1", str(up)),
+                       listen_on=sock)
+    with pytest.raises(ServiceError, match="exists and is not a socket"):
+        await runner.start(spec)
+    sock.unlink()
+    for _ in range(2):  # (the second time over the socket the first left)
+        service = await runner.start(spec)
+        assert not up.exists()  # the start did not wait for the helper to come up
+        assert stat.S_ISSOCK(sock.lstat().st_mode) and stat.S_IMODE(sock.lstat().st_mode) == 0o600
+        assert await asyncio.to_thread(ask, sock, b"hello") == b"HELLO"  # (sent before it listened)
+        assert up.exists() and await asyncio.wait_for(service.wait(), 10) == 0
+        with pytest.raises(ConnectionRefusedError):  # only the helper held the socket: it went with it
+            ask(sock, b"again")
+        up.unlink()
+
+
+async def test_a_socket_activated_swtpm_that_ended_with_an_error_is_named_with_what_it_logged(runner, tmp):
+    log_file = tmp / "tpm.log"
+    ends = f"open({str(log_file)!r}, 'w').write('cannot open the state\\n'); raise SystemExit(3)"
+    service = await runner.start(ServiceSpec(name="vmspawnd-vm1-tpm", argv=(sys.executable, "-c", ends),
+                                             listen_on=tmp / "tpm.sock", log_path=log_file))
+    assert await asyncio.wait_for(service.wait(), 10) == 3
+    assert swtpm.failed_to_start(service) == ("vmspawnd-vm1-tpm ended (exit status 3) before QEMU could use the "
+                                              "TPM (swtpm said: cannot open the state)")
+    clean = await runner.start(ServiceSpec(name="vmspawnd-vm1-tpm", argv=("/bin/true",), listen_on=tmp / "tpm.sock"))
+    assert await asyncio.wait_for(clean.wait(), 10) == 0 and swtpm.failed_to_start(clean) is None
 
 
 # ============================================================================ UnitRunner vs a fake systemd

@@ -7,14 +7,17 @@ One small interface, :class:`ServiceRunner`, with two implementations picked at 
 * :class:`UnitRunner` asks systemd (``StartTransientUnit`` over D-Bus, dbus-fast) to run the
   helper as ``<name>.service``, bound to the VM's unit.  A transient unit runs in PID 1's mount
   namespace and environment, so argv[0] must be absolute and every path must be visible to
-  PID 1.  File descriptors cannot be handed to it this simple way: helpers must create their
-  own sockets (swtpm ``--ctrl type=unixio,path=``, virtiofsd ``--socket-path=``), which both do.
+  PID 1.  The one file descriptor it can be handed is its standard input (below).
 * :class:`ChildRunner` forks the helper as our own child (own session, stdin /dev/null,
   optional parent-death signal) and watches it through a pidfd.
 
 Both wait until the helper is ready — its ``ready_path`` socket exists — and fail fast, with
 the exit status (and the last lines of its log file, if it has one, and for children of its output),
-if it dies first.
+if it dies first.  A helper that can take its listening socket ready-made (swtpm's ``fd=``) is
+*socket-activated* instead (``listen_on``): the runner binds the socket and hands it over as the
+helper's standard input, so the helper is ready at once.  QEMU, started meanwhile, connects at
+once too, and its first request waits in the socket until the helper has come up and reads it:
+the two start side by side rather than one after the other (swtpm takes ≈ 3 ms to listen here).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import contextlib
 import errno
 import os
 import signal
+import socket
 import stat
 import subprocess
 from collections.abc import Sequence
@@ -60,6 +64,7 @@ UNIT_RECHECK_INTERVAL = 5.0  # a helper unit's state is read at each change syst
 UNIT_GONE_ERRORS = ("org.freedesktop.DBus.Error.UnknownObject", "org.freedesktop.systemd1.NoSuchUnit")
 UNIT_TROUBLE_GRACE = 120.0  # seconds of D-Bus errors before we give up watching a unit
 RUNNER_ENV = "VMSPAWND_SERVICE_RUNNER"  # "child" or "unit": skip the detection
+LISTEN_BACKLOG = 16  # connections a socket-activated helper's socket holds before it accepts (QEMU makes one)
 
 CLD_EXITED = 1
 
@@ -87,6 +92,7 @@ class ServiceSpec:
     description: str = ""
     bound_to: str | None = None  # the VM's unit (BindsTo=/After=), transient units only
     ready_path: Path | None = None  # a socket the helper creates once it is ready
+    listen_on: Path | None = None  # socket activation: a socket the runner makes, the helper's standard input
     ready_timeout: float = DEFAULT_READY_TIMEOUT
     env: dict[str, str] = field(default_factory=dict)  # extra environment
     identity: Identity = ROOT  # the user it runs as (the VM's)
@@ -99,6 +105,8 @@ class ServiceSpec:
             raise ValueError(f"{self.name}: argv[0] must be an absolute path, got {self.argv[:1]}")
         if not self.name or "/" in self.name or self.name.endswith(".service"):
             raise ValueError(f"invalid service name {self.name!r}")
+        if self.listen_on is not None and self.ready_path is not None:
+            raise ValueError(f"{self.name}: a socket-activated helper is ready at once (no ready_path)")
 
 
 def describe_status(status: int | None) -> str:
@@ -208,6 +216,24 @@ class ServiceRunner(Protocol):
     async def start(self, spec: ServiceSpec) -> RunningService: ...
 
     async def aclose(self) -> None: ...
+
+
+def listening_socket(spec: ServiceSpec) -> socket.socket | None:
+    """The socket of a socket-activated ``spec`` (``listen_on``; else None): bound as the helper's user
+    (its file is theirs, mode 0600), listening, replacing a socket an earlier run left there."""
+    if spec.listen_on is None:
+        return None
+    clear_stale_socket(spec.name, spec.listen_on)
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with acting_as(spec.identity):
+            listening.bind(os.fsencode(spec.listen_on))
+            os.chmod(spec.listen_on, 0o600)
+        listening.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        listening.close()
+        raise ServiceError(spec.name, f"cannot listen on {spec.listen_on}: {e.strerror}") from e
+    return listening
 
 
 def clear_stale_socket(name: str, path: Path | None) -> None:
@@ -336,18 +362,22 @@ class ChildRunner:
 
     async def start(self, spec: ServiceSpec) -> ChildService:
         clear_stale_socket(spec.name, spec.ready_path)
+        listening = listening_socket(spec)
         output = unnamed_file(spec.name)
         as_user = spec.identity.popen_kwargs()
         as_user["env"] |= spec.env
         try:
             popen = subprocess.Popen(
-                list(spec.argv), stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-                pass_fds=spec.pass_fds, start_new_session=True,
+                list(spec.argv), stdin=listening.fileno() if listening is not None else subprocess.DEVNULL,
+                stdout=output, stderr=output, pass_fds=spec.pass_fds, start_new_session=True,
                 preexec_fn=set_parent_death_signal if self.die_with_parent else None, **as_user,
             )
         except OSError as e:
             output.close()
             raise ServiceError(spec.name, f"cannot execute {spec.argv[0]}: {e.strerror}") from e
+        finally:
+            if listening is not None:  # (the helper has it now)
+                listening.close()
         service = ChildService(spec, popen, output)
         service.log.debug("service started", pid=service.pid, argv=" ".join(spec.argv))
         try:
@@ -413,7 +443,9 @@ class AdoptedChildService(RunningService):
 
 # ----------------------------------------------------------------------------- transient units
 def transient_unit_properties(spec: ServiceSpec) -> list[tuple[str, Any]]:
-    """The ``a(sv)`` properties of the transient service for ``spec`` (StartTransientUnit)."""
+    """The ``a(sv)`` properties of the transient service for ``spec`` (StartTransientUnit).  A
+    socket-activated helper's standard input is the message's first file descriptor (its socket); its
+    output goes to the journal (by default systemd would point it at that socket too)."""
     props: list[tuple[str, Any]] = [
         ("Description", Variant("s", spec.description or spec.name)),
         ("Type", Variant("s", "exec")),  # the start job fails if the binary cannot be executed
@@ -426,6 +458,9 @@ def transient_unit_properties(spec: ServiceSpec) -> list[tuple[str, Any]]:
         props += [("BindsTo", Variant("as", [spec.bound_to])), ("After", Variant("as", [spec.bound_to]))]
     if spec.env:
         props.append(("Environment", Variant("as", [f"{key}={value}" for key, value in spec.env.items()])))
+    if spec.listen_on is not None:
+        props += [("StandardInputFileDescriptor", Variant("h", 0)), ("StandardOutput", Variant("s", "journal")),
+                  ("StandardError", Variant("s", "journal"))]
     for key, value in spec.identity.unit_properties().items():
         props.append((key, Variant("as" if isinstance(value, list) else "s", value)))
     return props
@@ -521,8 +556,9 @@ class UnitService(RunningService):
 class UnitRunner:
     """Runs helpers as transient services of the systemd manager (see systemd/units.py).
 
-    Limits: no fd passing (helpers create their own sockets); argv and paths must make sense in
-    PID 1's mount namespace; a spec's ``env`` becomes the unit's ``Environment=``.
+    Limits: the one descriptor passed is a socket-activated helper's socket (its standard input);
+    argv and paths must make sense in PID 1's mount namespace; a spec's ``env`` becomes the unit's
+    ``Environment=``.
     """
 
     def __init__(self, manager: SystemdManager, *, owns_manager: bool = False) -> None:
@@ -540,12 +576,15 @@ class UnitRunner:
     async def start(self, spec: ServiceSpec) -> UnitService:
         if spec.pass_fds:
             raise ServiceError(spec.name, "file descriptors cannot be passed to a transient unit; "
-                                          "the helper must create its own socket")
+                                          "the helper must create its own socket, or be socket-activated")
         unit = f"{spec.name}.service"
         clear_stale_socket(spec.name, spec.ready_path)
+        listening = listening_socket(spec)
         self._referenced.append(unit)  # (a unit whose start failed stays loaded while referenced)
         try:
-            path = await self.manager.start_transient_unit(unit, transient_unit_properties(spec), spec.ready_timeout)
+            path = await self.manager.start_transient_unit(
+                unit, transient_unit_properties(spec), spec.ready_timeout,
+                fds=[listening.fileno()] if listening is not None else [])
             service = UnitService(self, spec, unit, path)
             await service._load()
         except BaseException as e:  # (a timeout or a cancel may come after systemd has started it: it must not run on)
@@ -553,6 +592,9 @@ class UnitRunner:
             if isinstance(e, (UnitStartError, DBusCallError)):
                 raise ServiceError(spec.name, str(e)) from e
             raise
+        finally:
+            if listening is not None:  # (systemd holds it for the helper now)
+                listening.close()
         service.log.debug("unit started", unit=unit, pid=service.pid, argv=" ".join(spec.argv))
         try:
             await service._wait_ready()

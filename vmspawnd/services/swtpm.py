@@ -5,10 +5,13 @@ State (``--tpm-state=``): a persistent directory (an explicit PATH, or ``<image>
 beside the image/directory) that is created 0700 and never emptied, or a transient one in the
 runtime directory.  First use manufactures it with ``swtpm_setup`` (never ``--create-ek-cert``:
 that writes a machine-global CA to /var/lib/swtpm-localca); then
-``swtpm socket --tpm2 --tpmstate dir=DIR --ctrl type=unixio,path=SOCK --terminate --log file=LOG`` runs
-through a :class:`~vmspawnd.services.runner.ServiceRunner` and is ready once SOCK exists.  LOG (beside
-SOCK) gets swtpm's errors only, so that a run can tell a state swtpm cannot use (:func:`state_unusable`)
-from QEMU failing for its own reasons, whoever ran swtpm.
+``swtpm socket --tpm2 --tpmstate dir=DIR --ctrl type=unixio,fd=0 --terminate --log file=LOG`` runs
+through a :class:`~vmspawnd.services.runner.ServiceRunner`, socket-activated: its standard input is the
+socket SOCK, made and listening before swtpm runs, so QEMU need not wait for swtpm to come up (≈ 3 ms
+here): QEMU's first request to the TPM waits in the socket until swtpm reads it.  LOG (beside SOCK)
+gets swtpm's errors only, so that a run can tell a state swtpm cannot use (:func:`state_unusable`), or
+a swtpm that could not start (:func:`failed_to_start`), from QEMU failing for its own reasons, whoever
+ran swtpm.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.log import get_logger
 from vmspawnd.proc import check_socket_path
 from vmspawnd.qemu import qemu_escape
-from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner, ServiceSpec
+from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner, ServiceSpec, describe_status
 from vmspawnd.values import StateLocation, Tristate
 
 log = get_logger()
@@ -205,12 +208,12 @@ async def _manufacture(state_dir: Path, swtpm_setup: Path | None, identity: Iden
 
 
 def swtpm_argv(swtpm: Path, state_dir: Path, socket_path: Path) -> list[str]:
-    """``swtpm socket --tpm2 --tpmstate dir=DIR --ctrl type=unixio,path=SOCK --terminate --log file=LOG``
-    (LOG: :func:`log_path`)."""
+    """``swtpm socket --tpm2 --tpmstate dir=DIR --ctrl type=unixio,fd=0 --terminate --log file=LOG``:
+    its control socket (``socket_path``) is its standard input (LOG: :func:`log_path`, beside it)."""
     check_swtpm_path("tpm-state", state_dir)
     check_swtpm_path("runtime-directory", socket_path)
     return [str(swtpm), "socket", "--tpm2", "--tpmstate", f"dir={state_dir}",
-            "--ctrl", f"type=unixio,path={socket_path}", "--terminate", "--log", f"file={log_path(socket_path)}"]
+            "--ctrl", "type=unixio,fd=0", "--terminate", "--log", f"file={log_path(socket_path)}"]
 
 
 def log_path(socket_path: Path) -> Path:
@@ -239,10 +242,21 @@ def state_unusable(swtpm: RunningService, state_dir: Path) -> str | None:
     return f"tpm-state={state_dir}: {why} (swtpm said: {' / '.join(lines)})"
 
 
+def failed_to_start(swtpm: RunningService) -> str | None:
+    """Why QEMU could not have a TPM if ``swtpm`` ended with an error (None while it runs, or after a
+    clean end): it was socket-activated, so a start-up failure shows only once QEMU needed it."""
+    if swtpm.alive or not swtpm.returncode:
+        return None
+    said = logged_errors(swtpm)
+    return (f"{swtpm.name} ended ({describe_status(swtpm.returncode)}) before QEMU could use the TPM"
+            + (f" (swtpm said: {' / '.join(said)})" if said else ""))
+
+
 async def start_swtpm(runner: ServiceRunner, machine: str, state_dir: Path, socket_path: Path, *,
                       bound_to: str | None = None, swtpm: Path | None = None,
                       identity: Identity = ROOT) -> RunningService:
-    """Manufacture the state on first use, then run swtpm; returns once its socket exists.
+    """Manufacture the state on first use, then run swtpm on ``socket_path``, socket-activated (it is
+    listening when this returns; swtpm itself may still be coming up).
 
     swtpm_setup (one-shot, ≈0.6 s) always runs as our own short-lived child, whichever runner
     runs the daemon.  swtpm exits by itself (status 0) when QEMU closes the control socket.
@@ -257,7 +271,7 @@ async def start_swtpm(runner: ServiceRunner, machine: str, state_dir: Path, sock
     with acting_as(identity):
         log_path(socket_path).unlink(missing_ok=True)  # (an earlier run's: its errors are not this one's)
     spec = ServiceSpec(name=f"vmspawnd-{machine}-tpm", argv=tuple(argv), description=f"TPM for VM {machine}",
-                       bound_to=bound_to, ready_path=socket_path, identity=identity, log_path=log_path(socket_path))
+                       bound_to=bound_to, listen_on=socket_path, identity=identity, log_path=log_path(socket_path))
     return await runner.start(spec)
 
 

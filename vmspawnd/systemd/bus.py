@@ -21,14 +21,17 @@ def load_dbus_fast() -> None:
     import dbus_fast.aio  # noqa: F401
 
 
-async def open_bus(timeout: float | None, bus_type: str = "system", address: str | None = None) -> Any:
+async def open_bus(timeout: float | None, bus_type: str = "system", address: str | None = None, *,
+                   unix_fds: bool = False) -> Any:
     """A connected ``dbus_fast.aio.MessageBus``: the ``system`` or ``session`` bus, or the one at
-    ``address``, within ``timeout`` seconds (None: no limit); what fails is raised, nothing left open."""
+    ``address``, within ``timeout`` seconds (None: no limit); what fails is raised, nothing left open.
+    ``unix_fds``: its calls may pass file descriptors."""
     load_dbus_fast()
     from dbus_fast import BusType
     from dbus_fast.aio import MessageBus
 
-    bus = MessageBus(bus_address=address, bus_type=BusType[bus_type.upper()])  # (its socket is made here)
+    bus = MessageBus(bus_address=address, bus_type=BusType[bus_type.upper()],  # (its socket is made here)
+                     negotiate_unix_fd=unix_fds)
     try:
         return await asyncio.wait_for(bus.connect(), timeout)
     except BaseException:

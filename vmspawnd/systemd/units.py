@@ -66,7 +66,7 @@ class SystemdManager:
     async def connect(cls, bus_type: str = "system", address: str | None = None) -> SystemdManager:
         """Connect to the manager's bus (``system`` or ``session``, or the one at ``address``) and
         subscribe to JobRemoved."""
-        bus = await open_bus(None, bus_type, address)
+        bus = await open_bus(None, bus_type, address, unix_fds=True)  # (a socket-activated helper's socket)
         manager = cls(bus)
         try:
             rule = (f"type='signal',sender='{SYSTEMD_BUS_NAME}',path='{SYSTEMD_PATH}',"
@@ -103,11 +103,12 @@ class SystemdManager:
         return False
 
     async def _call(self, destination: str, path: str, interface: str, member: str, signature: str,
-                    body: list[Any]) -> list[Any]:
+                    body: list[Any], fds: list[int] | None = None) -> list[Any]:
+        """One method call; ``fds``: the file descriptors its ``h`` values index (they stay ours)."""
         from dbus_fast import Message, MessageType
 
         reply = await self.bus.call(Message(destination=destination, path=path, interface=interface,
-                                            member=member, signature=signature, body=body))
+                                            member=member, signature=signature, body=body, unix_fds=fds or []))
         if reply is None:
             raise DBusCallError("org.freedesktop.DBus.Error.NoReply", member)
         if reply.message_type == MessageType.ERROR:
@@ -119,8 +120,8 @@ class SystemdManager:
         await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", member, "s", [rule])
 
     async def call(self, interface: str, member: str, signature: str, body: list[Any],
-                   path: str = SYSTEMD_PATH) -> list[Any]:
-        return await self._call(SYSTEMD_BUS_NAME, path, interface, member, signature, body)
+                   path: str = SYSTEMD_PATH, fds: list[int] | None = None) -> list[Any]:
+        return await self._call(SYSTEMD_BUS_NAME, path, interface, member, signature, body, fds)
 
     async def get_property(self, path: str, interface: str, name: str) -> Any:
         from dbus_fast import Variant as DBusVariant
@@ -161,11 +162,12 @@ class SystemdManager:
         return waiter
 
     async def start_transient_unit(self, unit: str, properties: list[tuple[str, Any]],
-                                   timeout: float = 10.0) -> str:
-        """StartTransientUnit(unit, "fail", …) and wait for its job; return the unit's object path."""
+                                   timeout: float = 10.0, fds: list[int] | None = None) -> str:
+        """StartTransientUnit(unit, "fail", …) and wait for its job; return the unit's object path.
+        ``fds``: the file descriptors the properties' ``h`` values index."""
         try:
             (job,) = await self.call(MANAGER_IFACE, "StartTransientUnit", "ssa(sv)a(sa(sv))",
-                                     [unit, "fail", properties, []])
+                                     [unit, "fail", properties, []], fds=fds)
             result = await self.job_result(job, timeout)
         except DBusCallError as e:
             raise UnitStartError(f"cannot start {unit}: {e}") from e
