@@ -80,7 +80,7 @@ from vmspawnd.services.runner import (
     describe_status,
 )
 from vmspawnd.services.setup import TPM, AuxServiceError, AuxServices, start_aux_services
-from vmspawnd.services.swtpm import failed_to_start, logged_errors, state_unusable
+from vmspawnd.services.swtpm import logged_errors, state_unusable
 from vmspawnd.settings import config_to_json
 from vmspawnd.snapshot import EphemeralCopy, SnapshotError
 from vmspawnd.spares import Spares
@@ -102,7 +102,7 @@ log = get_logger()
 
 NOTIFY_GRACE = 0.5  # at most this long after QEMU exits, for what the guest wrote just before power-off
 HELPER_GRACE = 1.0  # a helper ending within this long after QEMU is QEMU's doing, not a failure
-TPM_END_GRACE = 0.25  # s a swtpm that failed QEMU's start has for its end to reach us (a unit's: over D-Bus)
+HELPER_END_GRACE = 0.25  # s a helper that failed QEMU's start has for its end to reach us (a unit's: over D-Bus)
 KILL_GRACE = 5.0  # QMP quit, then SIGKILL
 REGISTER_RETRY = 2.0  # seconds between attempts to register with a machined that was not reachable
 
@@ -145,6 +145,7 @@ class Run:
         self.tpm_state_path: Path | None = None
         self._tpm: RunningService | None = None  # the swtpm this run started, if any
         self._quoted: RunningService | None = None  # a helper whose log the run's failure quotes
+        self._helpers: list[RunningService] = []  # the helpers this run started or adopted
         self._logging: list[RunningService] = []  # the helpers with a log file, watched while the VM runs
         self.vsock: GuestVsock | None = None  # the guest's vsock device, if it has one
         self.vsock_port: int | None = None  # the host port its notifications go to
@@ -507,6 +508,7 @@ class Run:
 
     def _hold_service(self, what: str, service: RunningService) -> None:
         """The run owns a running helper: stopped with the run, watched while the VM runs."""
+        self._helpers.append(service)
         self._handles.callback(service.detach)
         self._durable.push_async_callback(self._stop_service, service)
         self._spawn(self._watch_service(what, service))
@@ -585,23 +587,29 @@ class Run:
                 await self._output.ended(1.0)
                 lines = [line for line in self._output.last if line.strip()]
             said = ": " + " / ".join(lines) if lines else ""
-            unusable = await self._tpm_failure()
-            if unusable is not None:  # (QEMU said only that its CMD_INIT failed, or that it found no TPM)
-                self._quoted = self._tpm
-                raise StartError(unusable) from e
+            helper_failed = await self._helper_failure()
+            if helper_failed is not None:  # (QEMU said only that its CMD_INIT failed, or that it found no helper)
+                raise StartError(helper_failed) from e
             raise StartError(f"QEMU did not come up (exit status {rc}){said}") from e
 
-    async def _tpm_failure(self) -> str | None:
-        """Why the TPM failed QEMU's start, if it did: a state swtpm cannot use, or a swtpm that ended
-        with an error (it is socket-activated: QEMU found that out, not us; its end may reach us a
-        moment after QEMU's)."""
-        if self._tpm is None:
-            return None
-        if self.tpm_state_path is not None and (unusable := state_unusable(self._tpm, self.tpm_state_path)):
-            return unusable
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._tpm.wait(), TPM_END_GRACE)
-        return failed_to_start(self._tpm)
+    async def _helper_failure(self) -> str | None:
+        """Why a helper failed QEMU's start, if one did: a TPM state swtpm cannot use, or a helper that
+        ended with an error (they are socket-activated: QEMU found that out, not us; their end may reach
+        us a moment after QEMU's).  The helper's log is then quoted by the failure, not warned of."""
+        if self._tpm is not None and self.tpm_state_path is not None:
+            if unusable := state_unusable(self._tpm, self.tpm_state_path):
+                self._quoted = self._tpm
+                return unusable
+        running = [asyncio.ensure_future(service.wait()) for service in self._helpers if service.alive]
+        if running:
+            await asyncio.wait(running, timeout=HELPER_END_GRACE)
+            for waiting in running:
+                waiting.cancel()
+        for service in self._helpers:
+            if failed := service.failed_early():
+                self._quoted = service
+                return failed
+        return None
 
     async def _serve_control(self) -> None:
         """The VM's ``io.systemd.MachineInstance`` socket (machinectl poweroff/reboot… on systemd ≥ 261), in

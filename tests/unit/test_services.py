@@ -632,16 +632,16 @@ async def test_a_socket_activated_helper_is_ready_at_once_and_answers_what_waite
         up.unlink()
 
 
-async def test_a_socket_activated_swtpm_that_ended_with_an_error_is_named_with_what_it_logged(runner, tmp):
+async def test_a_socket_activated_helper_that_ended_with_an_error_is_named_with_what_it_logged(runner, tmp):
     log_file = tmp / "tpm.log"
     ends = f"open({str(log_file)!r}, 'w').write('cannot open the state\\n'); raise SystemExit(3)"
     service = await runner.start(ServiceSpec(name="vmspawnd-vm1-tpm", argv=(sys.executable, "-c", ends),
                                              listen_on=tmp / "tpm.sock", log_path=log_file))
     assert await asyncio.wait_for(service.wait(), 10) == 3
-    assert swtpm.failed_to_start(service) == ("vmspawnd-vm1-tpm ended (exit status 3) before QEMU could use the "
-                                              "TPM (swtpm said: cannot open the state)")
+    assert service.failed_early() == ("vmspawnd-vm1-tpm ended (exit status 3) before QEMU could use it: "
+                                      "cannot open the state")
     clean = await runner.start(ServiceSpec(name="vmspawnd-vm1-tpm", argv=("/bin/true",), listen_on=tmp / "tpm.sock"))
-    assert await asyncio.wait_for(clean.wait(), 10) == 0 and swtpm.failed_to_start(clean) is None
+    assert await asyncio.wait_for(clean.wait(), 10) == 0 and clean.failed_early() is None
 
 
 # ============================================================================ UnitRunner vs a fake systemd

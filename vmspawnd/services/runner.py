@@ -15,9 +15,10 @@ Both wait until the helper is ready — its ``ready_path`` socket exists — and
 the exit status (and the last lines of its log file, if it has one, and for children of its output),
 if it dies first.  A helper that can take its listening socket ready-made (swtpm's ``fd=``) is
 *socket-activated* instead (``listen_on``): the runner binds the socket and hands it over as the
-helper's standard input, so the helper is ready at once.  QEMU, started meanwhile, connects at
-once too, and its first request waits in the socket until the helper has come up and reads it:
-the two start side by side rather than one after the other (swtpm takes ≈ 3 ms to listen here).
+helper's standard input, so the helper is ready at once.  QEMU, started meanwhile, connects at once
+too, and its first request waits in the socket until the helper has come up and reads it: the two
+start side by side rather than one after the other (swtpm takes ≈ 3 ms to listen here).  One that
+fails then says so by its end (:meth:`RunningService.failed_early`).
 """
 
 from __future__ import annotations
@@ -182,6 +183,15 @@ class RunningService(abc.ABC):
 
     def _failure_output(self) -> list[str]:
         return self.logged()
+
+    def failed_early(self) -> str | None:
+        """Why QEMU could not use this socket-activated helper, if it ended with an error (None while it
+        runs, or after a clean end): QEMU, started beside it, is the one that found out."""
+        if self.alive or not self.returncode:
+            return None
+        said = self._failure_output()
+        return (f"{self.name} ended ({describe_status(self.returncode)}) before QEMU could use it"
+                + (f": {' / '.join(said)}" if said else ""))
 
     async def _wait_ready(self) -> None:
         """Wait for ``spec.ready_path`` to appear (woken by inotify, else polling); fail fast if the

@@ -10,8 +10,7 @@ through a :class:`~vmspawnd.services.runner.ServiceRunner`, socket-activated: it
 socket SOCK, made and listening before swtpm runs, so QEMU need not wait for swtpm to come up (≈ 3 ms
 here): QEMU's first request to the TPM waits in the socket until swtpm reads it.  LOG (beside SOCK)
 gets swtpm's errors only, so that a run can tell a state swtpm cannot use (:func:`state_unusable`), or
-a swtpm that could not start (:func:`failed_to_start`), from QEMU failing for its own reasons, whoever
-ran swtpm.
+a swtpm that could not start, from QEMU failing for its own reasons, whoever ran swtpm.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.log import get_logger
 from vmspawnd.proc import check_socket_path
 from vmspawnd.qemu import qemu_escape
-from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner, ServiceSpec, describe_status
+from vmspawnd.services.runner import RunningService, ServiceError, ServiceRunner, ServiceSpec
 from vmspawnd.values import StateLocation, Tristate
 
 log = get_logger()
@@ -209,7 +208,8 @@ async def _manufacture(state_dir: Path, swtpm_setup: Path | None, identity: Iden
 
 def swtpm_argv(swtpm: Path, state_dir: Path, socket_path: Path) -> list[str]:
     """``swtpm socket --tpm2 --tpmstate dir=DIR --ctrl type=unixio,fd=0 --terminate --log file=LOG``:
-    its control socket (``socket_path``) is its standard input (LOG: :func:`log_path`, beside it)."""
+    its control socket (``socket_path``) is its standard input (LOG: :func:`log_path`, beside it: the
+    command line names the run's directory, where a killed run's leftovers are looked for)."""
     check_swtpm_path("tpm-state", state_dir)
     check_swtpm_path("runtime-directory", socket_path)
     return [str(swtpm), "socket", "--tpm2", "--tpmstate", f"dir={state_dir}",
@@ -240,16 +240,6 @@ def state_unusable(swtpm: RunningService, state_dir: Path) -> str | None:
         why = ("swtpm cannot use the TPM state in it (damaged, or made by another swtpm); it is left as it is: "
                "move it away to start with a new TPM, or use --tpm-state=off")
     return f"tpm-state={state_dir}: {why} (swtpm said: {' / '.join(lines)})"
-
-
-def failed_to_start(swtpm: RunningService) -> str | None:
-    """Why QEMU could not have a TPM if ``swtpm`` ended with an error (None while it runs, or after a
-    clean end): it was socket-activated, so a start-up failure shows only once QEMU needed it."""
-    if swtpm.alive or not swtpm.returncode:
-        return None
-    said = logged_errors(swtpm)
-    return (f"{swtpm.name} ended ({describe_status(swtpm.returncode)}) before QEMU could use the TPM"
-            + (f" (swtpm said: {' / '.join(said)})" if said else ""))
 
 
 async def start_swtpm(runner: ServiceRunner, machine: str, state_dir: Path, socket_path: Path, *,
