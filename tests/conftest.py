@@ -25,7 +25,7 @@ import pytest
 
 from tests import rawvarlink
 from tests.polling import poll
-from vmspawnd.proc import process_state, processes_mentioning
+from vmspawnd.proc import process_state, processes_mentioning, processes_using
 from vmspawnd.qemu.accel import VERSION_CACHE
 from vmspawnd.qemu.vsock import BACKEND_ENV, find_backend
 from vmspawnd.testing.guest import STEADY_CLOCK, TestGuest, build_guest
@@ -238,7 +238,7 @@ def process_gone(pid: int) -> bool:
 def assert_clean(run: VmRun) -> None:
     """No QEMU or helper left (killed ones may take a moment to go), and the machine's runtime dir removed
     (what stays in the runtime base is the host's QEMU version, kept for the next run)."""
-    poll(lambda: processes_mentioning(str(run.runtime_dir)), lambda pids: pids == [], 10)
+    poll(lambda: processes_using(run.runtime_dir), lambda pids: pids == [], 10)
     assert [p.name for p in run.runtime_dir.iterdir() if p.name != VERSION_CACHE] == []
 
 

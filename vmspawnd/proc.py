@@ -104,6 +104,53 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def processes_using(directory: Path) -> list[int]:
+    """Live processes (not us) whose command line names a path in ``directory``, or that hold a socket
+    bound there: a socket-activated helper (virtiofsd ``--fd=0``) names no path of it."""
+    prefix = f"{directory}/"
+    found = set(processes_mentioning(prefix))
+    sockets = _sockets_bound_under(prefix)
+    if sockets:
+        found.update(_processes_holding(sockets))
+    return sorted(found)
+
+
+def _sockets_bound_under(prefix: str) -> set[str]:
+    """The ``socket:[INODE]`` links of the unix sockets bound (listening, or accepted from one) at a
+    path that starts with ``prefix`` (those of our network namespace, where ours are made)."""
+    try:
+        with open("/proc/net/unix", "rb") as table:
+            rows = table.read().decode(errors="surrogateescape").splitlines()[1:]
+    except OSError:
+        return set()
+    return {f"socket:[{fields[6]}]" for fields in (row.split(None, 7) for row in rows)
+            if len(fields) == 8 and fields[7].startswith(prefix)}
+
+
+def _processes_holding(links: set[str]) -> list[int]:
+    """Live processes (not us) with a descriptor whose ``/proc`` link is one of ``links``."""
+    found = []
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with os.scandir(f"/proc/{entry.name}/fd") as fds:
+                holds = any(_link(fd.path) in links for fd in fds)
+        except OSError:  # (gone, or not ours to look at)
+            continue
+        if holds and process_state(int(entry.name)) not in (None, "Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+def _link(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:  # (closed meanwhile)
+        return None
+
+
 def process_state(pid: int) -> str | None:
     """The one-letter state of ``pid`` (``R``, ``S``, ``Z``…), None if it is gone."""
     try:

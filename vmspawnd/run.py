@@ -587,15 +587,15 @@ class Run:
                 await self._output.ended(1.0)
                 lines = [line for line in self._output.last if line.strip()]
             said = ": " + " / ".join(lines) if lines else ""
-            helper_failed = await self._helper_failure()
-            if helper_failed is not None:  # (QEMU said only that its CMD_INIT failed, or that it found no helper)
-                raise StartError(helper_failed) from e
-            raise StartError(f"QEMU did not come up (exit status {rc}){said}") from e
+            qemu_failed = f"QEMU did not come up (exit status {rc}){said}"
+            helper_failed = await self._helper_failure(qemu_failed)
+            raise StartError(helper_failed or qemu_failed) from e
 
-    async def _helper_failure(self) -> str | None:
-        """Why a helper failed QEMU's start, if one did: a TPM state swtpm cannot use, or a helper that
-        ended with an error (they are socket-activated: QEMU found that out, not us; their end may reach
-        us a moment after QEMU's).  The helper's log is then quoted by the failure, not warned of."""
+    async def _helper_failure(self, qemu_failed: str) -> str | None:
+        """Why a helper failed QEMU's start (which ``qemu_failed`` tells), if one did: a TPM state swtpm
+        cannot use, or a helper that ended with an error (they are socket-activated: QEMU found that out,
+        not us; their end may reach us a moment after QEMU's).  The helper's log is then quoted by the
+        failure, not warned of."""
         if self._tpm is not None and self.tpm_state_path is not None:
             if unusable := state_unusable(self._tpm, self.tpm_state_path):
                 self._quoted = self._tpm
@@ -608,7 +608,7 @@ class Run:
         for service in self._helpers:
             if failed := service.failed_early():
                 self._quoted = service
-                return failed
+                return f"{failed}; {qemu_failed}"
         return None
 
     async def _serve_control(self) -> None:

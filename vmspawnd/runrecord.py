@@ -21,7 +21,7 @@ from typing import Any
 from vmspawnd.futures import resolve
 from vmspawnd.identity import ROOT, Identity
 from vmspawnd.log import get_logger
-from vmspawnd.proc import process_start_time, processes_mentioning
+from vmspawnd.proc import process_start_time, processes_using
 from vmspawnd.qemu.vsock import HYBRID_SOCKET, GuestVsock, VsockBackend
 from vmspawnd.runtime import RuntimeDir
 from vmspawnd.snapshot import EphemeralCopy
@@ -176,7 +176,7 @@ async def end_leftovers(runtime: RuntimeDir, directory: Path | None) -> None:
         if record.registered:
             await unregister_quietly(name)
     # a helper started in the instant before the record named it: its sockets are in our dir
-    for pid in processes_mentioning(f"{runtime_path}/"):
+    for pid in processes_using(runtime_path):
         await kill_process(pid, process_start_time(pid))
     copy = EphemeralCopy.recorded(runtime.records / COPY_RECORD, directory)
     if copy is not None:

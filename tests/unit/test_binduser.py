@@ -111,7 +111,7 @@ def test_options_and_json_round_trip(tmp_path):
 
 def test_rust_virtiofsd_translates_the_bound_user_uid_and_gid_separately(tmp_path):
     rust = Virtiofsd(Path("/usr/libexec/virtiofsd"), Flavour.RUST, readonly=True, translate_ids=True)
-    argv = virtiofsd.virtiofsd_argv(rust, Path("/usr/games"), tmp_path / "s.sock", read_only=False,
+    argv = virtiofsd.virtiofsd_argv(rust, Path("/usr/games"), read_only=False,
                                     sandbox="namespace", uid_map=UidMap(60515, 5, 1, 60, squash_others=True))
     rules = [argv[i + 1] for i, a in enumerate(argv) if a == "--translate-uid"]
     assert rules == ["map:60515:5:1", "squash-guest:0:5:60515", "squash-guest:60516:5:4294906779"]

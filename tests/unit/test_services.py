@@ -22,7 +22,8 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method
 from dbus_fast.service import signal as dbus_signal
 
-from tests.conftest import processes_mentioning
+from tests.conftest import processes_using
+from tests.polling import poll
 from vmspawnd.config import MachineConfig
 from vmspawnd.errors import ConfigError
 from vmspawnd.futures import resolved
@@ -79,7 +80,7 @@ async def runner(tmp):
 def tmp(tmp_path: Path):
     """tmp_path, with a check that no process mentioning it survives the test."""
     yield tmp_path
-    left = processes_mentioning(str(tmp_path))
+    left = processes_using(tmp_path)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left behind: {left}"
@@ -235,38 +236,37 @@ def test_fstab_extra_tags_modes_and_octal_escapes():
 C = Virtiofsd(Path("/usr/lib/qemu/virtiofsd"), Flavour.C)
 RUST_OLD = Virtiofsd(Path("/usr/libexec/virtiofsd"), Flavour.RUST)
 RUST = Virtiofsd(Path("/usr/libexec/virtiofsd"), Flavour.RUST, readonly=True, translate_ids=True)
-SOCK = Path("/run/vm/vfs.sock")
 
 
 def test_c_virtiofsd_argv():
-    assert virtiofsd.virtiofsd_argv(C, Path("/srv/a,b"), SOCK, read_only=False, sandbox="namespace") == [
-        "/usr/lib/qemu/virtiofsd", "--socket-path=/run/vm/vfs.sock", "-o", "source=/srv/a\\,b",
+    assert virtiofsd.virtiofsd_argv(C, Path("/srv/a,b"), read_only=False, sandbox="namespace") == [
+        "/usr/lib/qemu/virtiofsd", "--fd=0", "-o", "source=/srv/a\\,b",
         "-o", "cache=auto", "-o", "sandbox=namespace"]
-    ro = virtiofsd.virtiofsd_argv(C, Path("/srv/x"), SOCK, read_only=True, sandbox="chroot",
+    ro = virtiofsd.virtiofsd_argv(C, Path("/srv/x"), read_only=True, sandbox="chroot",
                                   uid_map=UidMap(0, 0, 65536))  # an identity map needs no translation
     assert ro[:6] == [sys.executable, "-I", "-S", str(virtiofsd.ROWRAP), "/srv/x", "--"]
-    assert ro[6:] == ["/usr/lib/qemu/virtiofsd", "--socket-path=/run/vm/vfs.sock", "-o", "source=/srv/x",
+    assert ro[6:] == ["/usr/lib/qemu/virtiofsd", "--fd=0", "-o", "source=/srv/x",
                       "-o", "cache=auto", "-o", "sandbox=chroot"]
     with pytest.raises(ConfigError) as e:
-        virtiofsd.virtiofsd_argv(C, Path("/srv/x"), SOCK, read_only=False, sandbox="namespace",
+        virtiofsd.virtiofsd_argv(C, Path("/srv/x"), read_only=False, sandbox="namespace",
                                  uid_map=UidMap(0, 1000, 65536))
     assert e.value.field == "private-users"
     with pytest.raises(ValueError):
-        virtiofsd.virtiofsd_argv(C, Path("/srv/x"), SOCK, read_only=False, sandbox="none")
+        virtiofsd.virtiofsd_argv(C, Path("/srv/x"), read_only=False, sandbox="none")
 
 
 def test_rust_virtiofsd_argv():
-    base = ["/usr/libexec/virtiofsd", "--socket-path=/run/vm/vfs.sock", "--shared-dir=/srv/x"]
-    assert virtiofsd.virtiofsd_argv(RUST, Path("/srv/x"), SOCK, read_only=True, sandbox="namespace",
+    base = ["/usr/libexec/virtiofsd", "--fd=0", "--shared-dir=/srv/x"]
+    assert virtiofsd.virtiofsd_argv(RUST, Path("/srv/x"), read_only=True, sandbox="namespace",
                                     uid_map=UidMap(0, 1000, 65536)) == [
         *base, "--sandbox=namespace", "--readonly",
         "--translate-uid", "map:0:1000:65536", "--translate-gid", "map:0:1000:65536"]
-    assert virtiofsd.virtiofsd_argv(RUST, Path("/srv/x"), SOCK, read_only=False, sandbox="none") == [
+    assert virtiofsd.virtiofsd_argv(RUST, Path("/srv/x"), read_only=False, sandbox="none") == [
         *base, "--sandbox=none"]
-    old = virtiofsd.virtiofsd_argv(RUST_OLD, Path("/srv/x"), SOCK, read_only=True, sandbox="chroot")
+    old = virtiofsd.virtiofsd_argv(RUST_OLD, Path("/srv/x"), read_only=True, sandbox="chroot")
     assert old[4:6] == ["/srv/x", "--"] and old[6:] == [*base, "--sandbox=chroot"]  # no --readonly: rowrap
     with pytest.raises(ConfigError):
-        virtiofsd.virtiofsd_argv(RUST_OLD, Path("/srv/x"), SOCK, read_only=False, sandbox="chroot",
+        virtiofsd.virtiofsd_argv(RUST_OLD, Path("/srv/x"), read_only=False, sandbox="chroot",
                                  uid_map=UidMap(0, 1000, 65536))
 
 
@@ -486,6 +486,9 @@ async def test_read_only_share_is_enforced_in_virtiofsd_mount_namespace(runner, 
     monkeypatch.setenv("VMSPAWND_ROWRAP_LEGACY", "1" if legacy else "0")
     service = await virtiofsd.start_virtiofsd(runner, "vm1", "root", share, tmp / "vfs.sock", True,
                                               virtiofsd=Virtiofsd(C_VIRTIOFSD, Flavour.C), sandbox="namespace")
+    # socket-activated, it may still be the wrapper making the namespace: wait until it is virtiofsd
+    await asyncio.to_thread(poll, lambda: os.readlink(f"/proc/{service.pid}/exe"),
+                            lambda exe: exe == str(C_VIRTIOFSD.resolve()), 10, 0.01)
 
     def inside(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["nsenter", f"--target={service.pid}", "--mount", *argv], capture_output=True,
@@ -533,10 +536,13 @@ async def test_a_helpers_output_goes_to_a_private_unnamed_file_in_tmpdir(runner,
 
 @needs_c_virtiofsd
 async def test_virtiofsd_with_missing_source_reports_its_error(runner, tmp):
-    with pytest.raises(ServiceError, match="failed to stat source") as e:
-        await virtiofsd.start_virtiofsd(runner, "vm1", 0, tmp / "missing", tmp / "vfs.sock", False,
-                                        virtiofsd=Virtiofsd(C_VIRTIOFSD, Flavour.C))
-    assert e.value.status == 1
+    """Socket-activated: its start does not wait for it, and its end says why QEMU found no share."""
+    service = await virtiofsd.start_virtiofsd(runner, "vm1", 0, tmp / "missing", tmp / "vfs.sock", False,
+                                              virtiofsd=Virtiofsd(C_VIRTIOFSD, Flavour.C))
+    assert await asyncio.wait_for(service.wait(), 10) == 1
+    failed = service.failed_early()
+    assert failed is not None and failed.startswith("vmspawnd-vm1-virtiofsd-0 ended (exit status 1) before QEMU")
+    assert "failed to stat source" in failed, failed
 
 
 async def test_ready_timeout_kills_the_helper(runner, tmp):

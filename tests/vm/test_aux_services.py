@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import VMSPAWN, assert_clean, process_gone, processes_mentioning
+from tests.conftest import VMSPAWN, assert_clean, process_gone, processes_mentioning, processes_using
 from tests.polling import poll
 
 pytestmark = pytest.mark.vm
@@ -301,7 +301,7 @@ def test_a_dying_helper_stops_the_vm(vmspawn, tmp_path, helper):
         argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
         return {os.path.basename(a.decode(errors="replace")) for a in argv[:4]}
 
-    victims = [p for p in processes_mentioning(str(run.runtime_dir)) if helper in program_names(p)]
+    victims = [p for p in processes_using(run.runtime_dir) if helper in program_names(p)]
     assert victims, f"no {helper} process found"
     qemu = run.leader_pid()
     for pid in victims:

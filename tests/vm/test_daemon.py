@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from asyncvarlink import VarlinkClientProtocol, VarlinkInterfaceProxy, connect_unix_varlink
 
-from tests.conftest import Daemon, EventFollower, process_gone, processes_mentioning, tempdir_daemon
+from tests.conftest import Daemon, EventFollower, process_gone, processes_mentioning, processes_using, tempdir_daemon
 from tests.polling import poll
 from tests.vm.clients import at_once
 from vmspawnd.interface import ManagerInterface
@@ -112,7 +112,7 @@ def test_forced_stop_of_a_guest_that_ignores_the_power_button(daemon, guest):
         assert stopped[0]["reason"] == forced, stopped  # a follower of its events is told too
     st = daemon.status("deaf")
     assert st["state"] == "stopped" and st["exitStatus"] == 1 and st["warnings"] == [forced], st
-    assert processes_mentioning(str(daemon.runtime / "machines" / "deaf")) == []
+    assert processes_using(daemon.runtime / "machines" / "deaf") == []
     daemon.stop_daemon()
     daemon.start()
     assert daemon.status("deaf")["warnings"] == [forced]  # kept for the next daemon
@@ -611,7 +611,7 @@ def test_a_qemu_that_cannot_be_executed_fails_the_start_with_the_reason_and_the_
         st = daemon.status("busy")
         assert st["state"] == "failed" and "Text file busy" in st["failure"], st
         assert not (daemon.runtime / "machines" / "busy").exists()
-        assert processes_mentioning(str(daemon.runtime / "machines" / "busy")) == []
+        assert processes_using(daemon.runtime / "machines" / "busy") == []
         assert daemon.ctl("start", "busy").returncode == 0
         assert daemon.wait_for("busy", lambda s: s["ready"])["state"] == "running"
         assert daemon.ctl("kill", "busy").returncode == 0

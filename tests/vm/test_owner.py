@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import Daemon, call_as, public_daemon
 from tests.polling import poll
-from vmspawnd.proc import processes_mentioning
+from vmspawnd.proc import processes_using
 from vmspawnd.services.virtiofsd import Flavour, find_virtiofsd
 from vmspawnd.testing.guest import GUEST_WORDS
 
@@ -87,7 +87,8 @@ def test_a_users_vm_runs_as_that_user_and_only_they_control_it(users_daemon: Dae
     # QEMU and every helper run as the owner, in directories that are the owner's, with nothing of the
     # daemon's environment but its PATH and locale
     assert uid_of(info["pid"]) == OWNER
-    helpers = [pid for pid in processes_mentioning(info["runtimeDirectory"] + "/") if pid != info["pid"]]
+    helpers = [pid for pid in processes_using(Path(info["runtimeDirectory"]))  # (the daemon holds the notify socket)
+               if pid not in (info["pid"], users_daemon.proc.pid)]
     assert len(helpers) == 1 + rust_virtiofsd and {uid_of(pid) for pid in helpers} == {OWNER}, helpers
     for pid in (info["pid"], *helpers):
         env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)

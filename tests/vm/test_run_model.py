@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import VMSPAWN, Daemon, processes_mentioning
+from tests.conftest import VMSPAWN, Daemon, processes_using
 from tests.polling import poll
 from tests.vm.clients import TYPED, Client, hammer, settle
 from vmspawnd.faults import CRASH_ENV
@@ -75,7 +75,7 @@ def test_concurrent_clients_hammering_three_machines(daemon, guest):
     assert outcomes[("Start", "ok")] >= 3 and outcomes[("Create", "ok")] >= 3, outcomes  # it really ran VMs
     settle(daemon, names)
     for name in names:
-        poll(lambda n=name: processes_mentioning(machine_dir(daemon, n)), lambda pids: pids == [], 20)
+        poll(lambda n=name: processes_using(Path(machine_dir(daemon, n))), lambda pids: pids == [], 20)
     poll(lambda: daemon_fds(daemon), lambda n: n <= baseline + 2, 20)
     log = daemon.log.read_text()
     assert "Task was destroyed" not in log and "InternalError" not in log and "Traceback" not in log, log[-3000:]
@@ -182,7 +182,7 @@ def test_failed_starts_leak_no_file_descriptors(daemon, guest, tmp_path):
 
     assert set(asyncio.run(main())) == {"StartFailed"}
     assert daemon_fds(daemon) <= baseline + 2
-    assert processes_mentioning(machine_dir(daemon, "leaky")) == []
+    assert processes_using(Path(machine_dir(daemon, "leaky"))) == []
 
 
 @pytest.mark.parametrize("point", ["helpers-started", "exec", "recorded"])
@@ -198,7 +198,7 @@ def test_daemon_killed_during_a_start_leaves_nothing_behind(daemon, guest, tmp_p
     daemon.start()
     assert daemon.ctl("start", "crashy").returncode == 1  # the daemon died under the client
     assert daemon.proc is not None and daemon.proc.wait(10) == -signal.SIGKILL
-    left = processes_mentioning(machine_dir(daemon, "crashy"))
+    left = processes_using(Path(machine_dir(daemon, "crashy")))
     if point != "exec":
         assert left, "the crash point came after the helpers started: they must be running now"
     daemon.env = {}
@@ -209,7 +209,7 @@ def test_daemon_killed_during_a_start_leaves_nothing_behind(daemon, guest, tmp_p
         assert daemon.ctl("kill", "crashy").returncode == 0
     else:
         assert st["state"] == "failed" and "while starting" in st["failure"], st
-    poll(lambda: processes_mentioning(machine_dir(daemon, "crashy")), lambda pids: pids == [], 10)
+    poll(lambda: processes_using(Path(machine_dir(daemon, "crashy"))), lambda pids: pids == [], 10)
     assert not (daemon.runtime / "machines" / "crashy").exists()
     assert daemon.ctl("start", "crashy").returncode == 0  # and it starts again, cleanly
     assert daemon.wait_for("crashy", lambda s: s["ready"])["state"] == "running"
@@ -232,13 +232,13 @@ def adopted_vm_with_a_tpm(daemon: Daemon, guest, name: str, *words: str) -> None
 
 def test_a_helper_of_an_adopted_vm_that_dies_fails_the_vm(daemon, guest):
     adopted_vm_with_a_tpm(daemon, guest, "adoptee")
-    swtpm = [pid for pid in processes_mentioning(machine_dir(daemon, "adoptee"))
+    swtpm = [pid for pid in processes_using(Path(machine_dir(daemon, "adoptee")))
              if b"swtpm" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(swtpm) == 1, swtpm
     os.kill(swtpm[0], signal.SIGKILL)
     st = daemon.wait_for("adoptee", lambda s: s["state"] != "running", 30)
     assert st["state"] == "failed" and "swtpm" in st["failure"], st
-    poll(lambda: processes_mentioning(machine_dir(daemon, "adoptee")), lambda pids: pids == [], 10)
+    poll(lambda: processes_using(Path(machine_dir(daemon, "adoptee"))), lambda pids: pids == [], 10)
 
 
 def test_what_an_adopted_vms_swtpm_logs_is_reported_as_it_is_logged(daemon, guest, tmp_path):
@@ -312,16 +312,16 @@ def test_a_start_that_fills_the_runtime_dir_says_which_file_and_leaves_nothing(t
         vm_dir = d.runtime / "machines" / "full"
         assert p.returncode == 1, p
         assert f"cannot start full ({vm_dir}/{file}): no space left on the device" in p.stderr, (what, p.stderr)
-        assert not vm_dir.exists() and processes_mentioning(f"{vm_dir}/") == []
+        assert not vm_dir.exists() and processes_using(vm_dir) == []
         env = {**os.environ, "RUNTIME_DIRECTORY": str(d.runtime / "fg")}
         p = subprocess.run([*VMSPAWN, "-M", "fg", *base, *words], capture_output=True, text=True, env=env,
                            stdin=subprocess.DEVNULL, timeout=60)
         assert p.returncode == 1 and f"cannot start fg ({d.runtime}/fg/fg/{file}): no space left" in p.stderr, p
-        assert not (d.runtime / "fg" / "fg").exists() and processes_mentioning(f"{d.runtime}/fg/") == []
+        assert not (d.runtime / "fg" / "fg").exists() and processes_using(d.runtime / "fg") == []
         assert d.ctl("create", "fits", *base, "--firmware=bios").returncode == 0
         assert d.ctl("start", "fits").returncode == 0, "a start that fits runs"
         assert d.ctl("kill", "fits").returncode == 0
-        poll(lambda: processes_mentioning(machine_dir(d, "fits")), lambda pids: pids == [], 20)
+        poll(lambda: processes_using(Path(machine_dir(d, "fits"))), lambda pids: pids == [], 20)
         assert "Traceback" not in d.log.read_text()
     finally:
         if d.proc is not None and d.proc.poll() is None:
@@ -345,7 +345,7 @@ def test_a_start_whose_run_cannot_be_recorded_fails_and_leaves_no_vm(tmp_path, g
         assert p.returncode == 1 and f"cannot record the run in {records}: no space left" in p.stderr, p.stderr
         status = json.loads(d.ctl("--json", "status", "norecord").stdout)
         assert status["state"] == "failed" and "cannot record the run" in status["failure"], status
-        assert processes_mentioning(f"{d.runtime / 'machines' / 'norecord'}/") == []
+        assert processes_using(d.runtime / "machines" / "norecord") == []
         assert "Traceback" not in d.log.read_text()
     finally:
         if d.proc is not None and d.proc.poll() is None:
@@ -385,7 +385,7 @@ def test_a_start_whose_helper_cannot_be_recorded_stops_it_and_keeps_the_tpm_stat
         assert not any('"spawning qemu"' in line for line in d.log.read_text().splitlines()[logged:])
         status = d.status("tpmrecord")
         assert status["state"] == "failed" and "cannot record the run" in status["failure"], status
-        poll(lambda: processes_mentioning(machine_dir(d, "tpmrecord")), lambda pids: pids == [], 10)
+        poll(lambda: processes_using(Path(machine_dir(d, "tpmrecord"))), lambda pids: pids == [], 10)
         assert {f.name: f.read_bytes() for f in state.iterdir()} == before
         subprocess.run(["umount", str(records)], check=True)
         assert d.ctl("start", "tpmrecord").returncode == 0

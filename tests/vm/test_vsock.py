@@ -19,7 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CTL, Daemon, VmRun, assert_clean, call_as, process_gone, processes_mentioning, public_daemon
+from tests.conftest import (
+    CTL,
+    Daemon,
+    VmRun,
+    assert_clean,
+    call_as,
+    process_gone,
+    processes_mentioning,
+    processes_using,
+    public_daemon,
+)
 from tests.polling import poll
 from tests.sshd import guest_sshd_initrd
 from tests.vm.clients import TYPED, hammer, settle
@@ -207,7 +217,7 @@ def test_a_vm_whose_vsock_backend_dies_fails_with_the_reason(vsock_daemon, guest
     os.kill(backend, signal.SIGKILL)
     st = vsock_daemon.wait_for("lostvs", lambda s: s["state"] != "running", 30)
     assert st["state"] == "failed" and "vhost-device-vsock" in st["failure"], st
-    poll(lambda: processes_mentioning(str(runtime)), lambda pids: pids == [], 10)
+    poll(lambda: processes_using(runtime), lambda pids: pids == [], 10)
 
 
 def test_the_daemon_refuses_vsock_yes_without_a_backend_before_anything_starts(daemon, guest):
@@ -217,7 +227,7 @@ def test_the_daemon_refuses_vsock_yes_without_a_backend_before_anything_starts(d
     st = daemon.status("mustvs")
     assert st["state"] in ("stopped", "failed") and st["pid"] is None
     machine_dir = daemon.runtime / "machines" / "mustvs"
-    assert processes_mentioning(str(machine_dir)) == [] and not machine_dir.exists()
+    assert processes_using(machine_dir) == [] and not machine_dir.exists()
 
 
 def test_concurrent_clients_starting_and_killing_vsock_vms_leave_no_backend_behind(vsock_daemon, guest):

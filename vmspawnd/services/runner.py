@@ -13,12 +13,14 @@ One small interface, :class:`ServiceRunner`, with two implementations picked at 
 
 Both wait until the helper is ready — its ``ready_path`` socket exists — and fail fast, with
 the exit status (and the last lines of its log file, if it has one, and for children of its output),
-if it dies first.  A helper that can take its listening socket ready-made (swtpm's ``fd=``) is
-*socket-activated* instead (``listen_on``): the runner binds the socket and hands it over as the
-helper's standard input, so the helper is ready at once.  QEMU, started meanwhile, connects at once
-too, and its first request waits in the socket until the helper has come up and reads it: the two
-start side by side rather than one after the other (swtpm takes ≈ 3 ms to listen here).  One that
-fails then says so by its end (:meth:`RunningService.failed_early`).
+if it dies first.  A helper that can take its listening socket ready-made (swtpm's ``fd=``,
+virtiofsd's ``--fd=``) is *socket-activated* instead (``listen_on``): the runner binds the socket
+and hands it over as the helper's standard input, so the helper is ready at once.  QEMU, started
+meanwhile, connects at once too, and its first request waits in the socket until the helper has
+come up and reads it: the two start side by side rather than one after the other (swtpm and
+virtiofsd take 3–4 ms each to listen here).  One that fails then says so by its end
+(:meth:`RunningService.failed_early`).  Its command line may name no path of the run's directory:
+:func:`~vmspawnd.proc.processes_using` finds it by the socket it holds.
 """
 
 from __future__ import annotations
