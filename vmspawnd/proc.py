@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vmspawnd.errors import ConfigError
@@ -87,21 +89,7 @@ def process_cmdline(pid: int) -> str:
 
 def processes_mentioning(text: str) -> list[int]:
     """Live processes (not us) whose command line contains ``text``, e.g. a runtime dir."""
-    found = []
-    me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if text.encode() in cmdline.replace(b"\0", b" "):
-            state = process_state(int(entry.name))
-            if state not in (None, "Z", "X"):
-                found.append(int(entry.name))
-    return found
+    return _live_processes_where(lambda pid: text.encode() in _read_cmdline(pid).replace(b"\0", b" "))
 
 
 def processes_using(directory: Path) -> list[int]:
@@ -111,8 +99,40 @@ def processes_using(directory: Path) -> list[int]:
     found = set(processes_mentioning(prefix))
     sockets = _sockets_bound_under(prefix)
     if sockets:
-        found.update(_processes_holding(sockets))
+        found.update(_live_processes_where(lambda pid: any(link in sockets for link in _fd_links(pid))))
     return sorted(found)
+
+
+def _live_processes_where(matches: Callable[[int], bool]) -> list[int]:
+    """The live processes (not us, not zombies) that ``matches``; those that cannot be looked at (gone,
+    or not ours to look at: an OSError) do not."""
+    found = []
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        pid = int(entry.name)
+        try:
+            if not matches(pid):
+                continue
+        except OSError:
+            continue
+        if process_state(pid) not in (None, "Z", "X"):
+            found.append(pid)
+    return found
+
+
+def _read_cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+def _fd_links(pid: int) -> Iterator[str]:
+    """What ``pid``'s descriptors point at (``socket:[INODE]``, a path…); those closed meanwhile are left out."""
+    with os.scandir(f"/proc/{pid}/fd") as fds:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                yield os.readlink(fd.path)
 
 
 def _sockets_bound_under(prefix: str) -> set[str]:
@@ -125,30 +145,6 @@ def _sockets_bound_under(prefix: str) -> set[str]:
         return set()
     return {f"socket:[{fields[6]}]" for fields in (row.split(None, 7) for row in rows)
             if len(fields) == 8 and fields[7].startswith(prefix)}
-
-
-def _processes_holding(links: set[str]) -> list[int]:
-    """Live processes (not us) with a descriptor whose ``/proc`` link is one of ``links``."""
-    found = []
-    me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            with os.scandir(f"/proc/{entry.name}/fd") as fds:
-                holds = any(_link(fd.path) in links for fd in fds)
-        except OSError:  # (gone, or not ours to look at)
-            continue
-        if holds and process_state(int(entry.name)) not in (None, "Z", "X"):
-            found.append(int(entry.name))
-    return found
-
-
-def _link(path: str) -> str | None:
-    try:
-        return os.readlink(path)
-    except OSError:  # (closed meanwhile)
-        return None
 
 
 def process_state(pid: int) -> str | None:
