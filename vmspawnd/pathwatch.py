@@ -2,8 +2,9 @@
 """Wait for a name to appear in a directory, or for a file to be written, woken by inotify rather
 than by polling.
 
-A helper (swtpm, virtiofsd, vhost-device-vsock) is ready once its socket exists; QEMU is started
-right after, so every millisecond between the socket's creation and our noticing it is start time.
+A helper that makes its own socket (vhost-device-vsock) is ready once the socket exists; QEMU is
+started right after, so every millisecond between the socket's creation and our noticing it is start
+time (swtpm and virtiofsd are socket-activated: nothing is waited for).
 
 One inotify instance serves the whole process, and each wait adds and removes a watch on it:
 closing an inotify instance waits for the kernel's SRCU grace period (up to ≈ 10 ms here), which
