@@ -70,7 +70,8 @@ def _output_options(suppress: bool) -> argparse.ArgumentParser:
     default = argparse.SUPPRESS if suppress else None
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--json", default=default, metavar="MODE",
-                   help="print JSON: --json=short (one object per line; also bare --json), pretty, or off")
+                   help="print JSON: --json=short (compact: one line, or one per event; also bare --json), "
+                        "pretty (indented), or off")
     p.add_argument("--no-legend", action="store_true", default=argparse.SUPPRESS if suppress else False,
                    help="no column headers and footer in tables")
     p.add_argument("--no-pager", action="store_true", default=argparse.SUPPRESS if suppress else False,
