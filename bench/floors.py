@@ -7,6 +7,9 @@ report shows which part of a figure is the machine's and which is ours.  They ha
   daemon Start has two such wake-ups (client → daemon, daemon → launcher) and this exec;
 * Python's start-up until asyncio is imported, without ``ssl`` as the commands import it (what
   `vmspawn` needs of the libraries before QEMU: structlog comes with the first line it logs);
+* Python's start-up until our modules that make QEMU's command line are imported, as `vmspawn`
+  imports them but without asyncio (none of them needs it): the least a `vmspawn` that imported
+  asyncio only after QEMU's exec would still take before it;
 * the resident memory of Python with the daemon's libraries imported (asyncio, structlog,
   asyncvarlink, sdnotify), before any module of ours.
 
@@ -53,6 +56,16 @@ def wake_exec(waiter: list[str], stamps: Stamps, runs: int, idle: float = 0.3) -
 
 
 ASYNCIO_WITHOUT_TLS = "import sys; sys.modules['ssl'] = None; import asyncio"
+#: the options, the machine's settings, QEMU's argv, firmware and accelerator, the credentials' files, the
+#: runtime directory and the launcher's spawn; with the dataclasses' method cache and the standard modules
+#: without their unused parts, as cli/__init__.py has them, and no garbage collection meanwhile, as cli/vmspawn.py
+#: imports (an import of asyncio fails the floor)
+COMMAND_LINE_WITHOUT_ASYNCIO = (
+    "import gc, sys; gc.disable(); from vmspawnd import methodcache; from vmspawnd.lean import import_without; "
+    "methodcache.install(); import_without('shutil', 'bz2', 'lzma', 'compression.zstd'); "
+    "import_without('uuid', '_uuid'); sys.modules['asyncio'] = None; "
+    "import vmspawnd.options, vmspawnd.qemu.argv, vmspawnd.qemu.firmware, vmspawnd.qemu.accel, "
+    "vmspawnd.guest.credentials, vmspawnd.runtime, vmspawnd.execlate; methodcache.settle(write=False)")
 
 
 def python_imports(runs: int, imports: str = ASYNCIO_WITHOUT_TLS) -> list[float]:

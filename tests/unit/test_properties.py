@@ -4,7 +4,7 @@
 import pytest
 
 from vmspawnd.errors import ConfigError
-from vmspawnd.systemd.properties import UINT64_MAX, describe, parse_properties, parse_property
+from vmspawnd.systemd.properties import UINT64_MAX, parse_properties, parse_property
 
 
 @pytest.mark.parametrize("assignment,expected", [
@@ -31,7 +31,7 @@ from vmspawnd.systemd.properties import UINT64_MAX, describe, parse_properties, 
     ("SendSIGKILL=no", [("SendSIGKILL", "b", False)]),
 ])
 def test_supported_properties(assignment, expected):
-    assert describe(parse_property(assignment)) == expected
+    assert parse_property(assignment) == expected
 
 
 @pytest.mark.parametrize("assignment", [
@@ -48,7 +48,7 @@ def test_unknown_or_malformed_properties_are_clear_errors(assignment):
 
 
 def test_several_properties():
-    assert [n for n, _ in parse_properties(["MemoryMax=1G", "TasksMax=infinity"])] == ["MemoryMax", "TasksMax"]
+    assert [n for n, _, _ in parse_properties(["MemoryMax=1G", "TasksMax=infinity"])] == ["MemoryMax", "TasksMax"]
 
 
 def test_scope_names_and_properties():

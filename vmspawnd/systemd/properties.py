@@ -1,5 +1,7 @@
 # SPDX-License-Identifier: LGPL-2.1-or-later
-"""``--property=NAME=VALUE`` in ``systemctl set-property`` syntax → typed D-Bus unit properties.
+"""``--property=NAME=VALUE`` in ``systemctl set-property`` syntax → typed D-Bus unit properties:
+(name, D-Bus signature, value), made into variants only where they are sent (systemd/scope.py), so
+that checking a machine's settings needs no D-Bus code (nor asyncio, which that imports).
 
 Supported families: memory, CPU, tasks, IO and device access (plus Delegate).  An unknown or
 malformed assignment is a ConfigError naming the property, raised before any VM starts.
@@ -12,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 from vmspawnd.errors import ConfigError
-from vmspawnd.systemd.units import Variant
 from vmspawnd.values import is_decimal, parse_bool, parse_signal, parse_size
 
 UINT64_MAX = (1 << 64) - 1
@@ -21,7 +22,7 @@ _TIME_UNITS = {"us": 1, "usec": 1, "ms": 1000, "msec": 1000, "s": 1_000_000, "se
                "m": 60_000_000, "min": 60_000_000, "h": 3_600_000_000, "hr": 3_600_000_000,
                "d": 86_400_000_000, "w": 604_800_000_000}
 
-Property = tuple[str, Any]  # (name, dbus_fast.Variant)
+Property = tuple[str, str, Any]  # (name, D-Bus signature, value)
 
 
 def _fail(name: str, value: str, reason: str) -> ConfigError:
@@ -42,12 +43,12 @@ def _percent(name: str, value: str) -> float | None:
 def _limit(name: str, value: str, scale_name: str | None) -> list[Property]:
     """Bytes/count limits: a number (with K/M/G… for memory), ``infinity``, or a percentage."""
     if value == "infinity":
-        return [(name, Variant("t", UINT64_MAX))]
+        return [(name, "t", UINT64_MAX)]
     pct = _percent(name, value)
     if pct is not None:
         if scale_name is None:
             raise _fail(name, value, "percentages are not supported here")
-        return [(scale_name, Variant("u", round(pct / 100 * UINT32_MAX)))]
+        return [(scale_name, "u", round(pct / 100 * UINT32_MAX))]
     try:
         if name.startswith("Memory"):
             number = parse_size(name, value, zero_ok=True)
@@ -57,18 +58,18 @@ def _limit(name: str, value: str, scale_name: str | None) -> list[Property]:
             raise ValueError(value)
     except (ConfigError, ValueError):
         raise _fail(name, value, "expected a number, 'infinity' or a percentage") from None
-    return [(name, Variant("t", number))]
+    return [(name, "t", number)]
 
 
 def _weight(name: str, value: str) -> list[Property]:
     if not is_decimal(value) or not 1 <= int(value) <= 10000:
         raise _fail(name, value, "expected a weight from 1 to 10000")
-    return [(name, Variant("t", int(value)))]
+    return [(name, "t", int(value))]
 
 
 def _boolean(name: str, value: str) -> list[Property]:
     try:
-        return [(name, Variant("b", parse_bool("property", value)))]
+        return [(name, "b", parse_bool("property", value))]
     except ConfigError:
         raise _fail(name, value, "expected a boolean") from None
 
@@ -77,17 +78,17 @@ def _cpu_quota_any(name: str, value: str) -> list[Property]:
     m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)%", value)
     if not m or float(m.group(1)) <= 0:
         raise _fail(name, value, "expected a positive percentage such as 50% (200% = two CPUs)")
-    return [("CPUQuotaPerSecUSec", Variant("t", round(float(m.group(1)) * 10_000)))]
+    return [("CPUQuotaPerSecUSec", "t", round(float(m.group(1)) * 10_000))]
 
 
 def _timespan(name: str, value: str) -> list[Property]:
     usec_name = name[:-3] + "USec" if name.endswith("Sec") else name
     if value == "infinity":
-        return [(usec_name, Variant("t", UINT64_MAX))]
+        return [(usec_name, "t", UINT64_MAX)]
     m = re.fullmatch(r"([0-9]+)\s*([a-z]*)", value)
     if not m or m.group(2) not in _TIME_UNITS:
         raise _fail(name, value, "expected a time span such as 100ms, 1s, 1h or infinity")
-    return [(usec_name, Variant("t", int(m.group(1)) * _TIME_UNITS[m.group(2)]))]
+    return [(usec_name, "t", int(m.group(1)) * _TIME_UNITS[m.group(2)])]
 
 
 def _cpu_set(name: str, value: str) -> list[Property]:
@@ -103,7 +104,7 @@ def _cpu_set(name: str, value: str) -> list[Property]:
     mask = bytearray((max(cpus) // 8 + 1) if cpus else 0)
     for cpu in cpus:
         mask[cpu // 8] |= 1 << (cpu % 8)
-    return [(name, Variant("ay", bytes(mask)))]
+    return [(name, "ay", bytes(mask))]
 
 
 def _device_limit(name: str, value: str, sizes: bool) -> list[Property]:
@@ -114,14 +115,14 @@ def _device_limit(name: str, value: str, sizes: bool) -> list[Property]:
         number = parse_size(name, amount) if sizes else int(amount)
     except (ConfigError, ValueError):
         raise _fail(name, value, "expected 'DEVICE-PATH VALUE' with a number") from None
-    return [(name, Variant("a(st)", [[path, number]]))]
+    return [(name, "a(st)", [[path, number]])]
 
 
 def _device_weight(name: str, value: str) -> list[Property]:
     path, _, weight = value.rpartition(" ")
     if not path.startswith("/") or not is_decimal(weight) or not 1 <= int(weight) <= 10000:
         raise _fail(name, value, "expected 'DEVICE-PATH WEIGHT' with a weight from 1 to 10000")
-    return [(name, Variant("a(st)", [[path, int(weight)]]))]
+    return [(name, "a(st)", [[path, int(weight)]])]
 
 
 def _device_allow(name: str, value: str) -> list[Property]:
@@ -131,20 +132,20 @@ def _device_allow(name: str, value: str) -> list[Property]:
     access = parts[1] if len(parts) > 1 else "rwm"
     if not access or set(access) - set("rwm"):
         raise _fail(name, value, "access must be a combination of r, w and m")
-    return [(name, Variant("a(ss)", [[parts[0], access]]))]
+    return [(name, "a(ss)", [[parts[0], access]])]
 
 
 def _choice(*allowed: str) -> Callable[[str, str], list[Property]]:
     def parse(name: str, value: str) -> list[Property]:
         if value not in allowed:
             raise _fail(name, value, f"expected {', '.join(allowed[:-1])} or {allowed[-1]}")
-        return [(name, Variant("s", value))]
+        return [(name, "s", value)]
     return parse
 
 
 def _signal(name: str, value: str) -> list[Property]:
     try:
-        return [(name, Variant("i", parse_signal("property", value)))]
+        return [(name, "i", parse_signal("property", value))]
     except ConfigError as e:
         raise _fail(name, value, e.reason) from None
 
@@ -204,8 +205,3 @@ def parse_property(assignment: str) -> list[Property]:
 
 def parse_properties(assignments: tuple[str, ...] | list[str]) -> list[Property]:
     return [p for a in assignments for p in parse_property(a)]
-
-
-def describe(props: list[Property]) -> list[tuple[str, str, Any]]:
-    """(name, signature, value) triples, for logs and tests."""
-    return [(n, v.signature, v.value) for n, v in props]

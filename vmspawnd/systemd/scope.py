@@ -7,6 +7,8 @@ launcher.py), so QEMU never runs outside it and the daemon never enters it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from vmspawnd.systemd.properties import Property, parse_properties
 from vmspawnd.systemd.units import SystemdManager, Variant
 
@@ -27,14 +29,15 @@ def scope_unit_name(machine: str) -> str:
     return f"machine-{unit_name_escape(machine)}.scope"
 
 
-def scope_properties(machine: str, pid: int, slice_name: str, properties: list[Property]) -> list[Property]:
+def scope_properties(machine: str, pid: int, slice_name: str, properties: list[Property]) -> list[tuple[str, Any]]:
+    """The scope's ``a(sv)`` properties for StartTransientUnit: ``pid`` in it, ``properties`` applied."""
     return [
         ("PIDs", Variant("au", [pid])),
         ("Description", Variant("s", f"Virtual Machine {machine}")),
         ("Slice", Variant("s", slice_name)),
         ("CollectMode", Variant("s", "inactive-or-failed")),
         ("AddRef", Variant("b", True)),
-        *properties,
+        *((name, Variant(signature, value)) for name, signature, value in properties),
     ]
 
 
