@@ -32,6 +32,13 @@ def test_the_commands_load_no_tls_or_libcrypto_until_something_asks_for_it() -> 
                   ) == "False False False"
     assert python("import vmspawnd.cli.vmspawnd, vmspawnd.qemu.qmp as qmp; qmp.Qmp('web'); import ssl; "
                   "print(ssl.OPENSSL_VERSION[:7], ssl.SSLContext.__module__)") == "OpenSSL ssl"
+    # nor does a machine's --property= being checked (a Create, vmspawn) where no scope is started: it is
+    # made into D-Bus variants only when the scope is (vmspawnd/systemd/properties.py)
+    assert python("import sys, vmspawnd.cli.vmspawnd, vmspawnd.settings as s; "
+                  "c = s.config_from_json('web', {'linux': '/boot/vmlinuz', 'properties': ['TasksMax=10', "
+                  "'MemoryMax=1G', 'AllowedCPUs=0-1']}); "
+                  "print(c.properties, 'dbus_fast' in sys.modules, '_hashlib' in sys.modules)"
+                  ) == "('TasksMax=10', 'MemoryMax=1G', 'AllowedCPUs=0-1') False False"
 
 
 def test_the_commands_load_no_bz2_lzma_or_zstd_and_both_still_work_when_asked_for(tmp_path) -> None:
