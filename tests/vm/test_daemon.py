@@ -21,6 +21,7 @@ from asyncvarlink import VarlinkClientProtocol, VarlinkInterfaceProxy, connect_u
 
 from tests.conftest import Daemon, EventFollower, process_gone, processes_mentioning, processes_using, tempdir_daemon
 from tests.polling import poll
+from tests.systemd.helpers import unwanted_libraries
 from tests.vm.clients import at_once
 from vmspawnd.interface import ManagerInterface
 from vmspawnd.testing.guest import GUEST_WORDS
@@ -483,6 +484,20 @@ def test_definitions_persist_across_restarts(daemon, guest):
     assert st["state"] == "stopped" and st["config"]["linux"] == str(guest.kernel)
     assert json.loads((daemon.state / "machines" / "kept.json").read_text())["name"] == "kept"
 
+
+
+def test_a_machine_with_properties_maps_no_openssl_into_the_daemon(daemon, guest):
+    """--property= is checked at each Create and each load of a definition; where no scope is started (no
+    systemd here) that needs no D-Bus code.  It used to load dbus-fast, and with it OpenSSL's libcrypto:
+    ≈ 5 MB resident for the daemon's life."""
+    properties = ["--property=TasksMax=64", "--property=AllowedCPUs=0", "--property=MemoryMax=1G"]
+    p = daemon.ctl("create", "limited", f"--linux={guest.kernel}", *properties)
+    assert p.returncode == 0, p.stderr
+    assert daemon.proc is not None and unwanted_libraries(daemon.proc.pid) == []
+    daemon.stop_daemon()
+    daemon.start()  # (which loads the definition again)
+    assert daemon.status("limited")["config"]["properties"] == [a.split("=", 1)[1] for a in properties]
+    assert unwanted_libraries(daemon.proc.pid) == []
 
 def test_what_clients_see_survives_a_daemon_restart(daemon, guest, tmp_path):
     create(daemon, guest, "done", "test.action=acpi", "test.exit=4", "test.status=almost-done")
