@@ -61,9 +61,9 @@ ASYNCIO_WITHOUT_TLS = "import sys; sys.modules['ssl'] = None; import asyncio"
 #: without their unused parts, as cli/__init__.py has them, and no garbage collection meanwhile, as cli/vmspawn.py
 #: imports (an import of asyncio fails the floor)
 COMMAND_LINE_WITHOUT_ASYNCIO = (
-    "import gc, sys; gc.disable(); from vmspawnd import methodcache; from vmspawnd.lean import import_without; "
-    "methodcache.install(); import_without('shutil', 'bz2', 'lzma', 'compression.zstd'); "
-    "import_without('uuid', '_uuid'); sys.modules['asyncio'] = None; "
+    "import gc, sys; gc.disable(); from vmspawnd import methodcache, lean; methodcache.install(); "
+    "lean.import_lean(*(module for module in lean.UNUSED_PARTS if module != 'asyncio')); "
+    "sys.modules['asyncio'] = None; "
     "import vmspawnd.options, vmspawnd.qemu.argv, vmspawnd.qemu.firmware, vmspawnd.qemu.accel, "
     "vmspawnd.guest.credentials, vmspawnd.runtime, vmspawnd.execlate; methodcache.settle(write=False)")
 

@@ -24,6 +24,17 @@ def import_without(module: str, *optional: str) -> ModuleType:
     return sys.modules[module]
 
 
+#: the standard modules every command imports without optional parts, and those parts (vmspawnd/cli/__init__.py
+#: says why each goes unused)
+UNUSED_PARTS = {"asyncio": ("ssl",), "shutil": ("bz2", "lzma", "compression.zstd"), "uuid": ("_uuid",)}
+
+
+def import_lean(*modules: str) -> None:
+    """Import each of ``modules`` (keys of :data:`UNUSED_PARTS`) without its unused parts."""
+    for module in modules:
+        import_without(module, *UNUSED_PARTS[module])
+
+
 def hashlib() -> ModuleType:
     """:mod:`hashlib` without OpenSSL: with it, hashlib loads libcrypto (≈ 3.4 MB resident, for the
     process's life) though Python's own SHA-256 (and SHA-1, which dbus-fast may use) serves what we

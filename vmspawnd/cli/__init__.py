@@ -23,10 +23,8 @@ modules are imported.
 """
 
 from vmspawnd import methodcache
-from vmspawnd.lean import import_without
+from vmspawnd.lean import UNUSED_PARTS, import_lean
 
 methodcache.install()
 
-import_without("asyncio", "ssl")
-import_without("shutil", "bz2", "lzma", "compression.zstd")
-import_without("uuid", "_uuid")
+import_lean(*UNUSED_PARTS)
