@@ -10,7 +10,7 @@ import time
 import typing
 
 from asyncvarlink import FileDescriptor, GenericVarlinkErrorReply, LastResult, TypedVarlinkErrorReply, varlinksignature
-from asyncvarlink.conversion import VarlinkType
+from asyncvarlink.conversion import ConversionError, ObjectVarlinkType, VarlinkType
 
 from vmspawnd.auth import caller, require_owner, require_start, run_as_for
 from vmspawnd.config import MachineConfig
@@ -47,7 +47,7 @@ from vmspawnd.machine import Control, State
 from vmspawnd.manager import Entry, Event, Manager
 from vmspawnd.plan import needs_privileges
 from vmspawnd.qemu.firmware import enumerate_descriptors
-from vmspawnd.server import EncodedJson, EncodedReplyType, PreconvertedDataclass, current_connection
+from vmspawnd.server import EncodedJson, EncodedReplyType, PreconvertedDataclass, SparseDataclass, current_connection
 from vmspawnd.settings import config_from_json, config_to_json
 from vmspawnd.values import valid_signal, validate_machine_name
 
@@ -122,6 +122,31 @@ for _method in (ManagerInterface.Create, ManagerInterface.Start, ManagerInterfac
                 ManagerInterface.Reboot, ManagerInterface.Pause, ManagerInterface.Resume, ManagerInterface.Describe):
     _reply_preconverted(_method)
 _reply_preconverted(ManagerInterface.List, optional=True)
+
+class ConfigParameter(SparseDataclass):
+    """Create's config (converted only in the settings a caller gives), whose errors name the setting: one
+    unknown to this daemon, or of the wrong JSON type, is an invalid config naming it, as a bad value is
+    (not an invalid parameter "config")."""
+
+    def fromjson(self, obj: typing.Any, oobstate: typing.Any = None) -> typing.Any:
+        try:
+            return super().fromjson(obj, oobstate)
+        except ConversionError as e:
+            if not isinstance(obj, dict):
+                raise
+            if unknown := sorted(obj.keys() - self._typemap.keys()):
+                raise varlink_error(ConfigError(unknown[0], "", "no such setting"), "") from None
+            if not e.location:
+                raise
+            setting = str(e.location[0])
+            expected = self._typemap[setting].as_varlink.removeprefix("?")
+            raise varlink_error(ConfigError(setting, "", f"expected JSON of type {expected}"), "") from None
+
+
+_create_signature = varlinksignature(ManagerInterface.Create)
+assert _create_signature is not None
+_create_signature.parameter_type = ObjectVarlinkType({"name": VarlinkType.from_type_annotation(str),
+                                                      "config": ConfigParameter(Config)})
 
 _SHOWN_STATES = {state: MachineState(state.value) for state in State}
 

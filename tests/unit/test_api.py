@@ -45,7 +45,8 @@ def test_get_info_lists_our_interface(daemon):
     ("io.vmspawnd.Manager.Describe", {"name": 42}, "org.varlink.service.InvalidParameter"),
     ("io.vmspawnd.Manager.Describe", {}, "org.varlink.service.InvalidParameter"),
     ("io.vmspawnd.Manager.Describe", {"name": "ghost"}, "io.vmspawnd.Manager.NoSuchMachine"),
-    ("io.vmspawnd.Manager.Create", {"name": "a", "config": {"bogus": 1}}, "org.varlink.service.InvalidParameter"),
+    ("io.vmspawnd.Manager.Create", {"name": "a", "config": []}, "org.varlink.service.InvalidParameter"),
+    ("io.vmspawnd.Manager.Create", {"name": "a"}, "org.varlink.service.InvalidParameter"),
     ("io.vmspawnd.Manager.Create", {"name": "a", "config": {"ram": "9" * 5000}}, "io.vmspawnd.Manager.InvalidConfig"),
     ("io.vmspawnd.Manager.Create", {"name": "a", "config": {"linux": "relative/path"}},
      "io.vmspawnd.Manager.InvalidConfig"),
@@ -62,6 +63,29 @@ def test_invalid_config_names_the_field(daemon):
     reply = call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": "a", "config": {"ram": "2G:1G"}})
     assert reply["error"] == "io.vmspawnd.Manager.InvalidConfig"
     assert reply["parameters"]["field"] == "ram"
+
+
+@pytest.mark.parametrize("config,field,reason", [
+    ({"cpus": 2}, "cpus", "invalid cpus: expected JSON of type string"),
+    ({"ram": 2048}, "ram", "invalid ram: expected JSON of type string"),
+    ({"tpm": True}, "tpm", "invalid tpm: expected JSON of type string"),
+    ({"binds": ["rw:/srv:/srv", 3]}, "binds", "invalid binds: expected JSON of type []string"),
+    ({"credentials": "secret"}, "credentials", "invalid credentials: expected JSON of type []string"),
+    ({"bogus": 1}, "bogus", "invalid bogus: no such setting"),
+    ({"cpus": "2", "tmp": "yes"}, "tmp", "invalid tmp: no such setting"),
+])
+def test_a_setting_of_the_wrong_json_type_or_unknown_is_invalid_config_naming_it(daemon, config, field, reason):
+    reply = call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": "a", "config": {"linux": "/k", **config}})
+    assert reply == {"error": "io.vmspawnd.Manager.InvalidConfig", "parameters": {"field": field, "reason": reason}}
+    assert list((daemon.state / "machines").glob("*.json")) == []
+
+
+def test_a_config_of_a_few_settings_is_defined_with_the_defaults_for_the_rest(daemon):
+    reply = call(daemon.socket, "io.vmspawnd.Manager.Create",
+                 {"name": "a", "config": {"linux": "/bin/sh", "cpus": "2", "kernelCommandLine": ["quiet"]}})
+    shown = reply["parameters"]["machine"]["config"]
+    assert (shown["cpus"], shown["kernelCommandLine"], shown["tpm"]) == ("2", ["quiet"], "auto")
+    assert shown["ram"] == str(2 << 30)  # (vmspawn's default, 2G)
 
 
 @pytest.mark.parametrize("name,config,field", [
