@@ -126,21 +126,18 @@ _reply_preconverted(ManagerInterface.List, optional=True)
 class ConfigParameter(SparseDataclass):
     """Create's config (converted only in the settings a caller gives), whose errors name the setting: one
     unknown to this daemon, or of the wrong JSON type, is an invalid config naming it, as a bad value is
-    (not an invalid parameter "config")."""
+    (not an invalid parameter "config"), with the reason a stored definition's would get."""
 
     def fromjson(self, obj: typing.Any, oobstate: typing.Any = None) -> typing.Any:
         try:
             return super().fromjson(obj, oobstate)
-        except ConversionError as e:
-            if not isinstance(obj, dict):
-                raise
-            if unknown := sorted(obj.keys() - self._typemap.keys()):
-                raise varlink_error(ConfigError(unknown[0], "", "no such setting"), "") from None
-            if not e.location:
-                raise
-            setting = str(e.location[0])
-            expected = self._typemap[setting].as_varlink.removeprefix("?")
-            raise varlink_error(ConfigError(setting, "", f"expected JSON of type {expected}"), "") from None
+        except ConversionError:
+            if isinstance(obj, dict):
+                try:
+                    config_from_json("checked", obj)
+                except ConfigError as e:
+                    raise varlink_error(e, "") from None
+            raise
 
 
 _create_signature = varlinksignature(ManagerInterface.Create)
