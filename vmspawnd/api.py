@@ -123,6 +123,7 @@ for _method in (ManagerInterface.Create, ManagerInterface.Start, ManagerInterfac
     _reply_preconverted(_method)
 _reply_preconverted(ManagerInterface.List, optional=True)
 
+
 class ConfigParameter(SparseDataclass):
     """Create's config (converted only in the settings a caller gives), whose errors name the setting: one
     unknown to this daemon, or of the wrong JSON type, is an invalid config naming it, as a bad value is
@@ -134,7 +135,7 @@ class ConfigParameter(SparseDataclass):
         except ConversionError:
             if isinstance(obj, dict):
                 try:
-                    config_from_json("checked", obj)
+                    config_from_json("checked", obj)  # (any valid name: only the settings are looked at)
                 except ConfigError as e:
                     raise varlink_error(e, "") from None
             raise

@@ -108,8 +108,8 @@ class PreconvertedDataclass(DataclassVarlinkType):
 class SparseDataclass(DataclassVarlinkType):
     """A dataclass type converted from JSON field by field as given: fields left out take None without
     a conversion each (Create's config has ≈ 50 optional fields and a caller gives a few; converting
-    each absent one took ≈ 100 µs, most of varlink's part of a Create).  The same instances and
-    errors as its base type; its described type is the same."""
+    each absent one took ≈ 100 µs, most of varlink's part of a Create).  The same instances and errors
+    as its base type (of several wrong fields, another may be named), and the same described type."""
 
     def __init__(self, dataclasstype: type) -> None:
         super().__init__(dataclasstype)
