@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import re
 import uuid
@@ -587,7 +588,7 @@ def config_from_json(name: str, data: Any, strict: bool = True) -> MachineConfig
         parse = s.load or s.parse
         if s.repeat:
             if not isinstance(raw, list) or len(raw) > 256:
-                raise ConfigError(key, raw if not isinstance(raw, list) else f"{len(raw)} items",
+                raise ConfigError(key, json.dumps(raw) if not isinstance(raw, list) else f"{len(raw)} items",
                                   "expected a list of at most 256 items")
             values[key] = [_json_item(s, v, parse) for v in raw]
         else:
@@ -605,8 +606,8 @@ def _json_item(s: Setting, value: Any, parse: Parse) -> Any:
         ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
     else:
         ok, expected = isinstance(value, str), "a string"
-    if not ok:
-        raise ConfigError(s.key, value, f"expected {expected}")
+    if not ok:  # (the value as JSON: "5" is not 5)
+        raise ConfigError(s.key, json.dumps(value), f"expected {expected}")
     if isinstance(value, str) and not _encodable(value):  # JSON's "\ud800": no path or argument can carry it
         raise ConfigError(s.key, printable(value), "expected text (it has a lone surrogate)")
     return parse(value, s.key)

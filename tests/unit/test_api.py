@@ -68,9 +68,11 @@ def test_invalid_config_names_the_field(daemon):
 @pytest.mark.parametrize("config,field,reason", [
     ({"cpus": 2}, "cpus", "invalid cpus=2: expected a string"),
     ({"ram": 2048}, "ram", "invalid ram=2048: expected a string"),
-    ({"tpm": True}, "tpm", "invalid tpm=True: expected a string"),
+    ({"vsockCid": "5"}, "vsockCid", 'invalid vsockCid="5": expected an integer'),
+    ({"ephemeral": "yes"}, "ephemeral", 'invalid ephemeral="yes": expected true or false'),
+    ({"tpm": True}, "tpm", "invalid tpm=true: expected a string"),
     ({"binds": ["rw:/srv:/srv", 3]}, "binds", "invalid binds=3: expected a string"),
-    ({"credentials": "id:eA=="}, "credentials", "invalid credentials=id:eA==: expected a list of at most 256 items"),
+    ({"credentials": "id:eA=="}, "credentials", 'invalid credentials="id:eA==": expected a list of at most 256 items'),
     ({"bogus": 1}, "bogus", "invalid bogus: unknown field"),
     ({"cpus": "2", "tmp": "yes"}, "tmp", "invalid tmp: unknown field"),
 ])
