@@ -485,7 +485,6 @@ def test_definitions_persist_across_restarts(daemon, guest):
     assert json.loads((daemon.state / "machines" / "kept.json").read_text())["name"] == "kept"
 
 
-
 def test_a_machine_with_properties_maps_no_openssl_into_the_daemon(daemon, guest):
     """--property= is checked at each Create and each load of a definition; where no scope is started (no
     systemd here) that needs no D-Bus code.  It used to load dbus-fast, and with it OpenSSL's libcrypto:
@@ -498,6 +497,7 @@ def test_a_machine_with_properties_maps_no_openssl_into_the_daemon(daemon, guest
     daemon.start()  # (which loads the definition again)
     assert daemon.status("limited")["config"]["properties"] == [a.split("=", 1)[1] for a in properties]
     assert unwanted_libraries(daemon.proc.pid) == []
+
 
 def test_what_clients_see_survives_a_daemon_restart(daemon, guest, tmp_path):
     create(daemon, guest, "done", "test.action=acpi", "test.exit=4", "test.status=almost-done")
