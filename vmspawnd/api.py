@@ -10,7 +10,7 @@ import time
 import typing
 
 from asyncvarlink import FileDescriptor, GenericVarlinkErrorReply, LastResult, TypedVarlinkErrorReply, varlinksignature
-from asyncvarlink.conversion import ConversionError, ObjectVarlinkType, VarlinkType
+from asyncvarlink.conversion import ObjectVarlinkType, VarlinkType
 
 from vmspawnd.auth import caller, require_owner, require_start, run_as_for
 from vmspawnd.config import MachineConfig
@@ -47,7 +47,7 @@ from vmspawnd.machine import Control, State
 from vmspawnd.manager import Entry, Event, Manager
 from vmspawnd.plan import needs_privileges
 from vmspawnd.qemu.firmware import enumerate_descriptors
-from vmspawnd.server import EncodedJson, EncodedReplyType, PreconvertedDataclass, SparseDataclass, current_connection
+from vmspawnd.server import EncodedJson, EncodedReplyType, PreconvertedDataclass, UncheckedObject, current_connection
 from vmspawnd.settings import config_from_json, config_to_json
 from vmspawnd.values import valid_signal, validate_machine_name
 
@@ -124,27 +124,10 @@ for _method in (ManagerInterface.Create, ManagerInterface.Start, ManagerInterfac
 _reply_preconverted(ManagerInterface.List, optional=True)
 
 
-class ConfigParameter(SparseDataclass):
-    """Create's config (converted only in the settings a caller gives), whose errors name the setting: one
-    unknown to this daemon, or of the wrong JSON type, is an invalid config naming it, as a bad value is
-    (not an invalid parameter "config"), with the reason a stored definition's would get."""
-
-    def fromjson(self, obj: typing.Any, oobstate: typing.Any = None) -> typing.Any:
-        try:
-            return super().fromjson(obj, oobstate)
-        except ConversionError:
-            if isinstance(obj, dict):
-                try:
-                    config_from_json("checked", obj)  # (any valid name: only the settings are looked at)
-                except ConfigError as e:
-                    raise varlink_error(e, "") from None
-            raise
-
-
 _create_signature = varlinksignature(ManagerInterface.Create)
 assert _create_signature is not None
 _create_signature.parameter_type = ObjectVarlinkType({"name": VarlinkType.from_type_annotation(str),
-                                                      "config": ConfigParameter(Config)})
+                                                      "config": UncheckedObject(Config)})  # (checked by create)
 
 _SHOWN_STATES = {state: MachineState(state.value) for state in State}
 
@@ -220,12 +203,12 @@ class ManagerCalls:
         with typed_errors(name):
             return self.manager.get(name)
 
-    async def create(self, name: str, config: Config) -> MachineInfo:
+    async def create(self, name: str, config: Config | dict[str, typing.Any]) -> MachineInfo:
+        """Define ``name`` with ``config``, the caller's JSON object (passed unchecked: see UncheckedObject)."""
         who = caller()
         _check_name(name)
-        raw = {f.name: v for f in dataclasses.fields(config) if (v := getattr(config, f.name)) is not None}
         with typed_errors(name):
-            machine_config = config_from_json(name, raw)
+            machine_config = config_from_json(name, config)
             plan = self.manager.plan(machine_config, who.identity())  # what it names, looked at as the caller
             run_as = await run_as_for(who, needs_privileges(machine_config, plan))
             entry = self.manager.create(machine_config, owner=who.uid, run_as=run_as, plan=plan)
