@@ -260,8 +260,7 @@ class Run:
         rundir = self.runtime.renew(self.identity)
         self._durable.callback(self.runtime.remove_files)
         pid = self.qemu.pid if self.qemu is not None else 0  # (0 until QEMU is spawned)
-        self._record = RunRecord(pid=pid, starttime=process_start_time(pid) if pid else None,
-                                 config=config_to_json(config, secrets=False), name=config.name,
+        self._record = RunRecord(pid=pid, starttime=process_start_time(pid) if pid else None, name=config.name,
                                  uid=self.identity.uid, gid=self.identity.gid, groups=list(self.identity.groups))
         self._save(required=True)
         run_config = await self._ephemeral_copy()
@@ -320,12 +319,18 @@ class Run:
             self.qemu.exec(argv, pass_fds, self.identity, keep_stdin=keep_stdin, output=output_fd)
             if self._spares is not None:
                 self._spares.launcher.refill()  # the next start's, while QEMU comes up
+        # (shown by a next daemon for a running VM whose definition went; one that undoes a start needs none)
+        self._record.config = config_to_json(config, secrets=False)
         if output is not None:
             output.start()
             self._store_output(output)  # (after the exec: not on its path)
         for callback in self._after_exec:
             asyncio.get_running_loop().call_soon(callback)
-        self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)  # (a line costs ≈ 0.1 ms after idling)
+        # (logged once QEMU runs: a line costs ≈ 0.1 ms after idling)
+        self.log.info("firmware", kind=firmware.kind.value, reason=firmware.reason,
+                      descriptor=str(firmware.descriptor.path) if firmware.descriptor else None,
+                      nvram=str(nvram) if nvram else None)
+        self.log.info("accelerator", kvm=accel.kvm, reason=accel.reason)
         for sock in (qmp_sock, console_sock):  # QEMU has its copies
             if sock is not None:
                 sock.close()
@@ -565,9 +570,6 @@ class Run:
         if template is not None:
             base = config.image.path if config.image is not None else config.directory
             nvram = prepare_nvram(template, nvram_state_path(config.efi_nvram_state, base, config.ephemeral), rundir)
-        self.log.info("firmware", kind=firmware.kind.value, reason=firmware.reason,
-                      descriptor=str(firmware.descriptor.path) if firmware.descriptor else None,
-                      nvram=str(nvram) if nvram else None)
         return firmware, nvram
 
     async def _connect_qmp(self, path: Path) -> None:
