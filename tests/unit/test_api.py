@@ -47,6 +47,8 @@ def test_get_info_lists_our_interface(daemon):
     ("io.vmspawnd.Manager.Describe", {"name": "ghost"}, "io.vmspawnd.Manager.NoSuchMachine"),
     ("io.vmspawnd.Manager.Create", {"name": "a", "config": []}, "org.varlink.service.InvalidParameter"),
     ("io.vmspawnd.Manager.Create", {"name": "a"}, "org.varlink.service.InvalidParameter"),
+    ("io.vmspawnd.Manager.Create", {"name": "a", "config": None}, "org.varlink.service.InvalidParameter"),
+    ("io.vmspawnd.Manager.Create", {"name": "a", "config": "linux=/bin/sh"}, "org.varlink.service.InvalidParameter"),
     ("io.vmspawnd.Manager.Create", {"name": "a", "config": {"ram": "9" * 5000}}, "io.vmspawnd.Manager.InvalidConfig"),
     ("io.vmspawnd.Manager.Create", {"name": "a", "config": {"linux": "relative/path"}},
      "io.vmspawnd.Manager.InvalidConfig"),
@@ -83,10 +85,10 @@ def test_a_setting_of_the_wrong_json_type_or_unknown_is_invalid_config_naming_it
 
 
 def test_a_config_of_a_few_settings_is_defined_with_the_defaults_for_the_rest(daemon):
-    reply = call(daemon.socket, "io.vmspawnd.Manager.Create",
-                 {"name": "a", "config": {"linux": "/bin/sh", "cpus": "2", "kernelCommandLine": ["quiet"]}})
+    config = {"linux": "/bin/sh", "cpus": "2", "kernelCommandLine": ["quiet"], "tpm": None}
+    reply = call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": "a", "config": config})
     shown = reply["parameters"]["machine"]["config"]
-    assert (shown["cpus"], shown["kernelCommandLine"], shown["tpm"]) == ("2", ["quiet"], "auto")
+    assert (shown["cpus"], shown["kernelCommandLine"], shown["tpm"]) == ("2", ["quiet"], "auto")  # (null: left out)
     assert shown["ram"] == str(2 << 30)  # (vmspawn's default, 2G)
 
 
