@@ -588,7 +588,7 @@ def config_from_json(name: str, data: Any, strict: bool = True) -> MachineConfig
         parse = s.load or s.parse
         if s.repeat:
             if not isinstance(raw, list) or len(raw) > 256:
-                raise ConfigError(key, json.dumps(raw) if not isinstance(raw, list) else f"{len(raw)} items",
+                raise ConfigError(key, _wrong_value(key, raw) if not isinstance(raw, list) else f"{len(raw)} items",
                                   "expected a list of at most 256 items")
             values[key] = [_json_item(s, v, parse) for v in raw]
         else:
@@ -606,11 +606,29 @@ def _json_item(s: Setting, value: Any, parse: Parse) -> Any:
         ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
     else:
         ok, expected = isinstance(value, str), "a string"
-    if not ok:  # (the value as JSON: "5" is not 5)
-        raise ConfigError(s.key, json.dumps(value), f"expected {expected}")
+    if not ok:
+        raise ConfigError(s.key, _wrong_value(s.key, value), f"expected {expected}")
     if isinstance(value, str) and not _encodable(value):  # JSON's "\ud800": no path or argument can carry it
         raise ConfigError(s.key, printable(value), "expected text (it has a lone surrogate)")
     return parse(value, s.key)
+
+
+#: the settings whose values may hold a credential's secret (config_to_json leaves it out of what it shows)
+_SECRET_KEYS = frozenset({"credentials", "smbios11", "kernelCommandLine"})
+_SHOWN_CHARS = 64  # of a wrong value's JSON in an error
+_JSON_TYPES = ((bool, "true or false"), ((int, float), "a number"), (str, "a string"), (list, "a list"),
+               (dict, "an object"))
+
+
+def _wrong_value(key: str, value: Any) -> str:
+    """A value of the wrong JSON type as an error shows it: as JSON ("5" is not 5), cut short (it may be
+    a megabyte); of a setting that may hold a credential's secret, only which JSON type it is (errors of
+    a stored definition are logged, and Describe shows them)."""
+    if key in _SECRET_KEYS:
+        kind = next((name for types, name in _JSON_TYPES if isinstance(value, types)), "null")
+        return f"({kind}, not shown)"
+    text = json.dumps(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "…"
 
 
 def _encodable(text: str) -> bool:

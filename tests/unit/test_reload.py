@@ -57,6 +57,21 @@ def test_sighup_and_reload_read_the_definitions_again(daemon: Daemon, tmp_path) 
     assert "machine definitions re-read" in daemon.log.read_text()
 
 
+def test_a_definition_whose_credential_is_of_the_wrong_type_names_it_but_never_shows_the_secret(daemon: Daemon,
+                                                                                                 tmp_path) -> None:
+    """(Its error is logged, and Describe shows it: a credential's value written as a string, not a list,
+    was echoed in both.)"""
+    secret = "hunter2-secret"
+    config = {"linux": "/bin/sh", "credentials": f"token:{secret}"}
+    (daemon.state / "machines").mkdir(parents=True, exist_ok=True)
+    (daemon.state / "machines" / "leaky.json").write_text(json.dumps({"name": "leaky", "config": config}))
+    (reply,) = varlink_call(str(daemon.socket), "io.systemd.service.Reload")
+    assert "error" not in reply, reply
+    error = daemon.status("leaky")["definitionError"]
+    assert "invalid credentials=(a string, not shown): expected a list" in error, error
+    assert secret not in daemon.ctl("--json", "status", "leaky").stdout and secret not in daemon.log.read_text()
+
+
 async def test_a_reload_that_waits_for_a_machine_keeps_what_clients_created_and_removed_meanwhile(tmp_path) -> None:
     """A reload waits for each machine's lock (a Start holds it while its VM comes up); a client's Create
     and Remove in that time stand: the new machine is not forgotten, the removed one not brought back."""
