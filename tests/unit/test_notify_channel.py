@@ -6,6 +6,7 @@ vhost-device-vsock connect to them."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 
 import pytest
@@ -115,3 +116,39 @@ async def _closed_by_peer(s: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+async def test_what_the_guest_sends_before_the_channel_is_served_arrives(tmp_path):
+    """The listener is served from the event loop's next turn (not on the way to QEMU's exec): QEMU's
+    chardev may connect, and the guest write, before that; nothing of it is lost."""
+    received: list[tuple[str, str]] = []
+    notify = NotifyChannel(lambda message: received.extend(message))
+    path = tmp_path / "notify.sock"
+    await notify.listen_virtio_serial(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as early:  # (no turn of the loop since)
+        early.connect(str(path))
+        early.sendall(b"READY=1\nSTATUS=early\n")
+        try:
+            for _ in range(100):
+                if len(received) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert received == [("READY", "1"), ("STATUS", "early")]
+        finally:
+            await notify.close()
+
+
+async def test_a_channel_closed_before_it_was_served_leaves_no_listener(tmp_path):
+    """(A start undone right after the channel listened: the server's start, not begun, must not serve a
+    closed server, nor a listener outlive the run.)"""
+    errors: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+    notify = NotifyChannel(lambda message: None)
+    path = tmp_path / "notify.sock"
+    await notify.listen_virtio_serial(path)
+    await notify.close()  # (no turn of the loop between)
+    await asyncio.sleep(0.05)  # (the cancelled start has its turn)
+    gc.collect()  # (a task that failed reports it when it is collected)
+    assert errors == []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late, pytest.raises(ConnectionRefusedError):
+        late.connect(str(path))
