@@ -8,8 +8,8 @@ or heavy load needs more (what upstream could change is noted on each class):
   (EMFILE, ENFILE, ENOBUFS, ENOMEM) it pauses accepting briefly, a connection aborted before
   we took it is skipped, and connections over the cap are accepted and closed at once.
   (asyncvarlink 0.3.3 closes the listener on any accept error but EAGAIN.)
-- :class:`GuardedTransport` reads at most :data:`READ_BUDGET` bytes per event-loop turn, so one
-  client streaming data never blocks the others, and stops reading once closing.  It writes a
+- :class:`GuardedTransport` reads one chunk of at most :data:`READ_BUDGET` bytes per event-loop turn,
+  so one client streaming data never blocks the others, and stops reading once closing.  It writes a
   reply at once when nothing is queued, as asyncio's own transports do; streamed replies go out
   :data:`WRITE_BURST` at a time in one ``sendmsg``, and their sender then waits one event-loop
   turn (others' turn).
@@ -23,8 +23,11 @@ or heavy load needs more (what upstream could change is noted on each class):
   that is :class:`EncodedJson` goes out as the bytes it was encoded to once, not encoded again, and
   a synchronous method whose reply type is an :class:`EncodedReplyType` (List, Describe) has its
   replies written straight to bytes, without asyncvarlink's reply objects.
+  Each message is decoded once.  A client that shuts down its writing side still gets the answers
+  to all the calls it sent before.
   (asyncvarlink checks the limit only after a message is complete, re-copies its buffer for
-  every chunk, and lets decoding errors other than JSONDecodeError escape.)
+  every chunk, lets decoding errors other than JSONDecodeError escape, and hangs up on a
+  half-closed client with the calls it has received but not begun unanswered.)
 
 asyncvarlink also does not await ``aclose()`` of a streaming method's generator when sending
 fails (the client hung up); the generator is still finalized by asyncio's async-generator
@@ -224,13 +227,15 @@ class GuardedProtocol(VarlinkInterfaceServerProtocol):
             return
         complete = bytes(self._pending) + data[:end + 1] if self._pending else data[:end + 1]
         self._release_pending()
-        parts = complete.split(b"\0")[:-1]
-        for part in parts:
-            problem = self._problem(part)
-            if problem is not None:
-                self._reject(problem, reply=len(part) <= self._limits.max_message)
-                return
-        super().message_received(complete, fds)
+        if len(complete) > self._limits.max_message + 1 and any(
+                len(part) > self._limits.max_message for part in complete.split(b"\0")):
+            self._reject(f"message larger than {self._limits.max_message} bytes", reply=False)
+            return
+        try:  # each message is decoded once, there: what it cannot decode comes to error_received
+            super().message_received(complete, fds)
+        except (ValueError, RecursionError) as e:  # what it lets escape (incl. over-long integers, bad UTF-8)
+            self._reject(f"not valid JSON: {str(e)[:100]}", reply=True)
+            return
         if not self._dropped:
             self._hold(data[end + 1:])
 
@@ -250,18 +255,6 @@ class GuardedProtocol(VarlinkInterfaceServerProtocol):
         self._limits.buffered -= len(self._pending)
         self._pending = bytearray()
 
-    def _problem(self, message: bytes) -> str | None:
-        """Why ``message`` is not a varlink message (a JSON object), or None."""
-        if len(message) > self._limits.max_message:
-            return f"message larger than {self._limits.max_message} bytes"
-        try:
-            obj = json.loads(message)
-        except (ValueError, RecursionError, UnicodeDecodeError) as e:  # incl. over-long integers
-            return f"not valid JSON: {str(e)[:100]}"
-        if not isinstance(obj, dict):
-            return "not a JSON object"
-        return None
-
     def _reject(self, why: str, *, reply: bool) -> None:
         """A protocol violation: answer it if the client can read an answer, then hang up."""
         log.warning("varlink protocol violation; closing the connection", error=why)
@@ -272,7 +265,27 @@ class GuardedProtocol(VarlinkInterfaceServerProtocol):
         self.close()
 
     def error_received(self, err: Exception, data: bytes, fds: Any) -> None:
-        self._reject(str(err)[:200], reply=True)
+        """A message that is not valid JSON, or not an object."""
+        self._reject(f"not valid JSON: {str(err)[:100]}" if isinstance(err, ValueError) else "not a JSON object",
+                     reply=True)
+
+    def eof_received(self) -> None:
+        """The client sent all it will (it shut down its writing side): the calls it sent before are
+        still answered.  (asyncvarlink hangs up once the calls begun are done, and those received
+        but not begun yet were never answered.)"""
+        queue = getattr(self, "_consumer_queue", None)
+        if queue and not self._dropped:  # after them, in their order: their processing is under way
+            queue.append((self._eof_after_calls, None))
+        else:
+            super().eof_received()
+
+    def _eof_after_calls(self) -> None:
+        super().eof_received()
+
+    def request_received(self, obj: Any, fds: Any) -> asyncio.Future[None] | None:
+        if self._dropped:  # what followed a protocol violation is not a call
+            return None
+        return super().request_received(obj, fds)
 
     # ------------------------------------------------------------ writing
     def send_message(self, obj: Any, fds: list[int] | None = None, autoclose: bool = True) -> asyncio.Future[None]:
@@ -381,24 +394,20 @@ class GuardedProtocol(VarlinkInterfaceServerProtocol):
 
 
 class GuardedTransport(VarlinkTransport):
-    """Reads at most :data:`READ_BUDGET` bytes per event-loop turn and nothing once closing."""
+    """Reads one chunk of at most :data:`READ_BUDGET` bytes per event-loop turn and nothing once closing.
 
-    _budget = READ_BUDGET
+    It does not peek at message boundaries first (asyncvarlink's way, so that file descriptors go with
+    the message they came with: a second ``recv`` and a third that finds the socket empty, for each
+    message): no method here takes file descriptors from a client, so those a client sends anyway go
+    with its chunk and are closed once its calls are done."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, boundary_predictor=None, **kwargs)
         self._held: list[bytes] = []  # streamed replies of this event-loop turn, not written yet
 
-    def _handle_read_socket_peek(self) -> None:
-        self._budget = READ_BUDGET
-        super()._handle_read_socket_peek()
-
-    def _sock_receive_fds(self, size: int) -> int:
-        if self._budget <= 0 or self.is_closing():
-            return 0  # the reader stays registered: the rest comes on the next turn
-        received = super()._sock_receive_fds(size)
-        self._budget -= received
-        return received
+    def _handle_read_socket(self) -> None:
+        if not self.is_closing():  # (closing: the reader goes with the connection, on the next turn)
+            self._sock_receive_fds(READ_BUDGET)
 
     def send_streamed(self, data: bytes) -> asyncio.Future[None]:
         """A streamed reply: held, to go out with the ones that follow it, :data:`WRITE_BURST` of them in
@@ -602,7 +611,7 @@ class GuardedServer(VarlinkUnixServer):
 #: the private methods of asyncvarlink (0.3.3) that the classes above override
 OVERRIDDEN: tuple[tuple[type, tuple[str, ...]], ...] = (
     (GuardedProtocol, ("_call_sync_method_single", "_call_sync_method_more")),
-    (GuardedTransport, ("_handle_read_socket_peek", "_sock_receive_fds")),
+    (GuardedTransport, ("_handle_read_socket",)),
     (GuardedServer, ("_handle_accept",)),
 )
 _checked_hooks = False
