@@ -398,8 +398,9 @@ class GuardedTransport(VarlinkTransport):
 
     It does not peek at message boundaries first (asyncvarlink's way, so that file descriptors go with
     the message they came with: a second ``recv`` and a third that finds the socket empty, for each
-    message): no method here takes file descriptors from a client, so those a client sends anyway go
-    with its chunk and are closed once its calls are done."""
+    message): no method served here uses a client's file descriptors (io.systemd.MachineInstance's
+    AddStorage and ReplaceStorage, which would, are refused), so those a client sends anyway go with
+    its chunk and are closed once its calls are done."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, boundary_predictor=None, **kwargs)
