@@ -120,20 +120,30 @@ class UncheckedObject(DataclassVarlinkType):
         return obj
 
 
+_HEADS = {True: b'{"continues":true,"parameters":{', False: b'{"parameters":{'}
+
+
 class EncodedReplyType(ObjectVarlinkType):
     """A method's reply type whose replies :class:`GuardedProtocol` writes straight to bytes (a
     synchronous method's, with no file descriptors and no extensions): asyncvarlink's reply objects
     and per-reply bookkeeping, most of a List's time, are skipped.  The interface it describes is
     the same."""
 
+    def __init__(self, typemap: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        super().__init__(typemap, *args, **kwargs)
+        self._heads = {(key, continues): _HEADS[continues] + _ENCODER.encode(key).encode() + b":"
+                       for key in typemap for continues in (True, False)}
+
     def message(self, parameters: dict[str, Any], continues: bool) -> bytes:
         """The reply with ``parameters`` (converted by their types), encoded, with its NUL."""
+        if len(parameters) == 1:  # one parameter that carries its JSON (a List's reply for each machine)
+            (key, value), = parameters.items()
+            encoded = getattr(value, "varlink_json", None)
+            if encoded is not None and (head := self._heads.get((key, continues))) is not None:
+                return b"".join((head, encoded.data, b"}}\0"))
         converted = self.tojson(parameters)
         return encode_message({"continues": True, "parameters": converted} if continues
                               else {"parameters": converted})
-
-
-_HEADS = {True: b'{"continues":true,"parameters":{', False: b'{"parameters":{'}
 
 
 def encode_message(obj: dict[str, Any]) -> bytes:
@@ -405,6 +415,7 @@ class GuardedTransport(VarlinkTransport):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, boundary_predictor=None, **kwargs)
         self._held: list[bytes] = []  # streamed replies of this event-loop turn, not written yet
+        self._written = resolved(self._loop)  # what a write that is done returns (one, as it never changes)
 
     def _handle_read_socket(self) -> None:
         if not self.is_closing():  # (closing: the reader goes with the connection, on the next turn)
@@ -420,7 +431,7 @@ class GuardedTransport(VarlinkTransport):
         if len(self._held) == 1:
             self._loop.call_soon(self._write_held)
         if len(self._held) < WRITE_BURST:
-            return resolved(self._loop)
+            return self._written
         queued = self._write_held()
         if queued is not None:
             return queued  # the sender waits until the socket took them
@@ -440,7 +451,7 @@ class GuardedTransport(VarlinkTransport):
             return super().send_message(data, fds)  # the queued path retries it, or fails it as usual
         if sent < len(data):
             return super().send_message(data[sent:], [])  # the descriptors went with the first byte
-        return resolved(self._loop)
+        return self._written
 
     def _write_held(self) -> asyncio.Future[None] | None:
         """Write the held replies with one ``sendmsg``; what the socket does not take is queued (and

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import socket
@@ -22,7 +23,14 @@ import vmspawnd
 from tests.polling import poll
 from tests.rawvarlink import call
 from vmspawnd.interface import interface_description
-from vmspawnd.server import OVERRIDDEN, EncodedJson, encode_message, hooks_astray
+from vmspawnd.server import (
+    OVERRIDDEN,
+    EncodedJson,
+    EncodedReplyType,
+    PreconvertedDataclass,
+    encode_message,
+    hooks_astray,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -374,6 +382,25 @@ def test_a_parameter_encoded_once_goes_out_as_the_json_it_stands_for(head):
     assert json.loads(data[:-1]) == {**head, "parameters": {"machine": machine, "other": [1, "two"]}}
     alone = encode_message({**head, "parameters": {"machine": EncodedJson(machine)}})
     assert json.loads(alone[:-1]) == {**head, "parameters": {"machine": machine}}
+
+
+@pytest.mark.parametrize("continues", [False, True])
+def test_a_reply_made_straight_from_its_encoded_json_is_the_reply_converted_field_by_field(continues):
+    @dataclasses.dataclass
+    class Shown:
+        name: str
+        pid: int | None = None
+
+    shown = Shown("web")
+    shown.varlink_json = EncodedJson({"name": "web", "pid": None, "ü": "\u2028"})  # type: ignore[attr-defined]
+    reply_type = EncodedReplyType({"machine": PreconvertedDataclass(Shown).optional()})
+    straight = reply_type.message({"machine": shown}, continues)
+    converted = encode_message({**({"continues": True} if continues else {}),
+                                "parameters": reply_type.tojson({"machine": shown})})
+    assert straight == converted
+    assert json.loads(straight[:-1])["parameters"]["machine"]["ü"] == "\u2028"
+    none = reply_type.message({"machine": None}, continues)  # (a List of no machines: no JSON carried)
+    assert json.loads(none[:-1])["parameters"] == {"machine": None}
 
 
 def test_the_installed_asyncvarlink_has_every_method_the_servers_guards_override():
