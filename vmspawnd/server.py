@@ -78,6 +78,7 @@ WRITE_BURST = 16  # streamed replies written with one sendmsg, before their send
 DEFAULT_MAX_CONNECTIONS = 4096
 ACCEPT_PAUSE = 0.1  # seconds without accepting when we are out of file descriptors
 ACCEPT_BATCH = 64  # connections accepted per event-loop turn
+MAX_QUEUED_CALLS = 64  # calls received on one connection and not begun yet, before its reading pauses
 HANGUP_POLL = 0.5  # seconds between checks that a streaming call's client is still there
 RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # (Linux ≥ 6.5; Python 3.11 does not name it)
@@ -248,6 +249,18 @@ class GuardedProtocol(VarlinkInterfaceServerProtocol):
             return
         if not self._dropped:
             self._hold(data[end + 1:])
+            self._throttle()
+
+    def _throttle(self) -> None:
+        """Stop reading from a client that sends calls faster than they are begun, or while its answers
+        wait for it to read them: asyncvarlink reads again once all its calls are begun, and
+        :meth:`GuardedTransport.resume_reading` once its answers are written too.  (asyncvarlink reads on:
+        a client that pipelined calls without reading the answers grew the daemon's memory without
+        bound, the calls and their answers both.)"""
+        transport = self._transport
+        if transport is not None and (len(getattr(self, "_consumer_queue", ())) >= MAX_QUEUED_CALLS
+                                      or (isinstance(transport, GuardedTransport) and transport.answers_waiting())):
+            transport.pause_reading()
 
     def _hold(self, data: bytes) -> None:
         """Keep the start of a message: within the per-message and the total limit, or drop the client."""
@@ -416,10 +429,29 @@ class GuardedTransport(VarlinkTransport):
         super().__init__(*args, boundary_predictor=None, **kwargs)
         self._held: list[bytes] = []  # streamed replies of this event-loop turn, not written yet
         self._written = resolved(self._loop)  # what a write that is done returns (one, as it never changes)
+        self._resume_when_written = False  # reading resumes once the answers waiting are written
 
     def _handle_read_socket(self) -> None:
         if not self.is_closing():  # (closing: the reader goes with the connection, on the next turn)
             self._sock_receive_fds(READ_BUDGET)
+
+    def answers_waiting(self) -> bool:
+        """Whether answers wait for the client to read them (the socket took no more)."""
+        return bool(self._sendqueue)
+
+    def resume_reading(self) -> None:
+        """Read again, or, while answers wait for the client to read them, once they are written."""
+        if self._sendqueue and not self._closing:
+            if not self._resume_when_written:
+                self._resume_when_written = True
+                self._sendqueue[-1][2].add_done_callback(self._written_out)
+            return
+        super().resume_reading()
+
+    def _written_out(self, fut: asyncio.Future[None]) -> None:
+        _retrieve(fut)  # (a client gone: its writer is told; the connection is closing)
+        self._resume_when_written = False
+        self.resume_reading()
 
     def send_streamed(self, data: bytes) -> asyncio.Future[None]:
         """A streamed reply: held, to go out with the ones that follow it, :data:`WRITE_BURST` of them in

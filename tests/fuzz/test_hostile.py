@@ -397,6 +397,37 @@ def test_partial_messages_are_capped_and_their_memory_returned(daemon: Daemon, f
     assert_healthy(daemon)
 
 
+def test_calls_sent_without_reading_the_answers_are_read_only_as_they_are_answered(daemon: Daemon) -> None:
+    """A client pipelines calls for 3 s and reads nothing: the daemon stops reading it (its memory
+    stays put, others are answered); once the client reads, every call it sent is answered."""
+    baseline = daemon.rss()
+    one = json.dumps({"method": f"{IFACE}.Describe", "parameters": {"name": "nope"}}).encode() + b"\0"
+    calls = one * 1000
+    with connected(daemon) as s:
+        s.setblocking(False)
+        sent, deadline = 0, time.monotonic() + 3
+        while time.monotonic() < deadline and sent < 512 << 20:
+            try:
+                sent += s.send(calls[sent % len(calls):])
+            except BlockingIOError:
+                time.sleep(0.01)
+        held = daemon.rss()
+        assert_healthy(daemon)
+        assert sent < 4 << 20, sent  # (≈ 0.3 MB: what the sockets buffer)
+        assert held < baseline + (16 << 20), (baseline, held)  # (reading on, a daemon took 25 MB in: +358 MB)
+        s.setblocking(True)
+        s.settimeout(30)
+        s.shutdown(socket.SHUT_WR)  # (an incomplete last call is dropped; the others are answered)
+        answers, data = 0, b""
+        while chunk := s.recv(1 << 20):
+            data += chunk
+            *replies, data = data.split(b"\0")
+            answers += len(replies)
+            assert all(r.startswith(b'{"error":"io.vmspawnd.Manager.NoSuchMachine"') for r in replies), replies[:1]
+    assert answers == sent // len(one), (answers, sent // len(one))
+    assert_clean_log(daemon)
+
+
 # ----------------------------------------------------------------------------- subscriptions
 def test_subscribers_that_hang_up_are_let_go(daemon: Daemon, fds_unlimited: None) -> None:
     baseline = daemon.fds()
