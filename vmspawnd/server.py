@@ -23,11 +23,13 @@ or heavy load needs more (what upstream could change is noted on each class):
   that is :class:`EncodedJson` goes out as the bytes it was encoded to once, not encoded again, and
   a synchronous method whose reply type is an :class:`EncodedReplyType` (List, Describe) has its
   replies written straight to bytes, without asyncvarlink's reply objects.
-  Each message is decoded once.  A client that shuts down its writing side still gets the answers
-  to all the calls it sent before.
+  Each message is decoded once.  A client that sends calls faster than they are begun (more than
+  :data:`MAX_QUEUED_CALLS`), or while its answers wait for it to read them, is not read until they
+  are.  A client that shuts down its writing side still gets the answers to all the calls it sent.
   (asyncvarlink checks the limit only after a message is complete, re-copies its buffer for
-  every chunk, lets decoding errors other than JSONDecodeError escape, and hangs up on a
-  half-closed client with the calls it has received but not begun unanswered.)
+  every chunk, lets decoding errors other than JSONDecodeError escape, reads on from a client
+  that does not read, and hangs up on a half-closed client with the calls it has received but
+  not begun unanswered.)
 
 asyncvarlink also does not await ``aclose()`` of a streaming method's generator when sending
 fails (the client hung up); the generator is still finalized by asyncio's async-generator
