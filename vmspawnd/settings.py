@@ -105,7 +105,8 @@ class Setting:
 # ----------------------------------------------------------------------------- item parsers
 def _text(value: Any, field: str, limit: int = 4096) -> str:
     if not isinstance(value, str) or len(value) > limit or "\0" in value:
-        raise ConfigError(field, value, f"expected a string of at most {limit} characters")
+        nul = " and no NUL" if isinstance(value, str) and "\0" in value else ""
+        raise ConfigError(field, value, f"expected a string of at most {limit} characters{nul}")
     return value
 
 
@@ -556,20 +557,23 @@ def config_to_json(config: MachineConfig, secrets: bool = True) -> dict[str, Any
             out[s.key] = None
             continue
         value = s.read(config) if s.read is not None else getattr(config, s.attr or s.key)
-        if not secrets and s.key == "credentials":  # (not encoded, up to 2 MiB each, to be dropped)
-            value = [(cred_id, b"") for cred_id, _ in value]
+        if not secrets and (hide := _WITHOUT_SECRET.get(s.key)):  # (before encoding: a credential is up to 2 MiB)
+            value = [hide(v) for v in value]
         out[s.key] = [s.dump(v) for v in value] if s.repeat else s.dump(value)
-    if not secrets:
-        out["smbios11"] = [text.split("=", 1)[0] + "=…" if text.startswith("io.systemd.credential") else text
-                           for text in out["smbios11"]]
-        out["kernelCommandLine"] = [re.sub(_CMDLINE_CREDENTIAL, r"\1…", w, flags=re.S)  # ID:VALUE -> ID:…
-                                    for w in out["kernelCommandLine"]]
     return out
 
 
 #: a credential on the kernel's command line, and the rest of its word (a word may hold several
 #: parameters, spaced or quoted: everything after the first credential's ID is left out)
 _CMDLINE_CREDENTIAL = r'((?:^|(?<=\s))"?systemd\.set_credential(?:_binary)?=[^:\s]*:).*'
+
+#: the settings whose items may hold a credential's secret, and each item as shown without it (by
+#: config_to_json without secrets, and by an error about it, which may be logged or shown by Describe)
+_WITHOUT_SECRET: dict[str, Callable[[Any], Any]] = {
+    "credentials": lambda credential: (credential[0], b""),  # ID:VALUE -> ID:
+    "smbios11": lambda text: text.split("=", 1)[0] + "=…" if text.startswith("io.systemd.credential") else text,
+    "kernelCommandLine": lambda word: re.sub(_CMDLINE_CREDENTIAL, r"\1…", word, flags=re.S),  # ID:VALUE -> ID:…
+}
 
 
 def config_from_json(name: str, data: Any, strict: bool = True) -> MachineConfig:
@@ -596,7 +600,8 @@ def config_from_json(name: str, data: Any, strict: bool = True) -> MachineConfig
     try:
         return _assemble(validate_machine_name(name, "name"), values, cli=False)
     except ConfigError as e:  # a cross-setting check names a command-line option: name the JSON field
-        raise ConfigError(json_field_name(e.field), e.value, e.reason) from None
+        field = json_field_name(e.field)
+        raise ConfigError(field, _shown(field, e.value), e.reason) from None
 
 
 def _json_item(s: Setting, value: Any, parse: Parse) -> Any:
@@ -609,13 +614,15 @@ def _json_item(s: Setting, value: Any, parse: Parse) -> Any:
     if not ok:
         raise ConfigError(s.key, _wrong_value(s.key, value), f"expected {expected}")
     if isinstance(value, str) and not _encodable(value):  # JSON's "\ud800": no path or argument can carry it
-        raise ConfigError(s.key, printable(value), "expected text (it has a lone surrogate)")
-    return parse(value, s.key)
+        raise ConfigError(s.key, _shown(s.key, value), "expected text (it has a lone surrogate)")
+    try:
+        return parse(value, s.key)
+    except ConfigError as e:
+        raise ConfigError(e.field, _shown(s.key, e.value), e.reason) from None
 
 
-#: the settings whose values may hold a credential's secret (config_to_json leaves it out of what it shows)
-_SECRET_KEYS = frozenset({"credentials", "smbios11", "kernelCommandLine"})
 _SHOWN_CHARS = 64  # of a wrong value's JSON in an error
+_SHOWN_TEXT = 256  # of a value of the right type in an error
 _JSON_TYPES = ((bool, "true or false"), ((int, float), "a number"), (str, "a string"), (list, "a list"),
                (dict, "an object"))
 
@@ -624,11 +631,22 @@ def _wrong_value(key: str, value: Any) -> str:
     """A value of the wrong JSON type as an error shows it: as JSON ("5" is not 5), cut short (it may be
     a megabyte); of a setting that may hold a credential's secret, only which JSON type it is (errors of
     a stored definition are logged, and Describe shows them)."""
-    if key in _SECRET_KEYS:
+    if key in _WITHOUT_SECRET:
         kind = next((name for types, name in _JSON_TYPES if isinstance(value, types)), "null")
         return f"({kind}, not shown)"
     text = json.dumps(value)
     return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "…"
+
+
+def _shown(key: str, value: object) -> object:
+    """A value of the right type as an error about ``key`` shows it: without a credential's secret where
+    the setting may hold one (a credential's own parser leaves it out already), its control characters
+    escaped, cut short (it may be a megabyte)."""
+    if not isinstance(value, str):
+        return value
+    text: str = _WITHOUT_SECRET[key](value) if key in _WITHOUT_SECRET and key != "credentials" else value
+    text = printable(text[:_SHOWN_TEXT])
+    return text if len(value) <= _SHOWN_TEXT else text + "…"
 
 
 def _encodable(text: str) -> bool:

@@ -278,8 +278,11 @@ def parse_state_setting(value: str | None, field: str, relative_ok: bool = True)
 def validate_machine_name(value: str, field: str = "machine") -> str:
     """Machine names are hostnames: letters, digits and '-', 1–64 chars, no path tricks."""
     if not isinstance(value, str) or not _NAME_RE.match(value) or len(value) > MAX_NAME_LENGTH:
+        shown = value
+        if isinstance(value, str):  # (a name sent to the daemon may be a megabyte, or drive a terminal)
+            shown = printable(value[:MAX_NAME_LENGTH]) + ("…" if len(value) > MAX_NAME_LENGTH else "")
         raise ConfigError(
-            field, value, "a machine name is 1-64 letters, digits and '-', not starting or ending with '-'"
+            field, shown, "a machine name is 1-64 letters, digits and '-', not starting or ending with '-'"
         )
     return value
 

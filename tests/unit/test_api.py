@@ -98,6 +98,31 @@ def test_a_setting_of_the_wrong_json_type_or_unknown_is_invalid_config_naming_it
     assert list((daemon.state / "machines").glob("*.json")) == []
 
 
+@pytest.mark.parametrize("config,field,reason", [
+    ({"kernelCommandLine": ["systemd.set_credential=id:top-secret\0"]}, "kernelCommandLine",
+     "invalid kernelCommandLine=systemd.set_credential=id:…: expected a string of at most 4096 characters and no NUL"),
+    ({"kernelCommandLine": ["systemd.set_credential=id:top-secret\ud800"]}, "kernelCommandLine",
+     "invalid kernelCommandLine=systemd.set_credential=id:…: expected text (it has a lone surrogate)"),
+    ({"smbios11": ["io.systemd.credential:id=top-secret\ud800"]}, "smbios11",
+     "invalid smbios11=io.systemd.credential:id=…: expected text (it has a lone surrogate)"),
+    ({"ram": "9" * 5000}, "ram", "invalid ram=" + "9" * 256 + "…: expected a string of at most 128 characters"),
+    ({"kernelCommandLine": ["quiet\x1b[2J\0"]}, "kernelCommandLine",
+     "invalid kernelCommandLine=quiet\\x1b[2J\\x00: expected a string of at most 4096 characters and no NUL"),
+])
+def test_an_invalid_value_of_the_right_type_is_shown_cut_short_escaped_and_without_a_secret(daemon, config, field,
+                                                                                              reason):
+    # (an error of a stored definition is logged, and Describe shows it: no credential's value in it, and a
+    # megabyte sent in a setting does not come back whole)
+    reply = call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": "a", "config": {"linux": "/k", **config}})
+    assert reply == {"error": "io.vmspawnd.Manager.InvalidConfig", "parameters": {"field": field, "reason": reason}}
+
+
+def test_an_invalid_machine_name_is_shown_cut_short_and_escaped(daemon):
+    reply = call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": "\x1b]0;" + "x" * 100_000, "config": {}})
+    assert reply["error"] == "io.vmspawnd.Manager.InvalidConfig"
+    assert reply["parameters"]["reason"].startswith("invalid name=\\x1b]0;" + "x" * 60 + "…: a machine name is")
+
+
 def test_a_config_of_a_few_settings_is_defined_with_the_defaults_for_the_rest(daemon):
     config = {"linux": "/bin/sh", "cpus": "2", "kernelCommandLine": ["quiet"], "tpm": None}
     reply = call(daemon.socket, "io.vmspawnd.Manager.Create", {"name": "a", "config": config})
