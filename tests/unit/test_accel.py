@@ -7,7 +7,7 @@ import platform
 import pytest
 
 from vmspawnd.errors import ConfigError
-from vmspawnd.qemu.accel import VERSION_CACHE, _known_versions, kvm_problem, qemu_version
+from vmspawnd.qemu.accel import VERSION_CACHE, VERSIONS_KEPT, _known_versions, kvm_problem, qemu_version
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="x86_64 module names")
 
@@ -73,6 +73,32 @@ def test_qemu_version_is_kept_in_the_runtime_base_until_the_binary_changes(tmp_p
     assert qemu_version(fake, cache_dir=tmp_path) == (10, 1) and asked() == 3  # and rewritten
     os.chown(tmp_path / VERSION_CACHE, 65534, 65534)  # not written by us: not believed
     assert qemu_version(fake, cache_dir=tmp_path) == (10, 1) and asked() == 4
+
+
+def test_the_versions_of_several_qemus_are_kept_so_taking_turns_asks_each_once(tmp_path):
+    runs = tmp_path / "runs"
+    fakes = []
+    for i in range(VERSIONS_KEPT + 1):
+        fake = tmp_path / f"qemu-{i}"
+        fake.write_text(f"#!/bin/sh\necho run >> {runs}\necho 'QEMU emulator version {i + 1}.{i} (Debian)'\n")
+        fake.chmod(0o755)
+        fakes.append(fake)
+
+    def version(fake) -> tuple[int, int]:
+        _known_versions.clear()  # as a new process: only the file remembers
+        return qemu_version(fake, cache_dir=tmp_path)
+
+    def asked() -> int:
+        return len(runs.read_text().splitlines())
+
+    for _ in range(3):  # (a user taking turns with two QEMUs: each is asked once)
+        assert version(fakes[0]) == (1, 0) and version(fakes[1]) == (2, 1)
+    assert asked() == 2
+    for i, fake in enumerate(fakes[2:], 2):  # one more than are kept: the one asked longest ago goes
+        assert version(fake) == (i + 1, i)
+    assert asked() == VERSIONS_KEPT + 1
+    assert version(fakes[1]) == (2, 1) and asked() == VERSIONS_KEPT + 1
+    assert version(fakes[0]) == (1, 0) and asked() == VERSIONS_KEPT + 2
 
 
 def test_find_qemu_sees_a_qemu_installed_or_removed_since_it_last_looked(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from vmspawnd.values import Tristate
 QEMU_NAMES = ("qemu", "qemu-kvm", "/usr/libexec/qemu-kvm")  # looked up first, then qemu-system-<arch>
 QEMU_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64", "i686": "i386"}
 VERSION_CACHE = "qemu.version"  # in the runtime base; no machine name has a '.'
+VERSIONS_KEPT = 8  # binaries whose versions the cache keeps (the last asked)
 HARDWARE_KVM_MODULES = ("kvm_intel", "kvm_amd", "kvm_arm")  # kvm_arm: no module dir on arm, see below
 
 
@@ -69,8 +70,9 @@ def qemu_version(binary: Path, cache_dir: Path | None = None) -> tuple[int, int]
     """QEMU's (major, minor), from ``--version`` (asked once per binary file); (0, 0) if it does not say.
 
     With ``cache_dir`` (the runtime base) the answer is also kept in :data:`VERSION_CACHE` there, for
-    the file with that identity (device, inode, size, mtime): the next ``vmspawn`` does not exec QEMU
-    a second time (≈ 30 ms) before its VM's QEMU.
+    the file with that identity (path, device, inode, size, mtime), beside those of the last few other
+    binaries asked (:data:`VERSIONS_KEPT`): the next ``vmspawn`` does not exec QEMU a second time
+    (≈ 30 ms) before its VM's QEMU, also where users take turns with two QEMUs.
     """
     try:
         st = binary.stat()
@@ -80,30 +82,30 @@ def qemu_version(binary: Path, cache_dir: Path | None = None) -> tuple[int, int]
     if (known := _known_versions.get(tuple(identity))) is not None:
         return known
     cache = cache_dir / VERSION_CACHE if cache_dir is not None else None
-    version = _cached_version(cache, identity) if cache is not None else None
+    kept = _cached_versions(cache) if cache is not None else []
+    version = next((found for kept_identity, found in kept if kept_identity == identity), None)
     if version is None:
         version = _version_of(str(binary))
         if cache is not None and version != (0, 0):
+            others = [[i, list(v)] for i, v in kept if i[0] != identity[0]][:VERSIONS_KEPT - 1]
             with contextlib.suppress(OSError):
-                write_json_atomic(cache, {"binary": identity, "version": list(version)}, durable=False)
+                write_json_atomic(cache, {"versions": [[identity, list(version)], *others]}, durable=False)
     _known_versions[tuple(identity)] = version
     return version
 
 
-def _cached_version(cache: Path, identity: list) -> tuple[int, int] | None:
-    """The version kept in ``cache`` for the binary with ``identity``; None if there is none (or the
-    file is not ours, or not what we write)."""
+def _cached_versions(cache: Path) -> list[tuple[list, tuple[int, int]]]:
+    """(binary's identity, version) of each binary ``cache`` keeps; none if it is missing, not ours, or
+    not what we write (an older version's file is written anew)."""
     try:
         with open(cache, "rb") as f:
             if os.fstat(f.fileno()).st_uid != os.geteuid():
-                return None
-            kept = json.loads(f.read())
-        major, minor = kept["version"]
-        if kept["binary"] == identity and isinstance(major, int) and isinstance(minor, int):
-            return (major, minor)
+                return []
+            entries = json.loads(f.read())["versions"]
+        return [(identity, (major, minor)) for identity, (major, minor) in entries
+                if isinstance(identity, list) and isinstance(major, int) and isinstance(minor, int)]
     except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
+        return []
 
 
 _known_versions: dict[tuple, tuple[int, int]] = {}  # this process's answers, by the binary's identity
