@@ -84,6 +84,7 @@ from vmspawnd.services.swtpm import logged_errors, state_unusable
 from vmspawnd.settings import config_to_json
 from vmspawnd.snapshot import EphemeralCopy, SnapshotError
 from vmspawnd.spares import Spares
+from vmspawnd.systemd.control import ControlListener, control_path
 from vmspawnd.systemd.fdstore import FdStore, notify_name, output_name
 from vmspawnd.systemd.machined import (
     MachineRegistration,
@@ -617,16 +618,13 @@ class Run:
         """The VM's ``io.systemd.MachineInstance`` socket (machinectl poweroff/reboot… on systemd ≥ 261), in
         the records dir: the daemon's alone (in the VM's directory, its user could put another VM's
         socket in its place, which machined would then drive)."""
-        from vmspawnd.systemd.instance import ControlSocket, control_path  # (with asyncvarlink: ≈ 5 ms of
-        # vmspawn's start-up, taken once QEMU runs; the daemon has them already)
-
         path = control_path(self.runtime.records)
         if path is None:
             self.log.warning("no control socket: the records directory's path is too long",
                              path=str(self.runtime.records))
             return
         try:
-            await self._stack.enter_async_context(ControlSocket(path, self))
+            await self._stack.enter_async_context(ControlListener(path, self))  # (served once called)
         except OSError as e:
             self.log.warning("no control socket", path=str(path), error=str(e))
             return
@@ -955,7 +953,7 @@ class Run:
 
     def _monitor(self) -> Qmp:
         if not self.monitored:
-            from vmspawnd.systemd.instance import NotConnected  # (see _serve_control)
+            from vmspawnd.systemd.instance import NotConnected  # (see systemd/control.py)
 
             raise NotConnected(f"{self.config.name} is not running")
         assert self._qmp is not None

@@ -26,11 +26,8 @@ not the VM's user, who could otherwise put another VM's socket in its place for 
 
 import asyncio
 import collections.abc
-import contextlib
-import os
 import socket
 import typing
-from pathlib import Path
 
 from asyncvarlink import (
     TypedVarlinkErrorReply,
@@ -43,13 +40,11 @@ from asyncvarlink.serviceinterface import VarlinkServiceInterface
 from vmspawnd import __version__, docs_url
 from vmspawnd.errors import WrongState
 from vmspawnd.log import get_logger
-from vmspawnd.proc import SUN_PATH_MAX
 from vmspawnd.server import GuardedServer, ServerLimits, current_connection, serve
 
 log = get_logger()
 
 INTERFACE = "io.systemd.MachineInstance"
-SOCKET_NAME = "control"
 MAX_CONNECTIONS = 64
 MAX_QUEUED_EVENTS = 256  # a subscriber further behind than this is dropped
 
@@ -186,12 +181,6 @@ class VirtualMachineInstanceInterface(VarlinkInterface, name="io.systemd.Virtual
     """VM-specific control; empty, as in systemd 262 (the MachineInstance calls cover VMs)."""
 
 
-def control_path(rundir: Path) -> Path | None:
-    """Where a VM's control socket goes, or None when the path would not fit a unix socket address."""
-    path = rundir / SOCKET_NAME
-    return path if len(os.fsencode(path)) <= SUN_PATH_MAX else None
-
-
 def _call_error(exc: BaseException) -> TypedVarlinkErrorReply | None:
     if isinstance(exc, (NotConnected, WrongState, ConnectionError, EOFError, TimeoutError)):
         return NotConnectedError()
@@ -199,10 +188,11 @@ def _call_error(exc: BaseException) -> TypedVarlinkErrorReply | None:
 
 
 class ControlSocket:
-    """``async with ControlSocket(path, run)``: the VM's control socket is served for the block."""
+    """``async with ControlSocket(sock, run)``: the VM's control socket, listening already (systemd/control.py
+    binds it), is served for the block; its owner closes it."""
 
-    def __init__(self, path: Path, control: MachineControl) -> None:
-        self.path = path  # in a directory of ours alone
+    def __init__(self, sock: socket.socket, control: MachineControl) -> None:
+        self._sock = sock
         self._control = control
         self._server: GuardedServer | None = None
 
@@ -212,16 +202,7 @@ class ControlSocket:
                                                             docs_url(), registry))
         registry.register_interface(MachineInstanceInterface(self._control))
         registry.register_interface(VirtualMachineInstanceInterface())
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()  # a socket an earlier daemon left (re-adoption)
-            sock.bind(str(self.path))
-            sock.listen(16)
-            self._server = await serve(sock, registry, ServerLimits(max_connections=MAX_CONNECTIONS), _call_error)
-        except BaseException:
-            sock.close()
-            raise
+        self._server = await serve(self._sock, registry, ServerLimits(max_connections=MAX_CONNECTIONS), _call_error)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
