@@ -116,7 +116,7 @@ install:
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --upgrade --force-reinstall --no-deps . 2>&1 | grep -v '^WARNING' || true
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q . 2>&1 | grep -v '^WARNING' || true
 	$(DESTDIR)$(LIBDIR)/bin/python -c 'import vmspawnd.cli.vmspawnd, vmspawnd.cli.vmspawnctl, vmspawnd.cli.vmspawn, vmspawnd.cli.foreground'
-	@# dataclasses' generated methods, compiled once for every command (vmspawnd/methodcache.py)
+	@# dataclasses' generated methods and the patterns modules compile at import, compiled once for every command (vmspawnd/methodcache.py)
 	$(DESTDIR)$(LIBDIR)/bin/python -c 'from vmspawnd.methodcache import compile_package; compile_package()'
 	@# (with DESTDIR: the scripts pip wrote start with the staging path; they run from $(LIBDIR))
 	@if [ -n "$(DESTDIR)" ]; then for f in $(DESTDIR)$(LIBDIR)/bin/*; do if [ -f "$$f" ] && [ ! -L "$$f" ]; then \

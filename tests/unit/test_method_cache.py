@@ -121,10 +121,59 @@ def test_each_command_writes_the_cache_beside_its_bytecode_and_then_uses_it(tmp_
     binary = Path(sys.executable).with_name(command)
     for _ in range(2):
         subprocess.run([str(binary), "--version"], env=env, check=True, capture_output=True, timeout=60)
-        caches = list(tmp_path.rglob("dataclass-methods.*.marshal"))
+        caches = list(tmp_path.rglob("compiled-at-import.*.marshal"))
         assert len(caches) == 1, caches
         assert caches[0].parent.parent.name == "vmspawnd"  # (the package's bytecode directory)
         if _ == 0:
             written = caches[0].stat()
     after = caches[0].stat()
     assert (after.st_ino, after.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # nothing new to write
+
+
+PATTERNS = r'''
+import re, sys
+from vmspawnd import methodcache
+methodcache.install(sys.argv[1])
+texts = [r"^(?P<key>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>.*)$", r"\s+(\d+)(?:\.(\d+))?", "(?i)Qemu emulator version"]
+patterns = [re.compile(t) for t in texts] + [
+    re.compile(rb"\x00(?P<tag>[a-z]+)\x00", re.DOTALL), re.compile(r"a b # spaced", re.VERBOSE | re.MULTILINE),
+    re.compile(r"[é-ü]+", re.IGNORECASE)]
+samples = ["A_1=x y", "  12.5", "QEMU EMULATOR VERSION 9", b"\x00vda\x00", "ab", "ÉTÉ"]
+for p, sample in zip(patterns, samples):
+    m = p.search(sample)
+    print(p.pattern, p.flags, p.groups, dict(p.groupindex), m and m.groups(), m and m.span())
+    print(p == re._compiler.compile(p.pattern, p.flags & ~re.UNICODE if isinstance(p.pattern, bytes) else p.flags))
+print(len(methodcache._new))
+methodcache.settle(write=True)
+print(re._compiler.compile is methodcache._compile_anew)
+'''
+
+
+def test_patterns_made_from_the_cache_are_those_compiled_anew_and_match_alike(tmp_path) -> None:
+    script, cache = tmp_path / "patterns.py", tmp_path / "cache"
+    script.write_text(PATTERNS)
+
+    def run() -> list[str]:
+        return subprocess.run([sys.executable, str(script), str(cache)], capture_output=True, text=True, check=True,
+                              timeout=60, cwd=Path(__file__).resolve().parents[2]).stdout.splitlines()
+
+    first = run()
+    assert first[1:12:2] == ["True"] * 6  # each equal (its engine's code too) to one compiled without the cache
+    assert first[0].startswith("^(?P<key>") and "{'key': 1, 'value': 2} ('A_1', 'x y') (0, 7)" in first[0]
+    assert int(first[-2]) >= 6 and first[-1] == "True"  # (noted anew; re's own compiler back after settle)
+    again = run()
+    assert again[:-2] == first[:-2] and again[-2:] == ["0", "True"]  # the same patterns, none compiled anew
+
+
+def test_a_command_finds_the_patterns_of_its_modules_the_standard_librarys_too_in_the_cache(tmp_path) -> None:
+    # (json's and logging's are compiled as they are imported: after the cache is in place, not before)
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(tmp_path), "PYTHONDONTWRITEBYTECODE": ""}
+    code = ("import vmspawnd.cli, vmspawnd.methodcache as m, vmspawnd.cli.foreground, json, logging; "
+            "found = {k[0] for k in m._used if isinstance(k, tuple)}; "
+            "print(len(found) >= 30, json.scanner.NUMBER_RE.pattern in found, "
+            "logging.PercentStyle.validation_pattern.pattern in found, sum(isinstance(k, tuple) for k in m._new)); "
+            "m.settle()")
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                           timeout=120, cwd=Path(__file__).resolve().parents[2]).stdout.split() for _ in range(2)]
+    assert runs[0][:3] == runs[1][:3] == ["True", "True", "True"]
+    assert int(runs[0][3]) >= 30 and runs[1][3] == "0"  # compiled and kept once, then found
