@@ -567,10 +567,18 @@ def config_to_json(config: MachineConfig, secrets: bool = True) -> dict[str, Any
 #: parameters, spaced or quoted: everything after the first credential's ID is left out)
 _CMDLINE_CREDENTIAL = r'((?:^|(?<=\s))"?systemd\.set_credential(?:_binary)?=[^:\s]*:).*'
 
+def _credential_without_secret(credential: tuple[str, bytes] | str) -> tuple[str, bytes] | str:
+    """A credential, (ID, value) or as its JSON is (ID:BASE64), without its value: (ID, b"") (which JSON
+    shows as ``ID:``, still a valid credential), or ``ID:…``."""
+    if isinstance(credential, tuple):
+        return credential[0], b""
+    return credential.split(":", 1)[0] + ":…"
+
+
 #: the settings whose items may hold a credential's secret, and each item as shown without it (by
 #: config_to_json without secrets, and by an error about it, which may be logged or shown by Describe)
 _WITHOUT_SECRET: dict[str, Callable[[Any], Any]] = {
-    "credentials": lambda credential: (credential[0], b""),  # ID:VALUE -> ID:
+    "credentials": _credential_without_secret,
     "smbios11": lambda text: text.split("=", 1)[0] + "=…" if text.startswith("io.systemd.credential") else text,
     "kernelCommandLine": lambda word: re.sub(_CMDLINE_CREDENTIAL, r"\1…", word, flags=re.S),  # ID:VALUE -> ID:…
 }
@@ -640,11 +648,10 @@ def _wrong_value(key: str, value: Any) -> str:
 
 def _shown(key: str, value: object) -> object:
     """A value of the right type as an error about ``key`` shows it: without a credential's secret where
-    the setting may hold one (a credential's own parser leaves it out already), its control characters
-    escaped, cut short (it may be a megabyte)."""
+    the setting may hold one, its control characters escaped, cut short (it may be a megabyte)."""
     if not isinstance(value, str):
         return value
-    text: str = _WITHOUT_SECRET[key](value) if key in _WITHOUT_SECRET and key != "credentials" else value
+    text: str = _WITHOUT_SECRET[key](value) if key in _WITHOUT_SECRET else value
     text = printable(text[:_SHOWN_TEXT])
     return text if len(value) <= _SHOWN_TEXT else text + "…"
 

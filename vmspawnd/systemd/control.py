@@ -68,11 +68,11 @@ class ControlListener:
         self._loading = self._loop.create_task(self._serve())
 
     async def _serve(self) -> None:
-        from vmspawnd.systemd.instance import ControlSocket  # (deferred: see the module's docstring)
-
         assert self._sock is not None
-        server = ControlSocket(self._sock, self._control)
         try:
+            from vmspawnd.systemd.instance import ControlSocket  # (deferred: see the module's docstring)
+
+            server = ControlSocket(self._sock, self._control)
             await server.__aenter__()
         except Exception as e:  # (its callers get a closed socket, not a wait)
             log.warning("cannot serve the control socket", path=str(self.path), error=str(e))
