@@ -203,7 +203,7 @@ def _store(path: str, entries: dict[Key, bytes]) -> None:
 
     from vmspawnd.storage import remove_leftover_temps, write_bytes_atomic
 
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, ValueError):  # (ValueError: an entry marshal cannot write)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         remove_leftover_temps(Path(path).parent, of=os.path.basename(path))
         write_bytes_atomic(Path(path), _MAGIC + marshal.dumps(entries), mode=0o644, durable=False)
