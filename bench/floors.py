@@ -57,7 +57,7 @@ def wake_exec(waiter: list[str], stamps: Stamps, runs: int, idle: float = 0.3) -
 
 ASYNCIO_WITHOUT_TLS = "import sys; sys.modules['ssl'] = None; import asyncio"
 #: the options, the machine's settings, QEMU's argv, firmware and accelerator, the credentials' files, the
-#: runtime directory and the launcher's spawn; with the dataclasses' method cache and the standard modules
+#: runtime directory and the launcher's spawn; with the cache of what modules compile at import and the standard modules
 #: without their unused parts, as cli/__init__.py has them, and no garbage collection meanwhile, as cli/vmspawn.py
 #: imports (an import of asyncio fails the floor)
 COMMAND_LINE_WITHOUT_ASYNCIO = (
