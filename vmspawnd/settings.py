@@ -43,6 +43,7 @@ from vmspawnd.values import (
     Ram,
     StateLocation,
     Tristate,
+    error_text,
     escape_colons,
     is_decimal,
     mangle_slice,
@@ -53,7 +54,6 @@ from vmspawnd.values import (
     parse_size,
     parse_tristate,
     parse_vsock_cid,
-    printable,
     split_escaped,
     validate_cpus,
     validate_machine_name,
@@ -642,8 +642,7 @@ def _wrong_value(key: str, value: Any) -> str:
     if key in _WITHOUT_SECRET:
         kind = next((name for types, name in _JSON_TYPES if isinstance(value, types)), "null")
         return f"({kind}, not shown)"
-    text = json.dumps(value)
-    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "…"
+    return error_text(json.dumps(value), _SHOWN_CHARS)
 
 
 def _shown(key: str, value: object) -> object:
@@ -651,9 +650,7 @@ def _shown(key: str, value: object) -> object:
     the setting may hold one, its control characters escaped, cut short (it may be a megabyte)."""
     if not isinstance(value, str):
         return value
-    text: str = _WITHOUT_SECRET[key](value) if key in _WITHOUT_SECRET else value
-    text = printable(text[:_SHOWN_TEXT])
-    return text if len(value) <= _SHOWN_TEXT else text + "…"
+    return error_text(_WITHOUT_SECRET[key](value) if key in _WITHOUT_SECRET else value, _SHOWN_TEXT)
 
 
 def _encodable(text: str) -> bool:

@@ -278,11 +278,9 @@ def parse_state_setting(value: str | None, field: str, relative_ok: bool = True)
 def validate_machine_name(value: str, field: str = "machine") -> str:
     """Machine names are hostnames: letters, digits and '-', 1–64 chars, no path tricks."""
     if not isinstance(value, str) or not _NAME_RE.match(value) or len(value) > MAX_NAME_LENGTH:
-        shown = value
-        if isinstance(value, str):  # (a name sent to the daemon may be a megabyte, or drive a terminal)
-            shown = printable(value[:MAX_NAME_LENGTH]) + ("…" if len(value) > MAX_NAME_LENGTH else "")
         raise ConfigError(
-            field, shown, "a machine name is 1-64 letters, digits and '-', not starting or ending with '-'"
+            field, error_text(value, MAX_NAME_LENGTH) if isinstance(value, str) else value,
+            "a machine name is 1-64 letters, digits and '-', not starting or ending with '-'"
         )
     return value
 
@@ -445,6 +443,12 @@ def parse_bind_user_shell(value: str, field: str = "bind-user-shell") -> str:
     if not value.startswith("/") or not value.isprintable() or len(value) > 4096:
         raise ConfigError(field, value, "expected a boolean or an absolute path")
     return value
+
+
+def error_text(text: str, limit: int) -> str:
+    """``text`` as an error shows it: its control characters escaped (:func:`printable`), cut at
+    ``limit`` characters ("…" where it was cut: what a client sent may be a megabyte)."""
+    return printable(text[:limit]) + ("…" if len(text) > limit else "")
 
 
 def printable(text: str) -> str:

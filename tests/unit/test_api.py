@@ -105,6 +105,8 @@ def test_a_setting_of_the_wrong_json_type_or_unknown_is_invalid_config_naming_it
      "invalid kernelCommandLine=systemd.set_credential=id:…: expected text (it has a lone surrogate)"),
     ({"smbios11": ["io.systemd.credential:id=top-secret\ud800"]}, "smbios11",
      "invalid smbios11=io.systemd.credential:id=…: expected text (it has a lone surrogate)"),
+    ({"kernelCommandLine": ["systemd.set_credential=id:" + "s" * 5000 + "\0"]}, "kernelCommandLine",  # (one "…")
+     "invalid kernelCommandLine=systemd.set_credential=id:…: expected a string of at most 4096 characters and no NUL"),
     ({"credentials": ["id:top-secret\ud800"]}, "credentials",
      "invalid credentials=id:…: expected text (it has a lone surrogate)"),
     ({"ram": "9" * 5000}, "ram", "invalid ram=" + "9" * 256 + "…: expected a string of at most 128 characters"),
