@@ -47,7 +47,7 @@ $(STAMP): pyproject.toml $(VENV)/pyvenv.cfg
 	@$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/python -m pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
 	@$(BIN)/python -c 'import vmspawnd, asyncvarlink, structlog, sdnotify, systemd, dbus_fast, qemu.qmp, pytest'
-	@$(BIN)/python -c 'from vmspawnd.methodcache import compile_package; compile_package()'
+	@$(BIN)/python -m vmspawnd.precompile
 	@touch $@
 
 # The venv, made (after the Debian packages: python3-venv) when missing, and made again when $(PYTHON) is
@@ -116,8 +116,9 @@ install:
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --upgrade --force-reinstall --no-deps . 2>&1 | grep -v '^WARNING' || true
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q . 2>&1 | grep -v '^WARNING' || true
 	$(DESTDIR)$(LIBDIR)/bin/python -c 'import vmspawnd.cli.vmspawnd, vmspawnd.cli.vmspawnctl, vmspawnd.cli.vmspawn, vmspawnd.cli.foreground'
-	@# dataclasses' generated methods and the patterns modules compile at import, compiled once for every command (vmspawnd/methodcache.py)
-	$(DESTDIR)$(LIBDIR)/bin/python -c 'from vmspawnd.methodcache import compile_package; compile_package()'
+	@# the caches of every command's start: its modules' bytecode in one file (vmspawnd/modulecache.py), dataclasses'
+	@# generated methods and the patterns modules compile at import (vmspawnd/methodcache.py), made once
+	cd / && $(DESTDIR)$(LIBDIR)/bin/python -m vmspawnd.precompile
 	@# (with DESTDIR: the scripts pip wrote start with the staging path; they run from $(LIBDIR))
 	@if [ -n "$(DESTDIR)" ]; then for f in $(DESTDIR)$(LIBDIR)/bin/*; do if [ -f "$$f" ] && [ ! -L "$$f" ]; then \
 		sed -i '1s|^#!$(DESTDIR)$(LIBDIR)/bin/|#!$(LIBDIR)/bin/|' "$$f"; fi; done; fi

@@ -57,7 +57,7 @@ def bench_daemon(state: Path | None = None, env: dict[str, str] | None = None
     stopped and its runtime base released after."""
     base = runtime_base()
     sock = base / "vmspawnd.sock"
-    daemon = subprocess.Popen([sys.executable, "-m", "vmspawnd.cli.vmspawnd", f"--socket={sock}",
+    daemon = subprocess.Popen([str(Path(sys.executable).with_name("vmspawnd")), f"--socket={sock}",  # (as installed)
                                f"--state-dir={state or base / 'state'}", f"--runtime-dir={base / 'run'}"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

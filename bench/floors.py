@@ -57,15 +57,18 @@ def wake_exec(waiter: list[str], stamps: Stamps, runs: int, idle: float = 0.3) -
 
 ASYNCIO_WITHOUT_TLS = "import sys; sys.modules['ssl'] = None; import asyncio"
 #: the options, the machine's settings, QEMU's argv, firmware and accelerator, the credentials' files, the
-#: runtime directory and the launcher's spawn; with the cache of what modules compile at import and the standard modules
+#: runtime directory and the launcher's spawn; through the caches of a command's start, with the standard modules
 #: without their unused parts, as cli/__init__.py has them, and no garbage collection meanwhile, as cli/vmspawn.py
-#: imports (an import of asyncio fails the floor)
+#: imports (an import of asyncio fails the floor).  The search path is the commands' (their scripts' directory
+#: first, where -c puts the current one), as the module cache needs it.
 COMMAND_LINE_WITHOUT_ASYNCIO = (
-    "import gc, sys; gc.disable(); from vmspawnd import methodcache, lean; methodcache.install(); "
-    "lean.import_lean(*(module for module in lean.UNUSED_PARTS if module != 'asyncio')); "
+    "import gc, os, sys; gc.disable(); sys.path[0] = os.path.dirname(sys.executable); "
+    "from vmspawnd import modulecache; modulecache.install(); from vmspawnd import methodcache, lean; "
+    "methodcache.install(); lean.import_lean(*(module for module in lean.UNUSED_PARTS if module != 'asyncio')); "
     "sys.modules['asyncio'] = None; "
     "import vmspawnd.options, vmspawnd.qemu.argv, vmspawnd.qemu.firmware, vmspawnd.qemu.accel, "
-    "vmspawnd.guest.credentials, vmspawnd.runtime, vmspawnd.execlate; methodcache.settle(write=False)")
+    "vmspawnd.guest.credentials, vmspawnd.runtime, vmspawnd.execlate; methodcache.settle(write=False); "
+    "modulecache.settle(write=False)")
 
 
 def python_imports(runs: int, imports: str = ASYNCIO_WITHOUT_TLS) -> list[float]:

@@ -264,8 +264,8 @@ def main() -> int:
     # second it was compiled), which the import system still finds stale by its size, so every daemon
     # compiled that module again (≈ 350 KB of heap kept once it had: the memory rows)
     compileall.compile_dir(REPO / "vmspawnd", quiet=1, force=True)
-    # and the cache of dataclasses' generated methods an install writes (vmspawnd/methodcache.py)
-    subprocess.run([sys.executable, "-c", bench_peer.METHOD_CACHE], check=True)
+    # and the caches of the commands' start an install writes (vmspawnd/precompile.py)
+    subprocess.run([sys.executable, *bench_peer.PRECOMPILE], check=True, cwd="/")
     tmp = Path(tempfile.mkdtemp(prefix="vmspawnd-bench-"))
     stamps = Stamps.build(tmp)
 

@@ -54,8 +54,9 @@ REPO = Path(__file__).resolve().parents[1]
 GUEST_INSIDE, IMAGE_INSIDE = "/var/cache/vmspawnd-bench-guest", "/var/cache/vmspawnd-bench-image"
 STAMP_INSIDE = "/var/cache/vmspawnd-bench-stamp"
 VENV_PYTHON = "/opt/vmspawnd-venv/bin/python"
-#: what an install runs to compile dataclasses' methods once for every command (vmspawnd/methodcache.py)
-METHOD_CACHE = "from vmspawnd.methodcache import compile_package; compile_package()"
+#: what an install runs to make the caches of every command's start once (vmspawnd/precompile.py); from "/", so that
+#: the current directory's vmspawnd is not the one imported
+PRECOMPILE = ["-m", "vmspawnd.precompile"]
 WORDS = ("panic=-1", *STEADY_CLOCK)
 X86_64_ROOT = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"  # the discoverable-partitions type of a root file system
 _keep: list[socket.socket] = []  # sockets bare QEMU inherits, open as long as we run
@@ -151,7 +152,7 @@ def compile_like_an_installed_copy() -> None:
     copy = Path(tempfile.mkdtemp(prefix="bench-src-"))
     shutil.copytree(REPO / "vmspawnd", copy / "vmspawnd", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(copy / "vmspawnd")], check=True)
-    subprocess.run([sys.executable, "-c", METHOD_CACHE], env={**os.environ, "PYTHONPATH": str(copy)}, check=True)
+    subprocess.run([sys.executable, *PRECOMPILE], env={**os.environ, "PYTHONPATH": str(copy)}, check=True, cwd="/")
     os.environ["PYTHONPATH"] = str(copy)
 
 

@@ -39,6 +39,8 @@ import sys
 import types
 from typing import Any
 
+from vmspawnd import modulecache
+
 MAX_ENTRIES = 4000  # more (code changed many times) and the file keeps only what this process used
 #: re's compiler (3.11+), and the matching engine it builds patterns with; None where it is not so
 _RE_COMPILER: Any = getattr(re, "_compiler", None)
@@ -61,11 +63,7 @@ _path: str | None = None
 
 def cache_path() -> str:
     """Where the cache of this interpreter is kept, as the ``.pyc`` files of our package are."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    directory = os.path.join(package, "__pycache__")
-    if sys.pycache_prefix:
-        directory = os.path.join(sys.pycache_prefix, package.lstrip(os.sep), "__pycache__")
-    return os.path.join(directory, f"compiled-at-import.{sys.implementation.cache_tag}.marshal")
+    return os.path.join(modulecache.pycache_directory(), f"compiled-at-import.{sys.implementation.cache_tag}.marshal")
 
 
 def install(path: str | None = None) -> None:
@@ -104,19 +102,6 @@ def settle(*, write: bool | None = None) -> None:
     _new.clear()
     _used.clear()
     _path = None
-
-
-def compile_package() -> None:
-    """Import every module of our package through the cache and write it, whatever
-    ``$PYTHONDONTWRITEBYTECODE`` says: for an install (as :mod:`compileall` writes the ``.pyc`` files)."""
-    import importlib  # (here: not on the way of a command, which imports this module first)
-    import pkgutil
-
-    install()
-    package = os.path.dirname(os.path.abspath(__file__))
-    for module in pkgutil.walk_packages([package], prefix=f"{__package__}."):
-        importlib.import_module(module.name)
-    settle(write=True)
 
 
 def _exec(source: Any, globals: dict[str, Any] | None = None, locals: Any = None, /) -> None:  # noqa: A002
@@ -197,13 +182,7 @@ def _load(path: str) -> dict[Key, bytes]:
 
 
 def _store(path: str, entries: dict[Key, bytes]) -> None:
-    """Write ``entries`` to ``path`` whole or not at all, quietly failing as a ``.pyc`` write does; the
-    temporary file of a command killed while it wrote the cache is removed first."""
-    from pathlib import Path  # (here: see the module's docstring)
+    from vmspawnd.storage import write_cache  # (here: see the module's docstring)
 
-    from vmspawnd.storage import remove_leftover_temps, write_bytes_atomic
-
-    with contextlib.suppress(OSError, ValueError):  # (ValueError: an entry marshal cannot write)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        remove_leftover_temps(Path(path).parent, of=os.path.basename(path))
-        write_bytes_atomic(Path(path), _MAGIC + marshal.dumps(entries), mode=0o644, durable=False)
+    with contextlib.suppress(ValueError):  # (an entry marshal cannot write)
+        write_cache(path, _MAGIC + marshal.dumps(entries))

@@ -62,6 +62,16 @@ def write_bytes_atomic(path: Path, encoded: bytes, mode: int = 0o600, durable: b
     return len(encoded)
 
 
+def write_cache(path: str, data: bytes) -> None:
+    """Replace the cache file ``path`` (a copy of what can be made again, readable by all) with ``data``,
+    whole or not at all, quietly failing as a ``.pyc`` write does (its directory not ours to write…); the
+    temporary file of a process killed while it wrote there is removed first."""
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        remove_leftover_temps(Path(path).parent, of=os.path.basename(path))
+        write_bytes_atomic(Path(path), data, mode=0o644, durable=False)
+
+
 def encode_json(data: Any, durable: bool = True) -> bytes:
     """What :func:`write_json_atomic` writes: indented for a durable file (people read those), else compact."""
     text = json.dumps(data, indent=2, sort_keys=True) if durable else json.dumps(data, separators=(",", ":"))

@@ -41,9 +41,11 @@ def import_graph() -> dict[str, set[str]]:
 
 #: the `vmspawn` command imports its work only after it has started QEMU's launcher (see its docstring),
 #: a run what serves its control socket (with asyncvarlink) only once it is called (systemd/control.py),
-#: and the cache of what modules compile at import storage.py (json, logging) only to write it (methodcache.py)
+#: the caches of a command's start storage.py (json, logging) only to write them (methodcache.py, modulecache.py),
+#: and an install's precompile the rest only once the module cache is installed
 DEFERRED = {"vmspawnd.cli.vmspawn": ["vmspawnd.cli.foreground"], "vmspawnd.run": ["vmspawnd.systemd.instance"],
-            "vmspawnd.systemd.control": ["vmspawnd.systemd.instance"], "vmspawnd.methodcache": ["vmspawnd.storage"]}
+            "vmspawnd.systemd.control": ["vmspawnd.systemd.instance"], "vmspawnd.methodcache": ["vmspawnd.storage"],
+            "vmspawnd.modulecache": ["vmspawnd.storage"], "vmspawnd.precompile": ["vmspawnd.methodcache"]}
 
 
 def test_no_module_imports_our_modules_inside_a_function() -> None:

@@ -111,7 +111,7 @@ def test_the_cache_is_written_as_bytecode_is(tmp_path) -> None:
     cache = tmp_path / "cache"
     run(tmp_path, str(cache), env={"PYTHONDONTWRITEBYTECODE": "1"})
     assert not cache.exists()  # (as no .pyc is written then)
-    run(tmp_path, str(cache), "write", env={"PYTHONDONTWRITEBYTECODE": "1"})  # (an install's compile_package)
+    run(tmp_path, str(cache), "write", env={"PYTHONDONTWRITEBYTECODE": "1"})  # (an install's precompile)
     assert cache.is_file()
 
 

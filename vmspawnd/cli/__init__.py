@@ -17,14 +17,24 @@ Importing this package imports two standard modules without optional parts that 
 
 Each can still be imported normally afterwards.
 
-It also puts in place the cache of dataclasses' generated methods (vmspawnd/methodcache.py), before
-any of our dataclasses is defined; each command calls :func:`~vmspawnd.methodcache.settle` once its
-modules are imported.
+It also puts in place, first, the cache of the modules' bytecode (vmspawnd/modulecache.py), then the
+cache of dataclasses' generated methods (vmspawnd/methodcache.py), before any of our dataclasses is
+defined; each command calls :func:`settle_caches` once its modules are imported.
 """
 
-from vmspawnd import methodcache
-from vmspawnd.lean import UNUSED_PARTS, import_lean
+from vmspawnd import modulecache
+
+modulecache.install()
+
+from vmspawnd import methodcache  # noqa: E402  (through the module cache, as all that follows)
+from vmspawnd.lean import UNUSED_PARTS, import_lean  # noqa: E402
 
 methodcache.install()
 
 import_lean(*UNUSED_PARTS)
+
+
+def settle_caches() -> None:
+    """Stop using the caches of a command's start (and write what was new to them): its modules are imported."""
+    methodcache.settle()
+    modulecache.settle()

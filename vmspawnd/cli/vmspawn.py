@@ -18,7 +18,7 @@ import gc
 import os
 import sys
 
-from vmspawnd import methodcache
+from vmspawnd.cli import settle_caches
 from vmspawnd.execlate import spawn
 
 
@@ -30,7 +30,7 @@ def main() -> int:
     gc.disable()
     from vmspawnd.cli.foreground import main as run_vmspawn  # after the launcher is on its way
 
-    methodcache.settle()
+    settle_caches()
     gc.freeze()
     gc.enable()
 

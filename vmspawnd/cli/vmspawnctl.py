@@ -28,7 +28,8 @@ from asyncvarlink import (
     connect_unix_varlink,
 )
 
-from vmspawnd import __version__, methodcache
+from vmspawnd import __version__
+from vmspawnd.cli import settle_caches
 from vmspawnd.errors import ConfigError
 from vmspawnd.interface import DEFAULT_SOCKET, Config, ManagerInterface
 from vmspawnd.log import command_level, setup_logging
@@ -632,7 +633,7 @@ def _bare_json(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    methodcache.settle()  # (our modules are imported)
+    settle_caches()  # (our modules are imported)
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(_bare_json(sys.argv[1:] if argv is None else argv))

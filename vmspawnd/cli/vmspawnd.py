@@ -23,8 +23,9 @@ from pathlib import Path
 from asyncvarlink import VarlinkInterfaceRegistry
 from asyncvarlink.serviceinterface import VarlinkServiceInterface
 
-from vmspawnd import __version__, docs_url, methodcache
+from vmspawnd import __version__, docs_url
 from vmspawnd.api import ManagerCalls, call_error
+from vmspawnd.cli import settle_caches
 from vmspawnd.errors import HostError, VmspawndError
 from vmspawnd.interface import DEFAULT_SOCKET, ManagerInterface
 from vmspawnd.log import get_logger, setup_logging
@@ -288,7 +289,7 @@ def unit_text(kind: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    methodcache.settle()  # (our modules are imported)
+    settle_caches()  # (our modules are imported)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.print_unit:
         try:
