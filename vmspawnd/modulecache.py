@@ -209,6 +209,7 @@ def _made(name: str) -> tuple[Entry, bytes] | None:
     if not all(isinstance(e, str) and os.path.isabs(e) and (not os.path.exists(e) or os.path.isdir(e))
                for e in entries):
         return None
+    mtimes = tuple(map(_directory_mtime, entries))  # (before the search: a later change shows)
     found = _external.PathFinder.find_spec(name, list(entries))
     source = _source_stat(origin)
     if (found is None or found.origin != origin or (found.submodule_search_locations is not None) != package
@@ -221,7 +222,7 @@ def _made(name: str) -> tuple[Entry, bytes] | None:
             data = marshal.dumps(_external.SourceFileLoader(name, origin).get_code(name))
         except (ImportError, OSError, SyntaxError, ValueError):
             return None
-    return (origin, *source, 0, len(data), package, entries, tuple(map(_directory_mtime, entries))), data
+    return (origin, *source, 0, len(data), package, entries, mtimes), data
 
 
 def _kept(name: str) -> tuple[Entry, bytes] | None:

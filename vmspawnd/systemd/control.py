@@ -21,7 +21,7 @@ from vmspawnd.log import get_logger
 from vmspawnd.proc import SUN_PATH_MAX
 
 if typing.TYPE_CHECKING:
-    from vmspawnd.systemd.instance import ControlSocket, MachineControl
+    from vmspawnd.systemd.instance import ControlServer, MachineControl
 
 log = get_logger()
 
@@ -45,7 +45,7 @@ class ControlListener:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loading: asyncio.Task[None] | None = None
-        self._server: ControlSocket | None = None
+        self._server: ControlServer | None = None
 
     async def __aenter__(self) -> ControlListener:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -70,10 +70,10 @@ class ControlListener:
     async def _serve(self) -> None:
         assert self._sock is not None
         try:
-            from vmspawnd.systemd.instance import ControlSocket  # (deferred: see the module's docstring)
+            from vmspawnd.systemd.instance import ControlServer  # (deferred: see the module's docstring)
 
-            server = ControlSocket(self._sock, self._control)
-            await server.__aenter__()
+            server = ControlServer(self._sock, self._control)
+            await server.start()
         except Exception as e:  # (its callers get a closed socket, not a wait)
             log.warning("cannot serve the control socket", path=str(self.path), error=str(e))
             self._sock.close()
@@ -87,7 +87,7 @@ class ControlListener:
         else:
             await self._loading  # (a few ms: its imports, and the server's start)
         if self._server is not None:
-            await self._server.__aexit__(None, None, None)
+            self._server.close()
             self._server = None
         if self._sock is not None:
             self._sock.close()

@@ -187,25 +187,25 @@ def _call_error(exc: BaseException) -> TypedVarlinkErrorReply | None:
     return None
 
 
-class ControlSocket:
-    """``async with ControlSocket(sock, run)``: the VM's control socket, listening already (systemd/control.py
-    binds it), is served for the block; its owner closes it."""
+class ControlServer:
+    """What serves a VM's control socket, listening already (systemd/control.py binds it, and closes it):
+    :meth:`start`, then :meth:`close`."""
 
     def __init__(self, sock: socket.socket, control: MachineControl) -> None:
         self._sock = sock
         self._control = control
         self._server: GuardedServer | None = None
 
-    async def __aenter__(self) -> "ControlSocket":
+    async def start(self) -> None:
         registry = VarlinkInterfaceRegistry()
         registry.register_interface(VarlinkServiceInterface("vmspawnd", "vmspawnd machine control", __version__,
                                                             docs_url(), registry))
         registry.register_interface(MachineInstanceInterface(self._control))
         registry.register_interface(VirtualMachineInstanceInterface())
         self._server = await serve(self._sock, registry, ServerLimits(max_connections=MAX_CONNECTIONS), _call_error)
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    def close(self) -> None:
+        """Stop serving, and end the callers' connections."""
         if self._server is not None:
             self._server.close()
             self._server.close_clients()
