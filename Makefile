@@ -115,7 +115,8 @@ install:
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING' || true
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --upgrade --force-reinstall --no-deps . 2>&1 | grep -v '^WARNING' || true
 	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q . 2>&1 | grep -v '^WARNING' || true
-	$(DESTDIR)$(LIBDIR)/bin/python -c 'import vmspawnd.cli.vmspawnd, vmspawnd.cli.vmspawnctl, vmspawnd.cli.vmspawn, vmspawnd.cli.foreground'
+	@# (from /: in the checkout, python -c would import the checkout's package, not the copy just installed)
+	cd / && $(DESTDIR)$(LIBDIR)/bin/python -c 'import vmspawnd.cli.vmspawnd, vmspawnd.cli.vmspawnctl, vmspawnd.cli.vmspawn, vmspawnd.cli.foreground'
 	@# the caches of every command's start: its modules' bytecode in one file (vmspawnd/modulecache.py), dataclasses'
 	@# generated methods and the patterns modules compile at import (vmspawnd/methodcache.py), made once
 	cd / && $(DESTDIR)$(LIBDIR)/bin/python -m vmspawnd.precompile

@@ -45,10 +45,8 @@ MAX_ENTRIES = 4000  # more (code changed many times) and the file keeps only wha
 #: re's compiler (3.11+), and the matching engine it builds patterns with; None where it is not so
 _RE_COMPILER: Any = getattr(re, "_compiler", None)
 _SRE: Any = getattr(_RE_COMPILER, "_sre", None)
-# importlib.util.MAGIC_NUMBER (the .pyc files' own), from the import system already loaded (importlib.util is not),
-# and the matching engine's own (the version of its code)
-_MAGIC = (sys.modules["_frozen_importlib_external"].MAGIC_NUMBER + bytes([sys.flags.optimize])
-          + str(getattr(_SRE, "MAGIC", 0)).encode() + b"\0")
+# this interpreter's bytecode and -O level, and the matching engine's version (of its code)
+_MAGIC = modulecache.BYTECODE + str(getattr(_SRE, "MAGIC", 0)).encode() + b"\0"
 _EXEC = "exec"  # the name dataclasses calls (looked up in its globals before the builtins)
 
 _UNCACHED_FLAGS = re.DEBUG | re.LOCALE
@@ -89,7 +87,7 @@ def settle(*, write: bool | None = None) -> None:
     global _path
     if _path is None:
         return
-    if _new and (not sys.dont_write_bytecode if write is None else write):
+    if _new and modulecache.written(write):
         entries = _cached | _new
         if len(entries) > MAX_ENTRIES:
             entries = {text: code for text, code in entries.items() if text in _used}

@@ -42,8 +42,10 @@ if TYPE_CHECKING:
     from types import CodeType, ModuleType
 
 _external = sys.modules["_frozen_importlib_external"]  # the import system's own path finder and loaders
-# importlib.util.MAGIC_NUMBER (the .pyc files' own), and the -O level
-MAGIC = _external.MAGIC_NUMBER + bytes([sys.flags.optimize]) + b"modules\0"
+#: what a cache of this interpreter's compiled code begins with: importlib.util.MAGIC_NUMBER (the .pyc
+#: files' own, from the import system already loaded: importlib.util is not) and the -O level
+BYTECODE = _external.MAGIC_NUMBER + bytes([sys.flags.optimize])
+MAGIC = BYTECODE + b"modules\0"
 _LENGTH_SIZE = 8  # the index's length, after the magic
 MAX_SIZE = 64 << 20  # bytes of code: more (code changed many times) and the file keeps what this process imported
 
@@ -122,6 +124,12 @@ def install(path: str | None = None, *, with_loaded: bool = False) -> None:
     finders.insert(at, _Finder)
 
 
+def written(write: bool | None) -> bool:
+    """Whether a cache is to be written: ``write``, or by default as ``.pyc`` files are (unless
+    ``$PYTHONDONTWRITEBYTECODE`` is set)."""
+    return not sys.dont_write_bytecode if write is None else write
+
+
 def settle(*, write: bool | None = None) -> None:
     """Add the modules imported the usual way since :func:`install` to the cache (where it may be
     written, and unless ``write`` is False or, by default, ``$PYTHONDONTWRITEBYTECODE`` is set) and stop
@@ -129,9 +137,9 @@ def settle(*, write: bool | None = None) -> None:
     global _fd, _path
     if _path is None:
         return
-    imported = {name for name in sys.modules.keys() - _before if name not in _served and _cacheable(name)}
-    if imported and (not sys.dont_write_bytecode if write is None else write):
-        _store(_path, imported)
+    ours = {name for name in sys.modules.keys() - _before if _cacheable(name)}
+    if ours - _served and written(write):
+        _store(_path, ours)
     if _Finder in sys.meta_path:
         sys.meta_path.remove(_Finder)
     if _fd is not None:
@@ -234,9 +242,9 @@ def _kept(name: str) -> tuple[Entry, bytes] | None:
     return (entry, data) if data is not None else None
 
 
-def _store(path: str, imported: set[str]) -> None:
-    """Write the modules ``imported`` by this process the usual way, and those of the cache still as they
-    were, to ``path`` (unless none of the first could be added)."""
+def _store(path: str, ours: set[str]) -> None:
+    """Write the modules this process imported since :func:`install` (``ours``), and those of the cache
+    still as they were, to ``path`` (unless none of those it imported the usual way could be added)."""
     from vmspawnd.storage import write_cache  # (here: not on the way of a command that finds its modules)
 
     _directories.clear()  # (stat-ed anew: what is written is checked now)
@@ -244,10 +252,9 @@ def _store(path: str, imported: set[str]) -> None:
     chunks: list[bytes] = []
     size = 0
     added = False
-    ours = {name for name in sys.modules.keys() - _before if _cacheable(name)}
     for name in sorted(ours | _index.keys()):
         made = _made(name) if name in ours else None
-        added = added or (made is not None and name in imported)
+        added = added or (made is not None and name not in _served)
         if made is None and name in _index:
             made = _kept(name)
             if made is not None and name not in ours and size + made[0][4] > MAX_SIZE:
