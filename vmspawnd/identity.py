@@ -18,7 +18,6 @@ the event loop's other work would run with the user's rights.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pwd
 import socket
@@ -114,6 +113,8 @@ ROOT = Identity(0, 0, (), "root")
 
 
 def _set_thread_groups(libc: Any, groups: tuple[int, ...]) -> None:
+    import ctypes  # (loaded with ``libc``: proc.libc says why not at the top)
+
     number = _SYS_SETGROUPS.get(os.uname().machine)
     if number is None:
         raise OSError(f"cannot switch a thread's groups on {os.uname().machine}")
@@ -123,6 +124,8 @@ def _set_thread_groups(libc: Any, groups: tuple[int, ...]) -> None:
 
 
 def _set_fs_ids(libc: Any, uid: int, gid: int) -> None:
+    import ctypes  # (loaded with ``libc``)
+
     libc.setfsgid(ctypes.c_uint(gid))
     libc.setfsuid(ctypes.c_uint(uid))
     # both return the previous value and report no error: ask again (an invalid id changes nothing)

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmspawnd.errors import ConfigError
+
+if TYPE_CHECKING:
+    import ctypes
 
 PR_SET_PDEATHSIG = 1
 SUN_PATH_MAX = 107  # bytes of a unix socket path, without the NUL
@@ -18,12 +21,18 @@ CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
+_libc: ctypes.CDLL | None = None
 
 
 def libc() -> ctypes.CDLL:
-    """The C library, for the calls Python's os module lacks (errors in :func:`libc_error`)."""
-    return _LIBC
+    """The C library, for the calls Python's os module lacks (errors in :func:`libc_error`).  Loaded at the
+    first call: :mod:`ctypes` took ≈ 2 ms of each command's start, for calls that most runs never make."""
+    global _libc
+    if _libc is None:
+        import ctypes  # (here, not at the top: see above)
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
 
 
 def release_free_heap() -> None:
@@ -31,20 +40,24 @@ def release_free_heap() -> None:
     library lacks it).  A run's peak (its start, its QMP traffic) takes heap that glibc keeps after
     it is freed: ≈ 1.4 MB after a daemon's first VMs (bench/notes.md, session 25)."""
     try:
-        _LIBC.malloc_trim(0)
+        libc().malloc_trim(0)
     except AttributeError:
         pass
 
 
 def libc_error(what: str) -> OSError:
     """The OSError for the last failed :func:`libc` call, naming ``what`` it was about."""
+    import ctypes  # (loaded by the call that failed)
+
     err = ctypes.get_errno()
     return OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def set_parent_death_signal() -> None:
-    """preexec_fn: the child gets SIGTERM when we die (runs between fork and exec)."""
-    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def parent_death_signal() -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGTERM when we die.  The C library is loaded here, before the fork
+    (the function runs between fork and exec, where nothing may be imported)."""
+    prctl = libc().prctl
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def has_capability(bit: int, status: Path = Path("/proc/self/status")) -> bool:

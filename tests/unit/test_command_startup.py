@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def python(code: str) -> str:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -82,18 +84,23 @@ asyncio.run(main())
 """) == "over a unix socket"
 
 
-def test_vmspawn_collects_garbage_again_once_its_modules_are_loaded() -> None:
-    # (the collector is off while vmspawn's modules load, and what they made is frozen)
-    assert python("""
+@pytest.mark.parametrize(("script", "expected"), [("/usr/bin/vmspawn", "False True True"),
+                                                   ("/usr/bin/pytest", "True True False")])
+def test_vmspawn_collects_garbage_again_once_its_modules_are_loaded(script: str, expected: str) -> None:
+    # (run as the command, the collector is off while vmspawn's modules load, and what they made is frozen;
+    # imported by another program, as pytest imports it, its collector is left alone)
+    assert python(f"""
 import gc, sys
+sys.argv[0] = {script!r}
 import vmspawnd.cli.foreground as foreground, vmspawnd.cli.vmspawn as vmspawn
+print(gc.isenabled(), end=" ")
 def report(launcher=None):
     print(gc.isenabled(), gc.get_freeze_count() > 0)
     if launcher: import os; os.close(launcher[1]); os.waitpid(launcher[0], 0)
     return 0
 foreground.main = report
 vmspawn.main()
-""") == "True True"
+""") == expected
 
 
 def test_a_daemon_started_by_hand_loads_no_libsystemd(daemon) -> None:
@@ -105,11 +112,12 @@ def test_a_daemon_started_by_hand_loads_no_libsystemd(daemon) -> None:
     assert "libsystemd" not in maps and "python3" in maps
 
 
-def test_the_commands_load_no_tempfile_or_random() -> None:
-    # (a helper's output file is made by services/runner.py's unnamed_file, random CIDs come from os.urandom)
+def test_the_commands_load_no_tempfile_random_or_ctypes() -> None:
+    # (a helper's output file is made by services/runner.py's unnamed_file, random CIDs come from os.urandom;
+    # ctypes comes with the first call that needs the C library, proc.libc)
     assert python("import sys, vmspawnd.cli.vmspawnd, vmspawnd.cli.vmspawnctl, vmspawnd.cli.foreground, "
                   "vmspawnd.manager, vmspawnd.api; "
-                  "print([m for m in ('tempfile', 'random') if m in sys.modules])") == "[]"
+                  "print([m for m in ('tempfile', 'random', 'ctypes') if m in sys.modules])") == "[]"
 
 
 CONTROL_LISTENER = """

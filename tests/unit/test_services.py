@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -602,6 +603,39 @@ async def test_detach_leaves_the_helper_running(runner, tmp):
     assert not gone(service.pid)
     os.killpg(service.pid, signal.SIGKILL)
     os.waitpid(service.pid, 0)
+
+
+#: a process that starts a helper (sleep) as vmspawn starts its helpers, says its pid and waits to be killed
+HELPER_PARENT = """
+import asyncio, sys
+from vmspawnd.services.runner import ChildRunner, ServiceSpec
+async def main():
+    runner = ChildRunner(die_with_parent=sys.argv[1] == "yes")
+    service = await runner.start(ServiceSpec(name="sleeper", argv=("/bin/sleep", "60")))
+    print("helper", service.pid, flush=True)
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("die_with_parent", [True, False])
+def test_a_helper_dies_with_its_parent_only_when_asked(die_with_parent):
+    # (vmspawn's helpers end when it is killed; a daemon's outlive it, as its VMs do)
+    parent = subprocess.Popen([sys.executable, "-c", HELPER_PARENT, "yes" if die_with_parent else "no"],
+                              stdout=subprocess.PIPE, text=True)
+    pid = next(int(line.split()[1]) for line in parent.stdout if line.startswith("helper "))  # (after its log)
+    try:
+        assert poll(lambda: Path(f"/proc/{pid}/cmdline").read_bytes(), lambda c: c.startswith(b"/bin/sleep"), 10)
+        parent.kill()
+        parent.wait()
+        if die_with_parent:
+            assert poll(lambda: gone(pid), bool, 10)  # SIGTERM when its parent died
+        else:
+            time.sleep(0.5)
+            assert not gone(pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 #: a socket-activated helper: comes up slowly (sleeps argv[1] s), says so (creates the file argv[2]),

@@ -9,12 +9,9 @@ the one module that imports one of ours inside a function (tests/unit/test_layer
 long before vmspawn has QEMU's command line (bench/notes.md, session 19), so starting it before
 asyncio would not bring QEMU's exec sooner.
 
-The rest is imported with the cyclic garbage collector off: loading modules makes objects that live
-as long as the process, so the collections it would run meanwhile find nothing and only cost time
-(≈ 5 ms of vmspawn's ≈ 80 here).  What the imports made is then frozen (never looked at again).
+As every command's, its modules are imported with the cyclic garbage collector off (cli/__init__.py).
 """
 
-import gc
 import os
 import sys
 
@@ -27,12 +24,9 @@ def main() -> int:
         launcher: tuple[int, int] | None = spawn(parent=os.getpid())
     except (OSError, NotImplementedError):  # (posix_spawn without setsid support)
         launcher = None  # the run starts one itself, and says what is wrong if it cannot
-    gc.disable()
     from vmspawnd.cli.foreground import main as run_vmspawn  # after the launcher is on its way
 
     settle_caches()
-    gc.freeze()
-    gc.enable()
 
     return run_vmspawn(launcher=launcher)
 

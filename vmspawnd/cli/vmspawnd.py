@@ -256,7 +256,9 @@ async def serve(args: argparse.Namespace) -> int:
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)  # before READY=1: systemd ≥ 262 checks for it
     # what start-up made lives as long as we do: the collector no longer walks it (a full collection of
-    # it had taken ≈ 10 ms, in the middle of some request)
+    # it had taken ≈ 10 ms, in the middle of some request); what the imports made and settle_caches froze is
+    # looked at once more, for the little garbage they left
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
     notifier.send(READY=1, STATUS=f"{manager.running_count()} VM(s) running")

@@ -43,7 +43,7 @@ from vmspawnd.futures import resolve
 from vmspawnd.identity import ROOT, Identity, acting_as
 from vmspawnd.log import get_logger
 from vmspawnd.pathwatch import appears
-from vmspawnd.proc import set_parent_death_signal
+from vmspawnd.proc import parent_death_signal
 from vmspawnd.systemd.units import (
     CONNECT_TIMEOUT,
     MANAGER_IFACE,
@@ -382,7 +382,7 @@ class ChildRunner:
             popen = subprocess.Popen(
                 list(spec.argv), stdin=listening.fileno() if listening is not None else subprocess.DEVNULL,
                 stdout=output, stderr=output, pass_fds=spec.pass_fds, start_new_session=True,
-                preexec_fn=set_parent_death_signal if self.die_with_parent else None, **as_user,
+                preexec_fn=parent_death_signal() if self.die_with_parent else None, **as_user,
             )
         except OSError as e:
             output.close()
