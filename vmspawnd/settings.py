@@ -511,7 +511,8 @@ def add_options(parser: argparse.ArgumentParser, *, create: bool = False) -> Non
     for s in SETTINGS:
         if create and not s.create:
             continue
-        group = groups.setdefault(s.group, parser.add_argument_group(s.group))
+        if (group := groups.get(s.group)) is None:  # (one per title: each made is kept by the parser)
+            group = groups[s.group] = parser.add_argument_group(s.group)
         if s.into is not None:
             group.add_argument(s.option, dest=s.into, metavar=s.metavar, help=s.help, action=_join_list(s))
         elif s.option is not None:
