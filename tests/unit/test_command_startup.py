@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+
+from vmspawnd.cli import COMMANDS
 
 
 def python(code: str) -> str:
@@ -101,6 +104,13 @@ def report(launcher=None):
 foreground.main = report
 vmspawn.main()
 """) == expected
+
+
+def test_every_installed_command_is_started_as_one() -> None:
+    # (cli/__init__.py knows a command's start by its script's name: a command added to pyproject.toml's
+    # scripts and not there would load its modules with the collector on)
+    scripts = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == set(COMMANDS)
 
 
 def test_a_daemon_started_by_hand_loads_no_libsystemd(daemon) -> None:
